@@ -1,0 +1,184 @@
+"""Checking a repository: structure always, every chunk's bytes with ``read_data``.
+
+Errors are damage (a committed point cannot be read as it should). Warnings are harmless
+leftovers of interrupted backups (temporary files, packs no index names), which prune removes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from .chunks import decode_chunk
+from .errors import CombError
+from .index import INDEX_SCHEMA, segment_names
+from .manifest import ManifestReader
+from .packs import PACK_TRAILER_BYTES, pack_name, parse_pack
+from .parquet_io import read_parquet
+from .points import POINTS_PREFIX, parse_point
+from .storage import LocalStorage, Storage
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class CheckReport:
+    points: int = 0
+    packs: int = 0
+    chunks: int = 0
+    bytes_checked: int = 0
+    errors: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+
+def _where(storage: Storage, name: str) -> str:
+    return storage.local_path(name) or name
+
+
+def check_repository(
+    storage: Storage, read_data: bool = False, progress: Progress | None = None
+) -> CheckReport:
+    report = CheckReport()
+    index = _check_index(storage, report)
+    known: set[bytes] = set()
+    if index.num_rows:
+        known = set(index.column("chunk_id").to_pylist())
+    _check_points(storage, known, report)
+    pack_ids = sorted(set(index.column("pack").to_pylist())) if index.num_rows else []
+    _check_packs(storage, index, pack_ids, read_data, report, progress)
+    if isinstance(storage, LocalStorage):
+        leftovers = storage.tmp_files()
+        if leftovers:
+            report.warnings.append(f"{len(leftovers)} temporary file(s) left by interrupted writes")
+    return report
+
+
+def _check_index(storage: Storage, report: CheckReport) -> pa.Table:
+    good = []
+    for name in segment_names(storage):
+        try:
+            good.append(read_parquet(storage, name))
+        except CombError as err:
+            report.errors.append(err.message)
+    return pa.concat_tables(good) if good else INDEX_SCHEMA.empty_table()
+
+
+def _check_points(storage: Storage, known: set[bytes], report: CheckReport) -> None:
+    for name in storage.list(POINTS_PREFIX):
+        if not name.endswith(".json"):
+            continue
+        try:
+            point = parse_point(storage.read(name), _where(storage, name))
+            manifest = ManifestReader(storage, point.root, point.leaves)
+            missing = 0
+            first_missing = ""
+            for ref in manifest.refs():
+                leaf = manifest.leaf(ref)
+                if len(leaf.slots) and int(leaf.slots.max()) >= point.leaf_chunks:
+                    report.errors.append(f"point {point.id}: leaf {ref.leaf_no} has a bad slot")
+                for cid in leaf.ids:
+                    if bytes(cid) not in known:
+                        missing += 1
+                        first_missing = first_missing or bytes(cid).hex()[:16]
+            if missing:
+                report.errors.append(
+                    f"point {point.id}: {missing} chunk(s) not in the index (first {first_missing})"
+                )
+            report.points += 1
+        except CombError as err:
+            report.errors.append(err.message)
+
+
+def _check_packs(
+    storage: Storage,
+    index: pa.Table,
+    pack_ids: list[str],
+    read_data: bool,
+    report: CheckReport,
+    progress: Progress | None,
+) -> None:
+    on_disk = {
+        n.rsplit("/", 1)[-1][: -len(".pack")] for n in storage.list("packs") if n.endswith(".pack")
+    }
+    for orphan in sorted(on_disk - set(pack_ids)):
+        report.warnings.append(
+            f"pack {orphan[:16]} is not in the index (left by an interrupted backup)"
+        )
+    index = index.sort_by("pack")
+    packs_col = index.column("pack").to_pylist()
+    starts: dict[str, int] = {}
+    for i, p in enumerate(packs_col):
+        starts.setdefault(p, i)
+    total = len(pack_ids)
+    for i, pid in enumerate(pack_ids):
+        name = pack_name(pid)
+        where = _where(storage, name)
+        nxt = pack_ids[i + 1] if i + 1 < total else None
+        rows = index.slice(starts[pid], (starts[nxt] if nxt else index.num_rows) - starts[pid])
+        report.packs += 1
+        if pid not in on_disk:
+            report.errors.append(
+                f"pack {where} is missing ({rows.num_rows} chunk(s) indexed in it)"
+            )
+            continue
+        try:
+            if read_data:
+                _read_pack(storage, name, where, pid, rows, report)
+            else:
+                size = storage.size(name)
+                ends = pc.add(rows.column("offset"), rows.column("stored_len").cast(pa.int64()))
+                if pc.max(ends).as_py() > size - PACK_TRAILER_BYTES:
+                    report.errors.append(
+                        f"pack {where} is shorter than its index says ({size} bytes)"
+                    )
+        except CombError as err:
+            report.errors.append(err.message)
+        if progress is not None:
+            progress(i + 1, total)
+
+
+def _read_pack(
+    storage: Storage, name: str, where: str, pid: str, rows: pa.Table, report: CheckReport
+) -> None:
+    data = storage.read(name)
+    report.bytes_checked += len(data)
+    if blake3.blake3(data).hexdigest() != pid:
+        report.errors.append(f"pack {where} does not match its name (content changed)")
+    try:
+        entries = {(e.chunk_id, e.offset): e for e in parse_pack(data, where)}
+    except CombError as err:
+        report.errors.append(err.message)
+        entries = {}
+    view = memoryview(data)
+    ids = rows.column("chunk_id").to_pylist()
+    offs = rows.column("offset").to_pylist()
+    slens = rows.column("stored_len").to_pylist()
+    rlens = rows.column("raw_len").to_pylist()
+    codecs = rows.column("codec").to_pylist()
+    for cid, off, slen, rlen, codec in zip(ids, offs, slens, rlens, codecs, strict=True):
+        report.chunks += 1
+        if entries and (cid, off) not in entries:
+            report.errors.append(f"pack {where} offset {off}: index entry not in the pack's table")
+        if off + slen > len(data):
+            report.errors.append(f"pack {where} offset {off}: beyond the end of the pack")
+            continue
+        try:
+            decode_chunk(view[off : off + slen], codec, rlen, cid, f"pack {where} offset {off}")
+        except CombError as err:
+            report.errors.append(err.message)
+
+
+def summary(report: CheckReport) -> str:
+    state = "clean" if report.ok else f"{len(report.errors)} error(s)"
+    return (
+        f"{report.points} point(s), {report.packs} pack(s), {report.chunks} chunk(s) read: {state}"
+        + (f", {len(report.warnings)} warning(s)" if report.warnings else "")
+    )

@@ -1,0 +1,128 @@
+"""Format constants and the repository config file. FORMAT.md is the spec these must match.
+
+Every constant that appears in FORMAT.md's tables lives here; tests/catalog/test_format_spec.py
+checks the two agree.
+"""
+
+from __future__ import annotations
+
+import json
+import secrets
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+
+from .errors import RepositoryError
+
+REPO_FORMAT_NAME = "comb-repository"
+REPO_FORMAT_VERSION = 1
+CONFIG_NAME = "config.json"
+
+# Default chunk size: 64 KiB matches VMware CBT's granularity class, so 1,000 scattered 4 KiB
+# writes store ~1,000 chunks, not ~1,000 MiB. Chosen by `python -m bench chunksize`
+# (figures in bench/README.md).
+DEFAULT_CHUNK_SIZE_BYTES = 64 * 1024
+MIN_CHUNK_SIZE_BYTES = 4 * 1024
+MAX_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
+# Chunks per manifest leaf: 16 x 64 KiB = 1 MiB of disk per leaf. An incremental rewrites only
+# the leaves it touches (1,000 scattered changes -> ~1,000 x 16 rows), and the root has one row
+# per non-empty MiB of disk. See FORMAT.md "Manifests".
+DEFAULT_LEAF_CHUNKS = 16
+
+HASH_NAME = "blake3-256"
+CHUNK_ID_BYTES = 32
+
+# Codecs of stored chunks (pack entry "codec" byte, index "codec" column).
+CODEC_RAW = 0
+CODEC_ZSTD = 1
+CODEC_NAMES = {CODEC_RAW: "raw", CODEC_ZSTD: "zstd"}
+DEFAULT_ZSTD_LEVEL = 3
+
+# Feature flags (ext4 style). A reader refuses a repository with an unknown "incompat" feature,
+# opens one with an unknown "ro_compat" feature read-only, and ignores unknown "compat" ones.
+KNOWN_INCOMPAT: frozenset[str] = frozenset()
+KNOWN_RO_COMPAT: frozenset[str] = frozenset()
+KNOWN_COMPAT: frozenset[str] = frozenset()
+
+
+@dataclass(frozen=True)
+class Features:
+    compat: tuple[str, ...] = ()
+    ro_compat: tuple[str, ...] = ()
+    incompat: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class RepoConfig:
+    """The contents of config.json."""
+
+    id: str
+    created: str
+    chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES
+    leaf_chunks: int = DEFAULT_LEAF_CHUNKS
+    hash: str = HASH_NAME
+    zstd_level: int = DEFAULT_ZSTD_LEVEL
+    features: Features = field(default_factory=Features)
+    format: str = REPO_FORMAT_NAME
+    version: int = REPO_FORMAT_VERSION
+
+    @staticmethod
+    def new(chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES) -> RepoConfig:
+        if not (MIN_CHUNK_SIZE_BYTES <= chunk_size <= MAX_CHUNK_SIZE_BYTES) or (
+            chunk_size & (chunk_size - 1)
+        ):
+            raise RepositoryError(
+                f"chunk size {chunk_size} must be a power of two between "
+                f"{MIN_CHUNK_SIZE_BYTES} and {MAX_CHUNK_SIZE_BYTES} bytes"
+            )
+        return RepoConfig(
+            id=secrets.token_hex(16),
+            created=datetime.now(UTC).isoformat(timespec="seconds"),
+            chunk_size=chunk_size,
+        )
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+    @property
+    def leaf_bytes(self) -> int:
+        return self.chunk_size * self.leaf_chunks
+
+
+def parse_config(raw: bytes, where: str) -> RepoConfig:
+    """Parse config.json, refusing unknown versions and unknown incompatible features."""
+    try:
+        doc = json.loads(raw)
+        if not isinstance(doc, dict):
+            raise ValueError("not an object")
+    except ValueError as err:
+        raise RepositoryError(f"{where} is not a comb repository config ({err})") from None
+    if doc.get("format") != REPO_FORMAT_NAME:
+        raise RepositoryError(f"{where} is not a comb repository config")
+    version = doc.get("version")
+    if version != REPO_FORMAT_VERSION:
+        raise RepositoryError(
+            f"{where}: unknown repository format version {version!r} "
+            f"(this comb reads version {REPO_FORMAT_VERSION})"
+        )
+    feats = doc.get("features") or {}
+    unknown = sorted(set(feats.get("incompat", ())) - KNOWN_INCOMPAT)
+    if unknown:
+        raise RepositoryError(
+            f"{where}: repository needs features this comb does not have: {', '.join(unknown)}"
+        )
+    try:
+        return RepoConfig(
+            id=str(doc["id"]),
+            created=str(doc["created"]),
+            chunk_size=int(doc["chunk_size"]),
+            leaf_chunks=int(doc["leaf_chunks"]),
+            hash=str(doc["hash"]),
+            zstd_level=int(doc.get("zstd_level", DEFAULT_ZSTD_LEVEL)),
+            features=Features(
+                compat=tuple(feats.get("compat", ())),
+                ro_compat=tuple(feats.get("ro_compat", ())),
+                incompat=tuple(feats.get("incompat", ())),
+            ),
+        )
+    except (KeyError, TypeError, ValueError) as err:
+        raise RepositoryError(f"{where}: missing or invalid field {err}") from None

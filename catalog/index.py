@@ -1,0 +1,182 @@
+"""The chunk index: chunk id -> (pack, offset, stored length, raw length, codec).
+
+Stored as immutable Parquet segments under ``index/``, one per backup (named by content). The
+repository's index is the union of all segments; a chunk may appear more than once (two
+concurrent backups may both store it) and any copy is valid.
+
+``DedupIndex`` is the in-memory membership structure a backup consults: sorted 16-byte id
+prefixes in one numpy array (16 bytes per chunk), plus this job's own new ids. The full 32-byte
+id is what manifests and the index record; a 128-bit prefix collision would make the new chunk
+look stored, and the restore/verify id check would then report it (never silent).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterable
+
+import numpy as np
+import pyarrow as pa
+
+from .packs import SealedPack
+from .parquet_io import ParquetStreamWriter, read_parquet
+from .storage import Storage
+
+INDEX_PREFIX = "index"
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("chunk_id", pa.binary(32), nullable=False),
+        pa.field("pack", pa.string(), nullable=False),
+        pa.field("offset", pa.int64(), nullable=False),
+        pa.field("stored_len", pa.int32(), nullable=False),
+        pa.field("raw_len", pa.int32(), nullable=False),
+        pa.field("codec", pa.int8(), nullable=False),
+    ]
+)
+DEDUP_KEY_BYTES = 16
+
+
+def sealed_to_table(sealed: Iterable[SealedPack]) -> pa.Table:
+    ids: list[bytes] = []
+    packs: list[str] = []
+    offs: list[int] = []
+    slens: list[int] = []
+    rlens: list[int] = []
+    codecs: list[int] = []
+    for sp in sealed:
+        ids += sp.chunk_ids
+        packs += [sp.pack_id] * len(sp.chunk_ids)
+        offs += sp.offsets
+        slens += sp.stored_lens
+        rlens += sp.raw_lens
+        codecs += sp.codecs
+    return pa.table(
+        [
+            pa.array(ids, pa.binary(32)),
+            pa.array(packs, pa.string()),
+            pa.array(offs, pa.int64()),
+            pa.array(slens, pa.int32()),
+            pa.array(rlens, pa.int32()),
+            pa.array(codecs, pa.int8()),
+        ],
+        schema=INDEX_SCHEMA,
+    )
+
+
+class IndexSegmentWriter:
+    """Streams the index rows of one backup into one new segment."""
+
+    def __init__(self, storage: Storage) -> None:
+        self._writer = ParquetStreamWriter(storage, INDEX_SCHEMA)
+
+    def add(self, table: pa.Table) -> None:
+        self._writer.write(table.cast(INDEX_SCHEMA))
+
+    @property
+    def rows(self) -> int:
+        return self._writer.rows
+
+    def commit(self) -> tuple[str | None, int]:
+        if self._writer.rows == 0:
+            self._writer.abort()
+            return None, 0
+        return self._writer.commit(INDEX_PREFIX)
+
+    def abort(self) -> None:
+        self._writer.abort()
+
+
+def segment_names(storage: Storage) -> list[str]:
+    return [n for n in storage.list(INDEX_PREFIX) if n.endswith(".parquet")]
+
+
+def load_index(storage: Storage, columns: list[str] | None = None) -> pa.Table:
+    """All index rows of all segments (one row per stored copy)."""
+    tables = [read_parquet(storage, name, columns) for name in segment_names(storage)]
+    if not tables:
+        schema = (
+            INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
+        )
+        return schema.empty_table()
+    return pa.concat_tables(tables)
+
+
+def _keys(ids: np.ndarray) -> np.ndarray:
+    """16-byte prefixes of an (n, 32) uint8 array, as a sortable 'S16' array."""
+    return np.ascontiguousarray(ids[:, :DEDUP_KEY_BYTES]).view(f"S{DEDUP_KEY_BYTES}").ravel()
+
+
+def ids_to_array(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
+    """A fixed_size_binary(32) Arrow column as an (n, 32) uint8 numpy array (one copy)."""
+    if isinstance(ids, pa.ChunkedArray):
+        ids = ids.combine_chunks() if ids.num_chunks != 1 else ids.chunk(0)
+    n = len(ids)
+    if n == 0:
+        return np.empty((0, 32), np.uint8)
+    buf = ids.buffers()[1]
+    start = ids.offset * 32
+    return np.frombuffer(buf, np.uint8, n * 32, start).reshape(n, 32)
+
+
+class DedupIndex:
+    """Which chunks are stored already: a sorted array of 16-byte id prefixes (16 B/chunk).
+
+    ``claim`` is the dedup decision: it answers, for each id, whether the caller must store it,
+    and marks those ids as claimed, so two workers never both store one chunk. Thread-safe.
+    """
+
+    def __init__(self, keys: np.ndarray | None = None) -> None:
+        self._base = np.sort(keys) if keys is not None else np.empty(0, f"S{DEDUP_KEY_BYTES}")
+        self._new: set[bytes] = set()
+        self._lock = threading.Lock()
+
+    @staticmethod
+    def load(storage: Storage) -> DedupIndex:
+        table = load_index(storage, ["chunk_id"])
+        arr = ids_to_array(table.column("chunk_id"))
+        return DedupIndex(np.unique(_keys(arr)) if len(arr) else None)
+
+    def __len__(self) -> int:
+        return len(self._base) + len(self._new)
+
+    @property
+    def resident_bytes(self) -> int:
+        return int(self._base.nbytes)
+
+    def claim(self, ids: np.ndarray) -> np.ndarray:
+        """For an (n, 32) uint8 array of ids: a bool array, True where the caller must store."""
+        if len(ids) == 0:
+            return np.zeros(0, bool)
+        keys = _keys(ids)
+        if len(self._base):
+            pos = np.searchsorted(self._base, keys)
+            pos[pos == len(self._base)] = 0
+            known = self._base[pos] == keys
+        else:
+            known = np.zeros(len(keys), bool)
+        out = np.zeros(len(keys), bool)
+        with self._lock:
+            for i in np.flatnonzero(~known):
+                k = bytes(keys[i])
+                if k not in self._new:
+                    self._new.add(k)
+                    out[i] = True
+        return out
+
+
+def load_locations(storage: Storage) -> pa.Table:
+    """One location per chunk id (the first stored copy), for reads."""
+    table = load_index(storage)
+    if table.num_rows == 0:
+        return table
+    cols = [c for c in INDEX_SCHEMA.names if c != "chunk_id"]
+    grouped = table.group_by("chunk_id", use_threads=False).aggregate([(c, "first") for c in cols])
+    return (
+        grouped.rename_columns(["chunk_id", *cols])
+        if grouped.column_names[0] == "chunk_id"
+        else (
+            grouped.select([*(f"{c}_first" for c in cols), "chunk_id"]).rename_columns(
+                [*cols, "chunk_id"]
+            )
+        )
+    )

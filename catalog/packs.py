@@ -1,0 +1,162 @@
+"""Packs: immutable files of compressed chunks, footer last, named by the BLAKE3 of their bytes.
+
+Layout (FORMAT.md "Packs"): a 16-byte header, the stored chunks back to back, a table of one
+52-byte entry per chunk, and a 32-byte trailer. The footer makes a pack self-describing, so the
+index can be rebuilt from packs alone.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+
+import blake3
+
+from .errors import CorruptionError
+from .storage import NewFile, Storage
+
+PACK_MAGIC = b"COMBPACK"
+PACK_END_MAGIC = b"COMBPEND"
+PACK_VERSION = 1
+PACK_HEADER = struct.Struct("<8sHHI")  # magic, version, flags, reserved
+PACK_ENTRY = struct.Struct(
+    "<32sQIIBBH"
+)  # chunk id, offset, stored len, raw len, codec, flags, rsvd
+PACK_TRAILER = struct.Struct("<II16s8s")  # entry count, entries bytes, entries hash[:16], magic
+PACK_HEADER_BYTES = PACK_HEADER.size
+PACK_ENTRY_BYTES = PACK_ENTRY.size
+PACK_TRAILER_BYTES = PACK_TRAILER.size
+# Seal a pack once this many stored bytes are in it: large enough for sequential restore reads
+# and few files, small enough to bound a worker's unsealed data. bench/README.md "pack size".
+DEFAULT_PACK_TARGET_BYTES = 64 * 1024 * 1024
+
+
+def pack_name(pack_id: str) -> str:
+    return f"packs/{pack_id[:2]}/{pack_id}.pack"
+
+
+@dataclass(frozen=True)
+class PackEntry:
+    chunk_id: bytes
+    offset: int
+    stored_len: int
+    raw_len: int
+    codec: int
+
+
+@dataclass
+class SealedPack:
+    """Index rows of one sealed pack, as parallel lists (cheap to turn into Arrow)."""
+
+    pack_id: str
+    chunk_ids: list[bytes]
+    offsets: list[int]
+    stored_lens: list[int]
+    raw_lens: list[int]
+    codecs: list[int]
+    size: int
+
+
+class PackWriter:
+    """Appends stored chunks to one open pack and seals it at the target size."""
+
+    def __init__(self, storage: Storage, target_bytes: int = DEFAULT_PACK_TARGET_BYTES) -> None:
+        self._storage = storage
+        self._target = target_bytes
+        self._file: NewFile | None = None
+        self._hash = blake3.blake3()
+        self._entries: list[PackEntry] = []
+
+    def _open(self) -> NewFile:
+        new = self._storage.create()
+        header = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0, 0)
+        new.write(header)
+        self._hash = blake3.blake3()
+        self._hash.update(header)
+        self._entries = []
+        self._file = new
+        return new
+
+    def add_many(
+        self, ids: list[bytes], blobs: list[bytes], raw_lens: list[int], codecs: list[int]
+    ) -> list[SealedPack]:
+        """Append stored chunks; returns the packs sealed on the way (usually none)."""
+        sealed: list[SealedPack] = []
+        for cid, blob, raw_len, codec in zip(ids, blobs, raw_lens, codecs, strict=True):
+            new = self._file or self._open()
+            offset = new.tell()
+            new.write(blob)
+            self._hash.update(blob)
+            self._entries.append(PackEntry(cid, offset, len(blob), raw_len, codec))
+            if new.tell() >= self._target:
+                sealed.append(self.seal())
+        return sealed
+
+    def seal(self) -> SealedPack:
+        new = self._file
+        assert new is not None, "seal() without an open pack"
+        table = b"".join(
+            PACK_ENTRY.pack(e.chunk_id, e.offset, e.stored_len, e.raw_len, e.codec, 0, 0)
+            for e in self._entries
+        )
+        trailer = PACK_TRAILER.pack(
+            len(self._entries), len(table), blake3.blake3(table).digest()[:16], PACK_END_MAGIC
+        )
+        new.write(table)
+        new.write(trailer)
+        self._hash.update(table)
+        self._hash.update(trailer)
+        pack_id = self._hash.hexdigest()
+        size = new.tell()
+        new.commit(pack_name(pack_id))
+        entries = self._entries
+        self._file = None
+        self._entries = []
+        return SealedPack(
+            pack_id=pack_id,
+            chunk_ids=[e.chunk_id for e in entries],
+            offsets=[e.offset for e in entries],
+            stored_lens=[e.stored_len for e in entries],
+            raw_lens=[e.raw_len for e in entries],
+            codecs=[e.codec for e in entries],
+            size=size,
+        )
+
+    def close(self) -> list[SealedPack]:
+        """Seal the open pack, if any."""
+        if self._file is None:
+            return []
+        return [self.seal()]
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.abort()
+            self._file = None
+
+
+def parse_pack(data: bytes, where: str) -> list[PackEntry]:
+    """Parse and check a whole pack's header, footer and trailer (not the chunk contents)."""
+    if len(data) < PACK_HEADER_BYTES + PACK_TRAILER_BYTES:
+        raise CorruptionError(f"pack {where} is truncated ({len(data)} bytes)")
+    magic, version, _flags, _rsvd = PACK_HEADER.unpack_from(data, 0)
+    if magic != PACK_MAGIC:
+        raise CorruptionError(f"pack {where} has a bad header magic at offset 0")
+    if version != PACK_VERSION:
+        raise CorruptionError(f"pack {where} has unknown pack version {version}")
+    tpos = len(data) - PACK_TRAILER_BYTES
+    count, table_len, table_hash, end_magic = PACK_TRAILER.unpack_from(data, tpos)
+    if end_magic != PACK_END_MAGIC:
+        raise CorruptionError(f"pack {where} has a bad trailer at offset {tpos}")
+    start = tpos - table_len
+    if table_len != count * PACK_ENTRY_BYTES or start < PACK_HEADER_BYTES:
+        raise CorruptionError(f"pack {where} has an inconsistent entry table at offset {tpos}")
+    table = data[start:tpos]
+    if blake3.blake3(table).digest()[:16] != table_hash:
+        raise CorruptionError(f"pack {where} has a corrupt entry table at offset {start}")
+    entries = []
+    for i in range(count):
+        cid, off, slen, rlen, codec, _f, _r = PACK_ENTRY.unpack_from(table, i * PACK_ENTRY_BYTES)
+        if off < PACK_HEADER_BYTES or off + slen > start:
+            raise CorruptionError(f"pack {where}: entry {i} points outside the data area")
+        entries.append(PackEntry(cid, off, slen, rlen, codec))
+    return entries

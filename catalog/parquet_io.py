@@ -1,0 +1,91 @@
+"""Writing Parquet files into the storage interface, named by the BLAKE3 of their bytes."""
+
+from __future__ import annotations
+
+import io
+
+import blake3
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import CorruptionError, RepositoryError
+from .storage import NewFile, Storage
+
+# zstd inside Parquet; dictionary encoding keeps repeated pack/file ids tiny.
+PARQUET_COMPRESSION = "zstd"
+
+
+class _HashingSink(io.RawIOBase):
+    """A write-only file object that hashes what it forwards to a NewFile."""
+
+    def __init__(self, new: NewFile) -> None:
+        super().__init__()
+        self._new = new
+        self.hash = blake3.blake3()
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
+        view = memoryview(data).cast("B")
+        self.hash.update(view)
+        self._new.write(view)
+        return len(view)
+
+    def tell(self) -> int:
+        return self._new.tell()
+
+
+class ParquetStreamWriter:
+    """Streams record batches into a new Parquet file; commit names it by content."""
+
+    def __init__(self, storage: Storage, schema: pa.Schema, row_group_rows: int = 65536) -> None:
+        self._new = storage.create()
+        self._sink = _HashingSink(self._new)
+        self._writer = pq.ParquetWriter(
+            self._sink, schema, compression=PARQUET_COMPRESSION, write_statistics=True
+        )
+        self._schema = schema
+        self._row_group_rows = row_group_rows
+        self.rows = 0
+
+    def write(self, table: pa.Table | pa.RecordBatch) -> None:
+        if table.num_rows:
+            self._writer.write(table, row_group_size=self._row_group_rows)
+            self.rows += table.num_rows
+
+    def commit(self, prefix: str) -> tuple[str, int]:
+        """Close, and commit as ``prefix/<blake3 hex>.parquet``; returns (id, bytes)."""
+        self._writer.close()
+        file_id = self._sink.hash.hexdigest()
+        size = self._new.tell()
+        self._new.commit(f"{prefix}/{file_id}.parquet")
+        return file_id, size
+
+    def abort(self) -> None:
+        try:
+            self._writer.close()
+        except Exception:  # noqa: BLE001 - aborting; the temp file goes anyway
+            pass
+        self._new.abort()
+
+
+def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) -> pa.Table:
+    """Read a whole Parquet object, translating damage into a CorruptionError."""
+    data = storage.read(name)
+    try:
+        return pq.read_table(pa.BufferReader(data), columns=columns)
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptionError(f"{name} is not a readable Parquet file ({err})") from None
+
+
+def open_parquet(storage: Storage, name: str) -> pq.ParquetFile:
+    path = storage.local_path(name)
+    try:
+        if path is not None:
+            return pq.ParquetFile(path)
+        return pq.ParquetFile(pa.BufferReader(storage.read(name)))
+    except FileNotFoundError:
+        raise RepositoryError(f"missing repository file {name}") from None
+    except (pa.ArrowException, OSError) as err:
+        raise CorruptionError(f"{name} is not a readable Parquet file ({err})") from None

@@ -1,0 +1,128 @@
+"""Recovery-point documents: the one atomic commit of a backup, and how points are found.
+
+A point becomes visible when ``points/<id>.json`` is renamed into place, after every file it
+references (packs, index segment, leaves, root) is durable. The id is the first 16 hex digits of
+the BLAKE3 of the document body, so a document names itself by content.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import blake3
+
+from .errors import CorruptionError, PointNotFound
+from .storage import Storage
+
+POINTS_PREFIX = "points"
+POINT_FORMAT_NAME = "comb-point"
+POINT_FORMAT_VERSION = 1
+POINT_ID_HEX = 16
+
+
+@dataclass(frozen=True)
+class PointStats:
+    bytes_read: int = 0
+    bytes_new: int = 0
+    bytes_stored: int = 0
+    bytes_zero: int = 0
+    chunks: int = 0
+    chunks_new: int = 0
+    leaves_new: int = 0
+    leaves_shared: int = 0
+    metadata_bytes: int = 0
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class RecoveryPoint:
+    source: str
+    source_path: str
+    time: str
+    size: int
+    chunk_size: int
+    leaf_chunks: int
+    root: str
+    leaves: str | None
+    parent: str | None
+    index_segment: str | None
+    engine: str
+    mode: str  # "full", "changed-extents" or "full-reread"
+    change_id: str | None = None
+    stats: PointStats = field(default_factory=PointStats)
+    id: str = ""
+    format: str = POINT_FORMAT_NAME
+    version: int = POINT_FORMAT_VERSION
+
+    def body(self) -> dict[str, Any]:
+        doc = asdict(self)
+        doc.pop("id")
+        return doc
+
+    def with_id(self) -> RecoveryPoint:
+        raw = json.dumps(self.body(), sort_keys=True).encode()
+        return replace(self, id=blake3.blake3(raw).hexdigest()[:POINT_ID_HEX])
+
+    def to_json(self) -> bytes:
+        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+
+
+def point_name(point_id: str) -> str:
+    return f"{POINTS_PREFIX}/{point_id}.json"
+
+
+def commit_point(storage: Storage, point: RecoveryPoint) -> RecoveryPoint:
+    """The commit: write the document atomically (tmp + fsync + rename + fsync(dir))."""
+    point = point.with_id()
+    storage.write_atomic(point_name(point.id), point.to_json())
+    return point
+
+
+def parse_point(raw: bytes, where: str) -> RecoveryPoint:
+    try:
+        doc = json.loads(raw)
+        if doc.get("format") != POINT_FORMAT_NAME:
+            raise ValueError("not a recovery point document")
+        if doc.get("version") != POINT_FORMAT_VERSION:
+            raise ValueError(f"unknown version {doc.get('version')!r}")
+        stats = PointStats(**doc.pop("stats"))
+        point = RecoveryPoint(**doc, stats=stats)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise CorruptionError(f"{where} is not a valid recovery point document ({err})") from None
+    if point.with_id().id != point.id:
+        raise CorruptionError(f"{where} does not match its id (modified or damaged)")
+    return point
+
+
+def load_points(storage: Storage) -> list[RecoveryPoint]:
+    """Every committed point, oldest first."""
+    points = []
+    for name in storage.list(POINTS_PREFIX):
+        if name.endswith(".json"):
+            points.append(parse_point(storage.read(name), name))
+    return sorted(points, key=lambda p: (p.time, p.id))
+
+
+def latest_for(points: list[RecoveryPoint], source: str) -> RecoveryPoint | None:
+    mine = [p for p in points if p.source == source]
+    return mine[-1] if mine else None
+
+
+def resolve(points: list[RecoveryPoint], spec: str) -> RecoveryPoint:
+    """A point by id, unique id prefix, or ``NAME@latest``."""
+    if spec.endswith("@latest"):
+        name = spec[: -len("@latest")]
+        found = latest_for(points, name)
+        if found is None:
+            raise PointNotFound(f"no recovery point for source {name!r}")
+        return found
+    if not spec or any(c not in "0123456789abcdef" for c in spec.lower()):
+        raise PointNotFound(f"{spec!r} is not a recovery point id, prefix or NAME@latest")
+    matches = [p for p in points if p.id.startswith(spec.lower())]
+    if not matches:
+        raise PointNotFound(f"no recovery point {spec!r}")
+    if len(matches) > 1:
+        raise PointNotFound(f"recovery point prefix {spec!r} is ambiguous ({len(matches)} match)")
+    return matches[0]

@@ -1,0 +1,188 @@
+"""The storage interface: all repository I/O goes through here, nothing else touches the disk.
+
+A repository is a flat namespace of slash-separated names ("packs/ab/ab12...pack"). Files are
+created through ``create()``, written sequentially, and become visible under their final name only
+through ``NewFile.commit(name)`` (tmp + fsync + rename + fsync(dir)). Nothing is ever modified
+in place. ``LocalStorage`` is the local filesystem; object storage can implement the same
+Protocol later.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import secrets
+from collections.abc import Iterator
+from typing import Protocol
+
+from .errors import RepositoryError, describe_os_error
+
+TMP_DIR = "tmp"
+
+
+class NewFile(Protocol):
+    """A file being written; invisible until committed under its final name."""
+
+    def write(self, data: bytes | memoryview) -> int: ...
+
+    def tell(self) -> int: ...
+
+    def commit(self, name: str, durable: bool = True) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+class Storage(Protocol):
+    """What the catalog needs from a place that keeps files."""
+
+    def exists(self, name: str) -> bool: ...
+
+    def size(self, name: str) -> int: ...
+
+    def read(self, name: str, offset: int = 0, length: int = -1) -> bytes: ...
+
+    def list(self, prefix: str) -> list[str]: ...
+
+    def create(self) -> NewFile: ...
+
+    def write_atomic(self, name: str, data: bytes) -> None: ...
+
+    def remove(self, name: str) -> None: ...
+
+    def local_path(self, name: str) -> str | None: ...
+
+
+class _LocalNewFile:
+    def __init__(self, storage: LocalStorage) -> None:
+        self._storage = storage
+        self._tmp = os.path.join(storage.root, TMP_DIR, f"{os.getpid()}-{secrets.token_hex(8)}.tmp")
+        try:
+            self._fh = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
+        except OSError as err:
+            raise RepositoryError(f"cannot create {self._tmp}: {describe_os_error(err)}") from None
+        self._pos = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        view = memoryview(data)
+        try:
+            while view:
+                written = self._fh.write(view)
+                if written is None:  # pragma: no cover - only for non-blocking files
+                    continue
+                view = view[written:]
+                self._pos += written
+        except OSError as err:
+            self.abort()
+            raise RepositoryError(f"cannot write {self._tmp}: {describe_os_error(err)}") from None
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def commit(self, name: str, durable: bool = True) -> None:
+        final = self._storage.path(name)
+        try:
+            if durable:
+                os.fsync(self._fh.fileno())
+            self._fh.close()
+            os.makedirs(os.path.dirname(final), exist_ok=True)
+            os.replace(self._tmp, final)
+            if durable:
+                self._storage.sync_dir(os.path.dirname(final))
+        except OSError as err:
+            self.abort()
+            raise RepositoryError(f"cannot commit {name}: {describe_os_error(err)}") from None
+
+    def abort(self) -> None:
+        try:
+            self._fh.close()
+        except OSError:
+            pass
+        try:
+            os.unlink(self._tmp)
+        except OSError:
+            pass
+
+
+class LocalStorage:
+    """A repository in a local directory."""
+
+    def __init__(self, root: str) -> None:
+        self.root = os.path.abspath(root)
+
+    def path(self, name: str) -> str:
+        if name.startswith("/") or ".." in name.split("/"):
+            raise RepositoryError(f"invalid repository object name {name!r}")
+        return os.path.join(self.root, *name.split("/"))
+
+    def local_path(self, name: str) -> str | None:
+        return self.path(name)
+
+    def exists(self, name: str) -> bool:
+        return os.path.exists(self.path(name))
+
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self.path(name)).st_size
+        except OSError as err:
+            raise RepositoryError(
+                f"cannot stat {self.path(name)}: {describe_os_error(err)}"
+            ) from None
+
+    def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
+        path = self.path(name)
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                if length < 0:
+                    length = os.fstat(fh.fileno()).st_size - offset
+                return os.pread(fh.fileno(), length, offset)
+        except OSError as err:
+            raise RepositoryError(f"cannot read {path}: {describe_os_error(err)}") from None
+
+    def list(self, prefix: str) -> list[str]:  # noqa: A003
+        """All committed names under a directory prefix, sorted (temporary files excluded)."""
+        base = self.path(prefix)
+        out: list[str] = []
+        for dirpath, _dirs, files in _walk(base):
+            rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
+            out.extend(f"{rel}/{f}" for f in files if not f.endswith(".tmp"))
+        return sorted(out)
+
+    def create(self) -> NewFile:
+        return _LocalNewFile(self)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        new = self.create()
+        new.write(data)
+        new.commit(name)
+
+    def remove(self, name: str) -> None:
+        try:
+            os.unlink(self.path(name))
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            raise RepositoryError(
+                f"cannot remove {self.path(name)}: {describe_os_error(err)}"
+            ) from None
+
+    def sync_dir(self, path: str) -> None:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def tmp_files(self) -> builtins.list[str]:
+        """Leftovers of interrupted writes (removed by prune, reported by verify)."""
+        tmp = os.path.join(self.root, TMP_DIR)
+        try:
+            return sorted(os.listdir(tmp))
+        except FileNotFoundError:
+            return []
+
+
+def _walk(base: str) -> Iterator[tuple[str, list[str], list[str]]]:
+    if not os.path.isdir(base):
+        return iter(())
+    return os.walk(base)

@@ -1,0 +1,153 @@
+"""DuckDB views over the repository's files, read in place (no copy, no import step).
+
+Only committed recovery points are visible: the points view is built from the committed point
+documents, and manifests are reached only through their roots.
+
+Views: points, manifests (point_id, offset, length, chunk_id: the data chunks of every point;
+zero regions are the gaps), chunks (the index), packs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+
+import duckdb
+import pyarrow as pa
+
+from .errors import QueryError
+from .index import INDEX_SCHEMA, segment_names
+from .manifest import LEAF_SCHEMA, LEAVES_PREFIX, ROOT_SCHEMA, roots_name
+from .points import RecoveryPoint
+from .storage import Storage
+
+POINT_COLUMNS = [
+    ("id", pa.string()),
+    ("source", pa.string()),
+    ("source_path", pa.string()),
+    ("time", pa.timestamp("us", tz="UTC")),
+    ("size", pa.int64()),
+    ("chunk_size", pa.int64()),
+    ("leaf_chunks", pa.int64()),
+    ("parent", pa.string()),
+    ("mode", pa.string()),
+    ("engine", pa.string()),
+    ("root", pa.string()),
+    ("leaves", pa.string()),
+]
+STAT_COLUMNS = [
+    "bytes_read",
+    "bytes_new",
+    "bytes_stored",
+    "bytes_zero",
+    "chunks",
+    "chunks_new",
+    "leaves_new",
+    "leaves_shared",
+    "metadata_bytes",
+]
+
+
+def points_table(points: list[RecoveryPoint]) -> pa.Table:
+    from datetime import datetime
+
+    cols: dict[str, list] = {name: [] for name, _ in POINT_COLUMNS}
+    stats: dict[str, list] = {name: [] for name in [*STAT_COLUMNS, "seconds"]}
+    for p in points:
+        doc = asdict(p)
+        for name, _ in POINT_COLUMNS:
+            cols[name].append(datetime.fromisoformat(doc[name]) if name == "time" else doc[name])
+        for name in stats:
+            stats[name].append(doc["stats"][name])
+    arrays = [pa.array(cols[n], t) for n, t in POINT_COLUMNS]
+    arrays += [pa.array(stats[n], pa.int64()) for n in STAT_COLUMNS]
+    arrays.append(pa.array(stats["seconds"], pa.float64()))
+    names = [n for n, _ in POINT_COLUMNS] + STAT_COLUMNS + ["seconds"]
+    return pa.table(arrays, names=names)
+
+
+def _files(storage: Storage, names: list[str]) -> list[str]:
+    paths = [storage.local_path(n) for n in names]
+    if any(p is None for p in paths):
+        raise QueryError("queries need a repository on a local filesystem for now")
+    return [p for p in paths if p is not None]
+
+
+def _parquet_or_empty(files: list[str], empty: pa.Schema, extra: str = "") -> str:
+    if not files:
+        cols = ", ".join(f"NULL::{_duck_type(f.type)} AS {f.name}" for f in empty) + extra.replace(
+            "filename", "NULL::VARCHAR AS filename"
+        )
+        return f"SELECT {cols} WHERE false"
+    listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
+    fn = ", filename = true" if extra else ""
+    return f"SELECT * FROM read_parquet([{listing}]{fn})"
+
+
+def _duck_type(t: pa.DataType) -> str:
+    return {
+        pa.int8(): "TINYINT",
+        pa.int16(): "SMALLINT",
+        pa.int32(): "INTEGER",
+        pa.int64(): "BIGINT",
+        pa.string(): "VARCHAR",
+    }.get(t, "BLOB")
+
+
+def connect(storage: Storage, points: list[RecoveryPoint]) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the catalog views defined."""
+    con = duckdb.connect(":memory:")
+    con.register("points_arrow", points_table(points))
+    con.execute("CREATE VIEW points AS SELECT * FROM points_arrow")
+    roots = _files(storage, [roots_name(p.root) for p in points])
+    leaves = _files(storage, [n for n in storage.list(LEAVES_PREFIX) if n.endswith(".parquet")])
+    index = _files(storage, segment_names(storage))
+    file_id = "regexp_extract(filename, '([0-9a-f]{64})\\.parquet$', 1)"
+    roots_sql = _parquet_or_empty(roots, ROOT_SCHEMA, ", filename")
+    leaves_sql = _parquet_or_empty(leaves, LEAF_SCHEMA, ", filename")
+    con.execute(
+        f"CREATE VIEW _roots AS SELECT {file_id} AS root_id, leaf_no, leaf_file, leaf "
+        f"FROM ({roots_sql})"
+    )
+    con.execute(
+        f"CREATE VIEW _leaves AS SELECT {file_id} AS leaf_file, leaf, slot, chunk_id "
+        f"FROM ({leaves_sql})"
+    )
+    con.execute(
+        "CREATE VIEW manifests AS SELECT p.id AS point_id, "
+        "(r.leaf_no * p.leaf_chunks + l.slot) * p.chunk_size AS offset, "
+        "least(p.chunk_size, "
+        "p.size - (r.leaf_no * p.leaf_chunks + l.slot) * p.chunk_size) AS length, "
+        "l.chunk_id, (r.leaf_file IS NOT NULL) AS shared_leaf "
+        "FROM points p JOIN _roots r ON r.root_id = p.root "
+        "JOIN _leaves l ON l.leaf_file = coalesce(r.leaf_file, p.leaves) AND l.leaf = r.leaf"
+    )
+    con.execute(f"CREATE VIEW chunks AS {_parquet_or_empty(index, INDEX_SCHEMA)}")
+    con.execute(
+        "CREATE VIEW packs AS SELECT pack, count(*) AS chunks, sum(stored_len) AS stored_bytes, "
+        "sum(raw_len) AS raw_bytes FROM chunks GROUP BY pack"
+    )
+    return con
+
+
+READ_ONLY_TYPES = {"SELECT", "EXPLAIN"}
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """Run one read-only query; anything that would write is refused."""
+    try:
+        statements = duckdb.extract_statements(sql)
+    except duckdb.Error as err:
+        raise QueryError(f"bad SQL: {str(err).splitlines()[0]}") from None
+    if len(statements) != 1:
+        raise QueryError(f"give exactly one statement ({len(statements)} found)")
+    kind = statements[0].type.name
+    if kind not in READ_ONLY_TYPES:
+        raise QueryError(f"only read-only queries are allowed ({kind} refused)")
+    try:
+        rel = con.sql(sql)
+        if rel is None:
+            return pa.table({})
+        fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
+        return fetch()  # type: ignore[no-any-return]
+    except duckdb.Error as err:
+        raise QueryError(f"query failed: {str(err).splitlines()[0]}") from None

@@ -1,0 +1,199 @@
+"""The backup job: plan, run the fused workers on an engine, assemble the manifest, commit.
+
+Commit order (FORMAT.md "Commit protocol"): packs (sealed and fsynced by the workers) -> index
+segment -> leaves -> root -> point document by atomic rename. A failure anywhere before the
+rename leaves only unreferenced files; no recovery point appears.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog.errors import SourceError
+from catalog.index import IndexSegmentWriter
+from catalog.manifest import ManifestWriter
+from catalog.packs import DEFAULT_PACK_TARGET_BYTES
+from catalog.points import PointStats, RecoveryPoint, commit_point, latest_for
+from catalog.repo import Repository
+from stages.backup import IndexClient, PackTarget, backup_stages
+from stages.base import Fused
+from stages.schemas import INDEX_PORT, MAIN_PORT
+from stages.source import ImageSource
+
+from .assemble import ManifestAssembler
+from .engines import Engine
+from .plan import Range, align, intersect, parse_changed_extents, total, work_items
+
+# 16 MiB work items: large enough that per-call and per-batch Python costs vanish (~256 chunks),
+# small enough for reused per-worker buffers. bench/README.md "batch size".
+DEFAULT_BATCH_BYTES = 16 * 1024 * 1024
+# Work items in flight per worker: one running, one queued, so no worker waits on the driver.
+INFLIGHT_PER_WORKER = 2
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass(frozen=True)
+class BackupOptions:
+    source_name: str | None = None
+    changed_extents: str | None = None
+    batch_bytes: int = DEFAULT_BATCH_BYTES
+    pack_target_bytes: int = DEFAULT_PACK_TARGET_BYTES
+
+
+@dataclass(frozen=True)
+class BackupPlan:
+    source_name: str
+    size: int
+    parent: RecoveryPoint | None
+    mode: str
+    read: list[Range]
+    changed: list[Range] | None
+
+
+def plan_backup(repo: Repository, source_path: str, opts: BackupOptions) -> BackupPlan:
+    """Decide what to read: holes never, and with a change list only the changed chunks."""
+    src = ImageSource(source_path).open()
+    try:
+        name = opts.source_name or os.path.abspath(source_path)
+        chunk = repo.config.chunk_size
+        parent = latest_for(repo.points(), name)
+        if parent is not None and src.size < parent.size:
+            raise SourceError(
+                f"source {source_path} is {src.size} bytes, shorter than its parent recovery "
+                f"point {parent.id} says ({parent.size} bytes); use --source-name for a new source"
+            )
+        data = align([(s, s + n) for s, n in src.data_extents(0, src.size)], chunk, src.size)
+        changed: list[Range] | None = None
+        if opts.changed_extents is not None:
+            extents = parse_changed_extents(opts.changed_extents, src.size)
+            if parent is None:
+                print(
+                    f"comb: note: no earlier recovery point of {name!r}; "
+                    "ignoring --changed-extents and reading the whole source",
+                    file=sys.stderr,
+                )
+            else:
+                if src.size > parent.size:
+                    extents.append((parent.size, src.size))
+                changed = align(extents, chunk, src.size)
+        if changed is not None:
+            return BackupPlan(
+                name, src.size, parent, "changed-extents", intersect(changed, data), changed
+            )
+        mode = "full" if parent is None else "full-reread"
+        return BackupPlan(name, src.size, parent, mode, data, None)
+    finally:
+        src.close()
+
+
+def _sum(table: pa.Table, column: str, where: str | None = None) -> int:
+    col = table.column(column)
+    if where is not None:
+        col = pc.filter(col, table.column(where))
+    value = pc.sum(col).as_py()
+    return int(value or 0)
+
+
+def run_backup(
+    repo: Repository,
+    source_path: str,
+    engine: Engine,
+    opts: BackupOptions = BackupOptions(),
+    progress: Progress | None = None,
+) -> RecoveryPoint:
+    t0 = time.perf_counter()
+    plan = plan_backup(repo, source_path, opts)
+    cfg = repo.config
+    storage = repo.storage
+    source = ImageSource(os.path.abspath(source_path))
+    target = PackTarget(repo.location, opts.pack_target_bytes)
+
+    def make_stage(index: IndexClient) -> Fused:
+        return Fused(
+            backup_stages(source, cfg.chunk_size, opts.batch_bytes, index, cfg.zstd_level, target)
+        )
+
+    parent_manifest = repo.manifest(plan.parent) if plan.parent is not None else None
+    manifest = ManifestWriter(storage)
+    index_seg = IndexSegmentWriter(storage)
+    assembler = ManifestAssembler(
+        manifest, cfg.chunk_size, cfg.leaf_chunks, parent_manifest, plan.changed
+    )
+    items = list(work_items(plan.read, opts.batch_bytes, cfg.chunk_size))
+    to_read = total(plan.read)
+    stats = {"read": 0, "new": 0, "stored": 0, "zero": 0, "chunks": 0, "chunks_new": 0}
+    failed = True
+    try:
+        engine.start(repo.location, make_stage)
+        window: deque = deque()
+        pos = 0
+        while pos < len(items) or window:
+            while pos < len(items) and len(window) < engine.workers * INFLIGHT_PER_WORKER:
+                window.append((items[pos], engine.submit(items[pos].table())))
+                pos += 1
+            item, handle = window.popleft()
+            ports = engine.result(handle)
+            written = ports[MAIN_PORT]
+            if INDEX_PORT in ports:
+                index_seg.add(ports[INDEX_PORT])
+            stats["read"] += item.bytes
+            stats["new"] += _sum(written, "length", "new")
+            stats["stored"] += _sum(written, "stored_len")
+            stats["zero"] += _sum(written, "length", "zero")
+            stats["chunks"] += written.num_rows
+            stats["chunks_new"] += _sum(written, "new") if written.num_rows else 0
+            assembler.feed(written)
+            nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else plan.size
+            assembler.advance(nxt)
+            if progress is not None:
+                progress(stats["read"], to_read)
+        for ports in engine.finish():
+            if INDEX_PORT in ports:
+                index_seg.add(ports[INDEX_PORT])
+        assembler.finish()
+        segment_id, index_bytes = index_seg.commit()
+        leaves_id, root_id, manifest_bytes = manifest.commit()
+        point = RecoveryPoint(
+            source=plan.source_name,
+            source_path=os.path.abspath(source_path),
+            time=datetime.now(UTC).isoformat(timespec="microseconds"),
+            size=plan.size,
+            chunk_size=cfg.chunk_size,
+            leaf_chunks=cfg.leaf_chunks,
+            root=root_id,
+            leaves=leaves_id,
+            parent=plan.parent.id if plan.parent is not None else None,
+            index_segment=segment_id,
+            engine=engine.name,
+            mode=plan.mode,
+            stats=PointStats(
+                bytes_read=stats["read"],
+                bytes_new=stats["new"],
+                bytes_stored=stats["stored"],
+                bytes_zero=stats["zero"],
+                chunks=stats["chunks"],
+                chunks_new=stats["chunks_new"],
+                leaves_new=manifest.new_leaves,
+                leaves_shared=manifest.ref_leaves,
+                metadata_bytes=index_bytes + manifest_bytes,
+                seconds=round(time.perf_counter() - t0, 3),
+            ),
+        )
+        committed = commit_point(storage, point)
+        failed = False
+        return committed
+    finally:
+        if failed:
+            manifest.abort()
+            index_seg.abort()
+        engine.close(failed)

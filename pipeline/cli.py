@@ -1,0 +1,131 @@
+"""The comb command line. Errors are one line (`comb: error: ...`) and a non-zero exit code."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from catalog.errors import CombError, UsageError
+
+from . import commands
+
+EXIT_INTERNAL = 70
+EXIT_INTERRUPTED = 130
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{message} (see `{self.prog} --help`)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="comb", description="Block-level backup into a deduplicating repository.")
+    p.add_argument(
+        "-r", "--repo", default=os.environ.get("COMB_REPO"), help="repository path (or COMB_REPO)"
+    )
+    p.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+
+    s = sub.add_parser("init", help="create a repository")
+    s.add_argument(
+        "--chunk-size", type=int, default=None, help="chunk size in bytes (default 65536)"
+    )
+
+    s = sub.add_parser("backup", help="back up a disk image or block device")
+    s.add_argument("source", help="image file or block device")
+    s.add_argument("--source-name", help="name of the source (default: its absolute path)")
+    s.add_argument(
+        "--changed-extents", metavar="FILE", help="JSON list of changed {offset, length}"
+    )
+    s.add_argument(
+        "--engine", choices=["ray", "local"], default=os.environ.get("COMB_ENGINE", "ray")
+    )
+    s.add_argument("--ray-address", default=None, help="existing Ray cluster (or RAY_ADDRESS)")
+    s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
+    s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
+    s.add_argument("--json", action="store_true", help="print one JSON object")
+
+    s = sub.add_parser("points", help="list recovery points")
+    s.add_argument("--source", help="only this source name")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("restore", help="restore a recovery point to a file or block device")
+    s.add_argument("point", help="id, unique id prefix, or NAME@latest")
+    s.add_argument("output")
+    s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("verify", help="check the repository")
+    s.add_argument("--read-data", action="store_true", help="read and re-hash every chunk")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("query", help="DuckDB SQL over the catalog views")
+    s.add_argument("sql")
+    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+
+    s = sub.add_parser("demo", help="back up, change, back up, restore, verify and query a sample")
+    s.add_argument("--workdir", default="demo-work", help="where the demo puts its files")
+    s.add_argument("--engine", choices=["ray", "local"], default="ray")
+    s.add_argument("--size-mib", type=int, default=512)
+    return p
+
+
+def _need_repo(args: argparse.Namespace) -> str:
+    if not args.repo:
+        raise UsageError("no repository given (use -r REPO or set COMB_REPO)")
+    return str(args.repo)
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    if args.command is None:
+        raise UsageError("no command given (see `comb --help`)")
+    if args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(args.workdir, args.engine, args.size_mib)
+    repo = _need_repo(args)
+    handler = getattr(commands, f"cmd_{args.command}")
+    result: Any = handler(repo, args)
+    return int(result or 0)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    try:
+        args = parser.parse_args(argv)
+        code = dispatch(args)
+    except CombError as err:
+        if debug:
+            raise
+        print(f"comb: error: {err.message}", file=sys.stderr)
+        code = err.exit_code
+    except KeyboardInterrupt:
+        print("comb: error: interrupted", file=sys.stderr)
+        code = EXIT_INTERRUPTED
+    except BrokenPipeError:
+        code = 0
+    except Exception as err:  # noqa: BLE001 - the last line of defence: one line, no dump
+        if debug:
+            raise
+        text = str(err).strip().splitlines()
+        print(
+            f"comb: error: internal error: {type(err).__name__}: {text[0] if text else ''} "
+            "(run with --debug for a traceback)",
+            file=sys.stderr,
+        )
+        code = EXIT_INTERNAL
+    sys.stdout.flush()
+    return code
+
+
+def print_json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

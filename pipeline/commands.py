@@ -1,0 +1,212 @@
+"""One function per CLI command: parse nothing, print results, raise CombError on failure."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import asdict
+from typing import Any
+
+from catalog.check import check_repository, summary
+from catalog.errors import CorruptionError, UsageError
+from catalog.format import DEFAULT_CHUNK_SIZE_BYTES
+from catalog.points import RecoveryPoint
+from catalog.repo import Repository
+from catalog.views import connect, run_query
+
+from .backup import BackupOptions, run_backup
+from .engines import make_engine
+from .progress import progress_bar
+from .restore import restore_point
+
+
+def _json(obj: Any) -> None:
+    print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+def human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def cmd_init(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.init(repo, args.chunk_size or DEFAULT_CHUNK_SIZE_BYTES)
+    print(
+        f"created repository {r.location} (id {r.config.id[:16]}, chunk size {r.config.chunk_size})"
+    )
+    return 0
+
+
+def point_summary(p: RecoveryPoint) -> dict[str, Any]:
+    return {
+        "id": p.id,
+        "source": p.source,
+        "time": p.time,
+        "size": p.size,
+        "mode": p.mode,
+        "parent": p.parent,
+        "engine": p.engine,
+        **asdict(p.stats),
+    }
+
+
+def cmd_backup(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    if args.batch_mib < 1:
+        raise UsageError("--batch-mib must be at least 1")
+    opts = BackupOptions(
+        source_name=args.source_name,
+        changed_extents=args.changed_extents,
+        batch_bytes=args.batch_mib * 1024 * 1024,
+    )
+    engine = make_engine(args.engine, args.ray_address, args.workers)
+    t0 = time.perf_counter()
+    with progress_bar(f"backup {os.path.basename(args.source)}", not args.json) as bar:
+        point = run_backup(r, args.source, engine, opts, bar)
+    seconds = time.perf_counter() - t0
+    st = point.stats
+    if args.json:
+        _json(
+            {
+                "id": point.id,
+                "source": point.source,
+                "parent": point.parent,
+                "mode": point.mode,
+                "size": point.size,
+                "bytes_read": st.bytes_read,
+                "bytes_new": st.bytes_new,
+                "bytes_stored": st.bytes_stored,
+                "metadata_bytes": st.metadata_bytes,
+                "engine": point.engine,
+                "engine_startup_seconds": round(engine.startup_s, 3),
+                "seconds": round(seconds, 3),
+            }
+        )
+    else:
+        rate = st.bytes_read / seconds / 1e6 if seconds else 0.0
+        print(
+            f"recovery point {point.id} of {point.source} ({point.mode}): "
+            f"read {human(st.bytes_read)}, new {human(st.bytes_new)}, "
+            f"stored {human(st.bytes_stored)} "
+            f"in {seconds:.1f} s ({rate:.0f} MB/s read, {point.engine} engine)"
+        )
+    return 0
+
+
+def cmd_points(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    points = [p for p in r.points() if args.source is None or p.source == args.source]
+    if args.json:
+        _json({"points": [point_summary(p) for p in points]})
+        return 0
+    if not points:
+        print("no recovery points")
+        return 0
+    rows = [
+        (
+            p.id,
+            p.time[:19].replace("T", " "),
+            p.mode,
+            human(p.size),
+            human(p.stats.bytes_read),
+            human(p.stats.bytes_new),
+            human(p.stats.bytes_stored),
+            p.source,
+        )
+        for p in points
+    ]
+    head = ("ID", "TIME (UTC)", "MODE", "SIZE", "READ", "NEW", "STORED", "SOURCE")
+    widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
+    for row in (head, *rows):
+        print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+    return 0
+
+
+def cmd_restore(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    point = r.resolve(args.point)
+    t0 = time.perf_counter()
+    with progress_bar(f"restore {point.id[:8]}", not args.json) as bar:
+        written = restore_point(r, point, args.output, force=args.force, progress=bar)
+    seconds = time.perf_counter() - t0
+    if args.json:
+        _json(
+            {
+                "id": point.id,
+                "output": args.output,
+                "size": point.size,
+                "bytes_written": written,
+                "seconds": round(seconds, 3),
+            }
+        )
+    else:
+        rate = point.size / seconds / 1e6 if seconds else 0.0
+        print(
+            f"restored {point.id} ({human(point.size)}, {human(written)} of data) to {args.output} "
+            f"in {seconds:.1f} s ({rate:.0f} MB/s)"
+        )
+    return 0
+
+
+def cmd_verify(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    with progress_bar("verify", not args.json) as bar:
+        report = check_repository(r.storage, read_data=args.read_data, progress=bar)
+    if args.json:
+        _json({"ok": report.ok, "read_data": args.read_data, **asdict(report)})
+    else:
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        for e in report.errors:
+            print(f"error: {e}", file=sys.stderr)
+        print(summary(report))
+    if not report.ok:
+        if args.json:
+            return CorruptionError.exit_code
+        raise CorruptionError(
+            f"verify found {len(report.errors)} error(s); first: {report.errors[0]}"
+        )
+    return 0
+
+
+def cmd_query(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    con = connect(r.storage, r.points())
+    table = run_query(con, args.sql)
+    if args.format == "json":
+        _json(table.to_pylist())
+    elif args.format == "csv":
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(table.column_names)
+        for row in table.to_pylist():
+            w.writerow([_cell(v) for v in row.values()])
+        sys.stdout.write(buf.getvalue())
+    else:
+        print_table(
+            table.column_names, [[_cell(v) for v in row.values()] for row in table.to_pylist()]
+        )
+    return 0
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.hex()
+    if v is None:
+        return ""
+    return str(v)
+
+
+def print_table(head: list[str], rows: list[list[str]]) -> None:
+    widths = [max([len(h), *(len(r[i]) for r in rows)]) for i, h in enumerate(head)]
+    print("  ".join(h.ljust(w) for h, w in zip(head, widths, strict=True)).rstrip())
+    for r in rows:
+        print("  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip())

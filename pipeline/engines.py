@@ -1,0 +1,275 @@
+"""The two executors of one stage graph: threads in this process, or Ray actors.
+
+Both host the same fused worker stage (read -> chunk -> hash -> dedup -> compress -> write) and
+the same dedup index. Only extents go in and small result tables come out; bulk bytes never cross
+a process boundary. The driver keeps at most ``window`` work items in flight (backpressure).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import queue
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Protocol
+
+import numpy as np
+import pyarrow as pa
+
+from catalog.errors import CombError, StageError
+from catalog.index import DedupIndex
+from catalog.storage import LocalStorage
+from stages.backup import IndexClient
+from stages.base import Fused, Ports, Stage
+
+# Every ray.get waits at most this long: a hung actor must fail the job, not hang it.
+RAY_CALL_TIMEOUT_S = 300.0
+RAY_PING_TIMEOUT_S = 60.0
+# The embedded Ray's object store: only small tables travel, so a small store suffices.
+RAY_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+
+MakeStage = Callable[[IndexClient], Stage]
+
+
+class Engine(Protocol):
+    name: str
+    workers: int
+    startup_s: float
+
+    def start(self, repo_path: str, make_stage: MakeStage) -> None: ...
+
+    def submit(self, item: pa.Table) -> Any: ...
+
+    def result(self, handle: Any) -> Ports: ...
+
+    def finish(self) -> list[Ports]: ...
+
+    def close(self, failed: bool) -> None: ...
+
+
+class LocalEngine:
+    """The same stages on threads in one process (the baseline, and small machines)."""
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None) -> None:
+        self.workers = workers or os.cpu_count() or 2
+        self.startup_s = 0.0
+        self._pool: ThreadPoolExecutor | None = None
+        self._free: queue.Queue[Fused] = queue.Queue()
+        self._stages: list[Fused] = []
+        self.index: DedupIndex | None = None
+
+    def start(self, repo_path: str, make_stage: MakeStage) -> None:
+        t0 = time.perf_counter()
+        self.index = DedupIndex.load(LocalStorage(repo_path))
+        for _ in range(self.workers):
+            made = make_stage(self.index)
+            stage = made if isinstance(made, Fused) else Fused([made])
+            stage.setup()
+            self._stages.append(stage)
+            self._free.put(stage)
+        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="comb-worker")
+        self.startup_s = time.perf_counter() - t0
+
+    def _run(self, item: pa.Table) -> Ports:
+        stage = self._free.get()
+        try:
+            return stage.process(item)
+        finally:
+            self._free.put(stage)
+
+    def submit(self, item: pa.Table) -> Future[Ports]:
+        assert self._pool is not None
+        return self._pool.submit(self._run, item)
+
+    def result(self, handle: Future[Ports]) -> Ports:
+        return handle.result()
+
+    def finish(self) -> list[Ports]:
+        return [s.flush() for s in self._stages]
+
+    def close(self, failed: bool) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True, cancel_futures=True)
+            self._pool = None
+        for s in self._stages:
+            s.teardown()
+        self._stages = []
+
+
+def _ray():  # type: ignore[no-untyped-def]
+    import ray  # imported lazily: `--engine local` never pays Ray's import
+
+    return ray
+
+
+class _StageHost:
+    """The one generic actor: hosts any stage (here the fused worker stage)."""
+
+    def __init__(self, stage: Stage) -> None:
+        self.stage = stage
+        self.stage.setup()
+
+    def ping(self) -> int:
+        return os.getpid()
+
+    def process(self, batch: pa.Table) -> Ports:
+        return self.stage.process(batch)
+
+    def flush(self) -> Ports:
+        return self.stage.flush()
+
+    def teardown(self) -> None:
+        self.stage.teardown()
+
+
+class _IndexHost:
+    """The dedup index actor: only chunk ids reach it."""
+
+    def __init__(self, repo_path: str) -> None:
+        self.index = DedupIndex.load(LocalStorage(repo_path))
+
+    def ping(self) -> int:
+        return len(self.index)
+
+    def claim(self, ids: np.ndarray) -> np.ndarray:
+        return self.index.claim(ids)
+
+
+class RayIndexClient:
+    """An IndexClient that asks the index actor (picklable: it holds only the handle)."""
+
+    def __init__(self, handle: Any) -> None:
+        self.handle = handle
+
+    def claim(self, ids: np.ndarray) -> np.ndarray:
+        ray = _ray()
+        return ray.get(self.handle.claim.remote(ids), timeout=RAY_CALL_TIMEOUT_S)  # type: ignore[no-any-return]
+
+
+def ray_init_kwargs(address: str | None) -> dict[str, Any]:
+    """Settings of the embedded local Ray (a small machine) or of a connection to a cluster."""
+    if address:
+        return {"address": address, "logging_level": logging.ERROR, "log_to_driver": False}
+    return {
+        "address": "local",
+        "num_cpus": os.cpu_count() or 2,
+        "object_store_memory": RAY_OBJECT_STORE_BYTES,
+        "include_dashboard": False,
+        "log_to_driver": False,
+        "logging_level": logging.ERROR,
+        "_node_ip_address": "127.0.0.1",
+        "_system_config": {
+            "enable_metrics_collection": False,
+            "metrics_report_interval_ms": 0,
+            "task_events_report_interval_ms": 0,
+        },
+    }
+
+
+def translate_ray_error(err: BaseException) -> CombError:
+    """A one-line CombError for anything Ray raised."""
+    ray = _ray()
+    if isinstance(err, CombError):
+        return err
+    if isinstance(err, ray.exceptions.RayTaskError):
+        cause = getattr(err, "cause", None)
+        if isinstance(cause, CombError):
+            return cause
+        if cause is not None:
+            return StageError(f"worker failed: {type(cause).__name__}: {cause}")
+    if isinstance(err, ray.exceptions.GetTimeoutError):
+        return StageError(f"a worker did not answer within {RAY_CALL_TIMEOUT_S:.0f} s")
+    if isinstance(err, ray.exceptions.RayActorError):
+        return StageError("a worker actor died (killed or out of memory)")
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return StageError(f"ray: {first}")
+
+
+class RayEngine:
+    """Fused worker actors plus one dedup-index actor on a local Ray or a cluster."""
+
+    name = "ray"
+
+    def __init__(self, address: str | None = None, workers: int | None = None) -> None:
+        self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.workers = workers or 0
+        self.startup_s = 0.0
+        self._started_ray = False
+        self._actors: list[Any] = []
+        self._index: Any = None
+        self._next = 0
+
+    def start(self, repo_path: str, make_stage: MakeStage) -> None:
+        ray = _ray()
+        t0 = time.perf_counter()
+        if not ray.is_initialized():
+            os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+            try:
+                ray.init(**ray_init_kwargs(self.address))
+            except Exception as err:  # noqa: BLE001 - any start failure is one line
+                raise StageError(f"cannot start or reach Ray: {str(err).splitlines()[0]}") from None
+            self._started_ray = True
+        if not self.workers:
+            self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+        try:
+            index_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_IndexHost)
+            host_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_StageHost)
+            self._index = index_cls.remote(repo_path)
+            ray.get(self._index.ping.remote(), timeout=RAY_PING_TIMEOUT_S)
+            client = RayIndexClient(self._index)
+            self._actors = [host_cls.remote(make_stage(client)) for _ in range(self.workers)]
+            ray.get([a.ping.remote() for a in self._actors], timeout=RAY_PING_TIMEOUT_S)
+        except Exception as err:  # noqa: BLE001
+            raise translate_ray_error(err) from None
+        self.startup_s = time.perf_counter() - t0
+
+    def submit(self, item: pa.Table) -> Any:
+        actor = self._actors[self._next % len(self._actors)]
+        self._next += 1
+        return actor.process.remote(item)
+
+    def result(self, handle: Any) -> Ports:
+        ray = _ray()
+        try:
+            return ray.get(handle, timeout=RAY_CALL_TIMEOUT_S)  # type: ignore[no-any-return]
+        except Exception as err:  # noqa: BLE001
+            raise translate_ray_error(err) from None
+
+    def finish(self) -> list[Ports]:
+        ray = _ray()
+        try:
+            return ray.get([a.flush.remote() for a in self._actors], timeout=RAY_CALL_TIMEOUT_S)  # type: ignore[no-any-return]
+        except Exception as err:  # noqa: BLE001
+            raise translate_ray_error(err) from None
+
+    def close(self, failed: bool) -> None:
+        ray = _ray()
+        if not ray.is_initialized():
+            return
+        try:
+            ray.get([a.teardown.remote() for a in self._actors], timeout=30)
+        except Exception:  # noqa: BLE001 - the actors are killed next anyway
+            pass
+        for a in [*self._actors, self._index]:
+            if a is not None:
+                try:
+                    ray.kill(a)
+                except Exception:  # noqa: BLE001
+                    pass
+        self._actors = []
+        self._index = None
+        if self._started_ray:
+            ray.shutdown()
+            self._started_ray = False
+
+
+def make_engine(name: str, ray_address: str | None = None, workers: int | None = None) -> Engine:
+    if name == "local":
+        return LocalEngine(workers)
+    if name == "ray":
+        return RayEngine(ray_address, workers)
+    raise CombError(f"unknown engine {name!r} (use ray or local)")

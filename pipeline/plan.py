@@ -1,0 +1,124 @@
+"""Planning a backup: which byte ranges to read, cut into work items. Pure functions."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from catalog.errors import ChangeListError, describe_os_error
+from stages.schemas import EXTENTS
+
+Range = tuple[int, int]  # (start, end), end exclusive
+
+
+def align(ranges: list[Range], chunk: int, size: int) -> list[Range]:
+    """Expand ranges to chunk boundaries, clamp to size, sort and merge."""
+    out: list[Range] = []
+    for start, end in sorted((s - s % chunk, min(size, -(-e // chunk) * chunk)) for s, e in ranges):
+        if start >= end:
+            continue
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def intersect(a: list[Range], b: list[Range]) -> list[Range]:
+    """Intersection of two sorted, merged range lists."""
+    out: list[Range] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        lo, hi = max(a[i][0], b[j][0]), min(a[i][1], b[j][1])
+        if lo < hi:
+            out.append((lo, hi))
+        if a[i][1] < b[j][1]:
+            i += 1
+        else:
+            j += 1
+    return out
+
+
+def total(ranges: list[Range]) -> int:
+    return sum(e - s for s, e in ranges)
+
+
+def parse_changed_extents(path: str, size: int) -> list[Range]:
+    """Read a changed-extents JSON file: an array of {"offset": int, "length": int} in bytes."""
+    try:
+        with open(path, "rb") as fh:
+            doc = json.load(fh)
+    except OSError as err:
+        raise ChangeListError(
+            f"cannot read changed-extents file {path}: {describe_os_error(err)}"
+        ) from None
+    except ValueError as err:
+        raise ChangeListError(f"changed-extents file {path} is not valid JSON ({err})") from None
+    if not isinstance(doc, list):
+        raise ChangeListError(f"changed-extents file {path} must hold a JSON array of extents")
+    out: list[Range] = []
+    for i, ext in enumerate(doc):
+        if not isinstance(ext, dict) or set(ext) != {"offset", "length"}:
+            raise ChangeListError(
+                f"changed-extents file {path}: item {i} must be an object with exactly "
+                '"offset" and "length"'
+            )
+        off, length = ext["offset"], ext["length"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in (off, length)):
+            raise ChangeListError(f"changed-extents file {path}: item {i} has non-integer values")
+        if off < 0 or length < 0:
+            raise ChangeListError(f"changed-extents file {path}: item {i} is negative")
+        if off + length > size:
+            raise ChangeListError(
+                f"changed-extents file {path}: item {i} ({off}+{length}) is beyond the end of "
+                f"the source ({size} bytes)"
+            )
+        if length:
+            out.append((off, off + length))
+    return out
+
+
+@dataclass(frozen=True)
+class WorkItem:
+    """A batch of chunk-aligned ranges for one worker call; ``end`` bounds what it covers."""
+
+    seq: int
+    ranges: list[Range]
+    end: int
+
+    @property
+    def bytes(self) -> int:
+        return total(self.ranges)
+
+    def table(self) -> pa.Table:
+        return pa.table(
+            [
+                pa.array([s for s, _ in self.ranges], pa.int64()),
+                pa.array([e - s for s, e in self.ranges], pa.int64()),
+            ],
+            schema=EXTENTS,
+        )
+
+
+def work_items(ranges: list[Range], batch_bytes: int, chunk: int) -> Iterator[WorkItem]:
+    """Cut aligned ranges into items of at most ``batch_bytes`` (a multiple of the chunk)."""
+    batch_bytes = max(chunk, batch_bytes - batch_bytes % chunk)
+    cur: list[Range] = []
+    cur_bytes = 0
+    seq = 0
+    for start, end in ranges:
+        pos = start
+        while pos < end:
+            take = min(end - pos, batch_bytes - cur_bytes)
+            cur.append((pos, pos + take))
+            cur_bytes += take
+            pos += take
+            if cur_bytes >= batch_bytes:
+                yield WorkItem(seq, cur, cur[-1][1])
+                seq += 1
+                cur, cur_bytes = [], 0
+    if cur:
+        yield WorkItem(seq, cur, cur[-1][1])

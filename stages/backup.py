@@ -1,0 +1,295 @@
+"""The backup stages: reader -> chunker -> deduplicator -> compressor -> writer.
+
+Each is a small Ray-free class over Arrow tables. They are meant to be fused in one worker
+(thread or actor) so that bulk bytes are read, hashed, compressed and written in one process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import blake3
+import numpy as np
+import pyarrow as pa
+
+from catalog.chunks import encode_chunk
+from catalog.index import ids_to_array, sealed_to_table
+from catalog.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
+from catalog.storage import LocalStorage
+
+from .base import Ports, Stage
+from .schemas import (
+    CHUNKS,
+    COMPRESSED,
+    DEDUPED,
+    EXTENTS,
+    INDEX_PORT,
+    INDEX_ROWS,
+    MAIN_PORT,
+    RAW,
+    WRITTEN,
+)
+from .source import ImageSource, OpenSource
+
+ZERO_ID = bytes(32)
+
+
+def _large_binary(n: int, offsets: np.ndarray, data: pa.Buffer) -> pa.Array:
+    return pa.Array.from_buffers(
+        pa.large_binary(), n, [None, pa.py_buffer(offsets.astype(np.int64)), data]
+    )
+
+
+def _fixed32(ids: np.ndarray) -> pa.Array:
+    ids = np.ascontiguousarray(ids, np.uint8)
+    return pa.Array.from_buffers(pa.binary(32), len(ids), [None, pa.py_buffer(ids)])
+
+
+class Reader(Stage):
+    """Reads chunk-aligned extents of the source into one reused buffer (no copy afterwards)."""
+
+    name = "reader"
+    input_schema = EXTENTS
+    output_schema = RAW
+
+    def __init__(self, source: ImageSource, max_batch_bytes: int) -> None:
+        self.source = source
+        self.max_batch_bytes = max_batch_bytes
+        self._src: OpenSource | None = None
+        self._buf: np.ndarray | None = None
+        self.bytes_read = 0
+
+    def setup(self) -> None:
+        self._src = self.source.open()
+        self._buf = np.empty(self.max_batch_bytes, np.uint8)
+
+    def process(self, batch: pa.Table) -> Ports:
+        assert self._src is not None and self._buf is not None
+        offs = batch.column("offset").to_numpy()
+        lens = batch.column("length").to_numpy()
+        total = int(lens.sum())
+        if total > len(self._buf):
+            self._buf = np.empty(total, np.uint8)
+        view = memoryview(self._buf)  # type: ignore[arg-type]
+        pos = 0
+        for off, length in zip(offs.tolist(), lens.tolist(), strict=True):
+            self._src.read_into(view[pos : pos + length], off)
+            pos += length
+        self.bytes_read += total
+        starts = np.zeros(len(offs) + 1, np.int64)
+        np.cumsum(lens, out=starts[1:])
+        data = _large_binary(len(offs), starts, pa.py_buffer(self._buf[:total]))
+        return {MAIN_PORT: pa.table([pa.array(offs, pa.int64()), data], schema=RAW)}
+
+    def teardown(self) -> None:
+        if self._src is not None:
+            self._src.close()
+            self._src = None
+        self._buf = None
+
+
+class Chunker(Stage):
+    """Cuts fixed, aligned chunks; recognises all-zero chunks; hashes the others (BLAKE3)."""
+
+    name = "chunker"
+    input_schema = RAW
+    output_schema = CHUNKS
+
+    def __init__(self, chunk_size: int) -> None:
+        self.chunk_size = chunk_size
+
+    def process(self, batch: pa.Table) -> Ports:
+        c = self.chunk_size
+        col = batch.column("data").combine_chunks()
+        bufs = col.buffers()
+        row_starts = np.frombuffer(bufs[1], np.int64, len(col) + 1, col.offset * 8)
+        raw = np.frombuffer(bufs[2], np.uint8)
+        offsets: list[np.ndarray] = []
+        starts: list[np.ndarray] = []
+        lengths: list[np.ndarray] = []
+        for off, a, b in zip(
+            batch.column("offset").to_numpy().tolist(),
+            row_starts[:-1].tolist(),
+            row_starts[1:].tolist(),
+            strict=True,
+        ):
+            n = b - a
+            k = np.arange(0, n, c, dtype=np.int64)
+            starts.append(a + k)
+            offsets.append(off + k)
+            lengths.append(np.minimum(c, n - k))
+        st = np.concatenate(starts) if starts else np.empty(0, np.int64)
+        ln = np.concatenate(lengths) if lengths else np.empty(0, np.int64)
+        of = np.concatenate(offsets) if offsets else np.empty(0, np.int64)
+        zero = self._zero_mask(raw, st, ln)
+        ids = np.zeros((len(st), 32), np.uint8)
+        for i in np.flatnonzero(~zero).tolist():
+            s = int(st[i])
+            ids[i] = np.frombuffer(blake3.blake3(raw[s : s + int(ln[i])].data).digest(), np.uint8)
+        ends = np.append(st, st[-1] + ln[-1] if len(st) else 0)
+        table = pa.table(
+            [
+                pa.array(of, pa.int64()),
+                pa.array(ln.astype(np.int32), pa.int32()),
+                _fixed32(ids),
+                pa.array(zero, pa.bool_()),
+                _large_binary(len(st), ends, bufs[2]),
+            ],
+            schema=CHUNKS,
+        )
+        return {MAIN_PORT: table}
+
+    def _zero_mask(self, raw: np.ndarray, st: np.ndarray, ln: np.ndarray) -> np.ndarray:
+        """True where a chunk is all zeros; full-size chunks vectorised, memory-speed."""
+        zero = np.zeros(len(st), bool)
+        c = self.chunk_size
+        full = ln == c
+        if full.any() and c % 8 == 0:
+            # Chunks of one batch are contiguous in the buffer: view them as (n, c/8) words.
+            idx = np.flatnonzero(full)
+            first = int(st[idx[0]])
+            contiguous = np.array_equal(st[idx], first + (idx - idx[0]) * c)
+            if contiguous:
+                words = raw[first : first + len(idx) * c].view(np.uint64).reshape(len(idx), c // 8)
+                zero[idx] = ~words.any(axis=1)
+            else:
+                for i in idx.tolist():
+                    s = int(st[i])
+                    zero[i] = not raw[s : s + c].view(np.uint64).any()
+        for i in np.flatnonzero(~full).tolist():
+            s = int(st[i])
+            zero[i] = not raw[s : s + int(ln[i])].any()
+        return zero
+
+
+class IndexClient(Protocol):
+    """The dedup decision: which of these ids must this caller store (and claims them)."""
+
+    def claim(self, ids: np.ndarray) -> np.ndarray: ...
+
+
+class Deduplicator(Stage):
+    """Asks the dedup index which non-zero chunks are new; only ids cross to the index."""
+
+    name = "deduplicator"
+    input_schema = CHUNKS
+    output_schema = DEDUPED
+
+    def __init__(self, index: IndexClient) -> None:
+        self.index = index
+
+    def process(self, batch: pa.Table) -> Ports:
+        zero = batch.column("zero").to_numpy(zero_copy_only=False)
+        new = np.zeros(batch.num_rows, bool)
+        todo = np.flatnonzero(~zero)
+        if len(todo):
+            ids = ids_to_array(batch.column("chunk_id"))[todo]
+            new[todo] = self.index.claim(np.ascontiguousarray(ids))
+        cols = batch.columns
+        table = pa.table([*cols[:4], pa.array(new, pa.bool_()), cols[4]], schema=DEDUPED)
+        return {MAIN_PORT: table}
+
+
+class Compressor(Stage):
+    """zstd per new chunk (raw when that does not help)."""
+
+    name = "compressor"
+    input_schema = DEDUPED
+    output_schema = COMPRESSED
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+
+    def process(self, batch: pa.Table) -> Ports:
+        new = batch.column("new").to_numpy(zero_copy_only=False)
+        data = batch.column("data").combine_chunks()
+        codecs = np.zeros(batch.num_rows, np.int8)
+        blobs: list[bytes | None] = [None] * batch.num_rows
+        if new.any():
+            bufs = data.buffers()
+            starts = np.frombuffer(bufs[1], np.int64, len(data) + 1, data.offset * 8)
+            raw = memoryview(bufs[2])  # type: ignore[arg-type]
+            for i in np.flatnonzero(new).tolist():
+                codec, blob = encode_chunk(raw[starts[i] : starts[i + 1]], self.level)
+                codecs[i] = codec
+                blobs[i] = blob
+        cols = batch.columns
+        table = pa.table(
+            [*cols[:5], pa.array(codecs, pa.int8()), pa.array(blobs, pa.large_binary())],
+            schema=COMPRESSED,
+        )
+        return {MAIN_PORT: table}
+
+
+@dataclass(frozen=True)
+class PackTarget:
+    """Where a writer puts its packs (a local repository path for now)."""
+
+    repo_path: str
+    pack_target_bytes: int = DEFAULT_PACK_TARGET_BYTES
+
+
+class Writer(Stage):
+    """Appends new chunks to this worker's own packs; emits index rows as packs seal."""
+
+    name = "writer"
+    input_schema = COMPRESSED
+    output_schema = WRITTEN
+    side_schemas = {INDEX_PORT: INDEX_ROWS}
+
+    def __init__(self, target: PackTarget) -> None:
+        self.target = target
+        self._packs: PackWriter | None = None
+
+    def setup(self) -> None:
+        self._packs = PackWriter(LocalStorage(self.target.repo_path), self.target.pack_target_bytes)
+
+    def process(self, batch: pa.Table) -> Ports:
+        assert self._packs is not None
+        new = batch.column("new").to_numpy(zero_copy_only=False)
+        stored = np.zeros(batch.num_rows, np.int32)
+        out: Ports = {}
+        idx = np.flatnonzero(new)
+        if len(idx):
+            sel = pa.array(idx)
+            ids_arr = ids_to_array(batch.column("chunk_id").take(sel))
+            ids = [bytes(r) for r in ids_arr]
+            blobs = batch.column("blob").take(sel).to_pylist()
+            raw_lens = batch.column("length").take(sel).to_pylist()
+            codecs = batch.column("codec").take(sel).to_pylist()
+            stored[idx] = [len(b) for b in blobs]
+            sealed = self._packs.add_many(ids, blobs, raw_lens, codecs)
+            if sealed:
+                out[INDEX_PORT] = sealed_to_table(sealed)
+        cols = batch.columns
+        out[MAIN_PORT] = pa.table([*cols[:5], pa.array(stored, pa.int32())], schema=WRITTEN)
+        return out
+
+    def flush(self) -> Ports:
+        assert self._packs is not None
+        sealed = self._packs.close()
+        return {INDEX_PORT: sealed_to_table(sealed)} if sealed else {}
+
+    def teardown(self) -> None:
+        if self._packs is not None:
+            self._packs.abort()
+            self._packs = None
+
+
+def backup_stages(
+    source: ImageSource,
+    chunk_size: int,
+    max_batch_bytes: int,
+    index: IndexClient,
+    zstd_level: int,
+    target: PackTarget,
+) -> list[Stage]:
+    """The backup stage graph, in order."""
+    return [
+        Reader(source, max_batch_bytes),
+        Chunker(chunk_size),
+        Deduplicator(index),
+        Compressor(zstd_level),
+        Writer(target),
+    ]

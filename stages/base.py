@@ -1,0 +1,142 @@
+"""The stage contract, and fusing several stages into one (as Ray Data fuses operators).
+
+A stage has plain picklable configuration, declared input and output schemas, and
+``setup / process / flush / teardown``. ``process`` and ``flush`` return ports: the main port
+``"out"`` feeds the next stage; other ports (``"index"``) are side outputs collected for the
+driver. ``Fused`` refuses to connect stages whose schemas differ and wraps any failure into a
+one-line ``StageError`` naming the stage and the extent.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import pyarrow as pa
+
+from catalog.errors import CombError, StageError, describe_os_error
+
+from .schemas import MAIN_PORT
+
+Ports = dict[str, pa.Table]
+
+
+class Stage:
+    """Base class of every stage. Subclasses set the schemas and implement ``process``."""
+
+    name: ClassVar[str] = "stage"
+    input_schema: ClassVar[pa.Schema]
+    output_schema: ClassVar[pa.Schema]
+    side_schemas: ClassVar[dict[str, pa.Schema]] = {}
+
+    def setup(self) -> None:
+        """Acquire resources (files, buffers); called once in the hosting process."""
+
+    def process(self, batch: pa.Table) -> Ports:
+        raise NotImplementedError
+
+    def flush(self) -> Ports:
+        """Emit whatever is buffered at the end of the job."""
+        return {}
+
+    def teardown(self) -> None:
+        """Release resources; after a failure, discard unfinished output."""
+
+
+def _extent(batch: pa.Table | None) -> str:
+    if batch is None or batch.num_rows == 0 or "offset" not in batch.schema.names:
+        return "at end of job"
+    offs = batch.column("offset")
+    first = offs[0].as_py()
+    if "length" in batch.schema.names:
+        last = offs[-1].as_py() + batch.column("length")[-1].as_py()
+    else:
+        last = offs[-1].as_py()
+    return f"on extent {first}+{last - first}"
+
+
+def _describe(err: BaseException) -> str:
+    if isinstance(err, CombError):
+        return err.message
+    if isinstance(err, OSError):
+        return describe_os_error(err)
+    return f"{type(err).__name__}: {err}"
+
+
+class Fused(Stage):
+    """Several stages run back to back in one thread: bulk bytes never leave the process."""
+
+    name = "fused"
+
+    def __init__(self, stages: list[Stage]) -> None:
+        if not stages:
+            raise ValueError("Fused needs at least one stage")
+        for up, down in zip(stages, stages[1:], strict=False):
+            if not up.output_schema.equals(down.input_schema):
+                raise TypeError(
+                    f"cannot connect stage {up.name} to {down.name}: output schema "
+                    f"{up.output_schema.names} differs from input {down.input_schema.names}"
+                )
+        self.stages = stages
+        self.name = "+".join(s.name for s in stages)  # type: ignore[misc]
+        self.input_schema = stages[0].input_schema  # type: ignore[misc]
+        self.output_schema = stages[-1].output_schema  # type: ignore[misc]
+        sides: dict[str, pa.Schema] = {}
+        for s in stages:
+            sides.update(s.side_schemas)
+        self.side_schemas = sides  # type: ignore[misc]
+
+    def setup(self) -> None:
+        for s in self.stages:
+            self._guard(s, None, s.setup)
+
+    def process(self, batch: pa.Table) -> Ports:
+        return self._run(0, batch, {})
+
+    def _run(self, start: int, batch: pa.Table | None, sides: dict[str, list[pa.Table]]) -> Ports:
+        for s in self.stages[start:]:
+            if batch is None:
+                break
+            out = self._guard(s, batch, lambda s=s, b=batch: s.process(b))
+            batch = out.pop(MAIN_PORT, None)
+            for port, table in out.items():
+                sides.setdefault(port, []).append(table)
+        result: Ports = {p: pa.concat_tables(ts) for p, ts in sides.items()}
+        if batch is not None:
+            result[MAIN_PORT] = batch
+        return result
+
+    def flush(self) -> Ports:
+        sides: dict[str, list[pa.Table]] = {}
+        mains: list[pa.Table] = []
+        for i, s in enumerate(self.stages):
+            out = self._guard(s, None, s.flush)
+            main = out.pop(MAIN_PORT, None)
+            for port, table in out.items():
+                sides.setdefault(port, []).append(table)
+            if main is not None:
+                rest = self._run(i + 1, main, sides)
+                sides = {p: [t] for p, t in rest.items() if p != MAIN_PORT}
+                if MAIN_PORT in rest:
+                    mains.append(rest[MAIN_PORT])
+        result: Ports = {p: pa.concat_tables(ts) for p, ts in sides.items()}
+        if mains:
+            result[MAIN_PORT] = pa.concat_tables(mains)
+        return result
+
+    def teardown(self) -> None:
+        for s in reversed(self.stages):
+            try:
+                s.teardown()
+            except Exception:  # noqa: BLE001 - teardown must release every stage
+                pass
+
+    @staticmethod
+    def _guard(stage: Stage, batch: pa.Table | None, fn):  # type: ignore[no-untyped-def]
+        try:
+            return fn()
+        except StageError:
+            raise
+        except Exception as err:  # noqa: BLE001 - every failure becomes one named line
+            raise StageError(
+                f"stage {stage.name} failed {_extent(batch)}: {_describe(err)}"
+            ) from err

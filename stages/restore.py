@@ -1,0 +1,193 @@
+"""The restore-side stages: locate chunks, read packs in large ranges, decode and check, write.
+
+Every chunk read is decompressed and checked against its BLAKE3 id (catalog.chunks); damage is a
+CorruptionError naming the pack path and offset.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+import stat
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+
+from catalog.chunks import decode_chunk
+from catalog.errors import CorruptionError, OutputError, describe_os_error
+from catalog.index import ids_to_array
+from catalog.manifest import Leaf
+from catalog.packs import pack_name
+from catalog.storage import Storage
+
+# Two chunks of one pack closer than this are read in one request (cheaper than two seeks).
+COALESCE_GAP_BYTES = 1024 * 1024
+# One read request covers at most this many bytes of a pack.
+MAX_READ_BYTES = 16 * 1024 * 1024
+_BLKZEROOUT = 0x127F
+
+
+@dataclass(frozen=True)
+class ReadTask:
+    """One ranged pack read and the chunks to decode from it, with where each goes."""
+
+    pack: str
+    start: int
+    end: int
+    # (offset in pack, stored len, raw len, codec, chunk id, target offsets)
+    chunks: list[tuple[int, int, int, int, bytes, list[int]]]
+
+
+def leaves_to_table(
+    leaf_nos: list[int], leaves: list[Leaf], chunk: int, leaf_chunks: int
+) -> pa.Table:
+    """Manifest rows (offset, chunk_id) of several leaves."""
+    offs = [
+        (np.int64(n) * leaf_chunks + leaf.slots.astype(np.int64)) * chunk
+        for n, leaf in zip(leaf_nos, leaves, strict=True)
+    ]
+    ids = [leaf.ids for leaf in leaves]
+    off = np.concatenate(offs) if offs else np.empty(0, np.int64)
+    idarr = np.ascontiguousarray(np.concatenate(ids)) if ids else np.empty((0, 32), np.uint8)
+    return pa.table(
+        {
+            "offset": pa.array(off, pa.int64()),
+            "chunk_id": pa.Array.from_buffers(
+                pa.binary(32), len(idarr), [None, pa.py_buffer(idarr)]
+            ),
+        }
+    )
+
+
+def plan_reads(rows: pa.Table, locations: pa.Table, where: str) -> list[ReadTask]:
+    """Join manifest rows with the index and group them into coalesced pack reads."""
+    locs = locations.rename_columns(
+        ["pack_offset" if c == "offset" else c for c in locations.column_names]
+    )
+    joined = rows.join(locs, "chunk_id", join_type="left outer")
+    if joined.column("pack").null_count:
+        missing = joined.filter(joined.column("pack").is_null())
+        cid = bytes(ids_to_array(missing.column("chunk_id"))[0]).hex()[:16]
+        raise CorruptionError(
+            f"{where}: chunk {cid} is not in the index ({missing.num_rows} missing)"
+        )
+    joined = joined.sort_by([("pack", "ascending"), ("pack_offset", "ascending")])
+    disk_col, pack_off_col = "offset", "pack_offset"
+    packs = joined.column("pack").to_pylist()
+    poffs = joined.column(pack_off_col).to_pylist()
+    slens = joined.column("stored_len").to_pylist()
+    rlens = joined.column("raw_len").to_pylist()
+    codecs = joined.column("codec").to_pylist()
+    disk = joined.column(disk_col).to_pylist()
+    ids = ids_to_array(joined.column("chunk_id"))
+    tasks: list[ReadTask] = []
+    cur: ReadTask | None = None
+    last_key: tuple[str, int] | None = None
+    for i in range(joined.num_rows):
+        key = (packs[i], poffs[i])
+        if key == last_key and cur is not None:
+            cur.chunks[-1][5].append(disk[i])
+            continue
+        last_key = key
+        end = poffs[i] + slens[i]
+        if (
+            cur is None
+            or cur.pack != packs[i]
+            or poffs[i] - cur.end > COALESCE_GAP_BYTES
+            or end - cur.start > MAX_READ_BYTES
+        ):
+            cur = ReadTask(packs[i], poffs[i], end, [])
+            tasks.append(cur)
+        else:
+            object.__setattr__(cur, "end", max(cur.end, end))
+        cur.chunks.append((poffs[i], slens[i], rlens[i], codecs[i], bytes(ids[i]), [disk[i]]))
+    return tasks
+
+
+class RestoreTarget:
+    """A sparse output file (or a block device, whose zero regions are zeroed explicitly)."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        try:
+            st = os.stat(path) if os.path.exists(path) else None
+            self.is_block = st is not None and stat.S_ISBLK(st.st_mode)
+            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self.is_block else os.O_CREAT | os.O_TRUNC)
+            self.fd = os.open(path, flags, 0o600)
+            if self.is_block:
+                dev_size = os.lseek(self.fd, 0, os.SEEK_END)
+                if dev_size < size:
+                    raise OutputError(
+                        f"block device {path} ({dev_size} bytes) is smaller than {size}"
+                    )
+            else:
+                os.ftruncate(self.fd, size)
+        except OSError as err:
+            raise OutputError(
+                f"cannot write restore target {path}: {describe_os_error(err)}"
+            ) from None
+
+    def write(self, offset: int, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as err:
+            raise OutputError(
+                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
+            ) from None
+
+    def zero(self, offset: int, length: int) -> None:
+        """Zero a range of a block device (a sparse file needs nothing)."""
+        if not self.is_block or length <= 0:
+            return
+        try:
+            fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+            return
+        except OSError as err:
+            if err.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+                raise OutputError(
+                    f"cannot zero {self.path} at {offset}: {describe_os_error(err)}"
+                ) from None
+        zeros = bytes(min(length, 4 << 20))
+        while length > 0:
+            n = min(length, len(zeros))
+            self.write(offset, zeros[:n])
+            offset += n
+            length -= n
+
+    def close(self, durable: bool = True) -> None:
+        try:
+            if durable:
+                os.fsync(self.fd)
+        except OSError as err:
+            raise OutputError(f"cannot flush {self.path}: {describe_os_error(err)}") from None
+        finally:
+            os.close(self.fd)
+
+
+def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None) -> int:
+    """Read one coalesced range, check every chunk, write it; returns bytes written."""
+    name = pack_name(task.pack)
+    where_path = storage.local_path(name) or name
+    data = storage.read(name, task.start, task.end - task.start)
+    if len(data) != task.end - task.start:
+        raise CorruptionError(
+            f"pack {where_path} is truncated (wanted bytes {task.start}-{task.end})"
+        )
+    view = memoryview(data)
+    written = 0
+    for poff, slen, rlen, codec, cid, targets in task.chunks:
+        blob = view[poff - task.start : poff - task.start + slen]
+        plain = decode_chunk(blob, codec, rlen, cid, f"pack {where_path} offset {poff}")
+        if target is not None:
+            for t in targets:
+                target.write(t, plain[: max(0, min(rlen, target.size - t))])
+                written += rlen
+    return written
