@@ -92,11 +92,12 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         )
     else:
         rate = st.bytes_read / seconds / 1e6 if seconds else 0.0
+        startup = f", engine start-up {engine.startup_s:.1f} s" if engine.startup_s >= 0.5 else ""
         print(
             f"recovery point {point.id} of {point.source} ({point.mode}): "
             f"read {human(st.bytes_read)}, new {human(st.bytes_new)}, "
             f"stored {human(st.bytes_stored)} "
-            f"in {seconds:.1f} s ({rate:.0f} MB/s read, {point.engine} engine)"
+            f"in {seconds:.1f} s ({rate:.0f} MB/s read, {point.engine} engine{startup})"
         )
     return 0
 

@@ -1,0 +1,39 @@
+# Sourced by test.sh and demo.sh: make sure Debian packages and the venv are there.
+# Debian packages are installed with apt-get when running as root and something is missing.
+
+comb_root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+comb_venv="${COMB_VENV:-$comb_root/.venv}"
+
+comb_apt_install() {
+    # $@: Debian package names whose absence was detected
+    if [ "$#" -eq 0 ]; then return 0; fi
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "installing Debian packages: $*" >&2
+        export DEBIAN_FRONTEND=noninteractive
+        apt-get update -qq >/dev/null
+        apt-get install -y -qq "$@" >/dev/null
+    else
+        echo "missing Debian packages: $* (install them, e.g. sudo apt-get install $*)" >&2
+        return 1
+    fi
+}
+
+comb_bootstrap() {
+    # $1: pip extras to install ("" or "test")
+    local extras="$1" missing=()
+    command -v python3 >/dev/null || missing+=(python3)
+    python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    command -v cmp >/dev/null || missing+=(diffutils)
+    comb_apt_install "${missing[@]}"
+    if [ ! -x "$comb_venv/bin/python" ]; then
+        python3 -m venv "$comb_venv"
+    fi
+    local spec="." stamp
+    [ -n "$extras" ] && spec=".[$extras]"
+    stamp="$comb_venv/.comb-installed-$(cat "$comb_root/pyproject.toml" | sha256sum | cut -c1-16)-${extras:-base}"
+    if [ ! -f "$stamp" ]; then
+        "$comb_venv/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$comb_venv/bin/python" -m pip install -q -e "$comb_root$( [ -n "$extras" ] && echo "[$extras]")"
+        touch "$stamp"
+    fi
+}
