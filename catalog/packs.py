@@ -8,6 +8,7 @@ index can be rebuilt from packs alone.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import blake3
@@ -78,7 +79,11 @@ class PackWriter:
         return new
 
     def add_many(
-        self, ids: list[bytes], blobs: list[bytes], raw_lens: list[int], codecs: list[int]
+        self,
+        ids: list[bytes],
+        blobs: Sequence[bytes | memoryview],
+        raw_lens: list[int],
+        codecs: list[int],
     ) -> list[SealedPack]:
         """Append stored chunks; returns the packs sealed on the way (usually none)."""
         sealed: list[SealedPack] = []

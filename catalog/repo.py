@@ -57,7 +57,15 @@ class Repository:
         return load_points(self.storage)
 
     def resolve(self, spec: str) -> RecoveryPoint:
-        return resolve(self.points(), spec)
+        """By id, unique prefix or NAME@latest (NAME may be a relative path of the source)."""
+        points = self.points()
+        if spec.endswith("@latest"):
+            name = spec[: -len("@latest")]
+            if not any(p.source == name for p in points):
+                absolute = os.path.abspath(name)
+                if any(p.source == absolute for p in points):
+                    spec = f"{absolute}@latest"
+        return resolve(points, spec)
 
     def manifest(self, point: RecoveryPoint) -> ManifestReader:
         return ManifestReader(self.storage, point.root, point.leaves)

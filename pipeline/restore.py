@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from catalog.errors import OutputError
 from catalog.index import load_locations
@@ -19,7 +20,10 @@ from stages.restore import RestoreTarget, execute_read, leaves_to_table, plan_re
 
 # Leaves per planning window: 256 x 1 MiB of disk; bounds memory and keeps reads sequential.
 WINDOW_LEAVES = 256
-RESTORE_THREADS = max(2, os.cpu_count() or 2)
+# Threads overlap pack reads, decompression (GIL released) and writes.
+RESTORE_THREADS = max(4, 2 * (os.cpu_count() or 2))
+# Coalesced reads in flight (each at most 16 MiB): bounds memory.
+INFLIGHT_READS = 2 * RESTORE_THREADS
 
 Progress = Callable[[int, int], None]
 
@@ -56,17 +60,21 @@ def restore_point(
     ok = False
     try:
         with ThreadPoolExecutor(RESTORE_THREADS, thread_name_prefix="comb-restore") as pool:
+            inflight: deque[Future[int]] = deque()
             prev_end = 0
             for leaf_nos, leaves in iter_windows(manifest):
                 rows = leaves_to_table(leaf_nos, leaves, point.chunk_size, point.leaf_chunks)
                 if target is not None and target.is_block:
                     _zero_gaps(target, point, leaf_nos, leaves, prev_end)
-                    prev_end = (leaf_nos[-1] + 1) * point.chunk_size * point.leaf_chunks
-                tasks = plan_reads(rows, locations, f"recovery point {point.id}")
-                for n in pool.map(lambda t: execute_read(repo.storage, t, target), tasks):
-                    done += n
+                prev_end = (leaf_nos[-1] + 1) * point.chunk_size * point.leaf_chunks
+                for task in plan_reads(rows, locations, f"recovery point {point.id}"):
+                    while len(inflight) >= INFLIGHT_READS:
+                        done += inflight.popleft().result()
+                    inflight.append(pool.submit(execute_read, repo.storage, task, target))
                 if progress is not None:
-                    progress(min(prev_end or done, point.size), point.size)
+                    progress(min(prev_end, point.size), point.size)
+            while inflight:
+                done += inflight.popleft().result()
         if target is not None and target.is_block:
             target.zero(prev_end, point.size - prev_end)
         ok = True

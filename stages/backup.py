@@ -35,6 +35,19 @@ from .source import ImageSource, OpenSource
 ZERO_ID = bytes(32)
 
 
+def _single(col: pa.ChunkedArray) -> pa.Array:
+    """One contiguous array without copying when the column already is one chunk."""
+    return col.chunk(0) if col.num_chunks == 1 else col.combine_chunks()
+
+
+def _binary_parts(arr: pa.Array) -> tuple[np.ndarray, memoryview]:
+    """(offsets, data) of a large_binary array, zero-copy."""
+    bufs = arr.buffers()
+    offs = np.frombuffer(bufs[1], np.int64, len(arr) + 1, arr.offset * 8)
+    data = memoryview(bufs[2]) if bufs[2] is not None else memoryview(b"")  # type: ignore[arg-type]
+    return offs, data
+
+
 def _large_binary(n: int, offsets: np.ndarray, data: pa.Buffer) -> pa.Array:
     return pa.Array.from_buffers(
         pa.large_binary(), n, [None, pa.py_buffer(offsets.astype(np.int64)), data]
@@ -101,7 +114,7 @@ class Chunker(Stage):
 
     def process(self, batch: pa.Table) -> Ports:
         c = self.chunk_size
-        col = batch.column("data").combine_chunks()
+        col = _single(batch.column("data"))
         bufs = col.buffers()
         row_starts = np.frombuffer(bufs[1], np.int64, len(col) + 1, col.offset * 8)
         raw = np.frombuffer(bufs[2], np.uint8)
@@ -203,13 +216,10 @@ class Compressor(Stage):
 
     def process(self, batch: pa.Table) -> Ports:
         new = batch.column("new").to_numpy(zero_copy_only=False)
-        data = batch.column("data").combine_chunks()
         codecs = np.zeros(batch.num_rows, np.int8)
         blobs: list[bytes | None] = [None] * batch.num_rows
         if new.any():
-            bufs = data.buffers()
-            starts = np.frombuffer(bufs[1], np.int64, len(data) + 1, data.offset * 8)
-            raw = memoryview(bufs[2])  # type: ignore[arg-type]
+            starts, raw = _binary_parts(_single(batch.column("data")))
             for i in np.flatnonzero(new).tolist():
                 codec, blob = encode_chunk(raw[starts[i] : starts[i + 1]], self.level)
                 codecs[i] = codec
@@ -252,14 +262,18 @@ class Writer(Stage):
         out: Ports = {}
         idx = np.flatnonzero(new)
         if len(idx):
-            sel = pa.array(idx)
-            ids_arr = ids_to_array(batch.column("chunk_id").take(sel))
-            ids = [bytes(r) for r in ids_arr]
-            blobs = batch.column("blob").take(sel).to_pylist()
-            raw_lens = batch.column("length").take(sel).to_pylist()
-            codecs = batch.column("codec").take(sel).to_pylist()
-            stored[idx] = [len(b) for b in blobs]
-            sealed = self._packs.add_many(ids, blobs, raw_lens, codecs)
+            boffs, bdata = _binary_parts(_single(batch.column("blob")))
+            ids_arr = ids_to_array(batch.column("chunk_id"))
+            lengths = batch.column("length").to_numpy()
+            codecs = batch.column("codec").to_numpy()
+            rows = idx.tolist()
+            stored[idx] = (boffs[idx + 1] - boffs[idx]).astype(np.int32)
+            sealed = self._packs.add_many(
+                [ids_arr[i].tobytes() for i in rows],
+                [bdata[boffs[i] : boffs[i + 1]] for i in rows],
+                [int(lengths[i]) for i in rows],
+                [int(codecs[i]) for i in rows],
+            )
             if sealed:
                 out[INDEX_PORT] = sealed_to_table(sealed)
         cols = batch.columns

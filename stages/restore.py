@@ -28,6 +28,7 @@ COALESCE_GAP_BYTES = 1024 * 1024
 # One read request covers at most this many bytes of a pack.
 MAX_READ_BYTES = 16 * 1024 * 1024
 _BLKZEROOUT = 0x127F
+_MAX_IOV = 512
 
 
 @dataclass(frozen=True)
@@ -143,6 +144,36 @@ class RestoreTarget:
                 f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
             ) from None
 
+    def write_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
+        """Write (offset, data) pieces, contiguous runs in one pwritev each; returns bytes."""
+        pieces.sort(key=lambda p: p[0])
+        written = 0
+        run: list[bytes] = []
+        run_start = run_end = -1
+        for off, data in pieces:
+            data = data[: max(0, min(len(data), self.size - off))]
+            if run and off == run_end and len(run) < _MAX_IOV:
+                run.append(data)
+                run_end += len(data)
+                continue
+            if run:
+                self._writev(run_start, run)
+            run, run_start, run_end = [data], off, off + len(data)
+        if run:
+            self._writev(run_start, run)
+        return sum(len(d) for _, d in pieces)
+
+    def _writev(self, offset: int, bufs: list[bytes]) -> None:
+        try:
+            total = sum(len(b) for b in bufs)
+            done = os.pwritev(self.fd, bufs, offset)
+            if done < total:  # a short write: finish the rest piece by piece
+                self.write(offset + done, b"".join(bufs)[done:])
+        except OSError as err:
+            raise OutputError(
+                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
+            ) from None
+
     def zero(self, offset: int, length: int) -> None:
         """Zero a range of a block device (a sparse file needs nothing)."""
         if not self.is_block or length <= 0:
@@ -182,12 +213,11 @@ def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None)
             f"pack {where_path} is truncated (wanted bytes {task.start}-{task.end})"
         )
     view = memoryview(data)
-    written = 0
+    pieces: list[tuple[int, bytes]] = []
     for poff, slen, rlen, codec, cid, targets in task.chunks:
         blob = view[poff - task.start : poff - task.start + slen]
         plain = decode_chunk(blob, codec, rlen, cid, f"pack {where_path} offset {poff}")
-        if target is not None:
-            for t in targets:
-                target.write(t, plain[: max(0, min(rlen, target.size - t))])
-                written += rlen
-    return written
+        pieces.extend((t, plain) for t in targets)
+    if target is None:
+        return sum(len(p) for _, p in pieces)
+    return target.write_pieces(pieces)
