@@ -7,8 +7,8 @@ pread/pwrite release the GIL. Memory is bounded by the window, whatever the disk
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Iterator
 from collections import deque
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from catalog.errors import OutputError

@@ -147,7 +147,6 @@ class RestoreTarget:
     def write_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
         """Write (offset, data) pieces, contiguous runs in one pwritev each; returns bytes."""
         pieces.sort(key=lambda p: p[0])
-        written = 0
         run: list[bytes] = []
         run_start = run_end = -1
         for off, data in pieces:
