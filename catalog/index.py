@@ -119,14 +119,20 @@ def ids_to_array(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
 
 
 class DedupIndex:
-    """Which chunks are stored already: a sorted array of 16-byte id prefixes (16 B/chunk).
+    """Which chunks are stored already: sorted arrays of 16-byte id prefixes (16 B/chunk).
 
     ``claim`` is the dedup decision: it answers, for each id, whether the caller must store it,
     and marks those ids as claimed, so two workers never both store one chunk. Thread-safe.
+    Ids claimed during this job go to a small set, which is folded into sorted arrays (merged
+    log-structured, so few arrays) once it holds ``SET_LIMIT`` ids: memory stays 16 B/chunk.
     """
 
+    SET_LIMIT = 65536
+
     def __init__(self, keys: np.ndarray | None = None) -> None:
-        self._base = np.sort(keys) if keys is not None else np.empty(0, f"S{DEDUP_KEY_BYTES}")
+        empty = np.empty(0, f"S{DEDUP_KEY_BYTES}")
+        self._levels: list[np.ndarray] = [np.sort(keys)] if keys is not None and len(keys) else []
+        self._empty = empty
         self._new: set[bytes] = set()
         self._lock = threading.Lock()
 
@@ -137,31 +143,47 @@ class DedupIndex:
         return DedupIndex(np.unique(_keys(arr)) if len(arr) else None)
 
     def __len__(self) -> int:
-        return len(self._base) + len(self._new)
+        return sum(len(a) for a in self._levels) + len(self._new)
 
     @property
     def resident_bytes(self) -> int:
-        return int(self._base.nbytes)
+        """Bytes held by the sorted arrays (the set of recent claims is at most SET_LIMIT)."""
+        return int(sum(a.nbytes for a in self._levels))
+
+    def _known(self, keys: np.ndarray) -> np.ndarray:
+        known = np.zeros(len(keys), bool)
+        for level in self._levels:
+            pos = np.searchsorted(level, keys)
+            pos[pos == len(level)] = 0
+            known |= level[pos] == keys
+        return known
 
     def claim(self, ids: np.ndarray) -> np.ndarray:
         """For an (n, 32) uint8 array of ids: a bool array, True where the caller must store."""
         if len(ids) == 0:
             return np.zeros(0, bool)
         keys = _keys(ids)
-        if len(self._base):
-            pos = np.searchsorted(self._base, keys)
-            pos[pos == len(self._base)] = 0
-            known = self._base[pos] == keys
-        else:
-            known = np.zeros(len(keys), bool)
         out = np.zeros(len(keys), bool)
         with self._lock:
-            for i in np.flatnonzero(~known):
-                k = bytes(keys[i])
+            known = self._known(keys)
+            for i in np.flatnonzero(~known).tolist():
+                k = keys[i].tobytes()
                 if k not in self._new:
                     self._new.add(k)
                     out[i] = True
+            if len(self._new) >= self.SET_LIMIT:
+                self._fold()
         return out
+
+    def _fold(self) -> None:
+        """Move the set into a sorted array; merge arrays of similar size (log-structured)."""
+        fresh = np.sort(np.array(list(self._new), dtype=f"S{DEDUP_KEY_BYTES}"))
+        self._new = set()
+        self._levels.append(fresh)
+        while len(self._levels) > 1 and len(self._levels[-2]) <= 2 * len(self._levels[-1]):
+            top = self._levels.pop()
+            below = self._levels.pop()
+            self._levels.append(np.sort(np.concatenate([below, top])))
 
 
 def load_locations(storage: Storage) -> pa.Table:

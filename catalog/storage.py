@@ -85,7 +85,7 @@ class _LocalNewFile:
             if durable:
                 os.fsync(self._fh.fileno())
             self._fh.close()
-            os.makedirs(os.path.dirname(final), exist_ok=True)
+            self._storage.ensure_dir(os.path.dirname(final), durable)
             os.replace(self._tmp, final)
             if durable:
                 self._storage.sync_dir(os.path.dirname(final))
@@ -165,6 +165,19 @@ class LocalStorage:
             raise RepositoryError(
                 f"cannot remove {self.path(name)}: {describe_os_error(err)}"
             ) from None
+
+    def ensure_dir(self, path: str, durable: bool) -> None:
+        """Create a directory (and make its entry durable in its parent when it is new)."""
+        if os.path.isdir(path):
+            return
+        parent = os.path.dirname(path)
+        self.ensure_dir(parent, durable)
+        try:
+            os.mkdir(path)
+        except FileExistsError:
+            return
+        if durable:
+            self.sync_dir(parent)
 
     def sync_dir(self, path: str) -> None:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
