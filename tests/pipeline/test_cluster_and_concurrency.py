@@ -1,0 +1,134 @@
+"""Two backups into one repository at once; the same job on an existing Ray cluster."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+COMB = [sys.executable, "-m", "pipeline.cli"]
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _image(path: Path, seed: int, size: int = 24 << 20) -> None:
+    rng = __import__("random").Random(seed)
+    with open(path, "wb") as fh:
+        fh.truncate(size)
+        for _ in range(40):
+            fh.seek(rng.randrange(0, size - 300_000))
+            fh.write(rng.randbytes(rng.randrange(1, 300_000)))
+
+
+def _comb(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [*COMB, *args], capture_output=True, text=True, cwd=ROOT, env=env, timeout=300
+    )
+
+
+def test_two_sources_back_up_at_the_same_time(tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    assert _comb("-r", str(repo), "init").returncode == 0
+    images = [tmp_path / "a.img", tmp_path / "b.img"]
+    for seed, img in enumerate(images):
+        _image(img, seed)
+    # Both share some data, so both may try to store the same chunks concurrently.
+    with open(images[1], "r+b") as dst, open(images[0], "rb") as src:
+        dst.seek(0)
+        dst.write(src.read(4 << 20))
+    procs = [
+        subprocess.Popen(
+            [*COMB, "-r", str(repo), "backup", str(img), "--engine", "local", "--batch-mib", "1"],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for img in images
+    ]
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err
+    for img in images:
+        out = tmp_path / f"{img.name}.restored"
+        r = _comb("-r", str(repo), "restore", f"{img}@latest", str(out))
+        assert r.returncode == 0, r.stderr
+        assert out.read_bytes() == img.read_bytes()
+    v = _comb("-r", str(repo), "verify", "--read-data")
+    assert v.returncode == 0, v.stderr
+    assert "2 point(s)" in v.stdout
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _wait_for_cluster(
+    ray_bin: str, address: str, proc: subprocess.Popen[bytes], env: dict[str, str]
+) -> None:
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, "ray start --head exited early"
+        status = subprocess.run(
+            [ray_bin, "status", f"--address={address}"], capture_output=True, timeout=60, env=env
+        )
+        if status.returncode == 0:
+            return
+        time.sleep(1)
+    raise AssertionError("the Ray cluster did not come up within 120 s")
+
+
+@pytest.mark.ray
+def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
+    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
+    assert ray_bin, "the ray command is part of the ray package"
+    address = f"127.0.0.1:{_free_port()}"
+    temp = tempfile.mkdtemp(prefix="combray", dir="/tmp")  # AF_UNIX paths are short
+    # A test cluster without token authentication (Ray 2.60 enables it by default; a real
+    # cluster's token reaches comb through RAY_AUTH_TOKEN like any other Ray client).
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    # --block keeps the cluster's processes in this process group, so the test stops exactly
+    # its own cluster (``ray stop`` would stop every cluster on the machine).
+    head = subprocess.Popen(
+        [
+            ray_bin, "start", "--head", "--block", f"--port={address.split(':')[1]}",
+            "--num-cpus=2", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
+            f"--temp-dir={temp}", "--object-store-memory=100000000", "--disable-usage-stats",
+        ],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+    )  # fmt: skip
+    try:
+        _wait_for_cluster(ray_bin, address, head, env)
+        repo, img = tmp_path / "repo", tmp_path / "disk.img"
+        _image(img, 7)
+        assert _comb("-r", str(repo), "init").returncode == 0
+        env["RAY_ADDRESS"] = address
+        r = _comb("-r", str(repo), "backup", str(img), "--engine", "ray", "--json", env=env)
+        assert r.returncode == 0, r.stderr
+        assert '"engine": "ray"' in r.stdout
+        out = tmp_path / "out.img"
+        assert _comb("-r", str(repo), "restore", f"{img}@latest", str(out)).returncode == 0
+        assert out.read_bytes() == img.read_bytes()
+        # comb must not have shut down the user's cluster.
+        status = subprocess.run(
+            [ray_bin, "status", f"--address={address}"], capture_output=True, timeout=60, env=env
+        )
+        assert status.returncode == 0
+    finally:
+        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
+            try:
+                os.killpg(head.pid, sig)
+                head.wait(timeout=wait_s)
+                break
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                continue
+        shutil.rmtree(temp, ignore_errors=True)
