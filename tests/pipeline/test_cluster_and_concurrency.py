@@ -54,13 +54,13 @@ def test_two_sources_back_up_at_the_same_time(tmp_path: Path) -> None:
         for img in images
     ]
     for p in procs:
-        out, err = p.communicate(timeout=300)
+        _, err = p.communicate(timeout=300)
         assert p.returncode == 0, err
     for img in images:
-        out = tmp_path / f"{img.name}.restored"
-        r = _comb("-r", str(repo), "restore", f"{img}@latest", str(out))
+        restored = tmp_path / f"{img.name}.restored"
+        r = _comb("-r", str(repo), "restore", f"{img}@latest", str(restored))
         assert r.returncode == 0, r.stderr
-        assert out.read_bytes() == img.read_bytes()
+        assert restored.read_bytes() == img.read_bytes()
     v = _comb("-r", str(repo), "verify", "--read-data")
     assert v.returncode == 0, v.stderr
     assert "2 point(s)" in v.stdout
