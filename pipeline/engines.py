@@ -173,14 +173,16 @@ def ray_init_kwargs(address: str | None) -> dict[str, Any]:
 def translate_ray_error(err: BaseException) -> CombError:
     """A one-line CombError for anything Ray raised."""
     ray = _ray()
-    if isinstance(err, CombError):
-        return err
     if isinstance(err, ray.exceptions.RayTaskError):
+        # Ray re-raises a task's exception as a subclass of both RayTaskError and the original
+        # class; the original (picklable) error is its cause.
         cause = getattr(err, "cause", None)
         if isinstance(cause, CombError):
-            return cause
+            return type(cause)(cause.message)
         if cause is not None:
             return StageError(f"worker failed: {type(cause).__name__}: {cause}")
+    if isinstance(err, CombError):
+        return type(err)(err.message)
     if isinstance(err, ray.exceptions.GetTimeoutError):
         return StageError(f"a worker did not answer within {RAY_CALL_TIMEOUT_S:.0f} s")
     if isinstance(err, ray.exceptions.RayActorError):
