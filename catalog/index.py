@@ -67,7 +67,12 @@ class IndexSegmentWriter:
     """Streams the index rows of one backup into one new segment."""
 
     def __init__(self, storage: Storage) -> None:
-        self._writer = ParquetStreamWriter(storage, INDEX_SCHEMA)
+        self._writer = ParquetStreamWriter(
+            storage,
+            INDEX_SCHEMA,
+            delta_columns=("offset", "stored_len", "raw_len", "codec"),
+            dictionary_columns=("pack",),
+        )
 
     def add(self, table: pa.Table) -> None:
         self._writer.write(table.cast(INDEX_SCHEMA))

@@ -79,8 +79,16 @@ class ManifestWriter:
     """Streams one point's manifest: new leaves into one leaves file, refs into the root."""
 
     def __init__(self, storage: Storage) -> None:
-        self._leaves = ParquetStreamWriter(storage, LEAF_SCHEMA, LEAF_ROW_GROUP_ROWS)
-        self._root = ParquetStreamWriter(storage, ROOT_SCHEMA, 1 << 20)
+        self._leaves = ParquetStreamWriter(
+            storage, LEAF_SCHEMA, LEAF_ROW_GROUP_ROWS, delta_columns=("leaf", "slot")
+        )
+        self._root = ParquetStreamWriter(
+            storage,
+            ROOT_SCHEMA,
+            1 << 20,
+            delta_columns=("leaf_no", "leaf"),
+            dictionary_columns=("leaf_file",),
+        )
         self._leaf_cols: tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]] = ([], [], [])
         self._leaf_rows = 0
         self._root_cols: tuple[list[int], list[str | None], list[int]] = ([], [], [])
