@@ -10,12 +10,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import blake3
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from .chunks import decode_chunk
 from .errors import CombError
-from .index import INDEX_SCHEMA, segment_names
+from .index import INDEX_SCHEMA, contains, id_keys, ids_to_array, segment_names
 from .manifest import ManifestReader
 from .packs import PACK_TRAILER_BYTES, pack_name, parse_pack
 from .parquet_io import read_parquet
@@ -48,9 +49,7 @@ def check_repository(
 ) -> CheckReport:
     report = CheckReport()
     index = _check_index(storage, report)
-    known: set[bytes] = set()
-    if index.num_rows:
-        known = set(index.column("chunk_id").to_pylist())
+    known = np.unique(id_keys(ids_to_array(index.column("chunk_id"))))
     _check_points(storage, known, report)
     pack_ids = sorted(set(index.column("pack").to_pylist())) if index.num_rows else []
     _check_packs(storage, index, pack_ids, read_data, report, progress)
@@ -71,7 +70,7 @@ def _check_index(storage: Storage, report: CheckReport) -> pa.Table:
     return pa.concat_tables(good) if good else INDEX_SCHEMA.empty_table()
 
 
-def _check_points(storage: Storage, known: set[bytes], report: CheckReport) -> None:
+def _check_points(storage: Storage, known: np.ndarray, report: CheckReport) -> None:
     for name in storage.list(POINTS_PREFIX):
         if not name.endswith(".json"):
             continue
@@ -84,10 +83,10 @@ def _check_points(storage: Storage, known: set[bytes], report: CheckReport) -> N
                 leaf = manifest.leaf(ref)
                 if len(leaf.slots) and int(leaf.slots.max()) >= point.leaf_chunks:
                     report.errors.append(f"point {point.id}: leaf {ref.leaf_no} has a bad slot")
-                for cid in leaf.ids:
-                    if bytes(cid) not in known:
-                        missing += 1
-                        first_missing = first_missing or bytes(cid).hex()[:16]
+                absent = ~contains(known, id_keys(leaf.ids))
+                if absent.any():
+                    missing += int(absent.sum())
+                    first_missing = first_missing or leaf.ids[absent][0].tobytes().hex()[:16]
             if missing:
                 report.errors.append(
                     f"point {point.id}: {missing} chunk(s) not in the index (first {first_missing})"

@@ -191,19 +191,38 @@ class DedupIndex:
             self._levels.append(np.sort(np.concatenate([below, top])))
 
 
-def load_locations(storage: Storage) -> pa.Table:
-    """One location per chunk id (the first stored copy), for reads."""
-    table = load_index(storage)
+def id_keys(ids: np.ndarray) -> np.ndarray:
+    """Full 32-byte ids of an (n, 32) uint8 array as a sortable 'S32' array."""
+    return np.ascontiguousarray(ids).view("S32").ravel()
+
+
+def contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
+    """Vectorised membership of ``keys`` in a sorted key array."""
+    if len(sorted_keys) == 0:
+        return np.zeros(len(keys), bool)
+    pos = np.searchsorted(sorted_keys, keys)
+    pos[pos == len(sorted_keys)] = 0
+    return np.asarray(sorted_keys[pos] == keys)
+
+
+def load_locations(storage: Storage, needed: np.ndarray | None = None) -> pa.Table:
+    """One location per chunk id (the first stored copy), for reads.
+
+    With ``needed`` (sorted unique 'S32' ids), only those chunks are kept while the segments
+    stream by, so memory follows what is read, not the repository's size.
+    """
+    parts = []
+    for name in segment_names(storage):
+        seg = read_parquet(storage, name)
+        if needed is not None:
+            keep = contains(needed, id_keys(ids_to_array(seg.column("chunk_id"))))
+            seg = seg.filter(pa.array(keep))
+        parts.append(seg)
+    table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
     if table.num_rows == 0:
         return table
     cols = [c for c in INDEX_SCHEMA.names if c != "chunk_id"]
     grouped = table.group_by("chunk_id", use_threads=False).aggregate([(c, "first") for c in cols])
-    return (
-        grouped.rename_columns(["chunk_id", *cols])
-        if grouped.column_names[0] == "chunk_id"
-        else (
-            grouped.select([*(f"{c}_first" for c in cols), "chunk_id"]).rename_columns(
-                [*cols, "chunk_id"]
-            )
-        )
-    )
+    names = {f"{c}_first": c for c in cols}
+    grouped = grouped.rename_columns([names.get(n, n) for n in grouped.column_names])
+    return grouped.select(INDEX_SCHEMA.names)

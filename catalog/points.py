@@ -89,6 +89,10 @@ def parse_point(raw: bytes, where: str) -> RecoveryPoint:
             raise ValueError(f"unknown version {doc.get('version')!r}")
         stats = PointStats(**doc.pop("stats"))
         point = RecoveryPoint(**doc, stats=stats)
+    except KeyError as err:
+        raise CorruptionError(
+            f"{where} is not a valid recovery point document (no {err})"
+        ) from None
     except (ValueError, TypeError, AttributeError) as err:
         raise CorruptionError(f"{where} is not a valid recovery point document ({err})") from None
     if point.with_id().id != point.id:

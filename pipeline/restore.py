@@ -11,8 +11,10 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
+import numpy as np
+
 from catalog.errors import OutputError
-from catalog.index import load_locations
+from catalog.index import id_keys, load_locations
 from catalog.manifest import ManifestReader
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
@@ -37,6 +39,12 @@ def iter_windows(
         yield [r.leaf_no for r in part], [manifest.leaf(r) for r in part]
 
 
+def needed_ids(manifest: ManifestReader) -> np.ndarray:
+    """The sorted unique ids a point needs (a first, cheap pass over its manifest)."""
+    parts = [id_keys(leaf.ids) for _, leaves in iter_windows(manifest) for leaf in leaves]
+    return np.unique(np.concatenate(parts)) if parts else np.empty(0, "S32")
+
+
 def restore_point(
     repo: Repository,
     point: RecoveryPoint,
@@ -47,7 +55,7 @@ def restore_point(
 ) -> int:
     """Restore ``point`` into ``output`` (or only read and check it); returns data bytes."""
     manifest = repo.manifest(point)
-    locations = load_locations(repo.storage)
+    locations = load_locations(repo.storage, needed_ids(manifest))
     target: RestoreTarget | None = None
     final = output
     if not verify_only:
