@@ -16,11 +16,11 @@ import pyarrow.compute as pc
 
 from .chunks import decode_chunk
 from .errors import CombError
-from .index import INDEX_SCHEMA, contains, id_keys, ids_to_array, segment_names
-from .manifest import ManifestReader
+from .index import INDEX_PREFIX, INDEX_SCHEMA, contains, id_keys, ids_to_array, segment_names
+from .manifest import LEAVES_PREFIX, ROOTS_PREFIX, ManifestReader
 from .packs import PACK_TRAILER_BYTES, pack_name, parse_pack
 from .parquet_io import read_parquet
-from .points import POINTS_PREFIX, parse_point
+from .points import RecoveryPoint, load_points_tolerant
 from .storage import LocalStorage, Storage
 
 Progress = Callable[[int, int], None]
@@ -48,9 +48,14 @@ def check_repository(
     storage: Storage, read_data: bool = False, progress: Progress | None = None
 ) -> CheckReport:
     report = CheckReport()
+    # Points first, then the index: a backup committing meanwhile adds index rows before its
+    # point, so every point seen here finds its chunks in the index read after it.
+    points = _load_points(storage, report)
     index = _check_index(storage, report)
     known = np.unique(id_keys(ids_to_array(index.column("chunk_id"))))
-    _check_points(storage, known, report)
+    for point in points:
+        _check_point(storage, point, known, report)
+    _check_metadata_names(storage, report)
     pack_ids = sorted(set(index.column("pack").to_pylist())) if index.num_rows else []
     _check_packs(storage, index, pack_ids, read_data, report, progress)
     if isinstance(storage, LocalStorage):
@@ -60,40 +65,55 @@ def check_repository(
     return report
 
 
+def _load_points(storage: Storage, report: CheckReport) -> list[RecoveryPoint]:
+    points, bad = load_points_tolerant(storage)
+    report.errors.extend(bad)
+    return points
+
+
 def _check_index(storage: Storage, report: CheckReport) -> pa.Table:
     good = []
     for name in segment_names(storage):
         try:
-            good.append(read_parquet(storage, name))
+            good.append(read_parquet(storage, name, INDEX_SCHEMA.names))
         except CombError as err:
             report.errors.append(err.message)
     return pa.concat_tables(good) if good else INDEX_SCHEMA.empty_table()
 
 
-def _check_points(storage: Storage, known: np.ndarray, report: CheckReport) -> None:
-    for name in storage.list(POINTS_PREFIX):
-        if not name.endswith(".json"):
-            continue
-        try:
-            point = parse_point(storage.read(name), _where(storage, name))
-            manifest = ManifestReader(storage, point.root, point.leaves)
-            missing = 0
-            first_missing = ""
-            for ref in manifest.refs():
-                leaf = manifest.leaf(ref)
-                if len(leaf.slots) and int(leaf.slots.max()) >= point.leaf_chunks:
-                    report.errors.append(f"point {point.id}: leaf {ref.leaf_no} has a bad slot")
-                absent = ~contains(known, id_keys(leaf.ids))
-                if absent.any():
-                    missing += int(absent.sum())
-                    first_missing = first_missing or leaf.ids[absent][0].tobytes().hex()[:16]
-            if missing:
-                report.errors.append(
-                    f"point {point.id}: {missing} chunk(s) not in the index (first {first_missing})"
-                )
-            report.points += 1
-        except CombError as err:
-            report.errors.append(err.message)
+def _check_point(
+    storage: Storage, point: RecoveryPoint, known: np.ndarray, report: CheckReport
+) -> None:
+    try:
+        manifest = ManifestReader(storage, point.root, point.leaves)
+        missing = 0
+        first_missing = ""
+        for ref in manifest.refs():
+            leaf = manifest.leaf(ref)
+            if len(leaf.slots) and int(leaf.slots.max()) >= point.leaf_chunks:
+                report.errors.append(f"point {point.id}: leaf {ref.leaf_no} has a bad slot")
+            absent = ~contains(known, id_keys(leaf.ids))
+            if absent.any():
+                missing += int(absent.sum())
+                first_missing = first_missing or leaf.ids[absent][0].tobytes().hex()[:16]
+        if missing:
+            report.errors.append(
+                f"point {point.id}: {missing} chunk(s) not in the index (first {first_missing})"
+            )
+        report.points += 1
+    except CombError as err:
+        report.errors.append(f"point {point.id}: {err.message}")
+
+
+def _check_metadata_names(storage: Storage, report: CheckReport) -> None:
+    """Every Parquet metadata file is named by the BLAKE3 of its bytes."""
+    for prefix in (INDEX_PREFIX, LEAVES_PREFIX, ROOTS_PREFIX):
+        for name in storage.list(prefix):
+            if not name.endswith(".parquet"):
+                continue
+            stem = name.rsplit("/", 1)[-1][: -len(".parquet")]
+            if blake3.blake3(storage.read(name)).hexdigest() != stem:
+                report.errors.append(f"{_where(storage, name)} does not match its name (damaged)")
 
 
 def _check_packs(

@@ -27,6 +27,8 @@ MAX_CHUNK_SIZE_BYTES = 4 * 1024 * 1024
 # the leaves it touches (1,000 scattered changes -> ~1,000 x 16 rows), and the root has one row
 # per non-empty MiB of disk. See FORMAT.md "Manifests".
 DEFAULT_LEAF_CHUNKS = 16
+# A leaf's slot is an int16 column.
+MAX_LEAF_CHUNKS = 32768
 
 HASH_NAME = "blake3-256"
 CHUNK_ID_BYTES = 32
@@ -87,6 +89,12 @@ class RepoConfig:
     def leaf_bytes(self) -> int:
         return self.chunk_size * self.leaf_chunks
 
+    @property
+    def read_only(self) -> bool:
+        """True when the repository has a ro_compat feature this comb does not know: it may
+        read the repository but must not write to it."""
+        return bool(set(self.features.ro_compat) - KNOWN_RO_COMPAT)
+
 
 def parse_config(raw: bytes, where: str) -> RepoConfig:
     """Parse config.json, refusing unknown versions and unknown incompatible features."""
@@ -111,7 +119,7 @@ def parse_config(raw: bytes, where: str) -> RepoConfig:
             f"{where}: repository needs features this comb does not have: {', '.join(unknown)}"
         )
     try:
-        return RepoConfig(
+        config = RepoConfig(
             id=str(doc["id"]),
             created=str(doc["created"]),
             chunk_size=int(doc["chunk_size"]),
@@ -126,3 +134,11 @@ def parse_config(raw: bytes, where: str) -> RepoConfig:
         )
     except (KeyError, TypeError, ValueError) as err:
         raise RepositoryError(f"{where}: missing or invalid field {err}") from None
+    c = config.chunk_size
+    if not (MIN_CHUNK_SIZE_BYTES <= c <= MAX_CHUNK_SIZE_BYTES) or c & (c - 1):
+        raise RepositoryError(f"{where}: invalid chunk size {c}")
+    if not (1 <= config.leaf_chunks <= MAX_LEAF_CHUNKS):
+        raise RepositoryError(f"{where}: invalid leaf_chunks {config.leaf_chunks}")
+    if config.hash != HASH_NAME:
+        raise RepositoryError(f"{where}: unknown chunk hash {config.hash!r}")
+    return config

@@ -97,7 +97,9 @@ def segment_names(storage: Storage) -> list[str]:
 
 def load_index(storage: Storage, columns: list[str] | None = None) -> pa.Table:
     """All index rows of all segments (one row per stored copy)."""
-    tables = [read_parquet(storage, name, columns) for name in segment_names(storage)]
+    # Only the known columns: a later compat feature may add columns old readers ignore.
+    wanted = columns if columns is not None else INDEX_SCHEMA.names
+    tables = [read_parquet(storage, name, wanted) for name in segment_names(storage)]
     if not tables:
         schema = (
             INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
@@ -213,7 +215,7 @@ def load_locations(storage: Storage, needed: np.ndarray | None = None) -> pa.Tab
     """
     parts = []
     for name in segment_names(storage):
-        seg = read_parquet(storage, name)
+        seg = read_parquet(storage, name, INDEX_SCHEMA.names)
         if needed is not None:
             keep = contains(needed, id_keys(ids_to_array(seg.column("chunk_id"))))
             seg = seg.filter(pa.array(keep))

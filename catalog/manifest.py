@@ -251,9 +251,8 @@ class ManifestReader:
     def __init__(self, storage: Storage, root_id: str, own_leaves: str | None) -> None:
         self._storage = storage
         self.root_name = roots_name(root_id)
-        root = read_parquet(storage, self.root_name)
-        if root.schema.names != ROOT_SCHEMA.names:
-            raise CorruptionError(f"{self.root_name} has an unexpected schema")
+        # Only the known columns: a later compat feature may add columns old readers ignore.
+        root = read_parquet(storage, self.root_name, ROOT_SCHEMA.names)
         self.leaf_nos = root.column("leaf_no").to_numpy()
         files = root.column("leaf_file").to_pylist()
         if own_leaves is None and any(f is None for f in files):

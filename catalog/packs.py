@@ -143,11 +143,14 @@ def parse_pack(data: bytes, where: str) -> list[PackEntry]:
     """Parse and check a whole pack's header, footer and trailer (not the chunk contents)."""
     if len(data) < PACK_HEADER_BYTES + PACK_TRAILER_BYTES:
         raise CorruptionError(f"pack {where} is truncated ({len(data)} bytes)")
-    magic, version, _flags, _rsvd = PACK_HEADER.unpack_from(data, 0)
+    magic, version, flags, rsvd = PACK_HEADER.unpack_from(data, 0)
     if magic != PACK_MAGIC:
         raise CorruptionError(f"pack {where} has a bad header magic at offset 0")
     if version != PACK_VERSION:
         raise CorruptionError(f"pack {where} has unknown pack version {version}")
+    if flags or rsvd:
+        # Reserved for encryption/parity: a pack using them needs a comb that knows them.
+        raise CorruptionError(f"pack {where} uses header flags {flags:#x} this comb does not know")
     tpos = len(data) - PACK_TRAILER_BYTES
     count, table_len, table_hash, end_magic = PACK_TRAILER.unpack_from(data, tpos)
     if end_magic != PACK_END_MAGIC:
@@ -160,7 +163,11 @@ def parse_pack(data: bytes, where: str) -> list[PackEntry]:
         raise CorruptionError(f"pack {where} has a corrupt entry table at offset {start}")
     entries = []
     for i in range(count):
-        cid, off, slen, rlen, codec, _f, _r = PACK_ENTRY.unpack_from(table, i * PACK_ENTRY_BYTES)
+        cid, off, slen, rlen, codec, eflags, ersvd = PACK_ENTRY.unpack_from(
+            table, i * PACK_ENTRY_BYTES
+        )
+        if eflags or ersvd:
+            raise CorruptionError(f"pack {where}: entry {i} uses flags this comb does not know")
         if off < PACK_HEADER_BYTES or off + slen > start:
             raise CorruptionError(f"pack {where}: entry {i} points outside the data area")
         entries.append(PackEntry(cid, off, slen, rlen, codec))

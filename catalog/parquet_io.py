@@ -64,6 +64,7 @@ class ParquetStreamWriter:
             write_statistics=True,
             use_dictionary=list(dictionary_columns),
             column_encoding=encodings,
+            write_page_checksum=True,
         )
         self._schema = schema
         self._row_group_rows = row_group_rows
@@ -94,7 +95,9 @@ def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) 
     """Read a whole Parquet object, translating damage into a CorruptionError."""
     data = storage.read(name)
     try:
-        return pq.read_table(pa.BufferReader(data), columns=columns)
+        return pq.read_table(
+            pa.BufferReader(data), columns=columns, page_checksum_verification=True
+        )
     except (pa.ArrowException, OSError) as err:
         raise CorruptionError(f"{name} is not a readable Parquet file ({err})") from None
 

@@ -2,13 +2,15 @@
 
 A point becomes visible when ``points/<id>.json`` is renamed into place, after every file it
 references (packs, index segment, leaves, root) is durable. The id is the first 16 hex digits of
-the BLAKE3 of the document body, so a document names itself by content.
+the BLAKE3 of the document's exact bytes, so a document is named by its content like every other
+repository file (the id is not inside the document). Readers ignore fields they do not know, so
+later versions can add fields without breaking older readers.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import blake3
@@ -57,16 +59,20 @@ class RecoveryPoint:
     version: int = POINT_FORMAT_VERSION
 
     def body(self) -> dict[str, Any]:
+        """The document's fields (everything but the id, which names the file)."""
         doc = asdict(self)
         doc.pop("id")
         return doc
 
-    def with_id(self) -> RecoveryPoint:
-        raw = json.dumps(self.body(), sort_keys=True).encode()
-        return replace(self, id=blake3.blake3(raw).hexdigest()[:POINT_ID_HEX])
-
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        return (json.dumps(self.body(), indent=2, sort_keys=True) + "\n").encode()
+
+    def with_id(self) -> RecoveryPoint:
+        return replace(self, id=point_id_of(self.to_json()))
+
+
+def point_id_of(raw: bytes) -> str:
+    return blake3.blake3(raw).hexdigest()[:POINT_ID_HEX]
 
 
 def point_name(point_id: str) -> str:
@@ -75,38 +81,68 @@ def point_name(point_id: str) -> str:
 
 def commit_point(storage: Storage, point: RecoveryPoint) -> RecoveryPoint:
     """The commit: write the document atomically (tmp + fsync + rename + fsync(dir))."""
-    point = point.with_id()
-    storage.write_atomic(point_name(point.id), point.to_json())
+    raw = point.to_json()
+    point = replace(point, id=point_id_of(raw))
+    storage.write_atomic(point_name(point.id), raw)
     return point
 
 
-def parse_point(raw: bytes, where: str) -> RecoveryPoint:
+_FIELDS = {f.name for f in fields(RecoveryPoint)} - {"id"}
+_STAT_FIELDS = {f.name for f in fields(PointStats)}
+
+
+def parse_point(raw: bytes, where: str, point_id: str | None = None) -> RecoveryPoint:
+    """Parse a point document; ``point_id`` (from its file name) must match its bytes."""
+    if point_id is not None and point_id_of(raw) != point_id:
+        raise CorruptionError(f"{where} does not match its id (modified or damaged)")
     try:
         doc = json.loads(raw)
-        if doc.get("format") != POINT_FORMAT_NAME:
+        if not isinstance(doc, dict) or doc.get("format") != POINT_FORMAT_NAME:
             raise ValueError("not a recovery point document")
         if doc.get("version") != POINT_FORMAT_VERSION:
             raise ValueError(f"unknown version {doc.get('version')!r}")
-        stats = PointStats(**doc.pop("stats"))
-        point = RecoveryPoint(**doc, stats=stats)
+        stats = doc["stats"]
+        if not isinstance(stats, dict):
+            raise ValueError("stats is not an object")
+        known = {k: v for k, v in doc.items() if k in _FIELDS and k != "stats"}
+        point = RecoveryPoint(
+            **known,
+            stats=PointStats(**{k: v for k, v in stats.items() if k in _STAT_FIELDS}),
+            id=point_id or point_id_of(raw),
+        )
     except KeyError as err:
         raise CorruptionError(
             f"{where} is not a valid recovery point document (no {err})"
         ) from None
     except (ValueError, TypeError, AttributeError) as err:
         raise CorruptionError(f"{where} is not a valid recovery point document ({err})") from None
-    if point.with_id().id != point.id:
-        raise CorruptionError(f"{where} does not match its id (modified or damaged)")
+    for name, kind in (("root", str), ("size", int), ("source", str), ("chunk_size", int)):
+        if not isinstance(getattr(point, name), kind):
+            raise CorruptionError(f"{where}: field {name} has the wrong type")
     return point
 
 
 def load_points(storage: Storage) -> list[RecoveryPoint]:
     """Every committed point, oldest first."""
+    points, _bad = load_points_tolerant(storage)
+    return points
+
+
+def load_points_tolerant(storage: Storage) -> tuple[list[RecoveryPoint], list[str]]:
+    """Every readable committed point (oldest first), and one message per damaged document.
+
+    One damaged document must not make every other recovery point unreachable."""
     points = []
+    bad = []
     for name in storage.list(POINTS_PREFIX):
-        if name.endswith(".json"):
-            points.append(parse_point(storage.read(name), name))
-    return sorted(points, key=lambda p: (p.time, p.id))
+        if not name.endswith(".json"):
+            continue
+        pid = name.rsplit("/", 1)[-1][: -len(".json")]
+        try:
+            points.append(parse_point(storage.read(name), storage.local_path(name) or name, pid))
+        except CorruptionError as err:
+            bad.append(err.message)
+    return sorted(points, key=lambda p: (p.time, p.id)), bad
 
 
 def latest_for(points: list[RecoveryPoint], source: str) -> RecoveryPoint | None:

@@ -7,7 +7,7 @@ import os
 from .errors import RepositoryError, describe_os_error
 from .format import CONFIG_NAME, DEFAULT_CHUNK_SIZE_BYTES, RepoConfig, parse_config
 from .manifest import ManifestReader
-from .points import RecoveryPoint, load_points, resolve
+from .points import RecoveryPoint, load_points_tolerant, resolve
 from .storage import TMP_DIR, LocalStorage, Storage
 
 REPO_DIRS = ("packs", "index", "manifests/leaves", "manifests/roots", "points", "locks", TMP_DIR)
@@ -20,6 +20,7 @@ class Repository:
         self.storage = storage
         self.config = config
         self.location = location
+        self.damaged: list[str] = []
 
     @staticmethod
     def init(location: str, chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES) -> Repository:
@@ -49,12 +50,19 @@ class Repository:
         if not storage.exists(CONFIG_NAME):
             raise RepositoryError(f"{path} is not a comb repository (no {CONFIG_NAME})")
         config = parse_config(storage.read(CONFIG_NAME), os.path.join(path, CONFIG_NAME))
-        for d in REPO_DIRS:
-            os.makedirs(os.path.join(path, d), exist_ok=True)
         return Repository(storage, config, path)
 
+    def require_writable(self) -> None:
+        if self.config.read_only:
+            unknown = ", ".join(self.config.features.ro_compat)
+            raise RepositoryError(
+                f"{self.location} can only be read by this comb (it uses features: {unknown})"
+            )
+
     def points(self) -> list[RecoveryPoint]:
-        return load_points(self.storage)
+        """Readable committed points; damaged documents are skipped and kept in ``damaged``."""
+        points, self.damaged = load_points_tolerant(self.storage)
+        return points
 
     def resolve(self, spec: str) -> RecoveryPoint:
         """By id, unique prefix or NAME@latest (NAME may be a relative path of the source)."""

@@ -57,6 +57,7 @@ class _LocalNewFile:
         self._storage = storage
         self._tmp = os.path.join(storage.root, TMP_DIR, f"{os.getpid()}-{secrets.token_hex(8)}.tmp")
         try:
+            storage.ensure_dir(os.path.dirname(self._tmp), durable=False)
             self._fh = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
         except OSError as err:
             raise RepositoryError(f"cannot create {self._tmp}: {describe_os_error(err)}") from None

@@ -112,6 +112,7 @@ def run_backup(
     progress: Progress | None = None,
 ) -> RecoveryPoint:
     t0 = time.perf_counter()
+    repo.require_writable()
     plan = plan_backup(repo, source_path, opts)
     cfg = repo.config
     storage = repo.storage

@@ -29,6 +29,12 @@ def _json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
 
 
+def warn_damaged(r: Repository) -> None:
+    """Damaged point documents are skipped, never silently: one warning line each."""
+    for msg in r.damaged:
+        print(f"comb: warning: skipping {msg}", file=sys.stderr)
+
+
 def human(n: float) -> str:
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
         if abs(n) < 1024 or unit == "TiB":
@@ -105,6 +111,7 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
 def cmd_points(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
     points = [p for p in r.points() if args.source is None or p.source == args.source]
+    warn_damaged(r)
     if args.json:
         _json({"points": [point_summary(p) for p in points]})
         return 0
@@ -134,6 +141,7 @@ def cmd_points(repo: str, args: argparse.Namespace) -> int:
 def cmd_restore(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
     point = r.resolve(args.point)
+    warn_damaged(r)
     t0 = time.perf_counter()
     with progress_bar(f"restore {point.id[:8]}", not args.json) as bar:
         written = restore_point(r, point, args.output, force=args.force, progress=bar)
@@ -181,6 +189,7 @@ def cmd_verify(repo: str, args: argparse.Namespace) -> int:
 def cmd_query(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
     con = connect(r.storage, r.points())
+    warn_damaged(r)
     table = run_query(con, args.sql)
     if args.format == "json":
         _json(table.to_pylist())
