@@ -67,6 +67,7 @@ class PackWriter:
         self._file: NewFile | None = None
         self._hash = blake3.blake3()
         self._entries: list[PackEntry] = []
+        self._pending_bytes = 0
 
     def _open(self) -> NewFile:
         new = self._storage.create()
@@ -87,15 +88,27 @@ class PackWriter:
     ) -> list[SealedPack]:
         """Append stored chunks; returns the packs sealed on the way (usually none)."""
         sealed: list[SealedPack] = []
+        pending: list[bytes | memoryview] = []
         for cid, blob, raw_len, codec in zip(ids, blobs, raw_lens, codecs, strict=True):
             new = self._file or self._open()
-            offset = new.tell()
-            new.write(blob)
+            offset = new.tell() + self._pending_bytes
+            pending.append(blob)
+            self._pending_bytes += len(blob)
             self._hash.update(blob)
             self._entries.append(PackEntry(cid, offset, len(blob), raw_len, codec))
-            if new.tell() >= self._target:
+            if offset + len(blob) >= self._target:
+                self._write(pending)
+                pending = []
                 sealed.append(self.seal())
+        if pending:
+            self._write(pending)
         return sealed
+
+    def _write(self, pending: list[bytes | memoryview]) -> None:
+        """One gathered write for many blobs (one syscall per batch, not per chunk)."""
+        assert self._file is not None
+        self._file.write_many(pending)
+        self._pending_bytes = 0
 
     def seal(self) -> SealedPack:
         new = self._file

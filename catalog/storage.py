@@ -18,12 +18,15 @@ from typing import Protocol
 from .errors import RepositoryError, describe_os_error
 
 TMP_DIR = "tmp"
+_MAX_IOV = 512  # buffers per writev call (IOV_MAX is 1024 on Linux)
 
 
 class NewFile(Protocol):
     """A file being written; invisible until committed under its final name."""
 
     def write(self, data: bytes | memoryview) -> int: ...
+
+    def write_many(self, parts: list[bytes | memoryview]) -> int: ...
 
     def tell(self) -> int: ...
 
@@ -76,6 +79,28 @@ class _LocalNewFile:
             self.abort()
             raise RepositoryError(f"cannot write {self._tmp}: {describe_os_error(err)}") from None
         return len(data)
+
+    def write_many(self, parts: list[bytes | memoryview]) -> int:
+        """Gathered write (writev) of several buffers, in order."""
+        total = 0
+        try:
+            fd = self._fh.fileno()
+            for i in range(0, len(parts), _MAX_IOV):
+                group = parts[i : i + _MAX_IOV]
+                want = sum(len(p) for p in group)
+                done = os.writev(fd, group)
+                if done < want:  # a short write: finish it buffer by buffer
+                    rest = memoryview(b"".join(group))[done:]
+                    self._pos += done
+                    self.write(rest)
+                    done = want
+                else:
+                    self._pos += done
+                total += done
+        except OSError as err:
+            self.abort()
+            raise RepositoryError(f"cannot write {self._tmp}: {describe_os_error(err)}") from None
+        return total
 
     def tell(self) -> int:
         return self._pos
