@@ -196,6 +196,8 @@ class LocalStorage:
         """Create a directory (and make its entry durable in its parent when it is new)."""
         if os.path.isdir(path):
             return
+        if os.path.abspath(path) == self.root or not path.startswith(self.root + os.sep):
+            raise OSError(2, f"repository directory {self.root} is missing")
         parent = os.path.dirname(path)
         self.ensure_dir(parent, durable)
         try:
