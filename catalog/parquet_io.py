@@ -106,8 +106,8 @@ def open_parquet(storage: Storage, name: str) -> pq.ParquetFile:
     path = storage.local_path(name)
     try:
         if path is not None:
-            return pq.ParquetFile(path)
-        return pq.ParquetFile(pa.BufferReader(storage.read(name)))
+            return pq.ParquetFile(path, page_checksum_verification=True)
+        return pq.ParquetFile(pa.BufferReader(storage.read(name)), page_checksum_verification=True)
     except FileNotFoundError:
         raise RepositoryError(f"missing repository file {name}") from None
     except (pa.ArrowException, OSError) as err:

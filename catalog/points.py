@@ -116,10 +116,30 @@ def parse_point(raw: bytes, where: str, point_id: str | None = None) -> Recovery
         ) from None
     except (ValueError, TypeError, AttributeError) as err:
         raise CorruptionError(f"{where} is not a valid recovery point document ({err})") from None
-    for name, kind in (("root", str), ("size", int), ("source", str), ("chunk_size", int)):
-        if not isinstance(getattr(point, name), kind):
-            raise CorruptionError(f"{where}: field {name} has the wrong type")
+    for f in fields(RecoveryPoint):
+        if f.name in ("stats", "id"):
+            continue
+        if not _type_ok(getattr(point, f.name), str(f.type)):
+            raise CorruptionError(f"{where}: field {f.name} has the wrong type")
+    for f in fields(PointStats):
+        if not _type_ok(getattr(point.stats, f.name), str(f.type)):
+            raise CorruptionError(f"{where}: field stats.{f.name} has the wrong type")
     return point
+
+
+def _type_ok(value: object, annotation: str) -> bool:
+    """Check a JSON value against a dataclass field's annotation (str, int, float, optional)."""
+    if value is None:
+        return "None" in annotation
+    if isinstance(value, bool):
+        return False
+    if annotation.startswith("str"):
+        return isinstance(value, str)
+    if annotation.startswith("int"):
+        return isinstance(value, int)
+    if annotation.startswith("float"):
+        return isinstance(value, int | float)
+    return True
 
 
 def load_points(storage: Storage) -> list[RecoveryPoint]:

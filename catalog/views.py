@@ -74,13 +74,16 @@ def _files(storage: Storage, names: list[str]) -> list[str]:
 
 def _parquet_or_empty(files: list[str], empty: pa.Schema, extra: str = "") -> str:
     if not files:
-        cols = ", ".join(f"NULL::{_duck_type(f.type)} AS {f.name}" for f in empty) + extra.replace(
-            "filename", "NULL::VARCHAR AS filename"
-        )
+        cols = ", ".join(
+            f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in empty
+        ) + extra.replace("filename", "NULL::VARCHAR AS filename")
         return f"SELECT {cols} WHERE false"
     listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
     fn = ", filename = true" if extra else ""
-    return f"SELECT * FROM read_parquet([{listing}]{fn})"
+    # Only the known columns (a later compat feature may add some): union_by_name lets files
+    # with extra columns sit next to files without them.
+    cols = ", ".join(f'"{f.name}"' for f in empty) + (", filename" if extra else "")
+    return f"SELECT {cols} FROM read_parquet([{listing}]{fn}, union_by_name = true)"
 
 
 def _duck_type(t: pa.DataType) -> str:

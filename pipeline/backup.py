@@ -67,6 +67,9 @@ def plan_backup(repo: Repository, source_path: str, opts: BackupOptions) -> Back
         name = opts.source_name or os.path.abspath(source_path)
         chunk = repo.config.chunk_size
         parent = latest_for(repo.points(), name)
+        for msg in repo.damaged:
+            # The parent is chosen among readable points only; say what was skipped.
+            print(f"comb: warning: skipping {msg}", file=sys.stderr)
         if parent is not None and src.size < parent.size:
             raise SourceError(
                 f"source {source_path} is {src.size} bytes, shorter than its parent recovery "

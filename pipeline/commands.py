@@ -140,8 +140,10 @@ def cmd_points(repo: str, args: argparse.Namespace) -> int:
 
 def cmd_restore(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
-    point = r.resolve(args.point)
-    warn_damaged(r)
+    try:
+        point = r.resolve(args.point)
+    finally:
+        warn_damaged(r)
     t0 = time.perf_counter()
     with progress_bar(f"restore {point.id[:8]}", not args.json) as bar:
         written = restore_point(r, point, args.output, force=args.force, progress=bar)
