@@ -75,7 +75,8 @@ def restore_point(
                 if target is not None and target.is_block:
                     _zero_gaps(target, point, leaf_nos, leaves, prev_end)
                 prev_end = (leaf_nos[-1] + 1) * point.chunk_size * point.leaf_chunks
-                for task in plan_reads(rows, locations, f"recovery point {point.id}"):
+                where = f"recovery point {point.id}"
+                for task in plan_reads(rows, locations, where, point.chunk_size, point.size):
                     while len(inflight) >= INFLIGHT_READS:
                         done += inflight.popleft().result()
                     inflight.append(pool.submit(execute_read, repo.storage, task, target))

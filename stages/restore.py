@@ -63,8 +63,17 @@ def leaves_to_table(
     )
 
 
-def plan_reads(rows: pa.Table, locations: pa.Table, where: str) -> list[ReadTask]:
-    """Join manifest rows with the index and group them into coalesced pack reads."""
+def plan_reads(
+    rows: pa.Table,
+    locations: pa.Table,
+    where: str,
+    chunk_size: int | None = None,
+    disk_size: int | None = None,
+) -> list[ReadTask]:
+    """Join manifest rows with the index and group them into coalesced pack reads.
+
+    With ``chunk_size`` and ``disk_size``, every chunk's plain length must be the length its
+    position implies (a full chunk, or the partial last one)."""
     locs = locations.rename_columns(
         ["pack_offset" if c == "offset" else c for c in locations.column_names]
     )
@@ -75,6 +84,17 @@ def plan_reads(rows: pa.Table, locations: pa.Table, where: str) -> list[ReadTask
         raise CorruptionError(
             f"{where}: chunk {cid} is not in the index ({missing.num_rows} missing)"
         )
+    if chunk_size is not None and disk_size is not None and joined.num_rows:
+        offs = joined.column("offset").to_numpy()
+        expect = np.minimum(chunk_size, disk_size - offs)
+        bad = np.flatnonzero(joined.column("raw_len").to_numpy() != expect)
+        if len(bad):
+            i = int(bad[0])
+            cid = bytes(ids_to_array(joined.column("chunk_id"))[i]).hex()[:16]
+            raise CorruptionError(
+                f"{where}: chunk {cid} at offset {int(offs[i])} has the wrong length for its "
+                f"place ({len(bad)} such chunk(s))"
+            )
     joined = joined.sort_by([("pack", "ascending"), ("pack_offset", "ascending")])
     disk_col, pack_off_col = "offset", "pack_offset"
     packs = joined.column("pack").to_pylist()
