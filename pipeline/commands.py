@@ -68,6 +68,8 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
     if args.batch_mib < 1:
         raise UsageError("--batch-mib must be at least 1")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
     opts = BackupOptions(
         source_name=args.source_name,
         changed_extents=args.changed_extents,

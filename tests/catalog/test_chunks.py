@@ -1,0 +1,70 @@
+"""Chunk encoding: zstd when it helps, raw otherwise; every decode checks the id."""
+
+from __future__ import annotations
+
+import random
+from concurrent.futures import ThreadPoolExecutor
+
+import blake3
+import pytest
+
+from catalog.chunks import chunk_id, decode_chunk, encode_chunk
+from catalog.errors import CorruptionError
+from catalog.format import CODEC_RAW, CODEC_ZSTD
+
+RANDOM = random.Random(7).randbytes(65536)
+TEXT = (b"the quick brown fox jumps over the lazy dog " * 2000)[:65536]
+
+
+def test_chunk_id_is_blake3_of_plain_bytes() -> None:
+    assert chunk_id(TEXT) == blake3.blake3(TEXT).digest()
+    assert chunk_id(memoryview(TEXT)) == chunk_id(TEXT)
+    assert len(chunk_id(b"")) == 32
+
+
+def test_compressible_chunks_are_zstd_and_round_trip() -> None:
+    codec, blob = encode_chunk(TEXT, 3)
+    assert codec == CODEC_ZSTD
+    assert len(blob) < len(TEXT) // 10
+    assert decode_chunk(blob, codec, len(TEXT), chunk_id(TEXT), "w") == TEXT
+
+
+def test_incompressible_chunks_stay_raw() -> None:
+    codec, blob = encode_chunk(memoryview(RANDOM), 3)
+    assert codec == CODEC_RAW
+    assert blob == RANDOM
+    assert decode_chunk(blob, codec, len(RANDOM), chunk_id(RANDOM), "w") == RANDOM
+
+
+@pytest.mark.parametrize("data", [TEXT, RANDOM], ids=["zstd", "raw"])
+def test_any_flipped_byte_is_detected(data: bytes) -> None:
+    codec, blob = encode_chunk(data, 3)
+    cid = chunk_id(data)
+    for pos in [0, 1, len(blob) // 2, len(blob) - 1]:
+        damaged = bytearray(blob)
+        damaged[pos] ^= 0x40
+        with pytest.raises(CorruptionError, match=r"pack P offset 9: chunk [0-9a-f]{16} "):
+            decode_chunk(bytes(damaged), codec, len(data), cid, "pack P offset 9")
+
+
+def test_wrong_id_wrong_length_and_unknown_codec() -> None:
+    codec, blob = encode_chunk(TEXT, 3)
+    with pytest.raises(CorruptionError, match="does not match its id"):
+        decode_chunk(blob, codec, len(TEXT), chunk_id(RANDOM), "w")
+    with pytest.raises(CorruptionError, match="w: chunk"):
+        decode_chunk(blob, codec, len(TEXT) - 1, chunk_id(TEXT), "w")
+    with pytest.raises(CorruptionError, match="unknown codec 9"):
+        decode_chunk(blob, 9, len(TEXT), chunk_id(TEXT), "w")
+    with pytest.raises(CorruptionError, match="does not match its id"):
+        decode_chunk(RANDOM[:-1], CODEC_RAW, len(RANDOM), chunk_id(RANDOM), "w")
+
+
+def test_threads_encode_and_decode_independently() -> None:
+    datas = [(b"%d " % i) * 5000 for i in range(64)]
+
+    def work(d: bytes) -> bool:
+        codec, blob = encode_chunk(d, 3)
+        return decode_chunk(blob, codec, len(d), chunk_id(d), "w") == d
+
+    with ThreadPoolExecutor(4) as pool:
+        assert all(pool.map(work, datas))

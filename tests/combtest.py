@@ -1,0 +1,201 @@
+"""Helpers shared by the tests (importable as ``combtest``: conftest.py puts tests/ on sys.path).
+
+Images are real sparse files: ``truncate`` makes holes, writes make data (random, compressible
+or explicit zeros). ``Image`` remembers every byte range written since the last
+``take_changes()`` so that a test can hand the exact change list to ``--changed-extents``.
+"""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import NamedTuple
+
+from catalog.points import RecoveryPoint
+from catalog.repo import Repository
+from pipeline.backup import BackupOptions, run_backup
+from pipeline.engines import LocalEngine
+from pipeline.restore import restore_point
+
+KiB = 1024
+MiB = 1024 * 1024
+PYTHON = sys.executable
+
+
+class CliResult(NamedTuple):
+    code: int
+    out: str
+    err: str
+
+
+CliRunner = Callable[..., CliResult]
+
+
+class Image:
+    """A sparse disk image under construction; records the ranges written."""
+
+    def __init__(self, path: Path, size: int) -> None:
+        self.path = path
+        self.changes: list[tuple[int, int]] = []
+        with open(path, "wb") as fh:
+            fh.truncate(size)
+
+    @property
+    def size(self) -> int:
+        return os.stat(self.path).st_size
+
+    def write(self, offset: int, data: bytes) -> None:
+        with open(self.path, "r+b") as fh:
+            fh.seek(offset)
+            fh.write(data)
+        if data:
+            self.changes.append((offset, len(data)))
+
+    def random(self, offset: int, length: int, seed: int = 0) -> bytes:
+        data = random.Random(seed * 1_000_003 + offset).randbytes(length)
+        self.write(offset, data)
+        return data
+
+    def compressible(self, offset: int, length: int, seed: int = 0) -> bytes:
+        """Text-like data that zstd shrinks a lot."""
+        words = [b"alpha ", b"beta ", b"gamma ", b"delta ", b"block ", b"sector ", b"%d " % seed]
+        rng = random.Random(seed)
+        parts: list[bytes] = []
+        n = 0
+        while n < length:
+            w = rng.choice(words)
+            parts.append(w)
+            n += len(w)
+        data = b"".join(parts)[:length]
+        self.write(offset, data)
+        return data
+
+    def zeros(self, offset: int, length: int) -> None:
+        """Written (allocated) zeros: not a hole, but all-zero chunks."""
+        self.write(offset, bytes(length))
+
+    def resize(self, size: int) -> None:
+        old = self.size
+        with open(self.path, "r+b") as fh:
+            fh.truncate(size)
+        if size > old:
+            self.changes.append((old, size - old))
+
+    def take_changes(self) -> list[tuple[int, int]]:
+        out, self.changes = self.changes, []
+        return out
+
+    def changes_file(self, path: Path, extents: list[tuple[int, int]] | None = None) -> Path:
+        """Write a changed-extents JSON file (default: the changes since the last take)."""
+        ext = self.take_changes() if extents is None else extents
+        path.write_text(json.dumps([{"offset": o, "length": n} for o, n in ext]))
+        return path
+
+    def snapshot(self, dest: Path) -> Path:
+        shutil.copyfile(self.path, dest)
+        return dest
+
+
+ImageFactory = Callable[..., Image]
+
+
+def assert_one_line_error(res: CliResult, *needles: str, code: int | None = None) -> str:
+    """A failed command: non-zero exit, exactly one `comb: error:` line, no traceback."""
+    assert res.code != 0, f"expected a failure, got exit 0: {res.out!r} {res.err!r}"
+    assert "Traceback" not in res.err and "Traceback" not in res.out, res.err
+    lines = [ln for ln in res.err.splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("comb: error: ")]
+    assert len(errors) == 1, f"want one error line, got: {res.err!r}"
+    line = errors[0]
+    assert "internal error" not in line, f"untranslated exception: {line}"
+    if code is not None:
+        assert res.code == code, f"exit {res.code} != {code}: {line}"
+    for needle in needles:
+        assert needle in line, f"{needle!r} not in {line!r}"
+    return line
+
+
+def same_file(a: Path | str, b: Path | str) -> bool:
+    return filecmp.cmp(a, b, shallow=False)
+
+
+def cmp_files(a: Path | str, b: Path | str) -> None:
+    """Byte-identical, judged by cmp(1)."""
+    res = subprocess.run(["cmp", str(a), str(b)], capture_output=True, text=True)
+    assert res.returncode == 0, f"cmp: {res.stdout}{res.stderr}"
+
+
+def run_python(
+    code: str, *args: str, env: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess[str]:
+    """Run a Python snippet in a fresh interpreter of this venv (crashes, isolation)."""
+    full_env = dict(os.environ)
+    full_env["COMB_ENGINE"] = "local"
+    full_env.update(env or {})
+    return subprocess.run(
+        [PYTHON, "-c", code, *args], capture_output=True, text=True, env=full_env, timeout=timeout
+    )
+
+
+def repo_files(repo: Path, prefix: str) -> list[Path]:
+    return sorted(p for p in (repo / prefix).rglob("*") if p.is_file())
+
+
+def flip_byte(path: Path, pos: int, mask: int = 0x01) -> None:
+    with open(path, "r+b") as fh:
+        fh.seek(pos)
+        old = fh.read(1)
+        fh.seek(pos)
+        fh.write(bytes([old[0] ^ mask]))
+
+
+def points_json(cli: CliRunner, repo: Path) -> list[dict[str, object]]:
+    res = cli("-r", repo, "points", "--json")
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    points = doc["points"] if isinstance(doc, dict) else doc
+    assert isinstance(points, list)
+    return points
+
+
+def point_ids(cli: CliRunner, repo: Path) -> list[str]:
+    return [str(p["id"]) for p in points_json(cli, repo)]
+
+
+def backup_json(cli: CliRunner, repo: Path, *args: object) -> dict[str, object]:
+    res = cli("-r", repo, "backup", *args, "--json")
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    assert isinstance(doc, dict)
+    return doc
+
+
+def api_backup(
+    repo: Path | str,
+    source: Path | str,
+    changed: Path | str | None = None,
+    name: str | None = None,
+    workers: int = 2,
+    batch_bytes: int = 16 * MiB,
+    pack_target_bytes: int | None = None,
+) -> RecoveryPoint:
+    """A backup through the library (local engine), for tests below the CLI."""
+    opts = BackupOptions(
+        source_name=name,
+        changed_extents=None if changed is None else str(changed),
+        batch_bytes=batch_bytes,
+        **({} if pack_target_bytes is None else {"pack_target_bytes": pack_target_bytes}),
+    )
+    return run_backup(Repository.open(str(repo)), str(source), LocalEngine(workers), opts)
+
+
+def api_restore(repo: Path | str, point: str, output: Path | str) -> None:
+    r = Repository.open(str(repo))
+    restore_point(r, r.resolve(point), str(output))
