@@ -199,3 +199,18 @@ def api_backup(
 def api_restore(repo: Path | str, point: str, output: Path | str) -> None:
     r = Repository.open(str(repo))
     restore_point(r, r.resolve(point), str(output))
+
+
+def need_tool(name: str) -> str:
+    """The path of a command-line tool; missing: a skip locally, a failure in CI (CI=true)."""
+    import os
+    import shutil
+
+    import pytest
+
+    path = shutil.which(name)
+    if path is None:
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"{name} is required in CI but not installed")
+        pytest.skip(f"{name} is not installed")
+    return path
