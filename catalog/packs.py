@@ -70,7 +70,7 @@ class PackWriter:
         self._pending_bytes = 0
 
     def _open(self) -> NewFile:
-        new = self._storage.create()
+        new = self._storage.create(bulk=True)
         header = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0, 0)
         new.write(header)
         self._hash = blake3.blake3()
