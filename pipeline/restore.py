@@ -12,9 +12,10 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
+import pyarrow as pa
 
 from catalog.errors import OutputError
-from catalog.index import id_keys, load_locations
+from catalog.index import id_keys, ids_to_array, load_locations
 from catalog.manifest import ManifestReader
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
@@ -40,9 +41,19 @@ def iter_windows(
 
 
 def needed_ids(manifest: ManifestReader) -> np.ndarray:
-    """The sorted unique ids a point needs (a first, cheap pass over its manifest)."""
+    """The sorted unique ids a point needs."""
     parts = [id_keys(leaf.ids) for _, leaves in iter_windows(manifest) for leaf in leaves]
     return np.unique(np.concatenate(parts)) if parts else np.empty(0, "S32")
+
+
+def _windows(manifest: ManifestReader, point: RecoveryPoint) -> list[tuple[int, pa.Table]]:
+    """One pass over the manifest: per window, its end (bytes) and its rows (offset, id).
+    Compact Arrow rows (40 B per data chunk) replace the leaves, which are read only once."""
+    out = []
+    for leaf_nos, leaves in iter_windows(manifest):
+        rows = leaves_to_table(leaf_nos, leaves, point.chunk_size, point.leaf_chunks)
+        out.append(((leaf_nos[-1] + 1) * point.chunk_size * point.leaf_chunks, rows))
+    return out
 
 
 def restore_point(
@@ -54,8 +65,11 @@ def restore_point(
     verify_only: bool = False,
 ) -> int:
     """Restore ``point`` into ``output`` (or only read and check it); returns data bytes."""
-    manifest = repo.manifest(point)
-    locations = load_locations(repo.storage, needed_ids(manifest))
+    windows = _windows(repo.manifest(point), point)
+    ids = [id_keys(ids_to_array(rows.column("chunk_id"))) for _, rows in windows]
+    needed = np.unique(np.concatenate(ids)) if ids else np.empty(0, "S32")
+    locations = load_locations(repo.storage, needed)
+    del ids, needed
     target: RestoreTarget | None = None
     final = output
     if not verify_only:
@@ -66,16 +80,15 @@ def restore_point(
         target = RestoreTarget(tmp, point.size)
     done = 0
     ok = False
+    where = f"recovery point {point.id}"
     try:
         with ThreadPoolExecutor(RESTORE_THREADS, thread_name_prefix="comb-restore") as pool:
             inflight: deque[Future[int]] = deque()
             prev_end = 0
-            for leaf_nos, leaves in iter_windows(manifest):
-                rows = leaves_to_table(leaf_nos, leaves, point.chunk_size, point.leaf_chunks)
+            for end, rows in windows:
                 if target is not None and target.is_block:
-                    _zero_gaps(target, point, leaf_nos, leaves, prev_end)
-                prev_end = (leaf_nos[-1] + 1) * point.chunk_size * point.leaf_chunks
-                where = f"recovery point {point.id}"
+                    _zero_gaps(target, point, rows, prev_end, end)
+                prev_end = end
                 for task in plan_reads(rows, locations, where, point.chunk_size, point.size):
                     while len(inflight) >= INFLIGHT_READS:
                         done += inflight.popleft().result()
@@ -103,14 +116,12 @@ def restore_point(
     return done
 
 
-def _zero_gaps(target: RestoreTarget, point: RecoveryPoint, leaf_nos, leaves, start: int) -> None:  # type: ignore[no-untyped-def]
+def _zero_gaps(
+    target: RestoreTarget, point: RecoveryPoint, rows: pa.Table, start: int, end: int
+) -> None:
     """On a block device, zero every chunk the manifest says is zero (a file stays sparse)."""
-    chunk, lc = point.chunk_size, point.leaf_chunks
     pos = start
-    for n, leaf in zip(leaf_nos, leaves, strict=True):
-        for slot in leaf.slots.tolist():
-            off = (n * lc + slot) * chunk
-            target.zero(pos, off - pos)
-            pos = min(point.size, off + chunk)
-    end = (leaf_nos[-1] + 1) * lc * chunk if leaf_nos else start
+    for off in sorted(rows.column("offset").to_pylist()):
+        target.zero(pos, off - pos)
+        pos = min(point.size, off + point.chunk_size)
     target.zero(pos, min(end, point.size) - pos)

@@ -6,22 +6,19 @@ CorruptionError naming the pack path and offset.
 
 from __future__ import annotations
 
-import errno
-import fcntl
-import os
-import stat
-import struct
 from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
 
 from catalog.chunks import decode_chunk
-from catalog.errors import CorruptionError, OutputError, describe_os_error
+from catalog.errors import CorruptionError
 from catalog.index import ids_to_array
 from catalog.manifest import Leaf
 from catalog.packs import pack_name
 from catalog.storage import Storage
+
+from .target import RestoreTarget
 
 # Two chunks of one pack closer than this are read in one request (cheaper than two seeks).
 COALESCE_GAP_BYTES = 1024 * 1024
@@ -126,100 +123,6 @@ def plan_reads(
             object.__setattr__(cur, "end", max(cur.end, end))
         cur.chunks.append((poffs[i], slens[i], rlens[i], codecs[i], bytes(ids[i]), [disk[i]]))
     return tasks
-
-
-class RestoreTarget:
-    """A sparse output file (or a block device, whose zero regions are zeroed explicitly)."""
-
-    def __init__(self, path: str, size: int) -> None:
-        self.path = path
-        self.size = size
-        try:
-            st = os.stat(path) if os.path.exists(path) else None
-            self.is_block = st is not None and stat.S_ISBLK(st.st_mode)
-            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self.is_block else os.O_CREAT | os.O_TRUNC)
-            self.fd = os.open(path, flags, 0o600)
-            if self.is_block:
-                dev_size = os.lseek(self.fd, 0, os.SEEK_END)
-                if dev_size < size:
-                    raise OutputError(
-                        f"block device {path} ({dev_size} bytes) is smaller than {size}"
-                    )
-            else:
-                os.ftruncate(self.fd, size)
-        except OSError as err:
-            raise OutputError(
-                f"cannot write restore target {path}: {describe_os_error(err)}"
-            ) from None
-
-    def write(self, offset: int, data: bytes) -> None:
-        try:
-            view = memoryview(data)
-            while view:
-                n = os.pwrite(self.fd, view, offset)
-                view = view[n:]
-                offset += n
-        except OSError as err:
-            raise OutputError(
-                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
-            ) from None
-
-    def write_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
-        """Write (offset, data) pieces, contiguous runs in one pwritev each; returns bytes."""
-        pieces.sort(key=lambda p: p[0])
-        run: list[bytes] = []
-        run_start = run_end = -1
-        for off, data in pieces:
-            data = data[: max(0, min(len(data), self.size - off))]
-            if run and off == run_end and len(run) < _MAX_IOV:
-                run.append(data)
-                run_end += len(data)
-                continue
-            if run:
-                self._writev(run_start, run)
-            run, run_start, run_end = [data], off, off + len(data)
-        if run:
-            self._writev(run_start, run)
-        return sum(len(d) for _, d in pieces)
-
-    def _writev(self, offset: int, bufs: list[bytes]) -> None:
-        try:
-            total = sum(len(b) for b in bufs)
-            done = os.pwritev(self.fd, bufs, offset)
-            if done < total:  # a short write: finish the rest piece by piece
-                self.write(offset + done, b"".join(bufs)[done:])
-        except OSError as err:
-            raise OutputError(
-                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
-            ) from None
-
-    def zero(self, offset: int, length: int) -> None:
-        """Zero a range of a block device (a sparse file needs nothing)."""
-        if not self.is_block or length <= 0:
-            return
-        try:
-            fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
-            return
-        except OSError as err:
-            if err.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
-                raise OutputError(
-                    f"cannot zero {self.path} at {offset}: {describe_os_error(err)}"
-                ) from None
-        zeros = bytes(min(length, 4 << 20))
-        while length > 0:
-            n = min(length, len(zeros))
-            self.write(offset, zeros[:n])
-            offset += n
-            length -= n
-
-    def close(self, durable: bool = True) -> None:
-        try:
-            if durable:
-                os.fsync(self.fd)
-        except OSError as err:
-            raise OutputError(f"cannot flush {self.path}: {describe_os_error(err)}") from None
-        finally:
-            os.close(self.fd)
 
 
 def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None) -> int:

@@ -1,0 +1,178 @@
+"""The restore output: a sparse file, or a block device whose zero regions are zeroed.
+
+Contiguous runs of restored chunks are written in one call each; aligned runs go past the page
+cache (O_DIRECT, through a per-thread aligned staging buffer), the rare unaligned tail (a disk
+whose size is not a multiple of 4 KiB) through the buffered descriptor.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import mmap
+import os
+import stat
+import struct
+import threading
+
+from catalog.errors import OutputError, describe_os_error
+
+_BLKZEROOUT = 0x127F
+_MAX_IOV = 512
+_ALIGN_BYTES = 4096
+# A run is written in pieces of at most this size: bounds each thread's staging buffer.
+_MAX_RUN_BYTES = 8 * 1024 * 1024
+_local = threading.local()
+
+
+def _open_direct(path: str) -> int | None:
+    """A second, O_DIRECT descriptor on the output; None where the filesystem refuses it."""
+    if os.environ.get("COMB_DIRECT_IO", "1") == "0":
+        return None
+    try:
+        return os.open(path, os.O_WRONLY | os.O_CLOEXEC | os.O_DIRECT)
+    except OSError:
+        return None
+
+
+def _stage(size: int) -> mmap.mmap:
+    """This thread's page-aligned staging buffer of at least ``size`` bytes."""
+    buf: mmap.mmap | None = getattr(_local, "stage", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = mmap.mmap(-1, max(size, _MAX_RUN_BYTES))
+        _local.stage = buf
+    return buf
+
+
+class RestoreTarget:
+    """A sparse output file (or a block device, whose zero regions are zeroed explicitly)."""
+
+    def __init__(self, path: str, size: int) -> None:
+        self.path = path
+        self.size = size
+        try:
+            st = os.stat(path) if os.path.exists(path) else None
+            self.is_block = st is not None and stat.S_ISBLK(st.st_mode)
+            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self.is_block else os.O_CREAT | os.O_TRUNC)
+            self.fd = os.open(path, flags, 0o600)
+            self.dfd = _open_direct(path)
+            if self.is_block:
+                dev_size = os.lseek(self.fd, 0, os.SEEK_END)
+                if dev_size < size:
+                    raise OutputError(
+                        f"block device {path} ({dev_size} bytes) is smaller than {size}"
+                    )
+            else:
+                os.ftruncate(self.fd, size)
+        except OSError as err:
+            raise OutputError(
+                f"cannot write restore target {path}: {describe_os_error(err)}"
+            ) from None
+
+    def write(self, offset: int, data: bytes) -> None:
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.pwrite(self.fd, view, offset)
+                view = view[n:]
+                offset += n
+        except OSError as err:
+            raise OutputError(
+                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
+            ) from None
+
+    def write_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
+        """Write (offset, data) pieces, contiguous runs in one write each; returns bytes."""
+        pieces.sort(key=lambda p: p[0])
+        run: list[bytes] = []
+        run_start = run_end = -1
+        for off, data in pieces:
+            data = data[: max(0, min(len(data), self.size - off))]
+            if (
+                run
+                and off == run_end
+                and len(run) < _MAX_IOV
+                and run_end - run_start + len(data) <= _MAX_RUN_BYTES
+            ):
+                run.append(data)
+                run_end += len(data)
+                continue
+            if run:
+                self._writev(run_start, run)
+            run, run_start, run_end = [data], off, off + len(data)
+        if run:
+            self._writev(run_start, run)
+        return sum(len(d) for _, d in pieces)
+
+    def _writev(self, offset: int, bufs: list[bytes]) -> None:
+        total = sum(len(b) for b in bufs)
+        if self.dfd is not None and offset % _ALIGN_BYTES == 0 and total >= _ALIGN_BYTES:
+            self._write_direct(offset, bufs, total)
+            return
+        try:
+            done = os.pwritev(self.fd, bufs, offset)
+            if done < total:  # a short write: finish the rest piece by piece
+                self.write(offset + done, b"".join(bufs)[done:])
+        except OSError as err:
+            raise OutputError(
+                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
+            ) from None
+
+    def _write_direct(self, offset: int, bufs: list[bytes], total: int) -> None:
+        """Through an aligned per-thread staging buffer, past the page cache (O_DIRECT): no
+        kernel copy into the cache and no long final fsync (bench/README.md "Restore")."""
+        stage = _stage(total)
+        pos = 0
+        for b in bufs:
+            stage[pos : pos + len(b)] = b
+            pos += len(b)
+        aligned = total - total % _ALIGN_BYTES
+        view = memoryview(stage)
+        try:
+            assert self.dfd is not None
+            if os.pwrite(self.dfd, view[:aligned], offset) != aligned:
+                raise OSError(errno.EIO, "short write")
+            if aligned < total and os.pwrite(self.fd, view[aligned:total], offset + aligned) != (
+                total - aligned
+            ):
+                raise OSError(errno.EIO, "short write")
+        except OSError as err:
+            raise OutputError(
+                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
+            ) from None
+        finally:
+            view.release()
+
+    def zero(self, offset: int, length: int) -> None:
+        """Zero a range of a block device (a sparse file needs nothing)."""
+        if not self.is_block or length <= 0:
+            return
+        try:
+            fcntl.ioctl(self.fd, _BLKZEROOUT, struct.pack("QQ", offset, length))
+            return
+        except OSError as err:
+            if err.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
+                raise OutputError(
+                    f"cannot zero {self.path} at {offset}: {describe_os_error(err)}"
+                ) from None
+        zeros = bytes(min(length, 4 << 20))
+        while length > 0:
+            n = min(length, len(zeros))
+            self.write(offset, zeros[:n])
+            offset += n
+            length -= n
+
+    def close(self, durable: bool = True) -> None:
+        try:
+            if durable:
+                os.fsync(self.fd)
+                if self.dfd is not None:
+                    os.fsync(self.dfd)
+        except OSError as err:
+            raise OutputError(f"cannot flush {self.path}: {describe_os_error(err)}") from None
+        finally:
+            os.close(self.fd)
+            if self.dfd is not None:
+                os.close(self.dfd)
