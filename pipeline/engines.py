@@ -218,7 +218,9 @@ class RayEngine:
                 raise StageError(f"cannot start or reach Ray: {str(err).splitlines()[0]}") from None
             self._started_ray = True
         if not self.workers:
-            self.workers = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
+            # As on threads: one worker more than cores on the embedded single-node Ray.
+            self.workers = cpus + 1 if self._started_ray else cpus
         try:
             index_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_IndexHost)
             host_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_StageHost)
