@@ -1,0 +1,38 @@
+"""Entry point: ``python -m bench {backup,chunksize,memory} [options]``."""
+
+from __future__ import annotations
+
+import sys
+
+USAGE = """usage: python -m bench COMMAND [options]
+
+commands:
+  backup     full, incremental and restore figures against the targets (--peers for restic/borg)
+  chunksize  full time and incremental stored bytes per chunk size (16-256 KiB)
+  memory     peak memory of full backups at several image sizes
+  batch      work-item and pack size of a full backup
+
+`python -m bench COMMAND --help` lists a command's options."""
+
+
+def main(argv: list[str]) -> int:
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+    cmd, rest = argv[0], argv[1:]
+    if cmd == "backup":
+        from .backup import main as run
+    elif cmd == "chunksize":
+        from .chunksize import main as run
+    elif cmd == "memory":
+        from .memory import main as run
+    elif cmd == "batch":
+        from .batch import main as run
+    else:
+        print(f"bench: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
+        return 2
+    return run(rest)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

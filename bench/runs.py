@@ -1,0 +1,188 @@
+"""Driving comb through its Python API, one measured run at a time.
+
+Owns: fresh repositories under the bench work directory, one measured backup or restore, and the
+dedup-index figure. Everything goes through the public entry points (Repository,
+run_backup, make_engine, restore_point); must not reach into stage internals.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from catalog.index import DedupIndex
+from catalog.points import RecoveryPoint
+from catalog.repo import Repository
+from pipeline.backup import BackupOptions, run_backup
+from pipeline.engines import make_engine
+from pipeline.restore import restore_point
+
+from .sampler import TreeSampler, Usage
+
+
+@dataclass
+class BackupRun:
+    """One comb backup: wall time around run_backup, the point's statistics, what it used."""
+
+    label: str
+    engine: str
+    mode: str
+    image_bytes: int
+    wall_s: float
+    startup_s: float
+    stats: dict[str, Any]
+    usage: Usage
+    point_id: str = ""
+
+    @property
+    def work_s(self) -> float:
+        """run_backup's own seconds without the engine start-up (Ray: init + actors)."""
+        return max(1e-9, float(self.stats["seconds"]) - self.startup_s)
+
+    @property
+    def mbps(self) -> float:
+        """Logical MB/s (10^6 bytes of image per second of wall time, start-up included)."""
+        return self.image_bytes / self.wall_s / 1e6
+
+    @property
+    def mbps_work(self) -> float:
+        return self.image_bytes / self.work_s / 1e6
+
+    @property
+    def cpu_s_per_gb(self) -> float:
+        return self.usage.cpu_s / (self.image_bytes / 1e9)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "engine": self.engine,
+            "mode": self.mode,
+            "wall_s": round(self.wall_s, 3),
+            "startup_s": round(self.startup_s, 3),
+            "mbps": round(self.mbps, 1),
+            "mbps_without_startup": round(self.mbps_work, 1),
+            "cpu_s": round(self.usage.cpu_s, 2),
+            "cpu_s_per_gb": round(self.cpu_s_per_gb, 3),
+            "peak_rss": self.usage.peak_rss,
+            "peak_pss": self.usage.peak_pss,
+            "start_pss": self.usage.start_pss,
+            "foreign_cores": round(self.usage.foreign_cores, 2),
+            "load_avg": round(self.usage.load_avg, 2),
+            "sampler_cpu_s": round(self.usage.sampler_cpu_s, 3),
+            "stats": self.stats,
+            "per_process_cpu_s": self.usage.per_process_cpu_s,
+        }
+
+
+@dataclass
+class RestoreRun:
+    label: str
+    image_bytes: int
+    wall_s: float
+    data_bytes: int
+    identical: bool | None
+    usage: Usage = field(default_factory=Usage)
+
+    @property
+    def mbps(self) -> float:
+        return self.image_bytes / self.wall_s / 1e6
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "label": self.label,
+            "wall_s": round(self.wall_s, 3),
+            "mbps": round(self.mbps, 1),
+            "data_bytes": self.data_bytes,
+            "identical": self.identical,
+            "cpu_s": round(self.usage.cpu_s, 2),
+            "peak_pss": self.usage.peak_pss,
+            "foreign_cores": round(self.usage.foreign_cores, 2),
+        }
+
+
+def fresh_repo(path: str, chunk_size: int | None = None) -> Repository:
+    """An empty repository at ``path`` (whatever was there is removed)."""
+    if os.path.exists(path):
+        shutil.rmtree(path)
+    if chunk_size is None:
+        return Repository.init(path)
+    return Repository.init(path, chunk_size=chunk_size)
+
+
+def backup(
+    repo: Repository,
+    image: str,
+    engine: str,
+    label: str,
+    changed_extents: str | None = None,
+    workers: int | None = None,
+) -> BackupRun:
+    """One measured comb backup (the sampler covers Ray's processes when Ray starts inside)."""
+    eng = make_engine(engine, workers=workers)
+    opts = BackupOptions(changed_extents=changed_extents)
+    size = os.path.getsize(image)
+    with TreeSampler() as sampler:
+        t0 = time.perf_counter()
+        point: RecoveryPoint = run_backup(repo, image, eng, opts)
+        wall = time.perf_counter() - t0
+    return BackupRun(
+        label=label,
+        engine=engine,
+        mode=point.mode,
+        image_bytes=size,
+        wall_s=wall,
+        startup_s=float(eng.startup_s),
+        stats=asdict(point.stats),
+        usage=sampler.usage,
+        point_id=point.id,
+    )
+
+
+def restore(
+    repo: Repository, point_id: str, out: str, label: str, reference: str | None = None
+) -> RestoreRun:
+    """One measured restore of a point into a sparse file (comb fsyncs it before returning)."""
+    point = repo.resolve(point_id)
+    if os.path.exists(out):
+        os.unlink(out)
+    with TreeSampler() as sampler:
+        t0 = time.perf_counter()
+        written = restore_point(repo, point, out)
+        wall = time.perf_counter() - t0
+    same = files_identical(reference, out) if reference is not None else None
+    return RestoreRun(label, point.size, wall, written, same, sampler.usage)
+
+
+def files_identical(a: str, b: str, block: int = 16 * 1024 * 1024) -> bool:
+    """Byte comparison of two files (not timed)."""
+    if os.path.getsize(a) != os.path.getsize(b):
+        return False
+    with open(a, "rb", buffering=0) as fa, open(b, "rb", buffering=0) as fb:
+        while True:
+            x = fa.read(block)
+            y = fb.read(block)
+            if x != y:
+                return False
+            if not x:
+                return True
+
+
+def index_per_chunk(repo: Repository) -> tuple[int, int]:
+    """(resident bytes of the dedup index as a backup loads it, chunks in the repository)."""
+    index = DedupIndex.load(repo.storage)
+    return index.resident_bytes, len(index)
+
+
+def repo_bytes(path: str) -> int:
+    """Apparent size of everything under a directory."""
+    total = 0
+    for dirpath, _dirs, files in os.walk(path):
+        for f in files:
+            try:
+                total += os.lstat(os.path.join(dirpath, f)).st_size
+            except OSError:
+                pass
+    return total
