@@ -46,6 +46,8 @@ class Storage(Protocol):
 
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes: ...
 
+    def read_into(self, name: str, offset: int, buf: memoryview) -> int: ...
+
     def list(self, prefix: str) -> list[str]: ...
 
     def create(self, bulk: bool = False) -> NewFile: ...
@@ -257,6 +259,21 @@ class LocalStorage:
                 return os.pread(fh.fileno(), length, offset)
         except OSError as err:
             raise RepositoryError(f"cannot read {path}: {describe_os_error(err)}") from None
+
+    def read_into(self, name: str, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; returns the bytes read (fewer only at end of file)."""
+        path = self.path(name)
+        done = 0
+        try:
+            with open(path, "rb", buffering=0) as fh:
+                while done < len(buf):
+                    n = os.preadv(fh.fileno(), [buf[done:]], offset + done)
+                    if n == 0:
+                        break
+                    done += n
+        except OSError as err:
+            raise RepositoryError(f"cannot read {path}: {describe_os_error(err)}") from None
+        return done
 
     def list(self, prefix: str) -> list[str]:  # noqa: A003
         """All committed names under a directory prefix, sorted (temporary files excluded)."""

@@ -6,6 +6,8 @@ CorruptionError naming the pack path and offset.
 
 from __future__ import annotations
 
+import mmap
+import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -23,7 +25,8 @@ from .target import RestoreTarget
 # Two chunks of one pack closer than this are read in one request (cheaper than two seeks).
 COALESCE_GAP_BYTES = 1024 * 1024
 # One read request covers at most this many bytes of a pack.
-MAX_READ_BYTES = 16 * 1024 * 1024
+MAX_READ_BYTES = 8 * 1024 * 1024
+_local = threading.local()
 _BLKZEROOUT = 0x127F
 _MAX_IOV = 512
 
@@ -125,16 +128,28 @@ def plan_reads(
     return tasks
 
 
+def _read_buffer(size: int) -> memoryview:
+    """This thread's reused read buffer: a fresh 16 MiB bytes object per read costs thousands
+    of page faults (measured: more system CPU than the reads themselves)."""
+    buf: mmap.mmap | None = getattr(_local, "read_buf", None)
+    if buf is None or len(buf) < size:
+        if buf is not None:
+            buf.close()
+        buf = mmap.mmap(-1, max(size, MAX_READ_BYTES))
+        _local.read_buf = buf
+    return memoryview(buf)
+
+
 def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None) -> int:
     """Read one coalesced range, check every chunk, write it; returns bytes written."""
     name = pack_name(task.pack)
     where_path = storage.local_path(name) or name
-    data = storage.read(name, task.start, task.end - task.start)
-    if len(data) != task.end - task.start:
+    length = task.end - task.start
+    view = _read_buffer(length)[:length]
+    if storage.read_into(name, task.start, view) != length:
         raise CorruptionError(
             f"pack {where_path} is truncated (wanted bytes {task.start}-{task.end})"
         )
-    view = memoryview(data)
     pieces: list[tuple[int, bytes]] = []
     for poff, slen, rlen, codec, cid, targets in task.chunks:
         blob = view[poff - task.start : poff - task.start + slen]
