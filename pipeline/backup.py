@@ -16,7 +16,6 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from catalog.errors import SourceError
 from catalog.index import IndexSegmentWriter
@@ -31,7 +30,7 @@ from stages.source import ImageSource
 
 from .assemble import ManifestAssembler
 from .engines import Engine
-from .plan import Range, align, intersect, parse_changed_extents, total, work_items
+from .plan import Range, WorkItem, align, intersect, parse_changed_extents, work_items
 
 # 16 MiB work items: large enough that per-call and per-batch Python costs vanish (~256 chunks),
 # small enough for reused per-worker buffers. bench/README.md "batch size".
@@ -99,12 +98,61 @@ def plan_backup(repo: Repository, source_path: str, opts: BackupOptions) -> Back
         src.close()
 
 
-def _sum(table: pa.Table, column: str, where: str | None = None) -> int:
-    col = table.column(column)
-    if where is not None:
-        col = pc.filter(col, table.column(where))
-    value = pc.sum(col).as_py()
-    return int(value or 0)
+@dataclass
+class _Tally:
+    """Statistics of one backup, summed from the writer's small result tables."""
+
+    read: int = 0
+    new: int = 0
+    stored: int = 0
+    zero: int = 0
+    chunks: int = 0
+    chunks_new: int = 0
+
+    def add(self, item_bytes: int, written: pa.Table) -> None:
+        lengths = written.column("length").to_numpy()
+        new = written.column("new").to_numpy(zero_copy_only=False)
+        zero = written.column("zero").to_numpy(zero_copy_only=False)
+        self.read += item_bytes
+        self.new += int(lengths[new].sum())
+        self.stored += int(written.column("stored_len").to_numpy().sum())
+        self.zero += int(lengths[zero].sum())
+        self.chunks += written.num_rows
+        self.chunks_new += int(new.sum())
+
+
+def _drive(
+    engine: Engine,
+    items: list[WorkItem],
+    size: int,
+    assembler: ManifestAssembler,
+    index_seg: IndexSegmentWriter,
+    tally: _Tally,
+    progress: Progress | None,
+) -> None:
+    """Keep at most ``INFLIGHT_PER_WORKER`` items per worker in flight (backpressure); take the
+    results in disk order, so the manifest streams out leaf by leaf."""
+    to_read = sum(item.bytes for item in items)
+    window: deque[tuple[WorkItem, object]] = deque()
+    pos = 0
+    while pos < len(items) or window:
+        while pos < len(items) and len(window) < engine.workers * INFLIGHT_PER_WORKER:
+            window.append((items[pos], engine.submit(items[pos].table())))
+            pos += 1
+        item, handle = window.popleft()
+        ports = engine.result(handle)
+        if INDEX_PORT in ports:
+            index_seg.add(ports[INDEX_PORT])
+        tally.add(item.bytes, ports[MAIN_PORT])
+        assembler.feed(ports[MAIN_PORT])
+        nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else size
+        assembler.advance(nxt)
+        if progress is not None:
+            progress(tally.read, to_read)
+    for ports in engine.finish():
+        if INDEX_PORT in ports:
+            index_seg.add(ports[INDEX_PORT])
+    assembler.finish()
 
 
 def run_backup(
@@ -134,37 +182,11 @@ def run_backup(
         manifest, cfg.chunk_size, cfg.leaf_chunks, parent_manifest, plan.changed
     )
     items = list(work_items(plan.read, opts.batch_bytes, cfg.chunk_size))
-    to_read = total(plan.read)
-    stats = {"read": 0, "new": 0, "stored": 0, "zero": 0, "chunks": 0, "chunks_new": 0}
+    tally = _Tally()
     failed = True
     try:
         engine.start(repo.location, make_stage)
-        window: deque = deque()
-        pos = 0
-        while pos < len(items) or window:
-            while pos < len(items) and len(window) < engine.workers * INFLIGHT_PER_WORKER:
-                window.append((items[pos], engine.submit(items[pos].table())))
-                pos += 1
-            item, handle = window.popleft()
-            ports = engine.result(handle)
-            written = ports[MAIN_PORT]
-            if INDEX_PORT in ports:
-                index_seg.add(ports[INDEX_PORT])
-            stats["read"] += item.bytes
-            stats["new"] += _sum(written, "length", "new")
-            stats["stored"] += _sum(written, "stored_len")
-            stats["zero"] += _sum(written, "length", "zero")
-            stats["chunks"] += written.num_rows
-            stats["chunks_new"] += _sum(written, "new") if written.num_rows else 0
-            assembler.feed(written)
-            nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else plan.size
-            assembler.advance(nxt)
-            if progress is not None:
-                progress(stats["read"], to_read)
-        for ports in engine.finish():
-            if INDEX_PORT in ports:
-                index_seg.add(ports[INDEX_PORT])
-        assembler.finish()
+        _drive(engine, items, plan.size, assembler, index_seg, tally, progress)
         segment_id, index_bytes = index_seg.commit()
         leaves_id, root_id, manifest_bytes = manifest.commit()
         point = RecoveryPoint(
@@ -181,12 +203,12 @@ def run_backup(
             engine=engine.name,
             mode=plan.mode,
             stats=PointStats(
-                bytes_read=stats["read"],
-                bytes_new=stats["new"],
-                bytes_stored=stats["stored"],
-                bytes_zero=stats["zero"],
-                chunks=stats["chunks"],
-                chunks_new=stats["chunks_new"],
+                bytes_read=tally.read,
+                bytes_new=tally.new,
+                bytes_stored=tally.stored,
+                bytes_zero=tally.zero,
+                chunks=tally.chunks,
+                chunks_new=tally.chunks_new,
                 leaves_new=manifest.new_leaves,
                 leaves_shared=manifest.ref_leaves,
                 metadata_bytes=index_bytes + manifest_bytes,
