@@ -68,7 +68,9 @@ class RepoConfig:
     version: int = REPO_FORMAT_VERSION
 
     @staticmethod
-    def new(chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES) -> RepoConfig:
+    def new(
+        chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES, zstd_level: int = DEFAULT_ZSTD_LEVEL
+    ) -> RepoConfig:
         if not (MIN_CHUNK_SIZE_BYTES <= chunk_size <= MAX_CHUNK_SIZE_BYTES) or (
             chunk_size & (chunk_size - 1)
         ):
@@ -76,10 +78,13 @@ class RepoConfig:
                 f"chunk size {chunk_size} must be a power of two between "
                 f"{MIN_CHUNK_SIZE_BYTES} and {MAX_CHUNK_SIZE_BYTES} bytes"
             )
+        if not 1 <= zstd_level <= 19:
+            raise RepositoryError(f"zstd level {zstd_level} must be between 1 and 19")
         return RepoConfig(
             id=secrets.token_hex(16),
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             chunk_size=chunk_size,
+            zstd_level=zstd_level,
         )
 
     def to_json(self) -> bytes:

@@ -23,8 +23,14 @@ class Repository:
         self.damaged: list[str] = []
 
     @staticmethod
-    def init(location: str, chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES) -> Repository:
-        config = RepoConfig.new(chunk_size)
+    def init(
+        location: str, chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES, zstd_level: int | None = None
+    ) -> Repository:
+        config = (
+            RepoConfig.new(chunk_size)
+            if zstd_level is None
+            else RepoConfig.new(chunk_size, zstd_level)
+        )
         path = os.path.abspath(location)
         if os.path.exists(os.path.join(path, CONFIG_NAME)):
             raise RepositoryError(f"{path} already holds a comb repository")

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--chunk-size", type=int, default=None, help="chunk size in bytes (default 65536)"
     )
+    s.add_argument(
+        "--zstd-level", type=int, default=None, help="compression level of new chunks (default 3)"
+    )
 
     s = sub.add_parser("backup", help="back up a disk image or block device")
     s.add_argument("source", help="image file or block device")

@@ -44,9 +44,10 @@ def human(n: float) -> str:
 
 
 def cmd_init(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.init(repo, args.chunk_size or DEFAULT_CHUNK_SIZE_BYTES)
+    r = Repository.init(repo, args.chunk_size or DEFAULT_CHUNK_SIZE_BYTES, args.zstd_level)
     print(
-        f"created repository {r.location} (id {r.config.id[:16]}, chunk size {r.config.chunk_size})"
+        f"created repository {r.location} (id {r.config.id[:16]}, chunk size "
+        f"{r.config.chunk_size}, zstd level {r.config.zstd_level})"
     )
     return 0
 

@@ -1,0 +1,35 @@
+"""`comb init` options: chunk size and compression level are recorded and used."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from combtest import CliRunner, ImageFactory, assert_one_line_error, cmp_files
+
+
+def test_zstd_level_is_recorded_and_used(
+    cli: CliRunner, tmp_path: Path, make_image: ImageFactory
+) -> None:
+    img = make_image(4 << 20)
+    img.compressible(0, 3 << 20, seed=5)
+    stored = {}
+    for level in (1, 19):
+        repo = tmp_path / f"repo{level}"
+        res = cli("-r", repo, "init", "--zstd-level", level)
+        assert res.code == 0 and f"zstd level {level}" in res.out
+        assert json.loads((repo / "config.json").read_text())["zstd_level"] == level
+        out = json.loads(cli("-r", repo, "backup", img.path, "--json").out)
+        stored[level] = out["bytes_stored"]
+        restored = tmp_path / f"out{level}.img"
+        assert cli("-r", repo, "restore", f"{img.path}@latest", restored).code == 0
+        cmp_files(restored, img.path)
+    assert stored[19] < stored[1]
+
+
+def test_bad_init_options_are_one_line_errors(cli: CliRunner, tmp_path: Path) -> None:
+    res = cli("-r", tmp_path / "a", "init", "--zstd-level", "0")
+    assert_one_line_error(res, "zstd level", code=3)
+    res = cli("-r", tmp_path / "b", "init", "--chunk-size", "3000")
+    assert_one_line_error(res, "chunk size", code=3)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
