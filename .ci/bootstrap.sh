@@ -24,6 +24,13 @@ comb_bootstrap() {
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     command -v cmp >/dev/null || missing+=(diffutils)
+    if [ "$extras" = test ]; then
+        # The tests drive real tools: script (a terminal for the progress bar), losetup
+        # (loop devices as block-device sources and targets), git (golden files are tracked).
+        command -v script >/dev/null || missing+=(bsdutils)
+        command -v losetup >/dev/null || missing+=(mount)
+        command -v git >/dev/null || missing+=(git)
+    fi
     comb_apt_install "${missing[@]}"
     if [ ! -x "$comb_venv/bin/python" ]; then
         python3 -m venv "$comb_venv"
