@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Protocol
 
 import numpy as np
+import psutil
 import pyarrow as pa
 
 from catalog.errors import CombError, StageError
@@ -29,6 +30,8 @@ RAY_CALL_TIMEOUT_S = 300.0
 RAY_PING_TIMEOUT_S = 60.0
 # The embedded Ray's object store: only small tables travel, so a small store suffices.
 RAY_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+# After ray.shutdown(), how long the embedded Ray's processes get to exit before being killed.
+RAY_SHUTDOWN_GRACE_S = 5.0
 
 MakeStage = Callable[[IndexClient], Stage]
 
@@ -269,8 +272,18 @@ class RayEngine:
         self._actors = []
         self._index = None
         if self._started_ray:
+            # Every process of the embedded Ray descends from this one; a worker that was still
+            # registering when the raylet stopped can outlive ray.shutdown() (seen: an orphaned
+            # ray::_StageHost), so whatever is left a few seconds later is killed.
+            ours = psutil.Process().children(recursive=True)
             ray.shutdown()
             self._started_ray = False
+            _, alive = psutil.wait_procs(ours, timeout=RAY_SHUTDOWN_GRACE_S)
+            for proc in alive:
+                try:
+                    proc.kill()
+                except psutil.Error:
+                    pass
 
 
 def make_engine(name: str, ray_address: str | None = None, workers: int | None = None) -> Engine:
