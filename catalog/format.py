@@ -11,7 +11,7 @@ import secrets
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 
-from .errors import RepositoryError
+from .errors import RepositoryError, UsageError
 
 REPO_FORMAT_NAME = "comb-repository"
 REPO_FORMAT_VERSION = 1
@@ -74,12 +74,12 @@ class RepoConfig:
         if not (MIN_CHUNK_SIZE_BYTES <= chunk_size <= MAX_CHUNK_SIZE_BYTES) or (
             chunk_size & (chunk_size - 1)
         ):
-            raise RepositoryError(
+            raise UsageError(
                 f"chunk size {chunk_size} must be a power of two between "
                 f"{MIN_CHUNK_SIZE_BYTES} and {MAX_CHUNK_SIZE_BYTES} bytes"
             )
         if not 1 <= zstd_level <= 19:
-            raise RepositoryError(f"zstd level {zstd_level} must be between 1 and 19")
+            raise UsageError(f"zstd level {zstd_level} must be between 1 and 19")
         return RepoConfig(
             id=secrets.token_hex(16),
             created=datetime.now(UTC).isoformat(timespec="seconds"),

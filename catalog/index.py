@@ -17,6 +17,7 @@ from collections.abc import Iterable
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from .packs import SealedPack
 from .parquet_io import ParquetStreamWriter, read_parquet
@@ -145,7 +146,9 @@ class DedupIndex:
 
     @staticmethod
     def load(storage: Storage) -> DedupIndex:
-        table = load_index(storage, ["chunk_id"])
+        """The stored chunks whose pack exists: a chunk whose pack was lost is stored again by
+        the next backup that sees it, instead of new points referring to missing data."""
+        table = present_rows(storage, load_index(storage, ["chunk_id", "pack"]))
         arr = ids_to_array(table.column("chunk_id"))
         return DedupIndex(np.unique(_keys(arr)) if len(arr) else None)
 
@@ -193,6 +196,31 @@ class DedupIndex:
             self._levels.append(np.sort(np.concatenate([below, top])))
 
 
+def packs_present(storage: Storage) -> set[str]:
+    return {
+        n.rsplit("/", 1)[-1][: -len(".pack")] for n in storage.list("packs") if n.endswith(".pack")
+    }
+
+
+def present_rows(storage: Storage, table: pa.Table) -> pa.Table:
+    """Only the index rows whose pack file exists."""
+    if table.num_rows == 0:
+        return table
+    present = pa.array(sorted(packs_present(storage)), pa.string())
+    return table.filter(pc.is_in(table.column("pack"), value_set=present))
+
+
+def _prefer_present(storage: Storage, table: pa.Table) -> pa.Table:
+    """Rows of existing packs first, so the location chosen for a chunk is a readable copy
+    when there is one (a chunk stored again after its pack was lost)."""
+    if table.num_rows == 0:
+        return table
+    present = pa.array(sorted(packs_present(storage)), pa.string())
+    missing = pc.invert(pc.is_in(table.column("pack"), value_set=present))
+    order = np.argsort(missing.to_numpy(zero_copy_only=False), kind="stable")
+    return table.take(pa.array(order))
+
+
 def id_keys(ids: np.ndarray) -> np.ndarray:
     """Full 32-byte ids of an (n, 32) uint8 array as a sortable 'S32' array."""
     return np.ascontiguousarray(ids).view("S32").ravel()
@@ -221,6 +249,7 @@ def load_locations(storage: Storage, needed: np.ndarray | None = None) -> pa.Tab
             seg = seg.filter(pa.array(keep))
         parts.append(seg)
     table = pa.concat_tables(parts) if parts else INDEX_SCHEMA.empty_table()
+    table = _prefer_present(storage, table)
     if table.num_rows == 0:
         return table
     cols = [c for c in INDEX_SCHEMA.names if c != "chunk_id"]

@@ -129,6 +129,18 @@ def connect(storage: Storage, points: list[RecoveryPoint]) -> duckdb.DuckDBPyCon
         "CREATE VIEW packs AS SELECT pack, count(*) AS chunks, sum(stored_len) AS stored_bytes, "
         "sum(raw_len) AS raw_bytes FROM chunks GROUP BY pack"
     )
+    # Queries are read-only and see only the repository: no other file, no extension
+    # downloads, and no way to change these settings back.
+    root = storage.local_path("")
+    if root is not None:
+        con.execute("SET allowed_directories = [?]", [root.rstrip("/") + "/"])
+    for setting in (
+        "enable_external_access = false",
+        "autoinstall_known_extensions = false",
+        "autoload_known_extensions = false",
+        "lock_configuration = true",
+    ):
+        con.execute(f"SET {setting}")
     return con
 
 
@@ -136,8 +148,7 @@ def connect(storage: Storage, points: list[RecoveryPoint]) -> duckdb.DuckDBPyCon
 READ_ONLY_TYPES = {"SELECT"}
 
 
-def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
-    """Run one read-only query; anything that would write is refused."""
+def _checked(sql: str) -> None:
     try:
         statements = duckdb.extract_statements(sql)
     except duckdb.Error as err:
@@ -147,11 +158,26 @@ def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
     kind = statements[0].type.name
     if kind not in READ_ONLY_TYPES:
         raise QueryError(f"only read-only queries are allowed ({kind} refused)")
+
+
+def stream_query(
+    con: duckdb.DuckDBPyConnection, sql: str, batch_rows: int = 65536
+) -> pa.RecordBatchReader:
+    """Run one read-only query; its result streams in batches (memory stays bounded)."""
+    _checked(sql)
     try:
         rel = con.sql(sql)
         if rel is None:
-            return pa.table({})
-        fetch = getattr(rel, "to_arrow_table", None) or rel.arrow
-        return fetch()  # type: ignore[no-any-return]
+            return pa.RecordBatchReader.from_batches(pa.schema([]), [])
+        return rel.to_arrow_reader(batch_rows)
     except duckdb.Error as err:
+        raise QueryError(f"query failed: {str(err).splitlines()[0]}") from None
+
+
+def run_query(con: duckdb.DuckDBPyConnection, sql: str) -> pa.Table:
+    """Run one read-only query; anything that would write is refused."""
+    reader = stream_query(con, sql)
+    try:
+        return reader.read_all()
+    except (duckdb.Error, pa.ArrowException) as err:
         raise QueryError(f"query failed: {str(err).splitlines()[0]}") from None

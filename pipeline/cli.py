@@ -11,8 +11,6 @@ from typing import Any
 
 from catalog.errors import CombError, UsageError
 
-from . import commands
-
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
@@ -91,6 +89,10 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args.workdir, args.engine, args.size_mib)
     repo = _need_repo(args)
+    # Imported here, inside main's error handling: pyarrow/duckdb take a moment to import,
+    # and Ctrl-C during that moment must still be one line, not a traceback.
+    from . import commands
+
     handler = getattr(commands, f"cmd_{args.command}")
     result: Any = handler(repo, args)
     return int(result or 0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import io
 import json
 import os
 import sys
@@ -12,12 +11,15 @@ import time
 from dataclasses import asdict
 from typing import Any
 
+import duckdb
+import pyarrow as pa
+
 from catalog.check import check_repository, summary
-from catalog.errors import CorruptionError, UsageError
+from catalog.errors import CorruptionError, QueryError, UsageError
 from catalog.format import DEFAULT_CHUNK_SIZE_BYTES
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
-from catalog.views import connect, run_query
+from catalog.views import connect, stream_query
 
 from .backup import BackupOptions, run_backup
 from .engines import make_engine
@@ -27,6 +29,10 @@ from .restore import restore_point
 
 def _json(obj: Any) -> None:
     print(json.dumps(obj, indent=2, sort_keys=True, default=str))
+
+
+# Work items are read into one buffer per worker: bound it (1 GiB per worker at most).
+MAX_BATCH_MIB = 1024
 
 
 def warn_damaged(r: Repository) -> None:
@@ -67,8 +73,10 @@ def point_summary(p: RecoveryPoint) -> dict[str, Any]:
 
 def cmd_backup(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
-    if args.batch_mib < 1:
-        raise UsageError("--batch-mib must be at least 1")
+    if not 1 <= args.batch_mib <= MAX_BATCH_MIB:
+        raise UsageError(f"--batch-mib must be between 1 and {MAX_BATCH_MIB}")
+    if args.source_name is not None and not args.source_name.strip():
+        raise UsageError("--source-name must not be empty")
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
     opts = BackupOptions(
@@ -195,21 +203,41 @@ def cmd_query(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
     con = connect(r.storage, r.points())
     warn_damaged(r)
-    table = run_query(con, args.sql)
-    if args.format == "json":
-        _json(table.to_pylist())
-    elif args.format == "csv":
-        buf = io.StringIO()
-        w = csv.writer(buf)
-        w.writerow(table.column_names)
-        for row in table.to_pylist():
-            w.writerow([_cell(v) for v in row.values()])
-        sys.stdout.write(buf.getvalue())
-    else:
-        print_table(
-            table.column_names, [[_cell(v) for v in row.values()] for row in table.to_pylist()]
-        )
+    reader = stream_query(con, args.sql)
+    try:
+        _print_batches(reader, args.format)
+    except (duckdb.Error, pa.ArrowException) as err:
+        raise QueryError(f"query failed: {str(err).splitlines()[0]}") from None
     return 0
+
+
+def _print_batches(reader: pa.RecordBatchReader, fmt: str) -> None:
+    """Print a query result batch by batch, so memory stays bounded whatever its size."""
+    names = reader.schema.names
+    widths: list[int] | None = None
+    first = True
+    if fmt == "json":
+        sys.stdout.write("[")
+    elif fmt == "csv":
+        csv.writer(sys.stdout).writerow(names)
+    for batch in reader:
+        rows = [[_cell(v) for v in row.values()] for row in batch.to_pylist()]
+        if fmt == "json":
+            for row in batch.to_pylist():
+                sys.stdout.write(("\n" if first else ",\n") + json.dumps(row, default=_cell))
+                first = False
+        elif fmt == "csv":
+            csv.writer(sys.stdout).writerows(rows)
+        else:
+            if widths is None:
+                widths = [max([len(h), *(len(x[i]) for x in rows)]) for i, h in enumerate(names)]
+                print("  ".join(h.ljust(w) for h, w in zip(names, widths, strict=True)).rstrip())
+            for x in rows:
+                print("  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)).rstrip())
+    if fmt == "json":
+        sys.stdout.write("\n]\n" if not first else "]\n")
+    elif fmt == "table" and widths is None:
+        print("  ".join(names))
 
 
 def _cell(v: Any) -> str:
@@ -217,7 +245,8 @@ def _cell(v: Any) -> str:
         return v.hex()
     if v is None:
         return ""
-    return str(v)
+    # One row per line, whatever the data holds (source names may contain newlines).
+    return str(v).replace("\n", "\\n").replace("\r", "\\r")
 
 
 def print_table(head: list[str], rows: list[list[str]]) -> None:

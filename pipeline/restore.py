@@ -7,6 +7,7 @@ pread/pwrite release the GIL. Memory is bounded by the window, whatever the disk
 from __future__ import annotations
 
 import os
+import secrets
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -71,13 +72,23 @@ def restore_point(
     locations = load_locations(repo.storage, needed)
     del ids, needed
     target: RestoreTarget | None = None
-    final = output
     if not verify_only:
+        if not output:
+            raise OutputError("no restore output given")
         if os.path.exists(output) and not force:
             raise OutputError(f"{output} exists (use --force to overwrite)")
         is_block = os.path.exists(output) and not os.path.isfile(output)
-        tmp = output if is_block else f"{output}.comb-partial"
-        target = RestoreTarget(tmp, point.size)
+        if is_block:
+            target = RestoreTarget(output, point.size)
+        else:
+            # A private temporary name, created exclusively: two restores to one output never
+            # write into the same file; the finished one is then published atomically.
+            head, tail = os.path.split(os.path.abspath(output))
+            tmp = os.path.join(head, f".{tail}.comb-partial-{os.getpid()}-{secrets.token_hex(4)}")
+            try:
+                target = RestoreTarget(tmp, point.size, exclusive=True)
+            except OutputError as err:
+                raise OutputError(err.message.replace(tmp, output)) from None
     done = 0
     ok = False
     where = f"recovery point {point.id}"
@@ -99,21 +110,41 @@ def restore_point(
                 done += inflight.popleft().result()
         if target is not None and target.is_block:
             target.zero(prev_end, point.size - prev_end)
+        if target is not None:
+            target.close(durable=True)
+            if target.path != output:
+                _publish(target.path, output, force)
         ok = True
     finally:
-        if target is not None:
-            target.close(durable=ok)
-            if not ok and target.path != output:
+        if target is not None and not ok:
+            target.close(durable=False)
+            if target.path != output:
                 try:
                     os.unlink(target.path)
                 except OSError:
                     pass
-    if target is not None and target.path != final:
-        try:
-            os.replace(target.path, final)
-        except OSError as err:
-            raise OutputError(f"cannot rename {target.path} to {final}: {err.strerror}") from None
     return done
+
+
+def _publish(tmp: str, final: str, force: bool) -> None:
+    """Give the finished temporary file its final name: without --force, never replace a file
+    that appeared meanwhile (link fails if the name exists); then make the name durable."""
+    try:
+        if force:
+            os.replace(tmp, final)
+        else:
+            try:
+                os.link(tmp, final)
+            except FileExistsError:
+                raise OutputError(f"{final} exists (use --force to overwrite)") from None
+            os.unlink(tmp)
+        fd = os.open(os.path.dirname(os.path.abspath(final)), os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise OutputError(f"cannot publish {final}: {err.strerror}") from None
 
 
 def _zero_gaps(

@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.chunks import decode_chunk
-from catalog.errors import CorruptionError
+from catalog.errors import CorruptionError, RepositoryError
 from catalog.index import ids_to_array
 from catalog.manifest import Leaf
 from catalog.packs import pack_name
@@ -146,7 +146,13 @@ def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None)
     where_path = storage.local_path(name) or name
     length = task.end - task.start
     view = _read_buffer(length)[:length]
-    if storage.read_into(name, task.start, view) != length:
+    try:
+        got = storage.read_into(name, task.start, view)
+    except RepositoryError:
+        if not storage.exists(name):
+            raise CorruptionError(f"pack {where_path} is missing") from None
+        raise
+    if got != length:
         raise CorruptionError(
             f"pack {where_path} is truncated (wanted bytes {task.start}-{task.end})"
         )

@@ -49,13 +49,15 @@ def _stage(size: int) -> mmap.mmap:
 class RestoreTarget:
     """A sparse output file (or a block device, whose zero regions are zeroed explicitly)."""
 
-    def __init__(self, path: str, size: int) -> None:
+    def __init__(self, path: str, size: int, exclusive: bool = False) -> None:
         self.path = path
         self.size = size
+        self._closed = False
         try:
             st = os.stat(path) if os.path.exists(path) else None
             self.is_block = st is not None and stat.S_ISBLK(st.st_mode)
-            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self.is_block else os.O_CREAT | os.O_TRUNC)
+            create = os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
+            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self.is_block else create)
             self.fd = os.open(path, flags, 0o600)
             self.dfd = _open_direct(path)
             if self.is_block:
@@ -165,6 +167,9 @@ class RestoreTarget:
             length -= n
 
     def close(self, durable: bool = True) -> None:
+        if self._closed:
+            return
+        self._closed = True
         try:
             if durable:
                 os.fsync(self.fd)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from catalog.errors import RepositoryError
+from catalog.errors import RepositoryError, UsageError
 from catalog.format import (
     CONFIG_NAME,
     DEFAULT_CHUNK_SIZE_BYTES,
@@ -27,7 +27,7 @@ def test_config_round_trip() -> None:
 
 @pytest.mark.parametrize("size", [0, 1000, 2048, 3 * 4096, 8 * 1024 * 1024])
 def test_bad_chunk_sizes_are_refused(size: int) -> None:
-    with pytest.raises(RepositoryError, match="power of two"):
+    with pytest.raises(UsageError, match="power of two"):
         RepoConfig.new(size)
 
 

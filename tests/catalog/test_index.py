@@ -20,7 +20,7 @@ from catalog.index import (
     sealed_to_table,
     segment_names,
 )
-from catalog.packs import SealedPack
+from catalog.packs import SealedPack, pack_name
 from catalog.storage import TMP_DIR, LocalStorage
 
 
@@ -111,6 +111,9 @@ def test_ids_to_array_respects_slices() -> None:
 def test_claim_known_new_and_repeated(storage: LocalStorage) -> None:
     stored = _ids(50, 4)
     _segment(storage, _sealed("p" * 64, stored))
+    # Only chunks in packs that exist count as stored.
+    assert len(DedupIndex.load(storage)) == 0
+    storage.write_atomic(pack_name("p" * 64), b"pack bytes")
     index = DedupIndex.load(storage)
     assert len(index) == 50
     assert index.resident_bytes == 50 * DEDUP_KEY_BYTES

@@ -220,6 +220,6 @@ def test_restore_refuses_existing_output_and_cleans_up_on_failure(
     for pack in (repo_path / "packs").rglob("*.pack"):
         pack.unlink()
     fresh = tmp_path / "fresh"
-    with pytest.raises(Exception, match="cannot read"):
+    with pytest.raises(Exception, match="is missing"):
         restore_point(repo, p, str(fresh))
     assert not [n for n in os.listdir(tmp_path) if n.startswith("fresh")]

@@ -29,7 +29,7 @@ def test_zstd_level_is_recorded_and_used(
 
 def test_bad_init_options_are_one_line_errors(cli: CliRunner, tmp_path: Path) -> None:
     res = cli("-r", tmp_path / "a", "init", "--zstd-level", "0")
-    assert_one_line_error(res, "zstd level", code=3)
+    assert_one_line_error(res, "zstd level", code=2)
     res = cli("-r", tmp_path / "b", "init", "--chunk-size", "3000")
-    assert_one_line_error(res, "chunk size", code=3)
+    assert_one_line_error(res, "chunk size", code=2)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
