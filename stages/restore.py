@@ -6,8 +6,6 @@ CorruptionError naming the pack path and offset.
 
 from __future__ import annotations
 
-import mmap
-import threading
 from dataclasses import dataclass
 
 import numpy as np
@@ -20,13 +18,12 @@ from catalog.manifest import Leaf
 from catalog.packs import pack_name
 from catalog.storage import Storage
 
-from .target import RestoreTarget
+from .target import RestoreTarget, thread_buffer
 
 # Two chunks of one pack closer than this are read in one request (cheaper than two seeks).
 COALESCE_GAP_BYTES = 1024 * 1024
 # One read request covers at most this many bytes of a pack.
 MAX_READ_BYTES = 8 * 1024 * 1024
-_local = threading.local()
 _BLKZEROOUT = 0x127F
 _MAX_IOV = 512
 
@@ -129,15 +126,7 @@ def plan_reads(
 
 
 def _read_buffer(size: int) -> memoryview:
-    """This thread's reused read buffer: a fresh 16 MiB bytes object per read costs thousands
-    of page faults (measured: more system CPU than the reads themselves)."""
-    buf: mmap.mmap | None = getattr(_local, "read_buf", None)
-    if buf is None or len(buf) < size:
-        if buf is not None:
-            buf.close()
-        buf = mmap.mmap(-1, max(size, MAX_READ_BYTES))
-        _local.read_buf = buf
-    return memoryview(buf)
+    return memoryview(thread_buffer("read", size, MAX_READ_BYTES))
 
 
 def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None) -> int:

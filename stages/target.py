@@ -35,15 +35,23 @@ def _open_direct(path: str) -> int | None:
         return None
 
 
-def _stage(size: int) -> mmap.mmap:
-    """This thread's page-aligned staging buffer of at least ``size`` bytes."""
-    buf: mmap.mmap | None = getattr(_local, "stage", None)
+def thread_buffer(name: str, size: int, minimum: int) -> mmap.mmap:
+    """This thread's reused, page-aligned buffer ``name`` of at least ``size`` bytes.
+
+    Reuse matters: a fresh multi-MiB object per call costs thousands of page faults (measured
+    on restore: more system CPU than the reads themselves); page alignment lets O_DIRECT use it.
+    """
+    buf: mmap.mmap | None = getattr(_local, name, None)
     if buf is None or len(buf) < size:
         if buf is not None:
             buf.close()
-        buf = mmap.mmap(-1, max(size, _MAX_RUN_BYTES))
-        _local.stage = buf
+        buf = mmap.mmap(-1, max(size, minimum))
+        setattr(_local, name, buf)
     return buf
+
+
+def _stage(size: int) -> mmap.mmap:
+    return thread_buffer("stage", size, _MAX_RUN_BYTES)
 
 
 class RestoreTarget:
