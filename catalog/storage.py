@@ -339,4 +339,9 @@ class LocalStorage:
 def _walk(base: str) -> Iterator[tuple[str, list[str], list[str]]]:
     if not os.path.isdir(base):
         return iter(())
-    return os.walk(base)
+    return os.walk(base, onerror=_walk_error)
+
+
+def _walk_error(err: OSError) -> None:
+    # An unreadable directory must not look empty (its packs would seem missing).
+    raise RepositoryError(f"cannot list {err.filename}: {describe_os_error(err)}")
