@@ -31,12 +31,14 @@ from .image import (
     sparse_spec,
     warm,
 )
-from .machine import describe, header_lines
+from .machine import (
+    DEFAULT_WORKDIR,
+    describe,
+    header_lines,
+)
 from .memory import idle_ray
 from .runs import BackupRun, backup, fresh_repo, index_per_chunk, restore
 from .sampler import load_average
-
-DEFAULT_WORKDIR = "/work/bench-scratch"
 
 
 def _parse(argv: list[str]) -> argparse.Namespace:

@@ -18,7 +18,7 @@ from pipeline.backup import BackupOptions, run_backup
 from pipeline.engines import make_engine
 
 from .image import MIB, generate_image, mixed_path, mixed_spec, parse_size, warm
-from .machine import describe, header_lines
+from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import mib, table
 from .runs import fresh_repo
 from .sampler import TreeSampler, load_average
@@ -31,7 +31,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--packs", default="16,64,256", help="pack target sizes, MiB")
     ap.add_argument("--engine", default="local")
     ap.add_argument("--repeat", type=int, default=2)
-    ap.add_argument("--workdir", default="/work/bench-scratch")
+    ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
     return ap.parse_args(argv)
 
 

@@ -27,7 +27,7 @@ from .image import (
     sparse_copy,
     warm,
 )
-from .machine import describe, header_lines
+from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import MIB, mib, table
 from .runs import BackupRun, backup, fresh_repo, index_per_chunk, repo_bytes
 from .sampler import load_average
@@ -41,7 +41,7 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--chunks", default=",".join(map(str, DEFAULT_CHUNK_KIB)), help="KiB list")
     ap.add_argument("--engine", default="local")
     ap.add_argument("--repeat", type=int, default=2, help="full backups per size (best kept)")
-    ap.add_argument("--workdir", default="/work/bench-scratch")
+    ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
     ap.add_argument("--seed", type=int, default=1)
     return ap.parse_args(argv)
 

@@ -13,6 +13,10 @@ import psutil
 
 from .sampler import load_average
 
+# Scratch space for images and repositories (several GB): COMB_BENCH_DIR, else bench-work/
+# in the current directory (ignored by git).
+DEFAULT_WORKDIR = os.environ.get("COMB_BENCH_DIR", os.path.abspath("bench-work"))
+
 LIBRARIES = ("ray", "pyarrow", "zstandard", "blake3", "numpy")
 
 

@@ -16,6 +16,7 @@ import time
 from dataclasses import asdict, dataclass
 
 from .image import GIB, generate_image, mixed_path, mixed_spec, parse_size, warm
+from .machine import DEFAULT_WORKDIR
 from .runs import backup, fresh_repo, index_per_chunk
 from .sampler import load_average, tree_pss
 
@@ -67,7 +68,7 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__)
     ap.add_argument("--sizes", default="4G,16G", help="image sizes, comma-separated")
     ap.add_argument("--engines", default="local,ray")
-    ap.add_argument("--workdir", default="/work/bench-scratch")
+    ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
     args = ap.parse_args(argv)
     engines = [e for e in args.engines.split(",") if e]
     os.makedirs(args.workdir, exist_ok=True)
