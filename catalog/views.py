@@ -14,9 +14,10 @@ from dataclasses import asdict
 import duckdb
 import pyarrow as pa
 
-from .errors import QueryError
+from .errors import CombError, QueryError
 from .index import INDEX_SCHEMA, segment_names
 from .manifest import LEAF_SCHEMA, LEAVES_PREFIX, ROOT_SCHEMA, roots_name
+from .parquet_io import read_verified
 from .points import RecoveryPoint
 from .storage import Storage
 
@@ -65,11 +66,22 @@ def points_table(points: list[RecoveryPoint]) -> pa.Table:
     return pa.table(arrays, names=names)
 
 
-def _files(storage: Storage, names: list[str]) -> list[str]:
-    paths = [storage.local_path(n) for n in names]
-    if any(p is None for p in paths):
-        raise QueryError("queries need a repository on a local filesystem for now")
-    return [p for p in paths if p is not None]
+def _files(storage: Storage, names: list[str], damaged: list[str]) -> list[str]:
+    """Local paths of the metadata files that match their BLAKE3 names. DuckDB would read a
+    damaged file without complaint (seen: flipped footer bytes, plausible rows), so damaged
+    files are left out of the views and reported instead."""
+    out = []
+    for name in names:
+        path = storage.local_path(name)
+        if path is None:
+            raise QueryError("queries need a repository on a local filesystem for now")
+        try:
+            read_verified(storage, name)
+        except CombError as err:
+            damaged.append(err.message)
+            continue
+        out.append(path)
+    return out
 
 
 def _parquet_or_empty(files: list[str], empty: pa.Schema, extra: str = "") -> str:
@@ -96,14 +108,19 @@ def _duck_type(t: pa.DataType) -> str:
     }.get(t, "BLOB")
 
 
-def connect(storage: Storage, points: list[RecoveryPoint]) -> duckdb.DuckDBPyConnection:
-    """An in-memory DuckDB with the catalog views defined."""
+def connect(
+    storage: Storage, points: list[RecoveryPoint], damaged: list[str] | None = None
+) -> duckdb.DuckDBPyConnection:
+    """An in-memory DuckDB with the catalog views defined; messages about damaged files that
+    the views leave out are appended to ``damaged``."""
+    damaged = [] if damaged is None else damaged
     con = duckdb.connect(":memory:")
     con.register("points_arrow", points_table(points))
     con.execute("CREATE VIEW points AS SELECT * FROM points_arrow")
-    roots = _files(storage, [roots_name(p.root) for p in points])
-    leaves = _files(storage, [n for n in storage.list(LEAVES_PREFIX) if n.endswith(".parquet")])
-    index = _files(storage, segment_names(storage))
+    roots = _files(storage, [roots_name(p.root) for p in points], damaged)
+    leaf_names = [n for n in storage.list(LEAVES_PREFIX) if n.endswith(".parquet")]
+    leaves = _files(storage, leaf_names, damaged)
+    index = _files(storage, segment_names(storage), damaged)
     file_id = "regexp_extract(filename, '([0-9a-f]{64})\\.parquet$', 1)"
     roots_sql = _parquet_or_empty(roots, ROOT_SCHEMA, ", filename")
     leaves_sql = _parquet_or_empty(leaves, LEAF_SCHEMA, ", filename")

@@ -201,8 +201,11 @@ def cmd_verify(repo: str, args: argparse.Namespace) -> int:
 
 def cmd_query(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
-    con = connect(r.storage, r.points())
+    damaged: list[str] = []
+    con = connect(r.storage, r.points(), damaged)
     warn_damaged(r)
+    for msg in damaged:
+        print(f"comb: warning: left out of the views: {msg}", file=sys.stderr)
     reader = stream_query(con, args.sql)
     try:
         _print_batches(reader, args.format)
