@@ -16,8 +16,8 @@ import pyarrow.compute as pc
 
 from .chunks import decode_chunk
 from .errors import CombError
-from .index import INDEX_PREFIX, INDEX_SCHEMA, contains, id_keys, ids_to_array, segment_names
-from .manifest import LEAVES_PREFIX, ROOTS_PREFIX, ManifestReader
+from .index import INDEX_SCHEMA, contains, id_keys, ids_to_array, segment_names
+from .manifest import ManifestReader
 from .packs import PACK_TRAILER_BYTES, pack_name, parse_pack
 from .parquet_io import read_parquet
 from .points import RecoveryPoint, load_points_tolerant
@@ -49,13 +49,13 @@ def check_repository(
 ) -> CheckReport:
     report = CheckReport()
     # Points first, then the index: a backup committing meanwhile adds index rows before its
-    # point, so every point seen here finds its chunks in the index read after it.
+    # point, so every point seen here finds its chunks in the index read after it. Every
+    # metadata file is checked against its BLAKE3 name as it is read (parquet_io.read_verified).
     points = _load_points(storage, report)
     index = _check_index(storage, report)
     known = np.unique(id_keys(ids_to_array(index.column("chunk_id"))))
     for point in points:
         _check_point(storage, point, known, report)
-    _check_metadata_names(storage, report)
     pack_ids = sorted(set(index.column("pack").to_pylist())) if index.num_rows else []
     _check_packs(storage, index, pack_ids, read_data, report, progress)
     if isinstance(storage, LocalStorage):
@@ -103,17 +103,6 @@ def _check_point(
         report.points += 1
     except CombError as err:
         report.errors.append(f"point {point.id}: {err.message}")
-
-
-def _check_metadata_names(storage: Storage, report: CheckReport) -> None:
-    """Every Parquet metadata file is named by the BLAKE3 of its bytes."""
-    for prefix in (INDEX_PREFIX, LEAVES_PREFIX, ROOTS_PREFIX):
-        for name in storage.list(prefix):
-            if not name.endswith(".parquet"):
-                continue
-            stem = name.rsplit("/", 1)[-1][: -len(".parquet")]
-            if blake3.blake3(storage.read(name)).hexdigest() != stem:
-                report.errors.append(f"{_where(storage, name)} does not match its name (damaged)")
 
 
 def _check_packs(
