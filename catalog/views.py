@@ -84,18 +84,19 @@ def _files(storage: Storage, names: list[str], damaged: list[str]) -> list[str]:
     return out
 
 
-def _parquet_or_empty(files: list[str], empty: pa.Schema, extra: str = "") -> str:
+def _parquet_or_empty(files: list[str], schema: pa.Schema, with_filename: bool = False) -> str:
+    """A SELECT of the schema's columns over the files, typed and empty when there are none."""
     if not files:
-        cols = ", ".join(
-            f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in empty
-        ) + extra.replace("filename", "NULL::VARCHAR AS filename")
-        return f"SELECT {cols} WHERE false"
+        cols = [f'NULL::{_duck_type(f.type)} AS "{f.name}"' for f in schema]
+        if with_filename:
+            cols.append("NULL::VARCHAR AS filename")
+        return f"SELECT {', '.join(cols)} WHERE false"
     listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    fn = ", filename = true" if extra else ""
     # Only the known columns (a later compat feature may add some): union_by_name lets files
     # with extra columns sit next to files without them.
-    cols = ", ".join(f'"{f.name}"' for f in empty) + (", filename" if extra else "")
-    return f"SELECT {cols} FROM read_parquet([{listing}]{fn}, union_by_name = true)"
+    names = [f'"{f.name}"' for f in schema] + (["filename"] if with_filename else [])
+    option = ", filename = true" if with_filename else ""
+    return f"SELECT {', '.join(names)} FROM read_parquet([{listing}]{option}, union_by_name = true)"
 
 
 def _duck_type(t: pa.DataType) -> str:
@@ -122,8 +123,8 @@ def connect(
     leaves = _files(storage, leaf_names, damaged)
     index = _files(storage, segment_names(storage), damaged)
     file_id = "regexp_extract(filename, '([0-9a-f]{64})\\.parquet$', 1)"
-    roots_sql = _parquet_or_empty(roots, ROOT_SCHEMA, ", filename")
-    leaves_sql = _parquet_or_empty(leaves, LEAF_SCHEMA, ", filename")
+    roots_sql = _parquet_or_empty(roots, ROOT_SCHEMA, with_filename=True)
+    leaves_sql = _parquet_or_empty(leaves, LEAF_SCHEMA, with_filename=True)
     con.execute(
         f"CREATE VIEW _roots AS SELECT {file_id} AS root_id, leaf_no, leaf_file, leaf "
         f"FROM ({roots_sql})"

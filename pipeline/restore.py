@@ -85,10 +85,7 @@ def restore_point(
             # write into the same file; the finished one is then published atomically.
             head, tail = os.path.split(os.path.abspath(output))
             tmp = os.path.join(head, f".{tail}.comb-partial-{os.getpid()}-{secrets.token_hex(4)}")
-            try:
-                target = RestoreTarget(tmp, point.size, exclusive=True)
-            except OutputError as err:
-                raise OutputError(err.message.replace(tmp, output)) from None
+            target = RestoreTarget(tmp, point.size, exclusive=True, name=output)
     done = 0
     ok = False
     where = f"recovery point {point.id}"

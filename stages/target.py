@@ -57,8 +57,13 @@ def _stage(size: int) -> mmap.mmap:
 class RestoreTarget:
     """A sparse output file (or a block device, whose zero regions are zeroed explicitly)."""
 
-    def __init__(self, path: str, size: int, exclusive: bool = False) -> None:
+    def __init__(
+        self, path: str, size: int, exclusive: bool = False, name: str | None = None
+    ) -> None:
+        """``path`` is written; ``name`` (default: ``path``) is what errors call it (the final
+        output when ``path`` is a private temporary file)."""
         self.path = path
+        self.name = name or path
         self.size = size
         self._closed = False
         try:
@@ -78,7 +83,7 @@ class RestoreTarget:
                 os.ftruncate(self.fd, size)
         except OSError as err:
             raise OutputError(
-                f"cannot write restore target {path}: {describe_os_error(err)}"
+                f"cannot write restore target {self.name}: {describe_os_error(err)}"
             ) from None
 
     def write(self, offset: int, data: bytes) -> None:
@@ -90,7 +95,7 @@ class RestoreTarget:
                 offset += n
         except OSError as err:
             raise OutputError(
-                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
+                f"cannot write {self.name} at offset {offset}: {describe_os_error(err)}"
             ) from None
 
     def write_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
@@ -127,7 +132,7 @@ class RestoreTarget:
                 self.write(offset + done, b"".join(bufs)[done:])
         except OSError as err:
             raise OutputError(
-                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
+                f"cannot write {self.name} at offset {offset}: {describe_os_error(err)}"
             ) from None
 
     def _write_direct(self, offset: int, bufs: list[bytes], total: int) -> None:
@@ -150,7 +155,7 @@ class RestoreTarget:
                 raise OSError(errno.EIO, "short write")
         except OSError as err:
             raise OutputError(
-                f"cannot write {self.path} at offset {offset}: {describe_os_error(err)}"
+                f"cannot write {self.name} at offset {offset}: {describe_os_error(err)}"
             ) from None
         finally:
             view.release()
@@ -165,7 +170,7 @@ class RestoreTarget:
         except OSError as err:
             if err.errno not in (errno.ENOTTY, errno.EOPNOTSUPP, errno.EINVAL):
                 raise OutputError(
-                    f"cannot zero {self.path} at {offset}: {describe_os_error(err)}"
+                    f"cannot zero {self.name} at {offset}: {describe_os_error(err)}"
                 ) from None
         zeros = bytes(min(length, 4 << 20))
         while length > 0:
@@ -184,7 +189,7 @@ class RestoreTarget:
                 if self.dfd is not None:
                     os.fsync(self.dfd)
         except OSError as err:
-            raise OutputError(f"cannot flush {self.path}: {describe_os_error(err)}") from None
+            raise OutputError(f"cannot flush {self.name}: {describe_os_error(err)}") from None
         finally:
             os.close(self.fd)
             if self.dfd is not None:
