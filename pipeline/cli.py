@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from collections.abc import Sequence
@@ -126,10 +125,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         code = EXIT_INTERNAL
     sys.stdout.flush()
     return code
-
-
-def print_json(obj: Any) -> None:
-    print(json.dumps(obj, indent=2, sort_keys=True))
 
 
 if __name__ == "__main__":

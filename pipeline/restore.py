@@ -41,12 +41,6 @@ def iter_windows(
         yield [r.leaf_no for r in part], [manifest.leaf(r) for r in part]
 
 
-def needed_ids(manifest: ManifestReader) -> np.ndarray:
-    """The sorted unique ids a point needs."""
-    parts = [id_keys(leaf.ids) for _, leaves in iter_windows(manifest) for leaf in leaves]
-    return np.unique(np.concatenate(parts)) if parts else np.empty(0, "S32")
-
-
 def _windows(manifest: ManifestReader, point: RecoveryPoint) -> list[tuple[int, pa.Table]]:
     """One pass over the manifest: per window, its end (bytes) and its rows (offset, id).
     Compact Arrow rows (40 B per data chunk) replace the leaves, which are read only once."""
