@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .changes import read_changes
 from .chunks import decode_chunk
 from .errors import CombError
 from .index import INDEX_SCHEMA, contains, id_keys, ids_to_array, segment_names
@@ -103,6 +104,25 @@ def _check_point(
         report.points += 1
     except CombError as err:
         report.errors.append(f"point {point.id}: {err.message}")
+    _check_changes(storage, point, report)
+
+
+def _check_changes(storage: Storage, point: RecoveryPoint, report: CheckReport) -> None:
+    """A damaged change table loses analytics, not disk content: a warning, not an error."""
+    if point.changes is None:
+        return
+    try:
+        offsets = read_changes(storage, point.changes, ["offset"]).column("offset").to_numpy()
+    except CombError as err:
+        report.warnings.append(f"point {point.id}: change table: {err.message}")
+        return
+    if len(offsets) and (
+        np.any(np.diff(offsets) <= 0)
+        or np.any(offsets % point.chunk_size)
+        or int(offsets[0]) < 0
+        or int(offsets[-1]) >= max(point.size, 1)
+    ):
+        report.warnings.append(f"point {point.id}: change table rows are out of order or range")
 
 
 def _check_packs(

@@ -292,3 +292,17 @@ class ManifestReader:
     def leaf_at(self, leaf_no: int) -> Leaf:
         ref = self.ref_at(leaf_no)
         return EMPTY_LEAF if ref is None else self.leaf(ref)
+
+
+def manifest_data_bytes(
+    reader: ManifestReader, size: int, chunk_size: int, leaf_chunks: int
+) -> int:
+    """Bytes of data (non-zero chunks) in a whole image, counted leaf by leaf."""
+    total = 0
+    last_chunk = (size - 1) // chunk_size if size else -1
+    for ref in reader.refs():
+        leaf = reader.leaf(ref)
+        total += len(leaf.slots) * chunk_size
+        if ref.leaf_no == last_chunk // leaf_chunks and (last_chunk % leaf_chunks) in leaf.slots:
+            total -= (last_chunk + 1) * chunk_size - size
+    return total

@@ -30,6 +30,8 @@ class PointStats:
     bytes_new: int = 0
     bytes_stored: int = 0
     bytes_zero: int = 0
+    bytes_changed: int = 0
+    bytes_data: int = 0
     chunks: int = 0
     chunks_new: int = 0
     leaves_new: int = 0
@@ -53,6 +55,7 @@ class RecoveryPoint:
     engine: str
     mode: str  # "full", "changed-extents" or "full-reread"
     change_id: str | None = None
+    changes: str | None = None
     stats: PointStats = field(default_factory=PointStats)
     id: str = ""
     format: str = POINT_FORMAT_NAME

@@ -12,10 +12,14 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 
+from catalog.changes import ChangeTableWriter, chunk_keys
 from catalog.index import ids_to_array
 from catalog.manifest import EMPTY_LEAF, Leaf, LeafRef, ManifestReader, ManifestWriter
 
 from .plan import Range
+
+# One result run inside a leaf: slots, ids (k, 32), stored-here flags, stored bytes.
+_Part = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
 
 
 class ManifestAssembler:
@@ -24,6 +28,9 @@ class ManifestAssembler:
     Modes: without ``changed`` a leaf's content is exactly the non-zero chunks read in it (full
     backup or full re-read); with ``changed`` (aligned changed ranges), a leaf the changes touch
     is the parent's leaf with the changed slots replaced, and every other leaf is shared.
+
+    With ``changes``, every slot whose content differs from the parent's is also recorded in
+    the point's change table, from the ids already at hand (no manifest is compared later).
     """
 
     def __init__(
@@ -33,18 +40,31 @@ class ManifestAssembler:
         leaf_chunks: int,
         parent: ManifestReader | None,
         changed: list[Range] | None,
+        changes: ChangeTableWriter | None = None,
+        size: int = 0,
+        parent_size: int = 0,
     ) -> None:
         self.writer = writer
+        self.changes = changes
+        self.size = size
+        self.parent_size = parent_size
+        # Data bytes gained minus data bytes lost by the changes (with ``changes`` only).
+        self.data_delta = 0
         self.chunk = chunk_size
         self.leaf_chunks = leaf_chunks
         self.leaf_bytes = chunk_size * leaf_chunks
         self.parent = parent
-        self.pending: OrderedDict[int, list[tuple[np.ndarray, np.ndarray]]] = OrderedDict()
+        self.pending: OrderedDict[int, list[_Part]] = OrderedDict()
         self.changed_slots: dict[int, int] | None = None
         self._candidates: list[int] = []
         self._cand_pos = 0
+        # Full mode: parent leaves nothing was read in became zeros (recorded as changes).
+        self._parent_leaves: list[int] = []
+        self._parent_pos = 0
         if changed is not None:
             self._plan_changed(changed)
+        elif parent is not None and changes is not None:
+            self._parent_leaves = parent.leaf_nos.tolist()
 
     def _plan_changed(self, changed: list[Range]) -> None:
         slots: dict[int, int] = {}
@@ -70,12 +90,14 @@ class ManifestAssembler:
             return
         offs = offs[keep]
         ids = ids_to_array(written.column("chunk_id"))[keep]
+        new = written.column("new").to_numpy(zero_copy_only=False)[keep]
+        stored = written.column("stored_len").to_numpy()[keep]
         leaves = offs // self.leaf_bytes
         slots = ((offs % self.leaf_bytes) // self.chunk).astype(np.int16)
         cuts = np.flatnonzero(np.diff(leaves)) + 1
         for part in np.split(np.arange(len(offs)), cuts):
             leaf = int(leaves[part[0]])
-            self.pending[leaf].append((slots[part], ids[part].copy()))
+            self.pending[leaf].append((slots[part], ids[part].copy(), new[part], stored[part]))
 
     def advance(self, watermark: int) -> None:
         """Emit every leaf that ends at or before ``watermark`` (bytes)."""
@@ -85,7 +107,9 @@ class ManifestAssembler:
                 leaf = next(iter(self.pending))
                 if leaf > last_leaf:
                     break
+                self._zeroed_before(leaf, emitting=True)
                 self._emit_full(leaf, self.pending.pop(leaf))
+            self._zeroed_before(last_leaf + 1)
         else:
             while self._cand_pos < len(self._candidates):
                 leaf = self._candidates[self._cand_pos]
@@ -97,28 +121,80 @@ class ManifestAssembler:
     def finish(self) -> None:
         self.advance(1 << 62)
 
-    def _pending_leaf(self, parts: list[tuple[np.ndarray, np.ndarray]]) -> Leaf:
+    def _pending_leaf(self, parts: list[_Part]) -> tuple[Leaf, np.ndarray, np.ndarray]:
+        """The leaf read in this backup, with per-slot "stored here" flags and stored bytes."""
+        new = np.zeros(self.leaf_chunks, bool)
+        stored = np.zeros(self.leaf_chunks, np.int32)
         if not parts:
-            return EMPTY_LEAF
+            return EMPTY_LEAF, new, stored
         slots = np.concatenate([p[0] for p in parts])
         ids = np.concatenate([p[1] for p in parts])
+        new[slots] = np.concatenate([p[2] for p in parts])
+        stored[slots] = np.concatenate([p[3] for p in parts])
         order = np.argsort(slots, kind="stable")
-        return Leaf(slots[order], ids[order])
+        return Leaf(slots[order], ids[order]), new, stored
 
     def _parent_ref(self, leaf: int) -> LeafRef | None:
         return self.parent.ref_at(leaf) if self.parent is not None else None
 
-    def _emit(self, leaf: int, content: Leaf) -> None:
+    def _emit(self, leaf: int, content: Leaf, new: np.ndarray, stored: np.ndarray) -> None:
         ref = self._parent_ref(leaf)
-        if ref is not None and self.parent is not None and self.parent.leaf(ref).same_as(content):
+        old = self.parent.leaf(ref) if (ref is not None and self.parent is not None) else None
+        if old is not None and ref is not None and old.same_as(content):
             self.writer.add_ref(ref)
-        else:
-            self.writer.add_leaf(leaf, content)
+            return
+        self.writer.add_leaf(leaf, content)
+        if self.changes is not None:
+            self._record(leaf, old if old is not None else EMPTY_LEAF, content, new, stored)
 
-    def _emit_full(self, leaf: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
-        self._emit(leaf, self._pending_leaf(parts))
+    def _record(
+        self, leaf: int, old: Leaf, content: Leaf, new: np.ndarray, stored: np.ndarray
+    ) -> None:
+        """Change rows for the slots of ``leaf`` whose content differs from ``old``."""
+        assert self.changes is not None
+        n = self.leaf_chunks
+        old_has = np.zeros(n, bool)
+        old_has[old.slots] = True
+        now_has = np.zeros(n, bool)
+        now_has[content.slots] = True
+        old_ids = np.zeros((n, 32), np.uint8)
+        old_ids[old.slots] = old.ids
+        now_ids = np.zeros((n, 32), np.uint8)
+        now_ids[content.slots] = content.ids
+        differs = (old_has != now_has) | (now_has & (old_ids != now_ids).any(axis=1))
+        slots = np.flatnonzero(differs)
+        if not len(slots):
+            return
+        offsets = (leaf * n + slots).astype(np.int64) * self.chunk
+        lengths = np.minimum(self.chunk, np.maximum(self.size - offsets, 0))
+        old_lengths = np.minimum(self.chunk, np.maximum(self.parent_size - offsets, 0))
+        self.data_delta += int(lengths[now_has[slots]].sum() - old_lengths[old_has[slots]].sum())
+        self.changes.add(
+            offsets,
+            chunk_keys(now_ids[slots]),
+            ~now_has[slots],
+            new[slots] & now_has[slots],
+            np.where(now_has[slots], stored[slots], 0),
+            lengths,
+        )
 
-    def _emit_changed(self, leaf: int, parts: list[tuple[np.ndarray, np.ndarray]]) -> None:
+    def _zeroed_before(self, limit: int, emitting: bool = False) -> None:
+        """Full mode: parent leaves before ``limit`` that nothing was read in are now zeros
+        (``emitting``: leaf ``limit`` itself is about to be emitted and compared)."""
+        leaves = self._parent_leaves
+        while self._parent_pos < len(leaves) and leaves[self._parent_pos] < limit:
+            leaf = leaves[self._parent_pos]
+            self._parent_pos += 1
+            assert self.parent is not None
+            none = np.zeros(self.leaf_chunks, bool)
+            self._record(leaf, self.parent.leaf_at(leaf), EMPTY_LEAF, none, none.astype(np.int32))
+        if emitting and self._parent_pos < len(leaves) and leaves[self._parent_pos] == limit:
+            self._parent_pos += 1
+
+    def _emit_full(self, leaf: int, parts: list[_Part]) -> None:
+        self._emit(leaf, *self._pending_leaf(parts))
+
+    def _emit_changed(self, leaf: int, parts: list[_Part]) -> None:
         assert self.changed_slots is not None
         mask = self.changed_slots.get(leaf, 0)
         ref = self._parent_ref(leaf)
@@ -130,8 +206,8 @@ class ManifestAssembler:
             self.parent.leaf(ref) if (ref is not None and self.parent is not None) else EMPTY_LEAF
         )
         keep = np.array([not (mask >> int(s)) & 1 for s in base.slots], bool)
-        new = self._pending_leaf(parts)
-        slots = np.concatenate([base.slots[keep] if len(keep) else base.slots, new.slots])
-        ids = np.concatenate([base.ids[keep] if len(keep) else base.ids, new.ids])
+        read, new, stored = self._pending_leaf(parts)
+        slots = np.concatenate([base.slots[keep] if len(keep) else base.slots, read.slots])
+        ids = np.concatenate([base.ids[keep] if len(keep) else base.ids, read.ids])
         order = np.argsort(slots, kind="stable")
-        self._emit(leaf, Leaf(slots[order].astype(np.int16), ids[order]))
+        self._emit(leaf, Leaf(slots[order].astype(np.int16), ids[order]), new, stored)

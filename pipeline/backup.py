@@ -17,9 +17,10 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
+from catalog.changes import ChangeTableWriter
 from catalog.errors import SourceError
 from catalog.index import IndexSegmentWriter
-from catalog.manifest import ManifestWriter
+from catalog.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.packs import DEFAULT_PACK_TARGET_BYTES
 from catalog.points import PointStats, RecoveryPoint, commit_point, latest_for
 from catalog.repo import Repository
@@ -155,6 +156,16 @@ def _drive(
     assembler.finish()
 
 
+def _parent_data(parent: RecoveryPoint | None, manifest: ManifestReader | None) -> int:
+    """Data bytes of the parent's image: from its document, or (for a point made before change
+    tables existed) counted once from its manifest."""
+    if parent is None or manifest is None:
+        return 0
+    if parent.changes is not None:
+        return parent.stats.bytes_data
+    return manifest_data_bytes(manifest, parent.size, parent.chunk_size, parent.leaf_chunks)
+
+
 def run_backup(
     repo: Repository,
     source_path: str,
@@ -177,9 +188,17 @@ def run_backup(
 
     parent_manifest = repo.manifest(plan.parent) if plan.parent is not None else None
     manifest = ManifestWriter(storage)
+    changes = ChangeTableWriter(storage)
     index_seg = IndexSegmentWriter(storage)
     assembler = ManifestAssembler(
-        manifest, cfg.chunk_size, cfg.leaf_chunks, parent_manifest, plan.changed
+        manifest,
+        cfg.chunk_size,
+        cfg.leaf_chunks,
+        parent_manifest,
+        plan.changed,
+        changes,
+        plan.size,
+        plan.parent.size if plan.parent is not None else 0,
     )
     items = list(work_items(plan.read, opts.batch_bytes, cfg.chunk_size))
     tally = _Tally()
@@ -189,6 +208,7 @@ def run_backup(
         _drive(engine, items, plan.size, assembler, index_seg, tally, progress)
         segment_id, index_bytes = index_seg.commit()
         leaves_id, root_id, manifest_bytes = manifest.commit()
+        changes_id, changes_bytes = changes.commit()
         point = RecoveryPoint(
             source=plan.source_name,
             source_path=os.path.abspath(source_path),
@@ -202,16 +222,19 @@ def run_backup(
             index_segment=segment_id,
             engine=engine.name,
             mode=plan.mode,
+            changes=changes_id,
             stats=PointStats(
                 bytes_read=tally.read,
                 bytes_new=tally.new,
                 bytes_stored=tally.stored,
                 bytes_zero=tally.zero,
+                bytes_changed=changes.bytes_changed,
+                bytes_data=_parent_data(plan.parent, parent_manifest) + assembler.data_delta,
                 chunks=tally.chunks,
                 chunks_new=tally.chunks_new,
                 leaves_new=manifest.new_leaves,
                 leaves_shared=manifest.ref_leaves,
-                metadata_bytes=index_bytes + manifest_bytes,
+                metadata_bytes=index_bytes + manifest_bytes + changes_bytes,
                 seconds=round(time.perf_counter() - t0, 3),
             ),
         )
@@ -221,5 +244,6 @@ def run_backup(
     finally:
         if failed:
             manifest.abort()
+            changes.abort()
             index_seg.abort()
         engine.close(failed)

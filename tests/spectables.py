@@ -31,6 +31,7 @@ MARKERS = {
     "pack-entry",
     "pack-trailer",
     "schema-index",
+    "schema-changes",
     "schema-leaves",
     "schema-root",
     "point",
