@@ -1,34 +1,38 @@
-"""The backup history as columns: every committed point in per-source order, and every change
-row with the life of the content it put in place.
+"""The backup history as columns: every committed point in per-source order, and every row of
+every change table, with the arithmetic that needs the order of points (what a point alone
+holds, what forgetting points frees).
 
 Built from point documents and change tables only (never from manifests), so its cost grows
 with the history's change, not with points x disk size: 1,000 points of a 256 GiB disk with
-0.5 % change each are about 25 million rows. Every change table is checked against its name
-before it is parsed, and tables are read on threads (hashing and decoding release the GIL).
+0.5 % change each are about 23 million rows. Change tables are checked against their names,
+then read by DuckDB's parallel Parquet reader in one pass.
 
-An **occurrence** is one change row seen as an interval: the content it put at its offset is
-held by the points of its source from the row's point (``pos``) up to, not including, the next
-point that changed that offset (``end``); content still in the latest point has ``end`` one past
-the source's last point. Positions are source-major: the points of the first source (oldest
-first), then the next source's, so one integer range names a run of one source's points.
+Positions are source-major: the points of the first source (oldest first), then the next
+source's, so one integer range names a run of one source's points. The content a change row
+put at its offset is held by the points of its source from the row's point up to, not
+including, the next point that changed that offset again.
 
-This module owns no SQL and prints nothing: reports (``catalog.reports``) query its tables.
+This module prints nothing; reports (``catalog.reports``) build on it.
 """
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime
 
+import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .changes import read_changes
+from .changes import changes_name
+from .errors import QueryError
+from .parquet_io import read_verified
 from .points import RecoveryPoint
 from .storage import Storage
 
-_LOAD_THREADS = 4
+# Keys of chunks stored more than once (dedup hits) are found with a bitmap of this many bits
+# before the exact (slower) set test: one random probe per row instead of a sort.
+_KEY_FILTER_BITS = 1 << 24
 
 
 @dataclass
@@ -43,8 +47,9 @@ class History:
     count: np.ndarray  # int64 per source: number of points
     complete: np.ndarray  # bool per source: every point has a change table of its parent
     storage: Storage
-    _occ: pa.Table | None = field(default=None, repr=False)
-    data_bytes: np.ndarray | None = field(default=None, repr=False)
+    _files: list[tuple[int, str, int]] | None = field(default=None, repr=False)
+    _cols: _Columns | None = field(default=None, repr=False)
+    _starts: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, storage: Storage, points: list[RecoveryPoint]) -> History:
@@ -64,148 +69,192 @@ class History:
         return cls(ordered, sources, source_of, seq, base, count, complete, storage)
 
     def times(self) -> np.ndarray:
-        """Commit times as datetime64[us] per point."""
-        return np.array(
-            [
-                np.datetime64(datetime.fromisoformat(p.time).replace(tzinfo=None), "us")
-                for p in self.points
-            ],
-            "datetime64[us]",
+        """Commit times as datetime64[us] (UTC) per point."""
+        stamps = [datetime.fromisoformat(p.time).replace(tzinfo=None) for p in self.points]
+        return np.array(stamps, "datetime64[us]")
+
+    def change_files(self) -> list[tuple[int, str, int]]:
+        """(position, local path, rows) of every change table, each checked against its name
+        (once: damage is caught before any parser sees the file)."""
+        if self._files is None:
+            files = []
+            for i, p in enumerate(self.points):
+                if p.changes is None:
+                    continue
+                name = changes_name(p.changes)
+                data = read_verified(self.storage, name)
+                path = self.storage.local_path(name)
+                if path is None:
+                    raise QueryError("analytics need a repository on a local filesystem for now")
+                files.append((i, path, _row_count(data, path)))
+            self._files = files
+        return self._files
+
+    def _columns(self) -> _Columns:
+        """Every change row as arrays (read once, by DuckDB's parallel Parquet reader)."""
+        if self._cols is None:
+            self._cols = self._read()
+        return self._cols
+
+    def _read(self) -> _Columns:
+        counts = np.zeros(len(self.points), np.int64)
+        files = self.change_files()
+        for i, _path, rows in files:
+            counts[i] = rows
+        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        sizes = {p.chunk_size for p in self.points}
+        if len(sizes) > 1:
+            raise QueryError("points of several chunk sizes cannot be analysed together yet")
+        chunk = sizes.pop() if sizes else 1
+        if files:
+            con = duckdb.connect(":memory:")
+            # Insertion order is kept: rows come file by file, in the order listed.
+            t = con.sql(
+                f'SELECT ("offset" // {int(chunk)})::BIGINT AS chunk_no, '
+                "coalesce(chunk_key, 0) AS chunk_key, chunk_key IS NULL AS zero, new, "
+                f"stored_len FROM read_parquet({sql_list(files)})"
+            ).to_arrow_table()
+            con.close()
+        else:
+            t = pa.table(
+                {
+                    "chunk_no": pa.array([], pa.int64()),
+                    "chunk_key": pa.array([], pa.int64()),
+                    "zero": pa.array([], pa.bool_()),
+                    "new": pa.array([], pa.bool_()),
+                    "stored_len": pa.array([], pa.int32()),
+                }
+            )
+        if t.num_rows != int(self._starts[-1]):
+            raise QueryError("change tables changed while they were read")
+        return _Columns(
+            t.column("chunk_no").to_numpy(),
+            t.column("chunk_key").to_numpy(),
+            t.column("zero").to_numpy(),
+            t.column("new").to_numpy(),
+            t.column("stored_len").to_numpy(),
+            np.repeat(np.arange(len(self.points), dtype=np.int32), counts),
         )
 
-    def occurrences(self) -> pa.Table:
-        """Every change row as an occurrence (columns in ``OCCURRENCE_SCHEMA``); computed once."""
-        if self._occ is None:
-            self._occ = self._build()
-        return self._occ
-
-    def _load(self) -> list[pa.Table | None]:
-        def one(p: RecoveryPoint) -> pa.Table | None:
-            if p.changes is None:
-                return None
-            return read_changes(self.storage, p.changes)
-
-        with ThreadPoolExecutor(_LOAD_THREADS) as pool:
-            return list(pool.map(one, self.points))
-
-    def _build(self) -> pa.Table:
-        tables = self._load()
-        n = len(self.points)
-        sizes = np.array([0 if t is None else t.num_rows for t in tables], np.int64)
-        starts = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
-        total = int(starts[-1])
-        cols = _concat(tables)
-        offset = cols["offset"]
-        zero = cols["zero"]
-        point = np.repeat(np.arange(n, dtype=np.int32), sizes)
-        chunk = np.repeat(np.array([p.chunk_size for p in self.points], np.int64), sizes)
-        size = np.repeat(np.array([p.size for p in self.points], np.int64), sizes)
-        length = np.minimum(chunk, size - offset).astype(np.int32)
-        end = np.empty(total, np.int64)
-        prev_len = np.zeros(total, np.int32)  # data bytes the row's offset held before
+    def lone_bytes(self) -> np.ndarray:
+        """Per point: stored bytes of the chunks no other point holds (deleting it alone
+        frees them)."""
+        cols = self._columns()
+        chunk_no = cols.chunk_no
+        flag = np.zeros(len(chunk_no), bool)
+        assert self._starts is not None
+        starts = self._starts
         for s in range(len(self.sources)):
             first, k = int(self.base[s]), int(self.count[s])
-            end[starts[first] : starts[first + k]] = first + k
-            _link(
-                offset[starts[first] : starts[first + k]] // chunk[starts[first]]
-                if k
-                else offset[:0],
-                starts[first : first + k + 1] - starts[first],
-                first,
-                end[starts[first] : starts[first + k]],
-                zero[starts[first] : starts[first + k]],
-                length[starts[first] : starts[first + k]],
-                prev_len[starts[first] : starts[first + k]],
-            )
-        now = np.where(zero, 0, length).astype(np.int64)
-        delta = np.bincount(point, weights=now - prev_len, minlength=n)
-        self.data_bytes = _running_by_source(delta.astype(np.int64), self.base, self.count)
-        return pa.table(
-            {
-                "pos": pa.array(point),
-                "end": pa.array(end),
-                "offset": pa.array(offset),
-                "length": pa.array(length),
-                "chunk_key": cols["chunk_key"],
-                "zero": pa.array(zero),
-                "new": pa.array(cols["new"]),
-                "stored_len": pa.array(cols["stored_len"]),
-            }
-        )
+            bitmap = _bitmap_for(chunk_no, starts[first], starts[first + k])
+            for p in range(first, first + k):
+                r0, r1 = int(starts[p]), int(starts[p + 1])
+                if p == first + k - 1:
+                    flag[r0:r1] = True  # the latest point: its own content is held by it alone
+                    continue
+                n0, n1 = int(starts[p + 1]), int(starts[p + 2])
+                bitmap[chunk_no[n0:n1]] = True
+                flag[r0:r1] = bitmap[chunk_no[r0:r1]]
+                bitmap[chunk_no[n0:n1]] = False
+        return _freed_per_point(len(self.points), cols, flag, one_point=True)
+
+    def freed_by(self, forget: np.ndarray) -> np.ndarray:
+        """Per point: stored bytes freed by forgetting the points marked in ``forget`` (bool per
+        position), counted at the point whose backup stored each chunk."""
+        cols = self._columns()
+        chunk_no = cols.chunk_no
+        flag = np.zeros(len(chunk_no), bool)
+        assert self._starts is not None
+        starts = self._starts
+        for s in range(len(self.sources)):
+            first, k = int(self.base[s]), int(self.count[s])
+            bitmap = _bitmap_for(chunk_no, starts[first], starts[first + k])
+            touched: list[np.ndarray] = []
+            open_tail = True  # no kept point after this one: what it holds goes
+            for p in range(first + k - 1, first - 1, -1):
+                r0, r1 = int(starts[p]), int(starts[p + 1])
+                c = chunk_no[r0:r1]
+                if not forget[p]:
+                    for t in touched:
+                        bitmap[t] = False
+                    touched = [c]
+                    bitmap[c] = True
+                    open_tail = False
+                    continue
+                flag[r0:r1] = True if open_tail else bitmap[c]
+                bitmap[c] = True
+                touched.append(c)
+        return _freed_per_point(len(self.points), cols, flag, one_point=False)
 
 
-OCCURRENCE_COLUMNS = {
-    "pos": "source-major position of the point that made the change",
-    "end": "position of the next point of the source that changed this offset again "
-    "(one past the source's last point while the content is still current)",
-    "offset": "byte offset of the chunk on the disk",
-    "length": "bytes of the chunk (the disk's last chunk may be short)",
-    "chunk_key": "first 8 bytes of the new content's chunk id (null: now zeros)",
-    "zero": "the region became zeros",
-    "new": "this backup stored the chunk (it was in no earlier point)",
-    "stored_len": "bytes this backup stored for the chunk (0 unless new)",
-}
+def sql_list(files: list[tuple[int, str, int]]) -> str:
+    """The files' paths as a DuckDB list literal."""
+    return "[" + ", ".join("'" + f[1].replace("'", "''") + "'" for f in files) + "]"
 
 
-def _concat(tables: list[pa.Table | None]) -> dict[str, np.ndarray | pa.Array]:
-    present = [t for t in tables if t is not None and t.num_rows]
-    if not present:
-        return {
-            "offset": np.empty(0, np.int64),
-            "zero": np.empty(0, bool),
-            "new": np.empty(0, bool),
-            "stored_len": np.empty(0, np.int32),
-            "chunk_key": pa.array([], pa.int64()),
-        }
-    t = pa.concat_tables(present).combine_chunks()
-    key = t.column("chunk_key").chunk(0) if t.column("chunk_key").num_chunks else pa.array([])
-    return {
-        "offset": t.column("offset").to_numpy(),
-        "zero": key.is_null().to_numpy(zero_copy_only=False),
-        "new": t.column("new").to_numpy(zero_copy_only=False),
-        "stored_len": t.column("stored_len").to_numpy(),
-        "chunk_key": key,
-    }
+def _row_count(data: bytes, path: str) -> int:
+    import pyarrow.parquet as pq
+
+    try:
+        return int(pq.read_metadata(pa.BufferReader(data)).num_rows)
+    except (pa.ArrowException, OSError) as err:
+        raise QueryError(f"{path} is not a readable Parquet file ({err})") from None
 
 
-def _link(
-    chunk_no: np.ndarray,
-    starts: np.ndarray,
-    first: int,
-    end: np.ndarray,
-    zero: np.ndarray,
-    length: np.ndarray,
-    prev_len: np.ndarray,
-) -> None:
-    """One source: for each change row, the position of the next change at the same chunk
-    (``end``, left as is where none), and the data bytes the row replaced (``prev_len``).
-    One pass over the points, each a few vectorised steps over its own rows."""
-    if not len(chunk_no):
-        return
-    last = np.full(int(chunk_no.max()) + 1, -1, np.int64)
-    for i in range(len(starts) - 1):
-        r0, r1 = int(starts[i]), int(starts[i + 1])
-        if r0 == r1:
-            continue
-        c = chunk_no[r0:r1]
-        prev = last[c]
-        had = prev >= 0
-        before = prev[had]
-        end[before] = first + i
-        prev_len[r0:r1][had] = np.where(zero[before], 0, length[before])
-        last[c] = np.arange(r0, r1)
+def _bitmap_for(chunk_no: np.ndarray, r0: int, r1: int) -> np.ndarray:
+    top = int(chunk_no[r0:r1].max()) + 1 if r1 > r0 else 0
+    return np.zeros(top, bool)
 
 
-def _running_by_source(delta: np.ndarray, base: np.ndarray, count: np.ndarray) -> np.ndarray:
-    out = np.empty_like(delta)
-    for b, k in zip(base.tolist(), count.tolist(), strict=True):
-        out[b : b + k] = np.cumsum(delta[b : b + k])
-    return out
+@dataclass(frozen=True)
+class _Columns:
+    chunk_no: np.ndarray
+    key: np.ndarray
+    zero: np.ndarray
+    new: np.ndarray
+    stored: np.ndarray
+    pos: np.ndarray
 
 
-def held_by(occ: pa.Table, kept: np.ndarray) -> np.ndarray:
-    """Per occurrence: whether some point in ``kept`` (bool per position) holds its content."""
-    cum = np.concatenate([[0], np.cumsum(kept.astype(np.int64))])
-    pos = occ.column("pos").to_numpy()
-    end = occ.column("end").to_numpy()
-    return (cum[end] - cum[pos]) > 0
+def _freed_per_point(n: int, c: _Columns, flag: np.ndarray, one_point: bool) -> np.ndarray:
+    """Stored bytes of the chunks all of whose rows are flagged (and, with ``one_point``, all
+    in one point), per point of the row that stored them (its ``new`` row).
+
+    A chunk that was never a dedup hit has exactly one row, its ``new`` one. The chunks with
+    dedup hits are few: their hit rows are grouped by key, and each candidate ``new`` row is
+    checked against those groups (a bitmap first, so most rows cost one probe)."""
+    data = ~c.zero
+    hit = np.flatnonzero(data & ~c.new)
+    order = np.argsort(c.key[hit], kind="stable")
+    hkey, hpos, hflag = c.key[hit][order], c.pos[hit][order], flag[hit][order]
+    starts = np.flatnonzero(np.concatenate([[True], hkey[1:] != hkey[:-1]])) if len(hkey) else hit
+    keys = hkey[starts]
+    if len(keys):
+        all_flag = np.logical_and.reduceat(hflag, starts)
+        lo, hi = np.minimum.reduceat(hpos, starts), np.maximum.reduceat(hpos, starts)
+    cand = np.flatnonzero(data & c.new & flag)
+    maybe = _maybe_in(c.key[cand], keys)
+    at = np.zeros(len(cand), np.int64)
+    is_hit = np.zeros(len(cand), bool)
+    if len(keys):
+        m = np.flatnonzero(maybe)
+        where = np.minimum(np.searchsorted(keys, c.key[cand[m]]), len(keys) - 1)
+        is_hit[m] = keys[where] == c.key[cand[m]]
+        at[m] = where
+    ok = ~is_hit
+    if len(keys):
+        g = at[is_hit]
+        fine = all_flag[g]
+        if one_point:
+            p = c.pos[cand[is_hit]]
+            fine &= (lo[g] == p) & (hi[g] == p)
+        ok[is_hit] = fine
+    rows = cand[ok]
+    return np.bincount(c.pos[rows], weights=c.stored[rows], minlength=n).round().astype(np.int64)
+
+
+def _maybe_in(key: np.ndarray, members: np.ndarray) -> np.ndarray:
+    """Per key: may it be in ``members`` (no false negatives)?"""
+    bits = np.zeros(_KEY_FILTER_BITS, bool)
+    bits[members & (_KEY_FILTER_BITS - 1)] = True
+    return bits[key & (_KEY_FILTER_BITS - 1)]

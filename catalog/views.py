@@ -110,14 +110,35 @@ def _duck_type(t: pa.DataType) -> str:
 
 
 def connect(
-    storage: Storage, points: list[RecoveryPoint], damaged: list[str] | None = None
+    storage: Storage,
+    points: list[RecoveryPoint],
+    damaged: list[str] | None = None,
+    files: bool = True,
 ) -> duckdb.DuckDBPyConnection:
     """An in-memory DuckDB with the catalog views defined; messages about damaged files that
-    the views leave out are appended to ``damaged``."""
-    damaged = [] if damaged is None else damaged
+    the views leave out are appended to ``damaged``. Without ``files`` only ``points`` is
+    defined, and ``add_file_views`` adds the others when a query needs them (they check every
+    metadata file of the repository, which a report reading point documents must not pay)."""
     con = duckdb.connect(":memory:")
     con.register("points_arrow", points_table(points))
     con.execute("CREATE VIEW points AS SELECT * FROM points_arrow")
+    if files:
+        add_file_views(con, storage, points, damaged)
+    _lock_down(con, storage)
+    return con
+
+
+FILE_VIEWS = ("manifests", "chunks", "packs")
+
+
+def add_file_views(
+    con: duckdb.DuckDBPyConnection,
+    storage: Storage,
+    points: list[RecoveryPoint],
+    damaged: list[str] | None = None,
+) -> None:
+    """The views over the repository's Parquet files: manifests, chunks, packs."""
+    damaged = [] if damaged is None else damaged
     roots = _files(storage, [roots_name(p.root) for p in points], damaged)
     leaf_names = [n for n in storage.list(LEAVES_PREFIX) if n.endswith(".parquet")]
     leaves = _files(storage, leaf_names, damaged)
@@ -147,8 +168,11 @@ def connect(
         "CREATE VIEW packs AS SELECT pack, count(*) AS chunks, sum(stored_len) AS stored_bytes, "
         "sum(raw_len) AS raw_bytes FROM chunks GROUP BY pack"
     )
-    # Queries are read-only and see only the repository: no other file, no extension
-    # downloads, and no way to change these settings back.
+
+
+def _lock_down(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
+    """Queries are read-only and see only the repository: no other file, no extension
+    downloads, and no way to change these settings back."""
     root = storage.local_path("")
     if root is not None:
         con.execute("SET allowed_directories = [?]", [root.rstrip("/") + "/"])
@@ -159,7 +183,6 @@ def connect(
         "lock_configuration = true",
     ):
         con.execute(f"SET {setting}")
-    return con
 
 
 # Only plain queries: EXPLAIN ANALYZE would execute (and so write) whatever it explains.

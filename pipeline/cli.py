@@ -63,15 +63,42 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--read-data", action="store_true", help="read and re-hash every chunk")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("query", help="DuckDB SQL over the catalog views")
+    s = sub.add_parser("query", help="DuckDB SQL over the catalog views (read-only)")
     s.add_argument("sql")
-    s.add_argument("--format", choices=["table", "csv", "json"], default="table")
+    _output_options(s, with_parquet=True)
+
+    s = sub.add_parser("report", help="a named analytics report (`report --list`)")
+    s.add_argument("name", nargs="?", help="report name")
+    s.add_argument("--list", action="store_true", help="list the reports")
+    s.add_argument("--source", help="only this source")
+    s.add_argument("--since", help="only points from this date/time on (ISO, UTC)")
+    s.add_argument("--period", choices=["day", "week", "month"], default="day")
+    s.add_argument("--bucket", help="hot-regions: region size (e.g. 1G, 256M)")
+    s.add_argument("--limit", type=int, default=20, help="hot-regions: rows (0 = all)")
+    s.add_argument(
+        "--horizons", default="30,90,365", help="projection: days ahead, comma-separated"
+    )
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        s.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    s.add_argument("--forget", action="append", default=[], metavar="POINT")
+    _output_options(s, with_parquet=False)
+
+    s = sub.add_parser("dashboard", help="write a self-contained HTML page with charts")
+    s.add_argument("output", help="HTML file to write")
+
+    sub.add_parser("catalog-schema", help="the catalog views and their columns")
 
     s = sub.add_parser("demo", help="back up, change, back up, restore, verify and query a sample")
     s.add_argument("--workdir", default="demo-work", help="where the demo puts its files")
     s.add_argument("--engine", choices=["ray", "local"], default="ray")
     s.add_argument("--size-mib", type=int, default=512)
     return p
+
+
+def _output_options(s: argparse.ArgumentParser, with_parquet: bool) -> None:
+    formats = ["table", "csv", "json", *(["parquet"] if with_parquet else [])]
+    s.add_argument("--format", choices=formats, default="table")
+    s.add_argument("--output", metavar="FILE", help="write the result to FILE (atomically)")
 
 
 def _need_repo(args: argparse.Namespace) -> str:
@@ -92,7 +119,7 @@ def dispatch(args: argparse.Namespace) -> int:
     # and Ctrl-C during that moment must still be one line, not a traceback.
     from . import commands
 
-    handler = getattr(commands, f"cmd_{args.command}")
+    handler = getattr(commands, f"cmd_{args.command.replace('-', '_')}")
     result: Any = handler(repo, args)
     return int(result or 0)
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import sys
@@ -11,20 +10,19 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-import duckdb
-import pyarrow as pa
-
 from catalog.check import check_repository, summary
-from catalog.errors import CorruptionError, QueryError, UsageError
+from catalog.errors import CorruptionError, UsageError
 from catalog.format import DEFAULT_CHUNK_SIZE_BYTES
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
-from catalog.views import connect, stream_query
 
+from .analytics_cmds import cmd_catalog_schema, cmd_dashboard, cmd_query, cmd_report
 from .backup import BackupOptions, run_backup
 from .engines import make_engine
 from .progress import progress_bar
 from .restore import restore_point
+
+__all__ = ["cmd_catalog_schema", "cmd_dashboard", "cmd_query", "cmd_report"]
 
 
 def _json(obj: Any) -> None:
@@ -197,59 +195,6 @@ def cmd_verify(repo: str, args: argparse.Namespace) -> int:
             f"verify found {len(report.errors)} error(s); first: {report.errors[0]}"
         )
     return 0
-
-
-def cmd_query(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
-    damaged: list[str] = []
-    con = connect(r.storage, r.points(), damaged)
-    warn_damaged(r)
-    for msg in damaged:
-        print(f"comb: warning: left out of the views: {msg}", file=sys.stderr)
-    reader = stream_query(con, args.sql)
-    try:
-        _print_batches(reader, args.format)
-    except (duckdb.Error, pa.ArrowException) as err:
-        raise QueryError(f"query failed: {str(err).splitlines()[0]}") from None
-    return 0
-
-
-def _print_batches(reader: pa.RecordBatchReader, fmt: str) -> None:
-    """Print a query result batch by batch, so memory stays bounded whatever its size."""
-    names = reader.schema.names
-    widths: list[int] | None = None
-    first = True
-    if fmt == "json":
-        sys.stdout.write("[")
-    elif fmt == "csv":
-        csv.writer(sys.stdout).writerow(names)
-    for batch in reader:
-        rows = [[_cell(v) for v in row.values()] for row in batch.to_pylist()]
-        if fmt == "json":
-            for row in batch.to_pylist():
-                sys.stdout.write(("\n" if first else ",\n") + json.dumps(row, default=_cell))
-                first = False
-        elif fmt == "csv":
-            csv.writer(sys.stdout).writerows(rows)
-        else:
-            if widths is None:
-                widths = [max([len(h), *(len(x[i]) for x in rows)]) for i, h in enumerate(names)]
-                print("  ".join(h.ljust(w) for h, w in zip(names, widths, strict=True)).rstrip())
-            for x in rows:
-                print("  ".join(v.ljust(w) for v, w in zip(x, widths, strict=True)).rstrip())
-    if fmt == "json":
-        sys.stdout.write("\n]\n" if not first else "]\n")
-    elif fmt == "table" and widths is None:
-        print("  ".join(names))
-
-
-def _cell(v: Any) -> str:
-    if isinstance(v, bytes):
-        return v.hex()
-    if v is None:
-        return ""
-    # One row per line, whatever the data holds (source names may contain newlines).
-    return str(v).replace("\n", "\\n").replace("\r", "\\r")
 
 
 def print_table(head: list[str], rows: list[list[str]]) -> None:

@@ -1,0 +1,126 @@
+"""The analytics commands: query, report, dashboard and catalog-schema."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from datetime import UTC, datetime
+
+import pyarrow as pa
+
+from catalog.analytics import Catalog
+from catalog.errors import UsageError
+from catalog.repo import Repository
+from catalog.reports import REPORTS, ReportOptions, run_report
+from catalog.retention import KeepPolicy
+from catalog.schema_doc import VIEWS
+from catalog.views import stream_query
+
+from .output import open_output, write_result
+
+_SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
+
+
+def _open(repo: str) -> Catalog:
+    r = Repository.open(repo)
+    points = r.points()
+    for msg in r.damaged:
+        print(f"comb: warning: skipping {msg}", file=sys.stderr)
+    return Catalog.open(r.storage, points)
+
+
+def _warn_left_out(cat: Catalog) -> None:
+    for msg in cat.damaged:
+        print(f"comb: warning: left out of the views: {msg}", file=sys.stderr)
+
+
+def cmd_query(repo: str, args: argparse.Namespace) -> int:
+    cat = _open(repo)
+    cat.need(args.sql)
+    _warn_left_out(cat)
+    write_result(stream_query(cat.con, args.sql), args.format, args.output)
+    return 0
+
+
+def parse_size(text: str) -> int:
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise UsageError(f"bad size {text!r} (e.g. 1G, 256M, 65536)")
+    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+
+
+def parse_since(text: str) -> datetime:
+    try:
+        when = datetime.fromisoformat(text)
+    except ValueError:
+        raise UsageError(f"bad --since {text!r} (ISO date or time, e.g. 2026-11-01)") from None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
+
+
+def _options(args: argparse.Namespace) -> ReportOptions:
+    try:
+        horizons = tuple(int(h) for h in args.horizons.split(",") if h.strip())
+    except ValueError:
+        raise UsageError(f"bad --horizons {args.horizons!r} (days, e.g. 30,90,365)") from None
+    if any(h <= 0 for h in horizons) or not horizons:
+        raise UsageError("--horizons must be positive numbers of days")
+    keep = {r: getattr(args, f"keep_{r}") for r in KeepPolicy.__dataclass_fields__}
+    if any(v < 0 for v in keep.values()) or args.limit < 0:
+        raise UsageError("counts must not be negative")
+    return ReportOptions(
+        source=args.source,
+        since=parse_since(args.since) if args.since else None,
+        period=args.period,
+        bucket_bytes=parse_size(args.bucket) if args.bucket else None,
+        limit=args.limit or None,
+        horizons=horizons,
+        policy=KeepPolicy(**keep),
+        forget=tuple(args.forget),
+    )
+
+
+def cmd_report(repo: str, args: argparse.Namespace) -> int:
+    if args.list:
+        width = max(len(n) for n in REPORTS)
+        for name, report in REPORTS.items():
+            print(f"{name.ljust(width)}  {report.help}")
+        return 0
+    if not args.name:
+        raise UsageError("give a report name (see `comb report --list`)")
+    opts = _options(args)
+    cat = _open(repo)
+    if opts.source is not None and opts.source not in cat.history.sources:
+        raise UsageError(f"no recovery point for source {opts.source!r}")
+    result = run_report(cat, args.name, opts)
+    for note in result.notes:
+        print(f"comb: note: {note}", file=sys.stderr)
+    reader = pa.RecordBatchReader.from_batches(result.table.schema, result.table.to_batches())
+    write_result(reader, args.format, args.output, human=True)
+    return 0
+
+
+def cmd_dashboard(repo: str, args: argparse.Namespace) -> int:
+    from catalog.dashboard import render_dashboard
+    from catalog.dashboard_data import dashboard_data
+
+    cat = _open(repo)
+    page = render_dashboard(dashboard_data(cat, os.path.abspath(repo)))
+    with open_output(args.output, binary=False) as out:
+        out.write(page)
+    print(f"wrote {args.output} ({len(cat.history.points)} points)")
+    return 0
+
+
+def cmd_catalog_schema(repo: str, args: argparse.Namespace) -> int:
+    """The views with their columns' types (from DuckDB itself) and meanings."""
+    r = Repository.open(repo)
+    cat = Catalog.open(r.storage, [])
+    for view, (about, columns) in VIEWS.items():
+        cat.need(view)
+        print(f"{view}: {about}")
+        for name, typ, *_ in cat.con.execute(f"DESCRIBE {view}").fetchall():
+            print(f"  {name:<18} {typ:<26} {columns.get(name, '')}")
+        print()
+    return 0

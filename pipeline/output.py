@@ -1,0 +1,141 @@
+"""Writing result tables: to the terminal as a table, or as CSV, JSON or Parquet, to standard
+output or atomically to a file (a temporary name in the same directory, renamed when complete,
+so a failed or interrupted write never leaves a partial file under the name asked for)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import sys
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import datetime
+from typing import IO, Any
+
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from catalog.errors import OutputError, QueryError
+
+_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+
+
+def human_bytes(n: float) -> str:
+    for unit in _UNITS:
+        if abs(n) < 1024 or unit == _UNITS[-1]:
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+def write_result(
+    reader: pa.RecordBatchReader, fmt: str, output: str | None, human: bool = False
+) -> None:
+    """Write every batch of ``reader`` in ``fmt``; ``human`` shows sizes and times readably in
+    the table format (reports), raw values otherwise (queries, CSV, JSON, Parquet)."""
+    if fmt == "parquet" and output is None:
+        raise OutputError("--format parquet needs --output FILE")
+    try:
+        with open_output(output, binary=fmt == "parquet") as out:
+            if fmt == "parquet":
+                _parquet(reader, out)
+            else:
+                _text(reader, fmt, out, human)  # type: ignore[arg-type]
+    except (duckdb.Error, pa.ArrowException) as err:
+        raise QueryError(f"query failed: {str(err).splitlines()[0]}") from None
+
+
+@contextmanager
+def open_output(output: str | None, binary: bool) -> Iterator[IO[Any]]:
+    """Standard output, or ``output`` written under a temporary name and renamed when done."""
+    if output is None:
+        yield sys.stdout.buffer if binary else sys.stdout
+        return
+    folder = os.path.dirname(os.path.abspath(output))
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", dir=folder)
+    except OSError as err:
+        raise OutputError(f"cannot write {output}: {err.strerror}") from None
+    try:
+        with os.fdopen(fd, "wb" if binary else "w", encoding=None if binary else "utf-8") as fh:
+            yield fh
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, output)
+    except OSError as err:
+        _remove(tmp)
+        raise OutputError(f"cannot write {output}: {err.strerror}") from None
+    except BaseException:
+        _remove(tmp)
+        raise
+
+
+def _remove(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+def _parquet(reader: pa.RecordBatchReader, out: IO[bytes]) -> None:
+    with pq.ParquetWriter(out, reader.schema, compression="zstd") as writer:
+        for batch in reader:
+            writer.write_batch(batch)
+
+
+def _text(reader: pa.RecordBatchReader, fmt: str, out: IO[str], human: bool) -> None:
+    """Batch by batch, so memory stays bounded whatever the result's size."""
+    names = reader.schema.names
+    widths: list[int] | None = None
+    first = True
+    if fmt == "json":
+        out.write("[")
+    elif fmt == "csv":
+        csv.writer(out).writerow(names)
+    for batch in reader:
+        rows = batch.to_pylist()
+        if fmt == "json":
+            for row in rows:
+                out.write(("\n" if first else ",\n") + json.dumps(row, default=_cell))
+                first = False
+        elif fmt == "csv":
+            csv.writer(out).writerows([[_cell(v) for v in r.values()] for r in rows])
+        else:
+            cells = [[_shown(k, v, human) for k, v in r.items()] for r in rows]
+            if widths is None:
+                widths = [max([len(h), *(len(x[i]) for x in cells)]) for i, h in enumerate(names)]
+                out.write(_line(names, widths))
+            for x in cells:
+                out.write(_line(x, widths))
+    if fmt == "json":
+        out.write("\n]\n" if not first else "]\n")
+    elif fmt == "table" and widths is None:
+        out.write("  ".join(names) + "\n")
+
+
+def _line(values: list[str], widths: list[int]) -> str:
+    return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)).rstrip() + "\n"
+
+
+def _cell(v: Any) -> str:
+    if isinstance(v, bytes):
+        return v.hex()
+    if v is None:
+        return ""
+    # One row per line, whatever the data holds (source names may contain newlines).
+    return str(v).replace("\n", "\\n").replace("\r", "\\r")
+
+
+def _shown(name: str, v: Any, human: bool) -> str:
+    if not human or v is None:
+        return _cell(v)
+    if isinstance(v, int | float) and not isinstance(v, bool) and "bytes" in name:
+        return human_bytes(v) + ("/h" if name.endswith("per_hour") else "")
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"
+    if isinstance(v, datetime):
+        return v.strftime("%Y-%m-%d %H:%M:%S")
+    return _cell(v)
