@@ -30,6 +30,7 @@ comb_bootstrap() {
         command -v script >/dev/null || missing+=(bsdutils)
         command -v losetup >/dev/null || missing+=(mount)
         command -v git >/dev/null || missing+=(git)
+        command -v chromium >/dev/null || missing+=(chromium)  # dashboard page, rendered headless
     fi
     comb_apt_install "${missing[@]}"
     if [ ! -x "$comb_venv/bin/python" ]; then

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m bench {backup,chunksize,memory} [options]``."""
+"""Entry point: ``python -m bench {backup,chunksize,memory,batch,catalog} [options]``."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ commands:
   chunksize  full time and incremental stored bytes per chunk size (16-256 KiB)
   memory     peak memory of full backups at several image sizes
   batch      work-item and pack size of a full backup
+  catalog    every named report and the dashboard on 1,000 points of a 256 GiB disk
 
 `python -m bench COMMAND --help` lists a command's options."""
 
@@ -28,6 +29,8 @@ def main(argv: list[str]) -> int:
         from .memory import main as run
     elif cmd == "batch":
         from .batch import main as run
+    elif cmd == "catalog":
+        from .catalog import main as run
     else:
         print(f"bench: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -109,19 +109,20 @@ class History:
         if files:
             con = duckdb.connect(":memory:")
             # Insertion order is kept: rows come file by file, in the order listed.
+            # Narrow columns (int32 chunk numbers, one int8 kind) halve what is copied out.
             t = con.sql(
-                f'SELECT ("offset" // {int(chunk)})::BIGINT AS chunk_no, '
-                "coalesce(chunk_key, 0) AS chunk_key, chunk_key IS NULL AS zero, new, "
-                f"stored_len FROM read_parquet({sql_list(files)})"
+                f'SELECT ("offset" // {int(chunk)})::INTEGER AS chunk_no, '
+                "coalesce(chunk_key, 0) AS chunk_key, "
+                "(CASE WHEN chunk_key IS NULL THEN 0 WHEN new THEN 2 ELSE 1 END)::TINYINT "
+                f"AS kind, stored_len FROM read_parquet({sql_list(files)})"
             ).to_arrow_table()
             con.close()
         else:
             t = pa.table(
                 {
-                    "chunk_no": pa.array([], pa.int64()),
+                    "chunk_no": pa.array([], pa.int32()),
                     "chunk_key": pa.array([], pa.int64()),
-                    "zero": pa.array([], pa.bool_()),
-                    "new": pa.array([], pa.bool_()),
+                    "kind": pa.array([], pa.int8()),
                     "stored_len": pa.array([], pa.int32()),
                 }
             )
@@ -130,10 +131,9 @@ class History:
         return _Columns(
             t.column("chunk_no").to_numpy(),
             t.column("chunk_key").to_numpy(),
-            t.column("zero").to_numpy(),
-            t.column("new").to_numpy(),
+            t.column("kind").to_numpy(),
             t.column("stored_len").to_numpy(),
-            np.repeat(np.arange(len(self.points), dtype=np.int32), counts),
+            self._starts,
         )
 
     def lone_bytes(self) -> np.ndarray:
@@ -206,14 +206,21 @@ def _bitmap_for(chunk_no: np.ndarray, r0: int, r1: int) -> np.ndarray:
     return np.zeros(top, bool)
 
 
+# Row kinds (one int8 per row): the region became zeros, a dedup hit, or a chunk stored here.
+_ZERO, _HIT, _NEW = 0, 1, 2
+
+
 @dataclass(frozen=True)
 class _Columns:
-    chunk_no: np.ndarray
-    key: np.ndarray
-    zero: np.ndarray
-    new: np.ndarray
-    stored: np.ndarray
-    pos: np.ndarray
+    chunk_no: np.ndarray  # int32
+    key: np.ndarray  # int64, 0 for zeros
+    kind: np.ndarray  # int8: _ZERO, _HIT or _NEW
+    stored: np.ndarray  # int32
+    starts: np.ndarray  # int64 per point + 1: its first row
+
+    def pos(self, rows: np.ndarray) -> np.ndarray:
+        """The position (point) of each given row."""
+        return np.searchsorted(self.starts, rows, side="right") - 1
 
 
 def _freed_per_point(n: int, c: _Columns, flag: np.ndarray, one_point: bool) -> np.ndarray:
@@ -223,34 +230,30 @@ def _freed_per_point(n: int, c: _Columns, flag: np.ndarray, one_point: bool) -> 
     A chunk that was never a dedup hit has exactly one row, its ``new`` one. The chunks with
     dedup hits are few: their hit rows are grouped by key, and each candidate ``new`` row is
     checked against those groups (a bitmap first, so most rows cost one probe)."""
-    data = ~c.zero
-    hit = np.flatnonzero(data & ~c.new)
+    hit = np.flatnonzero(c.kind == _HIT)
     order = np.argsort(c.key[hit], kind="stable")
-    hkey, hpos, hflag = c.key[hit][order], c.pos[hit][order], flag[hit][order]
-    starts = np.flatnonzero(np.concatenate([[True], hkey[1:] != hkey[:-1]])) if len(hkey) else hit
-    keys = hkey[starts]
+    hkey, hpos, hflag = c.key[hit][order], c.pos(hit)[order], flag[hit][order]
+    firsts = np.flatnonzero(np.concatenate([[True], hkey[1:] != hkey[:-1]])) if len(hkey) else hit
+    keys = hkey[firsts]
+    ok = (c.kind == _NEW) & flag
     if len(keys):
-        all_flag = np.logical_and.reduceat(hflag, starts)
-        lo, hi = np.minimum.reduceat(hpos, starts), np.maximum.reduceat(hpos, starts)
-    cand = np.flatnonzero(data & c.new & flag)
-    maybe = _maybe_in(c.key[cand], keys)
-    at = np.zeros(len(cand), np.int64)
-    is_hit = np.zeros(len(cand), bool)
-    if len(keys):
-        m = np.flatnonzero(maybe)
-        where = np.minimum(np.searchsorted(keys, c.key[cand[m]]), len(keys) - 1)
-        is_hit[m] = keys[where] == c.key[cand[m]]
-        at[m] = where
-    ok = ~is_hit
-    if len(keys):
-        g = at[is_hit]
-        fine = all_flag[g]
+        fine = np.logical_and.reduceat(hflag, firsts)
+        lo, hi = np.minimum.reduceat(hpos, firsts), np.maximum.reduceat(hpos, firsts)
+        cand = np.flatnonzero(ok)
+        cand = cand[_maybe_in(c.key[cand], keys)]
+        at = np.minimum(np.searchsorted(keys, c.key[cand]), len(keys) - 1)
+        is_hit = keys[at] == c.key[cand]
+        cand, at = cand[is_hit], at[is_hit]
+        good = fine[at]
         if one_point:
-            p = c.pos[cand[is_hit]]
-            fine &= (lo[g] == p) & (hi[g] == p)
-        ok[is_hit] = fine
-    rows = cand[ok]
-    return np.bincount(c.pos[rows], weights=c.stored[rows], minlength=n).round().astype(np.int64)
+            p = c.pos(cand)
+            good &= (lo[at] == p) & (hi[at] == p)
+        ok[cand[~good]] = False
+    per_row = np.where(ok, c.stored, 0).astype(np.int64)
+    firsts_of_points = np.minimum(c.starts[:-1], max(len(per_row) - 1, 0))
+    sums = np.add.reduceat(per_row, firsts_of_points) if len(per_row) else np.zeros(n, np.int64)
+    # reduceat gives an empty range the value at its start: points without rows freed nothing.
+    return np.where(np.diff(c.starts) > 0, sums, 0).astype(np.int64)
 
 
 def _maybe_in(key: np.ndarray, members: np.ndarray) -> np.ndarray:

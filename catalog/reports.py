@@ -121,26 +121,42 @@ def default_bucket(disk_bytes: int) -> int:
 
 
 def hot_regions(cat: Catalog, opts: ReportOptions) -> ReportResult:
-    """Regions by how often they changed; first backups (everything is new) do not count."""
+    """Regions by how often they changed; first backups (everything is new) do not count.
+    Each source's disk is cut in regions of ``--bucket`` bytes, or by default its own size
+    in about HOT_REGION_BUCKETS power-of-two regions."""
     if opts.bucket_bytes is not None and opts.bucket_bytes < 1:
         raise UsageError("--bucket must be a positive size")
-    sizes = [p.size for p in cat.history.points]
-    bucket = opts.bucket_bytes or default_bucket(max(sizes, default=0))
+    h = cat.history
+    sizes = {name: 0 for name in h.sources}
+    for p in h.points:
+        sizes[p.source] = max(sizes[p.source], p.size)
+    cat.con.register(
+        "_buckets",
+        pa.table(
+            {
+                "source": pa.array(list(sizes), pa.string()),
+                "bucket": pa.array(
+                    [opts.bucket_bytes or default_bucket(v) for v in sizes.values()], pa.int64()
+                ),
+            }
+        ),
+    )
     where, params = _filter(opts, "h.time")
     where = where.replace("source = ?", "h.source = ?")
     cat.need_changes()
     limit = f"LIMIT {int(opts.limit)}" if opts.limit else ""
     table = _sql(
         cat,
-        'WITH c AS (SELECT h.source, (o."offset" // ?) * ? AS region_offset, '
-        'least(h.chunk_size, h.size - o."offset") AS length, o.pos '
-        f"FROM _changes o JOIN _point_history h ON h.pos = o.pos WHERE h.seq > 0 AND {where}) "
-        "SELECT source, region_offset, ?::BIGINT AS region_bytes, count(*) AS changes, "
+        'WITH c AS (SELECT h.source, (o."offset" // b.bucket) * b.bucket AS region_offset, '
+        'b.bucket AS region_bytes, least(h.chunk_size, h.size - o."offset") AS length, o.pos '
+        "FROM _changes o JOIN _point_history h ON h.pos = o.pos "
+        f"JOIN _buckets b ON b.source = h.source WHERE h.seq > 0 AND {where}) "
+        "SELECT source, region_offset, region_bytes, count(*) AS changes, "
         "count(DISTINCT pos) AS points, sum(length)::BIGINT AS changed_bytes, "
         "count(*) / sum(count(*)) OVER (PARTITION BY source) AS share "
-        f"FROM c GROUP BY source, region_offset ORDER BY changes DESC, source, region_offset "
-        f"{limit}",
-        [bucket, bucket, *params, bucket],
+        "FROM c GROUP BY source, region_offset, region_bytes "
+        f"ORDER BY changes DESC, source, region_offset {limit}",
+        params,
     )
     return ReportResult(table, _history_notes(cat))
 
@@ -208,18 +224,25 @@ def retention(cat: Catalog, opts: ReportOptions) -> ReportResult:
         names=["source", "points", "kept", "forgotten", "freed_bytes"],
     )
     total = int(freed.sum()) if opts.source is None else sum(r[4] for r in rows)
-    notes = [f"forgetting {int(forget.sum())} of {len(h.points)} point(s) frees {total} bytes"]
+    notes = [
+        f"forgetting {int(forget.sum())} of {len(h.points)} point(s) frees {total:,} bytes "
+        f"({total / 2**30:.2f} GiB)"
+    ]
     return ReportResult(table, notes + _history_notes(cat))
 
 
-def fit_growth(cat: Catalog, source: str | None) -> tuple[np.ndarray, np.ndarray]:
-    """(days since the first point, cumulative stored bytes) per point, in time order."""
+def fit_growth(
+    cat: Catalog, source: str | None, since: datetime | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """(days since the first point, cumulative stored bytes) per point, in time order; with
+    ``since``, only points from then on are fitted (their totals still count everything)."""
     t = _sql(
         cat,
-        "SELECT epoch(time - min(time) OVER ()) / 86400.0 AS day, sum(bytes_stored) OVER "
-        "(ORDER BY time, pos ROWS UNBOUNDED PRECEDING) AS stored FROM point_history "
-        "WHERE source = ? OR ? IS NULL ORDER BY time, pos",
-        [source, source],
+        "SELECT * FROM (SELECT time, epoch(time - min(time) OVER ()) / 86400.0 AS day, "
+        "sum(bytes_stored) OVER (ORDER BY time, pos ROWS UNBOUNDED PRECEDING) AS stored "
+        "FROM point_history WHERE source = ? OR ? IS NULL) WHERE time >= ? OR ? IS NULL "
+        "ORDER BY time",
+        [source, source, since, since],
     )
     return (
         t.column("day").to_numpy(zero_copy_only=False).astype(float),
@@ -238,7 +261,7 @@ def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float | None
 
 
 def projection(cat: Catalog, opts: ReportOptions) -> ReportResult:
-    x, y = fit_growth(cat, opts.source)
+    x, y = fit_growth(cat, opts.source, opts.since)
     if len(x) == 0:
         raise QueryError("no recovery points to project from")
     a, b, r2 = linear_fit(x, y)

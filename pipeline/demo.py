@@ -137,6 +137,10 @@ def run_demo(workdir: str, engine: str, size_mib: int) -> int:
         "SELECT substr(point_id, 1, 8) AS point, count(*) AS data_chunks, "
         "count(*) FILTER (WHERE NOT shared_leaf) AS in_new_leaves FROM manifests GROUP BY 1",
     )
+    print("\n# named reports over the history, and a dashboard page")
+    _run("-r", repo, "report", "unique")
+    _run("-r", repo, "report", "hot-regions", "--bucket", "16M", "--limit", "5")
+    _run("-r", repo, "dashboard", os.path.join(work, "dashboard.html"))
     print("\ndemo finished" + ("" if ok else " WITH A MISMATCH"))
     return 0 if ok else 1
 

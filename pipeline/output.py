@@ -57,6 +57,9 @@ def open_output(output: str | None, binary: bool) -> Iterator[IO[Any]]:
     folder = os.path.dirname(os.path.abspath(output))
     try:
         fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(output)}.", dir=folder)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as an ordinary new file (mkstemp makes it 0600)
     except OSError as err:
         raise OutputError(f"cannot write {output}: {err.strerror}") from None
     try:
@@ -132,7 +135,8 @@ def _cell(v: Any) -> str:
 def _shown(name: str, v: Any, human: bool) -> str:
     if not human or v is None:
         return _cell(v)
-    if isinstance(v, int | float) and not isinstance(v, bool) and "bytes" in name:
+    sized = "bytes" in name or name.endswith("offset")
+    if isinstance(v, int | float) and not isinstance(v, bool) and sized:
         return human_bytes(v) + ("/h" if name.endswith("per_hour") else "")
     if isinstance(v, float):
         return f"{v:.3g}" if abs(v) < 1000 else f"{v:,.0f}"

@@ -313,3 +313,41 @@ def test_catalog_schema_documents_every_column(cli: CliRunner, tmp_path: Path) -
         assert names == list(columns), view
     res = cli("-r", repo.location, "catalog-schema")
     assert res.code == 0 and "point_usage" in res.out and "unique_bytes" in res.out
+
+
+def test_an_uncommitted_backup_is_invisible(history) -> None:  # type: ignore[no-untyped-def]
+    """What a backup writes before its commit (here: a change table, leaves and a root whose
+    point document never appears) changes no view and no report."""
+    from catalog.changes import ChangeTableWriter
+    from catalog.manifest import Leaf, ManifestWriter
+
+    repo, _, _ = history
+
+    def look() -> tuple[object, ...]:
+        cat = Catalog.open(repo.storage, repo.points())
+        sql = (
+            "SELECT count(*), sum(length) FROM changes UNION ALL SELECT count(*), 0 FROM manifests"
+        )
+        cat.need(sql)
+        return (
+            cat.con.execute(sql).fetchall(),
+            run_report(cat, "unique", ReportOptions()).table.to_pylist(),
+            run_report(cat, "hot-regions", ReportOptions(limit=None)).table.to_pylist(),
+        )
+
+    before = look()
+    ids = np.arange(64, dtype=np.uint8).reshape(2, 32)
+    table = ChangeTableWriter(repo.storage)
+    table.add(
+        np.array([0, C]),
+        ids[:, :8].copy().view("<i8").reshape(-1),
+        np.zeros(2, bool),
+        np.ones(2, bool),
+        np.array([10, 10]),
+        np.array([C, C]),
+    )
+    table.commit()
+    writer = ManifestWriter(repo.storage)
+    writer.add_leaf(0, Leaf(np.array([0, 1], np.int16), ids))
+    writer.commit()
+    assert look() == before

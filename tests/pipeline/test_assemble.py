@@ -3,6 +3,7 @@ equal an independent diff of the two manifests."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -31,7 +32,7 @@ def _cid(tag: int) -> bytes:
     return tag.to_bytes(4, "little") * 8
 
 
-def _written(rows: list[tuple[int, int | None]], stored: set[int] | None = None) -> pa.Table:
+def _written(rows: Sequence[tuple[int, int | None]], stored: set[int] | None = None) -> pa.Table:
     """Rows (disk offset, id tag or None for a zero chunk), as the writer reports them; the
     tags in ``stored`` (default: all) were stored by this backup (not dedup hits)."""
     new = [r[1] is not None and (stored is None or r[1] in stored) for r in rows]
@@ -183,11 +184,12 @@ def _rows(storage: LocalStorage, changes: ChangeTableWriter) -> dict[int, tuple]
     return {r["offset"] // C: (r["chunk_key"], r["new"], r["stored_len"]) for r in t}
 
 
-def _expected(before: dict[int, bytes], after: dict[int, bytes], stored: set[int]) -> dict:
-    out = {}
+def _expected(
+    before: dict[int, bytes], after: dict[int, bytes], stored: set[int]
+) -> dict[int, tuple[int | None, bool, int]]:
+    out: dict[int, tuple[int | None, bool, int]] = {}
     for n in sorted(set(before) | set(after)):
         if before.get(n) != after.get(n):
-            tag = after.get(n)
             if n not in after:
                 out[n] = (None, False, 0)
             else:
@@ -201,7 +203,7 @@ def _run(
     storage: LocalStorage,
     parent: ManifestReader | None,
     changed: list[tuple[int, int]] | None,
-    rows: list[tuple[int, int | None]],
+    rows: Sequence[tuple[int, int | None]],
     stored: set[int],
 ) -> tuple[ManifestReader, dict]:
     w = ManifestWriter(storage)

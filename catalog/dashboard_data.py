@@ -1,0 +1,151 @@
+"""The dashboard's tables, computed from the analytics catalog with the named reports' queries.
+
+Builds ``catalog.dashboard.DashboardData``; the page itself is drawn by ``catalog.dashboard``.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import numpy as np
+import pyarrow as pa
+
+from .analytics import Catalog
+from .dashboard import DashboardData, format_bytes
+from .reports import (
+    ReportOptions,
+    change_rate,
+    default_bucket,
+    fit_growth,
+    fit_warning,
+    hot_regions,
+    linear_fit,
+    rpo,
+)
+
+HORIZONS_DAYS = (30, 90, 365)
+
+
+def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> DashboardData:
+    now = now or datetime.now(UTC)
+    growth = cat.con.sql(
+        "SELECT time, source, (sum(bytes_stored) OVER (ORDER BY time, pos ROWS UNBOUNDED "
+        "PRECEDING))::BIGINT AS repository_stored_bytes, (sum(bytes_stored) OVER (PARTITION BY "
+        "source ORDER BY time, pos ROWS UNBOUNDED PRECEDING))::BIGINT AS source_stored_bytes "
+        "FROM point_history ORDER BY time, pos"
+    ).to_arrow_table()
+    rate = cat.con.sql(
+        "SELECT time, source, bytes_changed, bytes_changed / (epoch(time - lag(time) OVER "
+        "(PARTITION BY source ORDER BY pos)) / 3600.0) AS bytes_per_hour FROM point_history "
+        "ORDER BY time, pos"
+    ).to_arrow_table()
+    ratios = cat.con.sql(
+        "SELECT time, 'repository' AS source, sum(bytes_data) OVER w / nullif(sum(bytes_new) "
+        "OVER w, 0) AS dedup_ratio, sum(bytes_new) OVER w / nullif(sum(bytes_stored) OVER w, 0) "
+        "AS compression_ratio FROM point_history WINDOW w AS (ORDER BY time, pos ROWS "
+        "UNBOUNDED PRECEDING) ORDER BY time, pos"
+    ).to_arrow_table()
+    projection, fit = _projection(cat)
+    return DashboardData(
+        title=title,
+        generated=now.isoformat(timespec="seconds"),
+        summary=_summary(cat, fit, now),
+        growth=growth,
+        change_rate=rate.set_column(
+            3, "bytes_per_hour", rate.column("bytes_per_hour").cast(pa.float64())
+        ),
+        ratios=ratios,
+        projection=projection,
+        projection_fit=fit,
+        hot_regions=_heat(cat),
+    )
+
+
+def _projection(cat: Catalog) -> tuple[pa.Table, dict[str, object]]:
+    x, y = fit_growth(cat, None)
+    a, b, r2 = linear_fit(x, y)
+    times = np.sort(cat.history.times()) if len(x) else np.array([], "datetime64[us]")
+    t0 = times[0] if len(times) else np.datetime64("1970-01-01", "us")
+    last = float(x[-1]) if len(x) else 0.0
+    days = [*x.tolist(), *(last + h for h in HORIZONS_DAYS)] if len(x) else []
+    observed = [*y.tolist(), *([None] * len(HORIZONS_DAYS))] if len(x) else []
+    table = pa.table(
+        {
+            "day": pa.array(days, pa.float64()),
+            "time": pa.array(
+                np.array(
+                    [t0 + np.timedelta64(int(d * 86400e6), "us") for d in days], "datetime64[us]"
+                ),
+                pa.timestamp("us", tz="UTC"),
+            ),
+            "stored_bytes": pa.array(observed, pa.float64()),
+            "projected_bytes": pa.array([a + b * d for d in days], pa.float64()),
+            "kind": pa.array(
+                ["observed"] * len(x) + (["projected"] * len(HORIZONS_DAYS) if len(x) else []),
+                pa.string(),
+            ),
+        }
+    )
+    fit: dict[str, object] = {
+        "slope_bytes_per_day": b,
+        "r2": r2,
+        "points": len(x),
+        "warning": fit_warning(len(x), r2) if len(x) else None,
+    }
+    return table, fit
+
+
+def _heat(cat: Catalog) -> pa.Table:
+    """Every source's disk in regions, with how many chunk changes each region saw (a source
+    that never changed gets one row of 0, so its disk is still drawn)."""
+    t = hot_regions(cat, ReportOptions(limit=None)).table
+    sizes: dict[str, int] = {}
+    for p in cat.history.points:
+        sizes[p.source] = max(sizes.get(p.source, 0), p.size)
+    seen = set(t.column("source").to_pylist())
+    quiet = [s for s in sizes if s not in seen]
+    sources = [*t.column("source").to_pylist(), *quiet]
+    return pa.table(
+        {
+            "source": pa.array(sources, pa.string()),
+            "disk_bytes": pa.array([sizes[s] for s in sources], pa.int64()),
+            "bucket_offset": pa.array(
+                [*t.column("region_offset").to_pylist(), *([0] * len(quiet))], pa.int64()
+            ),
+            "bucket_bytes": pa.array(
+                [*t.column("region_bytes").to_pylist(), *(default_bucket(sizes[s]) for s in quiet)],
+                pa.int64(),
+            ),
+            "changes": pa.array(
+                [*t.column("changes").to_pylist(), *([0] * len(quiet))], pa.int64()
+            ),
+        }
+    )
+
+
+def _summary(cat: Catalog, fit: dict[str, object], now: datetime) -> list[tuple[str, str]]:
+    h = cat.history
+    stored = sum(p.stats.bytes_stored for p in h.points)
+    new = sum(p.stats.bytes_new for p in h.points)
+    logical = sum(p.stats.bytes_data for p in h.points)
+    latest = {p.source: p for p in h.points}  # source-major order: the last one wins
+    protected = sum(p.stats.bytes_data for p in latest.values())
+    gaps = rpo(cat, ReportOptions(now=now)).table
+    worst = max(
+        (g for g in gaps.column("largest_gap_hours").to_pylist() if g is not None), default=None
+    )
+    rates = change_rate(cat, ReportOptions()).table.column("p50_bytes_per_hour").to_pylist()
+    slope = float(fit["slope_bytes_per_day"])  # type: ignore[arg-type]
+    cards = [
+        ("Recovery points", f"{len(h.points):,}"),
+        ("Sources", f"{len(h.sources):,}"),
+        ("Stored", format_bytes(stored)),
+        ("Latest disks' data", format_bytes(protected)),
+        ("Dedup ratio", f"{logical / new:.1f}×" if new else "n/a"),
+        ("Compression ratio", f"{new / stored:.2f}×" if stored else "n/a"),
+        ("Growth per day", format_bytes(slope)),
+        ("Largest gap (RPO)", f"{worst:.1f} h" if worst is not None else "n/a"),
+    ]
+    if rates and rates[0] is not None:
+        cards.append(("Median change rate", f"{format_bytes(max(rates))}/h"))
+    return cards
