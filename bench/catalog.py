@@ -17,7 +17,7 @@ import statistics
 import subprocess
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 
 from catalog.repo import Repository
 from catalog.reports import REPORTS
@@ -100,11 +100,16 @@ def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench catalog", description=__doc__)
     ap.add_argument("--points", type=int, default=None, help="recovery points (default 1000)")
     ap.add_argument("--disk", default=None, help="disk size (default 256G)")
+    ap.add_argument(
+        "--run-chunks", type=float, default=None, help="mean write length in chunks (default 4)"
+    )
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
     args = ap.parse_args(argv)
     spec = scaled(Spec(), args.points, parse_size(args.disk) if args.disk else None)
+    if args.run_chunks is not None:
+        spec = replace(spec, run_chunks=args.run_chunks)
     repo = ensure_catalog(args.workdir, spec)
     points = repo.points()
     stored = sum(p.stats.bytes_stored for p in points)

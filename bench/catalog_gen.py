@@ -42,6 +42,7 @@ class Spec:
     hot_share: float = 0.7
     zero_share: float = 0.02
     dedup_share: float = 0.05
+    run_chunks: float = 4.0  # mean length of a write, in chunks (geometric): 256 KiB
     interval_s: float = 3600.0
     seed: int = 1
 
@@ -89,12 +90,23 @@ def generate(repo: Repository, spec: Spec, progress: bool = False) -> list[Recov
 
 
 def _pick_changes(rng: np.random.Generator, spec: Spec, n: int, hot: np.ndarray) -> np.ndarray:
+    """About ``change`` of the chunks, written in runs (file-system writes are extents, not
+    single 64 KiB blocks), ``hot_share`` of them starting inside a hot region."""
     k = int(spec.change * n)
-    k_hot = int(k * spec.hot_share)
+    runs = max(1, int(k / spec.run_chunks))
+    lengths = rng.geometric(1 / spec.run_chunks, runs) if spec.run_chunks > 1 else np.ones(runs)
+    lengths = lengths.astype(np.int64)
+    k_hot = int(runs * spec.hot_share)
     region = spec.hot_region_bytes // spec.chunk_bytes
-    in_hot = hot[rng.integers(0, len(hot), k_hot)] + rng.integers(0, region, k_hot)
-    anywhere = rng.integers(0, n, k - k_hot)
-    return np.unique(np.concatenate([in_hot, anywhere]))
+    starts = np.concatenate(
+        [
+            hot[rng.integers(0, len(hot), k_hot)] + rng.integers(0, region, k_hot),
+            rng.integers(0, n, runs - k_hot),
+        ]
+    )
+    first = np.repeat(starts - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+    chunks = first + np.arange(int(lengths.sum()))
+    return np.unique(chunks[chunks < n])
 
 
 def _one_point(

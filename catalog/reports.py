@@ -130,33 +130,49 @@ def hot_regions(cat: Catalog, opts: ReportOptions) -> ReportResult:
     sizes = {name: 0 for name in h.sources}
     for p in h.points:
         sizes[p.source] = max(sizes[p.source], p.size)
+    times = h.times()
+    since = (
+        np.datetime64(opts.since.astimezone(UTC).replace(tzinfo=None), "us") if opts.since else None
+    )
+    # The points that count, each with its region size: a small table, joined first, so the
+    # scan of the change rows aggregates per (point, region) before anything else.
+    chosen = [
+        i
+        for i, p in enumerate(h.points)
+        if h.seq[i] > 0
+        and (opts.source is None or p.source == opts.source)
+        and (since is None or times[i] >= since)
+    ]
     cat.con.register(
-        "_buckets",
+        "_regions_of",
         pa.table(
             {
-                "source": pa.array(list(sizes), pa.string()),
+                "pos": pa.array(chosen, pa.int64()),
                 "bucket": pa.array(
-                    [opts.bucket_bytes or default_bucket(v) for v in sizes.values()], pa.int64()
+                    [
+                        opts.bucket_bytes or default_bucket(sizes[h.points[i].source])
+                        for i in chosen
+                    ],
+                    pa.int64(),
                 ),
+                "size": pa.array([h.points[i].size for i in chosen], pa.int64()),
+                "chunk": pa.array([h.points[i].chunk_size for i in chosen], pa.int64()),
             }
         ),
     )
-    where, params = _filter(opts, "h.time")
-    where = where.replace("source = ?", "h.source = ?")
     cat.need_changes()
     limit = f"LIMIT {int(opts.limit)}" if opts.limit else ""
     table = _sql(
         cat,
-        'WITH c AS (SELECT h.source, (o."offset" // b.bucket) * b.bucket AS region_offset, '
-        'b.bucket AS region_bytes, least(h.chunk_size, h.size - o."offset") AS length, o.pos '
-        "FROM _changes o JOIN _point_history h ON h.pos = o.pos "
-        f"JOIN _buckets b ON b.source = h.source WHERE h.seq > 0 AND {where}) "
-        "SELECT source, region_offset, region_bytes, count(*) AS changes, "
-        "count(DISTINCT pos) AS points, sum(length)::BIGINT AS changed_bytes, "
-        "count(*) / sum(count(*)) OVER (PARTITION BY source) AS share "
-        "FROM c GROUP BY source, region_offset, region_bytes "
-        f"ORDER BY changes DESC, source, region_offset {limit}",
-        params,
+        'WITH c AS (SELECT o.pos, (o."offset" // b.bucket) * b.bucket AS region_offset, '
+        'b.bucket AS region_bytes, count(*) AS n, sum(least(b.chunk, b.size - o."offset")) '
+        "AS bytes FROM _changes o JOIN _regions_of b ON b.pos = o.pos GROUP BY ALL) "
+        "SELECT h.source, region_offset, region_bytes, sum(n)::BIGINT AS changes, "
+        "count(*) AS points, sum(bytes)::BIGINT AS changed_bytes, "
+        "sum(n) / sum(sum(n)) OVER (PARTITION BY h.source) AS share "
+        "FROM c JOIN _point_history h ON h.pos = c.pos "
+        "GROUP BY h.source, region_offset, region_bytes "
+        f"ORDER BY changes DESC, h.source, region_offset {limit}",
     )
     return ReportResult(table, _history_notes(cat))
 

@@ -112,6 +112,9 @@ def test_hot_regions_find_the_spot_changed_every_time(history) -> None:  # type:
     assert rows[0]["region_offset"] == 1 * MiB
     assert (rows[0]["changes"], rows[0]["points"], rows[0]["changed_bytes"]) == (6, 3, 6 * C)
     assert sum(r["changes"] for r in rows) == 11  # 2+1 per point, + zeroed + dedup-hit chunk
+    last = datetime.fromisoformat(repo.points()[-1].time)
+    rows = run_report(cat, "hot-regions", ReportOptions(bucket_bytes=MiB, since=last)).table
+    assert sorted(rows.column("changes").to_pylist()) == [1, 2]  # the last point alone
 
 
 def test_growth_and_ratios_add_up(history) -> None:  # type: ignore[no-untyped-def]
