@@ -25,7 +25,7 @@ import numpy as np
 import pyarrow as pa
 
 from .changes import changes_name
-from .errors import QueryError
+from .errors import CombError, CorruptionError, QueryError
 from .parquet_io import read_verified
 from .points import RecoveryPoint
 from .storage import Storage
@@ -47,6 +47,7 @@ class History:
     count: np.ndarray  # int64 per source: number of points
     complete: np.ndarray  # bool per source: every point has a change table of its parent
     storage: Storage
+    damaged: list[str] = field(default_factory=list)
     _files: list[tuple[int, str, int]] | None = field(default=None, repr=False)
     _cols: _Columns | None = field(default=None, repr=False)
     _starts: np.ndarray | None = field(default=None, repr=False)
@@ -75,18 +76,22 @@ class History:
 
     def change_files(self) -> list[tuple[int, str, int]]:
         """(position, local path, rows) of every change table, each checked against its name
-        (once: damage is caught before any parser sees the file)."""
+        (once: damage is caught before any parser sees the file). A missing or damaged table
+        is left out, with a message in ``damaged``, and its source counts as incomplete."""
         if self._files is None:
             files = []
             for i, p in enumerate(self.points):
                 if p.changes is None:
                     continue
                 name = changes_name(p.changes)
-                data = read_verified(self.storage, name)
                 path = self.storage.local_path(name)
                 if path is None:
                     raise QueryError("analytics need a repository on a local filesystem for now")
-                files.append((i, path, _row_count(data, path)))
+                try:
+                    files.append((i, path, _row_count(read_verified(self.storage, name), path)))
+                except CombError as err:
+                    self.damaged.append(f"point {p.id}: change table: {err.message}")
+                    self.complete[self.source_of[i]] = False
             self._files = files
         return self._files
 
@@ -198,7 +203,7 @@ def _row_count(data: bytes, path: str) -> int:
     try:
         return int(pq.read_metadata(pa.BufferReader(data)).num_rows)
     except (pa.ArrowException, OSError) as err:
-        raise QueryError(f"{path} is not a readable Parquet file ({err})") from None
+        raise CorruptionError(f"{path} is not a readable Parquet file ({err})") from None
 
 
 def _bitmap_for(chunk_no: np.ndarray, r0: int, r1: int) -> np.ndarray:

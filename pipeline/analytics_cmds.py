@@ -94,6 +94,7 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
     if opts.source is not None and opts.source not in cat.history.sources:
         raise UsageError(f"no recovery point for source {opts.source!r}")
     result = run_report(cat, args.name, opts)
+    _warn_left_out(cat)
     for note in result.notes:
         print(f"comb: note: {note}", file=sys.stderr)
     reader = pa.RecordBatchReader.from_batches(result.table.schema, result.table.to_batches())
@@ -107,6 +108,7 @@ def cmd_dashboard(repo: str, args: argparse.Namespace) -> int:
 
     cat = _open(repo)
     page = render_dashboard(dashboard_data(cat, os.path.abspath(repo)))
+    _warn_left_out(cat)
     with open_output(args.output, binary=False) as out:
         out.write(page)
     print(f"wrote {args.output} ({len(cat.history.points)} points)")

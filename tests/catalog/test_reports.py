@@ -354,3 +354,63 @@ def test_an_uncommitted_backup_is_invisible(history) -> None:  # type: ignore[no
     writer.add_leaf(0, Leaf(np.array([0, 1], np.int16), ids))
     writer.commit()
     assert look() == before
+
+
+def test_dashboard_cli_draws_the_real_history(cli: CliRunner, history, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """The page from a real repository: every chart has data (the page itself is checked in a
+    browser by test_dashboard.py)."""
+    repo, points, _ = history
+    out = tmp_path / "d.html"
+    res = cli("-r", repo.location, "dashboard", out)
+    assert res.code == 0, res.err
+    page = out.read_text()
+    assert page.count("<svg") >= 5 and "No data yet" not in page
+    assert "Recovery points" in page and ">4<" in page
+    assert "https://" not in page and "<script" not in page
+    assert_one_line_error(
+        cli("-r", repo.location, "dashboard", tmp_path / "no" / "d.html"), "cannot write", code=10
+    )
+
+
+def test_reports_on_a_repository_made_before_change_tables(cli: CliRunner, tmp_path: Path) -> None:
+    """golden-v1 (comb 0.1) has no change tables: every report runs; the ones that need them
+    say the history is partial, and unique bytes are unknown (null), never made up."""
+    import shutil
+
+    from spectables import GOLDEN
+
+    repo = tmp_path / "golden"
+    shutil.copytree(GOLDEN, repo)
+    for name in (
+        "growth",
+        "change-rate",
+        "hot-regions",
+        "ratios",
+        "unique",
+        "projection",
+        "throughput",
+        "rpo",
+    ):
+        res = cli("-r", repo, "report", name, "--format", "json")
+        assert res.code == 0, (name, res.err)
+    res = cli("-r", repo, "report", "unique", "--format", "json")
+    assert "partial" in res.err
+    assert [row["unique_bytes"] for row in json.loads(res.out)] == [None] * 3
+    assert cli("-r", repo, "dashboard", tmp_path / "g.html").code == 0
+
+
+def test_a_damaged_change_table_is_left_out_with_a_warning(cli: CliRunner, history) -> None:  # type: ignore[no-untyped-def]
+    from combtest import flip_byte
+
+    repo, points, _ = history
+    path = Path(repo.location) / "manifests" / "changes" / f"{points[2].changes}.parquet"
+    flip_byte(path, 40)
+    res = cli("-r", repo.location, "report", "unique", "--format", "json")
+    assert res.code == 0
+    assert "left out" in res.err and points[2].id in res.err and "partial" in res.err
+    assert all(row["unique_bytes"] is None for row in json.loads(res.out))
+    res = cli("-r", repo.location, "report", "growth")
+    assert res.code == 0 and "left out" not in res.err  # growth reads no change table
+    res = cli("-r", repo.location, "verify", "--json")  # analytics data: a warning, no error
+    doc = json.loads(res.out)
+    assert res.code == 0 and any("change table" in w for w in doc["warnings"]), doc
