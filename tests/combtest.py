@@ -102,6 +102,12 @@ class Image:
         shutil.copyfile(self.path, dest)
         return dest
 
+    def clone(self, dest: Path) -> Image:
+        """A copy of this image as a new Image (with no changes recorded)."""
+        img = Image.__new__(Image)
+        img.path, img.changes = self.snapshot(dest), []
+        return img
+
 
 ImageFactory = Callable[..., Image]
 

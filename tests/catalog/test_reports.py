@@ -414,3 +414,30 @@ def test_a_damaged_change_table_is_left_out_with_a_warning(cli: CliRunner, histo
     res = cli("-r", repo.location, "verify", "--json")  # analytics data: a warning, no error
     doc = json.loads(res.out)
     assert res.code == 0 and any("change table" in w for w in doc["warnings"]), doc
+
+
+def test_unique_and_retention_across_sources_sharing_chunks(tmp_path: Path) -> None:
+    """Two disks that share content (a clone): a chunk is freed only when no point of either
+    source holds it."""
+    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    a = Image(tmp_path / "a.img", 8 * MiB)
+    a.random(0, 2 * MiB, seed=5)
+    a.compressible(4 * MiB, MiB, seed=6)
+    api_backup(repo.location, a.path, name="a")
+    b = a.clone(tmp_path / "b.img")
+    b.random(6 * MiB, 3 * C, seed=7)  # b diverges a little
+    api_backup(repo.location, b.path, name="b")
+    a.take_changes()
+    a.random(0, 4 * C, seed=8)  # a rewrites the start that b still holds
+    api_backup(repo.location, a.path, a.changes_file(tmp_path / "ca.json"), name="a")
+    b.take_changes()
+    b.random(C, C, seed=9)
+    api_backup(repo.location, b.path, b.changes_file(tmp_path / "cb.json"), name="b")
+    held, stored = _truth(repo)
+    cat = Catalog.open(repo.storage, repo.points())
+    ids = [p.id for p in cat.history.points]
+    assert list(cat.unique_bytes()) == [_gc_frees(held, stored, {pid}) for pid in ids]
+    for mask in ([1, 0, 0, 0], [1, 1, 0, 0], [1, 0, 1, 0], [0, 1, 0, 1], [1, 1, 1, 0]):
+        gone = {pid for pid, m in zip(ids, mask, strict=True) if m}
+        got = int(cat.freed(np.array(mask, bool)).sum())
+        assert got == _gc_frees(held, stored, gone), mask
