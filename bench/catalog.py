@@ -69,6 +69,8 @@ def ensure_catalog(workdir: str, spec: Spec) -> Repository:
     want = json.dumps(asdict(spec), sort_keys=True)
     if os.path.exists(stamp) and open(stamp).read() == want:
         return Repository.open(location)
+    if os.path.exists(stamp):
+        os.unlink(stamp)  # first: an interrupted rewrite must never pass for a finished one
     if os.path.exists(location):
         import shutil
 

@@ -121,7 +121,6 @@ class Catalog:
         if "changes" in self._built:
             return
         files = self.history.change_files()
-        self.damaged.extend(self.history.damaged)
         self.con.register(
             "_change_files",
             pa.table(

@@ -5,6 +5,7 @@ Builds ``catalog.dashboard.DashboardData``; the page itself is drawn by ``catalo
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import UTC, datetime
 
 import numpy as np
@@ -14,7 +15,6 @@ from .analytics import Catalog
 from .dashboard import DashboardData, format_bytes
 from .reports import (
     ReportOptions,
-    change_rate,
     default_bucket,
     fit_growth,
     fit_warning,
@@ -40,8 +40,9 @@ def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> Das
         "ORDER BY time, pos"
     ).to_arrow_table()
     ratios = cat.con.sql(
-        "SELECT time, 'repository' AS source, sum(bytes_data) OVER w / nullif(sum(bytes_new) "
-        "OVER w, 0) AS dedup_ratio, sum(bytes_new) OVER w / nullif(sum(bytes_stored) OVER w, 0) "
+        "SELECT time, 'repository' AS source, sum(bytes_data) OVER w / nullif(sum(CASE WHEN "
+        "has_changes THEN bytes_new END) OVER w, 0) AS dedup_ratio, "
+        "sum(bytes_new) OVER w / nullif(sum(bytes_stored) OVER w, 0) "
         "AS compression_ratio FROM point_history WINDOW w AS (ORDER BY time, pos ROWS "
         "UNBOUNDED PRECEDING) ORDER BY time, pos"
     ).to_arrow_table()
@@ -90,7 +91,9 @@ def _projection(cat: Catalog) -> tuple[pa.Table, dict[str, object]]:
         "slope_bytes_per_day": b,
         "r2": r2,
         "points": len(x),
-        "warning": fit_warning(len(x), r2) if len(x) else None,
+        "warning": fit_warning(len(x), r2, last - float(x[0]), max(HORIZONS_DAYS))
+        if len(x)
+        else None,
     }
     return table, fit
 
@@ -123,29 +126,37 @@ def _heat(cat: Catalog) -> pa.Table:
     )
 
 
-def _summary(cat: Catalog, fit: dict[str, object], now: datetime) -> list[tuple[str, str]]:
+def _summary(cat: Catalog, fit: Mapping[str, object], now: datetime) -> list[tuple[str, str]]:
     h = cat.history
+    known = [p for p in h.points if p.changes is not None]  # data bytes need change tables
     stored = sum(p.stats.bytes_stored for p in h.points)
     new = sum(p.stats.bytes_new for p in h.points)
-    logical = sum(p.stats.bytes_data for p in h.points)
+    new_known = sum(p.stats.bytes_new for p in known)
+    logical = sum(p.stats.bytes_data for p in known)
     latest = {p.source: p for p in h.points}  # source-major order: the last one wins
-    protected = sum(p.stats.bytes_data for p in latest.values())
+    protected = [p.stats.bytes_data for p in latest.values() if p.changes is not None]
     gaps = rpo(cat, ReportOptions(now=now)).table
     worst = max(
         (g for g in gaps.column("largest_gap_hours").to_pylist() if g is not None), default=None
     )
-    rates = change_rate(cat, ReportOptions()).table.column("p50_bytes_per_hour").to_pylist()
+    median = cat.con.execute(
+        "SELECT median(bytes_changed / (epoch(time - prev) / 3600.0)) FROM (SELECT time, "
+        "bytes_changed, lag(time) OVER (PARTITION BY source ORDER BY pos) AS prev "
+        "FROM point_history) WHERE time > prev"
+    ).fetchall()[0]
     slope = float(fit["slope_bytes_per_day"])  # type: ignore[arg-type]
-    cards = [
+    na = "n/a"
+    return [
         ("Recovery points", f"{len(h.points):,}"),
         ("Sources", f"{len(h.sources):,}"),
         ("Stored", format_bytes(stored)),
-        ("Latest disks' data", format_bytes(protected)),
-        ("Dedup ratio", f"{logical / new:.1f}×" if new else "n/a"),
-        ("Compression ratio", f"{new / stored:.2f}×" if stored else "n/a"),
+        ("Latest disks' data", format_bytes(sum(protected)) if protected else na),
+        ("Dedup ratio", f"{logical / new_known:.1f}×" if new_known and known else na),
+        ("Compression ratio", f"{new / stored:.2f}×" if stored else na),
         ("Growth per day", format_bytes(slope)),
-        ("Largest gap (RPO)", f"{worst:.1f} h" if worst is not None else "n/a"),
+        ("Largest gap (RPO)", f"{worst:.1f} h" if worst is not None else na),
+        (
+            "Median change rate",
+            f"{format_bytes(median[0])}/h" if median and median[0] is not None else na,
+        ),
     ]
-    if rates and rates[0] is not None:
-        cards.append(("Median change rate", f"{format_bytes(max(rates))}/h"))
-    return cards

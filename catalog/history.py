@@ -18,7 +18,7 @@ This module prints nothing; reports (``catalog.reports``) build on it.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 
 import duckdb
 import numpy as np
@@ -39,7 +39,7 @@ _KEY_FILTER_BITS = 1 << 24
 class History:
     """Points in source-major order, with what is known about each source's chain."""
 
-    points: list[RecoveryPoint]  # source-major: by source, then time, then id
+    points: list[RecoveryPoint]  # source-major: by source, then down the parent chain
     sources: list[str]
     source_of: np.ndarray  # int32 per point: index into sources
     seq: np.ndarray  # int32 per point: position within its source (0 = oldest)
@@ -54,24 +54,25 @@ class History:
 
     @classmethod
     def of(cls, storage: Storage, points: list[RecoveryPoint]) -> History:
-        ordered = sorted(points, key=lambda p: (p.source, p.time, p.id))
-        sources = sorted({p.source for p in ordered})
+        sources = sorted({p.source for p in points})
+        ordered: list[RecoveryPoint] = []
+        complete = np.ones(len(sources), bool)
+        for s, name in enumerate(sources):
+            chain, whole = _chain([p for p in points if p.source == name])
+            ordered += chain
+            complete[s] = whole and all(p.changes is not None for p in chain)
         index = {s: i for i, s in enumerate(sources)}
         source_of = np.array([index[p.source] for p in ordered], np.int32)
         count = np.bincount(source_of, minlength=len(sources)).astype(np.int64)
         base = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
         seq = (np.arange(len(ordered)) - base[source_of]).astype(np.int32)
-        complete = np.ones(len(sources), bool)
-        for i, p in enumerate(ordered):
-            prev = ordered[i - 1] if seq[i] > 0 else None
-            chained = p.parent == (prev.id if prev is not None else None)
-            if p.changes is None or not chained:
-                complete[source_of[i]] = False
         return cls(ordered, sources, source_of, seq, base, count, complete, storage)
 
     def times(self) -> np.ndarray:
         """Commit times as datetime64[us] (UTC) per point."""
-        stamps = [datetime.fromisoformat(p.time).replace(tzinfo=None) for p in self.points]
+        stamps = [
+            datetime.fromisoformat(p.time).astimezone(UTC).replace(tzinfo=None) for p in self.points
+        ]
         return np.array(stamps, "datetime64[us]")
 
     def change_files(self) -> list[tuple[int, str, int]]:
@@ -192,6 +193,26 @@ class History:
         return _freed_per_point(len(self.points), cols, flag, one_point=False)
 
 
+def _chain(mine: list[RecoveryPoint]) -> tuple[list[RecoveryPoint], bool]:
+    """One source's points from its first backup down the parent chain, and whether they form
+    one unbroken chain (then each change table is relative to the point before it). Otherwise
+    (a parent missing or damaged, a branch): oldest first, and not whole."""
+    by_time = sorted(mine, key=lambda p: (p.time, p.id))
+    ids = {p.id for p in mine}
+    children: dict[str | None, list[RecoveryPoint]] = {}
+    for p in mine:
+        children.setdefault(p.parent if p.parent in ids else None, []).append(p)
+    firsts = children.get(None, [])
+    if len(firsts) != 1:
+        return by_time, False
+    order = [firsts[0]]
+    while len(children.get(order[-1].id, [])) == 1:
+        order.append(children[order[-1].id][0])
+    if len(order) != len(mine):
+        return by_time, False
+    return order, order[0].parent is None
+
+
 def sql_list(files: list[tuple[int, str, int]]) -> str:
     """The files' paths as a DuckDB list literal."""
     return "[" + ", ".join("'" + f[1].replace("'", "''") + "'" for f in files) + "]"
@@ -254,11 +275,8 @@ def _freed_per_point(n: int, c: _Columns, flag: np.ndarray, one_point: bool) -> 
             p = c.pos(cand)
             good &= (lo[at] == p) & (hi[at] == p)
         ok[cand[~good]] = False
-    per_row = np.where(ok, c.stored, 0).astype(np.int64)
-    firsts_of_points = np.minimum(c.starts[:-1], max(len(per_row) - 1, 0))
-    sums = np.add.reduceat(per_row, firsts_of_points) if len(per_row) else np.zeros(n, np.int64)
-    # reduceat gives an empty range the value at its start: points without rows freed nothing.
-    return np.where(np.diff(c.starts) > 0, sums, 0).astype(np.int64)
+    running = np.concatenate([[0], np.cumsum(np.where(ok, c.stored, 0), dtype=np.int64)])
+    return (running[c.starts[1:]] - running[c.starts[:-1]]).astype(np.int64)
 
 
 def _maybe_in(key: np.ndarray, members: np.ndarray) -> np.ndarray:

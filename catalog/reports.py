@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from .analytics import Catalog
-from .errors import QueryError, UsageError
+from .errors import PointNotFound, QueryError, UsageError
 from .retention import KeepPolicy, forget_mask
 
 MIB = 1 << 20
@@ -51,15 +51,20 @@ class Report:
 
 
 def _filter(opts: ReportOptions, time_col: str = "time") -> tuple[str, list[object]]:
-    """A WHERE clause (and its parameters) for --source and --since."""
+    """A WHERE clause (and its parameters) for --source and --since. On a ``period`` column,
+    --since keeps the period it falls in (the periods are those of --period)."""
     conds: list[str] = ["true"]
     params: list[object] = []
     if opts.source is not None:
         conds.append("source = ?")
         params.append(opts.source)
     if opts.since is not None:
-        conds.append(f"{time_col} >= ?")
-        params.append(opts.since)
+        if time_col == "period":
+            conds.append("period >= date_trunc(?, ?::TIMESTAMPTZ)")
+            params += [opts.period, opts.since]
+        else:
+            conds.append(f"{time_col} >= ?")
+            params.append(opts.since)
     return " AND ".join(conds), params
 
 
@@ -182,13 +187,17 @@ def ratios(cat: Catalog, opts: ReportOptions) -> ReportResult:
     where, params = _filter(replace(opts, source=None), "period")
     table = _sql(
         cat,
-        "WITH c AS (SELECT time, sum(bytes_data) OVER w AS logical, sum(bytes_new) OVER w AS "
-        "plain, sum(bytes_stored) OVER w AS stored FROM point_history "
+        # Data bytes are known only with change tables: the dedup ratio counts those points
+        # alone (in both terms); compression counts every point.
+        "WITH c AS (SELECT time, row_number() OVER w AS n, sum(bytes_data) OVER w AS logical, "
+        "sum(CASE WHEN has_changes THEN bytes_new END) OVER w AS plain_known, "
+        "sum(bytes_new) OVER w AS plain, sum(bytes_stored) OVER w AS stored FROM point_history "
         "WINDOW w AS (ORDER BY time, pos ROWS UNBOUNDED PRECEDING)), "
-        "p AS (SELECT date_trunc(?, time) AS period, arg_max(logical, time) AS logical, "
-        "arg_max(plain, time) AS plain, arg_max(stored, time) AS stored FROM c GROUP BY 1) "
+        "p AS (SELECT date_trunc(?, time) AS period, arg_max(logical, n) AS logical, "
+        "arg_max(plain_known, n) AS plain_known, arg_max(plain, n) AS plain, "
+        "arg_max(stored, n) AS stored FROM c GROUP BY 1) "
         "SELECT period, logical::BIGINT AS logical_bytes, plain::BIGINT AS unique_bytes, "
-        "stored::BIGINT AS stored_bytes, logical / nullif(plain, 0) AS dedup_ratio, "
+        "stored::BIGINT AS stored_bytes, logical / nullif(plain_known, 0) AS dedup_ratio, "
         "plain / nullif(stored, 0) AS compression_ratio "
         f"FROM p WHERE {where} ORDER BY period",
         [opts.period, *params],
@@ -211,35 +220,43 @@ def unique(cat: Catalog, opts: ReportOptions) -> ReportResult:
 
 
 def retention(cat: Catalog, opts: ReportOptions) -> ReportResult:
-    """What forgetting points (a keep policy and/or named points) would free."""
+    """What forgetting points (a keep policy and/or named points) would free. Freed bytes are
+    null for a source whose history is incomplete (they could not be exact)."""
     h = cat.history
     if not opts.policy.any() and not opts.forget:
         raise UsageError(
             "give a policy (--keep-last/-hourly/-daily/-weekly/-monthly/-yearly) "
             "or points to --forget"
         )
+    if opts.since is not None:
+        raise UsageError("retention applies to whole histories: --since does not apply")
     forget = forget_mask(h.points, opts.policy, opts.forget, opts.source)
     freed = cat.freed(forget)
-    rows = []
+    rows: list[tuple[str, int, int, int, int | None]] = []
     for s, name in enumerate(h.sources):
         mine = h.source_of == s
         if opts.source is not None and name != opts.source:
             continue
+        exact = bool(h.complete[s])
         rows.append(
             (
                 name,
                 int(mine.sum()),
                 int((mine & ~forget).sum()),
                 int((mine & forget).sum()),
-                int(freed[s]),
+                int(freed[s]) if exact else None,
             )
         )
-    cols: list[tuple[object, ...]] = list(zip(*rows, strict=True)) if rows else [()] * 5
     table = pa.table(
-        [pa.array(cols[0], pa.string()), *(pa.array(c, pa.int64()) for c in cols[1:])],
-        names=["source", "points", "kept", "forgotten", "freed_bytes"],
+        {
+            "source": pa.array([r[0] for r in rows], pa.string()),
+            "points": pa.array([r[1] for r in rows], pa.int64()),
+            "kept": pa.array([r[2] for r in rows], pa.int64()),
+            "forgotten": pa.array([r[3] for r in rows], pa.int64()),
+            "freed_bytes": pa.array([r[4] for r in rows], pa.int64()),
+        }
     )
-    total = int(freed.sum()) if opts.source is None else sum(r[4] for r in rows)
+    total = sum(r[4] or 0 for r in rows)
     notes = [
         f"forgetting {int(forget.sum())} of {len(h.points)} point(s) frees {total:,} bytes "
         f"({total / 2**30:.2f} GiB)"
@@ -279,7 +296,7 @@ def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float | None
 def projection(cat: Catalog, opts: ReportOptions) -> ReportResult:
     x, y = fit_growth(cat, opts.source, opts.since)
     if len(x) == 0:
-        raise QueryError("no recovery points to project from")
+        raise PointNotFound("no recovery points to project from")
     a, b, r2 = linear_fit(x, y)
     first = cat.history.times().min() if opts.source is None else None
     t0 = _first_time(cat, opts.source) if first is None else first
@@ -298,18 +315,22 @@ def projection(cat: Catalog, opts: ReportOptions) -> ReportResult:
         }
     )
     notes = []
-    warning = fit_warning(len(x), r2)
+    warning = fit_warning(len(x), r2, last - float(x[0]), max(horizons))
     if warning:
         notes.append(warning)
     return ReportResult(table, notes)
 
 
-def fit_warning(n: int, r2: float | None) -> str | None:
+def fit_warning(n: int, r2: float | None, span_days: float, ahead_days: float) -> str | None:
+    """Why the projection should not be trusted, if it should not (None when it may be)."""
     if n < 3:
         return f"only {n} point(s): the projection is a guess"
+    why = []
     if r2 is not None and r2 < POOR_FIT_R2:
-        return f"poor fit (r² = {r2:.2f} < {POOR_FIT_R2}): growth is not linear, do not trust it"
-    return None
+        why.append(f"poor fit (r² = {r2:.2f} < {POOR_FIT_R2}): growth is not linear")
+    if span_days < max(1.0, ahead_days / 10):
+        why.append(f"the history spans {span_days:.2g} day(s), projected {ahead_days:.0f} ahead")
+    return "; ".join(why) + ": do not trust the projection" if why else None
 
 
 def _first_time(cat: Catalog, source: str | None) -> np.datetime64:

@@ -139,7 +139,8 @@ def add_file_views(
 ) -> None:
     """The views over the repository's Parquet files: manifests, chunks, packs."""
     damaged = [] if damaged is None else damaged
-    roots = _files(storage, [roots_name(p.root) for p in points], damaged)
+    # Two points with identical manifests share one root file: list it once.
+    roots = _files(storage, sorted({roots_name(p.root) for p in points}), damaged)
     leaf_names = [n for n in storage.list(LEAVES_PREFIX) if n.endswith(".parquet")]
     leaves = _files(storage, leaf_names, damaged)
     index = _files(storage, segment_names(storage), damaged)
@@ -177,6 +178,8 @@ def _lock_down(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
     if root is not None:
         con.execute("SET allowed_directories = [?]", [root.rstrip("/") + "/"])
     for setting in (
+        # Periods (date_trunc) and printed times are UTC, whatever the machine's zone.
+        "TimeZone = 'UTC'",
         "enable_external_access = false",
         "autoinstall_known_extensions = false",
         "autoload_known_extensions = false",

@@ -20,6 +20,8 @@ from catalog.views import stream_query
 
 from .output import open_output, write_result
 
+MAX_SIZE_BYTES = 1 << 50
+MAX_HORIZON_DAYS = 36500  # a century
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 
 
@@ -32,7 +34,7 @@ def _open(repo: str) -> Catalog:
 
 
 def _warn_left_out(cat: Catalog) -> None:
-    for msg in cat.damaged:
+    for msg in dict.fromkeys([*cat.damaged, *cat.history.damaged]):
         print(f"comb: warning: left out of the views: {msg}", file=sys.stderr)
 
 
@@ -48,7 +50,10 @@ def parse_size(text: str) -> int:
     m = _SIZE.match(text.strip())
     if not m:
         raise UsageError(f"bad size {text!r} (e.g. 1G, 256M, 65536)")
-    return int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+    size = int(m.group(1)) << (10 * " KMGT".index(m.group(2).upper() or " "))
+    if not 0 < size <= MAX_SIZE_BYTES:
+        raise UsageError(f"size {text!r} out of range (1 byte to 1 PiB)")
+    return size
 
 
 def parse_since(text: str) -> datetime:
@@ -64,8 +69,8 @@ def _options(args: argparse.Namespace) -> ReportOptions:
         horizons = tuple(int(h) for h in args.horizons.split(",") if h.strip())
     except ValueError:
         raise UsageError(f"bad --horizons {args.horizons!r} (days, e.g. 30,90,365)") from None
-    if any(h <= 0 for h in horizons) or not horizons:
-        raise UsageError("--horizons must be positive numbers of days")
+    if not horizons or any(not 0 < h <= MAX_HORIZON_DAYS for h in horizons):
+        raise UsageError(f"--horizons must be days between 1 and {MAX_HORIZON_DAYS}")
     keep = {r: getattr(args, f"keep_{r}") for r in KeepPolicy.__dataclass_fields__}
     if any(v < 0 for v in keep.values()) or args.limit < 0:
         raise UsageError("counts must not be negative")

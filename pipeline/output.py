@@ -18,7 +18,7 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from catalog.errors import OutputError, QueryError
+from catalog.errors import OutputError, QueryError, UsageError
 
 _UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
@@ -37,7 +37,7 @@ def write_result(
     """Write every batch of ``reader`` in ``fmt``; ``human`` shows sizes and times readably in
     the table format (reports), raw values otherwise (queries, CSV, JSON, Parquet)."""
     if fmt == "parquet" and output is None:
-        raise OutputError("--format parquet needs --output FILE")
+        raise UsageError("--format parquet needs --output FILE")
     try:
         with open_output(output, binary=fmt == "parquet") as out:
             if fmt == "parquet":
@@ -68,12 +68,22 @@ def open_output(output: str | None, binary: bool) -> Iterator[IO[Any]]:
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, output)
+        _sync_dir(folder)
     except OSError as err:
         _remove(tmp)
         raise OutputError(f"cannot write {output}: {err.strerror}") from None
     except BaseException:
         _remove(tmp)
         raise
+
+
+def _sync_dir(folder: str) -> None:
+    """Make the rename durable (as restore does for its output)."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def _remove(path: str) -> None:

@@ -153,7 +153,7 @@ def _doc(source: str, t: datetime, stored: int, seconds: float = 1.0) -> Recover
 def test_projection_recovers_the_slope_of_a_linear_history(tmp_path: Path) -> None:
     repo = Repository.init(str(tmp_path / "r"), C, 3)
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
-    for day in range(20):
+    for day in range(40):
         commit_point(repo.storage, _doc("a", t0 + timedelta(days=day), 5_000_000))
     cat = Catalog.open(repo.storage, repo.points())
     result = run_report(cat, "projection", ReportOptions(horizons=(30, 365)))
@@ -161,8 +161,11 @@ def test_projection_recovers_the_slope_of_a_linear_history(tmp_path: Path) -> No
     assert rows[0]["slope_bytes_per_day"] == pytest.approx(5_000_000)
     assert rows[0]["r2"] == pytest.approx(1.0)
     assert [r["horizon_days"] for r in rows] == [0, 30, 365]
-    assert rows[2]["projected_bytes"] == pytest.approx(100_000_000 + 365 * 5_000_000)
+    assert rows[2]["projected_bytes"] == pytest.approx(200_000_000 + 365 * 5_000_000)
     assert result.notes == []
+    # The same line from three days of history: a year ahead is flagged as a guess.
+    short = run_report(cat, "projection", ReportOptions(since=t0 + timedelta(days=37)))
+    assert any("spans" in n for n in short.notes)
 
 
 def test_projection_warns_when_the_fit_is_poor(tmp_path: Path) -> None:
@@ -290,7 +293,7 @@ def test_query_cli_formats_and_read_only(cli: CliRunner, history, tmp_path: Path
     assert res.code == 0, res.err
     got = {row["point_id"]: row["b"] for row in pq.read_table(out).to_pylist()}
     assert [got[p.id] for p in points[1:]] == changed
-    assert_one_line_error(cli("-r", r, "query", sql, "--format", "parquet"), "--output", code=10)
+    assert_one_line_error(cli("-r", r, "query", sql, "--format", "parquet"), "--output", code=2)
     assert_one_line_error(cli("-r", r, "query", "DELETE FROM points"), "read-only", code=9)
     assert_one_line_error(cli("-r", r, "query", "SELEC 1"), "bad SQL", code=9)
     res = cli(
@@ -441,3 +444,66 @@ def test_unique_and_retention_across_sources_sharing_chunks(tmp_path: Path) -> N
         gone = {pid for pid, m in zip(ids, mask, strict=True) if m}
         got = int(cat.freed(np.array(mask, bool)).sum())
         assert got == _gc_frees(held, stored, gone), mask
+
+
+def test_a_source_without_rows_and_a_clock_that_stepped_back(tmp_path: Path) -> None:
+    """Regressions: a last source with no change rows (an all-zero disk) must not shift the
+    sums of the others; points of a source are ordered by their parent chain, not by time."""
+    from catalog.points import point_name
+
+    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    a = Image(tmp_path / "a.img", 2 * MiB)
+    a.random(0, MiB, seed=1)
+    first = api_backup(repo.location, a.path, name="a")
+    a.take_changes()
+    a.random(0, C, seed=2)
+    second = api_backup(repo.location, a.path, a.changes_file(tmp_path / "c.json"), name="a")
+    # The second backup's clock was an hour behind: same document, earlier time.
+    doc = json.loads(Path(repo.location, point_name(second.id)).read_bytes())
+    doc["time"] = (datetime.fromisoformat(first.time) - timedelta(hours=1)).isoformat()
+    Path(repo.location, point_name(second.id)).unlink()
+    moved = commit_point(
+        repo.storage, RecoveryPoint(**{**doc, "stats": PointStats(**doc["stats"])})
+    )
+    api_backup(repo.location, Image(tmp_path / "z.img", MiB).path, name="zz")  # zeros only
+    held, stored = _truth(repo)
+    cat = Catalog.open(repo.storage, repo.points())
+    ids = [p.id for p in cat.history.points]
+    assert ids[:2] == [first.id, moved.id]  # down the chain, not by time
+    assert list(cat.unique_bytes()) == [_gc_frees(held, stored, {pid}) for pid in ids]
+    for mask in ([1, 0, 0], [0, 1, 0], [1, 1, 1]):
+        gone = {pid for pid, m in zip(ids, mask, strict=True) if m}
+        assert int(cat.freed(np.array(mask, bool)).sum()) == _gc_frees(held, stored, gone)
+
+
+def test_periods_are_utc_and_since_keeps_its_period(
+    history, monkeypatch: pytest.MonkeyPatch
+) -> None:  # type: ignore[no-untyped-def]
+    import time
+
+    repo, points, _ = history
+    monkeypatch.setenv("TZ", "America/Los_Angeles")
+    time.tzset()
+    try:
+        cat = Catalog.open(repo.storage, repo.points())
+        last = datetime.fromisoformat(points[-1].time)
+        rows = run_report(cat, "growth", ReportOptions(since=last)).table.to_pylist()
+        assert [r["period"].date() for r in rows] == [last.astimezone(UTC).date()]
+        assert rows[0]["period"].utcoffset() == timedelta(0)
+    finally:
+        monkeypatch.delenv("TZ")
+        time.tzset()
+
+
+def test_points_sharing_a_root_are_not_counted_twice(tmp_path: Path) -> None:
+    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    img = Image(tmp_path / "d.img", MiB)
+    img.random(0, 4 * C, seed=3)
+    api_backup(repo.location, img.path)
+    p2 = api_backup(repo.location, img.path)  # nothing changed: all leaves referenced
+    p3 = api_backup(repo.location, img.path)  # ... by the same root bytes as p2's
+    assert p2.root == p3.root
+    cat = Catalog.open(repo.storage, repo.points())
+    sql = "SELECT point_id, count(*) FROM manifests GROUP BY 1"
+    cat.need(sql)
+    assert sorted(n for _, n in cat.con.execute(sql).fetchall()) == [4, 4, 4]
