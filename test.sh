@@ -8,5 +8,5 @@ comb_bootstrap test
 bin="$comb_venv/bin"
 "$bin/ruff" format --check .
 "$bin/ruff" check .
-"$bin/mypy" catalog stages pipeline bench tests
+"$bin/mypy" catalog stages pipeline drive bench tests
 exec "$bin/pytest" "$@"

@@ -31,6 +31,7 @@ comb_bootstrap() {
         command -v losetup >/dev/null || missing+=(mount)
         command -v git >/dev/null || missing+=(git)
         command -v chromium >/dev/null || missing+=(chromium)  # dashboard page, rendered headless
+        command -v qemu-img >/dev/null || missing+=(qemu-utils)  # independent reader of exports
     fi
     comb_apt_install "${missing[@]}"
     if [ ! -x "$comb_venv/bin/python" ]; then
