@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from catalog.errors import CombError, UsageError
+from drive.formats import FORMATS
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -57,6 +58,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("point", help="id, unique id prefix, or NAME@latest")
     s.add_argument("output")
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("export", help="write a recovery point as a disk image file")
+    s.add_argument("point", help="point id, unique prefix or NAME@latest")
+    s.add_argument("output", help="image file to write")
+    s.add_argument(
+        "--format",
+        default="raw",
+        choices=list(FORMATS),
+        help="image format (default raw)",
+    )
+    s.add_argument("--force", action="store_true", help="replace an existing output")
     s.add_argument("--json", action="store_true")
 
     s = sub.add_parser("verify", help="check the repository")

@@ -18,11 +18,12 @@ from catalog.repo import Repository
 
 from .analytics_cmds import cmd_catalog_schema, cmd_dashboard, cmd_query, cmd_report
 from .backup import BackupOptions, run_backup
+from .drive_cmds import cmd_export
 from .engines import make_engine
 from .progress import progress_bar
 from .restore import restore_point
 
-__all__ = ["cmd_catalog_schema", "cmd_dashboard", "cmd_query", "cmd_report"]
+__all__ = ["cmd_catalog_schema", "cmd_dashboard", "cmd_export", "cmd_query", "cmd_report"]
 
 
 def _json(obj: Any) -> None:

@@ -1,0 +1,30 @@
+"""The export formats by name: each builds a ``VirtualImage`` of a block source."""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+
+from .image import BlockSource, VirtualImage
+
+# name -> (module in this package, function, what it is). Imported on use.
+FORMATS: dict[str, tuple[str, str, str]] = {
+    "raw": ("image", "raw_image", "the disk itself (holes kept)"),
+}
+# qemu-img's name of each format (for its -f option).
+QEMU_NAMES = {
+    "raw": "raw",
+    "vhd": "vpc",
+    "vhd-fixed": "vpc",
+    "vhdx": "vhdx",
+    "vmdk": "vmdk",
+    "qcow2": "qcow2",
+}
+
+
+def builder(name: str) -> Callable[[BlockSource], VirtualImage]:
+    module, function, _about = FORMATS[name]
+    built: Callable[[BlockSource], VirtualImage] = getattr(
+        importlib.import_module(f"drive.{module}"), function
+    )
+    return built
