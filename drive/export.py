@@ -4,10 +4,24 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 
 from catalog.errors import OutputError
 
 from .image import VirtualImage
+
+
+def _ahead(pieces: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
+    """The next piece is generated (read, decoded, checked) while this one is written."""
+    with ThreadPoolExecutor(1, thread_name_prefix="comb-export") as pool:
+        pending = pool.submit(next, pieces, None)
+        while True:
+            piece = pending.result()
+            if piece is None:
+                return
+            pending = pool.submit(next, pieces, None)
+            yield piece
 
 
 def export_image(image: VirtualImage, output: str, force: bool = False) -> int:
@@ -24,7 +38,7 @@ def export_image(image: VirtualImage, output: str, force: bool = False) -> int:
         raise OutputError(f"cannot write {output}: {err.strerror}") from None
     ok = False
     try:
-        for offset, data in image.pieces():
+        for offset, data in _ahead(image.pieces()):
             os.pwrite(fd, data, offset)
             written += len(data)
         os.ftruncate(fd, image.size)

@@ -9,7 +9,9 @@ Imports catalog only (no Ray, no pipeline).
 
 from __future__ import annotations
 
+import os
 from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
@@ -21,6 +23,8 @@ from catalog.points import RecoveryPoint
 from catalog.repo import Repository
 
 DEFAULT_CACHE_CHUNKS = 256  # 16 MiB of 64 KiB chunks
+READ_THREADS = max(4, 2 * (os.cpu_count() or 2))
+_PARALLEL_CHUNKS = 8  # reads of at least this many chunks go to the threads
 
 
 class PointSource:
@@ -52,6 +56,7 @@ class PointSource:
         self._loc_pack = np.array(locations.column("pack").to_pylist(), object)[order]
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_chunks = cache_chunks
+        self._threads: ThreadPoolExecutor | None = None
 
     @property
     def size(self) -> int:
@@ -80,19 +85,34 @@ class PointSource:
         length = max(0, min(length, self.size - offset))
         out = bytearray(length)
         c = self._chunk
-        first, last = offset // c, (offset + length - 1) // c
-        for number in range(first, last + 1) if length else ():
-            lo, hi = max(offset, number * c), min(offset + length, (number + 1) * c)
-            data = self._chunk_data(number)
+        numbers = range(offset // c, (offset + length - 1) // c + 1) if length else range(0)
+        # Large reads (exports, sequential NBD reads) fetch their chunks on threads: pack
+        # reads, zstd and BLAKE3 release the GIL.
+        if len(numbers) >= _PARALLEL_CHUNKS:
+            datas = list(self._pool().map(self._fetch, numbers))
+        else:
+            datas = [self._chunk_data(n) for n in numbers]
+        for number, data in zip(numbers, datas, strict=True):
             if data is not None:
+                lo, hi = max(offset, number * c), min(offset + length, (number + 1) * c)
                 out[lo - offset : hi - offset] = data[lo - number * c : hi - number * c]
         return bytes(out)
 
-    def _chunk_data(self, number: int) -> bytes | None:
+    def _pool(self) -> ThreadPoolExecutor:
+        if self._threads is None:
+            self._threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="comb-drive")
+        return self._threads
+
+    def _fetch(self, number: int) -> bytes | None:
+        """A chunk for a large read: not cached (it would only evict what small reads use)."""
+        return self._chunk_data(number, cache=False)
+
+    def _chunk_data(self, number: int, cache: bool = True) -> bytes | None:
         """The plain bytes of chunk ``number``, or None for a zero chunk."""
         cached = self._cache.get(number)
         if cached is not None:
-            self._cache.move_to_end(number)
+            if cache:
+                self._cache.move_to_end(number)
             return cached
         i = int(np.searchsorted(self._numbers, number))
         if i == len(self._numbers) or self._numbers[i] != number:
@@ -111,7 +131,8 @@ class PointSource:
         data = decode_chunk(
             blob, int(self._loc["codec"][j]), int(self._loc["raw_len"][j]), cid, where
         )
-        self._cache[number] = data
-        if len(self._cache) > self._cache_chunks:
-            self._cache.popitem(last=False)
+        if cache:
+            self._cache[number] = data
+            if len(self._cache) > self._cache_chunks:
+                self._cache.popitem(last=False)
         return data
