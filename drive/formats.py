@@ -10,6 +10,7 @@ from .image import BlockSource, VirtualImage
 # name -> (module in this package, function, what it is). Imported on use.
 FORMATS: dict[str, tuple[str, str, str]] = {
     "raw": ("image", "raw_image", "the disk itself (holes kept)"),
+    "qcow2": ("qcow2", "qcow2_image", "qcow2 version 3, 64 KiB clusters"),
 }
 # qemu-img's name of each format (for its -f option).
 QEMU_NAMES = {
