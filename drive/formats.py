@@ -11,6 +11,8 @@ from .image import BlockSource, VirtualImage
 FORMATS: dict[str, tuple[str, str, str]] = {
     "raw": ("image", "raw_image", "the disk itself (holes kept)"),
     "qcow2": ("qcow2", "qcow2_image", "qcow2 version 3, 64 KiB clusters"),
+    "vhd": ("vhd", "vhd_dynamic_image", "VHD, dynamic (sparse), 2 MiB blocks"),
+    "vhd-fixed": ("vhd", "vhd_fixed_image", "VHD, fixed (the disk plus a footer)"),
 }
 # qemu-img's name of each format (for its -f option).
 QEMU_NAMES = {
