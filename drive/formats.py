@@ -13,6 +13,7 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "qcow2": ("qcow2", "qcow2_image", "qcow2 version 3, 64 KiB clusters"),
     "vhd": ("vhd", "vhd_dynamic_image", "VHD, dynamic (sparse), 2 MiB blocks"),
     "vhd-fixed": ("vhd", "vhd_fixed_image", "VHD, fixed (the disk plus a footer)"),
+    "vhdx": ("vhdx", "vhdx_image", "VHDX, dynamic, 32 MiB blocks"),
 }
 # qemu-img's name of each format (for its -f option).
 QEMU_NAMES = {
