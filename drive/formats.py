@@ -14,6 +14,10 @@ FORMATS: dict[str, tuple[str, str, str]] = {
     "vhd": ("vhd", "vhd_dynamic_image", "VHD, dynamic (sparse), 2 MiB blocks"),
     "vhd-fixed": ("vhd", "vhd_fixed_image", "VHD, fixed (the disk plus a footer)"),
     "vhdx": ("vhdx", "vhdx_image", "VHDX, dynamic, 32 MiB blocks"),
+    "vmdk": ("vmdk", "vmdk_image", "VMDK, monolithicSparse, 64 KiB grains"),
+    # vmdk_stream_image (streamOptimized) is not offered: laid out as a VirtualImage it must
+    # know every compressed grain's length first, so it reads the data twice. A sequential
+    # writer (grain directory at the end, as the format allows) would not.
 }
 # qemu-img's name of each format (for its -f option).
 QEMU_NAMES = {
