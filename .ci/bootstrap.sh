@@ -32,6 +32,12 @@ comb_bootstrap() {
         command -v git >/dev/null || missing+=(git)
         command -v chromium >/dev/null || missing+=(chromium)  # dashboard page, rendered headless
         command -v qemu-img >/dev/null || missing+=(qemu-utils)  # independent reader of exports
+        # pyfuse3 (comb mount) is built against libfuse3 when pip installs it.
+        command -v gcc >/dev/null || missing+=(gcc)
+        command -v pkg-config >/dev/null || missing+=(pkg-config)
+        pkg-config --exists fuse3 2>/dev/null || missing+=(libfuse3-dev)
+        python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
+            2>/dev/null || missing+=(python3-dev)
     fi
     comb_apt_install "${missing[@]}"
     if [ ! -x "$comb_venv/bin/python" ]; then

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("mount", help="mount every recovery point as disk image files (FUSE)")
+    s.add_argument("mountpoint", help="an empty directory")
+
     s = sub.add_parser("verify", help="check the repository")
     s.add_argument("--read-data", action="store_true", help="read and re-hash every chunk")
     s.add_argument("--json", action="store_true")

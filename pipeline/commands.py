@@ -20,10 +20,18 @@ from .analytics_cmds import cmd_catalog_schema, cmd_dashboard, cmd_query, cmd_re
 from .backup import BackupOptions, run_backup
 from .drive_cmds import cmd_export
 from .engines import make_engine
+from .mount_cmd import cmd_mount
 from .progress import progress_bar
 from .restore import restore_point
 
-__all__ = ["cmd_catalog_schema", "cmd_dashboard", "cmd_export", "cmd_query", "cmd_report"]
+__all__ = [
+    "cmd_catalog_schema",
+    "cmd_dashboard",
+    "cmd_export",
+    "cmd_mount",
+    "cmd_query",
+    "cmd_report",
+]
 
 
 def _json(obj: Any) -> None:

@@ -1,0 +1,347 @@
+"""The FUSE virtual drive: every recovery point of a repository as read-only image files.
+
+Layout (all generated on the fly, nothing is copied)::
+
+    MOUNTPOINT/<escaped source name>/<point id>/disk.img     raw (holes kept)
+                                               /disk.qcow2   qcow2 v3
+                                               /disk.vhd     VHD, dynamic
+                                               /disk.vhdx    VHDX, dynamic
+                                               /disk.vmdk    VMDK, monolithicSparse
+
+Owns: the reversible escaping of source names into file names, the inode tree (built from the
+points at mount time; points committed later appear on the next listing, none disappear), a
+small LRU of opened points (``PointSource`` plus its five ``VirtualImage``; the rest are
+released), the pyfuse3 request handlers, and the serve loop with its signal handling (SIGINT,
+SIGTERM, SIGHUP unmount cleanly).
+
+Must not: write anything (the mount is ``ro`` and every modifying request answers EROFS), let
+one failed read stop the filesystem (any error reading becomes EIO for that request), or touch
+packs and manifests other than through ``PointSource``. Imports catalog and drive only.
+"""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import signal
+import stat
+import sys
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, NoReturn, TypeVar
+from urllib.parse import unquote_to_bytes
+
+import pyfuse3
+import trio
+
+from catalog.errors import UsageError
+from catalog.points import RecoveryPoint
+from catalog.repo import Repository
+
+from .formats import builder
+from .image import VirtualImage
+from .source import PointSource
+
+# file name in a point's directory -> export format (drive.formats.FORMATS)
+FILES: dict[bytes, str] = {
+    b"disk.img": "raw",
+    b"disk.qcow2": "qcow2",
+    b"disk.vhd": "vhd",
+    b"disk.vhdx": "vhdx",
+    b"disk.vmdk": "vmdk",
+}
+OPEN_POINTS = 4  # points kept open (each: its chunk locations, ~1.6 MiB per GiB of data)
+NAME_MAX_BYTES = 255
+_BLKSIZE_BYTES = 1 << 20  # st_blksize: tools that honour it read 1 MiB at a time
+_DIR_TIMEOUT_S = 1.0  # the kernel re-asks soon, so new points show up
+_FILE_TIMEOUT_S = 60.0  # a point's files never change
+_REFRESH_S = 2.0  # at most one re-read of the point documents per this many seconds
+_MOUNT_OPTIONS = {"ro", "noatime", "default_permissions", "fsname=comb", "subtype=comb"}
+T = TypeVar("T")
+
+
+def escape_name(name: str) -> bytes:
+    """A source name as one file name: its UTF-8 bytes with '%', '/', NUL and control bytes
+    (< 0x20, 0x7f) written as ``%XX``; "." and ".." fully escaped, "" as "%". Reversed by
+    ``unescape_name``. A result over 255 bytes is cut and ends in ``%~`` plus 16 hex digits of
+    the name's SHA-256 (unique, but no longer reversible)."""
+    raw = name.encode("utf-8", "surrogatepass")
+    if raw in (b"", b".", b".."):
+        return b"".join(b"%%%02X" % b for b in raw) or b"%"
+    out = b"".join(b"%%%02X" % b if b < 0x20 or b in b"%/\x7f" else bytes([b]) for b in raw)
+    if len(out) > NAME_MAX_BYTES:
+        out = out[: NAME_MAX_BYTES - 18] + b"%~" + hashlib.sha256(raw).hexdigest()[:16].encode()
+    return out
+
+
+def unescape_name(entry: bytes) -> str:
+    """The source name of a directory entry made by ``escape_name``."""
+    if entry == b"%":
+        return ""
+    if b"%~" in entry:
+        raise ValueError(f"{entry!r} is a shortened name")
+    return unquote_to_bytes(entry).decode("utf-8", "surrogatepass")
+
+
+class _OpenPoint:
+    """One point opened: its block source and the five images, reads serialised by a lock
+    (``PointSource`` keeps a cache and a thread pool of its own and is not thread-safe)."""
+
+    def __init__(self, repo: Repository, point: RecoveryPoint) -> None:
+        source = PointSource(repo, point)
+        self.images: dict[str, VirtualImage] = {f: builder(f)(source) for f in FILES.values()}
+        self._lock = threading.Lock()
+
+    def read(self, fmt: str, offset: int, length: int) -> bytes:
+        with self._lock:
+            return self.images[fmt].read(offset, length)
+
+
+class _PointCache:
+    """The few most recently used points open; every point's file sizes remembered (small), so
+    a ``stat`` after eviction needs no rebuild. Open files hold their point themselves."""
+
+    def __init__(self, repo: Repository, keep: int) -> None:
+        self._repo = repo
+        self._keep = keep
+        self._open: OrderedDict[str, _OpenPoint] = OrderedDict()
+        self._sizes: dict[str, dict[str, tuple[int, int]]] = {}
+        self._lock = threading.Lock()
+
+    def get(self, point: RecoveryPoint) -> _OpenPoint:
+        """Blocking (reads the manifest on a miss): call from a worker thread."""
+        with self._lock:
+            hit = self._open.get(point.id)
+            if hit is not None:
+                self._open.move_to_end(point.id)
+                return hit
+            opened = _OpenPoint(self._repo, point)
+            self._open[point.id] = opened
+            self._sizes[point.id] = {
+                f: (img.size, sum(s.length for s in img.segments))
+                for f, img in opened.images.items()
+            }
+            while len(self._open) > self._keep:
+                self._open.popitem(last=False)
+            return opened
+
+    def sizes(self, point: RecoveryPoint) -> dict[str, tuple[int, int]]:
+        """format -> (file size, bytes backed by data or headers). Blocking on a first call."""
+        known = self._sizes.get(point.id)
+        if known is None:
+            self.get(point)
+            known = self._sizes[point.id]
+        return known
+
+
+@dataclass
+class _Node:
+    inode: int
+    parent: int
+    kind: str  # "root", "source", "point" or "file"
+    time_ns: int
+    point: RecoveryPoint | None = None
+    fmt: str = ""
+    children: dict[bytes, int] = field(default_factory=dict)  # insertion order = listing order
+
+
+def _time_ns(point: RecoveryPoint) -> int:
+    try:
+        return int(datetime.fromisoformat(point.time).timestamp() * 1e9)
+    except (TypeError, ValueError):
+        return time.time_ns()
+
+
+def _fail(code: int) -> NoReturn:
+    raise pyfuse3.FUSEError(code)
+
+
+class CombFS(pyfuse3.Operations):
+    """The pyfuse3 handlers. Tree lookups run on the trio thread; anything that reads the
+    repository runs on a worker thread, and any error there answers EIO."""
+
+    def __init__(self, repo: Repository, keep_points: int = OPEN_POINTS) -> None:
+        super().__init__()
+        self._repo = repo
+        self._cache = _PointCache(repo, keep_points)
+        root = pyfuse3.ROOT_INODE
+        self._nodes: dict[int, _Node] = {root: _Node(root, root, "root", time.time_ns())}
+        self._handles: dict[int, tuple[_OpenPoint, str]] = {}
+        self._next_fh = 1
+        self._refreshed_s = time.monotonic()
+        self.add_points(repo.points())
+
+    def add_points(self, points: list[RecoveryPoint]) -> None:
+        """Add points not in the tree yet (sources by name, then by time)."""
+        root = self._nodes[pyfuse3.ROOT_INODE]
+        for p in sorted(points, key=lambda p: (p.source, p.time, p.id)):
+            src = self._child(root, escape_name(p.source), "source", _time_ns(p))
+            src.time_ns = max(src.time_ns, _time_ns(p))
+            if p.id.encode() in src.children:
+                continue
+            pdir = self._child(src, p.id.encode(), "point", _time_ns(p), p)
+            for name, fmt in FILES.items():
+                self._child(pdir, name, "file", pdir.time_ns, p).fmt = fmt
+
+    def _child(
+        self, parent: _Node, name: bytes, kind: str, t_ns: int, p: RecoveryPoint | None = None
+    ) -> _Node:
+        inode = parent.children.get(name)
+        if inode is None:
+            inode = len(self._nodes) + pyfuse3.ROOT_INODE
+            self._nodes[inode] = _Node(inode, parent.inode, kind, t_ns, p)
+            parent.children[name] = inode
+        return self._nodes[inode]
+
+    async def _refresh(self) -> None:
+        """Pick up points committed since the mount (rate-limited)."""
+        if time.monotonic() - self._refreshed_s < _REFRESH_S:
+            return
+        self._refreshed_s = time.monotonic()
+        points = await self._blocking("list points", self._repo.points)
+        self.add_points(points)  # on the trio thread: handlers never see a half-changed tree
+
+    async def _blocking(self, what: str, fn: Callable[..., T], *args: Any) -> T:
+        try:
+            return await trio.to_thread.run_sync(fn, *args)
+        except pyfuse3.FUSEError:
+            raise
+        except Exception as err:  # noqa: BLE001 - one bad request must not stop the drive
+            print(f"comb: warning: {what}: {err}", file=sys.stderr, flush=True)
+            _fail(errno.EIO)
+
+    def _node(self, inode: int) -> _Node:
+        node = self._nodes.get(inode)
+        return node if node is not None else _fail(errno.ENOENT)
+
+    async def _attr(self, node: _Node) -> pyfuse3.EntryAttributes:
+        a = pyfuse3.EntryAttributes()
+        a.st_ino = node.inode
+        if node.kind == "file":
+            assert node.point is not None
+            sizes = await self._blocking(
+                f"open point {node.point.id}", self._cache.sizes, node.point
+            )
+            size, backed = sizes[node.fmt]
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, size
+            a.st_blocks = -(-backed // 512)
+            a.entry_timeout = a.attr_timeout = _FILE_TIMEOUT_S
+        else:
+            subdirs = 0 if node.kind == "point" else len(node.children)
+            a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2 + subdirs
+            a.entry_timeout = a.attr_timeout = _DIR_TIMEOUT_S
+        a.st_uid, a.st_gid, a.st_blksize = os.getuid(), os.getgid(), _BLKSIZE_BYTES
+        a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.time_ns
+        return a
+
+    async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
+        return await self._attr(self._node(inode))
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any = None) -> Any:
+        node = self._node(parent_inode)
+        if name in (b".", b".."):
+            return await self._attr(self._node(node.inode if name == b"." else node.parent))
+        child = node.children.get(name)
+        if child is None and node.kind in ("root", "source"):
+            await self._refresh()
+            child = node.children.get(name)
+        return await self._attr(self._nodes[child]) if child else _fail(errno.ENOENT)
+
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        node = self._node(inode)
+        if node.kind == "file":
+            _fail(errno.ENOTDIR)
+        if node.kind in ("root", "source"):
+            await self._refresh()
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        entries = list(self._node(fh).children.items())
+        for i, (name, inode) in enumerate(entries[start_id:], start_id):
+            if not pyfuse3.readdir_reply(token, name, await self._attr(self._nodes[inode]), i + 1):
+                break
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
+        node = self._node(inode)
+        if node.kind != "file" or node.point is None:
+            _fail(errno.EISDIR)
+        if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
+            _fail(errno.EROFS)
+        opened = await self._blocking(f"open point {node.point.id}", self._cache.get, node.point)
+        fh, self._next_fh = self._next_fh, self._next_fh + 1
+        self._handles[fh] = (opened, node.fmt)
+        # direct_io: the kernel passes reads through whole (1 MiB requests on libfuse3) and
+        # keeps no page cache of its own; the point's chunk cache is the cache.
+        return pyfuse3.FileInfo(fh=fh, direct_io=True)
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        handle = self._handles.get(fh)
+        if handle is None:
+            _fail(errno.EBADF)
+        opened, fmt = handle
+        return await self._blocking(f"read {fmt} at {off}", opened.read, fmt, off, size)
+
+    async def release(self, fh: int) -> None:
+        self._handles.pop(fh, None)
+
+    async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
+        s = pyfuse3.StatvfsData()
+        s.f_bsize = s.f_frsize = _BLKSIZE_BYTES
+        s.f_files, s.f_namemax = len(self._nodes), NAME_MAX_BYTES
+        return s
+
+    async def _read_only(self, *args: Any, **kwargs: Any) -> NoReturn:
+        _fail(errno.EROFS)
+
+    setattr = mknod = mkdir = unlink = rmdir = symlink = rename = link = _read_only
+    write = create = setxattr = removexattr = _read_only
+
+
+def serve(fs: CombFS, mountpoint: str, on_mounted: Callable[[], None]) -> int:
+    """Mount ``fs`` at ``mountpoint`` and serve it until a signal or an unmount from outside;
+    always unmounts. Returns the signal that stopped it (0: unmounted from outside)."""
+    got: list[int] = []
+
+    def early_stop(signum: int, _frame: object) -> None:  # before trio listens
+        got.append(signum)
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, early_stop) for s in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        try:
+            pyfuse3.init(fs, mountpoint, set(_MOUNT_OPTIONS))
+        except RuntimeError as err:
+            raise UsageError(f"cannot mount at {mountpoint}: {err}") from None
+        try:
+            trio.run(_serve, on_mounted, got)
+        except (KeyboardInterrupt, trio.TrioInternalError):
+            got.append(signal.SIGINT)
+        finally:
+            pyfuse3.close(unmount=True)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    return got[0] if got else 0
+
+
+async def _serve(on_mounted: Callable[[], None], got: list[int]) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                async for signum in signals:
+                    got.append(signum)
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            on_mounted()
+            await pyfuse3.main()
+            nursery.cancel_scope.cancel()  # the kernel ended the session: unmounted outside

@@ -1,0 +1,69 @@
+"""``comb -r REPO mount MOUNTPOINT``: the FUSE virtual drive in the foreground.
+
+Owns the command's checks (the mountpoint must be an existing, empty directory that is not
+already a mount; ``/dev/fuse`` must exist; the binding must import), its two output lines
+(where it is mounted, and that it was unmounted) and its exit code: 0 after SIGTERM, SIGHUP or
+an unmount from outside, 130 after SIGINT (Ctrl-C). The filesystem itself is ``drive.fuse``.
+
+Also runnable as ``python -m pipeline.mount_cmd REPO MOUNTPOINT`` (tests; the same output and
+one-line errors as the CLI).
+"""
+
+from __future__ import annotations
+
+import argparse
+import errno
+import os
+import signal
+import sys
+
+from catalog.errors import UsageError, describe_os_error
+from catalog.repo import Repository
+
+DEV_FUSE = "/dev/fuse"
+EXIT_INTERRUPTED = 130
+
+
+def cmd_mount(repo: str, args: argparse.Namespace) -> int:
+    mountpoint = os.path.abspath(args.mountpoint)
+    check_mountpoint(mountpoint)
+    if not os.path.exists(DEV_FUSE):
+        raise UsageError(f"cannot mount at {mountpoint}: {DEV_FUSE} is missing (no FUSE here)")
+    try:
+        from drive import fuse
+    except ImportError as err:
+        raise UsageError(
+            f"cannot mount at {mountpoint}: the FUSE binding is missing ({err}); "
+            "install libfuse3 and `pip install pyfuse3`"
+        ) from None
+    r = Repository.open(repo)
+    fs = fuse.CombFS(r)
+    for msg in r.damaged:
+        print(f"comb: warning: skipping {msg}", file=sys.stderr)
+
+    def mounted() -> None:
+        print(
+            f"mounted {r.location} at {mountpoint} (read-only; Ctrl-C or umount to stop)",
+            flush=True,
+        )
+
+    signum = fuse.serve(fs, mountpoint, mounted)
+    print(f"unmounted {mountpoint}", flush=True)
+    return EXIT_INTERRUPTED if signum == signal.SIGINT else 0
+
+
+def check_mountpoint(path: str) -> None:
+    """An existing, empty directory that is not a mount already (nor a stale FUSE mount)."""
+    try:
+        entries = os.listdir(path)
+    except FileNotFoundError:
+        raise UsageError(f"mountpoint {path} does not exist") from None
+    except NotADirectoryError:
+        raise UsageError(f"mountpoint {path} is not a directory") from None
+    except OSError as err:
+        hint = f" (a stale mount? try `umount {path}`)" if err.errno == errno.ENOTCONN else ""
+        raise UsageError(f"mountpoint {path}: {describe_os_error(err)}{hint}") from None
+    if os.path.ismount(path):
+        raise UsageError(f"mountpoint {path} is already a mount point")
+    if entries:
+        raise UsageError(f"mountpoint {path} is not empty")
