@@ -32,6 +32,7 @@ comb_bootstrap() {
         command -v git >/dev/null || missing+=(git)
         command -v chromium >/dev/null || missing+=(chromium)  # dashboard page, rendered headless
         command -v qemu-img >/dev/null || missing+=(qemu-utils)  # independent reader of exports
+        command -v nbdinfo >/dev/null || missing+=(libnbd-bin)  # NBD clients: nbdinfo, nbdcopy
         # pyfuse3 (comb mount) is built against libfuse3 when pip installs it.
         command -v gcc >/dev/null || missing+=(gcc)
         command -v pkg-config >/dev/null || missing+=(pkg-config)

@@ -10,6 +10,7 @@ Imports catalog only (no Ray, no pipeline).
 from __future__ import annotations
 
 import os
+import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
 
@@ -30,7 +31,8 @@ _GAP_BYTES = 64 << 10  # read through gaps this small rather than issue another 
 
 
 class PointSource:
-    """``drive.image.BlockSource`` over one committed recovery point."""
+    """``drive.image.BlockSource`` over one committed recovery point; safe to read from
+    several threads at once."""
 
     def __init__(
         self, repo: Repository, point: RecoveryPoint, cache_chunks: int = DEFAULT_CACHE_CHUNKS
@@ -60,6 +62,9 @@ class PointSource:
         self._cache: OrderedDict[int, bytes] = OrderedDict()
         self._cache_chunks = cache_chunks
         self._threads: ThreadPoolExecutor | None = None
+        # Readers on several threads (NBD connections, FUSE requests) share one source: the
+        # cache and the lazily made pool are guarded; reads themselves run in parallel.
+        self._lock = threading.Lock()
 
     @property
     def size(self) -> int:
@@ -169,16 +174,18 @@ class PointSource:
         )
 
     def _pool(self) -> ThreadPoolExecutor:
-        if self._threads is None:
-            self._threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="comb-drive")
-        return self._threads
+        with self._lock:
+            if self._threads is None:
+                self._threads = ThreadPoolExecutor(READ_THREADS, thread_name_prefix="comb-drive")
+            return self._threads
 
     def _chunk_data(self, number: int, cache: bool = True) -> bytes | None:
         """The plain bytes of chunk ``number``, or None for a zero chunk."""
-        cached = self._cache.get(number)
-        if cached is not None:
-            if cache:
+        with self._lock:
+            cached = self._cache.get(number)
+            if cached is not None and cache:
                 self._cache.move_to_end(number)
+        if cached is not None:
             return cached
         i = int(np.searchsorted(self._numbers, number))
         if i == len(self._numbers) or self._numbers[i] != number:
@@ -191,7 +198,8 @@ class PointSource:
         )
         data = self._decode(i, j, blob)
         if cache:
-            self._cache[number] = data
-            if len(self._cache) > self._cache_chunks:
-                self._cache.popitem(last=False)
+            with self._lock:
+                self._cache[number] = data
+                if len(self._cache) > self._cache_chunks:
+                    self._cache.popitem(last=False)
         return data

@@ -72,6 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("serve", help="serve every recovery point over NBD (read-only)")
+    s.add_argument(
+        "--listen", default="127.0.0.1:10809", metavar="HOST:PORT", help="default 127.0.0.1:10809"
+    )
+
     s = sub.add_parser("mount", help="mount every recovery point as disk image files (FUSE)")
     s.add_argument("mountpoint", help="an empty directory")
 

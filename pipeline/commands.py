@@ -23,6 +23,7 @@ from .engines import make_engine
 from .mount_cmd import cmd_mount
 from .progress import progress_bar
 from .restore import restore_point
+from .serve_cmd import cmd_serve
 
 __all__ = [
     "cmd_catalog_schema",
@@ -31,6 +32,7 @@ __all__ = [
     "cmd_mount",
     "cmd_query",
     "cmd_report",
+    "cmd_serve",
 ]
 
 
