@@ -19,10 +19,40 @@ from drive.export import export_image
 from drive.formats import FORMATS, builder
 from drive.source import PointSource
 
+from .drive_serve import fuse_seconds, nbdcopy_seconds, random_iops, start_server
 from .image import GIB, generate_image, mixed_path, mixed_spec, parse_size, warm
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import table
 from .runs import backup, fresh_repo, restore
+
+
+def _served(
+    repo: str, workdir: str, point_id: str, source: PointSource
+) -> tuple[list[list[str]], dict[str, object]]:
+    """NBD: time to a ready export, nbdcopy MB/s, random 4 KiB IOPS at QD 1 and 16; FUSE MB/s."""
+    export = f"bench-disk@{point_id}"
+    proc, port, ready_s = start_server(repo)
+    rows = [["comb serve: command to export ready", f"{ready_s:.2f} s"]]
+    figures: dict[str, object] = {"nbd_ready_s": ready_s}
+    try:
+        copy_s = nbdcopy_seconds(port, export)
+        if copy_s is not None:
+            rows.append(["NBD sequential (nbdcopy)", f"{source.size / copy_s / 1e6:.0f} MB/s"])
+            figures["nbd_seq_mb_s"] = source.size / copy_s / 1e6
+        for qd, n in ((1, 5000), (16, 20000)):
+            iops = random_iops(port, export, source.extents(), qd, n)
+            rows.append([f"NBD random 4 KiB reads, QD {qd}", f"{iops:.0f} IOPS"])
+            figures[f"nbd_iops_qd{qd}"] = iops
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    fuse = fuse_seconds(repo, workdir, "bench-disk", point_id)
+    for name, secs in (fuse or {}).items():
+        rows.append(
+            [f"FUSE sequential {name} (1 MiB reads)", f"{source.size / secs / 1e6:.0f} MB/s"]
+        )
+        figures[f"fuse_{name}_mb_s"] = source.size / secs / 1e6
+    return rows, figures
 
 
 def main(argv: list[str]) -> int:
@@ -37,11 +67,12 @@ def main(argv: list[str]) -> int:
     generate_image(mixed_spec(size), image)
     warm(image)
     repo = fresh_repo(os.path.join(args.workdir, "drive-repo"))
-    run = backup(repo, image, "local", "full")
+    run = backup(repo, image, "local", "full", source_name="bench-disk")
     repo = Repository.open(repo.location)
     point = repo.resolve(run.point_id)
     out = os.path.join(args.workdir, "drive-out")
-    rows, figures = [], {}
+    rows: list[list[str]] = []
+    figures: dict[str, object] = {}
     base = restore(repo, point.id, out + ".restore", "restore")
     rows.append(["restore (baseline)", f"{size / base.wall_s / 1e6:.0f}", "", f"{base.wall_s:.2f}"])
     figures["restore"] = {"seconds": base.wall_s}
@@ -58,9 +89,14 @@ def main(argv: list[str]) -> int:
             [name, f"{size / wall / 1e6:.0f}", f"{written / wall / 1e6:.0f}", f"{wall:.2f}"]
         )
         os.unlink(path)
+    serve_rows, serve_figures = _served(
+        repo.location, args.workdir, point.id, PointSource(repo, point)
+    )
+    figures.update(serve_figures)
     print("\n".join(header_lines(describe())))
     print(f"image: {size / GIB:.1f} GiB mixed, {run.stats['bytes_read'] / 1e9:.2f} GB of data")
     print(table("export (one process, 2 cores)", ["format", "MB/s", "data MB/s", "s"], rows))
+    print(table("served (comb serve / comb mount processes)", ["what", "figure"], serve_rows))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)

@@ -119,10 +119,11 @@ def backup(
     label: str,
     changed_extents: str | None = None,
     workers: int | None = None,
+    source_name: str | None = None,
 ) -> BackupRun:
     """One measured comb backup (the sampler covers Ray's processes when Ray starts inside)."""
     eng = make_engine(engine, workers=workers)
-    opts = BackupOptions(changed_extents=changed_extents)
+    opts = BackupOptions(changed_extents=changed_extents, source_name=source_name)
     size = os.path.getsize(image)
     with TreeSampler() as sampler:
         t0 = time.perf_counter()
