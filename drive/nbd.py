@@ -1,11 +1,13 @@
-"""A read-only NBD server that serves every committed recovery point as a disk.
+"""An NBD server that serves every committed recovery point as a read-only disk, and the
+overlays it is given as writable ones.
 
 Owns the exports (``SOURCE@POINTID``, ``SOURCE@<unique id prefix>``, ``SOURCE@latest``; the point
-list is read when a client connects, so new backups appear without a restart), the per-point
-``PointSource`` cache shared by all connections, the fixed-newstyle negotiation and the
-listener's life cycle. One thread per connection; a client's error, bad request or disconnect
-ends only its own connection. The wire format and the request loop live in ``drive.nbd_proto``.
-Imports catalog and drive only (no Ray, no pipeline); never writes to the repository.
+list is read when a client connects, so new backups appear without a restart; ``overlay/NAME``
+for the open overlays handed to it), the per-point ``PointSource`` cache shared by all
+connections, the fixed-newstyle negotiation and the listener's life cycle. One thread per
+connection; a client's error, bad request or disconnect ends only its own connection. The wire
+format and the request loop live in ``drive.nbd_proto``, overlays in ``drive.overlay``. Imports
+catalog and drive only (no Ray, no pipeline); writes to the repository only through overlays.
 """
 
 from __future__ import annotations
@@ -15,115 +17,66 @@ import selectors
 import socket
 import struct
 import threading
-from bisect import bisect_right
-from collections import OrderedDict
+from dataclasses import dataclass
 
 from catalog.errors import CombError, PointNotFound, UsageError, describe_os_error
 from catalog.points import RecoveryPoint, load_points_tolerant
 from catalog.repo import Repository
 from drive import nbd_proto as p
-from drive.source import PointSource
+from drive.nbd_exports import (
+    DEFAULT_MAX_SOURCES,
+    ServedPoint,
+    SourceCache,
+    export_name,
+    find_point,
+)
+from drive.nbd_overlay import ServedOverlay
+
+__all__ = [
+    "DEFAULT_MAX_SOURCES",
+    "NbdServer",
+    "ServedPoint",
+    "SourceCache",
+    "export_name",
+    "find_point",
+]
 
 log = logging.getLogger("comb.nbd")
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 10809  # IANA's NBD port
-DEFAULT_MAX_SOURCES = 8  # loaded points kept: ~1.6 MiB per GiB of data + a 16 MiB chunk cache
 NEGOTIATION_TIMEOUT_S = 30.0  # a client that never finishes its handshake is dropped
 DRAIN_TIMEOUT_S = 5.0  # on shutdown, how long connections get to finish their request
 ACCEPT_POLL_S = 0.2  # how quickly serve_forever notices a stop request
 META_CONTEXT_ID = 1  # base:allocation's id on every connection
 
 
-def export_name(point: RecoveryPoint) -> str:
-    return f"{point.source}@{point.id}"
-
-
-def find_point(points: list[RecoveryPoint], name: str) -> RecoveryPoint:
-    """The point an export name names: SOURCE@ID, SOURCE@PREFIX or SOURCE@latest. The source
-    may itself contain '@', so the name splits at the last one."""
-    source, sep, spec = name.rpartition("@")
-    if not sep or not spec:
-        raise PointNotFound(f"export {name!r} is not SOURCE@POINT (SOURCE@latest or an id)")
-    mine = [pt for pt in points if pt.source == source]
-    if not mine:
-        raise PointNotFound(f"no recovery point for source {source!r}")
-    if spec == "latest":
-        return mine[-1]
-    matches = [pt for pt in mine if pt.id.startswith(spec)]
-    if len(matches) != 1:
-        what = "ambiguous" if matches else "unknown"
-        raise PointNotFound(f"recovery point {spec!r} of {source!r} is {what}")
-    return matches[0]
-
-
-class ServedPoint:
-    """One point being served: its block source (safe for concurrent reads) and its
-    allocation map."""
-
-    def __init__(self, source: PointSource) -> None:
-        self.source = source
-        self.point = source.point
-        self.size = source.size
-        extents = source.extents()
-        self._starts = [off for off, _ in extents]
-        self._ends = [off + n for off, n in extents]
-
-    def read(self, offset: int, length: int) -> bytes:
-        return self.source.read(offset, length) if length else b""
-
-    def segments(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]:
-        """(offset, length, is_data) runs covering the range in order; at most ``limit`` runs
-        (0: all). Zero chunks and holes are not data."""
-        out: list[tuple[int, int, bool]] = []
-        end = offset + length
-        i = bisect_right(self._starts, offset) - 1
-        at = offset
-        while at < end and (not limit or len(out) < limit):
-            if i >= 0 and at < self._ends[i]:
-                stop, data = min(end, self._ends[i]), True
-            else:
-                nxt = self._starts[i + 1] if i + 1 < len(self._starts) else end
-                stop, data = min(end, nxt), False
-                i += 1
-            out.append((at, stop - at, data))
-            at = stop
-        return out
-
-
-class _Slot:
-    def __init__(self) -> None:
-        self.lock = threading.Lock()
-        self.value: ServedPoint | None = None
-
-
-class SourceCache:
-    """Loaded points shared by all connections, least recently used first out. A point is loaded
-    once even when several clients connect at once; other points' loads do not wait for it."""
-
-    def __init__(self, repo: Repository, max_sources: int = DEFAULT_MAX_SOURCES) -> None:
-        self._repo = repo
-        self._max = max(1, max_sources)
-        self._lock = threading.Lock()
-        self._slots: OrderedDict[str, _Slot] = OrderedDict()
-
-    def get(self, point: RecoveryPoint) -> ServedPoint:
-        with self._lock:
-            slot = self._slots.get(point.id)
-            if slot is None:
-                slot = self._slots[point.id] = _Slot()
-            self._slots.move_to_end(point.id)
-            while len(self._slots) > self._max:
-                self._slots.popitem(last=False)  # connections using it keep their reference
-        with slot.lock:
-            if slot.value is None:
-                slot.value = ServedPoint(PointSource(self._repo, point))
-            return slot.value
-
-
-def transmission_flags(structured: bool) -> int:
-    flags = p.TFLAG_HAS_FLAGS | p.TFLAG_READ_ONLY | p.TFLAG_CAN_MULTI_CONN
+def transmission_flags(structured: bool, writable: bool = False) -> int:
+    """Multi-conn holds for overlays too: a flush on any connection syncs the one shared log."""
+    flags = p.TFLAG_HAS_FLAGS | p.TFLAG_CAN_MULTI_CONN
+    if writable:
+        flags |= p.TFLAG_SEND_FLUSH | p.TFLAG_SEND_FUA | p.TFLAG_SEND_TRIM
+        flags |= p.TFLAG_SEND_WRITE_ZEROES
+    else:
+        flags |= p.TFLAG_READ_ONLY
     return flags | (p.TFLAG_SEND_DF if structured else 0)
+
+
+OVERLAY_PREFIX = "overlay/"
+Export = ServedPoint | ServedOverlay
+
+
+@dataclass(frozen=True)
+class _Found:
+    """An export a name resolved to, before it is loaded."""
+
+    name: str  # canonical
+    size: int
+    block: int
+    description: str
+    writable: bool
+    point: RecoveryPoint | None
+    overlay: ServedOverlay | None
 
 
 class _Connection:
@@ -155,7 +108,7 @@ class _Connection:
 
     # -- negotiation --------------------------------------------------------------------------
 
-    def _negotiate(self) -> tuple[str, ServedPoint] | None:
+    def _negotiate(self) -> tuple[str, Export] | None:
         flags = p.FLAG_FIXED_NEWSTYLE | p.FLAG_NO_ZEROES
         self.sock.sendall(struct.pack(">QQH", p.NBDMAGIC, p.IHAVEOPT, flags))
         (client,) = struct.unpack(">I", p.recv_exact(self.sock, 4))
@@ -179,7 +132,7 @@ class _Connection:
             if chosen is not None:
                 return chosen
 
-    def _option(self, option: int, data: bytes) -> tuple[str, ServedPoint] | None:
+    def _option(self, option: int, data: bytes) -> tuple[str, Export] | None:
         if option == p.OPT_EXPORT_NAME:
             return self._export_name(data)
         if option in (p.OPT_INFO, p.OPT_GO):
@@ -208,44 +161,67 @@ class _Connection:
         if data:
             p.option_error(self.sock, p.OPT_LIST, p.REP_ERR_INVALID, "unexpected option data")
             return
-        for point in self._points_now():
-            name = export_name(point).encode()
-            body = struct.pack(">I", len(name)) + name + _description(point).encode()
+        listing = [(export_name(pt), _description(pt)) for pt in self._points_now()]
+        listing += [(n, _overlay_description(o)) for n, o in self.server.overlays.items()]
+        for text, description in listing:
+            name = text.encode()
+            body = struct.pack(">I", len(name)) + name + description.encode()
             p.option_reply(self.sock, p.OPT_LIST, p.REP_SERVER, body)
         p.option_reply(self.sock, p.OPT_LIST, p.REP_ACK)
 
-    def _export_name(self, data: bytes) -> tuple[str, ServedPoint]:
+    def _find(self, name: str) -> _Found:
+        """The export a name names: ``overlay/NAME`` or a recovery point (``find_point``)."""
+        if name.startswith(OVERLAY_PREFIX):
+            served = self.server.overlays.get(name)
+            if served is None:
+                raise PointNotFound(f"no overlay {name[len(OVERLAY_PREFIX) :]!r} is served")
+            return _Found(
+                name, served.size, served.granularity, _overlay_description(served), True,
+                None, served,
+            )  # fmt: skip
+        point = find_point(self._points_now(), name)
+        block = point.chunk_size
+        return _Found(
+            export_name(point), point.size, block, _description(point), False, point, None
+        )
+
+    def _load(self, found: _Found) -> Export:
+        if found.overlay is not None:
+            return found.overlay
+        assert found.point is not None
+        return self.server.sources.get(found.point)
+
+    def _export_name(self, data: bytes) -> tuple[str, Export]:
         """The old way in: no error reply is possible, so a failure hangs up."""
         name = data.decode(errors="replace")
         try:
-            served = self.server.sources.get(find_point(self._points_now(), name))
+            found = self._find(name)
+            served = self._load(found)
         except (CombError, OSError) as err:
             raise p.Disconnect(f"NBD_OPT_EXPORT_NAME {name!r}: {_describe(err)}") from None
-        reply = struct.pack(">QH", served.size, transmission_flags(self.structured))
+        reply = struct.pack(">QH", served.size, transmission_flags(self.structured, found.writable))
         self.sock.sendall(reply + (b"" if self.no_zeroes else bytes(124)))
         return name, served
 
-    def _info(self, option: int, data: bytes) -> tuple[str, ServedPoint] | None:
+    def _info(self, option: int, data: bytes) -> tuple[str, Export] | None:
         try:
             name, wanted = p.parse_info_request(data)
         except ValueError as err:
             p.option_error(self.sock, option, p.REP_ERR_INVALID, str(err))
             return None
         try:
-            point = find_point(self._points_now(), name)
-            served = self.server.sources.get(point) if option == p.OPT_GO else None
+            found = self._find(name)
+            served = self._load(found) if option == p.OPT_GO else None
         except (CombError, OSError) as err:
             p.option_error(self.sock, option, p.REP_ERR_UNKNOWN, _describe(err))
             return None
-        flags = transmission_flags(self.structured)
-        infos = [struct.pack(">HQH", p.INFO_EXPORT, point.size, flags)]
-        infos.append(
-            struct.pack(">HIII", p.INFO_BLOCK_SIZE, 1, point.chunk_size, p.MAX_REQUEST_BYTES)
-        )
+        flags = transmission_flags(self.structured, found.writable)
+        infos = [struct.pack(">HQH", p.INFO_EXPORT, found.size, flags)]
+        infos.append(struct.pack(">HIII", p.INFO_BLOCK_SIZE, 1, found.block, p.MAX_REQUEST_BYTES))
         if p.INFO_NAME in wanted:
-            infos.append(struct.pack(">H", p.INFO_NAME) + export_name(point).encode())
+            infos.append(struct.pack(">H", p.INFO_NAME) + found.name.encode())
         if p.INFO_DESCRIPTION in wanted:
-            infos.append(struct.pack(">H", p.INFO_DESCRIPTION) + _description(point).encode())
+            infos.append(struct.pack(">H", p.INFO_DESCRIPTION) + found.description.encode())
         for info in infos:
             p.option_reply(self.sock, option, p.REP_INFO, info)
         p.option_reply(self.sock, option, p.REP_ACK)
@@ -260,7 +236,7 @@ class _Connection:
             return
         try:
             name, queries = p.parse_meta_request(data)
-            find_point(self._points_now(), name)
+            self._find(name)
         except ValueError as err:
             p.option_error(self.sock, option, p.REP_ERR_INVALID, str(err))
             return
@@ -281,8 +257,8 @@ class _Connection:
 
     # -- transmission -------------------------------------------------------------------------
 
-    def _transmit(self, name: str, served: ServedPoint) -> None:
-        log.info("%s: serving %s", self.peer, export_name(served.point))
+    def _transmit(self, name: str, served: Export) -> None:
+        log.info("%s: serving %s", self.peer, name)
         meta = META_CONTEXT_ID if self.meta_export == name else None
         errors = (CombError, OSError)
         p.Transmission(self.sock, served, self.structured, meta, errors).serve()
@@ -290,6 +266,11 @@ class _Connection:
 
 def _description(point: RecoveryPoint) -> str:
     return f"recovery point {point.id} of {point.source}, {point.time}, {point.size} bytes"
+
+
+def _overlay_description(served: ServedOverlay) -> str:
+    o = served.overlay
+    return f"writable overlay {o.name} over recovery point {o.base_id}, {o.size} bytes"
 
 
 def _describe(err: Exception) -> str:
@@ -310,9 +291,11 @@ class NbdServer:
         host: str = DEFAULT_HOST,
         port: int = DEFAULT_PORT,
         max_sources: int = DEFAULT_MAX_SOURCES,
+        overlays: dict[str, ServedOverlay] | None = None,
     ) -> None:
         self.repo = repo
         self.sources = SourceCache(repo, max_sources)
+        self.overlays = {f"{OVERLAY_PREFIX}{n}": o for n, o in (overlays or {}).items()}
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
             self._listener = socket.create_server((host, port), family=family, backlog=64)
@@ -330,7 +313,8 @@ class NbdServer:
 
     def export_names(self) -> list[str]:
         """The names of the exports a client connecting now would see."""
-        return [export_name(pt) for pt in load_points_tolerant(self.repo.storage)[0]]
+        points = load_points_tolerant(self.repo.storage)[0]
+        return [export_name(pt) for pt in points] + list(self.overlays)
 
     def serve_forever(self) -> None:
         """Accept clients until a stop is requested, then close the listener and every
@@ -345,6 +329,10 @@ class NbdServer:
             self._listener.close()
             self._drain()
             self._finished.set()
+
+    def shutdown_unstarted(self) -> None:
+        """Close the listener of a server whose serve_forever never ran."""
+        self._listener.close()
 
     def request_stop(self) -> None:
         """Ask serve_forever to return (safe from a signal handler: it only sets a flag)."""

@@ -10,10 +10,11 @@ negotiation and the server.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 import struct
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 log = logging.getLogger("comb.nbd")
@@ -57,6 +58,10 @@ INFO_BLOCK_SIZE = 3
 # Transmission flags.
 TFLAG_HAS_FLAGS = 1 << 0
 TFLAG_READ_ONLY = 1 << 1
+TFLAG_SEND_FLUSH = 1 << 2
+TFLAG_SEND_FUA = 1 << 3
+TFLAG_SEND_TRIM = 1 << 5
+TFLAG_SEND_WRITE_ZEROES = 1 << 6
 TFLAG_SEND_DF = 1 << 7
 TFLAG_CAN_MULTI_CONN = 1 << 8
 
@@ -222,6 +227,18 @@ class ReadOnlyExport(Protocol):
         ...
 
 
+class WritableExport(ReadOnlyExport, Protocol):
+    """An export that takes writes (``writable`` is True); FUA asks for durability on return."""
+
+    writable: bool
+
+    def write(self, offset: int, data: bytes, fua: bool) -> None: ...
+
+    def zero(self, offset: int, length: int, fua: bool) -> None: ...
+
+    def flush(self) -> None: ...
+
+
 class RequestError(Exception):
     """A request the server refuses with an NBD error code (the connection goes on)."""
 
@@ -235,10 +252,12 @@ _WRITES = {CMD_WRITE: "write", CMD_TRIM: "trim", CMD_WRITE_ZEROES: "write zeroes
 
 class Transmission:
     """The request loop of one connection: reads (simple or structured replies), block status
-    for ``base:allocation``, flush and cache as no-ops, writes refused with EPERM.
+    for ``base:allocation``, cache as a no-op; on a read-only export flush is a no-op and
+    writes are refused with EPERM, on a writable one (``WritableExport``) writes, trims and
+    write-zeroes go to the export and flush makes them durable.
 
     ``read_errors`` are the exceptions a read may raise for damaged or unreadable data; they
-    become EIO for that request only."""
+    become EIO for that request only (ENOSPC for a full disk when writing)."""
 
     def __init__(
         self,
@@ -253,6 +272,7 @@ class Transmission:
         self.structured = structured
         self.meta_context = meta_context
         self.read_errors = read_errors
+        self.writable = bool(getattr(export, "writable", False))
 
     def serve(self) -> None:
         """Until NBD_CMD_DISC or end of stream; a bad request magic raises ``Disconnect``."""
@@ -266,12 +286,19 @@ class Transmission:
                 raise Disconnect(f"bad request magic {magic:#x}")
             if kind == CMD_DISC:
                 return
+            payload = b""
             if kind == CMD_WRITE:
                 if length > MAX_REQUEST_BYTES:
                     raise Disconnect(f"write payload of {length} bytes")
-                discard(self.sock, length)
+                if self.writable:
+                    payload = recv_exact(self.sock, length)
+                else:
+                    discard(self.sock, length)
             try:
-                self._command(flags, kind, cookie, offset, length)
+                if kind in _WRITES and self.writable:
+                    self._write(flags, kind, cookie, offset, length, payload)
+                else:
+                    self._command(flags, kind, cookie, offset, length)
             except RequestError as err:
                 (log.warning if err.error == EIO else log.debug)("request refused: %s", err)
                 self._error(cookie, err.error, str(err))
@@ -280,6 +307,9 @@ class Transmission:
         if kind in _WRITES:
             raise RequestError(EPERM, f"{_WRITES[kind]}: the export is read-only")
         if kind == CMD_FLUSH:
+            if self.writable:
+                self._check(flags, 0, offset, 0, 0)
+                self._guard("flush", self.export.flush)  # type: ignore[attr-defined]
             self._ok(cookie)
         elif kind == CMD_READ:
             allowed = CMD_FLAG_FUA | (CMD_FLAG_DF if self.structured else 0)
@@ -297,6 +327,31 @@ class Transmission:
             self._block_status(flags, cookie, offset, length)
         else:
             raise RequestError(EINVAL, f"unknown command {kind}")
+
+    def _write(
+        self, flags: int, kind: int, cookie: int, offset: int, length: int, payload: bytes
+    ) -> None:
+        export: WritableExport = self.export  # type: ignore[assignment]
+        allowed = CMD_FLAG_FUA | (CMD_FLAG_NO_HOLE if kind == CMD_WRITE_ZEROES else 0)
+        self._check(
+            flags, allowed, offset, length, MAX_REQUEST_BYTES if kind == CMD_WRITE else 1 << 32
+        )
+        fua = bool(flags & CMD_FLAG_FUA)
+        what = f"{_WRITES[kind]} {offset}+{length}"
+        if kind == CMD_WRITE:
+            self._guard(what, lambda: export.write(offset, payload, fua))
+        else:  # a trimmed range reads back as zeros, as written zeroes do
+            self._guard(what, lambda: export.zero(offset, length, fua))
+        self._ok(cookie)
+
+    def _guard(self, what: str, action: Callable[[], None]) -> None:
+        try:
+            action()
+        except OSError as err:
+            code = ENOSPC if err.errno in (errno.ENOSPC, errno.EDQUOT) else EIO
+            raise RequestError(code, f"{what}: {err.strerror or err}") from None
+        except self.read_errors as err:
+            raise RequestError(EIO, f"{what}: {err}") from None
 
     def _check(self, flags: int, allowed: int, offset: int, length: int, most: int) -> None:
         if flags & ~allowed:

@@ -72,10 +72,28 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="replace an existing output")
     s.add_argument("--json", action="store_true")
 
-    s = sub.add_parser("serve", help="serve every recovery point over NBD (read-only)")
+    s = sub.add_parser("serve", help="serve recovery points (read-only) and overlays over NBD")
     s.add_argument(
         "--listen", default="127.0.0.1:10809", metavar="HOST:PORT", help="default 127.0.0.1:10809"
     )
+    s.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="NAME=POINT",
+        help="serve writable overlay NAME as overlay/NAME, created over POINT if missing",
+    )
+
+    s = sub.add_parser("overlays", help="list, create or remove writable overlays")
+    s.add_argument("--json", action="store_true")
+    acts = s.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    a = acts.add_parser("list", help="list overlays (the default)")
+    a.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
+    a = acts.add_parser("create", help="create an empty overlay over a recovery point")
+    a.add_argument("name")
+    a.add_argument("point", help="id, unique prefix, SOURCE@latest or SOURCE@ID")
+    a = acts.add_parser("rm", help="delete an overlay (refused while a server has it open)")
+    a.add_argument("name")
 
     s = sub.add_parser("mount", help="mount every recovery point as disk image files (FUSE)")
     s.add_argument("mountpoint", help="an empty directory")

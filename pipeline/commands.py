@@ -21,6 +21,7 @@ from .backup import BackupOptions, run_backup
 from .drive_cmds import cmd_export
 from .engines import make_engine
 from .mount_cmd import cmd_mount
+from .overlays_cmd import cmd_overlays
 from .progress import progress_bar
 from .restore import restore_point
 from .serve_cmd import cmd_serve
@@ -30,6 +31,7 @@ __all__ = [
     "cmd_dashboard",
     "cmd_export",
     "cmd_mount",
+    "cmd_overlays",
     "cmd_query",
     "cmd_report",
     "cmd_serve",

@@ -1,7 +1,9 @@
-"""``comb serve``: the repository's recovery points as read-only NBD disks.
+"""``comb serve``: the repository's recovery points as read-only NBD disks, and its overlays as
+writable ones.
 
-Owns the command's side only: parsing ``--listen``, the start-up line, and turning SIGINT and
-SIGTERM into a graceful stop. The server itself is ``drive.nbd``.
+Owns the command's side only: parsing ``--listen`` and ``--overlay``, creating missing overlays,
+opening (and locking) the overlays for the server's lifetime, the start-up line, and turning
+SIGINT and SIGTERM into a graceful stop. The server itself is ``drive.nbd``.
 """
 
 from __future__ import annotations
@@ -11,9 +13,16 @@ import signal
 import sys
 from types import FrameType
 
-from catalog.errors import UsageError
+from catalog.errors import CombError, UsageError
+from catalog.points import RecoveryPoint
 from catalog.repo import Repository
+from drive import overlay
 from drive.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer
+from drive.nbd_exports import ServedPoint
+from drive.nbd_overlay import ServedOverlay
+from drive.source import PointSource
+
+from .overlays_cmd import parse_overlay_specs, resolve_base, warn
 
 DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 
@@ -35,17 +44,78 @@ def _uri_host(host: str) -> str:
     return f"[{host}]" if ":" in host else host
 
 
+def open_overlays(
+    r: Repository, points: list[RecoveryPoint], wanted: dict[str, str]
+) -> dict[str, ServedOverlay]:
+    """Every overlay, opened for writing (locked). Those named by ``--overlay`` are created if
+    missing, and any failure to open them is an error; another overlay that cannot be opened
+    (e.g. another server has it) is left out with a warning."""
+    for name, spec in wanted.items():
+        if name not in overlay.names(r):
+            overlay.create(r, name, resolve_base(r, spec))
+    by_id = {pt.id: pt for pt in points}
+    served: dict[str, ServedOverlay] = {}
+    try:
+        for name in overlay.names(r):
+            try:
+                opened = overlay.Overlay(r, name)
+            except CombError as err:
+                if name in wanted:
+                    raise
+                warn(f"overlay {name} is not served: {err.message}")
+                continue
+            point = by_id.get(opened.base_id)
+            if point is None:
+                opened.close()
+                msg = f"overlay {name}: its base recovery point {opened.base_id} is missing"
+                if name in wanted:
+                    raise UsageError(msg)
+                warn(f"{msg}; not served")
+                continue
+            try:
+                base = ServedPoint(PointSource(r, point))
+            except CombError as err:
+                opened.close()
+                if name in wanted:
+                    raise
+                warn(f"overlay {name} is not served: its base point: {err.message}")
+                continue
+            served[name] = ServedOverlay(opened, base, point.chunk_size)
+    except BaseException:
+        close_overlays(served)
+        raise
+    return served
+
+
+def close_overlays(served: dict[str, ServedOverlay]) -> None:
+    for s in served.values():
+        try:
+            s.flush()
+        finally:
+            s.overlay.close()
+
+
 def cmd_serve(repo: str, args: argparse.Namespace) -> int:
     host, port = parse_listen(getattr(args, "listen", None) or DEFAULT_LISTEN)
+    wanted = parse_overlay_specs(getattr(args, "overlay", None) or [])
     r = Repository.open(repo)
     server = NbdServer(r, host, port)
     points = r.points()
     for msg in r.damaged:
         print(f"comb: warning: skipping {msg}", file=sys.stderr)
+    try:
+        overlays = open_overlays(r, points, wanted)
+    except BaseException:
+        server.shutdown_unstarted()
+        raise
+    for name, served in overlays.items():
+        server.overlays[f"overlay/{name}"] = served
     bound_host, bound_port = server.address
+    n = len(overlays)
+    also = f" and {n} overlay{'s' if n != 1 else ''} writable (overlay/NAME)" if n else ""
     print(
         f"serving {len(points)} recovery point{'s' if len(points) != 1 else ''} read-only on "
-        f"nbd://{_uri_host(bound_host)}:{bound_port}/SOURCE@POINT (Ctrl-C stops)",
+        f"nbd://{_uri_host(bound_host)}:{bound_port}/SOURCE@POINT{also} (Ctrl-C stops)",
         flush=True,
     )
 
@@ -58,4 +128,5 @@ def cmd_serve(repo: str, args: argparse.Namespace) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        close_overlays(overlays)
     return 0

@@ -1,0 +1,435 @@
+"""Writable overlays: real clients (qemu-io, qemu-img, nbdcopy, nbdinfo) write through
+``overlay/NAME``; the base point stays unchanged; writes survive kill -9 after a flush; torn and
+corrupt logs; the ``overlays`` command and its lock."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error, need_tool
+
+from catalog.errors import CorruptionError, UsageError
+from catalog.repo import Repository
+from drive import overlay, overlay_log
+from drive.overlay import Overlay, OverlayBusy
+
+CHUNK = 64 * 1024
+SIZE = 4 * MiB
+SOURCE = "vm1"
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture
+def disk(tmp_path: Path) -> tuple[Path, Image, str]:
+    img = Image(tmp_path / "disk.img", SIZE)
+    img.random(0, MiB, seed=1)
+    img.random(2 * MiB + 4096, 300_000, seed=2)
+    repo = Repository.init(str(tmp_path / "repo"), CHUNK, 3)
+    point = api_backup(repo.location, img.path, name=SOURCE)
+    return tmp_path / "repo", img, point.id
+
+
+class Server:
+    """``comb serve`` as a subprocess (``python -m pipeline.cli``), so it can be killed."""
+
+    def __init__(self, repo: Path, *args: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        cmd = [sys.executable, "-m", "pipeline.cli", "-r", str(repo), "serve"]
+        self.proc = subprocess.Popen(
+            [*cmd, "--listen", "127.0.0.1:0", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            cwd=ROOT,
+            env=env,
+        )
+        assert self.proc.stdout is not None and self.proc.stderr is not None
+        self.line = self.proc.stdout.readline()
+        self.port = 0
+        if "nbd://127.0.0.1:" in self.line:
+            self.port = int(self.line.split("nbd://127.0.0.1:")[1].split("/")[0])
+
+    def uri(self, export: str) -> str:
+        return f"nbd://127.0.0.1:{self.port}/{export}"
+
+    def stop(self) -> str:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.proc.wait(20)
+        assert self.proc.stderr is not None
+        err = self.proc.stderr.read()
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        self.proc.stderr.close()
+        return err
+
+    def kill(self) -> None:
+        self.proc.kill()
+        self.proc.wait(20)
+        self.proc.stdout.close()  # type: ignore[union-attr]
+        self.proc.stderr.close()  # type: ignore[union-attr]
+
+
+@pytest.fixture
+def servers() -> Iterator[list[Server]]:
+    started: list[Server] = []
+    yield started
+    for s in started:
+        if s.proc.poll() is None:
+            s.kill()
+
+
+def serve(servers: list[Server], repo: Path, *args: str) -> Server:
+    s = Server(repo, *args)
+    servers.append(s)
+    assert s.port, s.line + (s.proc.stderr.read() if s.proc.poll() is not None else "")  # type: ignore[union-attr]
+    return s
+
+
+def run(*cmd: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
+
+
+def qemu_io(uri: str, command: str) -> str:
+    res = run(need_tool("qemu-io"), "-f", "raw", "-c", command, uri)
+    assert res.returncode == 0 and "error" not in res.stdout.lower(), res.stdout + res.stderr
+    return res.stdout
+
+
+def expected(img: Image, writes: list[tuple[int, bytes]]) -> bytes:
+    data = bytearray(img.path.read_bytes())
+    for off, b in writes:
+        data[off : off + len(b)] = b
+    return bytes(data)
+
+
+def copy(uri: str, out: Path) -> bytes:
+    res = run(need_tool("nbdcopy"), uri, str(out))
+    assert res.returncode == 0, res.stderr
+    return out.read_bytes()
+
+
+# -- through real clients ----------------------------------------------------------------------
+
+
+def test_writes_read_back_and_the_base_is_unchanged(
+    disk: tuple[Path, Image, str], servers: list[Server], tmp_path: Path, cli: CliRunner
+) -> None:
+    repo, img, point_id = disk
+    s = serve(servers, repo, "--overlay", f"ov1={SOURCE}@latest")
+    assert "1 overlay writable" in s.line, s.line
+    uri = s.uri("overlay/ov1")
+    qemu_io(uri, "write -P 0xab 4096 8192")
+    qemu_io(uri, "write -z 2M 64k")  # over the first chunk of the base's second region
+    qemu_io(uri, "write -P 0xcd 3000000 70000")  # across a chunk boundary, over base data
+    qemu_io(uri, "discard 65536 65536")  # inside the base's first data region
+    want = expected(
+        img,
+        [
+            (4096, b"\xab" * 8192),
+            (2 * MiB, bytes(CHUNK)),
+            (3000000, b"\xcd" * 70000),
+            (65536, bytes(65536)),
+        ],
+    )
+    assert copy(uri, tmp_path / "o.img") == want
+    (tmp_path / "want.img").write_bytes(want)
+    res = run(
+        need_tool("qemu-img"), "compare", "-f", "raw", "-F", "raw", str(tmp_path / "want.img"), uri
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "read 512/512" in qemu_io(uri, "read -P 0xab 4096 512")
+    # the base point: its export and an export to a file are the image backed up
+    assert copy(s.uri(f"{SOURCE}@{point_id}"), tmp_path / "b.img") == img.path.read_bytes()
+    res_cli = cli("-r", repo, "export", point_id, tmp_path / "e.img")
+    assert res_cli.code == 0, res_cli.err
+    assert (tmp_path / "e.img").read_bytes() == img.path.read_bytes()
+    # block status: written data is data, zeroed and trimmed ranges and base holes are holes
+    res = run(need_tool("nbdinfo"), "--map", "--json", uri)
+    assert res.returncode == 0, res.stderr
+    runs = [(r["offset"], r["length"], r["type"]) for r in json.loads(res.stdout)]
+    assert sum(n for _, n, _ in runs) == SIZE
+    data = [(o, n) for o, n, t in runs if t == 0]
+    assert data == [
+        (0, CHUNK),  # base data with the 0xab write in it
+        (2 * CHUNK, MiB - 2 * CHUNK),  # after the discarded chunk
+        (2 * MiB + CHUNK, 5 * CHUNK - CHUNK),  # the base's second region, its first chunk zeroed
+        (3000000, 70000),  # written into a base hole
+    ]
+    assert all(t == 3 for _, _, t in runs if t)
+    assert "Traceback" not in s.stop()
+
+
+def test_listing_and_read_only_points_still_refuse_writes(
+    disk: tuple[Path, Image, str], servers: list[Server]
+) -> None:
+    repo, img, point_id = disk
+    s = serve(
+        servers, repo, "--overlay", f"a={point_id[:8]}", "--overlay", f"b={SOURCE}@{point_id}"
+    )
+    res = run(need_tool("nbdinfo"), "--json", "--list", s.uri(""))
+    assert res.returncode == 0, res.stderr
+    exports = {e["export-name"]: e for e in json.loads(res.stdout)["exports"]}
+    assert {"overlay/a", "overlay/b", f"{SOURCE}@{point_id}"} <= set(exports)
+    assert (
+        not exports["overlay/a"]["is_read_only"] and exports[f"{SOURCE}@{point_id}"]["is_read_only"]
+    )
+    assert exports["overlay/a"]["export-size"] == SIZE
+    res = run(
+        need_tool("qemu-io"), "-f", "raw", "-c", "write -P 0xcd 0 4k", s.uri(f"{SOURCE}@latest")
+    )
+    assert res.returncode != 0 or "error" in res.stdout.lower()
+    res = run("nbdinfo", s.uri("overlay/nosuch"))
+    assert res.returncode != 0
+    s.stop()
+
+
+def test_flushed_writes_survive_kill_9(
+    disk: tuple[Path, Image, str], servers: list[Server], tmp_path: Path
+) -> None:
+    repo, img, _ = disk
+    s = serve(servers, repo, "--overlay", f"crash={SOURCE}@latest")
+    qemu_io(s.uri("overlay/crash"), "write -P 0x5a 1M 200k")  # qemu-io flushes before it exits
+    qemu_io(s.uri("overlay/crash"), "write -P 0x11 0 512")
+    s.kill()
+    s = serve(servers, repo)  # existing overlays are served without --overlay
+    want = expected(img, [(MiB, b"\x5a" * 200 * 1024), (0, b"\x11" * 512)])
+    assert copy(s.uri("overlay/crash"), tmp_path / "o.img") == want
+    s.stop()
+
+
+def test_second_server_and_rm_are_refused_while_served(
+    disk: tuple[Path, Image, str], servers: list[Server], cli: CliRunner
+) -> None:
+    repo, _, _ = disk
+    s = serve(servers, repo, "--overlay", f"busy={SOURCE}@latest")
+    second = Server(repo, "--overlay", f"busy={SOURCE}@latest")
+    servers.append(second)
+    assert second.proc.wait(20) != 0
+    err = second.stop()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("comb: error: ") and "in use" in lines[0], err
+    # without --overlay, the second server serves the points and says why not the overlay
+    third = serve(servers, repo)
+    assert "overlay" not in third.line
+    assert "busy is not served" in third.stop()
+    assert_one_line_error(cli("-r", repo, "overlays", "rm", "busy"), "in use")
+    s.stop()
+    res = cli("-r", repo, "overlays", "rm", "busy")
+    assert res.code == 0, res.err
+    assert overlay.names(Repository.open(str(repo))) == []
+
+
+def test_overlays_command(disk: tuple[Path, Image, str], cli: CliRunner) -> None:
+    repo, _, point_id = disk
+    res = cli("-r", repo, "overlays")
+    assert res.code == 0 and "no overlays" in res.out
+    res = cli("-r", repo, "overlays", "create", "test-1.a", f"{SOURCE}@latest")
+    assert res.code == 0, res.err
+    assert_one_line_error(cli("-r", repo, "overlays", "create", "test-1.a", point_id), "exists")
+    o = Overlay(Repository.open(str(repo)), "test-1.a")
+    o.write(4096, b"x" * 1000)
+    o.zero(0, 100)
+    o.flush()
+    o.close()
+    res = cli("-r", repo, "overlays", "--json")
+    assert res.code == 0, res.err
+    (doc,) = json.loads(res.out)["overlays"]
+    assert doc["name"] == "test-1.a" and doc["base"] == point_id and doc["size"] == SIZE
+    assert doc["written_bytes"] == 1100 and doc["last_write"]
+    res = cli("-r", repo, "overlays", "list")
+    assert res.code == 0 and "test-1.a" in res.out and point_id in res.out and "1.1 KiB" in res.out
+    assert cli("-r", repo, "overlays", "rm", "test-1.a").code == 0
+    assert_one_line_error(cli("-r", repo, "overlays", "rm", "test-1.a"), "no overlay")
+    assert not (repo / "overlays" / "test-1.a").exists()
+
+
+@pytest.mark.parametrize(
+    "name", ["", ".hidden", "..", "a/b", "../x", "a" * 65, "sp ace", "é", "a\nb", "x@y"]
+)
+def test_hostile_names_are_refused(
+    disk: tuple[Path, Image, str], cli: CliRunner, name: str
+) -> None:
+    repo, _, _ = disk
+    for args in (
+        ("overlays", "create", name, f"{SOURCE}@latest"),
+        ("overlays", "rm", name),
+        ("serve", "--listen", "127.0.0.1:0", "--overlay", f"{name}={SOURCE}@latest"),
+    ):
+        assert_one_line_error(cli("-r", repo, *args), "overlay", code=UsageError.exit_code)
+    assert not (repo / "overlays").exists() or os.listdir(repo / "overlays") == []
+
+
+def test_bad_base_point_is_one_line(disk: tuple[Path, Image, str], cli: CliRunner) -> None:
+    repo, _, _ = disk
+    assert_one_line_error(cli("-r", repo, "overlays", "create", "x", "nosuch@latest"), code=4)
+    line = assert_one_line_error(cli("-r", repo, "serve", "--overlay", "x"), "NAME=POINT")
+    assert line
+
+
+# -- the log -----------------------------------------------------------------------------------
+
+
+def _log(repo: Path, name: str) -> Path:
+    return repo / "overlays" / name / "log-0.dat"
+
+
+def _written(repo: Path, name: str) -> Overlay:
+    r = Repository.open(str(repo))
+    overlay.create(r, name, r.resolve(f"{SOURCE}@latest"))
+    o = Overlay(r, name)
+    o.write(0, b"a" * 5000)
+    o.write(100_000, b"b" * 3000)
+    o.zero(2000, 1000)
+    o.write(8192, b"c" * 4096, fua=True)
+    o.flush()
+    return o
+
+
+def _contents(o: Overlay) -> list[tuple[int, int, bytes]]:
+    return [(p.start, p.end, o.read_piece(p)) for p in o.pieces(0, SIZE)]
+
+
+def test_torn_last_record_is_ignored_and_truncated(disk: tuple[Path, Image, str]) -> None:
+    repo, _, _ = disk
+    o = _written(repo, "torn")
+    before = _contents(o)
+    o.close()
+    log = _log(repo, "torn")
+    good = log.stat().st_size
+    with open(log, "ab") as fh:  # a record that never finished: its header and part of its data
+        fh.write(overlay_log.encode_header(1, 0, 4096, b"z" * 4096) + b"z" * 100)
+    o = Overlay(Repository.open(str(repo)), "torn")
+    assert _contents(o) == before and log.stat().st_size == good  # cut away on open
+    o.close()
+    os.truncate(log, good - 3)  # now the last complete record is torn
+    o = Overlay(Repository.open(str(repo)), "torn")
+    after = _contents(o)
+    assert after != before and (8192, 12288, b"c" * 4096) not in after
+    assert (0, 2000, b"a" * 2000) in after
+    o.write(8192, b"d" * 10)  # appends after the cut
+    o.flush()
+    o.close()
+    o = Overlay(Repository.open(str(repo)), "torn")
+    assert (8192, 8202, b"d" * 10) in _contents(o)
+    o.close()
+
+
+def test_corrupt_middle_record_is_an_error(disk: tuple[Path, Image, str], cli: CliRunner) -> None:
+    repo, _, _ = disk
+    _written(repo, "bad").close()
+    log = _log(repo, "bad")
+    with open(log, "r+b") as fh:
+        fh.seek(overlay_log.HEADER_BYTES + 10)  # inside the first record's payload
+        b = fh.read(1)
+        fh.seek(-1, 1)
+        fh.write(bytes([b[0] ^ 1]))
+    with pytest.raises(CorruptionError, match=r"log-0\.dat at offset 0: checksum mismatch"):
+        Overlay(Repository.open(str(repo)), "bad")
+    # the lock was released: a second try fails the same way, not with "in use"
+    with pytest.raises(CorruptionError):
+        Overlay(Repository.open(str(repo)), "bad")
+    args = ("serve", "--listen", "127.0.0.1:0", "--overlay", f"bad={SOURCE}@latest")
+    assert_one_line_error(cli("-r", repo, *args), "log-0.dat", "checksum", code=7)
+    res = cli("-r", repo, "overlays")  # listing reads headers only: it still works
+    assert res.code == 0 and "bad" in res.out
+
+
+def test_lock_is_exclusive_in_process(disk: tuple[Path, Image, str]) -> None:
+    repo, _, _ = disk
+    o = _written(repo, "lk")
+    with pytest.raises(OverlayBusy, match="in use"):
+        Overlay(Repository.open(str(repo)), "lk")
+    with pytest.raises(OverlayBusy):
+        overlay.remove(Repository.open(str(repo)), "lk")
+    o.close()
+    overlay.remove(Repository.open(str(repo)), "lk")
+
+
+def test_extent_map_later_writes_win() -> None:
+    m = overlay_log.ExtentMap()
+    m.add(0, 100, 0, 1000)
+    m.add(50, 60, 0, -1)
+    m.add(90, 200, 1, 5000)
+    m.add(10, 20, 0, 7000)
+    got = [(p.start, p.end, p.log, p.pos) for p in m.pieces(0, 300)]
+    assert got == [
+        (0, 10, 0, 1000),
+        (10, 20, 0, 7000),
+        (20, 50, 0, 1020),
+        (50, 60, 0, -1),
+        (60, 90, 0, 1060),
+        (90, 200, 1, 5000),
+    ]
+    assert [(p.start, p.pos) for p in m.pieces(55, 10)] == [(55, -1), (60, 1060)]
+    m.add(0, 300, 2, 0)
+    assert len(m) == 1
+
+
+# -- the protocol, with a raw-socket client ----------------------------------------------------
+
+
+def test_raw_writes_flags_and_errors(disk: tuple[Path, Image, str]) -> None:
+    import threading  # noqa: PLC0415
+
+    spec = importlib.util.spec_from_file_location(
+        "_nbd_raw", Path(__file__).with_name("test_nbd.py")
+    )
+    assert spec is not None and spec.loader is not None
+    t = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(t)  # the raw-socket client of the NBD tests
+    EINVAL, FLUSH, READ, TRIM, WRITE, WRITE_ZEROES = (
+        t.EINVAL, t.FLUSH, t.READ, t.TRIM, t.WRITE, t.WRITE_ZEROES
+    )  # fmt: skip
+    RawClient = t.RawClient
+
+    from drive.nbd import NbdServer  # noqa: PLC0415
+    from pipeline.serve_cmd import close_overlays, open_overlays  # noqa: PLC0415
+
+    repo, img, _ = disk
+    r = Repository.open(str(repo))
+    overlays = open_overlays(r, r.points(), {"raw": f"{SOURCE}@latest"})
+    server = NbdServer(r, port=0, overlays=overlays)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        for structured in (False, True):
+            with RawClient(server.address[1], "overlay/raw", structured) as c:
+                assert c.size == SIZE and c.flags & 0b1101101 == 0b1101101  # writable, flush...
+                assert not c.flags & 0b10  # ...fua, trim, write zeroes; not read-only
+                c.request(WRITE, SIZE - 10, 20)
+                c.s.sendall(b"y" * 20)  # beyond the end: refused, the payload still read
+                assert c.reply()[0] == EINVAL
+                c.request(WRITE, 100, 5, flags=1)  # FUA
+                c.s.sendall(b"hello")
+                assert c.reply()[0] == 0
+                c.request(WRITE_ZEROES, 0, 50, flags=2)  # NO_HOLE
+                assert c.reply()[0] == 0
+                c.request(TRIM, 0, 10, flags=4)  # DF makes no sense here
+                assert c.reply()[0] == EINVAL
+                c.request(FLUSH, 0, 0)
+                assert c.reply()[0] == 0
+                c.request(READ, 0, 200)
+                error, data = c.reply(0, 200)
+                assert error == 0
+                assert (
+                    data
+                    == bytes(50)
+                    + img.path.read_bytes()[50:100]
+                    + b"hello"
+                    + (img.path.read_bytes()[105:200])
+                )
+    finally:
+        server.shutdown()
+        thread.join(10)
+        close_overlays(overlays)
+    o = Overlay(Repository.open(str(repo)), "raw")  # the lock was released
+    assert o.read_piece(o.pieces(100, 5)[0]) == b"hello"
+    o.close()
