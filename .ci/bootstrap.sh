@@ -30,6 +30,7 @@ comb_bootstrap() {
         command -v script >/dev/null || missing+=(bsdutils)
         command -v losetup >/dev/null || missing+=(mount)
         command -v git >/dev/null || missing+=(git)
+        command -v qemu-system-x86_64 >/dev/null || missing+=(qemu-system-x86)
         command -v chromium >/dev/null || missing+=(chromium)  # dashboard page, rendered headless
         command -v qemu-img >/dev/null || missing+=(qemu-utils)  # independent reader of exports
         command -v nbdinfo >/dev/null || missing+=(libnbd-bin)  # NBD clients: nbdinfo, nbdcopy

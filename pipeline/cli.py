@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     a = acts.add_parser("rm", help="delete an overlay (refused while a server has it open)")
     a.add_argument("name")
 
+    s = sub.add_parser("boot", help="boot a recovery point in QEMU through a writable overlay")
+    s.add_argument("point", help="id, unique prefix, SOURCE@latest or SOURCE@ID")
+    s.add_argument("--name", help="overlay name (default boot-<first 8 hex of the point id>)")
+    s.add_argument("--print", action="store_true", help="print the QEMU and libvirt setup only")
+    s.add_argument("--memory", type=int, default=512, metavar="MiB", help="guest memory")
+    s.add_argument("--listen", metavar="HOST:PORT", help="NBD address (default 127.0.0.1:0)")
+    s.add_argument("--kvm", action="store_true", help="use KVM (default: TCG emulation)")
+
     s = sub.add_parser("mount", help="mount every recovery point as disk image files (FUSE)")
     s.add_argument("mountpoint", help="an empty directory")
 

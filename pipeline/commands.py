@@ -18,6 +18,7 @@ from catalog.repo import Repository
 
 from .analytics_cmds import cmd_catalog_schema, cmd_dashboard, cmd_query, cmd_report
 from .backup import BackupOptions, run_backup
+from .boot_cmd import cmd_boot
 from .drive_cmds import cmd_export
 from .engines import make_engine
 from .mount_cmd import cmd_mount
@@ -27,6 +28,7 @@ from .restore import restore_point
 from .serve_cmd import cmd_serve
 
 __all__ = [
+    "cmd_boot",
     "cmd_catalog_schema",
     "cmd_dashboard",
     "cmd_export",

@@ -1,0 +1,215 @@
+"""``comb boot``: boot a recovery point in QEMU through a writable overlay served over NBD.
+
+Owns the command's side only: the overlay's name (created over the point if missing, reopened
+otherwise), an in-process NBD server on a background thread serving that overlay, the QEMU
+command line (and, with ``--print``, the same command plus a libvirt domain for the user's own
+tools), QEMU's life cycle and exit code, and turning SIGINT and SIGTERM into a clean stop. The
+server is ``drive.nbd``; the overlay ``drive.overlay``.
+
+The base point is loaded lazily: nothing of its manifest is read until QEMU's first read or
+block-status request, so starting the server and QEMU does not depend on the disk's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from types import FrameType
+from xml.sax.saxutils import quoteattr
+
+from catalog.errors import CombError, UsageError
+from catalog.points import RecoveryPoint
+from catalog.repo import Repository
+from drive import overlay
+from drive.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer
+from drive.nbd_exports import ServedPoint, SourceCache
+from drive.nbd_overlay import ServedOverlay
+
+from .overlays_cmd import resolve_base
+from .serve_cmd import close_overlays, parse_listen
+
+QEMU = "qemu-system-x86_64"
+DEFAULT_MEMORY_MIB = 512
+
+
+class QemuMissing(CombError):
+    """The QEMU binary is not installed."""
+
+    exit_code = 1
+
+
+class _LazyBase:
+    """The overlay's base point, loaded (through the server's shared cache) on first use."""
+
+    def __init__(self, sources: SourceCache, point: RecoveryPoint) -> None:
+        self._sources = sources
+        self._point = point
+        self.size = point.size
+
+    def _served(self) -> ServedPoint:
+        return self._sources.get(self._point)
+
+    def read(self, offset: int, length: int) -> bytes:
+        return self._served().read(offset, length)
+
+    def segments(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]:
+        return self._served().segments(offset, length, limit)
+
+
+def default_name(point: RecoveryPoint) -> str:
+    """``boot-`` and the first 8 hex digits of the point's id."""
+    return f"boot-{point.id[:8]}"
+
+
+def nbd_uri(host: str, port: int, name: str) -> str:
+    shown = f"[{host}]" if ":" in host else host
+    return f"nbd://{shown}:{port}/overlay/{name}"
+
+
+def qemu_command(binary: str, uri: str, memory: int, kvm: bool) -> list[str]:
+    """Serial on stdio, no display, no network, the disk as the first IDE drive (BIOS 0x80)."""
+    accel = ["-accel", "kvm", "-cpu", "host"] if kvm else ["-accel", "tcg"]
+    return [
+        binary,
+        *accel,
+        "-m",
+        str(memory),
+        "-display",
+        "none",
+        "-serial",
+        "stdio",
+        "-nic",
+        "none",
+        "-drive",
+        f"file={uri},format=raw,if=ide,index=0,media=disk",
+        "-boot",
+        "c",
+    ]
+
+
+def libvirt_xml(name: str, host: str, port: int, memory: int, kvm: bool) -> str:
+    """A libvirt domain that boots the same overlay from the same NBD server."""
+    kind = "kvm" if kvm else "qemu"
+    return f"""<domain type='{kind}'>
+  <name>comb-{name}</name>
+  <memory unit='MiB'>{memory}</memory>
+  <vcpu>1</vcpu>
+  <os>
+    <type arch='x86_64' machine='pc'>hvm</type>
+    <boot dev='hd'/>
+  </os>
+  <features><acpi/></features>
+  <devices>
+    <disk type='network' device='disk'>
+      <driver name='qemu' type='raw'/>
+      <source protocol='nbd' name={quoteattr("overlay/" + name)}>
+        <host name={quoteattr(host)} port='{port}'/>
+      </source>
+      <target dev='hda' bus='ide'/>
+    </disk>
+    <serial type='pty'><target port='0'/></serial>
+    <console type='pty'><target type='serial' port='0'/></console>
+  </devices>
+</domain>"""
+
+
+def _print_plan(repo: str, point: RecoveryPoint, name: str, args: argparse.Namespace) -> int:
+    host, port = parse_listen(args.listen or f"{DEFAULT_HOST}:{DEFAULT_PORT}")
+    port = port or DEFAULT_PORT
+    binary = shutil.which(QEMU) or QEMU
+    cmd = qemu_command(binary, nbd_uri(host, port, name), args.memory, args.kvm)
+    serve = ["comb", "-r", repo, "serve", "--listen", f"{host}:{port}"]
+    serve += ["--overlay", f"{name}={point.id}"]
+    print(f"# 1. serve the overlay:\n{shlex.join(serve)}")
+    print(f"# 2. boot it with QEMU:\n{shlex.join(cmd)}")
+    print("# or with libvirt (virsh create FILE):")
+    print(libvirt_xml(name, host, port, args.memory, args.kvm))
+    return 0
+
+
+def _open_overlay(r: Repository, point: RecoveryPoint, name: str) -> overlay.Overlay:
+    if name not in overlay.names(r):
+        overlay.create(r, name, point)
+    opened = overlay.Overlay(r, name)
+    if opened.base_id != point.id:
+        opened.close()
+        raise UsageError(
+            f"overlay {name!r} is over recovery point {opened.base_id}, not {point.id} "
+            "(choose another --name)"
+        )
+    return opened
+
+
+def _run_qemu(cmd: list[str]) -> int:
+    """Run QEMU in the foreground; SIGINT/SIGTERM ask it to stop. Its exit code (128+N when a
+    signal N killed it)."""
+    proc = subprocess.Popen(cmd)
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        if proc.poll() is None:
+            proc.terminate()
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        try:
+            code = proc.wait()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+    return 128 - code if code < 0 else code
+
+
+def _boot(r: Repository, point: RecoveryPoint, name: str, args: argparse.Namespace) -> int:
+    binary = shutil.which(QEMU)
+    if binary is None:
+        raise QemuMissing(f"{QEMU} is not installed (install QEMU, e.g. qemu-system-x86)")
+    host, port = parse_listen(args.listen or f"{DEFAULT_HOST}:0")
+    started = time.monotonic()
+    opened = _open_overlay(r, point, name)
+    try:
+        server = NbdServer(r, host, port)
+    except BaseException:
+        opened.close()
+        raise
+    export = ServedOverlay(opened, _LazyBase(server.sources, point), point.chunk_size)
+    server.overlays[f"overlay/{name}"] = export
+    thread = threading.Thread(target=server.serve_forever, name="nbd server", daemon=True)
+    thread.start()
+    try:
+        bound_host, bound_port = server.address
+        cmd = qemu_command(binary, nbd_uri(bound_host, bound_port, name), args.memory, args.kvm)
+        print(
+            f"comb: booting recovery point {point.id} of {point.source} through overlay {name} "
+            f"({nbd_uri(bound_host, bound_port, name)}), ready in "
+            f"{time.monotonic() - started:.3f} s",
+            file=sys.stderr,
+            flush=True,
+        )
+        return _run_qemu(cmd)
+    finally:
+        server.shutdown()
+        thread.join()
+        close_overlays({name: export})
+
+
+def cmd_boot(repo: str, args: argparse.Namespace) -> int:
+    if args.memory < 1:
+        raise UsageError(f"--memory {args.memory}: give a size in MiB (1 or more)")
+    if args.name is not None:
+        overlay.check_name(args.name)
+    r = Repository.open(repo)
+    point = resolve_base(r, args.point)
+    name = args.name or default_name(point)
+    if args.print:
+        return _print_plan(repo, point, name, args)
+    return _boot(r, point, name, args)
