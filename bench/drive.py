@@ -19,7 +19,13 @@ from drive.export import export_image
 from drive.formats import FORMATS, builder
 from drive.source import PointSource
 
-from .drive_serve import fuse_seconds, nbdcopy_seconds, random_iops, start_server
+from .drive_serve import (
+    boot_ready_seconds,
+    fuse_seconds,
+    nbdcopy_seconds,
+    random_iops,
+    start_server,
+)
 from .image import GIB, generate_image, mixed_path, mixed_spec, parse_size, warm
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import table
@@ -46,6 +52,10 @@ def _served(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    boot = boot_ready_seconds(repo, export)
+    if boot is not None:
+        rows.append(["comb boot: command to NBD export ready", f"{boot:.2f} s"])
+        figures["boot_ready_s"] = boot
     fuse = fuse_seconds(repo, workdir, "bench-disk", point_id)
     for name, secs in (fuse or {}).items():
         rows.append(

@@ -139,3 +139,27 @@ def fuse_seconds(repo: str, workdir: str, source: str, point: str) -> dict[str, 
         proc.terminate()
         proc.wait(timeout=30)
     return out
+
+
+def boot_ready_seconds(repo: str, export: str, name: str = "bench-boot") -> float | None:
+    """``comb boot``: seconds from starting the command to its NBD export being ready (its
+    stderr line), for a point of any size; QEMU is then stopped and the overlay removed."""
+    if shutil.which("qemu-system-x86_64") is None:
+        return None
+    cli = [sys.executable, "-m", "pipeline.cli", "-r", repo]
+    t0 = time.perf_counter()
+    proc = subprocess.Popen(
+        [*cli, "boot", export, "--name", name],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        ready = time.perf_counter() - t0 if "ready in" in line else None
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+        subprocess.run([*cli, "overlays", "rm", name], capture_output=True, check=False)
+    return ready
