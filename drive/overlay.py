@@ -123,7 +123,7 @@ def create(repo: Repository, name: str, point: RecoveryPoint) -> None:
     repo.storage.write_atomic(f"{OVERLAYS_DIR}/{name}/overlay.json", data)
 
 
-def _logs(path: str) -> list[int]:
+def log_numbers(path: str) -> list[int]:
     try:
         found = [m for f in os.listdir(path) if (m := _LOG.fullmatch(f))]
     except OSError as err:
@@ -134,7 +134,7 @@ def _logs(path: str) -> list[int]:
 def info(repo: Repository, name: str) -> OverlayInfo:
     doc = read_doc(repo, name)
     path = overlay_dir(repo, name)
-    logs = _logs(path)
+    logs = log_numbers(path)
     size, log_bytes, written, mtime = int(str(doc["size"])), 0, 0, 0.0
     for k, n in enumerate(logs):
         file = os.path.join(path, log_name(n))
@@ -183,7 +183,7 @@ def remove(repo: Repository, name: str) -> None:
     lock = _Lock(path, name)
     try:
         os.unlink(os.path.join(path, "overlay.json"))  # from here on it is no overlay
-        for n in _logs(path):
+        for n in log_numbers(path):
             os.unlink(os.path.join(path, log_name(n)))
         os.unlink(os.path.join(path, "lock"))
         os.rmdir(path)
@@ -228,7 +228,7 @@ class Overlay:
         self._dirty = False
 
     def _open_logs(self) -> None:
-        logs = _logs(self.path)
+        logs = log_numbers(self.path)
         for k, n in enumerate(logs):
             file = os.path.join(self.path, log_name(n))
             found = L.replay(file, n, k == len(logs) - 1, self.size, self.map)

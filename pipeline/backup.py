@@ -18,19 +18,21 @@ from datetime import UTC, datetime
 import pyarrow as pa
 
 from catalog.changes import ChangeTableWriter
-from catalog.errors import SourceError
+from catalog.errors import SourceError, UsageError
 from catalog.index import IndexSegmentWriter
 from catalog.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.packs import DEFAULT_PACK_TARGET_BYTES
 from catalog.points import PointStats, RecoveryPoint, commit_point, latest_for
 from catalog.repo import Repository
+from drive.overlay import Overlay
 from stages.backup import IndexClient, PackTarget, backup_stages
 from stages.base import Fused
 from stages.schemas import INDEX_PORT, MAIN_PORT
-from stages.source import ImageSource
+from stages.source import ImageSource, Source
 
 from .assemble import ManifestAssembler
 from .engines import Engine
+from .overlay_source import OverlaySource, overlay_name
 from .plan import Range, WorkItem, align, intersect, parse_changed_extents, work_items
 
 # 16 MiB work items: large enough that per-call and per-batch Python costs vanish (~256 chunks),
@@ -97,6 +99,20 @@ def plan_backup(repo: Repository, source_path: str, opts: BackupOptions) -> Back
         return BackupPlan(name, src.size, parent, mode, data, None)
     finally:
         src.close()
+
+
+def plan_overlay_backup(repo: Repository, ov: Overlay, opts: BackupOptions) -> BackupPlan:
+    """An overlay as a new point of its base point's source: the parent is the base point (not
+    the source's latest), the change list is every written run (data or zeros), read whole."""
+    if opts.source_name is not None or opts.changed_extents is not None:
+        raise UsageError(
+            "--source-name and --changed-extents do not apply to an overlay (its source and "
+            "changes are its base point's and its writes)"
+        )
+    base = repo.resolve(ov.base_id)
+    written = [(p.start, p.end) for p in ov.pieces(0, ov.size)]
+    changed = align(written, repo.config.chunk_size, base.size)
+    return BackupPlan(base.source, base.size, base, "changed-extents", changed, changed)
 
 
 @dataclass
@@ -175,10 +191,33 @@ def run_backup(
 ) -> RecoveryPoint:
     t0 = time.perf_counter()
     repo.require_writable()
-    plan = plan_backup(repo, source_path, opts)
+    name = overlay_name(source_path)
+    if name is None:
+        plan = plan_backup(repo, source_path, opts)
+        path = os.path.abspath(source_path)
+        return _run(repo, plan, ImageSource(path), path, engine, opts, progress, t0)
+    # The overlay's lock (the one a server holds) for the whole backup: its writes stay put.
+    ov = Overlay(repo, name)
+    try:
+        plan = plan_overlay_backup(repo, ov, opts)
+        source = OverlaySource(repo.location, name)
+        return _run(repo, plan, source, source_path, engine, opts, progress, t0)
+    finally:
+        ov.close()
+
+
+def _run(
+    repo: Repository,
+    plan: BackupPlan,
+    source: Source,
+    source_path: str,
+    engine: Engine,
+    opts: BackupOptions,
+    progress: Progress | None,
+    t0: float,
+) -> RecoveryPoint:
     cfg = repo.config
     storage = repo.storage
-    source = ImageSource(os.path.abspath(source_path))
     target = PackTarget(repo.location, opts.pack_target_bytes)
 
     def make_stage(index: IndexClient) -> Fused:
@@ -211,7 +250,7 @@ def run_backup(
         changes_id, changes_bytes = changes.commit()
         point = RecoveryPoint(
             source=plan.source_name,
-            source_path=os.path.abspath(source_path),
+            source_path=source_path,
             time=datetime.now(UTC).isoformat(timespec="microseconds"),
             size=plan.size,
             chunk_size=cfg.chunk_size,

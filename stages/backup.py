@@ -30,7 +30,7 @@ from .schemas import (
     RAW,
     WRITTEN,
 )
-from .source import ImageSource, OpenSource
+from .source import Source, SourceHandle
 
 ZERO_ID = bytes(32)
 
@@ -66,10 +66,10 @@ class Reader(Stage):
     input_schema = EXTENTS
     output_schema = RAW
 
-    def __init__(self, source: ImageSource, max_batch_bytes: int) -> None:
+    def __init__(self, source: Source, max_batch_bytes: int) -> None:
         self.source = source
         self.max_batch_bytes = max_batch_bytes
-        self._src: OpenSource | None = None
+        self._src: SourceHandle | None = None
         self._buf: np.ndarray | None = None
         self.bytes_read = 0
 
@@ -314,7 +314,7 @@ class Writer(Stage):
 
 
 def backup_stages(
-    source: ImageSource,
+    source: Source,
     chunk_size: int,
     max_batch_bytes: int,
     index: IndexClient,

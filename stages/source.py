@@ -12,10 +12,31 @@ import os
 import stat
 import struct
 from dataclasses import dataclass
+from typing import Protocol
 
 from catalog.errors import SourceError, describe_os_error
 
 _BLKGETSIZE64 = 0x80081272
+
+
+class SourceHandle(Protocol):
+    """What the Reader needs of an open source (``OpenSource`` is one)."""
+
+    size: int
+
+    def data_extents(self, start: int, end: int) -> list[tuple[int, int]]: ...
+
+    def read_into(self, buf: memoryview, offset: int) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Source(Protocol):
+    """Picklable configuration of a source; ``open()`` in the process that reads."""
+
+    def open(self) -> SourceHandle: ...
+
+    def describe(self) -> str: ...
 
 
 @dataclass(frozen=True)
