@@ -31,6 +31,7 @@ from drive.nbd_exports import (
     find_point,
 )
 from drive.nbd_overlay import ServedOverlay
+from drive.source import DEFAULT_CACHE_CHUNKS
 
 __all__ = [
     "DEFAULT_MAX_SOURCES",
@@ -292,9 +293,10 @@ class NbdServer:
         port: int = DEFAULT_PORT,
         max_sources: int = DEFAULT_MAX_SOURCES,
         overlays: dict[str, ServedOverlay] | None = None,
+        cache_chunks: int = DEFAULT_CACHE_CHUNKS,
     ) -> None:
         self.repo = repo
-        self.sources = SourceCache(repo, max_sources)
+        self.sources = SourceCache(repo, max_sources, cache_chunks)
         self.overlays = {f"{OVERLAY_PREFIX}{n}": o for n, o in (overlays or {}).items()}
         try:
             family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]

@@ -15,7 +15,7 @@ from collections import OrderedDict
 from catalog.errors import PointNotFound
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
-from drive.source import PointSource
+from drive.source import DEFAULT_CACHE_CHUNKS, PointSource
 
 DEFAULT_MAX_SOURCES = 8  # loaded points kept: ~1.6 MiB per GiB of data + a 16 MiB chunk cache
 
@@ -86,9 +86,15 @@ class SourceCache:
     """Loaded points shared by all connections, least recently used first out. A point is loaded
     once even when several clients connect at once; other points' loads do not wait for it."""
 
-    def __init__(self, repo: Repository, max_sources: int = DEFAULT_MAX_SOURCES) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        max_sources: int = DEFAULT_MAX_SOURCES,
+        cache_chunks: int = DEFAULT_CACHE_CHUNKS,
+    ) -> None:
         self._repo = repo
         self._max = max(1, max_sources)
+        self._cache_chunks = max(1, cache_chunks)
         self._lock = threading.Lock()
         self._slots: OrderedDict[str, _Slot] = OrderedDict()
 
@@ -102,5 +108,5 @@ class SourceCache:
                 self._slots.popitem(last=False)  # connections using it keep their reference
         with slot.lock:
             if slot.value is None:
-                slot.value = ServedPoint(PointSource(self._repo, point))
+                slot.value = ServedPoint(PointSource(self._repo, point, self._cache_chunks))
             return slot.value

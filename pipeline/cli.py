@@ -83,6 +83,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="NAME=POINT",
         help="serve writable overlay NAME as overlay/NAME, created over POINT if missing",
     )
+    s.add_argument(
+        "--cache-mib",
+        type=int,
+        default=16,
+        help="decoded chunks cached per served point, MiB (default 16; at most 8 points loaded)",
+    )
 
     s = sub.add_parser("overlays", help="list, create or remove writable overlays")
     s.add_argument("--json", action="store_true")

@@ -98,8 +98,12 @@ def close_overlays(served: dict[str, ServedOverlay]) -> None:
 def cmd_serve(repo: str, args: argparse.Namespace) -> int:
     host, port = parse_listen(getattr(args, "listen", None) or DEFAULT_LISTEN)
     wanted = parse_overlay_specs(getattr(args, "overlay", None) or [])
+    cache_mib = getattr(args, "cache_mib", 16)
+    if not 0 < cache_mib <= 1 << 20:
+        raise UsageError(f"--cache-mib {cache_mib} is out of range (1 MiB to 1 TiB)")
     r = Repository.open(repo)
-    server = NbdServer(r, host, port)
+    chunks = max(1, (cache_mib << 20) // r.config.chunk_size)
+    server = NbdServer(r, host, port, cache_chunks=chunks)
     points = r.points()
     for msg in r.damaged:
         print(f"comb: warning: skipping {msg}", file=sys.stderr)

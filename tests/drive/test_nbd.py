@@ -437,3 +437,18 @@ def test_serve_command_stops_on_sigterm(served: Served) -> None:
             assert proc.wait(20) == 0
             assert c.s.recv(1) == b""  # the open connection was closed
         assert "Traceback" not in proc.stderr.read()
+
+
+def test_the_chunk_cache_is_configurable(served: Served) -> None:
+    """``serve --cache-mib``: each served point's decoded-chunk cache holds at most that much."""
+    from drive.nbd_exports import SourceCache
+
+    repo = served.server.repo
+    point = repo.points()[0]
+    cache = SourceCache(repo, max_sources=1, cache_chunks=2)
+    src = cache.get(point).source
+    for off in range(0, min(point.size, 8 * point.chunk_size), point.chunk_size):
+        src.read(off, 512)
+    assert len(src._cache) <= 2
+    with pytest.raises(UsageError, match="cache-mib"):
+        cmd_serve(repo.location, argparse.Namespace(listen="127.0.0.1:0", cache_mib=0))
