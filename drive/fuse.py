@@ -43,8 +43,10 @@ from catalog.errors import UsageError
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
 
+from . import overlay as overlays
 from .formats import builder
 from .image import VirtualImage
+from .overlay_reader import OverlayReader
 from .source import PointSource
 
 # file name in a point's directory -> export format (drive.formats.FORMATS)
@@ -55,6 +57,9 @@ FILES: dict[bytes, str] = {
     b"disk.vhdx": "vhdx",
     b"disk.vmdk": "vmdk",
 }
+# Overlays live under this directory: escaped source names never start with "%o" (a "%" is
+# always followed by two hex digits or "~"), so it cannot collide with a source.
+OVERLAYS_DIR = b"%overlays"
 OPEN_POINTS = 4  # points kept open (each: its chunk locations, ~1.6 MiB per GiB of data)
 NAME_MAX_BYTES = 255
 _BLKSIZE_BYTES = 1 << 20  # st_blksize: tools that honour it read 1 MiB at a time
@@ -102,6 +107,37 @@ class _OpenPoint:
             return self.images[fmt].read(offset, length)
 
 
+class _OpenOverlay(_OpenPoint):
+    """One overlay opened: a snapshot of its write records over its base, as five images."""
+
+    def __init__(self, repo: Repository, name: str) -> None:  # noqa: D107 - same as parent
+        reader = OverlayReader(repo, name)
+        self.images = {f: builder(f)(reader) for f in FILES.values()}
+        self._lock = threading.Lock()
+        self.made_s = time.monotonic()
+
+
+class _OverlayCache:
+    """Overlays change while served: a snapshot is reused for ``_REFRESH_S`` seconds, then a
+    new one is taken for the next open or stat (open files keep theirs)."""
+
+    def __init__(self, repo: Repository) -> None:
+        self._repo = repo
+        self._open: dict[str, _OpenOverlay] = {}
+        self._lock = threading.Lock()
+
+    def get(self, name: str) -> _OpenOverlay:
+        """Blocking (replays the logs, reads the base manifest): call from a worker thread."""
+        with self._lock:
+            hit = self._open.get(name)
+            if hit is not None and time.monotonic() - hit.made_s < _REFRESH_S:
+                return hit
+            opened = self._open[name] = _OpenOverlay(self._repo, name)
+            while len(self._open) > OPEN_POINTS:
+                self._open.pop(next(iter(self._open)))
+            return opened
+
+
 class _PointCache:
     """The few most recently used points open; every point's file sizes remembered (small), so
     a ``stat`` after eviction needs no rebuild. Open files hold their point themselves."""
@@ -147,6 +183,7 @@ class _Node:
     time_ns: int
     point: RecoveryPoint | None = None
     fmt: str = ""
+    overlay: str = ""  # for an overlay's directory and files
     children: dict[bytes, int] = field(default_factory=dict)  # insertion order = listing order
 
 
@@ -169,12 +206,14 @@ class CombFS(pyfuse3.Operations):
         super().__init__()
         self._repo = repo
         self._cache = _PointCache(repo, keep_points)
+        self._overlays = _OverlayCache(repo)
         root = pyfuse3.ROOT_INODE
         self._nodes: dict[int, _Node] = {root: _Node(root, root, "root", time.time_ns())}
         self._handles: dict[int, tuple[_OpenPoint, str]] = {}
         self._next_fh = 1
         self._refreshed_s = time.monotonic()
         self.add_points(repo.points())
+        self.add_overlays(overlays.names(repo))
 
     def add_points(self, points: list[RecoveryPoint]) -> None:
         """Add points not in the tree yet (sources by name, then by time)."""
@@ -187,6 +226,21 @@ class CombFS(pyfuse3.Operations):
             pdir = self._child(src, p.id.encode(), "point", _time_ns(p), p)
             for name, fmt in FILES.items():
                 self._child(pdir, name, "file", pdir.time_ns, p).fmt = fmt
+
+    def add_overlays(self, names: list[str]) -> None:
+        """``%overlays/<name>/disk.*`` for overlays not in the tree yet (removed ones stay
+        listed until remount; reading them fails with EIO)."""
+        if not names:
+            return
+        top = self._child(self._nodes[pyfuse3.ROOT_INODE], OVERLAYS_DIR, "overlays", time.time_ns())
+        for name in sorted(names):
+            if name.encode() in top.children:
+                continue
+            odir = self._child(top, name.encode(), "overlay", top.time_ns)
+            odir.overlay = name
+            for file, fmt in FILES.items():
+                node = self._child(odir, file, "file", top.time_ns)
+                node.fmt, node.overlay = fmt, name
 
     def _child(
         self, parent: _Node, name: bytes, kind: str, t_ns: int, p: RecoveryPoint | None = None
@@ -204,7 +258,9 @@ class CombFS(pyfuse3.Operations):
             return
         self._refreshed_s = time.monotonic()
         points = await self._blocking("list points", self._repo.points)
+        names = await self._blocking("list overlays", overlays.names, self._repo)
         self.add_points(points)  # on the trio thread: handlers never see a half-changed tree
+        self.add_overlays(names)
 
     async def _blocking(self, what: str, fn: Callable[..., T], *args: Any) -> T:
         try:
@@ -222,7 +278,16 @@ class CombFS(pyfuse3.Operations):
     async def _attr(self, node: _Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
-        if node.kind == "file":
+        if node.kind == "file" and node.overlay:
+            opened = await self._blocking(
+                f"open overlay {node.overlay}", self._overlays.get, node.overlay
+            )
+            img = opened.images[node.fmt]
+            size, backed = img.size, sum(s.length for s in img.segments)
+            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, size
+            a.st_blocks = -(-backed // 512)
+            a.entry_timeout = a.attr_timeout = _DIR_TIMEOUT_S  # an overlay changes
+        elif node.kind == "file":
             assert node.point is not None
             sizes = await self._blocking(
                 f"open point {node.point.id}", self._cache.sizes, node.point
@@ -232,7 +297,7 @@ class CombFS(pyfuse3.Operations):
             a.st_blocks = -(-backed // 512)
             a.entry_timeout = a.attr_timeout = _FILE_TIMEOUT_S
         else:
-            subdirs = 0 if node.kind == "point" else len(node.children)
+            subdirs = 0 if node.kind in ("point", "overlay") else len(node.children)
             a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2 + subdirs
             a.entry_timeout = a.attr_timeout = _DIR_TIMEOUT_S
         a.st_uid, a.st_gid, a.st_blksize = os.getuid(), os.getgid(), _BLKSIZE_BYTES
@@ -247,7 +312,7 @@ class CombFS(pyfuse3.Operations):
         if name in (b".", b".."):
             return await self._attr(self._node(node.inode if name == b"." else node.parent))
         child = node.children.get(name)
-        if child is None and node.kind in ("root", "source"):
+        if child is None and node.kind in ("root", "source", "overlays"):
             await self._refresh()
             child = node.children.get(name)
         return await self._attr(self._nodes[child]) if child else _fail(errno.ENOENT)
@@ -256,7 +321,7 @@ class CombFS(pyfuse3.Operations):
         node = self._node(inode)
         if node.kind == "file":
             _fail(errno.ENOTDIR)
-        if node.kind in ("root", "source"):
+        if node.kind in ("root", "source", "overlays"):
             await self._refresh()
         return inode
 
@@ -271,11 +336,20 @@ class CombFS(pyfuse3.Operations):
 
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        if node.kind != "file" or node.point is None:
+        if node.kind != "file":
             _fail(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             _fail(errno.EROFS)
-        opened = await self._blocking(f"open point {node.point.id}", self._cache.get, node.point)
+        opened: _OpenPoint
+        if node.overlay:
+            opened = await self._blocking(
+                f"open overlay {node.overlay}", self._overlays.get, node.overlay
+            )
+        else:
+            assert node.point is not None
+            opened = await self._blocking(
+                f"open point {node.point.id}", self._cache.get, node.point
+            )
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         self._handles[fh] = (opened, node.fmt)
         # direct_io: the kernel passes reads through whole (1 MiB requests on libfuse3) and

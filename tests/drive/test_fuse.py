@@ -303,3 +303,50 @@ def test_open_points_are_bounded(backed_up: tuple[str, Path, Path]) -> None:
     opened = cache.get(second)
     assert list(cache._open) == [second.id] and cache.sizes(first) == sizes
     assert cache.get(second) is opened and sizes["raw"][0] == first.size
+
+
+def test_overlays_are_mounted_too(tmp_path: Path) -> None:
+    """``%overlays/NAME/disk.*``: the base point with the overlay's writes on top, in every
+    format; a later write shows in a file opened after it."""
+    from drive import overlay
+    from drive.overlay import Overlay
+
+    img = Image(tmp_path / "base.img", 2 * MiB + 512)
+    img.random(0, MiB, seed=7)
+    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3)
+    point = api_backup(repo.location, img.path, name="base")
+    overlay.create(repo, "ov1", point)
+    ov = Overlay(repo, "ov1")
+    want = bytearray(img.path.read_bytes())
+    for off, data in [(100, b"x" * 5000), (MiB + 7, b"y" * 70_000)]:
+        ov.write(off, data)
+        want[off : off + len(data)] = data
+    ov.flush()
+    expected = tmp_path / "expected.raw"
+    expected.write_bytes(want)
+    m = Mount(repo.location, tmp_path / "mnt")
+    try:
+        folder = m.path / "%overlays" / "ov1"
+        assert sorted(os.listdir(m.path)) == ["%overlays", "base"]
+        assert (folder / "disk.img").read_bytes() == bytes(want)
+        qemu = need_tool("qemu-img")
+        for file, fmt in (("disk.qcow2", "qcow2"), ("disk.vhdx", "vhdx")):
+            res = subprocess.run(
+                [qemu, "compare", "-f", "raw", "-F", fmt, str(expected), str(folder / file)],
+                capture_output=True,
+                text=True,
+            )
+            assert res.returncode == 0, res.stdout + res.stderr
+        ov.write(0, b"z" * 10)  # the server side keeps writing
+        ov.flush()
+        time.sleep(2.2)  # past the snapshot's reuse window
+        with open(folder / "disk.img", "rb") as fh:
+            assert fh.read(10) == b"z" * 10
+        with pytest.raises(OSError) as err:
+            open(folder / "disk.img", "r+b")
+        assert err.value.errno == errno.EROFS
+        code, _, stderr = m.stop(signal.SIGTERM)
+        assert code == 0, stderr
+    finally:
+        ov.close()
+        m.cleanup()
