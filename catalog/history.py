@@ -17,6 +17,7 @@ This module prints nothing; reports (``catalog.reports``) build on it.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
@@ -50,7 +51,6 @@ class History:
     damaged: list[str] = field(default_factory=list)
     _files: list[tuple[int, str, int]] | None = field(default=None, repr=False)
     _cols: _Columns | None = field(default=None, repr=False)
-    _starts: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, storage: Storage, points: list[RecoveryPoint]) -> History:
@@ -107,7 +107,7 @@ class History:
         files = self.change_files()
         for i, _path, rows in files:
             counts[i] = rows
-        self._starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         sizes = {p.chunk_size for p in self.points}
         if len(sizes) > 1:
             raise QueryError("points of several chunk sizes cannot be analysed together yet")
@@ -132,27 +132,33 @@ class History:
                     "stored_len": pa.array([], pa.int32()),
                 }
             )
-        if t.num_rows != int(self._starts[-1]):
+        if t.num_rows != int(starts[-1]):
             raise QueryError("change tables changed while they were read")
         return _Columns(
             t.column("chunk_no").to_numpy(),
             t.column("chunk_key").to_numpy(),
             t.column("kind").to_numpy(),
             t.column("stored_len").to_numpy(),
-            self._starts,
+            starts,
         )
+
+    def _sources(self) -> Iterator[tuple[int, int, np.ndarray]]:
+        """Per source: its first position, its point count, and a cleared bitmap over its
+        chunk numbers (one bit per chunk, for "changed again later" questions)."""
+        cols = self._columns()
+        for s in range(len(self.sources)):
+            first, k = int(self.base[s]), int(self.count[s])
+            r0, r1 = int(cols.starts[first]), int(cols.starts[first + k])
+            top = int(cols.chunk_no[r0:r1].max()) + 1 if r1 > r0 else 0
+            yield first, k, np.zeros(top, bool)
 
     def lone_bytes(self) -> np.ndarray:
         """Per point: stored bytes of the chunks no other point holds (deleting it alone
         frees them)."""
         cols = self._columns()
-        chunk_no = cols.chunk_no
+        chunk_no, starts = cols.chunk_no, cols.starts
         flag = np.zeros(len(chunk_no), bool)
-        assert self._starts is not None
-        starts = self._starts
-        for s in range(len(self.sources)):
-            first, k = int(self.base[s]), int(self.count[s])
-            bitmap = _bitmap_for(chunk_no, starts[first], starts[first + k])
+        for first, k, bitmap in self._sources():
             for p in range(first, first + k):
                 r0, r1 = int(starts[p]), int(starts[p + 1])
                 if p == first + k - 1:
@@ -168,13 +174,9 @@ class History:
         """Per point: stored bytes freed by forgetting the points marked in ``forget`` (bool per
         position), counted at the point whose backup stored each chunk."""
         cols = self._columns()
-        chunk_no = cols.chunk_no
+        chunk_no, starts = cols.chunk_no, cols.starts
         flag = np.zeros(len(chunk_no), bool)
-        assert self._starts is not None
-        starts = self._starts
-        for s in range(len(self.sources)):
-            first, k = int(self.base[s]), int(self.count[s])
-            bitmap = _bitmap_for(chunk_no, starts[first], starts[first + k])
+        for first, k, bitmap in self._sources():
             touched: list[np.ndarray] = []
             open_tail = True  # no kept point after this one: what it holds goes
             for p in range(first + k - 1, first - 1, -1):
@@ -225,11 +227,6 @@ def _row_count(data: bytes, path: str) -> int:
         return int(pq.read_metadata(pa.BufferReader(data)).num_rows)
     except (pa.ArrowException, OSError) as err:
         raise CorruptionError(f"{path} is not a readable Parquet file ({err})") from None
-
-
-def _bitmap_for(chunk_no: np.ndarray, r0: int, r1: int) -> np.ndarray:
-    top = int(chunk_no[r0:r1].max()) + 1 if r1 > r0 else 0
-    return np.zeros(top, bool)
 
 
 # Row kinds (one int8 per row): the region became zeros, a dedup hit, or a chunk stored here.
