@@ -22,6 +22,7 @@ from .boot_cmd import cmd_boot
 from .drive_cmds import cmd_export
 from .engines import make_engine
 from .mount_cmd import cmd_mount
+from .output import human_bytes
 from .overlays_cmd import cmd_overlays
 from .progress import progress_bar
 from .restore import restore_point
@@ -52,14 +53,6 @@ def warn_damaged(r: Repository) -> None:
     """Damaged point documents are skipped, never silently: one warning line each."""
     for msg in r.damaged:
         print(f"comb: warning: skipping {msg}", file=sys.stderr)
-
-
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def cmd_init(repo: str, args: argparse.Namespace) -> int:
@@ -125,8 +118,8 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         startup = f", engine start-up {engine.startup_s:.1f} s" if engine.startup_s >= 0.5 else ""
         print(
             f"recovery point {point.id} of {point.source} ({point.mode}): "
-            f"read {human(st.bytes_read)}, new {human(st.bytes_new)}, "
-            f"stored {human(st.bytes_stored)} "
+            f"read {human_bytes(st.bytes_read)}, new {human_bytes(st.bytes_new)}, "
+            f"stored {human_bytes(st.bytes_stored)} "
             f"in {seconds:.1f} s ({rate:.0f} MB/s read, {point.engine} engine{startup})"
         )
     return 0
@@ -147,10 +140,10 @@ def cmd_points(repo: str, args: argparse.Namespace) -> int:
             p.id,
             p.time[:19].replace("T", " "),
             p.mode,
-            human(p.size),
-            human(p.stats.bytes_read),
-            human(p.stats.bytes_new),
-            human(p.stats.bytes_stored),
+            human_bytes(p.size),
+            human_bytes(p.stats.bytes_read),
+            human_bytes(p.stats.bytes_new),
+            human_bytes(p.stats.bytes_stored),
             p.source,
         )
         for p in points
@@ -185,8 +178,8 @@ def cmd_restore(repo: str, args: argparse.Namespace) -> int:
     else:
         rate = point.size / seconds / 1e6 if seconds else 0.0
         print(
-            f"restored {point.id} ({human(point.size)}, {human(written)} of data) to {args.output} "
-            f"in {seconds:.1f} s ({rate:.0f} MB/s)"
+            f"restored {point.id} ({human_bytes(point.size)}, {human_bytes(written)} of data) "
+            f"to {args.output} in {seconds:.1f} s ({rate:.0f} MB/s)"
         )
     return 0
 

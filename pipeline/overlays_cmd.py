@@ -17,6 +17,8 @@ from catalog.repo import Repository
 from drive import overlay
 from drive.nbd_exports import find_point
 
+from .output import human_bytes
+
 
 def resolve_base(r: Repository, spec: str) -> RecoveryPoint:
     """A point id, unique prefix, ``SOURCE@latest`` or ``SOURCE@ID``/``SOURCE@PREFIX``."""
@@ -26,14 +28,6 @@ def resolve_base(r: Repository, spec: str) -> RecoveryPoint:
         if "@" not in spec:
             raise
         return find_point(r.points(), spec)
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
 
 
 def cmd_overlays(repo: str, args: argparse.Namespace) -> int:
@@ -62,9 +56,9 @@ def cmd_overlays(repo: str, args: argparse.Namespace) -> int:
             i.name,
             i.base,
             i.source,
-            _human(i.size),
-            _human(i.written_bytes),
-            _human(i.log_bytes),
+            human_bytes(i.size),
+            human_bytes(i.written_bytes),
+            human_bytes(i.log_bytes),
             (i.last_write or "-").replace("T", " ").rstrip("Z"),
         ]
         for i in infos
