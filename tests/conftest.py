@@ -57,3 +57,12 @@ def cli(capsys: pytest.CaptureFixture[str]) -> CliRunner:
         return CliResult(code, out, err)
 
     return run
+
+
+@pytest.fixture
+def history(tmp_path: Path) -> tuple[object, ...]:
+    """Four real backups with known changes (catalogtest.make_history): the analytics tests'
+    history."""
+    from catalogtest import make_history
+
+    return make_history(tmp_path)

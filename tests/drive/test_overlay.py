@@ -4,7 +4,6 @@ corrupt logs; the ``overlays`` command and its lock."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import signal
@@ -379,16 +378,7 @@ def test_extent_map_later_writes_win() -> None:
 def test_raw_writes_flags_and_errors(disk: tuple[Path, Image, str]) -> None:
     import threading  # noqa: PLC0415
 
-    spec = importlib.util.spec_from_file_location(
-        "_nbd_raw", Path(__file__).with_name("test_nbd.py")
-    )
-    assert spec is not None and spec.loader is not None
-    t = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(t)  # the raw-socket client of the NBD tests
-    EINVAL, FLUSH, READ, TRIM, WRITE, WRITE_ZEROES = (
-        t.EINVAL, t.FLUSH, t.READ, t.TRIM, t.WRITE, t.WRITE_ZEROES
-    )  # fmt: skip
-    RawClient = t.RawClient
+    from nbdtest import EINVAL, FLUSH, READ, TRIM, WRITE, WRITE_ZEROES, RawClient  # noqa: PLC0415
 
     from drive.nbd import NbdServer  # noqa: PLC0415
     from pipeline.serve_cmd import close_overlays, open_overlays  # noqa: PLC0415
