@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from combtest import need_tool
+from dissect.hypervisor.disk import qcow2  # a test dependency: never skipped
 from drivetest import CASES, MiB, export, make_case, qemu_check, qemu_compare, same_through
 
 from drive.image import Literal, VirtualImage
@@ -20,7 +21,6 @@ KiB = 1 << 10
 
 
 def _dissect_open(fh: object) -> object:
-    qcow2 = pytest.importorskip("dissect.hypervisor.disk.qcow2")
     return qcow2.QCow2(fh).open()
 
 

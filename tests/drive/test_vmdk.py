@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 from combtest import need_tool
+from dissect.hypervisor.disk import vmdk  # a test dependency: never skipped
 from drivetest import (
     CASES,
     FileSource,
@@ -39,7 +40,6 @@ TiB = 1 << 40
 
 
 def _dissect_open(fh: object) -> object:
-    vmdk = pytest.importorskip("dissect.hypervisor.disk.vmdk")
     disk = vmdk.VMDK(fh)
     # dissect's buffered reads run past the end of a disk whose size is not a multiple of its
     # 8 KiB buffer (an IndexError on qemu-img's own VMDKs too): read in sectors instead.
@@ -103,7 +103,6 @@ def test_header_and_descriptor_follow_the_spec(tmp_path: Path) -> None:
         return [data[e * SECTOR : e * SECTOR + 2048] for e in entries]
 
     assert h["rgd"] != h["gd"] and gts(h["rgd"]) == gts(h["gd"])
-    vmdk = pytest.importorskip("dissect.hypervisor.disk.vmdk")
     with open(out, "rb") as fh:
         desc = vmdk.SparseDisk(fh).descriptor
     assert desc.attr["createType"] == "monolithicSparse"
