@@ -34,6 +34,10 @@ comb_bootstrap() {
         command -v chromium >/dev/null || missing+=(chromium)  # dashboard page, rendered headless
         command -v qemu-img >/dev/null || missing+=(qemu-utils)  # independent reader of exports
         command -v nbdinfo >/dev/null || missing+=(libnbd-bin)  # NBD clients: nbdinfo, nbdcopy
+        # vSphere tests: vcsim is built from Debian's govmomi source (tests/vcsim/build.sh).
+        command -v go >/dev/null || missing+=(golang-go)
+        [ -f /usr/share/gocode/src/github.com/vmware/govmomi/simulator/simulator.go ] \
+            || missing+=(golang-github-vmware-govmomi-dev)
         # pyfuse3 (comb mount) is built against libfuse3 when pip installs it.
         command -v gcc >/dev/null || missing+=(gcc)
         command -v pkg-config >/dev/null || missing+=(pkg-config)

@@ -1,4 +1,4 @@
-"""Entry point: ``python -m bench {backup,chunksize,memory,batch,catalog,drive} [options]``."""
+"""Entry point: ``python -m bench COMMAND [options]`` (commands below)."""
 
 from __future__ import annotations
 
@@ -13,6 +13,7 @@ commands:
   batch      work-item and pack size of a full backup
   catalog    every named report and the dashboard on 1,000 points of a 256 GiB disk
   drive      export MB/s per disk image format, against restore
+  vsphere    full and CBT incremental backups of a simulated VM, against a local file
 
 `python -m bench COMMAND --help` lists a command's options."""
 
@@ -34,6 +35,8 @@ def main(argv: list[str]) -> int:
         from .catalog import main as run
     elif cmd == "drive":
         from .drive import main as run
+    elif cmd == "vsphere":
+        from .vsphere import main as run
     else:
         print(f"bench: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -56,6 +56,9 @@ class RecoveryPoint:
     mode: str  # "full", "changed-extents" or "full-reread"
     change_id: str | None = None
     changes: str | None = None
+    # Where the point came from when the source is a VMware vSphere VM disk (FORMAT.md 8.6):
+    # the VM's configuration, the disk, the snapshot and what Changed Block Tracking answered.
+    vsphere: dict[str, Any] | None = None
     stats: PointStats = field(default_factory=PointStats)
     id: str = ""
     format: str = POINT_FORMAT_NAME
@@ -142,6 +145,8 @@ def _type_ok(value: object, annotation: str) -> bool:
         return isinstance(value, int)
     if annotation.startswith("float"):
         return isinstance(value, int | float)
+    if annotation.startswith("dict"):
+        return isinstance(value, dict)
     return True
 
 

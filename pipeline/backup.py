@@ -12,23 +12,26 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 
 from catalog.changes import ChangeTableWriter
 from catalog.errors import SourceError, UsageError
+from catalog.format import RepoConfig
 from catalog.index import IndexSegmentWriter
 from catalog.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.packs import DEFAULT_PACK_TARGET_BYTES
 from catalog.points import PointStats, RecoveryPoint, commit_point, latest_for
 from catalog.repo import Repository
+from catalog.storage import Storage
 from drive.overlay import Overlay
 from stages.backup import IndexClient, PackTarget, backup_stages
 from stages.base import Fused
 from stages.schemas import INDEX_PORT, MAIN_PORT
-from stages.source import ImageSource, Source
+from stages.source import ImageSource, Source, SourceHandle
 
 from .assemble import ManifestAssembler
 from .engines import Engine
@@ -138,38 +141,123 @@ class _Tally:
         self.chunks_new += int(new.sum())
 
 
+@dataclass
+class DiskJob:
+    """One disk of a backup run: its plan, how its worker-side reader opens it, and the extra
+    point-document fields its caller adds once the data is in (``fields`` sees the job's change
+    table writer, e.g. to report which audited chunks changed)."""
+
+    plan: BackupPlan
+    source: Source
+    source_path: str
+    make_changes: Callable[[Storage], ChangeTableWriter] = ChangeTableWriter
+    fields: Callable[[ChangeTableWriter], dict[str, Any]] | None = None
+
+
+# Several disks in one run share the engine: disk i's offsets travel as ``i << DISK_SHIFT | o``
+# (256 TiB per disk), so one dedup index and one set of workers serve them all, and work items
+# of the disks interleave (the disks are read in parallel).
+DISK_SHIFT = 48
+
+
+@dataclass(frozen=True)
+class MultiSource:
+    """The sources of several disks as one address space (see ``DISK_SHIFT``)."""
+
+    sources: tuple[Source, ...]
+
+    def open(self) -> _OpenMulti:
+        return _OpenMulti([s.open() for s in self.sources])
+
+    def describe(self) -> str:
+        return ", ".join(s.describe() for s in self.sources)
+
+
+class _OpenMulti:
+    def __init__(self, handles: list[SourceHandle]) -> None:
+        self.handles = handles
+        self.size = len(handles) << DISK_SHIFT
+
+    def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
+        return [(start, end - start)] if end > start else []
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        self.handles[offset >> DISK_SHIFT].read_into(buf, offset & ((1 << DISK_SHIFT) - 1))
+
+    def close(self) -> None:
+        for h in self.handles:
+            h.close()
+
+
+@dataclass
+class _Disk:
+    job: DiskJob
+    base: int
+    items: list[WorkItem]
+    manifest: ManifestWriter
+    changes: ChangeTableWriter
+    assembler: ManifestAssembler
+    parent_manifest: ManifestReader | None
+    tally: _Tally = field(default_factory=_Tally)
+
+
+def _interleave(disks: list[_Disk]) -> list[tuple[_Disk, WorkItem]]:
+    """Work items of all disks, round robin, each disk's in its own disk order."""
+    out: list[tuple[_Disk, WorkItem]] = []
+    for i in range(max((len(d.items) for d in disks), default=0)):
+        out.extend((d, d.items[i]) for d in disks if i < len(d.items))
+    return out
+
+
+def _shifted(item: WorkItem, base: int) -> pa.Table:
+    if not base:
+        return item.table()
+    return WorkItem(item.seq, [(s + base, e + base) for s, e in item.ranges], item.end).table()
+
+
+def _unshifted(written: pa.Table, base: int) -> pa.Table:
+    if not base:
+        return written
+    offs = written.column("offset").to_numpy() - base
+    return written.set_column(0, "offset", pa.array(offs, pa.int64()))
+
+
 def _drive(
     engine: Engine,
-    items: list[WorkItem],
-    size: int,
-    assembler: ManifestAssembler,
+    disks: list[_Disk],
     index_seg: IndexSegmentWriter,
-    tally: _Tally,
     progress: Progress | None,
 ) -> None:
     """Keep at most ``INFLIGHT_PER_WORKER`` items per worker in flight (backpressure); take the
-    results in disk order, so the manifest streams out leaf by leaf."""
-    to_read = sum(item.bytes for item in items)
-    window: deque[tuple[WorkItem, object]] = deque()
+    results in submission order, so each disk's manifest streams out leaf by leaf."""
+    order = _interleave(disks)
+    to_read = sum(item.bytes for _, item in order)
+    done = 0
+    window: deque[tuple[_Disk, WorkItem, object]] = deque()
     pos = 0
-    while pos < len(items) or window:
-        while pos < len(items) and len(window) < engine.workers * INFLIGHT_PER_WORKER:
-            window.append((items[pos], engine.submit(items[pos].table())))
+    while pos < len(order) or window:
+        while pos < len(order) and len(window) < engine.workers * INFLIGHT_PER_WORKER:
+            disk, item = order[pos]
+            window.append((disk, item, engine.submit(_shifted(item, disk.base))))
             pos += 1
-        item, handle = window.popleft()
+        disk, item, handle = window.popleft()
         ports = engine.result(handle)
         if INDEX_PORT in ports:
             index_seg.add(ports[INDEX_PORT])
-        tally.add(item.bytes, ports[MAIN_PORT])
-        assembler.feed(ports[MAIN_PORT])
-        nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else size
-        assembler.advance(nxt)
+        written = _unshifted(ports[MAIN_PORT], disk.base)
+        disk.tally.add(item.bytes, written)
+        disk.assembler.feed(written)
+        items = disk.items
+        nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else None
+        disk.assembler.advance(disk.job.plan.size if nxt is None else nxt)
+        done += item.bytes
         if progress is not None:
-            progress(tally.read, to_read)
+            progress(done, to_read)
     for ports in engine.finish():
         if INDEX_PORT in ports:
             index_seg.add(ports[INDEX_PORT])
-    assembler.finish()
+    for disk in disks:
+        disk.assembler.finish()
 
 
 def _parent_data(parent: RecoveryPoint | None, manifest: ManifestReader | None) -> int:
@@ -216,73 +304,115 @@ def _run(
     progress: Progress | None,
     t0: float,
 ) -> RecoveryPoint:
+    return run_jobs(repo, [DiskJob(plan, source, source_path)], engine, opts, progress, t0)[0]
+
+
+def run_jobs(
+    repo: Repository,
+    jobs: list[DiskJob],
+    engine: Engine,
+    opts: BackupOptions,
+    progress: Progress | None = None,
+    t0: float | None = None,
+) -> list[RecoveryPoint]:
+    """Back up one or more disks in one engine run; one recovery point per disk, each
+    committed on its own (in ``jobs`` order) once every disk's data is in."""
+    t0 = time.perf_counter() if t0 is None else t0
     cfg = repo.config
     storage = repo.storage
     target = PackTarget(repo.location, opts.pack_target_bytes)
+    source: Source = (
+        jobs[0].source if len(jobs) == 1 else MultiSource(tuple(j.source for j in jobs))
+    )
 
     def make_stage(index: IndexClient) -> Fused:
         return Fused(
             backup_stages(source, cfg.chunk_size, opts.batch_bytes, index, cfg.zstd_level, target)
         )
 
-    parent_manifest = repo.manifest(plan.parent) if plan.parent is not None else None
-    manifest = ManifestWriter(storage)
-    changes = ChangeTableWriter(storage)
+    disks: list[_Disk] = []
+    for i, job in enumerate(jobs):
+        plan = job.plan
+        parent_manifest = repo.manifest(plan.parent) if plan.parent is not None else None
+        manifest = ManifestWriter(storage)
+        changes = job.make_changes(storage)
+        assembler = ManifestAssembler(
+            manifest,
+            cfg.chunk_size,
+            cfg.leaf_chunks,
+            parent_manifest,
+            plan.changed,
+            changes,
+            plan.size,
+            plan.parent.size if plan.parent is not None else 0,
+        )
+        items = list(work_items(plan.read, opts.batch_bytes, cfg.chunk_size))
+        base = i << DISK_SHIFT if len(jobs) > 1 else 0
+        disks.append(_Disk(job, base, items, manifest, changes, assembler, parent_manifest))
     index_seg = IndexSegmentWriter(storage)
-    assembler = ManifestAssembler(
-        manifest,
-        cfg.chunk_size,
-        cfg.leaf_chunks,
-        parent_manifest,
-        plan.changed,
-        changes,
-        plan.size,
-        plan.parent.size if plan.parent is not None else 0,
-    )
-    items = list(work_items(plan.read, opts.batch_bytes, cfg.chunk_size))
-    tally = _Tally()
     failed = True
     try:
         engine.start(repo.location, make_stage)
-        _drive(engine, items, plan.size, assembler, index_seg, tally, progress)
+        _drive(engine, disks, index_seg, progress)
         segment_id, index_bytes = index_seg.commit()
-        leaves_id, root_id, manifest_bytes = manifest.commit()
-        changes_id, changes_bytes = changes.commit()
-        point = RecoveryPoint(
-            source=plan.source_name,
-            source_path=source_path,
-            time=datetime.now(UTC).isoformat(timespec="microseconds"),
-            size=plan.size,
-            chunk_size=cfg.chunk_size,
-            leaf_chunks=cfg.leaf_chunks,
-            root=root_id,
-            leaves=leaves_id,
-            parent=plan.parent.id if plan.parent is not None else None,
-            index_segment=segment_id,
-            engine=engine.name,
-            mode=plan.mode,
-            changes=changes_id,
-            stats=PointStats(
-                bytes_read=tally.read,
-                bytes_new=tally.new,
-                bytes_stored=tally.stored,
-                bytes_zero=tally.zero,
-                bytes_changed=changes.bytes_changed,
-                bytes_data=_parent_data(plan.parent, parent_manifest) + assembler.data_delta,
-                chunks=tally.chunks,
-                chunks_new=tally.chunks_new,
-                leaves_new=manifest.new_leaves,
-                leaves_shared=manifest.ref_leaves,
-                metadata_bytes=index_bytes + manifest_bytes + changes_bytes,
-                seconds=round(time.perf_counter() - t0, 3),
-            ),
-        )
-        committed = commit_point(storage, point)
+        committed = []
+        for disk in disks:
+            committed.append(
+                _commit_disk(disk, engine.name, segment_id, index_bytes, t0, cfg, storage)
+            )
+            index_bytes = 0  # one segment for the run: counted with the first disk
         failed = False
         return committed
     finally:
         if failed:
-            manifest.abort()
-            changes.abort()
+            for disk in disks:
+                disk.manifest.abort()
+                disk.changes.abort()
             index_seg.abort()
         engine.close(failed)
+
+
+def _commit_disk(
+    disk: _Disk,
+    engine_name: str,
+    segment_id: str | None,
+    index_bytes: int,
+    t0: float,
+    cfg: RepoConfig,
+    storage: Storage,
+) -> RecoveryPoint:
+    plan, tally, changes, manifest = disk.job.plan, disk.tally, disk.changes, disk.manifest
+    leaves_id, root_id, manifest_bytes = manifest.commit()
+    changes_id, changes_bytes = changes.commit()
+    extra = disk.job.fields(changes) if disk.job.fields is not None else {}
+    point = RecoveryPoint(
+        source=plan.source_name,
+        source_path=disk.job.source_path,
+        time=datetime.now(UTC).isoformat(timespec="microseconds"),
+        size=plan.size,
+        chunk_size=cfg.chunk_size,
+        leaf_chunks=cfg.leaf_chunks,
+        root=root_id,
+        leaves=leaves_id,
+        parent=plan.parent.id if plan.parent is not None else None,
+        index_segment=segment_id,
+        engine=engine_name,
+        mode=plan.mode,
+        changes=changes_id,
+        stats=PointStats(
+            bytes_read=tally.read,
+            bytes_new=tally.new,
+            bytes_stored=tally.stored,
+            bytes_zero=tally.zero,
+            bytes_changed=changes.bytes_changed,
+            bytes_data=_parent_data(plan.parent, disk.parent_manifest) + disk.assembler.data_delta,
+            chunks=tally.chunks,
+            chunks_new=tally.chunks_new,
+            leaves_new=manifest.new_leaves,
+            leaves_shared=manifest.ref_leaves,
+            metadata_bytes=index_bytes + manifest_bytes + changes_bytes,
+            seconds=round(time.perf_counter() - t0, 3),
+        ),
+        **extra,
+    )
+    return commit_point(storage, point)

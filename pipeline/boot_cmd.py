@@ -13,6 +13,7 @@ block-status request, so starting the server and QEMU does not depend on the dis
 from __future__ import annotations
 
 import argparse
+import os
 import shlex
 import shutil
 import signal
@@ -22,6 +23,8 @@ import threading
 import time
 from types import FrameType
 from xml.sax.saxutils import quoteattr
+
+import psutil
 
 from catalog.errors import CombError, UsageError
 from catalog.points import RecoveryPoint
@@ -72,12 +75,39 @@ def nbd_uri(host: str, port: int, name: str) -> str:
     return f"nbd://{shown}:{port}/overlay/{name}"
 
 
-def qemu_command(binary: str, uri: str, memory: int, kvm: bool) -> list[str]:
+DEFAULT_MEMORY_MIB = 512
+# A VM's configured memory is capped at this share of the host's (a backed-up 64 GiB VM still
+# boots for inspection on a small recovery host).
+MAX_HOST_MEMORY_SHARE = 0.5
+
+
+def guest_size(point: RecoveryPoint, memory: int | None, cpus: int | None) -> tuple[int, int]:
+    """(memory MiB, CPUs): the options when given, else the backed-up VM's configuration
+    (vSphere points, capped to the host), else 512 MiB and 1 CPU."""
+    vm = (point.vsphere or {}).get("vm") or {}
+    if memory is None:
+        memory = int(vm.get("memory_mib") or DEFAULT_MEMORY_MIB)
+        cap = int(psutil.virtual_memory().total * MAX_HOST_MEMORY_SHARE) >> 20
+        if memory > cap:
+            print(
+                f"comb: note: the VM had {memory} MiB of memory; booting with {cap} MiB "
+                "(half of this host's; --memory sets it)",
+                file=sys.stderr,
+            )
+            memory = cap
+    if cpus is None:
+        cpus = min(int(vm.get("cpus") or 1), os.cpu_count() or 1)
+    return memory, cpus
+
+
+def qemu_command(binary: str, uri: str, memory: int, kvm: bool, cpus: int = 1) -> list[str]:
     """Serial on stdio, no display, no network, the disk as the first IDE drive (BIOS 0x80)."""
     accel = ["-accel", "kvm", "-cpu", "host"] if kvm else ["-accel", "tcg"]
     return [
         binary,
         *accel,
+        "-smp",
+        str(cpus),
         "-m",
         str(memory),
         "-display",
@@ -93,13 +123,13 @@ def qemu_command(binary: str, uri: str, memory: int, kvm: bool) -> list[str]:
     ]
 
 
-def libvirt_xml(name: str, host: str, port: int, memory: int, kvm: bool) -> str:
+def libvirt_xml(name: str, host: str, port: int, memory: int, kvm: bool, cpus: int = 1) -> str:
     """A libvirt domain that boots the same overlay from the same NBD server."""
     kind = "kvm" if kvm else "qemu"
     return f"""<domain type='{kind}'>
   <name>comb-{name}</name>
   <memory unit='MiB'>{memory}</memory>
-  <vcpu>1</vcpu>
+  <vcpu>{cpus}</vcpu>
   <os>
     <type arch='x86_64' machine='pc'>hvm</type>
     <boot dev='hd'/>
@@ -123,13 +153,14 @@ def _print_plan(repo: str, point: RecoveryPoint, name: str, args: argparse.Names
     host, port = parse_listen(args.listen or f"{DEFAULT_HOST}:{DEFAULT_PORT}")
     port = port or DEFAULT_PORT
     binary = shutil.which(QEMU) or QEMU
-    cmd = qemu_command(binary, nbd_uri(host, port, name), args.memory, args.kvm)
+    memory, cpus = guest_size(point, args.memory, args.cpus)
+    cmd = qemu_command(binary, nbd_uri(host, port, name), memory, args.kvm, cpus)
     serve = ["comb", "-r", repo, "serve", "--listen", f"{host}:{port}"]
     serve += ["--overlay", f"{name}={point.id}"]
     print(f"# 1. serve the overlay:\n{shlex.join(serve)}")
     print(f"# 2. boot it with QEMU:\n{shlex.join(cmd)}")
     print("# or with libvirt (virsh create FILE):")
-    print(libvirt_xml(name, host, port, args.memory, args.kvm))
+    print(libvirt_xml(name, host, port, memory, args.kvm, cpus))
     return 0
 
 
@@ -187,7 +218,9 @@ def _boot(r: Repository, point: RecoveryPoint, name: str, args: argparse.Namespa
     thread.start()
     try:
         bound_host, bound_port = server.address
-        cmd = qemu_command(binary, nbd_uri(bound_host, bound_port, name), args.memory, args.kvm)
+        memory, cpus = guest_size(point, args.memory, args.cpus)
+        uri = nbd_uri(bound_host, bound_port, name)
+        cmd = qemu_command(binary, uri, memory, args.kvm, cpus)
         print(
             f"comb: booting recovery point {point.id} of {point.source} through overlay {name} "
             f"({nbd_uri(bound_host, bound_port, name)}), ready in "
@@ -203,8 +236,10 @@ def _boot(r: Repository, point: RecoveryPoint, name: str, args: argparse.Namespa
 
 
 def cmd_boot(repo: str, args: argparse.Namespace) -> int:
-    if args.memory < 1:
+    if args.memory is not None and args.memory < 1:
         raise UsageError(f"--memory {args.memory}: give a size in MiB (1 or more)")
+    if args.cpus is not None and args.cpus < 1:
+        raise UsageError(f"--cpus {args.cpus}: give 1 or more")
     if args.name is not None:
         overlay.check_name(args.name)
     r = Repository.open(repo)

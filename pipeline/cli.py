@@ -36,8 +36,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--zstd-level", type=int, default=None, help="compression level of new chunks (default 3)"
     )
 
-    s = sub.add_parser("backup", help="back up a disk image or block device")
-    s.add_argument("source", help="image file or block device")
+    s = sub.add_parser("backup", help="back up a disk image, block device or vSphere VM")
+    s.add_argument(
+        "source",
+        help="image file, block device, overlay:NAME, or vsphere://USER@HOST/DC/vm/NAME",
+    )
     s.add_argument("--source-name", help="name of the source (default: its absolute path)")
     s.add_argument(
         "--changed-extents", metavar="FILE", help="JSON list of changed {offset, length}"
@@ -48,7 +51,22 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--ray-address", default=None, help="existing Ray cluster (or RAY_ADDRESS)")
     s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
     s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
-    s.add_argument("--json", action="store_true", help="print one JSON object")
+    s.add_argument("--json", action="store_true", help="print one JSON object per point")
+    v = s.add_argument_group("vSphere (vsphere:// sources; password from COMB_VSPHERE_PASSWORD)")
+    v.add_argument("--quiesce", action="store_true", help="quiesce the guest (VMware Tools)")
+    v.add_argument(
+        "--disk", type=int, action="append", default=[], metavar="KEY", help="disk device key"
+    )
+    v.add_argument("--all-disks", action="store_true", help="every disk, one source each")
+    v.add_argument(
+        "--cbt-audit",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="re-read this share of what CBT calls unchanged and check it (default 1)",
+    )
+    v.add_argument("--insecure", action="store_true", help="do not check the TLS certificate")
+    v.add_argument("--ca-file", metavar="FILE", help="trust this CA bundle for TLS")
 
     s = sub.add_parser("points", help="list recovery points")
     s.add_argument("--source", help="only this source name")
@@ -105,7 +123,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("point", help="id, unique prefix, SOURCE@latest or SOURCE@ID")
     s.add_argument("--name", help="overlay name (default boot-<first 8 hex of the point id>)")
     s.add_argument("--print", action="store_true", help="print the QEMU and libvirt setup only")
-    s.add_argument("--memory", type=int, default=512, metavar="MiB", help="guest memory")
+    s.add_argument(
+        "--memory",
+        type=int,
+        default=None,
+        metavar="MiB",
+        help="guest memory (default: the backed-up VM's, else 512)",
+    )
+    s.add_argument(
+        "--cpus", type=int, default=None, help="guest CPUs (default: the backed-up VM's, else 1)"
+    )
     s.add_argument("--listen", metavar="HOST:PORT", help="NBD address (default 127.0.0.1:0)")
     s.add_argument("--kvm", action="store_true", help="use KVM (default: TCG emulation)")
 

@@ -20,13 +20,15 @@ from .analytics_cmds import cmd_catalog_schema, cmd_dashboard, cmd_query, cmd_re
 from .backup import BackupOptions, run_backup
 from .boot_cmd import cmd_boot
 from .drive_cmds import cmd_export
-from .engines import make_engine
+from .engines import Engine, make_engine
 from .mount_cmd import cmd_mount
 from .output import human_bytes
 from .overlays_cmd import cmd_overlays
 from .progress import progress_bar
 from .restore import restore_point
 from .serve_cmd import cmd_serve
+from .vsphere import is_vsphere
+from .vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
 
 __all__ = [
     "cmd_boot",
@@ -90,28 +92,76 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         changed_extents=args.changed_extents,
         batch_bytes=args.batch_mib * 1024 * 1024,
     )
+    vopts = _vsphere_options(args)
     engine = make_engine(args.engine, args.ray_address, args.workers)
     t0 = time.perf_counter()
     with progress_bar(f"backup {os.path.basename(args.source)}", not args.json) as bar:
-        point = run_backup(r, args.source, engine, opts, bar)
+        if vopts is not None:
+            points = run_vsphere_backup(r, args.source, engine, opts, vopts, bar)
+        else:
+            points = [run_backup(r, args.source, engine, opts, bar)]
     seconds = time.perf_counter() - t0
+    for point in points:
+        _report_backup(point, engine, seconds, args.json)
+    return 0
+
+
+def _vsphere_options(args: argparse.Namespace) -> VsphereOptions | None:
+    """The vSphere options, or None (and none of them given) for other sources."""
+    if not is_vsphere(args.source):
+        given = [
+            flag
+            for flag, value in (
+                ("--quiesce", args.quiesce),
+                ("--disk", args.disk),
+                ("--all-disks", args.all_disks),
+                ("--cbt-audit", args.cbt_audit is not None),
+                ("--insecure", args.insecure),
+                ("--ca-file", args.ca_file),
+            )
+            if value
+        ]
+        if given:
+            raise UsageError(f"{given[0]} applies to vsphere:// sources only")
+        return None
+    if args.insecure and args.ca_file:
+        raise UsageError("give --insecure or --ca-file, not both")
+    return VsphereOptions(
+        quiesce=args.quiesce,
+        disks=tuple(args.disk),
+        all_disks=args.all_disks,
+        cbt_audit=DEFAULT_AUDIT_PERCENT if args.cbt_audit is None else args.cbt_audit,
+        verify=False if args.insecure else (args.ca_file or True),
+    )
+
+
+def _report_backup(point: RecoveryPoint, engine: Engine, seconds: float, as_json: bool) -> None:
     st = point.stats
-    if args.json:
-        _json(
-            {
-                "id": point.id,
-                "source": point.source,
-                "parent": point.parent,
-                "mode": point.mode,
-                "size": point.size,
-                "bytes_read": st.bytes_read,
-                "bytes_new": st.bytes_new,
-                "bytes_stored": st.bytes_stored,
-                "metadata_bytes": st.metadata_bytes,
-                "engine": point.engine,
-                "engine_startup_seconds": round(engine.startup_s, 3),
-                "seconds": round(seconds, 3),
-            }
+    if as_json:  # one line per point (JSON Lines): a VM backup makes one point per disk
+        print(
+            json.dumps(
+                {
+                    "id": point.id,
+                    "source": point.source,
+                    "parent": point.parent,
+                    "mode": point.mode,
+                    "size": point.size,
+                    "bytes_read": st.bytes_read,
+                    "bytes_new": st.bytes_new,
+                    "bytes_stored": st.bytes_stored,
+                    "metadata_bytes": st.metadata_bytes,
+                    "engine": point.engine,
+                    "engine_startup_seconds": round(engine.startup_s, 3),
+                    "seconds": round(seconds, 3),
+                    **(
+                        {"change_id": point.change_id, "cbt": point.vsphere.get("cbt")}
+                        if point.vsphere is not None
+                        else {}
+                    ),
+                },
+                sort_keys=True,
+                default=str,
+            )
         )
     else:
         rate = st.bytes_read / seconds / 1e6 if seconds else 0.0
@@ -122,7 +172,6 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
             f"stored {human_bytes(st.bytes_stored)} "
             f"in {seconds:.1f} s ({rate:.0f} MB/s read, {point.engine} engine{startup})"
         )
-    return 0
 
 
 def cmd_points(repo: str, args: argparse.Namespace) -> int:

@@ -209,12 +209,15 @@ class RayEngine:
         self._actors: list[Any] = []
         self._index: Any = None
         self._next = 0
+        self._other_children: set[tuple[int, float]] = set()
 
     def start(self, repo_path: str, make_stage: MakeStage) -> None:
         ray = _ray()
         t0 = time.perf_counter()
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+            # Children this process had before Ray: never Ray's to clean up (see close).
+            self._other_children = _child_keys()
             try:
                 ray.init(**ray_init_kwargs(self.address))
             except Exception as err:  # noqa: BLE001 - any start failure is one line
@@ -275,7 +278,11 @@ class RayEngine:
             # Every process of the embedded Ray descends from this one; a worker that was still
             # registering when the raylet stopped can outlive ray.shutdown() (seen: an orphaned
             # ray::_StageHost), so whatever is left a few seconds later is killed.
-            ours = psutil.Process().children(recursive=True)
+            ours = [
+                p
+                for p in psutil.Process().children(recursive=True)
+                if _key(p) not in self._other_children
+            ]
             ray.shutdown()
             self._started_ray = False
             _, alive = psutil.wait_procs(ours, timeout=RAY_SHUTDOWN_GRACE_S)
@@ -284,6 +291,17 @@ class RayEngine:
                     proc.kill()
                 except psutil.Error:
                     pass
+
+
+def _key(proc: psutil.Process) -> tuple[int, float]:
+    try:
+        return proc.pid, proc.create_time()
+    except psutil.Error:
+        return proc.pid, 0.0
+
+
+def _child_keys() -> set[tuple[int, float]]:
+    return {_key(p) for p in psutil.Process().children(recursive=True)}
 
 
 def make_engine(name: str, ray_address: str | None = None, workers: int | None = None) -> Engine:

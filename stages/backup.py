@@ -85,10 +85,17 @@ class Reader(Stage):
         if total > len(self._buf):
             self._buf = np.empty(total, np.uint8)
         view = memoryview(self._buf)  # type: ignore[arg-type]
+        parts = []
         pos = 0
         for off, length in zip(offs.tolist(), lens.tolist(), strict=True):
-            self._src.read_into(view[pos : pos + length], off)
+            parts.append((view[pos : pos + length], off))
             pos += length
+        read_many = getattr(self._src, "read_many", None)
+        if read_many is not None and len(parts) > 1:
+            read_many(parts)  # a remote source overlaps the requests (latency, not bandwidth)
+        else:
+            for part, off in parts:
+                self._src.read_into(part, off)
         self.bytes_read += total
         starts = np.zeros(len(offs) + 1, np.int64)
         np.cumsum(lens, out=starts[1:])

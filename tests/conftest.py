@@ -1,9 +1,12 @@
-"""Fixtures: a repository, an image factory, and the CLI run in-process."""
+"""Fixtures: a repository, an image factory, the CLI run in-process, and the vSphere simulator."""
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,16 @@ import pytest
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from combtest import CliResult, CliRunner, Image, ImageFactory  # noqa: E402
+from pyVmomi import vim  # noqa: E402
+from vcsimtest import (  # noqa: E402
+    CBT_PAGE_BYTES,
+    Simulator,
+    VmFactory,
+    VmInfo,
+    build,
+    create_vm,
+    need_go,
+)
 
 from catalog.repo import Repository  # noqa: E402
 from pipeline.cli import main  # noqa: E402
@@ -66,3 +79,43 @@ def history(tmp_path: Path) -> tuple[object, ...]:
     from catalogtest import make_history
 
     return make_history(tmp_path)
+
+
+# -- the vSphere simulator (tests/vcsim, tests/vsphere) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def vcsim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Simulator]:
+    """The simulator (built once), with TLS, a login and CBT answers of at most 1 MiB."""
+    need_go()
+    binary = build()
+    workdir: Path = tmp_path_factory.mktemp("vcsim")
+    with Simulator(workdir, binary=binary, cbt_page_bytes=CBT_PAGE_BYTES) as sim:
+        yield sim
+
+
+@pytest.fixture(scope="session")
+def vcsim_si(vcsim: Simulator) -> Iterator[vim.ServiceInstance]:
+    """A logged-in pyvmomi connection shared by the session."""
+    si = vcsim.connect()
+    yield si
+    Simulator.disconnect(si)
+
+
+_names = itertools.count()
+
+
+@pytest.fixture
+def make_vm(
+    request: pytest.FixtureRequest, vcsim: Simulator, vcsim_si: vim.ServiceInstance
+) -> Iterator[VmFactory]:
+    """make_vm(disk_sizes, hw_version=..., cbt=..., power_on=...) -> a VM with a unique name.
+
+    Fault hooks are cleared after the test."""
+    base = re.sub(r"[^A-Za-z0-9_-]", "_", request.node.name)[:40]
+
+    def make(disk_sizes: list[int], **kwargs: object) -> VmInfo:
+        return create_vm(vcsim_si, f"{base}-{next(_names)}", disk_sizes, **kwargs)  # type: ignore[arg-type]
+
+    yield make
+    vcsim.clear_hooks()

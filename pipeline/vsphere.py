@@ -1,0 +1,364 @@
+"""The vSphere control plane of a VM backup, through pyvmomi (no VDDK, no agent in the guest).
+
+Connect, find the VM by inventory path, turn Changed Block Tracking on when it is off, take a
+snapshot (quiesced when asked), describe the snapshot's disks and the VM's configuration, ask
+``QueryChangedDiskAreas`` (looping on ``startOffset``: the server pages its answer), and remove
+the snapshot. Every vSphere fault becomes a one-line ``SourceError``.
+"""
+
+from __future__ import annotations
+
+import getpass
+import http.client
+import os
+import ssl
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from http.cookies import SimpleCookie
+from typing import Any
+from urllib.parse import quote, unquote, urlsplit
+
+from catalog.errors import SourceError, UsageError
+from stages.datastore_source import DatastoreDisk
+
+PREFIX = "vsphere://"
+PASSWORD_ENV = "COMB_VSPHERE_PASSWORD"
+TASK_TIMEOUT_S = 3600.0
+
+Range = tuple[int, int]
+
+
+@dataclass(frozen=True)
+class VsphereUrl:
+    user: str
+    host: str
+    port: int
+    path: str  # inventory path, e.g. "DC0/vm/NAME"
+
+    @property
+    def server(self) -> str:
+        return self.host if self.port == 443 else f"{self.host}:{self.port}"
+
+
+def is_vsphere(source: str) -> bool:
+    return source.startswith(PREFIX)
+
+
+def parse_url(source: str) -> VsphereUrl:
+    """``vsphere://USER@HOST[:PORT]/DATACENTER/vm/[FOLDER/]NAME``."""
+    parts = urlsplit(source)
+    try:
+        port = parts.port or 443
+    except ValueError:
+        raise UsageError(f"{source}: bad port") from None
+    path = unquote(parts.path).strip("/")
+    if parts.scheme != "vsphere" or not parts.hostname or not parts.username:
+        raise UsageError(
+            f"{source}: expected vsphere://USER@HOST[:PORT]/DATACENTER/vm/NAME (user and host)"
+        )
+    if len(path.split("/")) < 3 or "" in path.split("/"):
+        raise UsageError(
+            f"{source}: expected an inventory path DATACENTER/vm/[FOLDER/]NAME after the host"
+        )
+    return VsphereUrl(unquote(parts.username), parts.hostname, port, path)
+
+
+def password() -> str:
+    pw = os.environ.get(PASSWORD_ENV)
+    if pw is not None:
+        return pw
+    if sys.stdin.isatty():
+        return getpass.getpass("vSphere password: ")
+    raise UsageError(f"no vSphere password: set {PASSWORD_ENV} (or run from a terminal)")
+
+
+def _fault(err: BaseException) -> str:
+    """A vSphere fault in one line: its message, else its type."""
+    msg = getattr(err, "msg", None) or getattr(err, "faultMessage", None)
+    if isinstance(msg, list):  # faultMessage is a list of LocalizableMessage
+        msg = "; ".join(str(getattr(m, "message", m)) for m in msg)
+    name = type(err).__name__
+    text = str(msg).strip().splitlines()[0] if msg else ""
+    return f"{text} ({name})" if text else name
+
+
+def _vim() -> Any:
+    from pyVmomi import vim
+
+    return vim
+
+
+@dataclass(frozen=True)
+class DiskInfo:
+    key: int
+    label: str
+    capacity: int
+    file: str  # "[datastore] folder/name.vmdk"
+    datastore: str
+    change_id: str | None
+    delta: bool  # the backing has a parent (a snapshot chain below it)
+
+    def flat_path(self) -> str:
+        """The flat extent's path inside the datastore (``name-flat.vmdk``)."""
+        path = self.file.split("] ", 1)[1] if self.file.startswith("[") else self.file
+        return path[: -len(".vmdk")] + "-flat.vmdk" if path.endswith(".vmdk") else path
+
+
+class Vsphere:
+    """One logged-in session."""
+
+    def __init__(self, url: VsphereUrl, pw: str, verify: bool | str) -> None:
+        from pyVim.connect import SmartConnect
+
+        vim = _vim()
+        self.url = url
+        self.verify = verify
+        if verify is False:
+            ctx = ssl.create_default_context()
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        else:
+            try:
+                ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
+            except (OSError, ssl.SSLError) as err:
+                raise UsageError(f"cannot load CA file {verify}: {err}") from None
+        where = f"vSphere at {url.server}"
+        try:
+            self.si = SmartConnect(
+                host=url.host,
+                port=url.port,
+                user=url.user,
+                pwd=pw,
+                sslContext=ctx,
+                httpConnectionTimeout=60,
+            )
+        except vim.fault.InvalidLogin:
+            raise SourceError(
+                f"{where}: login refused for user {url.user!r} (bad credentials)"
+            ) from None
+        except ssl.SSLCertVerificationError as err:
+            raise SourceError(
+                f"{where}: TLS certificate not trusted ({err.verify_message}); "
+                "use --ca-file FILE or --insecure"
+            ) from None
+        except (OSError, http.client.HTTPException) as err:
+            raise SourceError(f"cannot connect to {where}: {err}") from None
+        except Exception as err:  # noqa: BLE001 - pyvmomi raises vmodl faults and more
+            raise SourceError(f"{where}: cannot log in: {_fault(err)}") from None
+        self.content = self.si.RetrieveContent()
+
+    def close(self) -> None:
+        from pyVim.connect import Disconnect
+
+        try:
+            Disconnect(self.si)
+        except Exception:  # noqa: BLE001 - logging out is best effort
+            pass
+
+    def cookie(self) -> str:
+        jar: SimpleCookie = SimpleCookie()
+        jar.load(self.si._stub.cookie)
+        morsel = jar.get("vmware_soap_session")
+        if morsel is None:
+            raise SourceError(f"vSphere at {self.url.server}: the session has no cookie")
+        return f"vmware_soap_session={morsel.coded_value}"
+
+    def find_vm(self) -> Any:
+        vim = _vim()
+        try:
+            vm = self.content.searchIndex.FindByInventoryPath(self.url.path)
+        except Exception as err:  # noqa: BLE001
+            raise SourceError(f"cannot look up {self.url.path}: {_fault(err)}") from None
+        if vm is None:
+            raise SourceError(f"no VM at {self.url.path} on {self.url.server}")
+        if not isinstance(vm, vim.VirtualMachine):
+            raise SourceError(f"{self.url.path} on {self.url.server} is not a virtual machine")
+        return vm
+
+    def datacenter_path(self, vm: Any) -> str:
+        """The inventory path of the VM's datacenter (the /folder URL's dcPath)."""
+        vim = _vim()
+        node = vm.parent
+        while node is not None and not isinstance(node, vim.Datacenter):
+            node = node.parent
+        if node is None:
+            raise SourceError(f"VM {self.url.path} is in no datacenter")
+        names = []
+        while node is not None and node != self.content.rootFolder:
+            names.append(node.name)
+            node = node.parent
+        return "/".join(reversed(names))
+
+    def wait(self, task: Any, what: str) -> Any:
+        deadline = time.monotonic() + TASK_TIMEOUT_S
+        pause = 0.02
+        while True:
+            info = task.info
+            if info.state == "success":
+                return info.result
+            if info.state == "error":
+                raise SourceError(f"{what}: {_fault(info.error)}")
+            if time.monotonic() > deadline:
+                raise SourceError(f"{what}: the task did not finish in {TASK_TIMEOUT_S:.0f} s")
+            time.sleep(pause)
+            pause = min(1.0, pause * 2)
+
+    def ensure_cbt(self, vm: Any, name: str) -> bool:
+        """Turn Changed Block Tracking on; True when this call turned it on."""
+        vim = _vim()
+        if vm.config.changeTrackingEnabled:
+            return False
+        if not vm.capability.changeTrackingSupported:
+            raise SourceError(
+                f"VM {name} does not support Changed Block Tracking "
+                f"(virtual hardware {vm.config.version}; vmx-07 or later is needed)"
+            )
+        task = vm.ReconfigVM_Task(spec=vim.vm.ConfigSpec(changeTrackingEnabled=True))
+        self.wait(task, f"cannot enable Changed Block Tracking on VM {name}")
+        return True
+
+    def snapshot(self, vm: Any, name: str, quiesce: bool) -> tuple[Any, str]:
+        """(snapshot, its name)."""
+        snap_name = "comb-" + datetime.now(UTC).strftime("%Y%m%dT%H%M%S.%fZ")
+        try:
+            task = vm.CreateSnapshot_Task(
+                name=snap_name,
+                description="taken by comb for a backup; removed when the backup ends",
+                memory=False,
+                quiesce=quiesce,
+            )
+        except Exception as err:  # noqa: BLE001
+            raise SourceError(f"cannot snapshot VM {name}: {_fault(err)}") from None
+        return self.wait(task, f"cannot snapshot VM {name}"), snap_name
+
+    def remove_snapshot(self, snap: Any, name: str) -> None:
+        try:
+            task = snap.RemoveSnapshot_Task(removeChildren=False, consolidate=True)
+        except Exception as err:  # noqa: BLE001
+            raise SourceError(f"cannot remove snapshot of VM {name}: {_fault(err)}") from None
+        self.wait(task, f"cannot remove snapshot of VM {name}")
+
+    def disks(self, snap: Any) -> list[DiskInfo]:
+        vim = _vim()
+        out = []
+        for dev in snap.config.hardware.device:
+            if not isinstance(dev, vim.vm.device.VirtualDisk):
+                continue
+            backing = dev.backing
+            file = str(getattr(backing, "fileName", "") or "")
+            cap = dev.capacityInBytes or (dev.capacityInKB or 0) * 1024
+            ds = file[1:].split("]", 1)[0] if file.startswith("[") else ""
+            out.append(
+                DiskInfo(
+                    key=int(dev.key),
+                    label=str(dev.deviceInfo.label if dev.deviceInfo else f"disk {dev.key}"),
+                    capacity=int(cap),
+                    file=file,
+                    datastore=ds,
+                    change_id=getattr(backing, "changeId", None) or None,
+                    delta=getattr(backing, "parent", None) is not None,
+                )
+            )
+        return out
+
+    def changed_areas(
+        self, vm: Any, snap: Any, disk: DiskInfo, change_id: str, name: str
+    ) -> list[Range]:
+        """``QueryChangedDiskAreas`` over the whole disk, following its pages."""
+        out: list[Range] = []
+        pos = 0
+        while pos < disk.capacity:
+            try:
+                info = vm.QueryChangedDiskAreas(
+                    snapshot=snap, deviceKey=disk.key, startOffset=pos, changeId=change_id
+                )
+            except Exception as err:  # noqa: BLE001 - the caller decides what a fault means
+                raise CbtRefused(_fault(err)) from None
+            for area in info.changedArea or []:
+                out.append((int(area.start), int(area.start) + int(area.length)))
+            nxt = int(info.startOffset) + int(info.length)
+            if nxt <= pos:
+                raise SourceError(
+                    f"VM {name} disk {disk.key}: QueryChangedDiskAreas made no progress at "
+                    f"offset {pos}"
+                )
+            pos = nxt
+        return out
+
+    def disk_source(self, vm: Any, disk: DiskInfo, cookie: str) -> DatastoreDisk:
+        base = f"https://{self.url.host}:{self.url.port}/folder/"
+        query = f"?dcPath={quote(self.datacenter_path(vm))}&dsName={quote(disk.datastore)}"
+        return DatastoreDisk(
+            url=base + quote(disk.flat_path()) + query,
+            cookie=cookie,
+            size=disk.capacity,
+            label=f"disk {disk.key} ({disk.file})",
+            verify=self.verify,
+        )
+
+
+class CbtRefused(Exception):
+    """The server would not answer ``QueryChangedDiskAreas`` (e.g. a reset change id)."""
+
+
+def vm_config(vm: Any, dc_path: str) -> dict[str, Any]:
+    """What instant boot and an operator need to recreate the VM: CPUs, memory, disks, NICs."""
+    vim = _vim()
+    cfg = vm.config
+    hw = cfg.hardware
+    disks, nics = [], []
+    for dev in hw.device:
+        label = str(dev.deviceInfo.label) if dev.deviceInfo else ""
+        if isinstance(dev, vim.vm.device.VirtualDisk):
+            disks.append(
+                {
+                    "key": int(dev.key),
+                    "label": label,
+                    "capacity": int(dev.capacityInBytes or (dev.capacityInKB or 0) * 1024),
+                    "file": str(getattr(dev.backing, "fileName", "") or ""),
+                    "controller_key": int(dev.controllerKey or 0),
+                    "unit": int(dev.unitNumber or 0),
+                    "thin": bool(getattr(dev.backing, "thinProvisioned", False)),
+                }
+            )
+        elif isinstance(dev, vim.vm.device.VirtualEthernetCard):
+            backing = dev.backing
+            network = getattr(backing, "deviceName", None) or getattr(
+                getattr(backing, "port", None), "portgroupKey", None
+            )
+            nics.append(
+                {
+                    "key": int(dev.key),
+                    "label": label,
+                    "type": type(dev).__name__.rsplit(".", 1)[-1],
+                    "mac": str(dev.macAddress or ""),
+                    "network": str(network or ""),
+                }
+            )
+    return {
+        "name": str(cfg.name),
+        "datacenter": dc_path,
+        "instance_uuid": str(cfg.instanceUuid or ""),
+        "bios_uuid": str(cfg.uuid or ""),
+        "guest_id": str(cfg.guestId or ""),
+        "hardware_version": str(cfg.version or ""),
+        "firmware": str(cfg.firmware or "bios"),
+        "cpus": int(hw.numCPU or 1),
+        "cores_per_socket": int(hw.numCoresPerSocket or 1),
+        "memory_mib": int(hw.memoryMB or 0),
+        "disks": disks,
+        "nics": nics,
+    }
+
+
+@contextmanager
+def session(url: VsphereUrl, verify: bool | str) -> Iterator[Vsphere]:
+    vs = Vsphere(url, password(), verify)
+    try:
+        yield vs
+    finally:
+        vs.close()
