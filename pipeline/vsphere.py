@@ -13,6 +13,7 @@ import http.client
 import os
 import ssl
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -28,6 +29,7 @@ from stages.datastore_source import DatastoreDisk
 PREFIX = "vsphere://"
 PASSWORD_ENV = "COMB_VSPHERE_PASSWORD"
 TASK_TIMEOUT_S = 3600.0
+KEEPALIVE_S = 300.0  # vCenter drops sessions idle for 30 minutes by default
 
 Range = tuple[int, int]
 
@@ -150,6 +152,27 @@ class Vsphere:
         except Exception as err:  # noqa: BLE001 - pyvmomi raises vmodl faults and more
             raise SourceError(f"{where}: cannot log in: {_fault(err)}") from None
         self.content = self.si.RetrieveContent()
+
+    @contextmanager
+    def keepalive(self, every_s: float = KEEPALIVE_S) -> Iterator[None]:
+        """Keep the API session alive while the data is read (idle sessions expire, and the
+        snapshot must still be removable at the end)."""
+        stop = threading.Event()
+
+        def run() -> None:
+            while not stop.wait(every_s):
+                try:
+                    self.si.CurrentTime()
+                except Exception:  # noqa: BLE001 - the removal at the end reports real trouble
+                    pass
+
+        thread = threading.Thread(target=run, name="comb-vsphere-keepalive", daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
 
     def close(self) -> None:
         from pyVim.connect import Disconnect

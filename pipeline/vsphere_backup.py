@@ -292,7 +292,8 @@ def run_vsphere_backup(
             plans = [
                 _plan_disk(repo, vs, vm, snap, d, name, vopts, cookie, make_fields) for d in disks
             ]
-            points = run_jobs(repo, [p.job for p in plans], engine, opts, progress)
+            with vs.keepalive():
+                points = run_jobs(repo, [p.job for p in plans], engine, opts, progress)
             ok = True
         finally:
             try:

@@ -176,12 +176,16 @@ def test_multi_disk_vm(
         scribble(d, rng, [0, MiB + 17])
     res = cli("-r", repo_path, "backup", url(vcsim, vm), "--ca-file", vcsim.cafile)
     assert_one_line_error(res, "2 disks", "--all-disks", str(vm.disks[1].key), code=2)
-    points, _ = backup(cli, repo_path, vcsim, vm, "--all-disks")
+    points, _ = backup(cli, repo_path, vcsim, vm, "--all-disks", "--quiesce")
     assert [p["source"] for p in points] == [
         f"vsphere://{vcsim.host}:{vcsim.port}/{vm.inventory_path}/disk-{d.key}" for d in vm.disks
     ]
+    repo = Repository.open(str(repo_path))
     for p, d in zip(points, vm.disks, strict=True):
         assert_restores(repo_path, p["id"], d, tmp_path)
+        doc = repo.resolve(p["id"]).vsphere
+        assert doc is not None and doc["snapshot"]["quiesced"] is True
+        assert [x["key"] for x in doc["vm"]["disks"]] == [x.key for x in vm.disks]
     scribble(vm.disks[1], rng, [2 * MiB])
     (p,), _ = backup(cli, repo_path, vcsim, vm, "--disk", vm.disks[1].key, "--cbt-audit", "0")
     assert p["parent"] == points[1]["id"] and p["bytes_read"] == CHUNK
