@@ -228,7 +228,7 @@ class Vsphere:
             if time.monotonic() > deadline:
                 raise SourceError(f"{what}: the task did not finish in {TASK_TIMEOUT_S:.0f} s")
             time.sleep(pause)
-            pause = min(1.0, pause * 2)
+            pause = min(0.2, pause * 1.5)
 
     def ensure_cbt(self, vm: Any, name: str) -> bool:
         """Turn Changed Block Tracking on; True when this call turned it on."""
