@@ -11,6 +11,8 @@ from __future__ import annotations
 import getpass
 import http.client
 import os
+import re
+import socket
 import ssl
 import sys
 import threading
@@ -22,6 +24,8 @@ from datetime import UTC, datetime
 from http.cookies import SimpleCookie
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
+
+import psutil
 
 from catalog.errors import SourceError, UsageError
 from stages.datastore_source import DatastoreDisk
@@ -250,13 +254,33 @@ class Vsphere:
         try:
             task = vm.CreateSnapshot_Task(
                 name=snap_name,
-                description="taken by comb for a backup; removed when the backup ends",
+                description=f"{SNAPSHOT_NOTE} (host {socket.gethostname()}, pid {os.getpid()})",
                 memory=False,
                 quiesce=quiesce,
             )
         except Exception as err:  # noqa: BLE001
             raise SourceError(f"cannot snapshot VM {name}: {_fault(err)}") from None
         return self.wait(task, f"cannot snapshot VM {name}"), snap_name
+
+    def remove_leftovers(self, vm: Any, name: str) -> list[str]:
+        """Remove the snapshots earlier comb backups on this host left behind (the process was
+        killed before its clean-up); a comb snapshot of a live process, or of another host, is
+        a backup running now: refuse. Returns the names removed."""
+        removed = []
+        for snap_name, desc, snap in _snapshot_tree(vm):
+            m = _OURS.fullmatch(desc or "")
+            if not snap_name.startswith("comb-") or m is None:
+                continue
+            host, pid = m.group(1), int(m.group(2))
+            if host != socket.gethostname() or psutil.pid_exists(pid):
+                raise SourceError(
+                    f"VM {name} has snapshot {snap_name} of a comb backup running on host "
+                    f"{host} (pid {pid}); wait for it, or remove the snapshot if that backup "
+                    "is gone"
+                )
+            self.remove_snapshot(snap, name)
+            removed.append(snap_name)
+        return removed
 
     def remove_snapshot(self, snap: Any, name: str) -> None:
         try:
@@ -322,6 +346,22 @@ class Vsphere:
             label=f"disk {disk.key} ({disk.file})",
             verify=self.verify,
         )
+
+
+SNAPSHOT_NOTE = "taken by comb for a backup; removed when the backup ends"
+_OURS = re.compile(re.escape(SNAPSHOT_NOTE) + r" \(host (.+), pid (\d+)\)")
+
+
+def _snapshot_tree(vm: Any) -> list[tuple[str, str, Any]]:
+    """(name, description, snapshot) of every snapshot of the VM."""
+    out: list[tuple[str, str, Any]] = []
+    info = vm.snapshot
+    todo = list(info.rootSnapshotList) if info is not None else []
+    while todo:
+        node = todo.pop()
+        out.append((str(node.name), str(node.description or ""), node.snapshot))
+        todo.extend(node.childSnapshotList or [])
+    return out
 
 
 class CbtRefused(Exception):

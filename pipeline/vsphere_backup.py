@@ -252,6 +252,8 @@ def run_vsphere_backup(
         name = str(vm.name)
         if vs.ensure_cbt(vm, name):
             _note(f"enabled Changed Block Tracking on VM {name}")
+        for left in vs.remove_leftovers(vm, name):
+            _note(f"removed snapshot {left} of VM {name}, left by a comb backup that was killed")
         snap, snap_name = vs.snapshot(vm, name, vopts.quiesce)
         ok = False
         try:

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
 from combtest import CliRunner, MiB, assert_one_line_error, point_ids
-from vcsimtest import Simulator, VmFactory, VmInfo, snapshots
+from vcsimtest import Simulator, VmFactory, VmInfo, snapshots, wait
+
+from pipeline.vsphere import SNAPSHOT_NOTE
 
 SOURCE_ERROR = 5
 USAGE_ERROR = 2
@@ -137,3 +141,34 @@ def test_unknown_disk_key(
     res = run(cli, repo_path, vcsim, vm, "--disk", "4242")
     assert_one_line_error(res, "no disk 4242", str(vm.disks[0].key), code=USAGE_ERROR)
     assert snapshots(vcsim.connect(), vm) == []
+
+
+def _snap(vm: VmInfo, name: str, description: str) -> None:
+    wait(vm.vm.CreateSnapshot_Task(name=name, description=description, memory=False, quiesce=False))
+
+
+def test_snapshot_left_by_a_killed_backup_is_removed(
+    cli: CliRunner, repo_path: Path, vcsim: Simulator, make_vm: VmFactory
+) -> None:
+    vm = make_vm([MiB], cbt=True)
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = socket.gethostname()
+    _snap(vm, "comb-20260101T000000.000000Z", f"{SNAPSHOT_NOTE} (host {host}, pid {dead.pid})")
+    _snap(vm, "nightly", "the user's own snapshot: never touched")
+    res = run(cli, repo_path, vcsim, vm)
+    assert res.code == 0, res.err
+    assert "removed snapshot comb-20260101T000000.000000Z" in res.err
+    assert snapshots(vcsim.connect(), vm) == ["nightly"]
+
+
+def test_snapshot_of_a_running_backup_is_left_alone(
+    cli: CliRunner, repo_path: Path, vcsim: Simulator, make_vm: VmFactory
+) -> None:
+    vm = make_vm([MiB], cbt=True)
+    note = f"{SNAPSHOT_NOTE} (host {socket.gethostname()}, pid {os.getpid()})"
+    _snap(vm, "comb-running", note)
+    res = run(cli, repo_path, vcsim, vm)
+    assert_one_line_error(res, "comb-running", "running on host", code=SOURCE_ERROR)
+    assert snapshots(vcsim.connect(), vm) == ["comb-running"]
+    assert point_ids(cli, repo_path) == []
