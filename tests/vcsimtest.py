@@ -36,7 +36,7 @@ GOVMOMI = Path("/usr/share/gocode/src/github.com/vmware/govmomi/simulator")
 DATACENTER = "DC0"
 DATASTORE = "LocalDS_0"
 HOST = "DC0/host/DC0_H0"  # the standalone host of the VPX model
-# The QueryChangedDiskAreas page of the tests' simulator (tests/vsphere/conftest.py): small, so
+# The QueryChangedDiskAreas page of the tests' simulator (tests/conftest.py): small, so
 # that clients always have to follow the answers' paging.
 CBT_PAGE_BYTES = 1 << 20
 
