@@ -17,6 +17,7 @@ This module prints nothing; reports (``catalog.reports``) build on it.
 
 from __future__ import annotations
 
+import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,8 +26,10 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .changes import changes_name
+from . import lives as lv_
+from .changes import changes_name, read_changes
 from .errors import CombError, CorruptionError, QueryError
+from .format import CONFIG_NAME, parse_config
 from .parquet_io import read_verified
 from .points import RecoveryPoint
 from .storage import Storage
@@ -51,6 +54,7 @@ class History:
     damaged: list[str] = field(default_factory=list)
     _files: list[tuple[int, str, int]] | None = field(default=None, repr=False)
     _cols: _Columns | None = field(default=None, repr=False)
+    _lives: lv_.Lives | None = field(default=None, repr=False)
 
     @classmethod
     def of(cls, storage: Storage, points: list[RecoveryPoint]) -> History:
@@ -142,6 +146,90 @@ class History:
             starts,
         )
 
+    def lives(self) -> lv_.Lives | None:
+        """The chunk lives of the whole history (``catalog.lives``): from the local cache when
+        it covers the history (extended by the points it lacks), else built from every row.
+        None when a source is incomplete: then the rows are walked as they are."""
+        files = self.change_files()
+        if not self.complete.all() or len({p.chunk_size for p in self.points}) > 1:
+            return None
+        if self._lives is None:
+            chunk = self.points[0].chunk_size if self.points else 1
+            big = sum(f[2] for f in files) >= lv_.CACHE_MIN_ROWS
+            path = lv_.cache_path(self._repo_id()) if big else None
+            lives = self._cached(path, chunk) if path is not None else None
+            if lives is None:
+                lives = lv_.Lives(chunk)
+                cols = self._columns()
+                lives.extend(
+                    [(p.source, str(p.changes), cols.rows(i)) for i, p in enumerate(self.points)]
+                )
+                self._save(lives, path)
+            self._lives = lives
+        return self._lives
+
+    def _cached(self, path: str, chunk: int) -> lv_.Lives | None:
+        """The cached lives if they are of this history's chains (a prefix of each), extended
+        by the missing points; None when there is no usable cache."""
+        chains = {name: [] for name in self.sources}  # type: dict[str, list[str]]
+        for p in self.points:
+            chains[p.source].append(str(p.changes))
+        try:
+            cache = lv_.CacheFile(path)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile):
+            return None
+        try:
+            if cache.chunk_size != chunk or any(
+                name not in chains or chains[name][: len(mine)] != mine
+                for name, mine in zip(cache.sources, cache.chains, strict=True)
+            ):
+                return None
+            done = dict(zip(cache.sources, cache.chains, strict=True))
+            todo = [
+                (p.source, str(p.changes))
+                for i, p in enumerate(self.points)
+                if len(done.get(p.source, [])) <= self.seq[i]
+            ]
+            lives = cache.lives(with_state=bool(todo))
+            if todo:
+                batch = [(s, c, self._rows_of(c)) for s, c in todo]
+                lives.extend(batch)
+                self._save(lives, path)
+            return lives
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, lv_.Rebuild):
+            return None
+        finally:
+            cache.close()
+
+    def _rows_of(self, changes_id: str) -> lv_.Rows:
+        chunk = self.points[0].chunk_size
+        t = read_changes(self.storage, changes_id)
+        key = t.column("chunk_key")
+        new = t.column("new").to_numpy(zero_copy_only=False)
+        zero = key.is_null().to_numpy(zero_copy_only=False)
+        return lv_.Rows(
+            (t.column("offset").to_numpy() // chunk).astype(np.int32),
+            key.fill_null(0).to_numpy().astype(np.int64),
+            np.where(zero, _ZERO, np.where(new, _NEW, _HIT)).astype(np.int8),
+            t.column("stored_len").to_numpy().astype(np.int32),
+        )
+
+    def _save(self, lives: lv_.Lives, path: str | None) -> None:
+        if path is None:
+            return
+        try:
+            lv_.save(lives, path)
+        except OSError:
+            pass  # a cache that cannot be written is only slower next time
+
+    def _repo_id(self) -> str:
+        return parse_config(self.storage.read(CONFIG_NAME), CONFIG_NAME).id
+
+    def _layout(self, lives: lv_.Lives) -> lv_.Layout:
+        at = {name: s for s, name in enumerate(self.sources)}
+        idx = np.array([at[name] for name in lives.sources], np.int64)
+        return lv_.Layout(self.base[idx], self.count[idx], len(self.points))
+
     def _sources(self) -> Iterator[tuple[int, int, np.ndarray]]:
         """Per source: its first position, its point count, and a cleared bitmap over its
         chunk numbers (one bit per chunk, for "changed again later" questions)."""
@@ -155,6 +243,9 @@ class History:
     def lone_bytes(self) -> np.ndarray:
         """Per point: stored bytes of the chunks no other point holds (deleting it alone
         frees them)."""
+        lives = self.lives()
+        if lives is not None:
+            return lv_.lone_bytes(lives, self._layout(lives))
         cols = self._columns()
         chunk_no, starts = cols.chunk_no, cols.starts
         flag = np.zeros(len(chunk_no), bool)
@@ -173,6 +264,9 @@ class History:
     def freed_by(self, forget: np.ndarray) -> np.ndarray:
         """Per point: stored bytes freed by forgetting the points marked in ``forget`` (bool per
         position), counted at the point whose backup stored each chunk."""
+        lives = self.lives()
+        if lives is not None:
+            return lv_.freed_bytes(lives, self._layout(lives), forget)
         cols = self._columns()
         chunk_no, starts = cols.chunk_no, cols.starts
         flag = np.zeros(len(chunk_no), bool)
@@ -240,6 +334,11 @@ class _Columns:
     kind: np.ndarray  # int8: _ZERO, _HIT or _NEW
     stored: np.ndarray  # int32
     starts: np.ndarray  # int64 per point + 1: its first row
+
+    def rows(self, p: int) -> lv_.Rows:
+        """The rows of position ``p`` (views)."""
+        r0, r1 = int(self.starts[p]), int(self.starts[p + 1])
+        return lv_.Rows(self.chunk_no[r0:r1], self.key[r0:r1], self.kind[r0:r1], self.stored[r0:r1])
 
     def pos(self, rows: np.ndarray) -> np.ndarray:
         """The position (point) of each given row."""

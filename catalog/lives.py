@@ -1,0 +1,460 @@
+"""Chunk lives: what the stored chunks of a complete history are held by, kept small enough to
+answer "what would forgetting these points free" without reading every change row again.
+
+A change row of point P puts content at its offset; the content lives until the next point of
+the source with a row at that offset (its end), or is still live. A chunk stored once and never
+a dedup hit has one life, so all that matters of it is (source, birth, end, stored bytes), and
+chunks are summed per such tuple: a few hundred thousand sums for a long history instead of
+tens of millions of rows. Chunks with dedup hits (any row of their key that is not ``new``)
+keep every life explicitly, grouped by key.
+
+Built once from every change row, then extended point by point: the content each source holds
+at its latest point is kept (per chunk number: birth, key, stored bytes, which life), so a new
+point costs its own change rows. A dedup hit of a chunk whose only life has ended cannot be
+placed that way (its life was summed away): the lives are then built again from scratch.
+
+Persisted as a local cache outside the repository (``cache_dir``), never as part of it: a zip
+of NumPy arrays with the BLAKE3 of each member in its metadata, replaced by rename, checked on
+every load and rebuilt when it is damaged, written for another history or for a different
+history (a point removed or reordered). Relies on ``new`` meaning "no earlier chunk had this id"
+(FORMAT.md 8.5): at most one ``new`` row per key.
+
+This module prints nothing and never writes to the repository.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import secrets
+import zipfile
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+
+CACHE_FORMAT = "comb-lives"
+CACHE_VERSION = 1
+CACHE_ENV = "COMB_CACHE_DIR"
+# Histories with fewer change rows are computed afresh (well under 0.1 s); only larger ones are
+# worth a file (bench: ``python -m bench catalog``, 23 million rows).
+CACHE_MIN_ROWS = 1 << 20
+
+# What a chunk number of a source holds at its latest point.
+_NONE, _SIMPLE, _GROUP_NEW, _GROUP_HIT = 0, 1, 2, 3
+_KEY_FILTER_BITS = 1 << 24
+
+
+class Rebuild(Exception):
+    """The lives cannot be extended by the given rows: build them again from every row."""
+
+
+class _Grow:
+    """Columns of int arrays appended to in batches (capacity doubles)."""
+
+    def __init__(self, names: tuple[str, ...], dtypes: tuple[str, ...]) -> None:
+        self.names = names
+        self.cols = {n: np.zeros(0, d) for n, d in zip(names, dtypes, strict=True)}
+        self.n = 0
+
+    def append(self, **values: np.ndarray) -> np.ndarray:
+        """Append rows; returns their indices."""
+        k = len(next(iter(values.values())))
+        need = self.n + k
+        for name, col in self.cols.items():
+            if need > len(col):
+                grown = np.zeros(max(need, 2 * len(col), 1024), col.dtype)
+                grown[: self.n] = col[: self.n]
+                self.cols[name] = grown
+            self.cols[name][self.n : need] = values[name]
+        out = np.arange(self.n, need, dtype=np.int32)
+        self.n = need
+        return out
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self.cols[name][: self.n]
+
+    def set(self, name: str, rows: np.ndarray, values: np.ndarray | int) -> None:
+        self.cols[name][rows] = values
+
+
+@dataclass
+class _Held:
+    """One source's content at its latest point, per chunk number."""
+
+    birth: np.ndarray  # int32: seq of the point that put it there, -1 for zeros
+    key: np.ndarray  # int64
+    stored: np.ndarray  # int32: stored bytes of a one-life chunk's life, else 0
+    kind: np.ndarray  # int8: _NONE, _SIMPLE, _GROUP_NEW or _GROUP_HIT
+    ref: np.ndarray  # int32: index of the life in the group lives (_GROUP_*)
+
+    @classmethod
+    def empty(cls) -> _Held:
+        return cls(
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int64),
+            np.zeros(0, np.int32),
+            np.zeros(0, np.int8),
+            np.zeros(0, np.int32),
+        )
+
+    def fit(self, chunks: int) -> None:
+        if chunks <= len(self.kind):
+            return
+        extra = chunks - len(self.kind)
+        self.birth = np.concatenate([self.birth, np.full(extra, -1, np.int32)])
+        self.key = np.concatenate([self.key, np.zeros(extra, np.int64)])
+        self.stored = np.concatenate([self.stored, np.zeros(extra, np.int32)])
+        self.kind = np.concatenate([self.kind, np.zeros(extra, np.int8)])
+        self.ref = np.concatenate([self.ref, np.zeros(extra, np.int32)])
+
+
+_PAIR = (("src", "int32"), ("birth", "int32"), ("end", "int32"), ("bytes", "int64"))
+_GNEW = (("src", "int32"), ("birth", "int32"), ("end", "int32"), ("stored", "int32"))
+_GHIT = (("src", "int32"), ("birth", "int32"), ("end", "int32"))
+
+
+def _grow(spec: tuple[tuple[str, str], ...], extra: tuple[tuple[str, str], ...] = ()) -> _Grow:
+    cols = spec + extra
+    return _Grow(tuple(c[0] for c in cols), tuple(c[1] for c in cols))
+
+
+@dataclass
+class Lives:
+    """The lives of every stored chunk of some sources' histories (ends are seqs; -1: live)."""
+
+    chunk_size: int
+    sources: list[str] = field(default_factory=list)
+    chains: list[list[str]] = field(default_factory=list)  # per source: change table ids
+    pairs: _Grow = field(default_factory=lambda: _grow(_PAIR))  # ended one-life chunks, summed
+    group_keys: _Grow = field(default_factory=lambda: _grow((("key", "int64"),)))
+    gnew: _Grow = field(default_factory=lambda: _grow(_GNEW, (("group", "int32"),)))
+    ghit: _Grow = field(default_factory=lambda: _grow(_GHIT, (("group", "int32"),)))
+    held: list[_Held] = field(default_factory=list)
+    # Live one-life chunks summed per (source, birth): all a report needs of ``held``.
+    open_src: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    open_birth: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))
+    open_bytes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def source_index(self, name: str) -> int:
+        if name not in self.sources:
+            self.sources.append(name)
+            self.chains.append([])
+            self.held.append(_Held.empty())
+        return self.sources.index(name)
+
+    def extend(self, batch: list[tuple[str, str, Rows]]) -> None:
+        """Add points (source, change table id, rows), each source's in chain order after the
+        points already here. Raises Rebuild when a dedup hit cannot be placed."""
+        fresh = not any(self.chains)
+        hit_keys = _sorted_unique([r.key[r.kind == _HIT] for _, _, r in batch])
+        added = hit_keys[~_member(hit_keys, np.sort(self.group_keys["key"]))]
+        if len(added):
+            self.group_keys.append(key=added)
+            placed = self._regroup_live(added)
+            if not fresh:  # (a fresh build has every row: a group may lack its new row)
+                news = _sorted_unique([r.key[r.kind == _NEW] for _, _, r in batch])
+                if not (placed | _member(added, news)).all():
+                    raise Rebuild("a dedup hit of a chunk whose life ended")
+        lookup = _Lookup(self.group_keys["key"])
+        for name, changes_id, rows in batch:
+            s = self.source_index(name)
+            self._apply(s, len(self.chains[s]), rows, lookup)
+            self.chains[s].append(changes_id)
+        self._sum_open()
+
+    def _regroup_live(self, added: np.ndarray) -> np.ndarray:
+        """Live one-life chunks whose key just got a dedup hit become group lives; returns,
+        per added key (sorted, the last groups), whether one was found."""
+        found = np.zeros(len(added), bool)
+        base = self.group_keys.n - len(added)
+        for s, h in enumerate(self.held):
+            c = np.flatnonzero(h.kind == _SIMPLE)
+            c = c[_member(h.key[c], added)]
+            if not len(c):
+                continue
+            at = np.searchsorted(added, h.key[c])
+            rows = self.gnew.append(
+                src=np.full(len(c), s, np.int32),
+                birth=h.birth[c],
+                end=np.full(len(c), -1, np.int32),
+                stored=h.stored[c],
+                group=(base + at).astype(np.int32),
+            )
+            h.kind[c], h.ref[c], h.stored[c] = _GROUP_NEW, rows, 0
+            found[at] = True
+        return found
+
+    def _apply(self, s: int, seq: int, r: Rows, lookup: _Lookup) -> None:
+        h = self.held[s]
+        if not len(r.chunk_no):
+            return
+        h.fit(int(r.chunk_no.max()) + 1)
+        c = r.chunk_no
+        was = h.kind[c]
+        # Ends: what this point overwrote (or zeroed) stops being held here.
+        one = c[was == _SIMPLE]
+        if len(one):
+            # (float sums of int32 sizes are exact far beyond any point's total)
+            sums = np.bincount(h.birth[one], h.stored[one], seq).astype(np.int64)
+            births = np.flatnonzero(sums).astype(np.int32)
+            self.pairs.append(
+                src=np.full(len(births), s, np.int32),
+                birth=births,
+                end=np.full(len(births), seq, np.int32),
+                bytes=sums[births],
+            )
+        self.gnew.set("end", h.ref[c[was == _GROUP_NEW]], seq)
+        self.ghit.set("end", h.ref[c[was == _GROUP_HIT]], seq)
+        # Births: what this point put there.
+        h.kind[c], h.birth[c], h.stored[c], h.key[c] = _NONE, -1, 0, r.key
+        data = r.kind != _ZERO
+        group = lookup.find(r.key)
+        grouped = data & (group >= 0)
+        h.birth[c[data]] = seq
+        simple = data & ~grouped & (r.kind == _NEW)
+        h.kind[c[simple]], h.stored[c[simple]] = _SIMPLE, r.stored[simple]
+        for kind, lives, want in ((_GROUP_NEW, self.gnew, _NEW), (_GROUP_HIT, self.ghit, _HIT)):
+            m = grouped & (r.kind == want)
+            if not m.any():
+                continue
+            extra = {"stored": r.stored[m]} if lives is self.gnew else {}
+            rows = lives.append(
+                src=np.full(int(m.sum()), s, np.int32),
+                birth=np.full(int(m.sum()), seq, np.int32),
+                end=np.full(int(m.sum()), -1, np.int32),
+                group=group[m],
+                **extra,
+            )
+            h.kind[c[m]], h.ref[c[m]] = kind, rows
+        if (~grouped & (r.kind == _HIT)).any():
+            raise Rebuild("a dedup hit without its group")
+
+    def _sum_open(self) -> None:
+        src, births, sums = [], [], []
+        for s, h in enumerate(self.held):
+            c = np.flatnonzero(h.kind == _SIMPLE)
+            total = np.bincount(h.birth[c], h.stored[c], len(self.chains[s])).astype(np.int64)
+            b = np.flatnonzero(total)
+            src.append(np.full(len(b), s, np.int32))
+            births.append(b.astype(np.int32))
+            sums.append(total[b])
+        empty = [np.zeros(0, np.int32)]
+        self.open_src = np.concatenate(empty + src)
+        self.open_birth = np.concatenate(empty + births)
+        self.open_bytes = np.concatenate([np.zeros(0, np.int64), *sums])
+
+
+# Row kinds, as in catalog.history: the region became zeros, a dedup hit, a chunk stored here.
+_ZERO, _HIT, _NEW = 0, 1, 2
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One point's change rows."""
+
+    chunk_no: np.ndarray  # int32
+    key: np.ndarray  # int64
+    kind: np.ndarray  # int8
+    stored: np.ndarray  # int32
+
+
+def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
+    a = np.sort(np.concatenate([np.zeros(0, np.int64), *parts]))
+    return a[np.concatenate([[True], a[1:] != a[:-1]])] if len(a) else a
+
+
+def _member(keys: np.ndarray, sorted_members: np.ndarray) -> np.ndarray:
+    """Per key: is it in ``sorted_members``?"""
+    return _Lookup(sorted_members, is_sorted=True).find(keys) >= 0
+
+
+class _Lookup:
+    """Index of each key in ``keys`` (or -1): a bitmap first, so most misses cost one probe."""
+
+    def __init__(self, keys: np.ndarray, is_sorted: bool = False) -> None:
+        self.order = np.arange(len(keys)) if is_sorted else np.argsort(keys, kind="stable")
+        self.keys = keys if is_sorted else keys[self.order]
+        self.bits = np.zeros(_KEY_FILTER_BITS if len(keys) else 0, bool)
+        self.bits[self.keys & (_KEY_FILTER_BITS - 1)] = True
+
+    def find(self, keys: np.ndarray) -> np.ndarray:
+        out = np.full(len(keys), -1, np.int32)
+        if not len(self.keys) or not len(keys):
+            return out
+        cand = np.flatnonzero(self.bits[keys & (_KEY_FILTER_BITS - 1)])
+        at = np.minimum(np.searchsorted(self.keys, keys[cand]), len(self.keys) - 1)
+        hit = self.keys[at] == keys[cand]
+        out[cand[hit]] = self.order[at[hit]]
+        return out
+
+
+# ---------------------------------------------------------------------------------------------
+# What reports ask: per position (source-major, as catalog.history), given each source's base.
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where each source of the lives sits in a history: first position and point count."""
+
+    base: np.ndarray  # int64 per lives source
+    count: np.ndarray  # int64 per lives source
+    points: int
+
+
+def _lives(lv: Lives, lay: Layout, g: _Grow) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(birth position, end position, last position of the source) of group lives; a live
+    one ends one past its source's last point."""
+    src = g["src"]
+    birth = lay.base[src] + g["birth"]
+    last = lay.base[src] + lay.count[src] - 1
+    end = np.where(g["end"] < 0, last + 1, lay.base[src] + g["end"])
+    return birth, end, last
+
+
+def lone_bytes(lv: Lives, lay: Layout) -> np.ndarray:
+    """Per position: stored bytes of the chunks only that point holds."""
+    out = np.zeros(lay.points, np.int64)
+    p = lv.pairs
+    one = p["end"] == p["birth"] + 1
+    np.add.at(out, lay.base[p["src"][one]] + p["birth"][one], p["bytes"][one])
+    last = lv.open_birth == lay.count[lv.open_src] - 1
+    np.add.at(out, lay.base[lv.open_src[last]] + lv.open_birth[last], lv.open_bytes[last])
+    nb, ne, _ = _lives(lv, lay, lv.gnew)
+    hb, he, _ = _lives(lv, lay, lv.ghit)
+    groups = lv.group_keys.n
+    hg = lv.ghit["group"]
+    lo = np.full(groups, np.iinfo(np.int64).max)
+    hi = np.full(groups, -1, np.int64)
+    np.minimum.at(lo, hg, hb)
+    np.maximum.at(hi, hg, hb)
+    bad = np.bincount(hg[he != hb + 1], minlength=groups)
+    g = lv.gnew["group"]
+    ok = (ne == nb + 1) & (bad[g] == 0) & (lo[g] == nb) & (hi[g] == nb)
+    np.add.at(out, nb[ok], lv.gnew["stored"][ok].astype(np.int64))
+    return out
+
+
+def freed_bytes(lv: Lives, lay: Layout, forget: np.ndarray) -> np.ndarray:
+    """Per position: stored bytes freed by forgetting the marked points, counted at the point
+    that stored each chunk."""
+    kept = np.concatenate([[0], np.cumsum(~forget, dtype=np.int64)])
+    out = np.zeros(lay.points, np.int64)
+    p = lv.pairs
+    b = lay.base[p["src"]] + p["birth"]
+    e = lay.base[p["src"]] + p["end"]
+    free = kept[e] == kept[b]
+    np.add.at(out, b[free], p["bytes"][free])
+    b = lay.base[lv.open_src] + lv.open_birth
+    e = lay.base[lv.open_src] + lay.count[lv.open_src]
+    free = kept[e] == kept[b]
+    np.add.at(out, b[free], lv.open_bytes[free])
+    nb, ne, _ = _lives(lv, lay, lv.gnew)
+    hb, he, _ = _lives(lv, lay, lv.ghit)
+    bad = np.bincount(lv.ghit["group"][kept[he] != kept[hb]], minlength=lv.group_keys.n)
+    ok = (kept[ne] == kept[nb]) & (bad[lv.gnew["group"]] == 0)
+    np.add.at(out, nb[ok], lv.gnew["stored"][ok].astype(np.int64))
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# The cache file
+
+
+def cache_dir() -> str:
+    """``$COMB_CACHE_DIR``, else ``$XDG_CACHE_HOME/comb``, else ``~/.cache/comb``."""
+    if os.environ.get(CACHE_ENV):
+        return os.environ[CACHE_ENV]
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(base, "comb")
+
+
+def cache_path(repo_id: str) -> str:
+    return os.path.join(cache_dir(), repo_id, "lives.zip")
+
+
+_REPORT_MEMBERS = ("pairs", "gnew", "ghit", "open")
+
+
+def save(lv: Lives, path: str) -> None:
+    """Write the cache: a new file renamed over the old one (a reader sees either whole)."""
+    arrays: dict[str, np.ndarray] = {}
+    for part, g in (("pairs", lv.pairs), ("gnew", lv.gnew), ("ghit", lv.ghit)):
+        for name in g.names:
+            arrays[f"{part}.{name}"] = g[name]
+    arrays["open.src"], arrays["open.birth"] = lv.open_src, lv.open_birth
+    arrays["open.bytes"] = lv.open_bytes
+    arrays["state.group_keys"] = lv.group_keys["key"]
+    for s, h in enumerate(lv.held):
+        for name in ("birth", "key", "stored", "kind", "ref"):
+            arrays[f"state.{s}.{name}"] = getattr(h, name)
+    blobs = {name: _npy(a) for name, a in arrays.items()}
+    meta = {
+        "format": CACHE_FORMAT,
+        "version": CACHE_VERSION,
+        "chunk_size": lv.chunk_size,
+        "sources": lv.sources,
+        "chains": lv.chains,
+        "blake3": {name: blake3.blake3(b).hexdigest() for name, b in blobs.items()},
+    }
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.{os.getpid()}-{secrets.token_hex(8)}.tmp"
+    try:
+        with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED) as zf:
+            zf.writestr("meta.json", json.dumps(meta))
+            for name, blob in blobs.items():
+                zf.writestr(name + ".npy", blob)
+        os.replace(tmp, path)  # no fsync: a torn file after a crash fails its check on load
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+class CacheFile:
+    """An opened cache; members are read (and checked) on demand."""
+
+    def __init__(self, path: str) -> None:
+        self._zf = zipfile.ZipFile(path)
+        meta = json.loads(self._zf.read("meta.json"))
+        if meta.get("format") != CACHE_FORMAT or meta.get("version") != CACHE_VERSION:
+            raise ValueError("not a lives cache of this version")
+        self.meta = meta
+        self.sources: list[str] = list(meta["sources"])
+        self.chains: list[list[str]] = [list(c) for c in meta["chains"]]
+        self.chunk_size = int(meta["chunk_size"])
+
+    def array(self, name: str) -> np.ndarray:
+        blob = self._zf.read(name + ".npy")
+        if blake3.blake3(blob).hexdigest() != self.meta["blake3"][name]:
+            raise ValueError(f"cache member {name} is damaged")
+        return np.load(io.BytesIO(blob), allow_pickle=False)
+
+    def lives(self, with_state: bool) -> Lives:
+        lv = Lives(self.chunk_size, list(self.sources), [list(c) for c in self.chains])
+        for part, g in (("pairs", lv.pairs), ("gnew", lv.gnew), ("ghit", lv.ghit)):
+            values = {name: self.array(f"{part}.{name}") for name in g.names}
+            g.append(**values)
+        lv.open_src = self.array("open.src")
+        lv.open_birth = self.array("open.birth")
+        lv.open_bytes = self.array("open.bytes")
+        keys = self.array("state.group_keys")
+        if with_state:
+            lv.group_keys.append(key=keys)
+            for s in range(len(self.sources)):
+                parts = [
+                    self.array(f"state.{s}.{n}") for n in ("birth", "key", "stored", "kind", "ref")
+                ]
+                lv.held.append(_Held(*parts))
+        else:
+            lv.group_keys.n = len(keys)  # reports need only the count
+        return lv
+
+    def close(self) -> None:
+        self._zf.close()
+
+
+def _npy(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(a), allow_pickle=False)
+    return buf.getvalue()
