@@ -81,3 +81,9 @@ class OutputError(CombError):
 def describe_os_error(err: OSError) -> str:
     """A short, stable description of an OSError without the Python class name."""
     return err.strerror or str(err)
+
+
+class LockedError(CombError):
+    """Another process holds a conflicting repository lock (and waiting for it timed out)."""
+
+    exit_code = 11

@@ -42,7 +42,7 @@ DEFAULT_ZSTD_LEVEL = 3
 # Feature flags (ext4 style). A reader refuses a repository with an unknown "incompat" feature,
 # opens one with an unknown "ro_compat" feature read-only, and ignores unknown "compat" ones.
 KNOWN_INCOMPAT: frozenset[str] = frozenset()
-KNOWN_RO_COMPAT: frozenset[str] = frozenset()
+KNOWN_RO_COMPAT: frozenset[str] = frozenset({"locks"})  # writers take locks (FORMAT.md 13)
 KNOWN_COMPAT: frozenset[str] = frozenset()
 
 

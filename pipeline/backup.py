@@ -35,6 +35,7 @@ from stages.source import ImageSource, Source, SourceHandle
 
 from .assemble import ManifestAssembler
 from .engines import Engine
+from .lifecycle import writer_lock
 from .overlay_source import OverlaySource, overlay_name
 from .plan import Range, WorkItem, align, intersect, parse_changed_extents, work_items
 
@@ -280,18 +281,19 @@ def run_backup(
     t0 = time.perf_counter()
     repo.require_writable()
     name = overlay_name(source_path)
-    if name is None:
-        plan = plan_backup(repo, source_path, opts)
-        path = os.path.abspath(source_path)
-        return _run(repo, plan, ImageSource(path), path, engine, opts, progress, t0)
-    # The overlay's lock (the one a server holds) for the whole backup: its writes stay put.
-    ov = Overlay(repo, name)
-    try:
-        plan = plan_overlay_backup(repo, ov, opts)
-        source = OverlaySource(repo.location, name)
-        return _run(repo, plan, source, source_path, engine, opts, progress, t0)
-    finally:
-        ov.close()
+    with writer_lock(repo, "backup"):  # prune removes nothing while a backup runs
+        if name is None:
+            plan = plan_backup(repo, source_path, opts)
+            path = os.path.abspath(source_path)
+            return _run(repo, plan, ImageSource(path), path, engine, opts, progress, t0)
+        # The overlay's lock (the one a server holds) for the whole backup: its writes stay put.
+        ov = Overlay(repo, name)
+        try:
+            plan = plan_overlay_backup(repo, ov, opts)
+            source = OverlaySource(repo.location, name)
+            return _run(repo, plan, source, source_path, engine, opts, progress, t0)
+        finally:
+            ov.close()
 
 
 def _run(

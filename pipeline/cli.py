@@ -68,6 +68,31 @@ def build_parser() -> argparse.ArgumentParser:
     v.add_argument("--insecure", action="store_true", help="do not check the TLS certificate")
     v.add_argument("--ca-file", metavar="FILE", help="trust this CA bundle for TLS")
 
+    s = sub.add_parser("forget", help="remove recovery points by keep rules or by id")
+    s.add_argument("point", nargs="*", help="ids (or unique prefixes) to forget anyway")
+    s.add_argument("--source", help="apply the keep rules to this source only")
+    for rule, what in (
+        ("last", "the N newest points"),
+        ("hourly", "the newest point of each of the last N hours with points"),
+        ("daily", "... of each of the last N days"),
+        ("weekly", "... of each of the last N ISO weeks"),
+        ("monthly", "... of each of the last N months"),
+        ("yearly", "... of each of the last N years"),
+    ):
+        s.add_argument(f"--keep-{rule}", type=int, default=None, metavar="N", help=f"keep {what}")
+    s.add_argument("--dry-run", action="store_true", help="list what would go, change nothing")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("prune", help="remove data no recovery point needs")
+    s.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("locks", help="list repository locks")
+    s.add_argument("--json", action="store_true")
+
+    s = sub.add_parser("unlock", help="remove stale locks (never live ones)")
+    s.add_argument("--stale", action="store_true", help="remove the locks of dead processes")
+
     s = sub.add_parser("points", help="list recovery points")
     s.add_argument("--source", help="only this source name")
     s.add_argument("--json", action="store_true")

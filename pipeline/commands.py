@@ -21,6 +21,7 @@ from .backup import BackupOptions, run_backup
 from .boot_cmd import cmd_boot
 from .drive_cmds import cmd_export
 from .engines import Engine, make_engine
+from .lifecycle import cmd_forget, cmd_locks, cmd_prune, cmd_unlock, reader_lock
 from .mount_cmd import cmd_mount
 from .output import human_bytes
 from .overlays_cmd import cmd_overlays
@@ -32,6 +33,10 @@ from .vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_b
 
 __all__ = [
     "cmd_boot",
+    "cmd_forget",
+    "cmd_locks",
+    "cmd_prune",
+    "cmd_unlock",
     "cmd_catalog_schema",
     "cmd_dashboard",
     "cmd_export",
@@ -211,7 +216,7 @@ def cmd_restore(repo: str, args: argparse.Namespace) -> int:
     finally:
         warn_damaged(r)
     t0 = time.perf_counter()
-    with progress_bar(f"restore {point.id[:8]}", not args.json) as bar:
+    with reader_lock(r, "restore"), progress_bar(f"restore {point.id[:8]}", not args.json) as bar:
         written = restore_point(r, point, args.output, force=args.force, progress=bar)
     seconds = time.perf_counter() - t0
     if args.json:
@@ -235,7 +240,7 @@ def cmd_restore(repo: str, args: argparse.Namespace) -> int:
 
 def cmd_verify(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
-    with progress_bar("verify", not args.json) as bar:
+    with reader_lock(r, "verify"), progress_bar("verify", not args.json) as bar:
         report = check_repository(r.storage, read_data=args.read_data, progress=bar)
     if args.json:
         _json({"ok": report.ok, "read_data": args.read_data, **asdict(report)})

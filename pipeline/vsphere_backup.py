@@ -30,6 +30,7 @@ from catalog.storage import Storage
 
 from .backup import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
 from .engines import Engine
+from .lifecycle import writer_lock
 from .plan import Range, align, total
 from .vsphere import CbtRefused, DiskInfo, Vsphere, parse_url, session, vm_config
 
@@ -247,7 +248,7 @@ def run_vsphere_backup(
     if not 0 <= vopts.cbt_audit <= 100:
         raise UsageError("--cbt-audit must be a percentage between 0 and 100")
     url = parse_url(source)
-    with session(url, vopts.verify) as vs:
+    with writer_lock(repo, "backup"), session(url, vopts.verify) as vs:
         vm = vs.find_vm()
         name = str(vm.name)
         if vs.ensure_cbt(vm, name):

@@ -1,0 +1,235 @@
+"""``forget``, ``prune``, ``locks`` and ``unlock``: the repository's lifecycle commands."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, replace
+
+from catalog.errors import RepositoryError, UsageError
+from catalog.format import CONFIG_NAME
+from catalog.gc import prune
+from catalog.locks import Lock, LockInfo, acquire, read_locks, remove_stale
+from catalog.points import RecoveryPoint, point_name
+from catalog.repo import Repository
+from catalog.retention import KeepPolicy, forget_mask
+from drive import overlay
+
+from .output import human_bytes
+
+LOCKING_FEATURE = "locks"
+
+
+def ensure_locking(repo: Repository) -> None:
+    """Mark the repository as one whose writers take locks (``ro_compat``: a comb that does not
+    know locking may still read it, but no longer write to it). Set before anything is removed."""
+    feats = repo.config.features
+    if LOCKING_FEATURE in feats.ro_compat:
+        return
+    new = replace(feats, ro_compat=tuple(sorted({*feats.ro_compat, LOCKING_FEATURE})))
+    repo.config = replace(repo.config, features=new)
+    repo.storage.write_atomic(CONFIG_NAME, repo.config.to_json())
+
+
+def _waiting(blocker: object) -> None:
+    if isinstance(blocker, LockInfo):
+        print(f"comb: waiting for the lock of {blocker.describe()}", file=sys.stderr)
+
+
+@contextmanager
+def writer_lock(repo: Repository, kind: str) -> Iterator[Lock]:
+    """The shared lock of a backup (or forget): waits while a prune removes data."""
+    lock = acquire(repo.storage, kind, command=" ".join(sys.argv[1:3]), on_wait=_waiting)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+@contextmanager
+def reader_lock(repo: Repository, kind: str) -> Iterator[None]:
+    """A shared lock for readers (restore, verify), so prune does not remove files under
+    them; a repository on read-only media cannot take one and is read without it. A
+    repository no forget or prune ever ran on (no ``locks`` feature) needs none: readers then
+    write nothing at all (FORMAT.md 12)."""
+    if LOCKING_FEATURE not in repo.config.features.ro_compat:
+        yield
+        return
+    try:
+        lock = acquire(repo.storage, kind, command=kind, on_wait=_waiting)
+    except RepositoryError:
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def overlay_bases(repo: Repository) -> dict[str, list[str]]:
+    """Point id -> names of the overlays over it."""
+    out: dict[str, list[str]] = {}
+    for name in overlay.names(repo):
+        base = str(overlay.read_doc(repo, name)["base"])
+        out.setdefault(base, []).append(name)
+    return out
+
+
+def _policy(args: argparse.Namespace) -> KeepPolicy:
+    values = {}
+    for rule in ("last", "hourly", "daily", "weekly", "monthly", "yearly"):
+        n = getattr(args, f"keep_{rule}")
+        if n is not None and n < 0:
+            raise UsageError(f"--keep-{rule} must be 0 or more")
+        values[rule] = n or 0
+    return KeepPolicy(**values)
+
+
+def cmd_forget(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    r.require_writable()
+    policy = _policy(args)
+    if not policy.any() and not args.point:
+        raise UsageError("give --keep-* rules and/or point ids to forget (nothing would go)")
+    with writer_lock(r, "forget"):
+        points = r.points()
+        if r.damaged:
+            raise RepositoryError(
+                f"{len(r.damaged)} damaged point document(s) (`comb verify` lists them): "
+                "forget decides per source and will not guess around them"
+            )
+        if args.source is not None and all(p.source != args.source for p in points):
+            raise UsageError(f"no recovery point of source {args.source!r}")
+        mask = forget_mask(points, policy, tuple(args.point), args.source)
+        bases = overlay_bases(r)
+        gone: list[RecoveryPoint] = []
+        held: list[tuple[RecoveryPoint, list[str]]] = []
+        for p, drop in zip(points, mask.tolist(), strict=True):
+            if drop and p.id in bases:
+                held.append((p, bases[p.id]))
+            elif drop:
+                gone.append(p)
+        if not args.dry_run and gone:
+            ensure_locking(r)
+            for p in gone:
+                r.storage.remove(point_name(p.id))
+            path = r.storage.local_path("points")
+            if path is not None:
+                r.storage.sync_dir(path)  # type: ignore[attr-defined]
+    kept = len(points) - len(gone)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "dry_run": args.dry_run,
+                    "forgotten": [p.id for p in gone],
+                    "kept": kept,
+                    "held_by_overlays": {p.id: names for p, names in held},
+                },
+                sort_keys=True,
+            )
+        )
+        return 0
+    verb = "would forget" if args.dry_run else "forgot"
+    for p in gone:
+        print(f"{verb} {p.id}  {p.time}  {p.source}")
+    for p, names in held:
+        print(f"kept {p.id}  {p.time}  {p.source}  (base of overlay {', '.join(names)})")
+    print(
+        f"{verb} {len(gone)} recovery point(s), kept {kept}"
+        + ("; run `comb prune` to free their data" if gone and not args.dry_run else "")
+    )
+    return 0
+
+
+def cmd_prune(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    r.require_writable()
+    r.points()
+    if r.damaged:
+        raise RepositoryError(
+            f"{len(r.damaged)} damaged point document(s) (`comb verify` lists them): prune "
+            "cannot tell what they need, so it removes nothing"
+        )
+    if not args.dry_run:
+        ensure_locking(r)
+    res = prune(r, dry_run=args.dry_run, on_wait=_waiting)
+    p = res.plan
+    if args.json:
+        doc = {
+            "dry_run": res.dry_run,
+            "points": res.points,
+            "packs_removed": len(p.packs),
+            "orphan_packs": p.orphan_packs,
+            "packs_kept": p.live_packs,
+            "pack_bytes": p.pack_bytes,
+            "metadata_files_removed": len(p.files),
+            "metadata_bytes": p.file_bytes,
+            "segments_removed": len(p.segments_removed),
+            "segments_rewritten": len(p.segments_rewritten),
+            "tmp_files_removed": len(p.tmp),
+            "exclusive_seconds": round(res.exclusive_s, 3),
+            "packs_repacked": len(res.repacked.retired),
+            "chunks_copied": res.repacked.chunks,
+            "bytes_copied": res.repacked.bytes,
+            "damaged": res.repacked.damaged,
+        }
+        print(json.dumps(doc, sort_keys=True))
+        return 0
+    verb = "would remove" if res.dry_run else "removed"
+    for msg in res.repacked.damaged:
+        print(f"comb: warning: not repacked: {msg} (`comb verify --read-data`)", file=sys.stderr)
+    if res.repacked.retired:
+        rp = res.repacked
+        print(
+            f"repack{'' if res.dry_run else 'ed'} {len(rp.retired)} mostly unused pack(s)"
+            + ("" if res.dry_run else f": {rp.chunks} chunk(s), {human_bytes(rp.bytes)} copied")
+        )
+    print(
+        f"{verb} {len(p.packs)} pack(s) ({human_bytes(p.pack_bytes)}"
+        + (f", {p.orphan_packs} left by interrupted backups" if p.orphan_packs else "")
+        + f") and {len(p.files)} metadata file(s) ({human_bytes(p.file_bytes)}); "
+        f"{p.live_packs} pack(s) hold the {res.points} recovery point(s)"
+        + (
+            f"; index: {len(p.segments_removed)} segment(s) removed, "
+            f"{len(p.segments_rewritten)} rewritten"
+            if p.segments_removed or p.segments_rewritten
+            else ""
+        )
+        + ("" if res.dry_run else f"; exclusive phase {res.exclusive_s:.2f} s")
+    )
+    return 0
+
+
+def cmd_locks(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    locks = read_locks(r.storage)
+    if args.json:
+        print(
+            json.dumps(
+                [{**asdict(lk), "stale": lk.stale()} for lk in locks], sort_keys=True, indent=2
+            )
+        )
+        return 0
+    for lk in locks:
+        why = lk.stale()
+        state = f"STALE ({why})" if why else f"alive, heartbeat {lk.heartbeat}"
+        print(f"{lk.id}  {lk.describe()}  {state}")
+    if not locks:
+        print("no locks")
+    return 0
+
+
+def cmd_unlock(repo: str, args: argparse.Namespace) -> int:
+    if not args.stale:
+        raise UsageError("unlock removes stale locks only: give --stale")
+    r = Repository.open(repo)
+    removed = remove_stale(r.storage)
+    for lk, why in removed:
+        print(f"removed {lk.id}  {lk.describe()}  ({why})")
+    live = len(read_locks(r.storage))
+    print(f"removed {len(removed)} stale lock(s); {live} live lock(s) left")
+    return 0

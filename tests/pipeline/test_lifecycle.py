@@ -1,0 +1,236 @@
+"""forget, prune, locks and unlock: what goes, what stays, and that nothing still needed is
+ever removed (also when a backup commits during a prune, and when a prune is killed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from combtest import (
+    CliRunner,
+    Image,
+    MiB,
+    api_backup,
+    api_restore,
+    assert_one_line_error,
+    cmp_files,
+    point_ids,
+)
+
+from catalog import gc, locks
+from catalog.repo import Repository
+
+
+def _history(
+    make_image: Any, repo_path: Path, tmp_path: Path
+) -> tuple[Image, list[str], dict[str, Path]]:
+    """Four points of one disk, each rewriting most of it; copies of each image kept."""
+    img: Image = make_image(4 * MiB, "d.img")
+    ids, copies = [], {}
+    for i in range(4):
+        img.random(0, 3 * MiB, seed=i)
+        p = api_backup(repo_path, img.path, name="d")
+        ids.append(p.id)
+        copies[p.id] = tmp_path / f"copy{i}.img"
+        copies[p.id].write_bytes(img.path.read_bytes())
+    return img, ids, copies
+
+
+def _restores(repo_path: Path, ids: list[str], copies: dict[str, Path], tmp_path: Path) -> None:
+    for pid in ids:
+        out = tmp_path / f"r-{pid}.img"
+        api_restore(repo_path, pid, out)
+        cmp_files(out, copies[pid])
+        out.unlink()
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _json(res: Any) -> dict[str, Any]:
+    assert res.code == 0, res.err
+    return json.loads(res.out)  # type: ignore[no-any-return]
+
+
+def test_forget_then_prune_frees_space_and_keeps_the_rest(
+    cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path
+) -> None:
+    _, ids, copies = _history(make_image, repo_path, tmp_path)
+    before = _size(repo_path)
+    dry = _json(cli("-r", repo_path, "forget", "--keep-last", "2", "--dry-run", "--json"))
+    assert dry["forgotten"] == ids[:2] and dry["dry_run"]
+    assert len(point_ids(cli, repo_path)) == 4
+    done = _json(cli("-r", repo_path, "forget", "--keep-last", "2", "--json"))
+    assert done["forgotten"] == ids[:2] and done["kept"] == 2
+    pruned = _json(cli("-r", repo_path, "prune", "--json"))
+    assert pruned["packs_removed"] >= 1 and pruned["metadata_files_removed"] >= 4
+    after = _size(repo_path)
+    assert after < before - 5 * MiB  # two points' 3 MiB of random data each, give or take
+    _restores(repo_path, ids[2:], copies, tmp_path)
+    res = cli("-r", repo_path, "verify", "--read-data")
+    assert res.code == 0 and "clean" in res.out, res.out + res.err
+    again = _json(cli("-r", repo_path, "prune", "--json"))
+    assert again["packs_removed"] == 0 and again["metadata_files_removed"] == 0
+    config = json.loads((repo_path / "config.json").read_text())
+    assert "locks" in config["features"]["ro_compat"]
+
+
+def test_forget_by_id_and_source_and_overlay_bases(
+    cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path
+) -> None:
+    _, ids, _ = _history(make_image, repo_path, tmp_path)
+    other: Image = make_image(MiB, "o.img")
+    other.random(0, MiB, seed=9)
+    o = api_backup(repo_path, other.path, name="o")
+    assert cli("-r", repo_path, "overlays", "create", "ov", ids[0]).code == 0
+    res = _json(
+        cli("-r", repo_path, "forget", "--source", "d", "--keep-last", "1", "--json", ids[3])
+    )
+    # keep-last 1 keeps ids[3] but it is named; ids[0] is an overlay's base; "o" is untouched
+    assert res["forgotten"] == [ids[1], ids[2], ids[3]]
+    assert res["held_by_overlays"] == {ids[0]: ["ov"]}
+    left = set(point_ids(cli, repo_path))
+    assert left == {ids[0], o.id}
+    assert cli("-r", repo_path, "prune").code == 0
+    out = tmp_path / "ov.img"
+    api_restore(repo_path, ids[0], out)
+    checked = cli("-r", repo_path, "verify", "--read-data")
+    assert checked.code == 0, checked.err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        ([], "--keep-*"),
+        (["--keep-last", "-1"], "--keep-last"),
+        (["--source", "nope", "--keep-last", "1"], "no recovery point of source"),
+        (["ffffffff"], "no recovery point"),
+    ],
+)
+def test_forget_usage_errors(cli: CliRunner, repo_path: Path, args: list[str], needle: str) -> None:
+    res = cli("-r", repo_path, "forget", *args)
+    assert_one_line_error(res, needle)
+
+
+def test_backup_during_prune_dedups_against_garbage(
+    repo_path: Path, make_image: Any, tmp_path: Path
+) -> None:
+    """The interleaving that makes prune hard, step by step: prune marks; a point is forgotten
+    and a backup then stores content that exists only in garbage packs (a dedup hit on
+    garbage: it stores nothing); the exclusive phase must see that backup's point and keep
+    those packs."""
+    img, ids, copies = _history(make_image, repo_path, tmp_path)
+    repo = Repository.open(str(repo_path))
+    marks = gc.Marks()
+    gc.mark(repo, [p for p in repo.points() if p.id != ids[0]], marks)  # as if forgotten
+    repacked = gc.repack(repo, marks)
+    os.unlink(repo_path / "points" / f"{ids[0]}.json")
+    img.random(0, 3 * MiB, seed=0)  # the forgotten point's content again
+    again = api_backup(repo_path, img.path, name="d")
+    assert again.stats.bytes_new == 0  # deduplicated against the garbage
+    with locks.locked(repo.storage, "prune", 5):
+        gc.mark(repo, repo.points(), marks)
+        plan = gc.plan(repo, marks, repacked.retired)
+        gc.execute(repo, plan)
+    copies[again.id] = copies[ids[0]]
+    _restores(repo_path, [again.id, *ids[1:]], copies, tmp_path)
+
+
+@pytest.mark.parametrize("fail_at", range(0, 12))
+def test_prune_killed_at_any_removal_loses_nothing(
+    repo_path: Path, make_image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
+) -> None:
+    _, ids, copies = _history(make_image, repo_path, tmp_path)
+    repo = Repository.open(str(repo_path))
+    os.unlink(repo_path / "points" / f"{ids[0]}.json")
+    os.unlink(repo_path / "points" / f"{ids[1]}.json")
+    real = type(repo.storage).remove
+    calls = {"n": 0}
+
+    def dying_remove(self: Any, name: str) -> None:
+        if name.startswith("locks/"):
+            return real(self, name)
+        if calls["n"] == fail_at:
+            raise KeyboardInterrupt  # killed here
+        calls["n"] += 1
+        return real(self, name)
+
+    monkeypatch.setattr(type(repo.storage), "remove", dying_remove)
+    try:
+        gc.prune(repo, wait_s=5)
+        died = False
+    except KeyboardInterrupt:
+        died = True
+    monkeypatch.setattr(type(repo.storage), "remove", real)
+    for lk in locks.read_locks(repo.storage):  # a killed prune leaves its lock: remove it
+        repo.storage.remove(lk.name)
+    _restores(repo_path, ids[2:], copies, tmp_path)
+    gc.prune(Repository.open(str(repo_path)), wait_s=5)  # the next prune finishes the job
+    _restores(repo_path, ids[2:], copies, tmp_path)
+    if not died:
+        assert fail_at >= calls["n"]
+
+
+def test_locks_conflict_wait_and_stale(
+    cli: CliRunner, repo_path: Path, make_image: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = Repository.open(str(repo_path))
+    monkeypatch.setenv(locks.WAIT_ENV, "0.3")
+    shared = locks.acquire(repo.storage, "backup")
+    try:
+        res = cli("-r", repo_path, "prune")  # waits for the running backup, then gives up
+        assert_one_line_error(res, "repository is locked", "backup (shared)", code=11)
+        assert "waiting for the lock of backup" in res.err
+        other = locks.acquire(repo.storage, "backup")  # shared locks coexist
+        other.release()
+        listed = cli("-r", repo_path, "locks")
+        assert "backup (shared)" in listed.out and "alive" in listed.out
+    finally:
+        shared.release()
+    excl = locks.acquire(repo.storage, "prune")
+    try:
+        img: Image = make_image(MiB, "x.img")
+        res = cli("-r", repo_path, "backup", img.path)  # waits while prune removes data
+        assert_one_line_error(res, "repository is locked", "prune (exclusive)", code=11)
+    finally:
+        excl.release()
+    assert cli("-r", repo_path, "backup", img.path).code == 0
+    # Once the repository uses locks, readers hold shared locks too (prune set the feature).
+    excl = locks.acquire(repo.storage, "prune")
+    try:
+        res = cli("-r", repo_path, "restore", f"{img.path}@latest", img.path.with_suffix(".out"))
+        assert_one_line_error(res, "prune (exclusive)", code=11)
+    finally:
+        excl.release()
+    # A lock of a dead process is stale: ignored by everyone, removed by unlock --stale only.
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    info = locks.LockInfo(
+        "deadbeefdeadbeef", "prune", True, os.uname().nodename, dead.pid, "x", locks._now()
+    )
+    repo.storage.write_atomic(info.name, json.dumps(info.__dict__).encode())
+    live = locks.acquire(repo.storage, "backup", 1)  # not blocked by the dead prune
+    try:
+        listed = cli("-r", repo_path, "locks")
+        assert "STALE (process" in listed.out
+        res = cli("-r", repo_path, "unlock", "--stale")
+        assert res.code == 0 and "removed 1 stale lock" in res.out and "1 live lock" in res.out
+        assert [lk.id for lk in locks.read_locks(repo.storage)] == [live.info.id]
+    finally:
+        live.release()
+    assert_one_line_error(cli("-r", repo_path, "unlock"), "--stale", code=2)
+
+
+def test_heartbeat_age_makes_a_lock_stale(repo_path: Path) -> None:
+    old = time.time() - locks.STALE_S - 5
+    info = locks.LockInfo("0123456789abcdef", "backup", False, "elsewhere", 1, "x", "x")
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(old))
+    assert info.__class__(**{**info.__dict__, "heartbeat": stamp}).stale() is not None
+    fresh = info.__class__(**{**info.__dict__, "heartbeat": locks._now()})
+    assert fresh.stale() is None  # another host: only the heartbeat can tell
