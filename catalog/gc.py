@@ -12,9 +12,8 @@ Protocol, safe while backups run:
    killed backups), leaves, roots and change tables no point names, index segments that list
    only removed packs, and temporary files older than ``TMP_MAX_AGE_S``. A segment that lists
    removed and kept packs is rewritten with the kept rows (the new segment is durable before
-   the old one goes). Removal order: new segments, packs, old segments, manifests, temporary
-   files. A crash at any step leaves a superset of what the points need; the next prune
-   finishes the job.
+   the old one goes). Order: new segment, old segments, packs, manifests, temporary files.
+   A crash at any step leaves a superset of what the points need; the next prune finishes.
 
 Overlays need their base points, which ``forget`` never removes (so prune keeps them too).
 """
@@ -85,10 +84,8 @@ def mark(repo: Repository, points: list[RecoveryPoint], marks: Marks) -> None:
         if p.changes:
             marks.files.add(changes_name(p.changes))
         m = repo.manifest(p)
-        codes = m.file_codes
-        for code in np.unique(codes).tolist():
-            ordinals = m.leaf_ordinals[codes == code]
-            leaves.setdefault(m.file_ids[code], set()).update(ordinals.tolist())
+        for file_id, ordinal in zip(m.leaf_files, m.leaf_ordinals.tolist(), strict=True):
+            leaves.setdefault(file_id, set()).add(ordinal)
     for file_id, ordinals in leaves.items():
         name = leaves_name(file_id)
         marks.files.add(name)
@@ -300,9 +297,11 @@ def execute(repo: Repository, p: Plan) -> None:
         seg = IndexSegmentWriter(storage)
         seg.add(p.kept_rows)
         seg.commit()  # durable before any segment it replaces goes
-    for name in p.packs:
-        storage.remove(name)
+    # Segments before packs: a crash in between leaves packs no segment lists (a warning for
+    # verify, orphans for the next prune), never a segment naming a missing pack (an error).
     for name in p.segments_removed + p.segments_rewritten:
+        storage.remove(name)
+    for name in p.packs:
         storage.remove(name)
     for name in p.files + p.tmp:
         storage.remove(name)
