@@ -45,7 +45,7 @@ def default_wait() -> float:
         return DEFAULT_WAIT_S
 
 
-EXCLUSIVE_KINDS = frozenset({"prune"})
+EXCLUSIVE_KINDS = frozenset({"prune", "repair"})
 
 
 def _now() -> str:

@@ -152,8 +152,9 @@ class PackWriter:
             self._file = None
 
 
-def parse_pack(data: bytes, where: str) -> list[PackEntry]:
-    """Parse and check a whole pack's header, footer and trailer (not the chunk contents)."""
+def parse_pack(data: bytes, where: str, data_end: int | None = None) -> list[PackEntry]:
+    """Parse and check a whole pack's header, footer and trailer (not the chunk contents).
+    ``data_end``: where the data area ends when ``data`` holds only header + table + trailer."""
     if len(data) < PACK_HEADER_BYTES + PACK_TRAILER_BYTES:
         raise CorruptionError(f"pack {where} is truncated ({len(data)} bytes)")
     magic, version, flags, rsvd = PACK_HEADER.unpack_from(data, 0)
@@ -181,7 +182,27 @@ def parse_pack(data: bytes, where: str) -> list[PackEntry]:
         )
         if eflags or ersvd:
             raise CorruptionError(f"pack {where}: entry {i} uses flags this comb does not know")
-        if off < PACK_HEADER_BYTES or off + slen > start:
+        if off < PACK_HEADER_BYTES or off + slen > (start if data_end is None else data_end):
             raise CorruptionError(f"pack {where}: entry {i} points outside the data area")
         entries.append(PackEntry(cid, off, slen, rlen, codec))
     return entries
+
+
+def read_pack_entries(storage: Storage, name: str, where: str) -> list[PackEntry]:
+    """A pack's entry table, read from its end alone (for rebuilding the index): the trailer,
+    then the table, both checked as ``parse_pack`` checks them."""
+    size = storage.size(name)
+    if size < PACK_HEADER_BYTES + PACK_TRAILER_BYTES:
+        raise CorruptionError(f"pack {where} is truncated ({size} bytes)")
+    trailer = storage.read(name, size - PACK_TRAILER_BYTES, PACK_TRAILER_BYTES)
+    count, table_len, _, end_magic = PACK_TRAILER.unpack(trailer)
+    if end_magic != PACK_END_MAGIC or table_len != count * PACK_ENTRY_BYTES:
+        raise CorruptionError(
+            f"pack {where} has a bad trailer at offset {size - PACK_TRAILER_BYTES}"
+        )
+    start = size - PACK_TRAILER_BYTES - table_len
+    if start < PACK_HEADER_BYTES:
+        raise CorruptionError(f"pack {where} has an inconsistent entry table")
+    header = storage.read(name, 0, PACK_HEADER_BYTES)
+    table = storage.read(name, start, table_len)
+    return parse_pack(header + table + trailer, where, data_end=start)

@@ -87,6 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("repair", help="rebuild derived data: `repair index` (from the packs)")
+    s.add_argument("what", choices=["index"])
+
     s = sub.add_parser("locks", help="list repository locks")
     s.add_argument("--json", action="store_true")
 

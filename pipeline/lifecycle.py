@@ -1,4 +1,4 @@
-"""``forget``, ``prune``, ``locks`` and ``unlock``: the repository's lifecycle commands."""
+"""``forget``, ``prune``, ``repair index``, ``locks`` and ``unlock``: the lifecycle commands."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 
-from catalog.errors import RepositoryError, UsageError
+from catalog.errors import CorruptionError, RepositoryError, UsageError
 from catalog.format import CONFIG_NAME
 from catalog.gc import prune
 from catalog.locks import Lock, LockInfo, acquire, read_locks, remove_stale
 from catalog.points import RecoveryPoint, point_name
+from catalog.repair import repair_index
 from catalog.repo import Repository
 from catalog.retention import KeepPolicy, forget_mask
 from drive import overlay
@@ -232,4 +233,22 @@ def cmd_unlock(repo: str, args: argparse.Namespace) -> int:
         print(f"removed {lk.id}  {lk.describe()}  ({why})")
     live = len(read_locks(r.storage))
     print(f"removed {len(removed)} stale lock(s); {live} live lock(s) left")
+    return 0
+
+
+def cmd_repair(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    ensure_locking(r)
+    res = repair_index(r, on_wait=_waiting)
+    for msg in res.unreadable:
+        print(f"comb: warning: left out: {msg}", file=sys.stderr)
+    print(
+        f"rebuilt the index from {res.packs} pack(s) ({res.chunks} chunk(s)); "
+        f"replaced {res.old_segments} segment(s)"
+    )
+    if res.unreadable:
+        raise CorruptionError(
+            f"{len(res.unreadable)} pack(s) unreadable and left out of the index; points that "
+            "need their chunks cannot be restored until a backup stores the data again"
+        )
     return 0

@@ -234,3 +234,36 @@ def test_heartbeat_age_makes_a_lock_stale(repo_path: Path) -> None:
     assert info.__class__(**{**info.__dict__, "heartbeat": stamp}).stale() is not None
     fresh = info.__class__(**{**info.__dict__, "heartbeat": locks._now()})
     assert fresh.stale() is None  # another host: only the heartbeat can tell
+
+
+def test_repair_index_rebuilds_it_from_the_packs(
+    cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path
+) -> None:
+    _, ids, copies = _history(make_image, repo_path, tmp_path)
+    segments = sorted((repo_path / "index").iterdir())
+    assert len(segments) == 4
+    segments[0].unlink()  # lost
+    flip = segments[1].read_bytes()
+    segments[1].write_bytes(flip[:100] + bytes([flip[100] ^ 1]) + flip[101:])  # damaged
+    assert cli("-r", repo_path, "verify").code != 0
+    res = cli("-r", repo_path, "repair", "index")
+    assert res.code == 0, res.err
+    assert "from 4 pack(s)" in res.out and "replaced 3 segment(s)" in res.out
+    assert len(list((repo_path / "index").iterdir())) == 1
+    _restores(repo_path, ids, copies, tmp_path)
+    res = cli("-r", repo_path, "verify", "--read-data")
+    assert res.code == 0 and "clean" in res.out, res.err
+    again = cli("-r", repo_path, "repair", "index")  # idempotent: the same segment
+    assert again.code == 0 and "replaced 0 segment(s)" in again.out
+
+
+def test_repair_index_reports_an_unreadable_pack(
+    cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path
+) -> None:
+    _, ids, copies = _history(make_image, repo_path, tmp_path)
+    packs = sorted((repo_path / "packs").rglob("*.pack"))
+    data = packs[0].read_bytes()
+    packs[0].write_bytes(data[:-10])  # its table is gone
+    res = cli("-r", repo_path, "repair", "index")
+    assert_one_line_error(res, "1 pack(s) unreadable", code=7)
+    assert "left out" in res.err and packs[0].name[:16] in res.err

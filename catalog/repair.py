@@ -1,0 +1,69 @@
+"""``comb repair index``: rebuild the chunk index from the packs alone (FORMAT.md 6, 7).
+
+Every pack ends with a table of its chunks, so the index is derived data: under the exclusive
+lock (no backup is writing packs or segments), the tables of all packs are read (from the end
+of each file, not the chunk data), written as one new segment, and only then are the old
+segments removed. A crash in between leaves both (duplicate rows are harmless, section 7).
+Packs whose table cannot be read are reported and left out: their chunks become missing, and
+the next backup that sees the same data stores it again.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from .errors import CombError
+from .index import IndexSegmentWriter, sealed_to_table, segment_names
+from .locks import locked
+from .packs import SealedPack, read_pack_entries
+from .repo import Repository
+
+
+@dataclass
+class IndexRepair:
+    packs: int = 0
+    chunks: int = 0
+    old_segments: int = 0
+    unreadable: list[str] = field(default_factory=list)
+
+
+def repair_index(repo: Repository, on_wait: Callable[[object], None] | None = None) -> IndexRepair:
+    repo.require_writable()
+    storage = repo.storage
+    out = IndexRepair()
+    with locked(storage, "repair", command="repair index", on_wait=on_wait):
+        old = segment_names(storage)
+        sealed = []
+        for name in sorted(n for n in storage.list("packs") if n.endswith(".pack")):
+            pid = name.rsplit("/", 1)[-1][: -len(".pack")]
+            try:
+                entries = read_pack_entries(storage, name, storage.local_path(name) or name)
+            except CombError as err:
+                out.unreadable.append(err.message)
+                continue
+            sealed.append(
+                SealedPack(
+                    pack_id=pid,
+                    chunk_ids=[e.chunk_id for e in entries],
+                    offsets=[e.offset for e in entries],
+                    stored_lens=[e.stored_len for e in entries],
+                    raw_lens=[e.raw_len for e in entries],
+                    codecs=[e.codec for e in entries],
+                    size=storage.size(name),
+                )
+            )
+            out.packs += 1
+            out.chunks += len(entries)
+        if sealed:
+            seg = IndexSegmentWriter(storage)
+            seg.add(sealed_to_table(sealed))
+            new_id, _ = seg.commit()  # durable before any old segment goes
+            new_name = f"index/{new_id}.parquet" if new_id else ""
+        else:
+            new_name = ""
+        for name in old:
+            if name != new_name:
+                storage.remove(name)
+                out.old_segments += 1
+    return out
