@@ -99,7 +99,10 @@ def read_locks(storage: Storage) -> list[LockInfo]:
 
 
 def _conflicts(mine: LockInfo, other: LockInfo) -> bool:
-    return other.id != mine.id and (mine.exclusive or other.exclusive)
+    """A process never conflicts with itself (scrub --repair: shared to read, exclusive to
+    isolate damage)."""
+    ours = other.host == mine.host and other.pid == mine.pid
+    return other.id != mine.id and not ours and (mine.exclusive or other.exclusive)
 
 
 class Lock:

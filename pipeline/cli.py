@@ -87,6 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
     s.add_argument("--json", action="store_true")
 
+    s = sub.add_parser("scrub", help="read the packs, find damaged chunks and what they hurt")
+    s.add_argument(
+        "--sample", type=float, default=100.0, metavar="PERCENT", help="of the stored bytes"
+    )
+    s.add_argument("--repair", action="store_true", help="isolate damage so backups heal it")
+    s.add_argument("--json", action="store_true")
+
     s = sub.add_parser("repair", help="rebuild derived data: `repair index` (from the packs)")
     s.add_argument("what", choices=["index"])
 

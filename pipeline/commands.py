@@ -21,7 +21,15 @@ from .backup import BackupOptions, run_backup
 from .boot_cmd import cmd_boot
 from .drive_cmds import cmd_export
 from .engines import Engine, make_engine
-from .lifecycle import cmd_forget, cmd_locks, cmd_prune, cmd_repair, cmd_unlock, reader_lock
+from .lifecycle import (
+    cmd_forget,
+    cmd_locks,
+    cmd_prune,
+    cmd_repair,
+    cmd_scrub,
+    cmd_unlock,
+    reader_lock,
+)
 from .mount_cmd import cmd_mount
 from .output import human_bytes
 from .overlays_cmd import cmd_overlays
@@ -37,6 +45,7 @@ __all__ = [
     "cmd_locks",
     "cmd_prune",
     "cmd_repair",
+    "cmd_scrub",
     "cmd_unlock",
     "cmd_catalog_schema",
     "cmd_dashboard",

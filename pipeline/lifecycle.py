@@ -17,9 +17,11 @@ from catalog.points import RecoveryPoint, point_name
 from catalog.repair import repair_index
 from catalog.repo import Repository
 from catalog.retention import KeepPolicy, forget_mask
+from catalog.scrub import scrub
 from drive import overlay
 
 from .output import human_bytes
+from .progress import progress_bar
 
 LOCKING_FEATURE = "locks"
 
@@ -250,5 +252,71 @@ def cmd_repair(repo: str, args: argparse.Namespace) -> int:
         raise CorruptionError(
             f"{len(res.unreadable)} pack(s) unreadable and left out of the index; points that "
             "need their chunks cannot be restored until a backup stores the data again"
+        )
+    return 0
+
+
+def cmd_scrub(repo: str, args: argparse.Namespace) -> int:
+    if not 0 < args.sample <= 100:
+        raise UsageError("--sample must be a percentage above 0 and at most 100")
+    r = Repository.open(repo)
+    if args.repair:
+        r.require_writable()
+        ensure_locking(r)
+    with reader_lock(r, "scrub"), progress_bar("scrub", not args.json) as bar:
+        rep = scrub(r, args.sample, args.repair, progress=bar)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "packs": rep.packs,
+                    "packs_total": rep.packs_total,
+                    "bytes": rep.bytes,
+                    "seconds": round(rep.seconds, 3),
+                    "damaged": [
+                        {
+                            "pack": d.pack,
+                            "offset": d.offset,
+                            "chunk_id": d.chunk_id.hex(),
+                            "why": d.why,
+                        }
+                        for d in rep.damaged
+                    ],
+                    "affected": [asdict(a) for a in rep.affected],
+                    "quarantined": rep.quarantined,
+                    "copied_chunks": rep.copied_chunks,
+                },
+                sort_keys=True,
+            )
+        )
+    else:
+        for d in rep.damaged:
+            print(f"damaged: {d.why}", file=sys.stderr)
+        for a in rep.affected:
+            spans = ", ".join(f"{o}+{n}" for o, n in a.extents[:8])
+            more = f" and {len(a.extents) - 8} more" if len(a.extents) > 8 else ""
+            print(
+                f"affected: point {a.point} of {a.source}: extents {spans}{more}", file=sys.stderr
+            )
+        print(
+            f"scrubbed {rep.packs} of {rep.packs_total} pack(s), {human_bytes(rep.bytes)} in "
+            f"{rep.seconds:.1f} s ({rep.mb_s:.0f} MB/s): "
+            + ("clean" if not rep.damaged else f"{len(rep.damaged)} damaged chunk(s)")
+        )
+        if rep.quarantined:
+            print(
+                f"repaired: {rep.copied_chunks} intact chunk(s) of {len(rep.quarantined)} damaged "
+                "pack(s) copied, the damaged pack(s) removed"
+            )
+    if rep.damaged:
+        healed = "isolated; " if rep.quarantined else ""
+        raise CorruptionError(
+            f"{len(rep.damaged)} damaged chunk(s) in {len(rep.bad_packs)} pack(s), "
+            f"{len(rep.affected)} recovery point(s) affected; {healed}"
+            + (
+                "they heal when a backup reads the same data again"
+                if rep.quarantined
+                else "`comb scrub --repair` isolates them so that a later backup heals them"
+            )
         )
     return 0

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -19,10 +20,13 @@ from combtest import (
     api_restore,
     assert_one_line_error,
     cmp_files,
+    flip_byte,
     point_ids,
 )
 
 from catalog import gc, locks
+from catalog.index import load_index
+from catalog.packs import pack_name
 from catalog.repo import Repository
 
 
@@ -177,13 +181,39 @@ def test_prune_killed_at_any_removal_loses_nothing(
         assert fail_at >= calls["n"]
 
 
+class ForeignLock:
+    """A live lock held by another process (a sleeping child: the same host, a live pid)."""
+
+    def __init__(self, repo: Repository, kind: str) -> None:
+        self.proc = subprocess.Popen(["sleep", "60"])
+        now = locks._now()
+        self.info = locks.LockInfo(
+            os.urandom(8).hex(),
+            kind,
+            kind in locks.EXCLUSIVE_KINDS,
+            socket.gethostname(),
+            self.proc.pid,
+            now,
+            now,
+        )
+        self.repo = repo
+        repo.storage.write_atomic(self.info.name, json.dumps(self.info.__dict__).encode())
+
+    def __enter__(self) -> ForeignLock:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.repo.storage.remove(self.info.name)
+        self.proc.kill()
+        self.proc.wait()
+
+
 def test_locks_conflict_wait_and_stale(
     cli: CliRunner, repo_path: Path, make_image: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     repo = Repository.open(str(repo_path))
     monkeypatch.setenv(locks.WAIT_ENV, "0.3")
-    shared = locks.acquire(repo.storage, "backup")
-    try:
+    with ForeignLock(repo, "backup"):
         res = cli("-r", repo_path, "prune")  # waits for the running backup, then gives up
         assert_one_line_error(res, "repository is locked", "backup (shared)", code=11)
         assert "waiting for the lock of backup" in res.err
@@ -191,23 +221,21 @@ def test_locks_conflict_wait_and_stale(
         other.release()
         listed = cli("-r", repo_path, "locks")
         assert "backup (shared)" in listed.out and "alive" in listed.out
-    finally:
-        shared.release()
-    excl = locks.acquire(repo.storage, "prune")
-    try:
-        img: Image = make_image(MiB, "x.img")
+    img: Image = make_image(MiB, "x.img")
+    with ForeignLock(repo, "prune"):
         res = cli("-r", repo_path, "backup", img.path)  # waits while prune removes data
         assert_one_line_error(res, "repository is locked", "prune (exclusive)", code=11)
-    finally:
-        excl.release()
     assert cli("-r", repo_path, "backup", img.path).code == 0
     # Once the repository uses locks, readers hold shared locks too (prune set the feature).
-    excl = locks.acquire(repo.storage, "prune")
-    try:
+    with ForeignLock(repo, "prune"):
         res = cli("-r", repo_path, "restore", f"{img.path}@latest", img.path.with_suffix(".out"))
         assert_one_line_error(res, "prune (exclusive)", code=11)
+    # One process never blocks itself (scrub --repair: shared to read, exclusive to repair).
+    mine = locks.acquire(repo.storage, "backup")
+    try:
+        locks.acquire(repo.storage, "prune", 0.1).release()
     finally:
-        excl.release()
+        mine.release()
     # A lock of a dead process is stale: ignored by everyone, removed by unlock --stale only.
     dead = subprocess.Popen(["true"])
     dead.wait()
@@ -267,3 +295,42 @@ def test_repair_index_reports_an_unreadable_pack(
     res = cli("-r", repo_path, "repair", "index")
     assert_one_line_error(res, "1 pack(s) unreadable", code=7)
     assert "left out" in res.err and packs[0].name[:16] in res.err
+
+
+def test_scrub_finds_isolates_and_a_backup_heals(
+    cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path
+) -> None:
+    img, ids, copies = _history(make_image, repo_path, tmp_path)
+    res = cli("-r", repo_path, "scrub")
+    assert res.code == 0 and "clean" in res.out and "MB/s" in res.out, res.err
+    # Damage one chunk of the last point (its 3 MiB are in its own pack).
+    repo = Repository.open(str(repo_path))
+    index = load_index(repo.storage)
+    last = repo.resolve(ids[-1])
+    leaf = repo.manifest(last).leaf_at(0)
+    victim = bytes(leaf.ids[0])
+    row = next(r for r in index.to_pylist() if r["chunk_id"] == victim)
+    flip_byte(repo_path / pack_name(row["pack"]), row["offset"] + 10)
+    res = cli("-r", repo_path, "scrub")
+    assert_one_line_error(res, "1 damaged chunk(s) in 1 pack(s)", "1 recovery point(s)", code=7)
+    assert f"affected: point {ids[-1]} of d: extents 0+65536" in res.err
+    res = cli("-r", repo_path, "scrub", "--repair")
+    assert_one_line_error(res, "isolated", "heal when a backup", code=7)
+    assert "intact chunk(s)" in res.out
+    # The other points are whole; the damaged one is missing one chunk (an error, not garbage).
+    _restores(repo_path, ids[:-1], copies, tmp_path)
+    assert cli("-r", repo_path, "restore", ids[-1], tmp_path / "x.img").code != 0
+    # The next backup of the same data stores the chunk again: the old point heals.
+    img.path.write_bytes(copies[ids[-1]].read_bytes())
+    api_backup(repo_path, img.path, name="d")
+    _restores(repo_path, ids, copies, tmp_path)
+    res = cli("-r", repo_path, "scrub")
+    assert res.code == 0 and "clean" in res.out, res.err
+    assert cli("-r", repo_path, "verify", "--read-data").code == 0
+
+
+def test_scrub_sample(cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path) -> None:
+    _history(make_image, repo_path, tmp_path)
+    doc = _json(cli("-r", repo_path, "scrub", "--sample", "30", "--json"))
+    assert 1 <= doc["packs"] < doc["packs_total"] == 4
+    assert_one_line_error(cli("-r", repo_path, "scrub", "--sample", "0"), "--sample", code=2)
