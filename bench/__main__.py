@@ -14,6 +14,7 @@ commands:
   catalog    every named report and the dashboard on 1,000 points of a 256 GiB disk
   drive      export MB/s per disk image format, against restore
   vsphere    full and CBT incremental backups of a simulated VM, against a local file
+  integrity  scrub, scrub --repair and prune on a repository of 100 points
 
 `python -m bench COMMAND --help` lists a command's options."""
 
@@ -37,6 +38,8 @@ def main(argv: list[str]) -> int:
         from .drive import main as run
     elif cmd == "vsphere":
         from .vsphere import main as run
+    elif cmd == "integrity":
+        from .integrity import main as run
     else:
         print(f"bench: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
