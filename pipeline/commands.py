@@ -15,6 +15,7 @@ from catalog.errors import CorruptionError, UsageError
 from catalog.format import DEFAULT_CHUNK_SIZE_BYTES
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
+from drive import overlay
 
 from .analytics_cmds import cmd_catalog_schema, cmd_dashboard, cmd_query, cmd_report
 from .backup import BackupOptions, run_backup
@@ -252,6 +253,11 @@ def cmd_verify(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
     with reader_lock(r, "verify"), progress_bar("verify", not args.json) as bar:
         report = check_repository(r.storage, read_data=args.read_data, progress=bar)
+        ids = {p.id for p in r.points()}
+        for name in overlay.names(r):
+            errors, warnings = overlay.check(r, name, ids)
+            report.errors += errors
+            report.warnings += warnings
     if args.json:
         _json({"ok": report.ok, "read_data": args.read_data, **asdict(report)})
     else:

@@ -423,3 +423,24 @@ def test_raw_writes_flags_and_errors(disk: tuple[Path, Image, str]) -> None:
     o = Overlay(Repository.open(str(repo)), "raw")  # the lock was released
     assert o.read_piece(o.pieces(100, 5)[0]) == b"hello"
     o.close()
+
+
+def test_verify_checks_overlays(disk: tuple[Path, Image, str], cli: CliRunner) -> None:
+    repo, _, _ = disk
+    o = _written(repo, "v1")
+    o.close()
+    res = cli("-r", repo, "verify")
+    assert res.code == 0 and "clean" in res.out, res.err
+    log = _log(repo, "v1")
+    data = bytearray(log.read_bytes())
+    data[overlay_log.HEADER_BYTES + 10] ^= 1  # inside the first record's payload
+    log.write_bytes(bytes(data))
+    res = cli("-r", repo, "verify")
+    assert res.code != 0 and "overlay v1" in res.err and "checksum mismatch" in res.err
+    log.write_bytes(bytes(data[: overlay_log.HEADER_BYTES]))  # only a torn tail is left
+    res = cli("-r", repo, "verify")
+    assert res.code == 0 and "torn record" in res.err, res.err
+    base = json.loads((repo / "overlays" / "v1" / "overlay.json").read_text())["base"]
+    os.unlink(repo / "points" / f"{base}.json")
+    res = cli("-r", repo, "verify")
+    assert res.code != 0 and f"base recovery point {base} is missing" in res.err
