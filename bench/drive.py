@@ -4,7 +4,13 @@
 (the baseline: the same reads and checks into a raw file) and exports it in every format, each
 timed from a cold start of the export (manifest and index loaded) to the fsynced file. MB/s is
 disk size / seconds, the figure a user sees; "data MB/s" counts only the bytes read. NBD and FUSE
-figures come with those servers. Must not: judge targets.
+figures come with those servers.
+
+First-read latency (``--first-read-sizes 1G,16G``): points of "spread" disks, where every
+64 KiB chunk holds 4 KiB of distinct random data (the most manifest and index rows per GiB a
+disk can have, at 1/16 of the bytes to write), backed up into one repository; the time from
+opening the point to its first 4 KiB read returning, in this process (fresh segment cache; page
+cache warm) and through ``comb serve`` (from starting the command). Must not: judge targets.
 """
 
 from __future__ import annotations
@@ -14,6 +20,9 @@ import json
 import os
 import time
 
+from catalog.lookup import SegmentCache, segment_name
+from catalog.manifest import leaves_name
+from catalog.points import RecoveryPoint
 from catalog.repo import Repository
 from drive.export import export_image
 from drive.formats import FORMATS, builder
@@ -21,12 +30,13 @@ from drive.source import PointSource
 
 from .drive_serve import (
     boot_ready_seconds,
+    first_read_seconds,
     fuse_seconds,
     nbdcopy_seconds,
     random_iops,
     start_server,
 )
-from .image import GIB, generate_image, mixed_path, mixed_spec, parse_size, warm
+from .image import GIB, MIB, Stream, generate_image, mixed_path, mixed_spec, parse_size, warm
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import table
 from .runs import backup, fresh_repo, restore
@@ -65,11 +75,92 @@ def _served(
     return rows, figures
 
 
+SPREAD_CHUNK_BYTES = 64 * 1024
+SPREAD_DATA_BYTES = 4096  # at the start of every chunk; the rest of it is a hole
+FIRST_READ_RUNS = 3  # in-process runs per point (median); the first pays one-off imports
+
+
+def spread_image(path: str, size: int, seed: int = 5) -> None:
+    """Every chunk holds data (4 KiB of random bytes, distinct per chunk): one leaf row and one
+    index row per 64 KiB of disk, the most a disk can have, while only 1/16 of it is written.
+    Reused when it exists with the same size and seed."""
+    marker = f"{path}.spread-{seed}"
+    if os.path.exists(marker) and os.path.getsize(path) == size:
+        return
+    stream = Stream(seed, 9)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        os.ftruncate(fd, size)
+        step = 16 * MIB
+        for at in range(0, size, step):
+            chunks = range(at, min(size, at + step), SPREAD_CHUNK_BYTES)
+            data = stream.bytes(len(chunks) * SPREAD_DATA_BYTES).tobytes()
+            for k, off in enumerate(chunks):
+                os.pwrite(fd, data[k * SPREAD_DATA_BYTES : (k + 1) * SPREAD_DATA_BYTES], off)
+    finally:
+        os.close(fd)
+    with open(marker, "w"):
+        pass
+
+
+def first_read_in_process(location: str, point_id: str) -> float:
+    """Seconds from opening the point (a fresh segment cache) to its first 4 KiB read, taken
+    from the middle of the disk."""
+    repo = Repository.open(location)
+    point = repo.resolve(point_id)
+    segments = SegmentCache()
+    t0 = time.perf_counter()
+    PointSource(repo, point, segments=segments).read(point.size // 2, 4096)
+    took = time.perf_counter() - t0
+    segments.wait()  # the background table build would disturb the next figure
+    return took
+
+
+def _metadata_mib(repo: Repository, point: RecoveryPoint) -> float:
+    names = [leaves_name(point.leaves)] if point.leaves else []
+    names += [segment_name(point.index_segment)] if point.index_segment else []
+    return sum(repo.storage.size(n) for n in names) / MIB
+
+
+def _first_reads(workdir: str, sizes: list[int]) -> tuple[list[list[str]], dict[str, object]]:
+    repo = fresh_repo(os.path.join(workdir, "drive-first-repo"))
+    made = []
+    for size in sizes:
+        tag = f"{size / GIB:g}g"
+        image = os.path.join(workdir, f"spread-{tag}.img")
+        spread_image(image, size)
+        made.append((tag, backup(repo, image, "local", "full", source_name=f"spread-{tag}")))
+    rows: list[list[str]] = []
+    figures: dict[str, object] = {}
+    for tag, run in made:
+        point = repo.resolve(run.point_id)
+        runs = sorted(
+            first_read_in_process(repo.location, point.id) for _ in range(FIRST_READ_RUNS)
+        )
+        served = first_read_seconds(repo.location, f"spread-{tag}@{point.id}", point.size // 2)
+        meta = _metadata_mib(repo, point)
+        rows.append(
+            [
+                f"{point.size / GIB:g} GiB, {run.stats['chunks']:,} chunks",
+                f"{meta:.1f}",
+                f"{runs[len(runs) // 2] * 1e3:.0f} ms",
+                f"{served:.2f} s",
+            ]
+        )
+        figures[tag] = {"in_process_s": runs, "nbd_s": served, "metadata_mib": meta}
+    return rows, figures
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench drive", description=__doc__)
     ap.add_argument("--size", default="4G")
     ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument(
+        "--first-read-sizes",
+        default="1G,16G",
+        help="disk sizes of the first-read points (comma-separated; empty: skip)",
+    )
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     os.makedirs(args.workdir, exist_ok=True)
@@ -103,10 +194,15 @@ def main(argv: list[str]) -> int:
         repo.location, args.workdir, point.id, PointSource(repo, point)
     )
     figures.update(serve_figures)
+    sizes = [parse_size(t) for t in args.first_read_sizes.split(",") if t.strip()]
+    first_rows, figures["first_read"] = _first_reads(args.workdir, sizes) if sizes else ([], {})
     print("\n".join(header_lines(describe())))
     print(f"image: {size / GIB:.1f} GiB mixed, {run.stats['bytes_read'] / 1e9:.2f} GB of data")
     print(table("export (one process, 2 cores)", ["format", "MB/s", "data MB/s", "s"], rows))
     print(table("served (comb serve / comb mount processes)", ["what", "figure"], serve_rows))
+    if first_rows:
+        head = ["spread disk", "leaves+index MiB", "open to first read", "comb serve to first read"]
+        print(table("first 4 KiB read (page cache warm)", head, first_rows))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(figures, fh, indent=2)

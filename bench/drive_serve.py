@@ -79,6 +79,22 @@ def start_server(repo: str) -> tuple[subprocess.Popen[str], int, float]:
     return proc, port, time.perf_counter() - t0
 
 
+def first_read_seconds(repo: str, export: str, offset: int) -> float:
+    """Seconds from starting ``comb serve`` to the first 4 KiB read of ``export`` returning
+    (the point is loaded on first connect, then read)."""
+    t0 = time.perf_counter()
+    proc, port, _ready = start_server(repo)
+    try:
+        client = NbdClient(port, export)
+        client.read(offset, 4096)
+        took = time.perf_counter() - t0
+        client.close()
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+    return took
+
+
 def random_iops(port: int, export: str, extents: list[tuple[int, int]], qd: int, n: int) -> float:
     """4 KiB reads at random 4 KiB-aligned offsets inside the data, ``qd`` connections."""
     spots = [(o, ln) for o, ln in extents if ln >= 4096]

@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from .errors import CorruptionError
 from .index import ids_to_array
-from .parquet_io import ParquetStreamWriter, open_parquet, read_parquet
+from .parquet_io import ParquetStreamWriter, open_parquet, read_verified
 from .storage import Storage
 
 LEAVES_PREFIX = "manifests/leaves"
@@ -118,6 +119,21 @@ class ManifestWriter:
         self.ref_leaves += 1
         self._root_row(ref.leaf_no, ref.leaf_file, ref.leaf)
 
+    def add_refs(self, src: ManifestReader, start: int, end: int) -> None:
+        """Root rows ``[start, end)`` of an earlier point's manifest, shared unchanged (the
+        runs of leaves an incremental does not touch: one call, not one per leaf)."""
+        if end <= start:
+            return
+        nos = src.leaf_nos[start:end]
+        self._check_order(int(nos[0]))
+        self._last_leaf_no = int(nos[-1])
+        self.ref_leaves += end - start
+        self._root_cols[0].extend(nos.tolist())
+        self._root_cols[1].extend([src.file_ids[c] for c in src.file_codes[start:end].tolist()])
+        self._root_cols[2].extend(src.leaf_ordinals[start:end].tolist())
+        if len(self._root_cols[0]) >= _FLUSH_ROWS:
+            self._flush_root()
+
     def _check_order(self, leaf_no: int) -> None:
         if leaf_no <= self._last_leaf_no:
             raise ValueError(f"leaf {leaf_no} added out of order")
@@ -183,88 +199,124 @@ class ManifestWriter:
 
 
 class _LeafFile:
-    """Random access to the leaves of one leaves file, by ordinal, through its row groups."""
+    """Random access to the leaves of one leaves file, by ordinal, through its row groups (the
+    last one decoded is kept, as before: neighbouring leaves share it)."""
+
+    GROUPS_KEPT = 1
 
     def __init__(self, storage: Storage, file_id: str) -> None:
         self.name = leaves_name(file_id)
         self._pf: pq.ParquetFile = open_parquet(storage, self.name)
         md = self._pf.metadata
         col = md.schema.to_arrow_schema().get_field_index("leaf")
-        self._ranges: list[tuple[int, int]] = []
+        ranges = []
         for rg in range(md.num_row_groups):
             stats = md.row_group(rg).column(col).statistics
             if stats is None or not stats.has_min_max:
                 raise CorruptionError(f"{self.name}: row group {rg} has no leaf statistics")
-            self._ranges.append((int(stats.min), int(stats.max)))
-        self._cached_rg = -1
-        self._leaf_col = np.empty(0, np.int32)
-        self._slot_col = np.empty(0, np.int16)
-        self._ids = np.empty((0, 32), np.uint8)
+            ranges.append((int(stats.min), int(stats.max)))
+        # Rows are sorted by leaf, so both ends of the row groups' ranges ascend.
+        self._rg_min = np.array([lo for lo, _ in ranges], np.int64)
+        self._rg_max = np.array([hi for _, hi in ranges], np.int64)
+        self._groups: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
 
-    def _load(self, rg: int) -> None:
+    def _group(self, rg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        got = self._groups.get(rg)
+        if got is not None:
+            self._groups.move_to_end(rg)
+            return got
         try:
             t = self._pf.read_row_group(rg)
         except (pa.ArrowException, OSError) as err:
             raise CorruptionError(f"{self.name}: row group {rg} unreadable ({err})") from None
-        self._leaf_col = t.column("leaf").to_numpy()
-        self._slot_col = t.column("slot").to_numpy()
-        self._ids = ids_to_array(t.column("chunk_id")).copy()
-        self._cached_rg = rg
+        got = (
+            t.column("leaf").to_numpy(),
+            t.column("slot").to_numpy(),
+            ids_to_array(t.column("chunk_id")).copy(),
+        )
+        self._groups[rg] = got
+        if len(self._groups) > self.GROUPS_KEPT:
+            self._groups.popitem(last=False)
+        return got
+
+    def rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(ordinal, slot, chunk id) of every row of the leaves ``lo`` to ``hi`` (inclusive), in
+        file order, gathered from every row group whose range overlaps (a leaf may straddle)."""
+        first = int(np.searchsorted(self._rg_max, lo, "left"))
+        last = int(np.searchsorted(self._rg_min, hi, "right"))
+        parts = []
+        for rg in range(first, last):
+            leaf_col, slot_col, ids = self._group(rg)
+            a = int(np.searchsorted(leaf_col, lo, "left"))
+            b = int(np.searchsorted(leaf_col, hi, "right"))
+            if b > a:
+                parts.append((leaf_col[a:b], slot_col[a:b], ids[a:b]))
+        if len(parts) == 1:
+            return parts[0]
+        if not parts:
+            return np.empty(0, np.int32), np.empty(0, np.int16), np.empty((0, 32), np.uint8)
+        return (
+            np.concatenate([p[0] for p in parts]),
+            np.concatenate([p[1] for p in parts]),
+            np.concatenate([p[2] for p in parts]),
+        )
 
     def leaf(self, ordinal: int) -> Leaf:
-        if not (self._cached_rg >= 0 and self._in(self._cached_rg, ordinal)):
-            for rg in range(len(self._ranges)):
-                if self._in(rg, ordinal):
-                    self._load(rg)
-                    break
-            else:
-                raise CorruptionError(f"{self.name}: leaf {ordinal} is missing")
-        lo = int(np.searchsorted(self._leaf_col, ordinal, "left"))
-        hi = int(np.searchsorted(self._leaf_col, ordinal, "right"))
-        if lo == hi:
-            # A leaf may straddle row groups: gather it from every row group that has it.
+        _, slots, ids = self.rows(ordinal, ordinal)
+        if not len(slots):
             raise CorruptionError(f"{self.name}: leaf {ordinal} is missing")
-        slots, ids = self._slot_col[lo:hi], self._ids[lo:hi]
-        more = [
-            rg for rg in range(len(self._ranges)) if rg != self._cached_rg and self._in(rg, ordinal)
-        ]
-        if more:
-            parts_s, parts_i = [slots.copy()], [ids.copy()]
-            for rg in more:
-                self._load(rg)
-                lo = int(np.searchsorted(self._leaf_col, ordinal, "left"))
-                hi = int(np.searchsorted(self._leaf_col, ordinal, "right"))
-                parts_s.append(self._slot_col[lo:hi].copy())
-                parts_i.append(self._ids[lo:hi].copy())
-            order = np.argsort(np.concatenate(parts_s), kind="stable")
-            return Leaf(np.concatenate(parts_s)[order], np.concatenate(parts_i)[order])
         return Leaf(slots, ids)
 
-    def _in(self, rg: int, ordinal: int) -> bool:
-        lo, hi = self._ranges[rg]
-        return lo <= ordinal <= hi
+
+def _concat_ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+    """The indices of every range [start[i], end[i]), concatenated in order."""
+    counts = end - start
+    return np.repeat(start - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
 
 
 class ManifestReader:
-    """Reads one point's manifest leaf by leaf, with a small cache of open leaves files."""
+    """Reads one point's manifest leaf by leaf, with a small cache of open leaves files.
+
+    Opening reads only the root (a few bytes per MiB of disk with data; leaves files are kept as
+    dictionary codes); leaves files are opened when a leaf of theirs is first wanted. Not
+    thread-safe: concurrent readers serialise."""
 
     def __init__(self, storage: Storage, root_id: str, own_leaves: str | None) -> None:
         self._storage = storage
         self.root_name = roots_name(root_id)
-        # Only the known columns: a later compat feature may add columns old readers ignore.
-        root = read_parquet(storage, self.root_name, ROOT_SCHEMA.names)
+        data = read_verified(storage, self.root_name)
+        try:
+            # Only the known columns: a later compat feature may add columns old readers ignore.
+            root = pq.read_table(
+                pa.BufferReader(data),
+                columns=ROOT_SCHEMA.names,
+                read_dictionary=["leaf_file"],
+                page_checksum_verification=True,
+            )
+        except (pa.ArrowException, OSError) as err:
+            raise CorruptionError(
+                f"{self.root_name} is not a readable Parquet file ({err})"
+            ) from None
         self.leaf_nos = root.column("leaf_no").to_numpy()
-        files = root.column("leaf_file").to_pylist()
-        if own_leaves is None and any(f is None for f in files):
+        files = root.column("leaf_file").unify_dictionaries().combine_chunks()
+        # Codes into ``file_ids``; the last entry stands for the point's own leaves (null).
+        self.file_ids: list[str] = [*files.dictionary.to_pylist(), own_leaves or ""]
+        self.file_codes = pc.fill_null(files.indices, len(self.file_ids) - 1).to_numpy()
+        if own_leaves is None and files.null_count:
             raise CorruptionError(f"{self.root_name} refers to own leaves but the point has none")
-        self.leaf_files: list[str] = [own_leaves if f is None else f for f in files]  # type: ignore[misc]
         self.leaf_ordinals = root.column("leaf").to_numpy()
         if len(self.leaf_nos) > 1 and not np.all(np.diff(self.leaf_nos) > 0):
             raise CorruptionError(f"{self.root_name} is not sorted by leaf number")
         self._files: OrderedDict[str, _LeafFile] = OrderedDict()
+        self.files_opened: set[str] = set()  # leaves files opened so far (tests, benchmarks)
 
     def __len__(self) -> int:
         return len(self.leaf_nos)
+
+    @property
+    def leaf_files(self) -> list[str]:
+        """The leaves file of every root row (resolved: never the null of "own leaves")."""
+        return [self.file_ids[c] for c in self.file_codes.tolist()]
 
     def refs(self) -> list[LeafRef]:
         return [
@@ -275,23 +327,58 @@ class ManifestReader:
     def ref_at(self, leaf_no: int) -> LeafRef | None:
         pos = int(np.searchsorted(self.leaf_nos, leaf_no))
         if pos < len(self.leaf_nos) and self.leaf_nos[pos] == leaf_no:
-            return LeafRef(leaf_no, self.leaf_files[pos], int(self.leaf_ordinals[pos]))
+            file_id = self.file_ids[int(self.file_codes[pos])]
+            return LeafRef(leaf_no, file_id, int(self.leaf_ordinals[pos]))
         return None
 
-    def leaf(self, ref: LeafRef) -> Leaf:
-        lf = self._files.get(ref.leaf_file)
+    def _file(self, file_id: str) -> _LeafFile:
+        lf = self._files.get(file_id)
         if lf is None:
-            lf = _LeafFile(self._storage, ref.leaf_file)
-            self._files[ref.leaf_file] = lf
+            lf = _LeafFile(self._storage, file_id)
+            self._files[file_id] = lf
+            self.files_opened.add(file_id)
             if len(self._files) > 32:
                 self._files.popitem(last=False)
         else:
-            self._files.move_to_end(ref.leaf_file)
-        return lf.leaf(ref.leaf)
+            self._files.move_to_end(file_id)
+        return lf
+
+    def leaf(self, ref: LeafRef) -> Leaf:
+        return self._file(ref.leaf_file).leaf(ref.leaf)
 
     def leaf_at(self, leaf_no: int) -> Leaf:
         ref = self.ref_at(leaf_no)
         return EMPTY_LEAF if ref is None else self.leaf(ref)
+
+    def chunks(
+        self, leaf_lo: int, leaf_hi: int, leaf_chunks: int
+    ) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        """The data chunks of leaf numbers [leaf_lo, leaf_hi): their chunk numbers (int64,
+        ascending), their ids ((k, 32) uint8) and the leaves files that were read. Costs the
+        leaves in the range (their row groups), never the whole manifest."""
+        a, b = np.searchsorted(self.leaf_nos, [leaf_lo, leaf_hi]).tolist()
+        codes = self.file_codes[a:b]
+        numbers, ids, used = [], [], []
+        for code in np.unique(codes).tolist():
+            sel = np.flatnonzero(codes == code) + a
+            file_id = self.file_ids[code]
+            used.append(file_id)
+            ords = self.leaf_ordinals[sel]
+            leaf_col, slots, rows = self._file(file_id).rows(int(ords.min()), int(ords.max()))
+            start = np.searchsorted(leaf_col, ords, "left")
+            end = np.searchsorted(leaf_col, ords, "right")
+            if np.any(start == end):
+                gone = int(ords[np.flatnonzero(start == end)[0]])
+                raise CorruptionError(f"{leaves_name(file_id)}: leaf {gone} is missing")
+            take = _concat_ranges(start, end)
+            leaf_no = np.repeat(self.leaf_nos[sel].astype(np.int64), end - start)
+            numbers.append(leaf_no * leaf_chunks + slots[take])
+            ids.append(rows[take])
+        if not numbers:
+            return np.empty(0, np.int64), np.empty((0, 32), np.uint8), used
+        nums = np.concatenate(numbers)
+        order = np.argsort(nums, kind="stable")
+        return nums[order], np.concatenate(ids)[order], used
 
 
 def manifest_data_bytes(

@@ -17,7 +17,9 @@ from catalog.points import RecoveryPoint
 from catalog.repo import Repository
 from drive.source import DEFAULT_CACHE_CHUNKS, PointSource
 
-DEFAULT_MAX_SOURCES = 8  # loaded points kept: ~1.6 MiB per GiB of data + a 16 MiB chunk cache
+# Loaded points kept open: each holds at most about 80 MiB of chunk maps and a 16 MiB chunk
+# cache (drive.source); the index segment tables are shared by all of them (catalog.lookup).
+DEFAULT_MAX_SOURCES = 8
 
 
 def export_name(point: RecoveryPoint) -> str:
@@ -50,25 +52,34 @@ class ServedPoint:
         self.source = source
         self.point = source.point
         self.size = source.size
-        extents = source.extents()
-        self._starts = [off for off, _ in extents]
-        self._ends = [off + n for off, n in extents]
+        self._map: tuple[list[int], list[int]] | None = None  # made at the first block status
+        self._map_lock = threading.Lock()
 
     def read(self, offset: int, length: int) -> bytes:
         return self.source.read(offset, length) if length else b""
+
+    def _runs(self) -> tuple[list[int], list[int]]:
+        """The allocation map, worked out at the first block-status request, so a client's
+        first read does not wait for the whole manifest."""
+        with self._map_lock:
+            if self._map is None:
+                extents = self.source.extents()
+                self._map = ([off for off, _ in extents], [off + n for off, n in extents])
+            return self._map
 
     def segments(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]:
         """(offset, length, is_data) runs covering the range in order; at most ``limit`` runs
         (0: all). Zero chunks and holes are not data."""
         out: list[tuple[int, int, bool]] = []
         end = offset + length
-        i = bisect_right(self._starts, offset) - 1
+        starts, ends = self._runs()
+        i = bisect_right(starts, offset) - 1
         at = offset
         while at < end and (not limit or len(out) < limit):
-            if i >= 0 and at < self._ends[i]:
-                stop, data = min(end, self._ends[i]), True
+            if i >= 0 and at < ends[i]:
+                stop, data = min(end, ends[i]), True
             else:
-                nxt = self._starts[i + 1] if i + 1 < len(self._starts) else end
+                nxt = starts[i + 1] if i + 1 < len(starts) else end
                 stop, data = min(end, nxt), False
                 i += 1
             out.append((at, stop - at, data))

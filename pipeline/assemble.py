@@ -58,6 +58,7 @@ class ManifestAssembler:
         self.changed_slots: dict[int, int] | None = None
         self._candidates: list[int] = []
         self._cand_pos = 0
+        self._ref_pos = 0
         # Full mode: parent leaves nothing was read in became zeros (recorded as changes).
         self._parent_leaves: list[int] = []
         self._parent_pos = 0
@@ -73,8 +74,10 @@ class ManifestAssembler:
                 leaf, slot = divmod(c, self.leaf_chunks)
                 slots[leaf] = slots.get(leaf, 0) | (1 << slot)
         self.changed_slots = slots
-        parent_leaves = self.parent.leaf_nos.tolist() if self.parent is not None else []
-        self._candidates = sorted(set(parent_leaves) | set(slots))
+        # Only the touched leaves are visited; the parent's other root rows are copied in runs
+        # (``_share_parent_below``), so an incremental costs per change, not per leaf of disk.
+        self._candidates = sorted(slots)
+        self._ref_pos = 0  # next parent root row not yet shared or replaced
 
     def feed(self, written: pa.Table) -> None:
         """Take one result table (rows in disk order)."""
@@ -116,7 +119,21 @@ class ManifestAssembler:
                 if leaf > last_leaf:
                     break
                 self._cand_pos += 1
+                self._share_parent_below(leaf)
+                if self.parent is not None and self._ref_pos < len(self.parent.leaf_nos):
+                    if self.parent.leaf_nos[self._ref_pos] == leaf:
+                        self._ref_pos += 1  # replaced (or re-shared) by _emit_changed
                 self._emit_changed(leaf, self.pending.pop(leaf, []))
+            self._share_parent_below(last_leaf + 1)
+
+    def _share_parent_below(self, limit: int) -> None:
+        """Share, unchanged, the parent's leaves numbered below ``limit`` not yet handled."""
+        if self.parent is None:
+            return
+        end = int(np.searchsorted(self.parent.leaf_nos, limit))
+        if end > self._ref_pos:
+            self.writer.add_refs(self.parent, self._ref_pos, end)
+            self._ref_pos = end
 
     def finish(self) -> None:
         self.advance(1 << 62)
