@@ -36,6 +36,7 @@ from .errors import CorruptionError, RepositoryError
 from .index import (
     INDEX_SCHEMA,
     IndexSegmentWriter,
+    contains,
     id_keys,
     ids_to_array,
     load_index,
@@ -45,11 +46,11 @@ from .index import (
 )
 from .locks import locked
 from .manifest import LEAVES_PREFIX, ROOTS_PREFIX, leaves_name, roots_name
-from .packs import PackWriter, pack_name
+from .packs import PackWriter, SealedPack, pack_name
 from .parquet_io import read_parquet
 from .points import RecoveryPoint, point_name
 from .repo import Repository
-from .storage import TMP_DIR
+from .storage import TMP_DIR, Storage
 
 CHANGES_DIR = "manifests/changes"
 TMP_MAX_AGE_S = 24 * 3600.0
@@ -120,14 +121,6 @@ def _pack_id(name: str) -> str:
     return name.rsplit("/", 1)[-1][: -len(".pack")]
 
 
-def _contains(sorted_keys: np.ndarray, keys: np.ndarray) -> np.ndarray:
-    if len(sorted_keys) == 0:
-        return np.zeros(len(keys), bool)
-    pos = np.searchsorted(sorted_keys, keys)
-    pos[pos == len(sorted_keys)] = 0
-    return np.asarray(sorted_keys[pos] == keys)
-
-
 def plan(
     repo: Repository,
     marks: Marks,
@@ -155,10 +148,10 @@ def plan(
     ]
     packs = np.concatenate([c[0] for c in cols]) if cols else np.empty(0, object)
     keys = np.concatenate([c[1] for c in cols]) if cols else np.empty(0, "S32")
-    hit = _contains(live, keys)
+    hit = contains(live, keys)
     usable = np.array([p in present and p not in retired for p in packs.tolist()], bool)
     covered = np.unique(keys[hit & usable])
-    stranded = hit & ~usable & ~_contains(covered, keys)  # live, and only in retired packs
+    stranded = hit & ~usable & ~contains(covered, keys)  # live, and only in retired packs
     if assume_copied:  # a dry run: as if the repack had copied them
         stranded &= np.array([p not in retired for p in packs.tolist()], bool)
     indexed = set(packs.tolist())
@@ -169,21 +162,7 @@ def plan(
             out.pack_bytes += storage.size(name)
             out.orphan_packs += pid not in indexed
     out.live_packs = len(live_packs & set(present))
-    gone = {_pack_id(n) for n in out.packs}
-    kept_parts = []
-    for seg, t in tables.items():
-        in_gone = pc.is_in(t.column("pack"), value_set=pa.array(sorted(gone), pa.string()))
-        n_gone = pc.sum(in_gone).as_py() or 0
-        if n_gone == 0:
-            continue
-        if n_gone == t.num_rows:
-            out.segments_removed.append(seg)
-        else:
-            out.segments_rewritten.append(seg)
-            full = read_parquet(storage, seg, INDEX_SCHEMA.names)
-            kept_parts.append(full.filter(pc.invert(in_gone)))
-    if kept_parts:
-        out.kept_rows = pa.concat_tables(kept_parts)
+    drop_segments(repo, {_pack_id(n) for n in out.packs}, out, tables)
     for prefix in (LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
         for name in storage.list(prefix):
             if name.endswith(".parquet") and name not in marks.files:
@@ -202,6 +181,84 @@ def plan(
     return out
 
 
+def drop_segments(
+    repo: Repository, gone: set[str], out: Plan, tables: dict[str, pa.Table] | None = None
+) -> None:
+    """Fill ``out`` with the segments that list packs in ``gone``: removed when they list only
+    those, rewritten (their other rows kept) otherwise. ``tables``: the segments' pack columns
+    when already read."""
+    storage = repo.storage
+    if tables is None:
+        tables = {s: read_parquet(storage, s, ["pack"]) for s in segment_names(storage)}
+    value_set = pa.array(sorted(gone), pa.string())
+    kept_parts = []
+    for seg, t in tables.items():
+        in_gone = pc.is_in(t.column("pack"), value_set=value_set)
+        n_gone = pc.sum(in_gone).as_py() or 0
+        if n_gone == 0:
+            continue
+        if n_gone == t.num_rows:
+            out.segments_removed.append(seg)
+        else:
+            out.segments_rewritten.append(seg)
+            full = read_parquet(storage, seg, INDEX_SCHEMA.names)
+            kept_parts.append(full.filter(pc.invert(in_gone)))
+    if kept_parts:
+        out.kept_rows = pa.concat_tables(kept_parts)
+
+
+def copy_chunks(
+    storage: Storage, pid: str, rows: pa.Table, skip: set[bytes], strict: bool
+) -> tuple[list[bytes], list[bytes], list[int], list[int]]:
+    """(ids, blobs, raw lengths, codecs) of the chunks ``rows`` (index rows of pack ``pid``)
+    list, read from the pack once, each checked against its id, ids in ``skip`` and repeats
+    left out. ``strict``: any damage (the pack's name too) raises CorruptionError; otherwise a
+    damaged chunk is just not copied. Never copies damage."""
+    name = pack_name(pid)
+    data = storage.read(name)
+    if strict and blake3.blake3(data).hexdigest() != pid:
+        raise CorruptionError(f"{name} does not match its name")
+    ids: list[bytes] = []
+    blobs: list[bytes] = []
+    raws: list[int] = []
+    codecs: list[int] = []
+    seen = set(skip)
+    cols = rows.to_pydict()
+    for cid, off, slen, raw_len, codec in zip(
+        cols["chunk_id"],
+        cols["offset"],
+        cols["stored_len"],
+        cols["raw_len"],
+        cols["codec"],
+        strict=True,
+    ):
+        if cid in seen:
+            continue
+        blob = data[off : off + slen]
+        try:
+            if off + slen > len(data):
+                raise CorruptionError(f"{name} offset {off}: beyond the end of the pack")
+            decode_chunk(blob, codec, raw_len, cid, name)
+        except CorruptionError:
+            if strict:
+                raise
+            continue
+        seen.add(cid)
+        ids.append(cid)
+        blobs.append(blob)
+        raws.append(raw_len)
+        codecs.append(codec)
+    return ids, blobs, raws, codecs
+
+
+def index_sealed(storage: Storage, sealed: list[SealedPack]) -> None:
+    """Commit an index segment for new packs (durable before anything they replace goes)."""
+    if sealed:
+        seg = IndexSegmentWriter(storage)
+        seg.add(sealed_to_table(sealed))
+        seg.commit()
+
+
 @dataclass
 class Repacked:
     retired: frozenset[str] = frozenset()  # pack ids whose live chunks were copied
@@ -217,7 +274,7 @@ def repack_candidates(repo: Repository, marks: Marks) -> tuple[pa.Table, np.ndar
     rows = present_rows(repo.storage, load_index(repo.storage))
     if rows.num_rows == 0:
         return rows, np.zeros(0, bool), []
-    hit = _contains(marks.live_ids(), id_keys(ids_to_array(rows.column("chunk_id"))))
+    hit = contains(marks.live_ids(), id_keys(ids_to_array(rows.column("chunk_id"))))
     packs = rows.column("pack").to_numpy(zero_copy_only=False)
     stored = rows.column("stored_len").to_numpy().astype(np.int64)
     names, inverse = np.unique(packs.astype(str), return_inverse=True)
@@ -246,29 +303,11 @@ def repack(repo: Repository, marks: Marks) -> Repacked:
     retired = set()
     try:
         for pid in cands:
-            sel = np.flatnonzero((packs == pid) & hit & ~_contains(covered, keys))
+            sel = np.flatnonzero((packs == pid) & hit & ~contains(covered, keys))
             try:
-                data = storage.read(pack_name(pid))
-                if blake3.blake3(data).hexdigest() != pid:
-                    raise CorruptionError(f"{pack_name(pid)} does not match its name")
-                ids, blobs, raws, codecs = [], [], [], []
-                mine = rows.take(pa.array(sel)).to_pydict()
-                for cid, off, slen, raw_len, codec in zip(
-                    mine["chunk_id"],
-                    mine["offset"],
-                    mine["stored_len"],
-                    mine["raw_len"],
-                    mine["codec"],
-                    strict=True,
-                ):
-                    if cid in copied or cid in ids:
-                        continue
-                    blob = data[off : off + slen]
-                    decode_chunk(blob, codec, raw_len, cid, pack_name(pid))  # never copy damage
-                    ids.append(cid)
-                    blobs.append(blob)
-                    raws.append(raw_len)
-                    codecs.append(codec)
+                ids, blobs, raws, codecs = copy_chunks(
+                    storage, pid, rows.take(pa.array(sel)), copied, strict=True
+                )
             except (CorruptionError, RepositoryError) as err:
                 out.damaged.append(err.message)
                 continue
@@ -281,10 +320,7 @@ def repack(repo: Repository, marks: Marks) -> Repacked:
     except BaseException:
         writer.abort()
         raise
-    if sealed:
-        seg = IndexSegmentWriter(storage)
-        seg.add(sealed_to_table(sealed))
-        seg.commit()  # the copies are indexed (durably) before any original can go
+    index_sealed(storage, sealed)
     out.new_packs = len(sealed)
     out.retired = frozenset(retired)
     return out

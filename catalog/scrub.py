@@ -24,17 +24,15 @@ from dataclasses import dataclass, field
 import blake3
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
+from . import gc
 from .chunks import decode_chunk
 from .errors import CombError
+from .gc import copy_chunks, index_sealed
 from .index import (
-    IndexSegmentWriter,
     id_keys,
     ids_to_array,
     load_index,
-    sealed_to_table,
-    segment_names,
 )
 from .locks import locked
 from .packs import PackWriter, pack_name
@@ -211,7 +209,7 @@ def scrub(
 
 def _quarantine(repo: Repository, rep: ScrubReport, rows_of: Callable[[str], pa.Table]) -> None:
     """Copy the intact chunks of damaged packs into a new pack, then drop the damaged packs
-    (and their index rows) under the exclusive lock."""
+    (and their index rows) under the exclusive lock, in prune's crash-safe order."""
     storage = repo.storage
     bad_ids = {d.chunk_id for d in rep.damaged}
     with locked(storage, "repair", command="scrub --repair"):
@@ -219,59 +217,20 @@ def _quarantine(repo: Repository, rep: ScrubReport, rows_of: Callable[[str], pa.
         sealed = []
         try:
             for pid in rep.bad_packs:
-                rows = rows_of(pid)
                 try:
-                    data = storage.read(pack_name(pid))
+                    ids, blobs, raws, codecs = copy_chunks(
+                        storage, pid, rows_of(pid), bad_ids, strict=False
+                    )
                 except (OSError, CombError):
-                    data = b""
-                cols = rows.to_pydict()
-                ids, blobs, raws, codecs = [], [], [], []
-                for cid, off, slen, rlen, codec in zip(
-                    cols["chunk_id"],
-                    cols["offset"],
-                    cols["stored_len"],
-                    cols["raw_len"],
-                    cols["codec"],
-                    strict=True,
-                ):
-                    if cid in bad_ids or off + slen > len(data):
-                        continue
-                    blob = data[off : off + slen]
-                    try:
-                        decode_chunk(blob, codec, rlen, cid, pid)
-                    except CombError:
-                        continue
-                    ids.append(cid)
-                    blobs.append(blob)
-                    raws.append(rlen)
-                    codecs.append(codec)
+                    continue  # unreadable: nothing to copy
                 sealed += writer.add_many(ids, blobs, raws, codecs)
                 rep.copied_chunks += len(ids)
             sealed += writer.close()
         except BaseException:
             writer.abort()
             raise
-        if sealed:
-            seg = IndexSegmentWriter(storage)
-            seg.add(sealed_to_table(sealed))
-            seg.commit()  # the copies are indexed before the damaged packs go
-        gone = pa.array(rep.bad_packs, pa.string())
-        keep_parts, old = [], []
-        for name in segment_names(storage):
-            t = read_parquet(storage, name)
-            in_gone = pc.is_in(t.column("pack"), value_set=gone)
-            if not (pc.sum(in_gone).as_py() or 0):
-                continue
-            old.append(name)
-            kept = t.filter(pc.invert(in_gone))
-            if kept.num_rows:
-                keep_parts.append(kept)
-        if keep_parts:
-            seg = IndexSegmentWriter(storage)
-            seg.add(pa.concat_tables(keep_parts))
-            seg.commit()
-        for name in old:  # segments before packs, as prune does (FORMAT.md 13)
-            storage.remove(name)
-        for pid in rep.bad_packs:
-            storage.remove(pack_name(pid))
-            rep.quarantined.append(pid)
+        index_sealed(storage, sealed)  # the copies are indexed before the damaged packs go
+        plan = gc.Plan(packs=[pack_name(pid) for pid in rep.bad_packs])
+        gc.drop_segments(repo, set(rep.bad_packs), plan)
+        gc.execute(repo, plan)
+        rep.quarantined = list(rep.bad_packs)

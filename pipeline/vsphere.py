@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote, urlsplit
 import psutil
 
 from catalog.errors import SourceError, UsageError
-from stages.datastore_source import DatastoreDisk
+from stages.datastore_source import DatastoreDisk, tls_context
 
 PREFIX = "vsphere://"
 PASSWORD_ENV = "COMB_VSPHERE_PASSWORD"
@@ -123,15 +123,7 @@ class Vsphere:
         vim = _vim()
         self.url = url
         self.verify = verify
-        if verify is False:
-            ctx = ssl.create_default_context()
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        else:
-            try:
-                ctx = ssl.create_default_context(cafile=verify if isinstance(verify, str) else None)
-            except (OSError, ssl.SSLError) as err:
-                raise UsageError(f"cannot load CA file {verify}: {err}") from None
+        ctx = tls_context(verify)
         where = f"vSphere at {url.server}"
         try:
             self.si = SmartConnect(

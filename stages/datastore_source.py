@@ -42,7 +42,8 @@ class DatastoreDisk:
         return self.label
 
 
-def _tls(verify: bool | str) -> ssl.SSLContext:
+def tls_context(verify: bool | str) -> ssl.SSLContext:
+    """True: system CAs; False: no checks (--insecure); a path: that CA bundle."""
     if verify is False:
         ctx = ssl.create_default_context()
         ctx.check_hostname = False
@@ -67,7 +68,7 @@ class OpenDatastoreDisk:
             parts.port or 443,
             maxsize=disk.connections,
             block=True,
-            ssl_context=_tls(disk.verify),
+            ssl_context=tls_context(disk.verify),
             timeout=urllib3.Timeout(connect=CONNECT_TIMEOUT_S, read=READ_TIMEOUT_S),
             retries=urllib3.Retry(total=3, connect=3, read=0, status=0, backoff_factor=0.2),
         )
