@@ -76,7 +76,7 @@ def ensure_catalog(workdir: str, spec: Spec) -> Repository:
 
         shutil.rmtree(location)
     os.makedirs(workdir, exist_ok=True)
-    repo = Repository.init(location, spec.chunk_bytes, 3)
+    repo = Repository.init(location, spec.chunk_bytes, 3, encryption="none")
     t0 = time.perf_counter()
     print(f"writing a synthetic catalog: {spec.points} points of {spec.disk_bytes / GIB:.0f} GiB")
     generate(repo, spec, progress=True)

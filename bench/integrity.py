@@ -10,7 +10,11 @@ list), on the local engine. Then, each timed in this process:
 - ``prune`` after ``forget --keep-last 50``, then after ``--keep-last 10``, then with nothing to
   remove (the cost of marking alone), each with the bytes it removed.
 
-Encryption and parity figures are not here yet (not implemented). Must not: judge targets.
+Before that, the cost of encryption: full backups of the same image into a plain and an
+encrypted repository, alternated (``--encryption-runs`` pairs), MB/s and the ratio of medians,
+and restores of each.
+
+Parity figures are not here yet (not implemented). Must not: judge targets.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from .image import (
 )
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import table
-from .runs import backup, fresh_repo, repo_bytes
+from .runs import BENCH_PASSWORD, backup, fresh_repo, repo_bytes, restore
 
 
 def _forget(repo: Repository, keep: int) -> int:
@@ -80,12 +84,51 @@ def _prune(repo: Repository, label: str, rows: list[list[str]], figures: dict[st
     }
 
 
+def _encryption_cost(workdir: str, image: str, runs: int) -> tuple[list[list[str]], dict[str, Any]]:
+    """Full backups into a plain and an encrypted repository, alternated; then one restore
+    from each. Medians, and the encrypted/plain ratio of backup MB/s."""
+    if runs <= 0:
+        return [], {}
+    mbps: dict[str, list[float]] = {"none": [], "aes-256-gcm": []}
+    secs: dict[str, list[float]] = {"none": [], "aes-256-gcm": []}
+    repos: dict[str, Repository] = {}
+    for _ in range(runs):
+        for enc in mbps:
+            repo = fresh_repo(os.path.join(workdir, f"enc-{enc}"), encryption=enc)
+            run = backup(repo, image, "local", f"full {enc}")
+            mbps[enc].append(run.mbps)
+            secs[enc].append(run.wall_s)
+            repos[enc] = repo
+    rows = []
+    figures: dict[str, Any] = {}
+    for enc, label in (("none", "backup, plain"), ("aes-256-gcm", "backup, AES-256-GCM")):
+        m = sorted(mbps[enc])[len(mbps[enc]) // 2]
+        s = sorted(secs[enc])[len(secs[enc]) // 2]
+        rows.append([label, f"{m:.0f}", f"{s:.2f}"])
+        figures[enc] = {"backup_mbps": mbps[enc], "backup_s": secs[enc]}
+    for enc, label in (("none", "restore, plain"), ("aes-256-gcm", "restore, AES-256-GCM")):
+        repo = repos[enc]
+        if enc != "none":
+            repo = Repository.open(repo.location, password=BENCH_PASSWORD)
+        out = os.path.join(workdir, "enc-restore.img")
+        got = restore(repo, repo.points()[-1].id, out, label, reference=image)
+        os.unlink(out)
+        rows.append([label, f"{got.mbps:.0f}", f"{got.wall_s:.2f}"])
+        figures[enc]["restore_mbps"] = got.mbps
+    plain = sorted(mbps["none"])[runs // 2]
+    enc_m = sorted(mbps["aes-256-gcm"])[runs // 2]
+    rows.append(["encrypted / plain backup MB/s", f"{enc_m / plain:.2f}", ""])
+    figures["ratio"] = enc_m / plain
+    return rows, figures
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench integrity", description=__doc__)
     ap.add_argument("--size", default="1G")
     ap.add_argument("--points", type=int, default=100)
     ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
     ap.add_argument("--json", metavar="FILE")
+    ap.add_argument("--encryption-runs", type=int, default=3, help="backup pairs (0: skip)")
     args = ap.parse_args(argv)
     size = parse_size(args.size)
     os.makedirs(args.workdir, exist_ok=True)
@@ -94,6 +137,7 @@ def main(argv: list[str]) -> int:
     image = os.path.join(args.workdir, "integrity.img")
     sparse_copy(source, image)
     warm(image)
+    enc_rows, enc_figures = _encryption_cost(args.workdir, image, args.encryption_runs)
     repo = fresh_repo(os.path.join(args.workdir, "integrity-repo"))
     t0 = time.perf_counter()
     backup(repo, image, "local", "full", source_name="disk")
@@ -167,6 +211,9 @@ def main(argv: list[str]) -> int:
         f"repository: {args.points} points of a {size / GIB:.1f} GiB mixed image, "
         f"{stored / 1e9:.2f} GB stored, built in {build_s:.0f} s"
     )
+    if enc_rows:
+        print(table("encryption cost (full backup, local engine)", ["what", "MB/s", "s"], enc_rows))
+        figures["encryption"] = enc_figures
     print(table("checking stored data", ["what", "MB/s", "s"], rows))
     print(
         table(

@@ -13,6 +13,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from catalog.format import DEFAULT_CHUNK_SIZE_BYTES
 from catalog.index import DedupIndex
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
@@ -103,13 +104,22 @@ class RestoreRun:
         }
 
 
-def fresh_repo(path: str, chunk_size: int | None = None) -> Repository:
-    """An empty repository at ``path`` (whatever was there is removed)."""
+# The password of the benchmarks' encrypted repositories (never a real secret).
+BENCH_PASSWORD = "comb bench password"
+
+
+def fresh_repo(path: str, chunk_size: int | None = None, encryption: str = "none") -> Repository:
+    """An empty repository at ``path`` (whatever was there is removed). Plain unless asked:
+    the figures of every other benchmark stay comparable with earlier runs; ``python -m bench
+    integrity`` measures what encryption costs."""
     if os.path.exists(path):
         shutil.rmtree(path)
-    if chunk_size is None:
-        return Repository.init(path)
-    return Repository.init(path, chunk_size=chunk_size)
+    return Repository.init(
+        path,
+        chunk_size=chunk_size or DEFAULT_CHUNK_SIZE_BYTES,
+        encryption=encryption,
+        password=BENCH_PASSWORD if encryption != "none" else None,
+    )
 
 
 def backup(

@@ -23,10 +23,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from .history import History, sql_list
+from .changes import CHANGES_SCHEMA
+from .history import History
 from .points import RecoveryPoint
 from .storage import Storage
-from .views import FILE_VIEWS, add_file_views, connect
+from .views import FILE_VIEWS, add_file_views, connect, parquet_from
 
 # Data chunks from the manifests, and the gaps between them (and before the first) as zeros.
 EXTENTS_VIEW = """
@@ -131,7 +132,13 @@ class Catalog:
             ),
         )
         source = (
-            f"read_parquet({sql_list(files)}, filename = true)"
+            parquet_from(
+                self.con,
+                [f[1] for f in files],
+                CHANGES_SCHEMA,
+                self.storage.keys,
+                with_filename=True,
+            )
             if files
             else '(SELECT NULL::VARCHAR AS filename, NULL::BIGINT AS "offset", '
             "NULL::BIGINT AS chunk_key, NULL::BOOLEAN AS new, NULL::INTEGER AS stored_len "

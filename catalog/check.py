@@ -181,7 +181,7 @@ def _read_pack(
     if blake3.blake3(data).hexdigest() != pid:
         report.errors.append(f"pack {where} does not match its name (content changed)")
     try:
-        entries = {(e.chunk_id, e.offset): e for e in parse_pack(data, where)}
+        entries = {(e.chunk_id, e.offset): e for e in parse_pack(data, where, keys=storage.keys)}
     except CombError as err:
         report.errors.append(err.message)
         entries = {}
@@ -199,7 +199,14 @@ def _read_pack(
             report.errors.append(f"pack {where} offset {off}: beyond the end of the pack")
             continue
         try:
-            decode_chunk(view[off : off + slen], codec, rlen, cid, f"pack {where} offset {off}")
+            decode_chunk(
+                view[off : off + slen],
+                codec,
+                rlen,
+                cid,
+                f"pack {where} offset {off}",
+                storage.keys,
+            )
         except CombError as err:
             report.errors.append(err.message)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from typing import TYPE_CHECKING
 
 import blake3
 import zstandard
@@ -10,11 +11,16 @@ import zstandard
 from .errors import CorruptionError
 from .format import CODEC_RAW, CODEC_ZSTD
 
+if TYPE_CHECKING:
+    from .crypto import RepoKeys
+
 _local = threading.local()
 
 
-def chunk_id(data: bytes | memoryview) -> bytes:
-    """The id of a chunk: BLAKE3-256 of its plain bytes."""
+def chunk_id(data: bytes | memoryview, keys: RepoKeys | None = None) -> bytes:
+    """The id of a chunk: BLAKE3-256 of its plain bytes, keyed in an encrypted repository."""
+    if keys is not None:
+        return blake3.blake3(data, key=keys.id_key).digest()
     return blake3.blake3(data).digest()
 
 
@@ -45,9 +51,17 @@ def encode_chunk(data: bytes | memoryview, level: int) -> tuple[int, bytes]:
 
 
 def decode_chunk(
-    blob: bytes | memoryview, codec: int, raw_len: int, cid: bytes, where: str
+    blob: bytes | memoryview,
+    codec: int,
+    raw_len: int,
+    cid: bytes,
+    where: str,
+    keys: RepoKeys | None = None,
 ) -> bytes:
-    """Decompress and check against the chunk id; any mismatch is a CorruptionError."""
+    """Open (encrypted repositories), decompress and check against the chunk id; any mismatch
+    is a CorruptionError."""
+    if keys is not None:
+        blob = keys.open_blob(blob, cid, where)
     try:
         if codec == CODEC_ZSTD:
             data = _decompressor().decompress(blob, max_output_size=raw_len)
@@ -59,6 +73,6 @@ def decode_chunk(
         raise CorruptionError(
             f"{where}: chunk {cid.hex()[:16]} does not decompress ({err})"
         ) from None
-    if len(data) != raw_len or blake3.blake3(data).digest() != cid:
+    if len(data) != raw_len or chunk_id(data, keys) != cid:
         raise CorruptionError(f"{where}: chunk {cid.hex()[:16]} does not match its id")
     return data

@@ -87,3 +87,9 @@ class LockedError(CombError):
     """Another process holds a conflicting repository lock (and waiting for it timed out)."""
 
     exit_code = 11
+
+
+class PasswordError(CombError):
+    """The password opens none of an encrypted repository's key files."""
+
+    exit_code = 12

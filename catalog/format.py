@@ -41,7 +41,7 @@ DEFAULT_ZSTD_LEVEL = 3
 
 # Feature flags (ext4 style). A reader refuses a repository with an unknown "incompat" feature,
 # opens one with an unknown "ro_compat" feature read-only, and ignores unknown "compat" ones.
-KNOWN_INCOMPAT: frozenset[str] = frozenset()
+KNOWN_INCOMPAT: frozenset[str] = frozenset({"encryption"})  # FORMAT.md 21
 KNOWN_RO_COMPAT: frozenset[str] = frozenset({"locks"})  # writers take locks (FORMAT.md 13)
 KNOWN_COMPAT: frozenset[str] = frozenset()
 
@@ -64,12 +64,16 @@ class RepoConfig:
     hash: str = HASH_NAME
     zstd_level: int = DEFAULT_ZSTD_LEVEL
     features: Features = field(default_factory=Features)
+    # None, or {"algorithm": "aes-256-gcm", "kdf": "argon2id"} (FORMAT.md 21).
+    encryption: dict[str, str] | None = None
     format: str = REPO_FORMAT_NAME
     version: int = REPO_FORMAT_VERSION
 
     @staticmethod
     def new(
-        chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES, zstd_level: int = DEFAULT_ZSTD_LEVEL
+        chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES,
+        zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        encrypted: bool = False,
     ) -> RepoConfig:
         if not (MIN_CHUNK_SIZE_BYTES <= chunk_size <= MAX_CHUNK_SIZE_BYTES) or (
             chunk_size & (chunk_size - 1)
@@ -85,10 +89,19 @@ class RepoConfig:
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             chunk_size=chunk_size,
             zstd_level=zstd_level,
+            features=Features(incompat=("encryption",) if encrypted else ()),
+            encryption={"algorithm": "aes-256-gcm", "kdf": "argon2id"} if encrypted else None,
         )
 
     def to_json(self) -> bytes:
-        return (json.dumps(asdict(self), indent=2, sort_keys=True) + "\n").encode()
+        doc = asdict(self)
+        if doc["encryption"] is None:
+            del doc["encryption"]  # plain repositories keep the version-1 config bytes
+        return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+    @property
+    def encrypted(self) -> bool:
+        return self.encryption is not None
 
     @property
     def leaf_bytes(self) -> int:
@@ -136,6 +149,7 @@ def parse_config(raw: bytes, where: str) -> RepoConfig:
                 ro_compat=tuple(feats.get("ro_compat", ())),
                 incompat=tuple(feats.get("incompat", ())),
             ),
+            encryption=_encryption(doc.get("encryption"), feats, where),
         )
     except (KeyError, TypeError, ValueError) as err:
         raise RepositoryError(f"{where}: missing or invalid field {err}") from None
@@ -147,3 +161,17 @@ def parse_config(raw: bytes, where: str) -> RepoConfig:
     if config.hash != HASH_NAME:
         raise RepositoryError(f"{where}: unknown chunk hash {config.hash!r}")
     return config
+
+
+def _encryption(value: object, feats: dict, where: str) -> dict[str, str] | None:  # type: ignore[type-arg]
+    """The config's encryption object, consistent with the ``encryption`` feature flag."""
+    flagged = "encryption" in feats.get("incompat", ())
+    if value is None and not flagged:
+        return None
+    if not flagged or not isinstance(value, dict):
+        raise RepositoryError(
+            f"{where}: the encryption field and the encryption feature flag disagree"
+        )
+    if value.get("algorithm") != "aes-256-gcm" or value.get("kdf") != "argon2id":
+        raise RepositoryError(f"{where}: unknown encryption {value!r}")
+    return {"algorithm": "aes-256-gcm", "kdf": "argon2id"}

@@ -238,7 +238,7 @@ def copy_chunks(
         try:
             if off + slen > len(data):
                 raise CorruptionError(f"{name} offset {off}: beyond the end of the pack")
-            decode_chunk(blob, codec, raw_len, cid, name)
+            decode_chunk(blob, codec, raw_len, cid, name, storage.keys)
         except CorruptionError:
             if strict:
                 raise

@@ -21,16 +21,17 @@ import zipfile
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import duckdb
 import numpy as np
 import pyarrow as pa
 
 from . import lives as lv_
-from .changes import changes_name, read_changes
-from .errors import CombError, CorruptionError, QueryError
+from .changes import CHANGES_SCHEMA, changes_name, read_changes
+from .errors import CombError, QueryError
 from .format import CONFIG_NAME, parse_config
-from .parquet_io import read_verified
+from .parquet_io import decryption, read_verified, unreadable
 from .points import RecoveryPoint
 from .storage import Storage
 
@@ -93,7 +94,9 @@ class History:
                 if path is None:
                     raise QueryError("analytics need a repository on a local filesystem for now")
                 try:
-                    files.append((i, path, _row_count(read_verified(self.storage, name), path)))
+                    data = read_verified(self.storage, name)
+                    rows = _row_count(data, path, decryption(self.storage))
+                    files.append((i, path, rows))
                 except CombError as err:
                     self.damaged.append(f"point {p.id}: change table: {err.message}")
                     self.complete[self.source_of[i]] = False
@@ -118,13 +121,22 @@ class History:
         chunk = sizes.pop() if sizes else 1
         if files:
             con = duckdb.connect(":memory:")
+            keys = self.storage.keys
+            if keys is None:
+                source = f"read_parquet({sql_list(files)})"
+            else:  # decrypted by pyarrow, in the order listed (catalog.views.parquet_from)
+                paths = [f[1] for f in files]
+                con.register(
+                    "_changes", keys.parquet_dataset(paths, CHANGES_SCHEMA, False).to_table()
+                )
+                source = "_changes"
             # Insertion order is kept: rows come file by file, in the order listed.
             # Narrow columns (int32 chunk numbers, one int8 kind) halve what is copied out.
             t = con.sql(
                 f'SELECT ("offset" // {int(chunk)})::INTEGER AS chunk_no, '
                 "coalesce(chunk_key, 0) AS chunk_key, "
                 "(CASE WHEN chunk_key IS NULL THEN 0 WHEN new THEN 2 ELSE 1 END)::TINYINT "
-                f"AS kind, stored_len FROM read_parquet({sql_list(files)})"
+                f"AS kind, stored_len FROM {source}"
             ).to_arrow_table()
             con.close()
         else:
@@ -314,13 +326,13 @@ def sql_list(files: list[tuple[int, str, int]]) -> str:
     return "[" + ", ".join("'" + f[1].replace("'", "''") + "'" for f in files) + "]"
 
 
-def _row_count(data: bytes, path: str) -> int:
+def _row_count(data: bytes, path: str, dec: Any = None) -> int:
     import pyarrow.parquet as pq
 
     try:
-        return int(pq.read_metadata(pa.BufferReader(data)).num_rows)
+        return int(pq.read_metadata(pa.BufferReader(data), decryption_properties=dec).num_rows)
     except (pa.ArrowException, OSError) as err:
-        raise CorruptionError(f"{path} is not a readable Parquet file ({err})") from None
+        raise unreadable(path, err, dec is not None) from None
 
 
 # Row kinds (one int8 per row): the region became zeros, a dedup hit, or a chunk stored here.

@@ -19,15 +19,16 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CombError, CorruptionError
+from .errors import CombError
 from .index import INDEX_PREFIX, INDEX_SCHEMA, id_keys, ids_to_array, segment_names
 from .packs import pack_name
-from .parquet_io import read_verified
+from .parquet_io import decryption, read_verified, unreadable
 from .storage import Storage
 
 _SEGMENT_CACHE_BYTES = 256 << 20  # segment tables kept, shared by every reader (~53 B a row)
@@ -49,20 +50,24 @@ class Hits:
     codec: np.ndarray
 
 
-def _open_segment(name: str, data: bytes) -> pq.ParquetFile:
+def _open_segment(name: str, data: bytes, dec: Any = None) -> pq.ParquetFile:
+    """``dec``: pyarrow decryption properties in an encrypted repository."""
     try:
         return pq.ParquetFile(
-            pa.BufferReader(data), read_dictionary=["pack"], page_checksum_verification=True
+            pa.BufferReader(data),
+            read_dictionary=["pack"],
+            page_checksum_verification=True,
+            decryption_properties=dec,
         )
     except (pa.ArrowException, OSError) as err:
-        raise CorruptionError(f"{name} is not a readable Parquet file ({err})") from None
+        raise unreadable(name, err, dec is not None) from None
 
 
 def _read(name: str, read: Callable[..., pa.Table], *args: object) -> pa.Table:
     try:
         return read(*args)
     except (pa.ArrowException, OSError) as err:
-        raise CorruptionError(f"{name} is not a readable Parquet file ({err})") from None
+        raise unreadable(name, err) from None
 
 
 def _hits(at: np.ndarray, t: pa.Table, rows: np.ndarray) -> Hits:
@@ -90,9 +95,9 @@ class SegmentTable:
     """One index segment's rows sorted by chunk id, for lookups by id (about 53 bytes a row:
     the id as four 64-bit words, pack, offset and lengths)."""
 
-    def __init__(self, name: str, data: bytes) -> None:
+    def __init__(self, name: str, data: bytes, dec: Any = None) -> None:
         """``data``: the segment's bytes, already checked against its name."""
-        table = _read(name, _open_segment(name, data).read, INDEX_SCHEMA.names)
+        table = _read(name, _open_segment(name, data, dec).read, INDEX_SCHEMA.names)
         words = ids_to_array(table.column("chunk_id")).view("<u8")
         order = np.argsort(words[:, 0])
         self.first = np.ascontiguousarray(words[order, 0])
@@ -128,9 +133,9 @@ class _SegmentScan:
     """A large segment before its table is built: lookups scan its id column (one vectorised
     pass) and read only the row groups that hold what was found."""
 
-    def __init__(self, key: str, name: str, data: bytes) -> None:
-        self.key, self.name, self.data = key, name, data
-        self._pf = _open_segment(name, data)
+    def __init__(self, key: str, name: str, data: bytes, dec: Any = None) -> None:
+        self.key, self.name, self.data, self.dec = key, name, data, dec
+        self._pf = _open_segment(name, data, dec)
         self._building = False
         md = self._pf.metadata
         sizes = [md.row_group(rg).num_rows for rg in range(md.num_row_groups)]
@@ -218,12 +223,13 @@ class SegmentCache:
                 return got
             try:
                 data = read_verified(storage, name)
-                rows = _open_segment(name, data).metadata.num_rows
+                dec = decryption(storage)
+                rows = _open_segment(name, data, dec).metadata.num_rows
                 if rows <= _PROBE_ROWS or not self._background:
-                    table = SegmentTable(name, data)
+                    table = SegmentTable(name, data, dec)
                     self._add(key, table)
                     return table
-                scan = _SegmentScan(key, name, data)
+                scan = _SegmentScan(key, name, data, dec)
                 with self._lock:
                     self._scans[key] = scan
                 return scan
@@ -240,7 +246,7 @@ class SegmentCache:
 
     def _build(self, scan: _SegmentScan) -> None:
         try:
-            self._add(scan.key, SegmentTable(scan.name, scan.data))
+            self._add(scan.key, SegmentTable(scan.name, scan.data, scan.dec))
         except CombError:
             pass  # lookups go on scanning, and report the damage themselves
         finally:

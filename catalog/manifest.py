@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from .errors import CorruptionError
 from .index import ids_to_array
-from .parquet_io import ParquetStreamWriter, open_parquet, read_verified
+from .parquet_io import ParquetStreamWriter, decryption, open_parquet, read_verified, unreadable
 from .storage import Storage
 
 LEAVES_PREFIX = "manifests/leaves"
@@ -292,11 +292,10 @@ class ManifestReader:
                 columns=ROOT_SCHEMA.names,
                 read_dictionary=["leaf_file"],
                 page_checksum_verification=True,
+                decryption_properties=decryption(storage),
             )
         except (pa.ArrowException, OSError) as err:
-            raise CorruptionError(
-                f"{self.root_name} is not a readable Parquet file ({err})"
-            ) from None
+            raise unreadable(self.root_name, err, storage.keys is not None) from None
         self.leaf_nos = root.column("leaf_no").to_numpy()
         files = root.column("leaf_file").unify_dictionaries().combine_chunks()
         # Codes into ``file_ids``; the last entry stands for the point's own leaves (null).

@@ -10,11 +10,15 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import blake3
 
 from .errors import CorruptionError
 from .storage import NewFile, Storage
+
+if TYPE_CHECKING:
+    from .crypto import RepoKeys
 
 PACK_MAGIC = b"COMBPACK"
 PACK_END_MAGIC = b"COMBPEND"
@@ -27,6 +31,9 @@ PACK_TRAILER = struct.Struct("<II16s8s")  # entry count, entries bytes, entries 
 PACK_HEADER_BYTES = PACK_HEADER.size
 PACK_ENTRY_BYTES = PACK_ENTRY.size
 PACK_TRAILER_BYTES = PACK_TRAILER.size
+# Header flag / entry flag bit 0: the entry table / the blob is sealed (FORMAT.md 21).
+PACK_FLAG_SEALED = 1
+SEAL_OVERHEAD_BYTES = 28  # nonce 12 + GCM tag 16 (catalog.crypto.SEAL_OVERHEAD_BYTES)
 # Seal a pack once this many stored bytes are in it: large enough for sequential restore reads
 # and few files, small enough to bound a worker's unsealed data. bench/README.md "pack size".
 DEFAULT_PACK_TARGET_BYTES = 64 * 1024 * 1024
@@ -71,7 +78,7 @@ class PackWriter:
 
     def _open(self) -> NewFile:
         new = self._storage.create(bulk=True)
-        header = PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, 0, 0)
+        header = self._header()
         new.write(header)
         self._hash = blake3.blake3()
         self._hash.update(header)
@@ -110,13 +117,21 @@ class PackWriter:
         self._file.write_many(pending)
         self._pending_bytes = 0
 
+    def _header(self) -> bytes:
+        flags = PACK_FLAG_SEALED if self._storage.keys is not None else 0
+        return PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, flags, 0)
+
     def seal(self) -> SealedPack:
         new = self._file
         assert new is not None, "seal() without an open pack"
+        keys = self._storage.keys
+        eflags = PACK_FLAG_SEALED if keys is not None else 0
         table = b"".join(
-            PACK_ENTRY.pack(e.chunk_id, e.offset, e.stored_len, e.raw_len, e.codec, 0, 0)
+            PACK_ENTRY.pack(e.chunk_id, e.offset, e.stored_len, e.raw_len, e.codec, eflags, 0)
             for e in self._entries
         )
+        if keys is not None:
+            table = keys.seal_table(table, self._header())
         trailer = PACK_TRAILER.pack(
             len(self._entries), len(table), blake3.blake3(table).digest()[:16], PACK_END_MAGIC
         )
@@ -152,9 +167,12 @@ class PackWriter:
             self._file = None
 
 
-def parse_pack(data: bytes, where: str, data_end: int | None = None) -> list[PackEntry]:
+def parse_pack(
+    data: bytes, where: str, data_end: int | None = None, keys: RepoKeys | None = None
+) -> list[PackEntry]:
     """Parse and check a whole pack's header, footer and trailer (not the chunk contents).
-    ``data_end``: where the data area ends when ``data`` holds only header + table + trailer."""
+    ``data_end``: where the data area ends when ``data`` holds only header + table + trailer.
+    ``keys``: the repository's keys; an encrypted repository's packs must be sealed."""
     if len(data) < PACK_HEADER_BYTES + PACK_TRAILER_BYTES:
         raise CorruptionError(f"pack {where} is truncated ({len(data)} bytes)")
     magic, version, flags, rsvd = PACK_HEADER.unpack_from(data, 0)
@@ -162,25 +180,34 @@ def parse_pack(data: bytes, where: str, data_end: int | None = None) -> list[Pac
         raise CorruptionError(f"pack {where} has a bad header magic at offset 0")
     if version != PACK_VERSION:
         raise CorruptionError(f"pack {where} has unknown pack version {version}")
-    if flags or rsvd:
-        # Reserved for encryption/parity: a pack using them needs a comb that knows them.
+    if flags & ~PACK_FLAG_SEALED or rsvd:
+        # A pack using flags this comb does not know needs a comb that knows them.
         raise CorruptionError(f"pack {where} uses header flags {flags:#x} this comb does not know")
+    sealed = flags & PACK_FLAG_SEALED
+    if bool(sealed) != (keys is not None):
+        state = "sealed (encrypted)" if sealed else "not sealed"
+        raise CorruptionError(
+            f"pack {where} is {state}, unlike the repository (tampered with or misplaced)"
+        )
+    overhead = SEAL_OVERHEAD_BYTES if sealed else 0
     tpos = len(data) - PACK_TRAILER_BYTES
     count, table_len, table_hash, end_magic = PACK_TRAILER.unpack_from(data, tpos)
     if end_magic != PACK_END_MAGIC:
         raise CorruptionError(f"pack {where} has a bad trailer at offset {tpos}")
     start = tpos - table_len
-    if table_len != count * PACK_ENTRY_BYTES or start < PACK_HEADER_BYTES:
+    if table_len != count * PACK_ENTRY_BYTES + overhead or start < PACK_HEADER_BYTES:
         raise CorruptionError(f"pack {where} has an inconsistent entry table at offset {tpos}")
     table = data[start:tpos]
     if blake3.blake3(table).digest()[:16] != table_hash:
         raise CorruptionError(f"pack {where} has a corrupt entry table at offset {start}")
+    if keys is not None:
+        table = keys.open_table(table, bytes(data[:PACK_HEADER_BYTES]), where)
     entries = []
     for i in range(count):
         cid, off, slen, rlen, codec, eflags, ersvd = PACK_ENTRY.unpack_from(
             table, i * PACK_ENTRY_BYTES
         )
-        if eflags or ersvd:
+        if eflags != sealed or ersvd:
             raise CorruptionError(f"pack {where}: entry {i} uses flags this comb does not know")
         if off < PACK_HEADER_BYTES or off + slen > (start if data_end is None else data_end):
             raise CorruptionError(f"pack {where}: entry {i} points outside the data area")
@@ -196,7 +223,8 @@ def read_pack_entries(storage: Storage, name: str, where: str) -> list[PackEntry
         raise CorruptionError(f"pack {where} is truncated ({size} bytes)")
     trailer = storage.read(name, size - PACK_TRAILER_BYTES, PACK_TRAILER_BYTES)
     count, table_len, _, end_magic = PACK_TRAILER.unpack(trailer)
-    if end_magic != PACK_END_MAGIC or table_len != count * PACK_ENTRY_BYTES:
+    overhead = SEAL_OVERHEAD_BYTES if storage.keys is not None else 0
+    if end_magic != PACK_END_MAGIC or table_len != count * PACK_ENTRY_BYTES + overhead:
         raise CorruptionError(
             f"pack {where} has a bad trailer at offset {size - PACK_TRAILER_BYTES}"
         )
@@ -205,4 +233,4 @@ def read_pack_entries(storage: Storage, name: str, where: str) -> list[PackEntry
         raise CorruptionError(f"pack {where} has an inconsistent entry table")
     header = storage.read(name, 0, PACK_HEADER_BYTES)
     table = storage.read(name, start, table_len)
-    return parse_pack(header + table + trailer, where, data_end=start)
+    return parse_pack(header + table + trailer, where, data_end=start, keys=storage.keys)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from typing import Any
 
 import blake3
 import pyarrow as pa
@@ -65,6 +66,10 @@ class ParquetStreamWriter:
             use_dictionary=list(dictionary_columns),
             column_encoding=encodings,
             write_page_checksum=True,
+            # Parquet modular encryption (AES-GCM, footer too) in an encrypted repository.
+            encryption_properties=(
+                storage.keys.parquet_encryption() if storage.keys is not None else None
+            ),
         )
         self._schema = schema
         self._row_group_rows = row_group_rows
@@ -105,15 +110,33 @@ def read_verified(storage: Storage, name: str) -> bytes:
     return data
 
 
+def decryption(storage: Storage) -> Any:
+    """pyarrow's decryption properties for the repository's Parquet files (None when plain)."""
+    return storage.keys.parquet_decryption() if storage.keys is not None else None
+
+
 def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) -> pa.Table:
     """Read a whole Parquet object, translating damage into a CorruptionError."""
     data = read_verified(storage, name)
     try:
         return pq.read_table(
-            pa.BufferReader(data), columns=columns, page_checksum_verification=True
+            pa.BufferReader(data),
+            columns=columns,
+            page_checksum_verification=True,
+            decryption_properties=decryption(storage),
         )
     except (pa.ArrowException, OSError) as err:
-        raise CorruptionError(f"{name} is not a readable Parquet file ({err})") from None
+        raise unreadable(name, err, storage.keys is not None) from None
+
+
+def unreadable(name: str, err: Exception, sealed: bool = False) -> CorruptionError:
+    """The error for a Parquet file pyarrow refuses. In an encrypted repository (``sealed``)
+    the file's bytes matched its name, so a refusal means it was made by someone without the
+    key: tampering (or damage from before it was named)."""
+    text = str(err)
+    if sealed or "ecrypt" in text or "ncrypt" in text:
+        return CorruptionError(f"{name} fails authentication (tampered with or damaged: {text})")
+    return CorruptionError(f"{name} is not a readable Parquet file ({text})")
 
 
 def open_parquet(storage: Storage, name: str) -> pq.ParquetFile:
@@ -121,6 +144,10 @@ def open_parquet(storage: Storage, name: str) -> pq.ParquetFile:
     next to the data they describe, ~2 bytes per KiB of disk for a full leaves file)."""
     data = read_verified(storage, name)
     try:
-        return pq.ParquetFile(pa.BufferReader(data), page_checksum_verification=True)
+        return pq.ParquetFile(
+            pa.BufferReader(data),
+            page_checksum_verification=True,
+            decryption_properties=decryption(storage),
+        )
     except (pa.ArrowException, OSError) as err:
-        raise CorruptionError(f"{name} is not a readable Parquet file ({err})") from None
+        raise unreadable(name, err, storage.keys is not None) from None

@@ -11,17 +11,21 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import blake3
 
 from .errors import CorruptionError, PointNotFound
 from .storage import Storage
 
+if TYPE_CHECKING:
+    from .crypto import RepoKeys
+
 POINTS_PREFIX = "points"
 POINT_FORMAT_NAME = "comb-point"
 POINT_FORMAT_VERSION = 1
 POINT_ID_HEX = 16
+POINT_DOC_KIND = "point"  # associated data of a sealed point document
 
 
 @dataclass(frozen=True)
@@ -86,8 +90,11 @@ def point_name(point_id: str) -> str:
 
 
 def commit_point(storage: Storage, point: RecoveryPoint) -> RecoveryPoint:
-    """The commit: write the document atomically (tmp + fsync + rename + fsync(dir))."""
+    """The commit: write the document atomically (tmp + fsync + rename + fsync(dir)). In an
+    encrypted repository the document is sealed, and the id hashes the sealed bytes."""
     raw = point.to_json()
+    if storage.keys is not None:
+        raw = storage.keys.seal_doc(raw, POINT_DOC_KIND)
     point = replace(point, id=point_id_of(raw))
     storage.write_atomic(point_name(point.id), raw)
     return point
@@ -97,10 +104,16 @@ _FIELDS = {f.name for f in fields(RecoveryPoint)} - {"id"}
 _STAT_FIELDS = {f.name for f in fields(PointStats)}
 
 
-def parse_point(raw: bytes, where: str, point_id: str | None = None) -> RecoveryPoint:
-    """Parse a point document; ``point_id`` (from its file name) must match its bytes."""
+def parse_point(
+    raw: bytes, where: str, point_id: str | None = None, keys: RepoKeys | None = None
+) -> RecoveryPoint:
+    """Parse a point document; ``point_id`` (from its file name) must match its stored bytes,
+    which ``keys`` open in an encrypted repository."""
     if point_id is not None and point_id_of(raw) != point_id:
         raise CorruptionError(f"{where} does not match its id (modified or damaged)")
+    stored = raw
+    if keys is not None:
+        raw = keys.open_doc(raw, POINT_DOC_KIND, where)
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("format") != POINT_FORMAT_NAME:
@@ -114,7 +127,7 @@ def parse_point(raw: bytes, where: str, point_id: str | None = None) -> Recovery
         point = RecoveryPoint(
             **known,
             stats=PointStats(**{k: v for k, v in stats.items() if k in _STAT_FIELDS}),
-            id=point_id or point_id_of(raw),
+            id=point_id or point_id_of(stored),
         )
     except KeyError as err:
         raise CorruptionError(
@@ -167,7 +180,8 @@ def load_points_tolerant(storage: Storage) -> tuple[list[RecoveryPoint], list[st
             continue
         pid = name.rsplit("/", 1)[-1][: -len(".json")]
         try:
-            points.append(parse_point(storage.read(name), storage.local_path(name) or name, pid))
+            where = storage.local_path(name) or name
+            points.append(parse_point(storage.read(name), where, pid, storage.keys))
         except CorruptionError as err:
             bad.append(err.message)
     return sorted(points, key=lambda p: (p.time, p.id)), bad

@@ -3,50 +3,84 @@
 from __future__ import annotations
 
 import os
+import secrets
 
-from .errors import RepositoryError, describe_os_error
-from .format import CONFIG_NAME, DEFAULT_CHUNK_SIZE_BYTES, RepoConfig, parse_config
+from . import crypto
+from .errors import RepositoryError, UsageError, describe_os_error
+from .format import (
+    CONFIG_NAME,
+    DEFAULT_CHUNK_SIZE_BYTES,
+    DEFAULT_ZSTD_LEVEL,
+    RepoConfig,
+    parse_config,
+)
 from .manifest import ManifestReader
 from .points import RecoveryPoint, load_points_tolerant, resolve
 from .storage import TMP_DIR, LocalStorage, Storage
 
 REPO_DIRS = ("packs", "index", "manifests/leaves", "manifests/roots", "points", "locks", TMP_DIR)
+ENCRYPTIONS = (crypto.ALGORITHM, "none")
 
 
 class Repository:
     """An opened repository: its storage and config."""
 
-    def __init__(self, storage: Storage, config: RepoConfig, location: str) -> None:
+    def __init__(
+        self, storage: Storage, config: RepoConfig, location: str, key_id: str | None = None
+    ) -> None:
         self.storage = storage
         self.config = config
         self.location = location
         self.damaged: list[str] = []
+        self.key_id = key_id  # the key file the password opened (encrypted repositories)
+
+    @property
+    def keys(self) -> crypto.RepoKeys | None:
+        return self.storage.keys
 
     @staticmethod
     def init(
-        location: str, chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES, zstd_level: int | None = None
+        location: str,
+        chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES,
+        zstd_level: int | None = None,
+        encryption: str = crypto.ALGORITHM,
+        password: str | None = None,
     ) -> Repository:
-        config = (
-            RepoConfig.new(chunk_size)
-            if zstd_level is None
-            else RepoConfig.new(chunk_size, zstd_level)
+        """A new repository; encrypted unless ``encryption="none"`` (the password comes from
+        ``password`` or, when None, from the environment or a prompt: crypto.read_password)."""
+        if encryption not in ENCRYPTIONS:
+            raise UsageError(f"unknown encryption {encryption!r} (use {' or '.join(ENCRYPTIONS)})")
+        encrypted = encryption != "none"
+        config = RepoConfig.new(
+            chunk_size,
+            DEFAULT_ZSTD_LEVEL if zstd_level is None else zstd_level,
+            encrypted=encrypted,
         )
         path = os.path.abspath(location)
         if os.path.exists(os.path.join(path, CONFIG_NAME)):
             raise RepositoryError(f"{path} already holds a comb repository")
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise RepositoryError(f"{path} exists and is not an empty directory")
+        if encrypted and password is None:
+            password = crypto.read_password(location, confirm=True)
         try:
-            for d in REPO_DIRS:
+            for d in REPO_DIRS + ((crypto.KEYS_PREFIX,) if encrypted else ()):
                 os.makedirs(os.path.join(path, d), exist_ok=True)
         except OSError as err:
             raise RepositoryError(f"cannot create {path}: {describe_os_error(err)}") from None
         storage = LocalStorage(path)
+        key_id = None
+        if encrypted:
+            assert password is not None
+            master = secrets.token_bytes(crypto.MASTER_BYTES)
+            # The key file first: a config that says "encrypted" always has a key.
+            key_id = crypto.add_key(storage, config.id, master, password)
+            storage.keys = crypto.RepoKeys.from_master(master)
         storage.write_atomic(CONFIG_NAME, config.to_json())
-        return Repository(storage, config, path)
+        return Repository(storage, config, path, key_id)
 
     @staticmethod
-    def open(location: str) -> Repository:
+    def open(location: str, password: str | None = None) -> Repository:
         path = os.path.abspath(location)
         if not os.path.isdir(path):
             raise RepositoryError(
@@ -56,7 +90,17 @@ class Repository:
         if not storage.exists(CONFIG_NAME):
             raise RepositoryError(f"{path} is not a comb repository (no {CONFIG_NAME})")
         config = parse_config(storage.read(CONFIG_NAME), os.path.join(path, CONFIG_NAME))
-        return Repository(storage, config, path)
+        key_id = None
+        if config.encrypted:
+            if password is None:
+                password = crypto.read_password(location)
+            storage.keys, key_id = crypto.unlock(storage, config.id, password, path)
+        elif crypto.key_ids(storage):
+            raise RepositoryError(
+                f"{path}: config.json says the repository is not encrypted, but it has key "
+                "files (config.json was tampered with or replaced)"
+            )
+        return Repository(storage, config, path, key_id)
 
     def require_writable(self) -> None:
         if self.config.read_only:

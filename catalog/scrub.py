@@ -100,7 +100,14 @@ def _check_pack(repo: Repository, pid: str, rows: pa.Table) -> tuple[int, list[D
         try:
             if off + slen > len(data):
                 raise CombError(f"pack {where} offset {off}: beyond the end of the pack")
-            decode_chunk(view[off : off + slen], codec, rlen, cid, f"pack {where} offset {off}")
+            decode_chunk(
+                view[off : off + slen],
+                codec,
+                rlen,
+                cid,
+                f"pack {where} offset {off}",
+                repo.storage.keys,
+            )
         except CombError as err:
             bad.append(Damage(pid, off, cid, err.message))
     if not bad:

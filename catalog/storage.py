@@ -15,9 +15,12 @@ import mmap
 import os
 import secrets
 from collections.abc import Iterator
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from .errors import RepositoryError, describe_os_error
+
+if TYPE_CHECKING:
+    from .crypto import RepoKeys
 
 TMP_DIR = "tmp"
 _MAX_IOV = 512  # buffers per writev call (IOV_MAX is 1024 on Linux)
@@ -39,6 +42,9 @@ class NewFile(Protocol):
 
 class Storage(Protocol):
     """What the catalog needs from a place that keeps files."""
+
+    # The keys that seal and open its objects when the repository is encrypted, else None.
+    keys: RepoKeys | None
 
     def exists(self, name: str) -> bool: ...
 
@@ -227,8 +233,10 @@ class _DirectNewFile(_LocalNewFile):
 class LocalStorage:
     """A repository in a local directory."""
 
-    def __init__(self, root: str, direct_io: bool = True) -> None:
+    def __init__(self, root: str, direct_io: bool = True, keys: RepoKeys | None = None) -> None:
         self.root = os.path.abspath(root)
+        # The unwrapped keys of an encrypted repository (catalog.crypto), None when plain.
+        self.keys = keys
         self.direct_io = direct_io and os.environ.get("COMB_DIRECT_IO", "1") != "0"
 
     def path(self, name: str) -> str:

@@ -74,7 +74,10 @@ def read_doc(repo: Repository, name: str) -> dict[str, object]:
     path = os.path.join(overlay_dir(repo, name), "overlay.json")
     try:
         with open(path, "rb") as fh:
-            doc = json.loads(fh.read())
+            raw = fh.read()
+        if repo.keys is not None:  # sealed, bound to the overlay's name
+            raw = repo.keys.open_doc(raw, f"overlay {name}", path)
+        doc = json.loads(raw)
     except FileNotFoundError:
         raise UsageError(f"no overlay {name!r} in {repo.location}") from None
     except OSError as err:
@@ -120,6 +123,8 @@ def create(repo: Repository, name: str, point: RecoveryPoint) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    if repo.keys is not None:
+        data = repo.keys.seal_doc(data, f"overlay {name}")
     repo.storage.write_atomic(f"{OVERLAYS_DIR}/{name}/overlay.json", data)
 
 
@@ -168,7 +173,10 @@ def check(repo: Repository, name: str, point_ids: set[str]) -> tuple[list[str], 
         for k, n in enumerate(logs):
             file = os.path.join(path, log_name(n))
             try:
-                got = L.replay(file, n, k == len(logs) - 1, size, L.ExtentMap())
+                sealed = L.Sealed(repo.keys) if repo.keys is not None else None
+                got = L.replay(
+                    file, n, k == len(logs) - 1, size, L.ExtentMap(), sealed, sealed is not None
+                )
             except OSError as err:
                 errors.append(f"overlay {name}: cannot read {file}: {_os(err)}")
                 continue
@@ -246,6 +254,8 @@ class Overlay:
         self._lock = _Lock(self.path, name)
         self._mutex = threading.Lock()
         self.map = L.ExtentMap()
+        self._keys = repo.keys
+        self._sealed = L.Sealed(repo.keys) if repo.keys is not None else None
         self._fds: dict[int, int] = {}
         try:
             self._open_logs()
@@ -261,7 +271,15 @@ class Overlay:
         logs = log_numbers(self.path)
         for k, n in enumerate(logs):
             file = os.path.join(self.path, log_name(n))
-            found = L.replay(file, n, k == len(logs) - 1, self.size, self.map)
+            found = L.replay(
+                file,
+                n,
+                k == len(logs) - 1,
+                self.size,
+                self.map,
+                self._sealed,
+                self._keys is not None,
+            )
             self._fds[n] = os.open(file, os.O_RDWR | os.O_CLOEXEC)
             if found.torn:  # a crash mid-write: the record was never acknowledged
                 os.ftruncate(self._fds[n], found.good_bytes)
@@ -298,18 +316,20 @@ class Overlay:
             raise UsageError(f"overlay {self.name}: {offset}+{length} is beyond its end")
         if not length:
             return
-        head = L.encode_header(kind, offset, length, payload)
+        head, stored = L.encode_record(kind, offset, length, payload, self._keys)
         with self._mutex:
-            if self._end + len(head) + len(payload) > LOG_MAX_BYTES and self._end:
+            if self._end + len(head) + len(stored) > LOG_MAX_BYTES and self._end:
                 self._sync()
                 self._new_log()
             fd, at = self._fds[self._current], self._end
             try:
-                _pwrite_all(fd, [head, payload], at)
+                _pwrite_all(fd, [head, stored], at)
             except OSError:
                 os.ftruncate(fd, at)  # no partial record stays behind a later one
                 raise
-            self._end = at + len(head) + len(payload)
+            self._end = at + len(head) + len(stored)
+            if self._sealed is not None and payload:
+                self._sealed.add(self._current, at)
             self.map.add(offset, offset + length, self._current, at + len(head) if payload else -1)
             self._dirty = True
             if fua:
@@ -335,13 +355,15 @@ class Overlay:
         n = piece.end - piece.start
         if piece.pos < 0:
             return bytes(n)
+        if self._sealed is not None:
+            return self._sealed.read(self._fds[piece.log], piece.log, piece.pos, n, self.name)
         data = os.pread(self._fds[piece.log], n, piece.pos)
         if len(data) != n:
             raise CorruptionError(f"overlay {self.name}: log {piece.log} is shorter than its map")
         return data
 
 
-def _pwrite_all(fd: int, parts: list[bytes], at: int) -> None:
+def _pwrite_all(fd: int, parts: list[bytes | memoryview], at: int) -> None:
     views = [memoryview(p) for p in parts if p]
     while views:
         n = os.pwritev(fd, views, at)

@@ -5,25 +5,38 @@ records, each a fixed header (magic, kind, offset, length, BLAKE3 of header and 
 for data records, the payload. Replay rebuilds the extent map (later records win); a torn or
 bad record at the end of the last log is a crash mid-write and is cut off, one anywhere else is
 corruption. Knows nothing about locks, names or NBD (``drive.overlay``).
+
+In an encrypted repository every data record is sealed (flag bit 0): its payload is
+``nonce ‖ AES-256-GCM(plain) ‖ tag`` with the first 24 header bytes as associated data, so a
+record cannot be moved to another offset. A run of a sealed record is read by opening the whole
+record (``Sealed.read``); the last few opened records are kept for sequential reads.
 """
 
 from __future__ import annotations
 
 import os
 import struct
+import threading
 from bisect import bisect_left, bisect_right
-from dataclasses import dataclass
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import blake3
 
 from catalog.errors import CorruptionError
 
+if TYPE_CHECKING:
+    from catalog.crypto import RepoKeys
+
 RECORD_MAGIC = b"CMBW"
 KIND_DATA = 1
 KIND_ZERO = 2
-# magic, kind, 3 reserved bytes, offset, length, then 16 bytes of BLAKE3 over the first 24
-# header bytes and the payload (a record is whole or it is not: torn writes are found).
-HEADER = struct.Struct("<4sB3xQQ16s")
+FLAG_SEALED = 1
+SEAL_OVERHEAD = 28  # nonce 12 + tag 16 (catalog.crypto.SEAL_OVERHEAD_BYTES)
+# magic, kind, flags, 2 reserved bytes, offset, length, then 16 bytes of BLAKE3 over the first
+# 24 header bytes and the stored payload (a record is whole or it is not: torn writes are found).
+HEADER = struct.Struct("<4sBB2xQQ16s")
 HEADER_BYTES = HEADER.size  # 40
 _CHECKED = 24  # header bytes covered by the checksum (everything before it)
 _READ_BYTES = 4 << 20  # replay reads the log in pieces of this size
@@ -35,9 +48,62 @@ def checksum(head: bytes, payload: bytes | memoryview) -> bytes:
     return h.digest(16)
 
 
-def encode_header(kind: int, offset: int, length: int, payload: bytes | memoryview) -> bytes:
-    head = HEADER.pack(RECORD_MAGIC, kind, offset, length, bytes(16))[:_CHECKED]
-    return head + checksum(head, payload)
+def encode_record(
+    kind: int, offset: int, length: int, payload: bytes | memoryview, keys: RepoKeys | None
+) -> tuple[bytes, bytes | memoryview]:
+    """(header, stored payload) of one record; the payload is sealed when ``keys`` is given."""
+    flags = FLAG_SEALED if keys is not None and kind == KIND_DATA else 0
+    head = HEADER.pack(RECORD_MAGIC, kind, flags, offset, length, bytes(16))[:_CHECKED]
+    if flags:
+        assert keys is not None
+        payload = keys.seal_record(payload, head)
+    return head + checksum(head, payload), payload
+
+
+def stored_length(kind: int, flags: int, length: int) -> int:
+    if kind != KIND_DATA:
+        return 0
+    return length + (SEAL_OVERHEAD if flags & FLAG_SEALED else 0)
+
+
+@dataclass
+class Sealed:
+    """Reads runs of sealed records: where each record of each log starts, and a few opened
+    records (an NBD read usually covers parts of the same record as the previous one)."""
+
+    keys: RepoKeys
+    starts: dict[int, list[int]] = field(default_factory=dict)  # log -> record offsets
+    _cache: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict)
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def add(self, log: int, at: int) -> None:
+        with self._lock:
+            self.starts.setdefault(log, []).append(at)
+
+    def read(self, fd: int, log: int, pos: int, n: int, where: str) -> bytes:
+        """``n`` plain bytes at ``pos`` (the record's payload start + the plain offset)."""
+        with self._lock:
+            starts = self.starts.get(log, [])
+            i = bisect_right(starts, pos - HEADER_BYTES) - 1
+            at = starts[i] if i >= 0 else -1
+            plain = self._cache.get((log, at))
+            if plain is not None:
+                self._cache.move_to_end((log, at))
+        if at < 0:
+            raise CorruptionError(f"{where}: log {log} has no record at {pos}")
+        if plain is None:
+            head = os.pread(fd, HEADER_BYTES, at)
+            _magic, kind, flags, _off, length, _ = HEADER.unpack(head)
+            body = os.pread(fd, stored_length(kind, flags, length), at + HEADER_BYTES)
+            plain = self.keys.open_record(body, head[:_CHECKED], f"{where} log {log} at {at}")
+            with self._lock:
+                self._cache[(log, at)] = plain
+                while len(self._cache) > 8:
+                    self._cache.popitem(last=False)
+        lo = pos - at - HEADER_BYTES
+        if lo + n > len(plain):
+            raise CorruptionError(f"{where}: log {log} is shorter than its map")
+        return plain[lo : lo + n]
 
 
 @dataclass(frozen=True)
@@ -105,9 +171,19 @@ class Replayed:
     written_bytes: int
 
 
-def replay(path: str, log: int, last: bool, size: int, into: ExtentMap | None) -> Replayed:
+def replay(
+    path: str,
+    log: int,
+    last: bool,
+    size: int,
+    into: ExtentMap | None,
+    sealed: Sealed | None = None,
+    encrypted: bool | None = None,
+) -> Replayed:
     """Read every record of one log file in order, adding it to ``into`` (None: only count).
-    A bad record at the end of the last log is a torn tail; anywhere else CorruptionError."""
+    A bad record at the end of the last log is a torn tail; anywhere else CorruptionError.
+    ``sealed``: an encrypted repository's keys and record index (every data record must be
+    sealed and is authenticated here); ``encrypted`` False: no record may be sealed."""
     with open(path, "rb", buffering=0) as fh:
         total = os.fstat(fh.fileno()).st_size
         at = written = 0
@@ -115,13 +191,24 @@ def replay(path: str, log: int, last: bool, size: int, into: ExtentMap | None) -
             head = os.pread(fh.fileno(), HEADER_BYTES, at)
             bad = _bad_header(head, size)
             if bad is None:
-                magic, kind, offset, length, digest = HEADER.unpack(head)
-                body = length if kind == KIND_DATA else 0
+                magic, kind, flags, offset, length, digest = HEADER.unpack(head)
+                body = stored_length(kind, flags, length)
                 end = at + HEADER_BYTES + body
                 if end > total:
                     bad = "the record runs past the end of the file"
-                elif into is not None and checksum(head[:_CHECKED], _read(fh, at, body)) != digest:
-                    bad = "checksum mismatch"
+                elif into is not None:
+                    payload = _read(fh, at, body)
+                    if checksum(head[:_CHECKED], payload) != digest:
+                        bad = "checksum mismatch"
+                    elif kind == KIND_DATA and _sealing_wrong(flags, sealed, encrypted):
+                        raise CorruptionError(
+                            f"overlay log {path} at offset {at}: a "
+                            f"{'sealed' if flags else 'plain'} record in "
+                            f"{'an encrypted' if sealed else 'a plain'} repository (tampered)"
+                        )
+                    elif sealed is not None and kind == KIND_DATA:
+                        sealed.keys.open_record(payload, head[:_CHECKED], f"overlay log {path}")
+                        sealed.add(log, at)
             if bad is not None:
                 if last and (bad.startswith("the record runs") or _tail(fh, at, total, head)):
                     return Replayed(at, True, written)
@@ -131,6 +218,12 @@ def replay(path: str, log: int, last: bool, size: int, into: ExtentMap | None) -
             written += length
             at = end
     return Replayed(at, False, written)
+
+
+def _sealing_wrong(flags: int, sealed: Sealed | None, encrypted: bool | None) -> bool:
+    if sealed is not None:
+        return not flags & FLAG_SEALED
+    return bool(flags & FLAG_SEALED) and encrypted is False
 
 
 def _read(fh: object, at: int, n: int) -> bytes:
@@ -150,11 +243,13 @@ def _read(fh: object, at: int, n: int) -> bytes:
 def _bad_header(head: bytes, size: int) -> str | None:
     if len(head) < HEADER_BYTES:
         return "the record runs past the end of the file (a partial header)"
-    magic, kind, offset, length, _ = HEADER.unpack(head)
+    magic, kind, flags, offset, length, _ = HEADER.unpack(head)
     if magic != RECORD_MAGIC:
         return "bad record magic"
     if kind not in (KIND_DATA, KIND_ZERO):
         return f"unknown record kind {kind}"
+    if flags & ~FLAG_SEALED or (flags and kind != KIND_DATA):
+        return f"unknown record flags {flags:#x}"
     if offset + length > size:
         return f"record {offset}+{length} is beyond the disk's end ({size})"
     return None
@@ -164,8 +259,8 @@ def _tail(fh: object, at: int, total: int, head: bytes) -> bool:
     """Whether a bad record at ``at`` is the last thing in the file (a write torn by a crash):
     its declared end reaches the end of the file, or the rest is zeros (never written)."""
     if len(head) >= HEADER_BYTES and head[:4] == RECORD_MAGIC:
-        _, kind, _, length, _ = HEADER.unpack(head)
-        if at + HEADER_BYTES + (length if kind == KIND_DATA else 0) >= total:
+        _, kind, flags, _, length, _ = HEADER.unpack(head)
+        if at + HEADER_BYTES + stored_length(kind, flags, length) >= total:
             return True
     rest = _read(fh, at - HEADER_BYTES, total - at)
     return not rest.strip(b"\0")

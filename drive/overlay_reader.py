@@ -20,15 +20,15 @@ from . import overlay_log as L
 from .source import PointSource
 
 
-def replay(repo: Repository, name: str, size: int) -> L.ExtentMap:
-    """The overlay's extent map, read without writing."""
+def replay(repo: Repository, name: str, size: int, sealed: L.Sealed | None = None) -> L.ExtentMap:
+    """The overlay's extent map, read without writing (``sealed``: encrypted repository)."""
     path = overlay.overlay_dir(repo, name)
     logs = overlay.log_numbers(path)
     written = L.ExtentMap()
     for k, n in enumerate(logs):
         file = os.path.join(path, overlay.log_name(n))
         try:
-            L.replay(file, n, k == len(logs) - 1, size, written)
+            L.replay(file, n, k == len(logs) - 1, size, written, sealed, repo.keys is not None)
         except OSError as err:
             raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
     return written
@@ -42,7 +42,8 @@ class OverlayReader:
         self.name = name
         self.size = int(str(doc["size"]))
         self.path = overlay.overlay_dir(repo, name)
-        self.map = replay(repo, name, self.size)
+        self._sealed = L.Sealed(repo.keys) if repo.keys is not None else None
+        self.map = replay(repo, name, self.size, self._sealed)
         self.base = PointSource(repo, repo.resolve(str(doc["base"])))
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
@@ -84,6 +85,9 @@ class OverlayReader:
             lo, hi = p.start - offset, p.end - offset
             if p.pos < 0:
                 buf[lo:hi] = bytes(hi - lo)
+                continue
+            if self._sealed is not None:
+                buf[lo:hi] = self._sealed.read(self._fd(p.log), p.log, p.pos, hi - lo, self.name)
                 continue
             data = os.pread(self._fd(p.log), hi - lo, p.pos)
             if len(data) != hi - lo:

@@ -287,7 +287,14 @@ class PointSource:
 
     def _decode(self, m: _Map, k: int, blob: bytes) -> bytes:
         where = f"recovery point {self.point.id} at offset {int(m.numbers[k]) * self._chunk}"
-        return decode_chunk(blob, int(m.codec[k]), int(m.raw_len[k]), m.ids[k].tobytes(), where)
+        return decode_chunk(
+            blob,
+            int(m.codec[k]),
+            int(m.raw_len[k]),
+            m.ids[k].tobytes(),
+            where,
+            self.repo.storage.keys,
+        )
 
     def _pool(self) -> ThreadPoolExecutor:
         with self._lock:

@@ -26,6 +26,11 @@ def build_parser() -> argparse.ArgumentParser:
         "-r", "--repo", default=os.environ.get("COMB_REPO"), help="repository path (or COMB_REPO)"
     )
     p.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the repository password from FILE (else COMB_PASSWORD or a prompt)",
+    )
     sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
 
     s = sub.add_parser("init", help="create a repository")
@@ -35,6 +40,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--zstd-level", type=int, default=None, help="compression level of new chunks (default 3)"
     )
+    s.add_argument(
+        "--encryption",
+        choices=["aes-256-gcm", "none"],
+        default="aes-256-gcm",
+        help="encrypt everything stored (default) or nothing",
+    )
+
+    s = sub.add_parser("key", help="add, list or remove the passwords of an encrypted repository")
+    acts = s.add_subparsers(dest="action", metavar="ACTION", parser_class=_Parser)
+    a = acts.add_parser("list", help="list the key files (the default); * marks yours")
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("add", help="add a password (COMB_NEW_PASSWORD, --new-password-file)")
+    a.add_argument("--new-password-file", metavar="FILE")
+    a = acts.add_parser("remove", help="remove a key by id (or unique prefix)")
+    a.add_argument("id")
 
     s = sub.add_parser("backup", help="back up a disk image, block device or vSphere VM")
     s.add_argument(
@@ -230,6 +250,11 @@ def dispatch(args: argparse.Namespace) -> int:
 
         return run_demo(args.workdir, args.engine, args.size_mib)
     repo = _need_repo(args)
+    if args.command == "key" and args.action is None:
+        args.action, args.json = "list", False
+    from catalog import crypto
+
+    crypto.set_password_files(args.password_file, getattr(args, "new_password_file", None))
     # Imported here, inside main's error handling: pyarrow/duckdb take a moment to import,
     # and Ctrl-C during that moment must still be one line, not a traceback.
     from . import commands
@@ -265,6 +290,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         code = EXIT_INTERNAL
+    finally:
+        from catalog import crypto
+
+        crypto.set_password_files(None, None)
     sys.stdout.flush()
     return code
 

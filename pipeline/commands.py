@@ -22,6 +22,7 @@ from .backup import BackupOptions, run_backup
 from .boot_cmd import cmd_boot
 from .drive_cmds import cmd_export
 from .engines import Engine, make_engine
+from .keys_cmd import cmd_key
 from .lifecycle import (
     cmd_forget,
     cmd_locks,
@@ -43,6 +44,7 @@ from .vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_b
 __all__ = [
     "cmd_boot",
     "cmd_forget",
+    "cmd_key",
     "cmd_locks",
     "cmd_prune",
     "cmd_repair",
@@ -74,10 +76,16 @@ def warn_damaged(r: Repository) -> None:
 
 
 def cmd_init(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.init(repo, args.chunk_size or DEFAULT_CHUNK_SIZE_BYTES, args.zstd_level)
+    r = Repository.init(
+        repo,
+        args.chunk_size or DEFAULT_CHUNK_SIZE_BYTES,
+        args.zstd_level,
+        encryption=args.encryption,
+    )
+    how = f"encrypted, {r.config.encryption['algorithm']}" if r.config.encryption else "unencrypted"
     print(
         f"created repository {r.location} (id {r.config.id[:16]}, chunk size "
-        f"{r.config.chunk_size}, zstd level {r.config.zstd_level})"
+        f"{r.config.chunk_size}, zstd level {r.config.zstd_level}, {how})"
     )
     return 0
 

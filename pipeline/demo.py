@@ -63,7 +63,13 @@ def _digest(path: str) -> str:
     return h.hexdigest()
 
 
+# The demo repository is encrypted (the default); its password is in a file of the workdir.
+DEMO_PASSWORD = "comb demo password"
+_password_file: list[str] = []
+
+
 def _run(*args: str) -> None:
+    args = (*_password_file, *args)
     print(f"\n$ comb {' '.join(args)}", flush=True)
     code = cli_main(list(args))
     sys.stdout.flush()
@@ -79,6 +85,11 @@ def run_demo(workdir: str, engine: str, size_mib: int) -> int:
     print(f"comb demo in {work}: a {size_mib} MiB sample disk, the {engine} engine")
     make_sample_image(img, size_mib)
     digests = [_digest(img)]
+    pw = os.path.join(work, "password")
+    with open(os.open(pw, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600), "w") as fh:
+        fh.write(DEMO_PASSWORD + "\n")
+    _password_file[:] = ["--password-file", pw]
+    print(f"# the repository is encrypted (AES-256-GCM) with the password in {pw}")
     _run("-r", repo, "init")
     _run("-r", repo, "backup", img, "--source-name", "demo-disk", "--engine", engine)
 
@@ -148,4 +159,4 @@ def run_demo(workdir: str, engine: str, size_mib: int) -> int:
 def _point_ids(repo: str) -> list[str]:
     from catalog.repo import Repository
 
-    return [p.id for p in Repository.open(repo).points()]
+    return [p.id for p in Repository.open(repo, password=DEMO_PASSWORD).points()]

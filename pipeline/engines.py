@@ -19,6 +19,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 
+from catalog.crypto import RepoKeys
 from catalog.errors import CombError, StageError
 from catalog.index import DedupIndex
 from catalog.storage import LocalStorage
@@ -41,7 +42,9 @@ class Engine(Protocol):
     workers: int
     startup_s: float
 
-    def start(self, repo_path: str, make_stage: MakeStage) -> None: ...
+    def start(
+        self, repo_path: str, make_stage: MakeStage, keys: RepoKeys | None = None
+    ) -> None: ...
 
     def submit(self, item: pa.Table) -> Any: ...
 
@@ -67,9 +70,9 @@ class LocalEngine:
         self._stages: list[Fused] = []
         self.index: DedupIndex | None = None
 
-    def start(self, repo_path: str, make_stage: MakeStage) -> None:
+    def start(self, repo_path: str, make_stage: MakeStage, keys: RepoKeys | None = None) -> None:
         t0 = time.perf_counter()
-        self.index = DedupIndex.load(LocalStorage(repo_path))
+        self.index = DedupIndex.load(LocalStorage(repo_path, keys=keys))
         for _ in range(self.workers):
             made = make_stage(self.index)
             stage = made if isinstance(made, Fused) else Fused([made])
@@ -134,8 +137,8 @@ class _StageHost:
 class _IndexHost:
     """The dedup index actor: only chunk ids reach it."""
 
-    def __init__(self, repo_path: str) -> None:
-        self.index = DedupIndex.load(LocalStorage(repo_path))
+    def __init__(self, repo_path: str, keys: RepoKeys | None) -> None:
+        self.index = DedupIndex.load(LocalStorage(repo_path, keys=keys))
 
     def ping(self) -> int:
         return len(self.index)
@@ -211,7 +214,7 @@ class RayEngine:
         self._next = 0
         self._other_children: set[tuple[int, float]] = set()
 
-    def start(self, repo_path: str, make_stage: MakeStage) -> None:
+    def start(self, repo_path: str, make_stage: MakeStage, keys: RepoKeys | None = None) -> None:
         ray = _ray()
         t0 = time.perf_counter()
         if not ray.is_initialized():
@@ -230,7 +233,7 @@ class RayEngine:
         try:
             index_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_IndexHost)
             host_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_StageHost)
-            self._index = index_cls.remote(repo_path)
+            self._index = index_cls.remote(repo_path, keys)
             ray.get(self._index.ping.remote(), timeout=RAY_PING_TIMEOUT_S)
             client = RayIndexClient(self._index)
             self._actors = [host_cls.remote(make_stage(client)) for _ in range(self.workers)]

@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.chunks import encode_chunk
+from catalog.crypto import RepoKeys
 from catalog.index import ids_to_array, sealed_to_table
 from catalog.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
 from catalog.storage import LocalStorage
@@ -116,8 +117,9 @@ class Chunker(Stage):
     input_schema = RAW
     output_schema = CHUNKS
 
-    def __init__(self, chunk_size: int) -> None:
+    def __init__(self, chunk_size: int, keys: RepoKeys | None = None) -> None:
         self.chunk_size = chunk_size
+        self.keys = keys  # an encrypted repository's chunk ids are keyed BLAKE3
 
     def process(self, batch: pa.Table) -> Ports:
         c = self.chunk_size
@@ -148,7 +150,7 @@ class Chunker(Stage):
         if len(todo):
             # Per-chunk Python work is kept to one call: plain ints, one join, one assignment.
             mv = memoryview(bufs[2])  # type: ignore[arg-type]
-            hasher = blake3.blake3
+            hasher = self.keys.chunk_hasher() if self.keys is not None else blake3.blake3
             digests = b"".join(
                 hasher(mv[s : s + n]).digest()
                 for s, n in zip(st[todo].tolist(), ln[todo].tolist(), strict=True)
@@ -219,14 +221,16 @@ class Deduplicator(Stage):
 
 
 class Compressor(Stage):
-    """zstd per new chunk (raw when that does not help)."""
+    """zstd per new chunk (raw when that does not help), then AES-256-GCM sealing with the chunk
+    id as associated data when the repository is encrypted."""
 
     name = "compressor"
     input_schema = DEDUPED
     output_schema = COMPRESSED
 
-    def __init__(self, level: int) -> None:
+    def __init__(self, level: int, keys: RepoKeys | None = None) -> None:
         self.level = level
+        self.keys = keys
 
     def process(self, batch: pa.Table) -> Ports:
         new = batch.column("new").to_numpy(zero_copy_only=False)
@@ -235,8 +239,14 @@ class Compressor(Stage):
         if new.any():
             offs, raw = _binary_parts(_single(batch.column("data")))
             starts = offs.tolist()
-            for i in np.flatnonzero(new).tolist():
+            todo = np.flatnonzero(new).tolist()
+            for i in todo:
                 codecs[i], blobs[i] = encode_chunk(raw[starts[i] : starts[i + 1]], self.level)
+            if self.keys is not None:
+                seal = self.keys.seal_blob
+                ids = ids_to_array(batch.column("chunk_id"))
+                for i in todo:
+                    blobs[i] = seal(blobs[i], ids[i].tobytes())  # type: ignore[arg-type]
         cols = batch.columns
         table = pa.table(
             [*cols[:5], pa.array(codecs, pa.int8()), _blob_column(blobs)],
@@ -267,6 +277,7 @@ class PackTarget:
 
     repo_path: str
     pack_target_bytes: int = DEFAULT_PACK_TARGET_BYTES
+    keys: RepoKeys | None = None
 
 
 class Writer(Stage):
@@ -282,7 +293,8 @@ class Writer(Stage):
         self._packs: PackWriter | None = None
 
     def setup(self) -> None:
-        self._packs = PackWriter(LocalStorage(self.target.repo_path), self.target.pack_target_bytes)
+        storage = LocalStorage(self.target.repo_path, keys=self.target.keys)
+        self._packs = PackWriter(storage, self.target.pack_target_bytes)
 
     def process(self, batch: pa.Table) -> Ports:
         assert self._packs is not None
@@ -331,8 +343,8 @@ def backup_stages(
     """The backup stage graph, in order."""
     return [
         Reader(source, max_batch_bytes),
-        Chunker(chunk_size),
+        Chunker(chunk_size, target.keys),
         Deduplicator(index),
-        Compressor(zstd_level),
+        Compressor(zstd_level, target.keys),
         Writer(target),
     ]

@@ -148,7 +148,9 @@ def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None)
     pieces: list[tuple[int, bytes]] = []
     for poff, slen, rlen, codec, cid, targets in task.chunks:
         blob = view[poff - task.start : poff - task.start + slen]
-        plain = decode_chunk(blob, codec, rlen, cid, f"pack {where_path} offset {poff}")
+        plain = decode_chunk(
+            blob, codec, rlen, cid, f"pack {where_path} offset {poff}", storage.keys
+        )
         pieces.extend((t, plain) for t in targets)
     if target is None:
         return sum(len(p) for _, p in pieces)

@@ -28,6 +28,8 @@ KiB = 1024
 MiB = 1024 * 1024
 PYTHON = sys.executable
 
+TEST_PASSWORD = "comb test password"  # tests/conftest.py sets COMB_PASSWORD to it
+
 
 class CliResult(NamedTuple):
     code: int

@@ -13,7 +13,13 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from combtest import CliResult, CliRunner, Image, ImageFactory  # noqa: E402
+from combtest import (  # noqa: E402
+    TEST_PASSWORD,  # noqa: E402
+    CliResult,
+    CliRunner,
+    Image,
+    ImageFactory,
+)
 from pyVmomi import vim  # noqa: E402
 from vcsimtest import (  # noqa: E402
     CBT_PAGE_BYTES,
@@ -28,11 +34,19 @@ from vcsimtest import (  # noqa: E402
 from catalog.repo import Repository  # noqa: E402
 from pipeline.cli import main  # noqa: E402
 
+# Module- and session-scoped fixtures make repositories before the autouse fixture below runs.
+os.environ["COMB_PASSWORD"] = TEST_PASSWORD
+
 
 @pytest.fixture(autouse=True)
 def _comb_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Local engine unless a test says otherwise; no repository or cluster from outside."""
     monkeypatch.setenv("COMB_ENGINE", "local")
+    # Repositories are encrypted by default: every test runs with the same password unless
+    # it says otherwise (tests/pipeline/test_encryption.py covers the password paths).
+    monkeypatch.setenv("COMB_PASSWORD", TEST_PASSWORD)
+    for var in ("COMB_PASSWORD_FILE", "COMB_NEW_PASSWORD", "COMB_NEW_PASSWORD_FILE"):
+        monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("COMB_REPO", raising=False)
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
 

@@ -24,6 +24,7 @@ GOLDEN_EXPECTED = ROOT / "tests" / "data" / "golden-v1.json"
 
 MARKERS = {
     "names",
+    "purposes",
     "config",
     "codecs",
     "pack-layout",

@@ -121,7 +121,7 @@ def test_config_values_are_validated(field: str, value: object, needle: str) -> 
 
 
 def test_unknown_ro_compat_feature_opens_read_only(tmp_path: Path) -> None:
-    Repository.init(str(tmp_path / "r"))
+    Repository.init(str(tmp_path / "r"), encryption="none")
     cfg = tmp_path / "r" / CONFIG_NAME
     doc = json.loads(cfg.read_text())
     doc["features"] = {"ro_compat": ["future-index"]}

@@ -59,6 +59,7 @@ def test_constants_match_code() -> None:
         "catalog.parquet_io",
         "catalog.storage",
         "catalog.repo",
+        "catalog.crypto",
     ],
 )
 def test_every_format_constant_is_in_the_spec(module: str) -> None:

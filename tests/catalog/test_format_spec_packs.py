@@ -44,7 +44,7 @@ def test_pack_layout_table() -> None:
 
 
 def test_pack_written_by_code_reads_by_spec(tmp_path: Path) -> None:
-    repo = Repository.init(str(tmp_path / "repo"))
+    repo = Repository.init(str(tmp_path / "repo"), encryption="none")
     plain = [b"a" * 65536, bytes(range(256)) * 16, b"short tail \x00\x01"]
     from catalog.chunks import chunk_id, encode_chunk
 
@@ -101,7 +101,7 @@ def _with_entries_hash(data: bytearray) -> bytes:
 )
 def test_non_zero_flags_and_reserved_are_refused(tmp_path: Path, part: str, field: str) -> None:
     """FORMAT.md 6.5: a pack using flags or reserved fields needs a comb that knows them."""
-    repo = Repository.init(str(tmp_path / "repo"))
+    repo = Repository.init(str(tmp_path / "repo"), encryption="none")
     writer = packs.PackWriter(repo.storage)
     plain = b"flags" * 1000
     writer.add_many([blake3.blake3(plain).digest()], [plain], [len(plain)], [fmt.CODEC_RAW])

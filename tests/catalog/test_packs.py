@@ -157,9 +157,12 @@ def test_damaged_chunk_bytes_are_not_a_structure_error(storage: LocalStorage) ->
 
 def test_reserved_header_and_entry_flags_are_refused(storage: LocalStorage) -> None:
     _, data = _write_pack(storage)
-    flagged = data[:10] + (1).to_bytes(2, "little") + data[12:]
-    with pytest.raises(CorruptionError, match="header flags 0x1"):
+    flagged = data[:10] + (2).to_bytes(2, "little") + data[12:]
+    with pytest.raises(CorruptionError, match="header flags 0x2"):
         parse_pack(flagged, "X")
+    sealed = data[:10] + (1).to_bytes(2, "little") + data[12:]  # sealed, in a plain repository
+    with pytest.raises(CorruptionError, match="sealed .encrypted., unlike the repository"):
+        parse_pack(sealed, "X")
     tpos = len(data) - PACK_TRAILER_BYTES
     count, tlen, _thash, magic = PACK_TRAILER.unpack_from(data, tpos)
     start = tpos - tlen

@@ -3,7 +3,7 @@ changed, and what garbage collection would free (chunks no remaining point's man
 
 from __future__ import annotations
 
-import json
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -268,12 +268,9 @@ def test_a_source_without_rows_and_a_clock_that_stepped_back(tmp_path: Path) -> 
     a.random(0, C, seed=2)
     second = api_backup(repo.location, a.path, a.changes_file(tmp_path / "c.json"), name="a")
     # The second backup's clock was an hour behind: same document, earlier time.
-    doc = json.loads(Path(repo.location, point_name(second.id)).read_bytes())
-    doc["time"] = (datetime.fromisoformat(first.time) - timedelta(hours=1)).isoformat()
+    earlier = (datetime.fromisoformat(first.time) - timedelta(hours=1)).isoformat()
     Path(repo.location, point_name(second.id)).unlink()
-    moved = commit_point(
-        repo.storage, RecoveryPoint(**{**doc, "stats": PointStats(**doc["stats"])})
-    )
+    moved = commit_point(repo.storage, replace(second, time=earlier))
     api_backup(repo.location, Image(tmp_path / "z.img", MiB).path, name="zz")  # zeros only
     held, stored = _truth(repo)
     cat = Catalog.open(repo.storage, repo.points())

@@ -11,18 +11,19 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 from combtest import Image, MiB, api_backup, flip_byte
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import catalog.lookup as lookup
+from catalog.crypto import RepoKeys
 from catalog.errors import CorruptionError
 from catalog.index import load_locations
 from catalog.lookup import SegmentCache, segment_name
 from catalog.manifest import _LeafFile, leaves_name, roots_name
 from catalog.packs import pack_name
+from catalog.parquet_io import decryption, read_parquet
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
 from catalog.storage import LocalStorage
@@ -69,8 +70,8 @@ def points(tmp_path_factory: pytest.TempPathFactory) -> Points:
 class RecordingStorage:
     """A LocalStorage that records the names it reads."""
 
-    def __init__(self, root: str) -> None:
-        self._inner = LocalStorage(root)
+    def __init__(self, root: str, keys: RepoKeys | None = None) -> None:
+        self._inner = LocalStorage(root, keys=keys)
         self.reads: list[str] = []
 
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
@@ -85,7 +86,7 @@ class RecordingStorage:
 
 
 def recording(points: Points) -> tuple[Repository, RecordingStorage]:
-    storage = RecordingStorage(points.repo.location)
+    storage = RecordingStorage(points.repo.location, points.repo.keys)
     return Repository(storage, points.repo.config, points.repo.location), storage  # type: ignore[arg-type]
 
 
@@ -301,12 +302,13 @@ def test_scan_and_table_find_the_same_rows(points: Points) -> None:
     storage = points.repo.storage
     name = segment_name(points.full.index_segment or "")
     data = storage.read(name)
-    mine = pq.read_table(storage.local_path(name)).column("chunk_id").to_pylist()
+    mine = read_parquet(storage, name, ["chunk_id"]).column("chunk_id").to_pylist()
     ids = np.frombuffer(b"".join(mine), np.uint8).reshape(-1, 32)[::3]
     absent = np.frombuffer(bytes(range(96)), np.uint8).reshape(3, 32)
     wanted = np.concatenate([ids, absent])
-    by_table = lookup.SegmentTable(name, data).lookup(wanted)
-    by_scan = lookup._SegmentScan(name, name, data).lookup(wanted)
+    dec = decryption(storage)
+    by_table = lookup.SegmentTable(name, data, dec).lookup(wanted)
+    by_scan = lookup._SegmentScan(name, name, data, dec).lookup(wanted)
     assert sorted(by_table.at.tolist()) == list(range(len(ids)))
     order = np.argsort(by_scan.at)
     for field in ("at", "offset", "stored_len", "raw_len", "codec"):

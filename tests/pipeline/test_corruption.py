@@ -46,8 +46,10 @@ class Backed:
 
 @pytest.fixture
 def backed(cli: CliRunner, make_image: ImageFactory, tmp_path: Path) -> Backed:
+    """A plain repository: these tests flip bytes of the version-1 format's JSON and Parquet
+    (an encrypted repository's tampering cases are in test_encryption.py)."""
     repo = tmp_path / "repo"
-    assert cli("-r", repo, "init").code == 0
+    assert cli("-r", repo, "init", "--encryption", "none").code == 0
     img = make_image(3 * MiB + 100, "disk.img")
     img.random(0, 192 * KiB, seed=1)
     img.compressible(MiB, 192 * KiB, seed=2)

@@ -27,9 +27,9 @@ repo_path, image = sys.argv[1], sys.argv[2]
 ray_pids = []
 
 class CuttingEngine(RayEngine):
-    def start(self, repo_path, make_stage):
+    def start(self, repo_path, make_stage, keys=None):
         os.truncate(image, 3 << 20)
-        super().start(repo_path, make_stage)
+        super().start(repo_path, make_stage, keys)
         for p in psutil.Process().children(recursive=True):
             ray_pids.append(p.pid)
 
