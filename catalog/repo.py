@@ -7,10 +7,20 @@ import os
 from .errors import RepositoryError, describe_os_error
 from .format import CONFIG_NAME, DEFAULT_CHUNK_SIZE_BYTES, RepoConfig, parse_config
 from .manifest import ManifestReader
+from .parity import ParityGeometry
 from .points import RecoveryPoint, load_points_tolerant, resolve
 from .storage import TMP_DIR, LocalStorage, Storage
 
-REPO_DIRS = ("packs", "index", "manifests/leaves", "manifests/roots", "points", "locks", TMP_DIR)
+REPO_DIRS = (
+    "packs",
+    "parity",
+    "index",
+    "manifests/leaves",
+    "manifests/roots",
+    "points",
+    "locks",
+    TMP_DIR,
+)
 
 
 class Repository:
@@ -24,12 +34,16 @@ class Repository:
 
     @staticmethod
     def init(
-        location: str, chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES, zstd_level: int | None = None
+        location: str,
+        chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES,
+        zstd_level: int | None = None,
+        parity: ParityGeometry | None = ParityGeometry(),
     ) -> Repository:
+        """A new repository; ``parity`` None: no parity files (FORMAT.md 15)."""
         config = (
-            RepoConfig.new(chunk_size)
+            RepoConfig.new(chunk_size, parity=parity)
             if zstd_level is None
-            else RepoConfig.new(chunk_size, zstd_level)
+            else RepoConfig.new(chunk_size, zstd_level, parity)
         )
         path = os.path.abspath(location)
         if os.path.exists(os.path.join(path, CONFIG_NAME)):

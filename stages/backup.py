@@ -16,6 +16,7 @@ import pyarrow as pa
 from catalog.chunks import encode_chunk
 from catalog.index import ids_to_array, sealed_to_table
 from catalog.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
+from catalog.parity import ParityGeometry
 from catalog.storage import LocalStorage
 
 from .base import Ports, Stage
@@ -267,6 +268,7 @@ class PackTarget:
 
     repo_path: str
     pack_target_bytes: int = DEFAULT_PACK_TARGET_BYTES
+    parity: ParityGeometry | None = None  # the repository's (config.json "parity")
 
 
 class Writer(Stage):
@@ -282,7 +284,9 @@ class Writer(Stage):
         self._packs: PackWriter | None = None
 
     def setup(self) -> None:
-        self._packs = PackWriter(LocalStorage(self.target.repo_path), self.target.pack_target_bytes)
+        self._packs = PackWriter(
+            LocalStorage(self.target.repo_path), self.target.pack_target_bytes, self.target.parity
+        )
 
     def process(self, batch: pa.Table) -> Ports:
         assert self._packs is not None
