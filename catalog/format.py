@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import json
 import secrets
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
-from .errors import RepositoryError, UsageError
+from .errors import CorruptionError, RepositoryError, UsageError
+from .parity import ParityGeometry
 
 REPO_FORMAT_NAME = "comb-repository"
 REPO_FORMAT_VERSION = 1
@@ -42,7 +43,9 @@ DEFAULT_ZSTD_LEVEL = 3
 # Feature flags (ext4 style). A reader refuses a repository with an unknown "incompat" feature,
 # opens one with an unknown "ro_compat" feature read-only, and ignores unknown "compat" ones.
 KNOWN_INCOMPAT: frozenset[str] = frozenset({"encryption"})  # FORMAT.md 21
-KNOWN_RO_COMPAT: frozenset[str] = frozenset({"locks"})  # writers take locks (FORMAT.md 13)
+# "locks": writers take locks (FORMAT.md 13); "parity": every pack has a parity file (15).
+KNOWN_RO_COMPAT: frozenset[str] = frozenset({"locks", "parity"})
+PARITY_FEATURE = "parity"
 KNOWN_COMPAT: frozenset[str] = frozenset()
 
 
@@ -64,6 +67,7 @@ class RepoConfig:
     hash: str = HASH_NAME
     zstd_level: int = DEFAULT_ZSTD_LEVEL
     features: Features = field(default_factory=Features)
+    parity: ParityGeometry | None = None
     # None, or {"algorithm": "aes-256-gcm", "kdf": "argon2id"} (FORMAT.md 21).
     encryption: dict[str, str] | None = None
     format: str = REPO_FORMAT_NAME
@@ -73,6 +77,7 @@ class RepoConfig:
     def new(
         chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES,
         zstd_level: int = DEFAULT_ZSTD_LEVEL,
+        parity: ParityGeometry | None = ParityGeometry(),
         encrypted: bool = False,
     ) -> RepoConfig:
         if not (MIN_CHUNK_SIZE_BYTES <= chunk_size <= MAX_CHUNK_SIZE_BYTES) or (
@@ -89,7 +94,11 @@ class RepoConfig:
             created=datetime.now(UTC).isoformat(timespec="seconds"),
             chunk_size=chunk_size,
             zstd_level=zstd_level,
-            features=Features(incompat=("encryption",) if encrypted else ()),
+            features=Features(
+                ro_compat=(PARITY_FEATURE,) if parity else (),
+                incompat=("encryption",) if encrypted else (),
+            ),
+            parity=parity,
             encryption={"algorithm": "aes-256-gcm", "kdf": "argon2id"} if encrypted else None,
         )
 
@@ -151,8 +160,27 @@ def parse_config(raw: bytes, where: str) -> RepoConfig:
             ),
             encryption=_encryption(doc.get("encryption"), feats, where),
         )
+        raw_parity = doc.get("parity")
+        if raw_parity is not None:
+            config = replace(
+                config,
+                parity=ParityGeometry(
+                    int(raw_parity["data_shards"]),
+                    int(raw_parity["parity_shards"]),
+                    int(raw_parity["shard_bytes"]),
+                ),
+            )
     except (KeyError, TypeError, ValueError) as err:
         raise RepositoryError(f"{where}: missing or invalid field {err}") from None
+    if PARITY_FEATURE not in config.features.ro_compat:
+        config = replace(config, parity=None)  # the flag decides; a stray field means nothing
+    elif config.parity is None:
+        raise RepositoryError(f"{where}: the parity feature is on but the parity field is missing")
+    if config.parity is not None:
+        try:
+            config.parity.check(where)
+        except CorruptionError as err:
+            raise RepositoryError(err.message) from None
     c = config.chunk_size
     if not (MIN_CHUNK_SIZE_BYTES <= c <= MAX_CHUNK_SIZE_BYTES) or c & (c - 1):
         raise RepositoryError(f"{where}: invalid chunk size {c}")

@@ -47,6 +47,7 @@ from .index import (
 from .locks import locked
 from .manifest import LEAVES_PREFIX, ROOTS_PREFIX, leaves_name, roots_name
 from .packs import PackWriter, SealedPack, pack_name
+from .parity import PARITY_PREFIX, parity_name
 from .parquet_io import read_parquet
 from .points import RecoveryPoint, point_name
 from .repo import Repository
@@ -111,6 +112,9 @@ class Plan:
     file_bytes: int = 0
     tmp: list[str] = field(default_factory=list)
     live_packs: int = 0
+    # Parity files of no present pack (a crash between parity and pack commit, or during a
+    # prune); the parity of every removed pack goes with it (``execute``).
+    parity: list[str] = field(default_factory=list)
 
     @property
     def bytes(self) -> int:
@@ -162,6 +166,9 @@ def plan(
             out.pack_bytes += storage.size(name)
             out.orphan_packs += pid not in indexed
     out.live_packs = len(live_packs & set(present))
+    for name in storage.list(PARITY_PREFIX):
+        if name.endswith(".parity") and name.rsplit("/", 1)[-1][:-7] not in present:
+            out.parity.append(name)
     drop_segments(repo, {_pack_id(n) for n in out.packs}, out, tables)
     for prefix in (LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
         for name in storage.list(prefix):
@@ -208,14 +215,21 @@ def drop_segments(
 
 
 def copy_chunks(
-    storage: Storage, pid: str, rows: pa.Table, skip: set[bytes], strict: bool
+    storage: Storage,
+    pid: str,
+    rows: pa.Table,
+    skip: set[bytes],
+    strict: bool,
+    data: bytes | None = None,
 ) -> tuple[list[bytes], list[bytes], list[int], list[int]]:
     """(ids, blobs, raw lengths, codecs) of the chunks ``rows`` (index rows of pack ``pid``)
-    list, read from the pack once, each checked against its id, ids in ``skip`` and repeats
-    left out. ``strict``: any damage (the pack's name too) raises CorruptionError; otherwise a
-    damaged chunk is just not copied. Never copies damage."""
+    list, read from the pack once (or taken from ``data``, its bytes as far as parity could
+    rebuild them), each checked against its id, ids in ``skip`` and repeats left out.
+    ``strict``: any damage (the pack's name too) raises CorruptionError; otherwise a damaged
+    chunk is just not copied. Never copies damage."""
     name = pack_name(pid)
-    data = storage.read(name)
+    if data is None:
+        data = storage.read(name)
     if strict and blake3.blake3(data).hexdigest() != pid:
         raise CorruptionError(f"{name} does not match its name")
     ids: list[bytes] = []
@@ -297,7 +311,7 @@ def repack(repo: Repository, marks: Marks) -> Repacked:
     in_cand = np.array([p in cand_set for p in packs.tolist()], bool)
     covered = np.unique(keys[hit & ~in_cand])  # live chunks with a copy in a kept pack
     out = Repacked()
-    writer = PackWriter(storage)
+    writer = PackWriter(storage, parity=repo.config.parity)
     sealed = []
     copied: set[bytes] = set()
     retired = set()
@@ -339,9 +353,13 @@ def execute(repo: Repository, p: Plan) -> None:
         storage.remove(name)
     for name in p.packs:
         storage.remove(name)
+    # Parity after its pack: a crash in between leaves parity without a pack (removed by the
+    # next prune), never a pack whose parity is gone.
+    for name in [parity_name(_pack_id(n)) for n in p.packs] + p.parity:
+        storage.remove(name)
     for name in p.files + p.tmp:
         storage.remove(name)
-    for d in ("packs", "index", LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
+    for d in ("packs", PARITY_PREFIX, "index", LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
         path = storage.local_path(d)
         if path is not None and os.path.isdir(path):
             storage.sync_dir(path)  # type: ignore[attr-defined]

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import blake3
 
 from .errors import CorruptionError
+from .parity import ParityGeometry, ParityWriter
 from .storage import NewFile, Storage
 
 if TYPE_CHECKING:
@@ -66,11 +67,22 @@ class SealedPack:
 
 
 class PackWriter:
-    """Appends stored chunks to one open pack and seals it at the target size."""
+    """Appends stored chunks to one open pack and seals it at the target size.
 
-    def __init__(self, storage: Storage, target_bytes: int = DEFAULT_PACK_TARGET_BYTES) -> None:
+    With ``parity`` (the repository's geometry), every byte written to the pack is also fed to
+    a ParityWriter (one stripe buffered), whose file is committed just before the pack: a crash
+    leaves at most a parity file without its pack (prune removes it), never the reverse."""
+
+    def __init__(
+        self,
+        storage: Storage,
+        target_bytes: int = DEFAULT_PACK_TARGET_BYTES,
+        parity: ParityGeometry | None = None,
+    ) -> None:
         self._storage = storage
         self._target = target_bytes
+        self._parity_geometry = parity
+        self._parity: ParityWriter | None = None
         self._file: NewFile | None = None
         self._hash = blake3.blake3()
         self._entries: list[PackEntry] = []
@@ -84,6 +96,9 @@ class PackWriter:
         self._hash.update(header)
         self._entries = []
         self._file = new
+        if self._parity_geometry is not None:
+            self._parity = ParityWriter(self._storage, self._parity_geometry)
+            self._parity.update(header)
         return new
 
     def add_many(
@@ -115,6 +130,9 @@ class PackWriter:
         """One gathered write for many blobs (one syscall per batch, not per chunk)."""
         assert self._file is not None
         self._file.write_many(pending)
+        if self._parity is not None:
+            for blob in pending:
+                self._parity.update(blob)
         self._pending_bytes = 0
 
     def _header(self) -> bytes:
@@ -141,6 +159,11 @@ class PackWriter:
         self._hash.update(trailer)
         pack_id = self._hash.hexdigest()
         size = new.tell()
+        if self._parity is not None:
+            self._parity.update(table)
+            self._parity.update(trailer)
+            self._parity.commit(pack_id)
+            self._parity = None
         new.commit(pack_name(pack_id))
         entries = self._entries
         self._file = None
@@ -162,6 +185,9 @@ class PackWriter:
         return [self.seal()]
 
     def abort(self) -> None:
+        if self._parity is not None:
+            self._parity.abort()
+            self._parity = None
         if self._file is not None:
             self._file.abort()
             self._file = None

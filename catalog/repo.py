@@ -15,10 +15,20 @@ from .format import (
     parse_config,
 )
 from .manifest import ManifestReader
+from .parity import ParityGeometry
 from .points import RecoveryPoint, load_points_tolerant, resolve
 from .storage import TMP_DIR, LocalStorage, Storage
 
-REPO_DIRS = ("packs", "index", "manifests/leaves", "manifests/roots", "points", "locks", TMP_DIR)
+REPO_DIRS = (
+    "packs",
+    "parity",
+    "index",
+    "manifests/leaves",
+    "manifests/roots",
+    "points",
+    "locks",
+    TMP_DIR,
+)
 ENCRYPTIONS = (crypto.ALGORITHM, "none")
 
 
@@ -43,17 +53,20 @@ class Repository:
         location: str,
         chunk_size: int = DEFAULT_CHUNK_SIZE_BYTES,
         zstd_level: int | None = None,
+        parity: ParityGeometry | None = ParityGeometry(),
         encryption: str = crypto.ALGORITHM,
         password: str | None = None,
     ) -> Repository:
-        """A new repository; encrypted unless ``encryption="none"`` (the password comes from
-        ``password`` or, when None, from the environment or a prompt: crypto.read_password)."""
+        """A new repository; ``parity`` None: no parity files (FORMAT.md 20); encrypted unless
+        ``encryption="none"`` (the password comes from ``password`` or, when None, from the
+        environment or a prompt: crypto.read_password)."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r} (use {' or '.join(ENCRYPTIONS)})")
         encrypted = encryption != "none"
         config = RepoConfig.new(
             chunk_size,
             DEFAULT_ZSTD_LEVEL if zstd_level is None else zstd_level,
+            parity,
             encrypted=encrypted,
         )
         path = os.path.abspath(location)

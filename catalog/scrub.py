@@ -1,16 +1,22 @@
 """``comb scrub``: read every pack (or a sample), find each damaged chunk, say which recovery
-points and disk extents it hurts, and with ``--repair`` isolate it so a later backup heals it.
+points and disk extents it hurts, and with ``--repair`` heal it from parity or, beyond parity,
+isolate it so a later backup heals it.
 
 A pack is named by the BLAKE3 of its bytes, so one hash of the whole file checks every byte of
 it (fast: BLAKE3 runs at several GB/s and releases the GIL, so packs are checked on threads).
 Only a pack whose hash does not match is looked into: each of its chunks is decompressed and
 checked against its id, which finds exactly the damaged chunks.
 
-Repair without parity (FORMAT.md 15.2 is to come): under the exclusive lock, the pack's intact
-chunks are copied into a new pack (each checked on the way) and indexed, and the damaged pack is
-removed. Its damaged chunks are then missing rather than wrong; the next backup that reads the
-same data stores them again (the dedup index knows only chunks whose pack exists), which heals
-every point that uses them.
+In a repository with parity (FORMAT.md 15) each pack's parity file is checked too (its
+metadata hash and the hash of every parity shard), and a damaged pack is rebuilt in memory to
+see whether parity heals it. ``--repair`` then, under the exclusive lock (catalog.heal): replaces
+a healable pack by its original bytes, and writes parity that is missing or damaged.
+
+Beyond parity (or without it): under the exclusive lock, the pack's intact chunks (as far as
+parity rebuilt them) are copied into a new pack (each checked on the way) and indexed, and the
+damaged pack is removed. Its damaged chunks are then missing rather than wrong; the next backup
+that reads the same data stores them again (the dedup index knows only chunks whose pack
+exists), which heals every point that uses them.
 """
 
 from __future__ import annotations
@@ -27,8 +33,10 @@ import pyarrow as pa
 
 from . import gc
 from .chunks import decode_chunk
+from .crypto import RepoKeys
 from .errors import CombError
 from .gc import copy_chunks, index_sealed
+from .heal import Healed, ParityCheck, check_parity, heal_pack
 from .index import (
     id_keys,
     ids_to_array,
@@ -48,6 +56,7 @@ class Damage:
     offset: int
     chunk_id: bytes
     why: str
+    healable: bool = False  # parity rebuilds it
 
 
 @dataclass
@@ -69,26 +78,40 @@ class ScrubReport:
     affected: list[Affected] = field(default_factory=list)
     quarantined: list[str] = field(default_factory=list)
     copied_chunks: int = 0
+    parity: bool = False  # the repository has parity, and it was checked
+    parity_problems: dict[str, str] = field(default_factory=dict)  # pack id -> what is wrong
+    healed: list[Healed] = field(default_factory=list)  # what --repair did, per pack
+    repaired: bool = False
+
+    @property
+    def unhealed(self) -> list[Damage]:
+        """Damaged chunks parity does not heal (after --repair: that it did not heal)."""
+        return [d for d in self.damaged if not d.healable]
+
+    @property
+    def remaining(self) -> list[Damage]:
+        """Damaged chunks still damaged when scrub ends."""
+        return self.unhealed if self.repaired else self.damaged
 
     @property
     def mb_s(self) -> float:
         return self.bytes / self.seconds / 1e6 if self.seconds else 0.0
 
 
-def _check_pack(repo: Repository, pid: str, rows: pa.Table) -> tuple[int, list[Damage], int]:
-    """(bytes read, damaged chunks, chunks decoded) of one pack."""
-    name = pack_name(pid)
-    where = repo.storage.local_path(name) or name
-    try:
-        data = repo.storage.read(name)
-    except (OSError, CombError) as err:
-        msg = err.message if isinstance(err, CombError) else str(err)
-        return 0, [Damage(pid, -1, b"", f"pack {where} cannot be read: {msg}")], 0
-    if blake3.blake3(data, max_threads=1).hexdigest() == pid:
-        return len(data), [], 0
-    bad = []
+@dataclass
+class _Checked:
+    nbytes: int
+    damage: list[Damage]
+    decoded: int
+    parity_problem: str = ""
+
+
+def _decode_all(
+    where: str, data: bytes, cols: dict[str, list[object]], keys: RepoKeys | None
+) -> dict[bytes, tuple[int, str]]:
+    """chunk id -> (offset, why) of the chunks of ``cols`` that do not decode from ``data``."""
     view = memoryview(data)
-    cols = rows.to_pydict()
+    bad = {}
     for cid, off, slen, rlen, codec in zip(
         cols["chunk_id"],
         cols["offset"],
@@ -97,22 +120,54 @@ def _check_pack(repo: Repository, pid: str, rows: pa.Table) -> tuple[int, list[D
         cols["codec"],
         strict=True,
     ):
+        assert isinstance(cid, bytes) and isinstance(off, int) and isinstance(slen, int)
         try:
             if off + slen > len(data):
                 raise CombError(f"pack {where} offset {off}: beyond the end of the pack")
-            decode_chunk(
-                view[off : off + slen],
-                codec,
-                rlen,
-                cid,
-                f"pack {where} offset {off}",
-                repo.storage.keys,
-            )
+            at = f"pack {where} offset {off}"
+            decode_chunk(view[off : off + slen], codec, rlen, cid, at, keys)  # type: ignore[arg-type]
         except CombError as err:
-            bad.append(Damage(pid, off, cid, err.message))
-    if not bad:
-        bad.append(Damage(pid, -1, b"", f"pack {where} does not match its name (outside chunks)"))
-    return len(data), bad, len(cols["chunk_id"])
+            bad[cid] = (off, err.message)
+    return bad
+
+
+def _check_pack(repo: Repository, pid: str, rows: pa.Table, parity: bool) -> _Checked:
+    """Bytes read, damaged chunks (each marked healable or not) and chunks decoded of one
+    pack, and what is wrong with its parity file."""
+    storage = repo.storage
+    name = pack_name(pid)
+    where = storage.local_path(name) or name
+    try:
+        data = storage.read(name)
+    except (OSError, CombError) as err:
+        msg = err.message if isinstance(err, CombError) else str(err)
+        data, unreadable = b"", f"pack {where} cannot be read: {msg}"
+    else:
+        unreadable = ""
+    intact = not unreadable and blake3.blake3(data, max_threads=1).hexdigest() == pid
+    check = check_parity(storage, pid, data, intact) if parity else ParityCheck()
+    if intact:
+        return _Checked(len(data), [], 0, check.problem)
+    cols = rows.to_pydict()
+    bad = _decode_all(where, data, cols, storage.keys) if data else {}
+    if unreadable:
+        damage = [Damage(pid, -1, b"", unreadable)]
+    else:
+        damage = [Damage(pid, off, cid, why) for cid, (off, why) in bad.items()]
+        if not damage:
+            why = f"pack {where} does not match its name (outside chunks)"
+            damage = [Damage(pid, -1, b"", why)]
+    if check.whole:
+        for d in damage:
+            d.healable = True
+    elif check.rebuilt is not None:
+        still = _decode_all(where, check.rebuilt, cols, storage.keys)
+        for d in damage:
+            d.healable = bool(d.chunk_id) and d.chunk_id not in still
+    problem = check.problem
+    if parity and check.rebuilt is None and not problem:
+        problem = "no usable parity"
+    return _Checked(len(data), damage, len(cols["chunk_id"]) if data else 0, problem)
 
 
 def affected_points(repo: Repository, ids: set[bytes]) -> list[Affected]:
@@ -195,49 +250,66 @@ def scrub(
         a, b = bounds.get(pid, (0, 0))
         return by_pack.slice(a, b - a)
 
+    rep.parity = repo.config.parity is not None
     with ThreadPoolExecutor(max(1, threads)) as pool:
-        for i, (n, bad, decoded) in enumerate(
-            pool.map(lambda pid: _check_pack(repo, pid, rows_of(pid)), packs)
-        ):
+        checks = pool.map(lambda pid: _check_pack(repo, pid, rows_of(pid), rep.parity), packs)
+        for i, (pid, res) in enumerate(zip(packs, checks, strict=True)):
             rep.packs += 1
-            rep.bytes += n
-            rep.chunks_checked += decoded
-            rep.damaged += bad
+            rep.bytes += res.nbytes
+            rep.chunks_checked += res.decoded
+            rep.damaged += res.damage
+            if res.parity_problem:
+                rep.parity_problems[pid] = res.parity_problem
             if progress is not None:
                 progress(i + 1, len(packs))
     rep.bad_packs = sorted({d.pack for d in rep.damaged})
     rep.seconds = time.perf_counter() - t0
-    ids = {d.chunk_id for d in rep.damaged if d.chunk_id}
-    rep.affected = affected_points(repo, ids)
-    if repair and rep.bad_packs:
-        _quarantine(repo, rep, rows_of)
+    if repair and (rep.bad_packs or rep.parity_problems):
+        _repair(repo, rep, rows_of)
+    rep.affected = affected_points(repo, {d.chunk_id for d in rep.remaining if d.chunk_id})
     return rep
 
 
-def _quarantine(repo: Repository, rep: ScrubReport, rows_of: Callable[[str], pa.Table]) -> None:
-    """Copy the intact chunks of damaged packs into a new pack, then drop the damaged packs
-    (and their index rows) under the exclusive lock, in prune's crash-safe order."""
+def _repair(repo: Repository, rep: ScrubReport, rows_of: Callable[[str], pa.Table]) -> None:
+    """Under the exclusive lock: heal from parity what it heals (and write missing or damaged
+    parity); copy the intact chunks of the other damaged packs into a new pack, then drop
+    those packs (and their index rows) in prune's crash-safe order."""
     storage = repo.storage
-    bad_ids = {d.chunk_id for d in rep.damaged}
+    rep.repaired = True
     with locked(storage, "repair", command="scrub --repair"):
-        writer = PackWriter(storage)
+        lost: dict[str, bytes | None] = {}
+        for pid in sorted(set(rep.bad_packs) | set(rep.parity_problems)):
+            h = heal_pack(storage, pid, repo.config.parity)
+            rep.healed.append(h)
+            if h.action == "not healable":
+                lost[pid] = h.rebuilt
+        for d in rep.damaged:  # what the repair did decides, not the unlocked scan
+            d.healable = d.pack not in lost
+        writer = PackWriter(storage, parity=repo.config.parity)
         sealed = []
+        copied: set[bytes] = set()
         try:
-            for pid in rep.bad_packs:
+            for pid, best in lost.items():
                 try:
                     ids, blobs, raws, codecs = copy_chunks(
-                        storage, pid, rows_of(pid), bad_ids, strict=False
+                        storage, pid, rows_of(pid), copied, strict=False, data=best
                     )
                 except (OSError, CombError):
                     continue  # unreadable: nothing to copy
                 sealed += writer.add_many(ids, blobs, raws, codecs)
+                copied.update(ids)
                 rep.copied_chunks += len(ids)
             sealed += writer.close()
         except BaseException:
             writer.abort()
             raise
+        for d in rep.damaged:  # a chunk parity rebuilt in a pack it cannot wholly rebuild
+            if d.pack in lost and d.chunk_id in copied:
+                d.healable = True
+        if not lost:
+            return
         index_sealed(storage, sealed)  # the copies are indexed before the damaged packs go
-        plan = gc.Plan(packs=[pack_name(pid) for pid in rep.bad_packs])
-        gc.drop_segments(repo, set(rep.bad_packs), plan)
+        plan = gc.Plan(packs=[pack_name(pid) for pid in lost])
+        gc.drop_segments(repo, set(lost), plan)
         gc.execute(repo, plan)
-        rep.quarantined = list(rep.bad_packs)
+        rep.quarantined = list(lost)

@@ -322,7 +322,7 @@ def run_jobs(
     t0 = time.perf_counter() if t0 is None else t0
     cfg = repo.config
     storage = repo.storage
-    target = PackTarget(repo.location, opts.pack_target_bytes, repo.keys)
+    target = PackTarget(repo.location, opts.pack_target_bytes, keys=repo.keys, parity=cfg.parity)
     source: Source = (
         jobs[0].source if len(jobs) == 1 else MultiSource(tuple(j.source for j in jobs))
     )

@@ -41,6 +41,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--zstd-level", type=int, default=None, help="compression level of new chunks (default 3)"
     )
     s.add_argument(
+        "--parity-overhead",
+        default=None,
+        metavar="PCT",
+        help="parity per pack in percent of its size, in steps of 6.25 (default 12.5: heals any "
+        "2 damaged 256 KiB shards per 4 MiB stripe); 0 or none: no parity",
+    )
+    s.add_argument(
         "--encryption",
         choices=["aes-256-gcm", "none"],
         default="aes-256-gcm",

@@ -13,6 +13,7 @@ from typing import Any
 from catalog.check import check_repository, summary
 from catalog.errors import CorruptionError, UsageError
 from catalog.format import DEFAULT_CHUNK_SIZE_BYTES
+from catalog.parity import ParityGeometry
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
 from drive import overlay
@@ -76,16 +77,29 @@ def warn_damaged(r: Repository) -> None:
 
 
 def cmd_init(repo: str, args: argparse.Namespace) -> int:
+    parity = (
+        ParityGeometry()
+        if args.parity_overhead is None
+        else ParityGeometry.from_overhead(args.parity_overhead)
+    )
     r = Repository.init(
         repo,
         args.chunk_size or DEFAULT_CHUNK_SIZE_BYTES,
         args.zstd_level,
+        parity,
         encryption=args.encryption,
     )
+    g = r.config.parity
     how = f"encrypted, {r.config.encryption['algorithm']}" if r.config.encryption else "unencrypted"
     print(
         f"created repository {r.location} (id {r.config.id[:16]}, chunk size "
-        f"{r.config.chunk_size}, zstd level {r.config.zstd_level}, {how})"
+        f"{r.config.chunk_size}, zstd level {r.config.zstd_level}, {how}, "
+        + (
+            f"parity {g.data_shards}+{g.parity_shards} shards of {g.shard_bytes // 1024} KiB, "
+            f"{g.overhead * 100:g} %)"
+            if g
+            else "no parity)"
+        )
     )
     return 0
 

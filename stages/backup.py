@@ -17,6 +17,7 @@ from catalog.chunks import encode_chunk
 from catalog.crypto import RepoKeys
 from catalog.index import ids_to_array, sealed_to_table
 from catalog.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
+from catalog.parity import ParityGeometry
 from catalog.storage import LocalStorage
 
 from .base import Ports, Stage
@@ -278,6 +279,7 @@ class PackTarget:
     repo_path: str
     pack_target_bytes: int = DEFAULT_PACK_TARGET_BYTES
     keys: RepoKeys | None = None
+    parity: ParityGeometry | None = None  # the repository's (config.json "parity")
 
 
 class Writer(Stage):
@@ -294,7 +296,7 @@ class Writer(Stage):
 
     def setup(self) -> None:
         storage = LocalStorage(self.target.repo_path, keys=self.target.keys)
-        self._packs = PackWriter(storage, self.target.pack_target_bytes)
+        self._packs = PackWriter(storage, self.target.pack_target_bytes, self.target.parity)
 
     def process(self, batch: pa.Table) -> Ports:
         assert self._packs is not None

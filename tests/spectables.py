@@ -15,7 +15,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from catalog import packs, points
+from catalog import packs, parity, points
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "FORMAT.md"
@@ -31,6 +31,9 @@ MARKERS = {
     "pack-header",
     "pack-entry",
     "pack-trailer",
+    "parity-layout",
+    "parity-header",
+    "parity-trailer",
     "schema-index",
     "schema-changes",
     "schema-leaves",
@@ -77,6 +80,8 @@ STRUCTS = {
     "pack-header": packs.PACK_HEADER,
     "pack-entry": packs.PACK_ENTRY,
     "pack-trailer": packs.PACK_TRAILER,
+    "parity-header": parity.PARITY_HEADER,
+    "parity-trailer": parity.PARITY_TRAILER,
 }
 
 

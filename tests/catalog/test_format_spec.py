@@ -53,6 +53,7 @@ def test_constants_match_code() -> None:
     [
         "catalog.format",
         "catalog.packs",
+        "catalog.parity",
         "catalog.points",
         "catalog.index",
         "catalog.manifest",

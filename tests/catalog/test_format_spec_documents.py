@@ -23,6 +23,7 @@ from catalog import format as fmt
 from catalog import points
 from catalog.errors import CorruptionError, RepositoryError
 from catalog.format import Features, RepoConfig, parse_config
+from catalog.parity import ParityGeometry
 from catalog.points import PointStats, RecoveryPoint
 from catalog.storage import LocalStorage
 
@@ -72,7 +73,7 @@ def _keys_of(doc: dict[str, Any]) -> set[str]:
 
 def test_config_fields_match_code() -> None:
     spec = {r["Field"]: r["JSON type"] for r in spec_table("config")}
-    assert spec == _fields_of(RepoConfig, {"features": Features})
+    assert spec == _fields_of(RepoConfig, {"features": Features, "parity": ParityGeometry})
 
 
 def test_config_json_has_the_spec_fields() -> None:
@@ -82,10 +83,15 @@ def test_config_json_has_the_spec_fields() -> None:
     assert _keys_of(new) == spec - optional
     sealed = _keys_of(json.loads(RepoConfig.new(encrypted=True).to_json()))
     assert {k for k in sealed if not k.startswith("encryption.")} == spec
-    assert _keys_of(json.loads((GOLDEN / fmt.CONFIG_NAME).read_bytes())) == spec - optional
+    # golden-v1 predates parity (FORMAT.md 4: a missing parity field reads as null)
+    golden = _keys_of(json.loads((GOLDEN / fmt.CONFIG_NAME).read_bytes()))
+    assert golden == {k for k in spec - optional if k.split(".")[0] != "parity"}
     assert new["chunk_size"] == fmt.DEFAULT_CHUNK_SIZE_BYTES
     assert new["leaf_chunks"] == fmt.DEFAULT_LEAF_CHUNKS
-    assert new["features"] == {"compat": [], "ro_compat": [], "incompat": []}
+    assert new["features"] == {"compat": [], "ro_compat": ["parity"], "incompat": []}
+    assert new["parity"] == {"data_shards": 16, "parity_shards": 2, "shard_bytes": 262144}
+    off = json.loads(RepoConfig.new(parity=None).to_json())
+    assert off["parity"] is None and off["features"]["ro_compat"] == []
 
 
 def _config(**changes: Any) -> bytes:

@@ -72,9 +72,10 @@ storage.LocalStorage.sync_dir = sync_dir
 sys.exit(main(sys.argv[4:]))
 """
 
-# The order of the commit protocol: packs, index segment, leaves, root, change table, point
-# document.
+# The order of the commit protocol: parity file and pack, index segment, leaves, root, change
+# table, point document.
 ORDER = [
+    "parity/",
     "packs/",
     "index/",
     "manifests/leaves/",
@@ -157,13 +158,13 @@ def test_commit_order_of_a_backup(cli: CliRunner, setup: Setup) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "n"),
-    [(m, n) for n in range(1, 7) for m in ("before", "after")] + [("mid", 1), ("mid", 6)],
+    [(m, n) for n in range(1, 8) for m in ("before", "after")] + [("mid", 1), ("mid", 7)],
 )
 def test_crash_around_the_nth_commit(cli: CliRunner, setup: Setup, mode: str, n: int) -> None:
     proc, names = _crash(setup, mode, n)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
     assert len(names) == n, names
-    # With one worker and one pack, commit 6 is the point document.
+    # With one worker and one pack, commit 7 is the point document.
     assert [next(k for k in ORDER if x.startswith(k)) for x in names] == ORDER[:n]
     committed = names[-1].startswith("points/") and mode in ("after", "mid")
     _after_crash_checks(cli, setup, committed)

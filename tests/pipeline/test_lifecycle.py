@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import time
@@ -300,6 +301,9 @@ def test_repair_index_reports_an_unreadable_pack(
 def test_scrub_finds_isolates_and_a_backup_heals(
     cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path
 ) -> None:
+    """Without parity (init --parity-overhead 0); with it, see test_parity_scrub.py."""
+    shutil.rmtree(repo_path)
+    assert cli("-r", repo_path, "init", "--parity-overhead", "0").code == 0
     img, ids, copies = _history(make_image, repo_path, tmp_path)
     res = cli("-r", repo_path, "scrub")
     assert res.code == 0 and "clean" in res.out and "MB/s" in res.out, res.err
