@@ -1,4 +1,5 @@
-"""``python -m bench integrity``: scrub, repair and prune on a repository of 100 points.
+"""``python -m bench integrity``: scrub, repair and prune on a repository of 100 points (the
+default configuration: encrypted, with parity).
 
 The mixed image (default 1 GiB) is backed up once and then 99 times after a change each
 (alternately 200 scattered 4 KiB writes and 1 % of 64 KiB blocks rewritten, with the exact change
@@ -56,6 +57,10 @@ from .report import table
 from .runs import BENCH_PASSWORD, backup, fresh_repo, repo_bytes, restore
 
 
+def _open(location: str) -> Repository:
+    return Repository.open(location, password=BENCH_PASSWORD)
+
+
 def _forget(repo: Repository, keep: int) -> int:
     points = repo.points()
     kept = kept_by_policy(points, KeepPolicy(last=keep))
@@ -68,7 +73,7 @@ def _forget(repo: Repository, keep: int) -> int:
 def _prune(repo: Repository, label: str, rows: list[list[str]], figures: dict[str, Any]) -> None:
     before = repo_bytes(repo.location)
     t0 = time.perf_counter()
-    res = gc.prune(Repository.open(repo.location))
+    res = gc.prune(_open(repo.location))
     wall = time.perf_counter() - t0
     freed = before - repo_bytes(repo.location)
     rows.append(
@@ -115,7 +120,7 @@ def _encryption_cost(workdir: str, image: str, runs: int) -> tuple[list[list[str
     for enc, label in (("none", "restore, plain"), ("aes-256-gcm", "restore, AES-256-GCM")):
         repo = repos[enc]
         if enc != "none":
-            repo = Repository.open(repo.location, password=BENCH_PASSWORD)
+            repo = _open(repo.location)
         out = os.path.join(workdir, "enc-restore.img")
         got = restore(repo, repo.points()[-1].id, out, label, reference=image)
         os.unlink(out)
@@ -239,7 +244,8 @@ def main(argv: list[str]) -> int:
     sparse_copy(source, image)
     warm(image)
     enc_rows, enc_figures = _encryption_cost(args.workdir, image, args.encryption_runs)
-    repo = fresh_repo(os.path.join(args.workdir, "integrity-repo"))
+    # The default configuration: encrypted, with parity.
+    repo = fresh_repo(os.path.join(args.workdir, "integrity-repo"), encryption="aes-256-gcm")
     t0 = time.perf_counter()
     backup(repo, image, "local", "full", source_name="disk")
     for i in range(1, args.points):
@@ -248,7 +254,7 @@ def main(argv: list[str]) -> int:
         else:
             ch = change_block_rewrites(image, fraction=0.01, seed=100 + i)
         backup(
-            Repository.open(repo.location),
+            _open(repo.location),
             image,
             "local",
             ch.name,
@@ -256,7 +262,7 @@ def main(argv: list[str]) -> int:
             source_name="disk",
         )
     build_s = time.perf_counter() - t0
-    repo = Repository.open(repo.location)
+    repo = _open(repo.location)
     stored = repo_bytes(repo.location)
     figures: dict[str, Any] = {"size": size, "points": args.points, "stored": stored}
 
@@ -286,7 +292,7 @@ def main(argv: list[str]) -> int:
     prune_rows: list[list[str]] = []
     _forget(repo, 50)
     _prune(repo, "prune after forget --keep-last 50", prune_rows, figures)
-    _forget(Repository.open(repo.location), 10)
+    _forget(_open(repo.location), 10)
     _prune(repo, "prune after forget --keep-last 10", prune_rows, figures)
     _prune(repo, "prune with nothing to remove", prune_rows, figures)
 

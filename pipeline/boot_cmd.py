@@ -34,6 +34,7 @@ from drive.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer
 from drive.nbd_exports import ServedPoint, SourceCache
 from drive.nbd_overlay import ServedOverlay
 
+from .accel import KVM_ARGS, TCG_ARGS, Accel, choose
 from .overlays_cmd import resolve_base
 from .serve_cmd import close_overlays, parse_listen
 
@@ -102,10 +103,9 @@ def guest_size(point: RecoveryPoint, memory: int | None, cpus: int | None) -> tu
 
 def qemu_command(binary: str, uri: str, memory: int, kvm: bool, cpus: int = 1) -> list[str]:
     """Serial on stdio, no display, no network, the disk as the first IDE drive (BIOS 0x80)."""
-    accel = ["-accel", "kvm", "-cpu", "host"] if kvm else ["-accel", "tcg"]
     return [
         binary,
-        *accel,
+        *(KVM_ARGS if kvm else TCG_ARGS),
         "-smp",
         str(cpus),
         "-m",
@@ -149,18 +149,27 @@ def libvirt_xml(name: str, host: str, port: int, memory: int, kvm: bool, cpus: i
 </domain>"""
 
 
+def _accel(binary: str, args: argparse.Namespace) -> Accel:
+    mode = "kvm" if args.kvm else args.accel
+    chosen = choose(binary, mode) if os.path.exists(binary) else Accel(mode == "kvm", "no QEMU")
+    name = "kvm" if chosen.kvm else "tcg"
+    print(f"comb: accelerator {name}: {chosen.why}", file=sys.stderr, flush=True)
+    return chosen
+
+
 def _print_plan(repo: str, point: RecoveryPoint, name: str, args: argparse.Namespace) -> int:
     host, port = parse_listen(args.listen or f"{DEFAULT_HOST}:{DEFAULT_PORT}")
     port = port or DEFAULT_PORT
     binary = shutil.which(QEMU) or QEMU
     memory, cpus = guest_size(point, args.memory, args.cpus)
-    cmd = qemu_command(binary, nbd_uri(host, port, name), memory, args.kvm, cpus)
+    kvm = _accel(binary, args).kvm
+    cmd = qemu_command(binary, nbd_uri(host, port, name), memory, kvm, cpus)
     serve = ["comb", "-r", repo, "serve", "--listen", f"{host}:{port}"]
     serve += ["--overlay", f"{name}={point.id}"]
     print(f"# 1. serve the overlay:\n{shlex.join(serve)}")
     print(f"# 2. boot it with QEMU:\n{shlex.join(cmd)}")
     print("# or with libvirt (virsh create FILE):")
-    print(libvirt_xml(name, host, port, memory, args.kvm, cpus))
+    print(libvirt_xml(name, host, port, memory, kvm, cpus))
     return 0
 
 
@@ -205,6 +214,7 @@ def _boot(r: Repository, point: RecoveryPoint, name: str, args: argparse.Namespa
     if binary is None:
         raise QemuMissing(f"{QEMU} is not installed (install QEMU, e.g. qemu-system-x86)")
     host, port = parse_listen(args.listen or f"{DEFAULT_HOST}:0")
+    kvm = _accel(binary, args).kvm
     started = time.monotonic()
     opened = _open_overlay(r, point, name)
     try:
@@ -220,7 +230,7 @@ def _boot(r: Repository, point: RecoveryPoint, name: str, args: argparse.Namespa
         bound_host, bound_port = server.address
         memory, cpus = guest_size(point, args.memory, args.cpus)
         uri = nbd_uri(bound_host, bound_port, name)
-        cmd = qemu_command(binary, uri, memory, args.kvm, cpus)
+        cmd = qemu_command(binary, uri, memory, kvm, cpus)
         print(
             f"comb: booting recovery point {point.id} of {point.source} through overlay {name} "
             f"({nbd_uri(bound_host, bound_port, name)}), ready in "

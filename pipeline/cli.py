@@ -196,7 +196,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--cpus", type=int, default=None, help="guest CPUs (default: the backed-up VM's, else 1)"
     )
     s.add_argument("--listen", metavar="HOST:PORT", help="NBD address (default 127.0.0.1:0)")
-    s.add_argument("--kvm", action="store_true", help="use KVM (default: TCG emulation)")
+    s.add_argument(
+        "--accel",
+        choices=["auto", "kvm", "tcg"],
+        default="auto",
+        help="QEMU accelerator (default auto: KVM when a probe guest runs well here, else TCG)",
+    )
+    s.add_argument("--kvm", action="store_true", help="the same as --accel kvm")
 
     s = sub.add_parser("mount", help="mount every recovery point as disk image files (FUSE)")
     s.add_argument("mountpoint", help="an empty directory")

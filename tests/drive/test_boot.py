@@ -224,6 +224,15 @@ def test_print_gives_qemu_command_and_libvirt_xml(bootable: tuple[Path, Recovery
     assert not (repo / "overlays" / "p1").exists()  # --print starts and creates nothing
 
 
+def test_print_shows_the_chosen_accelerator(bootable: tuple[Path, RecoveryPoint]) -> None:
+    repo, point = bootable
+    for flag, want, kind in (("tcg", "-accel tcg", "qemu"), ("kvm", "-accel kvm -cpu max", "kvm")):
+        res = comb(repo, "boot", point.id, "--print", "--accel", flag)
+        assert res.returncode == 0, res.stderr
+        assert want in res.stdout and f"<domain type='{kind}'>" in res.stdout
+        assert f"comb: accelerator {flag}" in res.stderr
+
+
 def test_boot_errors(bootable: tuple[Path, RecoveryPoint], tmp_path: Path) -> None:
     repo, point = bootable
     for args, needle, code in [
@@ -254,6 +263,7 @@ def test_sigterm_stops_qemu_and_server(tmp_path: Path) -> None:
         stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env,
     )  # fmt: skip
     assert proc.stderr is not None
+    assert "comb: accelerator" in proc.stderr.readline()  # chosen first (auto: probed once)
     assert "overlay b1" in proc.stderr.readline()  # the server is up and QEMU is starting
     time.sleep(1.0)
     assert proc.poll() is None  # still booting, nothing to boot from
