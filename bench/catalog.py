@@ -26,6 +26,7 @@ from .catalog_gen import GIB, Spec, generate, scaled
 from .image import parse_size
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import Target, table
+from .runs import BENCH_PASSWORD
 
 REPORT_ARGS = {"retention": ["--keep-last", "24", "--keep-daily", "7", "--keep-weekly", "4"]}
 # Run inside the child: the time of opening the catalog and running one report, in seconds.
@@ -63,12 +64,13 @@ def catalog_bytes(location: str) -> int:
     return total
 
 
-def ensure_catalog(workdir: str, spec: Spec) -> Repository:
-    location = os.path.join(workdir, "catalog-repo")
-    stamp = os.path.join(workdir, "catalog-spec.json")
+def ensure_catalog(workdir: str, spec: Spec, encryption: str = "none") -> Repository:
+    suffix = "" if encryption == "none" else "-encrypted"
+    location = os.path.join(workdir, f"catalog-repo{suffix}")
+    stamp = os.path.join(workdir, f"catalog-spec{suffix}.json")
     want = json.dumps(asdict(spec), sort_keys=True)
     if os.path.exists(stamp) and open(stamp).read() == want:
-        return Repository.open(location)
+        return Repository.open(location, password=BENCH_PASSWORD)
     if os.path.exists(stamp):
         os.unlink(stamp)  # first: an interrupted rewrite must never pass for a finished one
     if os.path.exists(location):
@@ -76,7 +78,9 @@ def ensure_catalog(workdir: str, spec: Spec) -> Repository:
 
         shutil.rmtree(location)
     os.makedirs(workdir, exist_ok=True)
-    repo = Repository.init(location, spec.chunk_bytes, 3, encryption="none")
+    repo = Repository.init(
+        location, spec.chunk_bytes, 3, encryption=encryption, password=BENCH_PASSWORD
+    )
     t0 = time.perf_counter()
     print(f"writing a synthetic catalog: {spec.points} points of {spec.disk_bytes / GIB:.0f} GiB")
     generate(repo, spec, progress=True)
@@ -89,8 +93,9 @@ def ensure_catalog(workdir: str, spec: Spec) -> Repository:
 def _run(argv: list[str]) -> tuple[float, float]:
     """(seconds inside the command, seconds of the whole process)."""
     t0 = time.perf_counter()
+    env = {**os.environ, "COMB_PASSWORD": BENCH_PASSWORD}
     out = subprocess.run(
-        [sys.executable, "-c", _TIMED, *argv], capture_output=True, text=True, check=False
+        [sys.executable, "-c", _TIMED, *argv], capture_output=True, text=True, check=False, env=env
     )
     wall = time.perf_counter() - t0
     if out.returncode != 0:
@@ -108,11 +113,17 @@ def main(argv: list[str]) -> int:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--workdir", default=DEFAULT_WORKDIR)
     ap.add_argument("--json", metavar="FILE", help="also write the figures as JSON")
+    ap.add_argument(
+        "--encryption",
+        choices=["none", "aes-256-gcm"],
+        default="none",
+        help="the catalog's encryption (default none; a second catalog is kept for each)",
+    )
     args = ap.parse_args(argv)
     spec = scaled(Spec(), args.points, parse_size(args.disk) if args.disk else None)
     if args.run_chunks is not None:
         spec = replace(spec, run_chunks=args.run_chunks)
-    repo = ensure_catalog(args.workdir, spec)
+    repo = ensure_catalog(args.workdir, spec, args.encryption)
     points = repo.points()
     stored = sum(p.stats.bytes_stored for p in points)
     meta = catalog_bytes(repo.location)
@@ -130,7 +141,7 @@ def main(argv: list[str]) -> int:
     rows.append(["dashboard", f"{dash:.2f}", f"{statistics.median(r[1] for r in runs):.2f}"])
     print("\n".join(header_lines(describe())))
     print(
-        f"catalog: {len(points)} points, {spec.disk_bytes / GIB:.0f} GiB disk, "
+        f"catalog ({args.encryption}): {len(points)} points, {spec.disk_bytes / GIB:.0f} GiB disk, "
         f"{stored / GIB:.1f} GiB stored, catalog {meta / GIB:.2f} GiB"
     )
     print(
