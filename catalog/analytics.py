@@ -121,6 +121,15 @@ class Catalog:
         """Build the ``changes`` view: DuckDB reads the (checked) change tables in place."""
         if "changes" in self._built:
             return
+        if self.storage.keys is not None:
+            # Encrypted: the rows the history already decrypted and loaded, in memory.
+            self.con.register("_changes_rows", self.history.change_rows())
+            self.con.execute(
+                'CREATE VIEW _changes AS SELECT pos, "offset", chunk_key, new, stored_len '
+                "FROM _changes_rows"
+            )
+            self._create_changes_view()
+            return
         files = self.history.change_files()
         self.con.register(
             "_change_files",
@@ -148,6 +157,9 @@ class Catalog:
             'CREATE VIEW _changes AS SELECT f.pos, c."offset", c.chunk_key, c.new, '
             f"c.stored_len FROM {source} c JOIN _change_files f USING (filename)"
         )
+        self._create_changes_view()
+
+    def _create_changes_view(self) -> None:
         self.con.execute(
             'CREATE VIEW changes AS SELECT h.point_id, h.source, c.pos, c."offset", '
             'least(h.chunk_size, h.size - c."offset") AS length, c.chunk_key, '

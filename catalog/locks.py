@@ -27,7 +27,7 @@ from datetime import UTC, datetime
 
 import psutil
 
-from .errors import LockedError, RepositoryError
+from .errors import CombError, LockedError, RepositoryError
 from .storage import Storage
 
 LOCKS_PREFIX = "locks"
@@ -88,7 +88,13 @@ def read_locks(storage: Storage) -> list[LockInfo]:
         if not name.endswith(".json"):
             continue
         try:
-            doc = json.loads(storage.read(name))
+            raw = storage.read(name)
+        except CombError:
+            if not storage.exists(name):
+                continue  # released between the listing and the read
+            raise  # a lock that exists but cannot be read must not be ignored
+        try:
+            doc = json.loads(raw)
             info = LockInfo(**{k: doc[k] for k in LockInfo.__dataclass_fields__})
             datetime.fromisoformat(info.heartbeat)
         except (OSError, ValueError, KeyError, TypeError):

@@ -338,3 +338,20 @@ def test_scrub_sample(cli: CliRunner, repo_path: Path, make_image: Any, tmp_path
     doc = _json(cli("-r", repo_path, "scrub", "--sample", "30", "--json"))
     assert 1 <= doc["packs"] < doc["packs_total"] == 4
     assert_one_line_error(cli("-r", repo_path, "scrub", "--sample", "0"), "--sample", code=2)
+
+
+def test_a_lock_released_while_locks_are_read_is_skipped(
+    repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the multi-process kill test: a lock listed, then released before it was read,
+    made the reader fail ("cannot read locks/...: No such file"). It is simply gone."""
+    repo = Repository.open(str(repo_path))
+    with locks.locked(repo.storage, "backup", command="test"):
+        listed = repo.storage.list("locks")
+    real_list = type(repo.storage).list
+    monkeypatch.setattr(
+        type(repo.storage),
+        "list",
+        lambda s, prefix: listed if prefix == "locks" else real_list(s, prefix),
+    )
+    assert locks.read_locks(repo.storage) == []
