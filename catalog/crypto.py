@@ -161,10 +161,13 @@ class RepoKeys:
 
         return pe.create_decryption_properties(self.parquet_key)
 
-    def parquet_dataset(self, files: list[str], schema: Any, with_filename: bool) -> Any:
+    def parquet_dataset(
+        self, files: list[str], schema: Any, with_filename: bool, pos: list[int] | None = None
+    ) -> Any:
         """The files as one pyarrow dataset that decrypts them (page checksums verified), with
         the given columns (missing ones read as nulls, others ignored) and, when asked, a
-        ``filename`` column. DuckDB scans it with projection and filter pushdown."""
+        ``filename`` column, or a ``pos`` column of one given integer per file. DuckDB scans it
+        with projection and filter pushdown."""
         import pyarrow as pa
         import pyarrow.dataset as ds
         import pyarrow.fs as pafs
@@ -177,6 +180,9 @@ class RepoKeys:
         if with_filename:
             schema = schema.append(pa.field("filename", pa.string()))
             parts = [ds.field("filename") == f for f in files]
+        elif pos is not None:
+            schema = schema.append(pa.field("pos", pa.int64()))
+            parts = [ds.field("pos") == p for p in pos]
         else:
             parts = None
         return ds.FileSystemDataset.from_paths(

@@ -158,23 +158,6 @@ class History:
             starts,
         )
 
-    def change_rows(self) -> pa.Table:
-        """Every change row as one in-memory table (pos, offset, chunk_key, new, stored_len), from
-        the columns the reports already load: the ``changes`` view of an encrypted repository,
-        whose change tables DuckDB cannot scan itself (catalog.views.parquet_from)."""
-        c = self._columns()
-        chunk = self.points[0].chunk_size if self.points else 1
-        counts = np.diff(c.starts)
-        return pa.table(
-            {
-                "pos": pa.array(np.repeat(np.arange(len(counts), dtype=np.int64), counts)),
-                "offset": pa.array(c.chunk_no.astype(np.int64) * chunk),
-                "chunk_key": pa.array(c.key, mask=c.kind == _ZERO),
-                "new": pa.array(c.kind == _NEW),
-                "stored_len": pa.array(c.stored),
-            }
-        )
-
     def lives(self) -> lv_.Lives | None:
         """The chunk lives of the whole history (``catalog.lives``): from the local cache when
         it covers the history (extended by the points it lacks), else built from every row.
