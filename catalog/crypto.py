@@ -26,7 +26,7 @@ import secrets
 import socket
 import sys
 import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
 from typing import Any
@@ -54,6 +54,10 @@ SEAL_OVERHEAD_BYTES = NONCE_BYTES + TAG_BYTES
 KDF_MEMORY_KIB = 64 * 1024
 KDF_ITERATIONS = 3
 KDF_LANES = 4
+# What a reader accepts in a key file: bounded, so a planted key file cannot make every open
+# allocate gigabytes or run for minutes before the real key is tried.
+MAX_KDF_MEMORY_KIB = 1024 * 1024
+WRAPPED_BYTES = NONCE_BYTES + MASTER_BYTES + TAG_BYTES
 _CONTEXT = "comb 2026-11 repository {}"
 PURPOSES = ("chunk id", "blob", "pack table", "document", "parquet", "overlay record")
 
@@ -86,6 +90,11 @@ class RepoKeys:
 
     def __repr__(self) -> str:  # never print key material
         return "RepoKeys(...)"
+
+    def for_workers(self) -> RepoKeys:
+        """The purpose keys without the master secret (what pipeline workers receive: they
+        never wrap keys, and a worker's memory should not hold the secret every key opens)."""
+        return replace(self, master=b"")
 
     # -- chunk ids --------------------------------------------------------------------------
     def chunk_hasher(self) -> Any:
@@ -278,12 +287,14 @@ def read_key_doc(storage: Storage, key_id: str) -> dict[str, Any]:
         kdf = doc["kdf"]
         if kdf.get("name") != KDF_NAME:
             raise ValueError(f"unknown key derivation {kdf.get('name')!r}")
-        if not 8 * 1024 <= int(kdf["memory_kib"]) <= 4 * 1024 * 1024:
+        if not 8 * 1024 <= int(kdf["memory_kib"]) <= MAX_KDF_MEMORY_KIB:
             raise ValueError("implausible Argon2id memory cost")
-        if not 1 <= int(kdf["iterations"]) <= 100 or not 1 <= int(kdf["lanes"]) <= 64:
+        if not 1 <= int(kdf["iterations"]) <= 10 or not 1 <= int(kdf["lanes"]) <= 16:
             raise ValueError("implausible Argon2id cost")
-        base64.b64decode(kdf["salt"], validate=True)
-        base64.b64decode(doc["wrapped"], validate=True)
+        if len(base64.b64decode(kdf["salt"], validate=True)) != 16:
+            raise ValueError("the salt is not 16 bytes")
+        if len(base64.b64decode(doc["wrapped"], validate=True)) != WRAPPED_BYTES:
+            raise ValueError(f"the wrapped key is not {WRAPPED_BYTES} bytes")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CorruptionError(f"{where} is not a valid key file ({err})") from None
     return doc
@@ -321,6 +332,9 @@ def _unlock(storage: Storage, repo_id: str, password: str, location: str) -> tup
                 wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _key_aad(repo_id)
             )
         except InvalidTag:
+            continue
+        except (ValueError, MemoryError) as err:  # parameters the KDF refuses: a bad key file
+            damaged.append(f"key file {key_id} cannot be used ({err})")
             continue
         if len(master) != MASTER_BYTES:
             damaged.append(f"key {key_id} holds a master secret of the wrong size")

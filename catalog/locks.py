@@ -45,7 +45,7 @@ def default_wait() -> float:
         return DEFAULT_WAIT_S
 
 
-EXCLUSIVE_KINDS = frozenset({"prune", "repair"})
+EXCLUSIVE_KINDS = frozenset({"prune", "repair", "key"})
 
 
 def _now() -> str:

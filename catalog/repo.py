@@ -93,7 +93,11 @@ class Repository:
         return Repository(storage, config, path, key_id)
 
     @staticmethod
-    def open(location: str, password: str | None = None) -> Repository:
+    def open(
+        location: str, password: str | None = None, keys: crypto.RepoKeys | None = None
+    ) -> Repository:
+        """``keys``: already unwrapped keys (a worker of a job whose driver opened the
+        repository: no password, no second Argon2id derivation)."""
         path = os.path.abspath(location)
         if not os.path.isdir(path):
             raise RepositoryError(
@@ -104,15 +108,19 @@ class Repository:
             raise RepositoryError(f"{path} is not a comb repository (no {CONFIG_NAME})")
         config = parse_config(storage.read(CONFIG_NAME), os.path.join(path, CONFIG_NAME))
         key_id = None
-        if config.encrypted:
+        if config.encrypted and keys is not None:
+            storage.keys = keys
+        elif config.encrypted:
             if password is None:
                 password = crypto.read_password(location)
             storage.keys, key_id = crypto.unlock(storage, config.id, password, path)
-        elif crypto.key_ids(storage):
-            raise RepositoryError(
-                f"{path}: config.json says the repository is not encrypted, but it has key "
-                "files (config.json was tampered with or replaced)"
-            )
+        else:
+            trace = _sealed_trace(storage)
+            if trace:
+                raise RepositoryError(
+                    f"{path}: config.json says the repository is not encrypted, but it has "
+                    f"{trace} (config.json was tampered with or replaced)"
+                )
         return Repository(storage, config, path, key_id)
 
     def require_writable(self) -> None:
@@ -140,3 +148,31 @@ class Repository:
 
     def manifest(self, point: RecoveryPoint) -> ManifestReader:
         return ManifestReader(self.storage, point.root, point.leaves)
+
+
+def _sealed_trace(storage: LocalStorage) -> str:
+    """What shows that a repository whose config says "plain" was encrypted: key files, a
+    sealed point document, an encrypted index segment, or a sealed pack (one of each is looked
+    at: a few small reads). Otherwise replacing config.json (and deleting keys/) would make comb
+    read sealed data as plain, or write plain data next to it."""
+    if crypto.key_ids(storage):
+        return "key files"
+    points = sorted(n for n in storage.list("points") if n.endswith(".json"))
+    if points and b'"comb-sealed"' in storage.read(points[0]):
+        return "sealed point documents"
+    segments = sorted(n for n in storage.list("index") if n.endswith(".parquet"))
+    if segments and storage.read(segments[0], 0, 4) == b"PARE":
+        return "encrypted index segments"
+    try:
+        with os.scandir(storage.path("packs")) as fans:
+            for fan in sorted(e.path for e in fans if e.is_dir()):
+                packs = sorted(e.path for e in os.scandir(fan) if e.name.endswith(".pack"))
+                if packs:
+                    with open(packs[0], "rb") as fh:
+                        header = fh.read(16)
+                    if len(header) == 16 and int.from_bytes(header[10:12], "little") & 1:
+                        return "sealed packs"
+                    break
+    except OSError:
+        pass
+    return ""

@@ -14,6 +14,7 @@ import fcntl
 import json
 import os
 import re
+import secrets
 import threading
 import time
 from dataclasses import dataclass
@@ -92,6 +93,11 @@ def read_doc(repo: Repository, name: str) -> dict[str, object]:
     return doc
 
 
+def ident(doc: dict[str, object], name: str) -> str:
+    """The overlay's id (random, from its document), bound into its sealed records."""
+    return str(doc.get("id") or name)
+
+
 def names(repo: Repository) -> list[str]:
     """Overlays with a document, sorted (a directory without one is an interrupted create)."""
     root = repo.storage.local_path(OVERLAYS_DIR)
@@ -117,6 +123,7 @@ def create(repo: Repository, name: str, point: RecoveryPoint) -> None:
     doc = {
         "format": OVERLAY_FORMAT,
         "version": OVERLAY_VERSION,
+        "id": secrets.token_hex(16),
         "base": point.id,
         "source": point.source,
         "size": point.size,
@@ -173,7 +180,8 @@ def check(repo: Repository, name: str, point_ids: set[str]) -> tuple[list[str], 
         for k, n in enumerate(logs):
             file = os.path.join(path, log_name(n))
             try:
-                sealed = L.Sealed(repo.keys) if repo.keys is not None else None
+                keys = repo.keys
+                sealed = L.Sealed(keys, ident(doc, name)) if keys is not None else None
                 got = L.replay(
                     file, n, k == len(logs) - 1, size, L.ExtentMap(), sealed, sealed is not None
                 )
@@ -255,7 +263,8 @@ class Overlay:
         self._mutex = threading.Lock()
         self.map = L.ExtentMap()
         self._keys = repo.keys
-        self._sealed = L.Sealed(repo.keys) if repo.keys is not None else None
+        self._ident = ident(doc, name)
+        self._sealed = L.Sealed(repo.keys, self._ident) if repo.keys is not None else None
         self._fds: dict[int, int] = {}
         try:
             self._open_logs()
@@ -316,12 +325,15 @@ class Overlay:
             raise UsageError(f"overlay {self.name}: {offset}+{length} is beyond its end")
         if not length:
             return
-        head, stored = L.encode_record(kind, offset, length, payload, self._keys)
+        sealed = self._keys is not None and kind == L.KIND_DATA
+        need = L.HEADER_BYTES + L.stored_length(kind, L.FLAG_SEALED if sealed else 0, length)
         with self._mutex:
-            if self._end + len(head) + len(stored) > LOG_MAX_BYTES and self._end:
+            if self._end + need > LOG_MAX_BYTES and self._end:
                 self._sync()
                 self._new_log()
             fd, at = self._fds[self._current], self._end
+            where = (self._ident, self._current, at)
+            head, stored = L.encode_record(kind, offset, length, payload, self._keys, where)
             try:
                 _pwrite_all(fd, [head, stored], at)
             except OSError:

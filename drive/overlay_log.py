@@ -7,9 +7,11 @@ bad record at the end of the last log is a crash mid-write and is cut off, one a
 corruption. Knows nothing about locks, names or NBD (``drive.overlay``).
 
 In an encrypted repository every data record is sealed (flag bit 0): its payload is
-``nonce ‖ AES-256-GCM(plain) ‖ tag`` with the first 24 header bytes as associated data, so a
-record cannot be moved to another offset. A run of a sealed record is read by opening the whole
-record (``Sealed.read``); the last few opened records are kept for sequential reads.
+``nonce ‖ AES-256-GCM(plain) ‖ tag`` with the first 24 header bytes, the overlay's random id,
+the log number and the record's position in the log as associated data (``record_aad``), so a
+record cannot be moved to another offset, overlay, log or place in a log (records cut off the
+end of a log are not detected). A run of a sealed record is read by opening the whole record
+(``Sealed.read``); the last few opened records are kept for sequential reads.
 """
 
 from __future__ import annotations
@@ -48,15 +50,26 @@ def checksum(head: bytes, payload: bytes | memoryview) -> bytes:
     return h.digest(16)
 
 
+def record_aad(head: bytes, ident: str, log: int, at: int) -> bytes:
+    """Associated data of a sealed record: its header, and where it belongs."""
+    return head[:_CHECKED] + f"|{ident}|{log}|{at}".encode()
+
+
 def encode_record(
-    kind: int, offset: int, length: int, payload: bytes | memoryview, keys: RepoKeys | None
+    kind: int,
+    offset: int,
+    length: int,
+    payload: bytes | memoryview,
+    keys: RepoKeys | None,
+    where: tuple[str, int, int] = ("", 0, 0),
 ) -> tuple[bytes, bytes | memoryview]:
-    """(header, stored payload) of one record; the payload is sealed when ``keys`` is given."""
+    """(header, stored payload) of one record; the payload is sealed when ``keys`` is given,
+    bound to ``where`` = (overlay id, log number, position in the log)."""
     flags = FLAG_SEALED if keys is not None and kind == KIND_DATA else 0
     head = HEADER.pack(RECORD_MAGIC, kind, flags, offset, length, bytes(16))[:_CHECKED]
     if flags:
         assert keys is not None
-        payload = keys.seal_record(payload, head)
+        payload = keys.seal_record(payload, record_aad(head, *where))
     return head + checksum(head, payload), payload
 
 
@@ -72,6 +85,7 @@ class Sealed:
     records (an NBD read usually covers parts of the same record as the previous one)."""
 
     keys: RepoKeys
+    ident: str  # the overlay's id (overlay.json), bound into every record
     starts: dict[int, list[int]] = field(default_factory=dict)  # log -> record offsets
     _cache: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict)
     _lock: threading.Lock = field(default_factory=threading.Lock)
@@ -95,7 +109,8 @@ class Sealed:
             head = os.pread(fd, HEADER_BYTES, at)
             _magic, kind, flags, _off, length, _ = HEADER.unpack(head)
             body = os.pread(fd, stored_length(kind, flags, length), at + HEADER_BYTES)
-            plain = self.keys.open_record(body, head[:_CHECKED], f"{where} log {log} at {at}")
+            aad = record_aad(head, self.ident, log, at)
+            plain = self.keys.open_record(body, aad, f"{where} log {log} at {at}")
             with self._lock:
                 self._cache[(log, at)] = plain
                 while len(self._cache) > 8:
@@ -207,7 +222,8 @@ def replay(
                             f"{'an encrypted' if sealed else 'a plain'} repository (tampered)"
                         )
                     elif sealed is not None and kind == KIND_DATA:
-                        sealed.keys.open_record(payload, head[:_CHECKED], f"overlay log {path}")
+                        aad = record_aad(head, sealed.ident, log, at)
+                        sealed.keys.open_record(payload, aad, f"overlay log {path} at {at}")
                         sealed.add(log, at)
             if bad is not None:
                 if last and (bad.startswith("the record runs") or _tail(fh, at, total, head)):

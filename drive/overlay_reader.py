@@ -42,7 +42,8 @@ class OverlayReader:
         self.name = name
         self.size = int(str(doc["size"]))
         self.path = overlay.overlay_dir(repo, name)
-        self._sealed = L.Sealed(repo.keys) if repo.keys is not None else None
+        keys = repo.keys
+        self._sealed = L.Sealed(keys, overlay.ident(doc, name)) if keys is not None else None
         self.map = replay(repo, name, self.size, self._sealed)
         self.base = PointSource(repo, repo.resolve(str(doc["base"])))
         self._fds: dict[int, int] = {}

@@ -290,7 +290,9 @@ def run_backup(
         ov = Overlay(repo, name)
         try:
             plan = plan_overlay_backup(repo, ov, opts)
-            source = OverlaySource(repo.location, name)
+            source = OverlaySource(
+                repo.location, name, repo.keys.for_workers() if repo.keys is not None else None
+            )
             return _run(repo, plan, source, source_path, engine, opts, progress, t0)
         finally:
             ov.close()
@@ -322,7 +324,8 @@ def run_jobs(
     t0 = time.perf_counter() if t0 is None else t0
     cfg = repo.config
     storage = repo.storage
-    target = PackTarget(repo.location, opts.pack_target_bytes, keys=repo.keys, parity=cfg.parity)
+    workers_keys = repo.keys.for_workers() if repo.keys is not None else None
+    target = PackTarget(repo.location, opts.pack_target_bytes, keys=workers_keys, parity=cfg.parity)
     source: Source = (
         jobs[0].source if len(jobs) == 1 else MultiSource(tuple(j.source for j in jobs))
     )
@@ -354,7 +357,7 @@ def run_jobs(
     index_seg = IndexSegmentWriter(storage)
     failed = True
     try:
-        engine.start(repo.location, make_stage, repo.keys)
+        engine.start(repo.location, make_stage, workers_keys)
         _drive(engine, disks, index_seg, progress)
         segment_id, index_bytes = index_seg.commit()
         committed = []

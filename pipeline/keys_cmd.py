@@ -1,8 +1,10 @@
 """``comb key add | list | remove ID``: the passwords of an encrypted repository.
 
 Each password wraps the same master secret in its own key file (``keys/<id>.json``), so adding
-or removing one never rewrites data. The key the current password opened cannot be removed
-(prove another password first), nor can the last one (the repository would be unreadable).
+or removing one never rewrites data; it also means removing a key is not revoking it: a kept
+copy of the file still opens the repository with its password (the master secret never
+changes). The key the current password opened cannot be removed (prove another password
+first), nor can the last one. Both take the exclusive ``key`` lock.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 
 from catalog import crypto
 from catalog.errors import RepositoryError, UsageError
+from catalog.locks import locked
 from catalog.repo import Repository
 
 
@@ -27,27 +30,14 @@ def cmd_key(repo: str, args: argparse.Namespace) -> int:
     if args.action == "add":
         r.require_writable()
         password = crypto.read_password(r.location, new=True)
-        key_id = crypto.add_key(r.storage, r.config.id, r.keys.master, password)  # type: ignore[union-attr]
+        with locked(r.storage, "key", command="key add"):
+            key_id = crypto.add_key(r.storage, r.config.id, r.keys.master, password)  # type: ignore[union-attr]
         print(f"added key {key_id}")
         return 0
     if args.action == "remove":
         r.require_writable()
-        ids = crypto.key_ids(r.storage)
-        matches = [k for k in ids if k.startswith(args.id.lower())] if args.id else []
-        if len(matches) != 1:
-            what = "no key" if not matches else f"{len(matches)} keys"
-            raise UsageError(f"{what} match {args.id!r} (see `comb key list`)")
-        key_id = matches[0]
-        if key_id == r.key_id:
-            raise UsageError(
-                f"key {key_id} is the one your password opened: open the repository with "
-                "another password to remove it"
-            )
-        if len(ids) == 1:
-            raise UsageError("refusing to remove the last key")
-        r.storage.remove(crypto.key_name(key_id))
-        print(f"removed key {key_id}")
-        return 0
+        with locked(r.storage, "key", command="key remove"):
+            return _remove(r, args.id)
     rows = []
     for key_id in crypto.key_ids(r.storage):
         doc = crypto.read_key_doc(r.storage, key_id)
@@ -68,4 +58,24 @@ def cmd_key(repo: str, args: argparse.Namespace) -> int:
     for row in rows:
         mark = "*" if row["current"] else " "
         print(f"{mark} {row['id']}  {row['created']}  {row['user']}@{row['host']}  {row['kdf']}")
+    return 0
+
+
+def _remove(r: Repository, wanted: str) -> int:
+    """Under the exclusive key lock, so the key list cannot change meanwhile."""
+    ids = crypto.key_ids(r.storage)
+    matches = [k for k in ids if k.startswith(wanted.lower())] if wanted else []
+    if len(matches) != 1:
+        what = "no key" if not matches else f"{len(matches)} keys"
+        raise UsageError(f"{what} match {wanted!r} (see `comb key list`)")
+    key_id = matches[0]
+    if key_id == r.key_id:
+        raise UsageError(
+            f"key {key_id} is the one your password opened: open the repository with "
+            "another password to remove it"
+        )
+    if len(ids) == 1:
+        raise UsageError("refusing to remove the last key")
+    r.storage.remove(crypto.key_name(key_id))
+    print(f"removed key {key_id} (a copy of its file and its password still open the repository)")
     return 0

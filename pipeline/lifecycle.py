@@ -45,7 +45,9 @@ def _waiting(blocker: object) -> None:
 @contextmanager
 def writer_lock(repo: Repository, kind: str) -> Iterator[Lock]:
     """The shared lock of a backup (or forget): waits while a prune removes data."""
-    lock = acquire(repo.storage, kind, command=" ".join(sys.argv[1:3]), on_wait=_waiting)
+    # Lock files are plain: in an encrypted repository they name the command, not its source.
+    command = kind if repo.keys is not None else " ".join(sys.argv[1:3])
+    lock = acquire(repo.storage, kind, command=command, on_wait=_waiting)
     try:
         yield lock
     finally:

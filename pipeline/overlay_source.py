@@ -9,8 +9,9 @@ read-only (no lock: the driver holds the overlay's lock for the whole backup, se
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from catalog.crypto import RepoKeys
 from catalog.repo import Repository
 from drive.overlay_reader import OverlayReader
 
@@ -26,9 +27,11 @@ def overlay_name(source_path: str) -> str | None:
 class OverlaySource:
     repo: str
     name: str
+    # An encrypted repository's keys, from the driver (a worker cannot ask for the password).
+    keys: RepoKeys | None = field(default=None, repr=False)
 
     def open(self) -> OpenOverlay:
-        return OpenOverlay(self.repo, self.name)
+        return OpenOverlay(self.repo, self.name, self.keys)
 
     def describe(self) -> str:
         return PREFIX + self.name
@@ -37,8 +40,8 @@ class OverlaySource:
 class OpenOverlay(OverlayReader):
     """An overlay open read-only, with the source-handle interface the backup reader uses."""
 
-    def __init__(self, repo_path: str, name: str) -> None:
-        super().__init__(Repository.open(repo_path), name)
+    def __init__(self, repo_path: str, name: str, keys: RepoKeys | None = None) -> None:
+        super().__init__(Repository.open(repo_path, keys=keys), name)
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The base point's data runs and every written run (data or zeros), merged."""

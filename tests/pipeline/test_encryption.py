@@ -312,3 +312,92 @@ def test_purposes_table_matches_the_code() -> None:
     derived.append(keys.record_key)
     assert len(set(derived)) == len(crypto.PURPOSES) and all(len(k) == 32 for k in derived)
     assert "key" not in repr(keys).lower().replace("repokeys", "")
+
+
+def test_review_fixes_overlay_records_keys_config_locks(
+    cli: CliRunner, tmp_path: Path, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From a security review: a sealed overlay record appended to another overlay's log is
+    refused; a config claiming "plain" is refused even with keys/ deleted; a malformed key
+    file does not lock the others out; lock files do not name the source."""
+    from catalog.repo import Repository
+    from drive import overlay
+    from drive.overlay import Overlay
+    from pipeline import lifecycle
+
+    repo, img = _backed_up(cli, tmp_path, make_image)
+    r = Repository.open(str(repo))
+    base = r.resolve(point_ids(cli, repo)[-1])
+    for name in ("ova", "ovb"):
+        overlay.create(r, name, base)
+        ov = Overlay(r, name)
+        ov.write(4096, (name.encode() + b"-secret ") * 64)
+        ov.flush()
+        ov.close()
+    assert cli("-r", repo, "verify").code == 0
+    logs = {n: next((repo / "overlays" / n).glob("log-*.dat")) for n in ("ova", "ovb")}
+    moved = logs["ova"].read_bytes()
+    with open(logs["ovb"], "ab") as fh:
+        fh.write(moved)
+    res = cli("-r", repo, "verify")
+    assert res.code != 0 and "overlay ovb" in res.err and "fails authentication" in res.err
+    logs["ovb"].write_bytes(logs["ovb"].read_bytes()[: -len(moved)])
+    assert cli("-r", repo, "verify").code == 0
+
+    with monkeypatch.context() as m:  # the lock names the command, not the source
+        m.setattr("sys.argv", ["comb", "backup", str(img.path)])
+        with lifecycle.writer_lock(r, "backup"):
+            (lock,) = (repo / "locks").iterdir()
+            assert str(img.path) not in lock.read_text() and "backup" in lock.read_text()
+
+    fake = tmp_path / "fake"
+    shutil.copytree(repo, fake)
+    shutil.rmtree(fake / "keys")
+    cfg = json.loads((fake / "config.json").read_text())
+    cfg["features"]["incompat"] = []
+    del cfg["encryption"]
+    (fake / "config.json").write_text(json.dumps(cfg))
+    assert_one_line_error(cli("-r", fake, "points"), "sealed point documents", code=3)
+    for sub in ("points",):
+        shutil.rmtree(fake / sub)
+    assert_one_line_error(cli("-r", fake, "points"), "encrypted index segments", code=3)
+    shutil.rmtree(fake / "index")
+    assert_one_line_error(cli("-r", fake, "backup", img.path), "sealed packs", code=3)
+
+    (key,) = repo_files(repo, "keys")
+    bad = key.with_name("0000000000000000.json")
+    kdoc = json.loads(key.read_text())
+    kdoc["wrapped"] = "AAAA"
+    bad.write_text(json.dumps(kdoc))
+    crypto.forget_unlocked()
+    assert cli("-r", repo, "points").code == 0  # the good key still opens it
+    key.unlink()
+    crypto.forget_unlocked()
+    assert_one_line_error(cli("-r", repo, "points"), "not a valid key file", code=7)
+
+
+@pytest.mark.ray
+def test_overlay_backup_on_ray_with_a_password_file(
+    cli: CliRunner, tmp_path: Path, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Workers get the driver's keys: they cannot read a password file or prompt."""
+    from catalog.repo import Repository
+    from drive import overlay
+    from drive.overlay import Overlay
+
+    repo, img = _backed_up(cli, tmp_path, make_image)
+    r = Repository.open(str(repo))
+    overlay.create(r, "vm", r.resolve(point_ids(cli, repo)[-1]))
+    ov = Overlay(r, "vm")
+    ov.write(0, b"guest wrote this " * 100)
+    ov.close()
+    pw = tmp_path / "pw"
+    pw.write_text(TEST_PASSWORD)
+    monkeypatch.delenv("COMB_PASSWORD")
+    crypto.forget_unlocked()
+    res = cli("--password-file", pw, "-r", repo, "backup", "overlay:vm", "--engine", "ray")
+    assert res.code == 0, res.err
+    out = tmp_path / "ov.img"
+    latest = Repository.open(str(repo), password=TEST_PASSWORD).points()[-1].id
+    assert cli("--password-file", pw, "-r", repo, "restore", latest, out).code == 0
+    assert out.read_bytes()[:17] == b"guest wrote this "
