@@ -274,7 +274,7 @@ def main(argv: list[str]) -> int:
     verify_s = time.perf_counter() - t0
     rows = [
         [
-            "scrub (whole-pack BLAKE3, 2 threads)",
+            "scrub (whole-pack BLAKE3, 4 threads)",
             f"{rep.bytes / scrub_s / 1e6:.0f}",
             f"{scrub_s:.2f}",
         ],
