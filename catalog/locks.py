@@ -69,8 +69,14 @@ class LockInfo:
 
     def stale(self, now: float | None = None) -> str | None:
         """Why this lock is stale, or None when its holder may be alive."""
-        if self.host == socket.gethostname() and not psutil.pid_exists(self.pid):
-            return f"process {self.pid} is gone"
+        if self.host == socket.gethostname():
+            try:
+                started = datetime.fromisoformat(self.started).timestamp()
+            except ValueError:
+                started = None
+            gone = _gone(self.pid, started)
+            if gone:
+                return gone
         age = (now or time.time()) - datetime.fromisoformat(self.heartbeat).timestamp()
         if age > STALE_S:
             return f"no heartbeat for {age:.0f} s"
@@ -79,6 +85,23 @@ class LockInfo:
     def describe(self) -> str:
         mode = "exclusive" if self.exclusive else "shared"
         return f"{self.kind} ({mode}) by {self.host} pid {self.pid} since {self.started}"
+
+
+def _gone(pid: int, started: float | None) -> str | None:
+    """Why process ``pid`` of this host cannot be the one that took a lock at ``started``:
+    it does not exist, it has exited and waits to be reaped (a killed comb whose parent has not
+    collected it yet), or the pid now belongs to a process started after the lock."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return f"process {pid} has exited"
+        if started is not None and proc.create_time() > started + 1.0:  # taken after its start
+            return f"process {pid} is gone (the pid belongs to a newer process)"
+    except psutil.NoSuchProcess:
+        return f"process {pid} is gone"
+    except psutil.Error:
+        return None  # cannot tell (permissions): the heartbeat decides
+    return None
 
 
 def read_locks(storage: Storage) -> list[LockInfo]:

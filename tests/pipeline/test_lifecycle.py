@@ -355,3 +355,23 @@ def test_a_lock_released_while_locks_are_read_is_skipped(
         lambda s, prefix: listed if prefix == "locks" else real_list(s, prefix),
     )
     assert locks.read_locks(repo.storage) == []
+
+
+def test_locks_of_exited_unreaped_or_reused_pids_are_stale(repo_path: Path) -> None:
+    """A killed comb not yet reaped by its parent (a zombie) holds no lock, nor does a pid that
+    now belongs to a process started after the lock was taken."""
+    host = socket.gethostname()
+    zombie = subprocess.Popen(["true"])
+    deadline = time.time() + 10
+    while time.time() < deadline and __import__("psutil").Process(zombie.pid).status() != "zombie":
+        time.sleep(0.01)
+    now = locks._now()
+    info = locks.LockInfo("a" * 16, "prune", True, host, zombie.pid, now, now)
+    assert info.stale() == f"process {zombie.pid} has exited"
+    zombie.wait()
+    assert info.stale() == f"process {zombie.pid} is gone"
+    old = "2001-01-01T00:00:00+00:00"  # this test's own pid, but a lock from long before
+    reused = locks.LockInfo("b" * 16, "prune", True, host, os.getpid(), old, locks._now())
+    assert "newer process" in str(reused.stale())
+    live = locks.LockInfo("c" * 16, "prune", True, host, os.getpid(), now, locks._now())
+    assert live.stale() is None
