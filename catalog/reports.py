@@ -16,6 +16,7 @@ import pyarrow as pa
 
 from .analytics import Catalog
 from .errors import PointNotFound, QueryError, UsageError
+from .regions import hot_regions_table
 from .retention import KeepPolicy, forget_mask
 
 MIB = 1 << 20
@@ -165,6 +166,10 @@ def hot_regions(cat: Catalog, opts: ReportOptions) -> ReportResult:
             }
         ),
     )
+    if cat.storage.keys is not None:  # encrypted: numpy over two decrypted columns
+        buckets = [opts.bucket_bytes or default_bucket(sizes[h.points[i].source]) for i in chosen]
+        table = hot_regions_table(h, chosen, buckets, opts.limit)
+        return ReportResult(table, _history_notes(cat))
     cat.need_changes()
     limit = f"LIMIT {int(opts.limit)}" if opts.limit else ""
     table = _sql(

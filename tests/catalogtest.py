@@ -13,10 +13,12 @@ from catalog.repo import Repository
 C = 64 * 1024
 
 
-def make_history(tmp_path: Path) -> tuple[Repository, list[RecoveryPoint], list[int]]:
+def make_history(
+    tmp_path: Path, encryption: str = "aes-256-gcm"
+) -> tuple[Repository, list[RecoveryPoint], list[int]]:
     """Four real backups of one disk: full, then three with known changes (two hot spots,
     one zeroed chunk, a rewrite with identical bytes, one copied chunk = a dedup hit)."""
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, encryption=encryption)
     img = Image(tmp_path / "disk.img", 16 * MiB)
     img.random(0, 4 * MiB, seed=1)
     img.compressible(8 * MiB, 2 * MiB, seed=2)
