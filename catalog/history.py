@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from . import lives as lv_
+from . import lives_cache
 from .changes import CHANGES_SCHEMA, changes_name, read_changes
 from .errors import CombError, QueryError
 from .format import CONFIG_NAME, parse_config
@@ -167,8 +168,8 @@ class History:
             return None
         if self._lives is None:
             chunk = self.points[0].chunk_size if self.points else 1
-            big = sum(f[2] for f in files) >= lv_.CACHE_MIN_ROWS
-            path = lv_.cache_path(self._repo_id()) if big else None
+            big = sum(f[2] for f in files) >= lives_cache.CACHE_MIN_ROWS
+            path = lives_cache.cache_path(self._repo_id()) if big else None
             lives = self._cached(path, chunk) if path is not None else None
             if lives is None:
                 lives = lv_.Lives(chunk)
@@ -187,7 +188,7 @@ class History:
         for p in self.points:
             chains[p.source].append(str(p.changes))
         try:
-            cache = lv_.CacheFile(path)
+            cache = lives_cache.CacheFile(path)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
             return None
         try:
@@ -230,7 +231,7 @@ class History:
         if path is None:
             return
         try:
-            lv_.save(lives, path)
+            lives_cache.save(lives, path)
         except OSError:
             pass  # a cache that cannot be written is only slower next time
 

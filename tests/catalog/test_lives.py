@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.catalog_gen import Spec, generate
-from catalog import lives
+from catalog import lives, lives_cache
 from catalog.history import History
 from catalog.points import commit_point, point_name
 from catalog.repo import Repository
@@ -30,8 +30,8 @@ MASKS = 6
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every history is cached (no size threshold), in a directory of the test's own."""
     where = tmp_path / "cache"
-    monkeypatch.setenv(lives.CACHE_ENV, str(where))
-    monkeypatch.setattr(lives, "CACHE_MIN_ROWS", 0)
+    monkeypatch.setenv(lives_cache.CACHE_ENV, str(where))
+    monkeypatch.setattr(lives_cache, "CACHE_MIN_ROWS", 0)
     return where
 
 
@@ -80,7 +80,7 @@ def _synthetic(root: Path, points: int, seed: int, dedup: float = 0.2) -> Reposi
 
 
 def _cache_file(repo: Repository) -> str:
-    return lives.cache_path(repo.config.id)
+    return lives_cache.cache_path(repo.config.id)
 
 
 def test_real_backups_lives_equal_the_walk_and_are_cached(tmp_path: Path, cache: Path) -> None:
@@ -125,11 +125,11 @@ def test_a_hit_of_ended_content_rebuilds(tmp_path: Path, cache: Path) -> None:
     api_backup(repo.location, img.path, img.changes_file(tmp_path / "c2.json"))
     h = History.of(repo.storage, repo.points())
     last = str(h.points[-1].changes)
-    cached = lives.CacheFile(_cache_file(repo)).lives(with_state=True)
+    cached = lives_cache.CacheFile(_cache_file(repo)).lives(with_state=True)
     with pytest.raises(lives.Rebuild):
         cached.extend([(h.points[-1].source, last, h._rows_of(last))])
     _same(repo)
-    assert lives.CacheFile(_cache_file(repo)).chains[0] == [
+    assert lives_cache.CacheFile(_cache_file(repo)).chains[0] == [
         p.changes for p in History.of(repo.storage, repo.points()).points
     ]
 
@@ -152,7 +152,7 @@ def test_a_damaged_or_foreign_cache_is_rebuilt(tmp_path: Path, cache: Path) -> N
     os.replace(_cache_file(other), path)
     _same(repo)
     mine = [p.changes for p in History.of(repo.storage, repo.points()).points]
-    assert lives.CacheFile(path).chains == [mine]  # rewritten for this history
+    assert lives_cache.CacheFile(path).chains == [mine]  # rewritten for this history
 
 
 def test_a_removed_point_is_not_served_from_the_cache(tmp_path: Path, cache: Path) -> None:
@@ -208,8 +208,8 @@ def test_any_history_cached_then_extended_equals_the_walk(
 ) -> None:
     """Lives cached for the first ``cut`` points, then extended (or rebuilt) to all ten."""
     root = tmp_path_factory.mktemp("h")
-    monkeypatch.setenv(lives.CACHE_ENV, str(root / "cache"))
-    monkeypatch.setattr(lives, "CACHE_MIN_ROWS", 0)
+    monkeypatch.setenv(lives_cache.CACHE_ENV, str(root / "cache"))
+    monkeypatch.setattr(lives_cache, "CACHE_MIN_ROWS", 0)
     repo = _synthetic(root, 10, seed)
     h = History.of(repo.storage, repo.points())
     hidden = [Path(repo.location, point_name(p.id)) for p in h.points[cut:]]
