@@ -5,7 +5,6 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -444,8 +443,3 @@ def test_query_errors_are_one_line(cli: CliRunner, repo_path: Path) -> None:
 def test_debug_shows_the_exception(cli: CliRunner, tmp_path: Path) -> None:
     with pytest.raises(CombError, match="does not exist"):
         cli("--debug", "-r", tmp_path / "none", "points")
-
-
-def test_init_twice_is_refused(cli: CliRunner, repo_path: Path) -> None:
-    assert_one_line_error(cli("-r", repo_path, "init"), "already", code=RepositoryError.exit_code)
-    assert os.path.exists(repo_path / "config.json")

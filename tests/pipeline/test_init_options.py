@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 from combtest import CliRunner, ImageFactory, assert_one_line_error, cmp_files
+
+from catalog.errors import RepositoryError
 
 
 def test_zstd_level_is_recorded_and_used(
@@ -33,3 +36,8 @@ def test_bad_init_options_are_one_line_errors(cli: CliRunner, tmp_path: Path) ->
     res = cli("-r", tmp_path / "b", "init", "--chunk-size", "3000")
     assert_one_line_error(res, "chunk size", code=2)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_init_twice_is_refused(cli: CliRunner, repo_path: Path) -> None:
+    assert_one_line_error(cli("-r", repo_path, "init"), "already", code=RepositoryError.exit_code)
+    assert os.path.exists(repo_path / "config.json")
