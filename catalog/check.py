@@ -17,7 +17,7 @@ import pyarrow.compute as pc
 from .changes import read_changes
 from .chunks import decode_chunk
 from .errors import CombError
-from .index import INDEX_SCHEMA, contains, id_keys, ids_to_array, segment_names
+from .index import INDEX_SCHEMA, blob_rows, contains, id_keys, ids_to_array, segment_names
 from .manifest import ManifestReader
 from .packs import PACK_TRAILER_BYTES, pack_name, parse_pack
 from .parquet_io import read_parquet
@@ -186,12 +186,7 @@ def _read_pack(
         report.errors.append(err.message)
         entries = {}
     view = memoryview(data)
-    ids = rows.column("chunk_id").to_pylist()
-    offs = rows.column("offset").to_pylist()
-    slens = rows.column("stored_len").to_pylist()
-    rlens = rows.column("raw_len").to_pylist()
-    codecs = rows.column("codec").to_pylist()
-    for cid, off, slen, rlen, codec in zip(ids, offs, slens, rlens, codecs, strict=True):
+    for cid, off, slen, rlen, codec in blob_rows(rows):
         report.chunks += 1
         if entries and (cid, off) not in entries:
             report.errors.append(f"pack {where} offset {off}: index entry not in the pack's table")

@@ -36,6 +36,7 @@ from .errors import CorruptionError, RepositoryError
 from .index import (
     INDEX_SCHEMA,
     IndexSegmentWriter,
+    blob_rows,
     contains,
     id_keys,
     ids_to_array,
@@ -237,15 +238,7 @@ def copy_chunks(
     raws: list[int] = []
     codecs: list[int] = []
     seen = set(skip)
-    cols = rows.to_pydict()
-    for cid, off, slen, raw_len, codec in zip(
-        cols["chunk_id"],
-        cols["offset"],
-        cols["stored_len"],
-        cols["raw_len"],
-        cols["codec"],
-        strict=True,
-    ):
+    for cid, off, slen, raw_len, codec in blob_rows(rows):
         if cid in seen:
             continue
         blob = data[off : off + slen]

@@ -13,7 +13,8 @@ look stored, and the restore/verify id check would then report it (never silent)
 from __future__ import annotations
 
 import threading
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -257,3 +258,16 @@ def load_locations(storage: Storage, needed: np.ndarray | None = None) -> pa.Tab
     names = {f"{c}_first": c for c in cols}
     grouped = grouped.rename_columns([names.get(n, n) for n in grouped.column_names])
     return grouped.select(INDEX_SCHEMA.names)
+
+
+def blob_rows(rows: pa.Table | dict[str, list[Any]]) -> Iterator[tuple[Any, Any, Any, Any, Any]]:
+    """(chunk id, offset, stored length, raw length, codec) of index rows, as Python values."""
+    cols = rows if isinstance(rows, dict) else rows.to_pydict()
+    return zip(
+        cols["chunk_id"],
+        cols["offset"],
+        cols["stored_len"],
+        cols["raw_len"],
+        cols["codec"],
+        strict=True,
+    )

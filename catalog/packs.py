@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
+from . import crypto
 from .errors import CorruptionError
 from .parity import ParityGeometry, ParityWriter
 from .storage import NewFile, Storage
@@ -34,7 +35,7 @@ PACK_ENTRY_BYTES = PACK_ENTRY.size
 PACK_TRAILER_BYTES = PACK_TRAILER.size
 # Header flag / entry flag bit 0: the entry table / the blob is sealed (FORMAT.md 21).
 PACK_FLAG_SEALED = 1
-SEAL_OVERHEAD_BYTES = 28  # nonce 12 + GCM tag 16 (catalog.crypto.SEAL_OVERHEAD_BYTES)
+SEAL_OVERHEAD_BYTES = crypto.SEAL_OVERHEAD_BYTES  # nonce and GCM tag of a sealed table
 # Seal a pack once this many stored bytes are in it: large enough for sequential restore reads
 # and few files, small enough to bound a worker's unsealed data. bench/README.md "pack size".
 DEFAULT_PACK_TARGET_BYTES = 64 * 1024 * 1024
@@ -64,6 +65,18 @@ class SealedPack:
     raw_lens: list[int]
     codecs: list[int]
     size: int
+
+    @staticmethod
+    def of(pack_id: str, entries: Sequence[PackEntry], size: int) -> SealedPack:
+        return SealedPack(
+            pack_id=pack_id,
+            chunk_ids=[e.chunk_id for e in entries],
+            offsets=[e.offset for e in entries],
+            stored_lens=[e.stored_len for e in entries],
+            raw_lens=[e.raw_len for e in entries],
+            codecs=[e.codec for e in entries],
+            size=size,
+        )
 
 
 class PackWriter:
@@ -168,15 +181,7 @@ class PackWriter:
         entries = self._entries
         self._file = None
         self._entries = []
-        return SealedPack(
-            pack_id=pack_id,
-            chunk_ids=[e.chunk_id for e in entries],
-            offsets=[e.offset for e in entries],
-            stored_lens=[e.stored_len for e in entries],
-            raw_lens=[e.raw_len for e in entries],
-            codecs=[e.codec for e in entries],
-            size=size,
-        )
+        return SealedPack.of(pack_id, entries, size)
 
     def close(self) -> list[SealedPack]:
         """Seal the open pack, if any."""

@@ -46,17 +46,7 @@ def repair_index(repo: Repository, on_wait: Callable[[object], None] | None = No
             except CombError as err:
                 out.unreadable.append(err.message)
                 continue
-            sealed.append(
-                SealedPack(
-                    pack_id=pid,
-                    chunk_ids=[e.chunk_id for e in entries],
-                    offsets=[e.offset for e in entries],
-                    stored_lens=[e.stored_len for e in entries],
-                    raw_lens=[e.raw_len for e in entries],
-                    codecs=[e.codec for e in entries],
-                    size=storage.size(name),
-                )
-            )
+            sealed.append(SealedPack.of(pid, entries, storage.size(name)))
             out.packs += 1
             out.chunks += len(entries)
         table = sealed_to_table(sealed) if sealed else None

@@ -38,6 +38,7 @@ from .errors import CombError
 from .gc import copy_chunks, index_sealed
 from .heal import Healed, ParityCheck, check_parity, heal_pack
 from .index import (
+    blob_rows,
     id_keys,
     ids_to_array,
     load_index,
@@ -116,14 +117,7 @@ def _decode_all(
     """chunk id -> (offset, why) of the chunks of ``cols`` that do not decode from ``data``."""
     view = memoryview(data)
     bad = {}
-    for cid, off, slen, rlen, codec in zip(
-        cols["chunk_id"],
-        cols["offset"],
-        cols["stored_len"],
-        cols["raw_len"],
-        cols["codec"],
-        strict=True,
-    ):
+    for cid, off, slen, rlen, codec in blob_rows(cols):
         assert isinstance(cid, bytes) and isinstance(off, int) and isinstance(slen, int)
         try:
             if off + slen > len(data):

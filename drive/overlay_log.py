@@ -26,6 +26,7 @@ from typing import TYPE_CHECKING
 
 import blake3
 
+from catalog.crypto import SEAL_OVERHEAD_BYTES
 from catalog.errors import CorruptionError
 
 if TYPE_CHECKING:
@@ -35,7 +36,7 @@ RECORD_MAGIC = b"CMBW"
 KIND_DATA = 1
 KIND_ZERO = 2
 FLAG_SEALED = 1
-SEAL_OVERHEAD = 28  # nonce 12 + tag 16 (catalog.crypto.SEAL_OVERHEAD_BYTES)
+SEAL_OVERHEAD = SEAL_OVERHEAD_BYTES  # nonce and tag of a sealed payload
 # magic, kind, flags, 2 reserved bytes, offset, length, then 16 bytes of BLAKE3 over the first
 # 24 header bytes and the stored payload (a record is whole or it is not: torn writes are found).
 HEADER = struct.Struct("<4sBB2xQQ16s")

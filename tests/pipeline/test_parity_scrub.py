@@ -61,10 +61,11 @@ def _restores(repo_path: Path, ids: list[str], copies: dict, tmp_path: Path) -> 
 
 
 def _corrupt(path: Path, ranges: list[tuple[int, int]]) -> None:
-    data = bytearray(path.read_bytes())
+    original = path.read_bytes()
+    data = bytearray(original)
     for lo, hi in ranges:
         for j in range(lo, min(hi, len(data))):
-            data[j] ^= 0x5A  # never a no-op
+            data[j] = original[j] ^ 0x5A  # never a no-op, also where ranges overlap
     path.write_bytes(bytes(data))
 
 
