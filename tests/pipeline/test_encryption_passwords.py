@@ -4,7 +4,6 @@ files (add, list, remove). The rest is in test_encryption.py."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
 import pytest
@@ -63,65 +62,3 @@ def _storage(repo: Path):  # type: ignore[no-untyped-def]
     from catalog.storage import LocalStorage
 
     return LocalStorage(str(repo))
-
-
-def _on_a_terminal(args: list[str], answers: list[str], env: dict[str, str]) -> tuple[int, str]:
-    """Run ``comb ARGS`` with a pseudo-terminal as stdin, stdout and stderr, typing ``answers``
-    at each password prompt; (exit code, everything it printed)."""
-    import pty
-    import select
-    import subprocess
-    import sys
-    import time
-
-    root = Path(__file__).resolve().parents[2]
-    master, slave = pty.openpty()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline.cli", *args],
-        stdin=slave,
-        stdout=slave,
-        stderr=slave,
-        cwd=root,
-        env=env,
-        start_new_session=True,
-    )
-    os.close(slave)
-    out = b""
-    pending = list(answers)
-    deadline = time.time() + 60
-    try:
-        while time.time() < deadline:
-            ready, _, _ = select.select([master], [], [], 0.2)
-            if not ready:
-                if proc.poll() is not None:
-                    break
-                continue
-            try:
-                got = os.read(master, 4096)
-            except OSError:  # the child exited: the pty is closed
-                break
-            if not got:
-                break
-            out += got
-            if pending and out.rstrip().endswith(b":"):
-                os.write(master, pending.pop(0).encode() + b"\n")
-                out += b"\n"
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-        code = proc.wait(timeout=30)
-        os.close(master)
-    return code, out.decode(errors="replace")
-
-
-def test_passwords_typed_at_a_terminal(tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("COMB_PASSWORD")}
-    repo = str(tmp_path / "repo")
-    code, out = _on_a_terminal(["-r", repo, "init"], ["first", "second"], env)
-    assert code == 2 and "do not match" in out and "Traceback" not in out
-    code, out = _on_a_terminal(["-r", repo, "init"], ["typed secret", "typed secret"], env)
-    assert code == 0 and "encrypted" in out and "typed secret" not in out  # never echoed
-    code, out = _on_a_terminal(["-r", repo, "points"], ["typed secret"], env)
-    assert code == 0 and "password for" in out
-    code, out = _on_a_terminal(["-r", repo, "points"], ["wrong"], env)
-    assert code == 12 and "wrong password" in out
