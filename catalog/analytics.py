@@ -25,7 +25,7 @@ import pyarrow as pa
 
 from .changes import CHANGES_SCHEMA
 from .history import History
-from .points import RecoveryPoint
+from .points import RecoveryPoint, load_forgotten
 from .storage import Storage
 from .views import FILE_VIEWS, add_file_views, connect, parquet_from
 
@@ -63,7 +63,9 @@ class Catalog:
     def open(cls, storage: Storage, points: list[RecoveryPoint]) -> Catalog:
         damaged: list[str] = []
         con = connect(storage, points, damaged, files=False)
-        history = History.of(storage, points)
+        forgotten, bad = load_forgotten(storage, points)
+        damaged += [f"forgotten point: {msg}" for msg in bad]
+        history = History.of(storage, points, forgotten)
         cat = cls(con, history, damaged, storage, points)
         cat._register_points()
         return cat
@@ -179,13 +181,15 @@ class Catalog:
         deleting only that point would free."""
         return self.history.lone_bytes()
 
-    def freed(self, delete: np.ndarray) -> np.ndarray:
-        """Per source: stored bytes freed by deleting the points marked in ``delete`` (bool
-        per position), attributed to the source whose backup stored each chunk."""
+    def freed(self, delete: np.ndarray) -> dict[str, int]:
+        """Per source name: stored bytes freed by deleting the points marked in ``delete``
+        (bool per position), attributed to the source whose backup stored each chunk (which
+        may be a source all of whose points were forgotten before)."""
+        out: dict[str, int] = {}
         by_pos = self.history.freed_by(delete)
-        return np.bincount(
-            self.history.source_of, weights=by_pos, minlength=len(self.history.sources)
-        ).astype(np.int64)
+        for p, n in zip(self.history.chain_points, by_pos.tolist(), strict=True):
+            out[p.source] = out.get(p.source, 0) + int(n)
+        return out
 
     def _register_usage(self) -> None:
         if "point_usage" in self._built:

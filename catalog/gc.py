@@ -50,7 +50,7 @@ from .manifest import LEAVES_PREFIX, ROOTS_PREFIX, leaves_name, roots_name
 from .packs import PackWriter, SealedPack, pack_name
 from .parity import PARITY_PREFIX, parity_name
 from .parquet_io import read_parquet
-from .points import RecoveryPoint, point_name
+from .points import RecoveryPoint, forgotten_name, load_forgotten, point_name
 from .repo import Repository
 from .storage import TMP_DIR, Storage
 
@@ -97,6 +97,17 @@ def mark(repo: Repository, points: list[RecoveryPoint], marks: Marks) -> None:
         ids = ids_to_array(table.filter(keep).column("chunk_id"))
         if len(ids):
             marks.ids.append(np.unique(id_keys(ids)))
+
+
+def mark_forgotten(repo: Repository, marks: Marks) -> None:
+    """Keep the change tables of forgotten points (and their documents, which are never
+    removed): analytics follow each source's chain through them (FORMAT.md 9.1). Called after
+    ``mark`` of the live points, so a point forgotten meanwhile is seen in one or the other."""
+    gone, _damaged = load_forgotten(repo.storage, [])
+    for p in gone:
+        marks.files.add(forgotten_name(p.id))
+        if p.changes:
+            marks.files.add(changes_name(p.changes))
 
 
 @dataclass
@@ -377,6 +388,7 @@ def prune(
     repo.require_writable()
     marks = Marks()
     mark(repo, repo.points(), marks)
+    mark_forgotten(repo, marks)
     if dry_run:
         # Nothing is written or removed; files of backups running now may show as garbage.
         _, _, cands = repack_candidates(repo, marks)
@@ -386,6 +398,7 @@ def prune(
     with locked(repo.storage, "prune", wait_s, "prune", on_wait):
         t0 = time.perf_counter()
         mark(repo, repo.points(), marks)
+        mark_forgotten(repo, marks)
         p = plan(repo, marks, done.retired)
         execute(repo, p)
         return PruneResult(p, len(marks.points), time.perf_counter() - t0, False, done)

@@ -28,17 +28,13 @@ import numpy as np
 import pyarrow as pa
 
 from . import lives as lv_
-from . import lives_cache
+from . import lives_cache, walk
 from .changes import CHANGES_SCHEMA, changes_name, read_changes
 from .errors import CombError, QueryError
 from .format import CONFIG_NAME, parse_config
 from .parquet_io import decryption, read_verified, unreadable
 from .points import RecoveryPoint
 from .storage import Storage
-
-# Keys of chunks stored more than once (dedup hits) are found with a bitmap of this many bits
-# before the exact (slower) set test: one random probe per row instead of a sort.
-_KEY_FILTER_BITS = 1 << 24
 
 
 @dataclass
@@ -55,11 +51,49 @@ class History:
     storage: Storage
     damaged: list[str] = field(default_factory=list)
     _files: list[tuple[int, str, int]] | None = field(default=None, repr=False)
-    _cols: _Columns | None = field(default=None, repr=False)
+    _cols: walk.Columns | None = field(default=None, repr=False)
     _lives: lv_.Lives | None = field(default=None, repr=False)
+    # With forgotten points: the history of live and forgotten points together, where each
+    # live point is (``_live_at``) and which points are forgotten (``_gone``).
+    _full: History | None = field(default=None, repr=False)
+    _live_at: np.ndarray | None = field(default=None, repr=False)
+    _gone: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
-    def of(cls, storage: Storage, points: list[RecoveryPoint]) -> History:
+    def of(
+        cls,
+        storage: Storage,
+        points: list[RecoveryPoint],
+        forgotten: list[RecoveryPoint] | tuple[RecoveryPoint, ...] = (),
+    ) -> History:
+        """The history of the live ``points``. The ``forgotten`` points' change tables keep
+        each source's chain whole (FORMAT.md 9.1): they take part in the arithmetic but hold
+        nothing, and no position is theirs."""
+        h = cls._of(storage, points)
+        if forgotten:
+            full = cls._of(storage, [*points, *forgotten])
+            at = {p.id: i for i, p in enumerate(full.points)}
+            h._full = full
+            h._live_at = np.array([at[p.id] for p in h.points], np.int64)
+            h._gone = np.ones(len(full.points), bool)
+            h._gone[h._live_at] = False
+            h._sync_complete()
+        return h
+
+    @property
+    def chain_points(self) -> list[RecoveryPoint]:
+        """Every point of the arithmetic (live and forgotten), in the order of ``freed_by``."""
+        return self._full.points if self._full is not None else self.points
+
+    def _sync_complete(self) -> None:
+        """A source is complete only if its chain through forgotten points is."""
+        full = self._full
+        assert full is not None
+        for s, name in enumerate(self.sources):
+            self.complete[s] = bool(full.complete[full.sources.index(name)])
+
+    @classmethod
+    def _of(cls, storage: Storage, points: list[RecoveryPoint]) -> History:
         sources = sorted({p.source for p in points})
         ordered: list[RecoveryPoint] = []
         complete = np.ones(len(sources), bool)
@@ -85,6 +119,13 @@ class History:
         """(position, local path, rows) of every change table, each checked against its name
         (once: damage is caught before any parser sees the file). A missing or damaged table
         is left out, with a message in ``damaged``, and its source counts as incomplete."""
+        if self._files is None and self._full is not None:
+            assert self._live_at is not None
+            pos = {int(f): i for i, f in enumerate(self._live_at)}
+            full_files = self._full.change_files()
+            self._files = [(pos[i], path, n) for i, path, n in full_files if i in pos]
+            self.damaged += self._full.damaged
+            self._sync_complete()
         if self._files is None:
             files = []
             for i, p in enumerate(self.points):
@@ -104,13 +145,13 @@ class History:
             self._files = files
         return self._files
 
-    def _columns(self) -> _Columns:
+    def _columns(self) -> walk.Columns:
         """Every change row as arrays (read once, by DuckDB's parallel Parquet reader)."""
         if self._cols is None:
             self._cols = self._read()
         return self._cols
 
-    def _read(self) -> _Columns:
+    def _read(self) -> walk.Columns:
         counts = np.zeros(len(self.points), np.int64)
         files = self.change_files()
         for i, _path, rows in files:
@@ -151,7 +192,7 @@ class History:
             )
         if t.num_rows != int(starts[-1]):
             raise QueryError("change tables changed while they were read")
-        return _Columns(
+        return walk.Columns(
             t.column("chunk_no").to_numpy(),
             t.column("chunk_key").to_numpy(),
             t.column("kind").to_numpy(),
@@ -223,7 +264,7 @@ class History:
         return lv_.Rows(
             (t.column("offset").to_numpy() // chunk).astype(np.int32),
             key.fill_null(0).to_numpy().astype(np.int64),
-            np.where(zero, _ZERO, np.where(new, _NEW, _HIT)).astype(np.int8),
+            np.where(zero, walk.ZERO, np.where(new, walk.NEW, walk.HIT)).astype(np.int8),
             t.column("stored_len").to_numpy().astype(np.int32),
         )
 
@@ -253,53 +294,48 @@ class History:
             top = int(cols.chunk_no[r0:r1].max()) + 1 if r1 > r0 else 0
             yield first, k, np.zeros(top, bool)
 
+    def _full_lives(self) -> tuple[History, lv_.Lives] | None:
+        """With forgotten points: the whole chain and its lives, when it is complete."""
+        if self._full is None:
+            return None
+        self.change_files()
+        lives = self._full.lives() if self.complete.all() else None
+        return (self._full, lives) if lives is not None else None
+
     def lone_bytes(self) -> np.ndarray:
         """Per point: stored bytes of the chunks no other point holds (deleting it alone
         frees them)."""
-        lives = self.lives()
+        full = self._full_lives()
+        if full is not None:
+            h, every = full
+            return lv_.lone_bytes(every, h._layout(every), self._gone)[self._live_at]
+        lives = self.lives() if self._full is None else None
         if lives is not None:
             return lv_.lone_bytes(lives, self._layout(lives))
-        cols = self._columns()
-        chunk_no, starts = cols.chunk_no, cols.starts
-        flag = np.zeros(len(chunk_no), bool)
-        for first, k, bitmap in self._sources():
-            for p in range(first, first + k):
-                r0, r1 = int(starts[p]), int(starts[p + 1])
-                if p == first + k - 1:
-                    flag[r0:r1] = True  # the latest point: its own content is held by it alone
-                    continue
-                n0, n1 = int(starts[p + 1]), int(starts[p + 2])
-                bitmap[chunk_no[n0:n1]] = True
-                flag[r0:r1] = bitmap[chunk_no[r0:r1]]
-                bitmap[chunk_no[n0:n1]] = False
-        return _freed_per_point(len(self.points), cols, flag, one_point=True)
+        return walk.lone(self._columns(), self._sources())
 
     def freed_by(self, forget: np.ndarray) -> np.ndarray:
-        """Per point: stored bytes freed by forgetting the points marked in ``forget`` (bool per
-        position), counted at the point whose backup stored each chunk."""
-        lives = self.lives()
+        """Per point of ``chain_points``: stored bytes freed by forgetting the points marked in
+        ``forget`` (bool per position), counted at the point whose backup stored each chunk
+        (which may be a forgotten one: what forgotten points alone held is not counted)."""
+        full = self._full_lives()
+        if full is not None:
+            h, every = full
+            assert self._gone is not None and self._live_at is not None
+            lay = h._layout(every)
+            more = self._gone.copy()
+            more[self._live_at] |= forget
+            already = lv_.freed_bytes(every, lay, self._gone)
+            return lv_.freed_bytes(every, lay, more) - already
+        lives = self.lives() if self._full is None else None
         if lives is not None:
             return lv_.freed_bytes(lives, self._layout(lives), forget)
-        cols = self._columns()
-        chunk_no, starts = cols.chunk_no, cols.starts
-        flag = np.zeros(len(chunk_no), bool)
-        for first, k, bitmap in self._sources():
-            touched: list[np.ndarray] = []
-            open_tail = True  # no kept point after this one: what it holds goes
-            for p in range(first + k - 1, first - 1, -1):
-                r0, r1 = int(starts[p]), int(starts[p + 1])
-                c = chunk_no[r0:r1]
-                if not forget[p]:
-                    for t in touched:
-                        bitmap[t] = False
-                    touched = [c]
-                    bitmap[c] = True
-                    open_tail = False
-                    continue
-                flag[r0:r1] = True if open_tail else bitmap[c]
-                bitmap[c] = True
-                touched.append(c)
-        return _freed_per_point(len(self.points), cols, flag, one_point=False)
+        walked = walk.freed(self._columns(), self._sources(), forget)
+        if self._full is None:
+            return walked
+        out = np.zeros(len(self._full.points), np.int64)  # (incomplete: not exact anyway)
+        out[self._live_at] = walked
+        return out
 
 
 def _chain(mine: list[RecoveryPoint]) -> tuple[list[RecoveryPoint], bool]:
@@ -334,62 +370,3 @@ def _row_count(data: bytes, path: str, dec: Any = None) -> int:
         return int(pq.read_metadata(pa.BufferReader(data), decryption_properties=dec).num_rows)
     except (pa.ArrowException, OSError) as err:
         raise unreadable(path, err, dec is not None) from None
-
-
-# Row kinds (one int8 per row): the region became zeros, a dedup hit, or a chunk stored here.
-_ZERO, _HIT, _NEW = 0, 1, 2
-
-
-@dataclass(frozen=True)
-class _Columns:
-    chunk_no: np.ndarray  # int32
-    key: np.ndarray  # int64, 0 for zeros
-    kind: np.ndarray  # int8: _ZERO, _HIT or _NEW
-    stored: np.ndarray  # int32
-    starts: np.ndarray  # int64 per point + 1: its first row
-
-    def rows(self, p: int) -> lv_.Rows:
-        """The rows of position ``p`` (views)."""
-        r0, r1 = int(self.starts[p]), int(self.starts[p + 1])
-        return lv_.Rows(self.chunk_no[r0:r1], self.key[r0:r1], self.kind[r0:r1], self.stored[r0:r1])
-
-    def pos(self, rows: np.ndarray) -> np.ndarray:
-        """The position (point) of each given row."""
-        return np.searchsorted(self.starts, rows, side="right") - 1
-
-
-def _freed_per_point(n: int, c: _Columns, flag: np.ndarray, one_point: bool) -> np.ndarray:
-    """Stored bytes of the chunks all of whose rows are flagged (and, with ``one_point``, all
-    in one point), per point of the row that stored them (its ``new`` row).
-
-    A chunk that was never a dedup hit has exactly one row, its ``new`` one. The chunks with
-    dedup hits are few: their hit rows are grouped by key, and each candidate ``new`` row is
-    checked against those groups (a bitmap first, so most rows cost one probe)."""
-    hit = np.flatnonzero(c.kind == _HIT)
-    order = np.argsort(c.key[hit], kind="stable")
-    hkey, hpos, hflag = c.key[hit][order], c.pos(hit)[order], flag[hit][order]
-    firsts = np.flatnonzero(np.concatenate([[True], hkey[1:] != hkey[:-1]])) if len(hkey) else hit
-    keys = hkey[firsts]
-    ok = (c.kind == _NEW) & flag
-    if len(keys):
-        fine = np.logical_and.reduceat(hflag, firsts)
-        lo, hi = np.minimum.reduceat(hpos, firsts), np.maximum.reduceat(hpos, firsts)
-        cand = np.flatnonzero(ok)
-        cand = cand[_maybe_in(c.key[cand], keys)]
-        at = np.minimum(np.searchsorted(keys, c.key[cand]), len(keys) - 1)
-        is_hit = keys[at] == c.key[cand]
-        cand, at = cand[is_hit], at[is_hit]
-        good = fine[at]
-        if one_point:
-            p = c.pos(cand)
-            good &= (lo[at] == p) & (hi[at] == p)
-        ok[cand[~good]] = False
-    running = np.concatenate([[0], np.cumsum(np.where(ok, c.stored, 0), dtype=np.int64)])
-    return (running[c.starts[1:]] - running[c.starts[:-1]]).astype(np.int64)
-
-
-def _maybe_in(key: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Per key: may it be in ``members`` (no false negatives)?"""
-    bits = np.zeros(_KEY_FILTER_BITS, bool)
-    bits[members & (_KEY_FILTER_BITS - 1)] = True
-    return bits[key & (_KEY_FILTER_BITS - 1)]

@@ -233,7 +233,7 @@ class Lives:
         self.open_bytes = np.concatenate([np.zeros(0, np.int64), *sums])
 
 
-# Row kinds, as in catalog.history: the region became zeros, a dedup hit, a chunk stored here.
+# Row kinds, as in catalog.walk: the region became zeros, a dedup hit, a chunk stored here.
 _ZERO, _HIT, _NEW = 0, 1, 2
 
 
@@ -300,26 +300,41 @@ def _lives(lv: Lives, lay: Layout, g: _Grow) -> tuple[np.ndarray, np.ndarray, np
     return birth, end, last
 
 
-def lone_bytes(lv: Lives, lay: Layout) -> np.ndarray:
-    """Per position: stored bytes of the chunks only that point holds."""
+def lone_bytes(lv: Lives, lay: Layout, gone: np.ndarray | None = None) -> np.ndarray:
+    """Per position: stored bytes of the chunks only that point holds. Points marked ``gone``
+    (forgotten, kept in the history for their change rows) hold nothing: a chunk is then
+    credited to the one remaining point that holds it."""
+    gone = np.zeros(lay.points, bool) if gone is None else gone
+    kept = np.concatenate([[0], np.cumsum(~gone, dtype=np.int64)])  # kept points before each
+    where = np.concatenate([np.flatnonzero(~gone), [0]])  # position of the k-th kept point
     out = np.zeros(lay.points, np.int64)
+
+    def lone(b: np.ndarray, e: np.ndarray, size: np.ndarray) -> None:
+        one = kept[e] - kept[b] == 1
+        np.add.at(out, where[kept[b[one]]], size[one])
+
     p = lv.pairs
-    one = p["end"] == p["birth"] + 1
-    np.add.at(out, lay.base[p["src"][one]] + p["birth"][one], p["bytes"][one])
-    last = lv.open_birth == lay.count[lv.open_src] - 1
-    np.add.at(out, lay.base[lv.open_src[last]] + lv.open_birth[last], lv.open_bytes[last])
+    lone(lay.base[p["src"]] + p["birth"], lay.base[p["src"]] + p["end"], p["bytes"])
+    src = lv.open_src
+    lone(lay.base[src] + lv.open_birth, lay.base[src] + lay.count[src], lv.open_bytes)
+    # A chunk with dedup hits is only one point's when every life held by a kept point is
+    # held by that one point alone.
     nb, ne, _ = _lives(lv, lay, lv.gnew)
     hb, he, _ = _lives(lv, lay, lv.ghit)
+    b, e = np.concatenate([nb, hb]), np.concatenate([ne, he])
+    grp = np.concatenate([lv.gnew["group"], lv.ghit["group"]])
+    held = kept[e] - kept[b]
     groups = lv.group_keys.n
-    hg = lv.ghit["group"]
+    bad = np.bincount(grp[held > 1], minlength=groups)
+    holder = kept[b]
     lo = np.full(groups, np.iinfo(np.int64).max)
     hi = np.full(groups, -1, np.int64)
-    np.minimum.at(lo, hg, hb)
-    np.maximum.at(hi, hg, hb)
-    bad = np.bincount(hg[he != hb + 1], minlength=groups)
+    one = held == 1
+    np.minimum.at(lo, grp[one], holder[one])
+    np.maximum.at(hi, grp[one], holder[one])
     g = lv.gnew["group"]
-    ok = (ne == nb + 1) & (bad[g] == 0) & (lo[g] == nb) & (hi[g] == nb)
-    np.add.at(out, nb[ok], lv.gnew["stored"][ok].astype(np.int64))
+    ok = (bad[g] == 0) & (hi[g] >= 0) & (lo[g] == hi[g])
+    np.add.at(out, where[lo[g][ok]], lv.gnew["stored"][ok].astype(np.int64))
     return out
 
 

@@ -22,6 +22,7 @@ if TYPE_CHECKING:
     from .crypto import RepoKeys
 
 POINTS_PREFIX = "points"
+FORGOTTEN_PREFIX = "forgotten"  # documents of forgotten points, kept for analytics (FORMAT 9.1)
 POINT_FORMAT_NAME = "comb-point"
 POINT_FORMAT_VERSION = 1
 POINT_ID_HEX = 16
@@ -89,6 +90,10 @@ def point_name(point_id: str) -> str:
     return f"{POINTS_PREFIX}/{point_id}.json"
 
 
+def forgotten_name(point_id: str) -> str:
+    return f"{FORGOTTEN_PREFIX}/{point_id}.json"
+
+
 def commit_point(storage: Storage, point: RecoveryPoint) -> RecoveryPoint:
     """The commit: write the document atomically (tmp + fsync + rename + fsync(dir)). In an
     encrypted repository the document is sealed, and the id hashes the sealed bytes."""
@@ -98,6 +103,17 @@ def commit_point(storage: Storage, point: RecoveryPoint) -> RecoveryPoint:
     point = replace(point, id=point_id_of(raw))
     storage.write_atomic(point_name(point.id), raw)
     return point
+
+
+def retire_point(storage: Storage, point_id: str) -> None:
+    """Forget a point: its document's exact bytes go to ``forgotten/`` (committed first, so a
+    crash in between leaves the point live), then ``points/<id>.json`` is removed. What the
+    point referenced is left to prune, which keeps the change table for analytics."""
+    raw = storage.read(point_name(point_id))
+    if point_id_of(raw) != point_id:
+        raise CorruptionError(f"{point_name(point_id)} does not match its id (modified or damaged)")
+    storage.write_atomic(forgotten_name(point_id), raw)
+    storage.remove(point_name(point_id))
 
 
 _FIELDS = {f.name for f in fields(RecoveryPoint)} - {"id"}
@@ -169,13 +185,16 @@ def load_points(storage: Storage) -> list[RecoveryPoint]:
     return points
 
 
-def load_points_tolerant(storage: Storage) -> tuple[list[RecoveryPoint], list[str]]:
+def load_points_tolerant(
+    storage: Storage, prefix: str = POINTS_PREFIX
+) -> tuple[list[RecoveryPoint], list[str]]:
     """Every readable committed point (oldest first), and one message per damaged document.
+    With ``FORGOTTEN_PREFIX``: the documents of forgotten points instead.
 
     One damaged document must not make every other recovery point unreachable."""
     points = []
     bad = []
-    for name in storage.list(POINTS_PREFIX):
+    for name in storage.list(prefix):
         if not name.endswith(".json"):
             continue
         pid = name.rsplit("/", 1)[-1][: -len(".json")]
@@ -185,6 +204,17 @@ def load_points_tolerant(storage: Storage) -> tuple[list[RecoveryPoint], list[st
         except CorruptionError as err:
             bad.append(err.message)
     return sorted(points, key=lambda p: (p.time, p.id)), bad
+
+
+def load_forgotten(
+    storage: Storage, live: list[RecoveryPoint]
+) -> tuple[list[RecoveryPoint], list[str]]:
+    """The forgotten points' documents (oldest first) that are not live points too (a forget
+    that crashed between its two steps leaves both; the point is then still live), and one
+    message per damaged document."""
+    ids = {p.id for p in live}
+    gone, bad = load_points_tolerant(storage, FORGOTTEN_PREFIX)
+    return [p for p in gone if p.id not in ids], bad
 
 
 def latest_for(points: list[RecoveryPoint], source: str) -> RecoveryPoint | None:

@@ -249,9 +249,16 @@ def retention(cat: Catalog, opts: ReportOptions) -> ReportResult:
                 int(mine.sum()),
                 int((mine & ~forget).sum()),
                 int((mine & forget).sum()),
-                int(freed[s]) if exact else None,
+                freed.get(name, 0) if exact else None,
             )
         )
+    # Chunks stored by a source none of whose points is left (forgotten earlier) but which
+    # points of other sources still hold.
+    rows += [
+        (name, 0, 0, 0, n)
+        for name, n in sorted(freed.items())
+        if n and name not in h.sources and (opts.source is None or name == opts.source)
+    ]
     table = pa.table(
         {
             "source": pa.array([r[0] for r in rows], pa.string()),

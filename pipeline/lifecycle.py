@@ -13,7 +13,7 @@ from catalog.errors import CorruptionError, RepositoryError, UsageError
 from catalog.format import CONFIG_NAME
 from catalog.gc import prune
 from catalog.locks import Lock, LockInfo, acquire, read_locks, remove_stale
-from catalog.points import RecoveryPoint, point_name
+from catalog.points import RecoveryPoint, retire_point
 from catalog.repair import repair_index
 from catalog.repo import Repository
 from catalog.retention import KeepPolicy, forget_mask
@@ -120,7 +120,7 @@ def cmd_forget(repo: str, args: argparse.Namespace) -> int:
         if not args.dry_run and gone:
             ensure_locking(r)
             for p in gone:
-                r.storage.remove(point_name(p.id))
+                retire_point(r.storage, p.id)
             path = r.storage.local_path("points")
             if path is not None:
                 r.storage.sync_dir(path)  # type: ignore[attr-defined]

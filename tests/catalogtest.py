@@ -7,6 +7,7 @@ from pathlib import Path
 
 from combtest import Image, MiB, api_backup
 
+from catalog.index import load_index
 from catalog.points import RecoveryPoint
 from catalog.repo import Repository
 
@@ -37,3 +38,26 @@ def make_history(
         points.append(api_backup(repo.location, img.path, changes))
         changed.append(3 * C + (2 * C if step == 1 else 0))
     return repo, points, changed
+
+
+def gc_truth(repo: Repository) -> tuple[dict[str, set[bytes]], dict[bytes, int]]:
+    """Per point the set of chunk ids its manifest holds, and the stored bytes of each chunk
+    (summed over its stored copies): read from manifests and the index, not change tables."""
+    held = {}
+    for p in repo.points():
+        m = repo.manifest(p)
+        ids: set[bytes] = set()
+        for ref in m.refs():
+            ids.update(bytes(row) for row in m.leaf(ref).ids)
+        held[p.id] = ids
+    stored: dict[bytes, int] = {}
+    index = load_index(repo.storage, ["chunk_id", "stored_len"]).to_pylist()
+    for row in index:
+        stored[row["chunk_id"]] = stored.get(row["chunk_id"], 0) + row["stored_len"]
+    return held, stored
+
+
+def gc_frees(held: dict[str, set[bytes]], stored: dict[bytes, int], gone: set[str]) -> int:
+    kept: set[bytes] = set().union(*(ids for pid, ids in held.items() if pid not in gone))
+    freed: set[bytes] = set().union(*(held[pid] for pid in gone)) - kept
+    return sum(stored[c] for c in freed)

@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from bench.catalog_gen import Spec, generate
 from catalog import lives, lives_cache
 from catalog.history import History
-from catalog.points import commit_point, point_name
+from catalog.points import commit_point, load_forgotten, point_name, retire_point
 from catalog.repo import Repository
 
 C = 64 * 1024
@@ -220,3 +220,23 @@ def test_any_history_cached_then_extended_equals_the_walk(
     for p, data in saved:
         p.write_bytes(data)
     _same(repo)
+
+
+def test_the_cache_outlives_forgetting(tmp_path: Path, cache: Path) -> None:
+    """Forgetting points keeps the cached chains (they run through the forgotten points'
+    change tables): the cache is used as it is, and gives the figures of a fresh build."""
+    repo = _synthetic(tmp_path, 8, seed=3)
+    _same(repo)
+    path = _cache_file(repo)
+    before = os.stat(path).st_mtime_ns
+    for p in repo.points()[1:6:2]:
+        retire_point(repo.storage, p.id)
+    live = repo.points()
+    gone, _ = load_forgotten(repo.storage, live)
+    h = History.of(repo.storage, live, gone)
+    lone, freed = h.lone_bytes(), h.freed_by(np.zeros(len(live), bool))
+    assert os.stat(path).st_mtime_ns == before and h._full is not None and h._full._lives
+    os.unlink(path)
+    fresh = History.of(repo.storage, live, gone)
+    assert fresh.lone_bytes().tolist() == lone.tolist() and not freed.any()
+    assert os.stat(path).st_mtime_ns != before

@@ -6,12 +6,17 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
+from catalogtest import gc_frees, gc_truth
 from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error
 
 from catalog.analytics import Catalog
+from catalog.changes import changes_name
+from catalog.manifest import roots_name
+from catalog.points import load_forgotten
 from catalog.repo import Repository
 from catalog.reports import ReportOptions, run_report
 
@@ -217,3 +222,44 @@ def test_points_sharing_a_root_are_not_counted_twice(tmp_path: Path) -> None:
     sql = "SELECT point_id, count(*) FROM manifests GROUP BY 1"
     cat.need(sql)
     assert sorted(n for _, n in cat.con.execute(sql).fetchall()) == [4, 4, 4]
+
+
+def test_forgotten_points_keep_the_figures_exact(
+    cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path
+) -> None:
+    """After `forget` and `prune`, each chain goes on through the forgotten points' change
+    tables (their manifests are gone): unique and retention stay exact, equal to what garbage
+    collection frees, including a dedup hit of content only a forgotten point stored."""
+    img = make_image(4 * MiB, "d.img")
+    img.random(0, 3 * MiB, seed=1)
+    ids = [api_backup(repo_path, img.path, name="d").id]
+    for step, (offset, length, seed) in enumerate(
+        [(0, MiB, 2), (3 * MiB, C, 1), (MiB, MiB, 3), (0, C, 4)]
+    ):
+        img.take_changes()
+        img.random(offset, length, seed=seed)  # (3 MiB, seed 1): the first point's chunk 0
+        changes = img.changes_file(tmp_path / f"c{step}.json")
+        ids.append(api_backup(repo_path, img.path, changes, name="d").id)
+    r = str(repo_path)
+    res = cli("-r", r, "forget", "--keep-last", "3")
+    assert res.code == 0, res.err
+    res = cli("-r", r, "prune")
+    assert res.code == 0, res.err
+    repo = Repository.open(r)
+    gone, bad = load_forgotten(repo.storage, repo.points())
+    assert [p.id for p in gone] == ids[:2] and not bad
+    for p in gone:  # the change table stays, the manifest goes
+        assert (repo_path / changes_name(str(p.changes))).exists()
+        assert not (repo_path / roots_name(p.root)).exists()
+    held, stored = gc_truth(repo)
+    assert sorted(held) == sorted(ids[2:])
+    res = cli("-r", r, "report", "unique", "--format", "json")
+    assert res.code == 0 and "incomplete" not in res.err, res.err
+    got = {row["point_id"]: row["unique_bytes"] for row in json.loads(res.out)}
+    assert got == {pid: gc_frees(held, stored, {pid}) for pid in ids[2:]}
+    assert got[ids[2]] > 0  # it alone holds what the forgotten point 0 stored at offset 0
+    res = cli("-r", r, "report", "retention", "--keep-last", "1", "--format", "json")
+    assert res.code == 0, res.err
+    [row] = json.loads(res.out)
+    assert (row["points"], row["forgotten"]) == (3, 2)
+    assert row["freed_bytes"] == gc_frees(held, stored, set(ids[2:4])) > 0
