@@ -32,6 +32,7 @@ from . import lives_cache, walk
 from .changes import CHANGES_SCHEMA, changes_name, read_changes
 from .errors import CombError, QueryError
 from .format import CONFIG_NAME, parse_config
+from .lives_build import build
 from .parquet_io import decryption, read_verified, unreadable
 from .points import RecoveryPoint
 from .storage import Storage
@@ -213,11 +214,9 @@ class History:
             path = lives_cache.cache_path(self._repo_id()) if big else None
             lives = self._cached(path, chunk) if path is not None else None
             if lives is None:
-                lives = lv_.Lives(chunk)
-                cols = self._columns()
-                lives.extend(
-                    [(p.source, str(p.changes), cols.rows(i)) for i, p in enumerate(self.points)]
-                )
+                c = self._columns()
+                chains = [(p.source, str(p.changes)) for p in self.points]
+                lives = build(chunk, chains, c.chunk_no, c.key, c.kind, c.stored, c.starts)
                 self._save(lives, path)
             self._lives = lives
         return self._lives

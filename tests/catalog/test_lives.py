@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.catalog_gen import Spec, generate
-from catalog import lives, lives_cache
+from catalog import lives, lives_build, lives_cache
 from catalog.history import History
 from catalog.points import commit_point, load_forgotten, point_name, retire_point
 from catalog.repo import Repository
@@ -240,3 +240,56 @@ def test_the_cache_outlives_forgetting(tmp_path: Path, cache: Path) -> None:
     fresh = History.of(repo.storage, live, gone)
     assert fresh.lone_bytes().tolist() == lone.tolist() and not freed.any()
     assert os.stat(path).st_mtime_ns != before
+
+
+def _two_sources(tmp_path: Path) -> Repository:
+    """Two disks sharing content (a clone), each changed twice, with hits across them."""
+    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    a = Image(tmp_path / "a.img", 8 * MiB)
+    a.random(0, 2 * MiB, seed=5)
+    api_backup(repo.location, a.path, name="a")
+    b = a.clone(tmp_path / "b.img")
+    for step in range(2):
+        for img, name in ((a, "a"), (b, "b")):
+            img.take_changes()
+            img.random(step * MiB, 3 * C, seed=20 + step + len(name))
+            img.write(4 * MiB + step * C, open(a.path, "rb").read(C))  # a hit of a's chunk 0
+            changes = (
+                img.changes_file(tmp_path / f"{name}{step}.json") if step or name == "a" else None
+            )
+            api_backup(repo.location, img.path, changes, name=name)
+    return repo
+
+
+@pytest.mark.parametrize("seed", [1, 2, 0])
+def test_building_at_once_equals_adding_point_by_point(tmp_path: Path, seed: int) -> None:
+    """``lives_build.build`` (every row at once) gives the very lives ``Lives.extend`` gives
+    point by point: the same sums, group lives and latest content, so either can be cached
+    and extended. (Seed 0: two real sources sharing chunks.)"""
+    repo = _synthetic(tmp_path, 12, seed=seed, dedup=0.3) if seed else _two_sources(tmp_path)
+    h = History.of(repo.storage, repo.points())
+    assert len(h.sources) == (1 if seed else 2) and h.complete.all()
+    c = h._columns()
+    stepwise = lives.Lives(C)
+    stepwise.extend([(p.source, str(p.changes), c.rows(i)) for i, p in enumerate(h.points)])
+    chains = [(p.source, str(p.changes)) for p in h.points]
+    at_once = lives_build.build(C, chains, c.chunk_no, c.key, c.kind, c.stored, c.starts)
+    assert at_once.sources == stepwise.sources and at_once.chains == stepwise.chains
+
+    def pairs(lv: lives.Lives) -> list[tuple[int, ...]]:
+        g = lv.pairs
+        return sorted(zip(*(g[n].tolist() for n in g.names), strict=True))
+
+    assert pairs(at_once) == pairs(stepwise) and pairs(at_once)
+    for name in ("group_keys", "gnew", "ghit"):
+        a, b = getattr(at_once, name), getattr(stepwise, name)
+        assert a.n == b.n > 0, name
+        for col in a.names:
+            assert a[col].tolist() == b[col].tolist(), (name, col)
+    for a, b in zip(at_once.held, stepwise.held, strict=True):
+        for col in ("birth", "key", "stored", "kind"):
+            assert getattr(a, col).tolist() == getattr(b, col).tolist(), col
+        grouped = a.kind >= 2  # (the ref of other slots is not looked at, and may be stale)
+        assert a.ref[grouped].tolist() == b.ref[grouped].tolist()
+    for col in ("open_src", "open_birth", "open_bytes"):
+        assert getattr(at_once, col).tolist() == getattr(stepwise, col).tolist()
