@@ -4,20 +4,27 @@ On a plain catalog DuckDB scans the change tables in place (``catalog.reports.ho
 An encrypted catalog's change tables reach DuckDB only as a pyarrow dataset, which it scans
 2-3 times more slowly (README "Known limits"). The report needs only two columns of the 23
 million rows of a long history, the offset and the point, so here pyarrow reads just those and
-numpy counts them per (point, region) and then per (source, region) with ``bincount``: the same
-table, row for row, as the SQL (tests/catalog/test_regions.py compares the two).
+numpy counts them per (point, region), file by file on a few threads (pyarrow's dataset
+scanner took twice as long), and then per (source, region) with ``bincount``: the same table,
+row for row, as the SQL (tests/catalog/test_regions.py compares the two).
 """
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
+
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from .changes import CHANGES_SCHEMA
 from .errors import QueryError
 from .history import History
+from .parquet_io import unreadable
 
-DENSE_BINS = 1 << 24  # (point, region) pairs counted with one bincount up to this many
+# A table's regions are counted with np.unique (only those hit) rather than a bincount over
+# every region up to its last when there are more than this many regions per row.
+SPARSE_ABOVE = 4
 SCHEMA = pa.schema(
     [
         ("source", pa.string()),
@@ -40,49 +47,49 @@ def hot_regions_table(
     files = [f for f in h.change_files() if f[0] in set(chosen)]
     if not files:
         return SCHEMA.empty_table()
-    # Rows come file by file, in the order listed (a dataset keeps its fragments' order): each
-    # file's rows are one slice, worked on in place (no row-sized temporaries: on 23 million
-    # rows their page faults cost more than the arithmetic).
-    offset = (
-        keys.parquet_dataset([f[1] for f in files], CHANGES_SCHEMA, False)
-        .to_table(columns=["offset"])
-        .column("offset")
-        .to_numpy()
-    )
-    file_pos = np.array([f[0] for f in files], np.int64)
-    counts = np.array([f[2] for f in files], np.int64)
-    if int(counts.sum()) != len(offset):
-        raise QueryError("change tables changed while they were read")
     n_pos = len(h.points)
     bucket = np.zeros(n_pos, np.int64)
     bucket[chosen] = buckets
     size = np.array([p.size for p in h.points], np.int64)
     chunk = np.array([p.chunk_size for p in h.points], np.int64)
-    fb = bucket[file_pos]
-    n_regions = int(((size[file_pos] - 1) // fb).max()) + 1
-    bounds = np.concatenate([[0], np.cumsum(counts)]).tolist()
-    key = np.empty_like(offset)
-    partial_parts = []
-    for i, (lo, hi) in enumerate(zip(bounds[:-1], bounds[1:], strict=True)):
-        p = int(file_pos[i])
-        part = key[lo:hi]
-        np.floor_divide(offset[lo:hi], bucket[p], out=part)
-        part += p * n_regions
-        if size[p] % chunk[p]:  # a partial last chunk: its row is short of a whole chunk
-            partial_parts.append(lo + np.flatnonzero(offset[lo:hi] > size[p] - chunk[p]))
-    partial = np.concatenate(partial_parts) if partial_parts else np.empty(0, np.int64)
-    ppos = key[partial] // n_regions
-    short = chunk[ppos] - (size[ppos] - offset[partial])
-    if n_pos * n_regions <= DENSE_BINS:
-        n = np.bincount(key, minlength=n_pos * n_regions)
-        hit = np.flatnonzero(n)
-        n = n[hit]
-        lost = np.bincount(key[partial], weights=short, minlength=n_pos * n_regions)[hit]
-    else:  # small regions on a large disk: only the (point, region) pairs that occur
-        hit, inv = np.unique(key, return_inverse=True)
-        n = np.bincount(inv)
-        lost = np.bincount(inv[partial], weights=short, minlength=len(hit))
-    hit_pos, hit_region = hit // n_regions, hit % n_regions
+    dec = keys.parquet_decryption()
+
+    def count(file: tuple[int, str, int]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """One change table: its regions with changes, the changes and the bytes a short last
+        chunk lacks. Each file on its own: no row-sized array is ever made (on 23 million
+        rows their page faults cost more than the arithmetic)."""
+        p, path, rows = file
+        try:
+            table = pq.ParquetFile(path, decryption_properties=dec).read(
+                columns=["offset"], use_threads=False
+            )
+        except (pa.ArrowException, OSError) as err:
+            raise unreadable(path, err, True) from None
+        offset = table.column(0).to_numpy()
+        if len(offset) != rows:
+            raise QueryError("change tables changed while they were read")
+        region = offset // bucket[p]
+        if len(region) and int(region[-1]) > SPARSE_ABOVE * len(region):  # (rows ascend)
+            hit, inverse, n = np.unique(region, return_inverse=True, return_counts=True)
+        else:
+            n = np.bincount(region)
+            hit = np.flatnonzero(n)
+            inverse, n = None, n[hit]
+        lost: np.ndarray = np.zeros(len(hit))
+        short = offset > size[p] - chunk[p]
+        if size[p] % chunk[p] and short.any():  # a partial last chunk: short of a whole one
+            at = inverse[short] if inverse is not None else np.searchsorted(hit, region[short])
+            lack = chunk[p] - (size[p] - offset[short])
+            lost = np.bincount(at, weights=lack, minlength=len(hit))
+        return p, hit, n, lost
+
+    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+        parts = list(pool.map(count, files))
+    hit_pos = np.concatenate([np.full(len(c[1]), c[0], np.int64) for c in parts])
+    hit_region = np.concatenate([c[1] for c in parts]).astype(np.int64)
+    n = np.concatenate([c[2] for c in parts]).astype(np.int64)
+    lost = np.concatenate([c[3] for c in parts])
+    n_regions = int(hit_region.max()) + 1 if len(hit_region) else 1
     nbytes = n * chunk[hit_pos] - lost.astype(np.int64)
     # Per (source, region size, region): regions of one source all have one size.
     src = np.asarray(h.source_of, np.int64)[hit_pos]

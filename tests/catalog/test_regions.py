@@ -7,10 +7,14 @@ from pathlib import Path
 
 import pytest
 from catalogtest import make_history
+from combtest import Image, MiB, api_backup
 
 from catalog import regions
 from catalog.analytics import Catalog
+from catalog.repo import Repository
 from catalog.reports import ReportOptions, run_report
+
+C = 64 * 1024
 
 
 @pytest.mark.parametrize("dense", [True, False])
@@ -19,7 +23,7 @@ def test_encrypted_hot_regions_equal_the_sql(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, bucket: int | None, dense: bool
 ) -> None:
     if not dense:
-        monkeypatch.setattr(regions, "DENSE_BINS", 1)  # the sparse (np.unique) path
+        monkeypatch.setattr(regions, "SPARSE_ABOVE", -1)  # the sparse (np.unique) path
     tables = []
     for enc in ("none", "aes-256-gcm"):
         repo, _, _ = make_history(tmp_path / enc, enc)
@@ -36,3 +40,26 @@ def test_encrypted_hot_regions_equal_the_sql(
     assert plain == sealed
     limited = run_report(cat, "hot-regions", ReportOptions(bucket_bytes=bucket, limit=2)).table
     assert limited.to_pylist() == tables[1].to_pylist()[:2]
+
+
+@pytest.mark.parametrize("bucket", [1 << 20, 1 << 16])
+def test_a_short_last_chunk_counts_its_own_bytes(tmp_path: Path, bucket: int) -> None:
+    """A disk whose size is not a multiple of the chunk size: the last chunk's changed bytes
+    are its own length, in numpy (encrypted) as in the SQL (plain)."""
+    tables = []
+    for enc in ("none", "aes-256-gcm"):
+        repo = Repository.init(str(tmp_path / enc / "repo"), C, 3, encryption=enc)
+        img = Image(tmp_path / enc / "disk.img", 2 * MiB + 5000)
+        img.random(0, 2 * MiB + 5000, seed=1)
+        api_backup(repo.location, img.path, name="odd")
+        for step in range(2):
+            img.take_changes()
+            img.random(2 * MiB, 5000, seed=10 + step)  # the short last chunk
+            img.random(step * C, C, seed=20 + step)
+            changes = img.changes_file(tmp_path / enc / f"c{step}.json")
+            api_backup(repo.location, img.path, changes, name="odd")
+        cat = Catalog.open(repo.storage, repo.points())
+        tables.append(run_report(cat, "hot-regions", ReportOptions(bucket_bytes=bucket)).table)
+    plain, sealed = (t.to_pylist() for t in tables)
+    assert plain == sealed
+    assert sum(r["changed_bytes"] for r in sealed) == 2 * (5000 + C)
