@@ -17,8 +17,10 @@ This module prints nothing; reports (``catalog.reports``) build on it.
 
 from __future__ import annotations
 
+import os
 import zipfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -145,6 +147,33 @@ class History:
                     self.complete[self.source_of[i]] = False
             self._files = files
         return self._files
+
+    def each_change_table(
+        self, positions: list[int], work: Callable[[int, bytes], Any]
+    ) -> list[Any]:
+        """``work(position, bytes)`` for the change table of each position that has one, on a
+        few threads, with bytes checked against the table's name first (hashing and parsing
+        release the GIL). Damaged tables are left out as by ``change_files``."""
+        todo = [i for i in positions if self.points[i].changes is not None]
+
+        def one(i: int) -> Any:
+            try:
+                return work(
+                    i, read_verified(self.storage, changes_name(str(self.points[i].changes)))
+                )
+            except CombError as err:
+                return err
+
+        with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
+            done = list(pool.map(one, todo))
+        out = []
+        for i, got in zip(todo, done, strict=True):
+            if isinstance(got, CombError):
+                self.damaged.append(f"point {self.points[i].id}: change table: {got.message}")
+                self.complete[self.source_of[i]] = False
+            else:
+                out.append(got)
+        return out
 
     def _columns(self) -> walk.Columns:
         """Every change row as arrays (read once, by DuckDB's parallel Parquet reader)."""

@@ -11,14 +11,11 @@ row for row, as the SQL (tests/catalog/test_regions.py compares the two).
 
 from __future__ import annotations
 
-import os
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import QueryError
+from .changes import changes_name
 from .history import History
 from .parquet_io import unreadable
 
@@ -44,9 +41,6 @@ def hot_regions_table(
     """``chosen``: history positions that count, ``buckets``: each one's region size."""
     keys = h.storage.keys
     assert keys is not None, "plain catalogs are aggregated by DuckDB in place"
-    files = [f for f in h.change_files() if f[0] in set(chosen)]
-    if not files:
-        return SCHEMA.empty_table()
     n_pos = len(h.points)
     bucket = np.zeros(n_pos, np.int64)
     bucket[chosen] = buckets
@@ -54,20 +48,17 @@ def hot_regions_table(
     chunk = np.array([p.chunk_size for p in h.points], np.int64)
     dec = keys.parquet_decryption()
 
-    def count(file: tuple[int, str, int]) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
-        """One change table: its regions with changes, the changes and the bytes a short last
-        chunk lacks. Each file on its own: no row-sized array is ever made (on 23 million
-        rows their page faults cost more than the arithmetic)."""
-        p, path, rows = file
+    def count(p: int, data: bytes) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
+        """One (checked) change table: its regions with changes, the changes and the bytes a
+        short last chunk lacks. Each file on its own: no row-sized array is ever made (on 23
+        million rows their page faults cost more than the arithmetic)."""
         try:
-            table = pq.ParquetFile(path, decryption_properties=dec).read(
+            table = pq.ParquetFile(pa.BufferReader(data), decryption_properties=dec).read(
                 columns=["offset"], use_threads=False
             )
         except (pa.ArrowException, OSError) as err:
-            raise unreadable(path, err, True) from None
+            raise unreadable(changes_name(str(h.points[p].changes)), err, True) from None
         offset = table.column(0).to_numpy()
-        if len(offset) != rows:
-            raise QueryError("change tables changed while they were read")
         region = offset // bucket[p]
         if len(region) and int(region[-1]) > SPARSE_ABOVE * len(region):  # (rows ascend)
             hit, inverse, n = np.unique(region, return_inverse=True, return_counts=True)
@@ -83,8 +74,9 @@ def hot_regions_table(
             lost = np.bincount(at, weights=lack, minlength=len(hit))
         return p, hit, n, lost
 
-    with ThreadPoolExecutor(max(1, min(4, os.cpu_count() or 1))) as pool:
-        parts = list(pool.map(count, files))
+    parts = h.each_change_table(chosen, count)
+    if not parts:
+        return SCHEMA.empty_table()
     hit_pos = np.concatenate([np.full(len(c[1]), c[0], np.int64) for c in parts])
     hit_region = np.concatenate([c[1] for c in parts]).astype(np.int64)
     n = np.concatenate([c[2] for c in parts]).astype(np.int64)
