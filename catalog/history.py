@@ -328,7 +328,14 @@ class History:
             return None
         self.change_files()
         lives = self._full.lives() if self.complete.all() else None
-        return (self._full, lives) if lives is not None else None
+        if lives is None:
+            # The row walk sees only live points: it cannot follow a chain through forgotten
+            # ones, so such sources are not exact any more.
+            gone = {p.source for p, g in zip(self._full.points, self._gone, strict=True) if g}
+            for s, name in enumerate(self.sources):
+                self.complete[s] &= name not in gone
+            return None
+        return self._full, lives
 
     def lone_bytes(self) -> np.ndarray:
         """Per point: stored bytes of the chunks no other point holds (deleting it alone

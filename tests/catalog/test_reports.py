@@ -269,3 +269,35 @@ def test_a_source_without_rows_and_a_clock_that_stepped_back(tmp_path: Path) -> 
     for mask in ([1, 0, 0], [0, 1, 0], [1, 1, 1]):
         gone = {pid for pid, m in zip(ids, mask, strict=True) if m}
         assert sum(cat.freed(np.array(mask, bool)).values()) == gc_frees(held, stored, gone)
+
+
+def test_forgotten_points_beside_an_incomplete_source_are_not_guessed(tmp_path: Path) -> None:
+    """When another source is incomplete the figures come from walking the live rows, which
+    cannot follow a chain through forgotten points: such a source's figures are then left
+    empty (not exact), never wrong."""
+    from combtest import flip_byte
+
+    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    ids: dict[str, list[str]] = {"a": [], "b": []}
+    for name in ("a", "b"):
+        img = Image(tmp_path / f"{name}.img", 4 * MiB)
+        img.random(0, 2 * MiB, seed=len(name))
+        ids[name].append(api_backup(repo.location, img.path, name=name).id)
+        for step in range(2):
+            img.take_changes()
+            img.random(step * MiB, MiB, seed=10 + step)
+            changes = img.changes_file(tmp_path / f"{name}{step}.json")
+            ids[name].append(api_backup(repo.location, img.path, changes, name=name).id)
+    retire_point(repo.storage, ids["a"][1])
+    cat = Catalog.open(repo.storage, repo.points())
+    held, stored = gc_truth(repo)
+    unique = dict(zip([p.id for p in cat.history.points], cat.unique_bytes().tolist(), strict=True))
+    assert cat.history.complete.all()
+    assert unique == {pid: gc_frees(held, stored, {pid}) for pid in held}
+    b_last = next(p for p in repo.points() if p.id == ids["b"][2])
+    flip_byte(Path(repo.location, "manifests", "changes", f"{b_last.changes}.parquet"), 40)
+    cat = Catalog.open(repo.storage, repo.points())
+    cat.unique_bytes()
+    assert not cat.history.complete.any()  # b: damaged; a: only exact through its tombstone
+    rows = run_report(cat, "unique", ReportOptions()).table.to_pylist()
+    assert rows and all(r["unique_bytes"] is None for r in rows)
