@@ -324,7 +324,7 @@ class History:
 
     def _full_lives(self) -> tuple[History, lv_.Lives] | None:
         """With forgotten points: the whole chain and its lives, when it is complete."""
-        if self._full is None:
+        if self._full is None or self._gone is None:
             return None
         self.change_files()
         lives = self._full.lives() if self.complete.all() else None
