@@ -21,7 +21,7 @@ from .index import INDEX_SCHEMA, blob_rows, contains, id_keys, ids_to_array, seg
 from .manifest import ManifestReader
 from .packs import PACK_TRAILER_BYTES, pack_name, parse_pack
 from .parquet_io import read_parquet
-from .points import RecoveryPoint, load_points_tolerant
+from .points import RecoveryPoint, load_forgotten, load_points_tolerant
 from .storage import LocalStorage, Storage
 
 Progress = Callable[[int, int], None]
@@ -57,6 +57,11 @@ def check_repository(
     known = np.unique(id_keys(ids_to_array(index.column("chunk_id"))))
     for point in points:
         _check_point(storage, point, known, report)
+    # Forgotten points (FORMAT.md 9.1) keep only their change tables, which are analytics data.
+    gone, bad = load_forgotten(storage, points)
+    report.warnings.extend(f"forgotten point: {msg}" for msg in bad)
+    for point in gone:
+        _check_changes(storage, point, report, "forgotten point")
     pack_ids = sorted(set(index.column("pack").to_pylist())) if index.num_rows else []
     _check_packs(storage, index, pack_ids, read_data, report, progress)
     if isinstance(storage, LocalStorage):
@@ -107,14 +112,16 @@ def _check_point(
     _check_changes(storage, point, report)
 
 
-def _check_changes(storage: Storage, point: RecoveryPoint, report: CheckReport) -> None:
+def _check_changes(
+    storage: Storage, point: RecoveryPoint, report: CheckReport, what: str = "point"
+) -> None:
     """A damaged change table loses analytics, not disk content: a warning, not an error."""
     if point.changes is None:
         return
     try:
         offsets = read_changes(storage, point.changes, ["offset"]).column("offset").to_numpy()
     except CombError as err:
-        report.warnings.append(f"point {point.id}: change table: {err.message}")
+        report.warnings.append(f"{what} {point.id}: change table: {err.message}")
         return
     if len(offsets) and (
         np.any(np.diff(offsets) <= 0)
@@ -122,7 +129,7 @@ def _check_changes(storage: Storage, point: RecoveryPoint, report: CheckReport) 
         or int(offsets[0]) < 0
         or int(offsets[-1]) >= max(point.size, 1)
     ):
-        report.warnings.append(f"point {point.id}: change table rows are out of order or range")
+        report.warnings.append(f"{what} {point.id}: change table rows are out of order or range")
 
 
 def _check_packs(

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 from catalogtest import gc_frees, gc_truth
-from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error
+from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error, flip_byte
 
 from catalog.analytics import Catalog
 from catalog.changes import changes_name
@@ -173,8 +173,6 @@ def test_reports_on_a_repository_made_before_change_tables(cli: CliRunner, tmp_p
 
 
 def test_a_damaged_change_table_is_left_out_with_a_warning(cli: CliRunner, history) -> None:  # type: ignore[no-untyped-def]
-    from combtest import flip_byte
-
     repo, points, _ = history
     path = Path(repo.location) / "manifests" / "changes" / f"{points[2].changes}.parquet"
     flip_byte(path, 40)
@@ -263,3 +261,12 @@ def test_forgotten_points_keep_the_figures_exact(
     [row] = json.loads(res.out)
     assert (row["points"], row["forgotten"]) == (3, 2)
     assert row["freed_bytes"] == gc_frees(held, stored, set(ids[2:4])) > 0
+    # A damaged change table of a forgotten point: verify warns (analytics data), and the
+    # source's exact figures are left empty rather than guessed.
+    flip_byte(repo_path / changes_name(str(gone[1].changes)), 40)
+    res = cli("-r", r, "verify", "--json")
+    doc = json.loads(res.out)
+    assert res.code == 0 and any(f"forgotten point {ids[1]}" in w for w in doc["warnings"]), doc
+    res = cli("-r", r, "report", "unique", "--format", "json")
+    assert res.code == 0 and ids[1] in res.err and "partial" in res.err, res.err
+    assert all(row["unique_bytes"] is None for row in json.loads(res.out))
