@@ -14,13 +14,22 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .blocks import BlockHasher, block_list_name
 from .changes import read_changes
 from .chunks import decode_chunk
-from .errors import CombError
-from .index import INDEX_SCHEMA, blob_rows, contains, id_keys, ids_to_array, segment_names
-from .manifest import ManifestReader
+from .errors import CombError, CorruptionError
+from .index import (
+    INDEX_PREFIX,
+    INDEX_SCHEMA,
+    blob_rows,
+    contains,
+    id_keys,
+    ids_to_array,
+    segment_names,
+)
+from .manifest import ManifestReader, leaves_name
 from .packs import PACK_TRAILER_BYTES, pack_name, parse_pack
-from .parquet_io import read_parquet
+from .parquet_io import load_block_list, read_parquet
 from .points import RecoveryPoint, load_forgotten, load_points_tolerant
 from .storage import LocalStorage, Storage
 
@@ -110,6 +119,27 @@ def _check_point(
     except CombError as err:
         report.errors.append(f"point {point.id}: {err.message}")
     _check_changes(storage, point, report)
+    _check_block_lists(storage, point, report)
+
+
+def _check_block_lists(storage: Storage, point: RecoveryPoint, report: CheckReport) -> None:
+    """A damaged block list (FORMAT.md 7.1) costs readers a whole-file check, no data: a
+    warning. (The files themselves are checked against their names elsewhere.)"""
+    lists = point.blocks if isinstance(point.blocks, dict) else {}
+    files = {"leaves": point.leaves and leaves_name(point.leaves)}
+    files["index_segment"] = point.index_segment and f"{INDEX_PREFIX}/{point.index_segment}.parquet"
+    for what, name in files.items():
+        blocks_id = lists.get(what)
+        if not name or not isinstance(blocks_id, str) or not storage.exists(name):
+            continue
+        try:
+            blocks = load_block_list(storage, name, blocks_id)
+            hasher = BlockHasher(blocks.block_bytes)
+            hasher.update(memoryview(storage.read(name)))
+            if hasher.size != blocks.size or hasher.finish() != blocks.hashes:
+                raise CorruptionError(f"{block_list_name(name)} does not match its file")
+        except CombError as err:
+            report.warnings.append(f"point {point.id}: block list: {err.message}")
 
 
 def _check_changes(

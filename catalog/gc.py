@@ -30,10 +30,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from .blocks import BLOCKS_SUFFIX, block_list_name, parquet_of
 from .changes import changes_name
 from .chunks import decode_chunk
 from .errors import CorruptionError, RepositoryError
 from .index import (
+    INDEX_PREFIX,
     INDEX_SCHEMA,
     IndexSegmentWriter,
     blob_rows,
@@ -187,6 +189,10 @@ def plan(
             if name.endswith(".parquet") and name not in marks.files:
                 out.files.append(name)
                 out.file_bytes += storage.size(name)
+    for prefix in (LEAVES_PREFIX, INDEX_PREFIX):  # a block list whose file is gone (a crash)
+        for name in storage.list(prefix):
+            if name.endswith(BLOCKS_SUFFIX) and not storage.exists(parquet_of(name)):
+                out.files.append(name)
     tmp_dir = storage.local_path(TMP_DIR)
     if tmp_dir is not None:
         now = time.time()
@@ -353,7 +359,7 @@ def execute(repo: Repository, p: Plan) -> None:
         seg.commit()  # durable before any segment it replaces goes
     # Segments before packs: a crash in between leaves packs no segment lists (a warning for
     # verify, orphans for the next prune), never a segment naming a missing pack (an error).
-    for name in p.segments_removed + p.segments_rewritten:
+    for name in _with_block_lists(p.segments_removed + p.segments_rewritten):
         storage.remove(name)
     for name in p.packs:
         storage.remove(name)
@@ -361,12 +367,23 @@ def execute(repo: Repository, p: Plan) -> None:
     # next prune), never a pack whose parity is gone.
     for name in [parity_name(_pack_id(n)) for n in p.packs] + p.parity:
         storage.remove(name)
-    for name in p.files + p.tmp:
+    for name in _with_block_lists(p.files) + p.tmp:
         storage.remove(name)
     for d in ("packs", PARITY_PREFIX, "index", LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
         path = storage.local_path(d)
         if path is not None and os.path.isdir(path):
             storage.sync_dir(path)  # type: ignore[attr-defined]
+
+
+def _with_block_lists(names: list[str]) -> list[str]:
+    """Each file followed by its block list (``catalog.blocks``), which goes after it: a
+    crash in between leaves a block list without its file, removed by the next prune."""
+    out = []
+    for name in names:
+        out.append(name)
+        if name.endswith(".parquet") and name.startswith((LEAVES_PREFIX, INDEX_PREFIX)):
+            out.append(block_list_name(name))
+    return out
 
 
 @dataclass

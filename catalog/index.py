@@ -20,6 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from . import blocks
+from .blocks import NO_POSITION, RangeBuilder
 from .packs import SealedPack
 from .parquet_io import ParquetStreamWriter, read_parquet
 from .storage import Storage
@@ -72,12 +74,52 @@ class IndexSegmentWriter:
         self._writer = ParquetStreamWriter(
             storage,
             INDEX_SCHEMA,
+            # Row groups as long as a position range: a reader near a stretch of disk reads
+            # the row groups of its ranges and no more (catalog.blocks).
+            row_group_rows=blocks.RANGE_ROWS,
             delta_columns=("offset", "stored_len", "raw_len", "codec"),
             dictionary_columns=("pack",),
+            block_list=True,
         )
+        self._ranges = RangeBuilder()
+        # Chunks this backup read and will store, not yet in a row: their disk offsets, until
+        # their pack is sealed (so at most the chunks of the packs being filled).
+        self._pending_keys = np.empty(0, np.uint64)
+        self._pending_ids = np.empty((0, 32), np.uint8)
+        self._pending_at = np.empty(0, np.int64)
+
+    def read_at(self, ids: np.ndarray, offsets: np.ndarray) -> None:
+        """The disk offsets at which the backup read chunks it stores ((n, 32) ids): noted
+        for the rows ``add`` gets later, for the segment's block list (``catalog.blocks``)."""
+        self._pending_ids = np.concatenate([self._pending_ids, ids])
+        self._pending_at = np.concatenate([self._pending_at, offsets.astype(np.int64)])
+        self._pending_keys = np.ascontiguousarray(self._pending_ids[:, :8]).view("<u8").ravel()
 
     def add(self, table: pa.Table) -> None:
-        self._writer.write(table.cast(INDEX_SCHEMA))
+        table = table.cast(INDEX_SCHEMA)
+        self._writer.write(table)
+        if not table.num_rows:
+            return
+        ids = ids_to_array(table.column("chunk_id"))
+        at = np.full(len(ids), NO_POSITION, np.int64)
+        if len(self._pending_keys):
+            keys = np.ascontiguousarray(ids[:, :8]).view("<u8").ravel()
+            order = np.argsort(self._pending_keys, kind="stable")
+            pos = np.minimum(np.searchsorted(self._pending_keys[order], keys), len(order) - 1)
+            cand = order[pos]
+            same = np.all(self._pending_ids[cand] == ids, axis=1)
+            at[same] = self._pending_at[cand[same]]
+            keep = np.ones(len(self._pending_keys), bool)
+            keep[cand[same]] = False
+            self._pending_ids = self._pending_ids[keep]
+            self._pending_at = self._pending_at[keep]
+            self._pending_keys = self._pending_keys[keep]
+        self._ranges.add(at)
+
+    @property
+    def blocks_id(self) -> str | None:
+        """The committed segment's block list (``catalog.blocks``)."""
+        return self._writer.blocks_id
 
     @property
     def rows(self) -> int:
@@ -87,7 +129,7 @@ class IndexSegmentWriter:
         if self._writer.rows == 0:
             self._writer.abort()
             return None, 0
-        return self._writer.commit(INDEX_PREFIX)
+        return self._writer.commit(INDEX_PREFIX, self._ranges.finish(), self._ranges.rows)
 
     def abort(self) -> None:
         self._writer.abort()

@@ -1,14 +1,14 @@
-"""Chunk locations by id, for random reads of recovery points (``drive.source``): which index
-segment holds a chunk, and where its blob is, without loading the whole index.
+"""Chunk locations by id, per index segment, for random reads of recovery points
+(``drive.source``, through ``catalog.locator``), without loading the whole index.
 
 Index rows are in no defined order (FORMAT.md section 7), so a segment's row-group statistics
-cannot narrow a lookup. Instead each segment gets a **table** sorted by id when first needed
-(``SegmentTable``, about 53 bytes a row), kept in a cache shared by every reader of the process
-(``SHARED_SEGMENTS``, bounded in bytes); a large segment answers its first lookups by scanning
-its id column while that table is built on a background thread, so a first read does not wait
-for the sort. ``Locator`` searches the segments in an order the caller knows to be likely (the
-backup that wrote a leaf stored most of its chunks) and reads a segment only while some wanted
-id is still unfound. Every segment is checked against its name before it is parsed. Read-only:
+cannot narrow a lookup by id. Instead each segment gets a **table** sorted by id when first
+needed (``SegmentTable``, about 53 bytes a row), kept in a cache shared by every reader of the
+process (``SHARED_SEGMENTS``, bounded in bytes); a large segment answers its first lookups
+while that table is built on a background thread, so a first read does not wait for the sort:
+with a block list (``catalog.blocks``, FORMAT.md 7.1) from the row groups of the rows its
+backup read near the stretch of disk wanted, each block checked as it is read; without one,
+by a scan of its id column, the segment checked whole against its name first. Read-only:
 nothing here is used by backups.
 """
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -25,14 +25,17 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CombError
-from .index import INDEX_PREFIX, INDEX_SCHEMA, id_keys, ids_to_array, segment_names
-from .packs import pack_name
-from .parquet_io import decryption, read_verified, unreadable
+from .blocks import BlockList
+from .errors import CombError, CorruptionError
+from .index import INDEX_PREFIX, INDEX_SCHEMA, ids_to_array
+from .parquet_io import decryption, load_block_list, open_parquet, read_verified, unreadable
 from .storage import Storage
 
 _SEGMENT_CACHE_BYTES = 256 << 20  # segment tables kept, shared by every reader (~53 B a row)
 _PROBE_ROWS = 65536  # larger segments answer first lookups by a scan while their table builds
+# Segments larger than this, with a block list, answer first lookups from the rows near the
+# stretch of disk wanted (catalog.blocks); smaller ones are read whole (one or two blocks).
+_FILTERED_BYTES = 2 << 20
 _FILTER_BITS = 1 << 20  # the scan's prefilter: a bitmap of the wanted ids' low 20 bits
 _LOCATION_COLUMNS = ["pack", "offset", "stored_len", "raw_len", "codec"]
 
@@ -149,6 +152,9 @@ class _SegmentScan:
             first, self._building = not self._building, True
             return first
 
+    def table(self) -> SegmentTable:
+        return SegmentTable(self.name, self.data, self.dec)
+
     def lookup(self, ids: np.ndarray) -> Hits:
         with self._lock:
             if self._ids is None:
@@ -184,6 +190,82 @@ class _SegmentScan:
         return _merged(parts)
 
 
+class _SegmentFiltered(_SegmentScan):
+    """A segment with a block list (``catalog.blocks``) before its table is built. A lookup
+    ``near`` a stretch of disk reads only the row groups of the rows the backup read within
+    it, each block checked as it is read: a first read thus costs the same whatever the size
+    of the backup that wrote the segment. Other lookups read and check it whole and scan its
+    id column, like any large segment."""
+
+    @classmethod
+    def of(cls, key: str, name: str, storage: Storage, blocks_id: str) -> _SegmentFiltered | None:
+        """None when the block list is missing or damaged: the segment is then read whole."""
+        try:
+            blocks = load_block_list(storage, name, blocks_id)
+        except CombError:
+            return None
+        return cls(key, name, storage, blocks_id, blocks)
+
+    def __init__(
+        self, key: str, name: str, storage: Storage, blocks_id: str, blocks: BlockList
+    ) -> None:
+        self.key, self.name, self.dec = key, name, decryption(storage)
+        self._storage = storage
+        self._blocks = blocks
+        self._pf = open_parquet(storage, name, blocks_id, ["pack"])
+        self._building = False
+        md = self._pf.metadata
+        if md.num_rows != self._blocks.rows:
+            raise CorruptionError(f"{name}: its block list covers {self._blocks.rows} rows")
+        sizes = [md.row_group(rg).num_rows for rg in range(md.num_row_groups)]
+        self._starts = np.cumsum([0, *sizes])
+        self._lock = threading.Lock()
+        self._whole: _SegmentScan | None = None
+
+    def table(self) -> SegmentTable:
+        return SegmentTable(self.name, read_verified(self._storage, self.name), self.dec)
+
+    def lookup(self, ids: np.ndarray, near: tuple[int, int] | None = None) -> Hits:
+        if near is None:
+            with self._lock:
+                if self._whole is None:
+                    data = read_verified(self._storage, self.name)
+                    self._whole = _SegmentScan(self.key, self.name, data, self.dec)
+            return self._whole.lookup(ids)
+        with self._lock:
+            groups: set[int] = set()
+            for lo, hi in self._blocks.rows_near(*near):
+                a = int(np.searchsorted(self._starts, lo, "right")) - 1
+                b = int(np.searchsorted(self._starts, hi, "left"))
+                groups.update(range(a, b))
+            parts = []
+            for rg in sorted(groups):
+                t = _read(self.name, self._pf.read_row_group, rg, ["chunk_id", *_LOCATION_COLUMNS])
+                rows, at = _matches(ids_to_array(t.column("chunk_id")), ids)
+                if len(rows):
+                    parts.append(_hits(at, t, rows))
+        return _merged(parts) if parts else _no_hits()
+
+
+def _matches(have: np.ndarray, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(rows of ``have``, indices into ``ids``) of the ids found in ``have``."""
+    hk = np.ascontiguousarray(have[:, :8]).view("<u8").ravel()
+    wk = np.ascontiguousarray(ids[:, :8]).view("<u8").ravel()
+    order = np.argsort(wk, kind="stable")
+    pos = np.minimum(np.searchsorted(wk[order], hk), len(order) - 1)
+    cand = order[pos]
+    same = np.all(ids[cand] == have, axis=1)
+    rows = np.flatnonzero(same)
+    at = cand[rows]
+    _, first = np.unique(at, return_index=True)  # (an id twice in a segment: any row will do)
+    return rows[first], at[first]
+
+
+def _no_hits() -> Hits:
+    empty = np.empty(0, np.int64)
+    return Hits(empty, empty.astype(np.int32), np.empty(0, object), *[empty] * 4)
+
+
 class SegmentCache:
     """Lookup tables of index segments, least recently used first out past ``budget_bytes``
     (the newest is always kept). Segments are immutable and named by content, so the readers
@@ -201,15 +283,28 @@ class SegmentCache:
         self._bytes = 0
         self._lock = threading.Lock()
 
-    def lookup(self, storage: Storage, name: str, ids: np.ndarray) -> Hits:
-        got = self._get(storage, name)
-        hits = got.lookup(ids)
+    def lookup(
+        self,
+        storage: Storage,
+        name: str,
+        ids: np.ndarray,
+        blocks_id: str | None = None,
+        near: tuple[int, int] | None = None,
+    ) -> Hits:
+        """``blocks_id``: the segment's block list, if a point document names it; ``near``:
+        disk bytes [lo, hi) the ids were read from: a large segment with a block list whose
+        table is not built yet then searches only the rows its backup read there (others
+        search everything: they are small, or their table is built)."""
+        got = self._get(storage, name, blocks_id)
+        hits = got.lookup(ids, near) if isinstance(got, _SegmentFiltered) else got.lookup(ids)
         if isinstance(got, _SegmentScan) and got.start_build():
             # Only now: the build must not compete with the lookup a first read waits for.
             threading.Thread(target=self._build, args=(got,), daemon=True).start()
         return hits
 
-    def _get(self, storage: Storage, name: str) -> SegmentTable | _SegmentScan:
+    def _get(
+        self, storage: Storage, name: str, blocks_id: str | None = None
+    ) -> SegmentTable | _SegmentScan:
         key = storage.local_path(name) or f"{id(storage)}:{name}"
         with self._lock:
             got = self._ready(key)
@@ -222,6 +317,14 @@ class SegmentCache:
             if got is not None:
                 return got
             try:
+                filtered = None
+                if blocks_id is not None and self._background:
+                    if storage.size(name) > _FILTERED_BYTES:
+                        filtered = _SegmentFiltered.of(key, name, storage, blocks_id)
+                if filtered is not None:
+                    with self._lock:
+                        self._scans[key] = filtered
+                    return filtered
                 data = read_verified(storage, name)
                 dec = decryption(storage)
                 rows = _open_segment(name, data, dec).metadata.num_rows
@@ -246,7 +349,7 @@ class SegmentCache:
 
     def _build(self, scan: _SegmentScan) -> None:
         try:
-            self._add(scan.key, SegmentTable(scan.name, scan.data, scan.dec))
+            self._add(scan.key, scan.table())
         except CombError:
             pass  # lookups go on scanning, and report the damage themselves
         finally:
@@ -272,119 +375,6 @@ class SegmentCache:
 
 
 SHARED_SEGMENTS = SegmentCache()
-
-
-@dataclass(frozen=True)
-class Found:
-    """Locations of n chunk ids: ``pack`` is -1 where no index segment names the id."""
-
-    pack: np.ndarray  # int32: an index into the locator's ``pack_names``
-    offset: np.ndarray
-    stored_len: np.ndarray
-    raw_len: np.ndarray
-    codec: np.ndarray
-
-
-class Locator:
-    """One location per chunk id, searched segment by segment in the caller's order of
-    likelihood: a segment is read only while some wanted id is still unfound, so a lookup
-    costs the segments that hold the ids, not the whole index. Like ``load_locations``, a copy
-    whose pack exists is preferred. Not thread-safe (callers serialise)."""
-
-    def __init__(self, storage: Storage, cache: SegmentCache = SHARED_SEGMENTS) -> None:
-        self._storage = storage
-        self._cache = cache
-        self._listed: list[str] | None = None
-        self._exists: dict[str, bool] = {}
-        self.segments_used: set[str] = set()
-        self.pack_names: list[str] = []  # what ``Found.pack`` codes mean; only grows
-        self._pack_codes: dict[str, int] = {}
-
-    def locate(self, ids: np.ndarray, first: list[str], rest: Callable[[], list[str]]) -> Found:
-        """``first``: segment names to search before any other (e.g. the backup's own);
-        ``rest()``: the order for the others, asked for only if ids remain unfound; segments
-        in neither (and, at the end, any that appeared since) are searched last."""
-        keys, inverse = np.unique(id_keys(ids), return_inverse=True)
-        uniq = keys.view(np.uint8).reshape(-1, 32)
-        n = len(keys)
-        out = Found(
-            np.full(n, -1, np.int32),
-            np.zeros(n, np.int64),
-            np.zeros(n, np.int32),
-            np.zeros(n, np.int32),
-            np.zeros(n, np.int8),
-        )
-        state = np.zeros(n, np.int8)  # 0 unfound, 1 found in a missing pack, 2 found
-        tried: set[str] = set()
-        for name in self._order(first, rest, tried, lambda: bool(np.any(state < 2))):
-            if not self._segment_exists(name):
-                continue  # named by a point document, but merged or removed since
-            todo = np.flatnonzero(state < 2)
-            self.segments_used.add(name)
-            hits = self._cache.lookup(self._storage, name, uniq[todo])
-            at = todo[hits.at]
-            # Per pack, not per chunk: whether it exists, and its code.
-            used = np.unique(hits.code).tolist()
-            exists = np.zeros(len(hits.names), bool)
-            codes = np.full(len(hits.names), -1, np.int32)
-            for c in used:
-                exists[c] = self._pack_exists(hits.names[c])
-                codes[c] = self._pack_code(hits.names[c])
-            ok = exists[hits.code]
-            take = ok | (state[at] == 0)
-            at = at[take]
-            out.pack[at] = codes[hits.code[take]]
-            for field in ("offset", "stored_len", "raw_len", "codec"):
-                getattr(out, field)[at] = getattr(hits, field)[take]
-            state[at] = np.where(ok[take], 2, 1)
-        inverse = inverse.ravel()
-        return Found(*(getattr(out, f)[inverse] for f in Found.__annotations__))
-
-    def _order(
-        self,
-        first: list[str],
-        rest: Callable[[], list[str]],
-        tried: set[str],
-        wanted: Callable[[], bool],
-    ) -> Iterator[str]:
-        def fresh(names: Iterable[str]) -> Iterator[str]:
-            for name in names:
-                if name not in tried and wanted():
-                    tried.add(name)
-                    yield name
-
-        yield from fresh(first)
-        if not wanted():
-            return
-        yield from fresh(rest())
-        if self._listed is None:
-            self._listed = segment_names(self._storage)
-        yield from fresh(self._listed)
-        if wanted():  # a segment written since the listing (a backup finished meanwhile)
-            self._listed = segment_names(self._storage)
-            yield from fresh(self._listed)
-
-    def _pack_code(self, pack: str) -> int:
-        code = self._pack_codes.get(pack)
-        if code is None:
-            code = self._pack_codes[pack] = len(self.pack_names)
-            self.pack_names.append(pack)
-        return code
-
-    def _segment_exists(self, name: str) -> bool:
-        if self._listed is not None and name in self._listed:
-            return True
-        known = self._exists.get(name)
-        if known is None:
-            known = self._exists[name] = self._storage.exists(name)
-        return known
-
-    def _pack_exists(self, pack: str) -> bool:
-        name = pack_name(pack)
-        known = self._exists.get(name)
-        if known is None:
-            known = self._exists[name] = self._storage.exists(name)
-        return known
 
 
 def segment_name(segment_id: str) -> str:

@@ -15,6 +15,7 @@ what changed while every point still reads as a full image:
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -81,7 +82,11 @@ class ManifestWriter:
 
     def __init__(self, storage: Storage) -> None:
         self._leaves = ParquetStreamWriter(
-            storage, LEAF_SCHEMA, LEAF_ROW_GROUP_ROWS, delta_columns=("leaf", "slot")
+            storage,
+            LEAF_SCHEMA,
+            LEAF_ROW_GROUP_ROWS,
+            delta_columns=("leaf", "slot"),
+            block_list=True,
         )
         self._root = ParquetStreamWriter(
             storage,
@@ -193,6 +198,11 @@ class ManifestWriter:
         root_id, size = self._root.commit(ROOTS_PREFIX)
         return leaves_id, root_id, written + size
 
+    @property
+    def leaves_blocks(self) -> str | None:
+        """The committed leaves file's block list (``catalog.blocks``)."""
+        return self._leaves.blocks_id
+
     def abort(self) -> None:
         self._leaves.abort()
         self._root.abort()
@@ -204,9 +214,10 @@ class _LeafFile:
 
     GROUPS_KEPT = 1
 
-    def __init__(self, storage: Storage, file_id: str) -> None:
+    def __init__(self, storage: Storage, file_id: str, blocks_id: str | None = None) -> None:
+        """``blocks_id``: the file's block list, to read it in part (``catalog.blocks``)."""
         self.name = leaves_name(file_id)
-        self._pf: pq.ParquetFile = open_parquet(storage, self.name)
+        self._pf: pq.ParquetFile = open_parquet(storage, self.name, blocks_id)
         md = self._pf.metadata
         col = md.schema.to_arrow_schema().get_field_index("leaf")
         ranges = []
@@ -308,6 +319,9 @@ class ManifestReader:
             raise CorruptionError(f"{self.root_name} is not sorted by leaf number")
         self._files: OrderedDict[str, _LeafFile] = OrderedDict()
         self.files_opened: set[str] = set()  # leaves files opened so far (tests, benchmarks)
+        # Block list of a leaves file, when the caller knows it from the point that wrote it:
+        # then only the blocks read are checked, not the whole file (catalog.blocks).
+        self.block_list_of: Callable[[str], str | None] = lambda _file_id: None
 
     def __len__(self) -> int:
         return len(self.leaf_nos)
@@ -333,7 +347,7 @@ class ManifestReader:
     def _file(self, file_id: str) -> _LeafFile:
         lf = self._files.get(file_id)
         if lf is None:
-            lf = _LeafFile(self._storage, file_id)
+            lf = _LeafFile(self._storage, file_id, self.block_list_of(file_id))
             self._files[file_id] = lf
             self.files_opened.add(file_id)
             if len(self._files) > 32:

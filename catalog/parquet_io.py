@@ -9,7 +9,8 @@ import blake3
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import CorruptionError, RepositoryError
+from .blocks import BLOCKS_SUFFIX, BlockHasher, BlockList, VerifiedFile, block_list_name, encode
+from .errors import CombError, CorruptionError, RepositoryError
 from .storage import NewFile, Storage
 
 # zstd inside Parquet; dictionary encoding keeps repeated pack/file ids tiny.
@@ -19,10 +20,11 @@ PARQUET_COMPRESSION = "zstd"
 class _HashingSink(io.RawIOBase):
     """A write-only file object that hashes what it forwards to a NewFile."""
 
-    def __init__(self, new: NewFile) -> None:
+    def __init__(self, new: NewFile, blocks: BlockHasher | None = None) -> None:
         super().__init__()
         self._new = new
         self.hash = blake3.blake3()
+        self.blocks = blocks
 
     def writable(self) -> bool:
         return True
@@ -30,6 +32,8 @@ class _HashingSink(io.RawIOBase):
     def write(self, data) -> int:  # type: ignore[no-untyped-def, override]
         view = memoryview(data).cast("B")
         self.hash.update(view)
+        if self.blocks is not None:
+            self.blocks.update(view)
         self._new.write(view)
         return len(view)
 
@@ -47,12 +51,16 @@ class ParquetStreamWriter:
         row_group_rows: int = 65536,
         delta_columns: tuple[str, ...] = (),
         dictionary_columns: tuple[str, ...] = (),
+        block_list: bool = False,
     ) -> None:
         """``delta_columns``: sorted or small integers, DELTA_BINARY_PACKED (18x smaller for a
         root than the default); ``dictionary_columns``: few distinct values (pack/file ids);
-        every other column is PLAIN (chunk ids are random: a dictionary would only cost)."""
+        every other column is PLAIN (chunk ids are random: a dictionary would only cost).
+        ``block_list``: also write the file's block list (``catalog.blocks``) on commit."""
+        self._storage = storage
         self._new = storage.create()
-        self._sink = _HashingSink(self._new)
+        self._sink = _HashingSink(self._new, BlockHasher() if block_list else None)
+        self.blocks_id: str | None = None  # the block list's BLAKE3, once committed
         encodings = {
             f.name: "DELTA_BINARY_PACKED" if f.name in delta_columns else "PLAIN"
             for f in schema
@@ -80,12 +88,20 @@ class ParquetStreamWriter:
             self._writer.write(table, row_group_size=self._row_group_rows)
             self.rows += table.num_rows
 
-    def commit(self, prefix: str) -> tuple[str, int]:
-        """Close, and commit as ``prefix/<blake3 hex>.parquet``; returns (id, bytes)."""
+    def commit(self, prefix: str, ranges: bytes = b"", range_rows: int = 0) -> tuple[str, int]:
+        """Close, and commit as ``prefix/<blake3 hex>.parquet``; returns (id, bytes). With a
+        block list, it is committed next as ``prefix/<id>.blocks`` (with the position ranges
+        given, over ``range_rows`` rows), and its BLAKE3 kept in ``blocks_id``."""
         self._writer.close()
         file_id = self._sink.hash.hexdigest()
         size = self._new.tell()
         self._new.commit(f"{prefix}/{file_id}.parquet")
+        if self._sink.blocks is not None:
+            hasher = self._sink.blocks
+            data = encode(hasher.finish(), size, hasher.block_bytes, ranges, range_rows)
+            self._storage.write_atomic(f"{prefix}/{file_id}{BLOCKS_SUFFIX}", data)
+            self.blocks_id = blake3.blake3(data).hexdigest()
+            size += len(data)
         return file_id, size
 
     def abort(self) -> None:
@@ -139,13 +155,57 @@ def unreadable(name: str, err: Exception, sealed: bool = False) -> CorruptionErr
     return CorruptionError(f"{name} is not a readable Parquet file ({text})")
 
 
-def open_parquet(storage: Storage, name: str) -> pq.ParquetFile:
-    """Random access by row group to a checked metadata file (held in memory: they are small
-    next to the data they describe, ~2 bytes per KiB of disk for a full leaves file)."""
+def load_block_list(storage: Storage, name: str, blocks_id: str) -> BlockList:
+    """The block list of ``name`` (a ``.parquet`` file), checked against ``blocks_id``, its
+    BLAKE3 as a point document gives it (FORMAT.md 7.1)."""
+    list_name = block_list_name(name)
+    where = storage.local_path(list_name) or list_name
+    if not storage.exists(list_name):
+        raise RepositoryError(f"missing repository file {where}")
+    data = storage.read(list_name)
+    if blake3.blake3(data).hexdigest() != blocks_id:
+        raise CorruptionError(f"{where} does not match the block list its point names (damaged)")
+    return BlockList.parse(data, where)
+
+
+def _usable_block_list(storage: Storage, name: str, blocks_id: str | None) -> BlockList | None:
+    """The block list, or None when there is none to use: a missing or damaged block list
+    only costs a check of the whole file (``verify`` reports it)."""
+    if blocks_id is None:
+        return None
+    try:
+        return load_block_list(storage, name, blocks_id)
+    except CombError:
+        return None
+
+
+def open_parquet(
+    storage: Storage,
+    name: str,
+    blocks_id: str | None = None,
+    read_dictionary: list[str] | None = None,
+) -> pq.ParquetFile:
+    """Random access by row group to a checked metadata file. With ``blocks_id`` (its block
+    list's BLAKE3) only the blocks read are checked (``catalog.blocks``); without, the file is
+    checked whole and held in memory (metadata files are small next to the data they describe,
+    ~2 bytes per KiB of disk for a full leaves file)."""
+    blocks = _usable_block_list(storage, name, blocks_id)
+    if blocks is not None:
+        source = VerifiedFile(storage, name, blocks)
+        try:
+            return pq.ParquetFile(
+                source,
+                read_dictionary=read_dictionary,
+                page_checksum_verification=True,
+                decryption_properties=decryption(storage),
+            )
+        except (pa.ArrowException, OSError) as err:
+            raise unreadable(name, err, storage.keys is not None) from None
     data = read_verified(storage, name)
     try:
         return pq.ParquetFile(
             pa.BufferReader(data),
+            read_dictionary=read_dictionary,
             page_checksum_verification=True,
             decryption_properties=decryption(storage),
         )

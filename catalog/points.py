@@ -64,6 +64,9 @@ class RecoveryPoint:
     # Where the point came from when the source is a VMware vSphere VM disk (FORMAT.md 8.6):
     # the VM's configuration, the disk, the snapshot and what Changed Block Tracking answered.
     vsphere: dict[str, Any] | None = None
+    # Block lists (catalog.blocks, FORMAT.md 7.1) of the leaves file and index segment this
+    # backup wrote: {"leaves": BLAKE3 hex or null, "index_segment": BLAKE3 hex or null}.
+    blocks: dict[str, Any] | None = None
     stats: PointStats = field(default_factory=PointStats)
     id: str = ""
     format: str = POINT_FORMAT_NAME

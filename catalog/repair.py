@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
+from .blocks import BLOCKS_SUFFIX, block_list_name, parquet_of
 from .errors import CombError
-from .index import INDEX_SCHEMA, IndexSegmentWriter, sealed_to_table, segment_names
+from .index import INDEX_PREFIX, INDEX_SCHEMA, IndexSegmentWriter, sealed_to_table, segment_names
 from .locks import locked
 from .packs import SealedPack, read_pack_entries
 from .parquet_io import read_parquet
@@ -63,7 +64,11 @@ def repair_index(repo: Repository, on_wait: Callable[[object], None] | None = No
         for name in old:
             if name != new_name:
                 storage.remove(name)
+                storage.remove(block_list_name(name))  # (after its file: FORMAT.md 7.1)
                 out.old_segments += 1
+        for name in storage.list(INDEX_PREFIX):  # block lists of segments already lost
+            if name.endswith(BLOCKS_SUFFIX) and not storage.exists(parquet_of(name)):
+                storage.remove(name)
     return out
 
 

@@ -4,7 +4,7 @@ and the chunk index, every chunk checked against its BLAKE3 id as it is read.
 Opening a point reads only its root (a few bytes per MiB of disk with data). The rest is loaded
 by **span** (``SPAN_CHUNKS`` consecutive chunks, 64 MiB of disk at 64 KiB) when a read first
 touches it: the span's leaves, then the pack locations of their chunks, looked up in the index
-segments that hold them (``catalog.lookup.Locator``; first the segment of the backup that wrote
+segments that hold them (``catalog.locator.Locator``; first the segment of the backup that wrote
 each leaves file, known from its point document). Loaded spans are kept up to
 ``map_cache_bytes`` (about 61 bytes a data chunk), least recently used first out; segment
 lookup tables are shared by every point of the process (``catalog.lookup.SHARED_SEGMENTS``).
@@ -19,6 +19,7 @@ Imports catalog only (no Ray, no pipeline).
 from __future__ import annotations
 
 import os
+import re
 import threading
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
@@ -28,10 +29,13 @@ import numpy as np
 
 from catalog.chunks import decode_chunk
 from catalog.errors import CorruptionError
-from catalog.lookup import SHARED_SEGMENTS, Locator, SegmentCache, segment_name
+from catalog.locator import Locator
+from catalog.lookup import SHARED_SEGMENTS, SegmentCache, segment_name
 from catalog.packs import pack_name
-from catalog.points import RecoveryPoint, load_points_tolerant
+from catalog.points import RecoveryPoint, load_forgotten, load_points_tolerant
 from catalog.repo import Repository
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 
 DEFAULT_CACHE_CHUNKS = 256  # 16 MiB of 64 KiB chunks
 DEFAULT_MAP_CACHE_BYTES = 64 << 20  # loaded spans: ~1.1M data chunks, 68 GiB at 64 KiB
@@ -98,6 +102,10 @@ class PointSource:
         own = segment_name(point.index_segment) if point.index_segment else None
         self._hints: dict[str, str | None] = {point.leaves: own} if point.leaves else {}
         self._by_time: list[str] | None = None
+        # Block lists (catalog.blocks) named by the points that wrote leaves files/segments.
+        self._leaf_blocks: dict[str, str | None] = {}
+        self._note_blocks(point)
+        self._manifest.block_list_of = self._leaves_block_list
         self._pack_names = self._locator.pack_names  # what a map's ``pack`` codes mean
         self._maps: OrderedDict[int, _Map] = OrderedDict()
         self._map_bytes = 0
@@ -248,7 +256,11 @@ class PointSource:
             lo, lo + self._span_leaves, self.point.leaf_chunks
         )
         first = list(dict.fromkeys(seg for seg in map(self._hint, files) if seg))
-        f = self._locator.locate(ids, first, self._segments_by_time)
+        near = (
+            lo * self.point.leaf_chunks * self._chunk,
+            (lo + self._span_leaves) * self.point.leaf_chunks * self._chunk,
+        )
+        f = self._locator.locate(ids, first, self._segments_by_time, near)
         return _Map(numbers, ids, f.pack, f.offset, f.stored_len, f.raw_len, f.codec)
 
     def _hint(self, leaves_id: str) -> str | None:
@@ -256,6 +268,23 @@ class PointSource:
             self._read_point_documents()
             self._hints.setdefault(leaves_id, None)  # its point is gone: search them all
         return self._hints[leaves_id]
+
+    def _note_blocks(self, p: RecoveryPoint) -> None:
+        """The block lists a point document names for the files its backup wrote."""
+        blocks = p.blocks if isinstance(p.blocks, dict) else {}
+        lists = {k: v for k, v in blocks.items() if isinstance(v, str) and _HEX64.fullmatch(v)}
+        if p.leaves and "leaves" in lists:
+            self._leaf_blocks.setdefault(p.leaves, lists["leaves"])
+        if p.index_segment and "index_segment" in lists:
+            self._locator.block_lists.setdefault(
+                segment_name(p.index_segment), lists["index_segment"]
+            )
+
+    def _leaves_block_list(self, leaves_id: str) -> str | None:
+        if leaves_id not in self._leaf_blocks:
+            self._read_point_documents()
+            self._leaf_blocks.setdefault(leaves_id, None)  # its point is gone: checked whole
+        return self._leaf_blocks[leaves_id]
 
     def _segments_by_time(self) -> list[str]:
         self._read_point_documents()
@@ -268,7 +297,9 @@ class PointSource:
         if self._by_time is not None:
             return
         points, _damaged = load_points_tolerant(self.repo.storage)
-        for p in points:
+        forgotten, _damaged = load_forgotten(self.repo.storage, points)
+        for p in [*points, *forgotten]:  # (a forgotten point's leaves may still be in use)
+            self._note_blocks(p)
             if p.leaves:
                 seg = segment_name(p.index_segment) if p.index_segment else None
                 self._hints.setdefault(p.leaves, seg)

@@ -21,7 +21,7 @@ import pyarrow as pa
 from catalog.changes import ChangeTableWriter
 from catalog.errors import SourceError, UsageError
 from catalog.format import RepoConfig
-from catalog.index import IndexSegmentWriter
+from catalog.index import IndexSegmentWriter, ids_to_array
 from catalog.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.packs import DEFAULT_PACK_TARGET_BYTES
 from catalog.points import PointStats, RecoveryPoint, commit_point, latest_for
@@ -243,9 +243,14 @@ def _drive(
             pos += 1
         disk, item, handle = window.popleft()
         ports = engine.result(handle)
+        written = _unshifted(ports[MAIN_PORT], disk.base)
+        stored = written.filter(written.column("new"))
+        if stored.num_rows:  # where the chunks its rows will name were read (catalog.blocks)
+            index_seg.read_at(
+                ids_to_array(stored.column("chunk_id")), stored.column("offset").to_numpy()
+            )
         if INDEX_PORT in ports:
             index_seg.add(ports[INDEX_PORT])
-        written = _unshifted(ports[MAIN_PORT], disk.base)
         disk.tally.add(item.bytes, written)
         disk.assembler.feed(written)
         items = disk.items
@@ -363,7 +368,15 @@ def run_jobs(
         committed = []
         for disk in disks:
             committed.append(
-                _commit_disk(disk, engine.name, segment_id, index_bytes, t0, cfg, storage)
+                _commit_disk(
+                    disk,
+                    engine.name,
+                    (segment_id, index_seg.blocks_id),
+                    index_bytes,
+                    t0,
+                    cfg,
+                    storage,
+                )
             )
             index_bytes = 0  # one segment for the run: counted with the first disk
         failed = False
@@ -380,13 +393,14 @@ def run_jobs(
 def _commit_disk(
     disk: _Disk,
     engine_name: str,
-    segment_id: str | None,
+    segment: tuple[str | None, str | None],
     index_bytes: int,
     t0: float,
     cfg: RepoConfig,
     storage: Storage,
 ) -> RecoveryPoint:
     plan, tally, changes, manifest = disk.job.plan, disk.tally, disk.changes, disk.manifest
+    segment_id, segment_blocks = segment
     leaves_id, root_id, manifest_bytes = manifest.commit()
     changes_id, changes_bytes = changes.commit()
     extra = disk.job.fields(changes) if disk.job.fields is not None else {}
@@ -404,6 +418,10 @@ def _commit_disk(
         engine=engine_name,
         mode=plan.mode,
         changes=changes_id,
+        blocks={
+            "leaves": manifest.leaves_blocks if leaves_id else None,
+            "index_segment": segment_blocks if segment_id else None,
+        },
         stats=PointStats(
             bytes_read=tally.read,
             bytes_new=tally.new,

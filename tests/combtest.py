@@ -152,8 +152,13 @@ def run_python(
     )
 
 
-def repo_files(repo: Path, prefix: str) -> list[Path]:
-    return sorted(p for p in (repo / prefix).rglob("*") if p.is_file())
+def repo_files(repo: Path, prefix: str, block_lists: bool = False) -> list[Path]:
+    """The files under ``prefix``; block lists (catalog.blocks) only with ``block_lists``."""
+    return sorted(
+        p
+        for p in (repo / prefix).rglob("*")
+        if p.is_file() and (block_lists or not p.name.endswith(".blocks"))
+    )
 
 
 def flip_byte(path: Path, pos: int, mask: int = 0x01) -> None:

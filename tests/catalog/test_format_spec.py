@@ -61,6 +61,7 @@ def test_constants_match_code() -> None:
         "catalog.storage",
         "catalog.repo",
         "catalog.crypto",
+        "catalog.blocks",
     ],
 )
 def test_every_format_constant_is_in_the_spec(module: str) -> None:

@@ -150,7 +150,8 @@ def test_point_fields_match_code() -> None:
 
 # Fields added after golden-v1 was written (comb 0.2: change tables, section 8.5).
 # (comb 0.3: vSphere sources, section 8.6).
-_AFTER_GOLDEN_V1 = {"changes", "stats.bytes_changed", "stats.bytes_data", "vsphere"}
+# (comb 0.4: block lists, section 7.1).
+_AFTER_GOLDEN_V1 = {"changes", "stats.bytes_changed", "stats.bytes_data", "vsphere", "blocks"}
 
 
 def test_point_documents_have_the_spec_fields() -> None:

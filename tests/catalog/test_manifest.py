@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from catalog.blocks import block_list_name
 from catalog.errors import CorruptionError
 from catalog.manifest import (
     EMPTY_LEAF,
@@ -52,7 +53,8 @@ def test_round_trip_with_empty_leaves_skipped(storage: LocalStorage) -> None:
     leaves_id, root_id, written = w.commit()
     assert leaves_id is not None
     assert w.new_leaves == 4 and w.ref_leaves == 0
-    assert written == storage.size(leaves_name(leaves_id)) + storage.size(roots_name(root_id))
+    files = [leaves_name(leaves_id), block_list_name(leaves_name(leaves_id)), roots_name(root_id)]
+    assert written == sum(storage.size(f) for f in files)
     r = ManifestReader(storage, root_id, leaves_id)
     assert len(r) == 4
     assert r.leaf_nos.tolist() == [0, 3, 4, 1000]

@@ -17,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import catalog.lookup as lookup
+from catalog.blocks import block_list_name
 from catalog.crypto import RepoKeys
 from catalog.errors import CorruptionError
 from catalog.index import load_locations
@@ -168,7 +169,8 @@ def test_a_first_read_loads_only_the_leaf_it_needs(
     assert src.read(at, 4096) == points.images[incr.id][at : at + 4096]
     own = leaves_name(incr.leaves or "")
     assert len(asked) == 1 and asked[0][0] == own and asked[0][1] == asked[0][2]  # one leaf
-    assert storage.read_under("manifests/leaves") == [own]
+    # Its leaves file through its block list: the list, then only the blocks needed.
+    assert storage.read_under("manifests/leaves") == sorted([own, block_list_name(own)])
     assert storage.read_under("index") == [segment_name(incr.index_segment or "")]
     assert storage.read_under("points") == [] and len(storage.read_under("packs")) == 1
     assert src.leaves_files_read == {incr.leaves}

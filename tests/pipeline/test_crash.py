@@ -72,17 +72,24 @@ storage.LocalStorage.sync_dir = sync_dir
 sys.exit(main(sys.argv[4:]))
 """
 
-# The order of the commit protocol: parity file and pack, index segment, leaves, root, change
-# table, point document.
+# The order of the commit protocol: parity file and pack, index segment and its block list,
+# leaves and their block list, root, change table, point document.
 ORDER = [
     "parity/",
     "packs/",
     "index/",
+    "index/.blocks",
     "manifests/leaves/",
+    "manifests/leaves/.blocks",
     "manifests/roots/",
     "manifests/changes/",
     "points/",
 ]
+
+
+def _kind(name: str) -> str:
+    prefix = next(k for k in ORDER if name.startswith(k))
+    return prefix + ".blocks" if name.endswith(".blocks") else prefix
 
 
 @dataclass
@@ -149,7 +156,7 @@ def _after_crash_checks(cli: CliRunner, s: Setup, committed_point: bool) -> None
 def test_commit_order_of_a_backup(cli: CliRunner, setup: Setup) -> None:
     proc, names = _crash(setup, "none", 0)
     assert proc.returncode == 0, proc.stderr
-    kinds = [next(k for k in ORDER if name.startswith(k)) for name in names]
+    kinds = [_kind(name) for name in names]
     assert kinds == sorted(kinds, key=ORDER.index), names
     assert kinds[-1] == "points/" and kinds.count("points/") == 1
     assert set(kinds) == set(ORDER)
@@ -158,14 +165,14 @@ def test_commit_order_of_a_backup(cli: CliRunner, setup: Setup) -> None:
 
 @pytest.mark.parametrize(
     ("mode", "n"),
-    [(m, n) for n in range(1, 8) for m in ("before", "after")] + [("mid", 1), ("mid", 7)],
+    [(m, n) for n in range(1, 10) for m in ("before", "after")] + [("mid", 1), ("mid", 9)],
 )
 def test_crash_around_the_nth_commit(cli: CliRunner, setup: Setup, mode: str, n: int) -> None:
     proc, names = _crash(setup, mode, n)
     assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
     assert len(names) == n, names
-    # With one worker and one pack, commit 7 is the point document.
-    assert [next(k for k in ORDER if x.startswith(k)) for x in names] == ORDER[:n]
+    # With one worker and one pack, commit 9 is the point document.
+    assert [_kind(x) for x in names] == ORDER[:n]
     committed = names[-1].startswith("points/") and mode in ("after", "mid")
     _after_crash_checks(cli, setup, committed)
 

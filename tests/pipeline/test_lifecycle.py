@@ -82,6 +82,10 @@ def test_forget_then_prune_frees_space_and_keeps_the_rest(
     assert res.code == 0 and "clean" in res.out, res.out + res.err
     again = _json(cli("-r", repo_path, "prune", "--json"))
     assert again["packs_removed"] == 0 and again["metadata_files_removed"] == 0
+    # Block lists went with their files (catalog.blocks), and every file kept has its own.
+    lists = {p.with_suffix(".parquet") for p in repo_path.rglob("*.blocks")}
+    files = {*repo_path.glob("index/*.parquet"), *repo_path.glob("manifests/leaves/*.parquet")}
+    assert lists == files
     config = json.loads((repo_path / "config.json").read_text())
     assert "locks" in config["features"]["ro_compat"]
 
@@ -269,7 +273,7 @@ def test_repair_index_rebuilds_it_from_the_packs(
     cli: CliRunner, repo_path: Path, make_image: Any, tmp_path: Path
 ) -> None:
     _, ids, copies = _history(make_image, repo_path, tmp_path)
-    segments = sorted((repo_path / "index").iterdir())
+    segments = sorted((repo_path / "index").glob("*.parquet"))
     assert len(segments) == 4
     segments[0].unlink()  # lost
     flip = segments[1].read_bytes()
@@ -278,7 +282,8 @@ def test_repair_index_rebuilds_it_from_the_packs(
     res = cli("-r", repo_path, "repair", "index")
     assert res.code == 0, res.err
     assert "from 4 pack(s)" in res.out and "replaced 3 segment(s)" in res.out
-    assert len(list((repo_path / "index").iterdir())) == 1
+    assert len(list((repo_path / "index").glob("*.parquet"))) == 1
+    assert len(list((repo_path / "index").glob("*.blocks"))) == 1  # the old ones' went too
     _restores(repo_path, ids, copies, tmp_path)
     res = cli("-r", repo_path, "verify", "--read-data")
     assert res.code == 0 and "clean" in res.out, res.err

@@ -1,0 +1,162 @@
+"""Block lists (catalog.blocks, FORMAT.md 7.1): a served point's first read checks only the
+blocks of its leaves file and index segment it reads, not the whole files, for a full backup
+and for an incremental whose chunks sit in the full backup's segment; a damaged block is
+reported by the read that needs it; a damaged or missing block list only costs a whole-file
+check (verify warns); prune removes block lists with their files.
+
+Blocks here are 4 KiB, ranges 512 rows, row groups of leaves 512 rows and packs 1 MiB (block
+and range sizes are the list's own, FORMAT.md 7.1; the others writer policy), so a small disk
+has files of many blocks and row groups."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from combtest import CliRunner, Image, MiB, api_backup, flip_byte
+
+from catalog import blocks, lookup, manifest, parquet_io
+from catalog.blocks import VerifiedFile, block_list_name
+from catalog.errors import CorruptionError
+from catalog.lookup import SegmentCache, segment_name
+from catalog.manifest import leaves_name
+from catalog.points import RecoveryPoint
+from catalog.repo import Repository
+from drive.source import PointSource
+
+C = 4096  # chunk size: many rows on a small disk
+SIZE = 160 * MiB
+
+
+@dataclass
+class History:
+    repo: Repository
+    full: RecoveryPoint
+    incr: RecoveryPoint
+    images: dict[str, bytes]
+
+
+@pytest.fixture(scope="module")
+def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
+    mp = pytest.MonkeyPatch()
+    mp.setattr(blocks, "BLOCK_BYTES", 4096)
+    mp.setattr(blocks, "RANGE_ROWS", 512)
+    mp.setattr(manifest, "LEAF_ROW_GROUP_ROWS", 512)  # (writer policies: many row groups)
+    tmp = tmp_path_factory.mktemp("blocks")
+    repo = Repository.init(str(tmp / "repo"), C, 16)
+    img = Image(tmp / "disk.img", SIZE)
+    img.random(0, SIZE, seed=1)
+    full = api_backup(repo.location, img.path, pack_target_bytes=MiB)
+    images = {full.id: img.path.read_bytes()}
+    img.take_changes()
+    img.random(20 * MiB, 64 * 1024, seed=2)
+    incr = api_backup(
+        repo.location, img.path, img.changes_file(tmp / "c.json"), pack_target_bytes=MiB
+    )
+    images[incr.id] = img.path.read_bytes()
+    mp.undo()
+    yield History(repo, full, incr, images)
+
+
+@pytest.fixture
+def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    """Blocks read through block lists, per file, and files read whole; tables are not built
+    in the background (that reads a segment whole, after the first read)."""
+    seen: dict[str, Any] = {"blocks": {}, "whole": []}
+    block = VerifiedFile._block
+
+    def counting(self: VerifiedFile, b: int) -> bytes:
+        seen["blocks"].setdefault(self._name, set()).add(b)
+        return block(self, b)
+
+    whole = parquet_io.read_verified
+
+    def recording(storage: Any, name: str) -> bytes:
+        seen["whole"].append(name)
+        return whole(storage, name)
+
+    monkeypatch.setattr(VerifiedFile, "_block", counting)
+    monkeypatch.setattr(parquet_io, "read_verified", recording)
+    monkeypatch.setattr(lookup, "read_verified", recording)
+    monkeypatch.setattr(lookup, "_FILTERED_BYTES", 0)
+    monkeypatch.setattr(SegmentCache, "_build", lambda self, scan: None)
+    return seen
+
+
+def _blocks_of(repo: Repository, name: str) -> int:
+    return -(-repo.storage.size(name) // 4096)
+
+
+@pytest.mark.parametrize("which", ["full", "incr"])
+def test_a_first_read_checks_only_the_blocks_it_reads(
+    history: History, counted: dict[str, Any], which: str
+) -> None:
+    point = getattr(history, which)
+    src = PointSource(history.repo, point, segments=SegmentCache())
+    at = 90 * MiB + 123
+    assert src.read(at, 4096) == history.images[point.id][at : at + 4096]
+    assert not [n for n in counted["whole"] if n.startswith(("index/", "manifests/leaves"))]
+    full_leaves = leaves_name(history.full.leaves or "")
+    full_segment = segment_name(history.full.index_segment or "")
+    for name in (full_leaves, full_segment):  # the big files: the full backup's
+        read, total = len(counted["blocks"].get(name, ())), _blocks_of(history.repo, name)
+        assert total > 300 and 0 < read <= total // 8, (name, read, total)
+
+
+def test_a_damaged_block_is_reported_by_the_read_that_needs_it(
+    history: History, tmp_path: Path
+) -> None:
+    import shutil
+
+    shutil.copytree(history.repo.location, tmp_path / "repo")
+    repo = Repository.open(str(tmp_path / "repo"))
+    leaves = tmp_path / "repo" / leaves_name(history.full.leaves or "")
+    flip_byte(leaves, leaves.stat().st_size // 2)  # a block in the middle of the disk's leaves
+    src = PointSource(repo, history.full, segments=SegmentCache())
+    assert src.read(0, 4096) == history.images[history.full.id][:4096]  # its blocks are intact
+    with pytest.raises(CorruptionError, match="does not match its block list"):
+        src.read(SIZE // 2, 4096)
+
+
+def test_a_damaged_block_list_costs_a_whole_check_and_a_warning(
+    history: History, tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import shutil
+
+    shutil.copytree(history.repo.location, tmp_path / "repo")
+    repo = Repository.open(str(tmp_path / "repo"))
+    listed = tmp_path / "repo" / block_list_name(leaves_name(history.full.leaves or ""))
+    flip_byte(listed, 10)
+    (tmp_path / "repo" / block_list_name(segment_name(history.full.index_segment or ""))).unlink()
+    monkeypatch.setattr(lookup, "_FILTERED_BYTES", 0)
+    src = PointSource(repo, history.full, segments=SegmentCache())
+    at = SIZE // 2
+    assert src.read(at, 4096) == history.images[history.full.id][at : at + 4096]
+    res = cli("-r", str(tmp_path / "repo"), "verify", "--json")
+    doc = json.loads(res.out)
+    assert res.code == 0, res.err
+    assert any("block list" in w and history.full.id in w for w in doc["warnings"]), doc
+
+
+def test_prune_removes_block_lists_whose_file_is_gone(
+    history: History, tmp_path: Path, cli: CliRunner
+) -> None:
+    import shutil
+
+    shutil.copytree(history.repo.location, tmp_path / "repo")
+    r = str(tmp_path / "repo")
+    orphan = tmp_path / "repo" / "index" / ("ab" * 32 + ".blocks")
+    orphan.write_bytes(b"left by a crash between a segment's removal and its list's")
+    res = cli("-r", r, "prune", "--json")
+    assert res.code == 0, res.err
+    assert not orphan.exists()
+    listed = sorted(p.name for p in (tmp_path / "repo").rglob("*.blocks"))
+    made = [history.full.leaves, history.full.index_segment, history.incr.leaves]
+    made += [history.incr.index_segment]
+    assert listed == sorted(f"{f}.blocks" for f in made)
+    res = cli("-r", r, "verify", "--json")
+    assert res.code == 0 and not json.loads(res.out)["warnings"], res.out
