@@ -91,8 +91,12 @@ class PointSource:
         map_cache_bytes: int = DEFAULT_MAP_CACHE_BYTES,
         span_chunks: int = SPAN_CHUNKS,
         segments: SegmentCache = SHARED_SEGMENTS,
+        block_lists: bool = True,
     ) -> None:
+        """``block_lists``: check metadata files block by block where their points name block
+        lists (``catalog.blocks``); False checks them whole (the benchmark's baseline)."""
         self.repo = repo
+        self._use_block_lists = block_lists
         self.point = point
         self._chunk = point.chunk_size
         self._manifest = repo.manifest(point)  # the root only
@@ -271,7 +275,7 @@ class PointSource:
 
     def _note_blocks(self, p: RecoveryPoint) -> None:
         """The block lists a point document names for the files its backup wrote."""
-        blocks = p.blocks if isinstance(p.blocks, dict) else {}
+        blocks = p.blocks if isinstance(p.blocks, dict) and self._use_block_lists else {}
         lists = {k: v for k, v in blocks.items() if isinstance(v, str) and _HEX64.fullmatch(v)}
         if p.leaves and "leaves" in lists:
             self._leaf_blocks.setdefault(p.leaves, lists["leaves"])

@@ -47,7 +47,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
     mp.setattr(blocks, "RANGE_ROWS", 512)
     mp.setattr(manifest, "LEAF_ROW_GROUP_ROWS", 512)  # (writer policies: many row groups)
     tmp = tmp_path_factory.mktemp("blocks")
-    repo = Repository.init(str(tmp / "repo"), C, 16)
+    repo = Repository.init(str(tmp / "repo"), C, 3)
     img = Image(tmp / "disk.img", SIZE)
     img.random(0, SIZE, seed=1)
     full = api_backup(repo.location, img.path, pack_target_bytes=MiB)
