@@ -33,7 +33,9 @@ BLOCKS_MAGIC = b"COMBBLK1"
 BLOCKS_SUFFIX = ".blocks"  # <prefix>/<file id>.blocks beside <prefix>/<file id>.parquet
 NO_POSITION = -1  # a range none of whose rows has a known disk offset
 _TRAILER = struct.Struct("<QIIQI8s")  # file bytes, block bytes, blocks, rows, range rows, magic
-_CACHED_BLOCKS = 64
+# Blocks kept per open file: enough for a read across a block boundary (readers keep the row
+# groups they decode); a leaves file checked whole was held in memory entire.
+_CACHED_BLOCKS = 2
 
 
 def block_list_name(name: str) -> str:
@@ -153,7 +155,7 @@ class BlockList:
 
 class VerifiedFile(io.RawIOBase):
     """A read-only view of a repository file whose every block is checked against its block
-    list before any byte of it is returned (a handful of blocks kept). A failed check raises
+    list before any byte of it is returned (the last two blocks kept). A failed check raises
     CorruptionError (pyarrow passes it through to its caller)."""
 
     def __init__(self, storage: Storage, name: str, blocks: BlockList) -> None:
