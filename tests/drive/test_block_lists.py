@@ -11,6 +11,7 @@ has files of many blocks and row groups."""
 from __future__ import annotations
 
 import json
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -87,6 +88,12 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     return seen
 
 
+def _copy(history: History, tmp_path: Path) -> tuple[Path, Repository]:
+    """A copy of the history's repository, to damage."""
+    shutil.copytree(history.repo.location, tmp_path / "repo")
+    return tmp_path / "repo", Repository.open(str(tmp_path / "repo"))
+
+
 def _blocks_of(repo: Repository, name: str) -> int:
     return -(-repo.storage.size(name) // 4096)
 
@@ -110,11 +117,8 @@ def test_a_first_read_checks_only_the_blocks_it_reads(
 def test_a_damaged_block_is_reported_by_the_read_that_needs_it(
     history: History, tmp_path: Path
 ) -> None:
-    import shutil
-
-    shutil.copytree(history.repo.location, tmp_path / "repo")
-    repo = Repository.open(str(tmp_path / "repo"))
-    leaves = tmp_path / "repo" / leaves_name(history.full.leaves or "")
+    root, repo = _copy(history, tmp_path)
+    leaves = root / leaves_name(history.full.leaves or "")
     flip_byte(leaves, leaves.stat().st_size // 2)  # a block in the middle of the disk's leaves
     src = PointSource(repo, history.full, segments=SegmentCache())
     assert src.read(0, 4096) == history.images[history.full.id][:4096]  # its blocks are intact
@@ -125,18 +129,14 @@ def test_a_damaged_block_is_reported_by_the_read_that_needs_it(
 def test_a_damaged_block_list_costs_a_whole_check_and_a_warning(
     history: History, tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import shutil
-
-    shutil.copytree(history.repo.location, tmp_path / "repo")
-    repo = Repository.open(str(tmp_path / "repo"))
-    listed = tmp_path / "repo" / block_list_name(leaves_name(history.full.leaves or ""))
-    flip_byte(listed, 10)
-    (tmp_path / "repo" / block_list_name(segment_name(history.full.index_segment or ""))).unlink()
+    root, repo = _copy(history, tmp_path)
+    flip_byte(root / block_list_name(leaves_name(history.full.leaves or "")), 10)
+    (root / block_list_name(segment_name(history.full.index_segment or ""))).unlink()
     monkeypatch.setattr(lookup, "_FILTERED_BYTES", 0)
     src = PointSource(repo, history.full, segments=SegmentCache())
     at = SIZE // 2
     assert src.read(at, 4096) == history.images[history.full.id][at : at + 4096]
-    res = cli("-r", str(tmp_path / "repo"), "verify", "--json")
+    res = cli("-r", str(root), "verify", "--json")
     doc = json.loads(res.out)
     assert res.code == 0, res.err
     assert any("block list" in w and history.full.id in w for w in doc["warnings"]), doc
@@ -145,16 +145,14 @@ def test_a_damaged_block_list_costs_a_whole_check_and_a_warning(
 def test_prune_removes_block_lists_whose_file_is_gone(
     history: History, tmp_path: Path, cli: CliRunner
 ) -> None:
-    import shutil
-
-    shutil.copytree(history.repo.location, tmp_path / "repo")
-    r = str(tmp_path / "repo")
-    orphan = tmp_path / "repo" / "index" / ("ab" * 32 + ".blocks")
+    root, _repo = _copy(history, tmp_path)
+    r = str(root)
+    orphan = root / "index" / ("ab" * 32 + ".blocks")
     orphan.write_bytes(b"left by a crash between a segment's removal and its list's")
     res = cli("-r", r, "prune", "--json")
     assert res.code == 0, res.err
     assert not orphan.exists()
-    listed = sorted(p.name for p in (tmp_path / "repo").rglob("*.blocks"))
+    listed = sorted(p.name for p in root.rglob("*.blocks"))
     made = [history.full.leaves, history.full.index_segment, history.incr.leaves]
     made += [history.incr.index_segment]
     assert listed == sorted(f"{f}.blocks" for f in made)
