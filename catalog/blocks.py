@@ -31,6 +31,7 @@ BLOCK_BYTES = 1 << 20
 RANGE_ROWS = 4096  # rows of a segment per range of disk offsets
 BLOCKS_MAGIC = b"COMBBLK1"
 BLOCKS_SUFFIX = ".blocks"  # <prefix>/<file id>.blocks beside <prefix>/<file id>.parquet
+BLOCKS_DOC_KIND = "blocks"  # associated data of a sealed block list (encrypted repositories)
 NO_POSITION = -1  # a range none of whose rows has a known disk offset
 _TRAILER = struct.Struct("<QIIQI8s")  # file bytes, block bytes, blocks, rows, range rows, magic
 # Blocks kept per open file: enough for a read across a block boundary (readers keep the row

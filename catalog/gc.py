@@ -193,6 +193,7 @@ def plan(
         for name in storage.list(prefix):
             if name.endswith(BLOCKS_SUFFIX) and not storage.exists(parquet_of(name)):
                 out.files.append(name)
+                out.file_bytes += storage.size(name)
     tmp_dir = storage.local_path(TMP_DIR)
     if tmp_dir is not None:
         now = time.time()

@@ -74,8 +74,8 @@ class IndexSegmentWriter:
         self._writer = ParquetStreamWriter(
             storage,
             INDEX_SCHEMA,
-            # Row groups as long as a position range: a reader near a stretch of disk reads
-            # the row groups of its ranges and no more (catalog.blocks).
+            # Row groups of at most a position range's rows (pyarrow also cuts one at every
+            # write): a reader near a stretch of disk reads about the rows of its ranges.
             row_group_rows=blocks.RANGE_ROWS,
             delta_columns=("offset", "stored_len", "raw_len", "codec"),
             dictionary_columns=("pack",),

@@ -69,7 +69,8 @@ class Locator:
             np.zeros(n, np.int8),
         )
         state = np.zeros(n, np.int8)  # 0 unfound, 1 found in a missing pack, 2 found
-        for where in [near, None] if near is not None else [None]:
+        passes = [near, None] if near is not None and self.block_lists else [None]
+        for where in passes:
             tried: set[str] = set()
             for name in self._order(first, rest, tried, lambda: bool(np.any(state < 2))):
                 if where is None or name in self.block_lists:

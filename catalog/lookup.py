@@ -193,9 +193,9 @@ class _SegmentScan:
 class _SegmentFiltered(_SegmentScan):
     """A segment with a block list (``catalog.blocks``) before its table is built. A lookup
     ``near`` a stretch of disk reads only the row groups of the rows the backup read within
-    it, each block checked as it is read: a first read thus costs the same whatever the size
-    of the backup that wrote the segment. Other lookups read and check it whole and scan its
-    id column, like any large segment."""
+    it, each block checked as it is read: a first read costs about the same whatever the size
+    of the backup that wrote the segment (only its footer and block list grow with it). Other
+    lookups read and check it whole and scan its id column, like any large segment."""
 
     @classmethod
     def of(cls, key: str, name: str, storage: Storage, blocks_id: str) -> _SegmentFiltered | None:
@@ -223,7 +223,9 @@ class _SegmentFiltered(_SegmentScan):
         self._whole: _SegmentScan | None = None
 
     def table(self) -> SegmentTable:
-        return SegmentTable(self.name, read_verified(self._storage, self.name), self.dec)
+        whole = self._whole  # (the bytes already read and checked, if a full search did)
+        data = whole.data if whole is not None else read_verified(self._storage, self.name)
+        return SegmentTable(self.name, data, self.dec)
 
     def lookup(self, ids: np.ndarray, near: tuple[int, int] | None = None) -> Hits:
         if near is None:
@@ -297,7 +299,10 @@ class SegmentCache:
         search everything: they are small, or their table is built)."""
         got = self._get(storage, name, blocks_id)
         hits = got.lookup(ids, near) if isinstance(got, _SegmentFiltered) else got.lookup(ids)
-        if isinstance(got, _SegmentScan) and got.start_build():
+        # A table is built for a segment searched in full or found useful, not for every
+        # segment a near search merely looked at.
+        wanted = near is None or len(hits.at) > 0
+        if isinstance(got, _SegmentScan) and wanted and got.start_build():
             # Only now: the build must not compete with the lookup a first read waits for.
             threading.Thread(target=self._build, args=(got,), daemon=True).start()
         return hits

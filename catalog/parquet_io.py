@@ -9,7 +9,15 @@ import blake3
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .blocks import BLOCKS_SUFFIX, BlockHasher, BlockList, VerifiedFile, block_list_name, encode
+from .blocks import (
+    BLOCKS_DOC_KIND,
+    BLOCKS_SUFFIX,
+    BlockHasher,
+    BlockList,
+    VerifiedFile,
+    block_list_name,
+    encode,
+)
 from .errors import CombError, CorruptionError, RepositoryError
 from .storage import NewFile, Storage
 
@@ -88,17 +96,20 @@ class ParquetStreamWriter:
             self._writer.write(table, row_group_size=self._row_group_rows)
             self.rows += table.num_rows
 
-    def commit(self, prefix: str, ranges: bytes = b"", range_rows: int = 0) -> tuple[str, int]:
+    def commit(self, prefix: str, ranges: bytes = b"", covered_rows: int = 0) -> tuple[str, int]:
         """Close, and commit as ``prefix/<blake3 hex>.parquet``; returns (id, bytes). With a
         block list, it is committed next as ``prefix/<id>.blocks`` (with the position ranges
-        given, over ``range_rows`` rows), and its BLAKE3 kept in ``blocks_id``."""
+        given, covering ``covered_rows`` rows; sealed in an encrypted repository: the ranges
+        tell where a disk changed), and its BLAKE3 kept in ``blocks_id``."""
         self._writer.close()
         file_id = self._sink.hash.hexdigest()
         size = self._new.tell()
         self._new.commit(f"{prefix}/{file_id}.parquet")
         if self._sink.blocks is not None:
             hasher = self._sink.blocks
-            data = encode(hasher.finish(), size, hasher.block_bytes, ranges, range_rows)
+            data = encode(hasher.finish(), size, hasher.block_bytes, ranges, covered_rows)
+            if self._storage.keys is not None:
+                data = self._storage.keys.seal_doc(data, BLOCKS_DOC_KIND)
             self._storage.write_atomic(f"{prefix}/{file_id}{BLOCKS_SUFFIX}", data)
             self.blocks_id = blake3.blake3(data).hexdigest()
             size += len(data)
@@ -165,6 +176,8 @@ def load_block_list(storage: Storage, name: str, blocks_id: str) -> BlockList:
     data = storage.read(list_name)
     if blake3.blake3(data).hexdigest() != blocks_id:
         raise CorruptionError(f"{where} does not match the block list its point names (damaged)")
+    if storage.keys is not None:
+        data = storage.keys.open_doc(data, BLOCKS_DOC_KIND, where)
     return BlockList.parse(data, where)
 
 

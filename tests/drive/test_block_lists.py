@@ -31,6 +31,7 @@ from drive.source import PointSource
 
 C = 4096  # chunk size: many rows on a small disk
 SIZE = 160 * MiB
+DEDUP_AT = 100 * MiB
 
 
 @dataclass
@@ -55,6 +56,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
     images = {full.id: img.path.read_bytes()}
     img.take_changes()
     img.random(20 * MiB, 64 * 1024, seed=2)
+    img.write(DEDUP_AT, images[full.id][:C])  # a chunk the full backup stored at offset 0
     incr = api_backup(
         repo.location, img.path, img.changes_file(tmp / "c.json"), pack_target_bytes=MiB
     )
@@ -114,6 +116,62 @@ def test_a_first_read_checks_only_the_blocks_it_reads(
         assert total > 300 and 0 < read <= total // 8, (name, read, total)
 
 
+def test_a_chunk_stored_where_other_data_was_read_is_found(
+    history: History, counted: dict[str, Any]
+) -> None:
+    """Near the wanted stretch no segment holds it (the full backup stored it while reading
+    offset 0): the search goes on through whole segments."""
+    src = PointSource(history.repo, history.incr, segments=SegmentCache())
+    image = history.images[history.incr.id]
+    assert src.read(DEDUP_AT, C) == image[DEDUP_AT : DEDUP_AT + C] == image[:C]
+    assert segment_name(history.full.index_segment or "") in counted["whole"]
+
+
+def test_a_damaged_segment_block_is_reported(history: History, tmp_path: Path) -> None:
+    root, repo = _copy(history, tmp_path)
+    seg = root / segment_name(history.full.index_segment or "")
+    for at in range(0, seg.stat().st_size * 9 // 10, 4096):  # every block but the footer's
+        flip_byte(seg, at + 7)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(lookup, "_FILTERED_BYTES", 0)
+        mp.setattr(SegmentCache, "_build", lambda self, scan: None)
+        src = PointSource(repo, history.full, segments=SegmentCache())
+        with pytest.raises(CorruptionError, match="does not match its block list"):
+            src.read(SIZE // 2, 4096)
+
+
+def test_a_file_damaged_with_its_list_or_resized_is_refused(
+    history: History, tmp_path: Path
+) -> None:
+    root, repo = _copy(history, tmp_path)
+    leaves = root / leaves_name(history.full.leaves or "")
+    flip_byte(root / block_list_name(leaves_name(history.full.leaves or "")), 30)
+    flip_byte(leaves, leaves.stat().st_size // 2)
+    src = PointSource(repo, history.full, segments=SegmentCache())
+    with pytest.raises(CorruptionError, match="does not match its name"):  # checked whole
+        src.read(SIZE // 2, 4096)
+    root2, repo2 = _copy(history, tmp_path / "b")
+    with open(root2 / leaves_name(history.full.leaves or ""), "ab") as fh:
+        fh.write(b"\0")
+    src = PointSource(repo2, history.full, segments=SegmentCache())
+    with pytest.raises(CorruptionError, match="not the size its block list gives"):
+        src.read(SIZE // 2, 4096)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"short", "too short"),
+        (bytes(36), "bad trailer"),
+        (blocks.encode([b"h" * 32], 2 * MiB, MiB), "block count"),
+        (b"x" + blocks.encode([b"h" * 32], 5, MiB), "do not add up"),
+    ],
+)
+def test_malformed_block_lists_are_refused(data: bytes, message: str) -> None:
+    with pytest.raises(CorruptionError, match=message):
+        blocks.BlockList.parse(data, "a list")
+
+
 def test_a_damaged_block_is_reported_by_the_read_that_needs_it(
     history: History, tmp_path: Path
 ) -> None:
@@ -139,7 +197,8 @@ def test_a_damaged_block_list_costs_a_whole_check_and_a_warning(
     res = cli("-r", str(root), "verify", "--json")
     doc = json.loads(res.out)
     assert res.code == 0, res.err
-    assert any("block list" in w and history.full.id in w for w in doc["warnings"]), doc
+    warned = [w for w in doc["warnings"] if "block list" in w and history.full.id in w]
+    assert len(warned) == 2, doc  # the damaged one and the missing one
 
 
 def test_prune_removes_block_lists_whose_file_is_gone(
