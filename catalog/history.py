@@ -143,8 +143,7 @@ class History:
                     rows = _row_count(data, path, decryption(self.storage))
                     files.append((i, path, rows))
                 except CombError as err:
-                    self.damaged.append(f"point {p.id}: change table: {err.message}")
-                    self.complete[self.source_of[i]] = False
+                    self._left_out(i, err)
             self._files = files
         return self._files
 
@@ -169,11 +168,15 @@ class History:
         out = []
         for i, got in zip(todo, done, strict=True):
             if isinstance(got, CombError):
-                self.damaged.append(f"point {self.points[i].id}: change table: {got.message}")
-                self.complete[self.source_of[i]] = False
+                self._left_out(i, got)
             else:
                 out.append(got)
         return out
+
+    def _left_out(self, i: int, err: CombError) -> None:
+        """Position ``i``'s change table is damaged: said, and its source is incomplete."""
+        self.damaged.append(f"point {self.points[i].id}: change table: {err.message}")
+        self.complete[self.source_of[i]] = False
 
     def _columns(self) -> walk.Columns:
         """Every change row as arrays (read once, by DuckDB's parallel Parquet reader)."""

@@ -145,7 +145,7 @@ class Lives:
                 news = _sorted_unique([r.key[r.kind == _NEW] for _, _, r in batch])
                 if not (placed | _member(added, news)).all():
                     raise Rebuild("a dedup hit of a chunk whose life ended")
-        lookup = _Lookup(self.group_keys["key"])
+        lookup = KeyLookup(self.group_keys["key"])
         for name, changes_id, rows in batch:
             s = self.source_index(name)
             self._apply(s, len(self.chains[s]), rows, lookup)
@@ -174,7 +174,7 @@ class Lives:
             found[at] = True
         return found
 
-    def _apply(self, s: int, seq: int, r: Rows, lookup: _Lookup) -> None:
+    def _apply(self, s: int, seq: int, r: Rows, lookup: KeyLookup) -> None:
         h = self.held[s]
         if not len(r.chunk_no):
             return
@@ -255,10 +255,10 @@ def _sorted_unique(parts: list[np.ndarray]) -> np.ndarray:
 
 def _member(keys: np.ndarray, sorted_members: np.ndarray) -> np.ndarray:
     """Per key: is it in ``sorted_members``?"""
-    return _Lookup(sorted_members, is_sorted=True).find(keys) >= 0
+    return KeyLookup(sorted_members, is_sorted=True).find(keys) >= 0
 
 
-class _Lookup:
+class KeyLookup:
     """Index of each key in ``keys`` (or -1). A bit set over 2^27 hashes of the keys comes
     first, so most misses cost one probe into 16 MiB; the few candidates are sorted before the
     binary search, which then walks the sorted keys in order instead of jumping at random
@@ -285,7 +285,7 @@ class _Lookup:
         their indices). Worked in blocks: row-sized temporaries cost more in page faults
         than the arithmetic."""
         found: list[tuple[np.ndarray, np.ndarray]] = []
-        if not len(self.keys):
+        if not len(self.keys) or not len(keys):
             return np.zeros(0, np.int64), np.zeros(0, np.int32)
         for lo in range(0, len(keys), _BLOCK):
             block = keys[lo : lo + _BLOCK]

@@ -22,9 +22,9 @@ from .lives import (
     _NEW,
     _SIMPLE,
     _ZERO,
+    KeyLookup,
     Lives,
     _Held,
-    _Lookup,
     _sorted_unique,
 )
 
@@ -74,7 +74,7 @@ def build(
     hit_keys = _sorted_unique([key[hit]])
     if len(hit_keys):
         lv.group_keys.append(key=hit_keys)
-    lookup = _Lookup(hit_keys, is_sorted=True)
+    lookup = KeyLookup(hit_keys, is_sorted=True)
     simple = kind == _NEW
     new_rows, new_groups = lookup.members(key, simple)
     hit_groups = np.searchsorted(hit_keys, key[hit]).astype(np.int32)

@@ -204,15 +204,13 @@ class _SegmentFiltered(_SegmentScan):
             blocks = load_block_list(storage, name, blocks_id)
         except CombError:
             return None
-        return cls(key, name, storage, blocks_id, blocks)
+        return cls(key, name, storage, blocks)
 
-    def __init__(
-        self, key: str, name: str, storage: Storage, blocks_id: str, blocks: BlockList
-    ) -> None:
+    def __init__(self, key: str, name: str, storage: Storage, blocks: BlockList) -> None:
         self.key, self.name, self.dec = key, name, decryption(storage)
         self._storage = storage
         self._blocks = blocks
-        self._pf = open_parquet(storage, name, blocks_id, ["pack"])
+        self._pf = open_parquet(storage, name, blocks, ["pack"])
         self._building = False
         md = self._pf.metadata
         if md.num_rows != self._blocks.rows:

@@ -195,29 +195,23 @@ def _usable_block_list(storage: Storage, name: str, blocks_id: str | None) -> Bl
 def open_parquet(
     storage: Storage,
     name: str,
-    blocks_id: str | None = None,
+    blocks: str | BlockList | None = None,
     read_dictionary: list[str] | None = None,
 ) -> pq.ParquetFile:
-    """Random access by row group to a checked metadata file. With ``blocks_id`` (its block
-    list's BLAKE3) only the blocks read are checked (``catalog.blocks``); without, the file is
-    checked whole and held in memory (metadata files are small next to the data they describe,
-    ~2 bytes per KiB of disk for a full leaves file)."""
-    blocks = _usable_block_list(storage, name, blocks_id)
-    if blocks is not None:
-        source = VerifiedFile(storage, name, blocks)
-        try:
-            return pq.ParquetFile(
-                source,
-                read_dictionary=read_dictionary,
-                page_checksum_verification=True,
-                decryption_properties=decryption(storage),
-            )
-        except (pa.ArrowException, OSError) as err:
-            raise unreadable(name, err, storage.keys is not None) from None
-    data = read_verified(storage, name)
+    """Random access by row group to a checked metadata file. With ``blocks`` (its block list,
+    or the list's BLAKE3) only the blocks read are checked (``catalog.blocks``); without, the
+    file is checked whole and held in memory (metadata files are small next to the data they
+    describe, ~2 bytes per KiB of disk for a full leaves file)."""
+    if not isinstance(blocks, BlockList):
+        blocks = _usable_block_list(storage, name, blocks)
+    source: Any = (
+        VerifiedFile(storage, name, blocks)
+        if blocks is not None
+        else pa.BufferReader(read_verified(storage, name))
+    )
     try:
         return pq.ParquetFile(
-            pa.BufferReader(data),
+            source,
             read_dictionary=read_dictionary,
             page_checksum_verification=True,
             decryption_properties=decryption(storage),

@@ -15,10 +15,6 @@ import numpy as np
 
 from . import lives as lv_
 
-# Keys of chunks stored more than once (dedup hits) are found with a bitmap of this many bits
-# before the exact (slower) set test: one random probe per row instead of a sort.
-_KEY_FILTER_BITS = 1 << 24
-
 Sources = Iterable[tuple[int, int, np.ndarray]]  # per source: first position, count, bitmap
 
 
@@ -102,10 +98,8 @@ def freed_per_point(n: int, c: Columns, flag: np.ndarray, one_point: bool) -> np
         fine = np.logical_and.reduceat(hflag, firsts)
         lo, hi = np.minimum.reduceat(hpos, firsts), np.maximum.reduceat(hpos, firsts)
         cand = np.flatnonzero(ok)
-        cand = cand[maybe_in(c.key[cand], keys)]
-        at = np.minimum(np.searchsorted(keys, c.key[cand]), len(keys) - 1)
-        is_hit = keys[at] == c.key[cand]
-        cand, at = cand[is_hit], at[is_hit]
+        at = lv_.KeyLookup(keys, is_sorted=True).find(c.key[cand])
+        cand, at = cand[at >= 0], at[at >= 0]
         good = fine[at]
         if one_point:
             p = c.pos(cand)
@@ -113,10 +107,3 @@ def freed_per_point(n: int, c: Columns, flag: np.ndarray, one_point: bool) -> np
         ok[cand[~good]] = False
     running = np.concatenate([[0], np.cumsum(np.where(ok, c.stored, 0), dtype=np.int64)])
     return (running[c.starts[1:]] - running[c.starts[:-1]]).astype(np.int64)
-
-
-def maybe_in(key: np.ndarray, members: np.ndarray) -> np.ndarray:
-    """Per key: may it be in ``members`` (no false negatives)?"""
-    bits = np.zeros(_KEY_FILTER_BITS, bool)
-    bits[members & (_KEY_FILTER_BITS - 1)] = True
-    return bits[key & (_KEY_FILTER_BITS - 1)]
