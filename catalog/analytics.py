@@ -5,6 +5,8 @@ Views (documented in ``SCHEMA`` and by ``comb catalog-schema``): the file views 
 ``catalog.views`` (points, manifests, chunks, packs) and
 - ``sources``: one row per source;
 - ``point_history``: one row per point in source order, with its statistics;
+- ``stored_history``: what each backup stored that the repository still holds, one row per
+  point, forgotten points included (what they stored that kept points still use);
 - ``changes``: every change-table row with its point and the life of its content;
 - ``point_usage``: per point new, changed, stored and unique bytes, dedup and compression ratios;
 - ``extents``: per point the runs of data and of zeros over the whole disk (expands manifests:
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import duckdb
 import numpy as np
@@ -58,6 +61,7 @@ class Catalog:
     storage: Storage
     points: list[RecoveryPoint]
     _built: set[str] = field(default_factory=set)
+    forgotten_note: str | None = None
 
     @classmethod
     def open(cls, storage: Storage, points: list[RecoveryPoint]) -> Catalog:
@@ -81,6 +85,8 @@ class Catalog:
             add_file_views(self.con, self.storage, self.points, self.damaged)
             self.con.execute(EXTENTS_VIEW)
             self._built.add("files")
+        if words & {"sources", "stored_history"}:
+            self._register_stored()
         if words & {"changes", "point_usage"}:
             self.need_changes()
         if "point_usage" in words:
@@ -94,6 +100,7 @@ class Catalog:
                 "pos": pa.array(np.arange(len(pts), dtype=np.int64)),
                 "point_id": pa.array([p.id for p in pts], pa.string()),
                 "source": pa.array([p.source for p in pts], pa.string()),
+                "lane": pa.array([h.lanes[k].name for k in h.lane_of.tolist()], pa.string()),
                 "seq": pa.array(h.seq.astype(np.int64)),
                 "time": pa.array(h.times(), pa.timestamp("us", tz="UTC")),
                 "size": pa.array([p.size for p in pts], pa.int64()),
@@ -112,12 +119,71 @@ class Catalog:
         )
         self.con.register("_point_history", table)
         self.con.execute("CREATE VIEW point_history AS SELECT * FROM _point_history")
+
+    def _register_stored(self) -> None:
+        """``stored_history`` and ``sources``: stored bytes as the repository holds them now.
+        A forgotten point's row counts what it stored that kept points still hold (its raw
+        bytes in proportion); without exact lives (an incomplete chain) forgotten points are
+        left out, with a note (``forgotten_note``)."""
+        if "stored" in self._built:
+            return
+        h = self.history
+        held = h.held_stored()
+        pts = h.chain_points
+        gone = h.gone
+        rows = [
+            (p, int(n), not g)
+            for p, n, g in zip(
+                pts, held.tolist() if held is not None else [None] * len(pts), gone, strict=True
+            )
+            if not g or (n is not None and n > 0)
+        ]
+        self.con.register(
+            "_stored_rows",
+            pa.table(
+                {
+                    "point_id": pa.array([p.id for p, _, _ in rows], pa.string()),
+                    "source": pa.array([p.source for p, _, _ in rows], pa.string()),
+                    "time": pa.array(
+                        [datetime.fromisoformat(p.time) for p, _, _ in rows],
+                        pa.timestamp("us", tz="UTC"),
+                    ),
+                    "live": pa.array([live for _, _, live in rows], pa.bool_()),
+                    "bytes_stored": pa.array(
+                        [p.stats.bytes_stored if live else n for p, n, live in rows], pa.int64()
+                    ),
+                    "bytes_new": pa.array(
+                        [
+                            p.stats.bytes_new
+                            if live
+                            else p.stats.bytes_new * n // max(1, p.stats.bytes_stored)
+                            for p, n, live in rows
+                        ],
+                        pa.int64(),
+                    ),
+                    "has_changes": pa.array([p.changes is not None for p, _, _ in rows]),
+                }
+            ),
+        )
+        self.con.execute(
+            "CREATE VIEW stored_history AS SELECT s.point_id, s.source, s.time, s.live, "
+            "h.pos, s.bytes_stored, s.bytes_new, h.bytes_data, s.has_changes, "
+            "row_number() OVER (ORDER BY s.time, s.point_id) AS ord "
+            "FROM _stored_rows s LEFT JOIN _point_history h USING (point_id)"
+        )
         self.con.execute(
             "CREATE VIEW sources AS SELECT source, count(*) AS points, min(time) AS first_time, "
             "max(time) AS last_time, arg_max(size, pos) AS size, "
-            "arg_max(bytes_data, pos) AS bytes_data, sum(bytes_stored) AS bytes_stored, "
-            "bool_and(has_changes) AS has_changes FROM point_history GROUP BY source"
+            "arg_max(bytes_data, pos) AS bytes_data, (SELECT sum(bytes_stored) FROM "
+            "stored_history s WHERE s.source = h.source)::BIGINT AS bytes_stored, "
+            "bool_and(has_changes) AS has_changes FROM point_history h GROUP BY source"
         )
+        self._built.add("stored")
+        if held is None and gone.any():
+            self.forgotten_note = (
+                "forgotten points of sources with an incomplete chain are left out of stored "
+                "bytes: what they stored that kept points still use is not counted"
+            )
 
     def need_changes(self) -> None:
         """Build the ``changes`` view: DuckDB reads the (checked) change tables in place."""

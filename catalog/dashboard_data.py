@@ -13,6 +13,7 @@ import pyarrow as pa
 
 from .analytics import Catalog
 from .dashboard import DashboardData, format_bytes
+from .points import RecoveryPoint
 from .reports import (
     ReportOptions,
     default_bucket,
@@ -28,23 +29,24 @@ HORIZONS_DAYS = (30, 90, 365)
 
 def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> DashboardData:
     now = now or datetime.now(UTC)
+    cat.need("stored_history")  # forgotten points' rows: what kept points still use of theirs
     growth = cat.con.sql(
-        "SELECT time, source, (sum(bytes_stored) OVER (ORDER BY time, pos ROWS UNBOUNDED "
+        "SELECT time, source, (sum(bytes_stored) OVER (ORDER BY ord ROWS UNBOUNDED "
         "PRECEDING))::BIGINT AS repository_stored_bytes, (sum(bytes_stored) OVER (PARTITION BY "
-        "source ORDER BY time, pos ROWS UNBOUNDED PRECEDING))::BIGINT AS source_stored_bytes "
-        "FROM point_history ORDER BY time, pos"
+        "source ORDER BY ord ROWS UNBOUNDED PRECEDING))::BIGINT AS source_stored_bytes "
+        "FROM stored_history ORDER BY ord"
     ).to_arrow_table()
     rate = cat.con.sql(
         "SELECT time, source, bytes_changed, bytes_changed / (epoch(time - lag(time) OVER "
-        "(PARTITION BY source ORDER BY pos)) / 3600.0) AS bytes_per_hour FROM point_history "
+        "(PARTITION BY lane ORDER BY pos)) / 3600.0) AS bytes_per_hour FROM point_history "
         "ORDER BY time, pos"
     ).to_arrow_table()
     ratios = cat.con.sql(
         "SELECT time, 'repository' AS source, sum(bytes_data) OVER w / nullif(sum(CASE WHEN "
         "has_changes THEN bytes_new END) OVER w, 0) AS dedup_ratio, "
         "sum(bytes_new) OVER w / nullif(sum(bytes_stored) OVER w, 0) "
-        "AS compression_ratio FROM point_history WINDOW w AS (ORDER BY time, pos ROWS "
-        "UNBOUNDED PRECEDING) ORDER BY time, pos"
+        "AS compression_ratio FROM stored_history WINDOW w AS (ORDER BY ord ROWS "
+        "UNBOUNDED PRECEDING) ORDER BY ord"
     ).to_arrow_table()
     projection, fit = _projection(cat)
     return DashboardData(
@@ -129,11 +131,15 @@ def _heat(cat: Catalog) -> pa.Table:
 def _summary(cat: Catalog, fit: Mapping[str, object], now: datetime) -> list[tuple[str, str]]:
     h = cat.history
     known = [p for p in h.points if p.changes is not None]  # data bytes need change tables
-    stored = sum(p.stats.bytes_stored for p in h.points)
-    new = sum(p.stats.bytes_new for p in h.points)
-    new_known = sum(p.stats.bytes_new for p in known)
+    # Stored and new bytes as the repository holds them (forgotten points' rows included).
+    stored, new, new_known = cat.con.execute(
+        "SELECT coalesce(sum(bytes_stored), 0)::BIGINT, coalesce(sum(bytes_new), 0)::BIGINT, "
+        "coalesce(sum(bytes_new) FILTER (WHERE has_changes), 0)::BIGINT FROM stored_history"
+    ).fetchall()[0]
     logical = sum(p.stats.bytes_data for p in known)
-    latest = {p.source: p for p in h.points}  # source-major order: the last one wins
+    latest: dict[str, RecoveryPoint] = {}
+    for p in sorted(h.points, key=lambda p: (p.time, p.id)):
+        latest[p.source] = p
     protected = [p.stats.bytes_data for p in latest.values() if p.changes is not None]
     gaps = rpo(cat, ReportOptions(now=now)).table
     worst = max(
@@ -141,7 +147,7 @@ def _summary(cat: Catalog, fit: Mapping[str, object], now: datetime) -> list[tup
     )
     median = cat.con.execute(
         "SELECT median(bytes_changed / (epoch(time - prev) / 3600.0)) FROM (SELECT time, "
-        "bytes_changed, lag(time) OVER (PARTITION BY source ORDER BY pos) AS prev "
+        "bytes_changed, lag(time) OVER (PARTITION BY lane ORDER BY pos) AS prev "
         "FROM point_history) WHERE time > prev"
     ).fetchall()[0]
     slope = float(fit["slope_bytes_per_day"])  # type: ignore[arg-type]

@@ -7,10 +7,12 @@ with the history's change, not with points x disk size: 1,000 points of a 256 Gi
 0.5 % change each are about 23 million rows. Change tables are checked against their names,
 then read by DuckDB's parallel Parquet reader in one pass.
 
-Positions are source-major: the points of the first source (oldest first), then the next
-source's, so one integer range names a run of one source's points. The content a change row
-put at its offset is held by the points of its source from the row's point up to, not
-including, the next point that changed that offset again.
+Positions are lane-major (``catalog.lanes``): a source's points are cut into lanes, runs in
+which each point's parent is the point before it (a source that never branched is one lane),
+and the lanes of the first source come first, so one integer range names a run of one lane's
+points. The content a change row put at its offset is held by the points of its lane from the
+row's point up to, not including, the next point that changed that offset again, and by the
+branches that start from those points until they change it.
 
 This module prints nothing; reports (``catalog.reports``) build on it.
 """
@@ -34,6 +36,7 @@ from . import lives_cache, walk
 from .changes import CHANGES_SCHEMA, changes_name, read_changes
 from .errors import CombError, QueryError
 from .format import CONFIG_NAME, parse_config
+from .lanes import Lane, lane_columns, lanes_of
 from .lives_build import build
 from .parquet_io import decryption, read_verified, unreadable
 from .points import RecoveryPoint
@@ -42,19 +45,22 @@ from .storage import Storage
 
 @dataclass
 class History:
-    """Points in source-major order, with what is known about each source's chain."""
+    """Points in lane-major order, with what is known about each source's chain."""
 
-    points: list[RecoveryPoint]  # source-major: by source, then down the parent chain
+    points: list[RecoveryPoint]  # lane-major: by source, by lane, then down the parent chain
     sources: list[str]
     source_of: np.ndarray  # int32 per point: index into sources
-    seq: np.ndarray  # int32 per point: position within its source (0 = oldest)
-    base: np.ndarray  # int64 per source: position of its first point
-    count: np.ndarray  # int64 per source: number of points
+    lanes: list[Lane]
+    lane_of: np.ndarray  # int32 per point: index into lanes
+    seq: np.ndarray  # int32 per point: position within its lane (0 = the lane's first)
+    base: np.ndarray  # int64 per lane: position of its first point
+    count: np.ndarray  # int64 per lane: number of points
     complete: np.ndarray  # bool per source: every point has a change table of its parent
     storage: Storage
     damaged: list[str] = field(default_factory=list)
     _files: list[tuple[int, str, int]] | None = field(default=None, repr=False)
     _cols: walk.Columns | None = field(default=None, repr=False)
+    _lane_cols: walk.Columns | None = field(default=None, repr=False)
     _lives: lv_.Lives | None = field(default=None, repr=False)
     # With forgotten points: the history of live and forgotten points together, where each
     # live point is (``_live_at``) and which points are forgotten (``_gone``).
@@ -98,18 +104,20 @@ class History:
     @classmethod
     def _of(cls, storage: Storage, points: list[RecoveryPoint]) -> History:
         sources = sorted({p.source for p in points})
-        ordered: list[RecoveryPoint] = []
+        lanes: list[Lane] = []
         complete = np.ones(len(sources), bool)
         for s, name in enumerate(sources):
-            chain, whole = _chain([p for p in points if p.source == name])
-            ordered += chain
-            complete[s] = whole and all(p.changes is not None for p in chain)
+            mine = lanes_of(name, [p for p in points if p.source == name])
+            lanes += mine
+            complete[s] = all(ln.whole and all(p.changes for p in ln.points) for ln in mine)
+        ordered = [p for ln in lanes for p in ln.points]
         index = {s: i for i, s in enumerate(sources)}
         source_of = np.array([index[p.source] for p in ordered], np.int32)
-        count = np.bincount(source_of, minlength=len(sources)).astype(np.int64)
+        count = np.array([len(ln.points) for ln in lanes], np.int64)
+        lane_of = np.repeat(np.arange(len(lanes), dtype=np.int32), count)
         base = np.concatenate([[0], np.cumsum(count)[:-1]]).astype(np.int64)
-        seq = (np.arange(len(ordered)) - base[source_of]).astype(np.int32)
-        return cls(ordered, sources, source_of, seq, base, count, complete, storage)
+        seq = (np.arange(len(ordered)) - base[lane_of]).astype(np.int32)
+        return cls(ordered, sources, source_of, lanes, lane_of, seq, base, count, complete, storage)
 
     def times(self) -> np.ndarray:
         """Commit times as datetime64[us] (UTC) per point."""
@@ -233,6 +241,14 @@ class History:
             starts,
         )
 
+    def _lane_columns(self) -> walk.Columns:
+        """The change rows as the arithmetic sees them: a branch's first point holds its
+        parent's content as well (``catalog.lanes.branch_rows``); the same as ``_columns``
+        when no source branched."""
+        if self._lane_cols is None:
+            self._lane_cols = lane_columns(self._columns(), self.lanes, self.points)
+        return self._lane_cols
+
     def lives(self) -> lv_.Lives | None:
         """The chunk lives of the whole history (``catalog.lives``): from the local cache when
         it covers the history (extended by the points it lacks), else built from every row.
@@ -246,8 +262,8 @@ class History:
             path = lives_cache.cache_path(self._repo_id()) if big else None
             lives = self._cached(path, chunk) if path is not None else None
             if lives is None:
-                c = self._columns()
-                chains = [(p.source, str(p.changes)) for p in self.points]
+                c = self._lane_columns()
+                chains = [self._entry(i) for i in range(len(self.points))]
                 lives = build(chunk, chains, c.chunk_no, c.key, c.kind, c.stored, c.starts)
                 self._save(lives, path)
             self._lives = lives
@@ -256,9 +272,10 @@ class History:
     def _cached(self, path: str, chunk: int) -> lv_.Lives | None:
         """The cached lives if they are of this history's chains (a prefix of each), extended
         by the missing points; None when there is no usable cache."""
-        chains = {name: [] for name in self.sources}  # type: dict[str, list[str]]
-        for p in self.points:
-            chains[p.source].append(str(p.changes))
+        chains = {ln.name: [] for ln in self.lanes}  # type: dict[str, list[str]]
+        for i in range(len(self.points)):
+            name, entry = self._entry(i)
+            chains[name].append(entry)
         try:
             cache = lives_cache.CacheFile(path)
         except (OSError, ValueError, KeyError, zipfile.BadZipFile):
@@ -271,10 +288,12 @@ class History:
                 return None
             done = dict(zip(cache.sources, cache.chains, strict=True))
             todo = [
-                (p.source, str(p.changes))
-                for i, p in enumerate(self.points)
-                if len(done.get(p.source, [])) <= self.seq[i]
+                self._entry(i)
+                for i in range(len(self.points))
+                if len(done.get(self.lanes[self.lane_of[i]].name, [])) <= self.seq[i]
             ]
+            if any("<" in entry for _, entry in todo):
+                return None  # a new branch starts from its parent's content: built anew
             lives = cache.lives(with_state=bool(todo))
             if todo:
                 batch = [(s, c, self._rows_of(c)) for s, c in todo]
@@ -285,6 +304,13 @@ class History:
             return None
         finally:
             cache.close()
+
+    def _entry(self, i: int) -> tuple[str, str]:
+        """Position ``i`` in the lives: its lane's name and its chain entry (the change table
+        id; for a branch's first point also the point it starts from, as ``<id``)."""
+        lane = self.lanes[self.lane_of[i]]
+        branch = f"<{lane.parent}" if self.seq[i] == 0 and lane.parent is not None else ""
+        return lane.name, f"{self.points[i].changes}{branch}"
 
     def _rows_of(self, changes_id: str) -> lv_.Rows:
         chunk = self.points[0].chunk_size
@@ -311,15 +337,15 @@ class History:
         return parse_config(self.storage.read(CONFIG_NAME), CONFIG_NAME).id
 
     def _layout(self, lives: lv_.Lives) -> lv_.Layout:
-        at = {name: s for s, name in enumerate(self.sources)}
+        at = {ln.name: s for s, ln in enumerate(self.lanes)}
         idx = np.array([at[name] for name in lives.sources], np.int64)
         return lv_.Layout(self.base[idx], self.count[idx], len(self.points))
 
     def _sources(self) -> Iterator[tuple[int, int, np.ndarray]]:
-        """Per source: its first position, its point count, and a cleared bitmap over its
+        """Per lane: its first position, its point count, and a cleared bitmap over its
         chunk numbers (one bit per chunk, for "changed again later" questions)."""
-        cols = self._columns()
-        for s in range(len(self.sources)):
+        cols = self._lane_columns()
+        for s in range(len(self.lanes)):
             first, k = int(self.base[s]), int(self.count[s])
             r0, r1 = int(cols.starts[first]), int(cols.starts[first + k])
             top = int(cols.chunk_no[r0:r1].max()) + 1 if r1 > r0 else 0
@@ -350,7 +376,27 @@ class History:
         lives = self.lives() if self._full is None else None
         if lives is not None:
             return lv_.lone_bytes(lives, self._layout(lives))
-        return walk.lone(self._columns(), self._sources())
+        return walk.lone(self._lane_columns(), self._sources())
+
+    def held_stored(self) -> np.ndarray | None:
+        """Per point of ``chain_points``: stored bytes of the chunks its backup stored that a
+        live point still holds (for a live point, all it stored). None when that cannot be
+        exact: a source with forgotten points whose chain is incomplete."""
+        stored = np.array([p.stats.bytes_stored for p in self.chain_points], np.int64)
+        if self._full is None:
+            return stored
+        full = self._full_lives()
+        if full is None:
+            return None
+        h, every = full
+        assert self._gone is not None
+        alone = lv_.freed_bytes(every, h._layout(every), self._gone)
+        return np.maximum(stored - alone, 0)
+
+    @property
+    def gone(self) -> np.ndarray:
+        """Per point of ``chain_points``: is it forgotten?"""
+        return self._gone if self._gone is not None else np.zeros(len(self.points), bool)
 
     def freed_by(self, forget: np.ndarray) -> np.ndarray:
         """Per point of ``chain_points``: stored bytes freed by forgetting the points marked in
@@ -368,32 +414,12 @@ class History:
         lives = self.lives() if self._full is None else None
         if lives is not None:
             return lv_.freed_bytes(lives, self._layout(lives), forget)
-        walked = walk.freed(self._columns(), self._sources(), forget)
+        walked = walk.freed(self._lane_columns(), self._sources(), forget)
         if self._full is None:
             return walked
         out = np.zeros(len(self._full.points), np.int64)  # (incomplete: not exact anyway)
         out[self._live_at] = walked
         return out
-
-
-def _chain(mine: list[RecoveryPoint]) -> tuple[list[RecoveryPoint], bool]:
-    """One source's points from its first backup down the parent chain, and whether they form
-    one unbroken chain (then each change table is relative to the point before it). Otherwise
-    (a parent missing or damaged, a branch): oldest first, and not whole."""
-    by_time = sorted(mine, key=lambda p: (p.time, p.id))
-    ids = {p.id for p in mine}
-    children: dict[str | None, list[RecoveryPoint]] = {}
-    for p in mine:
-        children.setdefault(p.parent if p.parent in ids else None, []).append(p)
-    firsts = children.get(None, [])
-    if len(firsts) != 1:
-        return by_time, False
-    order = [firsts[0]]
-    while len(children.get(order[-1].id, [])) == 1:
-        order.append(children[order[-1].id][0])
-    if len(order) != len(mine):
-        return by_time, False
-    return order, order[0].parent is None
 
 
 def sql_list(files: list[tuple[int, str, int]]) -> str:

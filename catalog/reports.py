@@ -35,6 +35,7 @@ class ReportOptions:
     horizons: tuple[int, ...] = (30, 90, 365)
     policy: KeepPolicy = field(default_factory=KeepPolicy)
     forget: tuple[str, ...] = ()
+    held: frozenset[str] = frozenset()  # points a forget keeps whatever the policy (overlay bases)
     now: datetime | None = None
 
 
@@ -76,11 +77,14 @@ def _sql(cat: Catalog, sql: str, params: list[object] | None = None) -> pa.Table
 
 def _history_notes(cat: Catalog) -> list[str]:
     bad = cat.incomplete_sources()
+    notes = [cat.forgotten_note] if cat.forgotten_note else []
     if not bad:
-        return []
+        return notes
     return [
-        f"{len(bad)} source(s) have points without change tables (made before comb 0.2) or a "
-        f"broken chain; their change figures are partial: {', '.join(map(repr, bad[:3]))}"
+        f"{len(bad)} source(s) have points without change tables (made before comb 0.2) or "
+        "whose parent is missing (a damaged point document); their change figures are "
+        f"partial: {', '.join(map(repr, bad[:3]))}",
+        *notes,
     ]
 
 
@@ -88,17 +92,24 @@ def growth(cat: Catalog, opts: ReportOptions) -> ReportResult:
     if opts.period not in ("day", "week", "month"):
         raise UsageError(f"unknown period {opts.period!r} (day, week or month)")
     where, params = _filter(opts, "period")
+    # Stored bytes as the repository holds them: forgotten points' rows count what kept
+    # points still use of what they stored (a period may have no live point left).
     table = _sql(
         cat,
         "WITH g AS (SELECT source, date_trunc(?, time) AS period, count(*) AS points, "
-        "sum(bytes_stored)::BIGINT AS stored_bytes, arg_max(bytes_data, pos) AS data_bytes, "
-        "arg_max(size, pos) AS disk_bytes FROM point_history GROUP BY ALL) "
+        "arg_max(bytes_data, pos) AS data_bytes, arg_max(size, pos) AS disk_bytes "
+        "FROM point_history GROUP BY ALL), "
+        "s AS (SELECT source, date_trunc(?, time) AS period, "
+        "sum(bytes_stored)::BIGINT AS stored_bytes FROM stored_history GROUP BY ALL), "
+        "j AS (SELECT source, period, coalesce(g.points, 0) AS points, "
+        "coalesce(s.stored_bytes, 0) AS stored_bytes, data_bytes, disk_bytes "
+        "FROM g FULL JOIN s USING (source, period)) "
         "SELECT source, period, points, stored_bytes, (sum(stored_bytes) OVER "
         "(PARTITION BY source ORDER BY period))::BIGINT AS cumulative_stored_bytes, "
-        f"data_bytes, disk_bytes FROM g WHERE {where} ORDER BY source, period",
-        [opts.period, *params],
+        f"data_bytes, disk_bytes FROM j WHERE {where} ORDER BY source, period",
+        [opts.period, opts.period, *params],
     )
-    return ReportResult(table)
+    return ReportResult(table, [cat.forgotten_note] if cat.forgotten_note else [])
 
 
 def change_rate(cat: Catalog, opts: ReportOptions) -> ReportResult:
@@ -107,7 +118,7 @@ def change_rate(cat: Catalog, opts: ReportOptions) -> ReportResult:
     table = _sql(
         cat,
         "WITH r AS (SELECT source, time, bytes_changed, epoch(time - lag(time) OVER "
-        "(PARTITION BY source ORDER BY pos)) / 3600.0 AS hours FROM point_history) "
+        "(PARTITION BY lane ORDER BY pos)) / 3600.0 AS hours FROM point_history) "
         "SELECT source, count(*) AS intervals, sum(bytes_changed)::BIGINT AS changed_bytes, "
         "sum(hours) AS hours, sum(bytes_changed) / sum(hours) AS mean_bytes_per_hour, "
         f"quantile_cont({rate}, 0.5) AS p50_bytes_per_hour, "
@@ -145,7 +156,7 @@ def hot_regions(cat: Catalog, opts: ReportOptions) -> ReportResult:
     chosen = [
         i
         for i, p in enumerate(h.points)
-        if h.seq[i] > 0
+        if p.parent is not None
         and (opts.source is None or p.source == opts.source)
         and (since is None or times[i] >= since)
     ]
@@ -194,10 +205,11 @@ def ratios(cat: Catalog, opts: ReportOptions) -> ReportResult:
         cat,
         # Data bytes are known only with change tables: the dedup ratio counts those points
         # alone (in both terms); compression counts every point.
+        # Forgotten points' rows (stored_history) bring what kept points still use of theirs.
         "WITH c AS (SELECT time, row_number() OVER w AS n, sum(bytes_data) OVER w AS logical, "
         "sum(CASE WHEN has_changes THEN bytes_new END) OVER w AS plain_known, "
-        "sum(bytes_new) OVER w AS plain, sum(bytes_stored) OVER w AS stored FROM point_history "
-        "WINDOW w AS (ORDER BY time, pos ROWS UNBOUNDED PRECEDING)), "
+        "sum(bytes_new) OVER w AS plain, sum(bytes_stored) OVER w AS stored FROM stored_history "
+        "WINDOW w AS (ORDER BY ord ROWS UNBOUNDED PRECEDING)), "
         "p AS (SELECT date_trunc(?, time) AS period, arg_max(logical, n) AS logical, "
         "arg_max(plain_known, n) AS plain_known, arg_max(plain, n) AS plain, "
         "arg_max(stored, n) AS stored FROM c GROUP BY 1) "
@@ -236,6 +248,8 @@ def retention(cat: Catalog, opts: ReportOptions) -> ReportResult:
     if opts.since is not None:
         raise UsageError("retention applies to whole histories: --since does not apply")
     forget = forget_mask(h.points, opts.policy, opts.forget, opts.source)
+    kept_anyway = forget & np.array([p.id in opts.held for p in h.points], bool)
+    forget &= ~kept_anyway
     freed = cat.freed(forget)
     rows: list[tuple[str, int, int, int, int | None]] = []
     for s, name in enumerate(h.sources):
@@ -273,6 +287,11 @@ def retention(cat: Catalog, opts: ReportOptions) -> ReportResult:
         f"forgetting {int(forget.sum())} of {len(h.points)} point(s) frees {total:,} bytes "
         f"({total / 2**30:.2f} GiB)"
     ]
+    if kept_anyway.any():
+        notes.append(
+            f"{int(kept_anyway.sum())} point(s) the policy would forget are kept as the base of "
+            "an overlay, as `forget` keeps them"
+        )
     return ReportResult(table, notes + _history_notes(cat))
 
 
@@ -284,8 +303,8 @@ def fit_growth(
     t = _sql(
         cat,
         "SELECT * FROM (SELECT time, epoch(time - min(time) OVER ()) / 86400.0 AS day, "
-        "sum(bytes_stored) OVER (ORDER BY time, pos ROWS UNBOUNDED PRECEDING) AS stored "
-        "FROM point_history WHERE source = ? OR ? IS NULL) WHERE time >= ? OR ? IS NULL "
+        "sum(bytes_stored) OVER (ORDER BY ord ROWS UNBOUNDED PRECEDING) AS stored "
+        "FROM stored_history WHERE source = ? OR ? IS NULL) WHERE time >= ? OR ? IS NULL "
         "ORDER BY time",
         [source, source, since, since],
     )

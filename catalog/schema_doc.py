@@ -40,17 +40,21 @@ VIEWS: dict[str, tuple[str, dict[str, str]]] = {
             "last_time": "time of the latest point",
             "size": "disk size at the latest point",
             "bytes_data": "data (non-zero) bytes at the latest point",
-            "bytes_stored": "blob bytes stored by all its backups",
+            "bytes_stored": "blob bytes its backups stored that the repository still holds "
+            "(stored_history)",
             "has_changes": "every point has a change table (full history known)",
         },
     ),
     "point_history": (
-        "points in source order with their statistics (pos orders by source, then time)",
+        "points in source order with their statistics (pos orders by source, then lane, then "
+        "down the parent chain)",
         {
-            "pos": "position: source-major, oldest first",
+            "pos": "position: source-major, then lane by lane, each lane oldest first",
             "point_id": "point id",
             "source": "source name",
-            "seq": "position within the source (0 = first backup)",
+            "lane": "the run of points (each the parent of the next) this one is in: the "
+            "source's name, or SOURCE@FIRST_POINT for a branch",
+            "seq": "position within the lane (0 = a first backup or the first of a branch)",
             "time": "commit time (UTC)",
             "size": "disk size in bytes",
             "chunk_size": "chunk size in bytes",
@@ -64,6 +68,22 @@ VIEWS: dict[str, tuple[str, dict[str, str]]] = {
             "bytes_changed": "bytes whose content differs from the parent (null: not recorded)",
             "bytes_data": "data (non-zero) bytes of the whole image (null: not recorded)",
             "has_changes": "the point has a change table",
+        },
+    ),
+    "stored_history": (
+        "what each backup stored that the repository still holds: one row per point, and per "
+        "forgotten point whose stored chunks kept points still use",
+        {
+            "point_id": "point id (a forgotten point's too)",
+            "source": "source name",
+            "time": "commit time (UTC)",
+            "live": "false for a forgotten point",
+            "pos": "point_history.pos (null for a forgotten point)",
+            "bytes_stored": "blob bytes it stored that are still held (a live point: all)",
+            "bytes_new": "plain bytes of those (a forgotten point: in proportion to stored)",
+            "bytes_data": "data bytes of the image (null for a forgotten point)",
+            "has_changes": "the point has a change table",
+            "ord": "order by time (for running totals)",
         },
     ),
     "changes": (

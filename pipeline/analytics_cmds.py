@@ -6,6 +6,7 @@ import argparse
 import os
 import re
 import sys
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import pyarrow as pa
@@ -18,6 +19,7 @@ from catalog.retention import KeepPolicy
 from catalog.schema_doc import VIEWS
 from catalog.views import stream_query
 
+from .lifecycle import overlay_bases
 from .output import open_output, write_result
 
 MAX_SIZE_BYTES = 1 << 50
@@ -25,8 +27,8 @@ MAX_HORIZON_DAYS = 36500  # a century
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 
 
-def _open(repo: str) -> Catalog:
-    r = Repository.open(repo)
+def _open(repo: str | Repository) -> Catalog:
+    r = Repository.open(repo) if isinstance(repo, str) else repo
     points = r.points()
     for msg in r.damaged:
         print(f"comb: warning: skipping {msg}", file=sys.stderr)
@@ -95,7 +97,10 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
     if not args.name:
         raise UsageError("give a report name (see `comb report --list`)")
     opts = _options(args)
-    cat = _open(repo)
+    r = Repository.open(repo)
+    if args.name == "retention":  # as `forget` does: the base of an overlay is kept
+        opts = replace(opts, held=frozenset(overlay_bases(r)))
+    cat = _open(r)
     if opts.source is not None and opts.source not in cat.history.sources:
         raise UsageError(f"no recovery point for source {opts.source!r}")
     result = run_report(cat, args.name, opts)
