@@ -131,7 +131,13 @@ def _conflicts(mine: LockInfo, other: LockInfo) -> bool:
     """A process never conflicts with itself (scrub --repair: shared to read, exclusive to
     isolate damage)."""
     ours = other.host == mine.host and other.pid == mine.pid
-    return other.id != mine.id and not ours and (mine.exclusive or other.exclusive)
+    if other.id == mine.id or ours:
+        return False
+    if "key" in (mine.kind, other.kind):
+        # Key changes touch keys/ alone, which nothing else writes or removes: they exclude
+        # each other only, so a server holding its shared lock for days never blocks them.
+        return mine.kind == other.kind
+    return mine.exclusive or other.exclusive
 
 
 class Lock:
@@ -147,11 +153,14 @@ class Lock:
         self.storage.write_atomic(self.info.name, json.dumps(asdict(self.info)).encode())
 
     def _beat(self) -> None:
+        """Refresh the heartbeat until released (for days, for a server). A failed write (a
+        full disk, a network file system's hiccup: storage raises ``RepositoryError``) must not
+        end the thread, or the lock would go stale ten minutes later under a live holder."""
         while not self._stop.wait(HEARTBEAT_S):
             self.info = replace(self.info, heartbeat=_now())
             try:
                 self._write()
-            except OSError:
+            except (OSError, CombError):
                 pass  # the next beat tries again; staleness needs ten misses
 
     def release(self) -> None:
@@ -193,11 +202,15 @@ def acquire(
             lock._write()
         except OSError as err:
             raise RepositoryError(f"cannot write lock {info.name}: {err}") from None
-        blockers = [
-            other
-            for other in read_locks(storage)
-            if _conflicts(info, other) and other.stale() is None
-        ]
+        try:
+            blockers = [
+                other
+                for other in read_locks(storage)
+                if _conflicts(info, other) and other.stale() is None
+            ]
+        except BaseException:  # an unreadable lock, Ctrl-C: leave no file of ours behind
+            lock.release()
+            raise
         if not blockers:
             lock._thread.start()
             return lock

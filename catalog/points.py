@@ -221,7 +221,39 @@ def load_forgotten(
 
 
 def latest_for(points: list[RecoveryPoint], source: str) -> RecoveryPoint | None:
+    """The latest point of source name ``source``, whatever it was read from (``NAME@latest``).
+    Not the point a device's change list is relative to: see ``last_read``."""
     mine = [p for p in points if p.source == source]
+    return mine[-1] if mine else None
+
+
+def last_read(points: list[RecoveryPoint], source: str, source_path: str) -> RecoveryPoint | None:
+    """The latest point of source name ``source`` whose ``source_path`` is ``source_path``: the
+    last time this device (an image's or block device's absolute path) was read under that
+    name. A change list of the device is valid against this point only; the source's latest
+    point may have been read from elsewhere (``overlay:NAME``, another path under the same
+    ``--source-name``) and hold other data."""
+    mine = [p for p in points if p.source == source and p.source_path == source_path]
+    return mine[-1] if mine else None
+
+
+def backup_parent(
+    points: list[RecoveryPoint], source: str, source_path: str
+) -> tuple[RecoveryPoint | None, bool]:
+    """The parent of a backup of the image or device ``source_path`` under ``source`` (FORMAT.md
+    8.4): its ``last_read``, else the source's latest point (or None); and whether the parent
+    was read from ``source_path``, i.e. whether a change list of the device applies to it."""
+    own = last_read(points, source, source_path)
+    if own is not None:
+        return own, True
+    return latest_for(points, source), False
+
+
+def last_vsphere_read(points: list[RecoveryPoint], source: str) -> RecoveryPoint | None:
+    """The latest point of ``source`` read from vSphere (it has a ``vsphere`` document): the
+    parent of a vSphere disk's backup, whose ``change_id`` CBT is asked about (FORMAT.md 8.6).
+    A backup of an overlay of such a point has neither document nor change id: skipped."""
+    mine = [p for p in points if p.source == source and p.vsphere is not None]
     return mine[-1] if mine else None
 
 

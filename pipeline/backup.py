@@ -24,7 +24,7 @@ from catalog.format import RepoConfig
 from catalog.index import IndexSegmentWriter, ids_to_array
 from catalog.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.packs import DEFAULT_PACK_TARGET_BYTES
-from catalog.points import PointStats, RecoveryPoint, commit_point, latest_for
+from catalog.points import PointStats, RecoveryPoint, backup_parent, commit_point
 from catalog.repo import Repository
 from catalog.storage import Storage
 from drive.overlay import Overlay
@@ -70,9 +70,10 @@ def plan_backup(repo: Repository, source_path: str, opts: BackupOptions) -> Back
     """Decide what to read: holes never, and with a change list only the changed chunks."""
     src = ImageSource(source_path).open()
     try:
-        name = opts.source_name or os.path.abspath(source_path)
+        path = os.path.abspath(source_path)  # what the point's source_path records
+        name = opts.source_name or path
         chunk = repo.config.chunk_size
-        parent = latest_for(repo.points(), name)
+        parent, same_device = backup_parent(repo.points(), name, path)
         for msg in repo.damaged:
             # The parent is chosen among readable points only; say what was skipped.
             print(f"comb: warning: skipping {msg}", file=sys.stderr)
@@ -85,10 +86,15 @@ def plan_backup(repo: Repository, source_path: str, opts: BackupOptions) -> Back
         changed: list[Range] | None = None
         if opts.changed_extents is not None:
             extents = parse_changed_extents(opts.changed_extents, src.size)
-            if parent is None:
+            if parent is None or not same_device:  # the list is relative to no point we have
+                why = (
+                    f"no earlier recovery point of {name!r}"
+                    if parent is None
+                    else f"the latest point {parent.id} of {name!r} was read from "
+                    f"{parent.source_path}, not {path}"
+                )
                 print(
-                    f"comb: note: no earlier recovery point of {name!r}; "
-                    "ignoring --changed-extents and reading the whole source",
+                    f"comb: note: {why}; ignoring --changed-extents and reading the whole source",
                     file=sys.stderr,
                 )
             else:

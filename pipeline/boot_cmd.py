@@ -3,8 +3,9 @@
 Owns the command's side only: the overlay's name (created over the point if missing, reopened
 otherwise), an in-process NBD server on a background thread serving that overlay, the QEMU
 command line (and, with ``--print``, the same command plus a libvirt domain for the user's own
-tools), QEMU's life cycle and exit code, and turning SIGINT and SIGTERM into a clean stop. The
-server is ``drive.nbd``; the overlay ``drive.overlay``.
+tools), QEMU's life cycle and exit code, the repository's shared ``boot`` lock for that life
+(FORMAT.md 13), and turning SIGINT and SIGTERM into a clean stop. The server is ``drive.nbd``;
+the overlay ``drive.overlay``.
 
 The base point is loaded lazily: nothing of its manifest is read until QEMU's first read or
 block-status request, so starting the server and QEMU does not depend on the disk's size.
@@ -35,6 +36,7 @@ from drive.nbd_exports import ServedPoint, SourceCache
 from drive.nbd_overlay import ServedOverlay
 
 from .accel import KVM_ARGS, TCG_ARGS, Accel, choose
+from .lifecycle import reader_lock
 from .overlays_cmd import resolve_base
 from .serve_cmd import close_overlays, parse_listen
 
@@ -253,8 +255,11 @@ def cmd_boot(repo: str, args: argparse.Namespace) -> int:
     if args.name is not None:
         overlay.check_name(args.name)
     r = Repository.open(repo)
-    point = resolve_base(r, args.point)
-    name = args.name or default_name(point)
     if args.print:
-        return _print_plan(repo, point, name, args)
-    return _boot(r, point, name, args)
+        point = resolve_base(r, args.point)
+        return _print_plan(repo, point, args.name or default_name(point), args)
+    # Held from before the point is resolved until QEMU and the server have stopped: prune
+    # waits for it (FORMAT.md 13), so the base's files, opened lazily, stay.
+    with reader_lock(r, "boot", long_lived=True):
+        point = resolve_base(r, args.point)
+        return _boot(r, point, args.name or default_name(point), args)

@@ -108,6 +108,7 @@ def point_summary(p: RecoveryPoint) -> dict[str, Any]:
     return {
         "id": p.id,
         "source": p.source,
+        "source_path": p.source_path,
         "time": p.time,
         "size": p.size,
         "mode": p.mode,
@@ -232,10 +233,11 @@ def cmd_points(repo: str, args: argparse.Namespace) -> int:
             human_bytes(p.stats.bytes_new),
             human_bytes(p.stats.bytes_stored),
             p.source,
+            p.source_path,
         )
         for p in points
     ]
-    head = ("ID", "TIME (UTC)", "MODE", "SIZE", "READ", "NEW", "STORED", "SOURCE")
+    head = ("ID", "TIME (UTC)", "MODE", "SIZE", "READ", "NEW", "STORED", "SOURCE", "FROM")
     widths = [max(len(str(x)) for x in col) for col in zip(head, *rows, strict=True)]
     for row in (head, *rows):
         print("  ".join(str(v).ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -244,13 +246,14 @@ def cmd_points(repo: str, args: argparse.Namespace) -> int:
 
 def cmd_restore(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
-    try:
-        point = r.resolve(args.point)
-    finally:
-        warn_damaged(r)
     t0 = time.perf_counter()
-    with reader_lock(r, "restore"), progress_bar(f"restore {point.id[:8]}", not args.json) as bar:
-        written = restore_point(r, point, args.output, force=args.force, progress=bar)
+    with reader_lock(r, "restore"):  # before resolving: a forget and prune cannot slip between
+        try:
+            point = r.resolve(args.point)
+        finally:
+            warn_damaged(r)
+        with progress_bar(f"restore {point.id[:8]}", not args.json) as bar:
+            written = restore_point(r, point, args.output, force=args.force, progress=bar)
     seconds = time.perf_counter() - t0
     if args.json:
         _json(

@@ -13,17 +13,20 @@ from drive.export import export_image
 from drive.formats import builder
 from drive.source import PointSource
 
+from .lifecycle import reader_lock
+
 
 def cmd_export(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo)
-    points = r.points()
-    for msg in r.damaged:
-        print(f"comb: warning: skipping {msg}", file=sys.stderr)
-    point = resolve(points, args.point)
-    t0 = time.perf_counter()
-    image = builder(args.format)(PointSource(r, point))
-    written = export_image(image, args.output, force=args.force)
-    seconds = time.perf_counter() - t0
+    with reader_lock(r, "export"):  # as restore: prune waits (FORMAT.md 13)
+        points = r.points()
+        for msg in r.damaged:
+            print(f"comb: warning: skipping {msg}", file=sys.stderr)
+        point = resolve(points, args.point)
+        t0 = time.perf_counter()
+        image = builder(args.format)(PointSource(r, point))
+        written = export_image(image, args.output, force=args.force)
+        seconds = time.perf_counter() - t0
     if args.json:
         doc = {
             "point": point.id,

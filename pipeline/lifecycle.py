@@ -55,17 +55,29 @@ def writer_lock(repo: Repository, kind: str) -> Iterator[Lock]:
 
 
 @contextmanager
-def reader_lock(repo: Repository, kind: str) -> Iterator[None]:
-    """A shared lock for readers (restore, verify), so prune does not remove files under
-    them; a repository on read-only media cannot take one and is read without it. A
-    repository no forget or prune ever ran on (no ``locks`` feature) needs none: readers then
-    write nothing at all (FORMAT.md 12)."""
-    if LOCKING_FEATURE not in repo.config.features.ro_compat:
+def reader_lock(repo: Repository, kind: str, long_lived: bool = False) -> Iterator[None]:
+    """A shared lock for readers (restore, verify, scrub, export, serve, mount, boot), held
+    until they exit, so prune does not remove files under them; a repository on read-only media
+    cannot take one and is read without it. A reader that ends (restore, verify, scrub, export)
+    takes none in a repository no forget or prune ever ran on (no ``locks`` feature), so that it
+    writes nothing there (FORMAT.md 12); the one gap: such a reader still running when the first
+    prune removes data fails on a missing file (never returns wrong data).
+
+    ``long_lived`` readers (serve, mount, boot) always lock: one started before the first
+    forget and prune would otherwise stay unprotected for days, as that prune sets the feature
+    and then sees no lock of theirs (FORMAT.md 13). They say so when they cannot lock."""
+    if not long_lived and LOCKING_FEATURE not in repo.config.features.ro_compat:
         yield
         return
     try:
         lock = acquire(repo.storage, kind, command=kind, on_wait=_waiting)
-    except RepositoryError:
+    except RepositoryError as err:
+        if long_lived:
+            print(
+                f"comb: note: {kind} holds no lock ({err.message}): a prune meanwhile may "
+                "remove data it reads",
+                file=sys.stderr,
+            )
         yield
         return
     try:

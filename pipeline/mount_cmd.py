@@ -1,9 +1,10 @@
 """``comb -r REPO mount MOUNTPOINT``: the FUSE virtual drive in the foreground.
 
 Owns the command's checks (the mountpoint must be an existing, empty directory that is not
-already a mount; ``/dev/fuse`` must exist; the binding must import), its two output lines
-(where it is mounted, and that it was unmounted) and its exit code: 0 after SIGTERM, SIGHUP or
-an unmount from outside, 130 after SIGINT (Ctrl-C). The filesystem itself is ``drive.fuse``.
+already a mount; ``/dev/fuse`` must exist; the binding must import), the repository's shared
+``mount`` lock while mounted (FORMAT.md 13), its two output lines (where it is mounted, and that
+it was unmounted) and its exit code: 0 after SIGTERM, SIGHUP or an unmount from outside, 130
+after SIGINT (Ctrl-C). The filesystem itself is ``drive.fuse``.
 
 Also runnable as ``python -m pipeline.mount_cmd REPO MOUNTPOINT`` (tests; the same output and
 one-line errors as the CLI).
@@ -19,6 +20,8 @@ import sys
 
 from catalog.errors import UsageError, describe_os_error
 from catalog.repo import Repository
+
+from .lifecycle import reader_lock
 
 DEV_FUSE = "/dev/fuse"
 EXIT_INTERRUPTED = 130
@@ -37,9 +40,6 @@ def cmd_mount(repo: str, args: argparse.Namespace) -> int:
             "install libfuse3 and `pip install pyfuse3`"
         ) from None
     r = Repository.open(repo)
-    fs = fuse.CombFS(r)
-    for msg in r.damaged:
-        print(f"comb: warning: skipping {msg}", file=sys.stderr)
 
     def mounted() -> None:
         print(
@@ -47,7 +47,12 @@ def cmd_mount(repo: str, args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    signum = fuse.serve(fs, mountpoint, mounted)
+    # Held from before the points are listed until unmounted: prune waits (FORMAT.md 13).
+    with reader_lock(r, "mount", long_lived=True):
+        fs = fuse.CombFS(r)
+        for msg in r.damaged:
+            print(f"comb: warning: skipping {msg}", file=sys.stderr)
+        signum = fuse.serve(fs, mountpoint, mounted)
     print(f"unmounted {mountpoint}", flush=True)
     return EXIT_INTERRUPTED if signum == signal.SIGINT else 0
 

@@ -2,8 +2,9 @@
 writable ones.
 
 Owns the command's side only: parsing ``--listen`` and ``--overlay``, creating missing overlays,
-opening (and locking) the overlays for the server's lifetime, the start-up line, and turning
-SIGINT and SIGTERM into a graceful stop. The server itself is ``drive.nbd``.
+opening (and locking) the overlays for the server's lifetime, the repository's shared ``serve``
+lock for the same time (FORMAT.md 13), the start-up line, and turning SIGINT and SIGTERM into a
+graceful stop. The server itself is ``drive.nbd``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from drive.nbd_exports import ServedPoint
 from drive.nbd_overlay import ServedOverlay
 from drive.source import PointSource
 
+from .lifecycle import reader_lock
 from .overlays_cmd import parse_overlay_specs, resolve_base, warn
 
 DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
@@ -102,6 +104,13 @@ def cmd_serve(repo: str, args: argparse.Namespace) -> int:
     if not 0 < cache_mib <= 1 << 20:
         raise UsageError(f"--cache-mib {cache_mib} is out of range (1 MiB to 1 TiB)")
     r = Repository.open(repo)
+    # The shared lock is held from before the points are listed until the server has stopped:
+    # prune waits for it, so no file a served point needs goes (they are opened lazily).
+    with reader_lock(r, "serve", long_lived=True):
+        return _serve(r, host, port, wanted, cache_mib)
+
+
+def _serve(r: Repository, host: str, port: int, wanted: dict[str, str], cache_mib: int) -> int:
     chunks = max(1, (cache_mib << 20) // r.config.chunk_size)
     server = NbdServer(r, host, port, cache_chunks=chunks)
     points = r.points()

@@ -24,7 +24,7 @@ import numpy as np
 
 from catalog.changes import ChangeTableWriter
 from catalog.errors import SourceError, UsageError
-from catalog.points import RecoveryPoint, latest_for
+from catalog.points import RecoveryPoint, last_vsphere_read, latest_for
 from catalog.repo import Repository
 from catalog.storage import Storage
 
@@ -149,7 +149,10 @@ def _plan_disk(
         )
     if disk.capacity <= 0:
         raise SourceError(f"{what} ({disk.file}) reports no capacity")
-    parent = latest_for(repo.points(), source_name)
+    # The disk's last point read from vSphere, not an overlay's backup made since (FORMAT 8.6);
+    # with none, the latest point (then no change id: the whole disk is read).
+    points = repo.points()
+    parent = last_vsphere_read(points, source_name) or latest_for(points, source_name)
     if parent is not None and disk.capacity < parent.size:
         raise SourceError(
             f"{what} is {disk.capacity} bytes, smaller than its parent recovery point "
@@ -163,7 +166,7 @@ def _plan_disk(
         if not disk.change_id:
             reason = "the snapshot's disk has no change id (CBT not active yet)"
         elif parent.change_id is None:
-            reason = f"the parent point {parent.id} has no change id"
+            reason = f"the parent point {parent.id} ({parent.source_path}) has no change id"
         elif _audit_failed(parent):
             reason = f"the CBT audit of the parent point {parent.id} found changes CBT missed"
         else:

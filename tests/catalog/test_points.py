@@ -16,7 +16,10 @@ from catalog.points import (
     POINT_ID_HEX,
     PointStats,
     RecoveryPoint,
+    backup_parent,
     commit_point,
+    last_read,
+    last_vsphere_read,
     latest_for,
     load_points,
     load_points_tolerant,
@@ -72,6 +75,24 @@ def test_load_points_oldest_first(storage: LocalStorage) -> None:
     assert [p.id for p in load_points(storage)] == [early.id, other.id, late.id]
     assert latest_for(load_points(storage), "disk") == late
     assert latest_for(load_points(storage), "nope") is None
+
+
+def test_parent_is_the_last_read_of_the_same_device() -> None:
+    """A change list is only valid against the last point read from the same device: an
+    overlay's backup (or a backup of another path under the same name) is the source's latest
+    point, but not the parent of the device's next backup."""
+    t = "2025-01-0{}T00:00:00+00:00"
+    dev = _point("v", t.format(1), source_path="/x/s.img", id="a1")
+    vs = _point("v", t.format(2), source_path="vsphere://h/p [d]", vsphere={"cbt": {}}, id="b2")
+    ov = _point("v", t.format(3), source_path="overlay:o1", parent="a1", id="c3")
+    points = [dev, vs, ov]
+    assert latest_for(points, "v") == ov
+    assert last_read(points, "v", "/x/s.img") == dev
+    assert last_read(points, "v", "/y.img") is None and last_read(points, "w", "/x/s.img") is None
+    assert backup_parent(points, "v", "/x/s.img") == (dev, True)
+    assert backup_parent(points, "v", "/y.img") == (ov, False)  # read whole, a note says why
+    assert backup_parent(points, "w", "/y.img") == (None, False)
+    assert last_vsphere_read(points, "v") == vs and last_vsphere_read([dev, ov], "v") is None
 
 
 def _edited(storage: LocalStorage, edit: Callable[[dict[str, Any]], object]) -> tuple[str, bytes]:

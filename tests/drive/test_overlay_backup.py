@@ -100,3 +100,62 @@ def test_backup_overlay_locked_and_missing(tmp_path: Path, cli: CliRunner) -> No
     res = cli("-r", repo, "backup", "overlay:nope", "--engine", "local")
     assert_one_line_error(res, "nope")
     assert len(Repository.open(str(repo)).points()) == before
+
+
+def _overlay_point(repo: Path, base_id: str, cli: CliRunner) -> str:
+    """Write non-zero data through an overlay of ``base_id`` and back the overlay up."""
+    r = Repository.open(str(repo))
+    overlay.create(r, "o1", r.resolve(base_id))
+    o = Overlay(r, "o1")
+    o.write(0, b"\xab" * 4096)
+    o.write(2 * MiB, b"\xcd" * 3 * CHUNK)
+    o.flush()
+    o.close()
+    res = cli("-r", repo, "backup", "overlay:o1", "--engine", "local", "--json")
+    assert res.code == 0, res.err
+    return str(json.loads(res.out)["id"])
+
+
+def test_changed_extents_after_an_overlay_backup(tmp_path: Path, cli: CliRunner) -> None:
+    """The issue: an overlay's point became the source's latest point, and a change list of the
+    image was applied to it, so the new point held the overlay's writes."""
+    repo, img, base_id = _setup(tmp_path)
+    ov_id = _overlay_point(repo, base_id, cli)
+    empty = img.changes_file(tmp_path / "e.json", [])
+    res = cli(
+        "-r", repo, "backup", img.path, "--source-name", SOURCE,
+        "--changed-extents", empty, "--engine", "local", "--json",
+    )  # fmt: skip
+    assert res.code == 0, res.err
+    doc = json.loads(res.out)
+    assert doc["parent"] == base_id and doc["parent"] != ov_id
+    assert doc["mode"] == "changed-extents" and doc["bytes_read"] == 0
+    assert "note" not in res.err
+    api_restore(repo, str(doc["id"]), tmp_path / "x.raw")
+    assert (tmp_path / "x.raw").read_bytes() == img.path.read_bytes()
+    # A real change of the image after the overlay's point: applied to the image's last read.
+    img.random(MiB + 5, 1000, seed=7)
+    changes = img.changes_file(tmp_path / "c.json", [(MiB + 5, 1000)])
+    res = cli(
+        "-r", repo, "backup", img.path, "--source-name", SOURCE,
+        "--changed-extents", changes, "--engine", "local", "--json",
+    )  # fmt: skip
+    doc2 = json.loads(res.out)
+    assert res.code == 0 and doc2["parent"] == doc["id"] and doc2["bytes_read"] == CHUNK
+    api_restore(repo, str(doc2["id"]), tmp_path / "y.raw")
+    assert (tmp_path / "y.raw").read_bytes() == img.path.read_bytes()
+
+
+def test_points_shows_where_each_point_came_from(tmp_path: Path, cli: CliRunner) -> None:
+    repo, img, base_id = _setup(tmp_path)
+    ov_id = _overlay_point(repo, base_id, cli)
+    res = cli("-r", repo, "points")
+    assert res.code == 0, res.err
+    head, *rows = res.out.splitlines()
+    assert "FROM" in head.split()
+    by_id = {row.split()[0]: row for row in rows}
+    assert "overlay:o1" in by_id[ov_id] and str(img.path) in by_id[base_id]
+    assert "overlay:o1" not in by_id[base_id]
+    doc = json.loads(cli("-r", repo, "points", "--json").out)
+    got = {p["id"]: (p["source_path"], p["parent"]) for p in doc["points"]}
+    assert got == {base_id: (str(img.path), None), ov_id: ("overlay:o1", base_id)}

@@ -223,3 +223,31 @@ def test_restore_refuses_existing_output_and_cleans_up_on_failure(
     with pytest.raises(Exception, match="is missing"):
         restore_point(repo, p, str(fresh))
     assert not [n for n in os.listdir(tmp_path) if n.startswith("fresh")]
+
+
+def test_change_list_for_a_name_last_read_from_elsewhere(
+    repo_path: Path, make_image: ImageFactory, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A change list is only valid against the last point read from the same device: a name
+    whose points all came from another path gets its source read whole (with a note)."""
+    a = _mixed(make_image)
+    first = api_backup(repo_path, a.path, name="v")
+    b = make_image(a.size)
+    b.random(0, 2 * MiB, seed=11)
+    capsys.readouterr()
+    p = api_backup(repo_path, b.path, changed=b.changes_file(tmp_path / "e.json", []), name="v")
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("comb: note: ")
+    assert first.id in err and str(a.path) in err and str(b.path) in err
+    assert "ignoring --changed-extents" in err and "reading the whole source" in err
+    assert p.mode == "full-reread" and p.parent == first.id and p.source_path == str(b.path)
+    api_restore(repo_path, p.id, tmp_path / "out")
+    cmp_files(b.path, tmp_path / "out")
+    # From now on b's own last read is the parent: its change lists apply again.
+    b.random(MiB, 10, seed=12)
+    changes = b.changes_file(tmp_path / "c.json", [(MiB, 10)])
+    q = api_backup(repo_path, b.path, changed=changes, name="v")
+    assert q.mode == "changed-extents" and q.parent == p.id and q.stats.bytes_read == C
+    assert capsys.readouterr().err == ""
+    api_restore(repo_path, q.id, tmp_path / "out2")
+    cmp_files(b.path, tmp_path / "out2")

@@ -16,6 +16,8 @@ from pyVmomi import vim
 from vcsimtest import DiskInfo, Simulator, VmFactory, VmInfo, snapshots, wait
 
 from catalog.repo import Repository
+from drive import overlay
+from drive.overlay import Overlay
 
 CHUNK = 65536
 
@@ -165,6 +167,58 @@ def test_without_audit_a_lying_cbt_goes_unnoticed(
     out = tmp_path / "r.img"
     api_restore(repo_path, str(p2["id"]), out)
     assert out.read_bytes() != disk.flat_path.read_bytes()
+
+
+def test_an_overlay_backup_between_two_vm_backups(
+    cli: CliRunner, repo_path: Path, vcsim: Simulator, make_vm: VmFactory, tmp_path: Path
+) -> None:
+    """The CBT parent is the disk's last point read from vSphere: a backup of an overlay of
+    the VM's point (the source's latest point, without a change id) neither supplies the
+    change id nor hides it."""
+    vm = make_vm([4 * MiB])
+    disk = vm.disks[0]
+    rng = random.Random(9)
+    scribble(disk, rng, [0, 2 * MiB])
+    (p1,), _ = backup(cli, repo_path, vcsim, vm)
+    r = Repository.open(str(repo_path))
+    overlay.create(r, "o1", r.resolve(str(p1["id"])))
+    ov = Overlay(r, "o1")
+    ov.write(0, b"\xab" * 4096)
+    ov.close()
+    res = cli("-r", repo_path, "backup", "overlay:o1", "--json")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["parent"] == p1["id"]
+    scribble(disk, rng, [3 * MiB])
+    (p3,), err = backup(cli, repo_path, vcsim, vm, "--cbt-audit", "0")
+    assert p3["parent"] == p1["id"] and p3["mode"] == "changed-extents", err
+    assert p3["cbt"]["query"] == "since" and p3["cbt"]["since_change_id"] == p1["change_id"]
+    assert p3["bytes_read"] == chunks_touched([3 * MiB])
+    point = Repository.open(str(repo_path)).resolve(str(p3["id"]))
+    assert point.vsphere is not None and point.vsphere["cbt"]["query"] == "since"
+    assert_restores(repo_path, p3["id"], disk, tmp_path)
+
+
+def test_a_vm_backup_whose_only_earlier_point_is_an_overlays(
+    cli: CliRunner, repo_path: Path, vcsim: Simulator, make_vm: VmFactory, tmp_path: Path
+) -> None:
+    """With no point read from vSphere left, the disk's latest point is the parent; it has no
+    change id, so the whole disk is read."""
+    vm = make_vm([2 * MiB])
+    disk = vm.disks[0]
+    scribble(disk, random.Random(10), [0])
+    (p1,), _ = backup(cli, repo_path, vcsim, vm)
+    r = Repository.open(str(repo_path))
+    overlay.create(r, "o1", r.resolve(str(p1["id"])))
+    res = cli("-r", repo_path, "backup", "overlay:o1", "--json")
+    assert res.code == 0, res.err
+    p2 = json.loads(res.out)["id"]
+    for args in (("overlays", "rm", "o1"), ("forget", p1["id"])):
+        assert cli("-r", repo_path, *args).code == 0
+    scribble(disk, random.Random(11), [MiB])
+    (p3,), err = backup(cli, repo_path, vcsim, vm)
+    assert f"{p2} (overlay:o1) has no change id" in err
+    assert p3["parent"] == p2 and p3["mode"] == "full-reread" and p3["cbt"]["query"] == "*"
+    assert_restores(repo_path, p3["id"], disk, tmp_path)
 
 
 def test_multi_disk_vm(
