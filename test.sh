@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The test command: installs what it needs, then lint, types and the test suite.
+# The test command: installs what it needs, then lint, types, import layering and the tests.
 # Extra arguments go to pytest (e.g. ./test.sh -k cli -x).
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -9,4 +9,5 @@ bin="$comb_venv/bin"
 "$bin/ruff" format --check .
 "$bin/ruff" check .
 "$bin/mypy" catalog stages pipeline drive bench tests
+"$bin/lint-imports" --no-cache  # the layering contracts in pyproject.toml (ARCHITECTURE.md)
 exec "$bin/pytest" "$@"

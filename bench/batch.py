@@ -1,6 +1,6 @@
 """``python -m bench batch``: work-item (batch) size and pack size of a full backup.
 
-DEFAULT_BATCH_BYTES (pipeline/backup.py) and DEFAULT_PACK_TARGET_BYTES (catalog/packs.py) cite
+DEFAULT_BATCH_BYTES (pipeline/backup.py) and DEFAULT_PACK_TARGET_BYTES (catalog/store/packs.py) cite
 this table. Each setting runs a full backup of the same mixed image on one engine, in
 interleaved rounds (best wall kept, CPU-s/GB is the load-robust figure); peak PSS shows what
 bigger batches cost in memory.

@@ -21,9 +21,9 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 
-from catalog.lives_cache import CACHE_ENV
+from catalog.analytics.lives.cache import CACHE_ENV
+from catalog.analytics.reports import REPORTS
 from catalog.repo import Repository
-from catalog.reports import REPORTS
 
 from .catalog_gen import GIB, Spec, generate, scaled
 from .image import parse_size
@@ -36,19 +36,19 @@ REPORT_ARGS = {"retention": ["--keep-last", "24", "--keep-daily", "7", "--keep-w
 _TIMED = """
 import sys, time
 t0 = time.perf_counter()
-from catalog.analytics import Catalog
-from catalog.lives_cache import CACHE_ENV
+from catalog.analytics.catalog import Catalog
+from catalog.analytics.lives.cache import CACHE_ENV
 from catalog.repo import Repository
 from pipeline.analytics_cmds import _options
 from pipeline.cli import build_parser
-from catalog.reports import run_report
+from catalog.analytics.reports import run_report
 args = build_parser().parse_args(sys.argv[1:])
 t1 = time.perf_counter()
 r = Repository.open(args.repo)
 cat = Catalog.open(r.storage, r.points())
 if args.command == "dashboard":
-    from catalog.dashboard import render_dashboard
-    from catalog.dashboard_data import dashboard_data
+    from catalog.analytics.dashboard.render import render_dashboard
+    from catalog.analytics.dashboard.data import dashboard_data
     html = render_dashboard(dashboard_data(cat, args.repo))
     open(args.output, "w").write(html)
 else:

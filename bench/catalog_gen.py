@@ -20,12 +20,12 @@ import blake3
 import numpy as np
 import pyarrow as pa
 
-from catalog.changes import ChangeTableWriter, chunk_keys
-from catalog.index import INDEX_SCHEMA, IndexSegmentWriter
-from catalog.manifest import LEAF_SCHEMA, LEAVES_PREFIX, ROOT_SCHEMA, ROOTS_PREFIX
-from catalog.parquet_io import ParquetStreamWriter
-from catalog.points import PointStats, RecoveryPoint, commit_point
 from catalog.repo import Repository
+from catalog.store.changes import ChangeTableWriter, chunk_keys
+from catalog.store.index import INDEX_SCHEMA, IndexSegmentWriter
+from catalog.store.manifest import LEAF_SCHEMA, LEAVES_PREFIX, ROOT_SCHEMA, ROOTS_PREFIX
+from catalog.store.parquet_io import ParquetStreamWriter
+from catalog.store.points import PointStats, RecoveryPoint, commit_point
 
 GIB = 1 << 30
 

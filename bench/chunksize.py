@@ -4,7 +4,7 @@ For each chunk size (16 to 256 KiB) on the same mixed image: full backup time an
 then the two change patterns (1,000 scattered 4 KiB writes; 5 % of 64 KiB blocks rewritten) as
 incrementals with their change lists: stored bytes, metadata bytes, time. Small chunks store less
 per scattered change but cost per-chunk work and index/manifest rows; large chunks the opposite.
-The figures chose DEFAULT_CHUNK_SIZE_BYTES (catalog/format.py); see bench/README.md.
+The figures chose DEFAULT_CHUNK_SIZE_BYTES (catalog/store/format.py); see bench/README.md.
 """
 
 from __future__ import annotations

@@ -20,12 +20,12 @@ import json
 import os
 import time
 
-from catalog.lookup import SegmentCache, segment_name
-from catalog.manifest import leaves_name
-from catalog.points import RecoveryPoint
+from catalog.read.lookup import SegmentCache, segment_name
 from catalog.repo import Repository
-from drive.export import export_image
-from drive.formats import FORMATS, builder
+from catalog.store.manifest import leaves_name
+from catalog.store.points import RecoveryPoint
+from drive.formats.export import export_image
+from drive.formats.registry import FORMATS, builder
 from drive.source import PointSource
 
 from .drive_serve import (

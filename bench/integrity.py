@@ -31,15 +31,15 @@ from typing import Any
 
 import zfec
 
-from catalog import gc
-from catalog.check import check_repository
-from catalog.heal import heal_pack
-from catalog.parity import ParityGeometry, ParityWriter
-from catalog.points import point_name
+from catalog.maint import gc
+from catalog.maint.check import check_repository
+from catalog.maint.heal import heal_pack
+from catalog.maint.retention import KeepPolicy, kept_by_policy
+from catalog.maint.scrub import scrub
 from catalog.repo import Repository
-from catalog.retention import KeepPolicy, kept_by_policy
-from catalog.scrub import scrub
-from catalog.storage import LocalStorage
+from catalog.store.parity import ParityGeometry, ParityWriter
+from catalog.store.points import point_name
+from catalog.store.storage import LocalStorage
 
 from .image import (
     GIB,

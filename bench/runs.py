@@ -13,10 +13,10 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from catalog.format import DEFAULT_CHUNK_SIZE_BYTES
-from catalog.index import DedupIndex
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
+from catalog.store.format import DEFAULT_CHUNK_SIZE_BYTES
+from catalog.store.index import DedupIndex
+from catalog.store.points import RecoveryPoint
 from pipeline.backup import BackupOptions, run_backup
 from pipeline.engines import make_engine
 from pipeline.restore import restore_point

@@ -1,5 +1,58 @@
 """The repository: every byte comb keeps on disk, and the only code that knows their layout.
 
-Owns config, packs, the chunk index, manifests, recovery-point documents, checks and the DuckDB
-views. Imports no other comb package and never imports Ray.
+Imports no other comb package and never imports Ray. Inside, five layers; each may import only
+from the layers above it in this list (``errors`` from anywhere). ``lint-imports`` checks this
+in ``./test.sh`` (contracts in pyproject.toml).
+
+``store/``  the on-disk repository, file kind by file kind (FORMAT.md is their spec)
+    storage     the storage interface: all repository I/O (today a local directory)
+    format      format constants and the config file
+    crypto      keys, key files, sealing of every object (FORMAT.md 21)
+    chunks      one stored chunk: encode, decode, the id check every read passes
+    packs       immutable files of chunks, their entry tables
+    parity      erasure-coded parity of one pack (FORMAT.md 20)
+    parquet_io  content-named Parquet files, written and read back checked
+    blocks      block lists: checking parts of a large metadata file (FORMAT.md 7.1)
+    index       the chunk index: id -> pack, offset, lengths
+    manifest    a point's disk: offset -> chunk id, as leaves and a root
+    changes     change tables: what each point changed relative to its parent
+    points      point documents: the one atomic commit, forgetting, finding points
+    locks       repository locks (FORMAT.md 13)
+``read/``   random reads of a point: where each chunk is
+    locator     chunk locations for the drive's reads, segment by segment
+    lookup      per-segment lookups by id, cached
+``repo.py`` the facade: open or create a repository, its config, keys, points, manifests
+``maint/``  integrity and lifecycle
+    check       ``verify``: structure, and every chunk's bytes with ``--read-data``
+    scrub       ``scrub``: every pack read, damage located and reported
+    heal        parity checks and healing a pack (``scrub --repair``)
+    repair      ``repair index``: the index rebuilt from the packs
+    gc          ``prune``: remove what no point needs, repack sparse packs
+    retention   keep policies (``--keep-*``)
+``analytics/`` DuckDB over the history (read-only; prints nothing)
+    views       the file views (points, manifests, chunks, packs)
+    catalog     the ``Catalog``: every view, the derived ones built on first use
+    history     points and change rows as columns, per source in lanes
+    lanes       a branched source cut into straight runs
+    walk        the row walks (figures of incomplete histories)
+    lives/      chunk lives: ``model``, ``build`` (from every row), ``cache`` (local file)
+    regions, reports, schema_doc    the named reports and what each column means
+    dashboard/  ``data`` (the tables), ``render`` (the page), ``svgchart``
+
+Garbage collection (``maint.gc``, FORMAT.md 13): mark what every live point needs without a
+lock, repack sparse packs, then under the exclusive lock mark again what backups committed
+meanwhile and remove the rest: superseded index segments before their packs, then packs,
+parity files, metadata files no point names, old temporary files. A crash at any step leaves a
+superset of what the points need.
+
+Locking (FORMAT.md 13, ``store.locks``): write the own lock file, then look at the others.
+
+    kind                                   mode       waits for / blocks
+    backup, forget                         shared     prune, repair
+    restore, verify, scrub, export         shared     prune, repair (once the repository
+                                                      has the ``locks`` feature)
+    serve, mount, boot                     shared     prune, repair (always: they run for days)
+    prune, repair, scrub --repair          exclusive  every other lock but ``key``
+    key add, key remove                    exclusive  other key changes only
+    an overlay (its own lock file)         exclusive  the overlay's other writers
 """

@@ -5,19 +5,19 @@ from __future__ import annotations
 import os
 import secrets
 
-from . import crypto
-from .errors import RepositoryError, UsageError, describe_os_error
-from .format import (
+from catalog.errors import RepositoryError, UsageError, describe_os_error
+from catalog.store import crypto
+from catalog.store.format import (
     CONFIG_NAME,
     DEFAULT_CHUNK_SIZE_BYTES,
     DEFAULT_ZSTD_LEVEL,
     RepoConfig,
     parse_config,
 )
-from .manifest import ManifestReader
-from .parity import ParityGeometry
-from .points import RecoveryPoint, load_points_tolerant, resolve
-from .storage import TMP_DIR, LocalStorage, Storage
+from catalog.store.manifest import ManifestReader
+from catalog.store.parity import ParityGeometry
+from catalog.store.points import RecoveryPoint, load_points_tolerant, resolve
+from catalog.store.storage import TMP_DIR, LocalStorage, Storage
 
 REPO_DIRS = (
     "packs",

@@ -39,17 +39,16 @@ from urllib.parse import unquote_to_bytes
 import pyfuse3
 import trio
 
+import drive.overlays.overlay as overlays
 from catalog.errors import UsageError
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
+from catalog.store.points import RecoveryPoint
+from drive.formats.image import VirtualImage
+from drive.formats.registry import builder
+from drive.overlays.reader import OverlayReader
+from drive.source import PointSource
 
-from . import overlay as overlays
-from .formats import builder
-from .image import VirtualImage
-from .overlay_reader import OverlayReader
-from .source import PointSource
-
-# file name in a point's directory -> export format (drive.formats.FORMATS)
+# file name in a point's directory -> export format (drive.formats.registry.FORMATS)
 FILES: dict[bytes, str] = {
     b"disk.img": "raw",
     b"disk.qcow2": "qcow2",

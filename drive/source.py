@@ -4,10 +4,10 @@ and the chunk index, every chunk checked against its BLAKE3 id as it is read.
 Opening a point reads only its root (a few bytes per MiB of disk with data). The rest is loaded
 by **span** (``SPAN_CHUNKS`` consecutive chunks, 64 MiB of disk at 64 KiB) when a read first
 touches it: the span's leaves, then the pack locations of their chunks, looked up in the index
-segments that hold them (``catalog.locator.Locator``; first the segment of the backup that wrote
-each leaves file, known from its point document). Loaded spans are kept up to
+segments that hold them (``catalog.read.locator.Locator``; first the segment of the backup that
+wrote each leaves file, known from its point document). Loaded spans are kept up to
 ``map_cache_bytes`` (about 61 bytes a data chunk), least recently used first out; segment
-lookup tables are shared by every point of the process (``catalog.lookup.SHARED_SEGMENTS``).
+lookup tables are shared by every point of the process (``catalog.read.lookup.SHARED_SEGMENTS``).
 So a first read costs one span, not the disk, apart from checking the metadata files it needs
 against their names (a leaves file and an index segment, read and hashed whole: bench drive, a
 16 GiB disk's first read takes ~20 ms more than a 1 GiB one's). ``extents()`` is worked out
@@ -27,13 +27,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from catalog.chunks import decode_chunk
 from catalog.errors import CorruptionError
-from catalog.locator import Locator
-from catalog.lookup import SHARED_SEGMENTS, SegmentCache, segment_name
-from catalog.packs import pack_name
-from catalog.points import RecoveryPoint, load_forgotten, load_points_tolerant
+from catalog.read.locator import Locator
+from catalog.read.lookup import SHARED_SEGMENTS, SegmentCache, segment_name
 from catalog.repo import Repository
+from catalog.store.chunks import decode_chunk
+from catalog.store.packs import pack_name
+from catalog.store.points import RecoveryPoint, load_forgotten, load_points_tolerant
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 
@@ -80,7 +80,7 @@ class _Map:
 
 
 class PointSource:
-    """``drive.image.BlockSource`` over one committed recovery point; safe to read from
+    """``drive.formats.image.BlockSource`` over one committed recovery point; safe to read from
     several threads at once."""
 
     def __init__(
@@ -94,7 +94,7 @@ class PointSource:
         block_lists: bool = True,
     ) -> None:
         """``block_lists``: check metadata files block by block where their points name block
-        lists (``catalog.blocks``); False checks them whole (the benchmark's baseline)."""
+        lists (``catalog.store.blocks``); False checks them whole (the benchmark's baseline)."""
         self.repo = repo
         self._use_block_lists = block_lists
         self.point = point
@@ -106,7 +106,7 @@ class PointSource:
         own = segment_name(point.index_segment) if point.index_segment else None
         self._hints: dict[str, str | None] = {point.leaves: own} if point.leaves else {}
         self._by_time: list[str] | None = None
-        # Block lists (catalog.blocks) named by the points that wrote leaves files/segments.
+        # Block lists (catalog.store.blocks) named by the points that wrote leaves files/segments.
         self._leaf_blocks: dict[str, str | None] = {}
         self._note_blocks(point)
         self._manifest.block_list_of = self._leaves_block_list

@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 
-from catalog.lives_cache import cache_dir
+from catalog.analytics.lives.cache import cache_dir
 
 PROBE_TIMEOUT_S = 3.0
 KVM_START_S = 0.5

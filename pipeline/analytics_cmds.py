@@ -11,13 +11,13 @@ from datetime import UTC, datetime
 
 import pyarrow as pa
 
-from catalog.analytics import Catalog
+from catalog.analytics.catalog import Catalog
+from catalog.analytics.reports import REPORTS, ReportOptions, run_report
+from catalog.analytics.schema_doc import VIEWS
+from catalog.analytics.views import stream_query
 from catalog.errors import UsageError
+from catalog.maint.retention import KeepPolicy
 from catalog.repo import Repository
-from catalog.reports import REPORTS, ReportOptions, run_report
-from catalog.retention import KeepPolicy
-from catalog.schema_doc import VIEWS
-from catalog.views import stream_query
 
 from .lifecycle import overlay_bases
 from .output import open_output, write_result
@@ -113,8 +113,8 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
 
 
 def cmd_dashboard(repo: str, args: argparse.Namespace) -> int:
-    from catalog.dashboard import render_dashboard
-    from catalog.dashboard_data import dashboard_data
+    from catalog.analytics.dashboard.data import dashboard_data
+    from catalog.analytics.dashboard.render import render_dashboard
 
     cat = _open(repo)
     page = render_dashboard(dashboard_data(cat, os.path.abspath(repo)))

@@ -12,9 +12,9 @@ from collections import OrderedDict
 import numpy as np
 import pyarrow as pa
 
-from catalog.changes import ChangeTableWriter, chunk_keys
-from catalog.index import ids_to_array
-from catalog.manifest import EMPTY_LEAF, Leaf, LeafRef, ManifestReader, ManifestWriter
+from catalog.store.changes import ChangeTableWriter, chunk_keys
+from catalog.store.index import ids_to_array
+from catalog.store.manifest import EMPTY_LEAF, Leaf, LeafRef, ManifestReader, ManifestWriter
 
 from .plan import Range
 

@@ -18,20 +18,20 @@ from typing import Any
 
 import pyarrow as pa
 
-from catalog.changes import ChangeTableWriter
 from catalog.errors import SourceError, UsageError
-from catalog.format import RepoConfig
-from catalog.index import IndexSegmentWriter, ids_to_array
-from catalog.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
-from catalog.packs import DEFAULT_PACK_TARGET_BYTES
-from catalog.points import PointStats, RecoveryPoint, backup_parent, commit_point
 from catalog.repo import Repository
-from catalog.storage import Storage
-from drive.overlay import Overlay
+from catalog.store.changes import ChangeTableWriter
+from catalog.store.format import RepoConfig
+from catalog.store.index import IndexSegmentWriter, ids_to_array
+from catalog.store.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
+from catalog.store.packs import DEFAULT_PACK_TARGET_BYTES
+from catalog.store.points import PointStats, RecoveryPoint, backup_parent, commit_point
+from catalog.store.storage import Storage
+from drive.overlays.overlay import Overlay
 from stages.backup import IndexClient, PackTarget, backup_stages
 from stages.base import Fused
 from stages.schemas import INDEX_PORT, MAIN_PORT
-from stages.source import ImageSource, Source, SourceHandle
+from stages.sources.image import ImageSource, Source, SourceHandle
 
 from .assemble import ManifestAssembler
 from .engines import Engine
@@ -251,7 +251,7 @@ def _drive(
         ports = engine.result(handle)
         written = _unshifted(ports[MAIN_PORT], disk.base)
         stored = written.filter(written.column("new"))
-        if stored.num_rows:  # where the chunks its rows will name were read (catalog.blocks)
+        if stored.num_rows:  # where the chunks its rows will name were read (catalog.store.blocks)
             index_seg.read_at(
                 ids_to_array(stored.column("chunk_id")), stored.column("offset").to_numpy()
             )

@@ -4,8 +4,8 @@ Owns the command's side only: the overlay's name (created over the point if miss
 otherwise), an in-process NBD server on a background thread serving that overlay, the QEMU
 command line (and, with ``--print``, the same command plus a libvirt domain for the user's own
 tools), QEMU's life cycle and exit code, the repository's shared ``boot`` lock for that life
-(FORMAT.md 13), and turning SIGINT and SIGTERM into a clean stop. The server is ``drive.nbd``;
-the overlay ``drive.overlay``.
+(FORMAT.md 13), and turning SIGINT and SIGTERM into a clean stop. The server is
+``drive.nbd.server``; the overlay ``drive.overlays.overlay``.
 
 The base point is loaded lazily: nothing of its manifest is read until QEMU's first read or
 block-status request, so starting the server and QEMU does not depend on the disk's size.
@@ -27,13 +27,13 @@ from xml.sax.saxutils import quoteattr
 
 import psutil
 
+import drive.overlays.overlay as overlay
 from catalog.errors import CombError, UsageError
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
-from drive import overlay
-from drive.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer
-from drive.nbd_exports import ServedPoint, SourceCache
-from drive.nbd_overlay import ServedOverlay
+from catalog.store.points import RecoveryPoint
+from drive.nbd.exports import ServedPoint, SourceCache
+from drive.nbd.overlay import ServedOverlay
+from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
 
 from .accel import KVM_ARGS, TCG_ARGS, Accel, choose
 from .lifecycle import reader_lock

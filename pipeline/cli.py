@@ -9,7 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from catalog.errors import CombError, UsageError
-from drive.formats import FORMATS
+from drive.formats.registry import FORMATS
 
 EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
@@ -265,7 +265,7 @@ def dispatch(args: argparse.Namespace) -> int:
     repo = _need_repo(args)
     if args.command == "key" and args.action is None:
         args.action, args.json = "list", False
-    from catalog import crypto
+    from catalog.store import crypto
 
     crypto.set_password_files(args.password_file, getattr(args, "new_password_file", None))
     # Imported here, inside main's error handling: pyarrow/duckdb take a moment to import,
@@ -304,7 +304,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         code = EXIT_INTERNAL
     finally:
-        from catalog import crypto
+        from catalog.store import crypto
 
         crypto.set_password_files(None, None)
     sys.stdout.flush()

@@ -10,13 +10,13 @@ import time
 from dataclasses import asdict
 from typing import Any
 
-from catalog.check import check_repository, summary
+import drive.overlays.overlay as overlay
 from catalog.errors import CorruptionError, UsageError
-from catalog.format import DEFAULT_CHUNK_SIZE_BYTES
-from catalog.parity import ParityGeometry
-from catalog.points import RecoveryPoint
+from catalog.maint.check import check_repository, summary
 from catalog.repo import Repository
-from drive import overlay
+from catalog.store.format import DEFAULT_CHUNK_SIZE_BYTES
+from catalog.store.parity import ParityGeometry
+from catalog.store.points import RecoveryPoint
 
 from .analytics_cmds import cmd_catalog_schema, cmd_dashboard, cmd_query, cmd_report
 from .backup import BackupOptions, run_backup

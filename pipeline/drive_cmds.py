@@ -7,10 +7,10 @@ import json
 import sys
 import time
 
-from catalog.points import resolve
 from catalog.repo import Repository
-from drive.export import export_image
-from drive.formats import builder
+from catalog.store.points import resolve
+from drive.formats.export import export_image
+from drive.formats.registry import builder
 from drive.source import PointSource
 
 from .lifecycle import reader_lock

@@ -19,10 +19,10 @@ import numpy as np
 import psutil
 import pyarrow as pa
 
-from catalog.crypto import RepoKeys
 from catalog.errors import CombError, StageError
-from catalog.index import DedupIndex
-from catalog.storage import LocalStorage
+from catalog.store.crypto import RepoKeys
+from catalog.store.index import DedupIndex
+from catalog.store.storage import LocalStorage
 from stages.backup import IndexClient
 from stages.base import Fused, Ports, Stage
 

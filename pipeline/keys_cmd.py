@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 
-from catalog import crypto
 from catalog.errors import RepositoryError, UsageError
-from catalog.locks import locked
 from catalog.repo import Repository
+from catalog.store import crypto
+from catalog.store.locks import locked
 
 
 def _open_encrypted(repo: str) -> Repository:

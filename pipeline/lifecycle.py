@@ -9,16 +9,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, replace
 
+import drive.overlays.overlay as overlay
 from catalog.errors import CorruptionError, RepositoryError, UsageError
-from catalog.format import CONFIG_NAME
-from catalog.gc import prune
-from catalog.locks import Lock, LockInfo, acquire, read_locks, remove_stale
-from catalog.points import RecoveryPoint, retire_point
-from catalog.repair import repair_index
+from catalog.maint.gc import prune
+from catalog.maint.repair import repair_index
+from catalog.maint.retention import KeepPolicy, forget_mask
+from catalog.maint.scrub import ScrubReport, scrub
 from catalog.repo import Repository
-from catalog.retention import KeepPolicy, forget_mask
-from catalog.scrub import ScrubReport, scrub
-from drive import overlay
+from catalog.store.format import CONFIG_NAME
+from catalog.store.locks import Lock, LockInfo, acquire, read_locks, remove_stale
+from catalog.store.points import RecoveryPoint, retire_point
 
 from .output import human_bytes
 from .progress import progress_bar

@@ -2,8 +2,8 @@
 the overlay's write records on top.
 
 ``OverlaySource`` is plain picklable configuration (repository path and overlay name), usable
-wherever ``stages.source.ImageSource`` is: each worker's ``open()`` replays the overlay's logs
-read-only (no lock: the driver holds the overlay's lock for the whole backup, see
+wherever ``stages.sources.image.ImageSource`` is: each worker's ``open()`` replays the overlay's
+logs read-only (no lock: the driver holds the overlay's lock for the whole backup, see
 ``pipeline.backup``) and reads the base point through ``drive.source.PointSource``.
 """
 
@@ -11,9 +11,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from catalog.crypto import RepoKeys
 from catalog.repo import Repository
-from drive.overlay_reader import OverlayReader
+from catalog.store.crypto import RepoKeys
+from drive.overlays.reader import OverlayReader
 
 PREFIX = "overlay:"
 

@@ -1,4 +1,4 @@
-"""``comb overlays``: list, create and remove writable overlays (``drive.overlay``).
+"""``comb overlays``: list, create and remove writable overlays (``drive.overlays.overlay``).
 
 Owns the command's side only: resolving the base point, the table, the JSON. Never opens an
 overlay for writing (``serve`` does).
@@ -11,11 +11,11 @@ import json
 import sys
 from dataclasses import asdict
 
+import drive.overlays.overlay as overlay
 from catalog.errors import PointNotFound, UsageError
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
-from drive import overlay
-from drive.nbd_exports import find_point
+from catalog.store.points import RecoveryPoint
+from drive.nbd.exports import find_point
 
 from .output import human_bytes
 

@@ -16,10 +16,10 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.errors import OutputError
-from catalog.index import id_keys, ids_to_array, load_locations
-from catalog.manifest import ManifestReader
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
+from catalog.store.index import id_keys, ids_to_array, load_locations
+from catalog.store.manifest import ManifestReader
+from catalog.store.points import RecoveryPoint
 from stages.restore import RestoreTarget, execute_read, leaves_to_table, plan_reads
 
 # Leaves per planning window: 256 x 1 MiB of disk; bounds memory and keeps reads sequential.

@@ -4,7 +4,7 @@ writable ones.
 Owns the command's side only: parsing ``--listen`` and ``--overlay``, creating missing overlays,
 opening (and locking) the overlays for the server's lifetime, the repository's shared ``serve``
 lock for the same time (FORMAT.md 13), the start-up line, and turning SIGINT and SIGTERM into a
-graceful stop. The server itself is ``drive.nbd``.
+graceful stop. The server itself is ``drive.nbd.server``.
 """
 
 from __future__ import annotations
@@ -14,13 +14,13 @@ import signal
 import sys
 from types import FrameType
 
+import drive.overlays.overlay as overlay
 from catalog.errors import CombError, UsageError
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
-from drive import overlay
-from drive.nbd import DEFAULT_HOST, DEFAULT_PORT, NbdServer
-from drive.nbd_exports import ServedPoint
-from drive.nbd_overlay import ServedOverlay
+from catalog.store.points import RecoveryPoint
+from drive.nbd.exports import ServedPoint
+from drive.nbd.overlay import ServedOverlay
+from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
 from drive.source import PointSource
 
 from .lifecycle import reader_lock

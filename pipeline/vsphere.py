@@ -28,7 +28,7 @@ from urllib.parse import quote, unquote, urlsplit
 import psutil
 
 from catalog.errors import SourceError, UsageError
-from stages.datastore_source import DatastoreDisk, tls_context
+from stages.sources.datastore import DatastoreDisk, tls_context
 
 PREFIX = "vsphere://"
 PASSWORD_ENV = "COMB_VSPHERE_PASSWORD"

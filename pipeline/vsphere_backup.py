@@ -22,11 +22,11 @@ from typing import Any
 
 import numpy as np
 
-from catalog.changes import ChangeTableWriter
 from catalog.errors import SourceError, UsageError
-from catalog.points import RecoveryPoint, last_vsphere_read, latest_for
 from catalog.repo import Repository
-from catalog.storage import Storage
+from catalog.store.changes import ChangeTableWriter
+from catalog.store.points import RecoveryPoint, last_vsphere_read, latest_for
+from catalog.store.storage import Storage
 
 from .backup import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
 from .engines import Engine

@@ -13,15 +13,14 @@ import blake3
 import numpy as np
 import pyarrow as pa
 
-from catalog.chunks import encode_chunk
-from catalog.crypto import RepoKeys
-from catalog.index import ids_to_array, sealed_to_table
-from catalog.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
-from catalog.parity import ParityGeometry
-from catalog.storage import LocalStorage
-
-from .base import Ports, Stage
-from .schemas import (
+from catalog.store.chunks import encode_chunk
+from catalog.store.crypto import RepoKeys
+from catalog.store.index import ids_to_array, sealed_to_table
+from catalog.store.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
+from catalog.store.parity import ParityGeometry
+from catalog.store.storage import LocalStorage
+from stages.base import Ports, Stage
+from stages.schemas import (
     CHUNKS,
     COMPRESSED,
     DEDUPED,
@@ -32,7 +31,7 @@ from .schemas import (
     RAW,
     WRITTEN,
 )
-from .source import Source, SourceHandle
+from stages.sources.image import Source, SourceHandle
 
 ZERO_ID = bytes(32)
 

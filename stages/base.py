@@ -14,8 +14,7 @@ from typing import ClassVar
 import pyarrow as pa
 
 from catalog.errors import CombError, StageError, describe_os_error
-
-from .schemas import MAIN_PORT
+from stages.schemas import MAIN_PORT
 
 Ports = dict[str, pa.Table]
 

@@ -1,7 +1,7 @@
 """The restore-side stages: locate chunks, read packs in large ranges, decode and check, write.
 
-Every chunk read is decompressed and checked against its BLAKE3 id (catalog.chunks); damage is a
-CorruptionError naming the pack path and offset.
+Every chunk read is decompressed and checked against its BLAKE3 id (catalog.store.chunks); damage
+is a CorruptionError naming the pack path and offset.
 """
 
 from __future__ import annotations
@@ -11,14 +11,13 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 
-from catalog.chunks import decode_chunk
 from catalog.errors import CorruptionError, RepositoryError
-from catalog.index import ids_to_array
-from catalog.manifest import Leaf
-from catalog.packs import pack_name
-from catalog.storage import Storage
-
-from .target import RestoreTarget, thread_buffer
+from catalog.store.chunks import decode_chunk
+from catalog.store.index import ids_to_array
+from catalog.store.manifest import Leaf
+from catalog.store.packs import pack_name
+from catalog.store.storage import Storage
+from stages.target import RestoreTarget, thread_buffer
 
 # Two chunks of one pack closer than this are read in one request (cheaper than two seeks).
 COALESCE_GAP_BYTES = 1024 * 1024

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import pyarrow as pa
 
-from catalog.index import INDEX_SCHEMA
+from catalog.store.index import INDEX_SCHEMA
 
 # Work item: chunk-aligned ranges of the source to read (driver -> reader).
 EXTENTS = pa.schema([("offset", pa.int64()), ("length", pa.int64())])

@@ -7,9 +7,9 @@ from pathlib import Path
 
 from combtest import Image, MiB, api_backup
 
-from catalog.index import load_index
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
+from catalog.store.index import load_index
+from catalog.store.points import RecoveryPoint
 
 C = 64 * 1024
 

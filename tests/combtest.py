@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
+from catalog.store.points import RecoveryPoint
 from pipeline.backup import BackupOptions, run_backup
 from pipeline.engines import LocalEngine
 from pipeline.restore import restore_point
@@ -153,7 +153,7 @@ def run_python(
 
 
 def repo_files(repo: Path, prefix: str, block_lists: bool = False) -> list[Path]:
-    """The files under ``prefix``; block lists (catalog.blocks) only with ``block_lists``."""
+    """The files under ``prefix``; block lists (catalog.store.blocks) only with ``block_lists``."""
     return sorted(
         p
         for p in (repo / prefix).rglob("*")

@@ -12,12 +12,12 @@ from pathlib import Path
 
 from combtest import need_tool
 
-from drive.export import export_image
-from drive.image import VirtualImage
+from drive.formats.export import export_image
+from drive.formats.image import VirtualImage
 
 
 class FileSource:
-    """A raw image file as a ``drive.image.BlockSource``: its extents are the file's data
+    """A raw image file as a ``drive.formats.image.BlockSource``: its extents are the file's data
     regions (SEEK_DATA / SEEK_HOLE), widened to ``granularity``."""
 
     def __init__(self, path: str, granularity: int = 65536) -> None:

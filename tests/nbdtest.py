@@ -13,7 +13,7 @@ import pytest
 from combtest import Image, MiB, api_backup
 
 from catalog.repo import Repository
-from drive.nbd import NbdServer
+from drive.nbd.server import NbdServer
 
 CHUNK = 64 * 1024
 SIZE = 6 * MiB + 1536  # the last chunk is partial (and 512-aligned: qemu rounds sizes up to 512)

@@ -15,7 +15,7 @@ from typing import Any
 import blake3
 import zstandard
 
-from catalog import packs, parity, points
+from catalog.store import packs, parity, points
 
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = ROOT / "FORMAT.md"

@@ -11,15 +11,15 @@ import numpy as np
 from catalogtest import gc_frees, gc_truth
 from combtest import Image, MiB
 
-from catalog.analytics import Catalog
-from catalog.history import History
-from catalog.points import RecoveryPoint, retire_point
+from catalog.analytics.catalog import Catalog
+from catalog.analytics.history import History
+from catalog.analytics.reports import ReportOptions, run_report
 from catalog.repo import Repository
-from catalog.reports import ReportOptions, run_report
+from catalog.store.points import RecoveryPoint, retire_point
 from pipeline.backup import BackupOptions, plan_backup, run_jobs
 from pipeline.backup import DiskJob as Job
 from pipeline.engines import LocalEngine
-from stages.source import ImageSource
+from stages.sources.image import ImageSource
 
 C = 64 * 1024
 

@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from combtest import ImageFactory, KiB, api_backup, flip_byte, repo_files
 
-from catalog.check import check_repository, summary
-from catalog.index import load_index
-from catalog.packs import pack_name
+from catalog.maint.check import check_repository, summary
 from catalog.repo import Repository
+from catalog.store.index import load_index
+from catalog.store.packs import pack_name
 
 
 @pytest.fixture

@@ -8,9 +8,9 @@ from concurrent.futures import ThreadPoolExecutor
 import blake3
 import pytest
 
-from catalog.chunks import chunk_id, decode_chunk, encode_chunk
 from catalog.errors import CorruptionError
-from catalog.format import CODEC_RAW, CODEC_ZSTD
+from catalog.store.chunks import chunk_id, decode_chunk, encode_chunk
+from catalog.store.format import CODEC_RAW, CODEC_ZSTD
 
 RANDOM = random.Random(7).randbytes(65536)
 TEXT = (b"the quick brown fox jumps over the lazy dog " * 2000)[:65536]

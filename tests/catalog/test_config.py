@@ -8,14 +8,14 @@ from pathlib import Path
 import pytest
 
 from catalog.errors import RepositoryError, UsageError
-from catalog.format import (
+from catalog.repo import REPO_DIRS, Repository
+from catalog.store.format import (
     CONFIG_NAME,
     DEFAULT_CHUNK_SIZE_BYTES,
     REPO_FORMAT_VERSION,
     RepoConfig,
     parse_config,
 )
-from catalog.repo import REPO_DIRS, Repository
 
 
 def test_config_round_trip() -> None:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from combtest import need_tool
 
-from catalog.dashboard import (
+from catalog.analytics.dashboard.render import (
     FIT_COLOUR,
     HEAT_COLOURS,
     SOURCE_COLOURS,

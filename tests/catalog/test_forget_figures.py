@@ -10,11 +10,11 @@ from pathlib import Path
 from catalogtest import gc_truth
 from combtest import CliRunner, Image, MiB, api_backup
 
-from catalog.analytics import Catalog
-from catalog.dashboard import format_bytes
-from catalog.dashboard_data import dashboard_data
+import drive.overlays.overlay as overlay
+from catalog.analytics.catalog import Catalog
+from catalog.analytics.dashboard.data import dashboard_data
+from catalog.analytics.dashboard.render import format_bytes
 from catalog.repo import Repository
-from drive import overlay
 
 C = 64 * 1024
 

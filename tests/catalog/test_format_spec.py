@@ -20,7 +20,7 @@ from spectables import (
     spec_table,
 )
 
-from catalog import index
+from catalog.store import index
 
 
 def test_every_marker_has_a_table() -> None:
@@ -51,17 +51,17 @@ def test_constants_match_code() -> None:
 @pytest.mark.parametrize(
     "module",
     [
-        "catalog.format",
-        "catalog.packs",
-        "catalog.parity",
-        "catalog.points",
-        "catalog.index",
-        "catalog.manifest",
-        "catalog.parquet_io",
-        "catalog.storage",
+        "catalog.store.format",
+        "catalog.store.packs",
+        "catalog.store.parity",
+        "catalog.store.points",
+        "catalog.store.index",
+        "catalog.store.manifest",
+        "catalog.store.parquet_io",
+        "catalog.store.storage",
         "catalog.repo",
-        "catalog.crypto",
-        "catalog.blocks",
+        "catalog.store.crypto",
+        "catalog.store.blocks",
     ],
 )
 def test_every_format_constant_is_in_the_spec(module: str) -> None:

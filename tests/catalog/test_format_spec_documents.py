@@ -19,13 +19,13 @@ from spectables import (
     spec_table,
 )
 
-from catalog import format as fmt
-from catalog import points
 from catalog.errors import CorruptionError, RepositoryError
-from catalog.format import Features, RepoConfig, parse_config
-from catalog.parity import ParityGeometry
-from catalog.points import PointStats, RecoveryPoint
-from catalog.storage import LocalStorage
+from catalog.store import format as fmt
+from catalog.store import points
+from catalog.store.format import Features, RepoConfig, parse_config
+from catalog.store.parity import ParityGeometry
+from catalog.store.points import PointStats, RecoveryPoint
+from catalog.store.storage import LocalStorage
 
 # ---------------------------------------------------------------------------------------------
 # JSON documents

@@ -16,10 +16,10 @@ from spectables import (
     spec_table,
 )
 
-from catalog import format as fmt
-from catalog import packs
 from catalog.errors import CorruptionError
 from catalog.repo import Repository
+from catalog.store import format as fmt
+from catalog.store import packs
 
 
 @pytest.mark.parametrize("name", sorted(STRUCTS))
@@ -46,7 +46,7 @@ def test_pack_layout_table() -> None:
 def test_pack_written_by_code_reads_by_spec(tmp_path: Path) -> None:
     repo = Repository.init(str(tmp_path / "repo"), encryption="none")
     plain = [b"a" * 65536, bytes(range(256)) * 16, b"short tail \x00\x01"]
-    from catalog.chunks import chunk_id, encode_chunk
+    from catalog.store.chunks import chunk_id, encode_chunk
 
     encoded = [encode_chunk(p, fmt.DEFAULT_ZSTD_LEVEL) for p in plain]
     writer = packs.PackWriter(repo.storage)

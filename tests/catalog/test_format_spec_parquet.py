@@ -25,8 +25,8 @@ from spectables import (
     spec_table,
 )
 
-from catalog import changes, index, manifest, points
-from catalog.storage import LocalStorage
+from catalog.store import changes, index, manifest, points
+from catalog.store.storage import LocalStorage
 
 # ---------------------------------------------------------------------------------------------
 # Parquet schemas

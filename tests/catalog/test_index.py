@@ -9,7 +9,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from catalog.index import (
+from catalog.store.index import (
     DEDUP_KEY_BYTES,
     INDEX_SCHEMA,
     DedupIndex,
@@ -20,8 +20,8 @@ from catalog.index import (
     sealed_to_table,
     segment_names,
 )
-from catalog.packs import SealedPack, pack_name
-from catalog.storage import TMP_DIR, LocalStorage
+from catalog.store.packs import SealedPack, pack_name
+from catalog.store.storage import TMP_DIR, LocalStorage
 
 
 @pytest.fixture

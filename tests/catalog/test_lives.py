@@ -1,6 +1,6 @@
-"""Chunk lives (``catalog.lives``) and their local cache: the same unique and freed bytes as
-walking every change row, whether built afresh, loaded, extended by new points or rebuilt after
-damage; histories a cache cannot cover (incomplete sources) take the walk."""
+"""Chunk lives (``catalog.analytics.lives.model``) and their local cache: the same unique and freed
+bytes as walking every change row, whether built afresh, loaded, extended by new points or rebuilt
+after damage; histories a cache cannot cover (incomplete sources) take the walk."""
 
 from __future__ import annotations
 
@@ -17,10 +17,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.catalog_gen import Spec, generate
-from catalog import lives, lives_build, lives_cache
-from catalog.history import History
-from catalog.points import commit_point, load_forgotten, point_name, retire_point
+from catalog.analytics.history import History
+from catalog.analytics.lives import build as lives_build
+from catalog.analytics.lives import cache as lives_cache
+from catalog.analytics.lives import model as lives
 from catalog.repo import Repository
+from catalog.store.points import commit_point, load_forgotten, point_name, retire_point
 
 C = 64 * 1024
 MASKS = 6

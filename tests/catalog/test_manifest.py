@@ -9,9 +9,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from catalog.blocks import block_list_name
 from catalog.errors import CorruptionError
-from catalog.manifest import (
+from catalog.store.blocks import block_list_name
+from catalog.store.manifest import (
     EMPTY_LEAF,
     LEAF_ROW_GROUP_ROWS,
     ROOT_SCHEMA,
@@ -22,8 +22,8 @@ from catalog.manifest import (
     leaves_name,
     roots_name,
 )
-from catalog.parquet_io import ParquetStreamWriter, open_parquet
-from catalog.storage import TMP_DIR, LocalStorage
+from catalog.store.parquet_io import ParquetStreamWriter, open_parquet
+from catalog.store.storage import TMP_DIR, LocalStorage
 
 
 @pytest.fixture

@@ -9,9 +9,9 @@ from pathlib import Path
 import blake3
 import pytest
 
-from catalog.chunks import chunk_id, encode_chunk
 from catalog.errors import CorruptionError
-from catalog.packs import (
+from catalog.store.chunks import chunk_id, encode_chunk
+from catalog.store.packs import (
     PACK_ENTRY,
     PACK_ENTRY_BYTES,
     PACK_HEADER_BYTES,
@@ -22,7 +22,7 @@ from catalog.packs import (
     pack_name,
     parse_pack,
 )
-from catalog.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR, LocalStorage
 
 
 @pytest.fixture

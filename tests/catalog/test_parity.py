@@ -12,9 +12,9 @@ import blake3
 import pytest
 from spectables import spec_table
 
-from catalog import parity
 from catalog.errors import CorruptionError, UsageError
-from catalog.parity import (
+from catalog.store import parity
+from catalog.store.parity import (
     ParityGeometry,
     ParityWriter,
     parity_name,
@@ -22,7 +22,7 @@ from catalog.parity import (
     rebuild,
     write_parity,
 )
-from catalog.storage import LocalStorage
+from catalog.store.storage import LocalStorage
 
 G = ParityGeometry(4, 2, 1024)  # 4 KiB stripes
 

@@ -12,7 +12,7 @@ import blake3
 import pytest
 
 from catalog.errors import CorruptionError, PointNotFound
-from catalog.points import (
+from catalog.store.points import (
     POINT_ID_HEX,
     PointStats,
     RecoveryPoint,
@@ -27,7 +27,7 @@ from catalog.points import (
     point_name,
     resolve,
 )
-from catalog.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR, LocalStorage
 
 
 @pytest.fixture

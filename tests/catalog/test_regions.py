@@ -1,5 +1,5 @@
-"""hot-regions on an encrypted catalog (numpy over decrypted columns, catalog.regions) gives the
-same table as DuckDB's SQL over the same history in a plain catalog."""
+"""hot-regions on an encrypted catalog (numpy over decrypted columns, catalog.analytics.regions)
+gives the same table as DuckDB's SQL over the same history in a plain catalog."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ import pytest
 from catalogtest import make_history
 from combtest import Image, MiB, api_backup
 
-from catalog import regions
-from catalog.analytics import Catalog
+from catalog.analytics import regions
+from catalog.analytics.catalog import Catalog
+from catalog.analytics.reports import ReportOptions, run_report
 from catalog.repo import Repository
-from catalog.reports import ReportOptions, run_report
 
 C = 64 * 1024
 

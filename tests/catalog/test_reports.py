@@ -15,11 +15,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from bench.catalog_gen import Spec, generate
-from catalog.analytics import Catalog
-from catalog.points import PointStats, RecoveryPoint, commit_point, retire_point
+from catalog.analytics.catalog import Catalog
+from catalog.analytics.reports import ReportOptions, run_report
+from catalog.maint.retention import KeepPolicy, forget_mask
 from catalog.repo import Repository
-from catalog.reports import ReportOptions, run_report
-from catalog.retention import KeepPolicy, forget_mask
+from catalog.store.points import PointStats, RecoveryPoint, commit_point, retire_point
 
 C = 64 * 1024
 
@@ -247,7 +247,7 @@ def test_unique_and_retention_across_sources_sharing_chunks(tmp_path: Path) -> N
 def test_a_source_without_rows_and_a_clock_that_stepped_back(tmp_path: Path) -> None:
     """Regressions: a last source with no change rows (an all-zero disk) must not shift the
     sums of the others; points of a source are ordered by their parent chain, not by time."""
-    from catalog.points import point_name
+    from catalog.store.points import point_name
 
     repo = Repository.init(str(tmp_path / "repo"), C, 3)
     a = Image(tmp_path / "a.img", 2 * MiB)

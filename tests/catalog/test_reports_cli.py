@@ -13,12 +13,12 @@ import pytest
 from catalogtest import gc_frees, gc_truth
 from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error, flip_byte
 
-from catalog.analytics import Catalog
-from catalog.changes import changes_name
-from catalog.manifest import roots_name
-from catalog.points import load_forgotten
+from catalog.analytics.catalog import Catalog
+from catalog.analytics.reports import ReportOptions, run_report
 from catalog.repo import Repository
-from catalog.reports import ReportOptions, run_report
+from catalog.store.changes import changes_name
+from catalog.store.manifest import roots_name
+from catalog.store.points import load_forgotten
 
 C = 64 * 1024
 
@@ -79,7 +79,7 @@ def test_query_cli_formats_and_read_only(cli: CliRunner, history, tmp_path: Path
 
 
 def test_catalog_schema_documents_every_column(cli: CliRunner, tmp_path: Path) -> None:
-    from catalog.schema_doc import VIEWS
+    from catalog.analytics.schema_doc import VIEWS
 
     repo = Repository.init(str(tmp_path / "r"), C, 3)
     cat = Catalog.open(repo.storage, [])
@@ -94,8 +94,8 @@ def test_catalog_schema_documents_every_column(cli: CliRunner, tmp_path: Path) -
 def test_an_uncommitted_backup_is_invisible(history) -> None:  # type: ignore[no-untyped-def]
     """What a backup writes before its commit (here: a change table, leaves and a root whose
     point document never appears) changes no view and no report."""
-    from catalog.changes import ChangeTableWriter
-    from catalog.manifest import Leaf, ManifestWriter
+    from catalog.store.changes import ChangeTableWriter
+    from catalog.store.manifest import Leaf, ManifestWriter
 
     repo, _, _ = history
 

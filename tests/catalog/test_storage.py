@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from catalog.errors import RepositoryError
-from catalog.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR, LocalStorage
 
 
 @pytest.fixture

@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 from combtest import Image, ImageFactory, KiB, api_backup
 
+from catalog.analytics.views import connect, run_query
 from catalog.errors import QueryError
-from catalog.index import load_index
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
-from catalog.views import connect, run_query
+from catalog.store.index import load_index
+from catalog.store.points import RecoveryPoint
 
 SIZE = 3 * 1024 * KiB + 1000  # not a multiple of the chunk size
 

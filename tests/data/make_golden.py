@@ -142,8 +142,8 @@ def comb(*argv: str) -> None:
 
 
 def query(repo: str, sql: str) -> list[dict[str, Any]]:
+    from catalog.analytics.views import connect, run_query
     from catalog.repo import Repository
-    from catalog.views import connect, run_query
 
     r = Repository.open(repo)
     return run_query(connect(r.storage, r.points()), sql).to_pylist()  # type: ignore[no-any-return]

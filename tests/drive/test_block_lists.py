@@ -1,4 +1,4 @@
-"""Block lists (catalog.blocks, FORMAT.md 7.1): a served point's first read checks only the
+"""Block lists (catalog.store.blocks, FORMAT.md 7.1): a served point's first read checks only the
 blocks of its leaves file and index segment it reads, not the whole files, for a full backup
 and for an incremental whose chunks sit in the full backup's segment; a damaged block is
 reported by the read that needs it; a damaged or missing block list only costs a whole-file
@@ -20,13 +20,14 @@ from typing import Any
 import pytest
 from combtest import CliRunner, Image, MiB, api_backup, flip_byte
 
-from catalog import blocks, lookup, manifest, parquet_io
-from catalog.blocks import VerifiedFile, block_list_name
 from catalog.errors import CorruptionError
-from catalog.lookup import SegmentCache, segment_name
-from catalog.manifest import leaves_name
-from catalog.points import RecoveryPoint
+from catalog.read import lookup
+from catalog.read.lookup import SegmentCache, segment_name
 from catalog.repo import Repository
+from catalog.store import blocks, manifest, parquet_io
+from catalog.store.blocks import VerifiedFile, block_list_name
+from catalog.store.manifest import leaves_name
+from catalog.store.points import RecoveryPoint
 from drive.source import PointSource
 
 C = 4096  # chunk size: many rows on a small disk

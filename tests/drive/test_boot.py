@@ -16,11 +16,11 @@ from pathlib import Path
 import pytest
 from combtest import CliResult, Image, MiB, api_backup, assert_one_line_error, need_tool
 
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
-from drive.nbd_exports import ServedPoint
-from drive.nbd_overlay import ServedOverlay
-from drive.overlay import Overlay
+from catalog.store.points import RecoveryPoint
+from drive.nbd.exports import ServedPoint
+from drive.nbd.overlay import ServedOverlay
+from drive.overlays.overlay import Overlay
 from drive.source import PointSource
 
 ROOT = Path(__file__).resolve().parents[2]

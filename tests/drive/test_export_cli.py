@@ -10,7 +10,7 @@ import pytest
 from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error
 from drivetest import qemu_compare
 
-from drive.formats import FORMATS, QEMU_NAMES
+from drive.formats.registry import FORMATS, QEMU_NAMES
 
 
 @pytest.fixture(scope="module")

@@ -131,7 +131,7 @@ def _point_dir(m: Mount, source: str) -> Path:
 
 
 def test_listing_and_sizes(mounted: Mount, backed_up: tuple[str, Path, Path]) -> None:
-    from drive.formats import builder
+    from drive.formats.registry import builder
     from drive.fuse import escape_name
     from drive.source import PointSource
 
@@ -308,8 +308,8 @@ def test_open_points_are_bounded(backed_up: tuple[str, Path, Path]) -> None:
 def test_overlays_are_mounted_too(tmp_path: Path) -> None:
     """``%overlays/NAME/disk.*``: the base point with the overlay's writes on top, in every
     format; a later write shows in a file opened after it."""
-    from drive import overlay
-    from drive.overlay import Overlay
+    import drive.overlays.overlay as overlay
+    from drive.overlays.overlay import Overlay
 
     img = Image(tmp_path / "base.img", 2 * MiB + 512)
     img.random(0, MiB, seed=7)

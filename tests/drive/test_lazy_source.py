@@ -16,18 +16,18 @@ from combtest import Image, MiB, api_backup, flip_byte
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import catalog.lookup as lookup
-from catalog.blocks import block_list_name
-from catalog.crypto import RepoKeys
+import catalog.read.lookup as lookup
 from catalog.errors import CorruptionError
-from catalog.index import load_locations
-from catalog.lookup import SegmentCache, segment_name
-from catalog.manifest import _LeafFile, leaves_name, roots_name
-from catalog.packs import pack_name
-from catalog.parquet_io import decryption, read_parquet
-from catalog.points import RecoveryPoint
+from catalog.read.lookup import SegmentCache, segment_name
 from catalog.repo import Repository
-from catalog.storage import LocalStorage
+from catalog.store.blocks import block_list_name
+from catalog.store.crypto import RepoKeys
+from catalog.store.index import load_locations
+from catalog.store.manifest import _LeafFile, leaves_name, roots_name
+from catalog.store.packs import pack_name
+from catalog.store.parquet_io import decryption, read_parquet
+from catalog.store.points import RecoveryPoint
+from catalog.store.storage import LocalStorage
 from drive.source import PointSource
 
 CHUNK = 64 * 1024

@@ -180,7 +180,7 @@ def test_serve_command_stops_on_sigterm(served: Served) -> None:
 
 def test_the_chunk_cache_is_configurable(served: Served) -> None:
     """``serve --cache-mib``: each served point's decoded-chunk cache holds at most that much."""
-    from drive.nbd_exports import SourceCache
+    from drive.nbd.exports import SourceCache
 
     repo = served.server.repo
     point = repo.points()[0]

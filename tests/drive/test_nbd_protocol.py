@@ -47,7 +47,7 @@ from nbdtest import (
 )
 
 from catalog.repo import Repository
-from drive.nbd import NbdServer
+from drive.nbd.server import NbdServer
 
 
 @pytest.fixture(scope="module")

@@ -15,10 +15,11 @@ from pathlib import Path
 import pytest
 from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error, need_tool
 
+import drive.overlays.log as overlay_log
+import drive.overlays.overlay as overlay
 from catalog.errors import CorruptionError, UsageError
 from catalog.repo import Repository
-from drive import overlay, overlay_log
-from drive.overlay import Overlay, OverlayBusy
+from drive.overlays.overlay import Overlay, OverlayBusy
 
 CHUNK = 64 * 1024
 SIZE = 4 * MiB
@@ -380,7 +381,7 @@ def test_raw_writes_flags_and_errors(disk: tuple[Path, Image, str]) -> None:
 
     from nbdtest import EINVAL, FLUSH, READ, TRIM, WRITE, WRITE_ZEROES, RawClient  # noqa: PLC0415
 
-    from drive.nbd import NbdServer  # noqa: PLC0415
+    from drive.nbd.server import NbdServer  # noqa: PLC0415
     from pipeline.serve_cmd import close_overlays, open_overlays  # noqa: PLC0415
 
     repo, img, _ = disk

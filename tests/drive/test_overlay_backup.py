@@ -9,9 +9,9 @@ from pathlib import Path
 
 from combtest import CliRunner, Image, MiB, api_backup, api_restore, assert_one_line_error
 
+import drive.overlays.overlay as overlay
 from catalog.repo import Repository
-from drive import overlay
-from drive.overlay import Overlay
+from drive.overlays.overlay import Overlay
 from pipeline.overlay_source import OverlaySource
 
 CHUNK = 64 * 1024

@@ -14,8 +14,8 @@ from combtest import need_tool
 from dissect.hypervisor.disk import qcow2  # a test dependency: never skipped
 from drivetest import CASES, MiB, export, make_case, qemu_check, qemu_compare, same_through
 
-from drive.image import Literal, VirtualImage
-from drive.qcow2 import qcow2_image
+from drive.formats.image import Literal, VirtualImage
+from drive.formats.qcow2 import qcow2_image
 
 KiB = 1 << 10
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from drivetest import CASES, export, make_case, qemu_compare
 
-from drive.image import raw_image
+from drive.formats.image import raw_image
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

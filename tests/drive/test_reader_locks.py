@@ -21,10 +21,10 @@ import pytest
 from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error
 from nbdtest import RawClient
 
-from catalog import locks
 from catalog.errors import RepositoryError, UsageError
-from catalog.points import RecoveryPoint
 from catalog.repo import Repository
+from catalog.store import locks
+from catalog.store.points import RecoveryPoint
 from pipeline import drive_cmds, serve_cmd
 
 ROOT = Path(__file__).resolve().parents[2]

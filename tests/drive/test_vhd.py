@@ -17,13 +17,13 @@ from dissect.hypervisor import vhd as dissect_vhd
 from drivetest import CASES, FileSource, export, make_case, qemu_check, qemu_compare, same_through
 
 from catalog.errors import OutputError, UsageError
-from drive.image import VirtualImage
-from drive.vhd import chs_geometry, vhd_dynamic_image, vhd_fixed_image
+from drive.formats.image import VirtualImage
+from drive.formats.vhd import chs_geometry, vhd_dynamic_image, vhd_fixed_image
 
 MiB = 1 << 20
 GiB = 1 << 30
 BLOCK = 2 * MiB
-STRIDE = BLOCK + 4096  # a 512-byte bitmap + 2 MiB of data, 4 KiB aligned (drive/vhd.py)
+STRIDE = BLOCK + 4096  # a 512-byte bitmap + 2 MiB of data, 4 KiB aligned (drive/formats/vhd.py)
 KINDS: dict[str, Callable[[FileSource], VirtualImage]] = {
     "fixed": vhd_fixed_image,
     "dynamic": vhd_dynamic_image,
@@ -31,7 +31,7 @@ KINDS: dict[str, Callable[[FileSource], VirtualImage]] = {
 
 
 def _sum_checksum(data: bytes, at: int) -> int:
-    """The spec's checksum, computed here independently of drive.vhd."""
+    """The spec's checksum, computed here independently of drive.formats.vhd."""
     return ~(sum(data) - sum(data[at : at + 4])) & 0xFFFFFFFF
 
 

@@ -19,7 +19,7 @@ from dissect.util.hash.crc32c import crc32c as reference_crc32c
 from drivetest import CASES, FileSource, export, make_case, qemu_check, qemu_compare, same_through
 
 from catalog.errors import OutputError, UsageError
-from drive.vhdx import (
+from drive.formats.vhdx import (
     BAT_OFFSET_BYTES,
     MAX_DISK_BYTES,
     PAYLOAD_BLOCK_FULLY_PRESENT,

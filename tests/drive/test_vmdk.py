@@ -30,8 +30,8 @@ from drivetest import (
 )
 
 from catalog.errors import OutputError, SourceError
-from drive.image import BlockSource, VirtualImage
-from drive.vmdk import vmdk_image, vmdk_stream_image
+from drive.formats.image import BlockSource, VirtualImage
+from drive.formats.vmdk import vmdk_image, vmdk_stream_image
 
 SECTOR = 512
 GRAIN = 64 * 1024

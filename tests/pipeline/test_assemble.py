@@ -12,9 +12,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog.changes import ChangeTableWriter, read_changes
-from catalog.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
-from catalog.storage import TMP_DIR, LocalStorage
+from catalog.store.changes import ChangeTableWriter, read_changes
+from catalog.store.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
+from catalog.store.storage import TMP_DIR, LocalStorage
 from pipeline.assemble import ManifestAssembler
 
 C = 4096

@@ -22,7 +22,6 @@ from combtest import (
     points_json,
 )
 
-from catalog.crypto import SEAL_OVERHEAD_BYTES
 from catalog.errors import (
     ChangeListError,
     CombError,
@@ -32,6 +31,7 @@ from catalog.errors import (
     SourceError,
     UsageError,
 )
+from catalog.store.crypto import SEAL_OVERHEAD_BYTES
 
 C = 64 * KiB
 SIZE = 24 * MiB + 4321  # mostly holes, not a multiple of the chunk size

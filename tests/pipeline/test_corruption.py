@@ -30,10 +30,10 @@ from combtest import (
 )
 
 from catalog.errors import CorruptionError, PointNotFound
-from catalog.format import CODEC_RAW, CODEC_ZSTD
-from catalog.index import load_index
-from catalog.packs import pack_name
 from catalog.repo import Repository
+from catalog.store.format import CODEC_RAW, CODEC_ZSTD
+from catalog.store.index import load_index
+from catalog.store.packs import pack_name
 
 
 @dataclass
@@ -200,7 +200,7 @@ def test_missing_manifest_files(cli: CliRunner, backed: Backed) -> None:
 SWEEP = textwrap.dedent(
     r"""
     import json, os, sys
-    from catalog.check import check_repository
+    from catalog.maint.check import check_repository
     from catalog.errors import CombError
     from catalog.repo import Repository
     from pipeline.restore import restore_point

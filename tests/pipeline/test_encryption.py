@@ -23,8 +23,8 @@ from combtest import (
     repo_files,
 )
 
-from catalog import crypto
-from catalog.packs import PACK_HEADER_BYTES, PACK_TRAILER_BYTES
+from catalog.store import crypto
+from catalog.store.packs import PACK_HEADER_BYTES, PACK_TRAILER_BYTES
 
 CHUNK = 64 * 1024
 MARKER = b"comb-plaintext-marker-"
@@ -200,10 +200,10 @@ def test_tampering_is_detected_as_tampering(
 def test_overlays_are_sealed(cli: CliRunner, tmp_path: Path, make_image: ImageFactory) -> None:
     """A writable overlay's writes and document are sealed too; they read back through the
     writer, the read-only reader and a backup of the overlay; tampering is refused."""
+    import drive.overlays.overlay as overlay
     from catalog.repo import Repository
-    from drive import overlay
-    from drive.overlay import Overlay
-    from drive.overlay_reader import OverlayReader
+    from drive.overlays.overlay import Overlay
+    from drive.overlays.reader import OverlayReader
 
     repo, img = _backed_up(cli, tmp_path, make_image)
     r = Repository.open(str(repo))
@@ -237,7 +237,7 @@ def test_overlays_are_sealed(cli: CliRunner, tmp_path: Path, make_image: ImageFa
     assert cli("-r", repo, "verify").code == 0
     # A forged record (payload changed, checksum recomputed): authentication fails.
     log = next(p for p in (repo / "overlays" / "vm").iterdir() if p.name.startswith("log-"))
-    from drive import overlay_log as L
+    import drive.overlays.log as L
 
     rec = bytearray(log.read_bytes())
     rec[L.HEADER_BYTES + 30] ^= 1
@@ -268,9 +268,9 @@ def test_review_fixes_overlay_records_keys_config_locks(
     """From a security review: a sealed overlay record appended to another overlay's log is
     refused; a config claiming "plain" is refused even with keys/ deleted; a malformed key
     file does not lock the others out; lock files do not name the source."""
+    import drive.overlays.overlay as overlay
     from catalog.repo import Repository
-    from drive import overlay
-    from drive.overlay import Overlay
+    from drive.overlays.overlay import Overlay
     from pipeline import lifecycle
 
     repo, img = _backed_up(cli, tmp_path, make_image)
@@ -329,9 +329,9 @@ def test_overlay_backup_on_ray_with_a_password_file(
     cli: CliRunner, tmp_path: Path, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Workers get the driver's keys: they cannot read a password file or prompt."""
+    import drive.overlays.overlay as overlay
     from catalog.repo import Repository
-    from drive import overlay
-    from drive.overlay import Overlay
+    from drive.overlays.overlay import Overlay
 
     repo, img = _backed_up(cli, tmp_path, make_image)
     r = Repository.open(str(repo))

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from combtest import TEST_PASSWORD, CliRunner, assert_one_line_error
 
-from catalog import crypto
+from catalog.store import crypto
 
 
 def test_passwords_wrong_missing_from_file(
@@ -59,6 +59,6 @@ def test_key_add_list_remove(
 
 
 def _storage(repo: Path):  # type: ignore[no-untyped-def]
-    from catalog.storage import LocalStorage
+    from catalog.store.storage import LocalStorage
 
     return LocalStorage(str(repo))

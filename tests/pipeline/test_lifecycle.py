@@ -25,10 +25,11 @@ from combtest import (
     point_ids,
 )
 
-from catalog import gc, locks
-from catalog.index import load_index
-from catalog.packs import pack_name
+from catalog.maint import gc
 from catalog.repo import Repository
+from catalog.store import locks
+from catalog.store.index import load_index
+from catalog.store.packs import pack_name
 
 
 def _history(
@@ -82,7 +83,7 @@ def test_forget_then_prune_frees_space_and_keeps_the_rest(
     assert res.code == 0 and "clean" in res.out, res.out + res.err
     again = _json(cli("-r", repo_path, "prune", "--json"))
     assert again["packs_removed"] == 0 and again["metadata_files_removed"] == 0
-    # Block lists went with their files (catalog.blocks), and every file kept has its own.
+    # Block lists went with their files (catalog.store.blocks), and every file kept has its own.
     lists = {p.with_suffix(".parquet") for p in repo_path.rglob("*.blocks")}
     files = {*repo_path.glob("index/*.parquet"), *repo_path.glob("manifests/leaves/*.parquet")}
     assert lists == files

@@ -37,13 +37,14 @@ from hypothesis.stateful import (
     run_state_machine_as_test,
 )
 
-from catalog import gc, storage
-from catalog.check import check_repository
 from catalog.errors import CombError
-from catalog.points import point_name
+from catalog.maint import gc
+from catalog.maint.check import check_repository
+from catalog.maint.retention import KeepPolicy, kept_by_policy
+from catalog.maint.scrub import scrub
 from catalog.repo import Repository
-from catalog.retention import KeepPolicy, kept_by_policy
-from catalog.scrub import scrub
+from catalog.store import storage
+from catalog.store.points import point_name
 
 SIZE = MiB
 
@@ -138,7 +139,7 @@ class Faults:
 
 
 class _FaultyOs:
-    """The ``os`` module as catalog.storage sees it, with write faults."""
+    """The ``os`` module as catalog.store.storage sees it, with write faults."""
 
     def __init__(self, real: Any, faults: Faults) -> None:
         self._real, self._faults = real, faults
@@ -157,7 +158,7 @@ class _FaultyOs:
 
 
 class _FaultyFile:
-    """A file opened by catalog.storage, with write faults."""
+    """A file opened by catalog.store.storage, with write faults."""
 
     def __init__(self, fh: Any, faults: Faults) -> None:
         self._fh, self._faults = fh, faults

@@ -14,7 +14,7 @@ from pipeline.backup import BackupOptions, DiskJob, plan_backup, run_jobs
 from pipeline.engines import LocalEngine
 from pipeline.vsphere import DiskInfo, parse_url
 from pipeline.vsphere_backup import audit_sample, subtract
-from stages.source import ImageSource
+from stages.sources.image import ImageSource
 
 
 def _jobs(repo: Repository, images: list[Image]) -> list[DiskJob]:

@@ -23,12 +23,12 @@ from combtest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog import gc
-from catalog.packs import pack_name, parse_pack
-from catalog.parity import ParityGeometry, parity_name
-from catalog.points import point_name
+from catalog.maint import gc
+from catalog.maint.scrub import scrub
 from catalog.repo import Repository
-from catalog.scrub import scrub
+from catalog.store.packs import pack_name, parse_pack
+from catalog.store.parity import ParityGeometry, parity_name
+from catalog.store.points import point_name
 
 K, M, S = 4, 2, 64 * 1024  # 256 KiB stripes: a 3 MiB pack has 12
 GEOMETRY = ParityGeometry(K, M, S)

@@ -18,7 +18,7 @@ from pathlib import Path
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog.check import check_repository
+from catalog.maint.check import check_repository
 from catalog.repo import Repository
 from pipeline.backup import BackupOptions, run_backup
 from pipeline.engines import LocalEngine

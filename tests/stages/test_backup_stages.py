@@ -11,12 +11,12 @@ import pyarrow as pa
 import pytest
 from combtest import ImageFactory, KiB
 
-from catalog.chunks import decode_chunk
 from catalog.errors import StageError
-from catalog.format import CODEC_RAW, CODEC_ZSTD
-from catalog.index import INDEX_SCHEMA, DedupIndex
-from catalog.packs import pack_name, parse_pack
-from catalog.storage import LocalStorage
+from catalog.store.chunks import decode_chunk
+from catalog.store.format import CODEC_RAW, CODEC_ZSTD
+from catalog.store.index import INDEX_SCHEMA, DedupIndex
+from catalog.store.packs import pack_name, parse_pack
+from catalog.store.storage import LocalStorage
 from stages.backup import (
     ZERO_ID,
     Chunker,
@@ -38,7 +38,7 @@ from stages.schemas import (
     RAW,
     WRITTEN,
 )
-from stages.source import ImageSource
+from stages.sources.image import ImageSource
 
 C = 4096
 

@@ -10,12 +10,12 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
-from catalog.chunks import chunk_id, encode_chunk
 from catalog.errors import CorruptionError, OutputError
-from catalog.index import INDEX_SCHEMA
-from catalog.manifest import Leaf
-from catalog.packs import PackWriter, pack_name
-from catalog.storage import TMP_DIR, LocalStorage
+from catalog.store.chunks import chunk_id, encode_chunk
+from catalog.store.index import INDEX_SCHEMA
+from catalog.store.manifest import Leaf
+from catalog.store.packs import PackWriter, pack_name
+from catalog.store.storage import TMP_DIR, LocalStorage
 from stages.restore import (
     COALESCE_GAP_BYTES,
     MAX_READ_BYTES,

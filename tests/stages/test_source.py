@@ -9,7 +9,7 @@ import pytest
 from combtest import ImageFactory, KiB, MiB
 
 from catalog.errors import SourceError
-from stages.source import ImageSource, OpenSource
+from stages.sources.image import ImageSource, OpenSource
 
 
 def test_data_extents_skip_holes(make_image: ImageFactory) -> None:

@@ -15,9 +15,9 @@ from combtest import CliRunner, MiB, api_restore, assert_one_line_error, cmp_fil
 from pyVmomi import vim
 from vcsimtest import DiskInfo, Simulator, VmFactory, VmInfo, snapshots, wait
 
+import drive.overlays.overlay as overlay
 from catalog.repo import Repository
-from drive import overlay
-from drive.overlay import Overlay
+from drive.overlays.overlay import Overlay
 
 CHUNK = 65536
 

@@ -1,0 +1,422 @@
+"""Garbage collection (``comb prune``): remove what no recovery point needs (FORMAT.md 13).
+
+Protocol, safe while backups run:
+
+1. **Mark, unlocked.** Read every committed point's root and the leaves it references, and
+   collect the live metadata files and the ids of every live chunk. This is the long part and
+   runs alongside backups.
+2. **Exclusive phase.** Take the exclusive ``prune`` lock: it waits until no backup holds its
+   shared lock, and new backups wait until it is released. Points committed since step 1 are
+   marked too (only they are read). Nothing is in flight now, so a file no point references is
+   garbage: packs none of whose chunks is live (and packs no index segment lists: orphans of
+   killed backups), leaves, roots and change tables no point names, index segments that list
+   only removed packs, and temporary files older than ``TMP_MAX_AGE_S``. A segment that lists
+   removed and kept packs is rewritten with the kept rows (the new segment is durable before
+   the old one goes). Order: new segment, old segments, packs, manifests, temporary files.
+   A crash at any step leaves a superset of what the points need; the next prune finishes.
+
+Overlays need their base points, which ``forget`` never removes (so prune keeps them too).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import blake3
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog.errors import CorruptionError, RepositoryError
+from catalog.repo import Repository
+from catalog.store.blocks import BLOCKS_SUFFIX, block_list_name, parquet_of
+from catalog.store.changes import changes_name
+from catalog.store.chunks import decode_chunk
+from catalog.store.index import (
+    INDEX_PREFIX,
+    INDEX_SCHEMA,
+    IndexSegmentWriter,
+    blob_rows,
+    contains,
+    id_keys,
+    ids_to_array,
+    load_index,
+    present_rows,
+    sealed_to_table,
+    segment_names,
+)
+from catalog.store.locks import locked
+from catalog.store.manifest import LEAVES_PREFIX, ROOTS_PREFIX, leaves_name, roots_name
+from catalog.store.packs import PackWriter, SealedPack, pack_name
+from catalog.store.parity import PARITY_PREFIX, parity_name
+from catalog.store.parquet_io import read_parquet
+from catalog.store.points import RecoveryPoint, forgotten_name, load_forgotten, point_name
+from catalog.store.storage import TMP_DIR, Storage
+
+CHANGES_DIR = "manifests/changes"
+TMP_MAX_AGE_S = 24 * 3600.0
+# Repack a pack when its live chunks are less than this share of its stored bytes.
+REPACK_BELOW = 0.5
+
+
+@dataclass
+class Marks:
+    """What the marked points need."""
+
+    points: set[str] = field(default_factory=set)
+    files: set[str] = field(default_factory=set)
+    ids: list[np.ndarray] = field(default_factory=list)  # 'S32' arrays, merged on demand
+
+    def live_ids(self) -> np.ndarray:
+        if not self.ids:
+            return np.empty(0, "S32")
+        merged = np.unique(np.concatenate(self.ids))
+        self.ids = [merged]
+        return merged
+
+
+def mark(repo: Repository, points: list[RecoveryPoint], marks: Marks) -> None:
+    """Add what ``points`` need (points already in ``marks`` are skipped)."""
+    todo = [p for p in points if p.id not in marks.points]
+    leaves: dict[str, set[int]] = {}
+    for p in todo:
+        marks.points.add(p.id)
+        marks.files.add(point_name(p.id))
+        marks.files.add(roots_name(p.root))
+        if p.changes:
+            marks.files.add(changes_name(p.changes))
+        m = repo.manifest(p)
+        for file_id, ordinal in zip(m.leaf_files, m.leaf_ordinals.tolist(), strict=True):
+            leaves.setdefault(file_id, set()).add(ordinal)
+    for file_id, ordinals in leaves.items():
+        name = leaves_name(file_id)
+        marks.files.add(name)
+        table = read_parquet(repo.storage, name, ["leaf", "chunk_id"])
+        keep = pc.is_in(table.column("leaf"), value_set=pa.array(sorted(ordinals), pa.int32()))
+        ids = ids_to_array(table.filter(keep).column("chunk_id"))
+        if len(ids):
+            marks.ids.append(np.unique(id_keys(ids)))
+
+
+def mark_forgotten(repo: Repository, marks: Marks) -> None:
+    """Keep the change tables of forgotten points (and their documents, which are never
+    removed): analytics follow each source's chain through them (FORMAT.md 9.1). Called after
+    ``mark`` of the live points, so a point forgotten meanwhile is seen in one or the other."""
+    gone, _damaged = load_forgotten(repo.storage, [])
+    for p in gone:
+        marks.files.add(forgotten_name(p.id))
+        if p.changes:
+            marks.files.add(changes_name(p.changes))
+
+
+@dataclass
+class Plan:
+    """What a prune removes (and rewrites), with sizes."""
+
+    packs: list[str] = field(default_factory=list)  # storage names
+    pack_bytes: int = 0
+    orphan_packs: int = 0
+    segments_removed: list[str] = field(default_factory=list)
+    segments_rewritten: list[str] = field(default_factory=list)
+    kept_rows: pa.Table | None = None  # the rows the rewritten segments keep
+    files: list[str] = field(default_factory=list)  # manifests and change tables
+    file_bytes: int = 0
+    tmp: list[str] = field(default_factory=list)
+    live_packs: int = 0
+    # Parity files of no present pack (a crash between parity and pack commit, or during a
+    # prune); the parity of every removed pack goes with it (``execute``).
+    parity: list[str] = field(default_factory=list)
+
+    @property
+    def bytes(self) -> int:
+        return self.pack_bytes + self.file_bytes
+
+
+def _pack_id(name: str) -> str:
+    return name.rsplit("/", 1)[-1][: -len(".pack")]
+
+
+def plan(
+    repo: Repository,
+    marks: Marks,
+    retired: frozenset[str] = frozenset(),
+    assume_copied: bool = False,
+) -> Plan:
+    """Everything no marked point needs (valid only while no backup runs: exclusive phase).
+
+    ``retired`` packs (repacked: their live chunks have copies elsewhere) go too, unless one
+    holds a live chunk with no copy outside them (e.g. one a backup deduplicated against
+    after the repack)."""
+    storage = repo.storage
+    out = Plan()
+    live = marks.live_ids()
+    present = {_pack_id(n): n for n in storage.list("packs") if n.endswith(".pack")}
+    segments = segment_names(storage)
+    tables = {s: read_parquet(storage, s, ["chunk_id", "pack"]) for s in segments}
+    cols = [
+        (
+            t.column("pack").to_numpy(zero_copy_only=False),
+            id_keys(ids_to_array(t.column("chunk_id"))),
+        )
+        for t in tables.values()
+        if t.num_rows
+    ]
+    packs = np.concatenate([c[0] for c in cols]) if cols else np.empty(0, object)
+    keys = np.concatenate([c[1] for c in cols]) if cols else np.empty(0, "S32")
+    hit = contains(live, keys)
+    usable = np.array([p in present and p not in retired for p in packs.tolist()], bool)
+    covered = np.unique(keys[hit & usable])
+    stranded = hit & ~usable & ~contains(covered, keys)  # live, and only in retired packs
+    if assume_copied:  # a dry run: as if the repack had copied them
+        stranded &= np.array([p not in retired for p in packs.tolist()], bool)
+    indexed = set(packs.tolist())
+    live_packs = set(packs[hit & usable].tolist()) | set(packs[stranded].tolist())
+    for pid, name in sorted(present.items()):
+        if pid not in live_packs:
+            out.packs.append(name)
+            out.pack_bytes += storage.size(name)
+            out.orphan_packs += pid not in indexed
+    out.live_packs = len(live_packs & set(present))
+    for name in storage.list(PARITY_PREFIX):
+        if name.endswith(".parity") and name.rsplit("/", 1)[-1][:-7] not in present:
+            out.parity.append(name)
+    drop_segments(repo, {_pack_id(n) for n in out.packs}, out, tables)
+    for prefix in (LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
+        for name in storage.list(prefix):
+            if name.endswith(".parquet") and name not in marks.files:
+                out.files.append(name)
+                out.file_bytes += storage.size(name)
+    for prefix in (LEAVES_PREFIX, INDEX_PREFIX):  # a block list whose file is gone (a crash)
+        for name in storage.list(prefix):
+            if name.endswith(BLOCKS_SUFFIX) and not storage.exists(parquet_of(name)):
+                out.files.append(name)
+                out.file_bytes += storage.size(name)
+    tmp_dir = storage.local_path(TMP_DIR)
+    if tmp_dir is not None:
+        now = time.time()
+        for entry in sorted(os.listdir(tmp_dir)) if os.path.isdir(tmp_dir) else []:
+            try:
+                age = now - os.stat(os.path.join(tmp_dir, entry)).st_mtime
+            except FileNotFoundError:
+                continue
+            if age > TMP_MAX_AGE_S:
+                out.tmp.append(f"{TMP_DIR}/{entry}")
+    return out
+
+
+def drop_segments(
+    repo: Repository, gone: set[str], out: Plan, tables: dict[str, pa.Table] | None = None
+) -> None:
+    """Fill ``out`` with the segments that list packs in ``gone``: removed when they list only
+    those, rewritten (their other rows kept) otherwise. ``tables``: the segments' pack columns
+    when already read."""
+    storage = repo.storage
+    if tables is None:
+        tables = {s: read_parquet(storage, s, ["pack"]) for s in segment_names(storage)}
+    value_set = pa.array(sorted(gone), pa.string())
+    kept_parts = []
+    for seg, t in tables.items():
+        in_gone = pc.is_in(t.column("pack"), value_set=value_set)
+        n_gone = pc.sum(in_gone).as_py() or 0
+        if n_gone == 0:
+            continue
+        if n_gone == t.num_rows:
+            out.segments_removed.append(seg)
+        else:
+            out.segments_rewritten.append(seg)
+            full = read_parquet(storage, seg, INDEX_SCHEMA.names)
+            kept_parts.append(full.filter(pc.invert(in_gone)))
+    if kept_parts:
+        out.kept_rows = pa.concat_tables(kept_parts)
+
+
+def copy_chunks(
+    storage: Storage,
+    pid: str,
+    rows: pa.Table,
+    skip: set[bytes],
+    strict: bool,
+    data: bytes | None = None,
+) -> tuple[list[bytes], list[bytes], list[int], list[int]]:
+    """(ids, blobs, raw lengths, codecs) of the chunks ``rows`` (index rows of pack ``pid``)
+    list, read from the pack once (or taken from ``data``, its bytes as far as parity could
+    rebuild them), each checked against its id, ids in ``skip`` and repeats left out.
+    ``strict``: any damage (the pack's name too) raises CorruptionError; otherwise a damaged
+    chunk is just not copied. Never copies damage."""
+    name = pack_name(pid)
+    if data is None:
+        data = storage.read(name)
+    if strict and blake3.blake3(data).hexdigest() != pid:
+        raise CorruptionError(f"{name} does not match its name")
+    ids: list[bytes] = []
+    blobs: list[bytes] = []
+    raws: list[int] = []
+    codecs: list[int] = []
+    seen = set(skip)
+    for cid, off, slen, raw_len, codec in blob_rows(rows):
+        if cid in seen:
+            continue
+        blob = data[off : off + slen]
+        try:
+            if off + slen > len(data):
+                raise CorruptionError(f"{name} offset {off}: beyond the end of the pack")
+            decode_chunk(blob, codec, raw_len, cid, name, storage.keys)
+        except CorruptionError:
+            if strict:
+                raise
+            continue
+        seen.add(cid)
+        ids.append(cid)
+        blobs.append(blob)
+        raws.append(raw_len)
+        codecs.append(codec)
+    return ids, blobs, raws, codecs
+
+
+def index_sealed(storage: Storage, sealed: list[SealedPack]) -> None:
+    """Commit an index segment for new packs (durable before anything they replace goes)."""
+    if sealed:
+        seg = IndexSegmentWriter(storage)
+        seg.add(sealed_to_table(sealed))
+        seg.commit()
+
+
+@dataclass
+class Repacked:
+    retired: frozenset[str] = frozenset()  # pack ids whose live chunks were copied
+    chunks: int = 0
+    bytes: int = 0
+    new_packs: int = 0
+    damaged: list[str] = field(default_factory=list)
+
+
+def repack_candidates(repo: Repository, marks: Marks) -> tuple[pa.Table, np.ndarray, list[str]]:
+    """(index rows, live flag per row, packs whose live stored bytes are under REPACK_BELOW
+    of their stored bytes but not zero)."""
+    rows = present_rows(repo.storage, load_index(repo.storage))
+    if rows.num_rows == 0:
+        return rows, np.zeros(0, bool), []
+    hit = contains(marks.live_ids(), id_keys(ids_to_array(rows.column("chunk_id"))))
+    packs = rows.column("pack").to_numpy(zero_copy_only=False)
+    stored = rows.column("stored_len").to_numpy().astype(np.int64)
+    names, inverse = np.unique(packs.astype(str), return_inverse=True)
+    total = np.bincount(inverse, weights=stored, minlength=len(names))
+    live = np.bincount(inverse, weights=np.where(hit, stored, 0), minlength=len(names))
+    pick = (live > 0) & (live < REPACK_BELOW * total)
+    return rows, hit, names[pick].tolist()
+
+
+def repack(repo: Repository, marks: Marks) -> Repacked:
+    """Copy the live chunks of mostly-garbage packs into new packs and index them (durable)
+    before anything is removed; runs alongside backups (it only adds files)."""
+    storage = repo.storage
+    rows, hit, cands = repack_candidates(repo, marks)
+    if not cands:
+        return Repacked()
+    packs = rows.column("pack").to_numpy(zero_copy_only=False)
+    keys = id_keys(ids_to_array(rows.column("chunk_id")))
+    cand_set = set(cands)
+    in_cand = np.array([p in cand_set for p in packs.tolist()], bool)
+    covered = np.unique(keys[hit & ~in_cand])  # live chunks with a copy in a kept pack
+    out = Repacked()
+    writer = PackWriter(storage, parity=repo.config.parity)
+    sealed = []
+    copied: set[bytes] = set()
+    retired = set()
+    try:
+        for pid in cands:
+            sel = np.flatnonzero((packs == pid) & hit & ~contains(covered, keys))
+            try:
+                ids, blobs, raws, codecs = copy_chunks(
+                    storage, pid, rows.take(pa.array(sel)), copied, strict=True
+                )
+            except (CorruptionError, RepositoryError) as err:
+                out.damaged.append(err.message)
+                continue
+            sealed += writer.add_many(ids, blobs, raws, codecs)
+            copied.update(ids)
+            out.chunks += len(ids)
+            out.bytes += sum(len(b) for b in blobs)
+            retired.add(pid)
+        sealed += writer.close()
+    except BaseException:
+        writer.abort()
+        raise
+    index_sealed(storage, sealed)
+    out.new_packs = len(sealed)
+    out.retired = frozenset(retired)
+    return out
+
+
+def execute(repo: Repository, p: Plan) -> None:
+    """Remove in the crash-safe order (module docstring)."""
+    storage = repo.storage
+    if p.kept_rows is not None and p.kept_rows.num_rows:
+        seg = IndexSegmentWriter(storage)
+        seg.add(p.kept_rows)
+        seg.commit()  # durable before any segment it replaces goes
+    # Segments before packs: a crash in between leaves packs no segment lists (a warning for
+    # verify, orphans for the next prune), never a segment naming a missing pack (an error).
+    for name in _with_block_lists(p.segments_removed + p.segments_rewritten):
+        storage.remove(name)
+    for name in p.packs:
+        storage.remove(name)
+    # Parity after its pack: a crash in between leaves parity without a pack (removed by the
+    # next prune), never a pack whose parity is gone.
+    for name in [parity_name(_pack_id(n)) for n in p.packs] + p.parity:
+        storage.remove(name)
+    for name in _with_block_lists(p.files) + p.tmp:
+        storage.remove(name)
+    for d in ("packs", PARITY_PREFIX, "index", LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
+        path = storage.local_path(d)
+        if path is not None and os.path.isdir(path):
+            storage.sync_dir(path)  # type: ignore[attr-defined]
+
+
+def _with_block_lists(names: list[str]) -> list[str]:
+    """Each file followed by its block list (``catalog.store.blocks``), which goes after it: a
+    crash in between leaves a block list without its file, removed by the next prune."""
+    out = []
+    for name in names:
+        out.append(name)
+        if name.endswith(".parquet") and name.startswith((LEAVES_PREFIX, INDEX_PREFIX)):
+            out.append(block_list_name(name))
+    return out
+
+
+@dataclass
+class PruneResult:
+    plan: Plan
+    points: int
+    exclusive_s: float
+    dry_run: bool
+    repacked: Repacked = field(default_factory=Repacked)
+
+
+def prune(
+    repo: Repository,
+    dry_run: bool = False,
+    wait_s: float | None = None,
+    on_wait: Callable[[object], None] | None = None,
+) -> PruneResult:
+    """Mark without locks, then plan and remove inside the exclusive phase."""
+    repo.require_writable()
+    marks = Marks()
+    mark(repo, repo.points(), marks)
+    mark_forgotten(repo, marks)
+    if dry_run:
+        # Nothing is written or removed; files of backups running now may show as garbage.
+        _, _, cands = repack_candidates(repo, marks)
+        p = plan(repo, marks, frozenset(cands), assume_copied=True)
+        return PruneResult(p, len(marks.points), 0.0, True, Repacked(frozenset(cands)))
+    done = repack(repo, marks)
+    with locked(repo.storage, "prune", wait_s, "prune", on_wait):
+        t0 = time.perf_counter()
+        mark(repo, repo.points(), marks)
+        mark_forgotten(repo, marks)
+        p = plan(repo, marks, done.retired)
+        execute(repo, p)
+        return PruneResult(p, len(marks.points), time.perf_counter() - t0, False, done)

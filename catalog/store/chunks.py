@@ -1,0 +1,78 @@
+"""Encoding and decoding of one stored chunk, with the id check that every read must pass."""
+
+from __future__ import annotations
+
+import threading
+from typing import TYPE_CHECKING
+
+import blake3
+import zstandard
+
+from catalog.errors import CorruptionError
+from catalog.store.format import CODEC_RAW, CODEC_ZSTD
+
+if TYPE_CHECKING:
+    from catalog.store.crypto import RepoKeys
+
+_local = threading.local()
+
+
+def chunk_id(data: bytes | memoryview, keys: RepoKeys | None = None) -> bytes:
+    """The id of a chunk: BLAKE3-256 of its plain bytes, keyed in an encrypted repository."""
+    if keys is not None:
+        return blake3.blake3(data, key=keys.id_key).digest()
+    return blake3.blake3(data).digest()
+
+
+def _compressor(level: int) -> zstandard.ZstdCompressor:
+    # ZstdCompressor is not thread-safe: one per thread and level.
+    cache: dict[int, zstandard.ZstdCompressor] | None = getattr(_local, "cctx", None)
+    if cache is None:
+        cache = _local.cctx = {}
+    cctx = cache.get(level)
+    if cctx is None:
+        cctx = cache[level] = zstandard.ZstdCompressor(level=level, write_content_size=True)
+    return cctx
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    dctx = getattr(_local, "dctx", None)
+    if dctx is None:
+        dctx = _local.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def encode_chunk(data: bytes | memoryview, level: int) -> tuple[int, bytes]:
+    """Compress with zstd; keep the raw bytes when compression does not save anything."""
+    blob = _compressor(level).compress(data)
+    if len(blob) >= len(data):
+        return CODEC_RAW, bytes(data)
+    return CODEC_ZSTD, blob
+
+
+def decode_chunk(
+    blob: bytes | memoryview,
+    codec: int,
+    raw_len: int,
+    cid: bytes,
+    where: str,
+    keys: RepoKeys | None = None,
+) -> bytes:
+    """Open (encrypted repositories), decompress and check against the chunk id; any mismatch
+    is a CorruptionError."""
+    if keys is not None:
+        blob = keys.open_blob(blob, cid, where)
+    try:
+        if codec == CODEC_ZSTD:
+            data = _decompressor().decompress(blob, max_output_size=raw_len)
+        elif codec == CODEC_RAW:
+            data = bytes(blob)
+        else:
+            raise CorruptionError(f"{where}: unknown codec {codec} for chunk {cid.hex()[:16]}")
+    except zstandard.ZstdError as err:
+        raise CorruptionError(
+            f"{where}: chunk {cid.hex()[:16]} does not decompress ({err})"
+        ) from None
+    if len(data) != raw_len or chunk_id(data, keys) != cid:
+        raise CorruptionError(f"{where}: chunk {cid.hex()[:16]} does not match its id")
+    return data

@@ -1,0 +1,410 @@
+"""Encryption at rest (FORMAT.md section 21): keys, key files and the sealing of every object.
+
+A repository made with ``init --encryption aes-256-gcm`` (the default) has a random 64-byte
+master secret. Each password wraps it in one key file ``keys/<id>.json`` with a key derived by
+Argon2id (memory-hard). Purpose keys are derived from the master with BLAKE3's key-derivation
+mode, so no key serves two purposes:
+
+- the chunk-id key: chunk ids are keyed BLAKE3, so stored ids reveal nothing about content;
+- the blob key: every stored blob is AES-256-GCM sealed with its chunk id as associated data;
+- the table key: a pack's entry table is sealed as one unit with the pack header as associated
+  data;
+- the document key: recovery point documents and overlay files are sealed envelopes;
+- the Parquet key: index segments, leaves, roots and change tables use Parquet modular
+  encryption (AES-GCM, uniform), which DuckDB reads when given the key.
+
+Every failure to authenticate is reported as tampering or damage, never used.
+"""
+
+from __future__ import annotations
+
+import base64
+import getpass
+import json
+import os
+import secrets
+import socket
+import sys
+import threading
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
+from functools import lru_cache
+from typing import Any
+
+import blake3
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
+
+from catalog.errors import CorruptionError, PasswordError, RepositoryError, UsageError
+from catalog.store.storage import Storage
+
+ALGORITHM = "aes-256-gcm"
+KDF_NAME = "argon2id"
+KEYS_PREFIX = "keys"
+KEY_FORMAT_NAME = "comb-key"
+KEY_FORMAT_VERSION = 1
+SEALED_FORMAT_NAME = "comb-sealed"
+MASTER_BYTES = 64
+NONCE_BYTES = 12
+TAG_BYTES = 16
+SEAL_OVERHEAD_BYTES = NONCE_BYTES + TAG_BYTES
+# Argon2id cost of new key files: 64 MiB, 3 passes, 4 lanes (about 0.15 s on this hardware;
+# RFC 9106's second recommended option). Stored per key file, so it can be raised later.
+KDF_MEMORY_KIB = 64 * 1024
+KDF_ITERATIONS = 3
+KDF_LANES = 4
+# What a reader accepts in a key file: bounded, so a planted key file cannot make every open
+# allocate gigabytes or run for minutes before the real key is tried.
+MAX_KDF_MEMORY_KIB = 1024 * 1024
+WRAPPED_BYTES = NONCE_BYTES + MASTER_BYTES + TAG_BYTES
+_CONTEXT = "comb 2026-11 repository {}"
+PURPOSES = ("chunk id", "blob", "pack table", "document", "parquet", "overlay record")
+
+
+@lru_cache(maxsize=64)
+def _aead(key: bytes) -> AESGCM:
+    return AESGCM(key)
+
+
+def _derive(master: bytes, purpose: str) -> bytes:
+    return blake3.blake3(master, derive_key_context=_CONTEXT.format(purpose)).digest()
+
+
+@dataclass(frozen=True)
+class RepoKeys:
+    """The unwrapped keys of an encrypted repository (picklable: crosses to Ray workers)."""
+
+    master: bytes
+    id_key: bytes = field(repr=False, default=b"")
+    blob_key: bytes = field(repr=False, default=b"")
+    table_key: bytes = field(repr=False, default=b"")
+    doc_key: bytes = field(repr=False, default=b"")
+    parquet_key: bytes = field(repr=False, default=b"")
+    record_key: bytes = field(repr=False, default=b"")
+
+    @staticmethod
+    def from_master(master: bytes) -> RepoKeys:
+        keys = [_derive(master, p) for p in PURPOSES]
+        return RepoKeys(master, *keys)
+
+    def __repr__(self) -> str:  # never print key material
+        return "RepoKeys(...)"
+
+    def for_workers(self) -> RepoKeys:
+        """The purpose keys without the master secret (what pipeline workers receive: they
+        never wrap keys, and a worker's memory should not hold the secret every key opens)."""
+        return replace(self, master=b"")
+
+    # -- chunk ids --------------------------------------------------------------------------
+    def chunk_hasher(self) -> Any:
+        """A callable data -> blake3 object, keyed with the chunk-id key."""
+        key = self.id_key
+
+        def hasher(data: bytes | memoryview) -> Any:
+            return blake3.blake3(data, key=key)
+
+        return hasher
+
+    # -- sealing ------------------------------------------------------------------------------
+    def _seal(self, key: bytes, data: bytes | memoryview, aad: bytes) -> bytes:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        return nonce + _aead(key).encrypt(nonce, bytes(data), aad)
+
+    def _open(self, key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:
+        if len(sealed) < SEAL_OVERHEAD_BYTES:
+            raise CorruptionError(f"{what} is too short to be sealed (damaged or tampered)")
+        view = memoryview(sealed)
+        try:
+            return _aead(key).decrypt(bytes(view[:NONCE_BYTES]), bytes(view[NONCE_BYTES:]), aad)
+        except InvalidTag:
+            raise CorruptionError(
+                f"{what} fails authentication (tampered with or damaged)"
+            ) from None
+
+    def seal_blob(self, blob: bytes | memoryview, cid: bytes) -> bytes:
+        return self._seal(self.blob_key, blob, cid)
+
+    def open_blob(self, sealed: bytes | memoryview, cid: bytes, where: str) -> bytes:
+        return self._open(self.blob_key, sealed, cid, f"{where}: chunk {cid.hex()[:16]}")
+
+    def seal_table(self, table: bytes, header: bytes) -> bytes:
+        return self._seal(self.table_key, table, header)
+
+    def open_table(self, sealed: bytes, header: bytes, where: str) -> bytes:
+        return self._open(self.table_key, sealed, header, f"pack {where} entry table")
+
+    def seal_record(self, payload: bytes | memoryview, head: bytes) -> bytes:
+        """An overlay write record's payload, bound to its header (kind, offset, length)."""
+        return self._seal(self.record_key, payload, head)
+
+    def open_record(self, sealed: bytes | memoryview, head: bytes, where: str) -> bytes:
+        return self._open(self.record_key, sealed, head, where)
+
+    def seal_doc(self, raw: bytes, kind: str) -> bytes:
+        """A JSON envelope around a sealed document; ``kind`` is bound as associated data."""
+        sealed = self._seal(self.doc_key, raw, kind.encode())
+        env = {"format": SEALED_FORMAT_NAME, "kind": kind, "data": _b64(sealed)}
+        return (json.dumps(env, sort_keys=True) + "\n").encode()
+
+    def open_doc(self, raw: bytes, kind: str, where: str) -> bytes:
+        try:
+            env = json.loads(raw)
+            if not isinstance(env, dict) or env.get("format") != SEALED_FORMAT_NAME:
+                raise ValueError("not sealed")
+            sealed = base64.b64decode(env["data"], validate=True)
+        except (ValueError, KeyError, TypeError):
+            raise CorruptionError(
+                f"{where} is not a sealed document (an encrypted repository seals every one)"
+            ) from None
+        return self._open(self.doc_key, sealed, kind.encode(), where)
+
+    # -- Parquet and DuckDB -----------------------------------------------------------------
+    def parquet_encryption(self) -> Any:
+        import pyarrow.parquet.encryption as pe
+
+        return pe.create_encryption_properties(self.parquet_key)
+
+    def parquet_decryption(self) -> Any:
+        import pyarrow.parquet.encryption as pe
+
+        return pe.create_decryption_properties(self.parquet_key)
+
+    def parquet_dataset(
+        self, files: list[str], schema: Any, with_filename: bool, pos: list[int] | None = None
+    ) -> Any:
+        """The files as one pyarrow dataset that decrypts them (page checksums verified), with
+        the given columns (missing ones read as nulls, others ignored) and, when asked, a
+        ``filename`` column, or a ``pos`` column of one given integer per file. DuckDB scans it
+        with projection and filter pushdown."""
+        import pyarrow as pa
+        import pyarrow.dataset as ds
+        import pyarrow.fs as pafs
+
+        fmt = ds.ParquetFileFormat(
+            default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+                decryption_properties=self.parquet_decryption(), page_checksum_verification=True
+            )
+        )
+        if with_filename:
+            schema = schema.append(pa.field("filename", pa.string()))
+            parts = [ds.field("filename") == f for f in files]
+        elif pos is not None:
+            schema = schema.append(pa.field("pos", pa.int64()))
+            parts = [ds.field("pos") == p for p in pos]
+        else:
+            parts = None
+        return ds.FileSystemDataset.from_paths(
+            files, schema=schema, format=fmt, filesystem=pafs.LocalFileSystem(), partitions=parts
+        )
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+# -- key files --------------------------------------------------------------------------------
+
+
+# Two Argon2id derivations at once in one process deadlock (cryptography 50 / OpenSSL 3,
+# seen here with two threads opening a repository): derivations are serialised.
+_kdf_lock = threading.RLock()
+
+
+def _kek(password: str, kdf: dict[str, Any]) -> bytes:
+    with _kdf_lock:
+        return Argon2id(
+            salt=base64.b64decode(kdf["salt"]),
+            length=32,
+            iterations=int(kdf["iterations"]),
+            lanes=int(kdf["lanes"]),
+            memory_cost=int(kdf["memory_kib"]),
+        ).derive(password.encode())
+
+
+def _key_aad(repo_id: str) -> bytes:
+    return f"comb key for repository {repo_id}".encode()
+
+
+def make_key_file(repo_id: str, master: bytes, password: str) -> bytes:
+    kdf = {
+        "name": KDF_NAME,
+        "salt": _b64(secrets.token_bytes(16)),
+        "memory_kib": KDF_MEMORY_KIB,
+        "iterations": KDF_ITERATIONS,
+        "lanes": KDF_LANES,
+    }
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    wrapped = nonce + AESGCM(_kek(password, kdf)).encrypt(nonce, master, _key_aad(repo_id))
+    doc = {
+        "format": KEY_FORMAT_NAME,
+        "version": KEY_FORMAT_VERSION,
+        "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "host": socket.gethostname(),
+        "user": _user(),
+        "algorithm": ALGORITHM,
+        "kdf": kdf,
+        "wrapped": _b64(wrapped),
+    }
+    return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def _user() -> str:
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return ""
+
+
+def key_name(key_id: str) -> str:
+    return f"{KEYS_PREFIX}/{key_id}.json"
+
+
+def add_key(storage: Storage, repo_id: str, master: bytes, password: str) -> str:
+    if not password:
+        raise UsageError("an empty password is not allowed")
+    key_id = secrets.token_hex(8)
+    storage.write_atomic(key_name(key_id), make_key_file(repo_id, master, password))
+    return key_id
+
+
+def key_ids(storage: Storage) -> list[str]:
+    return sorted(
+        n.rsplit("/", 1)[-1][: -len(".json")]
+        for n in storage.list(KEYS_PREFIX)
+        if n.endswith(".json")
+    )
+
+
+def read_key_doc(storage: Storage, key_id: str) -> dict[str, Any]:
+    where = storage.local_path(key_name(key_id)) or key_name(key_id)
+    try:
+        doc = json.loads(storage.read(key_name(key_id)))
+        if not isinstance(doc, dict) or doc.get("format") != KEY_FORMAT_NAME:
+            raise ValueError("not a comb key file")
+        if doc.get("version") != KEY_FORMAT_VERSION or doc.get("algorithm") != ALGORITHM:
+            raise ValueError(f"unknown key version or algorithm in {where}")
+        kdf = doc["kdf"]
+        if kdf.get("name") != KDF_NAME:
+            raise ValueError(f"unknown key derivation {kdf.get('name')!r}")
+        if not 8 * 1024 <= int(kdf["memory_kib"]) <= MAX_KDF_MEMORY_KIB:
+            raise ValueError("implausible Argon2id memory cost")
+        if not 1 <= int(kdf["iterations"]) <= 10 or not 1 <= int(kdf["lanes"]) <= 16:
+            raise ValueError("implausible Argon2id cost")
+        if len(base64.b64decode(kdf["salt"], validate=True)) != 16:
+            raise ValueError("the salt is not 16 bytes")
+        if len(base64.b64decode(doc["wrapped"], validate=True)) != WRAPPED_BYTES:
+            raise ValueError(f"the wrapped key is not {WRAPPED_BYTES} bytes")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
+        raise CorruptionError(f"{where} is not a valid key file ({err})") from None
+    return doc
+
+
+_unlocked: dict[tuple[str, bytes], tuple[RepoKeys, str]] = {}
+_unlock_lock = threading.Lock()
+
+
+def unlock(storage: Storage, repo_id: str, password: str, location: str) -> tuple[RepoKeys, str]:
+    """The repository's keys and the id of the key file the password opens. Memoised per
+    process (one Argon2id derivation per repository and password, not one per open)."""
+    with _kdf_lock:  # a second thread opening the same repository waits, then finds the memo
+        return _unlock(storage, repo_id, password, location)
+
+
+def _unlock(storage: Storage, repo_id: str, password: str, location: str) -> tuple[RepoKeys, str]:
+    memo = (repo_id, blake3.blake3(password.encode()).digest())
+    with _unlock_lock:
+        if memo in _unlocked and _unlocked[memo][1] in key_ids(storage):
+            return _unlocked[memo]
+    ids = key_ids(storage)
+    if not ids:
+        raise RepositoryError(f"{location} is encrypted but has no key files (keys/ is empty)")
+    damaged = []
+    for key_id in ids:
+        try:
+            doc = read_key_doc(storage, key_id)
+        except CorruptionError as err:
+            damaged.append(err.message)
+            continue
+        wrapped = base64.b64decode(doc["wrapped"])
+        try:
+            master = AESGCM(_kek(password, doc["kdf"])).decrypt(
+                wrapped[:NONCE_BYTES], wrapped[NONCE_BYTES:], _key_aad(repo_id)
+            )
+        except InvalidTag:
+            continue
+        except (ValueError, MemoryError) as err:  # parameters the KDF refuses: a bad key file
+            damaged.append(f"key file {key_id} cannot be used ({err})")
+            continue
+        if len(master) != MASTER_BYTES:
+            damaged.append(f"key {key_id} holds a master secret of the wrong size")
+            continue
+        found = (RepoKeys.from_master(master), key_id)
+        with _unlock_lock:
+            _unlocked[memo] = found
+        return found
+    if damaged and len(damaged) == len(ids):
+        raise CorruptionError(damaged[0])
+    raise PasswordError(f"wrong password for {location} (no key file accepts it)")
+
+
+def forget_unlocked() -> None:
+    with _unlock_lock:
+        _unlocked.clear()
+
+
+# -- passwords --------------------------------------------------------------------------------
+
+_PASSWORD_ENV = "COMB_PASSWORD"
+_PASSWORD_FILE_ENV = "COMB_PASSWORD_FILE"
+_NEW_PASSWORD_ENV = "COMB_NEW_PASSWORD"
+_NEW_PASSWORD_FILE_ENV = "COMB_NEW_PASSWORD_FILE"
+
+
+def _from_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read password file {path}: {err}") from None
+    return text.rstrip("\r\n")
+
+
+# Set by the command line (--password-file, --new-password-file) for one command.
+_files: dict[bool, str | None] = {False: None, True: None}
+
+
+def set_password_files(password_file: str | None, new_password_file: str | None) -> None:
+    _files[False], _files[True] = password_file, new_password_file
+
+
+def read_password(location: str, new: bool = False, confirm: bool = False) -> str:
+    """The password from --password-file, COMB_PASSWORD_FILE, COMB_PASSWORD or a prompt on a
+    terminal. ``new``: the password of a key being added (--new-password-file,
+    COMB_NEW_PASSWORD_FILE, COMB_NEW_PASSWORD); ``confirm``: a terminal asks twice."""
+    env, file_env = (
+        (_NEW_PASSWORD_ENV, _NEW_PASSWORD_FILE_ENV) if new else (_PASSWORD_ENV, _PASSWORD_FILE_ENV)
+    )
+    confirm = confirm or new
+    path = _files[new] or os.environ.get(file_env)
+    if path:
+        password = _from_file(path)
+    elif env in os.environ:
+        password = os.environ[env]
+    elif sys.stdin.isatty():
+        what = "new password" if new else "password"
+        try:
+            password = getpass.getpass(f"{what} for {location}: ")
+            if confirm and getpass.getpass(f"repeat the {what}: ") != password:
+                raise UsageError("the passwords do not match")
+        except EOFError:
+            raise UsageError("no password given") from None
+    else:
+        flag = "--new-password-file" if new else "--password-file"
+        raise UsageError(
+            f"{location} needs a {'new ' if new else ''}password: set {env}, use {flag} "
+            "or run on a terminal"
+        )
+    if not password:
+        raise UsageError("an empty password is not allowed")
+    return password

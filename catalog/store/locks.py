@@ -1,0 +1,256 @@
+"""Repository locks (FORMAT.md 13): shared for writers that add data, exclusive for prune's
+deletion phase.
+
+A lock is a small JSON file ``locks/<id>.json`` naming its kind, host, pid, start time and a
+heartbeat that a thread refreshes every ``HEARTBEAT_S``. Taking a lock is *write, then look*:
+the lock file is written (atomically, durably) first, then the other locks are listed. Two
+parties that conflict therefore always see at least one of the other's files; whoever sees a
+live conflicting lock removes its own file and waits (or fails), so they never both proceed.
+
+A lock is **stale** when its process is known dead (same host, pid gone) or its heartbeat is
+older than ``STALE_S``. Stale locks are ignored by everyone and removed only by
+``comb unlock --stale`` (never a live one).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from datetime import UTC, datetime
+
+import psutil
+
+from catalog.errors import CombError, LockedError, RepositoryError
+from catalog.store.storage import Storage
+
+LOCKS_PREFIX = "locks"
+HEARTBEAT_S = 60.0
+STALE_S = 600.0  # ten missed heartbeats
+WAIT_POLL_S = 1.0
+DEFAULT_WAIT_S = 3600.0
+WAIT_ENV = "COMB_LOCK_WAIT"  # seconds to wait for a conflicting lock (default an hour)
+
+
+def default_wait() -> float:
+    try:
+        return float(os.environ.get(WAIT_ENV, DEFAULT_WAIT_S))
+    except ValueError:
+        return DEFAULT_WAIT_S
+
+
+EXCLUSIVE_KINDS = frozenset({"prune", "repair", "key"})
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+@dataclass(frozen=True)
+class LockInfo:
+    id: str
+    kind: str  # "backup", "forget", "prune", ...
+    exclusive: bool
+    host: str
+    pid: int
+    started: str
+    heartbeat: str
+    command: str = ""
+
+    @property
+    def name(self) -> str:
+        return f"{LOCKS_PREFIX}/{self.id}.json"
+
+    def stale(self, now: float | None = None) -> str | None:
+        """Why this lock is stale, or None when its holder may be alive."""
+        if self.host == socket.gethostname():
+            try:
+                started = datetime.fromisoformat(self.started).timestamp()
+            except ValueError:
+                started = None
+            gone = _gone(self.pid, started)
+            if gone:
+                return gone
+        age = (now or time.time()) - datetime.fromisoformat(self.heartbeat).timestamp()
+        if age > STALE_S:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def describe(self) -> str:
+        mode = "exclusive" if self.exclusive else "shared"
+        return f"{self.kind} ({mode}) by {self.host} pid {self.pid} since {self.started}"
+
+
+def _gone(pid: int, started: float | None) -> str | None:
+    """Why process ``pid`` of this host cannot be the one that took a lock at ``started``:
+    it does not exist, it has exited and waits to be reaped (a killed comb whose parent has not
+    collected it yet), or the pid now belongs to a process started after the lock."""
+    try:
+        proc = psutil.Process(pid)
+        if proc.status() == psutil.STATUS_ZOMBIE:
+            return f"process {pid} has exited"
+        if started is not None and proc.create_time() > started + 1.0:  # taken after its start
+            return f"process {pid} is gone (the pid belongs to a newer process)"
+    except psutil.NoSuchProcess:
+        return f"process {pid} is gone"
+    except psutil.Error:
+        return None  # cannot tell (permissions): the heartbeat decides
+    return None
+
+
+def read_locks(storage: Storage) -> list[LockInfo]:
+    """Every lock file that parses (a torn or foreign file is not a lock)."""
+    out = []
+    for name in storage.list(LOCKS_PREFIX):
+        if not name.endswith(".json"):
+            continue
+        try:
+            raw = storage.read(name)
+        except CombError:
+            if not storage.exists(name):
+                continue  # released between the listing and the read
+            raise  # a lock that exists but cannot be read must not be ignored
+        try:
+            doc = json.loads(raw)
+            info = LockInfo(**{k: doc[k] for k in LockInfo.__dataclass_fields__})
+            datetime.fromisoformat(info.heartbeat)
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if info.name == name:
+            out.append(info)
+    return sorted(out, key=lambda lk: lk.started)
+
+
+def _conflicts(mine: LockInfo, other: LockInfo) -> bool:
+    """A process never conflicts with itself (scrub --repair: shared to read, exclusive to
+    isolate damage)."""
+    ours = other.host == mine.host and other.pid == mine.pid
+    if other.id == mine.id or ours:
+        return False
+    if "key" in (mine.kind, other.kind):
+        # Key changes touch keys/ alone, which nothing else writes or removes: they exclude
+        # each other only, so a server holding its shared lock for days never blocks them.
+        return mine.kind == other.kind
+    return mine.exclusive or other.exclusive
+
+
+class Lock:
+    """A held lock; ``release()`` (or the context manager) removes its file."""
+
+    def __init__(self, storage: Storage, info: LockInfo) -> None:
+        self.storage = storage
+        self.info = info
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="comb-lock", daemon=True)
+
+    def _write(self) -> None:
+        self.storage.write_atomic(self.info.name, json.dumps(asdict(self.info)).encode())
+
+    def _beat(self) -> None:
+        """Refresh the heartbeat until released (for days, for a server). A failed write (a
+        full disk, a network file system's hiccup: storage raises ``RepositoryError``) must not
+        end the thread, or the lock would go stale ten minutes later under a live holder."""
+        while not self._stop.wait(HEARTBEAT_S):
+            self.info = replace(self.info, heartbeat=_now())
+            try:
+                self._write()
+            except (OSError, CombError):
+                pass  # the next beat tries again; staleness needs ten misses
+
+    def release(self) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+        try:
+            self.storage.remove(self.info.name)
+        except FileNotFoundError:
+            pass
+
+
+def acquire(
+    storage: Storage,
+    kind: str,
+    wait_s: float | None = None,
+    command: str = "",
+    on_wait: object = None,
+) -> Lock:
+    """Take a lock of ``kind`` (exclusive for prune, shared otherwise), waiting up to
+    ``wait_s`` for conflicting live locks to go; ``on_wait(blocker)`` is called once."""
+    exclusive = kind in EXCLUSIVE_KINDS
+    deadline = time.monotonic() + (default_wait() if wait_s is None else wait_s)
+    told = False
+    while True:
+        now = _now()
+        info = LockInfo(
+            id=secrets.token_hex(8),
+            kind=kind,
+            exclusive=exclusive,
+            host=socket.gethostname(),
+            pid=os.getpid(),
+            started=now,
+            heartbeat=now,
+            command=command,
+        )
+        lock = Lock(storage, info)
+        try:
+            lock._write()
+        except OSError as err:
+            raise RepositoryError(f"cannot write lock {info.name}: {err}") from None
+        try:
+            blockers = [
+                other
+                for other in read_locks(storage)
+                if _conflicts(info, other) and other.stale() is None
+            ]
+        except BaseException:  # an unreadable lock, Ctrl-C: leave no file of ours behind
+            lock.release()
+            raise
+        if not blockers:
+            lock._thread.start()
+            return lock
+        lock.release()
+        if time.monotonic() >= deadline:
+            raise LockedError(
+                f"repository is locked: {blockers[0].describe()}"
+                + (f" ({len(blockers) - 1} more)" if len(blockers) > 1 else "")
+                + "; `comb locks` lists locks, `comb unlock --stale` clears dead ones"
+            )
+        if not told and callable(on_wait):
+            on_wait(blockers[0])
+            told = True
+        time.sleep(WAIT_POLL_S * (0.5 + secrets.randbelow(1000) / 1000))
+
+
+@contextmanager
+def locked(
+    storage: Storage,
+    kind: str,
+    wait_s: float | None = None,
+    command: str = "",
+    on_wait: object = None,
+) -> Iterator[Lock]:
+    lock = acquire(storage, kind, wait_s, command, on_wait)
+    try:
+        yield lock
+    finally:
+        lock.release()
+
+
+def remove_stale(storage: Storage) -> list[tuple[LockInfo, str]]:
+    """Remove every stale lock file; returns (lock, why stale). Live locks are never touched."""
+    out = []
+    for info in read_locks(storage):
+        why = info.stale()
+        if why is not None:
+            try:
+                storage.remove(info.name)
+            except FileNotFoundError:
+                continue
+            out.append((info, why))
+    return out

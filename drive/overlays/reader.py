@@ -1,0 +1,111 @@
+"""An overlay read without writing: its base recovery point with the write records on top, as
+a ``drive.formats.image.BlockSource`` (a snapshot of the logs as they were when it was opened).
+
+Used where nothing may be written: ``comb backup overlay:NAME`` (which holds the overlay's lock
+meanwhile) and the FUSE drive (which may read while a server appends; it sees the records
+replayed at open). A torn last record is left out, not cut (cutting is the writer's job).
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+
+import drive.overlays.log as L
+import drive.overlays.overlay as overlay
+from catalog.errors import CorruptionError, RepositoryError
+from catalog.errors import describe_os_error as _os
+from catalog.repo import Repository
+from drive.source import PointSource
+
+
+def replay(repo: Repository, name: str, size: int, sealed: L.Sealed | None = None) -> L.ExtentMap:
+    """The overlay's extent map, read without writing (``sealed``: encrypted repository)."""
+    path = overlay.overlay_dir(repo, name)
+    logs = overlay.log_numbers(path)
+    written = L.ExtentMap()
+    for k, n in enumerate(logs):
+        file = os.path.join(path, overlay.log_name(n))
+        try:
+            L.replay(file, n, k == len(logs) - 1, size, written, sealed, repo.keys is not None)
+        except OSError as err:
+            raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
+    return written
+
+
+class OverlayReader:
+    """Reads of an overlay: the base point's bytes with the writes on top."""
+
+    def __init__(self, repo: Repository, name: str) -> None:
+        doc = overlay.read_doc(repo, name)
+        self.name = name
+        self.size = int(str(doc["size"]))
+        self.path = overlay.overlay_dir(repo, name)
+        keys = repo.keys
+        self._sealed = L.Sealed(keys, overlay.ident(doc, name)) if keys is not None else None
+        self.map = replay(repo, name, self.size, self._sealed)
+        self.base = PointSource(repo, repo.resolve(str(doc["base"])))
+        self._fds: dict[int, int] = {}
+        self._lock = threading.Lock()
+
+    @property
+    def granularity(self) -> int:
+        return self.base.granularity
+
+    def extents(self) -> list[tuple[int, int]]:
+        """The base point's data runs and every written run (data or zeros), merged and widened
+        to whole chunks (formats allocate by them)."""
+        g = self.granularity
+        runs = sorted(
+            [(o, o + n) for o, n in self.base.extents()]
+            + [
+                (p.start // g * g, min(self.size, -(-p.end // g) * g))
+                for p in self.map.pieces(0, self.size)
+            ]
+        )
+        out: list[tuple[int, int]] = []
+        for lo, hi in runs:
+            if out and lo <= out[-1][0] + out[-1][1]:
+                s, n = out[-1]
+                out[-1] = (s, max(s + n, hi) - s)
+            elif hi > lo:
+                out.append((lo, hi - lo))
+        return out
+
+    def read(self, offset: int, length: int) -> bytes:
+        length = max(0, min(length, self.size - offset))
+        buf = bytearray(length)
+        self.read_into(memoryview(buf), offset)
+        return bytes(buf)
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        n = len(buf)
+        buf[:] = self.base.read(offset, n)
+        for p in self.map.pieces(offset, n):
+            lo, hi = p.start - offset, p.end - offset
+            if p.pos < 0:
+                buf[lo:hi] = bytes(hi - lo)
+                continue
+            if self._sealed is not None:
+                buf[lo:hi] = self._sealed.read(self._fd(p.log), p.log, p.pos, hi - lo, self.name)
+                continue
+            data = os.pread(self._fd(p.log), hi - lo, p.pos)
+            if len(data) != hi - lo:
+                raise CorruptionError(f"overlay {self.name}: log {p.log} is shorter than its map")
+            buf[lo:hi] = data
+
+    def _fd(self, log: int) -> int:
+        with self._lock:
+            if log not in self._fds:
+                file = os.path.join(self.path, overlay.log_name(log))
+                try:
+                    self._fds[log] = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+                except OSError as err:
+                    raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
+            return self._fds[log]
+
+    def close(self) -> None:
+        with self._lock:
+            for fd in self._fds.values():
+                os.close(fd)
+            self._fds.clear()
