@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-import duckdb
 import numpy as np
 import pyarrow as pa
 
@@ -37,7 +36,7 @@ from catalog.analytics.lives import cache as lives_cache
 from catalog.analytics.lives import model as lv_
 from catalog.analytics.lives.build import build
 from catalog.errors import CombError, QueryError
-from catalog.store.changes import CHANGES_SCHEMA, changes_name, read_changes
+from catalog.store.changes import changes_name, read_changes
 from catalog.store.format import CONFIG_NAME, parse_config
 from catalog.store.parquet_io import decryption, read_verified, unreadable
 from catalog.store.points import RecoveryPoint
@@ -194,54 +193,11 @@ class History:
         return self._cols
 
     def _read(self) -> walk.Columns:
-        counts = np.zeros(len(self.points), np.int64)
-        files = self.change_files()
-        for i, _path, rows in files:
-            counts[i] = rows
-        starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
         sizes = {p.chunk_size for p in self.points}
         if len(sizes) > 1:
             raise QueryError("points of several chunk sizes cannot be analysed together yet")
         chunk = sizes.pop() if sizes else 1
-        if files:
-            con = duckdb.connect(":memory:")
-            keys = self.storage.keys
-            if keys is None:
-                source = f"read_parquet({sql_list(files)})"
-            else:
-                # decrypted by pyarrow, in the order listed (catalog.analytics.views.parquet_from)
-                paths = [f[1] for f in files]
-                con.register(
-                    "_changes", keys.parquet_dataset(paths, CHANGES_SCHEMA, False).to_table()
-                )
-                source = "_changes"
-            # Insertion order is kept: rows come file by file, in the order listed.
-            # Narrow columns (int32 chunk numbers, one int8 kind) halve what is copied out.
-            t = con.sql(
-                f'SELECT ("offset" // {int(chunk)})::INTEGER AS chunk_no, '
-                "coalesce(chunk_key, 0) AS chunk_key, "
-                "(CASE WHEN chunk_key IS NULL THEN 0 WHEN new THEN 2 ELSE 1 END)::TINYINT "
-                f"AS kind, stored_len FROM {source}"
-            ).to_arrow_table()
-            con.close()
-        else:
-            t = pa.table(
-                {
-                    "chunk_no": pa.array([], pa.int32()),
-                    "chunk_key": pa.array([], pa.int64()),
-                    "kind": pa.array([], pa.int8()),
-                    "stored_len": pa.array([], pa.int32()),
-                }
-            )
-        if t.num_rows != int(starts[-1]):
-            raise QueryError("change tables changed while they were read")
-        return walk.Columns(
-            t.column("chunk_no").to_numpy(),
-            t.column("chunk_key").to_numpy(),
-            t.column("kind").to_numpy(),
-            t.column("stored_len").to_numpy(),
-            starts,
-        )
+        return walk.read_columns(self.change_files(), len(self.points), chunk, self.storage.keys)
 
     def _lane_columns(self) -> walk.Columns:
         """The change rows as the arithmetic sees them: a branch's first point holds its
@@ -315,17 +271,7 @@ class History:
         return lane.name, f"{self.points[i].changes}{branch}"
 
     def _rows_of(self, changes_id: str) -> lv_.Rows:
-        chunk = self.points[0].chunk_size
-        t = read_changes(self.storage, changes_id)
-        key = t.column("chunk_key")
-        new = t.column("new").to_numpy(zero_copy_only=False)
-        zero = key.is_null().to_numpy(zero_copy_only=False)
-        return lv_.Rows(
-            (t.column("offset").to_numpy() // chunk).astype(np.int32),
-            key.fill_null(0).to_numpy().astype(np.int64),
-            np.where(zero, walk.ZERO, np.where(new, walk.NEW, walk.HIT)).astype(np.int8),
-            t.column("stored_len").to_numpy().astype(np.int32),
-        )
+        return walk.rows_of(read_changes(self.storage, changes_id), self.points[0].chunk_size)
 
     def _save(self, lives: lv_.Lives, path: str | None) -> None:
         if path is None:
@@ -422,11 +368,6 @@ class History:
         out = np.zeros(len(self._full.points), np.int64)  # (incomplete: not exact anyway)
         out[self._live_at] = walked
         return out
-
-
-def sql_list(files: list[tuple[int, str, int]]) -> str:
-    """The files' paths as a DuckDB list literal."""
-    return "[" + ", ".join("'" + f[1].replace("'", "''") + "'" for f in files) + "]"
 
 
 def _row_count(data: bytes, path: str, dec: Any = None) -> int:

@@ -15,13 +15,12 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.analytics.catalog import Catalog
+from catalog.analytics.growth_fit import first_time, fit_growth, fit_warning, linear_fit
 from catalog.analytics.regions import hot_regions_table
 from catalog.errors import PointNotFound, QueryError, UsageError
 from catalog.maint.retention import KeepPolicy, forget_mask
 
 MIB = 1 << 20
-# A fit explaining less than this share of the variance is called poor (projection report).
-POOR_FIT_R2 = 0.8
 HOT_REGION_BUCKETS = 1024  # default: the disk in about this many regions (power-of-two sizes)
 
 
@@ -295,42 +294,13 @@ def retention(cat: Catalog, opts: ReportOptions) -> ReportResult:
     return ReportResult(table, notes + _history_notes(cat))
 
 
-def fit_growth(
-    cat: Catalog, source: str | None, since: datetime | None = None
-) -> tuple[np.ndarray, np.ndarray]:
-    """(days since the first point, cumulative stored bytes) per point, in time order; with
-    ``since``, only points from then on are fitted (their totals still count everything)."""
-    t = _sql(
-        cat,
-        "SELECT * FROM (SELECT time, epoch(time - min(time) OVER ()) / 86400.0 AS day, "
-        "sum(bytes_stored) OVER (ORDER BY ord ROWS UNBOUNDED PRECEDING) AS stored "
-        "FROM stored_history WHERE source = ? OR ? IS NULL) WHERE time >= ? OR ? IS NULL "
-        "ORDER BY time",
-        [source, source, since, since],
-    )
-    return (
-        t.column("day").to_numpy(zero_copy_only=False).astype(float),
-        t.column("stored").to_numpy(zero_copy_only=False).astype(float),
-    )
-
-
-def linear_fit(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float | None]:
-    """Least squares y = a + b x: (a, b, r²); r² is None when y does not vary."""
-    if len(x) < 2 or float(np.ptp(x)) == 0.0:
-        return (float(y[-1]) if len(y) else 0.0), 0.0, None
-    b, a = np.polyfit(x, y, 1)
-    ss_tot = float(((y - y.mean()) ** 2).sum())
-    r2 = None if ss_tot == 0 else 1.0 - float(((y - (a + b * x)) ** 2).sum()) / ss_tot
-    return float(a), float(b), r2
-
-
 def projection(cat: Catalog, opts: ReportOptions) -> ReportResult:
     x, y = fit_growth(cat, opts.source, opts.since)
     if len(x) == 0:
         raise PointNotFound("no recovery points to project from")
     a, b, r2 = linear_fit(x, y)
     first = cat.history.times().min() if opts.source is None else None
-    t0 = _first_time(cat, opts.source) if first is None else first
+    t0 = first_time(cat, opts.source) if first is None else first
     last = float(x[-1])
     horizons = (0, *opts.horizons)
     days = [last + d for d in horizons]
@@ -350,24 +320,6 @@ def projection(cat: Catalog, opts: ReportOptions) -> ReportResult:
     if warning:
         notes.append(warning)
     return ReportResult(table, notes)
-
-
-def fit_warning(n: int, r2: float | None, span_days: float, ahead_days: float) -> str | None:
-    """Why the projection should not be trusted, if it should not (None when it may be)."""
-    if n < 3:
-        return f"only {n} point(s): the projection is a guess"
-    why = []
-    if r2 is not None and r2 < POOR_FIT_R2:
-        why.append(f"poor fit (r² = {r2:.2f} < {POOR_FIT_R2}): growth is not linear")
-    if span_days < max(1.0, ahead_days / 10):
-        why.append(f"the history spans {span_days:.2g} day(s), projected {ahead_days:.0f} ahead")
-    return "; ".join(why) + ": do not trust the projection" if why else None
-
-
-def _first_time(cat: Catalog, source: str | None) -> np.datetime64:
-    times = cat.history.times()
-    mine = np.array([p.source == source for p in cat.history.points], bool)
-    return times[mine].min() if mine.any() else times.min()
 
 
 def throughput(cat: Catalog, opts: ReportOptions) -> ReportResult:

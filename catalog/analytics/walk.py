@@ -1,7 +1,8 @@
-"""The change rows of a history as columns, and the row walks that answer "what does only this
-point hold" and "what would forgetting these points free" when the chunk lives
-(``catalog.analytics.lives.model``) are not available (a source whose chain is incomplete: the
-figures are then not exact and reports leave them out, but the views still show them).
+"""The change rows of a history as columns (read once from the change tables), and the row
+walks that answer "what does only this point hold" and "what would forgetting these points
+free" when the chunk lives (``catalog.analytics.lives.model``) are not available (a source
+whose chain is incomplete: the figures are then not exact and reports leave them out, but the
+views still show them).
 
 This module prints nothing.
 """
@@ -11,9 +12,14 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+import duckdb
 import numpy as np
+import pyarrow as pa
 
 from catalog.analytics.lives import model as lv_
+from catalog.errors import QueryError
+from catalog.store.changes import CHANGES_SCHEMA
+from catalog.store.crypto import RepoKeys
 
 Sources = Iterable[tuple[int, int, np.ndarray]]  # per source: first position, count, bitmap
 
@@ -107,3 +113,64 @@ def freed_per_point(n: int, c: Columns, flag: np.ndarray, one_point: bool) -> np
         ok[cand[~good]] = False
     running = np.concatenate([[0], np.cumsum(np.where(ok, c.stored, 0), dtype=np.int64)])
     return (running[c.starts[1:]] - running[c.starts[:-1]]).astype(np.int64)
+
+
+def read_columns(
+    files: list[tuple[int, str, int]], points: int, chunk: int, keys: RepoKeys | None
+) -> Columns:
+    """Every change row of the (checked) change tables ``files`` ((position, local path, rows),
+    in position order) as columns, read once by DuckDB's parallel Parquet reader (decrypted by
+    pyarrow in an encrypted repository, as ``catalog.analytics.views.parquet_from``)."""
+    counts = np.zeros(points, np.int64)
+    for i, _path, rows in files:
+        counts[i] = rows
+    starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    if files:
+        con = duckdb.connect(":memory:")
+        if keys is None:
+            listing = ", ".join("'" + f[1].replace("'", "''") + "'" for f in files)
+            source = f"read_parquet([{listing}])"
+        else:
+            paths = [f[1] for f in files]
+            con.register("_changes", keys.parquet_dataset(paths, CHANGES_SCHEMA, False).to_table())
+            source = "_changes"
+        # Insertion order is kept: rows come file by file, in the order listed.
+        # Narrow columns (int32 chunk numbers, one int8 kind) halve what is copied out.
+        t = con.sql(
+            f'SELECT ("offset" // {int(chunk)})::INTEGER AS chunk_no, '
+            "coalesce(chunk_key, 0) AS chunk_key, "
+            "(CASE WHEN chunk_key IS NULL THEN 0 WHEN new THEN 2 ELSE 1 END)::TINYINT "
+            f"AS kind, stored_len FROM {source}"
+        ).to_arrow_table()
+        con.close()
+    else:
+        t = pa.table(
+            {
+                "chunk_no": pa.array([], pa.int32()),
+                "chunk_key": pa.array([], pa.int64()),
+                "kind": pa.array([], pa.int8()),
+                "stored_len": pa.array([], pa.int32()),
+            }
+        )
+    if t.num_rows != int(starts[-1]):
+        raise QueryError("change tables changed while they were read")
+    return Columns(
+        t.column("chunk_no").to_numpy(),
+        t.column("chunk_key").to_numpy(),
+        t.column("kind").to_numpy(),
+        t.column("stored_len").to_numpy(),
+        starts,
+    )
+
+
+def rows_of(t: pa.Table, chunk: int) -> lv_.Rows:
+    """One change table's rows as the lives take them."""
+    key = t.column("chunk_key")
+    new = t.column("new").to_numpy(zero_copy_only=False)
+    zero = key.is_null().to_numpy(zero_copy_only=False)
+    return lv_.Rows(
+        (t.column("offset").to_numpy() // chunk).astype(np.int32),
+        key.fill_null(0).to_numpy().astype(np.int64),
+        np.where(zero, ZERO, np.where(new, NEW, HIT)).astype(np.int8),
+        t.column("stored_len").to_numpy().astype(np.int32),
+    )

@@ -33,8 +33,8 @@ import pyarrow as pa
 
 from catalog.errors import CombError
 from catalog.maint import gc
-from catalog.maint.gc import copy_chunks, index_sealed
 from catalog.maint.heal import Healed, ParityCheck, check_parity, heal_pack
+from catalog.maint.repack import copy_chunks, index_sealed
 from catalog.repo import Repository
 from catalog.store.chunks import decode_chunk
 from catalog.store.crypto import RepoKeys

@@ -14,15 +14,8 @@ import pyarrow as pa
 
 from catalog.analytics.catalog import Catalog
 from catalog.analytics.dashboard.render import DashboardData, format_bytes
-from catalog.analytics.reports import (
-    ReportOptions,
-    default_bucket,
-    fit_growth,
-    fit_warning,
-    hot_regions,
-    linear_fit,
-    rpo,
-)
+from catalog.analytics.growth_fit import fit_growth, fit_warning, linear_fit
+from catalog.analytics.reports import ReportOptions, default_bucket, hot_regions, rpo
 from catalog.store.points import RecoveryPoint
 
 HORIZONS_DAYS = (30, 90, 365)
