@@ -27,16 +27,18 @@ in ``./test.sh`` (contracts in pyproject.toml).
     scrub       ``scrub``: every pack read, damage located and reported
     heal        parity checks and healing a pack (``scrub --repair``)
     repair      ``repair index``: the index rebuilt from the packs
-    gc          ``prune``: remove what no point needs, repack sparse packs
+    gc          ``prune``: remove what no point needs
+    repack      copy the live chunks out of mostly-garbage packs (prune, scrub --repair)
     retention   keep policies (``--keep-*``)
 ``analytics/`` DuckDB over the history (read-only; prints nothing)
     views       the file views (points, manifests, chunks, packs)
     catalog     the ``Catalog``: every view, the derived ones built on first use
     history     points and change rows as columns, per source in lanes
     lanes       a branched source cut into straight runs
-    walk        the row walks (figures of incomplete histories)
+    walk        change rows as columns, and the row walks (incomplete histories)
     lives/      chunk lives: ``model``, ``build`` (from every row), ``cache`` (local file)
-    regions, reports, schema_doc    the named reports and what each column means
+    regions, reports, growth_fit, schema_doc    the named reports, the growth fit of the
+                projection, and what each column means
     dashboard/  ``data`` (the tables), ``render`` (the page), ``svgchart``
 
 Garbage collection (``maint.gc``, FORMAT.md 13): mark what every live point needs without a
