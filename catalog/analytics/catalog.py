@@ -131,12 +131,12 @@ class Catalog:
         held = h.held_stored()
         pts = h.chain_points
         gone = h.gone
+        # (point, stored bytes still held, live): without exact figures, live points only.
+        kept = held.tolist() if held is not None else [0] * len(pts)
         rows = [
             (p, int(n), not g)
-            for p, n, g in zip(
-                pts, held.tolist() if held is not None else [None] * len(pts), gone, strict=True
-            )
-            if not g or (n is not None and n > 0)
+            for p, n, g in zip(pts, kept, gone.tolist(), strict=True)
+            if not g or n > 0
         ]
         self.con.register(
             "_stored_rows",
