@@ -1,7 +1,7 @@
 """``python -m bench batch``: work-item (batch) size and pack size of a full backup.
 
-DEFAULT_BATCH_BYTES (pipeline/backup.py) and DEFAULT_PACK_TARGET_BYTES (catalog/store/packs.py) cite
-this table. Each setting runs a full backup of the same mixed image on one engine, in
+DEFAULT_BATCH_BYTES (pipeline/jobs/runner.py) and DEFAULT_PACK_TARGET_BYTES (catalog/store/packs.py)
+cite this table. Each setting runs a full backup of the same mixed image on one engine, in
 interleaved rounds (best wall kept, CPU-s/GB is the load-robust figure); peak PSS shows what
 bigger batches cost in memory.
 """
@@ -14,8 +14,9 @@ import os
 import shutil
 from typing import Any
 
-from pipeline.backup import BackupOptions, run_backup
 from pipeline.engines import make_engine
+from pipeline.jobs.backup import run_backup
+from pipeline.jobs.runner import BackupOptions
 
 from .image import MIB, generate_image, mixed_path, mixed_spec, parse_size, warm
 from .machine import DEFAULT_WORKDIR, describe, header_lines

@@ -39,7 +39,7 @@ t0 = time.perf_counter()
 from catalog.analytics.catalog import Catalog
 from catalog.analytics.lives.cache import CACHE_ENV
 from catalog.repo import Repository
-from pipeline.analytics_cmds import _options
+from pipeline.cli.analytics_cmd import report_options as _options
 from pipeline.cli import build_parser
 from catalog.analytics.reports import run_report
 args = build_parser().parse_args(sys.argv[1:])

@@ -21,12 +21,13 @@ import os
 import time
 
 from catalog.read.lookup import SegmentCache, segment_name
+from catalog.read.point import PointSource
+from catalog.read.spans import MapOptions
 from catalog.repo import Repository
 from catalog.store.manifest import leaves_name
 from catalog.store.points import RecoveryPoint
 from drive.formats.export import export_image
 from drive.formats.registry import FORMATS, builder
-from drive.source import PointSource
 
 from .drive_serve import (
     boot_ready_seconds,
@@ -110,7 +111,10 @@ def first_read_in_process(location: str, point_id: str, block_lists: bool = True
     point = repo.resolve(point_id)
     segments = SegmentCache()
     t0 = time.perf_counter()
-    PointSource(repo, point, segments=segments, block_lists=block_lists).read(point.size // 2, 4096)
+    source = PointSource(
+        repo.storage, point, maps=MapOptions(segments=segments, block_lists=block_lists)
+    )
+    source.read(point.size // 2, 4096)
     took = time.perf_counter() - t0
     segments.wait()  # the background table build would disturb the next figure
     return took
@@ -192,16 +196,14 @@ def main(argv: list[str]) -> int:
         if os.path.exists(path):
             os.unlink(path)
         t0 = time.perf_counter()
-        written = export_image(builder(name)(PointSource(repo, point)), path)
+        written = export_image(builder(name)(repo.reader(point)), path)
         wall = time.perf_counter() - t0
         figures[name] = {"seconds": wall, "bytes_written": written}
         rows.append(
             [name, f"{size / wall / 1e6:.0f}", f"{written / wall / 1e6:.0f}", f"{wall:.2f}"]
         )
         os.unlink(path)
-    serve_rows, serve_figures = _served(
-        repo.location, args.workdir, point.id, PointSource(repo, point)
-    )
+    serve_rows, serve_figures = _served(repo.location, args.workdir, point.id, repo.reader(point))
     figures.update(serve_figures)
     sizes = [parse_size(t) for t in args.first_read_sizes.split(",") if t.strip()]
     first_rows, figures["first_read"] = _first_reads(args.workdir, sizes) if sizes else ([], {})

@@ -17,9 +17,10 @@ from catalog.repo import Repository
 from catalog.store.format import DEFAULT_CHUNK_SIZE_BYTES
 from catalog.store.index import DedupIndex
 from catalog.store.points import RecoveryPoint
-from pipeline.backup import BackupOptions, run_backup
 from pipeline.engines import make_engine
-from pipeline.restore import restore_point
+from pipeline.jobs.backup import run_backup
+from pipeline.jobs.restore import restore_point
+from pipeline.jobs.runner import BackupOptions
 
 from .sampler import TreeSampler, Usage
 

@@ -23,9 +23,9 @@ import time
 from typing import Any
 
 from catalog.repo import Repository
-from pipeline.backup import BackupOptions
 from pipeline.engines import make_engine
-from pipeline.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
+from pipeline.jobs.runner import BackupOptions
+from pipeline.jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
 
 from .image import (
     GIB,

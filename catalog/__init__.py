@@ -14,14 +14,21 @@ in ``./test.sh`` (contracts in pyproject.toml).
     parquet_io  content-named Parquet files, written and read back checked
     blocks      block lists: checking parts of a large metadata file (FORMAT.md 7.1)
     index       the chunk index: id -> pack, offset, lengths
+    leaves      leaves files: a leaf, random access to one leaves file by ordinal
     manifest    a point's disk: offset -> chunk id, as leaves and a root
     changes     change tables: what each point changed relative to its parent
     points      point documents: the one atomic commit, forgetting, finding points
     locks       repository locks (FORMAT.md 13)
-``read/``   random reads of a point: where each chunk is
-    locator     chunk locations for the drive's reads, segment by segment
+``read/``   reads of a point
+    source      the block-source protocol (size, read_into; extents for formats), read_bytes
+    point       a point as a block source (``PointSource``): reads, chunk cache, large reads
+    spans       a point's chunk map, loaded span by span; its allocation map
+    provenance  which backup wrote which leaves file and segment, their block lists
+    locator     chunk locations for a point's reads, segment by segment
     lookup      per-segment lookups by id, cached
-``repo.py`` the facade: open or create a repository, its config, keys, points, manifests
+    coalesce    the one read-coalescing policy (restore, the drive's large reads)
+``repo.py`` the facade: open or create a repository, its config, keys, points, manifests, and
+            a point's reader (``Repository.reader``)
 ``maint/``  integrity and lifecycle
     check       ``verify``: structure, and every chunk's bytes with ``--read-data``
     scrub       ``scrub``: every pack read, damage located and reported
@@ -30,6 +37,7 @@ in ``./test.sh`` (contracts in pyproject.toml).
     gc          ``prune``: remove what no point needs
     repack      copy the live chunks out of mostly-garbage packs (prune, scrub --repair)
     retention   keep policies (``--keep-*``)
+    forget      which points a forget removes (overlay bases held) and retiring them
 ``analytics/`` DuckDB over the history (read-only; prints nothing)
     views       the file views (points, manifests, chunks, packs)
     catalog     the ``Catalog``: every view, the derived ones built on first use

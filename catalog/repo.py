@@ -1,4 +1,9 @@
-"""Opening and creating repositories; the entry point other packages use."""
+"""Opening and creating repositories; the entry point other packages use.
+
+Owns the facade: a repository's storage, config, keys and points, and the readers of its
+manifests and points (``reader``: a point as a block source, ``catalog.read.point``). Must not:
+know a file layout itself (``catalog.store`` does), or print anything.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import os
 import secrets
 
 from catalog.errors import RepositoryError, UsageError, describe_os_error
+from catalog.read import point as read_point
 from catalog.store import crypto
 from catalog.store.format import (
     CONFIG_NAME,
@@ -148,6 +154,13 @@ class Repository:
 
     def manifest(self, point: RecoveryPoint) -> ManifestReader:
         return ManifestReader(self.storage, point.root, point.leaves)
+
+    def reader(
+        self, point: RecoveryPoint, cache_chunks: int = read_point.DEFAULT_CACHE_CHUNKS
+    ) -> read_point.PointSource:
+        """``point`` as a block source (size, extents, reads; ``catalog.read.source``): opening
+        reads only its root; ``cache_chunks``: decoded chunks kept for neighbouring reads."""
+        return read_point.PointSource(self.storage, point, cache_chunks)
 
 
 def _sealed_trace(storage: LocalStorage) -> str:

@@ -10,13 +10,13 @@ Layout (all generated on the fly, nothing is copied)::
 
 Owns: the reversible escaping of source names into file names, the inode tree (built from the
 points at mount time; points committed later appear on the next listing, none disappear), a
-small LRU of opened points (``PointSource`` plus its five ``VirtualImage``; the rest are
+small LRU of opened points (a point's reader plus its five ``VirtualImage``; the rest are
 released), the pyfuse3 request handlers, and the serve loop with its signal handling (SIGINT,
 SIGTERM, SIGHUP unmount cleanly).
 
 Must not: write anything (the mount is ``ro`` and every modifying request answers EROFS), let
 one failed read stop the filesystem (any error reading becomes EIO for that request), or touch
-packs and manifests other than through ``PointSource``. Imports catalog and drive only.
+packs and manifests other than through ``Repository.reader``. Imports catalog and drive only.
 """
 
 from __future__ import annotations
@@ -46,7 +46,6 @@ from catalog.store.points import RecoveryPoint
 from drive.formats.image import VirtualImage
 from drive.formats.registry import builder
 from drive.overlays.reader import OverlayReader
-from drive.source import PointSource
 
 # file name in a point's directory -> export format (drive.formats.registry.FORMATS)
 FILES: dict[bytes, str] = {
@@ -94,10 +93,10 @@ def unescape_name(entry: bytes) -> str:
 
 class _OpenPoint:
     """One point opened: its block source and the five images, reads serialised by a lock
-    (``PointSource`` keeps a cache and a thread pool of its own and is not thread-safe)."""
+    (a point's reader keeps a cache and a thread pool of its own)."""
 
     def __init__(self, repo: Repository, point: RecoveryPoint) -> None:
-        source = PointSource(repo, point)
+        source = repo.reader(point)
         self.images: dict[str, VirtualImage] = {f: builder(f)(source) for f in FILES.values()}
         self._lock = threading.Lock()
 

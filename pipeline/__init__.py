@@ -1,5 +1,10 @@
 """How it runs: the only package that imports Ray.
 
-Wiring of the stage graph, the two executors (Ray actors, or threads in one process), bounded
-in-flight backpressure, error propagation, the job runners and the CLI.
+``engines``   the two executors of the stage graph (threads in this process, or Ray actors):
+              bounded in-flight backpressure, error propagation
+``jobs/``     backup (images, devices, overlays, vSphere VMs), restore, and their planning
+``cli/``      the command line: one module per command (``cli.registry`` lists them)
+``console``   warnings, notes, byte sizes, tables and JSON on the terminal
+``locking``   the repository's locks as jobs and commands take them
+``accel``     QEMU's accelerator for ``comb boot`` (KVM when it works here, else TCG)
 """

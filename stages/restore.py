@@ -1,7 +1,11 @@
 """The restore-side stages: locate chunks, read packs in large ranges, decode and check, write.
 
 Every chunk read is decompressed and checked against its BLAKE3 id (catalog.store.chunks); damage
-is a CorruptionError naming the pack path and offset.
+is a CorruptionError naming the pack path and offset. Pack reads are coalesced by the one policy
+every reader shares (``catalog.read.coalesce``).
+
+Owns the restore's read tasks and their execution. Must not: decide the coalescing policy, or
+know how it is scheduled (threads: the restore job in ``pipeline``).
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.errors import CorruptionError, RepositoryError
+from catalog.read.coalesce import READ_BYTES, coalesce
 from catalog.store.chunks import decode_chunk
 from catalog.store.index import ids_to_array
 from catalog.store.manifest import Leaf
@@ -19,10 +24,6 @@ from catalog.store.packs import pack_name
 from catalog.store.storage import Storage
 from stages.target import RestoreTarget, thread_buffer
 
-# Two chunks of one pack closer than this are read in one request (cheaper than two seeks).
-COALESCE_GAP_BYTES = 1024 * 1024
-# One read request covers at most this many bytes of a pack.
-MAX_READ_BYTES = 8 * 1024 * 1024
 _BLKZEROOUT = 0x127F
 _MAX_IOV = 512
 
@@ -92,40 +93,29 @@ def plan_reads(
                 f"place ({len(bad)} such chunk(s))"
             )
     joined = joined.sort_by([("pack", "ascending"), ("pack_offset", "ascending")])
-    disk_col, pack_off_col = "offset", "pack_offset"
     packs = joined.column("pack").to_pylist()
-    poffs = joined.column(pack_off_col).to_pylist()
+    poffs = joined.column("pack_offset").to_pylist()
     slens = joined.column("stored_len").to_pylist()
     rlens = joined.column("raw_len").to_pylist()
     codecs = joined.column("codec").to_pylist()
-    disk = joined.column(disk_col).to_pylist()
+    disk = joined.column("offset").to_pylist()
     ids = ids_to_array(joined.column("chunk_id"))
     tasks: list[ReadTask] = []
-    cur: ReadTask | None = None
-    last_key: tuple[str, int] | None = None
-    for i in range(joined.num_rows):
-        key = (packs[i], poffs[i])
-        if key == last_key and cur is not None:
-            cur.chunks[-1][5].append(disk[i])
-            continue
-        last_key = key
-        end = poffs[i] + slens[i]
-        if (
-            cur is None
-            or cur.pack != packs[i]
-            or poffs[i] - cur.end > COALESCE_GAP_BYTES
-            or end - cur.start > MAX_READ_BYTES
-        ):
-            cur = ReadTask(packs[i], poffs[i], end, [])
-            tasks.append(cur)
-        else:
-            object.__setattr__(cur, "end", max(cur.end, end))
-        cur.chunks.append((poffs[i], slens[i], rlens[i], codecs[i], bytes(ids[i]), [disk[i]]))
+    for a, b in coalesce(packs, poffs, slens):
+        end = max(poffs[i] + slens[i] for i in range(a, b))
+        task = ReadTask(packs[a], poffs[a], end, [])
+        for i in range(a, b):
+            if i > a and poffs[i] == poffs[i - 1]:  # one chunk at several places of the disk
+                task.chunks[-1][5].append(disk[i])
+            else:
+                chunk = (poffs[i], slens[i], rlens[i], codecs[i], bytes(ids[i]), [disk[i]])
+                task.chunks.append(chunk)
+        tasks.append(task)
     return tasks
 
 
 def _read_buffer(size: int) -> memoryview:
-    return memoryview(thread_buffer("read", size, MAX_READ_BYTES))
+    return memoryview(thread_buffer("read", size, READ_BYTES))
 
 
 def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None) -> int:

@@ -20,9 +20,10 @@ from typing import NamedTuple
 
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
-from pipeline.backup import BackupOptions, run_backup
 from pipeline.engines import LocalEngine
-from pipeline.restore import restore_point
+from pipeline.jobs.backup import run_backup
+from pipeline.jobs.restore import restore_point
+from pipeline.jobs.runner import BackupOptions
 
 KiB = 1024
 MiB = 1024 * 1024

@@ -17,7 +17,7 @@ from drive.formats.image import VirtualImage
 
 
 class FileSource:
-    """A raw image file as a ``drive.formats.image.BlockSource``: its extents are the file's data
+    """A raw image file as a ``catalog.read.source.MappedSource``: its extents are the file's data
     regions (SEEK_DATA / SEEK_HOLE), widened to ``granularity``."""
 
     def __init__(self, path: str, granularity: int = 65536) -> None:
@@ -51,9 +51,9 @@ class FileSource:
             pos = end
         return out
 
-    def read(self, offset: int, length: int) -> bytes:
-        data = os.pread(self._fd, length, offset)
-        return data + bytes(length - len(data))
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        n = os.preadv(self._fd, [buf], offset)
+        buf[n:] = bytes(len(buf) - n)
 
     def close(self) -> None:
         os.close(self._fd)

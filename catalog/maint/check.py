@@ -2,6 +2,10 @@
 
 Errors are damage (a committed point cannot be read as it should). Warnings are harmless
 leftovers of interrupted backups (temporary files, packs no index names), which prune removes.
+
+Owns the checks and the report. Must not: change anything, or read a pack in coalesced ranges
+(``catalog.read.coalesce`` is for readers of chunks): ``read_data`` reads each pack whole, as
+its name is the BLAKE3 of every byte of it.
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
-"""Finding chunk locations for random reads of recovery points (``drive.source``): the index
-segments are searched one by one, in an order the caller knows to be likely, and only while
-some wanted id is still unfound (``catalog.read.lookup`` answers per segment).
+"""Finding chunk locations for random reads of recovery points (``catalog.read.spans``): the
+index segments are searched one by one, in an order the caller knows to be likely, and only
+while some wanted id is still unfound (``catalog.read.lookup`` answers per segment).
 
-Read-only: nothing here is used by backups.
+Owns the search order and the pack names a read refers to. Must not: write anything (nothing
+here is used by backups), or read point documents (the caller knows which backup wrote what).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -35,13 +36,20 @@ class Locator:
     costs the segments that hold the ids, not the whole index. Like ``load_locations``, a copy
     whose pack exists is preferred. Not thread-safe (callers serialise)."""
 
-    def __init__(self, storage: Storage, cache: SegmentCache = SHARED_SEGMENTS) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        cache: SegmentCache = SHARED_SEGMENTS,
+        block_lists: Mapping[str, str] | None = None,
+    ) -> None:
+        """``block_lists``: segment name -> its block list, where known; the caller's mapping
+        may grow as it learns more (``catalog.read.provenance.Provenance.segment_blocks``)."""
         self._storage = storage
         self._cache = cache
+        self._block_lists: Mapping[str, str] = {} if block_lists is None else block_lists
         self._listed: list[str] | None = None
         self._exists: dict[str, bool] = {}
         self.segments_used: set[str] = set()
-        self.block_lists: dict[str, str] = {}  # segment name -> its block list, if known
         self.pack_names: list[str] = []  # what ``Found.pack`` codes mean; only grows
         self._pack_codes: dict[str, int] = {}
 
@@ -69,11 +77,11 @@ class Locator:
             np.zeros(n, np.int8),
         )
         state = np.zeros(n, np.int8)  # 0 unfound, 1 found in a missing pack, 2 found
-        passes = [near, None] if near is not None and self.block_lists else [None]
+        passes = [near, None] if near is not None and self._block_lists else [None]
         for where in passes:
             tried: set[str] = set()
             for name in self._order(first, rest, tried, lambda: bool(np.any(state < 2))):
-                if where is None or name in self.block_lists:
+                if where is None or name in self._block_lists:
                     self._search(name, uniq, state, out, where)
         inverse = inverse.ravel()
         return Found(*(getattr(out, f)[inverse] for f in Found.__annotations__))
@@ -91,7 +99,9 @@ class Locator:
             return  # named by a point document, but merged or removed since
         todo = np.flatnonzero(state < 2)
         self.segments_used.add(name)
-        hits = self._cache.lookup(self._storage, name, uniq[todo], self.block_lists.get(name), near)
+        hits = self._cache.lookup(
+            self._storage, name, uniq[todo], self._block_lists.get(name), near
+        )
         at = todo[hits.at]
         # Per pack, not per chunk: whether it exists, and its code.
         used = np.unique(hits.code).tolist()

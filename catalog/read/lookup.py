@@ -1,5 +1,5 @@
 """Chunk locations by id, per index segment, for random reads of recovery points
-(``drive.source``, through ``catalog.read.locator``), without loading the whole index.
+(``catalog.read.point``, through ``catalog.read.locator``), without loading the whole index.
 
 Index rows are in no defined order (FORMAT.md section 7), so a segment's row-group statistics
 cannot narrow a lookup by id. Instead each segment gets a **table** sorted by id when first

@@ -24,8 +24,8 @@ import json
 import os
 import secrets
 import socket
-import sys
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
@@ -355,56 +355,30 @@ def forget_unlocked() -> None:
 
 # -- passwords --------------------------------------------------------------------------------
 
-_PASSWORD_ENV = "COMB_PASSWORD"
-_PASSWORD_FILE_ENV = "COMB_PASSWORD_FILE"
-_NEW_PASSWORD_ENV = "COMB_NEW_PASSWORD"
-_NEW_PASSWORD_FILE_ENV = "COMB_NEW_PASSWORD_FILE"
+# Where the password of a repository opened or created without one comes from: set by the
+# application for one command (the command line: its options, environment and terminal, in
+# pipeline.cli.passwords). This module never prompts.
+PasswordSource = Callable[[str, bool], str]  # (location, confirm) -> password
+_source: PasswordSource | None = None
+# Until every caller passes a password (Repository.open, Repository.init): without a source,
+# this variable's value (the tests set it).
+_FALLBACK_PASSWORD_ENV = "COMB_PASSWORD"
 
 
-def _from_file(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            text = f.read()
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"cannot read password file {path}: {err}") from None
-    return text.rstrip("\r\n")
+def set_password_source(source: PasswordSource | None) -> None:
+    global _source
+    _source = source
 
 
-# Set by the command line (--password-file, --new-password-file) for one command.
-_files: dict[bool, str | None] = {False: None, True: None}
-
-
-def set_password_files(password_file: str | None, new_password_file: str | None) -> None:
-    _files[False], _files[True] = password_file, new_password_file
-
-
-def read_password(location: str, new: bool = False, confirm: bool = False) -> str:
-    """The password from --password-file, COMB_PASSWORD_FILE, COMB_PASSWORD or a prompt on a
-    terminal. ``new``: the password of a key being added (--new-password-file,
-    COMB_NEW_PASSWORD_FILE, COMB_NEW_PASSWORD); ``confirm``: a terminal asks twice."""
-    env, file_env = (
-        (_NEW_PASSWORD_ENV, _NEW_PASSWORD_FILE_ENV) if new else (_PASSWORD_ENV, _PASSWORD_FILE_ENV)
-    )
-    confirm = confirm or new
-    path = _files[new] or os.environ.get(file_env)
-    if path:
-        password = _from_file(path)
-    elif env in os.environ:
-        password = os.environ[env]
-    elif sys.stdin.isatty():
-        what = "new password" if new else "password"
-        try:
-            password = getpass.getpass(f"{what} for {location}: ")
-            if confirm and getpass.getpass(f"repeat the {what}: ") != password:
-                raise UsageError("the passwords do not match")
-        except EOFError:
-            raise UsageError("no password given") from None
+def read_password(location: str, confirm: bool = False) -> str:
+    """The password of the encrypted repository at ``location``, asked of the source the
+    application set (``confirm``: a new repository's, which a terminal asks twice)."""
+    if _source is not None:
+        password = _source(location, confirm)
+    elif _FALLBACK_PASSWORD_ENV in os.environ:
+        password = os.environ[_FALLBACK_PASSWORD_ENV]
     else:
-        flag = "--new-password-file" if new else "--password-file"
-        raise UsageError(
-            f"{location} needs a {'new ' if new else ''}password: set {env}, use {flag} "
-            "or run on a terminal"
-        )
+        raise UsageError(f"{location} needs a password (none given)")
     if not password:
         raise UsageError("an empty password is not allowed")
     return password

@@ -10,6 +10,12 @@ live conflicting lock removes its own file and waits (or fails), so they never b
 A lock is **stale** when its process is known dead (same host, pid gone) or its heartbeat is
 older than ``STALE_S``. Stale locks are ignored by everyone and removed only by
 ``comb unlock --stale`` (never a live one).
+
+Which commands lock, and how (FORMAT.md 13): a backup or forget takes the shared
+``writer_lock``; a reader (restore, verify, scrub, export, serve, mount, boot) the shared
+``reader_lock``, whose policy depends on the ``locks`` feature (``ensure_locking``); prune,
+repair and key changes take exclusive locks through ``locked``. Callers pass the callbacks that
+say something (this module prints nothing).
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import secrets
 import socket
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -28,6 +34,7 @@ from datetime import UTC, datetime
 import psutil
 
 from catalog.errors import CombError, LockedError, RepositoryError
+from catalog.store.format import CONFIG_NAME, RepoConfig
 from catalog.store.storage import Storage
 
 LOCKS_PREFIX = "locks"
@@ -46,6 +53,8 @@ def default_wait() -> float:
 
 
 EXCLUSIVE_KINDS = frozenset({"prune", "repair", "key"})
+# The ``ro_compat`` feature of a repository whose writers take locks (FORMAT.md 13).
+LOCKING_FEATURE = "locks"
 
 
 def _now() -> str:
@@ -254,3 +263,64 @@ def remove_stale(storage: Storage) -> list[tuple[LockInfo, str]]:
                 continue
             out.append((info, why))
     return out
+
+
+def ensure_locking(storage: Storage, config: RepoConfig) -> RepoConfig:
+    """Mark the repository as one whose writers take locks (``ro_compat``: a comb that does not
+    know locking may still read it, but no longer write to it); returns the config now in
+    force. Set before anything is removed."""
+    feats = config.features
+    if LOCKING_FEATURE in feats.ro_compat:
+        return config
+    new = replace(feats, ro_compat=tuple(sorted({*feats.ro_compat, LOCKING_FEATURE})))
+    config = replace(config, features=new)
+    storage.write_atomic(CONFIG_NAME, config.to_json())
+    return config
+
+
+@contextmanager
+def writer_lock(
+    storage: Storage, kind: str, command: str = "", on_wait: object = None
+) -> Iterator[Lock]:
+    """The shared lock of a backup (or forget): waits while a prune or repair removes data.
+    Lock files are plain: in an encrypted repository one names its kind, not ``command`` (a
+    command line names the source)."""
+    shown = kind if storage.keys is not None else command
+    with locked(storage, kind, command=shown, on_wait=on_wait) as lock:
+        yield lock
+
+
+@contextmanager
+def reader_lock(
+    storage: Storage,
+    config: RepoConfig,
+    kind: str,
+    long_lived: bool = False,
+    on_wait: object = None,
+    on_unlocked: Callable[[str], None] | None = None,
+) -> Iterator[None]:
+    """A shared lock for readers (restore, verify, scrub, export, serve, mount, boot), held
+    until they exit, so prune does not remove files under them; a repository on read-only media
+    cannot take one and is read without it. A reader that ends (restore, verify, scrub, export)
+    takes none in a repository no forget or prune ever ran on (no ``locks`` feature), so that it
+    writes nothing there (FORMAT.md 12); the one gap: such a reader still running when the first
+    prune removes data fails on a missing file (never returns wrong data).
+
+    ``long_lived`` readers (serve, mount, boot) always lock: one started before the first
+    forget and prune would otherwise stay unprotected for days, as that prune sets the feature
+    and then sees no lock of theirs (FORMAT.md 13). ``on_unlocked(why)`` is told when one
+    cannot lock."""
+    if not long_lived and LOCKING_FEATURE not in config.features.ro_compat:
+        yield
+        return
+    try:
+        lock = acquire(storage, kind, command=kind, on_wait=on_wait)
+    except RepositoryError as err:
+        if long_lived and on_unlocked is not None:
+            on_unlocked(err.message)
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()

@@ -9,7 +9,9 @@ what changed while every point still reads as a full image:
 * **root** (``manifests/roots/<id>.parquet``): one file per point with one row per non-empty
   leaf: (leaf number on disk, leaves file, ordinal in that file). A null leaves file means this
   point's own leaves file (named in the point document). Leaves untouched since the parent are
-  referenced, not copied.
+  referenced, not copied. One leaves file, read by itself, is ``catalog.store.leaves``.
+
+Must not: know which point wrote a leaves file (a reader's caller passes its block list).
 """
 
 from __future__ import annotations
@@ -24,17 +26,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from catalog.errors import CorruptionError
-from catalog.store.index import ids_to_array
-from catalog.store.parquet_io import (
-    ParquetStreamWriter,
-    decryption,
-    open_parquet,
-    read_verified,
-    unreadable,
-)
+from catalog.store.leaves import EMPTY_LEAF, LEAVES_PREFIX, Leaf, LeafFile, leaves_name
+from catalog.store.parquet_io import ParquetStreamWriter, decryption, read_verified, unreadable
 from catalog.store.storage import Storage
 
-LEAVES_PREFIX = "manifests/leaves"
 ROOTS_PREFIX = "manifests/roots"
 LEAF_SCHEMA = pa.schema(
     [
@@ -54,26 +49,8 @@ LEAF_ROW_GROUP_ROWS = 16384
 _FLUSH_ROWS = 8192
 
 
-def leaves_name(file_id: str) -> str:
-    return f"{LEAVES_PREFIX}/{file_id}.parquet"
-
-
 def roots_name(file_id: str) -> str:
     return f"{ROOTS_PREFIX}/{file_id}.parquet"
-
-
-@dataclass(frozen=True)
-class Leaf:
-    """The data chunks of one leaf: slots (int16 array) and ids ((k, 32) uint8 array)."""
-
-    slots: np.ndarray
-    ids: np.ndarray
-
-    def same_as(self, other: Leaf) -> bool:
-        return np.array_equal(self.slots, other.slots) and np.array_equal(self.ids, other.ids)
-
-
-EMPTY_LEAF = Leaf(np.empty(0, np.int16), np.empty((0, 32), np.uint8))
 
 
 @dataclass(frozen=True)
@@ -214,77 +191,6 @@ class ManifestWriter:
         self._root.abort()
 
 
-class _LeafFile:
-    """Random access to the leaves of one leaves file, by ordinal, through its row groups (the
-    last one decoded is kept, as before: neighbouring leaves share it)."""
-
-    GROUPS_KEPT = 1
-
-    def __init__(self, storage: Storage, file_id: str, blocks_id: str | None = None) -> None:
-        """``blocks_id``: the file's block list, to read it in part (``catalog.store.blocks``)."""
-        self.name = leaves_name(file_id)
-        self._pf: pq.ParquetFile = open_parquet(storage, self.name, blocks_id)
-        md = self._pf.metadata
-        col = md.schema.to_arrow_schema().get_field_index("leaf")
-        ranges = []
-        for rg in range(md.num_row_groups):
-            stats = md.row_group(rg).column(col).statistics
-            if stats is None or not stats.has_min_max:
-                raise CorruptionError(f"{self.name}: row group {rg} has no leaf statistics")
-            ranges.append((int(stats.min), int(stats.max)))
-        # Rows are sorted by leaf, so both ends of the row groups' ranges ascend.
-        self._rg_min = np.array([lo for lo, _ in ranges], np.int64)
-        self._rg_max = np.array([hi for _, hi in ranges], np.int64)
-        self._groups: OrderedDict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = OrderedDict()
-
-    def _group(self, rg: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        got = self._groups.get(rg)
-        if got is not None:
-            self._groups.move_to_end(rg)
-            return got
-        try:
-            t = self._pf.read_row_group(rg)
-        except (pa.ArrowException, OSError) as err:
-            raise CorruptionError(f"{self.name}: row group {rg} unreadable ({err})") from None
-        got = (
-            t.column("leaf").to_numpy(),
-            t.column("slot").to_numpy(),
-            ids_to_array(t.column("chunk_id")).copy(),
-        )
-        self._groups[rg] = got
-        if len(self._groups) > self.GROUPS_KEPT:
-            self._groups.popitem(last=False)
-        return got
-
-    def rows(self, lo: int, hi: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(ordinal, slot, chunk id) of every row of the leaves ``lo`` to ``hi`` (inclusive), in
-        file order, gathered from every row group whose range overlaps (a leaf may straddle)."""
-        first = int(np.searchsorted(self._rg_max, lo, "left"))
-        last = int(np.searchsorted(self._rg_min, hi, "right"))
-        parts = []
-        for rg in range(first, last):
-            leaf_col, slot_col, ids = self._group(rg)
-            a = int(np.searchsorted(leaf_col, lo, "left"))
-            b = int(np.searchsorted(leaf_col, hi, "right"))
-            if b > a:
-                parts.append((leaf_col[a:b], slot_col[a:b], ids[a:b]))
-        if len(parts) == 1:
-            return parts[0]
-        if not parts:
-            return np.empty(0, np.int32), np.empty(0, np.int16), np.empty((0, 32), np.uint8)
-        return (
-            np.concatenate([p[0] for p in parts]),
-            np.concatenate([p[1] for p in parts]),
-            np.concatenate([p[2] for p in parts]),
-        )
-
-    def leaf(self, ordinal: int) -> Leaf:
-        _, slots, ids = self.rows(ordinal, ordinal)
-        if not len(slots):
-            raise CorruptionError(f"{self.name}: leaf {ordinal} is missing")
-        return Leaf(slots, ids)
-
-
 def _concat_ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     """The indices of every range [start[i], end[i]), concatenated in order."""
     counts = end - start
@@ -298,8 +204,17 @@ class ManifestReader:
     dictionary codes); leaves files are opened when a leaf of theirs is first wanted. Not
     thread-safe: concurrent readers serialise."""
 
-    def __init__(self, storage: Storage, root_id: str, own_leaves: str | None) -> None:
+    def __init__(
+        self,
+        storage: Storage,
+        root_id: str,
+        own_leaves: str | None,
+        block_list_of: Callable[[str], str | None] | None = None,
+    ) -> None:
+        """``block_list_of``: a leaves file's block list, if the point that wrote it names one
+        (then only the blocks read are checked, not the whole file: ``catalog.store.blocks``)."""
         self._storage = storage
+        self._block_list_of = block_list_of
         self.root_name = roots_name(root_id)
         data = read_verified(storage, self.root_name)
         try:
@@ -323,11 +238,8 @@ class ManifestReader:
         self.leaf_ordinals = root.column("leaf").to_numpy()
         if len(self.leaf_nos) > 1 and not np.all(np.diff(self.leaf_nos) > 0):
             raise CorruptionError(f"{self.root_name} is not sorted by leaf number")
-        self._files: OrderedDict[str, _LeafFile] = OrderedDict()
+        self._files: OrderedDict[str, LeafFile] = OrderedDict()
         self.files_opened: set[str] = set()  # leaves files opened so far (tests, benchmarks)
-        # Block list of a leaves file, when the caller knows it from the point that wrote it:
-        # then only the blocks read are checked, not the whole file (catalog.store.blocks).
-        self.block_list_of: Callable[[str], str | None] = lambda _file_id: None
 
     def __len__(self) -> int:
         return len(self.leaf_nos)
@@ -350,10 +262,11 @@ class ManifestReader:
             return LeafRef(leaf_no, file_id, int(self.leaf_ordinals[pos]))
         return None
 
-    def _file(self, file_id: str) -> _LeafFile:
+    def _file(self, file_id: str) -> LeafFile:
         lf = self._files.get(file_id)
         if lf is None:
-            lf = _LeafFile(self._storage, file_id, self.block_list_of(file_id))
+            blocks = self._block_list_of(file_id) if self._block_list_of is not None else None
+            lf = LeafFile(self._storage, file_id, blocks)
             self._files[file_id] = lf
             self.files_opened.add(file_id)
             if len(self._files) > 32:

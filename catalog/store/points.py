@@ -10,6 +10,7 @@ later versions can add fields without breaking older readers.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
@@ -257,19 +258,48 @@ def last_vsphere_read(points: list[RecoveryPoint], source: str) -> RecoveryPoint
     return mine[-1] if mine else None
 
 
+# Ids an ambiguous prefix's error lists.
+_AMBIGUOUS_SHOWN = 4
+
+
 def resolve(points: list[RecoveryPoint], spec: str) -> RecoveryPoint:
-    """A point by id, unique id prefix, or ``NAME@latest``."""
-    if spec.endswith("@latest"):
-        name = spec[: -len("@latest")]
-        found = latest_for(points, name)
-        if found is None:
-            raise PointNotFound(f"no recovery point for source {name!r}")
-        return found
-    if not spec or any(c not in "0123456789abcdef" for c in spec.lower()):
-        raise PointNotFound(f"{spec!r} is not a recovery point id, prefix or NAME@latest")
-    matches = [p for p in points if p.id.startswith(spec.lower())]
+    """The point ``spec`` names, in the one grammar every command takes:
+
+    - ``ID``, or a unique prefix of one (hex digits, either case);
+    - ``SOURCE@latest``: the latest point of source ``SOURCE``;
+    - ``SOURCE@ID`` or ``SOURCE@PREFIX``: that point, which must be one of ``SOURCE``'s.
+
+    ``SOURCE`` ends at the last ``@`` (a source name may contain one). A relative path names
+    the source of its absolute path when no source has the name as given. An ambiguous prefix
+    is an error that lists the first few of the points it matches."""
+    source, at, wanted = spec.rpartition("@")
+    if at and wanted == "latest":
+        return _of_source(points, source)[-1]
+    prefix = wanted if at else spec
+    if not prefix or any(c not in "0123456789abcdef" for c in prefix.lower()):
+        raise PointNotFound(
+            f"{spec!r} is not a recovery point id, prefix, SOURCE@latest or SOURCE@ID"
+        )
+    pool, of = (_of_source(points, source), f" of source {source!r}") if at else (points, "")
+    matches = [p for p in pool if p.id.startswith(prefix.lower())]
     if not matches:
-        raise PointNotFound(f"no recovery point {spec!r}")
+        raise PointNotFound(f"no recovery point {prefix!r}{of}")
     if len(matches) > 1:
-        raise PointNotFound(f"recovery point prefix {spec!r} is ambiguous ({len(matches)} match)")
+        shown = ", ".join(p.id for p in matches[:_AMBIGUOUS_SHOWN])
+        more = ", ..." if len(matches) > _AMBIGUOUS_SHOWN else ""
+        raise PointNotFound(
+            f"recovery point prefix {prefix!r}{of} is ambiguous "
+            f"({len(matches)} match: {shown}{more})"
+        )
     return matches[0]
+
+
+def _of_source(points: list[RecoveryPoint], source: str) -> list[RecoveryPoint]:
+    """The points of ``source`` (oldest first), or of its absolute path when it has none."""
+    mine = [p for p in points if p.source == source]
+    if not mine and source:
+        absolute = os.path.abspath(source)
+        mine = [p for p in points if p.source == absolute]
+    if not mine:
+        raise PointNotFound(f"no recovery point for source {source!r}")
+    return mine

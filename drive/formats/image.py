@@ -8,8 +8,9 @@ read as zeros, so sparse regions stay sparse in every format that can express th
 ``VirtualImage`` serves a streamed export (segments in order; gaps become holes) and, later,
 random reads by the NBD server and the FUSE drive.
 
-Imports nothing of comb but this package's block-source protocol: formats see only a size and
-the allocated extents, never packs or manifests.
+Owns ``VirtualImage`` and its segments. Must not: import anything of comb but the block-source
+protocol (``catalog.read.source.MappedSource``): formats see only a size and the allocated
+extents, never packs or manifests.
 """
 
 from __future__ import annotations
@@ -17,28 +18,8 @@ from __future__ import annotations
 import bisect
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Protocol
 
-
-class BlockSource(Protocol):
-    """What a format needs of a disk: its size, its data extents, and reads."""
-
-    @property
-    def size(self) -> int: ...
-
-    def extents(self) -> list[tuple[int, int]]:
-        """Sorted, non-overlapping (offset, length) runs that may hold data; everything else
-        reads as zeros. Runs are aligned to ``granularity`` except the disk's end."""
-        ...
-
-    @property
-    def granularity(self) -> int:
-        """The unit of allocation in bytes (the chunk size; a power of two, >= 4096)."""
-        ...
-
-    def read(self, offset: int, length: int) -> bytes:
-        """Bytes [offset, offset + length) of the disk (zeros outside the extents)."""
-        ...
+from catalog.read.source import MappedSource, read_bytes
 
 
 @dataclass(frozen=True)
@@ -71,7 +52,7 @@ class VirtualImage:
 
     size: int
     segments: list[Segment]
-    source: BlockSource
+    source: MappedSource
     _starts: list[int] = field(default_factory=list, repr=False)
 
     def __post_init__(self) -> None:
@@ -110,10 +91,10 @@ class VirtualImage:
     def _piece(self, s: Segment, at: int, n: int) -> bytes:
         if isinstance(s, Literal):
             return s.data[at : at + n]
-        return self.source.read(s.source_offset + at, n)
+        return read_bytes(self.source, s.source_offset + at, n)
 
 
-def raw_image(source: BlockSource) -> VirtualImage:
+def raw_image(source: MappedSource) -> VirtualImage:
     """The disk itself: its data extents in place, holes elsewhere."""
     segs: list[Segment] = [FromSource(o, n, o) for o, n in source.extents()]
     return VirtualImage(source.size, segs, source)

@@ -4,7 +4,7 @@ Owns the qcow2 layout: the header, the L1 and L2 mapping tables, the refcount ta
 refcount blocks, and where each data cluster of the disk lands in the file. It lays the file
 out from the disk's size and extents alone: it must not read the disk's data (data clusters
 are ``FromSource`` segments, read only when the image is read) and it knows nothing of comb
-beyond ``drive.formats.image``.
+beyond ``drive.formats.image`` and the block-source protocol (``catalog.read.source``).
 
 The file is packed with no free clusters, in this order::
 
@@ -28,7 +28,8 @@ import sys
 from array import array
 from dataclasses import dataclass
 
-from drive.formats.image import BlockSource, FromSource, Literal, Segment, VirtualImage
+from catalog.read.source import MappedSource
+from drive.formats.image import FromSource, Literal, Segment, VirtualImage
 
 QCOW2_MAGIC = b"QFI\xfb"
 QCOW2_VERSION = 3
@@ -80,7 +81,7 @@ class _Layout:
     total_clusters: int
 
 
-def qcow2_image(source: BlockSource, cluster_bytes: int = 64 << 10) -> VirtualImage:
+def qcow2_image(source: MappedSource, cluster_bytes: int = 64 << 10) -> VirtualImage:
     """``source`` as a qcow2 version 3 image (no backing file, no encryption, 16-bit
     refcounts): clusters overlapping its extents are allocated, the rest read as zeros."""
     layout = _plan(source.size, source.extents(), cluster_bytes)

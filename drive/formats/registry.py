@@ -1,11 +1,13 @@
-"""The export formats by name: each builds a ``VirtualImage`` of a block source."""
+"""The export formats by name: each builds a ``VirtualImage`` of a block source
+(``catalog.read.source.MappedSource``). Owns the names; must not lay out any format itself."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
 
-from drive.formats.image import BlockSource, VirtualImage
+from catalog.read.source import MappedSource
+from drive.formats.image import VirtualImage
 
 # name -> (module in this package, function, what it is). Imported on use.
 FORMATS: dict[str, tuple[str, str, str]] = {
@@ -30,9 +32,9 @@ QEMU_NAMES = {
 }
 
 
-def builder(name: str) -> Callable[[BlockSource], VirtualImage]:
+def builder(name: str) -> Callable[[MappedSource], VirtualImage]:
     module, function, _about = FORMATS[name]
-    built: Callable[[BlockSource], VirtualImage] = getattr(
+    built: Callable[[MappedSource], VirtualImage] = getattr(
         importlib.import_module(f"drive.formats.{module}"), function
     )
     return built

@@ -36,7 +36,8 @@ import time
 import uuid
 
 from catalog.errors import OutputError, UsageError
-from drive.formats.image import BlockSource, FromSource, Literal, Segment, VirtualImage
+from catalog.read.source import MappedSource
+from drive.formats.image import FromSource, Literal, Segment, VirtualImage
 
 SECTOR_BYTES = 512
 FOOTER_BYTES = 512
@@ -107,7 +108,7 @@ def _with_checksum(data: bytes) -> bytes:
     return data[:at] + struct.pack(">I", _checksum(data)) + data[at + 4 :]
 
 
-def _disk_bytes(source: BlockSource) -> int:
+def _disk_bytes(source: MappedSource) -> int:
     """The VHD's current size: the disk rounded up to a sector (see the module docstring)."""
     disk_bytes = _round_up(source.size, SECTOR_BYTES)
     if disk_bytes > MAX_DISK_BYTES:
@@ -150,7 +151,7 @@ def _unique_id(unique_id: uuid.UUID | None) -> bytes:
 
 
 def vhd_fixed_image(
-    source: BlockSource, *, created_s: float | None = None, unique_id: uuid.UUID | None = None
+    source: MappedSource, *, created_s: float | None = None, unique_id: uuid.UUID | None = None
 ) -> VirtualImage:
     """A fixed VHD: the disk's data in place (holes kept), zeros up to a whole sector, then the
     512-byte footer. ``created_s`` (Unix seconds) defaults to now, ``unique_id`` to random."""
@@ -194,7 +195,7 @@ def _dynamic_header(bat_offset: int, entries: int, block_bytes: int) -> bytes:
 
 
 def vhd_dynamic_image(
-    source: BlockSource,
+    source: MappedSource,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     *,
     created_s: float | None = None,

@@ -33,7 +33,8 @@ import uuid
 from dataclasses import dataclass
 
 from catalog.errors import OutputError, UsageError
-from drive.formats.image import BlockSource, FromSource, Literal, Segment, VirtualImage
+from catalog.read.source import MappedSource
+from drive.formats.image import FromSource, Literal, Segment, VirtualImage
 
 KIB_BYTES = 1 << 10
 MIB_BYTES = 1 << 20
@@ -159,7 +160,7 @@ def geometry(size: int, block_bytes: int = DEFAULT_BLOCK_BYTES) -> Geometry:
 
 
 def vhdx_image(
-    source: BlockSource,
+    source: MappedSource,
     block_bytes: int = DEFAULT_BLOCK_BYTES,
     *,
     disk_id: uuid.UUID | None = None,
@@ -268,7 +269,7 @@ def _present_blocks(extents: list[tuple[int, int]], geo: Geometry) -> list[int]:
     return blocks
 
 
-def _clipped_extents(source: BlockSource) -> list[tuple[int, int]]:
+def _clipped_extents(source: MappedSource) -> list[tuple[int, int]]:
     """The extents inside the disk, empty ones dropped (a defensive no-op for a good source)."""
     out = []
     for offset, length in source.extents():

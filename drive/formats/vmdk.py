@@ -42,7 +42,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 
 from catalog.errors import OutputError, SourceError
-from drive.formats.image import BlockSource, FromSource, Literal, Segment, VirtualImage
+from catalog.read.source import MappedSource, read_bytes
+from drive.formats.image import FromSource, Literal, Segment, VirtualImage
 
 SECTOR_BYTES = 512
 GRAIN_SECTORS = 128  # 64 KiB grains: VMware's default, and qemu-img's
@@ -113,7 +114,7 @@ class SparseLayout:
 
 
 def vmdk_image(
-    source: BlockSource,
+    source: MappedSource,
     *,
     filename: str = "disk.vmdk",
     adapter_type: str = "lsilogic",
@@ -178,7 +179,7 @@ def _place_grains(
 
 
 def vmdk_stream_image(
-    source: BlockSource,
+    source: MappedSource,
     *,
     filename: str = "disk.vmdk",
     adapter_type: str = "lsilogic",
@@ -230,12 +231,12 @@ class CompressedGrains:
     stream, padded to a sector, back to back from ``start``.
 
     Built by compressing every grain once to learn its length (the layout needs them all);
-    ``read`` compresses a grain again, which zlib reproduces byte for byte for the same input
+    a read compresses a grain again, which zlib reproduces byte for byte for the same input
     and level. A record that comes out another length (the source changed under us) raises
     rather than shifting every later offset."""
 
     def __init__(
-        self, source: BlockSource, runs: list[tuple[int, int]], start: int, level: int
+        self, source: MappedSource, runs: list[tuple[int, int]], start: int, level: int
     ) -> None:
         self._source, self._level, self.start = source, level, start
         self.grains, self.starts, self._lengths = array("Q"), array("Q"), array("I")
@@ -265,21 +266,21 @@ class CompressedGrains:
     def extents(self) -> list[tuple[int, int]]:
         return [(self.start, self._end - self.start)] if self._end > self.start else []
 
-    def read(self, offset: int, length: int) -> bytes:
-        out = bytearray(length)
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        length = len(buf)
+        buf[:] = bytes(length)
         i = max(0, bisect.bisect_right(self.starts, offset) - 1)
         while i < len(self.starts) and self.starts[i] < offset + length:
             record, at = self._record(i), self.starts[i]
             lo, hi = max(at, offset), min(at + len(record), offset + length)
             if lo < hi:
-                out[lo - offset : hi - offset] = record[lo - at : hi - at]
+                buf[lo - offset : hi - offset] = record[lo - at : hi - at]
             i += 1
-        return bytes(out)
 
     def _grain(self, grain: int) -> bytes:
         """A whole grain, zero-padded past the disk's end (readers inflate whole grains)."""
         offset = grain * GRAIN_BYTES
-        data = self._source.read(offset, min(GRAIN_BYTES, self._source.size - offset))
+        data = read_bytes(self._source, offset, min(GRAIN_BYTES, self._source.size - offset))
         return data.ljust(GRAIN_BYTES, b"\0")
 
     def _record(self, i: int) -> bytes:
@@ -304,7 +305,7 @@ class CompressedGrains:
         return record
 
 
-def grain_runs(source: BlockSource) -> list[tuple[int, int]]:
+def grain_runs(source: MappedSource) -> list[tuple[int, int]]:
     """[first, end) grain indexes of the grains overlapping the disk's extents, merged."""
     runs: list[tuple[int, int]] = []
     for offset, length in source.extents():

@@ -13,12 +13,13 @@ from bisect import bisect_right
 from collections import OrderedDict
 
 from catalog.errors import PointNotFound
+from catalog.read.point import DEFAULT_CACHE_CHUNKS, PointSource
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
-from drive.source import DEFAULT_CACHE_CHUNKS, PointSource
 
 # Loaded points kept open: each holds at most about 80 MiB of chunk maps and a 16 MiB chunk
-# cache (drive.source); the index segment tables are shared by all of them (catalog.read.lookup).
+# cache (catalog.read.point); the index segment tables are shared by all of them
+# (catalog.read.lookup).
 DEFAULT_MAX_SOURCES = 8
 
 
@@ -119,5 +120,5 @@ class SourceCache:
                 self._slots.popitem(last=False)  # connections using it keep their reference
         with slot.lock:
             if slot.value is None:
-                slot.value = ServedPoint(PointSource(self._repo, point, self._cache_chunks))
+                slot.value = ServedPoint(self._repo.reader(point, self._cache_chunks))
             return slot.value

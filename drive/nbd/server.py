@@ -3,8 +3,8 @@ overlays it is given as writable ones.
 
 Owns the exports (``SOURCE@POINTID``, ``SOURCE@<unique id prefix>``, ``SOURCE@latest``; the point
 list is read when a client connects, so new backups appear without a restart; ``overlay/NAME``
-for the open overlays handed to it), the per-point ``PointSource`` cache shared by all
-connections, the fixed-newstyle negotiation and the listener's life cycle. One thread per
+for the open overlays handed to it), the per-point reader cache shared by all connections,
+the fixed-newstyle negotiation and the listener's life cycle. One thread per
 connection; a client's error, bad request or disconnect ends only its own connection. The wire
 format and the request loop live in ``drive.nbd.proto``, overlays in ``drive.overlays.overlay``.
 Imports catalog and drive only (no Ray, no pipeline); writes to the repository only through
@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import drive.nbd.proto as p
 from catalog.errors import CombError, PointNotFound, UsageError, describe_os_error
+from catalog.read.point import DEFAULT_CACHE_CHUNKS
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint, load_points_tolerant
 from drive.nbd.exports import (
@@ -32,7 +33,6 @@ from drive.nbd.exports import (
     find_point,
 )
 from drive.nbd.overlay import ServedOverlay
-from drive.source import DEFAULT_CACHE_CHUNKS
 
 __all__ = [
     "DEFAULT_MAX_SOURCES",

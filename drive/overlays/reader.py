@@ -1,9 +1,11 @@
 """An overlay read without writing: its base recovery point with the write records on top, as
-a ``drive.formats.image.BlockSource`` (a snapshot of the logs as they were when it was opened).
+a ``catalog.read.source.MappedSource`` (a snapshot of the logs as they were when it was opened).
 
 Used where nothing may be written: ``comb backup overlay:NAME`` (which holds the overlay's lock
 meanwhile) and the FUSE drive (which may read while a server appends; it sees the records
 replayed at open). A torn last record is left out, not cut (cutting is the writer's job).
+
+Owns the read-only replay and the reads. Must not: write to the overlay or the repository.
 """
 
 from __future__ import annotations
@@ -15,8 +17,8 @@ import drive.overlays.log as L
 import drive.overlays.overlay as overlay
 from catalog.errors import CorruptionError, RepositoryError
 from catalog.errors import describe_os_error as _os
+from catalog.read.source import read_bytes
 from catalog.repo import Repository
-from drive.source import PointSource
 
 
 def replay(repo: Repository, name: str, size: int, sealed: L.Sealed | None = None) -> L.ExtentMap:
@@ -44,7 +46,7 @@ class OverlayReader:
         keys = repo.keys
         self._sealed = L.Sealed(keys, overlay.ident(doc, name)) if keys is not None else None
         self.map = replay(repo, name, self.size, self._sealed)
-        self.base = PointSource(repo, repo.resolve(str(doc["base"])))
+        self.base = repo.reader(repo.resolve(str(doc["base"])))
         self._fds: dict[int, int] = {}
         self._lock = threading.Lock()
 
@@ -73,14 +75,11 @@ class OverlayReader:
         return out
 
     def read(self, offset: int, length: int) -> bytes:
-        length = max(0, min(length, self.size - offset))
-        buf = bytearray(length)
-        self.read_into(memoryview(buf), offset)
-        return bytes(buf)
+        return read_bytes(self, offset, length)
 
     def read_into(self, buf: memoryview, offset: int) -> None:
         n = len(buf)
-        buf[:] = self.base.read(offset, n)
+        self.base.read_into(buf, offset)
         for p in self.map.pieces(offset, n):
             lo, hi = p.start - offset, p.end - offset
             if p.pos < 0:

@@ -1,7 +1,12 @@
 """Sources: what is backed up. An image file or a block device, read with pread.
 
 ``ImageSource`` is plain picklable configuration; ``open()`` gives the handle that reads. Holes
-are found with SEEK_DATA/SEEK_HOLE and never read.
+are found with SEEK_DATA/SEEK_HOLE and never read. An open source is a block source
+(``catalog.read.source.BlockSource``, the protocol the virtual drive serves points through too)
+that also says where its data is and closes.
+
+Owns the ``Source`` and ``SourceHandle`` protocols and image files. Must not: write to a source,
+or know the repository.
 """
 
 from __future__ import annotations
@@ -15,18 +20,16 @@ from dataclasses import dataclass
 from typing import Protocol
 
 from catalog.errors import SourceError, describe_os_error
+from catalog.read.source import BlockSource
 
 _BLKGETSIZE64 = 0x80081272
 
 
-class SourceHandle(Protocol):
-    """What the Reader needs of an open source (``OpenSource`` is one)."""
-
-    size: int
+class SourceHandle(BlockSource, Protocol):
+    """What the Reader needs of an open source (``OpenSource`` is one): its reads
+    (``BlockSource.read_into``), where its data may be, and closing."""
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int]]: ...
-
-    def read_into(self, buf: memoryview, offset: int) -> None: ...
 
     def close(self) -> None: ...
 

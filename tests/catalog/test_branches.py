@@ -16,9 +16,10 @@ from catalog.analytics.history import History
 from catalog.analytics.reports import ReportOptions, run_report
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint, retire_point
-from pipeline.backup import BackupOptions, plan_backup, run_jobs
-from pipeline.backup import DiskJob as Job
 from pipeline.engines import LocalEngine
+from pipeline.jobs.backup import plan_backup
+from pipeline.jobs.runner import BackupOptions, run_jobs
+from pipeline.jobs.runner import DiskJob as Job
 from stages.sources.image import ImageSource
 
 C = 64 * 1024

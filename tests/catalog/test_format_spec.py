@@ -14,9 +14,11 @@ from typing import Any
 import blake3
 import pytest
 from spectables import (
+    EXAMPLES,
     GOLDEN,
     MARKERS,
     SPEC,
+    spec_example,
     spec_table,
 )
 
@@ -28,6 +30,13 @@ def test_every_marker_has_a_table() -> None:
     assert found == MARKERS
     for name in sorted(MARKERS):
         spec_table(name)
+
+
+def test_every_example_marker_has_a_code_block() -> None:
+    found = set(re.findall(r"<!-- example:([a-z0-9-]+) -->", SPEC.read_text(encoding="utf-8")))
+    assert found == EXAMPLES
+    for name in sorted(EXAMPLES):
+        assert spec_example(name).strip()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -82,6 +91,7 @@ def test_every_format_constant_is_in_the_spec(module: str) -> None:
 
 _EXAMPLE_ID = "0123456789abcdef" * 4
 _EXAMPLE_POINT = "fedcba9876543210"
+_EXAMPLE_RANDOM = "00ff00ff00ff00ff"  # a key or lock id: 16 random hex digits
 
 
 def _fill(pattern: str) -> str:
@@ -89,6 +99,8 @@ def _fill(pattern: str) -> str:
         pattern.replace("<id[0:2]>", _EXAMPLE_ID[:2])
         .replace("<id>", _EXAMPLE_ID)
         .replace("<point id>", _EXAMPLE_POINT)
+        .replace("<key id>", _EXAMPLE_RANDOM)
+        .replace("<lock id>", _EXAMPLE_RANDOM)
     )
 
 
@@ -97,6 +109,8 @@ def test_names_table_matches_code() -> None:
         obj, pattern = _code_object(row["Code"]), row["Name"]
         if callable(obj):
             arg = _EXAMPLE_POINT if "<point id>" in pattern else _EXAMPLE_ID
+            if "<key id>" in pattern or "<lock id>" in pattern:
+                arg = _EXAMPLE_RANDOM
             assert obj(arg) == _fill(pattern), row["Object"]
         elif "/" in pattern:
             assert pattern.startswith(obj + "/"), row["Object"]
@@ -112,6 +126,8 @@ def _name_regex(pattern: str) -> re.Pattern[str]:
     rx = rx.replace(re.escape("<id[0:2]>"), "(?P<fan>[0-9a-f]{2})")
     rx = rx.replace(re.escape("<id>"), "(?P<id>[0-9a-f]{64})")
     rx = rx.replace(re.escape("<point id>"), "(?P<point>[0-9a-f]{16})")
+    rx = rx.replace(re.escape("<key id>"), "[0-9a-f]{16}")
+    rx = rx.replace(re.escape("<lock id>"), "[0-9a-f]{16}")
     rx = rx.replace(re.escape("<pid>-<16 hex>"), r"\d+-[0-9a-f]{16}")
     return re.compile(rx)
 

@@ -1,4 +1,5 @@
-"""FORMAT.md's JSON document tables (config.json, point documents) against the code."""
+"""FORMAT.md's JSON document tables (config.json, point documents, lock files, overlay.json) and
+time forms against the code."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from combtest import api_backup
 from spectables import (
     GOLDEN,
-    SPEC,
     golden_points,
+    section,
+    spec_example,
     spec_point_id,
     spec_table,
 )
 
+import drive.overlays.overlay as overlay
 from catalog.errors import CorruptionError, RepositoryError
+from catalog.repo import Repository
+from catalog.store import crypto, locks, points
 from catalog.store import format as fmt
-from catalog.store import points
 from catalog.store.format import Features, RepoConfig, parse_config
 from catalog.store.parity import ParityGeometry
 from catalog.store.points import PointStats, RecoveryPoint
@@ -221,14 +226,101 @@ def test_point_readers_follow_the_spec() -> None:
             points.parse_point(raw_broken, "broken", spec_point_id(raw_broken))
 
 
-def test_point_example_is_a_golden_document() -> None:
-    """The example of section 9 is a golden point document byte for byte."""
-    text = SPEC.read_text(encoding="utf-8")
-    section = text[text.index("## 9. Recovery point documents") : text.index("## 10. Constants")]
-    m = re.search(
-        r"`points/([0-9a-f]{16})\.json`, byte for byte.*?```json\n(.*?)```", section, re.S
-    )
-    assert m, "section 9 must show a golden point document in a json code block"
-    example = m.group(2).encode()
-    assert spec_point_id(example) == m.group(1)
-    assert (GOLDEN / points.POINTS_PREFIX / f"{m.group(1)}.json").read_bytes() == example
+def test_point_example_is_what_the_writer_writes() -> None:
+    """Section 9's example is a current document byte for byte: every field of the table, the
+    writer's formatting, and named by its id."""
+    raw = spec_example("point").encode()
+    point_id = spec_point_id(raw)
+    assert f"`{point_id}`" in section("9")
+    got = points.parse_point(raw, "example", point_id)
+    assert got.to_json() == raw  # what RecoveryPoint writes for these values, byte for byte
+    fields = {k for k in _keys_of(json.loads(raw)) if not k.startswith("blocks.")}
+    assert fields == {r["Field"] for r in spec_table("point")}
+
+
+def test_golden_point_example_is_a_golden_document() -> None:
+    """Section 18's example is a golden-v1 point document byte for byte."""
+    raw = spec_example("golden-point").encode()
+    point_id = spec_point_id(raw)
+    assert f"`points/{point_id}.json`" in section("18")
+    assert (GOLDEN / points.POINTS_PREFIX / f"{point_id}.json").read_bytes() == raw
+
+
+# ---------------------------------------------------------------------------------------------
+# Times (section 2)
+
+
+def _form_regex(form: str) -> re.Pattern[str]:
+    """``YYYY-MM-DDThh:mm:ss.ffffff+00:00``: the letters Y M D h m s f are digits."""
+    return re.compile("".join(r"\d" if c in "YMDhmsf" else re.escape(c) for c in form))
+
+
+def _times_written(tmp_path: Path) -> dict[str, list[str]]:
+    """Each row of the times table: values the code writes there."""
+    repo_dir = tmp_path / "repo"
+    repo = Repository.init(str(repo_dir), encryption="none")
+    image = tmp_path / "disk.img"
+    image.write_bytes(b"x" * 70000)
+    point = api_backup(repo_dir, image, name="disk")
+    key = json.loads(crypto.make_key_file(repo.config.id, bytes(64), "pw"))
+    with locks.locked(repo.storage, "verify") as lock:
+        lock_doc = json.loads(repo.storage.read(lock.info.name))
+    overlay.create(repo, "ov", point)
+    overlay_doc = json.loads((repo_dir / "overlays" / "ov" / "overlay.json").read_bytes())
+    return {
+        "config.json `created`": [repo.config.created],
+        "key file `created`": [key["created"]],
+        "point `time`": [point.time, *(p.time for p in Repository.open(str(repo_dir)).points())],
+        "lock `started`, `heartbeat`": [lock_doc["started"], lock_doc["heartbeat"]],
+        "overlay.json `created`": [overlay_doc["created"]],
+    }
+
+
+def test_time_forms(tmp_path: Path) -> None:
+    rows = spec_table("times")
+    written = _times_written(tmp_path)
+    assert [r["Field"] for r in rows] == list(written)
+    for row in rows:
+        rx = _form_regex(row["Form"])
+        assert rx.fullmatch(row["Example"]), row["Field"]
+        for value in written[row["Field"]]:
+            assert rx.fullmatch(value), f"{row['Field']}: the code wrote {value!r}"
+    # The golden documents and the example of section 9 have the form too.
+    point_form = _form_regex(next(r["Form"] for r in rows if r["Field"] == "point `time`"))
+    for raw in [p.read_bytes() for p in golden_points()] + [spec_example("point").encode()]:
+        assert point_form.fullmatch(json.loads(raw)["time"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Lock files (section 13) and overlay.json (section 19.2)
+
+
+def test_lock_fields_match_code(tmp_path: Path) -> None:
+    rows = spec_table("lock")
+    spec = {r["Field"]: r["JSON type"] for r in rows}
+    assert spec == _fields_of(locks.LockInfo, {})
+    repo = Repository.init(str(tmp_path / "repo"), encryption="none")
+    with locks.locked(repo.storage, "backup", command="backup /dev/x") as lock:
+        raw = repo.storage.read(lock.info.name)
+        assert locks.read_locks(repo.storage) == [lock.info]
+    # One line, the fields in the table's order, no final newline; named by its id.
+    assert b"\n" not in raw
+    doc = json.loads(raw)
+    assert list(doc) == [r["Field"] for r in rows]
+    assert lock.info.name == f"{locks.LOCKS_PREFIX}/{doc['id']}.json"
+    assert re.fullmatch(r"[0-9a-f]{16}", doc["id"])
+
+
+def test_overlay_fields_match_code(tmp_path: Path) -> None:
+    repo = Repository.init(str(tmp_path / "repo"), encryption="none")
+    point = dataclasses.replace(_made_point(), id="0123456789abcdef")
+    overlay.create(repo, "ov", point)
+    raw = (tmp_path / "repo" / "overlays" / "ov" / "overlay.json").read_bytes()
+    doc = json.loads(raw)
+    json_types = {str: "string", int: "integer"}
+    assert {r["Field"]: r["JSON type"] for r in spec_table("overlay")} == {
+        k: json_types[type(v)] for k, v in doc.items()
+    }
+    assert raw == (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+    assert doc["format"] == "comb-overlay" and doc["version"] == 1
+    assert re.fullmatch(r"[0-9a-f]{32}", doc["id"]) and doc["base"] == point.id

@@ -23,12 +23,13 @@ from combtest import CliRunner, Image, MiB, api_backup, flip_byte
 from catalog.errors import CorruptionError
 from catalog.read import lookup
 from catalog.read.lookup import SegmentCache, segment_name
+from catalog.read.point import PointSource
+from catalog.read.spans import MapOptions
 from catalog.repo import Repository
 from catalog.store import blocks, manifest, parquet_io
 from catalog.store.blocks import VerifiedFile, block_list_name
 from catalog.store.manifest import leaves_name
 from catalog.store.points import RecoveryPoint
-from drive.source import PointSource
 
 C = 4096  # chunk size: many rows on a small disk
 SIZE = 160 * MiB
@@ -106,7 +107,7 @@ def test_a_first_read_checks_only_the_blocks_it_reads(
     history: History, counted: dict[str, Any], which: str
 ) -> None:
     point = getattr(history, which)
-    src = PointSource(history.repo, point, segments=SegmentCache())
+    src = PointSource(history.repo.storage, point, maps=MapOptions(segments=SegmentCache()))
     at = 90 * MiB + 123
     assert src.read(at, 4096) == history.images[point.id][at : at + 4096]
     assert not [n for n in counted["whole"] if n.startswith(("index/", "manifests/leaves"))]
@@ -122,7 +123,7 @@ def test_a_chunk_stored_where_other_data_was_read_is_found(
 ) -> None:
     """Near the wanted stretch no segment holds it (the full backup stored it while reading
     offset 0): the search goes on through whole segments."""
-    src = PointSource(history.repo, history.incr, segments=SegmentCache())
+    src = PointSource(history.repo.storage, history.incr, maps=MapOptions(segments=SegmentCache()))
     image = history.images[history.incr.id]
     assert src.read(DEDUP_AT, C) == image[DEDUP_AT : DEDUP_AT + C] == image[:C]
     assert segment_name(history.full.index_segment or "") in counted["whole"]
@@ -136,7 +137,7 @@ def test_a_damaged_segment_block_is_reported(history: History, tmp_path: Path) -
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(lookup, "_FILTERED_BYTES", 0)
         mp.setattr(SegmentCache, "_build", lambda self, scan: None)
-        src = PointSource(repo, history.full, segments=SegmentCache())
+        src = PointSource(repo.storage, history.full, maps=MapOptions(segments=SegmentCache()))
         with pytest.raises(CorruptionError, match="does not match its block list"):
             src.read(SIZE // 2, 4096)
 
@@ -148,13 +149,13 @@ def test_a_file_damaged_with_its_list_or_resized_is_refused(
     leaves = root / leaves_name(history.full.leaves or "")
     flip_byte(root / block_list_name(leaves_name(history.full.leaves or "")), 30)
     flip_byte(leaves, leaves.stat().st_size // 2)
-    src = PointSource(repo, history.full, segments=SegmentCache())
+    src = PointSource(repo.storage, history.full, maps=MapOptions(segments=SegmentCache()))
     with pytest.raises(CorruptionError, match="does not match its name"):  # checked whole
         src.read(SIZE // 2, 4096)
     root2, repo2 = _copy(history, tmp_path / "b")
     with open(root2 / leaves_name(history.full.leaves or ""), "ab") as fh:
         fh.write(b"\0")
-    src = PointSource(repo2, history.full, segments=SegmentCache())
+    src = PointSource(repo2.storage, history.full, maps=MapOptions(segments=SegmentCache()))
     with pytest.raises(CorruptionError, match="not the size its block list gives"):
         src.read(SIZE // 2, 4096)
 
@@ -179,7 +180,7 @@ def test_a_damaged_block_is_reported_by_the_read_that_needs_it(
     root, repo = _copy(history, tmp_path)
     leaves = root / leaves_name(history.full.leaves or "")
     flip_byte(leaves, leaves.stat().st_size // 2)  # a block in the middle of the disk's leaves
-    src = PointSource(repo, history.full, segments=SegmentCache())
+    src = PointSource(repo.storage, history.full, maps=MapOptions(segments=SegmentCache()))
     assert src.read(0, 4096) == history.images[history.full.id][:4096]  # its blocks are intact
     with pytest.raises(CorruptionError, match="does not match its block list"):
         src.read(SIZE // 2, 4096)
@@ -192,7 +193,7 @@ def test_a_damaged_block_list_costs_a_whole_check_and_a_warning(
     flip_byte(root / block_list_name(leaves_name(history.full.leaves or "")), 10)
     (root / block_list_name(segment_name(history.full.index_segment or ""))).unlink()
     monkeypatch.setattr(lookup, "_FILTERED_BYTES", 0)
-    src = PointSource(repo, history.full, segments=SegmentCache())
+    src = PointSource(repo.storage, history.full, maps=MapOptions(segments=SegmentCache()))
     at = SIZE // 2
     assert src.read(at, 4096) == history.images[history.full.id][at : at + 4096]
     res = cli("-r", str(root), "verify", "--json")

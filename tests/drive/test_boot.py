@@ -21,7 +21,6 @@ from catalog.store.points import RecoveryPoint
 from drive.nbd.exports import ServedPoint
 from drive.nbd.overlay import ServedOverlay
 from drive.overlays.overlay import Overlay
-from drive.source import PointSource
 
 ROOT = Path(__file__).resolve().parents[2]
 SECTOR = 512
@@ -163,14 +162,14 @@ def sector_of_overlay(repo: Path, name: str, point: RecoveryPoint) -> bytes:
     r = Repository.open(str(repo))
     opened = Overlay(r, name)
     try:
-        base = ServedPoint(PointSource(r, point))
+        base = ServedPoint(r.reader(point))
         return ServedOverlay(opened, base, point.chunk_size).read(LBA * SECTOR, SECTOR)
     finally:
         opened.close()
 
 
 def sector_of_point(repo: Path, point: RecoveryPoint) -> bytes:
-    return PointSource(Repository.open(str(repo)), point).read(LBA * SECTOR, SECTOR)
+    return Repository.open(str(repo)).reader(point).read(LBA * SECTOR, SECTOR)
 
 
 def test_boot_writes_to_overlay_only_and_persists(bootable: tuple[Path, RecoveryPoint]) -> None:
@@ -276,7 +275,7 @@ def test_sigterm_stops_qemu_and_server(tmp_path: Path) -> None:
 
 
 def test_base_point_is_loaded_on_first_read_only(bootable: tuple[Path, RecoveryPoint]) -> None:
-    from pipeline.boot_cmd import _LazyBase
+    from pipeline.cli.boot_cmd import _LazyBase
 
     class Sources:
         def __init__(self) -> None:

@@ -1,4 +1,4 @@
-"""The FUSE virtual drive (``drive.fuse`` through ``pipeline.mount_cmd``), mounted for real in a
+"""The FUSE virtual drive (``drive.fuse`` through ``pipeline.cli.mount_cmd``), mounted for real in a
 subprocess: listing, every format judged by cmp / qemu-img against the image backed up,
 read-only answers, EIO on a corrupt chunk, hostile source names, and clean unmounts on SIGTERM
 and SIGINT. Skipped where /dev/fuse is missing, except in CI (CI=true), where that fails."""
@@ -133,7 +133,6 @@ def _point_dir(m: Mount, source: str) -> Path:
 def test_listing_and_sizes(mounted: Mount, backed_up: tuple[str, Path, Path]) -> None:
     from drive.formats.registry import builder
     from drive.fuse import escape_name
-    from drive.source import PointSource
 
     assert sorted(os.listdir(mounted.path)) == sorted(["disk", os.fsdecode(escape_name(HOSTILE))])
     r = Repository.open(backed_up[0])
@@ -141,7 +140,7 @@ def test_listing_and_sizes(mounted: Mount, backed_up: tuple[str, Path, Path]) ->
     assert os.listdir(mounted.path / "disk") == [point.id]
     pdir = mounted.path / "disk" / point.id
     assert sorted(os.listdir(pdir)) == sorted(FILES)
-    source = PointSource(r, point)
+    source = r.reader(point)
     for name, fmt in [("disk.img", "raw"), ("disk.qcow2", "qcow2"), ("disk.vhdx", "vhdx")]:
         st = os.stat(pdir / name)
         assert st.st_size == builder(fmt)(source).size and st.st_mode & 0o222 == 0
@@ -268,7 +267,7 @@ def test_unmount_from_outside(backed_up: tuple[str, Path, Path], tmp_path: Path)
 def test_mountpoint_errors(
     backed_up: tuple[str, Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from pipeline import mount_cmd
+    from pipeline.cli import mount_cmd
 
     repo = backed_up[0]
     (tmp_path / "full").mkdir()

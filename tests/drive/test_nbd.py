@@ -26,8 +26,7 @@ from nbdtest import (
 
 from catalog.errors import UsageError
 from catalog.repo import Repository
-from drive.source import PointSource
-from pipeline.serve_cmd import cmd_serve, parse_listen
+from pipeline.cli.serve_cmd import cmd_serve, parse_listen
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +62,7 @@ def test_nbdinfo_map_matches_the_points_allocation(served: Served) -> None:
     assert all(r["type"] == 3 for r in runs if r["type"] != 0)  # hole,zero
     repo = Repository.open(served.server.repo.location)
     point = next(pt for pt in repo.points() if pt.id == served.point_id)
-    assert data == PointSource(repo, point).extents()
+    assert data == repo.reader(point).extents()
     assert not any(off < 4 * MiB and off + n > 3 * MiB for off, n in data)  # written zeros
 
 

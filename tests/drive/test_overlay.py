@@ -382,7 +382,7 @@ def test_raw_writes_flags_and_errors(disk: tuple[Path, Image, str]) -> None:
     from nbdtest import EINVAL, FLUSH, READ, TRIM, WRITE, WRITE_ZEROES, RawClient  # noqa: PLC0415
 
     from drive.nbd.server import NbdServer  # noqa: PLC0415
-    from pipeline.serve_cmd import close_overlays, open_overlays  # noqa: PLC0415
+    from pipeline.cli.serve_cmd import close_overlays, open_overlays  # noqa: PLC0415
 
     repo, img, _ = disk
     r = Repository.open(str(repo))

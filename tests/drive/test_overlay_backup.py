@@ -12,7 +12,7 @@ from combtest import CliRunner, Image, MiB, api_backup, api_restore, assert_one_
 import drive.overlays.overlay as overlay
 from catalog.repo import Repository
 from drive.overlays.overlay import Overlay
-from pipeline.overlay_source import OverlaySource
+from pipeline.jobs.overlay_source import OverlaySource
 
 CHUNK = 64 * 1024
 SIZE = 4 * MiB

@@ -99,8 +99,8 @@ class _MemorySource:
     def extents(self) -> list[tuple[int, int]]:
         return self._extents
 
-    def read(self, offset: int, length: int) -> bytes:
-        return bytes(self.data[offset : offset + length]).ljust(length, b"\0")
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        buf[:] = bytes(self.data[offset : offset + len(buf)]).ljust(len(buf), b"\0")
 
 
 def test_unaligned_and_touching_extents(tmp_path: Path) -> None:

@@ -25,7 +25,8 @@ from catalog.errors import RepositoryError, UsageError
 from catalog.repo import Repository
 from catalog.store import locks
 from catalog.store.points import RecoveryPoint
-from pipeline import drive_cmds, serve_cmd
+from pipeline.cli import export_cmd as drive_cmds
+from pipeline.cli import serve_cmd
 
 ROOT = Path(__file__).resolve().parents[2]
 SIZE = 2 * MiB

@@ -30,7 +30,8 @@ from drivetest import (
 )
 
 from catalog.errors import OutputError, SourceError
-from drive.formats.image import BlockSource, VirtualImage
+from catalog.read.source import MappedSource
+from drive.formats.image import VirtualImage
 from drive.formats.vmdk import vmdk_image, vmdk_stream_image
 
 SECTOR = 512
@@ -125,7 +126,7 @@ def test_header_and_descriptor_follow_the_spec(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("build", [vmdk_image, vmdk_stream_image])
 def test_size_not_a_multiple_of_512_is_rounded_up_with_zeros(
-    tmp_path: Path, build: Callable[[BlockSource], VirtualImage]
+    tmp_path: Path, build: Callable[[MappedSource], VirtualImage]
 ) -> None:
     size = MiB + 1000
     raw = tmp_path / "odd.raw"
@@ -187,8 +188,8 @@ class _HugeSource:
     def extents(self) -> list[tuple[int, int]]:
         return [(0, 2 * TiB), (3 * TiB - GRAIN, GRAIN)]
 
-    def read(self, offset: int, length: int) -> bytes:
-        return bytes(length)
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        buf[:] = bytes(len(buf))
 
 
 def test_a_file_past_2_tib_is_refused() -> None:

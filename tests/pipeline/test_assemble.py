@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from catalog.store.changes import ChangeTableWriter, read_changes
 from catalog.store.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.store.storage import TMP_DIR, LocalStorage
-from pipeline.assemble import ManifestAssembler
+from pipeline.jobs.assemble import ManifestAssembler
 
 C = 4096
 LC = 4  # chunks per leaf in these tests

@@ -11,8 +11,9 @@ from combtest import Image, ImageFactory, KiB, MiB, api_backup, api_restore, cmp
 
 from catalog.errors import OutputError, SourceError
 from catalog.repo import Repository
-from pipeline.backup import BackupOptions, plan_backup
-from pipeline.restore import restore_point
+from pipeline.jobs.backup import plan_backup
+from pipeline.jobs.restore import restore_point
+from pipeline.jobs.runner import BackupOptions
 
 C = 64 * KiB
 

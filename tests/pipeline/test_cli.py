@@ -443,3 +443,20 @@ def test_query_errors_are_one_line(cli: CliRunner, repo_path: Path) -> None:
 def test_debug_shows_the_exception(cli: CliRunner, tmp_path: Path) -> None:
     with pytest.raises(CombError, match="does not exist"):
         cli("--debug", "-r", tmp_path / "none", "points")
+
+
+def test_every_command_has_its_module_and_run_function() -> None:
+    """The commands `comb --help` lists are those of ``pipeline.cli.registry``: each parser's
+    ``run`` is ``cmd_<name>`` of one of its modules."""
+    import argparse
+
+    from pipeline.cli import build_parser
+    from pipeline.cli.registry import COMMANDS
+
+    modules = {m.__name__ for m in COMMANDS}
+    (sub,) = [a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction)]
+    assert len(sub.choices) >= len(modules)
+    for name, parser in sub.choices.items():
+        run = parser.get_default("run")
+        assert run.__module__ in modules and run.__name__ == f"cmd_{name.replace('-', '_')}"
+    assert {parser.get_default("run").__module__ for parser in sub.choices.values()} == modules

@@ -203,7 +203,7 @@ SWEEP = textwrap.dedent(
     from catalog.maint.check import check_repository
     from catalog.errors import CombError
     from catalog.repo import Repository
-    from pipeline.restore import restore_point
+    from pipeline.jobs.restore import restore_point
 
     repo, target, image, out, start, stride = sys.argv[1:7]
     expected = open(image, "rb").read()

@@ -271,7 +271,7 @@ def test_review_fixes_overlay_records_keys_config_locks(
     import drive.overlays.overlay as overlay
     from catalog.repo import Repository
     from drive.overlays.overlay import Overlay
-    from pipeline import lifecycle
+    from pipeline import locking
 
     repo, img = _backed_up(cli, tmp_path, make_image)
     r = Repository.open(str(repo))
@@ -294,7 +294,7 @@ def test_review_fixes_overlay_records_keys_config_locks(
 
     with monkeypatch.context() as m:  # the lock names the command, not the source
         m.setattr("sys.argv", ["comb", "backup", str(img.path)])
-        with lifecycle.writer_lock(r, "backup"):
+        with locking.writer_lock(r, "backup"):
             (lock,) = (repo / "locks").iterdir()
             assert str(img.path) not in lock.read_text() and "backup" in lock.read_text()
 

@@ -1,4 +1,4 @@
-"""Several disks in one engine run (``pipeline.backup.run_jobs``): each disk is its own point,
+"""Several disks in one engine run (``pipeline.jobs.runner.run_jobs``): each disk is its own point,
 restores byte-identical, and chunks shared across the disks are stored once."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ import pytest
 from combtest import Image, MiB, api_restore, cmp_files
 
 from catalog.repo import Repository
-from pipeline.backup import BackupOptions, DiskJob, plan_backup, run_jobs
 from pipeline.engines import LocalEngine
-from pipeline.vsphere import DiskInfo, parse_url
-from pipeline.vsphere_backup import audit_sample, subtract
+from pipeline.jobs.backup import plan_backup
+from pipeline.jobs.runner import BackupOptions, DiskJob, run_jobs
+from pipeline.jobs.vsphere import DiskInfo, parse_url
+from pipeline.jobs.vsphere_backup import audit_sample, subtract
 from stages.sources.image import ImageSource
 
 

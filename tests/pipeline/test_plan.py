@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from catalog.errors import ChangeListError
-from pipeline.plan import align, intersect, parse_changed_extents, total, work_items
+from pipeline.jobs.plan import align, intersect, parse_changed_extents, total, work_items
 
 C = 4096
 

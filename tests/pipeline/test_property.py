@@ -20,9 +20,10 @@ from hypothesis import strategies as st
 
 from catalog.maint.check import check_repository
 from catalog.repo import Repository
-from pipeline.backup import BackupOptions, run_backup
 from pipeline.engines import LocalEngine
-from pipeline.restore import restore_point
+from pipeline.jobs.backup import run_backup
+from pipeline.jobs.restore import restore_point
+from pipeline.jobs.runner import BackupOptions
 
 CHUNK = 4096
 MAX_SIZE = 3 * 1024 * 1024

@@ -20,7 +20,8 @@ import json, os, sys
 import psutil
 from catalog.errors import CombError
 from catalog.repo import Repository
-from pipeline.backup import BackupOptions, run_backup
+from pipeline.jobs.backup import run_backup
+from pipeline.jobs.runner import BackupOptions
 from pipeline.engines import RayEngine
 
 repo_path, image = sys.argv[1], sys.argv[2]

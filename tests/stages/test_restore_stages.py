@@ -11,19 +11,13 @@ import pyarrow as pa
 import pytest
 
 from catalog.errors import CorruptionError, OutputError
+from catalog.read.coalesce import GAP_BYTES, READ_BYTES
 from catalog.store.chunks import chunk_id, encode_chunk
 from catalog.store.index import INDEX_SCHEMA
 from catalog.store.manifest import Leaf
 from catalog.store.packs import PackWriter, pack_name
 from catalog.store.storage import TMP_DIR, LocalStorage
-from stages.restore import (
-    COALESCE_GAP_BYTES,
-    MAX_READ_BYTES,
-    RestoreTarget,
-    execute_read,
-    leaves_to_table,
-    plan_reads,
-)
+from stages.restore import RestoreTarget, execute_read, leaves_to_table, plan_reads
 
 C = 4096
 
@@ -69,7 +63,7 @@ def test_plan_reads_coalesces_sorts_and_shares() -> None:
         [
             (_id(1), "a" * 64, 16, 100),
             (_id(2), "a" * 64, 116, 100),
-            (_id(3), "a" * 64, 116 + COALESCE_GAP_BYTES + 1000, 100),  # too far: new read
+            (_id(3), "a" * 64, 116 + GAP_BYTES + 1000, 100),  # too far: new read
             (_id(4), "b" * 64, 16, 50),
         ]
     )
@@ -77,7 +71,7 @@ def test_plan_reads_coalesces_sorts_and_shares() -> None:
     tasks = plan_reads(rows, locs, "point P")
     assert [(t.pack[0], t.start, t.end) for t in tasks] == [
         ("a", 16, 216),
-        ("a", 116 + COALESCE_GAP_BYTES + 1000, 216 + COALESCE_GAP_BYTES + 1000),
+        ("a", 116 + GAP_BYTES + 1000, 216 + GAP_BYTES + 1000),
         ("b", 16, 66),
     ]
     first = tasks[0].chunks
@@ -92,7 +86,7 @@ def test_plan_reads_caps_the_size_of_one_read() -> None:
     locs = _locations([(_id(i), "a" * 64, 16 + i * big, big) for i in range(6)])
     tasks = plan_reads(_rows([(i * C, _id(i)) for i in range(6)]), locs, "P")
     assert len(tasks) >= 2
-    assert all(t.end - t.start <= MAX_READ_BYTES for t in tasks)
+    assert all(t.end - t.start <= READ_BYTES for t in tasks)
     assert sum(len(t.chunks) for t in tasks) == 6
 
 

@@ -11,7 +11,7 @@ import pytest
 from combtest import CliRunner, MiB, assert_one_line_error, point_ids
 from vcsimtest import Simulator, VmFactory, VmInfo, snapshots, wait
 
-from pipeline.vsphere import SNAPSHOT_NOTE
+from pipeline.jobs.vsphere import SNAPSHOT_NOTE
 
 SOURCE_ERROR = 5
 USAGE_ERROR = 2

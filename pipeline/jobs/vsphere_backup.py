@@ -16,7 +16,6 @@ The snapshot is removed when the backup ends, whether it succeeded or not.
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,10 +27,11 @@ from catalog.store.changes import ChangeTableWriter
 from catalog.store.points import RecoveryPoint, last_vsphere_read, latest_for
 from catalog.store.storage import Storage
 
-from .backup import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
-from .engines import Engine
-from .lifecycle import writer_lock
+from ..console import note, warn
+from ..engines import Engine
+from ..locking import writer_lock
 from .plan import Range, align, total
+from .runner import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
 from .vsphere import CbtRefused, DiskInfo, Vsphere, parse_url, session, vm_config
 
 DEFAULT_AUDIT_PERCENT = 1.0
@@ -49,10 +49,6 @@ class VsphereOptions:
     all_disks: bool = False
     cbt_audit: float = DEFAULT_AUDIT_PERCENT
     verify: bool | str = True
-
-
-def _note(msg: str) -> None:
-    print(f"comb: note: {msg}", file=sys.stderr)
 
 
 def subtract(a: list[Range], b: list[Range]) -> list[Range]:
@@ -176,7 +172,7 @@ def _plan_disk(
             except CbtRefused as err:
                 reason = f"CBT reset: the change id of point {parent.id} was refused ({err})"
         if reason is not None:
-            _note(f"{what}: {reason}; reading the whole disk")
+            note(f"{what}: {reason}; reading the whole disk")
             cbt["reason"] = reason
     audited: list[Range] = []
     if areas is not None:
@@ -196,7 +192,7 @@ def _plan_disk(
                 data = vs.changed_areas(vm, snap, disk, "*", name)
                 cbt["query"] = "*"
             except CbtRefused as err:
-                _note(f"{what}: CBT cannot say where data is ({err}); reading the whole disk")
+                note(f"{what}: CBT cannot say where data is ({err}); reading the whole disk")
         read = align(data, chunk, cap)
         cbt["bytes_reported"] = total(read)
         mode = "full" if parent is None else "full-reread"
@@ -255,9 +251,9 @@ def run_vsphere_backup(
         vm = vs.find_vm()
         name = str(vm.name)
         if vs.ensure_cbt(vm, name):
-            _note(f"enabled Changed Block Tracking on VM {name}")
+            note(f"enabled Changed Block Tracking on VM {name}")
         for left in vs.remove_leftovers(vm, name):
-            _note(f"removed snapshot {left} of VM {name}, left by a comb backup that was killed")
+            note(f"removed snapshot {left} of VM {name}, left by a comb backup that was killed")
         snap, snap_name = vs.snapshot(vm, name, vopts.quiesce)
         ok = False
         try:
@@ -311,16 +307,16 @@ def run_vsphere_backup(
                         f"the backup is committed (recovery point {ids}), but the snapshot "
                         f"{snap_name} is left: {err}"
                     ) from None
-                print(f"comb: warning: snapshot {snap_name} is left: {err}", file=sys.stderr)
+                warn(f"snapshot {snap_name} is left: {err}")
     for p, dp in zip(points, plans, strict=True):
         audit = (p.vsphere or {}).get("cbt", {}).get("audit") or {}
         if audit.get("chunks_mismatched"):
-            print(
-                f"comb: WARNING: CBT audit of VM {name} disk {dp.disk.key}: "
+            warn(
+                f"CBT audit of VM {name} disk {dp.disk.key}: "
                 f"{audit['chunks_mismatched']} sampled chunk(s) changed although Changed Block "
                 f"Tracking reported them unchanged (first at offset "
                 f"{audit['mismatch_offsets'][0]}); recovery point {p.id} may miss other "
                 "changes, and the next backup of this disk reads the whole disk",
-                file=sys.stderr,
+                loud=True,
             )
     return points

@@ -4,7 +4,7 @@ the overlay's write records on top.
 ``OverlaySource`` is plain picklable configuration (repository path and overlay name), usable
 wherever ``stages.sources.image.ImageSource`` is: each worker's ``open()`` replays the overlay's
 logs read-only (no lock: the driver holds the overlay's lock for the whole backup, see
-``pipeline.backup``) and reads the base point through ``drive.source.PointSource``.
+``pipeline.jobs.backup``) and reads the base point through ``Repository.reader``.
 """
 
 from __future__ import annotations

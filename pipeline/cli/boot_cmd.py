@@ -35,13 +35,43 @@ from drive.nbd.exports import ServedPoint, SourceCache
 from drive.nbd.overlay import ServedOverlay
 from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
 
-from .accel import KVM_ARGS, TCG_ARGS, Accel, choose
-from .lifecycle import reader_lock
-from .overlays_cmd import resolve_base
+from ..accel import KVM_ARGS, TCG_ARGS, Accel, choose
+from ..console import note
+from ..locking import reader_lock
+from . import POINT_HELP, Subparsers
 from .serve_cmd import close_overlays, parse_listen
 
 QEMU = "qemu-system-x86_64"
 DEFAULT_MEMORY_MIB = 512
+# A VM's configured memory is capped at this share of the host's (a backed-up 64 GiB VM still
+# boots for inspection on a small recovery host).
+MAX_HOST_MEMORY_SHARE = 0.5
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("boot", help="boot a recovery point in QEMU through a writable overlay")
+    s.add_argument("point", help=POINT_HELP)
+    s.add_argument("--name", help="overlay name (default boot-<first 8 hex of the point id>)")
+    s.add_argument("--print", action="store_true", help="print the QEMU and libvirt setup only")
+    s.add_argument(
+        "--memory",
+        type=int,
+        default=None,
+        metavar="MiB",
+        help="guest memory (default: the backed-up VM's, else 512)",
+    )
+    s.add_argument(
+        "--cpus", type=int, default=None, help="guest CPUs (default: the backed-up VM's, else 1)"
+    )
+    s.add_argument("--listen", metavar="HOST:PORT", help="NBD address (default 127.0.0.1:0)")
+    s.add_argument(
+        "--accel",
+        choices=["auto", "kvm", "tcg"],
+        default="auto",
+        help="QEMU accelerator (default auto: KVM when a probe guest runs well here, else TCG)",
+    )
+    s.add_argument("--kvm", action="store_true", help="the same as --accel kvm")
+    s.set_defaults(run=cmd_boot)
 
 
 class QemuMissing(CombError):
@@ -78,12 +108,6 @@ def nbd_uri(host: str, port: int, name: str) -> str:
     return f"nbd://{shown}:{port}/overlay/{name}"
 
 
-DEFAULT_MEMORY_MIB = 512
-# A VM's configured memory is capped at this share of the host's (a backed-up 64 GiB VM still
-# boots for inspection on a small recovery host).
-MAX_HOST_MEMORY_SHARE = 0.5
-
-
 def guest_size(point: RecoveryPoint, memory: int | None, cpus: int | None) -> tuple[int, int]:
     """(memory MiB, CPUs): the options when given, else the backed-up VM's configuration
     (vSphere points, capped to the host), else 512 MiB and 1 CPU."""
@@ -92,10 +116,9 @@ def guest_size(point: RecoveryPoint, memory: int | None, cpus: int | None) -> tu
         memory = int(vm.get("memory_mib") or DEFAULT_MEMORY_MIB)
         cap = int(psutil.virtual_memory().total * MAX_HOST_MEMORY_SHARE) >> 20
         if memory > cap:
-            print(
-                f"comb: note: the VM had {memory} MiB of memory; booting with {cap} MiB "
-                "(half of this host's; --memory sets it)",
-                file=sys.stderr,
+            note(
+                f"the VM had {memory} MiB of memory; booting with {cap} MiB "
+                "(half of this host's; --memory sets it)"
             )
             memory = cap
     if cpus is None:
@@ -256,10 +279,10 @@ def cmd_boot(repo: str, args: argparse.Namespace) -> int:
         overlay.check_name(args.name)
     r = Repository.open(repo)
     if args.print:
-        point = resolve_base(r, args.point)
+        point = r.resolve(args.point)
         return _print_plan(repo, point, args.name or default_name(point), args)
     # Held from before the point is resolved until QEMU and the server have stopped: prune
     # waits for it (FORMAT.md 13), so the base's files, opened lazily, stay.
     with reader_lock(r, "boot", long_lived=True):
-        point = resolve_base(r, args.point)
+        point = r.resolve(args.point)
         return _boot(r, point, args.name or default_name(point), args)

@@ -1,11 +1,11 @@
-"""The analytics commands: query, report, dashboard and catalog-schema."""
+"""The analytics commands, DuckDB over the history (``catalog.analytics``): ``query``,
+``report``, ``dashboard`` and ``catalog-schema``."""
 
 from __future__ import annotations
 
 import argparse
 import os
 import re
-import sys
 from dataclasses import replace
 from datetime import UTC, datetime
 
@@ -19,25 +19,57 @@ from catalog.errors import UsageError
 from catalog.maint.retention import KeepPolicy
 from catalog.repo import Repository
 
-from .lifecycle import overlay_bases
-from .output import open_output, write_result
+from ..console import note, warn, warn_damaged
+from . import Subparsers
+from .forget_cmd import overlay_bases
+from .output import add_output_options, open_output, write_result
 
 MAX_SIZE_BYTES = 1 << 50
 MAX_HORIZON_DAYS = 36500  # a century
 _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 
 
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("query", help="DuckDB SQL over the catalog views (read-only)")
+    s.add_argument("sql")
+    add_output_options(s, with_parquet=True)
+    s.set_defaults(run=cmd_query)
+
+    s = sub.add_parser("report", help="a named analytics report (`report --list`)")
+    s.add_argument("name", nargs="?", help="report name")
+    s.add_argument("--list", action="store_true", help="list the reports")
+    s.add_argument("--source", help="only this source")
+    s.add_argument("--since", help="only points from this date/time on (ISO, UTC)")
+    s.add_argument("--period", choices=["day", "week", "month"], default="day")
+    s.add_argument("--bucket", help="hot-regions: region size (e.g. 1G, 256M)")
+    s.add_argument("--limit", type=int, default=20, help="hot-regions: rows (0 = all)")
+    s.add_argument(
+        "--horizons", default="30,90,365", help="projection: days ahead, comma-separated"
+    )
+    for rule in KeepPolicy.__dataclass_fields__:
+        s.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
+    s.add_argument("--forget", action="append", default=[], metavar="POINT")
+    add_output_options(s, with_parquet=False)
+    s.set_defaults(run=cmd_report)
+
+    s = sub.add_parser("dashboard", help="write a self-contained HTML page with charts")
+    s.add_argument("output", help="HTML file to write")
+    s.set_defaults(run=cmd_dashboard)
+
+    s = sub.add_parser("catalog-schema", help="the catalog views and their columns")
+    s.set_defaults(run=cmd_catalog_schema)
+
+
 def _open(repo: str | Repository) -> Catalog:
     r = Repository.open(repo) if isinstance(repo, str) else repo
     points = r.points()
-    for msg in r.damaged:
-        print(f"comb: warning: skipping {msg}", file=sys.stderr)
+    warn_damaged(r)
     return Catalog.open(r.storage, points)
 
 
 def _warn_left_out(cat: Catalog) -> None:
     for msg in dict.fromkeys([*cat.damaged, *cat.history.damaged]):
-        print(f"comb: warning: left out of the views: {msg}", file=sys.stderr)
+        warn(f"left out of the views: {msg}")
 
 
 def cmd_query(repo: str, args: argparse.Namespace) -> int:
@@ -66,7 +98,7 @@ def parse_since(text: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
-def _options(args: argparse.Namespace) -> ReportOptions:
+def report_options(args: argparse.Namespace) -> ReportOptions:
     try:
         horizons = tuple(int(h) for h in args.horizons.split(",") if h.strip())
     except ValueError:
@@ -96,7 +128,7 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise UsageError("give a report name (see `comb report --list`)")
-    opts = _options(args)
+    opts = report_options(args)
     r = Repository.open(repo)
     if args.name == "retention":  # as `forget` does: the base of an overlay is kept
         opts = replace(opts, held=frozenset(overlay_bases(r)))
@@ -105,8 +137,8 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
         raise UsageError(f"no recovery point for source {opts.source!r}")
     result = run_report(cat, args.name, opts)
     _warn_left_out(cat)
-    for note in result.notes:
-        print(f"comb: note: {note}", file=sys.stderr)
+    for text in result.notes:
+        note(text)
     reader = pa.RecordBatchReader.from_batches(result.table.schema, result.table.to_batches())
     write_result(reader, args.format, args.output, human=True)
     return 0

@@ -5,9 +5,6 @@ already a mount; ``/dev/fuse`` must exist; the binding must import), the reposit
 ``mount`` lock while mounted (FORMAT.md 13), its two output lines (where it is mounted, and that
 it was unmounted) and its exit code: 0 after SIGTERM, SIGHUP or an unmount from outside, 130
 after SIGINT (Ctrl-C). The filesystem itself is ``drive.fuse``.
-
-Also runnable as ``python -m pipeline.mount_cmd REPO MOUNTPOINT`` (tests; the same output and
-one-line errors as the CLI).
 """
 
 from __future__ import annotations
@@ -16,15 +13,21 @@ import argparse
 import errno
 import os
 import signal
-import sys
 
 from catalog.errors import UsageError, describe_os_error
 from catalog.repo import Repository
 
-from .lifecycle import reader_lock
+from ..console import warn_damaged
+from ..locking import reader_lock
+from . import EXIT_INTERRUPTED, Subparsers
 
 DEV_FUSE = "/dev/fuse"
-EXIT_INTERRUPTED = 130
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("mount", help="mount every recovery point as disk image files (FUSE)")
+    s.add_argument("mountpoint", help="an empty directory")
+    s.set_defaults(run=cmd_mount)
 
 
 def cmd_mount(repo: str, args: argparse.Namespace) -> int:
@@ -50,8 +53,7 @@ def cmd_mount(repo: str, args: argparse.Namespace) -> int:
     # Held from before the points are listed until unmounted: prune waits (FORMAT.md 13).
     with reader_lock(r, "mount", long_lived=True):
         fs = fuse.CombFS(r)
-        for msg in r.damaged:
-            print(f"comb: warning: skipping {msg}", file=sys.stderr)
+        warn_damaged(r)
         signum = fuse.serve(fs, mountpoint, mounted)
     print(f"unmounted {mountpoint}", flush=True)
     return EXIT_INTERRUPTED if signum == signal.SIGINT else 0

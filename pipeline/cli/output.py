@@ -1,9 +1,11 @@
-"""Writing result tables: to the terminal as a table, or as CSV, JSON or Parquet, to standard
-output or atomically to a file (a temporary name in the same directory, renamed when complete,
-so a failed or interrupted write never leaves a partial file under the name asked for)."""
+"""Writing result tables (``query``, ``report``): to the terminal as a table, or as CSV, JSON or
+Parquet, to standard output or atomically to a file (a temporary name in the same directory,
+renamed when complete, so a failed or interrupted write never leaves a partial file under the
+name asked for)."""
 
 from __future__ import annotations
 
+import argparse
 import csv
 import json
 import os
@@ -20,15 +22,13 @@ import pyarrow.parquet as pq
 
 from catalog.errors import OutputError, QueryError, UsageError
 
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
+from ..console import human_bytes, table_row
 
 
-def human_bytes(n: float) -> str:
-    for unit in _UNITS:
-        if abs(n) < 1024 or unit == _UNITS[-1]:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+def add_output_options(s: argparse.ArgumentParser, with_parquet: bool) -> None:
+    formats = ["table", "csv", "json", *(["parquet"] if with_parquet else [])]
+    s.add_argument("--format", choices=formats, default="table")
+    s.add_argument("--output", metavar="FILE", help="write the result to FILE (atomically)")
 
 
 def write_result(
@@ -130,7 +130,7 @@ def _text(reader: pa.RecordBatchReader, fmt: str, out: IO[str], human: bool) -> 
 
 
 def _line(values: list[str], widths: list[int]) -> str:
-    return "  ".join(v.ljust(w) for v, w in zip(values, widths, strict=False)).rstrip() + "\n"
+    return table_row(values, widths) + "\n"
 
 
 def _cell(v: Any) -> str:

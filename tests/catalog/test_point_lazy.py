@@ -1,6 +1,6 @@
-"""PointSource loads lazily: opening reads only the root, a read loads only the span (here one
-leaf) it touches and the index segments that hold its chunks; reads still equal the image, from
-any number of threads, with every chunk checked."""
+"""A point's reader (catalog.read.point.PointSource) loads lazily: opening reads only the root,
+a read loads only the span (here one leaf) it touches and the index segments that hold its
+chunks; reads still equal the image, from any number of threads, with every chunk checked."""
 
 from __future__ import annotations
 
@@ -19,16 +19,18 @@ from hypothesis import strategies as st
 import catalog.read.lookup as lookup
 from catalog.errors import CorruptionError
 from catalog.read.lookup import SegmentCache, segment_name
+from catalog.read.point import PointSource
+from catalog.read.spans import MapOptions
 from catalog.repo import Repository
 from catalog.store.blocks import block_list_name
 from catalog.store.crypto import RepoKeys
 from catalog.store.index import load_locations
-from catalog.store.manifest import _LeafFile, leaves_name, roots_name
+from catalog.store.leaves import LeafFile, leaves_name
+from catalog.store.manifest import roots_name
 from catalog.store.packs import pack_name
 from catalog.store.parquet_io import decryption, read_parquet
 from catalog.store.points import RecoveryPoint
 from catalog.store.storage import LocalStorage
-from drive.source import PointSource
 
 CHUNK = 64 * 1024
 SIZE = 24 * MiB + 777  # 24 leaves of 1 MiB and a partial last chunk
@@ -133,12 +135,10 @@ def test_reads_anywhere_equal_the_image(  # type: ignore[no-untyped-def]
     image = points.images[point.id]
     segments = SegmentCache()
     src = PointSource(
-        points.repo,
+        points.repo.storage,
         point,
         cache_chunks=2,
-        map_cache_bytes=1,
-        span_chunks=span_leaves * LEAF,
-        segments=segments,
+        maps=MapOptions(map_cache_bytes=1, span_chunks=span_leaves * LEAF, segments=segments),
     )
     for offset, length in reads:
         assert src.read(offset, length) == image[offset : offset + length]
@@ -147,7 +147,7 @@ def test_reads_anywhere_equal_the_image(  # type: ignore[no-untyped-def]
 
 def test_opening_reads_only_the_root(points: Points) -> None:
     repo, storage = recording(points)
-    PointSource(repo, points.incr, segments=SegmentCache())
+    PointSource(repo.storage, points.incr, maps=MapOptions(segments=SegmentCache()))
     assert storage.reads == [roots_name(points.incr.root)]
 
 
@@ -155,16 +155,18 @@ def test_a_first_read_loads_only_the_leaf_it_needs(
     points: Points, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     asked: list[tuple[str, int, int]] = []
-    rows = _LeafFile.rows
+    rows = LeafFile.rows
 
-    def recorded(self: _LeafFile, lo: int, hi: int):  # type: ignore[no-untyped-def]
+    def recorded(self: LeafFile, lo: int, hi: int):  # type: ignore[no-untyped-def]
         asked.append((self.name, lo, hi))
         return rows(self, lo, hi)
 
-    monkeypatch.setattr(_LeafFile, "rows", recorded)
+    monkeypatch.setattr(LeafFile, "rows", recorded)
     repo, storage = recording(points)
     incr, full = points.incr, points.full
-    src = PointSource(repo, incr, span_chunks=LEAF, segments=SegmentCache())
+    src = PointSource(
+        repo.storage, incr, maps=MapOptions(span_chunks=LEAF, segments=SegmentCache())
+    )
     at = 13 * MiB + 100  # in the leaf the second backup rewrote whole
     assert src.read(at, 4096) == points.images[incr.id][at : at + 4096]
     own = leaves_name(incr.leaves or "")
@@ -189,7 +191,9 @@ def test_a_first_read_loads_only_the_leaf_it_needs(
 
 def test_a_dedup_hit_is_found_in_an_older_segment(points: Points) -> None:
     """The chunk written at 16 MiB by the second backup was stored by the first."""
-    src = PointSource(points.repo, points.incr, span_chunks=LEAF, segments=SegmentCache())
+    src = PointSource(
+        points.repo.storage, points.incr, maps=MapOptions(span_chunks=LEAF, segments=SegmentCache())
+    )
     at = 16 * MiB
     assert src.read(at, CHUNK) == points.images[points.full.id][:CHUNK]
     assert src.leaves_files_read == {points.incr.leaves}
@@ -200,7 +204,8 @@ def test_a_dedup_hit_is_found_in_an_older_segment(points: Points) -> None:
 def test_extents_come_from_the_leaves_alone(points: Points, span_leaves: int) -> None:
     for point in (points.full, points.incr):
         repo, storage = recording(points)
-        src = PointSource(repo, point, span_chunks=span_leaves * LEAF, segments=SegmentCache())
+        maps = MapOptions(span_chunks=span_leaves * LEAF, segments=SegmentCache())
+        src = PointSource(repo.storage, point, maps=maps)
         assert src.extents() == data_runs(points.images[point.id])
         assert storage.read_under("index") == [] and storage.read_under("packs") == []
 
@@ -210,15 +215,16 @@ def test_threads_share_one_source(points: Points, scanning: None) -> None:
     is loaded once (the map cache holds them all)."""
     image = points.images[points.incr.id]
     segments = SegmentCache()
-    src = PointSource(points.repo, points.incr, cache_chunks=4, span_chunks=LEAF, segments=segments)
+    maps = MapOptions(span_chunks=LEAF, segments=segments)
+    src = PointSource(points.repo.storage, points.incr, cache_chunks=4, maps=maps)
     loads: list[int] = []
-    load = src._load_span
+    load = src._spans._load
 
     def counted(s: int):  # type: ignore[no-untyped-def]
         loads.append(s)
         return load(s)
 
-    src._load_span = counted  # type: ignore[method-assign]
+    src._spans._load = counted  # type: ignore[method-assign]
     rng = np.random.default_rng(7)
     sizes = [512, 4096, CHUNK + 1, 2 * MiB]
     jobs = [
@@ -261,7 +267,9 @@ def _damaged_copy(points: Points, tmp_path: Path) -> tuple[Repository, RecoveryP
 @pytest.mark.parametrize("length", [4096, 2 * MiB])  # one chunk; a large read (pack ranges)
 def test_a_corrupt_chunk_is_detected(points: Points, tmp_path: Path, length: int) -> None:
     repo, point = _damaged_copy(points, tmp_path)
-    src = PointSource(repo, point, segments=SegmentCache())  # opening reads no pack
+    src = PointSource(
+        repo.storage, point, maps=MapOptions(segments=SegmentCache())
+    )  # opening reads no pack
     with pytest.raises(CorruptionError, match=rf"{point.id} at offset 0\b"):
         src.read(0, length)
     at = 5 * MiB
@@ -274,7 +282,9 @@ def test_a_chunk_in_no_segment_is_an_error_when_read(points: Points, tmp_path: P
     shutil.copytree(points.repo.location, tmp_path / "repo")
     repo = Repository.open(str(tmp_path / "repo"))
     (tmp_path / "repo" / segment_name(points.incr.index_segment or "")).unlink()
-    src = PointSource(repo, points.incr, span_chunks=LEAF, segments=SegmentCache())
+    src = PointSource(
+        repo.storage, points.incr, maps=MapOptions(span_chunks=LEAF, segments=SegmentCache())
+    )
     at = 5 * MiB
     assert src.read(at, 4096) == points.images[points.incr.id][at : at + 4096]
     with pytest.raises(
@@ -290,7 +300,9 @@ def test_a_damaged_segment_is_reported_by_the_read_that_needs_it(
     repo = Repository.open(str(tmp_path / "repo"))
     seg = tmp_path / "repo" / segment_name(points.full.index_segment or "")
     flip_byte(seg, seg.stat().st_size // 2)
-    src = PointSource(repo, points.incr, span_chunks=LEAF, segments=SegmentCache())
+    src = PointSource(
+        repo.storage, points.incr, maps=MapOptions(span_chunks=LEAF, segments=SegmentCache())
+    )
     at = 13 * MiB  # only in the second backup's (intact) segment
     assert src.read(at, 4096) == points.images[points.incr.id][at : at + 4096]
     with pytest.raises(CorruptionError, match="does not match its name"):
@@ -321,8 +333,12 @@ def test_scan_and_table_find_the_same_rows(points: Points) -> None:
 
 def test_segment_tables_are_bounded_and_shared(points: Points) -> None:
     cache = SegmentCache(budget_bytes=1)  # keeps only the newest table
-    a = PointSource(points.repo, points.full, span_chunks=LEAF, segments=cache)
-    b = PointSource(points.repo, points.incr, span_chunks=LEAF, segments=cache)
+    a = PointSource(
+        points.repo.storage, points.full, maps=MapOptions(span_chunks=LEAF, segments=cache)
+    )
+    b = PointSource(
+        points.repo.storage, points.incr, maps=MapOptions(span_chunks=LEAF, segments=cache)
+    )
     for src, at in ((a, 0), (b, 13 * MiB), (a, 5 * MiB), (b, 12 * MiB)):
         image = points.images[src.point.id]
         assert src.read(at, 4096) == image[at : at + 4096]

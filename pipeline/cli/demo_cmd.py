@@ -1,9 +1,11 @@
-"""`comb demo`: back up a sample disk through the pipeline, change it, back up incrementally,
-restore, verify and query: the quickstart's first command, on an embedded default.
+"""``comb demo``: back up a sample disk through the pipeline, change it, back up incrementally,
+restore, verify and query: the quickstart's first command, on an embedded default. Runs the
+other commands through ``main``, as a user would type them.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shutil
@@ -12,7 +14,22 @@ import sys
 import blake3
 import numpy as np
 
-from .cli import main as cli_main
+from catalog.repo import Repository
+
+from . import Subparsers, main
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("demo", help="back up, change, back up, restore, verify and query a sample")
+    s.add_argument("--workdir", default="demo-work", help="where the demo puts its files")
+    s.add_argument("--engine", choices=["ray", "local"], default="ray")
+    s.add_argument("--size-mib", type=int, default=512)
+    s.set_defaults(run=cmd_demo, needs_repo=False)
+
+
+def cmd_demo(repo: str, args: argparse.Namespace) -> int:
+    return run_demo(args.workdir, args.engine, args.size_mib)
+
 
 _WORDS = [f"{w}" for w in "alpha bravo charlie delta echo foxtrot golf hotel india juliet".split()]
 
@@ -71,7 +88,7 @@ _password_file: list[str] = []
 def _run(*args: str) -> None:
     args = (*_password_file, *args)
     print(f"\n$ comb {' '.join(args)}", flush=True)
-    code = cli_main(list(args))
+    code = main(list(args))
     sys.stdout.flush()
     if code != 0:
         raise SystemExit(code)
@@ -157,6 +174,4 @@ def run_demo(workdir: str, engine: str, size_mib: int) -> int:
 
 
 def _point_ids(repo: str) -> list[str]:
-    from catalog.repo import Repository
-
     return [p.id for p in Repository.open(repo, password=DEMO_PASSWORD).points()]

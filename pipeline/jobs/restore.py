@@ -26,7 +26,7 @@ from stages.restore import RestoreTarget, execute_read, leaves_to_table, plan_re
 WINDOW_LEAVES = 256
 # Threads overlap pack reads, decompression (GIL released) and writes.
 RESTORE_THREADS = max(4, 2 * (os.cpu_count() or 2))
-# Coalesced reads in flight (each at most 16 MiB): bounds memory.
+# Coalesced reads in flight (each at most catalog.read.coalesce.READ_BYTES, 8 MiB): bounds memory.
 INFLIGHT_READS = 2 * RESTORE_THREADS
 
 Progress = Callable[[int, int], None]

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import argparse
 import signal
-import sys
 from types import FrameType
 
 import drive.overlays.overlay as overlay
@@ -21,12 +20,33 @@ from catalog.store.points import RecoveryPoint
 from drive.nbd.exports import ServedPoint
 from drive.nbd.overlay import ServedOverlay
 from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
-from drive.source import PointSource
 
-from .lifecycle import reader_lock
-from .overlays_cmd import parse_overlay_specs, resolve_base, warn
+from ..console import warn, warn_damaged
+from ..locking import reader_lock
+from . import Subparsers
 
 DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("serve", help="serve recovery points (read-only) and overlays over NBD")
+    s.add_argument(
+        "--listen", default="127.0.0.1:10809", metavar="HOST:PORT", help="default 127.0.0.1:10809"
+    )
+    s.add_argument(
+        "--overlay",
+        action="append",
+        default=[],
+        metavar="NAME=POINT",
+        help="serve writable overlay NAME as overlay/NAME, created over POINT if missing",
+    )
+    s.add_argument(
+        "--cache-mib",
+        type=int,
+        default=16,
+        help="decoded chunks cached per served point, MiB (default 16; at most 8 points loaded)",
+    )
+    s.set_defaults(run=cmd_serve)
 
 
 def parse_listen(text: str) -> tuple[str, int]:
@@ -54,7 +74,7 @@ def open_overlays(
     (e.g. another server has it) is left out with a warning."""
     for name, spec in wanted.items():
         if name not in overlay.names(r):
-            overlay.create(r, name, resolve_base(r, spec))
+            overlay.create(r, name, r.resolve(spec))
     by_id = {pt.id: pt for pt in points}
     served: dict[str, ServedOverlay] = {}
     try:
@@ -75,7 +95,7 @@ def open_overlays(
                 warn(f"{msg}; not served")
                 continue
             try:
-                base = ServedPoint(PointSource(r, point))
+                base = ServedPoint(r.reader(point))
             except CombError as err:
                 opened.close()
                 if name in wanted:
@@ -87,6 +107,20 @@ def open_overlays(
         close_overlays(served)
         raise
     return served
+
+
+def parse_overlay_specs(specs: list[str]) -> dict[str, str]:
+    """``--overlay NAME=POINT`` options: name -> point spec (a name given twice is an error)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        name, sep, point = spec.partition("=")
+        if not sep or not point:
+            raise UsageError(f"--overlay {spec[:80]!r} is not NAME=POINT")
+        overlay.check_name(name)
+        if name in out:
+            raise UsageError(f"--overlay {name!r} is given twice")
+        out[name] = point
+    return out
 
 
 def close_overlays(served: dict[str, ServedOverlay]) -> None:
@@ -114,8 +148,7 @@ def _serve(r: Repository, host: str, port: int, wanted: dict[str, str], cache_mi
     chunks = max(1, (cache_mib << 20) // r.config.chunk_size)
     server = NbdServer(r, host, port, cache_chunks=chunks)
     points = r.points()
-    for msg in r.damaged:
-        print(f"comb: warning: skipping {msg}", file=sys.stderr)
+    warn_damaged(r)
     try:
         overlays = open_overlays(r, points, wanted)
     except BaseException:

@@ -1,14 +1,18 @@
-"""The backup job: plan, run the fused workers on an engine, assemble the manifest, commit.
+"""One engine run of a backup: one or more disks read by the same workers, one recovery point
+per disk.
 
 Commit order (FORMAT.md "Commit protocol"): packs (sealed and fsynced by the workers) -> index
 segment -> leaves -> root -> point document by atomic rename. A failure anywhere before the
 rename leaves only unreferenced files; no recovery point appears.
+
+Several disks share the engine through one address space (``DISK_SHIFT``): one dedup index and
+one set of workers serve them all, and their work items interleave (the disks are read in
+parallel). What to read is each job's plan (``BackupPlan``: ``pipeline.jobs.backup`` for images,
+devices and overlays, ``pipeline.jobs.vsphere_backup`` for a VM's disks).
 """
 
 from __future__ import annotations
 
-import os
-import sys
 import time
 from collections import deque
 from collections.abc import Callable
@@ -18,26 +22,22 @@ from typing import Any
 
 import pyarrow as pa
 
-from catalog.errors import SourceError, UsageError
 from catalog.repo import Repository
 from catalog.store.changes import ChangeTableWriter
 from catalog.store.format import RepoConfig
 from catalog.store.index import IndexSegmentWriter, ids_to_array
 from catalog.store.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.store.packs import DEFAULT_PACK_TARGET_BYTES
-from catalog.store.points import PointStats, RecoveryPoint, backup_parent, commit_point
+from catalog.store.points import PointStats, RecoveryPoint, commit_point
 from catalog.store.storage import Storage
-from drive.overlays.overlay import Overlay
 from stages.backup import IndexClient, PackTarget, backup_stages
 from stages.base import Fused
 from stages.schemas import INDEX_PORT, MAIN_PORT
-from stages.sources.image import ImageSource, Source, SourceHandle
+from stages.sources.image import Source, SourceHandle
 
+from ..engines import Engine
 from .assemble import ManifestAssembler
-from .engines import Engine
-from .lifecycle import writer_lock
-from .overlay_source import OverlaySource, overlay_name
-from .plan import Range, WorkItem, align, intersect, parse_changed_extents, work_items
+from .plan import Range, WorkItem, work_items
 
 # 16 MiB work items: large enough that per-call and per-batch Python costs vanish (~256 chunks),
 # small enough for reused per-worker buffers. bench/README.md "batch size".
@@ -58,71 +58,15 @@ class BackupOptions:
 
 @dataclass(frozen=True)
 class BackupPlan:
+    """What one disk's backup reads (``read``), its parent and, with a change list, the
+    aligned changed ranges (every other leaf is the parent's)."""
+
     source_name: str
     size: int
     parent: RecoveryPoint | None
     mode: str
     read: list[Range]
     changed: list[Range] | None
-
-
-def plan_backup(repo: Repository, source_path: str, opts: BackupOptions) -> BackupPlan:
-    """Decide what to read: holes never, and with a change list only the changed chunks."""
-    src = ImageSource(source_path).open()
-    try:
-        path = os.path.abspath(source_path)  # what the point's source_path records
-        name = opts.source_name or path
-        chunk = repo.config.chunk_size
-        parent, same_device = backup_parent(repo.points(), name, path)
-        for msg in repo.damaged:
-            # The parent is chosen among readable points only; say what was skipped.
-            print(f"comb: warning: skipping {msg}", file=sys.stderr)
-        if parent is not None and src.size < parent.size:
-            raise SourceError(
-                f"source {source_path} is {src.size} bytes, shorter than its parent recovery "
-                f"point {parent.id} says ({parent.size} bytes); use --source-name for a new source"
-            )
-        data = align([(s, s + n) for s, n in src.data_extents(0, src.size)], chunk, src.size)
-        changed: list[Range] | None = None
-        if opts.changed_extents is not None:
-            extents = parse_changed_extents(opts.changed_extents, src.size)
-            if parent is None or not same_device:  # the list is relative to no point we have
-                why = (
-                    f"no earlier recovery point of {name!r}"
-                    if parent is None
-                    else f"the latest point {parent.id} of {name!r} was read from "
-                    f"{parent.source_path}, not {path}"
-                )
-                print(
-                    f"comb: note: {why}; ignoring --changed-extents and reading the whole source",
-                    file=sys.stderr,
-                )
-            else:
-                if src.size > parent.size:
-                    extents.append((parent.size, src.size))
-                changed = align(extents, chunk, src.size)
-        if changed is not None:
-            return BackupPlan(
-                name, src.size, parent, "changed-extents", intersect(changed, data), changed
-            )
-        mode = "full" if parent is None else "full-reread"
-        return BackupPlan(name, src.size, parent, mode, data, None)
-    finally:
-        src.close()
-
-
-def plan_overlay_backup(repo: Repository, ov: Overlay, opts: BackupOptions) -> BackupPlan:
-    """An overlay as a new point of its base point's source: the parent is the base point (not
-    the source's latest), the change list is every written run (data or zeros), read whole."""
-    if opts.source_name is not None or opts.changed_extents is not None:
-        raise UsageError(
-            "--source-name and --changed-extents do not apply to an overlay (its source and "
-            "changes are its base point's and its writes)"
-        )
-    base = repo.resolve(ov.base_id)
-    written = [(p.start, p.end) for p in ov.pieces(0, ov.size)]
-    changed = align(written, repo.config.chunk_size, base.size)
-    return BackupPlan(base.source, base.size, base, "changed-extents", changed, changed)
 
 
 @dataclass
@@ -280,46 +224,6 @@ def _parent_data(parent: RecoveryPoint | None, manifest: ManifestReader | None) 
     if parent.changes is not None:
         return parent.stats.bytes_data
     return manifest_data_bytes(manifest, parent.size, parent.chunk_size, parent.leaf_chunks)
-
-
-def run_backup(
-    repo: Repository,
-    source_path: str,
-    engine: Engine,
-    opts: BackupOptions = BackupOptions(),
-    progress: Progress | None = None,
-) -> RecoveryPoint:
-    t0 = time.perf_counter()
-    repo.require_writable()
-    name = overlay_name(source_path)
-    with writer_lock(repo, "backup"):  # prune removes nothing while a backup runs
-        if name is None:
-            plan = plan_backup(repo, source_path, opts)
-            path = os.path.abspath(source_path)
-            return _run(repo, plan, ImageSource(path), path, engine, opts, progress, t0)
-        # The overlay's lock (the one a server holds) for the whole backup: its writes stay put.
-        ov = Overlay(repo, name)
-        try:
-            plan = plan_overlay_backup(repo, ov, opts)
-            source = OverlaySource(
-                repo.location, name, repo.keys.for_workers() if repo.keys is not None else None
-            )
-            return _run(repo, plan, source, source_path, engine, opts, progress, t0)
-        finally:
-            ov.close()
-
-
-def _run(
-    repo: Repository,
-    plan: BackupPlan,
-    source: Source,
-    source_path: str,
-    engine: Engine,
-    opts: BackupOptions,
-    progress: Progress | None,
-    t0: float,
-) -> RecoveryPoint:
-    return run_jobs(repo, [DiskJob(plan, source, source_path)], engine, opts, progress, t0)[0]
 
 
 def run_jobs(

@@ -10,12 +10,27 @@ first), nor can the last one. Both take the exclusive ``key`` lock.
 from __future__ import annotations
 
 import argparse
-import json
 
 from catalog.errors import RepositoryError, UsageError
 from catalog.repo import Repository
 from catalog.store import crypto
 from catalog.store.locks import locked
+
+from ..console import print_json
+from . import Parser, Subparsers
+from .passwords import read_password
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("key", help="add, list or remove the passwords of an encrypted repository")
+    acts = s.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
+    a = acts.add_parser("list", help="list the key files (the default); * marks yours")
+    a.add_argument("--json", action="store_true")
+    a = acts.add_parser("add", help="add a password (COMB_NEW_PASSWORD, --new-password-file)")
+    a.add_argument("--new-password-file", metavar="FILE")
+    a = acts.add_parser("remove", help="remove a key by id (or unique prefix)")
+    a.add_argument("id")
+    s.set_defaults(run=cmd_key, json=False)  # `comb key` alone lists, as text
 
 
 def _open_encrypted(repo: str) -> Repository:
@@ -29,7 +44,7 @@ def cmd_key(repo: str, args: argparse.Namespace) -> int:
     r = _open_encrypted(repo)
     if args.action == "add":
         r.require_writable()
-        password = crypto.read_password(r.location, new=True)
+        password = read_password(r.location, args.new_password_file, new=True)
         with locked(r.storage, "key", command="key add"):
             key_id = crypto.add_key(r.storage, r.config.id, r.keys.master, password)  # type: ignore[union-attr]
         print(f"added key {key_id}")
@@ -53,7 +68,7 @@ def cmd_key(repo: str, args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        print(json.dumps(rows, indent=2, sort_keys=True))
+        print_json(rows, pretty=True)
         return 0
     for row in rows:
         mark = "*" if row["current"] else " "

@@ -1,0 +1,72 @@
+"""``forget``: which recovery points go, which stay because an overlay is over them, and
+retiring the rest.
+
+Under the shared ``forget`` lock (FORMAT.md 13): the points are read (a damaged document stops
+it: keep rules decide per source and must not guess around one), the keep policy and the named
+points (``store.points.resolve``) say which go, a point that is the base of an overlay stays
+(``held``), and the others are retired (``store.points.retire_point``: their documents move to
+``forgotten/``). What they referenced is left to ``prune``. Prints nothing; the overlays are the
+caller's to list (they live in ``drive``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+from catalog.errors import RepositoryError, UsageError
+from catalog.maint.retention import KeepPolicy, forget_mask
+from catalog.repo import Repository
+from catalog.store.locks import ensure_locking, writer_lock
+from catalog.store.points import POINTS_PREFIX, RecoveryPoint, retire_point
+
+OverlayBases = Mapping[str, Sequence[str]]  # point id -> names of the overlays over it
+
+
+@dataclass(frozen=True)
+class Forgotten:
+    gone: list[RecoveryPoint]  # forgotten (or, in a dry run, to be)
+    held: list[tuple[RecoveryPoint, list[str]]]  # would go, but overlays (named) are over it
+    kept: int  # points left
+
+
+def forget(
+    repo: Repository,
+    policy: KeepPolicy,
+    named: tuple[str, ...] = (),
+    source: str | None = None,
+    dry_run: bool = False,
+    overlay_bases: Callable[[], OverlayBases] = dict,
+    command: str = "forget",
+    on_wait: object = None,
+) -> Forgotten:
+    """Forget the points ``policy`` does not keep (of ``source`` only, when given) and the
+    ``named`` ones (point specs), except the bases of overlays; ``dry_run`` changes nothing.
+    ``command`` and ``on_wait`` are the lock's (``store.locks.writer_lock``)."""
+    repo.require_writable()
+    with writer_lock(repo.storage, "forget", command, on_wait):
+        points = repo.points()
+        if repo.damaged:
+            raise RepositoryError(
+                f"{len(repo.damaged)} damaged point document(s) (`comb verify` lists them): "
+                "forget decides per source and will not guess around them"
+            )
+        if source is not None and all(p.source != source for p in points):
+            raise UsageError(f"no recovery point of source {source!r}")
+        mask = forget_mask(points, policy, named, source)
+        bases = overlay_bases()
+        gone: list[RecoveryPoint] = []
+        held: list[tuple[RecoveryPoint, list[str]]] = []
+        for p, drop in zip(points, mask.tolist(), strict=True):
+            if drop and p.id in bases:
+                held.append((p, list(bases[p.id])))
+            elif drop:
+                gone.append(p)
+        if not dry_run and gone:
+            repo.config = ensure_locking(repo.storage, repo.config)
+            for p in gone:
+                retire_point(repo.storage, p.id)
+            path = repo.storage.local_path(POINTS_PREFIX)
+            if path is not None:
+                repo.storage.sync_dir(path)  # type: ignore[attr-defined]
+    return Forgotten(gone, held, len(points) - len(gone))

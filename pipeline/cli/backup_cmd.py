@@ -1,0 +1,146 @@
+"""``comb backup SOURCE``: an image file, block device, overlay or vSphere VM as a new recovery
+point (the jobs are ``pipeline.jobs.backup`` and ``pipeline.jobs.vsphere_backup``)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+from catalog.errors import UsageError
+from catalog.repo import Repository
+from catalog.store.points import RecoveryPoint
+
+from ..console import human_bytes, print_json
+from ..engines import Engine, make_engine
+from ..jobs.backup import run_backup
+from ..jobs.runner import BackupOptions
+from ..jobs.vsphere import is_vsphere
+from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
+from . import Subparsers
+from .progress import progress_bar
+
+# Work items are read into one buffer per worker: bound it (1 GiB per worker at most).
+MAX_BATCH_MIB = 1024
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("backup", help="back up a disk image, block device or vSphere VM")
+    s.add_argument(
+        "source",
+        help="image file, block device, overlay:NAME, or vsphere://USER@HOST/DC/vm/NAME",
+    )
+    s.add_argument("--source-name", help="name of the source (default: its absolute path)")
+    s.add_argument(
+        "--changed-extents", metavar="FILE", help="JSON list of changed {offset, length}"
+    )
+    s.add_argument(
+        "--engine", choices=["ray", "local"], default=os.environ.get("COMB_ENGINE", "ray")
+    )
+    s.add_argument("--ray-address", default=None, help="existing Ray cluster (or RAY_ADDRESS)")
+    s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
+    s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
+    s.add_argument("--json", action="store_true", help="print one JSON object per point")
+    v = s.add_argument_group("vSphere (vsphere:// sources; password from COMB_VSPHERE_PASSWORD)")
+    v.add_argument("--quiesce", action="store_true", help="quiesce the guest (VMware Tools)")
+    v.add_argument(
+        "--disk", type=int, action="append", default=[], metavar="KEY", help="disk device key"
+    )
+    v.add_argument("--all-disks", action="store_true", help="every disk, one source each")
+    v.add_argument(
+        "--cbt-audit",
+        type=float,
+        default=None,
+        metavar="PERCENT",
+        help="re-read this share of what CBT calls unchanged and check it (default 1)",
+    )
+    v.add_argument("--insecure", action="store_true", help="do not check the TLS certificate")
+    v.add_argument("--ca-file", metavar="FILE", help="trust this CA bundle for TLS")
+    s.set_defaults(run=cmd_backup)
+
+
+def cmd_backup(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    if not 1 <= args.batch_mib <= MAX_BATCH_MIB:
+        raise UsageError(f"--batch-mib must be between 1 and {MAX_BATCH_MIB}")
+    if args.source_name is not None and not args.source_name.strip():
+        raise UsageError("--source-name must not be empty")
+    if args.workers is not None and args.workers < 1:
+        raise UsageError("--workers must be at least 1")
+    opts = BackupOptions(
+        source_name=args.source_name,
+        changed_extents=args.changed_extents,
+        batch_bytes=args.batch_mib * 1024 * 1024,
+    )
+    vopts = _vsphere_options(args)
+    engine = make_engine(args.engine, args.ray_address, args.workers)
+    t0 = time.perf_counter()
+    with progress_bar(f"backup {os.path.basename(args.source)}", not args.json) as bar:
+        if vopts is not None:
+            points = run_vsphere_backup(r, args.source, engine, opts, vopts, bar)
+        else:
+            points = [run_backup(r, args.source, engine, opts, bar)]
+    seconds = time.perf_counter() - t0
+    for point in points:
+        _report(point, engine, seconds, args.json)
+    return 0
+
+
+def _vsphere_options(args: argparse.Namespace) -> VsphereOptions | None:
+    """The vSphere options, or None (and none of them given) for other sources."""
+    if not is_vsphere(args.source):
+        given = [
+            flag
+            for flag, value in (
+                ("--quiesce", args.quiesce),
+                ("--disk", args.disk),
+                ("--all-disks", args.all_disks),
+                ("--cbt-audit", args.cbt_audit is not None),
+                ("--insecure", args.insecure),
+                ("--ca-file", args.ca_file),
+            )
+            if value
+        ]
+        if given:
+            raise UsageError(f"{given[0]} applies to vsphere:// sources only")
+        return None
+    if args.insecure and args.ca_file:
+        raise UsageError("give --insecure or --ca-file, not both")
+    return VsphereOptions(
+        quiesce=args.quiesce,
+        disks=tuple(args.disk),
+        all_disks=args.all_disks,
+        cbt_audit=DEFAULT_AUDIT_PERCENT if args.cbt_audit is None else args.cbt_audit,
+        verify=False if args.insecure else (args.ca_file or True),
+    )
+
+
+def _report(point: RecoveryPoint, engine: Engine, seconds: float, as_json: bool) -> None:
+    st = point.stats
+    if as_json:  # one line per point (JSON Lines): a VM backup makes one point per disk
+        doc = {
+            "id": point.id,
+            "source": point.source,
+            "parent": point.parent,
+            "mode": point.mode,
+            "size": point.size,
+            "bytes_read": st.bytes_read,
+            "bytes_new": st.bytes_new,
+            "bytes_stored": st.bytes_stored,
+            "metadata_bytes": st.metadata_bytes,
+            "engine": point.engine,
+            "engine_startup_seconds": round(engine.startup_s, 3),
+            "seconds": round(seconds, 3),
+        }
+        if point.vsphere is not None:
+            doc.update(change_id=point.change_id, cbt=point.vsphere.get("cbt"))
+        print_json(doc)
+    else:
+        rate = st.bytes_read / seconds / 1e6 if seconds else 0.0
+        startup = f", engine start-up {engine.startup_s:.1f} s" if engine.startup_s >= 0.5 else ""
+        print(
+            f"recovery point {point.id} of {point.source} ({point.mode}): "
+            f"read {human_bytes(st.bytes_read)}, new {human_bytes(st.bytes_new)}, "
+            f"stored {human_bytes(st.bytes_stored)} "
+            f"in {seconds:.1f} s ({rate:.0f} MB/s read, {point.engine} engine{startup})"
+        )

@@ -1,0 +1,91 @@
+"""``comb forget``: remove recovery points by keep rules or by name. The rules are
+``catalog.maint.forget``'s; this module parses them and says what went."""
+
+from __future__ import annotations
+
+import argparse
+
+import drive.overlays.overlay as overlay
+from catalog.errors import UsageError
+from catalog.maint.forget import forget
+from catalog.maint.retention import KeepPolicy
+from catalog.repo import Repository
+
+from ..console import print_json, waiting
+from ..locking import command_line
+from . import Subparsers
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("forget", help="remove recovery points by keep rules or by id")
+    s.add_argument("point", nargs="*", help="ids (or unique prefixes) to forget anyway")
+    s.add_argument("--source", help="apply the keep rules to this source only")
+    for rule, what in (
+        ("last", "the N newest points"),
+        ("hourly", "the newest point of each of the last N hours with points"),
+        ("daily", "... of each of the last N days"),
+        ("weekly", "... of each of the last N ISO weeks"),
+        ("monthly", "... of each of the last N months"),
+        ("yearly", "... of each of the last N years"),
+    ):
+        s.add_argument(f"--keep-{rule}", type=int, default=None, metavar="N", help=f"keep {what}")
+    s.add_argument("--dry-run", action="store_true", help="list what would go, change nothing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_forget)
+
+
+def overlay_bases(repo: Repository) -> dict[str, list[str]]:
+    """Point id -> names of the overlays over it (``forget`` keeps those points)."""
+    out: dict[str, list[str]] = {}
+    for name in overlay.names(repo):
+        base = str(overlay.read_doc(repo, name)["base"])
+        out.setdefault(base, []).append(name)
+    return out
+
+
+def _policy(args: argparse.Namespace) -> KeepPolicy:
+    values = {}
+    for rule in KeepPolicy.__dataclass_fields__:
+        n = getattr(args, f"keep_{rule}")
+        if n is not None and n < 0:
+            raise UsageError(f"--keep-{rule} must be 0 or more")
+        values[rule] = n or 0
+    return KeepPolicy(**values)
+
+
+def cmd_forget(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    r.require_writable()
+    policy = _policy(args)
+    if not policy.any() and not args.point:
+        raise UsageError("give --keep-* rules and/or point ids to forget (nothing would go)")
+    res = forget(
+        r,
+        policy,
+        tuple(args.point),
+        args.source,
+        args.dry_run,
+        lambda: overlay_bases(r),
+        command_line(),
+        waiting,
+    )
+    if args.json:
+        print_json(
+            {
+                "dry_run": args.dry_run,
+                "forgotten": [p.id for p in res.gone],
+                "kept": res.kept,
+                "held_by_overlays": {p.id: names for p, names in res.held},
+            }
+        )
+        return 0
+    verb = "would forget" if args.dry_run else "forgot"
+    for p in res.gone:
+        print(f"{verb} {p.id}  {p.time}  {p.source}")
+    for p, names in res.held:
+        print(f"kept {p.id}  {p.time}  {p.source}  (base of overlay {', '.join(names)})")
+    print(
+        f"{verb} {len(res.gone)} recovery point(s), kept {res.kept}"
+        + ("; run `comb prune` to free their data" if res.gone and not args.dry_run else "")
+    )
+    return 0

@@ -1,0 +1,63 @@
+"""``comb init``: create a repository (chunk size, compression level, parity, encryption)."""
+
+from __future__ import annotations
+
+import argparse
+
+from catalog.repo import Repository
+from catalog.store.format import DEFAULT_CHUNK_SIZE_BYTES
+from catalog.store.parity import ParityGeometry
+
+from . import Subparsers
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("init", help="create a repository")
+    s.add_argument(
+        "--chunk-size", type=int, default=None, help="chunk size in bytes (default 65536)"
+    )
+    s.add_argument(
+        "--zstd-level", type=int, default=None, help="compression level of new chunks (default 3)"
+    )
+    s.add_argument(
+        "--parity-overhead",
+        default=None,
+        metavar="PCT",
+        help="parity per pack in percent of its size, in steps of 6.25 (default 12.5: heals any "
+        "2 damaged 256 KiB shards per 4 MiB stripe); 0 or none: no parity",
+    )
+    s.add_argument(
+        "--encryption",
+        choices=["aes-256-gcm", "none"],
+        default="aes-256-gcm",
+        help="encrypt everything stored (default) or nothing",
+    )
+    s.set_defaults(run=cmd_init)
+
+
+def cmd_init(repo: str, args: argparse.Namespace) -> int:
+    parity = (
+        ParityGeometry()
+        if args.parity_overhead is None
+        else ParityGeometry.from_overhead(args.parity_overhead)
+    )
+    r = Repository.init(
+        repo,
+        args.chunk_size or DEFAULT_CHUNK_SIZE_BYTES,
+        args.zstd_level,
+        parity,
+        encryption=args.encryption,
+    )
+    g = r.config.parity
+    how = f"encrypted, {r.config.encryption['algorithm']}" if r.config.encryption else "unencrypted"
+    print(
+        f"created repository {r.location} (id {r.config.id[:16]}, chunk size "
+        f"{r.config.chunk_size}, zstd level {r.config.zstd_level}, {how}, "
+        + (
+            f"parity {g.data_shards}+{g.parity_shards} shards of {g.shard_bytes // 1024} KiB, "
+            f"{g.overhead * 100:g} %)"
+            if g
+            else "no parity)"
+        )
+    )
+    return 0

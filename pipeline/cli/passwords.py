@@ -1,0 +1,70 @@
+"""The repository passwords of the command line: from a file (``--password-file``,
+``--new-password-file``), the environment or a prompt on a terminal. The repository never asks
+for one itself: ``main`` gives it this command's source (``catalog.store.crypto``), and
+``key add`` reads the new password here."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import sys
+
+from catalog.errors import UsageError
+from catalog.store.crypto import PasswordSource
+
+PASSWORD_ENV = "COMB_PASSWORD"
+PASSWORD_FILE_ENV = "COMB_PASSWORD_FILE"
+NEW_PASSWORD_ENV = "COMB_NEW_PASSWORD"
+NEW_PASSWORD_FILE_ENV = "COMB_NEW_PASSWORD_FILE"
+
+
+def password_source(password_file: str | None) -> PasswordSource:
+    """The source of the repository's password for one command (``--password-file``)."""
+
+    def source(location: str, confirm: bool) -> str:
+        return read_password(location, password_file, confirm=confirm)
+
+    return source
+
+
+def read_password(
+    location: str, password_file: str | None, new: bool = False, confirm: bool = False
+) -> str:
+    """The password from ``password_file``, COMB_PASSWORD_FILE, COMB_PASSWORD or a prompt on a
+    terminal. ``new``: the password of a key being added (--new-password-file,
+    COMB_NEW_PASSWORD_FILE, COMB_NEW_PASSWORD); ``confirm``: a terminal asks twice."""
+    env, file_env = (
+        (NEW_PASSWORD_ENV, NEW_PASSWORD_FILE_ENV) if new else (PASSWORD_ENV, PASSWORD_FILE_ENV)
+    )
+    confirm = confirm or new
+    path = password_file or os.environ.get(file_env)
+    if path:
+        password = _from_file(path)
+    elif env in os.environ:
+        password = os.environ[env]
+    elif sys.stdin.isatty():
+        what = "new password" if new else "password"
+        try:
+            password = getpass.getpass(f"{what} for {location}: ")
+            if confirm and getpass.getpass(f"repeat the {what}: ") != password:
+                raise UsageError("the passwords do not match")
+        except EOFError:
+            raise UsageError("no password given") from None
+    else:
+        flag = "--new-password-file" if new else "--password-file"
+        raise UsageError(
+            f"{location} needs a {'new ' if new else ''}password: set {env}, use {flag} "
+            "or run on a terminal"
+        )
+    if not password:
+        raise UsageError("an empty password is not allowed")
+    return password
+
+
+def _from_file(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read password file {path}: {err}") from None
+    return text.rstrip("\r\n")

@@ -1,0 +1,80 @@
+"""``comb prune``: remove the data no recovery point needs (``catalog.maint.gc``)."""
+
+from __future__ import annotations
+
+import argparse
+
+from catalog.errors import RepositoryError
+from catalog.maint.gc import prune
+from catalog.repo import Repository
+
+from ..console import human_bytes, print_json, waiting, warn
+from ..locking import ensure_locking
+from . import Subparsers
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("prune", help="remove data no recovery point needs")
+    s.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_prune)
+
+
+def cmd_prune(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    r.require_writable()
+    r.points()
+    if r.damaged:
+        raise RepositoryError(
+            f"{len(r.damaged)} damaged point document(s) (`comb verify` lists them): prune "
+            "cannot tell what they need, so it removes nothing"
+        )
+    if not args.dry_run:
+        ensure_locking(r)
+    res = prune(r, dry_run=args.dry_run, on_wait=waiting)
+    p = res.plan
+    if args.json:
+        print_json(
+            {
+                "dry_run": res.dry_run,
+                "points": res.points,
+                "packs_removed": len(p.packs),
+                "orphan_packs": p.orphan_packs,
+                "packs_kept": p.live_packs,
+                "pack_bytes": p.pack_bytes,
+                "metadata_files_removed": len(p.files),
+                "metadata_bytes": p.file_bytes,
+                "segments_removed": len(p.segments_removed),
+                "segments_rewritten": len(p.segments_rewritten),
+                "tmp_files_removed": len(p.tmp),
+                "exclusive_seconds": round(res.exclusive_s, 3),
+                "packs_repacked": len(res.repacked.retired),
+                "chunks_copied": res.repacked.chunks,
+                "bytes_copied": res.repacked.bytes,
+                "damaged": res.repacked.damaged,
+            }
+        )
+        return 0
+    verb = "would remove" if res.dry_run else "removed"
+    for msg in res.repacked.damaged:
+        warn(f"not repacked: {msg} (`comb verify --read-data`)")
+    if res.repacked.retired:
+        rp = res.repacked
+        print(
+            f"repack{'' if res.dry_run else 'ed'} {len(rp.retired)} mostly unused pack(s)"
+            + ("" if res.dry_run else f": {rp.chunks} chunk(s), {human_bytes(rp.bytes)} copied")
+        )
+    print(
+        f"{verb} {len(p.packs)} pack(s) ({human_bytes(p.pack_bytes)}"
+        + (f", {p.orphan_packs} left by interrupted backups" if p.orphan_packs else "")
+        + f") and {len(p.files)} metadata file(s) ({human_bytes(p.file_bytes)}); "
+        f"{p.live_packs} pack(s) hold the {res.points} recovery point(s)"
+        + (
+            f"; index: {len(p.segments_removed)} segment(s) removed, "
+            f"{len(p.segments_rewritten)} rewritten"
+            if p.segments_removed or p.segments_rewritten
+            else ""
+        )
+        + ("" if res.dry_run else f"; exclusive phase {res.exclusive_s:.2f} s")
+    )
+    return 0

@@ -1,0 +1,140 @@
+"""``comb scrub``: read the packs, locate damage and the points it hurts, and with
+``--repair`` heal from parity or isolate it (``catalog.maint.scrub``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+
+from catalog.errors import CorruptionError, UsageError
+from catalog.maint.scrub import ScrubReport, scrub
+from catalog.repo import Repository
+
+from ..console import human_bytes, print_json
+from ..locking import ensure_locking, reader_lock
+from . import Subparsers
+from .progress import progress_bar
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("scrub", help="read the packs, find damaged chunks and what they hurt")
+    s.add_argument(
+        "--sample", type=float, default=100.0, metavar="PERCENT", help="of the stored bytes"
+    )
+    s.add_argument("--repair", action="store_true", help="isolate damage so backups heal it")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_scrub)
+
+
+def cmd_scrub(repo: str, args: argparse.Namespace) -> int:
+    if not 0 < args.sample <= 100:
+        raise UsageError("--sample must be a percentage above 0 and at most 100")
+    r = Repository.open(repo)
+    if args.repair:
+        r.require_writable()
+        ensure_locking(r)
+    with reader_lock(r, "scrub"), progress_bar("scrub", not args.json) as bar:
+        rep = scrub(r, args.sample, args.repair, progress=bar)
+    if args.json:
+        _scrub_json(rep)
+    else:
+        _scrub_text(rep)
+    _scrub_verdict(rep)
+    return 0
+
+
+def _scrub_json(rep: ScrubReport) -> None:
+    doc = {
+        "packs": rep.packs,
+        "packs_total": rep.packs_total,
+        "bytes": rep.bytes,
+        "seconds": round(rep.seconds, 3),
+        "damaged": [
+            {
+                "pack": d.pack,
+                "offset": d.offset,
+                "chunk_id": d.chunk_id.hex(),
+                "why": d.why,
+                "healable": d.healable,
+            }
+            for d in rep.damaged
+        ],
+        "affected": [asdict(a) for a in rep.affected],
+        "quarantined": rep.quarantined,
+        "copied_chunks": rep.copied_chunks,
+        "parity": rep.parity,
+        "parity_problems": rep.parity_problems,
+        "healed": [
+            {"pack": h.pack, "action": h.action, "shards": h.shards, "why": h.why}
+            for h in rep.healed
+        ],
+        "unhealed": len(rep.remaining),
+    }
+    print_json(doc)
+
+
+def _scrub_text(rep: ScrubReport) -> None:
+    for d in rep.damaged:
+        tag = " (healable from parity)" if d.healable and not rep.repaired else ""
+        print(f"damaged: {d.why}{tag}", file=sys.stderr)
+    for _pid, why in sorted(rep.parity_problems.items()):
+        print(f"parity: {why}", file=sys.stderr)
+    for h in rep.healed:
+        if h.action == "rebuilt from parity":
+            print(f"healed: pack {h.pack[:16]} rebuilt from parity ({h.shards} shard(s))")
+        elif h.action == "parity rewritten":
+            print(f"healed: parity of pack {h.pack[:16]} rewritten from the intact pack")
+        elif h.action == "not healable":
+            print(f"not healed: pack {h.pack[:16]}: {h.why}", file=sys.stderr)
+    for a in rep.affected:
+        spans = ", ".join(f"{o}+{n}" for o, n in a.extents[:8])
+        more = f" and {len(a.extents) - 8} more" if len(a.extents) > 8 else ""
+        print(f"affected: point {a.point} of {a.source}: extents {spans}{more}", file=sys.stderr)
+    state = "clean"
+    if rep.damaged:
+        state = f"{len(rep.damaged)} damaged chunk(s)"
+    if rep.parity_problems:
+        state += f", {len(rep.parity_problems)} pack(s) with missing or damaged parity"
+    print(
+        f"scrubbed {rep.packs} of {rep.packs_total} pack(s), {human_bytes(rep.bytes)} in "
+        f"{rep.seconds:.1f} s ({rep.mb_s:.0f} MB/s): {state}"
+    )
+    if rep.quarantined:
+        print(
+            f"repaired: {rep.copied_chunks} intact chunk(s) of {len(rep.quarantined)} damaged "
+            "pack(s) copied, the damaged pack(s) removed"
+        )
+
+
+def _scrub_verdict(rep: ScrubReport) -> None:
+    """The exit: an error while anything is damaged or unprotected when scrub ends."""
+    if rep.repaired:
+        left = rep.remaining
+        if left:
+            packs = len({d.pack for d in left})
+            raise CorruptionError(
+                f"{len(left)} damaged chunk(s) in {packs} pack(s) beyond parity, "
+                f"{len(rep.affected)} recovery point(s) affected; isolated; they heal when a "
+                "backup reads the same data again"
+            )
+        return
+    if rep.damaged:
+        healable = sum(d.healable for d in rep.damaged)
+        hint = (
+            "`comb scrub --repair` heals them from parity"
+            if healable == len(rep.damaged)
+            else "`comb scrub --repair` heals what parity covers and isolates the rest so that "
+            "a later backup heals it"
+        )
+        raise CorruptionError(
+            f"{len(rep.damaged)} damaged chunk(s) in {len(rep.bad_packs)} pack(s), "
+            f"{len(rep.affected)} recovery point(s) affected"
+            + (f", {healable} healable from parity" if rep.parity else "")
+            + f"; {hint}"
+        )
+    if rep.parity_problems:
+        raise CorruptionError(
+            f"{len(rep.parity_problems)} pack(s) with missing or damaged parity; "
+            "`comb scrub --repair` writes it again"
+        )

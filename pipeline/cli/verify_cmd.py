@@ -1,0 +1,51 @@
+"""``comb verify``: check the repository's structure, and with ``--read-data`` every chunk
+(``catalog.maint.check``), and every overlay (``drive.overlays.overlay``)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import asdict
+
+import drive.overlays.overlay as overlay
+from catalog.errors import CorruptionError
+from catalog.maint.check import check_repository, summary
+from catalog.repo import Repository
+
+from ..console import print_json
+from ..locking import reader_lock
+from . import Subparsers
+from .progress import progress_bar
+
+
+def add_parser(sub: Subparsers) -> None:
+    s = sub.add_parser("verify", help="check the repository")
+    s.add_argument("--read-data", action="store_true", help="read and re-hash every chunk")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(run=cmd_verify)
+
+
+def cmd_verify(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo)
+    with reader_lock(r, "verify"), progress_bar("verify", not args.json) as bar:
+        report = check_repository(r.storage, read_data=args.read_data, progress=bar)
+        ids = {p.id for p in r.points()}
+        for name in overlay.names(r):
+            errors, warnings = overlay.check(r, name, ids)
+            report.errors += errors
+            report.warnings += warnings
+    if args.json:
+        print_json({"ok": report.ok, "read_data": args.read_data, **asdict(report)}, pretty=True)
+    else:
+        for w in report.warnings:
+            print(f"warning: {w}", file=sys.stderr)
+        for e in report.errors:
+            print(f"error: {e}", file=sys.stderr)
+        print(summary(report))
+    if not report.ok:
+        if args.json:
+            return CorruptionError.exit_code
+        raise CorruptionError(
+            f"verify found {len(report.errors)} error(s); first: {report.errors[0]}"
+        )
+    return 0

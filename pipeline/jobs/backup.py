@@ -1,0 +1,108 @@
+"""The backup of an image file, a block device or an overlay: plan what to read, then run it
+(``pipeline.jobs.runner``) under the repository's shared ``backup`` lock.
+
+The parent is the last point read from the same path (FORMAT.md 8.4); an overlay's parent is
+its base point. What is read: data extents (holes never), or, with a change list valid against
+the parent, only the changed chunks; of an overlay, only the chunks it wrote.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+
+from catalog.errors import SourceError, UsageError
+from catalog.repo import Repository
+from catalog.store.points import RecoveryPoint, backup_parent
+from drive.overlays.overlay import Overlay
+from stages.sources.image import ImageSource
+
+from ..console import note, warn_damaged
+from ..engines import Engine
+from ..locking import writer_lock
+from .overlay_source import OverlaySource, overlay_name
+from .plan import Range, align, intersect, parse_changed_extents
+from .runner import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
+
+
+def plan_backup(repo: Repository, source_path: str, opts: BackupOptions) -> BackupPlan:
+    """Decide what to read: holes never, and with a change list only the changed chunks."""
+    src = ImageSource(source_path).open()
+    try:
+        path = os.path.abspath(source_path)  # what the point's source_path records
+        name = opts.source_name or path
+        chunk = repo.config.chunk_size
+        parent, same_device = backup_parent(repo.points(), name, path)
+        warn_damaged(repo)  # the parent is chosen among readable points only: say so
+        if parent is not None and src.size < parent.size:
+            raise SourceError(
+                f"source {source_path} is {src.size} bytes, shorter than its parent recovery "
+                f"point {parent.id} says ({parent.size} bytes); use --source-name for a new source"
+            )
+        data = align([(s, s + n) for s, n in src.data_extents(0, src.size)], chunk, src.size)
+        changed: list[Range] | None = None
+        if opts.changed_extents is not None:
+            extents = parse_changed_extents(opts.changed_extents, src.size)
+            if parent is None or not same_device:  # the list is relative to no point we have
+                why = (
+                    f"no earlier recovery point of {name!r}"
+                    if parent is None
+                    else f"the latest point {parent.id} of {name!r} was read from "
+                    f"{parent.source_path}, not {path}"
+                )
+                note(f"{why}; ignoring --changed-extents and reading the whole source")
+            else:
+                if src.size > parent.size:
+                    extents.append((parent.size, src.size))
+                changed = align(extents, chunk, src.size)
+        if changed is not None:
+            return BackupPlan(
+                name, src.size, parent, "changed-extents", intersect(changed, data), changed
+            )
+        mode = "full" if parent is None else "full-reread"
+        return BackupPlan(name, src.size, parent, mode, data, None)
+    finally:
+        src.close()
+
+
+def plan_overlay_backup(repo: Repository, ov: Overlay, opts: BackupOptions) -> BackupPlan:
+    """An overlay as a new point of its base point's source: the parent is the base point (not
+    the source's latest), the change list is every written run (data or zeros), read whole."""
+    if opts.source_name is not None or opts.changed_extents is not None:
+        raise UsageError(
+            "--source-name and --changed-extents do not apply to an overlay (its source and "
+            "changes are its base point's and its writes)"
+        )
+    base = repo.resolve(ov.base_id)
+    written = [(p.start, p.end) for p in ov.pieces(0, ov.size)]
+    changed = align(written, repo.config.chunk_size, base.size)
+    return BackupPlan(base.source, base.size, base, "changed-extents", changed, changed)
+
+
+def run_backup(
+    repo: Repository,
+    source_path: str,
+    engine: Engine,
+    opts: BackupOptions = BackupOptions(),
+    progress: Progress | None = None,
+) -> RecoveryPoint:
+    t0 = time.perf_counter()
+    repo.require_writable()
+    name = overlay_name(source_path)
+    with writer_lock(repo, "backup"):  # prune removes nothing while a backup runs
+        if name is None:
+            plan = plan_backup(repo, source_path, opts)
+            path = os.path.abspath(source_path)
+            job = DiskJob(plan, ImageSource(path), path)
+            return run_jobs(repo, [job], engine, opts, progress, t0)[0]
+        # The overlay's lock (the one a server holds) for the whole backup: its writes stay put.
+        ov = Overlay(repo, name)
+        try:
+            plan = plan_overlay_backup(repo, ov, opts)
+            source = OverlaySource(
+                repo.location, name, repo.keys.for_workers() if repo.keys is not None else None
+            )
+            job = DiskJob(plan, source, source_path)
+            return run_jobs(repo, [job], engine, opts, progress, t0)[0]
+        finally:
+            ov.close()
