@@ -67,6 +67,7 @@ class History:
     _full: History | None = field(default=None, repr=False)
     _live_at: np.ndarray | None = field(default=None, repr=False)
     _gone: np.ndarray | None = field(default=None, repr=False)
+    _alone: np.ndarray | None = field(default=None, repr=False)
 
     @classmethod
     def of(
@@ -336,10 +337,15 @@ class History:
         full = self._full_lives()
         if full is None:
             return None
-        h, every = full
-        assert self._gone is not None
-        alone = lv_.freed_bytes(every, h._layout(every), self._gone)
-        return np.maximum(stored - alone, 0)
+        return np.maximum(stored - self._gone_alone(*full), 0)
+
+    def _gone_alone(self, h: History, every: lv_.Lives) -> np.ndarray:
+        """Per point of ``chain_points``: stored bytes that only forgotten points hold (what
+        prune frees, or freed), computed once for stored bytes and every retention question."""
+        if self._alone is None:
+            assert self._gone is not None
+            self._alone = lv_.freed_bytes(every, h._layout(every), self._gone)
+        return self._alone
 
     @property
     def gone(self) -> np.ndarray:
@@ -357,8 +363,7 @@ class History:
             lay = h._layout(every)
             more = self._gone.copy()
             more[self._live_at] |= forget
-            already = lv_.freed_bytes(every, lay, self._gone)
-            return lv_.freed_bytes(every, lay, more) - already
+            return lv_.freed_bytes(every, lay, more) - self._gone_alone(h, every)
         lives = self.lives() if self._full is None else None
         if lives is not None:
             return lv_.freed_bytes(lives, self._layout(lives), forget)
