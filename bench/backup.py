@@ -37,7 +37,7 @@ from .machine import (
     header_lines,
 )
 from .memory import idle_ray
-from .runs import BackupRun, backup, fresh_repo, index_per_chunk, restore
+from .runs import BENCH_PASSWORD, BackupRun, backup, fresh_repo, index_per_chunk, restore
 from .sampler import load_average
 
 
@@ -113,21 +113,26 @@ class Bench:
                 print(f"  round {i + 1}: {p.name} {pr.wall_s:.2f} s (foreign {fc:.2f} cores)")
         self.r.full.update(best)
         self.r.peer_runs.extend(best_peer.values())
-        resident, chunks = index_per_chunk(Repository.open(self.path("repo-L")))
+        resident, chunks = index_per_chunk(
+            Repository.open(self.path("repo-L"), password=BENCH_PASSWORD)
+        )
         self.r.extra["index"] = {"resident_bytes": resident, "chunks": chunks}
         self.r.extra["full_rounds"] = max(1, self.args.repeat)
 
     def incremental(self, change: ChangeSet) -> None:
         self.r.changes[change.name] = change
         with_list = backup(
-            Repository.open(self.path("repo-L")),
+            Repository.open(self.path("repo-L"), password=BENCH_PASSWORD),
             self.image,
             "local",
             "comb, change list",
             changed_extents=change.extents_path,
         )
         no_list = backup(
-            Repository.open(self.path("repo-R")), self.image, "local", "comb, no change list"
+            Repository.open(self.path("repo-R"), password=BENCH_PASSWORD),
+            self.image,
+            "local",
+            "comb, no change list",
         )
         runs: dict[str, BackupRun | peer_mod.PeerRun] = {"list": with_list, "nolist": no_list}
         for p in self.peers:
@@ -136,7 +141,7 @@ class Bench:
         print(f"  incrementals after {change.name}: done")
 
     def restore_all(self) -> None:
-        repo = Repository.open(self.path("repo-L"))
+        repo = Repository.open(self.path("repo-L"), password=BENCH_PASSWORD)
         latest = max(repo.points(), key=lambda p: p.time)
         run = restore(repo, latest.id, self.path("restore.img"), "comb", reference=self.image)
         os.unlink(self.path("restore.img"))

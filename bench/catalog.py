@@ -41,10 +41,11 @@ from catalog.analytics.lives.cache import CACHE_ENV
 from catalog.repo import Repository
 from pipeline.cli.analytics_cmd import report_options as _options
 from pipeline.cli import build_parser
+from pipeline.cli.passwords import password_source
 from catalog.analytics.reports import run_report
 args = build_parser().parse_args(sys.argv[1:])
 t1 = time.perf_counter()
-r = Repository.open(args.repo)
+r = Repository.open(args.repo, password=password_source(args.password_file))  # as the CLI
 cat = Catalog.open(r.storage, r.points())
 if args.command == "dashboard":
     from catalog.analytics.dashboard.render import render_dashboard

@@ -40,7 +40,7 @@ from .drive_serve import (
 from .image import GIB, MIB, Stream, generate_image, mixed_path, mixed_spec, parse_size, warm
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import table
-from .runs import backup, fresh_repo, restore
+from .runs import BENCH_PASSWORD, backup, fresh_repo, restore
 
 
 def _served(
@@ -107,7 +107,7 @@ def spread_image(path: str, size: int, seed: int = 5) -> None:
 def first_read_in_process(location: str, point_id: str, block_lists: bool = True) -> float:
     """Seconds from opening the point (a fresh segment cache) to its first 4 KiB read, taken
     from the middle of the disk; ``block_lists=False``: metadata files checked whole."""
-    repo = Repository.open(location)
+    repo = Repository.open(location, password=BENCH_PASSWORD)
     point = repo.resolve(point_id)
     segments = SegmentCache()
     t0 = time.perf_counter()
@@ -182,7 +182,7 @@ def main(argv: list[str]) -> int:
     warm(image)
     repo = fresh_repo(os.path.join(args.workdir, "drive-repo"))
     run = backup(repo, image, "local", "full", source_name="bench-disk")
-    repo = Repository.open(repo.location)
+    repo = Repository.open(repo.location, password=BENCH_PASSWORD)
     point = repo.resolve(run.point_id)
     out = os.path.join(args.workdir, "drive-out")
     rows: list[list[str]] = []

@@ -39,7 +39,7 @@ from .image import (
 )
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import table
-from .runs import backup, fresh_repo
+from .runs import BENCH_PASSWORD, backup, fresh_repo
 
 _TESTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
 
@@ -100,7 +100,7 @@ def main(argv: list[str]) -> int:
             ch: ChangeSet = make_change(flat)  # the guest writes, then the backups run
             warm(flat)
             b = backup(
-                Repository.open(base_repo.location),
+                Repository.open(base_repo.location, password=BENCH_PASSWORD),
                 flat,
                 args.engine,
                 ch.name,
@@ -108,7 +108,11 @@ def main(argv: list[str]) -> int:
                 source_name="disk",
             )
             p, w = _vsphere(
-                Repository.open(vs_repo.location), url, args.engine, sim.cafile, args.cbt_audit
+                Repository.open(vs_repo.location, password=BENCH_PASSWORD),
+                url,
+                args.engine,
+                sim.cafile,
+                args.cbt_audit,
             )
             audit = (p.vsphere or {}).get("cbt", {}).get("audit", {})
             read = p.stats.bytes_read

@@ -1,13 +1,16 @@
 """The repository: every byte comb keeps on disk, and the only code that knows their layout.
 
 Imports no other comb package and never imports Ray. Inside, five layers; each may import only
-from the layers above it in this list (``errors`` from anywhere). ``lint-imports`` checks this
-in ``./test.sh`` (contracts in pyproject.toml).
+from the layers above it in this list (``errors`` and ``units`` from anywhere). ``lint-imports``
+checks this in ``./test.sh`` (contracts in pyproject.toml).
+
+``units``   the one byte-size formatter (binary units), for every package's output
 
 ``store/``  the on-disk repository, file kind by file kind (FORMAT.md is their spec)
     storage     the storage interface: all repository I/O (today a local directory)
     format      format constants and the config file
-    crypto      keys, key files, sealing of every object (FORMAT.md 21)
+    sealing     the ``Sealer`` every object passes through, held by the storage; the plain one
+    crypto      keys, key files and the AES-256-GCM sealer (FORMAT.md 21)
     chunks      one stored chunk: encode, decode, the id check every read passes
     packs       immutable files of chunks, their entry tables
     parity      erasure-coded parity of one pack (FORMAT.md 20)
@@ -16,6 +19,7 @@ in ``./test.sh`` (contracts in pyproject.toml).
     index       the chunk index: id -> pack, offset, lengths
     leaves      leaves files: a leaf, random access to one leaves file by ordinal
     manifest    a point's disk: offset -> chunk id, as leaves and a root
+    assemble    the manifest builder: a new point's leaves (written or shared) and change rows
     changes     change tables: what each point changed relative to its parent
     points      point documents: the one atomic commit, forgetting, finding points
     locks       repository locks (FORMAT.md 13)
@@ -27,7 +31,7 @@ in ``./test.sh`` (contracts in pyproject.toml).
     locator     chunk locations for a point's reads, segment by segment
     lookup      per-segment lookups by id, cached
     coalesce    the one read-coalescing policy (restore, the drive's large reads)
-``repo.py`` the facade: open or create a repository, its config, keys, points, manifests, and
+``repo.py`` the facade: open or create a repository, its config, sealer, points, manifests, and
             a point's reader (``Repository.reader``)
 ``maint/``  integrity and lifecycle
     check       ``verify``: structure, and every chunk's bytes with ``--read-data``

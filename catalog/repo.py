@@ -1,6 +1,6 @@
 """Opening and creating repositories; the entry point other packages use.
 
-Owns the facade: a repository's storage, config, keys and points, and the readers of its
+Owns the facade: a repository's storage, config, sealer and points, and the readers of its
 manifests and points (``reader``: a point as a block source, ``catalog.read.point``). Must not:
 know a file layout itself (``catalog.store`` does), or print anything.
 """
@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import secrets
+from collections.abc import Callable
 
 from catalog.errors import RepositoryError, UsageError, describe_os_error
 from catalog.read import point as read_point
@@ -23,6 +24,7 @@ from catalog.store.format import (
 from catalog.store.manifest import ManifestReader
 from catalog.store.parity import ParityGeometry
 from catalog.store.points import RecoveryPoint, load_points_tolerant, resolve
+from catalog.store.sealing import Sealer
 from catalog.store.storage import TMP_DIR, LocalStorage, Storage
 
 REPO_DIRS = (
@@ -36,6 +38,13 @@ REPO_DIRS = (
     TMP_DIR,
 )
 ENCRYPTIONS = (crypto.ALGORITHM, "none")
+
+# Where an encrypted repository's password comes from when the caller does not hold it yet:
+# (location, confirm) -> password, called only when the repository is encrypted (``confirm``:
+# a new repository's, which a terminal asks twice). The application supplies it (the command
+# line: its options, environment and terminal, ``pipeline.cli.passwords``); this layer never
+# reads the environment or prompts.
+PasswordSource = Callable[[str, bool], str]
 
 
 class Repository:
@@ -51,8 +60,9 @@ class Repository:
         self.key_id = key_id  # the key file the password opened (encrypted repositories)
 
     @property
-    def keys(self) -> crypto.RepoKeys | None:
-        return self.storage.keys
+    def sealer(self) -> Sealer:
+        """What seals and opens its objects (plain, or AES-256-GCM with its keys)."""
+        return self.storage.sealer
 
     @staticmethod
     def init(
@@ -61,11 +71,11 @@ class Repository:
         zstd_level: int | None = None,
         parity: ParityGeometry | None = ParityGeometry(),
         encryption: str = crypto.ALGORITHM,
-        password: str | None = None,
+        password: str | PasswordSource | None = None,
     ) -> Repository:
         """A new repository; ``parity`` None: no parity files (FORMAT.md 20); encrypted unless
-        ``encryption="none"`` (the password comes from ``password`` or, when None, from the
-        environment or a prompt: crypto.read_password)."""
+        ``encryption="none"``, with ``password`` (a string, or a source asked with
+        confirm=True; an encrypted repository needs one)."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r} (use {' or '.join(ENCRYPTIONS)})")
         encrypted = encryption != "none"
@@ -80,8 +90,7 @@ class Repository:
             raise RepositoryError(f"{path} already holds a comb repository")
         if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
             raise RepositoryError(f"{path} exists and is not an empty directory")
-        if encrypted and password is None:
-            password = crypto.read_password(location, confirm=True)
+        secret = _password(location, password, confirm=True) if encrypted else None
         try:
             for d in REPO_DIRS + ((crypto.KEYS_PREFIX,) if encrypted else ()):
                 os.makedirs(os.path.join(path, d), exist_ok=True)
@@ -89,21 +98,23 @@ class Repository:
             raise RepositoryError(f"cannot create {path}: {describe_os_error(err)}") from None
         storage = LocalStorage(path)
         key_id = None
-        if encrypted:
-            assert password is not None
+        if secret is not None:
             master = secrets.token_bytes(crypto.MASTER_BYTES)
             # The key file first: a config that says "encrypted" always has a key.
-            key_id = crypto.add_key(storage, config.id, master, password)
-            storage.keys = crypto.RepoKeys.from_master(master)
+            key_id = crypto.add_key(storage, config.id, master, secret)
+            storage.sealer = crypto.AesGcmSealer.from_master(master)
         storage.write_atomic(CONFIG_NAME, config.to_json())
         return Repository(storage, config, path, key_id)
 
     @staticmethod
     def open(
-        location: str, password: str | None = None, keys: crypto.RepoKeys | None = None
+        location: str,
+        password: str | PasswordSource | None = None,
+        sealer: Sealer | None = None,
     ) -> Repository:
-        """``keys``: already unwrapped keys (a worker of a job whose driver opened the
-        repository: no password, no second Argon2id derivation)."""
+        """``password``: a string, or a source asked only when the repository is encrypted;
+        ``sealer``: one already unwrapped (a worker of a job whose driver opened the repository:
+        no password, no second Argon2id derivation)."""
         path = os.path.abspath(location)
         if not os.path.isdir(path):
             raise RepositoryError(
@@ -114,12 +125,11 @@ class Repository:
             raise RepositoryError(f"{path} is not a comb repository (no {CONFIG_NAME})")
         config = parse_config(storage.read(CONFIG_NAME), os.path.join(path, CONFIG_NAME))
         key_id = None
-        if config.encrypted and keys is not None:
-            storage.keys = keys
+        if config.encrypted and sealer is not None and sealer.encrypted:
+            storage.sealer = sealer
         elif config.encrypted:
-            if password is None:
-                password = crypto.read_password(location)
-            storage.keys, key_id = crypto.unlock(storage, config.id, password, path)
+            secret = _password(location, password, confirm=False)
+            storage.sealer, key_id = crypto.unlock(storage, config.id, secret, path)
         else:
             trace = _sealed_trace(storage)
             if trace:
@@ -142,15 +152,8 @@ class Repository:
         return points
 
     def resolve(self, spec: str) -> RecoveryPoint:
-        """By id, unique prefix or NAME@latest (NAME may be a relative path of the source)."""
-        points = self.points()
-        if spec.endswith("@latest"):
-            name = spec[: -len("@latest")]
-            if not any(p.source == name for p in points):
-                absolute = os.path.abspath(name)
-                if any(p.source == absolute for p in points):
-                    spec = f"{absolute}@latest"
-        return resolve(points, spec)
+        """A point spec (``catalog.store.points.resolve``) among the readable points."""
+        return resolve(self.points(), spec)
 
     def manifest(self, point: RecoveryPoint) -> ManifestReader:
         return ManifestReader(self.storage, point.root, point.leaves)
@@ -161,6 +164,17 @@ class Repository:
         """``point`` as a block source (size, extents, reads; ``catalog.read.source``): opening
         reads only its root; ``cache_chunks``: decoded chunks kept for neighbouring reads."""
         return read_point.PointSource(self.storage, point, cache_chunks)
+
+
+def _password(location: str, password: str | PasswordSource | None, confirm: bool) -> str:
+    """The password of the encrypted repository at ``location``: ``password`` itself, or what
+    the source answers; none at all, or an empty one, is a usage error."""
+    if password is None:
+        raise UsageError(f"{location} needs a password (none given)")
+    secret = password if isinstance(password, str) else password(location, confirm)
+    if not secret:
+        raise UsageError("an empty password is not allowed")
+    return secret
 
 
 def _sealed_trace(storage: LocalStorage) -> str:

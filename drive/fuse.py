@@ -8,15 +8,17 @@ Layout (all generated on the fly, nothing is copied)::
                                                /disk.vhdx    VHDX, dynamic
                                                /disk.vmdk    VMDK, monolithicSparse
 
+    MOUNTPOINT/%overlays/<overlay name>/disk.*                an overlay over its base point
+
 Owns: the reversible escaping of source names into file names, the inode tree (built from the
-points at mount time; points committed later appear on the next listing, none disappear), a
-small LRU of opened points (a point's reader plus its five ``VirtualImage``; the rest are
-released), the pyfuse3 request handlers, and the serve loop with its signal handling (SIGINT,
-SIGTERM, SIGHUP unmount cleanly).
+points at mount time; points committed later appear on the next listing, none disappear), the
+pyfuse3 request handlers, and the serve loop with its signal handling (SIGINT, SIGTERM, SIGHUP
+unmount cleanly). The files themselves, opened and a few kept open, are ``drive.fuse_files``'.
 
 Must not: write anything (the mount is ``ro`` and every modifying request answers EROFS), let
-one failed read stop the filesystem (any error reading becomes EIO for that request), or touch
-packs and manifests other than through ``Repository.reader``. Imports catalog and drive only.
+one failed read stop the filesystem (any error reading becomes EIO for that request, and one
+line through the ``warn`` it is given), or touch packs and manifests other than through
+``Repository.reader``. Imports catalog and drive only.
 """
 
 from __future__ import annotations
@@ -26,15 +28,11 @@ import hashlib
 import os
 import signal
 import stat
-import sys
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, NoReturn, TypeVar
-from urllib.parse import unquote_to_bytes
 
 import pyfuse3
 import trio
@@ -43,36 +41,24 @@ import drive.overlays.overlay as overlays
 from catalog.errors import UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
-from drive.formats.image import VirtualImage
-from drive.formats.registry import builder
-from drive.overlays.reader import OverlayReader
+from drive.fuse_files import FILES, OPEN_POINTS, REFRESH_S, OpenPoint, OverlayCache, PointCache
 
-# file name in a point's directory -> export format (drive.formats.registry.FORMATS)
-FILES: dict[bytes, str] = {
-    b"disk.img": "raw",
-    b"disk.qcow2": "qcow2",
-    b"disk.vhd": "vhd",
-    b"disk.vhdx": "vhdx",
-    b"disk.vmdk": "vmdk",
-}
 # Overlays live under this directory: escaped source names never start with "%o" (a "%" is
 # always followed by two hex digits or "~"), so it cannot collide with a source.
 OVERLAYS_DIR = b"%overlays"
-OPEN_POINTS = 4  # points kept open (each: its chunk locations, ~1.6 MiB per GiB of data)
 NAME_MAX_BYTES = 255
 _BLKSIZE_BYTES = 1 << 20  # st_blksize: tools that honour it read 1 MiB at a time
 _DIR_TIMEOUT_S = 1.0  # the kernel re-asks soon, so new points show up
 _FILE_TIMEOUT_S = 60.0  # a point's files never change
-_REFRESH_S = 2.0  # at most one re-read of the point documents per this many seconds
 _MOUNT_OPTIONS = {"ro", "noatime", "default_permissions", "fsname=comb", "subtype=comb"}
 T = TypeVar("T")
 
 
 def escape_name(name: str) -> bytes:
     """A source name as one file name: its UTF-8 bytes with '%', '/', NUL and control bytes
-    (< 0x20, 0x7f) written as ``%XX``; "." and ".." fully escaped, "" as "%". Reversed by
-    ``unescape_name``. A result over 255 bytes is cut and ends in ``%~`` plus 16 hex digits of
-    the name's SHA-256 (unique, but no longer reversible)."""
+    (< 0x20, 0x7f) written as ``%XX``; "." and ".." fully escaped, "" as "%". Reversible ("%"
+    is "", any other entry percent-decodes to the name) up to 255 bytes; a longer result is cut
+    and ends in ``%~`` plus 16 hex digits of the name's SHA-256 (unique, but not reversible)."""
     raw = name.encode("utf-8", "surrogatepass")
     if raw in (b"", b".", b".."):
         return b"".join(b"%%%02X" % b for b in raw) or b"%"
@@ -80,97 +66,6 @@ def escape_name(name: str) -> bytes:
     if len(out) > NAME_MAX_BYTES:
         out = out[: NAME_MAX_BYTES - 18] + b"%~" + hashlib.sha256(raw).hexdigest()[:16].encode()
     return out
-
-
-def unescape_name(entry: bytes) -> str:
-    """The source name of a directory entry made by ``escape_name``."""
-    if entry == b"%":
-        return ""
-    if b"%~" in entry:
-        raise ValueError(f"{entry!r} is a shortened name")
-    return unquote_to_bytes(entry).decode("utf-8", "surrogatepass")
-
-
-class _OpenPoint:
-    """One point opened: its block source and the five images, reads serialised by a lock
-    (a point's reader keeps a cache and a thread pool of its own)."""
-
-    def __init__(self, repo: Repository, point: RecoveryPoint) -> None:
-        source = repo.reader(point)
-        self.images: dict[str, VirtualImage] = {f: builder(f)(source) for f in FILES.values()}
-        self._lock = threading.Lock()
-
-    def read(self, fmt: str, offset: int, length: int) -> bytes:
-        with self._lock:
-            return self.images[fmt].read(offset, length)
-
-
-class _OpenOverlay(_OpenPoint):
-    """One overlay opened: a snapshot of its write records over its base, as five images."""
-
-    def __init__(self, repo: Repository, name: str) -> None:  # noqa: D107 - same as parent
-        reader = OverlayReader(repo, name)
-        self.images = {f: builder(f)(reader) for f in FILES.values()}
-        self._lock = threading.Lock()
-        self.made_s = time.monotonic()
-
-
-class _OverlayCache:
-    """Overlays change while served: a snapshot is reused for ``_REFRESH_S`` seconds, then a
-    new one is taken for the next open or stat (open files keep theirs)."""
-
-    def __init__(self, repo: Repository) -> None:
-        self._repo = repo
-        self._open: dict[str, _OpenOverlay] = {}
-        self._lock = threading.Lock()
-
-    def get(self, name: str) -> _OpenOverlay:
-        """Blocking (replays the logs, reads the base manifest): call from a worker thread."""
-        with self._lock:
-            hit = self._open.get(name)
-            if hit is not None and time.monotonic() - hit.made_s < _REFRESH_S:
-                return hit
-            opened = self._open[name] = _OpenOverlay(self._repo, name)
-            while len(self._open) > OPEN_POINTS:
-                self._open.pop(next(iter(self._open)))
-            return opened
-
-
-class _PointCache:
-    """The few most recently used points open; every point's file sizes remembered (small), so
-    a ``stat`` after eviction needs no rebuild. Open files hold their point themselves."""
-
-    def __init__(self, repo: Repository, keep: int) -> None:
-        self._repo = repo
-        self._keep = keep
-        self._open: OrderedDict[str, _OpenPoint] = OrderedDict()
-        self._sizes: dict[str, dict[str, tuple[int, int]]] = {}
-        self._lock = threading.Lock()
-
-    def get(self, point: RecoveryPoint) -> _OpenPoint:
-        """Blocking (reads the manifest on a miss): call from a worker thread."""
-        with self._lock:
-            hit = self._open.get(point.id)
-            if hit is not None:
-                self._open.move_to_end(point.id)
-                return hit
-            opened = _OpenPoint(self._repo, point)
-            self._open[point.id] = opened
-            self._sizes[point.id] = {
-                f: (img.size, sum(s.length for s in img.segments))
-                for f, img in opened.images.items()
-            }
-            while len(self._open) > self._keep:
-                self._open.popitem(last=False)
-            return opened
-
-    def sizes(self, point: RecoveryPoint) -> dict[str, tuple[int, int]]:
-        """format -> (file size, bytes backed by data or headers). Blocking on a first call."""
-        known = self._sizes.get(point.id)
-        if known is None:
-            self.get(point)
-            known = self._sizes[point.id]
-        return known
 
 
 @dataclass
@@ -200,14 +95,22 @@ class CombFS(pyfuse3.Operations):
     """The pyfuse3 handlers. Tree lookups run on the trio thread; anything that reads the
     repository runs on a worker thread, and any error there answers EIO."""
 
-    def __init__(self, repo: Repository, keep_points: int = OPEN_POINTS) -> None:
+    def __init__(
+        self,
+        repo: Repository,
+        warn: Callable[[str], None],
+        keep_points: int = OPEN_POINTS,
+    ) -> None:
+        """``warn``: says one line about a request that failed (the command line passes its
+        warning helper, ``pipeline.console.warn``)."""
         super().__init__()
         self._repo = repo
-        self._cache = _PointCache(repo, keep_points)
-        self._overlays = _OverlayCache(repo)
+        self._warn = warn
+        self._cache = PointCache(repo, keep_points)
+        self._overlays = OverlayCache(repo)
         root = pyfuse3.ROOT_INODE
         self._nodes: dict[int, _Node] = {root: _Node(root, root, "root", time.time_ns())}
-        self._handles: dict[int, tuple[_OpenPoint, str]] = {}
+        self._handles: dict[int, tuple[OpenPoint, str]] = {}
         self._next_fh = 1
         self._refreshed_s = time.monotonic()
         self.add_points(repo.points())
@@ -252,7 +155,7 @@ class CombFS(pyfuse3.Operations):
 
     async def _refresh(self) -> None:
         """Pick up points committed since the mount (rate-limited)."""
-        if time.monotonic() - self._refreshed_s < _REFRESH_S:
+        if time.monotonic() - self._refreshed_s < REFRESH_S:
             return
         self._refreshed_s = time.monotonic()
         points = await self._blocking("list points", self._repo.points)
@@ -266,7 +169,7 @@ class CombFS(pyfuse3.Operations):
         except pyfuse3.FUSEError:
             raise
         except Exception as err:  # noqa: BLE001 - one bad request must not stop the drive
-            print(f"comb: warning: {what}: {err}", file=sys.stderr, flush=True)
+            self._warn(f"{what}: {err}")
             _fail(errno.EIO)
 
     def _node(self, inode: int) -> _Node:
@@ -276,24 +179,19 @@ class CombFS(pyfuse3.Operations):
     async def _attr(self, node: _Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
-        if node.kind == "file" and node.overlay:
-            opened = await self._blocking(
-                f"open overlay {node.overlay}", self._overlays.get, node.overlay
-            )
-            img = opened.images[node.fmt]
-            size, backed = img.size, sum(s.length for s in img.segments)
+        if node.kind == "file":
+            if node.overlay:
+                size, backed = (await self._opened(node)).size(node.fmt)
+            else:  # sizes stay known after the point is closed: no reopening for a stat
+                assert node.point is not None
+                sizes = await self._blocking(
+                    f"open point {node.point.id}", self._cache.sizes, node.point
+                )
+                size, backed = sizes[node.fmt]
             a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, size
             a.st_blocks = -(-backed // 512)
-            a.entry_timeout = a.attr_timeout = _DIR_TIMEOUT_S  # an overlay changes
-        elif node.kind == "file":
-            assert node.point is not None
-            sizes = await self._blocking(
-                f"open point {node.point.id}", self._cache.sizes, node.point
-            )
-            size, backed = sizes[node.fmt]
-            a.st_mode, a.st_nlink, a.st_size = stat.S_IFREG | 0o444, 1, size
-            a.st_blocks = -(-backed // 512)
-            a.entry_timeout = a.attr_timeout = _FILE_TIMEOUT_S
+            # an overlay changes; a point's files never do
+            a.entry_timeout = a.attr_timeout = _DIR_TIMEOUT_S if node.overlay else _FILE_TIMEOUT_S
         else:
             subdirs = 0 if node.kind in ("point", "overlay") else len(node.children)
             a.st_mode, a.st_nlink = stat.S_IFDIR | 0o555, 2 + subdirs
@@ -301,6 +199,15 @@ class CombFS(pyfuse3.Operations):
         a.st_uid, a.st_gid, a.st_blksize = os.getuid(), os.getgid(), _BLKSIZE_BYTES
         a.st_atime_ns = a.st_mtime_ns = a.st_ctime_ns = node.time_ns
         return a
+
+    async def _opened(self, node: _Node) -> OpenPoint:
+        """The opened point, or overlay snapshot, of a file node (opened on a worker thread)."""
+        if node.overlay:
+            return await self._blocking(
+                f"open overlay {node.overlay}", self._overlays.get, node.overlay
+            )
+        assert node.point is not None
+        return await self._blocking(f"open point {node.point.id}", self._cache.get, node.point)
 
     async def getattr(self, inode: int, ctx: Any = None) -> pyfuse3.EntryAttributes:
         return await self._attr(self._node(inode))
@@ -338,16 +245,7 @@ class CombFS(pyfuse3.Operations):
             _fail(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             _fail(errno.EROFS)
-        opened: _OpenPoint
-        if node.overlay:
-            opened = await self._blocking(
-                f"open overlay {node.overlay}", self._overlays.get, node.overlay
-            )
-        else:
-            assert node.point is not None
-            opened = await self._blocking(
-                f"open point {node.point.id}", self._cache.get, node.point
-            )
+        opened = await self._opened(node)
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         self._handles[fh] = (opened, node.fmt)
         # direct_io: the kernel passes reads through whole (1 MiB requests on libfuse3) and

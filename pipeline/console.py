@@ -1,6 +1,7 @@
 """What comb says besides its results, and how it lays them out: warnings and notes on standard
-error (one helper each), byte sizes, tables and JSON on standard output. Used by the jobs and
-the CLI alike; result tables of any size are ``pipeline.cli.output``'s."""
+error (one helper each), byte sizes (formatted by ``catalog.units``), tables and JSON on
+standard output. Used by the jobs and the CLI alike; result tables of any size are
+``pipeline.cli.output``'s."""
 
 from __future__ import annotations
 
@@ -10,11 +11,10 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from catalog.store.locks import LockInfo
+from catalog.units import format_bytes
 
 if TYPE_CHECKING:
     from catalog.repo import Repository
-
-_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB")
 
 
 def warn(msg: str, loud: bool = False) -> None:
@@ -40,11 +40,8 @@ def waiting(blocker: object) -> None:
 
 
 def human_bytes(n: float) -> str:
-    for unit in _UNITS:
-        if abs(n) < 1024 or unit == _UNITS[-1]:
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"
+    """A byte count as the commands print it: one decimal (``1.5 GiB``; ``catalog.units``)."""
+    return format_bytes(n, decimals=1)
 
 
 def table_row(values: Sequence[str], widths: Sequence[int]) -> str:

@@ -20,8 +20,8 @@ import psutil
 import pyarrow as pa
 
 from catalog.errors import CombError, StageError
-from catalog.store.crypto import RepoKeys
 from catalog.store.index import DedupIndex
+from catalog.store.sealing import PLAIN, Sealer
 from catalog.store.storage import LocalStorage
 from stages.backup import IndexClient
 from stages.base import Fused, Ports, Stage
@@ -42,9 +42,7 @@ class Engine(Protocol):
     workers: int
     startup_s: float
 
-    def start(
-        self, repo_path: str, make_stage: MakeStage, keys: RepoKeys | None = None
-    ) -> None: ...
+    def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None: ...
 
     def submit(self, item: pa.Table) -> Any: ...
 
@@ -70,9 +68,9 @@ class LocalEngine:
         self._stages: list[Fused] = []
         self.index: DedupIndex | None = None
 
-    def start(self, repo_path: str, make_stage: MakeStage, keys: RepoKeys | None = None) -> None:
+    def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
         t0 = time.perf_counter()
-        self.index = DedupIndex.load(LocalStorage(repo_path, keys=keys))
+        self.index = DedupIndex.load(LocalStorage(repo_path, sealer=sealer))
         for _ in range(self.workers):
             made = make_stage(self.index)
             stage = made if isinstance(made, Fused) else Fused([made])
@@ -137,8 +135,8 @@ class _StageHost:
 class _IndexHost:
     """The dedup index actor: only chunk ids reach it."""
 
-    def __init__(self, repo_path: str, keys: RepoKeys | None) -> None:
-        self.index = DedupIndex.load(LocalStorage(repo_path, keys=keys))
+    def __init__(self, repo_path: str, sealer: Sealer) -> None:
+        self.index = DedupIndex.load(LocalStorage(repo_path, sealer=sealer))
 
     def ping(self) -> int:
         return len(self.index)
@@ -214,7 +212,7 @@ class RayEngine:
         self._next = 0
         self._other_children: set[tuple[int, float]] = set()
 
-    def start(self, repo_path: str, make_stage: MakeStage, keys: RepoKeys | None = None) -> None:
+    def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
         ray = _ray()
         t0 = time.perf_counter()
         if not ray.is_initialized():
@@ -233,7 +231,7 @@ class RayEngine:
         try:
             index_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_IndexHost)
             host_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_StageHost)
-            self._index = index_cls.remote(repo_path, keys)
+            self._index = index_cls.remote(repo_path, sealer)
             ray.get(self._index.ping.remote(), timeout=RAY_PING_TIMEOUT_S)
             client = RayIndexClient(self._index)
             self._actors = [host_cls.remote(make_stage(client)) for _ in range(self.workers)]

@@ -9,15 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Protocol
 
-import blake3
 import numpy as np
 import pyarrow as pa
 
 from catalog.store.chunks import encode_chunk
-from catalog.store.crypto import RepoKeys
 from catalog.store.index import ids_to_array, sealed_to_table
 from catalog.store.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
 from catalog.store.parity import ParityGeometry
+from catalog.store.sealing import PLAIN, Sealer
 from catalog.store.storage import LocalStorage
 from stages.base import Ports, Stage
 from stages.schemas import (
@@ -117,9 +116,9 @@ class Chunker(Stage):
     input_schema = RAW
     output_schema = CHUNKS
 
-    def __init__(self, chunk_size: int, keys: RepoKeys | None = None) -> None:
+    def __init__(self, chunk_size: int, sealer: Sealer = PLAIN) -> None:
         self.chunk_size = chunk_size
-        self.keys = keys  # an encrypted repository's chunk ids are keyed BLAKE3
+        self.sealer = sealer  # an encrypted repository's chunk ids are keyed BLAKE3
 
     def process(self, batch: pa.Table) -> Ports:
         c = self.chunk_size
@@ -150,7 +149,7 @@ class Chunker(Stage):
         if len(todo):
             # Per-chunk Python work is kept to one call: plain ints, one join, one assignment.
             mv = memoryview(bufs[2])  # type: ignore[arg-type]
-            hasher = self.keys.chunk_hasher() if self.keys is not None else blake3.blake3
+            hasher = self.sealer.chunk_hasher
             digests = b"".join(
                 hasher(mv[s : s + n]).digest()
                 for s, n in zip(st[todo].tolist(), ln[todo].tolist(), strict=True)
@@ -228,9 +227,9 @@ class Compressor(Stage):
     input_schema = DEDUPED
     output_schema = COMPRESSED
 
-    def __init__(self, level: int, keys: RepoKeys | None = None) -> None:
+    def __init__(self, level: int, sealer: Sealer = PLAIN) -> None:
         self.level = level
-        self.keys = keys
+        self.sealer = sealer
 
     def process(self, batch: pa.Table) -> Ports:
         new = batch.column("new").to_numpy(zero_copy_only=False)
@@ -242,8 +241,8 @@ class Compressor(Stage):
             todo = np.flatnonzero(new).tolist()
             for i in todo:
                 codecs[i], blobs[i] = encode_chunk(raw[starts[i] : starts[i + 1]], self.level)
-            if self.keys is not None:
-                seal = self.keys.seal_blob
+            if self.sealer.encrypted:  # plain: nothing to do per chunk
+                seal = self.sealer.seal_blob
                 ids = ids_to_array(batch.column("chunk_id"))
                 for i in todo:
                     blobs[i] = seal(blobs[i], ids[i].tobytes())  # type: ignore[arg-type]
@@ -277,7 +276,7 @@ class PackTarget:
 
     repo_path: str
     pack_target_bytes: int = DEFAULT_PACK_TARGET_BYTES
-    keys: RepoKeys | None = None
+    sealer: Sealer = PLAIN
     parity: ParityGeometry | None = None  # the repository's (config.json "parity")
 
 
@@ -294,7 +293,7 @@ class Writer(Stage):
         self._packs: PackWriter | None = None
 
     def setup(self) -> None:
-        storage = LocalStorage(self.target.repo_path, keys=self.target.keys)
+        storage = LocalStorage(self.target.repo_path, sealer=self.target.sealer)
         self._packs = PackWriter(storage, self.target.pack_target_bytes, self.target.parity)
 
     def process(self, batch: pa.Table) -> Ports:
@@ -344,8 +343,8 @@ def backup_stages(
     """The backup stage graph, in order."""
     return [
         Reader(source, max_batch_bytes),
-        Chunker(chunk_size, target.keys),
+        Chunker(chunk_size, target.sealer),
         Deduplicator(index),
-        Compressor(zstd_level, target.keys),
+        Compressor(zstd_level, target.sealer),
         Writer(target),
     ]

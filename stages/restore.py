@@ -138,7 +138,7 @@ def execute_read(storage: Storage, task: ReadTask, target: RestoreTarget | None)
     for poff, slen, rlen, codec, cid, targets in task.chunks:
         blob = view[poff - task.start : poff - task.start + slen]
         plain = decode_chunk(
-            blob, codec, rlen, cid, f"pack {where_path} offset {poff}", storage.keys
+            blob, codec, rlen, cid, f"pack {where_path} offset {poff}", storage.sealer
         )
         pieces.extend((t, plain) for t in targets)
     if target is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from combtest import Image, MiB, api_backup
+from combtest import TEST_PASSWORD, Image, MiB, api_backup
 
 from catalog.repo import Repository
 from catalog.store.index import load_index
@@ -19,7 +19,9 @@ def make_history(
 ) -> tuple[Repository, list[RecoveryPoint], list[int]]:
     """Four real backups of one disk: full, then three with known changes (two hot spots,
     one zeroed chunk, a rewrite with identical bytes, one copied chunk = a dedup hit)."""
-    repo = Repository.init(str(tmp_path / "repo"), C, 3, encryption=encryption)
+    repo = Repository.init(
+        str(tmp_path / "repo"), C, 3, encryption=encryption, password=TEST_PASSWORD
+    )
     img = Image(tmp_path / "disk.img", 16 * MiB)
     img.random(0, 4 * MiB, seed=1)
     img.compressible(8 * MiB, 2 * MiB, seed=2)

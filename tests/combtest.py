@@ -29,7 +29,9 @@ KiB = 1024
 MiB = 1024 * 1024
 PYTHON = sys.executable
 
-TEST_PASSWORD = "comb test password"  # tests/conftest.py sets COMB_PASSWORD to it
+# The password of the tests' encrypted repositories: library calls pass it (Repository.open,
+# Repository.init); the CLI run in-process reads it from COMB_PASSWORD (tests/conftest.py).
+TEST_PASSWORD = "comb test password"
 
 
 class CliResult(NamedTuple):
@@ -207,11 +209,13 @@ def api_backup(
         batch_bytes=batch_bytes,
         **({} if pack_target_bytes is None else {"pack_target_bytes": pack_target_bytes}),
     )
-    return run_backup(Repository.open(str(repo)), str(source), LocalEngine(workers), opts)
+    return run_backup(
+        Repository.open(str(repo), password=TEST_PASSWORD), str(source), LocalEngine(workers), opts
+    )
 
 
 def api_restore(repo: Path | str, point: str, output: Path | str) -> None:
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     restore_point(r, r.resolve(point), str(output))
 
 

@@ -43,7 +43,8 @@ def _comb_env(monkeypatch: pytest.MonkeyPatch) -> None:
     """Local engine unless a test says otherwise; no repository or cluster from outside."""
     monkeypatch.setenv("COMB_ENGINE", "local")
     # Repositories are encrypted by default: every test runs with the same password unless
-    # it says otherwise (tests/pipeline/test_encryption.py covers the password paths).
+    # it says otherwise (tests/pipeline/test_encryption*.py cover the password paths). Only
+    # the CLI reads this variable; library calls pass TEST_PASSWORD themselves.
     monkeypatch.setenv("COMB_PASSWORD", TEST_PASSWORD)
     for var in ("COMB_PASSWORD_FILE", "COMB_NEW_PASSWORD", "COMB_NEW_PASSWORD_FILE"):
         monkeypatch.delenv(var, raising=False)
@@ -54,13 +55,13 @@ def _comb_env(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.fixture
 def repo_path(tmp_path: Path) -> Path:
     path = tmp_path / "repo"
-    Repository.init(str(path))
+    Repository.init(str(path), password=TEST_PASSWORD)
     return path
 
 
 @pytest.fixture
 def repo(repo_path: Path) -> Repository:
-    return Repository.open(str(repo_path))
+    return Repository.open(str(repo_path), password=TEST_PASSWORD)
 
 
 @pytest.fixture

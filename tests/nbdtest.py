@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from combtest import Image, MiB, api_backup
+from combtest import TEST_PASSWORD, Image, MiB, api_backup
 
 from catalog.repo import Repository
 from drive.nbd.server import NbdServer
@@ -58,10 +58,10 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     img.compressible(5 * MiB, MiB + 1536, seed=2)  # up to the partial last chunk
     odd = Image(tmp / "odd.img", ODD_SIZE)
     odd.random(ODD_SIZE - 5000, 5000, seed=3)
-    repo = Repository.init(str(tmp / "repo"), CHUNK, 3)
+    repo = Repository.init(str(tmp / "repo"), CHUNK, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path, name=SOURCE)
     api_backup(repo.location, odd.path, name="odd")
-    server = NbdServer(Repository.open(repo.location), port=0)
+    server = NbdServer(Repository.open(repo.location, password=TEST_PASSWORD), port=0)
     thread = start(server)
     yield Served(server, img.path, odd.path, point.id)
     server.shutdown()

@@ -27,7 +27,13 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.analytics.history import History
-from catalog.analytics.views import FILE_VIEWS, add_file_views, connect, parquet_from
+from catalog.analytics.views import (
+    FILE_VIEWS,
+    add_file_views,
+    connect,
+    parquet_from,
+    sealed_dataset,
+)
 from catalog.store.changes import CHANGES_SCHEMA
 from catalog.store.points import RecoveryPoint, load_forgotten
 from catalog.store.storage import Storage
@@ -190,13 +196,17 @@ class Catalog:
         if "changes" in self._built:
             return
         files = self.history.change_files()
-        if self.storage.keys is not None and files:
+        if self.storage.sealer.encrypted and files:
             # Encrypted: a pyarrow dataset that decrypts the change tables, each file's
             # position given as a partition value (a string join on file names is 20x slower).
             self.con.register(
                 "_changes_sealed",
-                self.storage.keys.parquet_dataset(
-                    [f[1] for f in files], CHANGES_SCHEMA, False, [f[0] for f in files]
+                sealed_dataset(
+                    self.storage.sealer,
+                    [f[1] for f in files],
+                    CHANGES_SCHEMA,
+                    False,
+                    [f[0] for f in files],
                 ),
             )
             self.con.execute(
@@ -219,7 +229,7 @@ class Catalog:
                 self.con,
                 [f[1] for f in files],
                 CHANGES_SCHEMA,
-                self.storage.keys,
+                self.storage.sealer,
                 with_filename=True,
             )
             if files

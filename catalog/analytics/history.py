@@ -38,7 +38,7 @@ from catalog.analytics.lives.build import build
 from catalog.errors import CombError, QueryError
 from catalog.store.changes import changes_name, read_changes
 from catalog.store.format import CONFIG_NAME, parse_config
-from catalog.store.parquet_io import decryption, read_verified, unreadable
+from catalog.store.parquet_io import read_verified, unreadable
 from catalog.store.points import RecoveryPoint
 from catalog.store.storage import Storage
 
@@ -149,7 +149,7 @@ class History:
                     raise QueryError("analytics need a repository on a local filesystem for now")
                 try:
                     data = read_verified(self.storage, name)
-                    rows = _row_count(data, path, decryption(self.storage))
+                    rows = _row_count(data, path, self.storage.sealer.parquet_decryption())
                     files.append((i, path, rows))
                 except CombError as err:
                     self._left_out(i, err)
@@ -198,7 +198,7 @@ class History:
         if len(sizes) > 1:
             raise QueryError("points of several chunk sizes cannot be analysed together yet")
         chunk = sizes.pop() if sizes else 1
-        return walk.read_columns(self.change_files(), len(self.points), chunk, self.storage.keys)
+        return walk.read_columns(self.change_files(), len(self.points), chunk, self.storage.sealer)
 
     def _lane_columns(self) -> walk.Columns:
         """The change rows as the arithmetic sees them: a branch's first point holds its

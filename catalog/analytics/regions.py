@@ -40,14 +40,13 @@ def hot_regions_table(
     h: History, chosen: list[int], buckets: list[int], limit: int | None
 ) -> pa.Table:
     """``chosen``: history positions that count, ``buckets``: each one's region size."""
-    keys = h.storage.keys
-    assert keys is not None, "plain catalogs are aggregated by DuckDB in place"
+    assert h.storage.sealer.encrypted, "plain catalogs are aggregated by DuckDB in place"
     n_pos = len(h.points)
     bucket = np.zeros(n_pos, np.int64)
     bucket[chosen] = buckets
     size = np.array([p.size for p in h.points], np.int64)
     chunk = np.array([p.chunk_size for p in h.points], np.int64)
-    dec = keys.parquet_decryption()
+    dec = h.storage.sealer.parquet_decryption()
 
     def count(p: int, data: bytes) -> tuple[int, np.ndarray, np.ndarray, np.ndarray]:
         """One (checked) change table: its regions with changes, the changes and the bytes a

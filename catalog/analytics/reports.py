@@ -176,7 +176,7 @@ def hot_regions(cat: Catalog, opts: ReportOptions) -> ReportResult:
             }
         ),
     )
-    if cat.storage.keys is not None:  # encrypted: numpy over two decrypted columns
+    if cat.storage.sealer.encrypted:  # numpy over two decrypted columns
         buckets = [opts.bucket_bytes or default_bucket(sizes[h.points[i].source]) for i in chosen]
         table = hot_regions_table(h, chosen, buckets, opts.limit)
         return ReportResult(table, _history_notes(cat))

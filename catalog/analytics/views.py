@@ -14,13 +14,15 @@ from dataclasses import asdict
 
 import duckdb
 import pyarrow as pa
+import pyarrow.dataset as ds
+import pyarrow.fs as pafs
 
 from catalog.errors import CombError, QueryError
-from catalog.store.crypto import RepoKeys
 from catalog.store.index import INDEX_SCHEMA, segment_names
 from catalog.store.manifest import LEAF_SCHEMA, LEAVES_PREFIX, ROOT_SCHEMA, roots_name
 from catalog.store.parquet_io import read_verified
 from catalog.store.points import RecoveryPoint
+from catalog.store.sealing import Sealer
 from catalog.store.storage import Storage
 
 POINT_COLUMNS = [
@@ -93,7 +95,7 @@ def parquet_from(
     con: duckdb.DuckDBPyConnection,
     files: list[str],
     schema: pa.Schema,
-    keys: RepoKeys | None,
+    sealer: Sealer,
     with_filename: bool = False,
 ) -> str:
     """A FROM item over the (non-empty) Parquet files: DuckDB's own reader in a plain
@@ -102,19 +104,47 @@ def parquet_from(
     with "Computed AES tag differs" on column chunks of more than one page and on any pushed-down
     filter, so it is not used (README, "Known limits")."""
     listing = ", ".join("'" + f.replace("'", "''") + "'" for f in files)
-    if keys is None:
+    if not sealer.encrypted:
         option = ", filename = true" if with_filename else ""
         return f"read_parquet([{listing}]{option}, union_by_name = true)"
     name = f"_sealed_{next(_datasets)}"
-    con.register(name, keys.parquet_dataset(files, schema, with_filename))
+    con.register(name, sealed_dataset(sealer, files, schema, with_filename))
     return name
+
+
+def sealed_dataset(
+    sealer: Sealer,
+    files: list[str],
+    schema: pa.Schema,
+    with_filename: bool,
+    pos: list[int] | None = None,
+) -> ds.Dataset:
+    """Encrypted Parquet files as one pyarrow dataset that decrypts them (page checksums
+    verified), with the given columns (missing ones read as nulls, others ignored) and, when
+    asked, a ``filename`` column, or a ``pos`` column of one given integer per file. DuckDB
+    scans it with projection and filter pushdown."""
+    fmt = ds.ParquetFileFormat(
+        default_fragment_scan_options=ds.ParquetFragmentScanOptions(
+            decryption_properties=sealer.parquet_decryption(), page_checksum_verification=True
+        )
+    )
+    parts = None
+    if with_filename:
+        schema = schema.append(pa.field("filename", pa.string()))
+        parts = [ds.field("filename") == f for f in files]
+    elif pos is not None:
+        schema = schema.append(pa.field("pos", pa.int64()))
+        parts = [ds.field("pos") == p for p in pos]
+    return ds.FileSystemDataset.from_paths(
+        files, schema=schema, format=fmt, filesystem=pafs.LocalFileSystem(), partitions=parts
+    )
 
 
 def _parquet_or_empty(
     con: duckdb.DuckDBPyConnection,
     files: list[str],
     schema: pa.Schema,
-    keys: RepoKeys | None,
+    sealer: Sealer,
     with_filename: bool = False,
 ) -> str:
     """A SELECT of the schema's columns over the files, typed and empty when there are none."""
@@ -126,7 +156,9 @@ def _parquet_or_empty(
     # Only the known columns (a later compat feature may add some): union_by_name lets files
     # with extra columns sit next to files without them.
     names = [f'"{f.name}"' for f in schema] + (["filename"] if with_filename else [])
-    return f"SELECT {', '.join(names)} FROM {parquet_from(con, files, schema, keys, with_filename)}"
+    return (
+        f"SELECT {', '.join(names)} FROM {parquet_from(con, files, schema, sealer, with_filename)}"
+    )
 
 
 def _duck_type(t: pa.DataType) -> str:
@@ -175,8 +207,8 @@ def add_file_views(
     leaves = _files(storage, leaf_names, damaged)
     index = _files(storage, segment_names(storage), damaged)
     file_id = "regexp_extract(filename, '([0-9a-f]{64})\\.parquet$', 1)"
-    roots_sql = _parquet_or_empty(con, roots, ROOT_SCHEMA, storage.keys, with_filename=True)
-    leaves_sql = _parquet_or_empty(con, leaves, LEAF_SCHEMA, storage.keys, with_filename=True)
+    roots_sql = _parquet_or_empty(con, roots, ROOT_SCHEMA, storage.sealer, with_filename=True)
+    leaves_sql = _parquet_or_empty(con, leaves, LEAF_SCHEMA, storage.sealer, with_filename=True)
     con.execute(
         f"CREATE VIEW _roots AS SELECT {file_id} AS root_id, leaf_no, leaf_file, leaf "
         f"FROM ({roots_sql})"
@@ -195,7 +227,7 @@ def add_file_views(
         "JOIN _leaves l ON l.leaf_file = coalesce(r.leaf_file, p.leaves) AND l.leaf = r.leaf"
     )
     con.execute(
-        f"CREATE VIEW chunks AS {_parquet_or_empty(con, index, INDEX_SCHEMA, storage.keys)}"
+        f"CREATE VIEW chunks AS {_parquet_or_empty(con, index, INDEX_SCHEMA, storage.sealer)}"
     )
     con.execute(
         "CREATE VIEW packs AS SELECT pack, count(*) AS chunks, sum(stored_len) AS stored_bytes, "

@@ -17,9 +17,10 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.analytics.lives import model as lv_
+from catalog.analytics.views import sealed_dataset
 from catalog.errors import QueryError
 from catalog.store.changes import CHANGES_SCHEMA
-from catalog.store.crypto import RepoKeys
+from catalog.store.sealing import Sealer
 
 Sources = Iterable[tuple[int, int, np.ndarray]]  # per source: first position, count, bitmap
 
@@ -116,7 +117,7 @@ def freed_per_point(n: int, c: Columns, flag: np.ndarray, one_point: bool) -> np
 
 
 def read_columns(
-    files: list[tuple[int, str, int]], points: int, chunk: int, keys: RepoKeys | None
+    files: list[tuple[int, str, int]], points: int, chunk: int, sealer: Sealer
 ) -> Columns:
     """Every change row of the (checked) change tables ``files`` ((position, local path, rows),
     in position order) as columns, read once by DuckDB's parallel Parquet reader (decrypted by
@@ -127,12 +128,14 @@ def read_columns(
     starts = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
     if files:
         con = duckdb.connect(":memory:")
-        if keys is None:
+        if not sealer.encrypted:
             listing = ", ".join("'" + f[1].replace("'", "''") + "'" for f in files)
             source = f"read_parquet([{listing}])"
         else:
             paths = [f[1] for f in files]
-            con.register("_changes", keys.parquet_dataset(paths, CHANGES_SCHEMA, False).to_table())
+            con.register(
+                "_changes", sealed_dataset(sealer, paths, CHANGES_SCHEMA, False).to_table()
+            )
             source = "_changes"
         # Insertion order is kept: rows come file by file, in the order listed.
         # Narrow columns (int32 chunk numbers, one int8 kind) halve what is copied out.

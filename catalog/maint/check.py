@@ -222,7 +222,9 @@ def _read_pack(
     if blake3.blake3(data).hexdigest() != pid:
         report.errors.append(f"pack {where} does not match its name (content changed)")
     try:
-        entries = {(e.chunk_id, e.offset): e for e in parse_pack(data, where, keys=storage.keys)}
+        entries = {
+            (e.chunk_id, e.offset): e for e in parse_pack(data, where, sealer=storage.sealer)
+        }
     except CombError as err:
         report.errors.append(err.message)
         entries = {}
@@ -241,7 +243,7 @@ def _read_pack(
                 rlen,
                 cid,
                 f"pack {where} offset {off}",
-                storage.keys,
+                storage.sealer,
             )
         except CombError as err:
             report.errors.append(err.message)

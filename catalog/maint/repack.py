@@ -62,7 +62,7 @@ def copy_chunks(
         try:
             if off + slen > len(data):
                 raise CorruptionError(f"{name} offset {off}: beyond the end of the pack")
-            decode_chunk(blob, codec, raw_len, cid, name, storage.keys)
+            decode_chunk(blob, codec, raw_len, cid, name, storage.sealer)
         except CorruptionError:
             if strict:
                 raise

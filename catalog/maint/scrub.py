@@ -37,7 +37,6 @@ from catalog.maint.heal import Healed, ParityCheck, check_parity, heal_pack
 from catalog.maint.repack import copy_chunks, index_sealed
 from catalog.repo import Repository
 from catalog.store.chunks import decode_chunk
-from catalog.store.crypto import RepoKeys
 from catalog.store.index import (
     blob_rows,
     id_keys,
@@ -47,6 +46,7 @@ from catalog.store.index import (
 from catalog.store.locks import locked
 from catalog.store.packs import PackWriter, pack_name
 from catalog.store.parquet_io import read_parquet
+from catalog.store.sealing import Sealer
 
 Progress = Callable[[int, int], None]
 # Packs checked at once: each thread reads a whole pack (up to ~64 MiB held), then hashes it.
@@ -112,7 +112,7 @@ class _Checked:
 
 
 def _decode_all(
-    where: str, data: bytes, cols: dict[str, list[object]], keys: RepoKeys | None
+    where: str, data: bytes, cols: dict[str, list[object]], sealer: Sealer
 ) -> dict[bytes, tuple[int, str]]:
     """chunk id -> (offset, why) of the chunks of ``cols`` that do not decode from ``data``."""
     view = memoryview(data)
@@ -123,7 +123,7 @@ def _decode_all(
             if off + slen > len(data):
                 raise CombError(f"pack {where} offset {off}: beyond the end of the pack")
             at = f"pack {where} offset {off}"
-            decode_chunk(view[off : off + slen], codec, rlen, cid, at, keys)  # type: ignore[arg-type]
+            decode_chunk(view[off : off + slen], codec, rlen, cid, at, sealer)  # type: ignore[arg-type]
         except CombError as err:
             bad[cid] = (off, err.message)
     return bad
@@ -147,7 +147,7 @@ def _check_pack(repo: Repository, pid: str, rows: pa.Table, parity: bool) -> _Ch
     if intact:
         return _Checked(len(data), [], 0, check.problem)
     cols = rows.to_pydict()
-    bad = _decode_all(where, data, cols, storage.keys) if data else {}
+    bad = _decode_all(where, data, cols, storage.sealer) if data else {}
     if unreadable:
         damage = [Damage(pid, -1, b"", unreadable)]
     else:
@@ -159,7 +159,7 @@ def _check_pack(repo: Repository, pid: str, rows: pa.Table, parity: bool) -> _Ch
         for d in damage:
             d.healable = True
     elif check.rebuilt is not None:
-        still = _decode_all(where, check.rebuilt, cols, storage.keys)
+        still = _decode_all(where, check.rebuilt, cols, storage.sealer)
         for d in damage:
             d.healable = bool(d.chunk_id) and d.chunk_id not in still
     problem = check.problem

@@ -29,7 +29,6 @@ from catalog.errors import CombError, CorruptionError
 from catalog.store.blocks import BlockList
 from catalog.store.index import INDEX_PREFIX, INDEX_SCHEMA, ids_to_array
 from catalog.store.parquet_io import (
-    decryption,
     load_block_list,
     open_parquet,
     read_verified,
@@ -213,7 +212,7 @@ class _SegmentFiltered(_SegmentScan):
         return cls(key, name, storage, blocks)
 
     def __init__(self, key: str, name: str, storage: Storage, blocks: BlockList) -> None:
-        self.key, self.name, self.dec = key, name, decryption(storage)
+        self.key, self.name, self.dec = key, name, storage.sealer.parquet_decryption()
         self._storage = storage
         self._blocks = blocks
         self._pf = open_parquet(storage, name, blocks, ["pack"])
@@ -335,7 +334,7 @@ class SegmentCache:
                         self._scans[key] = filtered
                     return filtered
                 data = read_verified(storage, name)
-                dec = decryption(storage)
+                dec = storage.sealer.parquet_decryption()
                 rows = _open_segment(name, data, dec).metadata.num_rows
                 if rows <= _PROBE_ROWS or not self._background:
                     table = SegmentTable(name, data, dec)

@@ -165,7 +165,12 @@ class PointSource:
     def _decode(self, m: ChunkMap, k: int, blob: bytes) -> bytes:
         where = f"recovery point {self.point.id} at offset {int(m.numbers[k]) * self._chunk}"
         return decode_chunk(
-            blob, int(m.codec[k]), int(m.raw_len[k]), m.ids[k].tobytes(), where, self._storage.keys
+            blob,
+            int(m.codec[k]),
+            int(m.raw_len[k]),
+            m.ids[k].tobytes(),
+            where,
+            self._storage.sealer,
         )
 
     def _pool(self) -> ThreadPoolExecutor:

@@ -3,25 +3,19 @@
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING
 
-import blake3
 import zstandard
 
 from catalog.errors import CorruptionError
 from catalog.store.format import CODEC_RAW, CODEC_ZSTD
-
-if TYPE_CHECKING:
-    from catalog.store.crypto import RepoKeys
+from catalog.store.sealing import PLAIN, Sealer
 
 _local = threading.local()
 
 
-def chunk_id(data: bytes | memoryview, keys: RepoKeys | None = None) -> bytes:
+def chunk_id(data: bytes | memoryview, sealer: Sealer = PLAIN) -> bytes:
     """The id of a chunk: BLAKE3-256 of its plain bytes, keyed in an encrypted repository."""
-    if keys is not None:
-        return blake3.blake3(data, key=keys.id_key).digest()
-    return blake3.blake3(data).digest()
+    return bytes(sealer.chunk_hasher(data).digest())
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -56,12 +50,11 @@ def decode_chunk(
     raw_len: int,
     cid: bytes,
     where: str,
-    keys: RepoKeys | None = None,
+    sealer: Sealer = PLAIN,
 ) -> bytes:
     """Open (encrypted repositories), decompress and check against the chunk id; any mismatch
     is a CorruptionError."""
-    if keys is not None:
-        blob = keys.open_blob(blob, cid, where)
+    blob = sealer.open_blob(blob, cid, where)
     try:
         if codec == CODEC_ZSTD:
             data = _decompressor().decompress(blob, max_output_size=raw_len)
@@ -73,6 +66,6 @@ def decode_chunk(
         raise CorruptionError(
             f"{where}: chunk {cid.hex()[:16]} does not decompress ({err})"
         ) from None
-    if len(data) != raw_len or chunk_id(data, keys) != cid:
+    if len(data) != raw_len or chunk_id(data, sealer) != cid:
         raise CorruptionError(f"{where}: chunk {cid.hex()[:16]} does not match its id")
     return data

@@ -21,15 +21,13 @@ from __future__ import annotations
 import base64
 import getpass
 import json
-import os
 import secrets
 import socket
 import threading
-from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from functools import lru_cache
-from typing import Any
+from typing import Any, ClassVar
 
 import blake3
 from cryptography.exceptions import InvalidTag
@@ -37,6 +35,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from catalog.errors import CorruptionError, PasswordError, RepositoryError, UsageError
+from catalog.store.sealing import ChunkHasher
 from catalog.store.storage import Storage
 
 ALGORITHM = "aes-256-gcm"
@@ -72,8 +71,12 @@ def _derive(master: bytes, purpose: str) -> bytes:
 
 
 @dataclass(frozen=True)
-class RepoKeys:
-    """The unwrapped keys of an encrypted repository (picklable: crosses to Ray workers)."""
+class AesGcmSealer:
+    """The sealer of an encrypted repository (``catalog.store.sealing.Sealer``): its unwrapped
+    keys, and sealing with them (picklable: crosses to Ray workers)."""
+
+    encrypted: ClassVar[bool] = True
+    overhead: ClassVar[int] = SEAL_OVERHEAD_BYTES
 
     master: bytes
     id_key: bytes = field(repr=False, default=b"")
@@ -84,20 +87,21 @@ class RepoKeys:
     record_key: bytes = field(repr=False, default=b"")
 
     @staticmethod
-    def from_master(master: bytes) -> RepoKeys:
+    def from_master(master: bytes) -> AesGcmSealer:
         keys = [_derive(master, p) for p in PURPOSES]
-        return RepoKeys(master, *keys)
+        return AesGcmSealer(master, *keys)
 
     def __repr__(self) -> str:  # never print key material
-        return "RepoKeys(...)"
+        return "AesGcmSealer(...)"
 
-    def for_workers(self) -> RepoKeys:
+    def for_workers(self) -> AesGcmSealer:
         """The purpose keys without the master secret (what pipeline workers receive: they
         never wrap keys, and a worker's memory should not hold the secret every key opens)."""
         return replace(self, master=b"")
 
     # -- chunk ids --------------------------------------------------------------------------
-    def chunk_hasher(self) -> Any:
+    @property
+    def chunk_hasher(self) -> ChunkHasher:
         """A callable data -> blake3 object, keyed with the chunk-id key."""
         key = self.id_key
 
@@ -169,34 +173,6 @@ class RepoKeys:
         import pyarrow.parquet.encryption as pe
 
         return pe.create_decryption_properties(self.parquet_key)
-
-    def parquet_dataset(
-        self, files: list[str], schema: Any, with_filename: bool, pos: list[int] | None = None
-    ) -> Any:
-        """The files as one pyarrow dataset that decrypts them (page checksums verified), with
-        the given columns (missing ones read as nulls, others ignored) and, when asked, a
-        ``filename`` column, or a ``pos`` column of one given integer per file. DuckDB scans it
-        with projection and filter pushdown."""
-        import pyarrow as pa
-        import pyarrow.dataset as ds
-        import pyarrow.fs as pafs
-
-        fmt = ds.ParquetFileFormat(
-            default_fragment_scan_options=ds.ParquetFragmentScanOptions(
-                decryption_properties=self.parquet_decryption(), page_checksum_verification=True
-            )
-        )
-        if with_filename:
-            schema = schema.append(pa.field("filename", pa.string()))
-            parts = [ds.field("filename") == f for f in files]
-        elif pos is not None:
-            schema = schema.append(pa.field("pos", pa.int64()))
-            parts = [ds.field("pos") == p for p in pos]
-        else:
-            parts = None
-        return ds.FileSystemDataset.from_paths(
-            files, schema=schema, format=fmt, filesystem=pafs.LocalFileSystem(), partitions=parts
-        )
 
 
 def _b64(data: bytes) -> str:
@@ -300,18 +276,22 @@ def read_key_doc(storage: Storage, key_id: str) -> dict[str, Any]:
     return doc
 
 
-_unlocked: dict[tuple[str, bytes], tuple[RepoKeys, str]] = {}
+_unlocked: dict[tuple[str, bytes], tuple[AesGcmSealer, str]] = {}
 _unlock_lock = threading.Lock()
 
 
-def unlock(storage: Storage, repo_id: str, password: str, location: str) -> tuple[RepoKeys, str]:
+def unlock(
+    storage: Storage, repo_id: str, password: str, location: str
+) -> tuple[AesGcmSealer, str]:
     """The repository's keys and the id of the key file the password opens. Memoised per
     process (one Argon2id derivation per repository and password, not one per open)."""
     with _kdf_lock:  # a second thread opening the same repository waits, then finds the memo
         return _unlock(storage, repo_id, password, location)
 
 
-def _unlock(storage: Storage, repo_id: str, password: str, location: str) -> tuple[RepoKeys, str]:
+def _unlock(
+    storage: Storage, repo_id: str, password: str, location: str
+) -> tuple[AesGcmSealer, str]:
     memo = (repo_id, blake3.blake3(password.encode()).digest())
     with _unlock_lock:
         if memo in _unlocked and _unlocked[memo][1] in key_ids(storage):
@@ -339,7 +319,7 @@ def _unlock(storage: Storage, repo_id: str, password: str, location: str) -> tup
         if len(master) != MASTER_BYTES:
             damaged.append(f"key {key_id} holds a master secret of the wrong size")
             continue
-        found = (RepoKeys.from_master(master), key_id)
+        found = (AesGcmSealer.from_master(master), key_id)
         with _unlock_lock:
             _unlocked[memo] = found
         return found
@@ -351,34 +331,3 @@ def _unlock(storage: Storage, repo_id: str, password: str, location: str) -> tup
 def forget_unlocked() -> None:
     with _unlock_lock:
         _unlocked.clear()
-
-
-# -- passwords --------------------------------------------------------------------------------
-
-# Where the password of a repository opened or created without one comes from: set by the
-# application for one command (the command line: its options, environment and terminal, in
-# pipeline.cli.passwords). This module never prompts.
-PasswordSource = Callable[[str, bool], str]  # (location, confirm) -> password
-_source: PasswordSource | None = None
-# Until every caller passes a password (Repository.open, Repository.init): without a source,
-# this variable's value (the tests set it).
-_FALLBACK_PASSWORD_ENV = "COMB_PASSWORD"
-
-
-def set_password_source(source: PasswordSource | None) -> None:
-    global _source
-    _source = source
-
-
-def read_password(location: str, confirm: bool = False) -> str:
-    """The password of the encrypted repository at ``location``, asked of the source the
-    application set (``confirm``: a new repository's, which a terminal asks twice)."""
-    if _source is not None:
-        password = _source(location, confirm)
-    elif _FALLBACK_PASSWORD_ENV in os.environ:
-        password = os.environ[_FALLBACK_PASSWORD_ENV]
-    else:
-        raise UsageError(f"{location} needs a password (none given)")
-    if not password:
-        raise UsageError("an empty password is not allowed")
-    return password

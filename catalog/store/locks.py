@@ -285,7 +285,7 @@ def writer_lock(
     """The shared lock of a backup (or forget): waits while a prune or repair removes data.
     Lock files are plain: in an encrypted repository one names its kind, not ``command`` (a
     command line names the source)."""
-    shown = kind if storage.keys is not None else command
+    shown = kind if storage.sealer.encrypted else command
     with locked(storage, kind, command=shown, on_wait=on_wait) as lock:
         yield lock
 

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from catalog.errors import CorruptionError
 from catalog.store.leaves import EMPTY_LEAF, LEAVES_PREFIX, Leaf, LeafFile, leaves_name
-from catalog.store.parquet_io import ParquetStreamWriter, decryption, read_verified, unreadable
+from catalog.store.parquet_io import ParquetStreamWriter, read_verified, unreadable
 from catalog.store.storage import Storage
 
 ROOTS_PREFIX = "manifests/roots"
@@ -224,10 +224,10 @@ class ManifestReader:
                 columns=ROOT_SCHEMA.names,
                 read_dictionary=["leaf_file"],
                 page_checksum_verification=True,
-                decryption_properties=decryption(storage),
+                decryption_properties=storage.sealer.parquet_decryption(),
             )
         except (pa.ArrowException, OSError) as err:
-            raise unreadable(self.root_name, err, storage.keys is not None) from None
+            raise unreadable(self.root_name, err, storage.sealer.encrypted) from None
         self.leaf_nos = root.column("leaf_no").to_numpy()
         files = root.column("leaf_file").unify_dictionaries().combine_chunks()
         # Codes into ``file_ids``; the last entry stands for the point's own leaves (null).

@@ -10,17 +10,13 @@ from __future__ import annotations
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import blake3
 
 from catalog.errors import CorruptionError
-from catalog.store import crypto
 from catalog.store.parity import ParityGeometry, ParityWriter
+from catalog.store.sealing import PLAIN, Sealer
 from catalog.store.storage import NewFile, Storage
-
-if TYPE_CHECKING:
-    from catalog.store.crypto import RepoKeys
 
 PACK_MAGIC = b"COMBPACK"
 PACK_END_MAGIC = b"COMBPEND"
@@ -35,7 +31,6 @@ PACK_ENTRY_BYTES = PACK_ENTRY.size
 PACK_TRAILER_BYTES = PACK_TRAILER.size
 # Header flag / entry flag bit 0: the entry table / the blob is sealed (FORMAT.md 21).
 PACK_FLAG_SEALED = 1
-SEAL_OVERHEAD_BYTES = crypto.SEAL_OVERHEAD_BYTES  # nonce and GCM tag of a sealed table
 # Seal a pack once this many stored bytes are in it: large enough for sequential restore reads
 # and few files, small enough to bound a worker's unsealed data. bench/README.md "pack size".
 DEFAULT_PACK_TARGET_BYTES = 64 * 1024 * 1024
@@ -149,20 +144,19 @@ class PackWriter:
         self._pending_bytes = 0
 
     def _header(self) -> bytes:
-        flags = PACK_FLAG_SEALED if self._storage.keys is not None else 0
+        flags = PACK_FLAG_SEALED if self._storage.sealer.encrypted else 0
         return PACK_HEADER.pack(PACK_MAGIC, PACK_VERSION, flags, 0)
 
     def seal(self) -> SealedPack:
         new = self._file
         assert new is not None, "seal() without an open pack"
-        keys = self._storage.keys
-        eflags = PACK_FLAG_SEALED if keys is not None else 0
+        sealer = self._storage.sealer
+        eflags = PACK_FLAG_SEALED if sealer.encrypted else 0
         table = b"".join(
             PACK_ENTRY.pack(e.chunk_id, e.offset, e.stored_len, e.raw_len, e.codec, eflags, 0)
             for e in self._entries
         )
-        if keys is not None:
-            table = keys.seal_table(table, self._header())
+        table = sealer.seal_table(table, self._header())
         trailer = PACK_TRAILER.pack(
             len(self._entries), len(table), blake3.blake3(table).digest()[:16], PACK_END_MAGIC
         )
@@ -199,11 +193,11 @@ class PackWriter:
 
 
 def parse_pack(
-    data: bytes, where: str, data_end: int | None = None, keys: RepoKeys | None = None
+    data: bytes, where: str, data_end: int | None = None, sealer: Sealer = PLAIN
 ) -> list[PackEntry]:
     """Parse and check a whole pack's header, footer and trailer (not the chunk contents).
     ``data_end``: where the data area ends when ``data`` holds only header + table + trailer.
-    ``keys``: the repository's keys; an encrypted repository's packs must be sealed."""
+    ``sealer``: the repository's; an encrypted repository's packs must be sealed."""
     if len(data) < PACK_HEADER_BYTES + PACK_TRAILER_BYTES:
         raise CorruptionError(f"pack {where} is truncated ({len(data)} bytes)")
     magic, version, flags, rsvd = PACK_HEADER.unpack_from(data, 0)
@@ -215,12 +209,12 @@ def parse_pack(
         # A pack using flags this comb does not know needs a comb that knows them.
         raise CorruptionError(f"pack {where} uses header flags {flags:#x} this comb does not know")
     sealed = flags & PACK_FLAG_SEALED
-    if bool(sealed) != (keys is not None):
+    if bool(sealed) != sealer.encrypted:
         state = "sealed (encrypted)" if sealed else "not sealed"
         raise CorruptionError(
             f"pack {where} is {state}, unlike the repository (tampered with or misplaced)"
         )
-    overhead = SEAL_OVERHEAD_BYTES if sealed else 0
+    overhead = sealer.overhead
     tpos = len(data) - PACK_TRAILER_BYTES
     count, table_len, table_hash, end_magic = PACK_TRAILER.unpack_from(data, tpos)
     if end_magic != PACK_END_MAGIC:
@@ -231,8 +225,7 @@ def parse_pack(
     table = data[start:tpos]
     if blake3.blake3(table).digest()[:16] != table_hash:
         raise CorruptionError(f"pack {where} has a corrupt entry table at offset {start}")
-    if keys is not None:
-        table = keys.open_table(table, bytes(data[:PACK_HEADER_BYTES]), where)
+    table = sealer.open_table(table, bytes(data[:PACK_HEADER_BYTES]), where)
     entries = []
     for i in range(count):
         cid, off, slen, rlen, codec, eflags, ersvd = PACK_ENTRY.unpack_from(
@@ -254,7 +247,7 @@ def read_pack_entries(storage: Storage, name: str, where: str) -> list[PackEntry
         raise CorruptionError(f"pack {where} is truncated ({size} bytes)")
     trailer = storage.read(name, size - PACK_TRAILER_BYTES, PACK_TRAILER_BYTES)
     count, table_len, _, end_magic = PACK_TRAILER.unpack(trailer)
-    overhead = SEAL_OVERHEAD_BYTES if storage.keys is not None else 0
+    overhead = storage.sealer.overhead
     if end_magic != PACK_END_MAGIC or table_len != count * PACK_ENTRY_BYTES + overhead:
         raise CorruptionError(
             f"pack {where} has a bad trailer at offset {size - PACK_TRAILER_BYTES}"
@@ -264,4 +257,4 @@ def read_pack_entries(storage: Storage, name: str, where: str) -> list[PackEntry
         raise CorruptionError(f"pack {where} has an inconsistent entry table")
     header = storage.read(name, 0, PACK_HEADER_BYTES)
     table = storage.read(name, start, table_len)
-    return parse_pack(header + table + trailer, where, data_end=start, keys=storage.keys)
+    return parse_pack(header + table + trailer, where, data_end=start, sealer=storage.sealer)

@@ -83,9 +83,7 @@ class ParquetStreamWriter:
             column_encoding=encodings,
             write_page_checksum=True,
             # Parquet modular encryption (AES-GCM, footer too) in an encrypted repository.
-            encryption_properties=(
-                storage.keys.parquet_encryption() if storage.keys is not None else None
-            ),
+            encryption_properties=storage.sealer.parquet_encryption(),
         )
         self._schema = schema
         self._row_group_rows = row_group_rows
@@ -108,8 +106,7 @@ class ParquetStreamWriter:
         if self._sink.blocks is not None:
             hasher = self._sink.blocks
             data = encode(hasher.finish(), size, hasher.block_bytes, ranges, covered_rows)
-            if self._storage.keys is not None:
-                data = self._storage.keys.seal_doc(data, BLOCKS_DOC_KIND)
+            data = self._storage.sealer.seal_doc(data, BLOCKS_DOC_KIND)
             self._storage.write_atomic(f"{prefix}/{file_id}{BLOCKS_SUFFIX}", data)
             self.blocks_id = blake3.blake3(data).hexdigest()
             size += len(data)
@@ -137,11 +134,6 @@ def read_verified(storage: Storage, name: str) -> bytes:
     return data
 
 
-def decryption(storage: Storage) -> Any:
-    """pyarrow's decryption properties for the repository's Parquet files (None when plain)."""
-    return storage.keys.parquet_decryption() if storage.keys is not None else None
-
-
 def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) -> pa.Table:
     """Read a whole Parquet object, translating damage into a CorruptionError."""
     data = read_verified(storage, name)
@@ -150,10 +142,10 @@ def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) 
             pa.BufferReader(data),
             columns=columns,
             page_checksum_verification=True,
-            decryption_properties=decryption(storage),
+            decryption_properties=storage.sealer.parquet_decryption(),
         )
     except (pa.ArrowException, OSError) as err:
-        raise unreadable(name, err, storage.keys is not None) from None
+        raise unreadable(name, err, storage.sealer.encrypted) from None
 
 
 def unreadable(name: str, err: Exception, sealed: bool = False) -> CorruptionError:
@@ -176,8 +168,7 @@ def load_block_list(storage: Storage, name: str, blocks_id: str) -> BlockList:
     data = storage.read(list_name)
     if blake3.blake3(data).hexdigest() != blocks_id:
         raise CorruptionError(f"{where} does not match the block list its point names (damaged)")
-    if storage.keys is not None:
-        data = storage.keys.open_doc(data, BLOCKS_DOC_KIND, where)
+    data = storage.sealer.open_doc(data, BLOCKS_DOC_KIND, where)
     return BlockList.parse(data, where)
 
 
@@ -214,7 +205,7 @@ def open_parquet(
             source,
             read_dictionary=read_dictionary,
             page_checksum_verification=True,
-            decryption_properties=decryption(storage),
+            decryption_properties=storage.sealer.parquet_decryption(),
         )
     except (pa.ArrowException, OSError) as err:
-        raise unreadable(name, err, storage.keys is not None) from None
+        raise unreadable(name, err, storage.sealer.encrypted) from None

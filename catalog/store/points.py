@@ -12,15 +12,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import blake3
 
 from catalog.errors import CorruptionError, PointNotFound
+from catalog.store.sealing import PLAIN, Sealer
 from catalog.store.storage import Storage
-
-if TYPE_CHECKING:
-    from catalog.store.crypto import RepoKeys
 
 POINTS_PREFIX = "points"
 FORGOTTEN_PREFIX = "forgotten"  # documents of forgotten points, kept for analytics (FORMAT 9.1)
@@ -102,8 +100,7 @@ def commit_point(storage: Storage, point: RecoveryPoint) -> RecoveryPoint:
     """The commit: write the document atomically (tmp + fsync + rename + fsync(dir)). In an
     encrypted repository the document is sealed, and the id hashes the sealed bytes."""
     raw = point.to_json()
-    if storage.keys is not None:
-        raw = storage.keys.seal_doc(raw, POINT_DOC_KIND)
+    raw = storage.sealer.seal_doc(raw, POINT_DOC_KIND)
     point = replace(point, id=point_id_of(raw))
     storage.write_atomic(point_name(point.id), raw)
     return point
@@ -125,15 +122,14 @@ _STAT_FIELDS = {f.name for f in fields(PointStats)}
 
 
 def parse_point(
-    raw: bytes, where: str, point_id: str | None = None, keys: RepoKeys | None = None
+    raw: bytes, where: str, point_id: str | None = None, sealer: Sealer = PLAIN
 ) -> RecoveryPoint:
     """Parse a point document; ``point_id`` (from its file name) must match its stored bytes,
-    which ``keys`` open in an encrypted repository."""
+    which ``sealer`` opens (an encrypted repository's are sealed)."""
     if point_id is not None and point_id_of(raw) != point_id:
         raise CorruptionError(f"{where} does not match its id (modified or damaged)")
     stored = raw
-    if keys is not None:
-        raw = keys.open_doc(raw, POINT_DOC_KIND, where)
+    raw = sealer.open_doc(raw, POINT_DOC_KIND, where)
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict) or doc.get("format") != POINT_FORMAT_NAME:
@@ -204,7 +200,7 @@ def load_points_tolerant(
         pid = name.rsplit("/", 1)[-1][: -len(".json")]
         try:
             where = storage.local_path(name) or name
-            points.append(parse_point(storage.read(name), where, pid, storage.keys))
+            points.append(parse_point(storage.read(name), where, pid, storage.sealer))
         except CorruptionError as err:
             bad.append(err.message)
     return sorted(points, key=lambda p: (p.time, p.id)), bad

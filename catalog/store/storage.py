@@ -15,12 +15,10 @@ import mmap
 import os
 import secrets
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 from catalog.errors import RepositoryError, describe_os_error
-
-if TYPE_CHECKING:
-    from catalog.store.crypto import RepoKeys
+from catalog.store.sealing import PLAIN, Sealer
 
 TMP_DIR = "tmp"
 _MAX_IOV = 512  # buffers per writev call (IOV_MAX is 1024 on Linux)
@@ -43,8 +41,8 @@ class NewFile(Protocol):
 class Storage(Protocol):
     """What the catalog needs from a place that keeps files."""
 
-    # The keys that seal and open its objects when the repository is encrypted, else None.
-    keys: RepoKeys | None
+    # What seals and opens its objects (catalog.store.sealing): plain or AES-256-GCM.
+    sealer: Sealer
 
     def exists(self, name: str) -> bool: ...
 
@@ -233,10 +231,9 @@ class _DirectNewFile(_LocalNewFile):
 class LocalStorage:
     """A repository in a local directory."""
 
-    def __init__(self, root: str, direct_io: bool = True, keys: RepoKeys | None = None) -> None:
+    def __init__(self, root: str, direct_io: bool = True, sealer: Sealer = PLAIN) -> None:
         self.root = os.path.abspath(root)
-        # The unwrapped keys of an encrypted repository (catalog.store.crypto), None when plain.
-        self.keys = keys
+        self.sealer = sealer  # plain, or the unwrapped keys of an encrypted repository
         self.direct_io = direct_io and os.environ.get("COMB_DIRECT_IO", "1") != "0"
 
     def path(self, name: str) -> str:

@@ -1,2 +1,3 @@
-"""The NBD server: the wire protocol (``proto``), the listener and its exports (``server``,
-``exports``), and writable overlays served over NBD (``overlay``)."""
+"""The NBD server: the wire format (``proto``), the request loop (``transmission``), the
+listener and its exports (``server``, ``exports``), and writable overlays served over NBD
+(``overlay``)."""

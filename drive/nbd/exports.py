@@ -1,9 +1,11 @@
-"""The exports of recovery points: names (``SOURCE@POINT``), look-up, and the loaded points
-shared by every NBD connection.
+"""The exports of recovery points: their names, and the loaded points shared by every NBD
+connection.
 
-Owns ``find_point`` (export name to point), ``ServedPoint`` (a point's block source and its
-allocation map) and ``SourceCache`` (loaded points, least recently used first out). Imports
-catalog and drive only; never writes.
+Owns ``export_name`` (a point's canonical name, ``SOURCE@ID``), ``ServedPoint`` (a point's block
+source and its allocation map) and ``SourceCache`` (loaded points, least recently used first
+out). Must not parse point specs: a client's export name is looked up with
+``catalog.store.points.resolve``, the grammar every command takes. Imports catalog and drive
+only; never writes.
 """
 
 from __future__ import annotations
@@ -12,7 +14,6 @@ import threading
 from bisect import bisect_right
 from collections import OrderedDict
 
-from catalog.errors import PointNotFound
 from catalog.read.point import DEFAULT_CACHE_CHUNKS, PointSource
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
@@ -25,24 +26,6 @@ DEFAULT_MAX_SOURCES = 8
 
 def export_name(point: RecoveryPoint) -> str:
     return f"{point.source}@{point.id}"
-
-
-def find_point(points: list[RecoveryPoint], name: str) -> RecoveryPoint:
-    """The point an export name names: SOURCE@ID, SOURCE@PREFIX or SOURCE@latest. The source
-    may itself contain '@', so the name splits at the last one."""
-    source, sep, spec = name.rpartition("@")
-    if not sep or not spec:
-        raise PointNotFound(f"export {name!r} is not SOURCE@POINT (SOURCE@latest or an id)")
-    mine = [pt for pt in points if pt.source == source]
-    if not mine:
-        raise PointNotFound(f"no recovery point for source {source!r}")
-    if spec == "latest":
-        return mine[-1]
-    matches = [pt for pt in mine if pt.id.startswith(spec)]
-    if len(matches) != 1:
-        what = "ambiguous" if matches else "unknown"
-        raise PointNotFound(f"recovery point {spec!r} of {source!r} is {what}")
-    return matches[0]
 
 
 class ServedPoint:

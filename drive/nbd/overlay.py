@@ -8,17 +8,8 @@ written.
 
 from __future__ import annotations
 
-from typing import Protocol
-
+from drive.nbd.transmission import ReadOnlyExport
 from drive.overlays.overlay import Overlay
-
-
-class BaseExport(Protocol):
-    size: int
-
-    def read(self, offset: int, length: int) -> bytes: ...
-
-    def segments(self, offset: int, length: int, limit: int = 0) -> list[tuple[int, int, bool]]: ...
 
 
 class ServedOverlay:
@@ -26,7 +17,7 @@ class ServedOverlay:
 
     writable = True
 
-    def __init__(self, overlay: Overlay, base: BaseExport, granularity: int) -> None:
+    def __init__(self, overlay: Overlay, base: ReadOnlyExport, granularity: int) -> None:
         self.overlay = overlay
         self.base = base
         self.size = overlay.size

@@ -1,14 +1,15 @@
 """An NBD server that serves every committed recovery point as a read-only disk, and the
 overlays it is given as writable ones.
 
-Owns the exports (``SOURCE@POINTID``, ``SOURCE@<unique id prefix>``, ``SOURCE@latest``; the point
-list is read when a client connects, so new backups appear without a restart; ``overlay/NAME``
-for the open overlays handed to it), the per-point reader cache shared by all connections,
-the fixed-newstyle negotiation and the listener's life cycle. One thread per
-connection; a client's error, bad request or disconnect ends only its own connection. The wire
-format and the request loop live in ``drive.nbd.proto``, overlays in ``drive.overlays.overlay``.
-Imports catalog and drive only (no Ray, no pipeline); writes to the repository only through
-overlays.
+Owns the names a client may ask for (a recovery point in the point-spec grammar of every
+command, ``catalog.store.points.resolve``: ``SOURCE@latest``, ``SOURCE@ID``, an id or a unique
+prefix, listed by its canonical ``SOURCE@ID``; ``overlay/NAME`` for the open overlays handed to
+it), the fixed-newstyle negotiation and the listener's life cycle. The point list is read when a
+client connects, so new backups appear without a restart. One thread per connection; a client's
+error, bad request or disconnect ends only its own connection. The wire format is
+``drive.nbd.proto``'s, the request loop ``drive.nbd.transmission``'s, the loaded points
+``drive.nbd.exports``', overlays ``drive.overlays.overlay``'s. Imports catalog and drive only
+(no Ray, no pipeline); writes to the repository only through overlays.
 """
 
 from __future__ import annotations
@@ -24,24 +25,10 @@ import drive.nbd.proto as p
 from catalog.errors import CombError, PointNotFound, UsageError, describe_os_error
 from catalog.read.point import DEFAULT_CACHE_CHUNKS
 from catalog.repo import Repository
-from catalog.store.points import RecoveryPoint, load_points_tolerant
-from drive.nbd.exports import (
-    DEFAULT_MAX_SOURCES,
-    ServedPoint,
-    SourceCache,
-    export_name,
-    find_point,
-)
+from catalog.store.points import RecoveryPoint, load_points_tolerant, resolve
+from drive.nbd.exports import DEFAULT_MAX_SOURCES, ServedPoint, SourceCache, export_name
 from drive.nbd.overlay import ServedOverlay
-
-__all__ = [
-    "DEFAULT_MAX_SOURCES",
-    "NbdServer",
-    "ServedPoint",
-    "SourceCache",
-    "export_name",
-    "find_point",
-]
+from drive.nbd.transmission import Transmission
 
 log = logging.getLogger("comb.nbd")
 
@@ -172,7 +159,9 @@ class _Connection:
         p.option_reply(self.sock, p.OPT_LIST, p.REP_ACK)
 
     def _find(self, name: str) -> _Found:
-        """The export a name names: ``overlay/NAME`` or a recovery point (``find_point``)."""
+        """The export a name names: ``overlay/NAME``, or a recovery point in the point-spec
+        grammar of every command (``SOURCE@latest``, ``SOURCE@ID``, an id or a unique prefix:
+        ``catalog.store.points.resolve``)."""
         if name.startswith(OVERLAY_PREFIX):
             served = self.server.overlays.get(name)
             if served is None:
@@ -181,7 +170,7 @@ class _Connection:
                 name, served.size, served.granularity, _overlay_description(served), True,
                 None, served,
             )  # fmt: skip
-        point = find_point(self._points_now(), name)
+        point = resolve(self._points_now(), name)
         block = point.chunk_size
         return _Found(
             export_name(point), point.size, block, _description(point), False, point, None
@@ -263,7 +252,7 @@ class _Connection:
         log.info("%s: serving %s", self.peer, name)
         meta = META_CONTEXT_ID if self.meta_export == name else None
         errors = (CombError, OSError)
-        p.Transmission(self.sock, served, self.structured, meta, errors).serve()
+        Transmission(self.sock, served, self.structured, meta, errors).serve()
 
 
 def _description(point: RecoveryPoint) -> str:
@@ -313,11 +302,6 @@ class NbdServer:
     @property
     def stopping(self) -> bool:
         return self._stop.is_set()
-
-    def export_names(self) -> list[str]:
-        """The names of the exports a client connecting now would see."""
-        points = load_points_tolerant(self.repo.storage)[0]
-        return [export_name(pt) for pt in points] + list(self.overlays)
 
     def serve_forever(self) -> None:
         """Accept clients until a stop is requested, then close the listener and every

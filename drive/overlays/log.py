@@ -22,15 +22,12 @@ import threading
 from bisect import bisect_left, bisect_right
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 import blake3
 
 from catalog.errors import CorruptionError
 from catalog.store.crypto import SEAL_OVERHEAD_BYTES
-
-if TYPE_CHECKING:
-    from catalog.store.crypto import RepoKeys
+from catalog.store.sealing import Sealer
 
 RECORD_MAGIC = b"CMBW"
 KIND_DATA = 1
@@ -61,16 +58,15 @@ def encode_record(
     offset: int,
     length: int,
     payload: bytes | memoryview,
-    keys: RepoKeys | None,
+    sealer: Sealer,
     where: tuple[str, int, int] = ("", 0, 0),
 ) -> tuple[bytes, bytes | memoryview]:
-    """(header, stored payload) of one record; the payload is sealed when ``keys`` is given,
-    bound to ``where`` = (overlay id, log number, position in the log)."""
-    flags = FLAG_SEALED if keys is not None and kind == KIND_DATA else 0
+    """(header, stored payload) of one record; a data record's payload is sealed in an
+    encrypted repository, bound to ``where`` = (overlay id, log number, position in the log)."""
+    flags = FLAG_SEALED if sealer.encrypted and kind == KIND_DATA else 0
     head = HEADER.pack(RECORD_MAGIC, kind, flags, offset, length, bytes(16))[:_CHECKED]
     if flags:
-        assert keys is not None
-        payload = keys.seal_record(payload, record_aad(head, *where))
+        payload = sealer.seal_record(payload, record_aad(head, *where))
     return head + checksum(head, payload), payload
 
 
@@ -85,7 +81,7 @@ class Sealed:
     """Reads runs of sealed records: where each record of each log starts, and a few opened
     records (an NBD read usually covers parts of the same record as the previous one)."""
 
-    keys: RepoKeys
+    sealer: Sealer
     ident: str  # the overlay's id (overlay.json), bound into every record
     starts: dict[int, list[int]] = field(default_factory=dict)  # log -> record offsets
     _cache: OrderedDict[tuple[int, int], bytes] = field(default_factory=OrderedDict)
@@ -111,7 +107,7 @@ class Sealed:
             _magic, kind, flags, _off, length, _ = HEADER.unpack(head)
             body = os.pread(fd, stored_length(kind, flags, length), at + HEADER_BYTES)
             aad = record_aad(head, self.ident, log, at)
-            plain = self.keys.open_record(body, aad, f"{where} log {log} at {at}")
+            plain = bytes(self.sealer.open_record(body, aad, f"{where} log {log} at {at}"))
             with self._lock:
                 self._cache[(log, at)] = plain
                 while len(self._cache) > 8:
@@ -198,7 +194,7 @@ def replay(
 ) -> Replayed:
     """Read every record of one log file in order, adding it to ``into`` (None: only count).
     A bad record at the end of the last log is a torn tail; anywhere else CorruptionError.
-    ``sealed``: an encrypted repository's keys and record index (every data record must be
+    ``sealed``: an encrypted repository's sealer and record index (every data record must be
     sealed and is authenticated here); ``encrypted`` False: no record may be sealed."""
     with open(path, "rb", buffering=0) as fh:
         total = os.fstat(fh.fileno()).st_size
@@ -224,7 +220,7 @@ def replay(
                         )
                     elif sealed is not None and kind == KIND_DATA:
                         aad = record_aad(head, sealed.ident, log, at)
-                        sealed.keys.open_record(payload, aad, f"overlay log {path} at {at}")
+                        sealed.sealer.open_record(payload, aad, f"overlay log {path} at {at}")
                         sealed.add(log, at)
             if bad is not None:
                 if last and (bad.startswith("the record runs") or _tail(fh, at, total, head)):

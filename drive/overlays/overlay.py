@@ -76,8 +76,7 @@ def read_doc(repo: Repository, name: str) -> dict[str, object]:
     try:
         with open(path, "rb") as fh:
             raw = fh.read()
-        if repo.keys is not None:  # sealed, bound to the overlay's name
-            raw = repo.keys.open_doc(raw, f"overlay {name}", path)
+        raw = repo.sealer.open_doc(raw, f"overlay {name}", path)  # bound to the name
         doc = json.loads(raw)
     except FileNotFoundError:
         raise UsageError(f"no overlay {name!r} in {repo.location}") from None
@@ -96,6 +95,11 @@ def read_doc(repo: Repository, name: str) -> dict[str, object]:
 def ident(doc: dict[str, object], name: str) -> str:
     """The overlay's id (random, from its document), bound into its sealed records."""
     return str(doc.get("id") or name)
+
+
+def sealed_records(repo: Repository, doc: dict[str, object], name: str) -> L.Sealed | None:
+    """What reads an encrypted repository's sealed records of this overlay (None: plain)."""
+    return L.Sealed(repo.sealer, ident(doc, name)) if repo.sealer.encrypted else None
 
 
 def names(repo: Repository) -> list[str]:
@@ -130,8 +134,7 @@ def create(repo: Repository, name: str, point: RecoveryPoint) -> None:
         "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
-    if repo.keys is not None:
-        data = repo.keys.seal_doc(data, f"overlay {name}")
+    data = repo.sealer.seal_doc(data, f"overlay {name}")
     repo.storage.write_atomic(f"{OVERLAYS_DIR}/{name}/overlay.json", data)
 
 
@@ -180,8 +183,7 @@ def check(repo: Repository, name: str, point_ids: set[str]) -> tuple[list[str], 
         for k, n in enumerate(logs):
             file = os.path.join(path, log_name(n))
             try:
-                keys = repo.keys
-                sealed = L.Sealed(keys, ident(doc, name)) if keys is not None else None
+                sealed = sealed_records(repo, doc, name)
                 got = L.replay(
                     file, n, k == len(logs) - 1, size, L.ExtentMap(), sealed, sealed is not None
                 )
@@ -262,9 +264,9 @@ class Overlay:
         self._lock = _Lock(self.path, name)
         self._mutex = threading.Lock()
         self.map = L.ExtentMap()
-        self._keys = repo.keys
+        self._sealer = repo.sealer
         self._ident = ident(doc, name)
-        self._sealed = L.Sealed(repo.keys, self._ident) if repo.keys is not None else None
+        self._sealed = sealed_records(repo, doc, name)
         self._fds: dict[int, int] = {}
         try:
             self._open_logs()
@@ -287,7 +289,7 @@ class Overlay:
                 self.size,
                 self.map,
                 self._sealed,
-                self._keys is not None,
+                self._sealer.encrypted,
             )
             self._fds[n] = os.open(file, os.O_RDWR | os.O_CLOEXEC)
             if found.torn:  # a crash mid-write: the record was never acknowledged
@@ -325,7 +327,7 @@ class Overlay:
             raise UsageError(f"overlay {self.name}: {offset}+{length} is beyond its end")
         if not length:
             return
-        sealed = self._keys is not None and kind == L.KIND_DATA
+        sealed = self._sealer.encrypted and kind == L.KIND_DATA
         need = L.HEADER_BYTES + L.stored_length(kind, L.FLAG_SEALED if sealed else 0, length)
         with self._mutex:
             if self._end + need > LOG_MAX_BYTES and self._end:
@@ -333,7 +335,7 @@ class Overlay:
                 self._new_log()
             fd, at = self._fds[self._current], self._end
             where = (self._ident, self._current, at)
-            head, stored = L.encode_record(kind, offset, length, payload, self._keys, where)
+            head, stored = L.encode_record(kind, offset, length, payload, self._sealer, where)
             try:
                 _pwrite_all(fd, [head, stored], at)
             except OSError:

@@ -29,7 +29,7 @@ def replay(repo: Repository, name: str, size: int, sealed: L.Sealed | None = Non
     for k, n in enumerate(logs):
         file = os.path.join(path, overlay.log_name(n))
         try:
-            L.replay(file, n, k == len(logs) - 1, size, written, sealed, repo.keys is not None)
+            L.replay(file, n, k == len(logs) - 1, size, written, sealed, repo.sealer.encrypted)
         except OSError as err:
             raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
     return written
@@ -43,8 +43,7 @@ class OverlayReader:
         self.name = name
         self.size = int(str(doc["size"]))
         self.path = overlay.overlay_dir(repo, name)
-        keys = repo.keys
-        self._sealed = L.Sealed(keys, overlay.ident(doc, name)) if keys is not None else None
+        self._sealed = overlay.sealed_records(repo, doc, name)
         self.map = replay(repo, name, self.size, self._sealed)
         self.base = repo.reader(repo.resolve(str(doc["base"])))
         self._fds: dict[int, int] = {}

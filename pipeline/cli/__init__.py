@@ -4,7 +4,9 @@ one line (``comb: error: ...``) and a non-zero exit code (README.md lists them).
 Each command is one module ``<name>_cmd.py`` (a few closely related commands share one) that
 owns its parser (``add_parser(subparsers)``, which sets ``run``) and its run function
 ``cmd_<name>(repo, args)``; ``registry.COMMANDS`` lists them in the order ``comb --help`` shows
-them. The command modules are imported inside ``main``'s error handling: pyarrow and DuckDB
+them. ``args.password`` is the command's password source (``passwords``): the run function
+passes it to ``Repository.open`` or ``Repository.init``, which ask it only for an encrypted
+repository. The command modules are imported inside ``main``'s error handling: pyarrow and DuckDB
 take a moment to import, and Ctrl-C during that moment must still be one line.
 """
 
@@ -62,11 +64,10 @@ def dispatch(args: argparse.Namespace) -> int:
         if not args.repo:
             raise UsageError("no repository given (use -r REPO or set COMB_REPO)")
         repo = str(args.repo)
-    from catalog.store import crypto
-
     from .passwords import password_source
 
-    crypto.set_password_source(password_source(args.password_file))
+    # The repository never looks a password up: each command passes this source on.
+    args.password = password_source(args.password_file)
     return int(args.run(repo, args) or 0)
 
 
@@ -95,9 +96,5 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         code = EXIT_INTERNAL
-    finally:
-        from catalog.store import crypto
-
-        crypto.set_password_source(None)
     sys.stdout.flush()
     return code

@@ -60,8 +60,7 @@ def add_parser(sub: Subparsers) -> None:
     s.set_defaults(run=cmd_catalog_schema)
 
 
-def _open(repo: str | Repository) -> Catalog:
-    r = Repository.open(repo) if isinstance(repo, str) else repo
+def _open(r: Repository) -> Catalog:
     points = r.points()
     warn_damaged(r)
     return Catalog.open(r.storage, points)
@@ -73,7 +72,7 @@ def _warn_left_out(cat: Catalog) -> None:
 
 
 def cmd_query(repo: str, args: argparse.Namespace) -> int:
-    cat = _open(repo)
+    cat = _open(Repository.open(repo, password=args.password))
     cat.need(args.sql)
     _warn_left_out(cat)
     write_result(stream_query(cat.con, args.sql), args.format, args.output)
@@ -129,7 +128,7 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
     if not args.name:
         raise UsageError("give a report name (see `comb report --list`)")
     opts = report_options(args)
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     if args.name == "retention":  # as `forget` does: the base of an overlay is kept
         opts = replace(opts, held=frozenset(overlay_bases(r)))
     cat = _open(r)
@@ -148,7 +147,7 @@ def cmd_dashboard(repo: str, args: argparse.Namespace) -> int:
     from catalog.analytics.dashboard.data import dashboard_data
     from catalog.analytics.dashboard.render import render_dashboard
 
-    cat = _open(repo)
+    cat = _open(Repository.open(repo, password=args.password))
     page = render_dashboard(dashboard_data(cat, os.path.abspath(repo)))
     _warn_left_out(cat)
     with open_output(args.output, binary=False) as out:
@@ -159,7 +158,7 @@ def cmd_dashboard(repo: str, args: argparse.Namespace) -> int:
 
 def cmd_catalog_schema(repo: str, args: argparse.Namespace) -> int:
     """The views with their columns' types (from DuckDB itself) and meanings."""
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     cat = Catalog.open(r.storage, [])
     for view, (about, columns) in VIEWS.items():
         cat.need(view)

@@ -60,7 +60,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_backup(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     if not 1 <= args.batch_mib <= MAX_BATCH_MIB:
         raise UsageError(f"--batch-mib must be between 1 and {MAX_BATCH_MIB}")
     if args.source_name is not None and not args.source_name.strip():

@@ -277,7 +277,7 @@ def cmd_boot(repo: str, args: argparse.Namespace) -> int:
         raise UsageError(f"--cpus {args.cpus}: give 1 or more")
     if args.name is not None:
         overlay.check_name(args.name)
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     if args.print:
         point = r.resolve(args.point)
         return _print_plan(repo, point, args.name or default_name(point), args)

@@ -31,7 +31,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_export(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     with reader_lock(r, "export"):  # as restore: prune waits (FORMAT.md 13)
         try:
             point = r.resolve(args.point)

@@ -54,7 +54,7 @@ def _policy(args: argparse.Namespace) -> KeepPolicy:
 
 
 def cmd_forget(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     r.require_writable()
     policy = _policy(args)
     if not policy.any() and not args.point:

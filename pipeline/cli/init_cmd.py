@@ -47,6 +47,7 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
         args.zstd_level,
         parity,
         encryption=args.encryption,
+        password=args.password,
     )
     g = r.config.parity
     how = f"encrypted, {r.config.encryption['algorithm']}" if r.config.encryption else "unencrypted"

@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 
 from catalog.errors import RepositoryError, UsageError
-from catalog.repo import Repository
+from catalog.repo import PasswordSource, Repository
 from catalog.store import crypto
 from catalog.store.locks import locked
 
@@ -33,20 +33,21 @@ def add_parser(sub: Subparsers) -> None:
     s.set_defaults(run=cmd_key, json=False)  # `comb key` alone lists, as text
 
 
-def _open_encrypted(repo: str) -> Repository:
-    r = Repository.open(repo)
-    if r.keys is None:
+def _open_encrypted(repo: str, password: str | PasswordSource) -> tuple[Repository, bytes]:
+    """The repository and its master secret (which a new key file wraps)."""
+    r = Repository.open(repo, password=password)
+    if not isinstance(r.sealer, crypto.AesGcmSealer):
         raise RepositoryError(f"{r.location} is not encrypted: it has no keys")
-    return r
+    return r, r.sealer.master
 
 
 def cmd_key(repo: str, args: argparse.Namespace) -> int:
-    r = _open_encrypted(repo)
+    r, master = _open_encrypted(repo, args.password)
     if args.action == "add":
         r.require_writable()
         password = read_password(r.location, args.new_password_file, new=True)
         with locked(r.storage, "key", command="key add"):
-            key_id = crypto.add_key(r.storage, r.config.id, r.keys.master, password)  # type: ignore[union-attr]
+            key_id = crypto.add_key(r.storage, r.config.id, master, password)
         print(f"added key {key_id}")
         return 0
     if args.action == "remove":

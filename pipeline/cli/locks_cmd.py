@@ -23,7 +23,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_locks(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     locks = read_locks(r.storage)
     if args.json:
         print_json([{**asdict(lk), "stale": lk.stale()} for lk in locks], pretty=True)
@@ -40,7 +40,7 @@ def cmd_locks(repo: str, args: argparse.Namespace) -> int:
 def cmd_unlock(repo: str, args: argparse.Namespace) -> int:
     if not args.stale:
         raise UsageError("unlock removes stale locks only: give --stale")
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     removed = remove_stale(r.storage)
     for lk, why in removed:
         print(f"removed {lk.id}  {lk.describe()}  ({why})")

@@ -17,7 +17,7 @@ import signal
 from catalog.errors import UsageError, describe_os_error
 from catalog.repo import Repository
 
-from ..console import warn_damaged
+from ..console import warn, warn_damaged
 from ..locking import reader_lock
 from . import EXIT_INTERRUPTED, Subparsers
 
@@ -42,7 +42,7 @@ def cmd_mount(repo: str, args: argparse.Namespace) -> int:
             f"cannot mount at {mountpoint}: the FUSE binding is missing ({err}); "
             "install libfuse3 and `pip install pyfuse3`"
         ) from None
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
 
     def mounted() -> None:
         print(
@@ -52,7 +52,7 @@ def cmd_mount(repo: str, args: argparse.Namespace) -> int:
 
     # Held from before the points are listed until unmounted: prune waits (FORMAT.md 13).
     with reader_lock(r, "mount", long_lived=True):
-        fs = fuse.CombFS(r)
+        fs = fuse.CombFS(r, warn=warn)
         warn_damaged(r)
         signum = fuse.serve(fs, mountpoint, mounted)
     print(f"unmounted {mountpoint}", flush=True)

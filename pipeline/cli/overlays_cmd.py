@@ -31,7 +31,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_overlays(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     action = args.action or "list"
     if action == "create":
         overlay.check_name(args.name)

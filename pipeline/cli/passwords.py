@@ -1,6 +1,7 @@
 """The repository passwords of the command line: from a file (``--password-file``,
 ``--new-password-file``), the environment or a prompt on a terminal. The repository never asks
-for one itself: ``main`` gives it this command's source (``catalog.store.crypto``), and
+for one itself: ``dispatch`` puts this command's source on its arguments (``args.password``),
+each command passes it to ``Repository.open`` or ``Repository.init`` (``catalog.repo``), and
 ``key add`` reads the new password here."""
 
 from __future__ import annotations
@@ -10,7 +11,7 @@ import os
 import sys
 
 from catalog.errors import UsageError
-from catalog.store.crypto import PasswordSource
+from catalog.repo import PasswordSource
 
 PASSWORD_ENV = "COMB_PASSWORD"
 PASSWORD_FILE_ENV = "COMB_PASSWORD_FILE"

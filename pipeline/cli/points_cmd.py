@@ -35,7 +35,7 @@ def point_summary(p: RecoveryPoint) -> dict[str, Any]:
 
 
 def cmd_points(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     points = [p for p in r.points() if args.source is None or p.source == args.source]
     warn_damaged(r)
     if args.json:

@@ -21,7 +21,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_prune(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     r.require_writable()
     r.points()
     if r.damaged:

@@ -20,7 +20,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_repair(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     ensure_locking(r)
     res = repair_index(r, on_wait=waiting)
     for msg in res.unreadable:

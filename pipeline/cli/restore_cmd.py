@@ -25,7 +25,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_restore(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     t0 = time.perf_counter()
     with reader_lock(r, "restore"):  # before resolving: a forget and prune cannot slip between
         try:

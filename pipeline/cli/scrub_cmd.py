@@ -30,7 +30,7 @@ def add_parser(sub: Subparsers) -> None:
 def cmd_scrub(repo: str, args: argparse.Namespace) -> int:
     if not 0 < args.sample <= 100:
         raise UsageError("--sample must be a percentage above 0 and at most 100")
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     if args.repair:
         r.require_writable()
         ensure_locking(r)

@@ -137,7 +137,7 @@ def cmd_serve(repo: str, args: argparse.Namespace) -> int:
     cache_mib = getattr(args, "cache_mib", 16)
     if not 0 < cache_mib <= 1 << 20:
         raise UsageError(f"--cache-mib {cache_mib} is out of range (1 MiB to 1 TiB)")
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     # The shared lock is held from before the points are listed until the server has stopped:
     # prune waits for it, so no file a served point needs goes (they are opened lazily).
     with reader_lock(r, "serve", long_lived=True):

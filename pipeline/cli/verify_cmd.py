@@ -26,7 +26,7 @@ def add_parser(sub: Subparsers) -> None:
 
 
 def cmd_verify(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo)
+    r = Repository.open(repo, password=args.password)
     with reader_lock(r, "verify"), progress_bar("verify", not args.json) as bar:
         report = check_repository(r.storage, read_data=args.read_data, progress=bar)
         ids = {p.id for p in r.points()}

@@ -99,9 +99,7 @@ def run_backup(
         ov = Overlay(repo, name)
         try:
             plan = plan_overlay_backup(repo, ov, opts)
-            source = OverlaySource(
-                repo.location, name, repo.keys.for_workers() if repo.keys is not None else None
-            )
+            source = OverlaySource(repo.location, name, repo.sealer.for_workers())
             job = DiskJob(plan, source, source_path)
             return run_jobs(repo, [job], engine, opts, progress, t0)[0]
         finally:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from catalog.repo import Repository
-from catalog.store.crypto import RepoKeys
+from catalog.store.sealing import PLAIN, Sealer
 from drive.overlays.reader import OverlayReader
 
 PREFIX = "overlay:"
@@ -28,10 +28,10 @@ class OverlaySource:
     repo: str
     name: str
     # An encrypted repository's keys, from the driver (a worker cannot ask for the password).
-    keys: RepoKeys | None = field(default=None, repr=False)
+    sealer: Sealer = field(default=PLAIN, repr=False)
 
     def open(self) -> OpenOverlay:
-        return OpenOverlay(self.repo, self.name, self.keys)
+        return OpenOverlay(self.repo, self.name, self.sealer)
 
     def describe(self) -> str:
         return PREFIX + self.name
@@ -40,8 +40,8 @@ class OverlaySource:
 class OpenOverlay(OverlayReader):
     """An overlay open read-only, with the source-handle interface the backup reader uses."""
 
-    def __init__(self, repo_path: str, name: str, keys: RepoKeys | None = None) -> None:
-        super().__init__(Repository.open(repo_path, keys=keys), name)
+    def __init__(self, repo_path: str, name: str, sealer: Sealer = PLAIN) -> None:
+        super().__init__(Repository.open(repo_path, sealer=sealer), name)
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The base point's data runs and every written run (data or zeros), merged."""

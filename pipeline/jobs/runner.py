@@ -23,6 +23,7 @@ from typing import Any
 import pyarrow as pa
 
 from catalog.repo import Repository
+from catalog.store.assemble import ManifestAssembler
 from catalog.store.changes import ChangeTableWriter
 from catalog.store.format import RepoConfig
 from catalog.store.index import IndexSegmentWriter, ids_to_array
@@ -36,7 +37,6 @@ from stages.schemas import INDEX_PORT, MAIN_PORT
 from stages.sources.image import Source, SourceHandle
 
 from ..engines import Engine
-from .assemble import ManifestAssembler
 from .plan import Range, WorkItem, work_items
 
 # 16 MiB work items: large enough that per-call and per-batch Python costs vanish (~256 chunks),
@@ -239,8 +239,8 @@ def run_jobs(
     t0 = time.perf_counter() if t0 is None else t0
     cfg = repo.config
     storage = repo.storage
-    workers_keys = repo.keys.for_workers() if repo.keys is not None else None
-    target = PackTarget(repo.location, opts.pack_target_bytes, keys=workers_keys, parity=cfg.parity)
+    sealer = repo.sealer.for_workers()
+    target = PackTarget(repo.location, opts.pack_target_bytes, sealer=sealer, parity=cfg.parity)
     source: Source = (
         jobs[0].source if len(jobs) == 1 else MultiSource(tuple(j.source for j in jobs))
     )
@@ -272,7 +272,7 @@ def run_jobs(
     index_seg = IndexSegmentWriter(storage)
     failed = True
     try:
-        engine.start(repo.location, make_stage, workers_keys)
+        engine.start(repo.location, make_stage, sealer)
         _drive(engine, disks, index_seg, progress)
         segment_id, index_bytes = index_seg.commit()
         committed = []

@@ -1,9 +1,11 @@
 """The vSphere control plane of a VM backup, through pyvmomi (no VDDK, no agent in the guest).
 
 Connect, find the VM by inventory path, turn Changed Block Tracking on when it is off, take a
-snapshot (quiesced when asked), describe the snapshot's disks and the VM's configuration, ask
-``QueryChangedDiskAreas`` (looping on ``startOffset``: the server pages its answer), and remove
-the snapshot. Every vSphere fault becomes a one-line ``SourceError``.
+snapshot (quiesced when asked), ask ``QueryChangedDiskAreas`` (looping on ``startOffset``: the
+server pages its answer), hand out each disk as a datastore source, and remove the snapshot.
+Every vSphere fault becomes a one-line ``SourceError``. What the VM is made of (its disks, its
+configuration) is read by ``pipeline.jobs.vsphere_vm``. Must not read disk data (the datastore
+source does, ``stages.sources.datastore``) or touch the repository.
 """
 
 from __future__ import annotations
@@ -29,6 +31,8 @@ import psutil
 
 from catalog.errors import SourceError, UsageError
 from stages.sources.datastore import DatastoreDisk, tls_context
+
+from .vsphere_vm import DiskInfo, vim_types
 
 PREFIX = "vsphere://"
 PASSWORD_ENV = "COMB_VSPHERE_PASSWORD"
@@ -92,35 +96,13 @@ def _fault(err: BaseException) -> str:
     return f"{text} ({name})" if text else name
 
 
-def _vim() -> Any:
-    from pyVmomi import vim
-
-    return vim
-
-
-@dataclass(frozen=True)
-class DiskInfo:
-    key: int
-    label: str
-    capacity: int
-    file: str  # "[datastore] folder/name.vmdk"
-    datastore: str
-    change_id: str | None
-    delta: bool  # the backing has a parent (a snapshot chain below it)
-
-    def flat_path(self) -> str:
-        """The flat extent's path inside the datastore (``name-flat.vmdk``)."""
-        path = self.file.split("] ", 1)[1] if self.file.startswith("[") else self.file
-        return path[: -len(".vmdk")] + "-flat.vmdk" if path.endswith(".vmdk") else path
-
-
 class Vsphere:
     """One logged-in session."""
 
     def __init__(self, url: VsphereUrl, pw: str, verify: bool | str) -> None:
         from pyVim.connect import SmartConnect
 
-        vim = _vim()
+        vim = vim_types()
         self.url = url
         self.verify = verify
         ctx = tls_context(verify)
@@ -187,7 +169,7 @@ class Vsphere:
         return f"vmware_soap_session={morsel.coded_value}"
 
     def find_vm(self) -> Any:
-        vim = _vim()
+        vim = vim_types()
         try:
             vm = self.content.searchIndex.FindByInventoryPath(self.url.path)
         except Exception as err:  # noqa: BLE001
@@ -200,7 +182,7 @@ class Vsphere:
 
     def datacenter_path(self, vm: Any) -> str:
         """The inventory path of the VM's datacenter (the /folder URL's dcPath)."""
-        vim = _vim()
+        vim = vim_types()
         node = vm.parent
         while node is not None and not isinstance(node, vim.Datacenter):
             node = node.parent
@@ -228,7 +210,7 @@ class Vsphere:
 
     def ensure_cbt(self, vm: Any, name: str) -> bool:
         """Turn Changed Block Tracking on; True when this call turned it on."""
-        vim = _vim()
+        vim = vim_types()
         if vm.config.changeTrackingEnabled:
             return False
         if not vm.capability.changeTrackingSupported:
@@ -280,29 +262,6 @@ class Vsphere:
         except Exception as err:  # noqa: BLE001
             raise SourceError(f"cannot remove snapshot of VM {name}: {_fault(err)}") from None
         self.wait(task, f"cannot remove snapshot of VM {name}")
-
-    def disks(self, snap: Any) -> list[DiskInfo]:
-        vim = _vim()
-        out = []
-        for dev in snap.config.hardware.device:
-            if not isinstance(dev, vim.vm.device.VirtualDisk):
-                continue
-            backing = dev.backing
-            file = str(getattr(backing, "fileName", "") or "")
-            cap = dev.capacityInBytes or (dev.capacityInKB or 0) * 1024
-            ds = file[1:].split("]", 1)[0] if file.startswith("[") else ""
-            out.append(
-                DiskInfo(
-                    key=int(dev.key),
-                    label=str(dev.deviceInfo.label if dev.deviceInfo else f"disk {dev.key}"),
-                    capacity=int(cap),
-                    file=file,
-                    datastore=ds,
-                    change_id=getattr(backing, "changeId", None) or None,
-                    delta=getattr(backing, "parent", None) is not None,
-                )
-            )
-        return out
 
     def changed_areas(
         self, vm: Any, snap: Any, disk: DiskInfo, change_id: str, name: str
@@ -358,56 +317,6 @@ def _snapshot_tree(vm: Any) -> list[tuple[str, str, Any]]:
 
 class CbtRefused(Exception):
     """The server would not answer ``QueryChangedDiskAreas`` (e.g. a reset change id)."""
-
-
-def vm_config(vm: Any, dc_path: str) -> dict[str, Any]:
-    """What instant boot and an operator need to recreate the VM: CPUs, memory, disks, NICs."""
-    vim = _vim()
-    cfg = vm.config
-    hw = cfg.hardware
-    disks, nics = [], []
-    for dev in hw.device:
-        label = str(dev.deviceInfo.label) if dev.deviceInfo else ""
-        if isinstance(dev, vim.vm.device.VirtualDisk):
-            disks.append(
-                {
-                    "key": int(dev.key),
-                    "label": label,
-                    "capacity": int(dev.capacityInBytes or (dev.capacityInKB or 0) * 1024),
-                    "file": str(getattr(dev.backing, "fileName", "") or ""),
-                    "controller_key": int(dev.controllerKey or 0),
-                    "unit": int(dev.unitNumber or 0),
-                    "thin": bool(getattr(dev.backing, "thinProvisioned", False)),
-                }
-            )
-        elif isinstance(dev, vim.vm.device.VirtualEthernetCard):
-            backing = dev.backing
-            network = getattr(backing, "deviceName", None) or getattr(
-                getattr(backing, "port", None), "portgroupKey", None
-            )
-            nics.append(
-                {
-                    "key": int(dev.key),
-                    "label": label,
-                    "type": type(dev).__name__.rsplit(".", 1)[-1],
-                    "mac": str(dev.macAddress or ""),
-                    "network": str(network or ""),
-                }
-            )
-    return {
-        "name": str(cfg.name),
-        "datacenter": dc_path,
-        "instance_uuid": str(cfg.instanceUuid or ""),
-        "bios_uuid": str(cfg.uuid or ""),
-        "guest_id": str(cfg.guestId or ""),
-        "hardware_version": str(cfg.version or ""),
-        "firmware": str(cfg.firmware or "bios"),
-        "cpus": int(hw.numCPU or 1),
-        "cores_per_socket": int(hw.numCoresPerSocket or 1),
-        "memory_mib": int(hw.memoryMB or 0),
-        "disks": disks,
-        "nics": nics,
-    }
 
 
 @contextmanager

@@ -32,7 +32,8 @@ from ..engines import Engine
 from ..locking import writer_lock
 from .plan import Range, align, total
 from .runner import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
-from .vsphere import CbtRefused, DiskInfo, Vsphere, parse_url, session, vm_config
+from .vsphere import CbtRefused, Vsphere, parse_url, session
+from .vsphere_vm import DiskInfo, snapshot_disks, vm_config
 
 DEFAULT_AUDIT_PERCENT = 1.0
 # The audit samples whole leaves (1 MiB with the default chunk size): large ranged reads, and
@@ -258,7 +259,7 @@ def run_vsphere_backup(
         ok = False
         try:
             config = vm_config(vm, vs.datacenter_path(vm))
-            disks = _select(vs.disks(snap), vopts, name)
+            disks = _select(snapshot_disks(snap), vopts, name)
             cookie = vs.cookie()
 
             def make_fields(dp: _DiskPlan) -> Any:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 from catalogtest import gc_frees, gc_truth
-from combtest import Image, MiB
+from combtest import TEST_PASSWORD, Image, MiB
 
 from catalog.analytics.catalog import Catalog
 from catalog.analytics.history import History
@@ -37,7 +37,7 @@ def backup_from(repo: Repository, img: Image, parent: RecoveryPoint | None) -> R
 def branched(tmp_path: Path) -> tuple[Repository, dict[str, RecoveryPoint]]:
     """a -> b -> d, a -> c -> e (c a branch of a), e2 a branch of c, and r a second first
     backup; each step writes new data, copies old data (dedup hits) and zeroes a chunk."""
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     img = Image(tmp_path / "v.img", 4 * MiB)
     img.random(0, 3 * MiB, seed=1)
     pts: dict[str, RecoveryPoint] = {}

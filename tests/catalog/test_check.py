@@ -7,7 +7,7 @@ import os
 from pathlib import Path
 
 import pytest
-from combtest import ImageFactory, KiB, api_backup, flip_byte, repo_files
+from combtest import TEST_PASSWORD, ImageFactory, KiB, api_backup, flip_byte, repo_files
 
 from catalog.maint.check import check_repository, summary
 from catalog.repo import Repository
@@ -29,7 +29,7 @@ def backed_up(repo_path: Path, make_image: ImageFactory) -> Path:
 
 
 def _storage(repo: Path) -> Repository:
-    return Repository.open(str(repo))
+    return Repository.open(str(repo), password=TEST_PASSWORD)
 
 
 def test_clean_repository(backed_up: Path) -> None:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from combtest import TEST_PASSWORD
 
 from catalog.errors import RepositoryError, UsageError
 from catalog.repo import REPO_DIRS, Repository
@@ -68,41 +69,44 @@ def test_unknown_incompat_feature_refused_compat_ignored() -> None:
 
 
 def test_init_creates_layout_and_open_reads_it(tmp_path: Path) -> None:
-    repo = Repository.init(str(tmp_path / "r"), chunk_size=4096)
+    repo = Repository.init(str(tmp_path / "r"), chunk_size=4096, password=TEST_PASSWORD)
     for d in REPO_DIRS:
         assert (tmp_path / "r" / d).is_dir()
-    again = Repository.open(str(tmp_path / "r"))
+    again = Repository.open(str(tmp_path / "r"), password=TEST_PASSWORD)
     assert again.config == repo.config
     assert again.config.chunk_size == 4096
-    assert Repository.init(str(tmp_path / "d")).config.chunk_size == DEFAULT_CHUNK_SIZE_BYTES
+    assert (
+        Repository.init(str(tmp_path / "d"), password=TEST_PASSWORD).config.chunk_size
+        == DEFAULT_CHUNK_SIZE_BYTES
+    )
 
 
 def test_init_refuses_existing_repository_and_non_empty_dirs(tmp_path: Path) -> None:
-    Repository.init(str(tmp_path / "r"))
+    Repository.init(str(tmp_path / "r"), password=TEST_PASSWORD)
     with pytest.raises(RepositoryError, match="already holds"):
-        Repository.init(str(tmp_path / "r"))
+        Repository.init(str(tmp_path / "r"), password=TEST_PASSWORD)
     (tmp_path / "busy").mkdir()
     (tmp_path / "busy" / "file").write_text("x")
     with pytest.raises(RepositoryError, match="not an empty directory"):
-        Repository.init(str(tmp_path / "busy"))
+        Repository.init(str(tmp_path / "busy"), password=TEST_PASSWORD)
 
 
 def test_open_missing_and_foreign_directories(tmp_path: Path) -> None:
     with pytest.raises(RepositoryError, match="does not exist"):
-        Repository.open(str(tmp_path / "nope"))
+        Repository.open(str(tmp_path / "nope"), password=TEST_PASSWORD)
     (tmp_path / "plain").mkdir()
     with pytest.raises(RepositoryError, match=f"no {CONFIG_NAME}"):
-        Repository.open(str(tmp_path / "plain"))
+        Repository.open(str(tmp_path / "plain"), password=TEST_PASSWORD)
 
 
 def test_open_refuses_future_version(tmp_path: Path) -> None:
-    Repository.init(str(tmp_path / "r"))
+    Repository.init(str(tmp_path / "r"), password=TEST_PASSWORD)
     cfg = tmp_path / "r" / CONFIG_NAME
     doc = json.loads(cfg.read_text())
     doc["version"] = 99
     cfg.write_text(json.dumps(doc))
     with pytest.raises(RepositoryError, match="unknown repository format version 99"):
-        Repository.open(str(tmp_path / "r"))
+        Repository.open(str(tmp_path / "r"), password=TEST_PASSWORD)
 
 
 @pytest.mark.parametrize(
@@ -126,7 +130,7 @@ def test_unknown_ro_compat_feature_opens_read_only(tmp_path: Path) -> None:
     doc = json.loads(cfg.read_text())
     doc["features"] = {"ro_compat": ["future-index"]}
     cfg.write_text(json.dumps(doc))
-    repo = Repository.open(str(tmp_path / "r"))
+    repo = Repository.open(str(tmp_path / "r"), password=TEST_PASSWORD)
     assert repo.config.read_only
     with pytest.raises(RepositoryError, match="future-index"):
         repo.require_writable()

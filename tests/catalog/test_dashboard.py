@@ -23,9 +23,9 @@ from catalog.analytics.dashboard.render import (
     HEAT_COLOURS,
     SOURCE_COLOURS,
     DashboardData,
-    format_bytes,
     render_dashboard,
 )
+from catalog.units import format_bytes
 
 HOSTILE = '<script>alert("x")</script> & "q"'
 DAY_US = 86_400_000_000
@@ -352,9 +352,15 @@ def test_dense_series_is_thinned_but_keeps_its_extremes() -> None:
 
 
 def test_format_bytes() -> None:
+    """The one byte formatter (``catalog.units``): three significant digits on the dashboard,
+    one decimal in the commands' output (``pipeline.console.human_bytes``)."""
     assert format_bytes(0) == "0 B" and format_bytes(1023) == "1023 B"
     assert format_bytes(1536) == "1.50 KiB" and format_bytes(100 * GiB) == "100 GiB"
     assert format_bytes(-3 * GiB // 2) == "-1.50 GiB" and format_bytes(5 << 40) == "5.00 TiB"
+    assert format_bytes(1023, decimals=1) == "1023 B" and format_bytes(-5, decimals=1) == "-5 B"
+    assert format_bytes(1536, decimals=1) == "1.5 KiB"
+    assert format_bytes(100 * GiB, decimals=1) == "100.0 GiB"
+    assert format_bytes(-3 * GiB // 2, decimals=1) == "-1.5 GiB"
 
 
 # --- a real browser ---------------------------------------------------------------------------

@@ -8,13 +8,13 @@ import json
 from pathlib import Path
 
 from catalogtest import gc_truth
-from combtest import CliRunner, Image, MiB, api_backup
+from combtest import TEST_PASSWORD, CliRunner, Image, MiB, api_backup
 
 import drive.overlays.overlay as overlay
 from catalog.analytics.catalog import Catalog
 from catalog.analytics.dashboard.data import dashboard_data
-from catalog.analytics.dashboard.render import format_bytes
 from catalog.repo import Repository
+from catalog.units import format_bytes
 
 C = 64 * 1024
 
@@ -26,7 +26,7 @@ def _held_by_live(repo: Repository) -> int:
 
 
 def _two_backups(tmp_path: Path) -> tuple[Repository, Image]:
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     img = Image(tmp_path / "s.img", 8 * MiB)
     img.random(0, 6 * MiB, seed=1)
     api_backup(repo.location, img.path)
@@ -40,7 +40,7 @@ def test_stored_bytes_survive_forget_and_prune(cli: CliRunner, tmp_path: Path) -
     r = repo.location
     assert cli("-r", r, "forget", "--keep-last", "1").code == 0
     assert cli("-r", r, "prune").code == 0
-    truth = _held_by_live(Repository.open(r))
+    truth = _held_by_live(Repository.open(r, password=TEST_PASSWORD))
     assert truth > 5 * MiB  # the first backup's data, still used by the kept point
     res = cli("-r", r, "report", "growth", "--format", "json")
     assert res.code == 0, res.err
@@ -52,7 +52,7 @@ def test_stored_bytes_survive_forget_and_prune(cli: CliRunner, tmp_path: Path) -
     assert 0.9 < ratios[-1]["dedup_ratio"] < 1.1  # one disk, no duplicate content
     res = cli("-r", r, "query", "select bytes_stored from sources", "--format", "json")
     assert json.loads(res.out) == [{"bytes_stored": truth}]
-    r2 = Repository.open(r)
+    r2 = Repository.open(r, password=TEST_PASSWORD)
     summary = dict(dashboard_data(Catalog.open(r2.storage, r2.points()), "t").summary)
     assert summary["Stored"] == format_bytes(truth)
 
@@ -62,8 +62,8 @@ def test_retention_keeps_overlay_bases_as_forget_does(cli: CliRunner, tmp_path: 
     img.random(4 * MiB, MiB, seed=3)
     api_backup(repo.location, img.path)
     r = repo.location
-    oldest = Repository.open(r).points()[0]
-    overlay.create(Repository.open(r), "o1", oldest)
+    oldest = Repository.open(r, password=TEST_PASSWORD).points()[0]
+    overlay.create(Repository.open(r, password=TEST_PASSWORD), "o1", oldest)
     dry = json.loads(cli("-r", r, "forget", "--keep-last", "1", "--dry-run", "--json").out)
     assert oldest.id in dry["held_by_overlays"]
     res = cli("-r", r, "report", "retention", "--keep-last", "1", "--format", "json")

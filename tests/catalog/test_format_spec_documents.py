@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from combtest import api_backup
+from combtest import TEST_PASSWORD, api_backup
 from spectables import (
     GOLDEN,
     golden_points,
@@ -270,7 +270,10 @@ def _times_written(tmp_path: Path) -> dict[str, list[str]]:
     return {
         "config.json `created`": [repo.config.created],
         "key file `created`": [key["created"]],
-        "point `time`": [point.time, *(p.time for p in Repository.open(str(repo_dir)).points())],
+        "point `time`": [
+            point.time,
+            *(p.time for p in Repository.open(str(repo_dir), password=TEST_PASSWORD).points()),
+        ],
         "lock `started`, `heartbeat`": [lock_doc["started"], lock_doc["heartbeat"]],
         "overlay.json `created`": [overlay_doc["created"]],
     }

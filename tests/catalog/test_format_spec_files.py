@@ -15,7 +15,7 @@ from pathlib import Path
 import blake3
 import pyarrow.parquet as pq
 import pytest
-from combtest import Image, api_backup
+from combtest import TEST_PASSWORD, Image, api_backup
 from spectables import (
     SpecBlockList,
     ceil_div,
@@ -34,6 +34,7 @@ from catalog.repo import Repository
 from catalog.store import blocks, parity
 from catalog.store.parity import ParityGeometry, ParityWriter
 from catalog.store.points import point_name
+from catalog.store.sealing import PLAIN
 from catalog.store.storage import LocalStorage
 
 CHUNK = 64 * 1024
@@ -142,7 +143,7 @@ def test_overlay_record_table_matches_code() -> None:
     code_fields, code_pads = _layout(code.format)
     assert [f for f in spec_fields if (f[0], f[1]) not in reserved] == code_fields
     assert reserved == code_pads
-    head, _stored = overlay_log.encode_record(overlay_log.KIND_DATA, 7, 3, b"abc", None)
+    head, _stored = overlay_log.encode_record(overlay_log.KIND_DATA, 7, 3, b"abc", PLAIN)
     values = dict(zip([r["Field"] for r in rows], spec.unpack(head), strict=True))
     check_values(rows, [values])
     assert values["kind"] == overlay_log.KIND_DATA and values["flags"] == 0
@@ -156,7 +157,7 @@ def test_overlay_records_written_by_code_read_by_spec(tmp_path: Path) -> None:
     img = Image(tmp_path / "disk.img", 8 * CHUNK)
     img.random(0, 3 * CHUNK, seed=3)
     point = api_backup(repo_dir, img.path, name="disk")
-    repo = Repository.open(str(repo_dir))
+    repo = Repository.open(str(repo_dir), password=TEST_PASSWORD)
     overlay.create(repo, "ov", point)
     o = overlay.Overlay(repo, "ov")
     o.write(100, b"a" * 5000)

@@ -47,11 +47,11 @@ def test_pack_layout_table() -> None:
     assert rows["blobs"]["Offset"] == str(packs.PACK_HEADER_BYTES)
     trailer = packs.PACK_TRAILER_BYTES
     assert rows["entry table"]["Offset"] == f"file size − {trailer} − `entries_bytes`"
-    entry, seal = packs.PACK_ENTRY_BYTES, packs.SEAL_OVERHEAD_BYTES
+    entry, seal = packs.PACK_ENTRY_BYTES, crypto.SEAL_OVERHEAD_BYTES
     assert rows["entry table"]["Size"] == (
         f"`entries_bytes` = {entry} × `count`; sealed: {entry} × `count` + {seal}"
     )
-    assert seal_overhead() == seal == crypto.SEAL_OVERHEAD_BYTES
+    assert seal_overhead() == seal == crypto.AesGcmSealer.overhead
     assert rows["trailer"]["Offset"] == f"file size − {trailer}"
     assert rows["trailer"]["Size"] == str(trailer)
 
@@ -96,8 +96,8 @@ def test_sealed_pack_written_by_code_reads_by_spec(tmp_path: Path) -> None:
     opened with the header as associated data, blobs of codec output + 28 bytes opened with
     their chunk id, keyed chunk ids; the keys come from the key file by the spec alone."""
     repo = Repository.init(str(tmp_path / "repo"), password=_PASSWORD)
-    keys = repo.keys
-    assert keys is not None
+    keys = repo.sealer
+    assert keys.encrypted
     rnd = random.Random(5)
     plain = [rnd.randbytes(65536), b"z" * 65536, rnd.randbytes(1000)]  # raw, zstd, raw tail
     ids = [chunk_id(p, keys) for p in plain]
@@ -134,7 +134,7 @@ def test_sealed_pack_written_by_code_reads_by_spec(tmp_path: Path) -> None:
     # The plain reading of section 6.5 refuses it; the code's reader with the keys accepts it.
     with pytest.raises(AssertionError):
         SpecPack(data)
-    assert [pe.chunk_id for pe in packs.parse_pack(data, "sealed", keys=keys)] == ids
+    assert [pe.chunk_id for pe in packs.parse_pack(data, "sealed", sealer=keys)] == ids
     with pytest.raises(CorruptionError):
         packs.parse_pack(data, "sealed, read as plain")
 

@@ -147,7 +147,7 @@ def test_key_file_bounds_match_code(tmp_path: Path, field: str) -> None:
 
 def test_sealed_envelope_table_matches_code() -> None:
     master = bytes(range(64))
-    keys = crypto.RepoKeys.from_master(master)
+    keys = crypto.AesGcmSealer.from_master(master)
     plain = b'{"a": 1}\n'
     raw = keys.seal_doc(plain, "point")
     env = json.loads(raw)

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from catalogtest import make_history
-from combtest import Image, MiB, api_backup
+from combtest import TEST_PASSWORD, Image, MiB, api_backup
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -66,7 +66,7 @@ def _same(repo: Repository) -> History:
 
 
 def _synthetic(root: Path, points: int, seed: int, dedup: float = 0.2) -> Repository:
-    repo = Repository.init(str(root / "r"), C, 3)
+    repo = Repository.init(str(root / "r"), C, 3, password=TEST_PASSWORD)
     spec = Spec(
         points=points,
         disk_bytes=8 * MiB,
@@ -94,7 +94,7 @@ def test_real_backups_lives_equal_the_walk_and_are_cached(tmp_path: Path, cache:
 
 
 def test_cache_is_extended_by_new_points(tmp_path: Path, cache: Path) -> None:
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     img = Image(tmp_path / "disk.img", 8 * MiB)
     img.random(0, 4 * MiB, seed=1)
     api_backup(repo.location, img.path)
@@ -113,7 +113,7 @@ def test_cache_is_extended_by_new_points(tmp_path: Path, cache: Path) -> None:
 def test_a_hit_of_ended_content_rebuilds(tmp_path: Path, cache: Path) -> None:
     """A dedup hit of a chunk whose only life ended before the cached point cannot be placed
     by extending: the lives are built again, with the same figures as the walk."""
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     img = Image(tmp_path / "disk.img", 4 * MiB)
     img.random(0, MiB, seed=1)
     old = open(img.path, "rb").read(C)
@@ -183,7 +183,7 @@ def test_an_incomplete_source_takes_the_walk(tmp_path: Path, cache: Path) -> Non
 
 def test_two_sources_extended_in_turn(tmp_path: Path, cache: Path) -> None:
     """Sources sharing chunks, cached after each backup: a hit across sources is placed."""
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     a = Image(tmp_path / "a.img", 4 * MiB)
     a.random(0, 2 * MiB, seed=5)
     api_backup(repo.location, a.path, name="a")
@@ -246,7 +246,7 @@ def test_the_cache_outlives_forgetting(tmp_path: Path, cache: Path) -> None:
 
 def _two_sources(tmp_path: Path) -> Repository:
     """Two disks sharing content (a clone), each changed twice, with hits across them."""
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     a = Image(tmp_path / "a.img", 8 * MiB)
     a.random(0, 2 * MiB, seed=5)
     api_backup(repo.location, a.path, name="a")

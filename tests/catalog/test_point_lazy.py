@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from combtest import Image, MiB, api_backup, flip_byte
+from combtest import TEST_PASSWORD, Image, MiB, api_backup, flip_byte
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -23,13 +23,13 @@ from catalog.read.point import PointSource
 from catalog.read.spans import MapOptions
 from catalog.repo import Repository
 from catalog.store.blocks import block_list_name
-from catalog.store.crypto import RepoKeys
 from catalog.store.index import load_locations
 from catalog.store.leaves import LeafFile, leaves_name
 from catalog.store.manifest import roots_name
 from catalog.store.packs import pack_name
-from catalog.store.parquet_io import decryption, read_parquet
+from catalog.store.parquet_io import read_parquet
 from catalog.store.points import RecoveryPoint
+from catalog.store.sealing import PLAIN, Sealer
 from catalog.store.storage import LocalStorage
 
 CHUNK = 64 * 1024
@@ -58,7 +58,7 @@ def points(tmp_path_factory: pytest.TempPathFactory) -> Points:
     img.zeros(9 * MiB, MiB)
     img.random(12 * MiB, 3 * MiB, seed=3)
     img.random(SIZE - 1000, 1000, seed=4)
-    repo = Repository.init(str(tmp / "repo"), CHUNK, 3)
+    repo = Repository.init(str(tmp / "repo"), CHUNK, 3, password=TEST_PASSWORD)
     full = api_backup(repo.location, img.path)
     first = img.path.read_bytes()
     img.take_changes()
@@ -73,8 +73,8 @@ def points(tmp_path_factory: pytest.TempPathFactory) -> Points:
 class RecordingStorage:
     """A LocalStorage that records the names it reads."""
 
-    def __init__(self, root: str, keys: RepoKeys | None = None) -> None:
-        self._inner = LocalStorage(root, keys=keys)
+    def __init__(self, root: str, sealer: Sealer = PLAIN) -> None:
+        self._inner = LocalStorage(root, sealer=sealer)
         self.reads: list[str] = []
 
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
@@ -89,7 +89,7 @@ class RecordingStorage:
 
 
 def recording(points: Points) -> tuple[Repository, RecordingStorage]:
-    storage = RecordingStorage(points.repo.location, points.repo.keys)
+    storage = RecordingStorage(points.repo.location, points.repo.sealer)
     return Repository(storage, points.repo.config, points.repo.location), storage  # type: ignore[arg-type]
 
 
@@ -256,7 +256,7 @@ def test_threads_share_one_source(points: Points, scanning: None) -> None:
 def _damaged_copy(points: Points, tmp_path: Path) -> tuple[Repository, RecoveryPoint]:
     """A copy of the repository with one bit flipped in the blob of the chunk at offset 0."""
     shutil.copytree(points.repo.location, tmp_path / "repo")
-    repo = Repository.open(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"), password=TEST_PASSWORD)
     cid = repo.manifest(points.full).leaf_at(0).ids[0].tobytes()
     rows = load_locations(repo.storage).to_pylist()
     row = next(r for r in rows if r["chunk_id"] == cid)
@@ -280,7 +280,7 @@ def test_a_chunk_in_no_segment_is_an_error_when_read(points: Points, tmp_path: P
     """Without the second backup's segment, only what it stored is unreadable; the leaves it
     shares with the first point read as before, and nothing fails on opening."""
     shutil.copytree(points.repo.location, tmp_path / "repo")
-    repo = Repository.open(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"), password=TEST_PASSWORD)
     (tmp_path / "repo" / segment_name(points.incr.index_segment or "")).unlink()
     src = PointSource(
         repo.storage, points.incr, maps=MapOptions(span_chunks=LEAF, segments=SegmentCache())
@@ -297,7 +297,7 @@ def test_a_damaged_segment_is_reported_by_the_read_that_needs_it(
     points: Points, tmp_path: Path
 ) -> None:
     shutil.copytree(points.repo.location, tmp_path / "repo")
-    repo = Repository.open(str(tmp_path / "repo"))
+    repo = Repository.open(str(tmp_path / "repo"), password=TEST_PASSWORD)
     seg = tmp_path / "repo" / segment_name(points.full.index_segment or "")
     flip_byte(seg, seg.stat().st_size // 2)
     src = PointSource(
@@ -320,7 +320,7 @@ def test_scan_and_table_find_the_same_rows(points: Points) -> None:
     ids = np.frombuffer(b"".join(mine), np.uint8).reshape(-1, 32)[::3]
     absent = np.frombuffer(bytes(range(96)), np.uint8).reshape(3, 32)
     wanted = np.concatenate([ids, absent])
-    dec = decryption(storage)
+    dec = storage.sealer.parquet_decryption()
     by_table = lookup.SegmentTable(name, data, dec).lookup(wanted)
     by_scan = lookup._SegmentScan(name, name, data, dec).lookup(wanted)
     assert sorted(by_table.at.tolist()) == list(range(len(ids)))

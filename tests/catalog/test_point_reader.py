@@ -7,7 +7,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error, flip_byte, repo_files
+from combtest import (
+    TEST_PASSWORD,
+    CliRunner,
+    Image,
+    MiB,
+    api_backup,
+    assert_one_line_error,
+    flip_byte,
+    repo_files,
+)
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -24,7 +33,7 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> tuple[Repository, bytes, 
     img = Image(tmp / "d.img", SIZE)
     img.random(100_000, 2 * MiB, seed=4)
     img.compressible(5 * MiB, MiB + 777, seed=5)
-    repo = Repository.init(str(tmp / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path)
     return repo, img.path.read_bytes(), point.id
 
@@ -73,7 +82,7 @@ def test_extents_cover_all_data(setup) -> None:  # type: ignore[no-untyped-def]
 def test_a_damaged_chunk_is_an_error_naming_the_point(cli: CliRunner, tmp_path: Path) -> None:
     img = Image(tmp_path / "d.img", 2 * MiB)
     img.random(0, 2 * MiB, seed=6)
-    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path)
     flip_byte(repo_files(Path(repo.location), "packs")[0], 100)
     with pytest.raises(CorruptionError, match=point.id):

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 from catalogtest import make_history
-from combtest import Image, MiB, api_backup
+from combtest import TEST_PASSWORD, Image, MiB, api_backup
 
 from catalog.analytics import regions
 from catalog.analytics.catalog import Catalog
@@ -27,7 +27,7 @@ def test_encrypted_hot_regions_equal_the_sql(
     tables = []
     for enc in ("none", "aes-256-gcm"):
         repo, _, _ = make_history(tmp_path / enc, enc)
-        assert (repo.keys is None) == (enc == "none")
+        assert repo.sealer.encrypted == (enc != "none")
         cat = Catalog.open(repo.storage, repo.points())
         opts = ReportOptions(bucket_bytes=bucket, limit=None)
         got = run_report(cat, "hot-regions", opts).table
@@ -48,7 +48,9 @@ def test_a_short_last_chunk_counts_its_own_bytes(tmp_path: Path, bucket: int) ->
     are its own length, in numpy (encrypted) as in the SQL (plain)."""
     tables = []
     for enc in ("none", "aes-256-gcm"):
-        repo = Repository.init(str(tmp_path / enc / "repo"), C, 3, encryption=enc)
+        repo = Repository.init(
+            str(tmp_path / enc / "repo"), C, 3, encryption=enc, password=TEST_PASSWORD
+        )
         img = Image(tmp_path / enc / "disk.img", 2 * MiB + 5000)
         img.random(0, 2 * MiB + 5000, seed=1)
         api_backup(repo.location, img.path, name="odd")

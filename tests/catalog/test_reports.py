@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from catalogtest import gc_frees, gc_truth
-from combtest import Image, MiB, api_backup
+from combtest import TEST_PASSWORD, Image, MiB, api_backup
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -103,7 +103,7 @@ def _doc(source: str, t: datetime, stored: int, seconds: float = 1.0) -> Recover
 
 
 def test_projection_recovers_the_slope_of_a_linear_history(tmp_path: Path) -> None:
-    repo = Repository.init(str(tmp_path / "r"), C, 3)
+    repo = Repository.init(str(tmp_path / "r"), C, 3, password=TEST_PASSWORD)
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     for day in range(40):
         commit_point(repo.storage, _doc("a", t0 + timedelta(days=day), 5_000_000))
@@ -121,7 +121,7 @@ def test_projection_recovers_the_slope_of_a_linear_history(tmp_path: Path) -> No
 
 
 def test_projection_warns_when_the_fit_is_poor(tmp_path: Path) -> None:
-    repo = Repository.init(str(tmp_path / "r"), C, 3)
+    repo = Repository.init(str(tmp_path / "r"), C, 3, password=TEST_PASSWORD)
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     # Nothing for ten days, one huge backup, then nothing again: a step, not a line.
     for day in range(20):
@@ -131,14 +131,14 @@ def test_projection_warns_when_the_fit_is_poor(tmp_path: Path) -> None:
     r2 = result.table.column("r2")[0].as_py()
     assert r2 < 0.8
     assert any("poor fit" in n for n in result.notes)
-    few = Repository.init(str(tmp_path / "few"), C, 3)
+    few = Repository.init(str(tmp_path / "few"), C, 3, password=TEST_PASSWORD)
     commit_point(few.storage, _doc("a", t0, 1))
     notes = run_report(Catalog.open(few.storage, few.points()), "projection", ReportOptions()).notes
     assert any("only 1 point" in n for n in notes)
 
 
 def test_rpo_change_rate_and_throughput(tmp_path: Path) -> None:
-    repo = Repository.init(str(tmp_path / "r"), C, 3)
+    repo = Repository.init(str(tmp_path / "r"), C, 3, password=TEST_PASSWORD)
     t0 = datetime(2026, 3, 1, tzinfo=UTC)
     hours = [0, 1, 2, 8, 9]  # the largest gap: 6 hours, from hour 2 to hour 8
     for h in hours:
@@ -187,7 +187,7 @@ def test_any_history_frees_what_gc_would_free(
     """Also after some points were forgotten earlier (their change tables kept): the figures
     are those of the points left."""
     root = tmp_path_factory.mktemp("h")
-    repo = Repository.init(str(root / "r"), C, 3)
+    repo = Repository.init(str(root / "r"), C, 3, password=TEST_PASSWORD)
     spec = Spec(
         points=8,
         disk_bytes=8 * MiB,
@@ -220,7 +220,7 @@ def test_any_history_frees_what_gc_would_free(
 def test_unique_and_retention_across_sources_sharing_chunks(tmp_path: Path) -> None:
     """Two disks that share content (a clone): a chunk is freed only when no point of either
     source holds it."""
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     a = Image(tmp_path / "a.img", 8 * MiB)
     a.random(0, 2 * MiB, seed=5)
     a.compressible(4 * MiB, MiB, seed=6)
@@ -249,7 +249,7 @@ def test_a_source_without_rows_and_a_clock_that_stepped_back(tmp_path: Path) -> 
     sums of the others; points of a source are ordered by their parent chain, not by time."""
     from catalog.store.points import point_name
 
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     a = Image(tmp_path / "a.img", 2 * MiB)
     a.random(0, MiB, seed=1)
     first = api_backup(repo.location, a.path, name="a")
@@ -277,7 +277,7 @@ def test_forgotten_points_beside_an_incomplete_source_are_not_guessed(tmp_path: 
     empty (not exact), never wrong."""
     from combtest import flip_byte
 
-    repo = Repository.init(str(tmp_path / "repo"), C, 3)
+    repo = Repository.init(str(tmp_path / "repo"), C, 3, password=TEST_PASSWORD)
     ids: dict[str, list[str]] = {"a": [], "b": []}
     for name in ("a", "b"):
         img = Image(tmp_path / f"{name}.img", 4 * MiB)

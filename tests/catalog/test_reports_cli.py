@@ -11,7 +11,15 @@ from typing import Any
 import numpy as np
 import pytest
 from catalogtest import gc_frees, gc_truth
-from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error, flip_byte
+from combtest import (
+    TEST_PASSWORD,
+    CliRunner,
+    Image,
+    MiB,
+    api_backup,
+    assert_one_line_error,
+    flip_byte,
+)
 
 from catalog.analytics.catalog import Catalog
 from catalog.analytics.reports import ReportOptions, run_report
@@ -81,7 +89,7 @@ def test_query_cli_formats_and_read_only(cli: CliRunner, history, tmp_path: Path
 def test_catalog_schema_documents_every_column(cli: CliRunner, tmp_path: Path) -> None:
     from catalog.analytics.schema_doc import VIEWS
 
-    repo = Repository.init(str(tmp_path / "r"), C, 3)
+    repo = Repository.init(str(tmp_path / "r"), C, 3, password=TEST_PASSWORD)
     cat = Catalog.open(repo.storage, [])
     for view, (_about, columns) in VIEWS.items():
         cat.need(view)
@@ -243,7 +251,7 @@ def test_forgotten_points_keep_the_figures_exact(
     assert res.code == 0, res.err
     res = cli("-r", r, "prune")
     assert res.code == 0, res.err
-    repo = Repository.open(r)
+    repo = Repository.open(r, password=TEST_PASSWORD)
     gone, bad = load_forgotten(repo.storage, repo.points())
     assert [p.id for p in gone] == ids[:2] and not bad
     for p in gone:  # the change table stays, the manifest goes

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from combtest import Image, ImageFactory, KiB, api_backup
+from combtest import TEST_PASSWORD, Image, ImageFactory, KiB, api_backup
 
 from catalog.analytics.views import connect, run_query
 from catalog.errors import QueryError
@@ -39,7 +39,7 @@ def two_points(repo_path: Path, make_image: ImageFactory) -> tuple[Image, list[R
 
 
 def _con(repo_path: Path):  # type: ignore[no-untyped-def]
-    r = Repository.open(str(repo_path))
+    r = Repository.open(str(repo_path), password=TEST_PASSWORD)
     return connect(r.storage, r.points())
 
 
@@ -85,7 +85,7 @@ def test_manifests_view_lists_every_data_chunk(
 def test_chunks_and_packs_views(
     repo_path: Path, two_points: tuple[Image, list[RecoveryPoint]]
 ) -> None:
-    index = load_index(Repository.open(str(repo_path)).storage)
+    index = load_index(Repository.open(str(repo_path), password=TEST_PASSWORD).storage)
     (row,) = _rows(repo_path, "SELECT count(*) AS n, sum(stored_len) AS s FROM chunks")
     assert row["n"] == index.num_rows
     assert row["s"] == sum(index.column("stored_len").to_pylist())

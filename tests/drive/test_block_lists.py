@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from combtest import CliRunner, Image, MiB, api_backup, flip_byte
+from combtest import TEST_PASSWORD, CliRunner, Image, MiB, api_backup, flip_byte
 
 from catalog.errors import CorruptionError
 from catalog.read import lookup
@@ -51,7 +51,7 @@ def history(tmp_path_factory: pytest.TempPathFactory) -> Iterator[History]:
     mp.setattr(blocks, "RANGE_ROWS", 512)
     mp.setattr(manifest, "LEAF_ROW_GROUP_ROWS", 512)  # (writer policies: many row groups)
     tmp = tmp_path_factory.mktemp("blocks")
-    repo = Repository.init(str(tmp / "repo"), C, 3)
+    repo = Repository.init(str(tmp / "repo"), C, 3, password=TEST_PASSWORD)
     img = Image(tmp / "disk.img", SIZE)
     img.random(0, SIZE, seed=1)
     full = api_backup(repo.location, img.path, pack_target_bytes=MiB)
@@ -95,7 +95,7 @@ def counted(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def _copy(history: History, tmp_path: Path) -> tuple[Path, Repository]:
     """A copy of the history's repository, to damage."""
     shutil.copytree(history.repo.location, tmp_path / "repo")
-    return tmp_path / "repo", Repository.open(str(tmp_path / "repo"))
+    return tmp_path / "repo", Repository.open(str(tmp_path / "repo"), password=TEST_PASSWORD)
 
 
 def _blocks_of(repo: Repository, name: str) -> int:

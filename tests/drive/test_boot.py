@@ -14,7 +14,15 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-from combtest import CliResult, Image, MiB, api_backup, assert_one_line_error, need_tool
+from combtest import (
+    TEST_PASSWORD,
+    CliResult,
+    Image,
+    MiB,
+    api_backup,
+    assert_one_line_error,
+    need_tool,
+)
 
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
@@ -145,7 +153,7 @@ def boot_sector() -> bytes:
 def bootable(tmp_path: Path) -> tuple[Path, RecoveryPoint]:
     img = Image(tmp_path / "disk.img", 4 * MiB)  # sparse, a few MiB
     img.write(0, boot_sector())
-    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     return tmp_path / "repo", api_backup(repo.location, img.path, name="bootdisk")
 
 
@@ -159,7 +167,7 @@ def comb(repo: Path, *args: str, timeout: float = 30) -> subprocess.CompletedPro
 
 
 def sector_of_overlay(repo: Path, name: str, point: RecoveryPoint) -> bytes:
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     opened = Overlay(r, name)
     try:
         base = ServedPoint(r.reader(point))
@@ -169,7 +177,9 @@ def sector_of_overlay(repo: Path, name: str, point: RecoveryPoint) -> bytes:
 
 
 def sector_of_point(repo: Path, point: RecoveryPoint) -> bytes:
-    return Repository.open(str(repo)).reader(point).read(LBA * SECTOR, SECTOR)
+    return (
+        Repository.open(str(repo), password=TEST_PASSWORD).reader(point).read(LBA * SECTOR, SECTOR)
+    )
 
 
 def test_boot_writes_to_overlay_only_and_persists(bootable: tuple[Path, RecoveryPoint]) -> None:
@@ -253,7 +263,7 @@ def test_boot_errors(bootable: tuple[Path, RecoveryPoint], tmp_path: Path) -> No
 def test_sigterm_stops_qemu_and_server(tmp_path: Path) -> None:
     need_tool("qemu-system-x86_64")
     img = Image(tmp_path / "blank.img", 2 * MiB)  # no boot signature: SeaBIOS retries forever
-    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path, name="blank")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pipeline.cli", "-r", repo.location, "boot", point.id]
@@ -269,7 +279,7 @@ def test_sigterm_stops_qemu_and_server(tmp_path: Path) -> None:
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=20)
     assert "Traceback" not in err, err
-    r = Repository.open(repo.location)
+    r = Repository.open(repo.location, password=TEST_PASSWORD)
     Overlay(r, "b1").close()  # the lock was released: the server and QEMU are gone
     assert sector_of_point(Path(repo.location), point) == bytes(SECTOR)
 

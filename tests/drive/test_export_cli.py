@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
-from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error
+from combtest import TEST_PASSWORD, CliRunner, Image, MiB, api_backup, assert_one_line_error
 from drivetest import qemu_compare
 
 from drive.formats.registry import FORMATS, QEMU_NAMES
@@ -24,7 +24,7 @@ def backed_up(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, str]
     img.compressible(10 * MiB + 4096, 2 * MiB, seed=2)
     img.zeros(20 * MiB, MiB)
     img.random(40 * MiB, 4096 + 512, seed=3)
-    repo = Repository.init(str(tmp / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path)
     return repo.location, img.path, point.id
 

@@ -14,10 +14,19 @@ import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import unquote_to_bytes
 
 import pytest
+from combtest import (
+    TEST_PASSWORD,
+    Image,
+    MiB,
+    api_backup,
+    assert_one_line_error,
+    cmp_files,
+    need_tool,
+)
 from combtest import CliResult as Res
-from combtest import Image, MiB, api_backup, assert_one_line_error, cmp_files, need_tool
 from drivetest import qemu_compare
 from hypothesis import given
 from hypothesis import strategies as st
@@ -87,6 +96,13 @@ class Mount:
             subprocess.run(["umount", "-l", str(self.path)], check=False)
 
 
+def _unescape(entry: bytes) -> str:
+    """The source name of a directory entry (README: "%" is "", any other entry that is not
+    shortened percent-decodes to the name)."""
+    assert b"%~" not in entry, f"{entry!r} is a shortened name"
+    return "" if entry == b"%" else unquote_to_bytes(entry).decode("utf-8", "surrogatepass")
+
+
 def _in_mount_table(path: Path) -> bool:
     with open("/proc/self/mountinfo") as fh:
         return any(line.split()[4] == str(path) for line in fh)
@@ -104,7 +120,7 @@ def backed_up(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, Path, Path
     img.random(5 * MiB, 4096 + 512, seed=3)
     other = Image(tmp / "other.img", 3 * MiB + 512)
     other.random(MiB - 100, MiB + 700, seed=4)
-    repo = Repository.init(str(tmp / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     api_backup(repo.location, img.path, name="disk")
     api_backup(repo.location, other.path, name=HOSTILE)
     return repo.location, img.path, other.path
@@ -135,7 +151,7 @@ def test_listing_and_sizes(mounted: Mount, backed_up: tuple[str, Path, Path]) ->
     from drive.fuse import escape_name
 
     assert sorted(os.listdir(mounted.path)) == sorted(["disk", os.fsdecode(escape_name(HOSTILE))])
-    r = Repository.open(backed_up[0])
+    r = Repository.open(backed_up[0], password=TEST_PASSWORD)
     (point,) = [p for p in r.points() if p.source == "disk"]
     assert os.listdir(mounted.path / "disk") == [point.id]
     pdir = mounted.path / "disk" / point.id
@@ -179,11 +195,9 @@ def test_read_only(mounted: Mount) -> None:
 
 
 def test_hostile_name(mounted: Mount, backed_up: tuple[str, Path, Path]) -> None:
-    from drive.fuse import unescape_name
-
     names = [n for n in os.listdir(mounted.path) if n != "disk"]
     assert len(names) == 1 and "/" not in names[0] and "\n" not in names[0]
-    assert unescape_name(os.fsencode(names[0])) == HOSTILE
+    assert _unescape(os.fsencode(names[0])) == HOSTILE
     assert not (mounted.path.parent / "evil").exists()
     cmp_files(_point_dir(mounted, HOSTILE) / "disk.img", backed_up[2])
     qemu_compare(backed_up[2], _point_dir(mounted, HOSTILE) / "disk.vhdx", "vhdx")
@@ -191,13 +205,13 @@ def test_hostile_name(mounted: Mount, backed_up: tuple[str, Path, Path]) -> None
 
 @given(st.text())
 def test_escape_round_trip(name: str) -> None:
-    from drive.fuse import escape_name, unescape_name
+    from drive.fuse import escape_name
 
     entry = escape_name(name)
     assert b"/" not in entry and b"\0" not in entry and entry not in (b"", b".", b"..")
     assert len(entry) <= 255
     if b"%~" not in entry:
-        assert unescape_name(entry) == name
+        assert _unescape(entry) == name
 
 
 def test_long_names_stay_unique() -> None:
@@ -210,7 +224,7 @@ def test_long_names_stay_unique() -> None:
 def test_corrupt_chunk_is_eio(tmp_path: Path) -> None:
     img = Image(tmp_path / "disk.img", 2 * MiB)
     data = img.random(0, 2 * MiB, seed=9)
-    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     api_backup(repo.location, img.path, name="disk")
     packs = sorted(p for p in (tmp_path / "repo").rglob("*") if p.is_file() and "pack" in str(p))
     biggest = max(packs, key=lambda p: p.stat().st_size)
@@ -276,11 +290,15 @@ def test_mountpoint_errors(
     cases = {"missing": "does not exist", "full": "not empty", "file": "not a directory"}
     for name, needle in cases.items():
         with pytest.raises(UsageError, match=needle):
-            mount_cmd.cmd_mount(repo, argparse.Namespace(mountpoint=str(tmp_path / name)))
+            mount_cmd.cmd_mount(
+                repo, argparse.Namespace(mountpoint=str(tmp_path / name), password=TEST_PASSWORD)
+            )
     (tmp_path / "empty").mkdir()
     monkeypatch.setattr(mount_cmd, "DEV_FUSE", str(tmp_path / "no-fuse"))
     with pytest.raises(UsageError, match="no-fuse is missing"):
-        mount_cmd.cmd_mount(repo, argparse.Namespace(mountpoint=str(tmp_path / "empty")))
+        mount_cmd.cmd_mount(
+            repo, argparse.Namespace(mountpoint=str(tmp_path / "empty"), password=TEST_PASSWORD)
+        )
     res = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "-r", repo, "mount", str(tmp_path / "full")],
         cwd=ROOT,
@@ -292,16 +310,35 @@ def test_mountpoint_errors(
 
 def test_open_points_are_bounded(backed_up: tuple[str, Path, Path]) -> None:
     """At most ``keep`` points stay open; sizes of released points are still known."""
-    _need_fuse()
-    from drive.fuse import _PointCache
+    from drive.fuse_files import PointCache
 
-    r = Repository.open(backed_up[0])
+    r = Repository.open(backed_up[0], password=TEST_PASSWORD)
     first, second = sorted(r.points(), key=lambda p: p.source)
-    cache = _PointCache(r, keep=1)
+    cache = PointCache(r, keep=1)
     sizes = cache.sizes(first)
     opened = cache.get(second)
     assert list(cache._open) == [second.id] and cache.sizes(first) == sizes
     assert cache.get(second) is opened and sizes["raw"][0] == first.size
+
+
+def test_a_failed_request_is_eio_and_one_warning(backed_up: tuple[str, Path, Path]) -> None:
+    """A request that fails is EIO for that request, said once through the ``warn`` given
+    (the command line passes ``pipeline.console.warn``)."""
+    _need_fuse()
+    import pyfuse3
+    import trio
+
+    from drive.fuse import CombFS
+
+    said: list[str] = []
+    fs = CombFS(Repository.open(backed_up[0], password=TEST_PASSWORD), warn=said.append)
+
+    def broken() -> None:
+        raise OSError(errno.EIO, "no such luck")
+
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        trio.run(fs._blocking, "read raw at 0", broken)
+    assert info.value.errno == errno.EIO and said == ["read raw at 0: [Errno 5] no such luck"]
 
 
 def test_overlays_are_mounted_too(tmp_path: Path) -> None:
@@ -312,7 +349,7 @@ def test_overlays_are_mounted_too(tmp_path: Path) -> None:
 
     img = Image(tmp_path / "base.img", 2 * MiB + 512)
     img.random(0, MiB, seed=7)
-    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path, name="base")
     overlay.create(repo, "ov1", point)
     ov = Overlay(repo, "ov1")

@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from combtest import MiB, need_tool
+from combtest import TEST_PASSWORD, MiB, need_tool
 from nbdtest import (
     CHUNK,
     SIZE,
@@ -60,7 +60,7 @@ def test_nbdinfo_map_matches_the_points_allocation(served: Served) -> None:
     assert sum(r["length"] for r in runs) == SIZE
     data = [(r["offset"], r["length"]) for r in runs if r["type"] == 0]
     assert all(r["type"] == 3 for r in runs if r["type"] != 0)  # hole,zero
-    repo = Repository.open(served.server.repo.location)
+    repo = Repository.open(served.server.repo.location, password=TEST_PASSWORD)
     point = next(pt for pt in repo.points() if pt.id == served.point_id)
     assert data == repo.reader(point).extents()
     assert not any(off < 4 * MiB and off + n > 3 * MiB for off, n in data)  # written zeros
@@ -139,10 +139,13 @@ def test_serve_command_refuses_bad_addresses(served: Served) -> None:
     assert parse_listen("[::1]:0") == ("::1", 0)
     assert parse_listen(":1234") == ("127.0.0.1", 1234)
     repo = served.server.repo.location
+    in_use = argparse.Namespace(listen=f"127.0.0.1:{served.port}", password=TEST_PASSWORD)
     with pytest.raises(UsageError, match="cannot listen on 127.0.0.1"):
-        cmd_serve(repo, argparse.Namespace(listen=f"127.0.0.1:{served.port}"))  # in use
+        cmd_serve(repo, in_use)
     with pytest.raises(UsageError, match="cannot listen"):
-        cmd_serve(repo, argparse.Namespace(listen="no-such-host.invalid:10809"))
+        cmd_serve(
+            repo, argparse.Namespace(listen="no-such-host.invalid:10809", password=TEST_PASSWORD)
+        )
 
 
 def test_serve_command_stops_on_sigterm(served: Served) -> None:
@@ -189,4 +192,7 @@ def test_the_chunk_cache_is_configurable(served: Served) -> None:
         src.read(off, 512)
     assert len(src._cache) <= 2
     with pytest.raises(UsageError, match="cache-mib"):
-        cmd_serve(repo.location, argparse.Namespace(listen="127.0.0.1:0", cache_mib=0))
+        cmd_serve(
+            repo.location,
+            argparse.Namespace(listen="127.0.0.1:0", cache_mib=0, password=TEST_PASSWORD),
+        )

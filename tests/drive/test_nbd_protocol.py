@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from combtest import Image, MiB, api_backup, flip_byte, repo_files
+from combtest import TEST_PASSWORD, Image, MiB, api_backup, flip_byte, repo_files
 from nbdtest import (
     BLOCK_STATUS,
     CHUNK,
@@ -29,6 +29,7 @@ from nbdtest import (
     REP_ACK,
     REP_ERR_UNKNOWN,
     REP_ERR_UNSUP,
+    REP_INFO,
     REP_META,
     REQUEST_MAGIC,
     SIZE,
@@ -122,6 +123,29 @@ def test_negotiation(served: Served) -> None:
         assert c.s.recv(1) == b""  # no way to say no but hanging up
 
 
+def test_export_names_are_point_specs(served: Served) -> None:
+    """A client names a point as every command does (``catalog.store.points.resolve``): an id,
+    a unique prefix, SOURCE@latest or SOURCE@PREFIX; the export answers with its canonical
+    name, and a name that names no point is refused with the reason."""
+    info_name = 1  # NBD_INFO_NAME
+    head = served.image.read_bytes()[:4096]
+    short = served.point_id[:8]
+    for name in (served.point_id, short, f"{SOURCE}@latest", f"{SOURCE}@{short}"):
+        with RawClient(served.port) as c:
+            replies = c.option(OPT_GO, name_data(name, struct.pack(">HH", 1, info_name)))
+            assert replies[-1][0] == REP_ACK, (name, replies)
+            assert (REP_INFO, struct.pack(">H", info_name) + served.export.encode()) in replies
+            assert c.read(0, 4096) == head
+    with RawClient(served.port) as c:
+        for name, reason in [
+            ("nosuch@latest", "no recovery point for source 'nosuch'"),
+            (f"odd@{served.point_id}", f"no recovery point '{served.point_id}' of source 'odd'"),
+            ("odd", "'odd' is not a recovery point id"),
+        ]:
+            kind, message = c.option(OPT_GO, name_data(name, b"\0\0"))[-1]
+            assert kind == REP_ERR_UNKNOWN and reason in message.decode(), (name, message)
+
+
 def test_structured_reads_and_block_status(served: Served) -> None:
     image = served.image.read_bytes()
     with RawClient(served.port, structured=True) as c:
@@ -151,10 +175,10 @@ def test_structured_reads_and_block_status(served: Served) -> None:
 def test_a_corrupt_chunk_is_eio_and_the_server_goes_on(tmp_path: Path) -> None:
     img = Image(tmp_path / "d.img", 2 * MiB)
     img.random(0, 2 * MiB, seed=9)
-    repo = Repository.init(str(tmp_path / "repo"), CHUNK, 3)
+    repo = Repository.init(str(tmp_path / "repo"), CHUNK, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path, name="bad")
     flip_byte(repo_files(Path(repo.location), "packs")[0], 100)
-    server = NbdServer(Repository.open(repo.location), port=0)
+    server = NbdServer(Repository.open(repo.location, password=TEST_PASSWORD), port=0)
     thread = start(server)
     try:
         for structured in (False, True):

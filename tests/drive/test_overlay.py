@@ -13,12 +13,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error, need_tool
+from combtest import (
+    TEST_PASSWORD,
+    CliRunner,
+    Image,
+    MiB,
+    api_backup,
+    assert_one_line_error,
+    need_tool,
+)
 
 import drive.overlays.log as overlay_log
 import drive.overlays.overlay as overlay
 from catalog.errors import CorruptionError, UsageError
 from catalog.repo import Repository
+from catalog.store.sealing import PLAIN
 from drive.overlays.overlay import Overlay, OverlayBusy
 
 CHUNK = 64 * 1024
@@ -32,7 +41,7 @@ def disk(tmp_path: Path) -> tuple[Path, Image, str]:
     img = Image(tmp_path / "disk.img", SIZE)
     img.random(0, MiB, seed=1)
     img.random(2 * MiB + 4096, 300_000, seed=2)
-    repo = Repository.init(str(tmp_path / "repo"), CHUNK, 3)
+    repo = Repository.init(str(tmp_path / "repo"), CHUNK, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path, name=SOURCE)
     return tmp_path / "repo", img, point.id
 
@@ -224,7 +233,7 @@ def test_second_server_and_rm_are_refused_while_served(
     s.stop()
     res = cli("-r", repo, "overlays", "rm", "busy")
     assert res.code == 0, res.err
-    assert overlay.names(Repository.open(str(repo))) == []
+    assert overlay.names(Repository.open(str(repo), password=TEST_PASSWORD)) == []
 
 
 def test_overlays_command(disk: tuple[Path, Image, str], cli: CliRunner) -> None:
@@ -234,7 +243,7 @@ def test_overlays_command(disk: tuple[Path, Image, str], cli: CliRunner) -> None
     res = cli("-r", repo, "overlays", "create", "test-1.a", f"{SOURCE}@latest")
     assert res.code == 0, res.err
     assert_one_line_error(cli("-r", repo, "overlays", "create", "test-1.a", point_id), "exists")
-    o = Overlay(Repository.open(str(repo)), "test-1.a")
+    o = Overlay(Repository.open(str(repo), password=TEST_PASSWORD), "test-1.a")
     o.write(4096, b"x" * 1000)
     o.zero(0, 100)
     o.flush()
@@ -282,7 +291,7 @@ def _log(repo: Path, name: str) -> Path:
 
 
 def _written(repo: Path, name: str) -> Overlay:
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     overlay.create(r, name, r.resolve(f"{SOURCE}@latest"))
     o = Overlay(r, name)
     o.write(0, b"a" * 5000)
@@ -305,19 +314,19 @@ def test_torn_last_record_is_ignored_and_truncated(disk: tuple[Path, Image, str]
     log = _log(repo, "torn")
     good = log.stat().st_size
     with open(log, "ab") as fh:  # a record that never finished: its header and part of its data
-        fh.write(overlay_log.encode_record(1, 0, 4096, b"z" * 4096, None)[0] + b"z" * 100)
-    o = Overlay(Repository.open(str(repo)), "torn")
+        fh.write(overlay_log.encode_record(1, 0, 4096, b"z" * 4096, PLAIN)[0] + b"z" * 100)
+    o = Overlay(Repository.open(str(repo), password=TEST_PASSWORD), "torn")
     assert _contents(o) == before and log.stat().st_size == good  # cut away on open
     o.close()
     os.truncate(log, good - 3)  # now the last complete record is torn
-    o = Overlay(Repository.open(str(repo)), "torn")
+    o = Overlay(Repository.open(str(repo), password=TEST_PASSWORD), "torn")
     after = _contents(o)
     assert after != before and (8192, 12288, b"c" * 4096) not in after
     assert (0, 2000, b"a" * 2000) in after
     o.write(8192, b"d" * 10)  # appends after the cut
     o.flush()
     o.close()
-    o = Overlay(Repository.open(str(repo)), "torn")
+    o = Overlay(Repository.open(str(repo), password=TEST_PASSWORD), "torn")
     assert (8192, 8202, b"d" * 10) in _contents(o)
     o.close()
 
@@ -332,10 +341,10 @@ def test_corrupt_middle_record_is_an_error(disk: tuple[Path, Image, str], cli: C
         fh.seek(-1, 1)
         fh.write(bytes([b[0] ^ 1]))
     with pytest.raises(CorruptionError, match=r"log-0\.dat at offset 0: checksum mismatch"):
-        Overlay(Repository.open(str(repo)), "bad")
+        Overlay(Repository.open(str(repo), password=TEST_PASSWORD), "bad")
     # the lock was released: a second try fails the same way, not with "in use"
     with pytest.raises(CorruptionError):
-        Overlay(Repository.open(str(repo)), "bad")
+        Overlay(Repository.open(str(repo), password=TEST_PASSWORD), "bad")
     args = ("serve", "--listen", "127.0.0.1:0", "--overlay", f"bad={SOURCE}@latest")
     assert_one_line_error(cli("-r", repo, *args), "log-0.dat", "checksum", code=7)
     res = cli("-r", repo, "overlays")  # listing reads headers only: it still works
@@ -346,11 +355,11 @@ def test_lock_is_exclusive_in_process(disk: tuple[Path, Image, str]) -> None:
     repo, _, _ = disk
     o = _written(repo, "lk")
     with pytest.raises(OverlayBusy, match="in use"):
-        Overlay(Repository.open(str(repo)), "lk")
+        Overlay(Repository.open(str(repo), password=TEST_PASSWORD), "lk")
     with pytest.raises(OverlayBusy):
-        overlay.remove(Repository.open(str(repo)), "lk")
+        overlay.remove(Repository.open(str(repo), password=TEST_PASSWORD), "lk")
     o.close()
-    overlay.remove(Repository.open(str(repo)), "lk")
+    overlay.remove(Repository.open(str(repo), password=TEST_PASSWORD), "lk")
 
 
 def test_extent_map_later_writes_win() -> None:
@@ -385,7 +394,7 @@ def test_raw_writes_flags_and_errors(disk: tuple[Path, Image, str]) -> None:
     from pipeline.cli.serve_cmd import close_overlays, open_overlays  # noqa: PLC0415
 
     repo, img, _ = disk
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     overlays = open_overlays(r, r.points(), {"raw": f"{SOURCE}@latest"})
     server = NbdServer(r, port=0, overlays=overlays)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
@@ -421,7 +430,7 @@ def test_raw_writes_flags_and_errors(disk: tuple[Path, Image, str]) -> None:
         server.shutdown()
         thread.join(10)
         close_overlays(overlays)
-    o = Overlay(Repository.open(str(repo)), "raw")  # the lock was released
+    o = Overlay(Repository.open(str(repo), password=TEST_PASSWORD), "raw")  # the lock was released
     assert o.read_piece(o.pieces(100, 5)[0]) == b"hello"
     o.close()
 
@@ -441,7 +450,7 @@ def test_verify_checks_overlays(disk: tuple[Path, Image, str], cli: CliRunner) -
     log.write_bytes(bytes(data[: overlay_log.HEADER_BYTES]))  # only a torn tail is left
     res = cli("-r", repo, "verify")
     assert res.code == 0 and "torn record" in res.err, res.err
-    base = overlay.read_doc(Repository.open(str(repo)), "v1")["base"]
+    base = overlay.read_doc(Repository.open(str(repo), password=TEST_PASSWORD), "v1")["base"]
     os.unlink(repo / "points" / f"{base}.json")
     res = cli("-r", repo, "verify")
     assert res.code != 0 and f"base recovery point {base} is missing" in res.err

@@ -7,7 +7,15 @@ import json
 import pickle
 from pathlib import Path
 
-from combtest import CliRunner, Image, MiB, api_backup, api_restore, assert_one_line_error
+from combtest import (
+    TEST_PASSWORD,
+    CliRunner,
+    Image,
+    MiB,
+    api_backup,
+    api_restore,
+    assert_one_line_error,
+)
 
 import drive.overlays.overlay as overlay
 from catalog.repo import Repository
@@ -23,7 +31,7 @@ def _setup(tmp_path: Path) -> tuple[Path, Image, str]:
     img = Image(tmp_path / "disk.img", SIZE)
     img.random(0, MiB, seed=1)
     img.random(2 * MiB + 4096, 300_000, seed=2)
-    repo = Repository.init(str(tmp_path / "repo"), CHUNK, 3)
+    repo = Repository.init(str(tmp_path / "repo"), CHUNK, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path, name=SOURCE)
     return tmp_path / "repo", img, point.id
 
@@ -33,7 +41,7 @@ def test_backup_overlay(tmp_path: Path, cli: CliRunner) -> None:
     # A later point of the same source: the overlay's point must still have the base as parent.
     img.random(3 * MiB, 100_000, seed=3)
     later = api_backup(repo, img.path, name=SOURCE)
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     overlay.create(r, "ov", r.resolve(base_id))
     expected = bytearray(Path(tmp_path / "disk.img").read_bytes())
     expected[3 * MiB : 3 * MiB + 100_000] = bytes(100_000)  # back to the base's content
@@ -57,7 +65,7 @@ def test_backup_overlay(tmp_path: Path, cli: CliRunner) -> None:
     assert doc["source"] == SOURCE and doc["size"] == SIZE
     # Chunks touched: 1 + 2 (70 KB from 7 bytes into chunk 20) + 1 + 2 zeroed; not the disk.
     assert doc["bytes_read"] == 6 * CHUNK
-    point = Repository.open(str(repo)).resolve(str(doc["id"]))
+    point = Repository.open(str(repo), password=TEST_PASSWORD).resolve(str(doc["id"]))
     assert point.source_path == "overlay:ov"
     assert point.changes is not None
     out = tmp_path / "restored.img"
@@ -70,12 +78,12 @@ def test_backup_overlay(tmp_path: Path, cli: CliRunner) -> None:
 
 def test_backup_overlay_source_pickles(tmp_path: Path) -> None:
     repo, img, base_id = _setup(tmp_path)
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     overlay.create(r, "ov", r.resolve(base_id))
     o = Overlay(r, "ov")
     o.write(10, b"xyz")
     o.close()
-    src = pickle.loads(pickle.dumps(OverlaySource(str(repo), "ov")))
+    src = pickle.loads(pickle.dumps(OverlaySource(str(repo), "ov", r.sealer)))
     h = src.open()
     try:
         buf = bytearray(16)
@@ -88,7 +96,7 @@ def test_backup_overlay_source_pickles(tmp_path: Path) -> None:
 
 def test_backup_overlay_locked_and_missing(tmp_path: Path, cli: CliRunner) -> None:
     repo, _, base_id = _setup(tmp_path)
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     overlay.create(r, "busy", r.resolve(base_id))
     before = len(r.points())
     held = Overlay(r, "busy")  # as `comb serve` holds it
@@ -99,12 +107,12 @@ def test_backup_overlay_locked_and_missing(tmp_path: Path, cli: CliRunner) -> No
         held.close()
     res = cli("-r", repo, "backup", "overlay:nope", "--engine", "local")
     assert_one_line_error(res, "nope")
-    assert len(Repository.open(str(repo)).points()) == before
+    assert len(Repository.open(str(repo), password=TEST_PASSWORD).points()) == before
 
 
 def _overlay_point(repo: Path, base_id: str, cli: CliRunner) -> str:
     """Write non-zero data through an overlay of ``base_id`` and back the overlay up."""
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     overlay.create(r, "o1", r.resolve(base_id))
     o = Overlay(r, "o1")
     o.write(0, b"\xab" * 4096)

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-from combtest import CliRunner, Image, MiB, api_backup, assert_one_line_error
+from combtest import TEST_PASSWORD, CliRunner, Image, MiB, api_backup, assert_one_line_error
 from nbdtest import RawClient
 
 from catalog.errors import RepositoryError, UsageError
@@ -47,7 +47,7 @@ def _history(tmp_path: Path, cli: CliRunner, first_prune: bool = False) -> Histo
     img = Image(tmp_path / "d.img", SIZE)
     img.random(0, SIZE, seed=1)
     old_image = img.path.read_bytes()
-    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3)
+    repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     old = api_backup(repo.location, img.path, name="d")
     img.random(0, SIZE, seed=2)
     new = api_backup(repo.location, img.path, name="d")
@@ -77,7 +77,7 @@ def _refused(cli: CliRunner, h: History, holder: str, monkeypatch: pytest.Monkey
 
 def _pruned(cli: CliRunner, h: History) -> None:
     """Once the reader stopped: no lock left, and prune removes the forgotten point's data."""
-    assert locks.read_locks(Repository.open(str(h.repo)).storage) == []
+    assert locks.read_locks(Repository.open(str(h.repo), password=TEST_PASSWORD).storage) == []
     res = cli("-r", h.repo, "prune", "--json")
     assert res.code == 0 and '"packs_removed": 0' not in res.out, res.err
 
@@ -204,7 +204,7 @@ def test_export_holds_a_shared_lock(
     tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     h = _history(tmp_path, cli)
-    storage = Repository.open(str(h.repo)).storage
+    storage = Repository.open(str(h.repo), password=TEST_PASSWORD).storage
     seen: list[list[str]] = []
     real = drive_cmds.export_image
 
@@ -224,7 +224,7 @@ def test_serve_releases_its_lock_on_errors(
     tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch, error: BaseException
 ) -> None:
     h = _history(tmp_path, cli, first_prune=True)
-    storage = Repository.open(str(h.repo)).storage
+    storage = Repository.open(str(h.repo), password=TEST_PASSWORD).storage
     seen: list[list[str]] = []
 
     def failing(repo: Repository, *args: object, **kwargs: object) -> None:
@@ -233,7 +233,9 @@ def test_serve_releases_its_lock_on_errors(
 
     monkeypatch.setattr(serve_cmd, "NbdServer", failing)
     with pytest.raises(type(error)):
-        serve_cmd.cmd_serve(str(h.repo), argparse.Namespace(listen="127.0.0.1:0"))
+        serve_cmd.cmd_serve(
+            str(h.repo), argparse.Namespace(listen="127.0.0.1:0", password=TEST_PASSWORD)
+        )
     assert seen == [["serve"]] and locks.read_locks(storage) == []
 
 
@@ -273,7 +275,7 @@ def test_serve_reads_without_a_lock_on_read_only_media(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
     h = _history(tmp_path, cli)
-    storage = Repository.open(str(h.repo)).storage
+    storage = Repository.open(str(h.repo), password=TEST_PASSWORD).storage
     real = type(storage).write_atomic
 
     def read_only(s: object, name: str, data: bytes) -> None:
@@ -290,7 +292,9 @@ def test_serve_reads_without_a_lock_on_read_only_media(
 
     monkeypatch.setattr(serve_cmd, "NbdServer", stopped)
     with pytest.raises(KeyboardInterrupt):
-        serve_cmd.cmd_serve(str(h.repo), argparse.Namespace(listen="127.0.0.1:0"))
+        serve_cmd.cmd_serve(
+            str(h.repo), argparse.Namespace(listen="127.0.0.1:0", password=TEST_PASSWORD)
+        )
     assert seen == [0]  # it went on, without a lock
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "comb: note: serve holds no lock" in err, err
@@ -299,7 +303,7 @@ def test_serve_reads_without_a_lock_on_read_only_media(
 def test_key_changes_are_not_held_up_by_readers(tmp_path: Path) -> None:
     """A server's shared lock lasts for days: `key add` must not wait for it, while key
     changes still exclude each other and prune still waits for the server."""
-    r = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3)
+    r = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
     other = subprocess.Popen(["sleep", "60"])  # a live process that "holds" the locks
     try:
         time.sleep(0.05)

@@ -12,10 +12,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from catalog.store.assemble import ManifestAssembler
 from catalog.store.changes import ChangeTableWriter, read_changes
 from catalog.store.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.store.storage import TMP_DIR, LocalStorage
-from pipeline.jobs.assemble import ManifestAssembler
 
 C = 4096
 LC = 4  # chunks per leaf in these tests

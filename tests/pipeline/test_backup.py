@@ -7,7 +7,16 @@ import threading
 from pathlib import Path
 
 import pytest
-from combtest import Image, ImageFactory, KiB, MiB, api_backup, api_restore, cmp_files
+from combtest import (
+    TEST_PASSWORD,
+    Image,
+    ImageFactory,
+    KiB,
+    MiB,
+    api_backup,
+    api_restore,
+    cmp_files,
+)
 
 from catalog.errors import OutputError, SourceError
 from catalog.repo import Repository
@@ -46,7 +55,7 @@ def test_full_backup_statistics_and_restore(
 
 
 def test_plan_modes(repo_path: Path, make_image: ImageFactory, tmp_path: Path) -> None:
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     img = _mixed(make_image)
     full = plan_backup(repo, str(img.path), BackupOptions(source_name="d"))
     assert full.mode == "full" and full.parent is None and full.changed is None
@@ -135,7 +144,7 @@ def test_shorter_source_is_refused(repo_path: Path, make_image: ImageFactory) ->
     img.resize(MiB)
     with pytest.raises(SourceError, match=f"shorter than its parent recovery point {first.id}"):
         api_backup(repo_path, img.path, name="s")
-    assert len(Repository.open(str(repo_path)).points()) == 1
+    assert len(Repository.open(str(repo_path), password=TEST_PASSWORD).points()) == 1
     other = api_backup(repo_path, img.path, name="s-small")
     assert other.parent is None
 
@@ -210,7 +219,7 @@ def test_restore_refuses_existing_output_and_cleans_up_on_failure(
 ) -> None:
     img = _mixed(make_image)
     p = api_backup(repo_path, img.path)
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     out = tmp_path / "out"
     out.write_bytes(b"precious")
     with pytest.raises(OutputError, match="exists"):

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 from combtest import (
     PYTHON,
+    TEST_PASSWORD,
     CliRunner,
     ImageFactory,
     KiB,
@@ -59,7 +60,7 @@ def backed(cli: CliRunner, make_image: ImageFactory, tmp_path: Path) -> Backed:
 
 
 def _chunk(repo: Path, codec: int) -> tuple[Path, int, int]:
-    index = load_index(Repository.open(str(repo)).storage).to_pylist()
+    index = load_index(Repository.open(str(repo), password=TEST_PASSWORD).storage).to_pylist()
     row = next(r for r in index if r["codec"] == codec and r["stored_len"] > 64)
     return repo / pack_name(row["pack"]), row["offset"], row["stored_len"]
 
@@ -205,10 +206,10 @@ SWEEP = textwrap.dedent(
     from catalog.repo import Repository
     from pipeline.jobs.restore import restore_point
 
-    repo, target, image, out, start, stride = sys.argv[1:7]
+    repo, target, image, out, start, stride, password = sys.argv[1:8]
     expected = open(image, "rb").read()
     size = os.path.getsize(target)
-    point = Repository.open(repo).points()[0]
+    point = Repository.open(repo, password=password).points()[0]
     result = {"undetected": [], "silent": [], "escaped": []}
     for pos in range(int(start), size, int(stride)):
         print(f"pos {pos}", file=sys.stderr, flush=True)
@@ -218,7 +219,7 @@ SWEEP = textwrap.dedent(
             fh.seek(pos)
             fh.write(bytes([old[0] ^ 0x01]))
         try:
-            r = Repository.open(repo)
+            r = Repository.open(repo, password=password)
             try:
                 if check_repository(r.storage).ok:
                     result["undetected"].append(pos)
@@ -254,7 +255,7 @@ def _sweep(b: Backed, target: Path, stride: int) -> tuple[dict[str, list[object]
         proc = subprocess.run(
             [
                 PYTHON, "-c", SWEEP, str(b.repo), str(target), str(b.image),
-                str(b.tmp / "sweep.img"), str(start), str(stride),
+                str(b.tmp / "sweep.img"), str(start), str(stride), TEST_PASSWORD,
             ],
             capture_output=True,
             text=True,

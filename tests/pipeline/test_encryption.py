@@ -206,7 +206,7 @@ def test_overlays_are_sealed(cli: CliRunner, tmp_path: Path, make_image: ImageFa
     from drive.overlays.reader import OverlayReader
 
     repo, img = _backed_up(cli, tmp_path, make_image)
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     overlay.create(r, "vm", r.resolve(point_ids(cli, repo)[-1]))
     ov = Overlay(r, "vm")
     secret = MARKER + b"written by the guest " * 50
@@ -255,11 +255,11 @@ def test_purposes_table_matches_the_code() -> None:
     from spectables import spec_table
 
     assert tuple(r["Purpose"].strip("`") for r in spec_table("purposes")) == crypto.PURPOSES
-    keys = crypto.RepoKeys.from_master(bytes(64))
+    keys = crypto.AesGcmSealer.from_master(bytes(64))
     derived = [keys.id_key, keys.blob_key, keys.table_key, keys.doc_key, keys.parquet_key]
     derived.append(keys.record_key)
     assert len(set(derived)) == len(crypto.PURPOSES) and all(len(k) == 32 for k in derived)
-    assert "key" not in repr(keys).lower().replace("repokeys", "")
+    assert "key" not in repr(keys).lower().replace("aesgcmsealer", "")
 
 
 def test_review_fixes_overlay_records_keys_config_locks(
@@ -274,7 +274,7 @@ def test_review_fixes_overlay_records_keys_config_locks(
     from pipeline import locking
 
     repo, img = _backed_up(cli, tmp_path, make_image)
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     base = r.resolve(point_ids(cli, repo)[-1])
     for name in ("ova", "ovb"):
         overlay.create(r, name, base)
@@ -334,7 +334,7 @@ def test_overlay_backup_on_ray_with_a_password_file(
     from drive.overlays.overlay import Overlay
 
     repo, img = _backed_up(cli, tmp_path, make_image)
-    r = Repository.open(str(repo))
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
     overlay.create(r, "vm", r.resolve(point_ids(cli, repo)[-1]))
     ov = Overlay(r, "vm")
     ov.write(0, b"guest wrote this " * 100)

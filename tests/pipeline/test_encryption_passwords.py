@@ -1,5 +1,6 @@
-"""Encryption at rest: passwords (wrong, missing, from a file, typed at a terminal) and key
-files (add, list, remove). The rest is in test_encryption.py."""
+"""Encryption at rest: passwords (wrong, missing, from a file, typed at a terminal; the
+repository takes one, the command line looks it up) and key files (add, list, remove). The rest
+is in test_encryption.py."""
 
 from __future__ import annotations
 
@@ -9,6 +10,8 @@ from pathlib import Path
 import pytest
 from combtest import TEST_PASSWORD, CliRunner, assert_one_line_error
 
+from catalog.errors import UsageError
+from catalog.repo import Repository
 from catalog.store import crypto
 
 
@@ -31,6 +34,49 @@ def test_passwords_wrong_missing_from_file(
     monkeypatch.setenv("COMB_PASSWORD", "")
     assert_one_line_error(cli("-r", tmp_path / "r2", "init"), "empty password", code=2)
     assert not (tmp_path / "r2" / "config.json").exists()
+
+
+def test_the_repository_takes_a_password_and_never_looks_one_up(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Repository.init and open use the password they are given: a string, or a source asked
+    only when the repository is encrypted. COMB_PASSWORD is the command line's, not theirs."""
+    asked: list[tuple[str, bool]] = []
+
+    def source(location: str, confirm: bool) -> str:
+        asked.append((location, confirm))
+        return TEST_PASSWORD
+
+    sealed = str(tmp_path / "sealed")
+    Repository.init(sealed, password=source)
+    assert asked == [(sealed, True)]  # a new repository's password: confirmed
+    monkeypatch.setenv("COMB_PASSWORD", TEST_PASSWORD)  # (conftest sets it too)
+    with pytest.raises(UsageError, match=r"needs a password \(none given\)"):
+        Repository.open(sealed)
+    with pytest.raises(UsageError, match="empty password"):
+        Repository.open(sealed, password="")
+    assert Repository.open(sealed, password=source).key_id is not None
+    assert asked[-1] == (sealed, False)
+    assert Repository.open(sealed, password=TEST_PASSWORD).key_id is not None
+    with pytest.raises(UsageError, match="needs a password"):
+        Repository.init(str(tmp_path / "unsaid"))
+    assert not (tmp_path / "unsaid").exists()
+    asked.clear()
+    plain = str(tmp_path / "plain")
+    Repository.init(plain, encryption="none", password=source)
+    assert Repository.open(plain, password=source).key_id is None
+    assert Repository.open(plain).points() == []
+    assert asked == []  # a plain repository never asks
+
+
+def test_cli_plain_repository_needs_no_password(
+    cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("COMB_PASSWORD")
+    repo = tmp_path / "plain"
+    assert cli("-r", repo, "init", "--encryption", "none").code == 0
+    res = cli("-r", repo, "points", "--json")
+    assert res.code == 0, res.err
 
 
 def test_key_add_list_remove(

@@ -14,6 +14,7 @@ from typing import Any
 
 import pytest
 from combtest import (
+    TEST_PASSWORD,
     CliRunner,
     Image,
     MiB,
@@ -136,7 +137,7 @@ def test_backup_during_prune_dedups_against_garbage(
     garbage: it stores nothing); the exclusive phase must see that backup's point and keep
     those packs."""
     img, ids, copies = _history(make_image, repo_path, tmp_path)
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     marks = gc.Marks()
     gc.mark(repo, [p for p in repo.points() if p.id != ids[0]], marks)  # as if forgotten
     repacked = gc.repack(repo, marks)
@@ -157,7 +158,7 @@ def test_prune_killed_at_any_removal_loses_nothing(
     repo_path: Path, make_image: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fail_at: int
 ) -> None:
     _, ids, copies = _history(make_image, repo_path, tmp_path)
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     os.unlink(repo_path / "points" / f"{ids[0]}.json")
     os.unlink(repo_path / "points" / f"{ids[1]}.json")
     real = type(repo.storage).remove
@@ -181,7 +182,8 @@ def test_prune_killed_at_any_removal_loses_nothing(
     for lk in locks.read_locks(repo.storage):  # a killed prune leaves its lock: remove it
         repo.storage.remove(lk.name)
     _restores(repo_path, ids[2:], copies, tmp_path)
-    gc.prune(Repository.open(str(repo_path)), wait_s=5)  # the next prune finishes the job
+    # The next prune finishes the job.
+    gc.prune(Repository.open(str(repo_path), password=TEST_PASSWORD), wait_s=5)
     _restores(repo_path, ids[2:], copies, tmp_path)
     if not died:
         assert fail_at >= calls["n"]
@@ -217,7 +219,7 @@ class ForeignLock:
 def test_locks_conflict_wait_and_stale(
     cli: CliRunner, repo_path: Path, make_image: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     monkeypatch.setenv(locks.WAIT_ENV, "0.3")
     with ForeignLock(repo, "backup"):
         res = cli("-r", repo_path, "prune")  # waits for the running backup, then gives up
@@ -314,7 +316,7 @@ def test_scrub_finds_isolates_and_a_backup_heals(
     res = cli("-r", repo_path, "scrub")
     assert res.code == 0 and "clean" in res.out and "MB/s" in res.out, res.err
     # Damage one chunk of the last point (its 3 MiB are in its own pack).
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     index = load_index(repo.storage)
     last = repo.resolve(ids[-1])
     leaf = repo.manifest(last).leaf_at(0)
@@ -351,7 +353,7 @@ def test_a_lock_released_while_locks_are_read_is_skipped(
 ) -> None:
     """Found by the multi-process kill test: a lock listed, then released before it was read,
     made the reader fail ("cannot read locks/...: No such file"). It is simply gone."""
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     with locks.locked(repo.storage, "backup", command="test"):
         listed = repo.storage.list("locks")
     real_list = type(repo.storage).list

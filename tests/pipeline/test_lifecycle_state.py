@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from combtest import MiB, api_backup, api_restore
+from combtest import TEST_PASSWORD, MiB, api_backup, api_restore
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import (
@@ -188,7 +188,7 @@ class Lifecycle(RuleBasedStateMachine):
         super().__init__()
         self.dir = Path(tempfile.mkdtemp(prefix="comb-sm-"))
         self.repo_path = self.dir / "repo"
-        Repository.init(str(self.repo_path))
+        Repository.init(str(self.repo_path), password=TEST_PASSWORD)
         self.image = self.dir / "disk.img"
         with open(self.image, "wb") as fh:
             fh.truncate(SIZE)
@@ -227,11 +227,15 @@ class Lifecycle(RuleBasedStateMachine):
             data[at : at + 4096] = rnd.randbytes(4096)
         self.image.write_bytes(bytes(data))
         digest = _digest(self.image)
-        before = {p.id for p in Repository.open(str(self.repo_path)).points()}
+        before = {
+            p.id for p in Repository.open(str(self.repo_path), password=TEST_PASSWORD).points()
+        }
         done = self._run(
             crash_at, lambda: api_backup(self.repo_path, self.image, name="d", workers=1), kind
         )
-        after = {p.id for p in Repository.open(str(self.repo_path)).points()}
+        after = {
+            p.id for p in Repository.open(str(self.repo_path), password=TEST_PASSWORD).points()
+        }
         new = after - before
         assert len(new) <= 1 and (new or not done)
         for pid in new:
@@ -240,7 +244,7 @@ class Lifecycle(RuleBasedStateMachine):
     @precondition(lambda self: len(self.expected) > 1)
     @rule(keep=st.integers(1, 3), crash_at=st.none() | st.integers(0, 3))
     def forget(self, keep: int, crash_at: int | None) -> None:
-        repo = Repository.open(str(self.repo_path))
+        repo = Repository.open(str(self.repo_path), password=TEST_PASSWORD)
         kept = kept_by_policy(repo.points(), KeepPolicy(last=keep))
 
         def step() -> None:
@@ -249,19 +253,25 @@ class Lifecycle(RuleBasedStateMachine):
                     repo.storage.remove(point_name(p.id))
 
         self._run(crash_at, step)
-        left = {p.id for p in Repository.open(str(self.repo_path)).points()}
+        left = {p.id for p in Repository.open(str(self.repo_path), password=TEST_PASSWORD).points()}
         for pid in list(self.expected):
             if pid not in left:
                 del self.expected[pid]
 
     @rule(crash_at=st.none() | st.integers(0, 12), kind=st.sampled_from(["crash", "enospc"]))
     def prune(self, crash_at: int | None, kind: str) -> None:
-        self._run(crash_at, lambda: gc.prune(Repository.open(str(self.repo_path)), wait_s=5), kind)
+        self._run(
+            crash_at,
+            lambda: gc.prune(
+                Repository.open(str(self.repo_path), password=TEST_PASSWORD), wait_s=5
+            ),
+            kind,
+        )
 
     @rule(crash_at=st.none() | st.integers(0, 4))
     def scrub_repair(self, crash_at: int | None) -> None:
         """Nothing stored is damaged here: scrub --repair finds nothing, even when killed."""
-        repo = Repository.open(str(self.repo_path))
+        repo = Repository.open(str(self.repo_path), password=TEST_PASSWORD)
         result: list[Any] = []
         if self._run(crash_at, lambda: result.append(scrub(repo, repair=True))):
             assert not result[0].damaged, result[0].damaged
@@ -287,7 +297,7 @@ class Lifecycle(RuleBasedStateMachine):
 
     @invariant()
     def every_point_restores_and_verify_is_clean(self) -> None:
-        repo = Repository.open(str(self.repo_path))
+        repo = Repository.open(str(self.repo_path), password=TEST_PASSWORD)
         assert {p.id for p in repo.points()} == set(self.expected)
         for pid, digest in self.expected.items():
             out = self.dir / "out.img"

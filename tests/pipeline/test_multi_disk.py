@@ -7,14 +7,15 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from combtest import Image, MiB, api_restore, cmp_files
+from combtest import TEST_PASSWORD, Image, MiB, api_restore, cmp_files
 
 from catalog.repo import Repository
 from pipeline.engines import LocalEngine
 from pipeline.jobs.backup import plan_backup
 from pipeline.jobs.runner import BackupOptions, DiskJob, run_jobs
-from pipeline.jobs.vsphere import DiskInfo, parse_url
+from pipeline.jobs.vsphere import parse_url
 from pipeline.jobs.vsphere_backup import audit_sample, subtract
+from pipeline.jobs.vsphere_vm import DiskInfo
 from stages.sources.image import ImageSource
 
 
@@ -47,7 +48,7 @@ def test_two_disks_one_run(repo: Repository, make_image, tmp_path: Path, workers
     # An incremental of both disks in one run: only the changed chunk of each is read.
     a.random(65536, 10, seed=10)
     b.random(0, 10, seed=11)
-    repo = Repository.open(repo.location)
+    repo = Repository.open(repo.location, password=TEST_PASSWORD)
     again = run_jobs(repo, _jobs(repo, [a, b]), LocalEngine(workers), opts)
     for p, img in zip(again, [a, b], strict=True):
         assert p.parent is not None and p.stats.bytes_changed == 65536

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 from combtest import (
+    TEST_PASSWORD,
     CliRunner,
     MiB,
     api_backup,
@@ -36,7 +37,7 @@ GEOMETRY = ParityGeometry(K, M, S)
 
 def _make(tmp_path: Path, make_image: Any, points: int = 2) -> tuple[Path, list[str], dict]:
     repo_path = tmp_path / "prepo"
-    Repository.init(str(repo_path), parity=GEOMETRY)
+    Repository.init(str(repo_path), parity=GEOMETRY, password=TEST_PASSWORD)
     img = make_image(4 * MiB, "p.img")
     ids, copies = [], {}
     for i in range(points):
@@ -86,8 +87,9 @@ def _expected_lost(repo_path: Path, pack: bytes, ranges: list[tuple[int, int]]) 
             for lo, hi in hits:
                 lost_bytes.update(range(max(lo, base), min(hi, base + K * s, size)))
     out = set()
-    keys = Repository.open(str(repo_path)).keys  # the repository is encrypted (the default)
-    for e in parse_pack(pack, "p", keys=keys):
+    # The repository is encrypted (the default).
+    sealer = Repository.open(str(repo_path), password=TEST_PASSWORD).sealer
+    for e in parse_pack(pack, "p", sealer=sealer):
         if any(e.offset <= b < e.offset + e.stored_len for b in lost_bytes):
             out.add(e.chunk_id)
     return out
@@ -101,7 +103,7 @@ def test_new_repository_has_parity_for_every_pack(tmp_path: Path, make_image: An
         size = (repo_path / pack_name(pid)).stat().st_size
         par = (repo_path / parity_name(pid)).stat().st_size
         assert 0.5 * M / K * size < par < M / K * size + 4096
-    rep = scrub(Repository.open(str(repo_path)))
+    rep = scrub(Repository.open(str(repo_path), password=TEST_PASSWORD))
     assert rep.parity and not rep.damaged and not rep.parity_problems
 
 
@@ -159,7 +161,7 @@ def test_damage_beyond_parity_is_reported_exactly_and_isolated(
     (aff,) = doc["affected"]
     assert aff["extents"] and aff["point"] in ids
     # Points that do not use the lost chunks restore; the next backup of the data heals all.
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     hurt = {aff["point"]}
     _restores(repo_path, [i for i in ids if i not in hurt], copies, tmp_path)
     img = tmp_path / "again.img"
@@ -195,7 +197,7 @@ def test_damaged_and_missing_parity_files_are_rewritten(
 
 def test_prune_removes_parity_and_repack_writes_it(tmp_path: Path, make_image: Any) -> None:
     repo_path = tmp_path / "prepo"
-    Repository.init(str(repo_path), parity=GEOMETRY)
+    Repository.init(str(repo_path), parity=GEOMETRY, password=TEST_PASSWORD)
     img = make_image(4 * MiB, "p.img")
     img.random(0, 3 * MiB, seed=1)
     first = api_backup(repo_path, img.path, name="d")
@@ -206,13 +208,13 @@ def test_prune_removes_parity_and_repack_writes_it(tmp_path: Path, make_image: A
     orphan = repo_path / parity_name("ee" * 32)  # as left by a crash before its pack's commit
     orphan.parent.mkdir(parents=True)
     shutil.copyfile(repo_path / parity_name(_packs(repo_path)[0]), orphan)
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     repo.storage.remove(point_name(first.id))
     res = gc.prune(repo)
     assert res.repacked.new_packs == 1 and len(res.plan.packs) == 1
     parities = sorted(p.name[: -len(".parity")] for p in (repo_path / "parity").rglob("*.parity"))
     assert parities == _packs(repo_path)
-    rep = scrub(Repository.open(str(repo_path)))
+    rep = scrub(Repository.open(str(repo_path), password=TEST_PASSWORD))
     assert not rep.parity_problems and not rep.damaged
     _restores(repo_path, [second.id], {second.id: copy}, tmp_path)
 
@@ -242,7 +244,7 @@ def test_any_damage_heals_within_the_limit_and_reports_exactly_the_rest(
         return
     _corrupt(path, ranges)
     lost = _expected_lost(work, original, ranges)
-    rep = scrub(Repository.open(str(work)), repair=True)
+    rep = scrub(Repository.open(str(work), password=TEST_PASSWORD), repair=True)
     assert {d.chunk_id for d in rep.unhealed if d.chunk_id} == lost
     if not lost and not any(d.pack == pid and not d.chunk_id for d in rep.unhealed):
         assert path.read_bytes() == original
@@ -256,7 +258,7 @@ def template(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     base = tmp_path_factory.mktemp("tpl")
     repo_path = base / "repo"
-    Repository.init(str(repo_path), parity=GEOMETRY)
+    Repository.init(str(repo_path), parity=GEOMETRY, password=TEST_PASSWORD)
     img = Image(base / "t.img", 3 * MiB)
     img.random(0, 3 * MiB, seed=3)
     api_backup(repo_path, img.path, name="t")

@@ -15,6 +15,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from combtest import TEST_PASSWORD
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -139,7 +140,7 @@ def test_every_point_restores_identically(scenario: Scenario) -> None:
         scenario.batch_chunks,
     )
     with tempfile.TemporaryDirectory(prefix="comb-prop-") as tmp:
-        repo = Repository.init(os.path.join(tmp, "repo"), chunk_size=CHUNK)
+        repo = Repository.init(os.path.join(tmp, "repo"), chunk_size=CHUNK, password=TEST_PASSWORD)
         src = os.path.join(tmp, "disk.img")
         with open(src, "wb") as fh:
             fh.truncate(size)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+from combtest import TEST_PASSWORD
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -24,19 +25,19 @@ from pipeline.jobs.backup import run_backup
 from pipeline.jobs.runner import BackupOptions
 from pipeline.engines import RayEngine
 
-repo_path, image = sys.argv[1], sys.argv[2]
+repo_path, image, password = sys.argv[1], sys.argv[2], sys.argv[3]
 ray_pids = []
 
 class CuttingEngine(RayEngine):
-    def start(self, repo_path, make_stage, keys=None):
+    def start(self, repo_path, make_stage, sealer):
         os.truncate(image, 3 << 20)
-        super().start(repo_path, make_stage, keys)
+        super().start(repo_path, make_stage, sealer)
         for p in psutil.Process().children(recursive=True):
             ray_pids.append(p.pid)
 
 try:
     opts = BackupOptions(batch_bytes=1 << 20)
-    run_backup(Repository.open(repo_path), image, CuttingEngine(), opts)
+    run_backup(Repository.open(repo_path, password=password), image, CuttingEngine(), opts)
     print(json.dumps({"error": None, "pids": ray_pids}))
 except CombError as err:
     print(json.dumps({"error": err.message, "type": type(err).__name__, "pids": ray_pids}))
@@ -50,9 +51,9 @@ def test_stage_failure_in_an_actor(tmp_path: Path) -> None:
     image = tmp_path / "disk.img"
     with open(image, "wb") as fh:
         fh.write(b"\x17" * (12 << 20))
-    repo = Repository.init(str(tmp_path / "repo"))
+    repo = Repository.init(str(tmp_path / "repo"), password=TEST_PASSWORD)
     run = subprocess.run(
-        [sys.executable, "-c", DRIVER, repo.location, str(image)],
+        [sys.executable, "-c", DRIVER, repo.location, str(image), TEST_PASSWORD],
         capture_output=True, text=True, cwd=ROOT, timeout=300,
     )  # fmt: skip
     assert run.returncode == 0, run.stderr

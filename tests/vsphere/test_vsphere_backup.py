@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from combtest import CliRunner, MiB, api_restore, assert_one_line_error, cmp_files
+from combtest import TEST_PASSWORD, CliRunner, MiB, api_restore, assert_one_line_error, cmp_files
 from pyVmomi import vim
 from vcsimtest import DiskInfo, Simulator, VmFactory, VmInfo, snapshots, wait
 
@@ -98,7 +98,7 @@ def test_full_then_cbt_incrementals(
     assert_restores(repo_path, p3["id"], disk, tmp_path)
     assert snapshots(vcsim.connect(), vm) == []
 
-    doc = Repository.open(str(repo_path)).resolve(str(p3["id"]))
+    doc = Repository.open(str(repo_path), password=TEST_PASSWORD).resolve(str(p3["id"]))
     assert doc.vsphere is not None
     assert doc.vsphere["vm"]["cpus"] == 1 and doc.vsphere["vm"]["memory_mib"] == 64
     assert doc.vsphere["disk"]["key"] == disk.key
@@ -180,7 +180,7 @@ def test_an_overlay_backup_between_two_vm_backups(
     rng = random.Random(9)
     scribble(disk, rng, [0, 2 * MiB])
     (p1,), _ = backup(cli, repo_path, vcsim, vm)
-    r = Repository.open(str(repo_path))
+    r = Repository.open(str(repo_path), password=TEST_PASSWORD)
     overlay.create(r, "o1", r.resolve(str(p1["id"])))
     ov = Overlay(r, "o1")
     ov.write(0, b"\xab" * 4096)
@@ -193,7 +193,7 @@ def test_an_overlay_backup_between_two_vm_backups(
     assert p3["parent"] == p1["id"] and p3["mode"] == "changed-extents", err
     assert p3["cbt"]["query"] == "since" and p3["cbt"]["since_change_id"] == p1["change_id"]
     assert p3["bytes_read"] == chunks_touched([3 * MiB])
-    point = Repository.open(str(repo_path)).resolve(str(p3["id"]))
+    point = Repository.open(str(repo_path), password=TEST_PASSWORD).resolve(str(p3["id"]))
     assert point.vsphere is not None and point.vsphere["cbt"]["query"] == "since"
     assert_restores(repo_path, p3["id"], disk, tmp_path)
 
@@ -207,7 +207,7 @@ def test_a_vm_backup_whose_only_earlier_point_is_an_overlays(
     disk = vm.disks[0]
     scribble(disk, random.Random(10), [0])
     (p1,), _ = backup(cli, repo_path, vcsim, vm)
-    r = Repository.open(str(repo_path))
+    r = Repository.open(str(repo_path), password=TEST_PASSWORD)
     overlay.create(r, "o1", r.resolve(str(p1["id"])))
     res = cli("-r", repo_path, "backup", "overlay:o1", "--json")
     assert res.code == 0, res.err
@@ -234,7 +234,7 @@ def test_multi_disk_vm(
     assert [p["source"] for p in points] == [
         f"vsphere://{vcsim.host}:{vcsim.port}/{vm.inventory_path}/disk-{d.key}" for d in vm.disks
     ]
-    repo = Repository.open(str(repo_path))
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     for p, d in zip(points, vm.disks, strict=True):
         assert_restores(repo_path, p["id"], d, tmp_path)
         doc = repo.resolve(p["id"]).vsphere

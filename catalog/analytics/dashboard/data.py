@@ -13,10 +13,11 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.analytics.catalog import Catalog
-from catalog.analytics.dashboard.render import DashboardData, format_bytes
+from catalog.analytics.dashboard.render import DashboardData
 from catalog.analytics.growth_fit import fit_growth, fit_warning, linear_fit
 from catalog.analytics.reports import ReportOptions, default_bucket, hot_regions, rpo
 from catalog.store.points import RecoveryPoint
+from catalog.units import format_bytes
 
 HORIZONS_DAYS = (30, 90, 365)
 

@@ -30,7 +30,6 @@ from catalog.analytics.dashboard.svgchart import (
     bytes_axis,
     esc,
     figure,
-    format_bytes,
     is_point,
     legend,
     linear_axis,
@@ -39,10 +38,11 @@ from catalog.analytics.dashboard.svgchart import (
     time_axis,
     utc_date,
 )
+from catalog.units import format_bytes
 
-__all__ = [  # format_bytes is re-exported: callers format their summary cards with it
+__all__ = [
     "FIT_COLOUR", "HEAT_COLOURS", "REPOSITORY_COLOUR", "SOURCE_COLOURS", "DashboardData",
-    "format_bytes", "render_dashboard",
+    "render_dashboard",
 ]  # fmt: skip
 
 # Tableau 10: distinguishable on white and under the common colour-vision deficiencies.

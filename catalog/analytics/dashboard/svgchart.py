@@ -1,13 +1,14 @@
 """Generic SVG line and scatter charts for self-contained HTML pages.
 
 Owns the drawing machinery: number, byte and time axes with their ticks, a plot's coordinate
-mapping, series marks (lines, dots, M4 thinning of long series), the chart's SVG, its legend, byte
-formatting, and picking the drawable points out of nullable columns. It knows nothing of backups,
-repositories or Arrow tables: callers hand it series of (x, y) floats (times as seconds since the
-epoch) and get markup back. It must not reference anything outside the page (no scripts, fonts,
-stylesheets or images), and it escapes every string it is given, so a hostile series name
-can neither load nor run anything. The page's CSS (classes ``grid``, ``tick``, ``line``,
-``dots``, ``legend``, ``empty``) belongs to the caller.
+mapping, series marks (lines, dots, M4 thinning of long series), the chart's SVG, its legend,
+and picking the drawable points out of nullable columns; byte sizes are formatted by
+``catalog.units``. It knows nothing of backups, repositories or Arrow tables: callers hand it
+series of (x, y) floats (times as seconds since the epoch) and get markup back. It must not
+reference anything outside the page (no scripts, fonts, stylesheets or images), and it escapes
+every string it is given, so a hostile series name can neither load nor run anything. The
+page's CSS (classes ``grid``, ``tick``, ``line``, ``dots``, ``legend``, ``empty``) belongs to
+the caller.
 """
 
 from __future__ import annotations
@@ -20,26 +21,15 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
+from catalog.units import BYTE_UNITS
+
 CHART_WIDTH_PX, CHART_HEIGHT_PX = 960, 280
 PANEL_WIDTH_PX, PANEL_HEIGHT_PX = 470, 240
 MARGIN_PX = (14, 40, 26, 74)  # top, right, bottom, left: room for tick labels
 EMPTY = '<p class="empty">No data yet.</p>'
-_BYTE_UNITS = ("B", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB")
 _SPARSE_POINTS = 60  # up to this many points a line also gets a dot per point
 _TIME_STEPS_S = (3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400, 14 * 86400)
 _MONTH_STEPS = (1, 2, 3, 6, 12, 24, 60, 120)
-
-
-def format_bytes(n: float) -> str:
-    """Binary units, three significant digits: ``512 B``, ``1.50 GiB``, ``12.3 TiB``."""
-    value, k = abs(float(n)), 0
-    while value >= 1024 and k < len(_BYTE_UNITS) - 1:
-        value, k = value / 1024, k + 1
-    sign = "-" if n < 0 else ""
-    if k == 0:
-        return f"{sign}{value:.0f} B"
-    digits = 2 if value < 10 else 1 if value < 100 else 0
-    return f"{sign}{value:.{digits}f} {_BYTE_UNITS[k]}"
 
 
 def esc(text: object) -> str:
@@ -104,10 +94,10 @@ def linear_axis(lo: float, hi: float, label: Callable[[float], str], extend: boo
 def bytes_axis(lo: float, hi: float, suffix: str = "", extend: bool = True) -> Axis:
     """Ticks at round numbers of one binary unit, the unit of the largest value; from 0 up."""
     lo = min(lo, 0.0)
-    k = min(int(math.log(max(abs(lo), abs(hi), 1.0), 1024) + 1e-9), len(_BYTE_UNITS) - 1)
+    k = min(int(math.log(max(abs(lo), abs(hi), 1.0), 1024) + 1e-9), len(BYTE_UNITS) - 1)
     unit = 1024.0**k
     axis = linear_axis(
-        lo / unit, hi / unit, lambda v: f"{v:g} {_BYTE_UNITS[k]}{suffix}" if v else "0", extend
+        lo / unit, hi / unit, lambda v: f"{v:g} {BYTE_UNITS[k]}{suffix}" if v else "0", extend
     )
     return Axis(axis.lo * unit, axis.hi * unit, tuple((v * unit, s) for v, s in axis.ticks))
 

@@ -1,8 +1,11 @@
-"""Assembling a point's manifest on the driver, leaf by leaf, as results stream in.
+"""The manifest builder: a point's manifest assembled leaf by leaf as backup results stream in.
 
 Results arrive in disk order. A leaf is final once every work item that could touch it has
 returned (the watermark passed its end); it is then written, or shared with the parent when its
 content did not change. Memory holds only leaves inside the in-flight window.
+
+Owns which leaves a new point writes and which it shares, and its change rows. Must not: read
+sources, run stages or commit the point (``pipeline.jobs.runner`` does, after the data is in).
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from catalog.store.changes import ChangeTableWriter, chunk_keys
 from catalog.store.index import ids_to_array
 from catalog.store.manifest import EMPTY_LEAF, Leaf, LeafRef, ManifestReader, ManifestWriter
 
-from .plan import Range
+Range = tuple[int, int]  # (start, end) of the disk, end exclusive
 
 # One result run inside a leaf: slots, ids (k, 32), stored-here flags, stored bytes.
 _Part = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]
