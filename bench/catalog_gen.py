@@ -23,7 +23,8 @@ import pyarrow as pa
 from catalog.repo import Repository
 from catalog.store.changes import ChangeTableWriter, chunk_keys
 from catalog.store.index import INDEX_SCHEMA, IndexSegmentWriter
-from catalog.store.manifest import LEAF_SCHEMA, LEAVES_PREFIX, ROOT_SCHEMA, ROOTS_PREFIX
+from catalog.store.leaves import LEAVES_PREFIX
+from catalog.store.manifest import LEAF_SCHEMA, ROOT_SCHEMA, ROOTS_PREFIX
 from catalog.store.parquet_io import ParquetStreamWriter
 from catalog.store.points import PointStats, RecoveryPoint, commit_point
 

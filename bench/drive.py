@@ -24,7 +24,7 @@ from catalog.read.lookup import SegmentCache, segment_name
 from catalog.read.point import PointSource
 from catalog.read.spans import MapOptions
 from catalog.repo import Repository
-from catalog.store.manifest import leaves_name
+from catalog.store.leaves import leaves_name
 from catalog.store.points import RecoveryPoint
 from drive.formats.export import export_image
 from drive.formats.registry import FORMATS, builder

@@ -52,9 +52,11 @@ def _vcsim() -> Any:
     return vcsimtest
 
 
-def _vsphere(repo: Repository, url: str, engine: str, cafile: str, audit: float) -> Any:
+def _vsphere(
+    repo: Repository, url: str, engine: str, cafile: str, audit: float, password: str
+) -> Any:
     eng = make_engine(engine)
-    vopts = VsphereOptions(verify=cafile, cbt_audit=audit)
+    vopts = VsphereOptions(verify=cafile, cbt_audit=audit, password=password)
     t0 = time.perf_counter()
     (point,) = run_vsphere_backup(repo, url, eng, BackupOptions(), vopts)
     return point, time.perf_counter() - t0
@@ -76,7 +78,6 @@ def main(argv: list[str]) -> int:
     rows: list[list[str]] = []
     figures: dict[str, Any] = {"size": size, "engine": args.engine}
     with vc.Simulator(os.path.join(work, "sim"), binary=binary) as sim:
-        os.environ["COMB_VSPHERE_PASSWORD"] = sim.password
         si = sim.connect()
         vm = vc.create_vm(si, f"bench-{os.getpid()}", [size])
         flat = str(vm.disks[0].flat_path)
@@ -87,7 +88,7 @@ def main(argv: list[str]) -> int:
         vs_repo = fresh_repo(os.path.join(work, "repo-vsphere"))
 
         base = backup(base_repo, flat, args.engine, "file full", source_name="disk")
-        point, wall = _vsphere(vs_repo, url, args.engine, sim.cafile, args.cbt_audit)
+        point, wall = _vsphere(vs_repo, url, args.engine, sim.cafile, args.cbt_audit, sim.password)
         runs: list[tuple[str, float, float, float, int, int, int]] = [
             ("full", size, base.wall_s, wall, point.stats.bytes_read, 0, 0)
         ]
@@ -113,6 +114,7 @@ def main(argv: list[str]) -> int:
                 args.engine,
                 sim.cafile,
                 args.cbt_audit,
+                sim.password,
             )
             audit = (p.vsphere or {}).get("cbt", {}).get("audit", {})
             read = p.stats.bytes_read

@@ -19,7 +19,7 @@ from catalog.errors import CorruptionError, RepositoryError
 from catalog.read.coalesce import READ_BYTES, coalesce
 from catalog.store.chunks import decode_chunk
 from catalog.store.index import ids_to_array
-from catalog.store.manifest import Leaf
+from catalog.store.leaves import Leaf
 from catalog.store.packs import pack_name
 from catalog.store.storage import Storage
 from stages.target import RestoreTarget, thread_buffer

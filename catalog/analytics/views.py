@@ -19,7 +19,8 @@ import pyarrow.fs as pafs
 
 from catalog.errors import CombError, QueryError
 from catalog.store.index import INDEX_SCHEMA, segment_names
-from catalog.store.manifest import LEAF_SCHEMA, LEAVES_PREFIX, ROOT_SCHEMA, roots_name
+from catalog.store.leaves import LEAVES_PREFIX
+from catalog.store.manifest import LEAF_SCHEMA, ROOT_SCHEMA, roots_name
 from catalog.store.parquet_io import read_verified
 from catalog.store.points import RecoveryPoint
 from catalog.store.sealing import Sealer

@@ -31,7 +31,8 @@ from catalog.store.index import (
     ids_to_array,
     segment_names,
 )
-from catalog.store.manifest import ManifestReader, leaves_name
+from catalog.store.leaves import leaves_name
+from catalog.store.manifest import ManifestReader
 from catalog.store.packs import PACK_TRAILER_BYTES, pack_name, parse_pack
 from catalog.store.parquet_io import load_block_list, read_parquet
 from catalog.store.points import RecoveryPoint, load_forgotten, load_points_tolerant

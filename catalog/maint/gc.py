@@ -42,8 +42,9 @@ from catalog.store.index import (
     ids_to_array,
     segment_names,
 )
+from catalog.store.leaves import LEAVES_PREFIX, leaves_name
 from catalog.store.locks import locked
-from catalog.store.manifest import LEAVES_PREFIX, ROOTS_PREFIX, leaves_name, roots_name
+from catalog.store.manifest import ROOTS_PREFIX, roots_name
 from catalog.store.parity import PARITY_PREFIX, parity_name
 from catalog.store.parquet_io import read_parquet
 from catalog.store.points import RecoveryPoint, forgotten_name, load_forgotten, point_name

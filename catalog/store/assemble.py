@@ -17,7 +17,8 @@ import pyarrow as pa
 
 from catalog.store.changes import ChangeTableWriter, chunk_keys
 from catalog.store.index import ids_to_array
-from catalog.store.manifest import EMPTY_LEAF, Leaf, LeafRef, ManifestReader, ManifestWriter
+from catalog.store.leaves import EMPTY_LEAF, Leaf
+from catalog.store.manifest import LeafRef, ManifestReader, ManifestWriter
 
 Range = tuple[int, int]  # (start, end) of the disk, end exclusive
 

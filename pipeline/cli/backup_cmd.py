@@ -18,6 +18,7 @@ from ..jobs.runner import BackupOptions
 from ..jobs.vsphere import is_vsphere
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
 from . import Subparsers
+from .passwords import VSPHERE_PASSWORD_ENV, vsphere_password
 from .progress import progress_bar
 
 # Work items are read into one buffer per worker: bound it (1 GiB per worker at most).
@@ -41,7 +42,9 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
     s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
     s.add_argument("--json", action="store_true", help="print one JSON object per point")
-    v = s.add_argument_group("vSphere (vsphere:// sources; password from COMB_VSPHERE_PASSWORD)")
+    v = s.add_argument_group(
+        f"vSphere (vsphere:// sources; password from {VSPHERE_PASSWORD_ENV} or a terminal)"
+    )
     v.add_argument("--quiesce", action="store_true", help="quiesce the guest (VMware Tools)")
     v.add_argument(
         "--disk", type=int, action="append", default=[], metavar="KEY", help="disk device key"
@@ -112,6 +115,7 @@ def _vsphere_options(args: argparse.Namespace) -> VsphereOptions | None:
         all_disks=args.all_disks,
         cbt_audit=DEFAULT_AUDIT_PERCENT if args.cbt_audit is None else args.cbt_audit,
         verify=False if args.insecure else (args.ca_file or True),
+        password=vsphere_password(),
     )
 
 

@@ -17,6 +17,7 @@ PASSWORD_ENV = "COMB_PASSWORD"
 PASSWORD_FILE_ENV = "COMB_PASSWORD_FILE"
 NEW_PASSWORD_ENV = "COMB_NEW_PASSWORD"
 NEW_PASSWORD_FILE_ENV = "COMB_NEW_PASSWORD_FILE"
+VSPHERE_PASSWORD_ENV = "COMB_VSPHERE_PASSWORD"
 
 
 def password_source(password_file: str | None) -> PasswordSource:
@@ -69,3 +70,16 @@ def _from_file(path: str) -> str:
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"cannot read password file {path}: {err}") from None
     return text.rstrip("\r\n")
+
+
+def vsphere_password() -> str:
+    """The vSphere user's password: COMB_VSPHERE_PASSWORD, or a prompt on a terminal."""
+    password = os.environ.get(VSPHERE_PASSWORD_ENV)
+    if password is not None:
+        return password
+    if sys.stdin.isatty():
+        try:
+            return getpass.getpass("vSphere password: ")
+        except EOFError:
+            raise UsageError("no vSphere password given") from None
+    raise UsageError(f"no vSphere password: set {VSPHERE_PASSWORD_ENV} (or run from a terminal)")

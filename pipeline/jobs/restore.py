@@ -20,7 +20,8 @@ from catalog.repo import Repository
 from catalog.store.index import id_keys, ids_to_array, load_locations
 from catalog.store.manifest import ManifestReader
 from catalog.store.points import RecoveryPoint
-from stages.restore import RestoreTarget, execute_read, leaves_to_table, plan_reads
+from stages.restore import execute_read, leaves_to_table, plan_reads
+from stages.target import RestoreTarget
 
 # Leaves per planning window: 256 x 1 MiB of disk; bounds memory and keeps reads sequential.
 WINDOW_LEAVES = 256

@@ -10,13 +10,11 @@ source does, ``stages.sources.datastore``) or touch the repository.
 
 from __future__ import annotations
 
-import getpass
 import http.client
 import os
 import re
 import socket
 import ssl
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -35,7 +33,6 @@ from stages.sources.datastore import DatastoreDisk, tls_context
 from .vsphere_vm import DiskInfo, vim_types
 
 PREFIX = "vsphere://"
-PASSWORD_ENV = "COMB_VSPHERE_PASSWORD"
 TASK_TIMEOUT_S = 3600.0
 KEEPALIVE_S = 300.0  # vCenter drops sessions idle for 30 minutes by default
 
@@ -75,15 +72,6 @@ def parse_url(source: str) -> VsphereUrl:
             f"{source}: expected an inventory path DATACENTER/vm/[FOLDER/]NAME after the host"
         )
     return VsphereUrl(unquote(parts.username), parts.hostname, port, path)
-
-
-def password() -> str:
-    pw = os.environ.get(PASSWORD_ENV)
-    if pw is not None:
-        return pw
-    if sys.stdin.isatty():
-        return getpass.getpass("vSphere password: ")
-    raise UsageError(f"no vSphere password: set {PASSWORD_ENV} (or run from a terminal)")
 
 
 def _fault(err: BaseException) -> str:
@@ -320,8 +308,8 @@ class CbtRefused(Exception):
 
 
 @contextmanager
-def session(url: VsphereUrl, verify: bool | str) -> Iterator[Vsphere]:
-    vs = Vsphere(url, password(), verify)
+def session(url: VsphereUrl, password: str, verify: bool | str) -> Iterator[Vsphere]:
+    vs = Vsphere(url, password, verify)
     try:
         yield vs
     finally:

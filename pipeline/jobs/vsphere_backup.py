@@ -16,7 +16,7 @@ The snapshot is removed when the backup ends, whether it succeeded or not.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -50,6 +50,7 @@ class VsphereOptions:
     all_disks: bool = False
     cbt_audit: float = DEFAULT_AUDIT_PERCENT
     verify: bool | str = True
+    password: str = field(default="", repr=False)  # the vCenter/ESXi user's
 
 
 def subtract(a: list[Range], b: list[Range]) -> list[Range]:
@@ -248,7 +249,7 @@ def run_vsphere_backup(
     if not 0 <= vopts.cbt_audit <= 100:
         raise UsageError("--cbt-audit must be a percentage between 0 and 100")
     url = parse_url(source)
-    with writer_lock(repo, "backup"), session(url, vopts.verify) as vs:
+    with writer_lock(repo, "backup"), session(url, vopts.password, vopts.verify) as vs:
         vm = vs.find_vm()
         name = str(vm.name)
         if vs.ensure_cbt(vm, name):

@@ -26,6 +26,7 @@ from spectables import (
 )
 
 from catalog.store import changes, index, manifest, points
+from catalog.store import leaves as store_leaves
 from catalog.store.storage import LocalStorage
 
 # ---------------------------------------------------------------------------------------------
@@ -130,7 +131,7 @@ def test_parquet_files_written_by_code_follow_the_spec(tmp_path: Path) -> None:
     seg_id, _size = seg.commit()
     writer = manifest.ManifestWriter(storage)
     id_rows = np.frombuffer(b"".join(ids), np.uint8).reshape(3, 32)
-    writer.add_leaf(0, manifest.Leaf(np.array([0, 1, 5], np.int16), id_rows))
+    writer.add_leaf(0, store_leaves.Leaf(np.array([0, 1, 5], np.int16), id_rows))
     writer.add_ref(manifest.LeafRef(1, "cd" * 32, 0))
     leaves_id, root_id, _written = writer.commit()
     table = changes.ChangeTableWriter(storage)

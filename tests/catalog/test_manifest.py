@@ -11,15 +11,13 @@ import pytest
 
 from catalog.errors import CorruptionError
 from catalog.store.blocks import block_list_name
+from catalog.store.leaves import EMPTY_LEAF, Leaf, leaves_name
 from catalog.store.manifest import (
-    EMPTY_LEAF,
     LEAF_ROW_GROUP_ROWS,
     ROOT_SCHEMA,
-    Leaf,
     LeafRef,
     ManifestReader,
     ManifestWriter,
-    leaves_name,
     roots_name,
 )
 from catalog.store.parquet_io import ParquetStreamWriter, open_parquet

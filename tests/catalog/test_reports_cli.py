@@ -103,7 +103,8 @@ def test_an_uncommitted_backup_is_invisible(history) -> None:  # type: ignore[no
     """What a backup writes before its commit (here: a change table, leaves and a root whose
     point document never appears) changes no view and no report."""
     from catalog.store.changes import ChangeTableWriter
-    from catalog.store.manifest import Leaf, ManifestWriter
+    from catalog.store.leaves import Leaf
+    from catalog.store.manifest import ManifestWriter
 
     repo, _, _ = history
 

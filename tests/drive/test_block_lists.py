@@ -28,7 +28,7 @@ from catalog.read.spans import MapOptions
 from catalog.repo import Repository
 from catalog.store import blocks, manifest, parquet_io
 from catalog.store.blocks import VerifiedFile, block_list_name
-from catalog.store.manifest import leaves_name
+from catalog.store.leaves import leaves_name
 from catalog.store.points import RecoveryPoint
 
 C = 4096  # chunk size: many rows on a small disk

@@ -21,10 +21,11 @@ import pytest
 from combtest import TEST_PASSWORD, CliRunner, Image, MiB, api_backup, assert_one_line_error
 from nbdtest import RawClient
 
-from catalog.errors import RepositoryError, UsageError
+from catalog.errors import LockedError, RepositoryError, UsageError
 from catalog.repo import Repository
 from catalog.store import locks
 from catalog.store.points import RecoveryPoint
+from drive.formats import export as formats_export
 from pipeline.cli import export_cmd as drive_cmds
 from pipeline.cli import serve_cmd
 
@@ -206,7 +207,7 @@ def test_export_holds_a_shared_lock(
     h = _history(tmp_path, cli)
     storage = Repository.open(str(h.repo), password=TEST_PASSWORD).storage
     seen: list[list[str]] = []
-    real = drive_cmds.export_image
+    real = formats_export.export_image
 
     def export_image(*args: object, **kwargs: object) -> int:
         seen.append([f"{lk.kind} {lk.exclusive}" for lk in locks.read_locks(storage)])
@@ -309,11 +310,11 @@ def test_key_changes_are_not_held_up_by_readers(tmp_path: Path) -> None:
         time.sleep(0.05)
         serve = _lock_of(other.pid, r, "serve")
         locks.acquire(r.storage, "key", wait_s=0).release()  # not held up by the server
-        with pytest.raises(locks.LockedError, match="serve"):
+        with pytest.raises(LockedError, match="serve"):
             locks.acquire(r.storage, "prune", wait_s=0)
         serve.release()
         key = _lock_of(other.pid, r, "key")
-        with pytest.raises(locks.LockedError, match="key"):
+        with pytest.raises(LockedError, match="key"):
             locks.acquire(r.storage, "key", wait_s=0)
         key.release()
     finally:

@@ -14,10 +14,11 @@ from catalog.errors import CorruptionError, OutputError
 from catalog.read.coalesce import GAP_BYTES, READ_BYTES
 from catalog.store.chunks import chunk_id, encode_chunk
 from catalog.store.index import INDEX_SCHEMA
-from catalog.store.manifest import Leaf
+from catalog.store.leaves import Leaf
 from catalog.store.packs import PackWriter, pack_name
 from catalog.store.storage import TMP_DIR, LocalStorage
-from stages.restore import RestoreTarget, execute_read, leaves_to_table, plan_reads
+from stages.restore import execute_read, leaves_to_table, plan_reads
+from stages.target import RestoreTarget
 
 C = 4096
 
