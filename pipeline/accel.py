@@ -21,6 +21,7 @@ import os
 import selectors
 import subprocess
 import tempfile
+import textwrap
 import time
 from dataclasses import dataclass
 
@@ -117,8 +118,13 @@ def probe(
         took = time.monotonic() - started
         if b"OK" in out:
             return took, ""
-        detail = stderr.decode(errors="replace").strip().splitlines()
-        return None, f": {detail[-1][:120]}" if detail else ""
+        return None, why_not(stderr)
+
+
+def why_not(stderr: bytes, width: int = 120) -> str:
+    """ ": " and QEMU's last line of complaint, shortened at a word (never cut mid-word)."""
+    lines = stderr.decode(errors="replace").strip().splitlines()
+    return f": {textwrap.shorten(lines[-1], width, placeholder=' ...')}" if lines else ""
 
 
 def _host_key(binary: str) -> str:

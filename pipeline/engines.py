@@ -10,9 +10,12 @@ from __future__ import annotations
 import logging
 import os
 import queue
+import signal
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from typing import Any, Protocol
 
 import numpy as np
@@ -220,7 +223,8 @@ class RayEngine:
             # Children this process had before Ray: never Ray's to clean up (see close).
             self._other_children = _child_keys()
             try:
-                ray.init(**ray_init_kwargs(self.address))
+                with _sigint_ignored():
+                    ray.init(**ray_init_kwargs(self.address))
             except Exception as err:  # noqa: BLE001 - any start failure is one line
                 raise StageError(f"cannot start or reach Ray: {str(err).splitlines()[0]}") from None
             self._started_ray = True
@@ -292,6 +296,21 @@ class RayEngine:
                     proc.kill()
                 except psutil.Error:
                     pass
+
+
+@contextmanager
+def _sigint_ignored() -> Iterator[None]:
+    """SIGINT ignored while Ray starts its processes, which inherit that: the terminal's Ctrl-C
+    reaches the whole process group, and Ray's processes killed under a running driver left
+    orphans and crashed its shutdown. The driver alone stops on Ctrl-C and shuts Ray down."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _key(proc: psutil.Process) -> tuple[int, float]:

@@ -374,6 +374,10 @@ class SpecKeys:
                     node = node[part]
                 assert node == ast.literal_eval(row["Written"]), name
         kdf = doc["kdf"]
+        if "check" in doc:  # section 21.2, "Check"
+            used = [kdf["name"], kdf["memory_kib"], kdf["iterations"], kdf["lanes"], kdf["salt"]]
+            text = "\n".join(str(v) for v in [*used, doc["wrapped"]])
+            assert doc["check"] == blake3.blake3(text.encode("utf-8")).hexdigest()
         kek = Argon2id(
             salt=base64.b64decode(kdf["salt"], validate=True),
             length=32,

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 
 from catalog.errors import CombError, CorruptionError
 from catalog.store.blocks import BlockList
-from catalog.store.index import INDEX_PREFIX, INDEX_SCHEMA, ids_to_array
+from catalog.store.index import INDEX_PREFIX, INDEX_SCHEMA, ids_to_array, repair_hint
 from catalog.store.parquet_io import (
     load_block_list,
     open_parquet,
@@ -300,8 +300,9 @@ class SegmentCache:
         disk bytes [lo, hi) the ids were read from: a large segment with a block list whose
         table is not built yet then searches only the rows its backup read there (others
         search everything: they are small, or their table is built)."""
-        got = self._get(storage, name, blocks_id)
-        hits = got.lookup(ids, near) if isinstance(got, _SegmentFiltered) else got.lookup(ids)
+        with repair_hint():
+            got = self._get(storage, name, blocks_id)
+            hits = got.lookup(ids, near) if isinstance(got, _SegmentFiltered) else got.lookup(ids)
         # A table is built for a segment searched in full or found useful, not for every
         # segment a near search merely looked at.
         wanted = near is None or len(hits.at) > 0

@@ -222,7 +222,16 @@ def make_key_file(repo_id: str, master: bytes, password: str) -> bytes:
         "kdf": kdf,
         "wrapped": _b64(wrapped),
     }
+    doc["check"] = key_check(doc)
     return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
+
+
+def key_check(doc: dict[str, Any]) -> str:
+    """BLAKE3 of what opening a key file uses (FORMAT.md 21.2): a damaged key file is then told
+    apart from a wrong password, which AES-GCM alone cannot do."""
+    kdf = doc["kdf"]
+    used = (kdf["name"], kdf["memory_kib"], kdf["iterations"], kdf["lanes"], kdf["salt"])
+    return blake3.blake3("\n".join(map(str, (*used, doc["wrapped"]))).encode()).hexdigest()
 
 
 def _user() -> str:
@@ -271,6 +280,8 @@ def read_key_doc(storage: Storage, key_id: str) -> dict[str, Any]:
             raise ValueError("the salt is not 16 bytes")
         if len(base64.b64decode(doc["wrapped"], validate=True)) != WRAPPED_BYTES:
             raise ValueError(f"the wrapped key is not {WRAPPED_BYTES} bytes")
+        if "check" in doc and doc["check"] != key_check(doc):
+            raise ValueError("damaged: its check does not match what it holds")
     except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise CorruptionError(f"{where} is not a valid key file ({err})") from None
     return doc
@@ -325,7 +336,8 @@ def _unlock(
         return found
     if damaged and len(damaged) == len(ids):
         raise CorruptionError(damaged[0])
-    raise PasswordError(f"wrong password for {location} (no key file accepts it)")
+    skipped = f"; {len(damaged)} damaged key file(s) skipped: {damaged[0]}" if damaged else ""
+    raise PasswordError(f"wrong password for {location} (no key file accepts it{skipped})")
 
 
 def forget_unlocked() -> None:

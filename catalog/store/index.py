@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog.errors import CorruptionError, RepositoryError
 from catalog.store import blocks
 from catalog.store.blocks import NO_POSITION, RangeBuilder
 from catalog.store.packs import SealedPack
@@ -27,6 +29,7 @@ from catalog.store.parquet_io import ParquetStreamWriter, read_parquet
 from catalog.store.storage import Storage
 
 INDEX_PREFIX = "index"
+_REPAIR_HINT = "`comb repair index` rebuilds the index from the packs"
 INDEX_SCHEMA = pa.schema(
     [
         pa.field("chunk_id", pa.binary(32), nullable=False),
@@ -139,11 +142,24 @@ def segment_names(storage: Storage) -> list[str]:
     return [n for n in storage.list(INDEX_PREFIX) if n.endswith(".parquet")]
 
 
+@contextmanager
+def repair_hint() -> Iterator[None]:
+    """A damaged or missing index segment names the way out (it stops every backup and every
+    restore that needs it, and ``repair index`` rebuilds it from the packs)."""
+    try:
+        yield
+    except (CorruptionError, RepositoryError) as err:
+        if f"{INDEX_PREFIX}/" not in err.message or _REPAIR_HINT in err.message:
+            raise
+        raise type(err)(f"{err.message}; {_REPAIR_HINT}") from None
+
+
 def load_index(storage: Storage, columns: list[str] | None = None) -> pa.Table:
     """All index rows of all segments (one row per stored copy)."""
     # Only the known columns: a later compat feature may add columns old readers ignore.
     wanted = columns if columns is not None else INDEX_SCHEMA.names
-    tables = [read_parquet(storage, name, wanted) for name in segment_names(storage)]
+    with repair_hint():
+        tables = [read_parquet(storage, name, wanted) for name in segment_names(storage)]
     if not tables:
         schema = (
             INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
@@ -286,7 +302,8 @@ def load_locations(storage: Storage, needed: np.ndarray | None = None) -> pa.Tab
     """
     parts = []
     for name in segment_names(storage):
-        seg = read_parquet(storage, name, INDEX_SCHEMA.names)
+        with repair_hint():
+            seg = read_parquet(storage, name, INDEX_SCHEMA.names)
         if needed is not None:
             keep = contains(needed, id_keys(ids_to_array(seg.column("chunk_id"))))
             seg = seg.filter(pa.array(keep))

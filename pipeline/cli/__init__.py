@@ -14,13 +14,17 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 from collections.abc import Sequence
 
 from catalog.errors import CombError, UsageError
 
+from .. import signals
+
 EXIT_INTERNAL = 70
-EXIT_INTERRUPTED = 130
+EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
+EXIT_TERMINATED = 143  # SIGTERM
 # How every command that takes a recovery point names it (catalog.store.points.resolve).
 POINT_HELP = "id, unique prefix, SOURCE@latest or SOURCE@ID"
 
@@ -71,19 +75,31 @@ def dispatch(args: argparse.Namespace) -> int:
     return int(args.run(repo, args) or 0)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
+    """Run one command; its exit code. ``exiting``: the process ends right after (the ``comb``
+    program), so a signal after the command is noted rather than raised at exit."""
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
+    previous = signals.install()
     try:
         args = build_parser().parse_args(argv)
         code = dispatch(args)
+        signals.hold()  # the command is done: a late signal changes nothing
+        late = signals.pending()
+        if late is not None:
+            print(
+                f"comb: warning: {signal.Signals(late).name} arrived after the work was "
+                "committed; it is complete",
+                file=sys.stderr,
+            )
     except CombError as err:
         if debug:
             raise
         print(f"comb: error: {err.message}", file=sys.stderr)
         code = err.exit_code
-    except KeyboardInterrupt:
-        print("comb: error: interrupted", file=sys.stderr)
-        code = EXIT_INTERRUPTED
+    except KeyboardInterrupt as err:
+        term = isinstance(err, signals.Interrupted) and err.signum == signal.SIGTERM
+        print(f"comb: error: {'terminated' if term else 'interrupted'}", file=sys.stderr)
+        code = EXIT_TERMINATED if term else EXIT_INTERRUPTED
     except BrokenPipeError:
         code = 0
     except Exception as err:  # noqa: BLE001 - the last line of defence: one line, no dump
@@ -96,5 +112,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         code = EXIT_INTERNAL
+    finally:
+        if exiting:
+            signals.hold()
+        else:
+            signals.restore(previous)
     sys.stdout.flush()
     return code
+
+
+def run() -> None:
+    """The ``comb`` program."""
+    sys.exit(main(exiting=True))

@@ -1,7 +1,5 @@
 """``python -m pipeline.cli ...``: the same as ``comb ...``."""
 
-import sys
+from pipeline.cli import run
 
-from pipeline.cli import main
-
-sys.exit(main())
+run()

@@ -38,7 +38,7 @@ from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
 from ..accel import KVM_ARGS, TCG_ARGS, Accel, choose
 from ..console import note
 from ..locking import reader_lock
-from . import POINT_HELP, Subparsers
+from . import EXIT_INTERRUPTED, POINT_HELP, Subparsers
 from .serve_cmd import close_overlays, parse_listen
 
 QEMU = "qemu-system-x86_64"
@@ -216,7 +216,10 @@ def _run_qemu(cmd: list[str]) -> int:
     signal N killed it)."""
     proc = subprocess.Popen(cmd)
 
+    got: list[int] = []
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        got.append(signum)
         if proc.poll() is None:
             proc.terminate()
 
@@ -231,6 +234,8 @@ def _run_qemu(cmd: list[str]) -> int:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+    if got[:1] == [signal.SIGINT]:
+        return EXIT_INTERRUPTED  # Ctrl-C stopped it, as it stops serve and mount
     return 128 - code if code < 0 else code
 
 

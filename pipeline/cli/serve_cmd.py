@@ -23,7 +23,7 @@ from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
 
 from ..console import warn, warn_damaged
 from ..locking import reader_lock
-from . import Subparsers
+from . import EXIT_INTERRUPTED, Subparsers
 
 DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 
@@ -165,7 +165,10 @@ def _serve(r: Repository, host: str, port: int, wanted: dict[str, str], cache_mi
         flush=True,
     )
 
+    got: list[int] = []
+
     def stop(signum: int, frame: FrameType | None) -> None:
+        got.append(signum)
         server.request_stop()
 
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
@@ -175,4 +178,4 @@ def _serve(r: Repository, host: str, port: int, wanted: dict[str, str], cache_mi
         for sig, handler in previous.items():
             signal.signal(sig, handler)
         close_overlays(overlays)
-    return 0
+    return EXIT_INTERRUPTED if got[:1] == [signal.SIGINT] else 0

@@ -36,6 +36,7 @@ from stages.base import Fused
 from stages.schemas import INDEX_PORT, MAIN_PORT
 from stages.sources.image import Source, SourceHandle
 
+from .. import signals
 from ..engines import Engine
 from .plan import Range, WorkItem, work_items
 
@@ -274,6 +275,9 @@ def run_jobs(
     try:
         engine.start(repo.location, make_stage, sealer)
         _drive(engine, disks, index_seg, progress)
+        # Once the commit begins, a signal waits for it, the engine's shutdown and the report:
+        # the points are committed and reported, never committed and reported as interrupted.
+        signals.hold()
         segment_id, index_bytes = index_seg.commit()
         committed = []
         for disk in disks:
@@ -290,14 +294,16 @@ def run_jobs(
             )
             index_bytes = 0  # one segment for the run: counted with the first disk
         failed = False
+        engine.close(False)
         return committed
     finally:
         if failed:
-            for disk in disks:
-                disk.manifest.abort()
-                disk.changes.abort()
-            index_seg.abort()
-        engine.close(failed)
+            with signals.deferred():  # a second Ctrl-C must not cut the cleanup short
+                for disk in disks:
+                    disk.manifest.abort()
+                    disk.changes.abort()
+                index_seg.abort()
+                engine.close(True)
 
 
 def _commit_disk(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import html
 import random
 import re
 import struct
@@ -10,14 +11,17 @@ import subprocess
 import zlib
 from collections import Counter
 from collections.abc import Sequence
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.compute as pc
-from combtest import need_tool
+import pytest
+from combtest import TEST_PASSWORD, need_tool
 
+from catalog.analytics.catalog import Catalog
+from catalog.analytics.dashboard.data import GROWTH_CARD, dashboard_data
 from catalog.analytics.dashboard.render import (
     FIT_COLOUR,
     HEAT_COLOURS,
@@ -25,6 +29,8 @@ from catalog.analytics.dashboard.render import (
     DashboardData,
     render_dashboard,
 )
+from catalog.repo import Repository
+from catalog.store.points import PointStats, RecoveryPoint, commit_point
 from catalog.units import format_bytes
 
 HOSTILE = '<script>alert("x")</script> & "q"'
@@ -328,6 +334,55 @@ def test_long_history_ticks_at_month_starts() -> None:
     page = _Page(render_dashboard(_data(sources=2, points=200, step_us=5 * DAY_US)))
     dates = [t for t in page.text if re.fullmatch(r"\d{4}-\d\d-\d\d", t)]
     assert len(dates) >= 4 and all(d.endswith("-01") for d in dates)
+
+
+@pytest.mark.parametrize(
+    ("step_s", "clock"), [(1, r"\d\d:\d\d:\d\d"), (60, r"\d\d:\d\d"), (3600, r"\d\d:\d\d")]
+)
+def test_a_history_of_seconds_minutes_or_hours_spans_the_time_axis(step_s: int, clock: str) -> None:
+    """Backups seconds apart (what a real run of backups makes) are spread across the plot, not
+    drawn as one vertical line; the ticks step in seconds, minutes or hours, the first with
+    its date ("Nov 14 22:14"), and no two read the same."""
+    text = render_dashboard(_data(sources=1, points=6, step_us=step_s * 1_000_000))
+    for section, name in (("growth", "web00"), ("change-rate", "web00")):
+        (line,) = _Page(text).marks(section, "polyline", "line")[name]
+        xs = [float(p.split(",")[0]) for p in line["points"].split()]
+        assert xs == sorted(set(xs)) and xs[0] < 100 and xs[-1] > 900  # margin to margin
+        svg = text.split(f'id="{section}"')[1].split("</svg>")[0]
+        ticks = re.findall(r'text-anchor="middle">([^<]*)<', svg)
+        assert len(ticks) >= 3 and len(set(ticks)) == len(ticks), ticks
+        assert re.fullmatch(r"[A-Z][a-z]{2} \d\d " + clock, ticks[0]), ticks
+        assert all(re.fullmatch(f"([A-Z][a-z]{{2}} \\d\\d )?{clock}", t) for t in ticks), ticks
+
+
+def _history(tmp_path: Path, step: timedelta, n: int) -> DashboardData:
+    """The dashboard of ``n`` backups ``step`` apart, each storing 1 MiB (documents only)."""
+    repo = Repository.init(str(tmp_path / f"r{n}"), 65536, 3, password=TEST_PASSWORD)
+    for k in range(n):
+        when = datetime(2026, 3, 1, tzinfo=UTC) + k * step
+        stats = PointStats(bytes_read=1 << 21, bytes_stored=1 << 20, seconds=1.0)
+        commit_point(repo.storage, RecoveryPoint(
+            "vm", "/dev/null", when.isoformat(), 1 << 30, 65536, 16, "0" * 64, None, None, None,
+            "local", "full", stats=stats))  # fmt: skip
+    return dashboard_data(Catalog.open(repo.storage, repo.points()), "repo")
+
+
+def test_growth_card_carries_the_projections_warning(tmp_path: Path) -> None:
+    short = _history(tmp_path, timedelta(minutes=2), 5)  # minutes of history, a year ahead
+    warning = str(short.projection_fit["warning"])
+    assert "the history spans" in warning and short.card_warnings == {GROWTH_CARD: warning}
+    text = render_dashboard(short)
+    row = html.unescape(text.split('<div class="cards">')[1].split("\n")[0])
+    cards = row.split('<div class="card">')[1:]
+    value = dict(short.summary)[GROWTH_CARD]
+    assert [c for c in cards if 'class="caveat"' in c] == [
+        f'<div class="label">{GROWTH_CARD}</div><div class="value">{value}</div>'
+        f'<p class="caveat" role="note">⚠ {warning}</p></div>'
+    ]
+    assert text.count("⚠ " + html.escape(warning)) == 2  # the card and the projection's banner
+    long = _history(tmp_path, timedelta(days=1), 40)  # a steady line over 40 days
+    assert long.projection_fit["warning"] is None and long.card_warnings == {}
+    assert 'class="caveat"' not in render_dashboard(long)
 
 
 def test_big_history_stays_small() -> None:

@@ -60,3 +60,14 @@ def test_auto_probes_once_per_host_and_caches(
     (tmp_path / "accel.json").write_text("{damaged")
     assert choose(binary, "auto").kvm in (True, False)  # a damaged cache: probed again
     assert json.loads((tmp_path / "accel.json").read_text())
+
+
+def test_why_a_probe_failed_is_shortened_at_a_word() -> None:
+    """QEMU's complaint is shortened at a word boundary (it used to be cut mid-word)."""
+    long = "qemu-system-x86_64: failed to initialize kvm: " + "permission denied " * 10
+    said = accel.why_not(f"some warning\n{long.strip()}\n".encode())
+    assert said.startswith(": qemu-system-x86_64: failed to initialize kvm: permission")
+    assert said.endswith(" ...") and len(said) <= 122
+    assert said[: -len(" ...")].rsplit(" ", 1)[1] in {"permission", "denied"}  # whole words
+    assert accel.why_not(b"short reason\n") == ": short reason"
+    assert accel.why_not(b"") == ""

@@ -260,7 +260,10 @@ def test_boot_errors(bootable: tuple[Path, RecoveryPoint], tmp_path: Path) -> No
     assert "qemu-system-x86_64 is not installed" in res.stderr
 
 
-def test_sigterm_stops_qemu_and_server(tmp_path: Path) -> None:
+@pytest.mark.parametrize("signum,code", [(signal.SIGTERM, 0), (signal.SIGINT, 130)])
+def test_a_signal_stops_qemu_and_server(tmp_path: Path, signum: int, code: int) -> None:
+    """SIGTERM stops QEMU and the server (QEMU's exit code: 0); Ctrl-C too, exit 130 as serve
+    and mount."""
     need_tool("qemu-system-x86_64")
     img = Image(tmp_path / "blank.img", 2 * MiB)  # no boot signature: SeaBIOS retries forever
     repo = Repository.init(str(tmp_path / "repo"), 64 * 1024, 3, password=TEST_PASSWORD)
@@ -276,9 +279,9 @@ def test_sigterm_stops_qemu_and_server(tmp_path: Path) -> None:
     assert "overlay b1" in proc.stderr.readline()  # the server is up and QEMU is starting
     time.sleep(1.0)
     assert proc.poll() is None  # still booting, nothing to boot from
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, err = proc.communicate(timeout=20)
-    assert "Traceback" not in err, err
+    assert "Traceback" not in err and proc.returncode == code, (proc.returncode, err)
     r = Repository.open(repo.location, password=TEST_PASSWORD)
     Overlay(r, "b1").close()  # the lock was released: the server and QEMU are gone
     assert sector_of_point(Path(repo.location), point) == bytes(SECTOR)

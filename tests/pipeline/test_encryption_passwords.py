@@ -108,3 +108,29 @@ def _storage(repo: Path):  # type: ignore[no-untyped-def]
     from catalog.store.storage import LocalStorage
 
     return LocalStorage(str(repo))
+
+
+def test_a_damaged_key_file_is_damage_not_a_wrong_password(
+    cli: CliRunner, repo_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One character of ``wrapped`` changed (still valid base64): the key no longer opens with
+    the right password. Its check says it is damaged (exit 7), not a wrong password (exit 12)."""
+    crypto.forget_unlocked()
+    (key_file,) = (repo_path / crypto.KEYS_PREFIX).glob("*.json")
+    doc = json.loads(key_file.read_text())
+    wrapped = doc["wrapped"]
+    doc["wrapped"] = ("B" if wrapped[10] != "B" else "C").join([wrapped[:10], wrapped[11:]])
+    key_file.write_text(json.dumps(doc))
+    res = cli("-r", repo_path, "points")
+    assert_one_line_error(res, "its check does not match", code=7)
+    assert "wrong password" not in res.err
+    # With a second, intact key: a wrong password says which key file was skipped as damaged.
+    monkeypatch.setenv("COMB_PASSWORD", "not the password")
+    good = json.loads(
+        crypto.make_key_file(
+            json.loads((repo_path / "config.json").read_text())["id"], bytes(64), "other"
+        )
+    )
+    (repo_path / crypto.key_name("f" * 16)).write_text(json.dumps(good))
+    res = cli("-r", repo_path, "points")
+    assert_one_line_error(res, "1 damaged key file(s) skipped", code=12)

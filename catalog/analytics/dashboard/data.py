@@ -20,6 +20,7 @@ from catalog.store.points import RecoveryPoint
 from catalog.units import format_bytes
 
 HORIZONS_DAYS = (30, 90, 365)
+GROWTH_CARD = "Growth per day"  # the fitted slope: it carries the projection's warning
 
 
 def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> DashboardData:
@@ -56,6 +57,7 @@ def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> Das
         projection=projection,
         projection_fit=fit,
         hot_regions=_heat(cat),
+        card_warnings={GROWTH_CARD: str(fit["warning"])} if fit["warning"] else {},
     )
 
 
@@ -154,7 +156,7 @@ def _summary(cat: Catalog, fit: Mapping[str, object], now: datetime) -> list[tup
         ("Latest disks' data", format_bytes(sum(protected)) if protected else na),
         ("Dedup ratio", f"{logical / new_known:.1f}×" if new_known and known else na),
         ("Compression ratio", f"{new / stored:.2f}×" if stored else na),
-        ("Growth per day", format_bytes(slope)),
+        (GROWTH_CARD, format_bytes(slope)),
         ("Largest gap (RPO)", f"{worst:.1f} h" if worst is not None else na),
         (
             "Median change rate",

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
@@ -33,6 +33,7 @@ from catalog.analytics.dashboard.svgchart import (
     is_point,
     legend,
     linear_axis,
+    log_colour,
     points,
     points_by_key,
     time_axis,
@@ -78,6 +79,8 @@ class DashboardData:
     # source, disk_bytes, bucket_offset, bucket_bytes, changes: one row per bucket; a row with
     # 0 changes and the disk size gives a disk that never changed its (all grey) strip
     hot_regions: pa.Table
+    # a card's label -> a warning shown on that card (e.g. the fit's, on the growth card)
+    card_warnings: Mapping[str, str] = field(default_factory=dict)
 
 
 def _short(name: str) -> str:
@@ -231,16 +234,6 @@ def _fit_facts(fit: Mapping[str, object], horizons: list[_Horizon]) -> str:
     return f'<dl class="facts">{items}</dl>'
 
 
-def _heat_colour(count: int, top: int) -> str:
-    """Log scale, so that a few very hot buckets do not wash out all the others."""
-    t = math.log(count) / math.log(top) if top > 1 else 1.0
-    pos = min(max(t, 0.0), 1.0) * (len(HEAT_COLOURS) - 1)
-    i = min(int(pos), len(HEAT_COLOURS) - 2)
-    a, b, f = HEAT_COLOURS[i], HEAT_COLOURS[i + 1], pos - i
-    mix = (int(a[j : j + 2], 16) * (1 - f) + int(b[j : j + 2], 16) * f for j in (1, 3, 5))
-    return "#" + "".join(f"{round(c):02x}" for c in mix)
-
-
 def _heat_rows(table: pa.Table) -> dict[str, tuple[int, list[tuple[int, int, int]]]]:
     """Per source: the disk size and its changed buckets (offset, bytes, changes), coolest
     first so that the hottest are drawn on top where narrow buckets overlap. A bucket with no
@@ -297,7 +290,7 @@ def _heat_row(name: str, colour: str, disk: int, buckets: list[tuple[int, int, i
     ]
     parts += [
         f'<rect x="{left + o * scale:.1f}" y="{bar_y}" width="{max(b * scale, 0.8):.2f}" '
-        f'height="{bar_h}" fill="{_heat_colour(c, top)}"/>'
+        f'height="{bar_h}" fill="{log_colour(c, top, HEAT_COLOURS)}"/>'
         for o, b, c in buckets
     ]
     parts.append("</g>")
@@ -339,6 +332,7 @@ margin-bottom:20px} .card,section{background:#fff;border:1px solid #e1e6ec;borde
 .card{padding:12px 16px} section{padding:16px 20px 18px;margin-bottom:20px}
 .card .label{color:#616e7c;font-size:12px;text-transform:uppercase;letter-spacing:.04em}
 .card .value{font-size:22px;font-weight:600;overflow-wrap:anywhere}
+.caveat{margin:4px 0 0;color:#8d2b0b;font-size:12px;font-weight:600}
 .note{margin:2px 0 12px;color:#616e7c} .pair{display:grid;grid-template-columns:1fr 1fr;gap:20px}
 .legend{display:flex;flex-wrap:wrap;gap:4px 18px;margin:0 0 6px;padding:0;list-style:none;
 font-size:12px;overflow-wrap:anywhere}
@@ -392,9 +386,12 @@ def render_dashboard(data: DashboardData) -> str:
         f'<section id="{key}"><h2>{heading}</h2><p class="note">{note}</p>{body}</section>\n'
         for (key, heading, note), body in zip(_SECTIONS, bodies, strict=True)
     )
+    warn = {
+        k: f'<p class="caveat" role="note">⚠ {esc(v)}</p>' for k, v in data.card_warnings.items()
+    }
     cards = "".join(
         f'<div class="card"><div class="label">{esc(label)}</div>'
-        f'<div class="value">{esc(value)}</div></div>'
+        f'<div class="value">{esc(value)}</div>{warn.get(label, "")}</div>'
         for label, value in data.summary
     )
     return (

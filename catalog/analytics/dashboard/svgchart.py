@@ -1,14 +1,14 @@
 """Generic SVG line and scatter charts for self-contained HTML pages.
 
-Owns the drawing machinery: number, byte and time axes with their ticks, a plot's coordinate
-mapping, series marks (lines, dots, M4 thinning of long series), the chart's SVG, its legend,
-and picking the drawable points out of nullable columns; byte sizes are formatted by
-``catalog.units``. It knows nothing of backups, repositories or Arrow tables: callers hand it
-series of (x, y) floats (times as seconds since the epoch) and get markup back. It must not
-reference anything outside the page (no scripts, fonts, stylesheets or images), and it escapes
-every string it is given, so a hostile series name can neither load nor run anything. The
-page's CSS (classes ``grid``, ``tick``, ``line``, ``dots``, ``legend``, ``empty``) belongs to
-the caller.
+Owns the drawing machinery: number, byte and time axes with their ticks (time ticks adapt to
+the span, from seconds to years), a log colour scale, a plot's coordinate mapping, series
+marks (lines, dots, M4 thinning of long series), the chart's SVG, its legend, and picking the
+drawable points out of nullable columns; byte sizes are formatted by ``catalog.units``. It
+knows nothing of backups, repositories or Arrow tables: callers hand it series of (x, y)
+floats (times as seconds since the epoch) and get markup back. It must not reference anything
+outside the page (no scripts, fonts, stylesheets or images), and it escapes every string it is
+given, so a hostile series name can neither load nor run anything. The page's CSS (classes
+``grid``, ``tick``, ``line``, ``dots``, ``legend``, ``empty``) belongs to the caller.
 """
 
 from __future__ import annotations
@@ -28,7 +28,12 @@ PANEL_WIDTH_PX, PANEL_HEIGHT_PX = 470, 240
 MARGIN_PX = (14, 40, 26, 74)  # top, right, bottom, left: room for tick labels
 EMPTY = '<p class="empty">No data yet.</p>'
 _SPARSE_POINTS = 60  # up to this many points a line also gets a dot per point
-_TIME_STEPS_S = (3600, 3 * 3600, 6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400, 14 * 86400)
+# Tick steps (seconds), whole seconds to fortnights; steps under a day divide it, so ticks fall
+# on round times of the UTC day.
+_TIME_STEPS_S = (
+    1, 2, 5, 10, 15, 30, 60, 2 * 60, 5 * 60, 10 * 60, 15 * 60, 30 * 60, 3600, 2 * 3600, 3 * 3600,
+    6 * 3600, 12 * 3600, 86400, 2 * 86400, 7 * 86400, 14 * 86400,
+)  # fmt: skip
 _MONTH_STEPS = (1, 2, 3, 6, 12, 24, 60, 120)
 
 
@@ -103,16 +108,17 @@ def bytes_axis(lo: float, hi: float, suffix: str = "", extend: bool = True) -> A
 
 
 def time_axis(lo: float, hi: float, max_ticks: int = 7) -> Axis:
-    """Dates (UTC) at whole hours, days, weeks or month starts, whichever gives few ticks;
-    ``lo`` and ``hi`` are seconds since the epoch."""
-    if hi - lo < 3600:  # a single point: show the days around it
+    """UTC times at round seconds, minutes, hours, days, weeks or month starts, whichever step
+    gives at most ``max_ticks`` intervals over the span: a history minutes long gets minute
+    ticks, not one vertical line. ``lo`` and ``hi`` are seconds since the epoch."""
+    if hi <= lo:  # a single time: show the days around it
         lo, hi = lo - 3 * 86400, hi + 3 * 86400
+    elif hi - lo < 1:  # under a second apart: the whole seconds around them
+        lo, hi = math.floor(lo), max(math.ceil(hi), math.floor(lo) + 1)
     for step in _TIME_STEPS_S:
         if (hi - lo) / step <= max_ticks:
-            fmt = "%Y-%m-%d" if step >= 86400 else "%Y-%m-%d %H:%M"
             first = math.ceil(lo / step) * step
-            ticks = tuple((t, utc_date(t, fmt)) for t in range(first, int(hi) + 1, step))
-            return Axis(lo, hi, ticks)
+            return Axis(lo, hi, _time_ticks(range(first, math.floor(hi) + 1, step), hi - lo))
     months = (hi - lo) / (30.44 * 86400)
     step = next((m for m in _MONTH_STEPS if months / m <= max_ticks), _MONTH_STEPS[-1])
     start = datetime.fromtimestamp(lo, UTC)
@@ -122,6 +128,34 @@ def time_axis(lo: float, hi: float, max_ticks: int = 7) -> Axis:
         month_ticks.append((t, utc_date(t)))
         month += step
     return Axis(lo, hi, tuple(month_ticks))
+
+
+def _time_ticks(times: range, span_s: float) -> tuple[tuple[float, str], ...]:
+    """Labels for ticks ``times.step`` seconds apart: dates for whole days; under a day, the
+    time of day (with seconds when the step is under a minute) after the date where it changes
+    (``Dec 06 17:05``, ``17:10``), or on every tick when the axis is longer than a day, so that
+    no two ticks read the same."""
+    if times.step >= 86400:
+        return tuple((t, utc_date(t)) for t in times)
+    clock = "%H:%M:%S" if times.step < 60 else "%H:%M"
+    out: list[tuple[float, str]] = []
+    day = ""
+    for t in times:
+        dated = utc_date(t, "%b %d ")
+        out.append((t, (dated if span_s > 86400 or dated != day else "") + utc_date(t, clock)))
+        day = dated
+    return tuple(out)
+
+
+def log_colour(count: float, top: float, stops: Sequence[str]) -> str:
+    """``count`` (1 to ``top``) as a colour between ``stops`` (``#rrggbb``, two or more) on a
+    log scale, so that a few very large counts do not wash out all the others."""
+    t = math.log(count) / math.log(top) if top > 1 else 1.0
+    pos = min(max(t, 0.0), 1.0) * (len(stops) - 1)
+    i = min(int(pos), len(stops) - 2)
+    a, b, f = stops[i], stops[i + 1], pos - i
+    mix = (int(a[j : j + 2], 16) * (1 - f) + int(b[j : j + 2], 16) * f for j in (1, 3, 5))
+    return "#" + "".join(f"{round(c):02x}" for c in mix)
 
 
 # --- charts -----------------------------------------------------------------------------------
