@@ -11,7 +11,7 @@ import os
 import secrets
 from collections.abc import Callable
 
-from catalog.errors import RepositoryError, UsageError, describe_os_error
+from catalog.errors import RepositoryError, UsageError
 from catalog.read import point as read_point
 from catalog.store import crypto
 from catalog.store.format import (
@@ -86,17 +86,9 @@ class Repository:
             encrypted=encrypted,
         )
         path = os.path.abspath(location)
-        if os.path.exists(os.path.join(path, CONFIG_NAME)):
-            raise RepositoryError(f"{path} already holds a comb repository")
-        if os.path.exists(path) and (not os.path.isdir(path) or os.listdir(path)):
-            raise RepositoryError(f"{path} exists and is not an empty directory")
+        storage = LocalStorage.new(path, CONFIG_NAME)  # refuses a repository or other files
         secret = _password(location, password, confirm=True) if encrypted else None
-        try:
-            for d in REPO_DIRS + ((crypto.KEYS_PREFIX,) if encrypted else ()):
-                os.makedirs(os.path.join(path, d), exist_ok=True)
-        except OSError as err:
-            raise RepositoryError(f"cannot create {path}: {describe_os_error(err)}") from None
-        storage = LocalStorage(path)
+        storage.make_root(REPO_DIRS + ((crypto.KEYS_PREFIX,) if encrypted else ()))
         key_id = None
         if secret is not None:
             master = secrets.token_bytes(crypto.MASTER_BYTES)
@@ -116,11 +108,7 @@ class Repository:
         ``sealer``: one already unwrapped (a worker of a job whose driver opened the repository:
         no password, no second Argon2id derivation)."""
         path = os.path.abspath(location)
-        if not os.path.isdir(path):
-            raise RepositoryError(
-                f"repository {path} does not exist (run `comb -r {location} init`)"
-            )
-        storage = LocalStorage(path)
+        storage = LocalStorage.existing(location)
         if not storage.exists(CONFIG_NAME):
             raise RepositoryError(f"{path} is not a comb repository (no {CONFIG_NAME})")
         config = parse_config(storage.read(CONFIG_NAME), os.path.join(path, CONFIG_NAME))
@@ -177,7 +165,7 @@ def _password(location: str, password: str | PasswordSource | None, confirm: boo
     return secret
 
 
-def _sealed_trace(storage: LocalStorage) -> str:
+def _sealed_trace(storage: Storage) -> str:
     """What shows that a repository whose config says "plain" was encrypted: key files, a
     sealed point document, an encrypted index segment, or a sealed pack (one of each is looked
     at: a few small reads). Otherwise replacing config.json (and deleting keys/) would make comb
@@ -191,15 +179,13 @@ def _sealed_trace(storage: LocalStorage) -> str:
     if segments and storage.read(segments[0], 0, 4) == b"PARE":
         return "encrypted index segments"
     try:
-        with os.scandir(storage.path("packs")) as fans:
-            for fan in sorted(e.path for e in fans if e.is_dir()):
-                packs = sorted(e.path for e in os.scandir(fan) if e.name.endswith(".pack"))
-                if packs:
-                    with open(packs[0], "rb") as fh:
-                        header = fh.read(16)
-                    if len(header) == 16 and int.from_bytes(header[10:12], "little") & 1:
-                        return "sealed packs"
-                    break
-    except OSError:
+        for fan in storage.list_dirs("packs"):
+            packs = [n for n in storage.list(fan) if n.endswith(".pack")]
+            if packs:
+                header = storage.read(packs[0], 0, 16)
+                if len(header) == 16 and int.from_bytes(header[10:12], "little") & 1:
+                    return "sealed packs"
+                break
+    except RepositoryError:
         pass
     return ""

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NamedTuple
 
+from catalog.maint.check import check_repository
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 from pipeline.engines import LocalEngine
@@ -217,6 +218,33 @@ def api_backup(
 def api_restore(repo: Path | str, point: str, output: Path | str) -> None:
     r = Repository.open(str(repo), password=TEST_PASSWORD)
     restore_point(r, r.resolve(point), str(output))
+
+
+def assert_restores(repo: Path | str, images: dict[str, Path], out_dir: Path) -> None:
+    """Each point of ``images`` (point id -> a copy of the image it was made from) restores
+    byte for byte."""
+    for pid, image in images.items():
+        out = out_dir / f"r-{pid}.img"
+        api_restore(repo, pid, out)
+        cmp_files(out, image)
+        out.unlink()
+
+
+def assert_verified(repo: Path | str, clean: bool = True) -> None:
+    """What ``verify --read-data`` checks (catalog.maint.check: every chunk read back and
+    checked against its id) finds no error; ``clean``: no leftover either (none is left after
+    a prune that finished)."""
+    storage = Repository.open(str(repo), password=TEST_PASSWORD).storage
+    report = check_repository(storage, read_data=True)
+    assert report.ok, report.errors
+    assert not clean or not report.warnings, report.warnings
+
+
+def assert_intact(repo: Path | str, images: dict[str, Path], out_dir: Path) -> None:
+    """After a prune: every kept point (``images``, as for ``assert_restores``) restores byte
+    for byte, and ``verify --read-data`` is clean."""
+    assert_restores(repo, images, out_dir)
+    assert_verified(repo)
 
 
 def need_tool(name: str) -> str:

@@ -66,7 +66,5 @@ def forget(
             repo.config = ensure_locking(repo.storage, repo.config)
             for p in gone:
                 retire_point(repo.storage, p.id)
-            path = repo.storage.local_path(POINTS_PREFIX)
-            if path is not None:
-                repo.storage.sync_dir(path)  # type: ignore[attr-defined]
+            repo.storage.sync(POINTS_PREFIX)  # the removals from points/ are durable
     return Forgotten(gone, held, len(points) - len(gone))

@@ -20,7 +20,6 @@ Overlays need their base points, which ``forget`` never removes (so prune keeps 
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -186,16 +185,11 @@ def plan(
             if name.endswith(BLOCKS_SUFFIX) and not storage.exists(parquet_of(name)):
                 out.files.append(name)
                 out.file_bytes += storage.size(name)
-    tmp_dir = storage.local_path(TMP_DIR)
-    if tmp_dir is not None:
-        now = time.time()
-        for entry in sorted(os.listdir(tmp_dir)) if os.path.isdir(tmp_dir) else []:
-            try:
-                age = now - os.stat(os.path.join(tmp_dir, entry)).st_mtime
-            except FileNotFoundError:
-                continue
-            if age > TMP_MAX_AGE_S:
-                out.tmp.append(f"{TMP_DIR}/{entry}")
+    now = time.time()
+    for entry in storage.tmp_files():
+        written = storage.mtime(f"{TMP_DIR}/{entry}")  # None: committed or aborted meanwhile
+        if written is not None and now - written > TMP_MAX_AGE_S:
+            out.tmp.append(f"{TMP_DIR}/{entry}")
     return out
 
 
@@ -250,9 +244,7 @@ def execute(repo: Repository, p: Plan) -> None:
     for name in _with_block_lists(p.files) + p.tmp:
         storage.remove(name)
     for d in ("packs", PARITY_PREFIX, "index", LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
-        path = storage.local_path(d)
-        if path is not None and os.path.isdir(path):
-            storage.sync_dir(path)  # type: ignore[attr-defined]
+        storage.sync(d)
 
 
 def _with_block_lists(names: list[str]) -> list[str]:

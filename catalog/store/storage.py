@@ -2,9 +2,10 @@
 
 A repository is a flat namespace of slash-separated names ("packs/ab/ab12...pack"). Files are
 created through ``create()``, written sequentially, and become visible under their final name only
-through ``NewFile.commit(name)`` (tmp + fsync + rename + fsync(dir)). Nothing is ever modified
-in place. ``LocalStorage`` is the local filesystem; object storage can implement the same
-Protocol later.
+through ``NewFile.commit(name)`` (tmp + fsync + rename + fsync(dir)). Nothing is modified in
+place but an overlay's log files and lock (``catalog.store.inplace``). Errors are one-line
+``RepositoryError``s. ``LocalStorage`` is the local filesystem (reached by ``new`` + ``make_root``
+or ``existing``); object storage can implement the same Protocol and ways in later.
 """
 
 from __future__ import annotations
@@ -14,10 +15,13 @@ import fcntl
 import mmap
 import os
 import secrets
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager, suppress
 from typing import Protocol
 
 from catalog.errors import RepositoryError, describe_os_error
+from catalog.store import inplace
+from catalog.store.inplace import FileLock, InPlaceFiles, LogFile
 from catalog.store.sealing import PLAIN, Sealer
 
 TMP_DIR = "tmp"
@@ -28,39 +32,43 @@ class NewFile(Protocol):
     """A file being written; invisible until committed under its final name."""
 
     def write(self, data: bytes | memoryview) -> int: ...
-
     def write_many(self, parts: list[bytes | memoryview]) -> int: ...
-
     def tell(self) -> int: ...
-
     def commit(self, name: str, durable: bool = True) -> None: ...
-
     def abort(self) -> None: ...
 
 
-class Storage(Protocol):
-    """What the catalog needs from a place that keeps files."""
+class Storage(InPlaceFiles, Protocol):
+    """What the catalog needs from a place that keeps files (``InPlaceFiles``: for overlays)."""
 
     # What seals and opens its objects (catalog.store.sealing): plain or AES-256-GCM.
     sealer: Sealer
 
     def exists(self, name: str) -> bool: ...
-
     def size(self, name: str) -> int: ...
-
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes: ...
-
     def read_into(self, name: str, offset: int, buf: memoryview) -> int: ...
-
     def list(self, prefix: str) -> list[str]: ...
-
     def create(self, bulk: bool = False) -> NewFile: ...
-
     def write_atomic(self, name: str, data: bytes) -> None: ...
-
     def remove(self, name: str) -> None: ...
-
     def local_path(self, name: str) -> str | None: ...
+
+    def tmp_files(self) -> builtins.list[str]:
+        """Names in ``tmp/``: files being written or left by interrupted writes, sorted."""
+
+    def mtime(self, name: str) -> float | None:
+        """When ``name`` was last written (seconds since the epoch); None: it does not exist."""
+
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
+        """The prefixes directly under ``prefix`` (``packs/ab``), sorted; a missing one has none."""
+
+    def sync(self, prefix: str) -> None:
+        """Make the removals directly under ``prefix`` durable (a missing prefix: none)."""
+
+    def remove_dir(self, prefix: str) -> None:
+        """Remove ``prefix`` once nothing is under it (an error while something is; a missing
+        one is fine); durable with ``sync`` of its parent."""
 
 
 class _LocalNewFile:
@@ -236,6 +244,33 @@ class LocalStorage:
         self.sealer = sealer  # plain, or the unwrapped keys of an encrypted repository
         self.direct_io = direct_io and os.environ.get("COMB_DIRECT_IO", "1") != "0"
 
+    @classmethod
+    def new(cls, location: str, marker: str) -> LocalStorage:
+        """For a repository to create at ``location``: a missing or empty directory (``marker``
+        there: a repository already). Nothing is created before ``make_root``."""
+        root = os.path.abspath(location)
+        if os.path.exists(os.path.join(root, marker)):
+            raise RepositoryError(f"{root} already holds a comb repository")
+        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+            raise RepositoryError(f"{root} exists and is not an empty directory")
+        return cls(root)
+
+    def make_root(self, prefixes: Iterable[str]) -> None:
+        """Create the repository's directory and these standard prefixes in it (FORMAT.md 3)."""
+        with _failing("create", self.root):
+            for prefix in prefixes:
+                os.makedirs(self.path(prefix), exist_ok=True)
+
+    @classmethod
+    def existing(cls, location: str) -> LocalStorage:
+        """For the repository at ``location``: a directory (its config is not read here)."""
+        root = os.path.abspath(location)
+        if not os.path.isdir(root):
+            raise RepositoryError(
+                f"repository {root} does not exist (run `comb -r {location} init`)"
+            )
+        return cls(root)
+
     def path(self, name: str) -> str:
         if name.startswith("/") or ".." in name.split("/"):
             raise RepositoryError(f"invalid repository object name {name!r}")
@@ -301,14 +336,8 @@ class LocalStorage:
         new.commit(name)
 
     def remove(self, name: str) -> None:
-        try:
+        with _failing("remove", self.path(name)), suppress(FileNotFoundError):
             os.unlink(self.path(name))
-        except FileNotFoundError:
-            pass
-        except OSError as err:
-            raise RepositoryError(
-                f"cannot remove {self.path(name)}: {describe_os_error(err)}"
-            ) from None
 
     def ensure_dir(self, path: str, durable: bool) -> None:
         """Create a directory (and make its entry durable in its parent when it is new)."""
@@ -334,11 +363,48 @@ class LocalStorage:
 
     def tmp_files(self) -> builtins.list[str]:
         """Leftovers of interrupted writes (removed by prune, reported by verify)."""
-        tmp = os.path.join(self.root, TMP_DIR)
-        try:
-            return sorted(os.listdir(tmp))
-        except FileNotFoundError:
-            return []
+        with suppress(FileNotFoundError, NotADirectoryError):
+            return sorted(os.listdir(os.path.join(self.root, TMP_DIR)))
+        return []
+
+    def mtime(self, name: str) -> float | None:
+        with _failing("stat", self.path(name)), suppress(FileNotFoundError):
+            return os.stat(self.path(name)).st_mtime
+        return None
+
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
+        base, found = self.path(prefix), []
+        with _failing("list", base), suppress(FileNotFoundError), os.scandir(base) as entries:
+            found = [e.name for e in entries if e.is_dir()]
+        return sorted(f"{prefix}/{d}" if prefix else d for d in found)
+
+    def sync(self, prefix: str) -> None:
+        path = self.path(prefix)
+        with _failing("sync", path):
+            if os.path.isdir(path):
+                self.sync_dir(path)
+
+    def remove_dir(self, prefix: str) -> None:
+        with _failing("remove", self.path(prefix)), suppress(FileNotFoundError):
+            os.rmdir(self.path(prefix))
+
+    def open_log(self, name: str, writable: bool = False) -> LogFile:
+        return inplace.open_log(self.path(name), writable)
+
+    def create_log(self, name: str) -> LogFile:
+        return inplace.create_log(self.path(name), self.sync_dir)
+
+    def file_lock(self, name: str) -> FileLock:
+        return inplace.LocalLock(self.path(name))
+
+
+@contextmanager
+def _failing(verb: str, path: str) -> Iterator[None]:
+    """An OSError inside becomes RepositoryError("cannot VERB PATH: reason")."""
+    try:
+        yield
+    except OSError as err:
+        raise RepositoryError(f"cannot {verb} {path}: {describe_os_error(err)}") from None
 
 
 def _walk(base: str) -> Iterator[tuple[str, list[str], list[str]]]:

@@ -4,7 +4,8 @@ Owns the bytes of ``overlays/<name>/log-<n>.dat`` (FORMAT.md, "Overlays"): appen
 records, each a fixed header (magic, kind, offset, length, BLAKE3 of header and payload) and,
 for data records, the payload. Replay rebuilds the extent map (later records win); a torn or
 bad record at the end of the last log is a crash mid-write and is cut off, one anywhere else is
-corruption. Knows nothing about locks, names or NBD (``drive.overlays.overlay``).
+corruption. Reads and writes go through a storage's log handle (``catalog.store.inplace``).
+Knows nothing about locks, names or NBD (``drive.overlays.overlay``).
 
 In an encrypted repository every data record is sealed (flag bit 0): its payload is
 ``nonce ‖ AES-256-GCM(plain) ‖ tag`` with the first 24 header bytes, the overlay's random id,
@@ -16,7 +17,6 @@ end of a log are not detected). A run of a sealed record is read by opening the 
 
 from __future__ import annotations
 
-import os
 import struct
 import threading
 from bisect import bisect_left, bisect_right
@@ -27,6 +27,7 @@ import blake3
 
 from catalog.errors import CorruptionError
 from catalog.store.crypto import SEAL_OVERHEAD_BYTES
+from catalog.store.inplace import LogFile
 from catalog.store.sealing import Sealer
 
 RECORD_MAGIC = b"CMBW"
@@ -91,7 +92,7 @@ class Sealed:
         with self._lock:
             self.starts.setdefault(log, []).append(at)
 
-    def read(self, fd: int, log: int, pos: int, n: int, where: str) -> bytes:
+    def read(self, file: LogFile, log: int, pos: int, n: int, where: str) -> bytes:
         """``n`` plain bytes at ``pos`` (the record's payload start + the plain offset)."""
         with self._lock:
             starts = self.starts.get(log, [])
@@ -103,9 +104,9 @@ class Sealed:
         if at < 0:
             raise CorruptionError(f"{where}: log {log} has no record at {pos}")
         if plain is None:
-            head = os.pread(fd, HEADER_BYTES, at)
+            head = file.pread(HEADER_BYTES, at)
             _magic, kind, flags, _off, length, _ = HEADER.unpack(head)
-            body = os.pread(fd, stored_length(kind, flags, length), at + HEADER_BYTES)
+            body = file.pread(stored_length(kind, flags, length), at + HEADER_BYTES)
             aad = record_aad(head, self.ident, log, at)
             plain = bytes(self.sealer.open_record(body, aad, f"{where} log {log} at {at}"))
             with self._lock:
@@ -181,9 +182,11 @@ class Replayed:
     good_bytes: int
     torn: bool
     written_bytes: int
+    file_bytes: int  # its length as replayed (with a torn tail)
 
 
 def replay(
+    file: LogFile,
     path: str,
     log: int,
     last: bool,
@@ -192,45 +195,45 @@ def replay(
     sealed: Sealed | None = None,
     encrypted: bool | None = None,
 ) -> Replayed:
-    """Read every record of one log file in order, adding it to ``into`` (None: only count).
-    A bad record at the end of the last log is a torn tail; anywhere else CorruptionError.
-    ``sealed``: an encrypted repository's sealer and record index (every data record must be
-    sealed and is authenticated here); ``encrypted`` False: no record may be sealed."""
-    with open(path, "rb", buffering=0) as fh:
-        total = os.fstat(fh.fileno()).st_size
-        at = written = 0
-        while at < total:
-            head = os.pread(fh.fileno(), HEADER_BYTES, at)
-            bad = _bad_header(head, size)
-            if bad is None:
-                magic, kind, flags, offset, length, digest = HEADER.unpack(head)
-                body = stored_length(kind, flags, length)
-                end = at + HEADER_BYTES + body
-                if end > total:
-                    bad = "the record runs past the end of the file"
-                elif into is not None:
-                    payload = _read(fh, at, body)
-                    if checksum(head[:_CHECKED], payload) != digest:
-                        bad = "checksum mismatch"
-                    elif kind == KIND_DATA and _sealing_wrong(flags, sealed, encrypted):
-                        raise CorruptionError(
-                            f"overlay log {path} at offset {at}: a "
-                            f"{'sealed' if flags else 'plain'} record in "
-                            f"{'an encrypted' if sealed else 'a plain'} repository (tampered)"
-                        )
-                    elif sealed is not None and kind == KIND_DATA:
-                        aad = record_aad(head, sealed.ident, log, at)
-                        sealed.sealer.open_record(payload, aad, f"overlay log {path} at {at}")
-                        sealed.add(log, at)
-            if bad is not None:
-                if last and (bad.startswith("the record runs") or _tail(fh, at, total, head)):
-                    return Replayed(at, True, written)
-                raise CorruptionError(f"overlay log {path} at offset {at}: {bad}")
-            if into is not None:
-                into.add(offset, offset + length, log, at + HEADER_BYTES if body else -1)
-            written += length
-            at = end
-    return Replayed(at, False, written)
+    """Read every record of one log file (``path`` in messages) in order, adding it to ``into``
+    (None: only count). A bad record at the end of the last log is a torn tail; anywhere else
+    CorruptionError. ``sealed``: an encrypted repository's sealer and record index (every data
+    record must be sealed and is authenticated here); ``encrypted`` False: no record may be
+    sealed."""
+    total = file.size()
+    at = written = 0
+    while at < total:
+        head = file.pread(HEADER_BYTES, at)
+        bad = _bad_header(head, size)
+        if bad is None:
+            magic, kind, flags, offset, length, digest = HEADER.unpack(head)
+            body = stored_length(kind, flags, length)
+            end = at + HEADER_BYTES + body
+            if end > total:
+                bad = "the record runs past the end of the file"
+            elif into is not None:
+                payload = _read(file, at, body)
+                if checksum(head[:_CHECKED], payload) != digest:
+                    bad = "checksum mismatch"
+                elif kind == KIND_DATA and _sealing_wrong(flags, sealed, encrypted):
+                    raise CorruptionError(
+                        f"overlay log {path} at offset {at}: a "
+                        f"{'sealed' if flags else 'plain'} record in "
+                        f"{'an encrypted' if sealed else 'a plain'} repository (tampered)"
+                    )
+                elif sealed is not None and kind == KIND_DATA:
+                    aad = record_aad(head, sealed.ident, log, at)
+                    sealed.sealer.open_record(payload, aad, f"overlay log {path} at {at}")
+                    sealed.add(log, at)
+        if bad is not None:
+            if last and (bad.startswith("the record runs") or _tail(file, at, total, head)):
+                return Replayed(at, True, written, total)
+            raise CorruptionError(f"overlay log {path} at offset {at}: {bad}")
+        if into is not None:
+            into.add(offset, offset + length, log, at + HEADER_BYTES if body else -1)
+        written += length
+        at = end
+    return Replayed(at, False, written, total)
 
 
 def _sealing_wrong(flags: int, sealed: Sealed | None, encrypted: bool | None) -> bool:
@@ -239,12 +242,11 @@ def _sealing_wrong(flags: int, sealed: Sealed | None, encrypted: bool | None) ->
     return bool(flags & FLAG_SEALED) and encrypted is False
 
 
-def _read(fh: object, at: int, n: int) -> bytes:
-    fd = fh.fileno()  # type: ignore[attr-defined]
+def _read(file: LogFile, at: int, n: int) -> bytes:
     parts = []
     pos = at + HEADER_BYTES
     while n:
-        part = os.pread(fd, min(n, _READ_BYTES), pos)
+        part = file.pread(min(n, _READ_BYTES), pos)
         if not part:
             break
         parts.append(part)
@@ -268,12 +270,12 @@ def _bad_header(head: bytes, size: int) -> str | None:
     return None
 
 
-def _tail(fh: object, at: int, total: int, head: bytes) -> bool:
+def _tail(file: LogFile, at: int, total: int, head: bytes) -> bool:
     """Whether a bad record at ``at`` is the last thing in the file (a write torn by a crash):
     its declared end reaches the end of the file, or the rest is zeros (never written)."""
     if len(head) >= HEADER_BYTES and head[:4] == RECORD_MAGIC:
         _, kind, flags, _, length, _ = HEADER.unpack(head)
         if at + HEADER_BYTES + stored_length(kind, flags, length) >= total:
             return True
-    rest = _read(fh, at - HEADER_BYTES, total - at)
+    rest = _read(file, at - HEADER_BYTES, total - at)
     return not rest.strip(b"\0")

@@ -4,15 +4,13 @@ Owns ``overlays/<name>/`` (FORMAT.md, "Overlays"): names, creation (``overlay.js
 atomically), listing, removal, the exclusive lock of an open overlay, and ``Overlay``, an open
 overlay that appends write records to its log and reads its payloads on demand. The record
 format and the extent map live in ``drive.overlays.log``. The base recovery point is never
-written. Imports catalog only.
+written. Imports catalog only; every file is reached through the repository's storage (its log
+files and lock through ``catalog.store.inplace``'s handles).
 """
 
 from __future__ import annotations
 
-import errno
-import fcntl
 import json
-import os
 import re
 import secrets
 import threading
@@ -23,6 +21,7 @@ import drive.overlays.log as L
 from catalog.errors import CombError, CorruptionError, RepositoryError, UsageError
 from catalog.errors import describe_os_error as _os
 from catalog.repo import Repository
+from catalog.store.inplace import FileLock, LogFile
 from catalog.store.points import RecoveryPoint
 
 OVERLAYS_DIR = "overlays"
@@ -48,15 +47,23 @@ def check_name(name: str) -> str:
     return name
 
 
-def overlay_dir(repo: Repository, name: str) -> str:
-    root = repo.storage.local_path("")
-    if root is None:
-        raise RepositoryError(f"{repo.location}: overlays need a local repository")
-    return os.path.join(root, OVERLAYS_DIR, check_name(name))
+def overlay_prefix(name: str) -> str:
+    """The storage prefix of overlay ``name`` (checked first: a usage error if invalid)."""
+    return f"{OVERLAYS_DIR}/{check_name(name)}"
 
 
 def log_name(n: int) -> str:
     return f"log-{n}.dat"
+
+
+def log_path(name: str, n: int) -> str:
+    """The storage name of log ``n`` of overlay ``name``."""
+    return f"{overlay_prefix(name)}/{log_name(n)}"
+
+
+def shown(repo: Repository, name: str) -> str:
+    """How messages name a repository file (its local path)."""
+    return repo.storage.local_path(name) or name
 
 
 @dataclass(frozen=True)
@@ -72,16 +79,17 @@ class OverlayInfo:
 
 
 def read_doc(repo: Repository, name: str) -> dict[str, object]:
-    path = os.path.join(overlay_dir(repo, name), "overlay.json")
+    doc_name = f"{overlay_prefix(name)}/overlay.json"
+    path = shown(repo, doc_name)
     try:
-        with open(path, "rb") as fh:
-            raw = fh.read()
+        raw = repo.storage.read(doc_name)
+    except RepositoryError:  # "cannot read PATH: ..." unless there is no such overlay
+        if not repo.storage.exists(doc_name):
+            raise UsageError(f"no overlay {name!r} in {repo.location}") from None
+        raise
+    try:
         raw = repo.sealer.open_doc(raw, f"overlay {name}", path)  # bound to the name
         doc = json.loads(raw)
-    except FileNotFoundError:
-        raise UsageError(f"no overlay {name!r} in {repo.location}") from None
-    except OSError as err:
-        raise RepositoryError(f"cannot read {path}: {_os(err)}") from None
     except ValueError as err:
         raise CorruptionError(f"{path}: not JSON ({err})") from None
     ok = isinstance(doc, dict) and doc.get("format") == OVERLAY_FORMAT
@@ -104,25 +112,18 @@ def sealed_records(repo: Repository, doc: dict[str, object], name: str) -> L.Sea
 
 def names(repo: Repository) -> list[str]:
     """Overlays with a document, sorted (a directory without one is an interrupted create)."""
-    root = repo.storage.local_path(OVERLAYS_DIR)
-    try:
-        entries = sorted(os.listdir(root)) if root else []
-    except FileNotFoundError:
-        return []
-    except OSError as err:
-        raise RepositoryError(f"cannot list {root}: {_os(err)}") from None
+    entries = [d.rsplit("/", 1)[-1] for d in repo.storage.list_dirs(OVERLAYS_DIR)]
     return [
         n
         for n in entries
-        if _NAME.fullmatch(n) and os.path.exists(os.path.join(str(root), n, "overlay.json"))
+        if _NAME.fullmatch(n) and repo.storage.exists(f"{OVERLAYS_DIR}/{n}/overlay.json")
     ]
 
 
 def create(repo: Repository, name: str, point: RecoveryPoint) -> None:
     """A new, empty overlay over ``point``; UsageError if the name is taken."""
     repo.require_writable()
-    path = overlay_dir(repo, name)
-    if os.path.exists(os.path.join(path, "overlay.json")):
+    if repo.storage.exists(f"{overlay_prefix(name)}/overlay.json"):
         raise UsageError(f"overlay {name!r} already exists")
     doc = {
         "format": OVERLAY_FORMAT,
@@ -138,28 +139,37 @@ def create(repo: Repository, name: str, point: RecoveryPoint) -> None:
     repo.storage.write_atomic(f"{OVERLAYS_DIR}/{name}/overlay.json", data)
 
 
-def log_numbers(path: str) -> list[int]:
+def log_numbers(repo: Repository, name: str) -> list[int]:
+    prefix = overlay_prefix(name) + "/"
+    files = [f[len(prefix) :] for f in repo.storage.list(prefix[:-1])]
+    return sorted(int(m.group(1)) for f in files if (m := _LOG.fullmatch(f)))
+
+
+def replay_log(
+    repo: Repository, name: str, n: int, last: bool, size: int, into: L.ExtentMap | None,
+    sealed: L.Sealed | None = None, encrypted: bool | None = None,
+) -> L.Replayed:  # fmt: skip
+    """``L.replay`` of log ``n`` through a read-only handle (OSError when it cannot be read)."""
+    log = repo.storage.open_log(log_path(name, n))
     try:
-        found = [m for f in os.listdir(path) if (m := _LOG.fullmatch(f))]
-    except OSError as err:
-        raise RepositoryError(f"cannot list {path}: {_os(err)}") from None
-    return sorted(int(m.group(1)) for m in found)
+        return L.replay(log, shown(repo, log_path(name, n)), n, last, size, into, sealed, encrypted)
+    finally:
+        log.close()
 
 
 def info(repo: Repository, name: str) -> OverlayInfo:
     doc = read_doc(repo, name)
-    path = overlay_dir(repo, name)
-    logs = log_numbers(path)
+    logs = log_numbers(repo, name)
     size, log_bytes, written, mtime = int(str(doc["size"])), 0, 0, 0.0
     for k, n in enumerate(logs):
-        file = os.path.join(path, log_name(n))
+        file = shown(repo, log_path(name, n))
         try:
-            st = os.stat(file)
-            written += L.replay(file, n, k == len(logs) - 1, size, None).written_bytes
+            found = replay_log(repo, name, n, k == len(logs) - 1, size, None)
         except OSError as err:
             raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
-        log_bytes += st.st_size
-        mtime = max(mtime, st.st_mtime)
+        written += found.written_bytes
+        log_bytes += found.file_bytes
+        mtime = max(mtime, repo.storage.mtime(log_path(name, n)) or 0.0)
     last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)) if logs else None
     return OverlayInfo(
         name, str(doc["base"]), str(doc.get("source", "")), size, str(doc.get("created", "")),
@@ -177,15 +187,15 @@ def check(repo: Repository, name: str, point_ids: set[str]) -> tuple[list[str], 
         doc = read_doc(repo, name)
         if str(doc["base"]) not in point_ids:
             errors.append(f"overlay {name}: its base recovery point {doc['base']} is missing")
-        path = overlay_dir(repo, name)
-        logs = log_numbers(path)
+        logs = log_numbers(repo, name)
         size = int(str(doc["size"]))
         for k, n in enumerate(logs):
-            file = os.path.join(path, log_name(n))
+            file = shown(repo, log_path(name, n))
             try:
                 sealed = sealed_records(repo, doc, name)
-                got = L.replay(
-                    file, n, k == len(logs) - 1, size, L.ExtentMap(), sealed, sealed is not None
+                last = k == len(logs) - 1
+                got = replay_log(
+                    repo, name, n, last, size, L.ExtentMap(), sealed, sealed is not None
                 )
             except OSError as err:
                 errors.append(f"overlay {name}: cannot read {file}: {_os(err)}")
@@ -200,54 +210,40 @@ def check(repo: Repository, name: str, point_ids: set[str]) -> tuple[list[str], 
     return errors, warnings
 
 
-class _Lock:
-    """``flock`` on ``overlays/<name>/lock``: held while the overlay is open for writing."""
-
-    def __init__(self, path: str, name: str) -> None:
-        try:
-            self.fd = os.open(
-                os.path.join(path, "lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644
-            )
-        except OSError as err:
-            raise RepositoryError(f"cannot open the lock of overlay {name!r}: {_os(err)}") from None
-        try:
-            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            os.close(self.fd)
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
-                raise OverlayBusy(
-                    f"overlay {name!r} is in use by another process (a server has it open)"
-                ) from None
-            raise RepositoryError(f"cannot lock overlay {name!r}: {_os(err)}") from None
-
-    def release(self) -> None:
-        os.close(self.fd)
+def _lock(repo: Repository, name: str) -> FileLock:
+    """The overlay's ``lock`` (FORMAT.md 19.4), taken: held while it is open for writing."""
+    try:
+        lock = repo.storage.file_lock(f"{overlay_prefix(name)}/lock")
+    except OSError as err:
+        raise RepositoryError(f"cannot open the lock of overlay {name!r}: {_os(err)}") from None
+    try:
+        held = lock.try_acquire()
+    except OSError as err:
+        lock.release()
+        raise RepositoryError(f"cannot lock overlay {name!r}: {_os(err)}") from None
+    if not held:
+        lock.release()
+        raise OverlayBusy(f"overlay {name!r} is in use by another process (a server has it open)")
+    return lock
 
 
 def remove(repo: Repository, name: str) -> None:
     """Delete an overlay; OverlayBusy while a server has it open."""
     read_doc(repo, name)
-    path = overlay_dir(repo, name)
-    lock = _Lock(path, name)
+    prefix, storage = overlay_prefix(name), repo.storage
+    lock = _lock(repo, name)
     try:
-        os.unlink(os.path.join(path, "overlay.json"))  # from here on it is no overlay
-        for n in log_numbers(path):
-            os.unlink(os.path.join(path, log_name(n)))
-        os.unlink(os.path.join(path, "lock"))
-        os.rmdir(path)
-        _sync_dir(os.path.dirname(path))
-    except OSError as err:
-        raise RepositoryError(f"cannot remove overlay {name!r}: {_os(err)}") from None
+        logs = log_numbers(repo, name)
+        storage.remove(f"{prefix}/overlay.json")  # from here on it is no overlay
+        for n in logs:
+            storage.remove(log_path(name, n))
+        storage.remove(f"{prefix}/lock")
+        storage.remove_dir(prefix)
+        storage.sync(OVERLAYS_DIR)
+    except RepositoryError as err:
+        raise RepositoryError(f"cannot remove overlay {name!r}: {err.message}") from None
     finally:
         lock.release()
-
-
-def _sync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class Overlay:
@@ -260,14 +256,14 @@ class Overlay:
         self.name = name
         self.base_id = str(doc["base"])
         self.size = int(str(doc["size"]))
-        self.path = overlay_dir(repo, name)
-        self._lock = _Lock(self.path, name)
+        self._repo = repo
+        self._lock = _lock(repo, name)
         self._mutex = threading.Lock()
         self.map = L.ExtentMap()
         self._sealer = repo.sealer
         self._ident = ident(doc, name)
         self._sealed = sealed_records(repo, doc, name)
-        self._fds: dict[int, int] = {}
+        self._logs: dict[int, LogFile] = {}
         try:
             self._open_logs()
         except OSError as err:
@@ -279,39 +275,32 @@ class Overlay:
         self._dirty = False
 
     def _open_logs(self) -> None:
-        logs = log_numbers(self.path)
+        logs = log_numbers(self._repo, self.name)
+        encrypted = self._sealer.encrypted
         for k, n in enumerate(logs):
-            file = os.path.join(self.path, log_name(n))
-            found = L.replay(
-                file,
-                n,
-                k == len(logs) - 1,
-                self.size,
-                self.map,
-                self._sealed,
-                self._sealer.encrypted,
+            last = k == len(logs) - 1
+            found = replay_log(
+                self._repo, self.name, n, last, self.size, self.map, self._sealed, encrypted
             )
-            self._fds[n] = os.open(file, os.O_RDWR | os.O_CLOEXEC)
+            log = self._logs[n] = self._repo.storage.open_log(log_path(self.name, n), writable=True)
             if found.torn:  # a crash mid-write: the record was never acknowledged
-                os.ftruncate(self._fds[n], found.good_bytes)
-                os.fsync(self._fds[n])
+                log.truncate(found.good_bytes)
+                log.sync()
         self._current = logs[-1] if logs else -1
         if self._current < 0:
             self._new_log()
-        self._end = os.fstat(self._fds[self._current]).st_size
+        self._end = self._logs[self._current].size()
 
     def _new_log(self) -> None:
         n = self._current + 1
-        file = os.path.join(self.path, log_name(n))
-        self._fds[n] = os.open(file, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-        os.fsync(self._fds[n])
-        _sync_dir(self.path)  # the new file's entry is durable before anything is acknowledged
+        # The new file's entry is durable before anything written to it is acknowledged.
+        self._logs[n] = self._repo.storage.create_log(log_path(self.name, n))
         self._current, self._end = n, 0
 
     def close(self) -> None:
-        for fd in self._fds.values():
-            os.close(fd)
-        self._fds.clear()
+        for log in self._logs.values():
+            log.close()
+        self._logs.clear()
         self._lock.release()
 
     # -- writing ------------------------------------------------------------------------------
@@ -333,13 +322,13 @@ class Overlay:
             if self._end + need > LOG_MAX_BYTES and self._end:
                 self._sync()
                 self._new_log()
-            fd, at = self._fds[self._current], self._end
+            log, at = self._logs[self._current], self._end
             where = (self._ident, self._current, at)
             head, stored = L.encode_record(kind, offset, length, payload, self._sealer, where)
             try:
-                _pwrite_all(fd, [head, stored], at)
+                log.pwrite((head, stored), at)  # one pwritev
             except OSError:
-                os.ftruncate(fd, at)  # no partial record stays behind a later one
+                log.truncate(at)  # no partial record stays behind a later one
                 raise
             self._end = at + len(head) + len(stored)
             if self._sealed is not None and payload:
@@ -355,7 +344,7 @@ class Overlay:
 
     def _sync(self) -> None:
         if self._dirty:
-            os.fsync(self._fds[self._current])  # earlier logs were synced when they were left
+            self._logs[self._current].sync()  # earlier logs were synced when they were left
             self._dirty = False
 
     # -- reading ------------------------------------------------------------------------------
@@ -370,20 +359,8 @@ class Overlay:
         if piece.pos < 0:
             return bytes(n)
         if self._sealed is not None:
-            return self._sealed.read(self._fds[piece.log], piece.log, piece.pos, n, self.name)
-        data = os.pread(self._fds[piece.log], n, piece.pos)
+            return self._sealed.read(self._logs[piece.log], piece.log, piece.pos, n, self.name)
+        data = self._logs[piece.log].pread(n, piece.pos)
         if len(data) != n:
             raise CorruptionError(f"overlay {self.name}: log {piece.log} is shorter than its map")
         return data
-
-
-def _pwrite_all(fd: int, parts: list[bytes | memoryview], at: int) -> None:
-    views = [memoryview(p) for p in parts if p]
-    while views:
-        n = os.pwritev(fd, views, at)
-        at += n
-        while views and n >= len(views[0]):
-            n -= len(views[0])
-            views.pop(0)
-        if views and n:
-            views[0] = views[0][n:]

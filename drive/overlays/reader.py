@@ -10,7 +10,6 @@ Owns the read-only replay and the reads. Must not: write to the overlay or the r
 
 from __future__ import annotations
 
-import os
 import threading
 
 import drive.overlays.log as L
@@ -19,20 +18,24 @@ from catalog.errors import CorruptionError, RepositoryError
 from catalog.errors import describe_os_error as _os
 from catalog.read.source import read_bytes
 from catalog.repo import Repository
+from catalog.store.inplace import LogFile
 
 
 def replay(repo: Repository, name: str, size: int, sealed: L.Sealed | None = None) -> L.ExtentMap:
     """The overlay's extent map, read without writing (``sealed``: encrypted repository)."""
-    path = overlay.overlay_dir(repo, name)
-    logs = overlay.log_numbers(path)
+    logs = overlay.log_numbers(repo, name)
     written = L.ExtentMap()
     for k, n in enumerate(logs):
-        file = os.path.join(path, overlay.log_name(n))
+        last, encrypted = k == len(logs) - 1, repo.sealer.encrypted
         try:
-            L.replay(file, n, k == len(logs) - 1, size, written, sealed, repo.sealer.encrypted)
+            overlay.replay_log(repo, name, n, last, size, written, sealed, encrypted)
         except OSError as err:
-            raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
+            raise RepositoryError(f"cannot read {_shown(repo, name, n)}: {_os(err)}") from None
     return written
+
+
+def _shown(repo: Repository, name: str, n: int) -> str:
+    return overlay.shown(repo, overlay.log_path(name, n))
 
 
 class OverlayReader:
@@ -42,11 +45,11 @@ class OverlayReader:
         doc = overlay.read_doc(repo, name)
         self.name = name
         self.size = int(str(doc["size"]))
-        self.path = overlay.overlay_dir(repo, name)
+        self._repo = repo
         self._sealed = overlay.sealed_records(repo, doc, name)
         self.map = replay(repo, name, self.size, self._sealed)
         self.base = repo.reader(repo.resolve(str(doc["base"])))
-        self._fds: dict[int, int] = {}
+        self._logs: dict[int, LogFile] = {}
         self._lock = threading.Lock()
 
     @property
@@ -85,25 +88,26 @@ class OverlayReader:
                 buf[lo:hi] = bytes(hi - lo)
                 continue
             if self._sealed is not None:
-                buf[lo:hi] = self._sealed.read(self._fd(p.log), p.log, p.pos, hi - lo, self.name)
+                buf[lo:hi] = self._sealed.read(self._log(p.log), p.log, p.pos, hi - lo, self.name)
                 continue
-            data = os.pread(self._fd(p.log), hi - lo, p.pos)
+            data = self._log(p.log).pread(hi - lo, p.pos)
             if len(data) != hi - lo:
                 raise CorruptionError(f"overlay {self.name}: log {p.log} is shorter than its map")
             buf[lo:hi] = data
 
-    def _fd(self, log: int) -> int:
+    def _log(self, n: int) -> LogFile:
         with self._lock:
-            if log not in self._fds:
-                file = os.path.join(self.path, overlay.log_name(log))
+            if n not in self._logs:
                 try:
-                    self._fds[log] = os.open(file, os.O_RDONLY | os.O_CLOEXEC)
+                    self._logs[n] = self._repo.storage.open_log(overlay.log_path(self.name, n))
                 except OSError as err:
-                    raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
-            return self._fds[log]
+                    raise RepositoryError(
+                        f"cannot read {_shown(self._repo, self.name, n)}: {_os(err)}"
+                    ) from None
+            return self._logs[n]
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
-                os.close(fd)
-            self._fds.clear()
+            for log in self._logs.values():
+                log.close()
+            self._logs.clear()

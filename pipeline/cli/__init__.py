@@ -4,10 +4,13 @@ one line (``comb: error: ...``) and a non-zero exit code (README.md lists them).
 Each command is one module ``<name>_cmd.py`` (a few closely related commands share one) that
 owns its parser (``add_parser(subparsers)``, which sets ``run``) and its run function
 ``cmd_<name>(repo, args)``; ``registry.COMMANDS`` lists them in the order ``comb --help`` shows
-them. ``args.password`` is the command's password source (``passwords``): the run function
-passes it to ``Repository.open`` or ``Repository.init``, which ask it only for an encrypted
-repository. The command modules are imported inside ``main``'s error handling: pyarrow and DuckDB
-take a moment to import, and Ctrl-C during that moment must still be one line.
+them. ``command`` makes a command's parser: its help, its examples (the end of its ``--help``)
+and the global options (``-r``, ``--password-file``, ``--debug``, ``--json``), which work before
+or after the command's name. ``args.password`` is the command's password source
+(``passwords``): the run function passes it to ``Repository.open`` or ``Repository.init``, which
+ask it only for an encrypted repository. The command modules are imported inside ``main``'s
+error handling: pyarrow and DuckDB take a moment to import, and Ctrl-C during that moment must
+still be one line.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any
 
 from catalog.errors import CombError, UsageError
 
@@ -27,6 +32,7 @@ EXIT_INTERRUPTED = 130  # SIGINT (Ctrl-C)
 EXIT_TERMINATED = 143  # SIGTERM
 # How every command that takes a recovery point names it (catalog.store.points.resolve).
 POINT_HELP = "id, unique prefix, SOURCE@latest or SOURCE@ID"
+GLOBAL_OPTIONS = "global options (before or after the command)"
 
 
 # What a command module's ``add_parser`` gets: ``add_subparsers()``'s result.
@@ -40,29 +46,115 @@ class Parser(argparse.ArgumentParser):
         raise UsageError(f"{message} (see `{self.prog} --help`)")
 
 
+def comb_version() -> str:
+    """The installed package's version (pyproject.toml), or ``unknown`` outside an install."""
+    try:
+        return version("comb")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def add_global_options(p: argparse.ArgumentParser, json_help: str | None, top: bool) -> None:
+    """``-r``, ``--password-file``, ``--debug`` and, where the command prints JSON, ``--json``:
+    on the top parser and again on every command's, so they work before or after the command.
+    A command's copies have no default (``SUPPRESS``), so a value given before the command is
+    kept and one given after it wins."""
+    g = p.add_argument_group(GLOBAL_OPTIONS)
+    unset: dict[str, Any] = {} if top else {"default": argparse.SUPPRESS}
+    g.add_argument(
+        "-r",
+        "--repo",
+        metavar="REPO",
+        help="repository path (or COMB_REPO)",
+        **({"default": os.environ.get("COMB_REPO")} if top else unset),
+    )
+    g.add_argument(
+        "--password-file",
+        metavar="FILE",
+        help="read the repository password from FILE (else COMB_PASSWORD_FILE, COMB_PASSWORD "
+        "or a prompt)",
+        **unset,
+    )
+    g.add_argument("--debug", action="store_true", help="show a traceback on errors", **unset)
+    if json_help is not None:
+        g.add_argument("--json", action="store_true", help=json_help, **unset)
+
+
+def examples_text(examples: Sequence[str]) -> str:
+    """The end of a command's help: its examples, one command line each."""
+    return "examples:\n" + "\n".join(f"  {line}" for line in examples)
+
+
+def command(
+    sub: Subparsers, name: str, summary: str, examples: Sequence[str], json: str | None
+) -> argparse.ArgumentParser:
+    """A command's parser: ``summary`` in the list of ``comb --help`` and atop its own help, its
+    ``examples`` at the end, and the global options; ``json`` says what ``--json`` prints
+    (``None``: the command has no JSON output, and ``--json`` is a usage error)."""
+    p: argparse.ArgumentParser = sub.add_parser(
+        name,
+        help=summary,
+        description=f"{summary[:1].upper()}{summary[1:]}.",
+        epilog=examples_text(examples),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_global_options(p, json, top=False)
+    p.set_defaults(has_json=json is not None)
+    return p
+
+
+def actions(p: argparse.ArgumentParser, default: str) -> Subparsers:
+    """The ``ACTION`` of a command that has several (``key``, ``overlays``)."""
+    return p.add_subparsers(
+        dest="action", metavar="ACTION", parser_class=Parser, help=f"what to do (default {default})"
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .registry import COMMANDS
 
-    p = Parser(prog="comb", description="Block-level backup into a deduplicating repository.")
-    p.add_argument(
-        "-r", "--repo", default=os.environ.get("COMB_REPO"), help="repository path (or COMB_REPO)"
+    p = Parser(
+        prog="comb",
+        description="Block-level backup into a deduplicating repository.",
+        epilog=examples_text(
+            [
+                "comb -r /backup/repo init",
+                "comb -r /backup/repo backup /var/lib/images/web01.img",
+                "comb points -r /backup/repo --json",
+                "comb COMMAND --help    (each command's options and examples)",
+            ]
+        ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--debug", action="store_true", help="show tracebacks")
     p.add_argument(
-        "--password-file",
-        metavar="FILE",
-        help="read the repository password from FILE (else COMB_PASSWORD or a prompt)",
+        "--version", action="version", version=f"comb {comb_version()}", help="print the version"
     )
-    p.set_defaults(needs_repo=True)
-    sub = p.add_subparsers(dest="command", metavar="COMMAND", parser_class=Parser)
-    for command in COMMANDS:
-        command.add_parser(sub)
+    add_global_options(p, 'print results as JSON (README.md, "JSON output")', top=True)
+    p.set_defaults(needs_repo=True, has_json=False)
+    sub = p.add_subparsers(
+        dest="command", metavar="COMMAND", parser_class=Parser, help="what to do"
+    )
+    for module in COMMANDS:
+        module.add_parser(sub)
     return p
+
+
+def parse(argv: Sequence[str] | None) -> argparse.Namespace | None:
+    """The command line; None when ``--help`` or ``--version`` has printed all there is to do
+    (a bad command line is a ``UsageError``: ``Parser.error``)."""
+    try:
+        return build_parser().parse_args(argv)
+    except SystemExit as done:
+        if done.code not in (0, None):
+            raise
+        return None
 
 
 def dispatch(args: argparse.Namespace) -> int:
     if args.command is None:
         raise UsageError("no command given (see `comb --help`)")
+    if args.json and not args.has_json:
+        raise UsageError(f"`comb {args.command}` has no JSON output (see `comb --help`)")
     repo = ""
     if args.needs_repo:
         if not args.repo:
@@ -81,8 +173,8 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
     debug = "--debug" in (argv if argv is not None else sys.argv[1:])
     previous = signals.install()
     try:
-        args = build_parser().parse_args(argv)
-        code = dispatch(args)
+        args = parse(argv)
+        code = 0 if args is None else dispatch(args)
         signals.hold()  # the command is done: a late signal changes nothing
         late = signals.pending()
         if late is not None:

@@ -8,6 +8,7 @@ import os
 import re
 from dataclasses import replace
 from datetime import UTC, datetime
+from typing import Any
 
 import pyarrow as pa
 
@@ -19,10 +20,10 @@ from catalog.errors import UsageError
 from catalog.maint.retention import KeepPolicy
 from catalog.repo import Repository
 
-from ..console import note, warn, warn_damaged
-from . import Subparsers
+from ..console import note, print_json, warn, warn_damaged
+from . import Subparsers, command
 from .forget_cmd import overlay_bases
-from .output import add_output_options, open_output, write_result
+from .output import add_output_options, open_output, output_format, write_result
 
 MAX_SIZE_BYTES = 1 << 50
 MAX_HORIZON_DAYS = 36500  # a century
@@ -30,33 +31,79 @@ _SIZE = re.compile(r"^(\d+)([KMGT]?)(i?B)?$", re.IGNORECASE)
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("query", help="DuckDB SQL over the catalog views (read-only)")
-    s.add_argument("sql")
+    json = 'print {"columns": [...], "rows": [...]} (the same as --format json)'
+    s = command(
+        sub,
+        "query",
+        "run one read-only DuckDB SQL query over the catalog views (`catalog-schema`)",
+        [
+            'comb -r /backup/repo query "SELECT id, time, bytes_stored FROM points ORDER BY time"',
+            'comb -r /backup/repo query "SELECT sum(bytes_stored) AS stored FROM points" --json',
+            'comb -r /backup/repo query "SELECT * FROM point_usage" --format parquet '
+            "--output usage.parquet",
+        ],
+        json,
+    )
+    s.add_argument("sql", help="one SELECT statement")
     add_output_options(s, with_parquet=True)
     s.set_defaults(run=cmd_query)
 
-    s = sub.add_parser("report", help="a named analytics report (`report --list`)")
+    s = command(
+        sub,
+        "report",
+        "a named analytics report over the history (`report --list`)",
+        [
+            "comb -r /backup/repo report --list",
+            "comb -r /backup/repo report growth --period week",
+            "comb -r /backup/repo report retention --keep-daily 7 --keep-weekly 4 --json",
+        ],
+        json,
+    )
     s.add_argument("name", nargs="?", help="report name")
     s.add_argument("--list", action="store_true", help="list the reports")
     s.add_argument("--source", help="only this source")
     s.add_argument("--since", help="only points from this date/time on (ISO, UTC)")
-    s.add_argument("--period", choices=["day", "week", "month"], default="day")
+    s.add_argument(
+        "--period",
+        choices=["day", "week", "month"],
+        default="day",
+        help="growth, ratios: the period of a row (default day)",
+    )
     s.add_argument("--bucket", help="hot-regions: region size (e.g. 1G, 256M)")
     s.add_argument("--limit", type=int, default=20, help="hot-regions: rows (0 = all)")
     s.add_argument(
         "--horizons", default="30,90,365", help="projection: days ahead, comma-separated"
     )
     for rule in KeepPolicy.__dataclass_fields__:
-        s.add_argument(f"--keep-{rule}", type=int, default=0, metavar="N")
-    s.add_argument("--forget", action="append", default=[], metavar="POINT")
+        s.add_argument(
+            f"--keep-{rule}",
+            type=int,
+            default=0,
+            metavar="N",
+            help=f"retention: keep rule as in `forget --keep-{rule}`",
+        )
+    forget = "retention: forget this point too (repeatable)"
+    s.add_argument("--forget", action="append", default=[], metavar="POINT", help=forget)
     add_output_options(s, with_parquet=False)
     s.set_defaults(run=cmd_report)
 
-    s = sub.add_parser("dashboard", help="write a self-contained HTML page with charts")
+    s = command(
+        sub,
+        "dashboard",
+        "write a self-contained HTML page with the history's charts",
+        ["comb -r /backup/repo dashboard history.html"],
+        json="print the file written as one JSON object",
+    )
     s.add_argument("output", help="HTML file to write")
     s.set_defaults(run=cmd_dashboard)
 
-    s = sub.add_parser("catalog-schema", help="the catalog views and their columns")
+    s = command(
+        sub,
+        "catalog-schema",
+        "list the catalog views, their columns, types and meanings",
+        ["comb -r /backup/repo catalog-schema"],
+        json='print {"views": [...]}',
+    )
     s.set_defaults(run=cmd_catalog_schema)
 
 
@@ -75,7 +122,7 @@ def cmd_query(repo: str, args: argparse.Namespace) -> int:
     cat = _open(Repository.open(repo, password=args.password))
     cat.need(args.sql)
     _warn_left_out(cat)
-    write_result(stream_query(cat.con, args.sql), args.format, args.output)
+    write_result(stream_query(cat.con, args.sql), output_format(args), args.output)
     return 0
 
 
@@ -127,6 +174,7 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
         return 0
     if not args.name:
         raise UsageError("give a report name (see `comb report --list`)")
+    fmt = output_format(args)
     opts = report_options(args)
     r = Repository.open(repo, password=args.password)
     if args.name == "retention":  # as `forget` does: the base of an overlay is kept
@@ -139,7 +187,8 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
     for text in result.notes:
         note(text)
     reader = pa.RecordBatchReader.from_batches(result.table.schema, result.table.to_batches())
-    write_result(reader, args.format, args.output, human=True)
+    head = {"report": args.name, "notes": list(result.notes)}
+    write_result(reader, fmt, args.output, human=True, head=head)
     return 0
 
 
@@ -152,7 +201,10 @@ def cmd_dashboard(repo: str, args: argparse.Namespace) -> int:
     _warn_left_out(cat)
     with open_output(args.output, binary=False) as out:
         out.write(page)
-    print(f"wrote {args.output} ({len(cat.history.points)} points)")
+    if args.json:
+        print_json({"output": args.output, "points_shown": len(cat.history.points)})
+    else:
+        print(f"wrote {args.output} ({len(cat.history.points)} points)")
     return 0
 
 
@@ -160,10 +212,26 @@ def cmd_catalog_schema(repo: str, args: argparse.Namespace) -> int:
     """The views with their columns' types (from DuckDB itself) and meanings."""
     r = Repository.open(repo, password=args.password)
     cat = Catalog.open(r.storage, [])
+    views: list[dict[str, Any]] = []
     for view, (about, columns) in VIEWS.items():
         cat.need(view)
-        print(f"{view}: {about}")
-        for name, typ, *_ in cat.con.execute(f"DESCRIBE {view}").fetchall():
-            print(f"  {name:<18} {typ:<26} {columns.get(name, '')}")
+        described = cat.con.execute(f"DESCRIBE {view}").fetchall()
+        views.append(
+            {
+                "view": view,
+                "about": about,
+                "columns": [
+                    {"name": name, "type": typ, "about": columns.get(name, "")}
+                    for name, typ, *_ in described
+                ],
+            }
+        )
+    if args.json:
+        print_json({"views": views})
+        return 0
+    for v in views:
+        print(f"{v['view']}: {v['about']}")
+        for c in v["columns"]:
+            print(f"  {c['name']:<18} {c['type']:<26} {c['about']}")
         print()
     return 0

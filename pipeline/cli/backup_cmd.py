@@ -11,14 +11,15 @@ from catalog.errors import UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
-from ..console import human_bytes, print_json
+from ..console import human_bytes, human_rate, print_json
 from ..engines import Engine, make_engine
 from ..jobs.backup import run_backup
 from ..jobs.runner import BackupOptions
 from ..jobs.vsphere import is_vsphere
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
-from . import Subparsers
+from . import Subparsers, command
 from .passwords import VSPHERE_PASSWORD_ENV, vsphere_password
+from .points_cmd import point_summary
 from .progress import progress_bar
 
 # Work items are read into one buffer per worker: bound it (1 GiB per worker at most).
@@ -26,22 +27,37 @@ MAX_BATCH_MIB = 1024
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("backup", help="back up a disk image, block device or vSphere VM")
+    s = command(
+        sub,
+        "backup",
+        "back up a disk image, block device, overlay or vSphere VM as a new recovery point",
+        [
+            "comb -r /backup/repo backup /var/lib/images/web01.img",
+            "comb -r /backup/repo backup /dev/vg0/db --source-name db --changed-extents c.json",
+            "comb backup overlay:try1 -r /backup/repo --engine local --json",
+            "comb -r /backup/repo backup vsphere://backup@vc.example/DC0/vm/db01 --all-disks",
+        ],
+        json="print each new point as one JSON line (a VM: one per disk); status lines on stderr",
+    )
     s.add_argument(
         "source",
         help="image file, block device, overlay:NAME, or vsphere://USER@HOST/DC/vm/NAME",
     )
     s.add_argument("--source-name", help="name of the source (default: its absolute path)")
     s.add_argument(
-        "--changed-extents", metavar="FILE", help="JSON list of changed {offset, length}"
+        "--changed-extents",
+        metavar="FILE",
+        help="JSON list of {offset, length} changed since the parent: read only those",
     )
     s.add_argument(
-        "--engine", choices=["ray", "local"], default=os.environ.get("COMB_ENGINE", "ray")
+        "--engine",
+        choices=["ray", "local"],
+        default=os.environ.get("COMB_ENGINE", "ray"),
+        help="Ray actors (default, or COMB_ENGINE) or threads in this process",
     )
     s.add_argument("--ray-address", default=None, help="existing Ray cluster (or RAY_ADDRESS)")
     s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
     s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
-    s.add_argument("--json", action="store_true", help="print one JSON object per point")
     v = s.add_argument_group(
         f"vSphere (vsphere:// sources; password from {VSPHERE_PASSWORD_ENV} or a terminal)"
     )
@@ -78,7 +94,9 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
     vopts = _vsphere_options(args)
     engine = make_engine(args.engine, args.ray_address, args.workers)
     t0 = time.perf_counter()
-    with progress_bar(f"backup {os.path.basename(args.source)}", not args.json) as bar:
+    label = f"backup {os.path.basename(args.source)}"
+    starting = "starting Ray ..." if engine.name == "ray" else "preparing ..."
+    with progress_bar(label, args.json, starting=starting) as bar:
         if vopts is not None:
             points = run_vsphere_backup(r, args.source, engine, opts, vopts, bar)
         else:
@@ -122,29 +140,15 @@ def _vsphere_options(args: argparse.Namespace) -> VsphereOptions | None:
 def _report(point: RecoveryPoint, engine: Engine, seconds: float, as_json: bool) -> None:
     st = point.stats
     if as_json:  # one line per point (JSON Lines): a VM backup makes one point per disk
-        doc = {
-            "id": point.id,
-            "source": point.source,
-            "parent": point.parent,
-            "mode": point.mode,
-            "size": point.size,
-            "bytes_read": st.bytes_read,
-            "bytes_new": st.bytes_new,
-            "bytes_stored": st.bytes_stored,
-            "metadata_bytes": st.metadata_bytes,
-            "engine": point.engine,
-            "engine_startup_seconds": round(engine.startup_s, 3),
-            "seconds": round(seconds, 3),
-        }
+        doc = {**point_summary(point), "engine_startup_seconds": round(engine.startup_s, 3)}
         if point.vsphere is not None:
             doc.update(change_id=point.change_id, cbt=point.vsphere.get("cbt"))
         print_json(doc)
     else:
-        rate = st.bytes_read / seconds / 1e6 if seconds else 0.0
         startup = f", engine start-up {engine.startup_s:.1f} s" if engine.startup_s >= 0.5 else ""
         print(
             f"recovery point {point.id} of {point.source} ({point.mode}): "
             f"read {human_bytes(st.bytes_read)}, new {human_bytes(st.bytes_new)}, "
-            f"stored {human_bytes(st.bytes_stored)} "
-            f"in {seconds:.1f} s ({rate:.0f} MB/s read, {point.engine} engine{startup})"
+            f"stored {human_bytes(st.bytes_stored)} in {seconds:.1f} s "
+            f"({human_rate(st.bytes_read, seconds)} read, {point.engine} engine{startup})"
         )

@@ -38,7 +38,7 @@ from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
 from ..accel import KVM_ARGS, TCG_ARGS, Accel, choose
 from ..console import note
 from ..locking import reader_lock
-from . import EXIT_INTERRUPTED, POINT_HELP, Subparsers
+from . import EXIT_INTERRUPTED, POINT_HELP, Subparsers, command
 from .serve_cmd import close_overlays, parse_listen
 
 QEMU = "qemu-system-x86_64"
@@ -49,7 +49,16 @@ MAX_HOST_MEMORY_SHARE = 0.5
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("boot", help="boot a recovery point in QEMU through a writable overlay")
+    s = command(
+        sub,
+        "boot",
+        "boot a recovery point in QEMU through a writable overlay, without a restore",
+        [
+            "comb -r /backup/repo boot web01@latest --name try1",
+            "comb -r /backup/repo boot web01@latest --name try1 --print",
+        ],
+        json=None,
+    )
     s.add_argument("point", help=POINT_HELP)
     s.add_argument("--name", help="overlay name (default boot-<first 8 hex of the point id>)")
     s.add_argument("--print", action="store_true", help="print the QEMU and libvirt setup only")

@@ -16,14 +16,20 @@ import numpy as np
 
 from catalog.repo import Repository
 
-from . import Subparsers, main
+from . import Subparsers, command, main
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("demo", help="back up, change, back up, restore, verify and query a sample")
+    s = command(
+        sub,
+        "demo",
+        "back up, change, back up, restore, verify and query a sample disk (no -r needed)",
+        ["comb demo", "comb demo --engine local --size-mib 64 --workdir /tmp/comb-demo"],
+        json=None,
+    )
     s.add_argument("--workdir", default="demo-work", help="where the demo puts its files")
-    s.add_argument("--engine", choices=["ray", "local"], default="ray")
-    s.add_argument("--size-mib", type=int, default=512)
+    s.add_argument("--engine", choices=["ray", "local"], default="ray", help="the backups' engine")
+    s.add_argument("--size-mib", type=int, default=512, help="the sample disk's size in MiB")
     s.set_defaults(run=cmd_demo, needs_repo=False)
 
 

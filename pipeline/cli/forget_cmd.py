@@ -13,12 +13,22 @@ from catalog.repo import Repository
 
 from ..console import print_json, waiting
 from ..locking import command_line
-from . import Subparsers
+from . import POINT_HELP, Subparsers, command
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("forget", help="remove recovery points by keep rules or by id")
-    s.add_argument("point", nargs="*", help="ids (or unique prefixes) to forget anyway")
+    s = command(
+        sub,
+        "forget",
+        "remove recovery points by keep rules or by id (`prune` then frees their data)",
+        [
+            "comb -r /backup/repo forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 "
+            "--dry-run",
+            "comb -r /backup/repo forget 3f2a91 web01@latest",
+        ],
+        json="print what was (or would be) forgotten and kept as one JSON object",
+    )
+    s.add_argument("point", nargs="*", help=f"points to forget anyway ({POINT_HELP})")
     s.add_argument("--source", help="apply the keep rules to this source only")
     for rule, what in (
         ("last", "the N newest points"),
@@ -30,7 +40,6 @@ def add_parser(sub: Subparsers) -> None:
     ):
         s.add_argument(f"--keep-{rule}", type=int, default=None, metavar="N", help=f"keep {what}")
     s.add_argument("--dry-run", action="store_true", help="list what would go, change nothing")
-    s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_forget)
 
 

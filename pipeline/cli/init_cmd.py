@@ -8,11 +8,22 @@ from catalog.repo import Repository
 from catalog.store.format import DEFAULT_CHUNK_SIZE_BYTES
 from catalog.store.parity import ParityGeometry
 
-from . import Subparsers
+from ..console import print_json
+from . import Subparsers, command
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("init", help="create a repository")
+    s = command(
+        sub,
+        "init",
+        "create a repository (encrypted, with parity, unless told otherwise)",
+        [
+            "comb -r /backup/repo init",
+            "COMB_PASSWORD_FILE=/root/.comb-pass comb -r /backup/repo init --zstd-level 1",
+            "comb init -r /backup/plain --encryption none --parity-overhead 0",
+        ],
+        json="print the new repository's settings as one JSON object",
+    )
     s.add_argument(
         "--chunk-size", type=int, default=None, help="chunk size in bytes (default 65536)"
     )
@@ -50,6 +61,25 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
         password=args.password,
     )
     g = r.config.parity
+    if args.json:
+        print_json(
+            {
+                "repository": r.location,
+                "id": r.config.id,
+                "chunk_size": r.config.chunk_size,
+                "zstd_level": r.config.zstd_level,
+                "encryption": (r.config.encryption or {}).get("algorithm"),
+                "parity": None
+                if g is None
+                else {
+                    "data_shards": g.data_shards,
+                    "parity_shards": g.parity_shards,
+                    "shard_bytes": g.shard_bytes,
+                    "overhead": g.overhead,
+                },
+            }
+        )
+        return 0
     how = f"encrypted, {r.config.encryption['algorithm']}" if r.config.encryption else "unencrypted"
     print(
         f"created repository {r.location} (id {r.config.id[:16]}, chunk size "

@@ -17,20 +17,53 @@ from catalog.store import crypto
 from catalog.store.locks import locked
 
 from ..console import print_json
-from . import Parser, Subparsers
+from . import Subparsers, actions, command
 from .passwords import read_password
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("key", help="add, list or remove the passwords of an encrypted repository")
-    acts = s.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
-    a = acts.add_parser("list", help="list the key files (the default); * marks yours")
-    a.add_argument("--json", action="store_true")
-    a = acts.add_parser("add", help="add a password (COMB_NEW_PASSWORD, --new-password-file)")
-    a.add_argument("--new-password-file", metavar="FILE")
-    a = acts.add_parser("remove", help="remove a key by id (or unique prefix)")
-    a.add_argument("id")
-    s.set_defaults(run=cmd_key, json=False)  # `comb key` alone lists, as text
+    json = "print the result as one JSON object"
+    s = command(
+        sub,
+        "key",
+        "add, list or remove the passwords of an encrypted repository",
+        [
+            "comb -r /backup/repo key",
+            "comb -r /backup/repo key add --new-password-file /root/.comb-pass2",
+            "comb -r /backup/repo key remove 3f2a",
+        ],
+        json,
+    )
+    acts = actions(s, "list")
+    command(
+        acts,
+        "list",
+        "list the key files; * marks the one your password opened",
+        ["comb -r /backup/repo key list", "comb -r /backup/repo key list --json"],
+        json='print {"keys": [...]}',
+    )
+    a = command(
+        acts,
+        "add",
+        "add a password (asked twice on a terminal)",
+        ["COMB_NEW_PASSWORD_FILE=/root/.comb-pass2 comb -r /backup/repo key add"],
+        json,
+    )
+    a.add_argument(
+        "--new-password-file",
+        metavar="FILE",
+        help="read the new password from FILE (else COMB_NEW_PASSWORD_FILE, COMB_NEW_PASSWORD "
+        "or a prompt)",
+    )
+    a = command(
+        acts,
+        "remove",
+        "remove a key file (not the one your password opened, nor the last)",
+        ["comb -r /backup/repo key remove 3f2a"],
+        json,
+    )
+    a.add_argument("id", help="the key's id or a unique prefix of it (`key list`)")
+    s.set_defaults(run=cmd_key)  # `comb key` alone lists
 
 
 def _open_encrypted(repo: str, password: str | PasswordSource) -> tuple[Repository, bytes]:
@@ -48,12 +81,23 @@ def cmd_key(repo: str, args: argparse.Namespace) -> int:
         password = read_password(r.location, args.new_password_file, new=True)
         with locked(r.storage, "key", command="key add"):
             key_id = crypto.add_key(r.storage, r.config.id, master, password)
-        print(f"added key {key_id}")
+        if args.json:
+            print_json({"added": key_id})
+        else:
+            print(f"added key {key_id}")
         return 0
     if args.action == "remove":
         r.require_writable()
         with locked(r.storage, "key", command="key remove"):
-            return _remove(r, args.id)
+            key_id = _remove(r, args.id)
+        if args.json:
+            print_json({"removed": key_id})
+        else:
+            print(
+                f"removed key {key_id} (a copy of its file and its password still open the "
+                "repository)"
+            )
+        return 0
     rows = []
     for key_id in crypto.key_ids(r.storage):
         doc = crypto.read_key_doc(r.storage, key_id)
@@ -69,7 +113,7 @@ def cmd_key(repo: str, args: argparse.Namespace) -> int:
             }
         )
     if args.json:
-        print_json(rows, pretty=True)
+        print_json({"keys": rows})
         return 0
     for row in rows:
         mark = "*" if row["current"] else " "
@@ -77,8 +121,8 @@ def cmd_key(repo: str, args: argparse.Namespace) -> int:
     return 0
 
 
-def _remove(r: Repository, wanted: str) -> int:
-    """Under the exclusive key lock, so the key list cannot change meanwhile."""
+def _remove(r: Repository, wanted: str) -> str:
+    """Under the exclusive key lock, so the key list cannot change meanwhile; the key removed."""
     ids = crypto.key_ids(r.storage)
     matches = [k for k in ids if k.startswith(wanted.lower())] if wanted else []
     if len(matches) != 1:
@@ -93,5 +137,4 @@ def _remove(r: Repository, wanted: str) -> int:
     if len(ids) == 1:
         raise UsageError("refusing to remove the last key")
     r.storage.remove(crypto.key_name(key_id))
-    print(f"removed key {key_id} (a copy of its file and its password still open the repository)")
-    return 0
+    return key_id

@@ -19,13 +19,19 @@ from catalog.repo import Repository
 
 from ..console import warn, warn_damaged
 from ..locking import reader_lock
-from . import EXIT_INTERRUPTED, Subparsers
+from . import EXIT_INTERRUPTED, Subparsers, command
 
 DEV_FUSE = "/dev/fuse"
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("mount", help="mount every recovery point as disk image files (FUSE)")
+    s = command(
+        sub,
+        "mount",
+        "mount every recovery point as disk image files (FUSE, read-only, in the foreground)",
+        ["comb -r /backup/repo mount /mnt/comb    (umount /mnt/comb, or Ctrl-C, stops it)"],
+        json=None,
+    )
     s.add_argument("mountpoint", help="an empty directory")
     s.set_defaults(run=cmd_mount)
 

@@ -1,13 +1,15 @@
 """Writing result tables (``query``, ``report``): to the terminal as a table, or as CSV, JSON or
 Parquet, to standard output or atomically to a file (a temporary name in the same directory,
 renamed when complete, so a failed or interrupted write never leaves a partial file under the
-name asked for)."""
+name asked for). JSON is one object whose ``rows`` list streams one row per line, with values
+as JSON types (a DuckDB HUGEINT, e.g. a ``sum()``, is a number: ``console.json_value``)."""
 
 from __future__ import annotations
 
 import argparse
 import csv
 import json
+import math
 import os
 import sys
 import tempfile
@@ -22,20 +24,38 @@ import pyarrow.parquet as pq
 
 from catalog.errors import OutputError, QueryError, UsageError
 
-from ..console import human_bytes, table_row
+from ..console import human_bytes, json_value, table_row
 
 
 def add_output_options(s: argparse.ArgumentParser, with_parquet: bool) -> None:
     formats = ["table", "csv", "json", *(["parquet"] if with_parquet else [])]
-    s.add_argument("--format", choices=formats, default="table")
+    s.add_argument(
+        "--format",
+        choices=formats,
+        default=None,
+        help="table (default), csv, json (the same as --json)"
+        + (" or parquet (with --output)" if with_parquet else ""),
+    )
     s.add_argument("--output", metavar="FILE", help="write the result to FILE (atomically)")
 
 
+def output_format(args: argparse.Namespace) -> str:
+    """``--format``, or ``json`` for ``--json``; ``table`` when neither is given."""
+    if args.json and args.format not in (None, "json"):
+        raise UsageError(f"--json and --format {args.format} contradict each other")
+    return "json" if args.json else args.format or "table"
+
+
 def write_result(
-    reader: pa.RecordBatchReader, fmt: str, output: str | None, human: bool = False
+    reader: pa.RecordBatchReader,
+    fmt: str,
+    output: str | None,
+    human: bool = False,
+    head: dict[str, Any] | None = None,
 ) -> None:
     """Write every batch of ``reader`` in ``fmt``; ``human`` shows sizes and times readably in
-    the table format (reports), raw values otherwise (queries, CSV, JSON, Parquet)."""
+    the table format (reports), raw values otherwise (queries, CSV, JSON, Parquet). ``head``:
+    more fields of the JSON object, before ``columns`` and ``rows``."""
     if fmt == "parquet" and output is None:
         raise UsageError("--format parquet needs --output FILE")
     try:
@@ -43,7 +63,7 @@ def write_result(
             if fmt == "parquet":
                 _parquet(reader, out)
             else:
-                _text(reader, fmt, out, human)  # type: ignore[arg-type]
+                _text(reader, fmt, out, human, head or {})  # type: ignore[arg-type]
     except (duckdb.Error, pa.ArrowException) as err:
         raise QueryError(f"query failed: {str(err).splitlines()[0]}") from None
 
@@ -99,20 +119,24 @@ def _parquet(reader: pa.RecordBatchReader, out: IO[bytes]) -> None:
             writer.write_batch(batch)
 
 
-def _text(reader: pa.RecordBatchReader, fmt: str, out: IO[str], human: bool) -> None:
+def _text(
+    reader: pa.RecordBatchReader, fmt: str, out: IO[str], human: bool, head: dict[str, Any]
+) -> None:
     """Batch by batch, so memory stays bounded whatever the result's size."""
     names = reader.schema.names
     widths: list[int] | None = None
     first = True
     if fmt == "json":
-        out.write("[")
+        fields = {**head, "columns": names}
+        out.write("{" + "".join(f"{json.dumps(k)}: {_json(v)}, " for k, v in fields.items()))
+        out.write('"rows": [')
     elif fmt == "csv":
         csv.writer(out).writerow(names)
     for batch in reader:
         rows = batch.to_pylist()
         if fmt == "json":
             for row in rows:
-                out.write(("\n" if first else ",\n") + json.dumps(row, default=_cell))
+                out.write(("\n" if first else ",\n") + _json(row))
                 first = False
         elif fmt == "csv":
             csv.writer(out).writerows([[_cell(v) for v in r.values()] for r in rows])
@@ -124,13 +148,20 @@ def _text(reader: pa.RecordBatchReader, fmt: str, out: IO[str], human: bool) -> 
             for x in cells:
                 out.write(_line(x, widths))
     if fmt == "json":
-        out.write("\n]\n" if not first else "]\n")
+        out.write("\n]}\n" if not first else "]}\n")
     elif fmt == "table" and widths is None:
         out.write("  ".join(names) + "\n")
 
 
 def _line(values: list[str], widths: list[int]) -> str:
     return table_row(values, widths) + "\n"
+
+
+def _json(v: Any) -> str:
+    """Strict JSON: a row's NaN or infinity (DuckDB has them, JSON does not) is ``null``."""
+    if isinstance(v, dict):
+        v = {k: None if isinstance(x, float) and not math.isfinite(x) else x for k, x in v.items()}
+    return json.dumps(v, default=json_value, allow_nan=False)
 
 
 def _cell(v: Any) -> str:

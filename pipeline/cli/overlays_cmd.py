@@ -11,23 +11,58 @@ from dataclasses import asdict
 
 import drive.overlays.overlay as overlay
 from catalog.repo import Repository
+from drive.overlays.overlay import OverlayInfo
 
 from ..console import human_bytes, print_json, print_table
-from . import POINT_HELP, Parser, Subparsers
+from . import POINT_HELP, Subparsers, actions, command
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("overlays", help="list, create or remove writable overlays")
-    s.add_argument("--json", action="store_true")
-    acts = s.add_subparsers(dest="action", metavar="ACTION", parser_class=Parser)
-    a = acts.add_parser("list", help="list overlays (the default)")
-    a.add_argument("--json", action="store_true", default=argparse.SUPPRESS)
-    a = acts.add_parser("create", help="create an empty overlay over a recovery point")
-    a.add_argument("name")
+    json = "print the result as one JSON object"
+    s = command(
+        sub,
+        "overlays",
+        "list, create or remove writable overlays",
+        [
+            "comb -r /backup/repo overlays",
+            "comb -r /backup/repo overlays create try1 web01@latest",
+            "comb -r /backup/repo overlays rm try1",
+        ],
+        json,
+    )
+    acts = actions(s, "list")
+    command(
+        acts,
+        "list",
+        "list the overlays",
+        ["comb -r /backup/repo overlays list --json"],
+        json='print {"overlays": [...]}',
+    )
+    a = command(
+        acts,
+        "create",
+        "create an empty overlay over a recovery point",
+        ["comb -r /backup/repo overlays create try1 web01@latest"],
+        json,
+    )
+    a.add_argument("name", help="1 to 64 of A-Z a-z 0-9 . _ - (not starting with .)")
     a.add_argument("point", help=POINT_HELP)
-    a = acts.add_parser("rm", help="delete an overlay (refused while a server has it open)")
-    a.add_argument("name")
+    a = command(
+        acts,
+        "rm",
+        "delete an overlay and all it holds (refused while a server has it open)",
+        ["comb -r /backup/repo overlays rm try1"],
+        json,
+    )
+    a.add_argument("name", help="the overlay's name")
     s.set_defaults(run=cmd_overlays)
+
+
+def overlay_summary(i: OverlayInfo) -> dict[str, object]:
+    """An overlay as ``overlays --json`` prints it (``bytes_written``, as every command)."""
+    doc = asdict(i)
+    doc["bytes_written"] = doc.pop("written_bytes")
+    return doc
 
 
 def cmd_overlays(repo: str, args: argparse.Namespace) -> int:
@@ -37,15 +72,21 @@ def cmd_overlays(repo: str, args: argparse.Namespace) -> int:
         overlay.check_name(args.name)
         point = r.resolve(args.point)
         overlay.create(r, args.name, point)
-        print(f"created overlay {args.name} over recovery point {point.id} of {point.source}")
+        if args.json:
+            print_json({"created": args.name, "base": point.id, "source": point.source})
+        else:
+            print(f"created overlay {args.name} over recovery point {point.id} of {point.source}")
         return 0
     if action == "rm":
         overlay.remove(r, args.name)
-        print(f"removed overlay {args.name}")
+        if args.json:
+            print_json({"removed": args.name})
+        else:
+            print(f"removed overlay {args.name}")
         return 0
     infos = [overlay.info(r, name) for name in overlay.names(r)]
     if args.json:
-        print_json({"overlays": [asdict(i) for i in infos]}, pretty=True)
+        print_json({"overlays": [overlay_summary(i) for i in infos]})
         return 0
     if not infos:
         print("no overlays")

@@ -10,17 +10,23 @@ from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
 from ..console import human_bytes, print_json, print_table, warn_damaged
-from . import Subparsers
+from . import Subparsers, command
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("points", help="list recovery points")
+    s = command(
+        sub,
+        "points",
+        "list recovery points, oldest first",
+        ["comb -r /backup/repo points", "comb points -r /backup/repo --source web01 --json"],
+        json='print {"points": [...]}, each point with every statistic',
+    )
     s.add_argument("--source", help="only this source name")
-    s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_points)
 
 
 def point_summary(p: RecoveryPoint) -> dict[str, Any]:
+    """A recovery point as ``points --json`` and ``backup --json`` print it."""
     return {
         "id": p.id,
         "source": p.source,
@@ -39,7 +45,7 @@ def cmd_points(repo: str, args: argparse.Namespace) -> int:
     points = [p for p in r.points() if args.source is None or p.source == args.source]
     warn_damaged(r)
     if args.json:
-        print_json({"points": [point_summary(p) for p in points]}, pretty=True)
+        print_json({"points": [point_summary(p) for p in points]})
         return 0
     if not points:
         print("no recovery points")

@@ -10,13 +10,18 @@ from catalog.repo import Repository
 
 from ..console import human_bytes, print_json, waiting, warn
 from ..locking import ensure_locking
-from . import Subparsers
+from . import Subparsers, command
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("prune", help="remove data no recovery point needs")
+    s = command(
+        sub,
+        "prune",
+        "remove data no recovery point needs (and repack mostly unused packs)",
+        ["comb -r /backup/repo prune --dry-run", "comb -r /backup/repo prune --json"],
+        json="print what was (or would be) removed as one JSON object",
+    )
     s.add_argument("--dry-run", action="store_true", help="show what would go, remove nothing")
-    s.add_argument("--json", action="store_true")
     s.set_defaults(run=cmd_prune)
 
 
@@ -37,13 +42,13 @@ def cmd_prune(repo: str, args: argparse.Namespace) -> int:
         print_json(
             {
                 "dry_run": res.dry_run,
-                "points": res.points,
+                "points_kept": res.points,
                 "packs_removed": len(p.packs),
-                "orphan_packs": p.orphan_packs,
+                "orphan_packs_removed": p.orphan_packs,
                 "packs_kept": p.live_packs,
-                "pack_bytes": p.pack_bytes,
+                "pack_bytes_removed": p.pack_bytes,
                 "metadata_files_removed": len(p.files),
-                "metadata_bytes": p.file_bytes,
+                "metadata_bytes_removed": p.file_bytes,
                 "segments_removed": len(p.segments_removed),
                 "segments_rewritten": len(p.segments_rewritten),
                 "tmp_files_removed": len(p.tmp),

@@ -8,22 +8,42 @@ import sys
 from dataclasses import asdict
 
 from catalog.errors import CorruptionError, UsageError
-from catalog.maint.scrub import ScrubReport, scrub
+from catalog.maint.scrub import Damage, ScrubReport, scrub
 from catalog.repo import Repository
 
-from ..console import human_bytes, print_json
+from ..console import human_bytes, human_rate, print_json
 from ..locking import ensure_locking, reader_lock
-from . import Subparsers
-from .progress import progress_bar
+from . import Subparsers, command
+from .progress import PACKS, progress_bar
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("scrub", help="read the packs, find damaged chunks and what they hurt")
+    s = command(
+        sub,
+        "scrub",
+        "read the packs, find damaged chunks and the points they hurt; heal with --repair",
+        [
+            "comb -r /backup/repo scrub",
+            "comb -r /backup/repo scrub --sample 10",
+            "comb -r /backup/repo scrub --repair --verbose",
+        ],
+        json="print the findings, every damaged chunk included, as one JSON object; status "
+        "lines on stderr",
+    )
     s.add_argument(
         "--sample", type=float, default=100.0, metavar="PERCENT", help="of the stored bytes"
     )
-    s.add_argument("--repair", action="store_true", help="isolate damage so backups heal it")
-    s.add_argument("--json", action="store_true")
+    s.add_argument(
+        "--repair",
+        action="store_true",
+        help="heal damaged packs from parity, isolate the rest so that backups heal it",
+    )
+    s.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="list every damaged chunk (by default one line per damaged pack)",
+    )
     s.set_defaults(run=cmd_scrub)
 
 
@@ -34,22 +54,38 @@ def cmd_scrub(repo: str, args: argparse.Namespace) -> int:
     if args.repair:
         r.require_writable()
         ensure_locking(r)
-    with reader_lock(r, "scrub"), progress_bar("scrub", not args.json) as bar:
+    with reader_lock(r, "scrub"), progress_bar("scrub", args.json, PACKS) as bar:
         rep = scrub(r, args.sample, args.repair, progress=bar)
     if args.json:
         _scrub_json(rep)
     else:
-        _scrub_text(rep)
+        _scrub_text(rep, args.verbose)
     _scrub_verdict(rep)
     return 0
 
 
+def _by_pack(rep: ScrubReport) -> dict[str, list[Damage]]:
+    """The damaged chunks of each damaged pack, in the order scrub found them."""
+    out: dict[str, list[Damage]] = {}
+    for d in rep.damaged:
+        out.setdefault(d.pack, []).append(d)
+    return out
+
+
 def _scrub_json(rep: ScrubReport) -> None:
     doc = {
-        "packs": rep.packs,
+        "packs_checked": rep.packs,
         "packs_total": rep.packs_total,
-        "bytes": rep.bytes,
+        "bytes_checked": rep.bytes,
         "seconds": round(rep.seconds, 3),
+        "damaged_packs": [
+            {
+                "pack": pack,
+                "chunks": sum(bool(d.chunk_id) for d in items),
+                "healable": sum(d.healable for d in items),
+            }
+            for pack, items in _by_pack(rep).items()
+        ],
         "damaged": [
             {
                 "pack": d.pack,
@@ -74,10 +110,31 @@ def _scrub_json(rep: ScrubReport) -> None:
     print_json(doc)
 
 
-def _scrub_text(rep: ScrubReport) -> None:
-    for d in rep.damaged:
-        tag = " (healable from parity)" if d.healable and not rep.repaired else ""
-        print(f"damaged: {d.why}{tag}", file=sys.stderr)
+def _damage_lines(rep: ScrubReport, verbose: bool) -> list[str]:
+    """One line per damaged pack: how many of its chunks, how many parity heals, the first
+    one's damage (``verbose``: then every damaged chunk, indented). A pack damaged as a whole
+    (unreadable, or damaged outside its chunks) is its one line."""
+    lines = []
+    for pack, items in _by_pack(rep).items():
+        chunks = [d for d in items if d.chunk_id]
+        healable = 0 if rep.repaired else sum(d.healable for d in items)
+        heal = f" ({healable} healable from parity)" if healable else ""
+        if not chunks:
+            lines.append(f"damaged: {items[0].why}{heal}")
+            continue
+        lines.append(
+            f"damaged: pack {pack[:16]}: {len(chunks)} damaged chunk(s){heal}; "
+            f"first: {chunks[0].why}"
+        )
+        if verbose:
+            tag = "" if rep.repaired else " (healable from parity)"
+            lines += [f"  {d.why}{tag if d.healable else ''}" for d in chunks]
+    return lines
+
+
+def _scrub_text(rep: ScrubReport, verbose: bool) -> None:
+    for line in _damage_lines(rep, verbose):
+        print(line, file=sys.stderr)
     for _pid, why in sorted(rep.parity_problems.items()):
         print(f"parity: {why}", file=sys.stderr)
     for h in rep.healed:
@@ -93,12 +150,12 @@ def _scrub_text(rep: ScrubReport) -> None:
         print(f"affected: point {a.point} of {a.source}: extents {spans}{more}", file=sys.stderr)
     state = "clean"
     if rep.damaged:
-        state = f"{len(rep.damaged)} damaged chunk(s)"
+        state = f"{len(rep.damaged)} damaged chunk(s) in {len(_by_pack(rep))} pack(s)"
     if rep.parity_problems:
         state += f", {len(rep.parity_problems)} pack(s) with missing or damaged parity"
     print(
         f"scrubbed {rep.packs} of {rep.packs_total} pack(s), {human_bytes(rep.bytes)} in "
-        f"{rep.seconds:.1f} s ({rep.mb_s:.0f} MB/s): {state}"
+        f"{rep.seconds:.1f} s ({human_rate(rep.bytes, rep.seconds)}): {state}"
     )
     if rep.quarantined:
         print(

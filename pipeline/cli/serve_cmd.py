@@ -23,15 +23,28 @@ from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
 
 from ..console import warn, warn_damaged
 from ..locking import reader_lock
-from . import EXIT_INTERRUPTED, Subparsers
+from . import EXIT_INTERRUPTED, Subparsers, command
 
 DEFAULT_LISTEN = f"{DEFAULT_HOST}:{DEFAULT_PORT}"
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("serve", help="serve recovery points (read-only) and overlays over NBD")
+    s = command(
+        sub,
+        "serve",
+        "serve recovery points (read-only) and overlays (writable) over NBD",
+        [
+            "comb -r /backup/repo serve &",
+            "nbdcopy nbd://127.0.0.1:10809/web01@latest web01.img",
+            "comb -r /backup/repo serve --overlay try1=web01@latest --listen 0.0.0.0:10809",
+        ],
+        json=None,
+    )
     s.add_argument(
-        "--listen", default="127.0.0.1:10809", metavar="HOST:PORT", help="default 127.0.0.1:10809"
+        "--listen",
+        default=DEFAULT_LISTEN,
+        metavar="HOST:PORT",
+        help=f"address to listen on (default {DEFAULT_LISTEN}; port 0 picks one)",
     )
     s.add_argument(
         "--overlay",

@@ -14,20 +14,32 @@ from catalog.repo import Repository
 
 from ..console import print_json
 from ..locking import reader_lock
-from . import Subparsers
-from .progress import progress_bar
+from . import Subparsers, command
+from .progress import PACKS, progress_bar
+
+# The report's counts, printed as `<things>_checked` (README.md, "JSON output").
+COUNTS = ("points", "packs", "chunks")
 
 
 def add_parser(sub: Subparsers) -> None:
-    s = sub.add_parser("verify", help="check the repository")
-    s.add_argument("--read-data", action="store_true", help="read and re-hash every chunk")
-    s.add_argument("--json", action="store_true")
+    s = command(
+        sub,
+        "verify",
+        "check the repository's points, manifests, index and overlays",
+        ["comb -r /backup/repo verify", "comb -r /backup/repo verify --read-data --json"],
+        json="print the findings as one JSON object; status lines on stderr",
+    )
+    s.add_argument(
+        "--read-data",
+        action="store_true",
+        help="also read every pack and re-hash every chunk",
+    )
     s.set_defaults(run=cmd_verify)
 
 
 def cmd_verify(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo, password=args.password)
-    with reader_lock(r, "verify"), progress_bar("verify", not args.json) as bar:
+    with reader_lock(r, "verify"), progress_bar("verify", args.json, PACKS) as bar:
         report = check_repository(r.storage, read_data=args.read_data, progress=bar)
         ids = {p.id for p in r.points()}
         for name in overlay.names(r):
@@ -35,7 +47,8 @@ def cmd_verify(repo: str, args: argparse.Namespace) -> int:
             report.errors += errors
             report.warnings += warnings
     if args.json:
-        print_json({"ok": report.ok, "read_data": args.read_data, **asdict(report)}, pretty=True)
+        counted = {f"{k}_checked" if k in COUNTS else k: v for k, v in asdict(report).items()}
+        print_json({"ok": report.ok, "read_data": args.read_data, **counted})
     else:
         for w in report.warnings:
             print(f"warning: {w}", file=sys.stderr)
@@ -43,8 +56,6 @@ def cmd_verify(repo: str, args: argparse.Namespace) -> int:
             print(f"error: {e}", file=sys.stderr)
         print(summary(report))
     if not report.ok:
-        if args.json:
-            return CorruptionError.exit_code
         raise CorruptionError(
             f"verify found {len(report.errors)} error(s); first: {report.errors[0]}"
         )

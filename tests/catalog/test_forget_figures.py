@@ -44,14 +44,14 @@ def test_stored_bytes_survive_forget_and_prune(cli: CliRunner, tmp_path: Path) -
     assert truth > 5 * MiB  # the first backup's data, still used by the kept point
     res = cli("-r", r, "report", "growth", "--format", "json")
     assert res.code == 0, res.err
-    rows = json.loads(res.out)
+    rows = json.loads(res.out)["rows"]
     assert sum(row["stored_bytes"] for row in rows) == truth
     assert rows[-1]["cumulative_stored_bytes"] == truth
-    ratios = json.loads(cli("-r", r, "report", "ratios", "--format", "json").out)
+    ratios = json.loads(cli("-r", r, "report", "ratios", "--format", "json").out)["rows"]
     assert ratios[-1]["stored_bytes"] == truth
     assert 0.9 < ratios[-1]["dedup_ratio"] < 1.1  # one disk, no duplicate content
     res = cli("-r", r, "query", "select bytes_stored from sources", "--format", "json")
-    assert json.loads(res.out) == [{"bytes_stored": truth}]
+    assert json.loads(res.out)["rows"] == [{"bytes_stored": truth}]
     r2 = Repository.open(r, password=TEST_PASSWORD)
     summary = dict(dashboard_data(Catalog.open(r2.storage, r2.points()), "t").summary)
     assert summary["Stored"] == format_bytes(truth)
@@ -68,7 +68,7 @@ def test_retention_keeps_overlay_bases_as_forget_does(cli: CliRunner, tmp_path: 
     assert oldest.id in dry["held_by_overlays"]
     res = cli("-r", r, "report", "retention", "--keep-last", "1", "--format", "json")
     assert res.code == 0, res.err
-    (row,) = json.loads(res.out)
+    (row,) = json.loads(res.out)["rows"]
     assert row["forgotten"] == len(dry["forgotten"]) == 1
     assert row["kept"] == dry["kept"] == 2
     assert "base of an overlay" in res.err

@@ -149,9 +149,9 @@ def test_golden_verifies_clean(
     assert report["ok"] is True
     assert report["errors"] == []
     assert report["warnings"] == []
-    assert report["points"] == len(golden.points)
-    assert report["packs"] == golden.expected["chunks"]["packs"]
-    assert report["chunks"] == golden.expected["chunks"]["chunks"]
+    assert report["points_checked"] == len(golden.points)
+    assert report["packs_checked"] == golden.expected["chunks"]["packs"]
+    assert report["chunks_checked"] == golden.expected["chunks"]["chunks"]
 
 
 @pytest.mark.parametrize("n", range(len(MODES)), ids=MODES)
@@ -176,7 +176,7 @@ def test_golden_latest_restores_by_name(
 
 
 def _query(capsys: pytest.CaptureFixture[str], repo: str, sql: str) -> Any:
-    return _comb_json(capsys, "-r", repo, "query", sql, "--format", "json")
+    return _comb_json(capsys, "-r", repo, "query", sql, "--format", "json")["rows"]
 
 
 def test_golden_query_stored_bytes(

@@ -41,7 +41,7 @@ def test_report_cli(cli: CliRunner, history, tmp_path: Path) -> None:  # type: i
     res = cli("-r", r, "report", "--list")
     assert res.code == 0 and "hot-regions" in res.out and "projection" in res.out
     res = cli("-r", r, "report", "unique", "--format", "json")
-    rows = json.loads(res.out)
+    rows = json.loads(res.out)["rows"]
     assert res.code == 0 and len(rows) == 4
     out = tmp_path / "g.csv"
     res = cli("-r", r, "report", "growth", "--format", "csv", "--output", out)
@@ -57,7 +57,7 @@ def test_report_cli(cli: CliRunner, history, tmp_path: Path) -> None:  # type: i
     assert_one_line_error(cli("-r", r, "report", "retention", "--forget", "ffff"), "ffff", code=4)
     since = (datetime.fromisoformat(points[2].time) - timedelta(microseconds=1)).isoformat()
     res = cli("-r", r, "report", "throughput", "--since", since, "--format", "json")
-    assert [row["point_id"] for row in json.loads(res.out)] == [p.id for p in points[2:]]
+    assert [row["point_id"] for row in json.loads(res.out)["rows"]] == [p.id for p in points[2:]]
 
 
 def test_query_cli_formats_and_read_only(cli: CliRunner, history, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -82,7 +82,7 @@ def test_query_cli_formats_and_read_only(cli: CliRunner, history, tmp_path: Path
         "--format",
         "json",
     )
-    total = {row["kind"]: int(row["n"]) for row in json.loads(res.out)}
+    total = {row["kind"]: int(row["n"]) for row in json.loads(res.out)["rows"]}
     assert (total["data"], total["zero"]) == (4 * 6 * MiB, 4 * 10 * MiB)
 
 
@@ -177,7 +177,7 @@ def test_reports_on_a_repository_made_before_change_tables(cli: CliRunner, tmp_p
         assert res.code == 0, (name, res.err)
     res = cli("-r", repo, "report", "unique", "--format", "json")
     assert "partial" in res.err
-    assert [row["unique_bytes"] for row in json.loads(res.out)] == [None] * 3
+    assert [row["unique_bytes"] for row in json.loads(res.out)["rows"]] == [None] * 3
     assert cli("-r", repo, "dashboard", tmp_path / "g.html").code == 0
 
 
@@ -188,7 +188,7 @@ def test_a_damaged_change_table_is_left_out_with_a_warning(cli: CliRunner, histo
     res = cli("-r", repo.location, "report", "unique", "--format", "json")
     assert res.code == 0
     assert "left out" in res.err and points[2].id in res.err and "partial" in res.err
-    assert all(row["unique_bytes"] is None for row in json.loads(res.out))
+    assert all(row["unique_bytes"] is None for row in json.loads(res.out)["rows"])
     res = cli("-r", repo.location, "report", "growth")
     assert res.code == 0 and "left out" not in res.err  # growth reads no change table
     res = cli("-r", repo.location, "verify", "--json")  # analytics data: a warning, no error
@@ -262,12 +262,12 @@ def test_forgotten_points_keep_the_figures_exact(
     assert sorted(held) == sorted(ids[2:])
     res = cli("-r", r, "report", "unique", "--format", "json")
     assert res.code == 0 and "incomplete" not in res.err, res.err
-    got = {row["point_id"]: row["unique_bytes"] for row in json.loads(res.out)}
+    got = {row["point_id"]: row["unique_bytes"] for row in json.loads(res.out)["rows"]}
     assert got == {pid: gc_frees(held, stored, {pid}) for pid in ids[2:]}
     assert got[ids[2]] > 0  # it alone holds what the forgotten point 0 stored at offset 0
     res = cli("-r", r, "report", "retention", "--keep-last", "1", "--format", "json")
     assert res.code == 0, res.err
-    [row] = json.loads(res.out)
+    [row] = json.loads(res.out)["rows"]
     assert (row["points"], row["forgotten"]) == (3, 2)
     assert row["freed_bytes"] == gc_frees(held, stored, set(ids[2:4])) > 0
     # A damaged change table of a forgotten point: verify warns (analytics data), and the
@@ -278,4 +278,4 @@ def test_forgotten_points_keep_the_figures_exact(
     assert res.code == 0 and any(f"forgotten point {ids[1]}" in w for w in doc["warnings"]), doc
     res = cli("-r", r, "report", "unique", "--format", "json")
     assert res.code == 0 and ids[1] in res.err and "partial" in res.err, res.err
-    assert all(row["unique_bytes"] is None for row in json.loads(res.out))
+    assert all(row["unique_bytes"] is None for row in json.loads(res.out)["rows"])

@@ -9,7 +9,7 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -252,7 +252,7 @@ def test_overlays_command(disk: tuple[Path, Image, str], cli: CliRunner) -> None
     assert res.code == 0, res.err
     (doc,) = json.loads(res.out)["overlays"]
     assert doc["name"] == "test-1.a" and doc["base"] == point_id and doc["size"] == SIZE
-    assert doc["written_bytes"] == 1100 and doc["last_write"]
+    assert doc["bytes_written"] == 1100 and doc["last_write"]
     res = cli("-r", repo, "overlays", "list")
     assert res.code == 0 and "test-1.a" in res.out and point_id in res.out and "1.1 KiB" in res.out
     assert cli("-r", repo, "overlays", "rm", "test-1.a").code == 0
@@ -360,6 +360,31 @@ def test_lock_is_exclusive_in_process(disk: tuple[Path, Image, str]) -> None:
         overlay.remove(Repository.open(str(repo), password=TEST_PASSWORD), "lk")
     o.close()
     overlay.remove(Repository.open(str(repo), password=TEST_PASSWORD), "lk")
+
+
+def test_a_write_costs_one_pwritev(
+    disk: tuple[Path, Image, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The NBD write path: one gathered write per record, an fsync only when asked (FUA)."""
+    repo, _, _ = disk
+    o = _written(repo, "sys")
+    calls: list[str] = []
+
+    def counted(name: str, real: Callable[..., object]) -> Callable[..., object]:
+        def call(*args: object) -> object:
+            calls.append(name)
+            return real(*args)
+
+        return call
+
+    for name in ("pwritev", "pwrite", "fsync", "fdatasync", "ftruncate", "fstat", "open"):
+        monkeypatch.setattr(os, name, counted(name, getattr(os, name)))
+    o.write(4096, b"w" * 512)
+    o.zero(0, 100)
+    o.write(0, b"f", fua=True)
+    monkeypatch.undo()
+    assert calls == ["pwritev", "pwritev", "pwritev", "fsync"]
+    o.close()
 
 
 def test_extent_map_later_writes_win() -> None:

@@ -6,13 +6,23 @@ from __future__ import annotations
 import json
 import os
 import random
+import struct
 import subprocess
 from pathlib import Path
 
 import pytest
-from combtest import need_tool
+from combtest import Image, need_tool
 from dissect.hypervisor.disk import qcow2  # a test dependency: never skipped
-from drivetest import CASES, MiB, export, make_case, qemu_check, qemu_compare, same_through
+from drivetest import (
+    CASES,
+    FileSource,
+    MiB,
+    export,
+    make_case,
+    qemu_check,
+    qemu_compare,
+    same_through,
+)
 
 from drive.formats.image import Literal, VirtualImage
 from drive.formats.qcow2 import qcow2_image
@@ -132,6 +142,65 @@ def test_size_not_a_multiple_of_512(tmp_path: Path) -> None:
     padded.write_bytes(src.data + bytes(1024 - 777))
     qemu_compare(padded, out, "qcow2")
     same_through(_dissect_open, raw, out)
+
+
+_HEADER_FIELDS = "magic version backing_file_offset backing_file_size cluster_bits size "
+_HEADER_FIELDS += "crypt_method l1_size l1_table_offset refcount_table_offset "
+_HEADER_FIELDS += "refcount_table_clusters nb_snapshots snapshots_offset incompatible_features "
+_HEADER_FIELDS += "compatible_features autoclear_features refcount_order header_length"
+
+
+@pytest.mark.parametrize(
+    ("size", "cluster_bytes"),
+    [(3 * MiB + 777, 512), (33 * MiB + 12_800, 4 * KiB), (5 * (1 << 30) + 3 * MiB, 64 * KiB)],
+)
+def test_every_header_field_is_the_specs(tmp_path: Path, size: int, cluster_bytes: int) -> None:
+    """Every field of the version 3 header (qcow2.txt), the end of its (empty) extension
+    area and the refcount table it points at, from the disk's size and the file's: the L1
+    table right after the header's cluster, the refcount table right after the L1 table,
+    16-bit refcounts covering every cluster of the (packed) file, nothing else."""
+    disk = Image(tmp_path / "d.raw", size)
+    disk.random(0, 3 * cluster_bytes)
+    disk.random(size - 700, 700)  # in the last, partial cluster
+    src = FileSource(str(disk.path), granularity=512)
+    img = qcow2_image(src, cluster_bytes)
+    head = img.read(0, cluster_bytes)
+    fields = struct.unpack_from(">4sIQIIQIIQQIIQQQQII", head)
+    got = dict(zip(_HEADER_FIELDS.split(), fields, strict=True))
+    guest_clusters = -(-size // cluster_bytes)
+    l1_size = -(-guest_clusters // (cluster_bytes // 8))  # an L2 table maps cluster / 8 clusters
+    l1_clusters = -(-l1_size * 8 // cluster_bytes)
+    file_clusters = img.size // cluster_bytes
+    assert img.size % cluster_bytes == 0
+    refcount_blocks = -(-file_clusters // (cluster_bytes // 2))
+    table_clusters = max(1, -(-refcount_blocks * 8 // cluster_bytes))
+    assert got == dict(
+        magic=b"QFI\xfb",
+        version=3,
+        backing_file_offset=0,
+        backing_file_size=0,
+        cluster_bits=cluster_bytes.bit_length() - 1,
+        size=-(-size // 512) * 512,
+        crypt_method=0,
+        l1_size=l1_size,
+        l1_table_offset=cluster_bytes,
+        refcount_table_offset=(1 + l1_clusters) * cluster_bytes,
+        refcount_table_clusters=table_clusters,
+        nb_snapshots=0,
+        snapshots_offset=0,
+        incompatible_features=0,
+        compatible_features=0,
+        autoclear_features=0,
+        refcount_order=4,
+        header_length=104,
+    )
+    # The end-of-extensions marker (type 0, length 0), then nothing: no backing file name.
+    assert head[104:] == bytes(cluster_bytes - 104)
+    table = img.read(got["refcount_table_offset"], table_clusters * cluster_bytes)
+    entries = struct.unpack(f">{len(table) // 8}Q", table)
+    assert all(e and e % cluster_bytes == 0 for e in entries[:refcount_blocks])
+    assert not any(entries[refcount_blocks:])
+    src.close()
 
 
 def test_random_reads_match_the_exported_file(tmp_path: Path) -> None:

@@ -10,9 +10,10 @@ import subprocess
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
-from combtest import need_tool
+from combtest import Image, need_tool
 from dissect.hypervisor import vhd as dissect_vhd
 from drivetest import CASES, FileSource, export, make_case, qemu_check, qemu_compare, same_through
 
@@ -192,6 +193,81 @@ def test_fixed_inputs_give_identical_bytes_and_their_time_stamp(tmp_path: Path) 
         assert struct.unpack_from(">I", footer, 24)[0] == created_s - 946_684_800
         assert footer[68:84] == disk_id.bytes
     assert vhd_fixed_image(src).read(0, 0) == b""  # defaults build too
+    src.close()
+
+
+def _fields(data: bytes, layout: str, names: str) -> dict[str, Any]:
+    """Big-endian fields by the spec's table (``layout`` as for struct, ``names`` in order)."""
+    return dict(zip(names.split(), struct.unpack(">" + layout, data), strict=True))
+
+
+_FOOTER_FIELDS = (
+    "8sIIQI4sI4sQQHBBII16sB427s",
+    "cookie features version data_offset time_stamp "
+    "creator_app creator_version creator_os original_size current_size cylinders heads "
+    "sectors_per_track disk_type checksum unique_id saved_state reserved",
+)
+_DYNAMIC_FIELDS = (
+    "8sQQIIII16sII512s192s256s",
+    "cookie data_offset table_offset version "
+    "max_table_entries block_size checksum parent_id parent_time_stamp reserved1 parent_name "
+    "parent_locators reserved2",
+)
+
+
+@pytest.mark.parametrize(
+    # sizes and their CHS geometry worked out by hand from the spec's appendix
+    ("size", "chs"),
+    [
+        (MiB + 700, (30, 4, 17)),  # 2050 sectors: 17 per track, 4 heads
+        (33 * MiB + 12_800, (994, 4, 17)),  # 67609 sectors
+        (5 * GiB + 3 * MiB, (10408, 16, 63)),  # past 17 and 31 sectors per track
+    ],
+)
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_every_footer_and_header_field_is_the_specs(
+    tmp_path: Path, kind: str, size: int, chs: tuple[int, int, int]
+) -> None:
+    """Every field of both footers and of the dynamic disk header, reserved bytes included,
+    from the spec's tables and the disk's size (not from drive.formats.vhd)."""
+    disk_file = Image(tmp_path / "d.raw", size)
+    disk_file.random(0, 4096)
+    src = FileSource(str(disk_file.path))
+    stamp, disk_id = 1_700_000_000.7, uuid.UUID("0123456789abcdef0123456789abcdef")
+    if kind == "fixed":
+        img = vhd_fixed_image(src, created_s=stamp, unique_id=disk_id)
+    else:
+        img = vhd_dynamic_image(src, created_s=stamp, unique_id=disk_id)
+    disk = -(-size // 512) * 512
+    footer = img.read(img.size - 512, 512)
+    want = dict(cookie=b"conectix", features=2, version=0x0001_0000, time_stamp=753_315_200)
+    want.update(creator_app=b"win ", creator_version=0x000A_0000, creator_os=b"Wi2k")
+    want.update(original_size=disk, current_size=disk, cylinders=chs[0], heads=chs[1])
+    want.update(sectors_per_track=chs[2], checksum=_sum_checksum(footer, 64))
+    want.update(unique_id=disk_id.bytes, saved_state=0, reserved=bytes(427))
+    if kind == "fixed":
+        want.update(data_offset=0xFFFF_FFFF_FFFF_FFFF, disk_type=2)
+        assert _fields(footer, *_FOOTER_FIELDS) == want and img.size == disk + 512
+        return
+    want.update(data_offset=512, disk_type=3)  # the dynamic header follows the footer copy
+    assert _fields(footer, *_FOOTER_FIELDS) == want and img.read(0, 512) == footer
+    header = img.read(512, 1024)
+    entries = -(-disk // BLOCK)
+    assert _fields(header, *_DYNAMIC_FIELDS) == dict(
+        cookie=b"cxsparse",
+        data_offset=0xFFFF_FFFF_FFFF_FFFF,
+        table_offset=512 + 1024,  # the BAT follows the header
+        version=0x0001_0000,
+        max_table_entries=entries,
+        block_size=BLOCK,
+        checksum=_sum_checksum(header, 36),
+        parent_id=bytes(16),
+        parent_time_stamp=0,
+        reserved1=0,
+        parent_name=bytes(512),
+        parent_locators=bytes(192),
+        reserved2=bytes(256),
+    )
     src.close()
 
 

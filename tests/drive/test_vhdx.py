@@ -10,7 +10,9 @@ import random
 import struct
 import subprocess
 import uuid
+from itertools import pairwise
 from pathlib import Path
+from typing import Any
 
 import pytest
 from combtest import need_tool
@@ -142,6 +144,109 @@ def _check_structures(path: Path) -> None:
             assert offset >= BAT_OFFSET_BYTES + MiB and offset + disk.block_size <= size
         else:
             assert entry == PAYLOAD_BLOCK_ZERO, index
+
+
+def _le(data: bytes, layout: str, names: str) -> dict[str, Any]:
+    """Little-endian fields by the spec's table (``layout`` as for struct, ``names`` in order)."""
+    return dict(zip(names.split(), struct.unpack("<" + layout, data), strict=True))
+
+
+def _guid(text: str) -> bytes:
+    return uuid.UUID(text).bytes_le  # [MS-VHDX] GUIDs are stored as Windows writes them
+
+
+def _crc(block: bytes) -> int:
+    return reference_crc32c(block[:4] + bytes(4) + block[8:])
+
+
+@pytest.mark.parametrize(
+    ("size", "block_bytes"),
+    [(33 * MiB + 12_800, 32 * MiB), (5 * GiB + 3 * MiB, MiB), (200 * GiB + 512, MiB)],
+)
+def test_every_structure_field_is_the_specs(size: int, block_bytes: int) -> None:
+    """Every field of the file type identifier, both headers, both region tables and the
+    metadata table and items ([MS-VHDX] 2.2), reserved bytes included, from the spec and the
+    disk's size (not drive.formats.vhdx). The 200 GiB disk's BAT takes 2 MiB."""
+    disk_id = uuid.UUID("12345678-9abc-def0-1234-56789abcdef0")
+    img = vhdx_image(_Sized(size), block_bytes, disk_id=disk_id)
+    head = img.read(0, 3 * MiB + 64 * 1024)
+    assert head[:8] == b"vhdxfile" and head[520 : 64 << 10] == bytes((64 << 10) - 520)
+    assert head[8:520].decode("utf-16-le").rstrip("\0").isprintable()  # the creator
+    names = "signature checksum sequence file_write data_write log_guid log_version version "
+    headers = [
+        _le(head[at : at + 4096], "4sIQ16s16s16sHHIQ4016s", names + "log_length log_offset rest")
+        for at in (64 << 10, 128 << 10)
+    ]
+    for at, h in zip((64 << 10, 128 << 10), headers, strict=True):
+        assert h == dict(
+            headers[0],
+            signature=b"head",
+            checksum=_crc(head[at : at + 4096]),
+            sequence=h["sequence"],
+            log_guid=bytes(16),  # no log to replay
+            log_version=0,
+            version=1,
+            log_length=MiB,
+            log_offset=MiB,
+            rest=bytes(4016),
+        )
+        assert h["file_write"] != bytes(16) and h["data_write"] != bytes(16)
+        assert head[at + 4096 : at + (64 << 10)] == bytes((64 << 10) - 4096)
+    assert headers[1]["sequence"] == headers[0]["sequence"] + 1  # header 2 is the current one
+    assert head[MiB : 2 * MiB] == bytes(MiB)  # the log region: empty
+    chunk_ratio = (1 << 23) * 512 // block_bytes
+    disk = -(-size // 512) * 512  # whole logical sectors
+    blocks = -(-disk // block_bytes)
+    bat_entries = blocks + (blocks - 1) // chunk_ratio  # dynamic: no last partial chunk's bitmap
+    table = head[192 << 10 : 256 << 10]
+    assert head[256 << 10 : 320 << 10] == table
+    region = "guid offset length required"
+    assert _le(table[:16], "4sIII", "signature checksum count reserved") == dict(
+        signature=b"regi", checksum=_crc(table), count=2, reserved=0
+    )
+    assert [_le(table[at : at + 32], "16sQII", region) for at in (16, 48)] == [
+        dict(
+            guid=_guid("2DC27766-F623-4200-9D64-115E9BFD4A08"),  # BAT
+            offset=3 * MiB,
+            length=-(-bat_entries * 8 // MiB) * MiB,
+            required=1,
+        ),
+        dict(
+            guid=_guid("8B7CA206-4790-4B9A-B8FE-575F050F886E"),
+            offset=2 * MiB,
+            length=MiB,
+            required=1,
+        ),
+    ]
+    assert table[80:] == bytes(len(table) - 80)
+    meta = head[2 * MiB : 3 * MiB]
+    assert _le(meta[:32], "8sHH20s", "signature reserved count reserved2") == dict(
+        signature=b"metadata", reserved=0, count=5, reserved2=bytes(20)
+    )
+    entries = [
+        _le(meta[at : at + 32], "16sIIII", "guid offset length flags reserved")
+        for at in range(32, 192, 32)
+    ]
+    assert meta[192 : 64 << 10] == bytes((64 << 10) - 192)
+    disk_item, required = 0b110, 0b100  # IsVirtualDisk | IsRequired; IsRequired
+    want = {
+        _guid("CAA16737-FA36-4D43-B3B6-33F0AA44E76B"): (
+            struct.pack("<II", block_bytes, 0),
+            required,
+        ),
+        _guid("2FA54224-CD1B-4876-B211-5DBED83BF4B8"): (
+            struct.pack("<Q", disk),
+            disk_item,
+        ),
+        _guid("BECA12AB-B2E6-4523-93EF-C309E000C746"): (disk_id.bytes_le, disk_item),  # page 83
+        _guid("8141BF1D-A96F-4709-BA47-F233A8FAAB5F"): (struct.pack("<I", 512), disk_item),
+        _guid("CDA348C7-445D-4471-9CC9-E9885251C556"): (struct.pack("<I", 512), disk_item),
+    }
+    got = {e["guid"]: (meta[e["offset"] : e["offset"] + e["length"]], e["flags"]) for e in entries}
+    assert got == want and all(e["reserved"] == 0 for e in entries)
+    spans = sorted((e["offset"], e["offset"] + e["length"]) for e in entries)
+    assert spans[0][0] >= 64 << 10 and all(a[1] <= b[0] for a, b in pairwise(spans))
+    assert img.size == 3 * MiB + -(-bat_entries * 8 // MiB) * MiB  # no data: no payload blocks
 
 
 def test_size_not_a_multiple_of_512_is_rounded_up_with_zeros(tmp_path: Path) -> None:

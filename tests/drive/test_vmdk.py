@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from combtest import need_tool
+from combtest import Image, need_tool
 from dissect.hypervisor.disk import vmdk  # a test dependency: never skipped
 from drivetest import (
     CASES,
@@ -57,7 +57,27 @@ def _header(data: bytes) -> dict[str, Any]:
     out: dict[str, Any] = dict(zip(names, values, strict=True))
     # uncleanShutdown, then the four newline-detection characters, then compressAlgorithm.
     out.update(magic=h[:4], unclean=h[72], newline=h[73:77], compress=h[77] | h[78] << 8)
+    out.update(pad=h[79:])  # 433 bytes of padding to the sector
     return out
+
+
+def _spec_header(size: int, stream: bool) -> dict[str, Any]:
+    """Every SparseExtentHeader field of a ``size``-byte disk's VMDK, derived here from VMware's
+    "Virtual Disk Format 5.0" and the layout VMware and qemu-img write (a 20-sector embedded
+    descriptor right after the header, then the redundant directory and its tables, then the
+    directory and its tables, then the grains from a grain boundary), not from the module."""
+    capacity = -(-size // SECTOR)
+    tables = -(-capacity // (512 * 128))  # grain tables of 512 entries of 128-sector grains
+    dir_sectors, table_sectors = -(-tables * 4 // SECTOR), 512 * 4 // SECTOR
+    common = dict(magic=b"KDMV", capacity=capacity, grain=128, desc_off=1, desc_size=20)
+    common.update(gtes=512, unclean=0, newline=b"\n \r\n", pad=bytes(433))
+    if stream:  # compressed grains (bit 16) behind markers (bit 17); one directory, at the end
+        flags, gd_at_end = 1 | 1 << 16 | 1 << 17, 0xFFFF_FFFF_FFFF_FFFF
+        return dict(common, version=3, flags=flags, rgd=0, gd=gd_at_end, overhead=128, compress=1)
+    rgd = 1 + 20
+    gd = rgd + dir_sectors + tables * table_sectors
+    overhead = -(-(gd + dir_sectors + tables * table_sectors) // 128) * 128
+    return dict(common, version=1, flags=0b11, rgd=rgd, gd=gd, overhead=overhead, compress=0)
 
 
 def _overhead(path: Path) -> int:
@@ -91,10 +111,7 @@ def test_header_and_descriptor_follow_the_spec(tmp_path: Path) -> None:
     out = export(vmdk_image(src, cid=0x1234ABCD), tmp_path / "out.vmdk")
     h = _header(out.read_bytes())
     capacity = src.size // SECTOR
-    assert h["magic"] == b"KDMV" and h["version"] == 1 and h["flags"] == 0b11
-    assert (h["capacity"], h["grain"], h["gtes"], h["desc_off"]) == (capacity, 128, 512, 1)
-    assert h["newline"] == b"\n \r\n" and h["unclean"] == 0 and h["compress"] == 0
-    assert h["overhead"] % 128 == 0
+    assert h == _spec_header(src.size, stream=False)
     # The redundant directory and its tables say the same as the primary ones.
     data = out.read_bytes()
     tables = -(-capacity // (512 * 128))
@@ -121,6 +138,40 @@ def test_header_and_descriptor_follow_the_spec(tmp_path: Path) -> None:
     )
     vmdk_info = json.loads(info.stdout)["format-specific"]["data"]
     assert vmdk_info["create-type"] == "monolithicSparse" and vmdk_info["cid"] == 0x1234ABCD
+    src.close()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("size", [MiB + 1000, 33 * MiB + 12_800, 9 * GiB + 5 * SECTOR + 17])
+def test_every_header_field_is_the_specs(tmp_path: Path, size: int, stream: bool) -> None:
+    """The whole header sector (padding included), the descriptor's place and, for
+    monolithicSparse, both directories; for streamOptimized also the footer, whose gdOffset
+    is the directory in front of the footer's marker, footer and end-of-stream marker. The
+    9 GiB disk has a directory of 3 sectors."""
+    disk = Image(tmp_path / "d.raw", size)
+    disk.random(0, 3 * GRAIN)
+    disk.random(size - 700, 700)  # in the last, partial grain
+    src = FileSource(str(disk.path))
+    img = (vmdk_stream_image if stream else vmdk_image)(src)
+    want = _spec_header(size, stream)
+    assert _header(img.read(0, SECTOR)) == want
+    descriptor = img.read(SECTOR, 20 * SECTOR)
+    text = descriptor.rstrip(b"\0")
+    assert text.startswith(b"# Disk DescriptorFile\n") and b"\0" not in text
+    tables = -(-want["capacity"] // (512 * 128))
+    dir_sectors = -(-tables * 4 // SECTOR)
+    if stream:
+        assert img.read(21 * SECTOR, (128 - 21) * SECTOR) == bytes((128 - 21) * SECTOR)
+        tail = img.read(img.size - 3 * SECTOR, 3 * SECTOR)
+        assert struct.unpack_from("<QII", tail) == (1, 0, 3)  # the footer's marker
+        assert tail[2 * SECTOR :] == bytes(SECTOR)  # end-of-stream: a zero marker
+        gd = img.size // SECTOR - 3 - dir_sectors
+        assert struct.unpack_from("<QII", img.read((gd - 1) * SECTOR, 16)) == (dir_sectors, 0, 2)
+        assert _header(tail[SECTOR : 2 * SECTOR]) == dict(want, gd=gd)
+    else:
+        for at in (want["rgd"], want["gd"]):
+            entries = struct.unpack(f"<{tables}I", img.read(at * SECTOR, 4 * tables))
+            assert list(entries) == [at + dir_sectors + 4 * i for i in range(tables)]
     src.close()
 
 
@@ -257,8 +308,7 @@ def test_stream_reads_front_to_back_and_skips_zero_grains(tmp_path: Path) -> Non
     qemu_compare(raw, out, "vmdk")
     data, disk = out.read_bytes(), raw.read_bytes().ljust(2 * size, b"\0")
     h = _header(data)
-    assert (h["version"], h["flags"], h["compress"]) == (3, 0x30001, 1)
-    assert h["gd"] == 0xFFFF_FFFF_FFFF_FFFF and h["capacity"] == size // SECTOR
+    assert h == _spec_header(size, stream=True)
     assert b'createType="streamOptimized"' in data[SECTOR : 21 * SECTOR]
     grains, kinds, footer, gd_sector = _walk(data)
     # The explicitly written zero grain is in the extents but not in the file.

@@ -144,8 +144,8 @@ def test_verify_read_data_is_clean(cli: CliRunner, history: History) -> None:
     assert res.err == ""
     res = cli("-r", history.repo, "verify", "--read-data", "--json")
     doc = json.loads(res.out)
-    assert res.code == 0 and doc["ok"] is True and doc["errors"] == [] and doc["points"] == 4
-    assert doc["chunks"] > 0 and doc["bytes_checked"] > 0
+    assert res.code == 0 and doc["ok"] is True and doc["errors"] == []
+    assert doc["points_checked"] == 4 and doc["chunks_checked"] > 0 and doc["bytes_checked"] > 0
     assert cli("-r", history.repo, "verify").code == 0
 
 
@@ -155,7 +155,7 @@ def test_restore_json_and_latest(cli: CliRunner, history: History, tmp_path: Pat
     res = cli("-r", history.repo, "restore", f"{name}@latest", out, "--json")
     assert res.code == 0, res.err
     doc = json.loads(res.out)
-    assert doc["id"] == history.points[-1][0] and doc["size"] == SIZE
+    assert doc["point"] == history.points[-1][0] and doc["size"] == SIZE
     cmp_files(history.points[-1][1], out)
     # Prefix, and --force over an existing output.
     res = cli("-r", history.repo, "restore", history.points[0][0][:12], out, "--force")
@@ -169,7 +169,7 @@ def test_query_stored_bytes_per_point(cli: CliRunner, history: History) -> None:
         "SELECT id, bytes_stored FROM points ORDER BY time", "--format", "json",
     )  # fmt: skip
     assert res.code == 0, res.err
-    rows = json.loads(res.out)
+    rows = json.loads(res.out)["rows"]
     assert [r["id"] for r in rows] == [pid for pid, _ in history.points]
     assert [r["bytes_stored"] for r in rows] == [d["bytes_stored"] for d in history.docs]
 
@@ -202,7 +202,7 @@ def test_manifests_view_matches_every_state(cli: CliRunner, history: History) ->
         sql = f"SELECT \"offset\", length FROM manifests WHERE point_id = '{pid}' ORDER BY 1"
         res = cli("-r", history.repo, "query", sql, "--format", "json")
         assert res.code == 0, res.err
-        assert [[r["offset"], r["length"]] for r in json.loads(res.out)] == expected
+        assert [[r["offset"], r["length"]] for r in json.loads(res.out)["rows"]] == expected
 
 
 def test_repository_from_the_environment(

@@ -85,9 +85,9 @@ def test_nothing_stored_is_plaintext_and_ids_are_keyed(
     assert out.read_bytes() == data
     assert cli("-r", repo, "verify", "--read-data").code == 0
     res = cli("-r", repo, "query", "SELECT count(*) AS n FROM chunks", "--format", "json")
-    assert res.code == 0 and json.loads(res.out)[0]["n"] > 10
+    assert res.code == 0 and json.loads(res.out)["rows"][0]["n"] > 10
     res = cli("-r", repo, "query", "SELECT count(*) AS n FROM changes", "--format", "json")
-    assert res.code == 0 and json.loads(res.out)[0]["n"] > 0
+    assert res.code == 0 and json.loads(res.out)["rows"][0]["n"] > 0
     assert cli("-r", repo, "report", "growth").code == 0
     # Without the key DuckDB cannot read the catalog at all.
     segment = next(iter(repo_files(repo, "index")))

@@ -89,7 +89,7 @@ def test_key_add_list_remove(
     res = cli("-r", repo, "key", "add")
     assert res.code == 0
     second = res.out.split()[-1]
-    listed = json.loads(cli("-r", repo, "key", "list", "--json").out)
+    listed = json.loads(cli("-r", repo, "key", "list", "--json").out)["keys"]
     assert {k["id"] for k in listed} == {*first, second}
     assert [k["id"] for k in listed if k["current"]] == first
     assert_one_line_error(cli("-r", repo, "key", "remove", first[0]), "your password", code=2)
