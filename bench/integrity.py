@@ -37,9 +37,9 @@ from catalog.maint.heal import heal_pack
 from catalog.maint.retention import KeepPolicy, kept_by_policy
 from catalog.maint.scrub import scrub
 from catalog.repo import Repository
+from catalog.store.local import LocalStorage
 from catalog.store.parity import ParityGeometry, ParityWriter
 from catalog.store.points import point_name
-from catalog.store.storage import LocalStorage
 
 from .image import (
     GIB,

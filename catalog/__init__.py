@@ -7,8 +7,9 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
 ``units``   the one byte-size formatter (binary units), for every package's output
 
 ``store/``  the on-disk repository, file kind by file kind (FORMAT.md is their spec)
-    storage     the storage interface: all repository I/O (today a local directory), and
-                ``inplace``: the handles of files written in place (overlay logs, locks)
+    storage     the storage interface: all repository I/O goes through it
+    inplace     its handles of files written in place (overlay logs, their locks)
+    local       ``LocalStorage``: the interface on a local directory (the one system-call site)
     format      format constants and the config file
     sealing     the ``Sealer`` every object passes through, held by the storage; the plain one
     crypto      keys, key files and the AES-256-GCM sealer (FORMAT.md 21)

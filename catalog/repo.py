@@ -11,7 +11,7 @@ import os
 import secrets
 from collections.abc import Callable
 
-from catalog.errors import RepositoryError, UsageError
+from catalog.errors import CorruptionError, PointNotFound, RepositoryError, UsageError
 from catalog.read import point as read_point
 from catalog.store import crypto
 from catalog.store.format import (
@@ -21,11 +21,12 @@ from catalog.store.format import (
     RepoConfig,
     parse_config,
 )
+from catalog.store.local import LocalStorage
 from catalog.store.manifest import ManifestReader
 from catalog.store.parity import ParityGeometry
-from catalog.store.points import RecoveryPoint, load_points_tolerant, resolve
+from catalog.store.points import POINTS_PREFIX, RecoveryPoint, load_points_tolerant, resolve
 from catalog.store.sealing import Sealer
-from catalog.store.storage import TMP_DIR, LocalStorage, Storage
+from catalog.store.storage import TMP_DIR, Storage
 
 REPO_DIRS = (
     "packs",
@@ -140,8 +141,23 @@ class Repository:
         return points
 
     def resolve(self, spec: str) -> RecoveryPoint:
-        """A point spec (``catalog.store.points.resolve``) among the readable points."""
-        return resolve(self.points(), spec)
+        """A point spec (``catalog.store.points.resolve``) among the readable points; a spec
+        that names a point whose document is damaged says so (not "no recovery point")."""
+        points = self.points()
+        try:
+            return resolve(points, spec)
+        except PointNotFound:
+            wanted = spec.rsplit("@", 1)[-1].lower()
+            readable = {p.id for p in points}
+            for name in self.storage.list(POINTS_PREFIX) if self.damaged else []:
+                pid = name.rsplit("/", 1)[-1].removesuffix(".json")
+                if pid not in readable and wanted and pid.startswith(wanted):
+                    why = next((d for d in self.damaged if f"{pid}.json" in d), "")
+                    raise CorruptionError(
+                        f"the document of recovery point {pid} is damaged"
+                        + (f": {why}" if why else "")
+                    ) from None
+            raise
 
     def manifest(self, point: RecoveryPoint) -> ManifestReader:
         return ManifestReader(self.storage, point.root, point.leaves)

@@ -24,8 +24,8 @@ import pyarrow as pa
 
 from catalog.errors import CombError, StageError
 from catalog.store.index import DedupIndex
+from catalog.store.local import LocalStorage
 from catalog.store.sealing import PLAIN, Sealer
-from catalog.store.storage import LocalStorage
 from stages.backup import IndexClient
 from stages.base import Fused, Ports, Stage
 

@@ -14,10 +14,10 @@ import pyarrow as pa
 
 from catalog.store.chunks import encode_chunk
 from catalog.store.index import ids_to_array, sealed_to_table
+from catalog.store.local import LocalStorage
 from catalog.store.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
 from catalog.store.parity import ParityGeometry
 from catalog.store.sealing import PLAIN, Sealer
-from catalog.store.storage import LocalStorage
 from stages.base import Ports, Stage
 from stages.schemas import (
     CHUNKS,

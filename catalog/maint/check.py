@@ -32,11 +32,12 @@ from catalog.store.index import (
     segment_names,
 )
 from catalog.store.leaves import leaves_name
+from catalog.store.local import LocalStorage
 from catalog.store.manifest import ManifestReader
 from catalog.store.packs import PACK_TRAILER_BYTES, pack_name, parse_pack
 from catalog.store.parquet_io import load_block_list, read_parquet
 from catalog.store.points import RecoveryPoint, load_forgotten, load_points_tolerant
-from catalog.store.storage import LocalStorage, Storage
+from catalog.store.storage import Storage
 
 Progress = Callable[[int, int], None]
 

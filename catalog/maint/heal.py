@@ -70,6 +70,11 @@ def check_parity(storage: Storage, pid: str, data: bytes, intact: bool) -> Parit
     out.whole = r.whole and blake3.blake3(r.data).hexdigest() == pid
     if r.parity_bad:
         out.problem = f"parity of pack {pid[:16]}: {r.parity_bad} damaged parity shard(s)"
+    elif r.whole and not out.whole:  # self-consistent, and still not this pack's bytes
+        out.problem = (
+            f"parity of pack {pid[:16]} rebuilds bytes that do not match the pack's name "
+            "(it is not this pack's parity: forged or misplaced)"
+        )
     return out
 
 
@@ -118,6 +123,8 @@ def heal_pack(storage: Storage, pid: str, geometry: ParityGeometry | None) -> He
         return Healed(pid, "rebuilt from parity", check.shards)
     if check.rebuilt is None:
         why = why or check.problem or "no usable parity"
+    elif not check.lost and check.problem:
+        why = check.problem
     else:
         lost = sum(b - a for a, b in check.lost)
         why = f"damage beyond parity: {len(check.lost)} shard(s), {lost} bytes"

@@ -28,9 +28,9 @@ from catalog.repo import Repository
 from catalog.store import crypto, locks, points
 from catalog.store import format as fmt
 from catalog.store.format import Features, RepoConfig, parse_config
+from catalog.store.local import LocalStorage
 from catalog.store.parity import ParityGeometry
 from catalog.store.points import PointStats, RecoveryPoint
-from catalog.store.storage import LocalStorage
 
 # ---------------------------------------------------------------------------------------------
 # JSON documents

@@ -32,10 +32,10 @@ import drive.overlays.log as overlay_log
 import drive.overlays.overlay as overlay
 from catalog.repo import Repository
 from catalog.store import blocks, parity
+from catalog.store.local import LocalStorage
 from catalog.store.parity import ParityGeometry, ParityWriter
 from catalog.store.points import point_name
 from catalog.store.sealing import PLAIN
-from catalog.store.storage import LocalStorage
 
 CHUNK = 64 * 1024
 

@@ -27,7 +27,7 @@ from spectables import (
 
 from catalog.store import changes, index, manifest, points
 from catalog.store import leaves as store_leaves
-from catalog.store.storage import LocalStorage
+from catalog.store.local import LocalStorage
 
 # ---------------------------------------------------------------------------------------------
 # Parquet schemas

@@ -35,7 +35,7 @@ import drive.overlays.overlay as overlay
 from catalog.errors import CorruptionError
 from catalog.repo import Repository
 from catalog.store import crypto
-from catalog.store.storage import LocalStorage
+from catalog.store.local import LocalStorage
 
 CHUNK = 64 * 1024
 

@@ -20,8 +20,9 @@ from catalog.store.index import (
     sealed_to_table,
     segment_names,
 )
+from catalog.store.local import LocalStorage
 from catalog.store.packs import SealedPack, pack_name
-from catalog.store.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import pytest
 from catalog.errors import CorruptionError
 from catalog.store.blocks import block_list_name
 from catalog.store.leaves import EMPTY_LEAF, Leaf, leaves_name
+from catalog.store.local import LocalStorage
 from catalog.store.manifest import (
     LEAF_ROW_GROUP_ROWS,
     ROOT_SCHEMA,
@@ -21,7 +22,7 @@ from catalog.store.manifest import (
     roots_name,
 )
 from catalog.store.parquet_io import ParquetStreamWriter, open_parquet
-from catalog.store.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR
 
 
 @pytest.fixture

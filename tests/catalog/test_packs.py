@@ -11,6 +11,7 @@ import pytest
 
 from catalog.errors import CorruptionError
 from catalog.store.chunks import chunk_id, encode_chunk
+from catalog.store.local import LocalStorage
 from catalog.store.packs import (
     PACK_ENTRY,
     PACK_ENTRY_BYTES,
@@ -22,7 +23,7 @@ from catalog.store.packs import (
     pack_name,
     parse_pack,
 )
-from catalog.store.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR
 
 
 @pytest.fixture

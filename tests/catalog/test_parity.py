@@ -14,6 +14,7 @@ from spectables import spec_table
 
 from catalog.errors import CorruptionError, UsageError
 from catalog.store import parity
+from catalog.store.local import LocalStorage
 from catalog.store.parity import (
     ParityGeometry,
     ParityWriter,
@@ -22,7 +23,6 @@ from catalog.store.parity import (
     rebuild,
     write_parity,
 )
-from catalog.store.storage import LocalStorage
 
 G = ParityGeometry(4, 2, 1024)  # 4 KiB stripes
 

@@ -25,12 +25,12 @@ from catalog.repo import Repository
 from catalog.store.blocks import block_list_name
 from catalog.store.index import load_locations
 from catalog.store.leaves import LeafFile, leaves_name
+from catalog.store.local import LocalStorage
 from catalog.store.manifest import roots_name
 from catalog.store.packs import pack_name
 from catalog.store.parquet_io import read_parquet
 from catalog.store.points import RecoveryPoint
 from catalog.store.sealing import PLAIN, Sealer
-from catalog.store.storage import LocalStorage
 
 CHUNK = 64 * 1024
 SIZE = 24 * MiB + 777  # 24 leaves of 1 MiB and a partial last chunk

@@ -12,6 +12,7 @@ import blake3
 import pytest
 
 from catalog.errors import CorruptionError, PointNotFound
+from catalog.store.local import LocalStorage
 from catalog.store.points import (
     POINT_ID_HEX,
     PointStats,
@@ -27,7 +28,7 @@ from catalog.store.points import (
     point_name,
     resolve,
 )
-from catalog.store.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from catalog.errors import RepositoryError
-from catalog.store.storage import TMP_DIR, LocalStorage, Storage
+from catalog.store.local import LocalStorage
+from catalog.store.storage import TMP_DIR, Storage
 
 
 @pytest.fixture

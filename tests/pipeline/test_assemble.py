@@ -14,8 +14,9 @@ from hypothesis import strategies as st
 
 from catalog.store.assemble import ManifestAssembler
 from catalog.store.changes import ChangeTableWriter, read_changes
+from catalog.store.local import LocalStorage
 from catalog.store.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
-from catalog.store.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR
 
 C = 4096
 LC = 4  # chunks per leaf in these tests

@@ -62,7 +62,7 @@ NEXT = {"A": ("a", [1, 2, 10, 4, 3, 6, 30, 40]), "B": ("b", [8, 9, 7, 5, 31, 40]
 # and any other that commits or removes a file) until the resume file appears or it is killed.
 CHILD = r"""
 import os, sys, threading, time
-import catalog.store.storage as storage
+import catalog.store.local as storage
 from pipeline.cli import main
 
 go, pause, marker, resume = sys.argv[1:5]

@@ -32,7 +32,7 @@ from combtest import (
 # fsynced), "after" (fully committed), "none" (no crash; the log shows the commit order).
 CRASHER = r"""
 import os, sys, threading
-import catalog.store.storage as storage
+import catalog.store.local as storage
 from pipeline.cli import main
 
 mode, n, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]

@@ -105,7 +105,7 @@ def test_key_add_list_remove(
 
 
 def _storage(repo: Path):  # type: ignore[no-untyped-def]
-    from catalog.store.storage import LocalStorage
+    from catalog.store.local import LocalStorage
 
     return LocalStorage(str(repo))
 

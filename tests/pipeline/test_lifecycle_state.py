@@ -43,7 +43,7 @@ from catalog.maint.check import check_repository
 from catalog.maint.retention import KeepPolicy, kept_by_policy
 from catalog.maint.scrub import scrub
 from catalog.repo import Repository
-from catalog.store import storage
+from catalog.store import local as storage
 from catalog.store.points import point_name
 
 # Two leaves (16 chunks each): a backup's leaves file holds only the leaves it changed, so a

@@ -230,11 +230,6 @@ def test_a_forged_self_consistent_parity_file_is_never_used_to_heal(
     _restores(repo_path, [i for i in ids if i not in hurt], copies, tmp_path)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a parity file that rebuilds bytes not matching the pack's name is not reported "
-    "as a parity problem, and the repair says 'damage beyond parity: 0 shard(s), 0 bytes'",
-)
 def test_a_forged_parity_file_is_named_as_the_reason(
     cli: CliRunner, tmp_path: Path, make_image: Any
 ) -> None:

@@ -15,8 +15,8 @@ from catalog.errors import StageError
 from catalog.store.chunks import decode_chunk
 from catalog.store.format import CODEC_RAW, CODEC_ZSTD
 from catalog.store.index import INDEX_SCHEMA, DedupIndex
+from catalog.store.local import LocalStorage
 from catalog.store.packs import pack_name, parse_pack
-from catalog.store.storage import LocalStorage
 from stages.backup import (
     ZERO_ID,
     Chunker,

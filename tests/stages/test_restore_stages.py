@@ -15,8 +15,9 @@ from catalog.read.coalesce import GAP_BYTES, READ_BYTES
 from catalog.store.chunks import chunk_id, encode_chunk
 from catalog.store.index import INDEX_SCHEMA
 from catalog.store.leaves import Leaf
+from catalog.store.local import LocalStorage
 from catalog.store.packs import PackWriter, pack_name
-from catalog.store.storage import TMP_DIR, LocalStorage
+from catalog.store.storage import TMP_DIR
 from stages.restore import execute_read, leaves_to_table, plan_reads
 from stages.target import RestoreTarget
 
