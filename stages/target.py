@@ -16,6 +16,7 @@ import struct
 import threading
 
 from catalog.errors import OutputError, describe_os_error
+from catalog.store.local import pwrite_all
 
 _BLKZEROOUT = 0x127F
 _MAX_IOV = 512
@@ -145,20 +146,17 @@ class RestoreTarget:
             pos += len(b)
         aligned = total - total % _ALIGN_BYTES
         view = memoryview(stage)
+        failed = ""
         try:
             assert self.dfd is not None
-            if os.pwrite(self.dfd, view[:aligned], offset) != aligned:
-                raise OSError(errno.EIO, "short write")
-            if aligned < total and os.pwrite(self.fd, view[aligned:total], offset + aligned) != (
-                total - aligned
-            ):
-                raise OSError(errno.EIO, "short write")
+            pwrite_all(self.dfd, view[:aligned], offset)
+            if aligned < total:
+                pwrite_all(self.fd, view[aligned:total], offset + aligned)
         except OSError as err:
-            raise OutputError(
-                f"cannot write {self.name} at offset {offset}: {describe_os_error(err)}"
-            ) from None
-        finally:
-            view.release()
+            failed = describe_os_error(err)
+        view.release()  # (after the handler: its traceback held views of the buffer)
+        if failed:
+            raise OutputError(f"cannot write {self.name} at offset {offset}: {failed}")
 
     def zero(self, offset: int, length: int) -> None:
         """Zero a range of a block device (a sparse file needs nothing)."""

@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.errors import CombError, CorruptionError
+from catalog.maint.gc import dead_temporary
 from catalog.store.blocks import BlockHasher, block_list_name
 from catalog.store.changes import read_changes
 from catalog.store.chunks import decode_chunk
@@ -32,7 +33,6 @@ from catalog.store.index import (
     segment_names,
 )
 from catalog.store.leaves import leaves_name
-from catalog.store.local import LocalStorage
 from catalog.store.manifest import ManifestReader
 from catalog.store.packs import PACK_TRAILER_BYTES, pack_name, parse_pack
 from catalog.store.parquet_io import load_block_list, read_parquet
@@ -79,10 +79,12 @@ def check_repository(
         _check_changes(storage, point, report, "forgotten point")
     pack_ids = sorted(set(index.column("pack").to_pylist())) if index.num_rows else []
     _check_packs(storage, index, pack_ids, read_data, report, progress)
-    if isinstance(storage, LocalStorage):
-        leftovers = storage.tmp_files()
-        if leftovers:
-            report.warnings.append(f"{len(leftovers)} temporary file(s) left by interrupted writes")
+    leftovers = dead_temporary(storage)  # (a live writer's are not left over)
+    if leftovers:
+        report.warnings.append(
+            f"{len(leftovers)} temporary file(s) left by interrupted writes "
+            "(the next backup or prune removes them)"
+        )
     return report
 
 

@@ -10,16 +10,18 @@ Protocol, safe while backups run:
    marked too (only they are read). Nothing is in flight now, so a file no point references is
    garbage: packs none of whose chunks is live (and packs no index segment lists: orphans of
    killed backups), leaves, roots and change tables no point names, index segments that list
-   only removed packs, and temporary files older than ``TMP_MAX_AGE_S``. A segment that lists
-   removed and kept packs is rewritten with the kept rows (the new segment is durable before
-   the old one goes). Order: new segment, old segments, packs, manifests, temporary files.
-   A crash at any step leaves a superset of what the points need; the next prune finishes.
+   only removed packs, and temporary files of dead writers (``dead_temporary``). A segment
+   that lists removed and kept packs is rewritten with the kept rows (the new segment is
+   durable before the old one goes). Order: new segment, old segments, packs, manifests,
+   temporary files. A crash at any step leaves a superset of what the points need; the next
+   prune finishes.
 
 Overlays need their base points, which ``forget`` never removes (so prune keeps them too).
 """
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -42,12 +44,12 @@ from catalog.store.index import (
     segment_names,
 )
 from catalog.store.leaves import LEAVES_PREFIX, leaves_name
-from catalog.store.locks import locked
+from catalog.store.locks import locked, process_gone, read_locks
 from catalog.store.manifest import ROOTS_PREFIX, roots_name
 from catalog.store.parity import PARITY_PREFIX, parity_name
 from catalog.store.parquet_io import read_parquet
 from catalog.store.points import RecoveryPoint, forgotten_name, load_forgotten, point_name
-from catalog.store.storage import TMP_DIR
+from catalog.store.storage import TMP_DIR, Storage
 
 CHANGES_DIR = "manifests/changes"
 TMP_MAX_AGE_S = 24 * 3600.0
@@ -185,12 +187,35 @@ def plan(
             if name.endswith(BLOCKS_SUFFIX) and not storage.exists(parquet_of(name)):
                 out.files.append(name)
                 out.file_bytes += storage.size(name)
-    now = time.time()
+    out.tmp = dead_temporary(storage)
+    return out
+
+
+def dead_temporary(storage: Storage) -> list[str]:
+    """Temporary files no writer will commit: their writer, a process of this host named by
+    the pid that starts the file's name, is gone (or the pid is a newer process's); or they
+    are older than ``TMP_MAX_AGE_S``. While a live lock of another host could own a file, only
+    age counts (its pid means nothing here)."""
+    now, host = time.time(), socket.gethostname()
+    foreign = any(lk.host != host and lk.stale() is None for lk in read_locks(storage))
+    out = []
     for entry in storage.tmp_files():
         written = storage.mtime(f"{TMP_DIR}/{entry}")  # None: committed or aborted meanwhile
-        if written is not None and now - written > TMP_MAX_AGE_S:
-            out.tmp.append(f"{TMP_DIR}/{entry}")
+        if written is None:
+            continue
+        pid = entry.split("-", 1)[0]
+        dead = not foreign and pid.isdigit() and process_gone(int(pid), written) is not None
+        if dead or now - written > TMP_MAX_AGE_S:
+            out.append(f"{TMP_DIR}/{entry}")
     return out
+
+
+def remove_dead_temporary(storage: Storage) -> int:
+    """Remove what ``dead_temporary`` finds (a backup's start does; prune too); how many."""
+    dead = dead_temporary(storage)
+    for name in dead:
+        storage.remove(name)
+    return len(dead)
 
 
 def drop_segments(

@@ -11,6 +11,7 @@ Owns every system call on repository files. Must not: know what a file holds (th
 from __future__ import annotations
 
 import builtins
+import errno
 import fcntl
 import mmap
 import os
@@ -150,14 +151,14 @@ class _DirectNewFile(_LocalNewFile):
 
     def _flush(self, length: int) -> None:
         assert self._stage is not None
+        failed = ""
         try:
-            done = os.pwrite(self._fh.fileno(), memoryview(self._stage)[:length], self._flushed)
+            pwrite_all(self._fh.fileno(), memoryview(self._stage)[:length], self._flushed)
         except OSError as err:
+            failed = describe_os_error(err)
+        if failed:  # (outside the handler: its traceback holds views of the staging buffer)
             self.abort()
-            raise RepositoryError(f"cannot write {self._tmp}: {describe_os_error(err)}") from None
-        if done != length:
-            self.abort()
-            raise RepositoryError(f"cannot write {self._tmp}: short write ({done} of {length})")
+            raise RepositoryError(f"cannot write {self._tmp}: {failed}")
         self._flushed += length
         rest = self._fill - length
         if rest:
@@ -169,18 +170,17 @@ class _DirectNewFile(_LocalNewFile):
             aligned = self._fill - self._fill % self.ALIGN_BYTES
             if aligned:
                 self._flush(aligned)
+            failed = ""
             try:
                 fd = self._fh.fileno()
                 fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
                 if self._fill:
-                    tail = self._stage[: self._fill]
-                    if os.pwrite(fd, tail, self._flushed) != len(tail):
-                        raise OSError(5, "short write")
+                    pwrite_all(fd, memoryview(self._stage)[: self._fill], self._flushed)
             except OSError as err:
+                failed = describe_os_error(err)
+            if failed:
                 self.abort()
-                raise RepositoryError(
-                    f"cannot write {self._tmp}: {describe_os_error(err)}"
-                ) from None
+                raise RepositoryError(f"cannot write {self._tmp}: {failed}")
             self._stage.close()
             self._stage = None
         super().commit(name, durable)
@@ -190,6 +190,25 @@ class _DirectNewFile(_LocalNewFile):
             self._stage.close()
             self._stage = None
         super().abort()
+
+
+def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
+    """All of ``data`` at ``offset``. A short write is continued, so a full disk surfaces as
+    the next write's ENOSPC ("No space left on device"), not as a count of bytes."""
+    done = 0
+    while done < len(data):
+        try:
+            n = os.pwrite(fd, data[done:], offset + done)
+        except OSError as err:
+            # After a short O_DIRECT write the rest may be misaligned (EINVAL): say why.
+            if done and err.errno != errno.ENOSPC:
+                st = os.fstatvfs(fd)
+                if st.f_bavail * st.f_frsize < len(data) - done:
+                    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)) from None
+            raise
+        if n <= 0:
+            raise OSError(errno.EIO, "the device accepted no more bytes")
+        done += n
 
 
 class LocalStorage:

@@ -83,7 +83,7 @@ class LockInfo:
                 started = datetime.fromisoformat(self.started).timestamp()
             except ValueError:
                 started = None
-            gone = _gone(self.pid, started)
+            gone = process_gone(self.pid, started)
             if gone:
                 return gone
         age = (now or time.time()) - datetime.fromisoformat(self.heartbeat).timestamp()
@@ -96,7 +96,7 @@ class LockInfo:
         return f"{self.kind} ({mode}) by {self.host} pid {self.pid} since {self.started}"
 
 
-def _gone(pid: int, started: float | None) -> str | None:
+def process_gone(pid: int, started: float | None) -> str | None:
     """Why process ``pid`` of this host cannot be the one that took a lock at ``started``:
     it does not exist, it has exited and waits to be reaped (a killed comb whose parent has not
     collected it yet), or the pid now belongs to a process started after the lock."""

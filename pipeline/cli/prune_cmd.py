@@ -44,7 +44,7 @@ def cmd_prune(repo: str, args: argparse.Namespace) -> int:
                 "dry_run": res.dry_run,
                 "points_kept": res.points,
                 "packs_removed": len(p.packs),
-                "orphan_packs_removed": p.orphan_packs,
+                "orphan_packs": p.orphan_packs,
                 "packs_kept": p.live_packs,
                 "pack_bytes_removed": p.pack_bytes,
                 "metadata_files_removed": len(p.files),

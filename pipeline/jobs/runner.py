@@ -22,6 +22,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from catalog.maint.gc import remove_dead_temporary
 from catalog.repo import Repository
 from catalog.store.assemble import ManifestAssembler
 from catalog.store.changes import ChangeTableWriter
@@ -185,6 +186,8 @@ def _drive(
     order = _interleave(disks)
     to_read = sum(item.bytes for _, item in order)
     done = 0
+    if progress is not None:
+        progress(0, to_read)  # the engine is up: the bar stops saying it is starting
     window: deque[tuple[_Disk, WorkItem, object]] = deque()
     pos = 0
     while pos < len(order) or window:
@@ -240,6 +243,7 @@ def run_jobs(
     t0 = time.perf_counter() if t0 is None else t0
     cfg = repo.config
     storage = repo.storage
+    remove_dead_temporary(storage)  # what killed writers left (their pid is gone)
     sealer = repo.sealer.for_workers()
     target = PackTarget(repo.location, opts.pack_target_bytes, sealer=sealer, parity=cfg.parity)
     source: Source = (
