@@ -104,10 +104,12 @@ def open_log(path: str, writable: bool) -> LocalLog:
     return LocalLog(os.open(path, (os.O_RDWR if writable else os.O_RDONLY) | os.O_CLOEXEC))
 
 
-def create_log(path: str, sync_dir: Callable[[str], None]) -> LocalLog:
-    """A new, empty log at ``path``: the file, then its directory entry, made durable."""
-    log = LocalLog(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644))
+def create_log(path: str, sync_dir: Callable[[str], None], mode: int) -> LocalLog:
+    """A new, empty log at ``path`` of ``mode``: the file, then its directory entry, made
+    durable."""
+    log = LocalLog(os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode))
     try:
+        os.fchmod(log.fd, mode)  # whatever the umask
         log.sync()
         sync_dir(os.path.dirname(path))
     except BaseException:
@@ -119,8 +121,8 @@ def create_log(path: str, sync_dir: Callable[[str], None]) -> LocalLog:
 class LocalLock:
     """``flock(LOCK_EX | LOCK_NB)`` on a local file, created empty if missing."""
 
-    def __init__(self, path: str) -> None:
-        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    def __init__(self, path: str, mode: int) -> None:
+        self.fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, mode)
 
     def try_acquire(self) -> bool:
         try:

@@ -26,6 +26,10 @@ from catalog.store.sealing import PLAIN, Sealer
 from catalog.store.storage import TMP_DIR, NewFile
 
 _MAX_IOV = 512  # buffers per writev call (IOV_MAX is 1024 on Linux)
+# A repository is its owner's alone (key files, and a plain repository's disks): files 0600,
+# directories 0700, whatever the umask (as restic does).
+FILE_MODE = 0o600
+DIR_MODE = 0o700
 
 
 class _LocalNewFile:
@@ -35,6 +39,7 @@ class _LocalNewFile:
         try:
             storage.ensure_dir(os.path.dirname(self._tmp), durable=False)
             self._fh = open(self._tmp, "wb", buffering=0)  # noqa: SIM115 - closed in commit/abort
+            os.fchmod(self._fh.fileno(), FILE_MODE)  # whatever the umask (before any byte)
         except OSError as err:
             raise RepositoryError(f"cannot create {self._tmp}: {describe_os_error(err)}") from None
         self._pos = 0
@@ -233,8 +238,12 @@ class LocalStorage:
     def make_root(self, prefixes: Iterable[str]) -> None:
         """Create the repository's directory and these standard prefixes in it (FORMAT.md 3)."""
         with _failing("create", self.root):
+            _private_dir(self.root)
             for prefix in prefixes:
-                os.makedirs(self.path(prefix), exist_ok=True)
+                at = self.root
+                for part in prefix.split("/"):
+                    at = os.path.join(at, part)
+                    _private_dir(at)
 
     @classmethod
     def existing(cls, location: str) -> LocalStorage:
@@ -323,9 +332,10 @@ class LocalStorage:
         parent = os.path.dirname(path)
         self.ensure_dir(parent, durable)
         try:
-            os.mkdir(path)
+            os.mkdir(path, DIR_MODE)
         except FileExistsError:
             return
+        os.chmod(path, DIR_MODE)  # whatever the umask
         if durable:
             self.sync_dir(parent)
 
@@ -367,10 +377,19 @@ class LocalStorage:
         return inplace.open_log(self.path(name), writable)
 
     def create_log(self, name: str) -> LogFile:
-        return inplace.create_log(self.path(name), self.sync_dir)
+        return inplace.create_log(self.path(name), self.sync_dir, FILE_MODE)
 
     def file_lock(self, name: str) -> FileLock:
-        return inplace.LocalLock(self.path(name))
+        return inplace.LocalLock(self.path(name), FILE_MODE)
+
+
+def _private_dir(path: str) -> None:
+    """``path`` as a directory of mode 0700 (an existing one keeps its mode)."""
+    try:
+        os.mkdir(path, DIR_MODE)
+    except FileExistsError:
+        return
+    os.chmod(path, DIR_MODE)
 
 
 @contextmanager
