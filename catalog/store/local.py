@@ -238,6 +238,7 @@ class LocalStorage:
     def make_root(self, prefixes: Iterable[str]) -> None:
         """Create the repository's directory and these standard prefixes in it (FORMAT.md 3)."""
         with _failing("create", self.root):
+            os.makedirs(os.path.dirname(self.root), exist_ok=True)  # (its parents: the user's)
             _private_dir(self.root)
             for prefix in prefixes:
                 at = self.root
