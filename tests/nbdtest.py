@@ -4,6 +4,7 @@ repository, and a raw-socket client that sends what real clients never would."""
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 import threading
 from collections.abc import Iterator
@@ -23,8 +24,10 @@ SOURCE = "web@01"  # a source name with '@': export names split at the last one
 # Spec numbers, written out here so that the test checks the server's constants.
 NBDMAGIC, IHAVEOPT, OPT_REPLY_MAGIC = 0x4E42444D41474943, 0x49484156454F5054, 0x3E889045565A9
 OPT_EXPORT_NAME, OPT_ABORT, OPT_LIST, OPT_GO, OPT_STRUCTURED, OPT_SET_META = 1, 2, 3, 7, 8, 10
+OPT_STARTTLS = 5
 REP_ACK, REP_SERVER, REP_INFO, REP_META = 1, 2, 3, 4
 REP_ERR_UNSUP, REP_ERR_UNKNOWN = 2**31 + 1, 2**31 + 6
+REP_ERR_POLICY, REP_ERR_INVALID, REP_ERR_TLS_REQD = 2**31 + 2, 2**31 + 3, 2**31 + 5
 REQUEST_MAGIC, SIMPLE_MAGIC, STRUCTURED_MAGIC = 0x25609513, 0x67446698, 0x668E33EF
 READ, WRITE, DISC, FLUSH, TRIM, WRITE_ZEROES, BLOCK_STATUS = 0, 1, 2, 3, 4, 6, 7
 FLAG_DF, FLAG_REQ_ONE = 1 << 2, 1 << 3
@@ -49,8 +52,11 @@ def start(server: NbdServer) -> threading.Thread:
     return thread
 
 
-def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
-    """A server on an ephemeral port over two backed-up points (a module fixture's body)."""
+def serving(
+    tmp_path_factory: pytest.TempPathFactory, tls: ssl.SSLContext | None = None
+) -> Iterator[Served]:
+    """A server on an ephemeral port over two backed-up points (a module fixture's body);
+    with ``tls``, clients must start TLS first."""
     tmp = tmp_path_factory.mktemp("nbd")
     img = Image(tmp / "disk.img", SIZE)  # holes everywhere else
     img.random(100_000, 2 * MiB, seed=1)
@@ -61,7 +67,7 @@ def serving(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Served]:
     repo = Repository.init(str(tmp / "repo"), CHUNK, 3, password=TEST_PASSWORD)
     point = api_backup(repo.location, img.path, name=SOURCE)
     api_backup(repo.location, odd.path, name="odd")
-    server = NbdServer(Repository.open(repo.location, password=TEST_PASSWORD), port=0)
+    server = NbdServer(Repository.open(repo.location, password=TEST_PASSWORD), port=0, tls=tls)
     thread = start(server)
     yield Served(server, img.path, odd.path, point.id)
     server.shutdown()
@@ -116,6 +122,11 @@ class RawClient:
             replies.append((rtype, self.recv(n)))
             if rtype == REP_ACK or rtype & 2**31:
                 return replies
+
+    def starttls(self, context: ssl.SSLContext) -> None:
+        """NBD_OPT_STARTTLS, then the rest of the connection through TLS."""
+        assert self.option(OPT_STARTTLS) == [(REP_ACK, b"")]
+        self.s = context.wrap_socket(self.s, server_hostname="127.0.0.1")
 
     def go(self, export: str) -> None:
         replies = self.option(OPT_GO, name_data(export, struct.pack(">H", 0)))

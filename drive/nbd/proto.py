@@ -12,6 +12,7 @@ repositories.
 from __future__ import annotations
 
 import socket
+import ssl
 import struct
 from collections.abc import Iterable
 
@@ -27,6 +28,7 @@ CLIENT_FLAGS_KNOWN = FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES
 OPT_EXPORT_NAME = 1
 OPT_ABORT = 2
 OPT_LIST = 3
+OPT_STARTTLS = 5
 OPT_INFO = 6
 OPT_GO = 7
 OPT_STRUCTURED_REPLY = 8
@@ -39,7 +41,9 @@ REP_SERVER = 2
 REP_INFO = 3
 REP_META_CONTEXT = 4
 REP_ERR_UNSUP = (1 << 31) + 1
+REP_ERR_POLICY = (1 << 31) + 2
 REP_ERR_INVALID = (1 << 31) + 3
+REP_ERR_TLS_REQD = (1 << 31) + 5
 REP_ERR_UNKNOWN = (1 << 31) + 6
 REP_ERR_SHUTDOWN = (1 << 31) + 7
 
@@ -126,7 +130,11 @@ def discard(sock: socket.socket, n: int) -> None:
 
 
 def send_parts(sock: socket.socket, parts: Iterable[bytes]) -> None:
-    """Send several buffers as one message (header and payload without a copy)."""
+    """Send several buffers as one message (header and payload without a copy; over TLS,
+    which has no ``sendmsg``, joined into one record stream)."""
+    if isinstance(sock, ssl.SSLSocket):
+        sock.sendall(b"".join(parts))
+        return
     views = [memoryview(p) for p in parts if len(p)]
     while views:
         sent = sock.sendmsg(views)

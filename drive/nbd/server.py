@@ -4,7 +4,8 @@ overlays it is given as writable ones.
 Owns the names a client may ask for (a recovery point in the point-spec grammar of every
 command, ``catalog.store.points.resolve``: ``SOURCE@latest``, ``SOURCE@ID``, an id or a unique
 prefix, listed by its canonical ``SOURCE@ID``; ``overlay/NAME`` for the open overlays handed to
-it), the fixed-newstyle negotiation and the listener's life cycle. The point list is read when a
+it), the fixed-newstyle negotiation (TLS first, through ``NBD_OPT_STARTTLS``, when the server
+has a context from ``drive.nbd.tls``) and the listener's life cycle. The point list is read when a
 client connects, so new backups appear without a restart. One thread per connection; a client's
 error, bad request or disconnect ends only its own connection. The wire format is
 ``drive.nbd.proto``'s, the request loop ``drive.nbd.transmission``'s, the loaded points
@@ -17,6 +18,7 @@ from __future__ import annotations
 import logging
 import selectors
 import socket
+import ssl
 import struct
 import threading
 from dataclasses import dataclass
@@ -78,6 +80,7 @@ class _Connection:
         self.structured = False
         self.no_zeroes = False
         self.meta_export: str | None = None  # the export base:allocation was selected for
+        self.tls = False  # NBD_OPT_STARTTLS has succeeded
         self._points: list[RecoveryPoint] | None = None
 
     def run(self) -> None:
@@ -117,9 +120,36 @@ class _Connection:
             if self.server.stopping:
                 p.option_error(self.sock, option, p.REP_ERR_SHUTDOWN, "server is shutting down")
                 continue
+            if not self._tls_allows(option, data):
+                continue
             chosen = self._option(option, data)
             if chosen is not None:
                 return chosen
+
+    def _tls_allows(self, option: int, data: bytes) -> bool:
+        """Whether ``option`` may be handled now. Handles NBD_OPT_STARTTLS (wrapping the
+        socket) and, while a server with TLS has not started it, refuses everything else with
+        NBD_REP_ERR_TLS_REQD (the spec's FORCEDTLS; NBD_OPT_EXPORT_NAME cannot be refused, so
+        it hangs up)."""
+        context = self.server.tls
+        if option != p.OPT_STARTTLS:
+            if context is None or self.tls:
+                return True
+            if option == p.OPT_EXPORT_NAME:
+                raise p.Disconnect("NBD_OPT_EXPORT_NAME before NBD_OPT_STARTTLS")
+            p.option_error(self.sock, option, p.REP_ERR_TLS_REQD, "TLS is required")
+        elif context is None:
+            p.option_error(self.sock, option, p.REP_ERR_POLICY, "TLS is not configured")
+        elif self.tls:
+            p.option_error(self.sock, option, p.REP_ERR_INVALID, "TLS is already on")
+        elif data:
+            p.option_error(self.sock, option, p.REP_ERR_INVALID, "unexpected option data")
+        else:
+            p.option_reply(self.sock, option, p.REP_ACK)
+            self.sock = context.wrap_socket(self.sock, server_side=True)  # may raise SSLError
+            self.tls = True
+            log.debug("%s: TLS %s", self.peer, self.sock.version())
+        return False
 
     def _option(self, option: int, data: bytes) -> tuple[str, Export] | None:
         if option == p.OPT_EXPORT_NAME:
@@ -274,7 +304,8 @@ def _describe(err: Exception) -> str:
 
 class NbdServer:
     """Listens on ``host:port`` (port 0: an ephemeral port, see ``address``) and serves every
-    committed point of ``repo`` read-only until ``request_stop``/``shutdown``."""
+    committed point of ``repo`` read-only until ``request_stop``/``shutdown``. With ``tls``
+    (``drive.nbd.tls.server_context``) every client must start TLS before anything else."""
 
     def __init__(
         self,
@@ -284,8 +315,10 @@ class NbdServer:
         max_sources: int = DEFAULT_MAX_SOURCES,
         overlays: dict[str, ServedOverlay] | None = None,
         cache_chunks: int = DEFAULT_CACHE_CHUNKS,
+        tls: ssl.SSLContext | None = None,
     ) -> None:
         self.repo = repo
+        self.tls = tls
         self.sources = SourceCache(repo, max_sources, cache_chunks)
         self.overlays = {f"{OVERLAY_PREFIX}{n}": o for n, o in (overlays or {}).items()}
         try:
@@ -297,7 +330,7 @@ class NbdServer:
         self._stop = threading.Event()
         self._finished = threading.Event()
         self._lock = threading.Lock()
-        self._connections: dict[threading.Thread, socket.socket] = {}
+        self._connections: dict[threading.Thread, _Connection] = {}
 
     @property
     def stopping(self) -> bool:
@@ -339,7 +372,7 @@ class NbdServer:
         conn = _Connection(self, sock, peer)
         thread = threading.Thread(target=self._run, args=(conn,), name=f"nbd {peer}", daemon=True)
         with self._lock:
-            self._connections[thread] = sock
+            self._connections[thread] = conn
         thread.start()
 
     def _run(self, conn: _Connection) -> None:
@@ -352,9 +385,9 @@ class NbdServer:
     def _drain(self) -> None:
         with self._lock:
             live = list(self._connections.items())
-        for _, sock in live:
-            try:
-                sock.shutdown(socket.SHUT_RD)  # the next read sees end of stream
+        for _, conn in live:
+            try:  # the TCP socket's, also under TLS: the next read sees end of stream
+                socket.socket.shutdown(conn.sock, socket.SHUT_RD)
             except OSError:
                 pass
         for thread, _ in live:

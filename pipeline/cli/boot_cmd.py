@@ -34,6 +34,7 @@ from catalog.store.points import RecoveryPoint
 from drive.nbd.exports import ServedPoint, SourceCache
 from drive.nbd.overlay import ServedOverlay
 from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
+from drive.nbd.tls import is_loopback
 
 from ..accel import KVM_ARGS, TCG_ARGS, Accel, choose
 from ..console import note
@@ -72,7 +73,9 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument(
         "--cpus", type=int, default=None, help="guest CPUs (default: the backed-up VM's, else 1)"
     )
-    s.add_argument("--listen", metavar="HOST:PORT", help="NBD address (default 127.0.0.1:0)")
+    s.add_argument(
+        "--listen", metavar="HOST:PORT", help="NBD address, loopback only (default 127.0.0.1:0)"
+    )
     s.add_argument(
         "--accel",
         choices=["auto", "kvm", "tcg"],
@@ -253,6 +256,11 @@ def _boot(r: Repository, point: RecoveryPoint, name: str, args: argparse.Namespa
     if binary is None:
         raise QemuMissing(f"{QEMU} is not installed (install QEMU, e.g. qemu-system-x86)")
     host, port = parse_listen(args.listen or f"{DEFAULT_HOST}:0")
+    if not is_loopback(host):
+        raise UsageError(
+            f"--listen {args.listen}: boot's server (no TLS) is for the QEMU it starts, so it "
+            "listens on loopback only (serve --tls-cert serves other hosts)"
+        )
     kvm = _accel(binary, args).kvm
     started = time.monotonic()
     opened = _open_overlay(r, point, name)

@@ -1,7 +1,8 @@
 """``comb serve``: the repository's recovery points as read-only NBD disks, and its overlays as
 writable ones.
 
-Owns the command's side only: parsing ``--listen`` and ``--overlay``, creating missing overlays,
+Owns the command's side only: parsing ``--listen``, ``--overlay`` and the TLS options (and
+refusing a non-loopback address without TLS unless ``--insecure``), creating missing overlays,
 opening (and locking) the overlays for the server's lifetime, the repository's shared ``serve``
 lock for the same time (FORMAT.md 13), the start-up line, and turning SIGINT and SIGTERM into a
 graceful stop. The server itself is ``drive.nbd.server``.
@@ -11,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import signal
+import ssl
 from types import FrameType
 
 import drive.overlays.overlay as overlay
@@ -20,6 +22,7 @@ from catalog.store.points import RecoveryPoint
 from drive.nbd.exports import ServedPoint
 from drive.nbd.overlay import ServedOverlay
 from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
+from drive.nbd.tls import is_loopback, server_context
 
 from ..console import warn, warn_damaged
 from ..locking import reader_lock
@@ -36,7 +39,9 @@ def add_parser(sub: Subparsers) -> None:
         [
             "comb -r /backup/repo serve &",
             "nbdcopy nbd://127.0.0.1:10809/web01@latest web01.img",
-            "comb -r /backup/repo serve --overlay try1=web01@latest --listen 0.0.0.0:10809",
+            "comb -r /backup/repo serve --overlay try1=web01@latest --listen 0.0.0.0:10809 "
+            "--tls-cert server-cert.pem --tls-key server-key.pem --tls-ca ca-cert.pem",
+            "nbdinfo 'nbds://HOST/web01@latest?tls-certificates=/etc/pki/comb'",
         ],
         json=None,
     )
@@ -52,6 +57,17 @@ def add_parser(sub: Subparsers) -> None:
         default=[],
         metavar="NAME=POINT",
         help="serve writable overlay NAME as overlay/NAME, created over POINT if missing",
+    )
+    for flag, text in (
+        ("--tls-cert", "x509 server certificate (PEM): clients must start TLS (NBD_OPT_STARTTLS)"),
+        ("--tls-key", "the private key of --tls-cert (PEM)"),
+        ("--tls-ca", "CA certificate(s) (PEM): require client certificates it signed"),
+    ):
+        s.add_argument(flag, metavar="FILE", help=text)
+    s.add_argument(
+        "--insecure",
+        action="store_true",
+        help="allow a non-loopback --listen without TLS (anyone reaching it reads every disk)",
     )
     s.add_argument(
         "--cache-mib",
@@ -73,6 +89,30 @@ def parse_listen(text: str) -> tuple[str, int]:
     if not sep or not port.isdigit() or int(port) > 65535:
         raise UsageError(f"--listen {text!r} is not HOST:PORT (a port from 0 to 65535)")
     return host or DEFAULT_HOST, int(port)
+
+
+def tls_options(args: argparse.Namespace, host: str, port: int) -> ssl.SSLContext | None:
+    """The TLS context of ``--tls-cert``/``--tls-key``/``--tls-ca``, or None. Without TLS, a
+    non-loopback address is refused unless ``--insecure`` (which warns)."""
+    cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
+    ca, insecure = getattr(args, "tls_ca", None), getattr(args, "insecure", False)
+    if cert is None or key is None:
+        if cert is not None or key is not None:
+            raise UsageError("--tls-cert and --tls-key go together")
+        if ca is not None:
+            raise UsageError("--tls-ca needs --tls-cert and --tls-key")
+        where = f"{_uri_host(host)}:{port}"
+        if insecure:
+            warn(f"--insecure: serving without TLS or authentication on {where}", loud=True)
+        elif not is_loopback(host):
+            raise UsageError(
+                f"--listen {where} is not a loopback address: give --tls-cert and --tls-key "
+                "(and --tls-ca to authenticate clients), or --insecure to serve without TLS"
+            )
+        return None
+    if insecure:
+        raise UsageError("--insecure and --tls-cert exclude each other")
+    return server_context(cert, key, ca)
 
 
 def _uri_host(host: str) -> str:
@@ -150,16 +190,24 @@ def cmd_serve(repo: str, args: argparse.Namespace) -> int:
     cache_mib = getattr(args, "cache_mib", 16)
     if not 0 < cache_mib <= 1 << 20:
         raise UsageError(f"--cache-mib {cache_mib} is out of range (1 MiB to 1 TiB)")
+    tls = tls_options(args, host, port)
     r = Repository.open(repo, password=args.password)
     # The shared lock is held from before the points are listed until the server has stopped:
     # prune waits for it, so no file a served point needs goes (they are opened lazily).
     with reader_lock(r, "serve", long_lived=True):
-        return _serve(r, host, port, wanted, cache_mib)
+        return _serve(r, host, port, wanted, cache_mib, tls)
 
 
-def _serve(r: Repository, host: str, port: int, wanted: dict[str, str], cache_mib: int) -> int:
+def _serve(
+    r: Repository,
+    host: str,
+    port: int,
+    wanted: dict[str, str],
+    cache_mib: int,
+    tls: ssl.SSLContext | None,
+) -> int:
     chunks = max(1, (cache_mib << 20) // r.config.chunk_size)
-    server = NbdServer(r, host, port, cache_chunks=chunks)
+    server = NbdServer(r, host, port, cache_chunks=chunks, tls=tls)
     points = r.points()
     warn_damaged(r)
     try:
@@ -172,20 +220,27 @@ def _serve(r: Repository, host: str, port: int, wanted: dict[str, str], cache_mi
     bound_host, bound_port = server.address
     n = len(overlays)
     also = f" and {n} overlay{'s' if n != 1 else ''} writable (overlay/NAME)" if n else ""
-    print(
-        f"serving {len(points)} recovery point{'s' if len(points) != 1 else ''} read-only on "
-        f"nbd://{_uri_host(bound_host)}:{bound_port}/SOURCE@POINT{also} (Ctrl-C stops)",
-        flush=True,
-    )
-
+    scheme, how = "nbd", ""
+    if tls is not None:
+        scheme = "nbds"
+        how = ", TLS required" + (
+            " with client certificates" if tls.verify_mode == ssl.CERT_REQUIRED else ""
+        )
     got: list[int] = []
 
     def stop(signum: int, frame: FrameType | None) -> None:
         got.append(signum)
         server.request_stop()
 
+    # The handlers come first: a client may signal as soon as it has read the start-up line.
     previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        print(
+            f"serving {len(points)} recovery point{'s' if len(points) != 1 else ''} read-only "
+            f"on {scheme}://{_uri_host(bound_host)}:{bound_port}/SOURCE@POINT{also}{how} "
+            "(Ctrl-C stops)",
+            flush=True,
+        )
         server.serve_forever()
     finally:
         for sig, handler in previous.items():

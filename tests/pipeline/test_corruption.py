@@ -30,7 +30,7 @@ from combtest import (
     repo_files,
 )
 
-from catalog.errors import CorruptionError, PointNotFound
+from catalog.errors import CorruptionError
 from catalog.repo import Repository
 from catalog.store.format import CODEC_RAW, CODEC_ZSTD
 from catalog.store.index import load_index
@@ -147,7 +147,8 @@ def test_point_document_flip(cli: CliRunner, backed: Backed, key: bytes, delta: 
     (doc,) = repo_files(backed.repo, "points")
     _flip_text(doc, key, delta)
     res = cli("-r", backed.repo, "restore", backed.point, backed.tmp / "o.img")
-    assert_one_line_error(res, backed.point, code=PointNotFound.exit_code)
+    # Named as damage (exit 7), not as a point that does not exist.
+    assert_one_line_error(res, f"the document of recovery point {backed.point} is damaged", code=7)
     assert f"comb: warning: skipping {doc}" in res.err
     assert not (backed.tmp / "o.img").exists()
     res = cli("-r", backed.repo, "points", "--json")
