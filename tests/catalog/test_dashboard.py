@@ -4,13 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import html
-import random
 import re
-import struct
-import subprocess
-import zlib
-from collections import Counter
-from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from html.parser import HTMLParser
 from pathlib import Path
@@ -18,103 +12,32 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
-from combtest import TEST_PASSWORD, need_tool
+from combtest import TEST_PASSWORD
+from dashtest import (
+    CHANGE,
+    DAY_US,
+    GROWTH,
+    HORIZONS_D,
+    HOSTILE,
+    HOT,
+    PROJECTION,
+    T0_US,
+    TS,
+    GiB,
+    dash_data,
+    dash_table,
+)
 
 from catalog.analytics.catalog import Catalog
 from catalog.analytics.dashboard.data import GROWTH_CARD, dashboard_data
 from catalog.analytics.dashboard.render import (
-    FIT_COLOUR,
     HEAT_COLOURS,
-    SOURCE_COLOURS,
     DashboardData,
     render_dashboard,
 )
 from catalog.repo import Repository
 from catalog.store.points import PointStats, RecoveryPoint, commit_point
 from catalog.units import format_bytes
-
-HOSTILE = '<script>alert("x")</script> & "q"'
-DAY_US = 86_400_000_000
-T0_US = 1_700_000_000_000_000  # 2023-11-14
-TS = pa.timestamp("us", tz="UTC")
-GiB = 1 << 30
-GROWTH = pa.schema(
-    [("time", TS), ("source", pa.string()), ("repository_stored_bytes", pa.int64()),
-     ("source_stored_bytes", pa.int64())]
-)  # fmt: skip
-CHANGE = pa.schema(
-    [("time", TS), ("source", pa.string()), ("bytes_changed", pa.int64()),
-     ("bytes_per_hour", pa.float64())]
-)  # fmt: skip
-RATIOS = pa.schema(
-    [("time", TS), ("source", pa.string()), ("dedup_ratio", pa.float64()),
-     ("compression_ratio", pa.float64())]
-)  # fmt: skip
-PROJECTION = pa.schema(
-    [("day", pa.float64()), ("time", TS), ("stored_bytes", pa.float64()),
-     ("projected_bytes", pa.float64()), ("kind", pa.string())]
-)  # fmt: skip
-HOT = pa.schema([("source", pa.string())] + [
-    (c, pa.int64()) for c in ("disk_bytes", "bucket_offset", "bucket_bytes", "changes")
-])  # fmt: skip
-HORIZONS_D = (30, 90, 365)
-
-
-def _table(schema: pa.Schema, rows: Sequence[tuple[object, ...]]) -> pa.Table:
-    return pa.Table.from_pylist([dict(zip(schema.names, r, strict=True)) for r in rows], schema)
-
-
-def _data(
-    sources: int = 3,
-    points: int = 40,
-    buckets: int = 64,
-    warning: str | None = None,
-    step_us: int = DAY_US,
-) -> DashboardData:
-    """Every source backed up once per step, in turn; one of them has a hostile name."""
-    names = [HOSTILE if i == 1 else f"web{i:02d}" for i in range(sources)]
-    rng = random.Random(7)
-    growth, change, ratios = [], [], []
-    repository, own = 0, dict.fromkeys(names, 0)
-    for k in range(points):
-        for i, name in enumerate(names):
-            time = T0_US + k * step_us + i * step_us // sources
-            added = rng.randint(1, 50) << 20
-            repository, own[name] = repository + added, own[name] + added
-            growth.append((time, name, repository, own[name]))
-            change.append((time, name, added, added / 24 if k else None))
-            ratios.append((time, name, 1.2 + rng.random(), 1.5 + i / 2 + rng.random() / 5))
-    days = [(g[0] - T0_US) / DAY_US for g in growth]
-    slope = repository / max(days[-1], 1.0)
-    projection: list[tuple[float, float | None, float, str]] = [
-        (d, float(g[2]), d * slope, "observed") for d, g in zip(days, growth, strict=True)
-    ]
-    projection += [(d, None, d * slope, "projected") for d in (0.0, days[-1])]
-    projection += [(days[-1] + h, None, (days[-1] + h) * slope, "projected") for h in HORIZONS_D]
-    dated = [(d, T0_US + round(d * DAY_US), *rest) for d, *rest in projection]
-    hot = []
-    for i, name in enumerate(names):
-        disk = (4 << i) * GiB
-        for b in range(buckets):
-            if rng.random() < 0.5:
-                hot.append((name, disk, b * disk // buckets, disk // buckets, rng.randint(1, 40)))
-    fit: dict[str, object] = {
-        "slope_bytes_per_day": slope,
-        "r2": 0.98765,
-        "points": len(days),
-        "warning": warning,
-    }
-    return DashboardData(
-        title="/backup/<repo> & co",
-        generated="2024-05-01T12:00:00Z",
-        summary=[("Recovery points", f"{len(growth):,}"), ("Stored", format_bytes(repository))],
-        growth=_table(GROWTH, growth),
-        change_rate=_table(CHANGE, change),
-        ratios=_table(RATIOS, ratios),
-        projection=_table(PROJECTION, dated),
-        projection_fit=fit,
-        hot_regions=_table(HOT, hot),
-    )
 
 
 class _Page(HTMLParser):
@@ -179,7 +102,7 @@ def _heat_rects(page: _Page) -> dict[str, int]:
 
 
 def test_page_is_self_contained_and_escapes_every_data_string() -> None:
-    text = render_dashboard(_data())
+    text = render_dashboard(dash_data())
     page = _Page(text)
     assert "http://" not in text and "https://" not in text
     assert not [a for _, a in page.tags if {"src", "href", "xlink:href"} & a.keys()]
@@ -193,7 +116,7 @@ def test_page_is_self_contained_and_escapes_every_data_string() -> None:
 
 
 def test_each_chart_draws_every_point() -> None:
-    data = _data(sources=3, points=40)
+    data = dash_data(sources=3, points=40)
     page = _Page(render_dashboard(data))
     growth = page.marks("growth", "polyline", "line")
     assert {k: [_npoints(a) for a in v] for k, v in growth.items()} == {
@@ -219,7 +142,7 @@ def test_each_chart_draws_every_point() -> None:
 
 
 def test_projection_shows_fit_and_horizons() -> None:
-    data = _data()
+    data = dash_data()
     text = render_dashboard(data)
     rows = data.projection.filter(pc.equal(data.projection["kind"], "projected"))
     observed = data.projection.filter(pc.equal(data.projection["kind"], "observed"))
@@ -239,7 +162,7 @@ def _horizon_labels(page: _Page) -> list[str]:
 
 
 def test_projection_x_axis_shows_dates() -> None:
-    data = _data()
+    data = dash_data()
     page = _Page(render_dashboard(data))
     observed = data.projection.filter(pc.equal(data.projection["kind"], "observed"))
     last = pc.max(observed["time"]).as_py()
@@ -255,7 +178,7 @@ def test_projection_x_axis_shows_dates() -> None:
 
 
 def test_projection_without_time_counts_days() -> None:
-    data = _data()
+    data = dash_data()
     undated = dataclasses.replace(data, projection=data.projection.drop_columns(["time"]))
     page = _Page(render_dashboard(undated))
     labels = _horizon_labels(page)
@@ -270,12 +193,12 @@ def test_projection_without_time_counts_days() -> None:
 def test_buckets_without_changes_stay_grey() -> None:
     disk = 8 * GiB
     bucket = disk // 4
-    hot = _table(HOT, [
+    hot = dash_table(HOT, [
         ("busy", disk, 0, bucket, 0), ("busy", disk, bucket, bucket, 3),
         ("busy", disk, 2 * bucket, bucket, 12), ("idle", disk, 0, bucket, 0),
         ("sizeless", None, 0, bucket, 0),  # no disk size: no strip to draw
     ])  # fmt: skip
-    data = dataclasses.replace(_data(sources=1), hot_regions=hot)
+    data = dataclasses.replace(dash_data(sources=1), hot_regions=hot)
     text = render_dashboard(data)
     page = _Page(text)
     # Only changed buckets are drawn; the rest is the grey disk bar showing through.
@@ -295,8 +218,8 @@ def test_buckets_without_changes_stay_grey() -> None:
 
 
 def test_warning_banner_only_when_the_fit_has_a_warning() -> None:
-    assert 'class="warning"' not in render_dashboard(_data())
-    text = render_dashboard(_data(warning="only <3> points & a gap"))
+    assert 'class="warning"' not in render_dashboard(dash_data())
+    text = render_dashboard(dash_data(warning="only <3> points & a gap"))
     assert text.count('class="warning"') == 1
     assert "only &lt;3&gt; points &amp; a gap" in text
 
@@ -320,7 +243,7 @@ def test_empty_tables_show_no_data() -> None:
 
 
 def test_single_point_and_null_values() -> None:
-    data = _data(sources=1, points=1, buckets=1)
+    data = dash_data(sources=1, points=1, buckets=1)
     page = _Page(render_dashboard(data))
     (line,) = page.marks("growth", "polyline", "line")["repository (all sources)"]
     assert _npoints(line) == 1
@@ -331,7 +254,7 @@ def test_single_point_and_null_values() -> None:
 
 
 def test_long_history_ticks_at_month_starts() -> None:
-    page = _Page(render_dashboard(_data(sources=2, points=200, step_us=5 * DAY_US)))
+    page = _Page(render_dashboard(dash_data(sources=2, points=200, step_us=5 * DAY_US)))
     dates = [t for t in page.text if re.fullmatch(r"\d{4}-\d\d-\d\d", t)]
     assert len(dates) >= 4 and all(d.endswith("-01") for d in dates)
 
@@ -343,7 +266,7 @@ def test_a_history_of_seconds_minutes_or_hours_spans_the_time_axis(step_s: int, 
     """Backups seconds apart (what a real run of backups makes) are spread across the plot, not
     drawn as one vertical line; the ticks step in seconds, minutes or hours, the first with
     its date ("Nov 14 22:14"), and no two read the same."""
-    text = render_dashboard(_data(sources=1, points=6, step_us=step_s * 1_000_000))
+    text = render_dashboard(dash_data(sources=1, points=6, step_us=step_s * 1_000_000))
     for section, name in (("growth", "web00"), ("change-rate", "web00")):
         (line,) = _Page(text).marks(section, "polyline", "line")[name]
         xs = [float(p.split(",")[0]) for p in line["points"].split()]
@@ -386,7 +309,7 @@ def test_growth_card_carries_the_projections_warning(tmp_path: Path) -> None:
 
 
 def test_big_history_stays_small() -> None:
-    data = _data(sources=10, points=1000, buckets=1024)
+    data = dash_data(sources=10, points=1000, buckets=1024)
     text = render_dashboard(data)
     assert len(text.encode()) < 2_000_000
     page = _Page(text)
@@ -398,8 +321,8 @@ def test_dense_series_is_thinned_but_keeps_its_extremes() -> None:
     n = 50_000
     values = [1 << 30] * n
     values[n // 2] = 5 << 30  # one spike among 50,000 points
-    growth = _table(GROWTH, [(T0_US + k * 60_000_000, "a", v, v) for k, v in enumerate(values)])
-    page = _Page(render_dashboard(dataclasses.replace(_data(sources=1), growth=growth)))
+    growth = dash_table(GROWTH, [(T0_US + k * 60_000_000, "a", v, v) for k, v in enumerate(values)])
+    page = _Page(render_dashboard(dataclasses.replace(dash_data(sources=1), growth=growth)))
     (line,) = page.marks("growth", "polyline", "line")["repository (all sources)"]
     ys = [float(p.split(",")[1]) for p in line["points"].split()]
     assert len(ys) <= 4 * 960 < n
@@ -419,84 +342,3 @@ def test_format_bytes() -> None:
 
 
 # --- a real browser ---------------------------------------------------------------------------
-
-
-def _unfilter(kind: int, line: bytearray, prev: bytearray, bpp: int) -> bytearray:
-    if kind == 0:
-        return line
-    if kind == 2:  # the most common filter: a fast path
-        return bytearray((x + y) & 255 for x, y in zip(line, prev, strict=True))
-    for i in range(len(line)):
-        a = line[i - bpp] if i >= bpp else 0
-        b, c = prev[i], prev[i - bpp] if i >= bpp else 0
-        if kind == 1:
-            predicted = a
-        elif kind == 3:
-            predicted = (a + b) // 2
-        else:  # 4, Paeth
-            p = a + b - c
-            pa, pb, pc = abs(p - a), abs(p - b), abs(p - c)
-            predicted = a if pa <= pb and pa <= pc else b if pb <= pc else c
-        line[i] = (line[i] + predicted) & 255
-    return line
-
-
-def _decode_png(data: bytes) -> tuple[int, int, Counter[bytes]]:
-    """Width, height and pixel counts by RGB of an 8-bit RGB(A) PNG, with the stdlib only."""
-    assert data[:8] == b"\x89PNG\r\n\x1a\n"
-    pos, idat = 8, []
-    while pos < len(data):
-        length, kind = struct.unpack(">I4s", data[pos : pos + 8])
-        body, pos = data[pos + 8 : pos + 8 + length], pos + 12 + length
-        if kind == b"IHDR":
-            width, height, depth, colour_type, _, _, interlace = struct.unpack(">IIBBBBB", body)
-        elif kind == b"IDAT":
-            idat.append(body)
-    assert depth == 8 and colour_type in (2, 6) and interlace == 0
-    bpp, raw = 3 if colour_type == 2 else 4, zlib.decompress(b"".join(idat))
-    stride, prev, pixels = width * bpp, bytearray(width * bpp), Counter[bytes]()
-    for y in range(height):
-        start = y * (stride + 1)
-        prev = _unfilter(raw[start], bytearray(raw[start + 1 : start + 1 + stride]), prev, bpp)
-        row = bytes(prev)
-        pixels.update(row[i : i + 3] for i in range(0, stride, bpp))
-    return width, height, pixels
-
-
-def _near(pixels: Counter[bytes], colour: str, tolerance: int = 8) -> int:
-    want = bytes.fromhex(colour[1:])
-    return sum(
-        n
-        for rgb, n in pixels.items()
-        if all(abs(a - b) <= tolerance for a, b in zip(rgb, want, strict=True))
-    )
-
-
-def test_renders_in_chromium(tmp_path: Path) -> None:
-    chromium = need_tool("chromium")
-    page = tmp_path / "dashboard.html"
-    page.write_text(render_dashboard(_data(warning="a short history")), encoding="utf-8")
-    shot = tmp_path / "dashboard.png"
-    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-             "--disable-background-networking", "--disable-component-update",
-             "--disable-sync"]  # fmt: skip
-    # One launch: the screenshot, the DOM as parsed, and the console (every console line is a
-    # problem: the page has no script, so only a blocked load or a parse error can log).
-    result = subprocess.run(
-        [chromium, *flags, f"--user-data-dir={tmp_path / 'profile'}", "--window-size=1280,2400",
-         "--enable-logging=stderr", "--v=0", f"--screenshot={shot}", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=60, check=False,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert [line for line in result.stderr.splitlines() if ":CONSOLE" in line] == []
-    assert result.stdout.count("<svg") == 6 and "<script" not in result.stdout
-    width, height, pixels = _decode_png(shot.read_bytes())
-    assert (width, height) == (1280, 2400)
-    assert len(pixels) > 500  # charts, text and antialiasing, not a blank page
-    assert pixels.most_common(1)[0][1] < 0.8 * width * height
-    # The series colours are drawn, well beyond their legend swatches (3 x 64 pixels).
-    for colour in SOURCE_COLOURS[:3]:
-        assert _near(pixels, colour) > 1000, colour
-    assert _near(pixels, FIT_COLOUR) > 300
-    assert _near(pixels, "#e4e7eb") > 20_000  # the heat strips' disk bars
-    assert sum(_near(pixels, c, 24) for c in HEAT_COLOURS) > 10_000  # and their buckets
