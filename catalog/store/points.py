@@ -66,6 +66,10 @@ class RecoveryPoint:
     # Block lists (catalog.store.blocks, FORMAT.md 7.1) of the leaves file and index segment this
     # backup wrote: {"leaves": BLAKE3 hex or null, "index_segment": BLAKE3 hex or null}.
     blocks: dict[str, Any] | None = None
+    # Labels given to the backup (``--tag``, ``--description``); written only when given, so a
+    # document without them is byte for byte what comb wrote before them.
+    tags: tuple[str, ...] = ()
+    description: str | None = None
     stats: PointStats = field(default_factory=PointStats)
     id: str = ""
     format: str = POINT_FORMAT_NAME
@@ -75,6 +79,9 @@ class RecoveryPoint:
         """The document's fields (everything but the id, which names the file)."""
         doc = asdict(self)
         doc.pop("id")
+        for name, unset in (("tags", ()), ("description", None)):
+            if doc[name] == unset:
+                del doc[name]
         return doc
 
     def to_json(self) -> bytes:
@@ -140,6 +147,8 @@ def parse_point(
         if not isinstance(stats, dict):
             raise ValueError("stats is not an object")
         known = {k: v for k, v in doc.items() if k in _FIELDS and k != "stats"}
+        if isinstance(known.get("tags"), list):
+            known["tags"] = tuple(known["tags"])
         point = RecoveryPoint(
             **known,
             stats=PointStats(**{k: v for k, v in stats.items() if k in _STAT_FIELDS}),
@@ -176,6 +185,8 @@ def _type_ok(value: object, annotation: str) -> bool:
         return isinstance(value, int | float)
     if annotation.startswith("dict"):
         return isinstance(value, dict)
+    if annotation.startswith("tuple[str"):
+        return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
     return True
 
 

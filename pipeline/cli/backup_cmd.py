@@ -14,12 +14,12 @@ from catalog.store.points import RecoveryPoint
 from ..console import human_bytes, human_rate, print_json
 from ..engines import Engine, make_engine
 from ..jobs.backup import run_backup
-from ..jobs.runner import BackupOptions
+from ..jobs.runner import LabelledOptions
 from ..jobs.vsphere import is_vsphere
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
 from . import Subparsers, command
 from .passwords import VSPHERE_PASSWORD_ENV, vsphere_password
-from .points_cmd import point_summary
+from .points_cmd import TAG_RULE, check_tag, point_summary
 from .progress import progress_bar
 
 # Work items are read into one buffer per worker: bound it (1 GiB per worker at most).
@@ -36,6 +36,7 @@ def add_parser(sub: Subparsers) -> None:
             "comb -r /backup/repo backup /dev/vg0/db --source-name db --changed-extents c.json",
             "comb backup overlay:try1 -r /backup/repo --engine local --json",
             "comb -r /backup/repo backup vsphere://backup@vc.example/DC0/vm/db01 --all-disks",
+            "comb -r /backup/repo backup web01.img --tag nightly --description 'before upgrade'",
         ],
         json="print each new point as one JSON line (a VM: one per disk); status lines on stderr",
     )
@@ -44,6 +45,14 @@ def add_parser(sub: Subparsers) -> None:
         help="image file, block device, overlay:NAME, or vsphere://USER@HOST/DC/vm/NAME",
     )
     s.add_argument("--source-name", help="name of the source (default: its absolute path)")
+    s.add_argument(
+        "--tag",
+        action="append",
+        default=[],
+        metavar="TAG",
+        help=f"label the new point (repeatable; {TAG_RULE}); `points --tag` finds it",
+    )
+    s.add_argument("--description", metavar="TEXT", help="a description of the new point")
     s.add_argument(
         "--changed-extents",
         metavar="FILE",
@@ -86,8 +95,12 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         raise UsageError("--source-name must not be empty")
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
-    opts = BackupOptions(
+    if args.description is not None and not args.description.strip():
+        raise UsageError("--description must not be empty")
+    opts = LabelledOptions(
         source_name=args.source_name,
+        tags=tuple(dict.fromkeys(check_tag(t) for t in args.tag)),
+        description=args.description,
         changed_extents=args.changed_extents,
         batch_bytes=args.batch_mib * 1024 * 1024,
     )

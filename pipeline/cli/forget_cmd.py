@@ -7,13 +7,14 @@ import argparse
 
 import drive.overlays.overlay as overlay
 from catalog.errors import UsageError
-from catalog.maint.forget import forget
+from catalog.maint.forget import Forgotten, forget
 from catalog.maint.retention import KeepPolicy
 from catalog.repo import Repository
 
 from ..console import print_json, waiting
 from ..locking import command_line
 from . import POINT_HELP, Subparsers, command
+from .prune_cmd import print_prune, prune_doc, run_prune
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -25,8 +26,10 @@ def add_parser(sub: Subparsers) -> None:
             "comb -r /backup/repo forget --keep-daily 7 --keep-weekly 4 --keep-monthly 12 "
             "--dry-run",
             "comb -r /backup/repo forget 3f2a91 web01@latest",
+            "comb -r /backup/repo forget --keep-last 10 --prune --json",
         ],
-        json="print what was (or would be) forgotten and kept as one JSON object",
+        json="print what was (or would be) forgotten and kept as one JSON object (with "
+        '--prune: {"forget": {...}, "prune": {...}})',
     )
     s.add_argument("point", nargs="*", help=f"points to forget anyway ({POINT_HELP})")
     s.add_argument("--source", help="apply the keep rules to this source only")
@@ -39,7 +42,16 @@ def add_parser(sub: Subparsers) -> None:
         ("yearly", "... of each of the last N years"),
     ):
         s.add_argument(f"--keep-{rule}", type=int, default=None, metavar="N", help=f"keep {what}")
-    s.add_argument("--dry-run", action="store_true", help="list what would go, change nothing")
+    s.add_argument(
+        "--prune",
+        action="store_true",
+        help="then free the data no recovery point needs any more (as `comb prune`)",
+    )
+    s.add_argument(
+        "--dry-run",
+        action="store_true",
+        help="list what would go, change nothing (with --prune: neither step changes anything)",
+    )
     s.set_defaults(run=cmd_forget)
 
 
@@ -78,23 +90,37 @@ def cmd_forget(repo: str, args: argparse.Namespace) -> int:
         command_line(),
         waiting,
     )
-    if args.json:
-        print_json(
-            {
-                "dry_run": args.dry_run,
-                "forgotten": [p.id for p in res.gone],
-                "kept": res.kept,
-                "held_by_overlays": {p.id: names for p, names in res.held},
-            }
-        )
+    doc = {
+        "dry_run": args.dry_run,
+        "forgotten": [p.id for p in res.gone],
+        "kept": res.kept,
+        "held_by_overlays": {p.id: names for p, names in res.held},
+    }
+    if not args.prune:
+        if args.json:
+            print_json(doc)
+        else:
+            _print_forget(res, args.dry_run, hint=True)
         return 0
-    verb = "would forget" if args.dry_run else "forgot"
+    if not args.json:  # forget's lines first: they stay if the prune then fails
+        _print_forget(res, args.dry_run, hint=False)
+    pruned = run_prune(r, args.dry_run)
+    if args.json:
+        print_json({"forget": doc, "prune": prune_doc(pruned)})
+    else:
+        if args.dry_run and res.gone:
+            print("prune (as the repository is now: the points above are not forgotten yet):")
+        print_prune(pruned)
+    return 0
+
+
+def _print_forget(res: Forgotten, dry_run: bool, hint: bool) -> None:
+    verb = "would forget" if dry_run else "forgot"
     for p in res.gone:
         print(f"{verb} {p.id}  {p.time}  {p.source}")
     for p, names in res.held:
         print(f"kept {p.id}  {p.time}  {p.source}  (base of overlay {', '.join(names)})")
     print(
         f"{verb} {len(res.gone)} recovery point(s), kept {res.kept}"
-        + ("; run `comb prune` to free their data" if res.gone and not args.dry_run else "")
+        + ("; run `comb prune` to free their data" if hint and res.gone and not dry_run else "")
     )
-    return 0

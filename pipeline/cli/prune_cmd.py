@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from catalog.errors import RepositoryError
-from catalog.maint.gc import prune
+from catalog.maint.gc import PruneResult, prune
 from catalog.repo import Repository
 
 from ..console import human_bytes, print_json, waiting, warn
@@ -28,38 +29,53 @@ def add_parser(sub: Subparsers) -> None:
 def cmd_prune(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo, password=args.password)
     r.require_writable()
+    res = run_prune(r, args.dry_run)
+    if args.json:
+        print_json(prune_doc(res))
+    else:
+        print_prune(res)
+    return 0
+
+
+def run_prune(r: Repository, dry_run: bool) -> PruneResult:
+    """Prune ``r`` (also ``forget --prune``'s second step)."""
     r.points()
     if r.damaged:
         raise RepositoryError(
             f"{len(r.damaged)} damaged point document(s) (`comb verify` lists them): prune "
             "cannot tell what they need, so it removes nothing"
         )
-    if not args.dry_run:
+    if not dry_run:
         ensure_locking(r)
-    res = prune(r, dry_run=args.dry_run, on_wait=waiting)
+    return prune(r, dry_run=dry_run, on_wait=waiting)
+
+
+def prune_doc(res: PruneResult) -> dict[str, Any]:
+    """What ``prune --json`` prints (and ``forget --prune --json`` as its ``prune``)."""
     p = res.plan
-    if args.json:
-        print_json(
-            {
-                "dry_run": res.dry_run,
-                "points_kept": res.points,
-                "packs_removed": len(p.packs),
-                "orphan_packs": p.orphan_packs,
-                "packs_kept": p.live_packs,
-                "pack_bytes_removed": p.pack_bytes,
-                "metadata_files_removed": len(p.files),
-                "metadata_bytes_removed": p.file_bytes,
-                "segments_removed": len(p.segments_removed),
-                "segments_rewritten": len(p.segments_rewritten),
-                "tmp_files_removed": len(p.tmp),
-                "exclusive_seconds": round(res.exclusive_s, 3),
-                "packs_repacked": len(res.repacked.retired),
-                "chunks_copied": res.repacked.chunks,
-                "bytes_copied": res.repacked.bytes,
-                "damaged": res.repacked.damaged,
-            }
-        )
-        return 0
+    return {
+        "dry_run": res.dry_run,
+        "points_kept": res.points,
+        "packs_removed": len(p.packs),
+        "orphan_packs": p.orphan_packs,
+        "packs_kept": p.live_packs,
+        "pack_bytes_removed": p.pack_bytes,
+        "metadata_files_removed": len(p.files),
+        "metadata_bytes_removed": p.file_bytes,
+        "segments_removed": len(p.segments_removed),
+        "segments_rewritten": len(p.segments_rewritten),
+        "tmp_files_removed": len(p.tmp),
+        "exclusive_seconds": round(res.exclusive_s, 3),
+        "packs_repacked": len(res.repacked.retired),
+        "chunks_copied": res.repacked.chunks,
+        "bytes_copied": res.repacked.bytes,
+        "damaged": res.repacked.damaged,
+    }
+
+
+def print_prune(res: PruneResult) -> None:
+    """What ``prune`` prints (and ``forget --prune`` after forget's lines)."""
+    p = res.plan
     verb = "would remove" if res.dry_run else "removed"
     for msg in res.repacked.damaged:
         warn(f"not repacked: {msg} (`comb verify --read-data`)")
@@ -82,4 +98,3 @@ def cmd_prune(repo: str, args: argparse.Namespace) -> int:
         )
         + ("" if res.dry_run else f"; exclusive phase {res.exclusive_s:.2f} s")
     )
-    return 0

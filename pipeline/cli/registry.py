@@ -28,6 +28,7 @@ from . import (
     restore_cmd,
     scrub_cmd,
     serve_cmd,
+    stats_cmd,
     verify_cmd,
 )
 
@@ -48,6 +49,7 @@ COMMANDS: tuple[CommandModule, ...] = (
     repair_cmd,
     locks_cmd,  # locks, unlock
     points_cmd,
+    stats_cmd,
     restore_cmd,
     export_cmd,
     serve_cmd,

@@ -1,38 +1,70 @@
-"""``comb restore POINT OUTPUT``: a recovery point to a file or block device
-(``pipeline.jobs.restore``)."""
+"""``comb restore POINT OUTPUT``: a recovery point to a file or block device, or with ``-`` to
+standard output (``pipeline.jobs.restore``)."""
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 import time
 
+from catalog.errors import OutputError, UsageError
 from catalog.repo import Repository
+from catalog.store.points import RecoveryPoint
 
-from ..console import human_bytes, human_rate, print_json, warn_damaged
-from ..jobs.restore import restore_point
+from ..console import human_bytes, human_rate, json_value, print_json, warn_damaged
+from ..jobs.restore import Progress, restore_point, restore_to_stream
 from ..locking import reader_lock
 from . import POINT_HELP, Subparsers, command
 from .progress import progress_bar
+
+STDOUT = "-"
 
 
 def add_parser(sub: Subparsers) -> None:
     s = command(
         sub,
         "restore",
-        "restore a recovery point to a file or block device",
+        "restore a recovery point to a file, block device or standard output",
         [
             "comb -r /backup/repo restore web01@latest /tmp/web01.img",
             "comb -r /backup/repo restore 3f2a91 /dev/vg0/restore --force",
+            "comb -r /backup/repo restore web01@latest - | ssh host 'dd of=/dev/vdb bs=4M'",
         ],
-        json="print the result as one JSON object; status lines on stderr",
+        json="print the result as one JSON object (on stderr with -); status lines on stderr",
     )
     s.add_argument("point", help=POINT_HELP)
-    s.add_argument("output", help="file (written sparse) or block device to write")
+    s.add_argument(
+        "output",
+        help="file (written sparse) or block device to write; - for standard output (the raw "
+        "image, zero regions as zeros; not a terminal)",
+    )
     s.add_argument("--force", action="store_true", help="overwrite an existing output")
     s.set_defaults(run=cmd_restore)
 
 
+def _to_stdout(r: Repository, point: RecoveryPoint, bar: Progress | None) -> int:
+    """The image to standard output; a reader that stops early is an error (what it got is
+    not the whole image), not the silent end that a closed pipe is for other commands."""
+    try:
+        return restore_to_stream(r, point, sys.stdout.buffer, progress=bar)
+    except BrokenPipeError:
+        # What is still buffered goes nowhere, so the exit does not fail on it again.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        raise OutputError("standard output was closed before the whole image was written") from None
+
+
 def cmd_restore(repo: str, args: argparse.Namespace) -> int:
+    to_stdout = args.output == STDOUT
+    if to_stdout and args.force:
+        raise UsageError("--force does not apply to standard output (-)")
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError(
+            "standard output is a terminal: redirect it (`> FILE`, `| ...`) or give a file"
+        )
     r = Repository.open(repo, password=args.password)
     t0 = time.perf_counter()
     with reader_lock(r, "restore"):  # before resolving: a forget and prune cannot slip between
@@ -41,22 +73,29 @@ def cmd_restore(repo: str, args: argparse.Namespace) -> int:
         finally:
             warn_damaged(r)
         with progress_bar(f"restore {point.id[:8]}", args.json) as bar:
-            written = restore_point(r, point, args.output, force=args.force, progress=bar)
+            if to_stdout:
+                written = _to_stdout(r, point, bar)
+            else:
+                written = restore_point(r, point, args.output, force=args.force, progress=bar)
     seconds = time.perf_counter() - t0
     if args.json:
-        print_json(
-            {
-                "point": point.id,
-                "source": point.source,
-                "output": args.output,
-                "size": point.size,
-                "bytes_written": written,
-                "seconds": round(seconds, 3),
-            }
-        )
+        doc = {
+            "point": point.id,
+            "source": point.source,
+            "output": args.output,
+            "size": point.size,
+            "bytes_written": written,
+            "seconds": round(seconds, 3),
+        }
+        if to_stdout:  # standard output holds the image
+            print(json.dumps(doc, sort_keys=True, default=json_value), file=sys.stderr)
+        else:
+            print_json(doc)
     else:
         print(
             f"restored {point.id} ({human_bytes(point.size)}, {human_bytes(written)} of data) "
-            f"to {args.output} in {seconds:.1f} s ({human_rate(point.size, seconds)})"
+            f"to {'standard output' if to_stdout else args.output} in {seconds:.1f} s "
+            f"({human_rate(point.size, seconds)})",
+            file=sys.stderr if to_stdout else sys.stdout,
         )
     return 0

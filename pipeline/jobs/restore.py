@@ -11,6 +11,7 @@ import secrets
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from typing import BinaryIO, cast
 
 import numpy as np
 import pyarrow as pa
@@ -42,11 +43,13 @@ def iter_windows(
         yield [r.leaf_no for r in part], [manifest.leaf(r) for r in part]
 
 
-def _windows(manifest: ManifestReader, point: RecoveryPoint) -> list[tuple[int, pa.Table]]:
+def _windows(
+    manifest: ManifestReader, point: RecoveryPoint, window: int = WINDOW_LEAVES
+) -> list[tuple[int, pa.Table]]:
     """One pass over the manifest: per window, its end (bytes) and its rows (offset, id).
     Compact Arrow rows (40 B per data chunk) replace the leaves, which are read only once."""
     out = []
-    for leaf_nos, leaves in iter_windows(manifest):
+    for leaf_nos, leaves in iter_windows(manifest, window):
         rows = leaves_to_table(leaf_nos, leaves, point.chunk_size, point.leaf_chunks)
         out.append(((leaf_nos[-1] + 1) * point.chunk_size * point.leaf_chunks, rows))
     return out
@@ -148,3 +151,62 @@ def _zero_gaps(
         target.zero(pos, off - pos)
         pos = min(point.size, off + point.chunk_size)
     target.zero(pos, min(end, point.size) - pos)
+
+
+# Leaves per window when streaming (``restore_to_stream``): the data of one window is held in
+# memory until it is written in order (32 MiB of disk with the default chunk and leaf sizes).
+STREAM_WINDOW_LEAVES = 32
+_ZEROS = bytes(1 << 20)
+
+
+class _Pieces:
+    """What ``execute_read`` writes to, when streaming: the window's pieces, kept in memory."""
+
+    is_block = False
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.pieces: list[tuple[int, bytes]] = []
+
+    def write_pieces(self, pieces: list[tuple[int, bytes]]) -> int:
+        clipped = [(off, data[: max(0, self.size - off)]) for off, data in pieces]
+        self.pieces.extend(clipped)  # one call: atomic between the reading threads
+        return sum(len(d) for _, d in clipped)
+
+
+def _write_zeros(out: BinaryIO, length: int) -> None:
+    while length > 0:
+        n = min(length, len(_ZEROS))
+        out.write(_ZEROS[:n])
+        length -= n
+
+
+def restore_to_stream(
+    repo: Repository, point: RecoveryPoint, out: BinaryIO, progress: Progress | None = None
+) -> int:
+    """Write ``point``'s whole image to ``out`` in order (zero regions as zeros: a pipe cannot
+    have holes), every chunk checked; returns the data bytes written. Window by window: the
+    window's ranges are read in parallel, then its bytes written in order."""
+    windows = _windows(repo.manifest(point), point, STREAM_WINDOW_LEAVES)
+    ids = [id_keys(ids_to_array(rows.column("chunk_id"))) for _, rows in windows]
+    needed = np.unique(np.concatenate(ids)) if ids else np.empty(0, "S32")
+    locations = load_locations(repo.storage, needed)
+    del ids, needed
+    where = f"recovery point {point.id}"
+    done = pos = 0
+    with ThreadPoolExecutor(RESTORE_THREADS, thread_name_prefix="comb-restore") as pool:
+        for end, rows in windows:
+            sink = _Pieces(point.size)
+            tasks = plan_reads(rows, locations, where, point.chunk_size, point.size)
+            target = cast(RestoreTarget, sink)  # execute_read calls only write_pieces
+            for fut in [pool.submit(execute_read, repo.storage, t, target) for t in tasks]:
+                done += fut.result()
+            for off, data in sorted(sink.pieces, key=lambda p: p[0]):
+                _write_zeros(out, off - pos)
+                out.write(data)
+                pos = off + len(data)
+            if progress is not None:
+                progress(min(end, point.size), point.size)
+    _write_zeros(out, point.size - pos)
+    out.flush()
+    return done

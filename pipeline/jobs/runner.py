@@ -59,6 +59,16 @@ class BackupOptions:
 
 
 @dataclass(frozen=True)
+class LabelledOptions(BackupOptions):
+    """Options that also label the new points (``backup --tag/--description``, FORMAT.md 9).
+    A subclass so that callers passing ``BackupOptions(**kwargs)`` stay well typed; to be
+    folded into ``BackupOptions`` when tests/combtest.py's ``api_backup`` names its keywords."""
+
+    tags: tuple[str, ...] = ()
+    description: str | None = None
+
+
+@dataclass(frozen=True)
 class BackupPlan:
     """What one disk's backup reads (``read``), its parent and, with a change list, the
     aligned changed ranges (every other leaf is the parent's)."""
@@ -294,6 +304,7 @@ def run_jobs(
                     t0,
                     cfg,
                     storage,
+                    opts,
                 )
             )
             index_bytes = 0  # one segment for the run: counted with the first disk
@@ -318,6 +329,7 @@ def _commit_disk(
     t0: float,
     cfg: RepoConfig,
     storage: Storage,
+    opts: BackupOptions,
 ) -> RecoveryPoint:
     plan, tally, changes, manifest = disk.job.plan, disk.tally, disk.changes, disk.manifest
     segment_id, segment_blocks = segment
@@ -356,6 +368,8 @@ def _commit_disk(
             metadata_bytes=index_bytes + manifest_bytes + changes_bytes,
             seconds=round(time.perf_counter() - t0, 3),
         ),
+        tags=opts.tags if isinstance(opts, LabelledOptions) else (),
+        description=opts.description if isinstance(opts, LabelledOptions) else None,
         **extra,
     )
     return commit_point(storage, point)

@@ -156,7 +156,16 @@ def test_point_fields_match_code() -> None:
 # Fields added after golden-v1 was written (comb 0.2: change tables, section 8.5).
 # (comb 0.3: vSphere sources, section 8.6).
 # (comb 0.4: block lists, section 7.1).
-_AFTER_GOLDEN_V1 = {"changes", "stats.bytes_changed", "stats.bytes_data", "vsphere", "blocks"}
+# (comb 0.5: tags and description, section 9; written only when given).
+_AFTER_GOLDEN_V1 = {
+    "changes",
+    "stats.bytes_changed",
+    "stats.bytes_data",
+    "vsphere",
+    "blocks",
+    "tags",
+    "description",
+}
 
 
 def test_point_documents_have_the_spec_fields() -> None:
@@ -180,6 +189,8 @@ def _made_point() -> RecoveryPoint:
         index_segment=None,
         engine="local",
         mode="full",
+        tags=("nightly", "é"),
+        description="a point ☃",
         stats=PointStats(seconds=1e-05),
     )
 
