@@ -5,6 +5,7 @@ from __future__ import annotations
 import mmap
 import os
 import secrets
+import stat
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 
@@ -40,6 +41,28 @@ def _write(fd: int, direct: int | None, stage: mmap.mmap | None, data: bytes, of
         os.pwrite(fd, data[n:], offset + n)
 
 
+def real_output(path: str) -> str:
+    """Where an output named ``path`` is written: through symlinks, so a link (to a file or a
+    device) is followed, never replaced by a file."""
+    return os.path.realpath(path) if os.path.islink(path) else path
+
+
+def adopt_attributes(fd: int, existing: str) -> None:
+    """The new file ``fd``, about to replace the regular file ``existing`` (``--force``), takes
+    its mode, owner and group: the contents are rewritten, not who may read them."""
+    try:
+        st = os.stat(existing)
+    except FileNotFoundError:
+        return
+    if not stat.S_ISREG(st.st_mode):
+        return
+    os.fchmod(fd, stat.S_IMODE(st.st_mode))
+    try:
+        os.fchown(fd, st.st_uid, st.st_gid)
+    except PermissionError:
+        pass  # only root gives a file away: it stays the caller's
+
+
 def _ahead(pieces: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
     """The next piece is generated (read, decoded, checked) while this one is written."""
     with ThreadPoolExecutor(1, thread_name_prefix="comb-export") as pool:
@@ -55,6 +78,7 @@ def _ahead(pieces: Iterator[tuple[int, bytes]]) -> Iterator[tuple[int, bytes]]:
 def export_image(image: VirtualImage, output: str, force: bool = False) -> int:
     """Write ``image`` to ``output`` (a private temporary name, renamed when complete and
     durable); returns the bytes written (holes are not written)."""
+    output = real_output(output)
     if os.path.exists(output) and not force:
         raise OutputError(f"{output} exists (use --force to overwrite)")
     head, tail = os.path.split(os.path.abspath(output))
@@ -74,6 +98,7 @@ def export_image(image: VirtualImage, output: str, force: bool = False) -> int:
         if direct is not None:
             os.fsync(direct)
         os.ftruncate(fd, image.size)
+        adopt_attributes(fd, output)
         os.fsync(fd)
         os.close(fd)
         fd = -1

@@ -21,6 +21,7 @@ from catalog.repo import Repository
 from catalog.store.index import id_keys, ids_to_array, load_locations
 from catalog.store.manifest import ManifestReader
 from catalog.store.points import RecoveryPoint
+from drive.formats.export import adopt_attributes, real_output
 from stages.restore import execute_read, leaves_to_table, plan_reads
 from stages.target import RestoreTarget
 
@@ -69,21 +70,8 @@ def restore_point(
     needed = np.unique(np.concatenate(ids)) if ids else np.empty(0, "S32")
     locations = load_locations(repo.storage, needed)
     del ids, needed
-    target: RestoreTarget | None = None
-    if not verify_only:
-        if not output:
-            raise OutputError("no restore output given")
-        if os.path.exists(output) and not force:
-            raise OutputError(f"{output} exists (use --force to overwrite)")
-        is_block = os.path.exists(output) and not os.path.isfile(output)
-        if is_block:
-            target = RestoreTarget(output, point.size)
-        else:
-            # A private temporary name, created exclusively: two restores to one output never
-            # write into the same file; the finished one is then published atomically.
-            head, tail = os.path.split(os.path.abspath(output))
-            tmp = os.path.join(head, f".{tail}.comb-partial-{os.getpid()}-{secrets.token_hex(4)}")
-            target = RestoreTarget(tmp, point.size, exclusive=True, name=output)
+    target = None if verify_only else _open_target(output, point.size, force)
+    output = target.name if target is not None else output
     done = 0
     ok = False
     where = f"recovery point {point.id}"
@@ -106,6 +94,8 @@ def restore_point(
         if target is not None and target.is_block:
             target.zero(prev_end, point.size - prev_end)
         if target is not None:
+            if target.path != output:
+                adopt_attributes(target.fd, output)
             target.close(durable=True)
             if target.path != output:
                 _publish(target.path, output, force)
@@ -119,6 +109,23 @@ def restore_point(
                 except OSError:
                     pass
     return done
+
+
+def _open_target(output: str, size: int, force: bool) -> RestoreTarget:
+    """Where a restore writes: a block device in place; a file under a private temporary name
+    beside it (published when complete). A symlink is followed, never replaced."""
+    if not output:
+        raise OutputError("no restore output given")
+    output = real_output(output)
+    if os.path.exists(output) and not force:
+        raise OutputError(f"{output} exists (use --force to overwrite)")
+    if os.path.exists(output) and not os.path.isfile(output):
+        return RestoreTarget(output, size)
+    # A private temporary name, created exclusively: two restores to one output never write
+    # into the same file; the finished one is then published atomically.
+    head, tail = os.path.split(os.path.abspath(output))
+    tmp = os.path.join(head, f".{tail}.comb-partial-{os.getpid()}-{secrets.token_hex(4)}")
+    return RestoreTarget(tmp, size, exclusive=True, name=output)
 
 
 def _publish(tmp: str, final: str, force: bool) -> None:
