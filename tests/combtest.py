@@ -15,6 +15,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
@@ -208,8 +209,9 @@ def api_backup(
         source_name=name,
         changed_extents=None if changed is None else str(changed),
         batch_bytes=batch_bytes,
-        **({} if pack_target_bytes is None else {"pack_target_bytes": pack_target_bytes}),
     )
+    if pack_target_bytes is not None:
+        opts = replace(opts, pack_target_bytes=pack_target_bytes)
     return run_backup(
         Repository.open(str(repo), password=TEST_PASSWORD), str(source), LocalEngine(workers), opts
     )

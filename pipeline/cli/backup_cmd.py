@@ -14,7 +14,7 @@ from catalog.store.points import RecoveryPoint
 from ..console import human_bytes, human_rate, print_json
 from ..engines import Engine, make_engine
 from ..jobs.backup import run_backup
-from ..jobs.runner import LabelledOptions
+from ..jobs.runner import BackupOptions
 from ..jobs.vsphere import is_vsphere
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
 from . import Subparsers, command
@@ -97,7 +97,7 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         raise UsageError("--workers must be at least 1")
     if args.description is not None and not args.description.strip():
         raise UsageError("--description must not be empty")
-    opts = LabelledOptions(
+    opts = BackupOptions(
         source_name=args.source_name,
         tags=tuple(dict.fromkeys(check_tag(t) for t in args.tag)),
         description=args.description,

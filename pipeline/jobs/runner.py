@@ -56,14 +56,7 @@ class BackupOptions:
     changed_extents: str | None = None
     batch_bytes: int = DEFAULT_BATCH_BYTES
     pack_target_bytes: int = DEFAULT_PACK_TARGET_BYTES
-
-
-@dataclass(frozen=True)
-class LabelledOptions(BackupOptions):
-    """Options that also label the new points (``backup --tag/--description``, FORMAT.md 9).
-    A subclass so that callers passing ``BackupOptions(**kwargs)`` stay well typed; to be
-    folded into ``BackupOptions`` when tests/combtest.py's ``api_backup`` names its keywords."""
-
+    # Labels of the new points (``backup --tag/--description``, FORMAT.md 9).
     tags: tuple[str, ...] = ()
     description: str | None = None
 
@@ -368,8 +361,8 @@ def _commit_disk(
             metadata_bytes=index_bytes + manifest_bytes + changes_bytes,
             seconds=round(time.perf_counter() - t0, 3),
         ),
-        tags=opts.tags if isinstance(opts, LabelledOptions) else (),
-        description=opts.description if isinstance(opts, LabelledOptions) else None,
+        tags=opts.tags,
+        description=opts.description,
         **extra,
     )
     return commit_point(storage, point)
