@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import time
 
 from catalog.read.lookup import SegmentCache, segment_name
@@ -28,6 +29,7 @@ from catalog.store.leaves import leaves_name
 from catalog.store.points import RecoveryPoint
 from drive.formats.export import export_image
 from drive.formats.registry import FORMATS, builder
+from pipeline.jobs.restore_delta import delta_restore
 
 from .drive_serve import (
     boot_ready_seconds,
@@ -40,7 +42,7 @@ from .drive_serve import (
 from .image import GIB, MIB, Stream, generate_image, mixed_path, mixed_spec, parse_size, warm
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import table
-from .runs import BENCH_PASSWORD, backup, fresh_repo, restore
+from .runs import BENCH_PASSWORD, backup, files_identical, fresh_repo, restore
 
 
 def _served(
@@ -164,6 +166,30 @@ def _first_reads(workdir: str, sizes: list[int]) -> tuple[list[list[str]], dict[
     return rows, figures
 
 
+def _delta(repo: Repository, point: RecoveryPoint, out: str, image: str) -> list[str]:
+    """``restore --delta`` of the restored file after 1 % of its chunks (scattered) changed:
+    the whole output is read and hashed, only the changed chunks rewritten."""
+    rng = random.Random(7)
+    count = point.size // point.chunk_size
+    picks = sorted(rng.sample(range(count), max(1, count // 100)))
+    with open(out, "r+b") as fh:
+        for i in picks:
+            fh.seek(i * point.chunk_size + 100)
+            fh.write(rng.randbytes(512))
+        os.fsync(fh.fileno())
+    t0 = time.perf_counter()
+    got = delta_restore(repo, point, out)
+    wall = time.perf_counter() - t0
+    if not files_identical(image, out) or got.chunks_rewritten != len(picks):
+        raise SystemExit(f"bench: restore --delta is wrong ({got})")
+    return [
+        f"restore --delta, {len(picks):,} chunks (1 %) changed",
+        f"{point.size / wall / 1e6:.0f}",
+        f"{got.bytes_written / wall / 1e6:.0f}",
+        f"{wall:.2f}",
+    ]
+
+
 def main(argv: list[str]) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench drive", description=__doc__)
     ap.add_argument("--size", default="4G")
@@ -190,6 +216,8 @@ def main(argv: list[str]) -> int:
     base = restore(repo, point.id, out + ".restore", "restore")
     rows.append(["restore (baseline)", f"{size / base.wall_s / 1e6:.0f}", "", f"{base.wall_s:.2f}"])
     figures["restore"] = {"seconds": base.wall_s}
+    rows.append(_delta(repo, point, out + ".restore", image))
+    figures["restore_delta"] = {"seconds": float(rows[-1][3])}
     os.unlink(out + ".restore")
     for name in FORMATS:
         path = f"{out}.{name}"

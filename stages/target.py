@@ -1,4 +1,5 @@
-"""The restore output: a sparse file, or a block device whose zero regions are zeroed.
+"""The restore output: a sparse file, or a block device whose zero regions are zeroed; or, for a
+delta restore (``in_place``), an existing file or device read and rewritten where it differs.
 
 Contiguous runs of restored chunks are written in one call each; aligned runs go past the page
 cache (O_DIRECT, through a per-thread aligned staging buffer), the rare unaligned tail (a disk
@@ -7,6 +8,7 @@ whose size is not a multiple of 4 KiB) through the buffered descriptor.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import mmap
@@ -24,6 +26,11 @@ _ALIGN_BYTES = 4096
 # A run is written in pieces of at most this size: bounds each thread's staging buffer.
 _MAX_RUN_BYTES = 8 * 1024 * 1024
 _local = threading.local()
+# fallocate(2) FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE: a file's zeroed range becomes a hole.
+_PUNCH_HOLE = 0x02 | 0x01
+_fallocate = getattr(ctypes.CDLL(None, use_errno=True), "fallocate", None)
+if _fallocate is not None:
+    _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
 
 
 def _open_direct(path: str) -> int | None:
@@ -59,10 +66,16 @@ class RestoreTarget:
     """A sparse output file (or a block device, whose zero regions are zeroed explicitly)."""
 
     def __init__(
-        self, path: str, size: int, exclusive: bool = False, name: str | None = None
+        self,
+        path: str,
+        size: int,
+        exclusive: bool = False,
+        name: str | None = None,
+        in_place: bool = False,
     ) -> None:
         """``path`` is written; ``name`` (default: ``path``) is what errors call it (the final
-        output when ``path`` is a private temporary file)."""
+        output when ``path`` is a private temporary file). ``in_place``: an existing file or
+        device, opened to be read too; a file is cut or extended to ``size``, never emptied."""
         self.path = path
         self.name = name or path
         self.size = size
@@ -71,7 +84,8 @@ class RestoreTarget:
             st = os.stat(path) if os.path.exists(path) else None
             self.is_block = st is not None and stat.S_ISBLK(st.st_mode)
             create = os.O_CREAT | (os.O_EXCL if exclusive else os.O_TRUNC)
-            flags = os.O_WRONLY | os.O_CLOEXEC | (0 if self.is_block else create)
+            mode = os.O_RDWR if in_place else os.O_WRONLY
+            flags = mode | os.O_CLOEXEC | (0 if self.is_block or in_place else create)
             self.fd = os.open(path, flags, 0o600)
             self.dfd = _open_direct(path)
             if self.is_block:
@@ -158,6 +172,32 @@ class RestoreTarget:
         if failed:
             raise OutputError(f"cannot write {self.name} at offset {offset}: {failed}")
 
+    def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the output's bytes at ``offset`` (an in-place target)."""
+        done = 0
+        try:
+            while done < len(view):
+                n = os.preadv(self.fd, [view[done:]], offset + done)
+                if n == 0:
+                    raise OutputError(f"{self.name} ended at {offset + done} while being read")
+                done += n
+        except OSError as err:
+            raise OutputError(
+                f"cannot read {self.name} at offset {offset}: {describe_os_error(err)}"
+            ) from None
+
+    def clear(self, offset: int, length: int) -> None:
+        """Make a range read as zeros: zeroed on a block device, a hole in a file (or zeros
+        written where the filesystem cannot punch one)."""
+        if self.is_block:
+            self.zero(offset, length)
+            return
+        if length <= 0:
+            return
+        if _fallocate is not None and _fallocate(self.fd, _PUNCH_HOLE, offset, length) == 0:
+            return
+        self._write_zeros(offset, length)
+
     def zero(self, offset: int, length: int) -> None:
         """Zero a range of a block device (a sparse file needs nothing)."""
         if not self.is_block or length <= 0:
@@ -170,6 +210,9 @@ class RestoreTarget:
                 raise OutputError(
                     f"cannot zero {self.name} at {offset}: {describe_os_error(err)}"
                 ) from None
+        self._write_zeros(offset, length)
+
+    def _write_zeros(self, offset: int, length: int) -> None:
         zeros = bytes(min(length, 4 << 20))
         while length > 0:
             n = min(length, len(zeros))

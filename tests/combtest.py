@@ -14,7 +14,8 @@ import random
 import shutil
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
@@ -262,3 +263,34 @@ def need_tool(name: str) -> str:
             pytest.fail(f"{name} is required in CI but not installed")
         pytest.skip(f"{name} is not installed")
     return path
+
+
+def _unavailable(why: str) -> None:
+    """A test's requirement is missing: a skip locally, a failure in CI (CI=true)."""
+    import os
+
+    import pytest
+
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"required in CI: {why}")
+    pytest.skip(why)
+
+
+@contextmanager
+def loop_device(backing: Path, size: int) -> Iterator[str]:
+    """A loop device over ``backing``, made of ``size`` bytes of 0xA5 (so regions a restore
+    should have zeroed show); needs root and losetup."""
+    losetup = need_tool("losetup")
+    if os.geteuid() != 0:
+        _unavailable("loop devices need root")
+    backing.write_bytes(b"\xa5" * size)
+    made = subprocess.run(
+        [losetup, "--find", "--show", str(backing)], capture_output=True, text=True
+    )
+    if made.returncode != 0:
+        _unavailable(f"no loop device here (losetup: {made.stderr.strip()})")
+    dev = made.stdout.strip()
+    try:
+        yield dev
+    finally:
+        subprocess.run([losetup, "--detach", dev], capture_output=True)

@@ -44,7 +44,7 @@ def iter_windows(
         yield [r.leaf_no for r in part], [manifest.leaf(r) for r in part]
 
 
-def _windows(
+def point_windows(
     manifest: ManifestReader, point: RecoveryPoint, window: int = WINDOW_LEAVES
 ) -> list[tuple[int, pa.Table]]:
     """One pass over the manifest: per window, its end (bytes) and its rows (offset, id).
@@ -65,7 +65,7 @@ def restore_point(
     verify_only: bool = False,
 ) -> int:
     """Restore ``point`` into ``output`` (or only read and check it); returns data bytes."""
-    windows = _windows(repo.manifest(point), point)
+    windows = point_windows(repo.manifest(point), point)
     ids = [id_keys(ids_to_array(rows.column("chunk_id"))) for _, rows in windows]
     needed = np.unique(np.concatenate(ids)) if ids else np.empty(0, "S32")
     locations = load_locations(repo.storage, needed)
@@ -194,7 +194,7 @@ def restore_to_stream(
     """Write ``point``'s whole image to ``out`` in order (zero regions as zeros: a pipe cannot
     have holes), every chunk checked; returns the data bytes written. Window by window: the
     window's ranges are read in parallel, then its bytes written in order."""
-    windows = _windows(repo.manifest(point), point, STREAM_WINDOW_LEAVES)
+    windows = point_windows(repo.manifest(point), point, STREAM_WINDOW_LEAVES)
     ids = [id_keys(ids_to_array(rows.column("chunk_id"))) for _, rows in windows]
     needed = np.unique(np.concatenate(ids)) if ids else np.empty(0, "S32")
     locations = load_locations(repo.storage, needed)

@@ -3,38 +3,21 @@
 from __future__ import annotations
 
 import os
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import combtest
 import pytest
-from combtest import CliRunner, ImageFactory, need_tool
+from combtest import CliRunner, ImageFactory
 
 MIB = 1024 * 1024
 
 
 @pytest.fixture
 def loop_device(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """A loop device over a 24 MiB file filled with 0xA5 (so unzeroed regions show)."""
-    losetup = need_tool("losetup")
-    if os.geteuid() != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("loop devices need root in CI")
-        pytest.skip("loop devices need root")
     backing = tmp_path / "loop-backing.img"
-    backing.write_bytes(b"\xa5" * (24 * MIB))
-    made = subprocess.run(
-        [losetup, "--find", "--show", str(backing)], capture_output=True, text=True
-    )
-    if made.returncode != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"losetup failed: {made.stderr.strip()}")
-        pytest.skip(f"no loop device here: {made.stderr.strip()}")
-    dev = made.stdout.strip()
-    try:
+    with combtest.loop_device(backing, 24 * MIB) as dev:
         yield dev, backing
-    finally:
-        subprocess.run([losetup, "--detach", dev], capture_output=True)
 
 
 def test_restore_to_a_block_device_zeroes_the_gaps(
