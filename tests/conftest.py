@@ -39,8 +39,11 @@ os.environ["COMB_PASSWORD"] = TEST_PASSWORD
 
 
 @pytest.fixture(autouse=True)
-def _comb_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Local engine unless a test says otherwise; no repository or cluster from outside."""
+def _comb_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Local engine unless a test says otherwise; no repository, cluster or configuration file
+    from outside (a developer's own ~/.config/comb/config.toml included)."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "no-config"))
+    monkeypatch.delenv("COMB_CONFIG", raising=False)
     monkeypatch.setenv("COMB_ENGINE", "local")
     # Repositories are encrypted by default: every test runs with the same password unless
     # it says otherwise (tests/pipeline/test_encryption*.py cover the password paths). Only

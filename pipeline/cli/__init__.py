@@ -8,9 +8,11 @@ them. ``command`` makes a command's parser: its help, its examples (the end of i
 and the global options (``-r``, ``--password-file``, ``--debug``, ``--json``), which work before
 or after the command's name. ``args.password`` is the command's password source
 (``passwords``): the run function passes it to ``Repository.open`` or ``Repository.init``, which
-ask it only for an encrypted repository. The command modules are imported inside ``main``'s
-error handling: pyarrow and DuckDB take a moment to import, and Ctrl-C during that moment must
-still be one line.
+ask it only for an encrypted repository. ``dispatch`` falls back on the configuration file
+(``config``) for the repository and the password file; ``args.config`` holds it for the
+commands that have more defaults there (``backup``, ``forget``). The command modules are
+imported inside ``main``'s error handling: pyarrow and DuckDB take a moment to import, and
+Ctrl-C during that moment must still be one line.
 """
 
 from __future__ import annotations
@@ -65,14 +67,14 @@ def add_global_options(p: argparse.ArgumentParser, json_help: str | None, top: b
         "-r",
         "--repo",
         metavar="REPO",
-        help="repository path (or COMB_REPO)",
+        help="repository path (or COMB_REPO, or `repository` in the config file)",
         **({"default": os.environ.get("COMB_REPO")} if top else unset),
     )
     g.add_argument(
         "--password-file",
         metavar="FILE",
-        help="read the repository password from FILE (else COMB_PASSWORD_FILE, COMB_PASSWORD "
-        "or a prompt)",
+        help="read the repository password from FILE (else COMB_PASSWORD_FILE, COMB_PASSWORD, "
+        "`password-file` in the config file, or a prompt)",
         **unset,
     )
     g.add_argument("--debug", action="store_true", help="show a traceback on errors", **unset)
@@ -155,15 +157,25 @@ def dispatch(args: argparse.Namespace) -> int:
         raise UsageError("no command given (see `comb --help`)")
     if args.json and not args.has_json:
         raise UsageError(f"`comb {args.command}` has no JSON output (see `comb --help`)")
+    from .config import Config, load_config
+    from .passwords import PASSWORD_ENV, PASSWORD_FILE_ENV, password_source
+
+    # The configuration file comes last, after the option and its environment variable; a
+    # command without a repository (``completion``, ``demo``) does not read it.
+    args.config = config = load_config() if args.needs_repo else Config()
     repo = ""
     if args.needs_repo:
-        if not args.repo:
-            raise UsageError("no repository given (use -r REPO or set COMB_REPO)")
-        repo = str(args.repo)
-    from .passwords import password_source
-
+        repo = str(args.repo or config.repository or "")
+        if not repo:
+            raise UsageError(
+                "no repository given (use -r REPO, set COMB_REPO or `repository` in the "
+                "config file)"
+            )
+    password_file = args.password_file
+    if not (password_file or os.environ.get(PASSWORD_FILE_ENV) or PASSWORD_ENV in os.environ):
+        password_file = config.password_file
     # The repository never looks a password up: each command passes this source on.
-    args.password = password_source(args.password_file)
+    args.password = password_source(password_file)
     return int(args.run(repo, args) or 0)
 
 

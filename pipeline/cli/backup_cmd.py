@@ -61,8 +61,9 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument(
         "--engine",
         choices=["ray", "local"],
-        default=os.environ.get("COMB_ENGINE", "ray"),
-        help="Ray actors (default, or COMB_ENGINE) or threads in this process",
+        default=None,
+        help="Ray actors (default; else COMB_ENGINE, or `engine` in the config file) or "
+        "threads in this process",
     )
     s.add_argument("--ray-address", default=None, help="existing Ray cluster (or RAY_ADDRESS)")
     s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
@@ -105,7 +106,10 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         batch_bytes=args.batch_mib * 1024 * 1024,
     )
     vopts = _vsphere_options(args)
-    engine = make_engine(args.engine, args.ray_address, args.workers)
+    config = getattr(args, "config", None)
+    configured = config.engine if config is not None else None
+    name = args.engine or os.environ.get("COMB_ENGINE") or configured or "ray"
+    engine = make_engine(name, args.ray_address, args.workers)
     t0 = time.perf_counter()
     label = f"backup {os.path.basename(args.source)}"
     starting = "starting Ray ..." if engine.name == "ray" else "preparing ..."

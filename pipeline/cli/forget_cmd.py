@@ -1,5 +1,6 @@
 """``comb forget``: remove recovery points by keep rules or by name. The rules are
-``catalog.maint.forget``'s; this module parses them and says what went."""
+``catalog.maint.forget``'s; this module parses them and says what went. Without ``--keep-*``
+rules and point ids, the ``[keep]`` table of the configuration file is the policy."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from catalog.maint.forget import Forgotten, forget
 from catalog.maint.retention import KeepPolicy
 from catalog.repo import Repository
 
-from ..console import print_json, waiting
+from ..console import note, print_json, waiting
 from ..locking import command_line
 from . import POINT_HELP, Subparsers, command
 from .prune_cmd import print_prune, prune_doc, run_prune
@@ -27,11 +28,17 @@ def add_parser(sub: Subparsers) -> None:
             "--dry-run",
             "comb -r /backup/repo forget 3f2a91 web01@latest",
             "comb -r /backup/repo forget --keep-last 10 --prune --json",
+            "comb -r /backup/repo forget --dry-run    (the [keep] rules of the config file)",
         ],
         json="print what was (or would be) forgotten and kept as one JSON object (with "
         '--prune: {"forget": {...}, "prune": {...}})',
     )
-    s.add_argument("point", nargs="*", help=f"points to forget anyway ({POINT_HELP})")
+    s.add_argument(
+        "point",
+        nargs="*",
+        help=f"points to forget anyway ({POINT_HELP}); without them and without --keep-* "
+        "rules, the config file's [keep] table is the policy",
+    )
     s.add_argument("--source", help="apply the keep rules to this source only")
     for rule, what in (
         ("last", "the N newest points"),
@@ -74,10 +81,22 @@ def _policy(args: argparse.Namespace) -> KeepPolicy:
     return KeepPolicy(**values)
 
 
+def _any_rule_given(args: argparse.Namespace) -> bool:
+    return any(
+        getattr(args, f"keep_{rule}") is not None for rule in KeepPolicy.__dataclass_fields__
+    )
+
+
 def cmd_forget(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo, password=args.password)
     r.require_writable()
     policy = _policy(args)
+    config = getattr(args, "config", None)
+    if config is not None and config.keep and not args.point and not _any_rule_given(args):
+        policy = KeepPolicy(**config.keep)
+        if not args.json:
+            rules = ", ".join(f"{rule} {n}" for rule, n in config.keep.items())
+            note(f"keep rules from {config.path}: {rules}")
     if not policy.any() and not args.point:
         raise UsageError("give --keep-* rules and/or point ids to forget (nothing would go)")
     res = forget(

@@ -14,6 +14,7 @@ from . import (
     analytics_cmd,
     backup_cmd,
     boot_cmd,
+    completion_cmd,
     demo_cmd,
     export_cmd,
     forget_cmd,
@@ -59,4 +60,5 @@ COMMANDS: tuple[CommandModule, ...] = (
     verify_cmd,
     analytics_cmd,  # query, report, dashboard, catalog-schema
     demo_cmd,
+    completion_cmd,
 )
