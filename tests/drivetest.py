@@ -10,8 +10,9 @@ import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
-from combtest import need_tool
+from combtest import TEST_PASSWORD, Image, api_backup, need_tool
 
+from catalog.repo import Repository
 from drive.formats.export import export_image
 from drive.formats.image import VirtualImage
 
@@ -144,3 +145,19 @@ def same_through(reader_open: Callable[[object], object], raw: Path, image: Path
             got = disk.read(min(block, size - pos))  # type: ignore[attr-defined]
             assert got == want.read(min(block, size - pos)), f"differs in [{pos}, +{block})"
             pos += block
+
+
+OVERLAY_CHUNK = 64 * 1024
+OVERLAY_SIZE = 4 << 20
+OVERLAY_SOURCE = "vm1"
+
+
+def overlay_disk(tmp_path: Path) -> tuple[Path, Image, str]:
+    """A repository with one backup of a 4 MiB image (data at 0 and past 2 MiB) to put
+    overlays on: (repository, image, point id)."""
+    img = Image(tmp_path / "disk.img", OVERLAY_SIZE)
+    img.random(0, 1 << 20, seed=1)
+    img.random(2 * (1 << 20) + 4096, 300_000, seed=2)
+    repo = Repository.init(str(tmp_path / "repo"), OVERLAY_CHUNK, 3, password=TEST_PASSWORD)
+    point = api_backup(repo.location, img.path, name=OVERLAY_SOURCE)
+    return tmp_path / "repo", img, point.id
