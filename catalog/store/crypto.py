@@ -19,6 +19,7 @@ Every failure to authenticate is reported as tampering or damage, never used.
 from __future__ import annotations
 
 import base64
+import functools
 import getpass
 import json
 import secrets
@@ -85,6 +86,11 @@ class AesGcmSealer:
     doc_key: bytes = field(repr=False, default=b"")
     parquet_key: bytes = field(repr=False, default=b"")
     record_key: bytes = field(repr=False, default=b"")
+    # BLAKE3 keyed with id_key, made once (reads check every chunk's id through it).
+    _hasher: ChunkHasher = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_hasher", functools.partial(blake3.blake3, key=self.id_key))
 
     @staticmethod
     def from_master(master: bytes) -> AesGcmSealer:
@@ -103,12 +109,7 @@ class AesGcmSealer:
     @property
     def chunk_hasher(self) -> ChunkHasher:
         """A callable data -> blake3 object, keyed with the chunk-id key."""
-        key = self.id_key
-
-        def hasher(data: bytes | memoryview) -> Any:
-            return blake3.blake3(data, key=key)
-
-        return hasher
+        return self._hasher
 
     # -- sealing ------------------------------------------------------------------------------
     def _seal(self, key: bytes, data: bytes | memoryview, aad: bytes) -> bytes:
