@@ -38,6 +38,19 @@ comb_bootstrap() {
         command -v go >/dev/null || missing+=(golang-go)
         [ -f /usr/share/gocode/src/github.com/vmware/govmomi/simulator/simulator.go ] \
             || missing+=(golang-github-vmware-govmomi-dev)
+        # Real filesystems for the file-level tests (tests/fsimages.py): made with mkfs, filled
+        # with cp/mcopy or through FUSE (the kernel here may lack vfat and exfat).
+        command -v mkfs.vfat >/dev/null || missing+=(dosfstools)
+        command -v mcopy >/dev/null || missing+=(mtools)
+        command -v mkntfs >/dev/null || missing+=(ntfs-3g)
+        command -v mkfs.xfs >/dev/null || missing+=(xfsprogs)
+        command -v mkfs.exfat >/dev/null || missing+=(exfatprogs)
+        command -v mount.exfat-fuse >/dev/null || missing+=(exfat-fuse)
+        command -v mkfs.btrfs >/dev/null || missing+=(btrfs-progs)
+        command -v sfdisk >/dev/null || missing+=(fdisk)
+        command -v pvcreate >/dev/null || missing+=(lvm2)
+        command -v cryptsetup >/dev/null || missing+=(cryptsetup-bin)  # a LUKS volume is named
+        command -v zsh >/dev/null || missing+=(zsh)  # comb completion zsh is checked by zsh
         # pyfuse3 (comb mount) is built against libfuse3 when pip installs it.
         command -v gcc >/dev/null || missing+=(gcc)
         command -v pkg-config >/dev/null || missing+=(pkg-config)

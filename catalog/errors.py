@@ -93,3 +93,16 @@ class PasswordError(CombError):
     """The password opens none of an encrypted repository's key files."""
 
     exit_code = 12
+
+
+class FileSystemError(CombError):
+    """A point's partition table or a volume's filesystem cannot be read: unknown, damaged,
+    encrypted, or its reader failed (names the volume and its offset)."""
+
+    exit_code = 13
+
+
+class PathNotFound(CombError):
+    """A path does not exist inside a recovery point (or is not what the command needs)."""
+
+    exit_code = 14

@@ -17,6 +17,7 @@ from . import (
     completion_cmd,
     demo_cmd,
     export_cmd,
+    files_cmd,
     forget_cmd,
     init_cmd,
     key_cmd,
@@ -51,6 +52,7 @@ COMMANDS: tuple[CommandModule, ...] = (
     locks_cmd,  # locks, unlock
     points_cmd,
     stats_cmd,
+    files_cmd,  # ls, cat
     restore_cmd,
     export_cmd,
     serve_cmd,

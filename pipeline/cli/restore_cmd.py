@@ -12,12 +12,14 @@ import time
 from catalog.errors import OutputError, UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
+from drive.files.extract import OVERWRITE
 
 from ..console import human_bytes, human_rate, json_value, print_json, warn_damaged
 from ..jobs.restore import Progress, restore_point, restore_to_stream
 from ..jobs.restore_delta import DeltaResult, delta_restore
 from ..locking import reader_lock
 from . import POINT_HELP, Subparsers, command
+from .files_cmd import restore_files
 from .progress import progress_bar
 
 STDOUT = "-"
@@ -39,6 +41,7 @@ def add_parser(sub: Subparsers) -> None:
     s.add_argument("point", help=POINT_HELP)
     s.add_argument(
         "output",
+        nargs="?",
         help="file (written sparse) or block device to write; - for standard output (the raw "
         "image, zero regions as zeros; not a terminal)",
     )
@@ -48,6 +51,23 @@ def add_parser(sub: Subparsers) -> None:
         action="store_true",
         help="rewrite in place only the chunks of an existing output that differ from the point "
         "(compared by chunk id; implies overwriting; an interrupted run leaves a mix: rerun it)",
+    )
+    files = s.add_argument_group("files and folders (instead of the whole disk)")
+    files.add_argument(
+        "--path",
+        help="a file or folder inside the point (/part1/home/ann; `comb ls POINT` shows them), "
+        "restored as TARGET/<its name>",
+    )
+    files.add_argument("--target", help="the folder to restore --path into (made if missing)")
+    files.add_argument(
+        "--overwrite",
+        choices=OVERWRITE,
+        default="never",
+        help="an existing file in the target: keep it (never, the default), replace it when "
+        "the point's copy is newer (if-newer), or replace it (always)",
+    )
+    files.add_argument(
+        "--special", action="store_true", help="also restore FIFOs (left out by default)"
     )
     s.set_defaults(run=cmd_restore)
 
@@ -99,6 +119,10 @@ def _print_delta(
 
 
 def cmd_restore(repo: str, args: argparse.Namespace) -> int:
+    if args.path is not None or args.target is not None:
+        return restore_files(repo, args)
+    if args.output is None:
+        raise UsageError("restore needs an OUTPUT (or --path and --target for files)")
     to_stdout = args.output == STDOUT
     if args.delta:
         _check_delta(args)

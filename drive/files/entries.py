@@ -1,0 +1,84 @@
+"""What a directory entry inside a recovery point is: ``Entry``, and the Arrow schema entries
+travel in between the filesystem worker and comb (and that the file catalog builds on).
+
+Names and symlink targets are bytes, exactly as the guest filesystem stores them: a name that is
+not valid UTF-8 is kept, and only shown escaped (``display``).
+
+Owns the entry record, its kinds and its Arrow form. Must not: read a filesystem, start a
+process, or know a repository.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+KINDS = ("file", "dir", "symlink", "fifo", "chardev", "blockdev", "socket", "other")
+
+SCHEMA = pa.schema(
+    [
+        ("parent", pa.uint64()),  # the directory's inode (walks); 0 in a plain listing
+        ("name", pa.binary()),
+        ("kind", pa.string()),
+        ("inode", pa.uint64()),
+        ("size", pa.int64()),
+        ("mode", pa.int32()),  # permission bits, 0o7777
+        ("uid", pa.int64()),
+        ("gid", pa.int64()),
+        ("mtime_ns", pa.int64()),
+        ("ctime_ns", pa.int64()),
+        ("atime_ns", pa.int64()),
+        ("nlink", pa.int32()),
+        ("target", pa.binary()),  # a symbolic link's target, else null
+    ]
+)
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One directory entry: a name and what its inode says."""
+
+    name: bytes
+    kind: str
+    inode: int
+    size: int = 0
+    mode: int = 0
+    uid: int = 0
+    gid: int = 0
+    mtime_ns: int = 0
+    ctime_ns: int = 0
+    atime_ns: int = 0
+    nlink: int = 1
+    target: bytes | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return self.kind == "dir"
+
+
+def entries_from(table: pa.Table) -> list[Entry]:
+    """The rows of an entry table (``SCHEMA``, any column order) as entries."""
+    cols = {name: table.column(name).to_pylist() for name in SCHEMA.names if name != "parent"}
+    return [Entry(**{k: v[i] for k, v in cols.items()}) for i in range(table.num_rows)]
+
+
+def display(raw: bytes) -> str:
+    """A name or path for a terminal: UTF-8 as it is, with a backslash escape for every byte
+    that is not valid UTF-8 (``\\xff``), every control character and the backslash itself, so two
+    different names never look the same."""
+    text = raw.decode("utf-8", "surrogateescape")
+    if text.isprintable() and "\\" not in text:
+        return text
+    out = []
+    for ch in text:
+        code = ord(ch)
+        if 0xDC80 <= code <= 0xDCFF:
+            out.append(f"\\x{code - 0xDC00:02x}")
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch.isprintable():
+            out.append(ch)
+        else:
+            out.append(ch.encode("unicode_escape").decode("ascii"))
+    return "".join(out)

@@ -1,0 +1,195 @@
+"""The Sleuth Kit backend (pytsk3) of the filesystem worker: ext2/3/4, NTFS, FAT12/16/32 and
+exFAT, read through a ``read(offset, length)`` function over one volume.
+
+Runs only inside the worker process (``drive.files.worker``): it parses untrusted guest data.
+
+Owns the translation of TSK's directory entries, file reads and data runs into comb's terms.
+Must not: be imported outside the worker, touch a file or a repository, or skip an error
+silently (a bad entry is left out of a listing only when TSK itself cannot describe it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import pytsk3
+
+_KIND = {
+    pytsk3.TSK_FS_META_TYPE_REG: "file",
+    pytsk3.TSK_FS_META_TYPE_DIR: "dir",
+    pytsk3.TSK_FS_META_TYPE_LNK: "symlink",
+    pytsk3.TSK_FS_META_TYPE_FIFO: "fifo",
+    pytsk3.TSK_FS_META_TYPE_CHR: "chardev",
+    pytsk3.TSK_FS_META_TYPE_BLK: "blockdev",
+    pytsk3.TSK_FS_META_TYPE_SOCK: "socket",
+}
+_VIRTUAL = (pytsk3.TSK_FS_META_TYPE_VIRT, pytsk3.TSK_FS_META_TYPE_VIRT_DIR)
+_HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER) | int(pytsk3.TSK_FS_ATTR_RUN_FLAG_SPARSE)
+_NOT_PLAIN = (
+    int(pytsk3.TSK_FS_ATTR_RES) | int(pytsk3.TSK_FS_ATTR_COMP) | int(pytsk3.TSK_FS_ATTR_ENC)
+)
+_DATA_TYPES = (int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT), int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA))
+_FAT_SPECIAL = (b"$ALLOC_BITMAP", b"$UPCASE_TABLE", b"$TEX_FAT")  # exFAT's own, as TSK lists
+_NTFS_SYSTEM_FILES = 27  # MFT records 0..26 are NTFS's own ($MFT, $Bitmap, $Extend, ...)
+
+# ntfs-3g (how Linux writes NTFS) stores a symbolic link as an Interix one: a small file (its
+# data kept in the MFT record, so reading it costs no disk read) of a magic and a UTF-16 target.
+_INTERIX = b"IntxLNK\x01"
+_INTERIX_MIN, _INTERIX_MAX = len(_INTERIX) + 2, 700
+
+Row = tuple[bytes, str, int, int, int, int, int, int, int, int, int, bytes | None]
+
+
+class _Window(pytsk3.Img_Info):  # type: ignore[misc]
+    """One volume as a TSK image: its bytes come from ``read``."""
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int) -> None:
+        self._read = read
+        self._size = size
+        super().__init__(url="", type=pytsk3.TSK_IMG_TYPE_EXTERNAL)
+
+    def read(self, offset: int, size: int) -> bytes:
+        if offset >= self._size or size <= 0:
+            return b""
+        return self._read(offset, min(size, self._size - offset))
+
+    def get_size(self) -> int:
+        return self._size
+
+    def close(self) -> None:
+        pass
+
+
+def _ns(sec: int, nsec: int) -> int:
+    return int(sec) * 1_000_000_000 + int(nsec or 0)
+
+
+class TskFilesystem:
+    """A volume's filesystem as TSK reads it."""
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int) -> None:
+        self._image = _Window(read, size)
+        try:
+            self._fs = pytsk3.FS_Info(self._image, offset=0)
+        except OSError as err:
+            raise ValueError(_tsk_message(err, "no filesystem The Sleuth Kit can read")) from None
+        info = self._fs.info
+        self.root = int(info.root_inum)
+        self.block_size = int(info.block_size)
+        self._ntfs = info.ftype == pytsk3.TSK_FS_TYPE_NTFS
+        self._fat = bool(int(info.ftype) & int(pytsk3.TSK_FS_TYPE_FAT_DETECT))
+        self._open: tuple[int, Any] | None = None
+
+    def listdir(self, inode: int) -> list[Row]:
+        try:
+            directory = self._fs.open_dir(inode=inode)
+        except OSError as err:
+            raise ValueError(
+                _tsk_message(err, f"inode {inode} is not a readable directory")
+            ) from None
+        rows: list[Row] = []
+        for entry in directory:
+            row = self._row(entry, inode)
+            if row is not None:
+                rows.append(row)
+        return rows
+
+    def _row(self, entry: Any, parent: int) -> Row | None:
+        name = entry.info.name
+        if name is None or name.name in (b".", b"..") or not name.name:
+            return None
+        if not int(name.flags) & int(pytsk3.TSK_FS_NAME_FLAG_ALLOC):
+            return None  # a deleted name still in the directory's blocks
+        meta = entry.info.meta
+        if meta is None or meta.type in _VIRTUAL:
+            return None  # TSK's own additions ($OrphanFiles, $MBR, $FAT1)
+        addr = int(meta.addr)
+        if parent == self.root and self._special(name.name, addr, meta):
+            return None
+        kind = _KIND.get(meta.type, "other")
+        link = meta.link if kind == "symlink" else None
+        if isinstance(link, str):
+            link = link.encode("utf-8", "surrogateescape")
+        if self._ntfs and kind == "file" and _INTERIX_MIN <= int(meta.size) <= _INTERIX_MAX:
+            link = _interix_link(entry, int(meta.size))
+            kind = "symlink" if link is not None else kind
+        return (
+            bytes(name.name),
+            kind,
+            addr,
+            int(meta.size) if kind in ("file", "symlink") else 0,
+            int(meta.mode) & 0o7777,
+            int(meta.uid),
+            int(meta.gid),
+            _ns(meta.mtime, meta.mtime_nano),
+            _ns(meta.ctime, meta.ctime_nano),
+            _ns(meta.atime, meta.atime_nano),
+            int(meta.nlink),
+            link or None,
+        )
+
+    def _special(self, name: bytes, addr: int, meta: Any) -> bool:
+        """The filesystem's own entries in the root: NTFS's metadata files, a FAT volume label,
+        exFAT's allocation bitmap and upcase table."""
+        if self._ntfs:
+            return addr < _NTFS_SYSTEM_FILES and name.startswith(b"$")
+        if self._fat:
+            label = name.endswith(b"(Volume Label Entry)")
+            return label or (name in _FAT_SPECIAL and int(meta.mtime) == 0)
+        return False
+
+    def _file(self, inode: int) -> Any:
+        if self._open is None or self._open[0] != inode:
+            try:
+                self._open = (inode, self._fs.open_meta(inode=inode))
+            except OSError as err:
+                raise ValueError(_tsk_message(err, f"inode {inode} cannot be opened")) from None
+        return self._open[1]
+
+    def read(self, inode: int, offset: int, length: int) -> bytes:
+        try:
+            return bytes(self._file(inode).read_random(offset, length))
+        except OSError as err:
+            raise ValueError(_tsk_message(err, f"inode {inode} cannot be read")) from None
+
+    def runs(self, inode: int) -> list[tuple[int, int, int]] | None:
+        """The file's data as (file offset, length, volume offset) runs, holes left out; None
+        when its bytes are not plainly on disk (resident, compressed, encrypted)."""
+        handle = self._file(inode)
+        size = int(handle.info.meta.size)
+        for attr in handle:
+            info = attr.info
+            if int(info.type) not in _DATA_TYPES or info.name not in (None, b"", b"$Data"):
+                continue
+            if int(info.flags) & _NOT_PLAIN:
+                return None
+            out = []
+            for run in attr:
+                if int(run.flags) & _HOLE:
+                    continue
+                start = int(run.offset) * self.block_size
+                length = min(int(run.len) * self.block_size, size - start)
+                if length > 0:
+                    out.append((start, length, int(run.addr) * self.block_size))
+            return out
+        return [] if size == 0 else None
+
+
+def _interix_link(entry: Any, size: int) -> bytes | None:
+    try:
+        data = bytes(entry.read_random(0, size))
+    except OSError:
+        return None
+    if not data.startswith(_INTERIX) or len(data) % 2:
+        return None
+    try:
+        return data[len(_INTERIX) :].decode("utf-16-le").encode("utf-8", "surrogatepass")
+    except UnicodeDecodeError:
+        return None
+
+
+def _tsk_message(err: OSError, fallback: str) -> str:
+    """TSK's own words, shortened to the line that says what is wrong."""
+    text = " ".join(str(err).split())
+    return text[:200] if text else fallback

@@ -1,0 +1,265 @@
+"""The files of a recovery point as one tree: ``/`` holds the volumes (``part1``, ``disk``,
+...), each volume's directory holds its filesystem.
+
+``PointFiles(source)`` finds the volumes (``drive.files.volumes``), reads filesystems through
+the sandboxed worker (``drive.files.sandbox``) and resolves byte paths by listing directories
+(a name that is not UTF-8 is reached like any other). A file's data is read straight from the
+point where the filesystem says it lies on the disk, and through the worker only when it is
+not plainly there (resident, compressed).
+
+Owns path resolution, the listing cache and where a file's bytes are read from. Must not: parse
+a filesystem in this process, or follow a symbolic link (the caller decides what a link means).
+"""
+
+from __future__ import annotations
+
+import io
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pyarrow as pa
+
+from catalog.errors import FileSystemError, PathNotFound
+from catalog.read.source import BlockSource
+
+from .entries import Entry, display, entries_from
+from .sandbox import DEFAULT_MEMORY, DEFAULT_TIMEOUT, Worker
+from .volumes import Volume, find_volumes
+
+READABLE = ("ext2", "ext3", "ext4", "ntfs", "fat12", "fat16", "fat32", "exfat")
+PIECE = 8 << 20
+LISTING_CACHE = 1024
+
+
+@dataclass(frozen=True)
+class Node:
+    """A path inside the point: its volume (None for ``/``) and its entry."""
+
+    path: bytes
+    volume: Volume | None
+    entry: Entry
+
+
+def split(path: bytes | str) -> list[bytes]:
+    """A path's components; ``..`` goes up (never above ``/``), empty and ``.`` are dropped."""
+    raw = path.encode("utf-8", "surrogateescape") if isinstance(path, str) else path
+    parts: list[bytes] = []
+    for part in raw.split(b"/"):
+        if part in (b"", b"."):
+            continue
+        if part == b"..":
+            if parts:
+                parts.pop()
+        else:
+            parts.append(part)
+    return parts
+
+
+def describe(volume: Volume) -> str:
+    kind = volume.fstype or volume.note or "unknown"
+    return f"volume {volume.name} ({kind} at offset {volume.offset})"
+
+
+class PointFiles:
+    """A point's volumes and filesystems, read-only."""
+
+    def __init__(
+        self,
+        source: BlockSource,
+        memory: int = DEFAULT_MEMORY,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        self.source = source
+        self.worker = Worker(source, memory, timeout)
+        self._volumes: list[Volume] | None = None
+        self._roots: dict[str, int] = {}
+        self.skipped: list[str] = []  # what walks could not list, one line each
+        self._listings: OrderedDict[tuple[str, int], list[Entry]] = OrderedDict()
+
+    def __enter__(self) -> PointFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.worker.close()
+
+    def volumes(self) -> list[Volume]:
+        if self._volumes is None:
+            self._volumes = find_volumes(self.source)
+        return self._volumes
+
+    def root(self) -> Node:
+        return Node(b"/", None, Entry(name=b"/", kind="dir", inode=0, nlink=2, mode=0o555))
+
+    def _volume_node(self, volume: Volume) -> Node:
+        entry = Entry(name=volume.name.encode(), kind="dir", inode=0, size=0, mode=0o555)
+        if volume.fstype in READABLE:
+            entry = Entry(name=entry.name, kind="dir", inode=self._root_inode(volume), mode=0o555)
+        return Node(b"/" + volume.name.encode(), volume, entry)
+
+    def _root_inode(self, volume: Volume) -> int:
+        if volume.name not in self._roots:
+            ok, _ = self.worker.request(self._header("open", volume), describe(volume))
+            self._roots[volume.name] = int(ok["root"])
+        return self._roots[volume.name]
+
+    def _header(self, op: str, volume: Volume, **more: int) -> dict[str, object]:
+        return {"op": op, "volume": [volume.offset, volume.size], **more}
+
+    def _readable(self, volume: Volume) -> None:
+        if volume.fstype in READABLE:
+            return
+        if volume.note and "encrypted" in volume.note:
+            why = f"{volume.note}: comb cannot read an encrypted volume"
+        elif volume.fstype:
+            why = f"comb cannot read {volume.fstype} filesystems yet"
+        else:
+            why = f"no filesystem comb can read ({volume.note or 'unknown'})"
+        raise FileSystemError(f"{describe(volume)}: {why}")
+
+    def listdir(self, node: Node) -> list[Node]:
+        """A directory's entries as nodes (``/``: the volumes)."""
+        if node.volume is None:
+            return [self._volume_node(v) for v in self.volumes()]
+        if not node.entry.is_dir:
+            raise PathNotFound(f"{display(node.path)}: not a directory")
+        self._readable(node.volume)
+        base = node.path.rstrip(b"/")
+        return [
+            Node(base + b"/" + e.name, node.volume, e)
+            for e in self._list(node.volume, node.entry.inode)
+            if self._fit(base, e)
+        ]
+
+    def _fit(self, base: bytes, entry: Entry) -> bool:
+        """Can the name be a path component? A damaged or hostile filesystem can hold names
+        with ``/`` or NUL in them, or ``.`` and ``..`` as entries of their own: left out, said."""
+        name = entry.name
+        if b"/" in name or b"\0" in name or name in (b".", b".."):
+            self.skipped.append(f"{display(base)}: left out an entry named {display(name)!r}")
+            return False
+        return True
+
+    def _list(self, volume: Volume, inode: int) -> list[Entry]:
+        key = (volume.name, inode)
+        cached = self._listings.get(key)
+        if cached is not None:
+            self._listings.move_to_end(key)
+            return cached
+        _, payload = self.worker.request(
+            self._header("list", volume, inode=inode), describe(volume)
+        )
+        with pa.ipc.open_stream(io.BytesIO(payload)) as reader:
+            entries = entries_from(reader.read_all())
+        self._listings[key] = entries
+        while len(self._listings) > LISTING_CACHE:
+            self._listings.popitem(last=False)
+        return entries
+
+    def lookup(self, path: bytes | str) -> Node:
+        """The node at ``path`` (not following symbolic links); a missing path raises
+        ``PathNotFound`` naming the first component that is not there."""
+        node = self.root()
+        for part in split(path):
+            if node.volume is None:
+                found = [v for v in self.volumes() if v.name.encode() == part]
+                if not found:
+                    names = ", ".join(v.name for v in self.volumes())
+                    raise PathNotFound(
+                        f"/{display(part)}: no such volume in this point (it has {names})"
+                    )
+                node = self._volume_node(found[0])
+                continue
+            if node.entry.kind == "symlink":
+                raise PathNotFound(f"{display(node.path)}: a symbolic link (comb does not follow)")
+            match = [n for n in self.listdir(node) if n.entry.name == part]
+            if not match:
+                raise PathNotFound(f"{display(node.path.rstrip(b'/') + b'/' + part)}: not found")
+            node = match[0]
+        return node
+
+    def walk(self, node: Node) -> Iterator[Node]:
+        """Every node under a directory (not the directory itself), parents before children."""
+        if node.volume is None:
+            for volume_node in self.listdir(node):
+                if volume_node.volume and volume_node.volume.fstype in READABLE:
+                    yield volume_node
+                    yield from self.walk(volume_node)
+            return
+        self._readable(node.volume)
+        paths = {node.entry.inode: node.path.rstrip(b"/")}
+        header = self._header("walk", node.volume, inode=node.entry.inode)
+        walker = Worker(self.source, self.worker.memory, self.worker.timeout)
+        try:  # a worker of its own: the caller reads files while the walk goes on
+            yield from self._walked(walker.stream(header, describe(node.volume)), paths, node)
+        finally:
+            self.skipped.extend(walker.skipped)
+            walker.close()
+
+    def _walked(
+        self, tables: Iterator[pa.Table], paths: dict[int, bytes], node: Node
+    ) -> Iterator[Node]:
+        for table in tables:
+            parents = table.column("parent").to_pylist()
+            for parent, entry in zip(parents, entries_from(table), strict=True):
+                base = paths.get(parent)
+                if base is None or not self._fit(base, entry):
+                    continue
+                path = base + b"/" + entry.name
+                if entry.is_dir:
+                    paths[entry.inode] = path
+                yield Node(path, node.volume, entry)
+
+    def data(self, node: Node, piece: int = PIECE) -> Iterator[tuple[int, bytes]]:
+        """A regular file's data as (offset, bytes) pieces in order; the gaps between pieces
+        (holes) read as zeros."""
+        volume, entry = node.volume, node.entry
+        if volume is None or entry.kind != "file":
+            raise PathNotFound(f"{display(node.path)}: not a regular file")
+        what = describe(volume)
+        ok, _ = self.worker.request(self._header("runs", volume, inode=entry.inode), what)
+        runs = ok["runs"]
+        if runs is None:
+            yield from self._data_through_worker(volume, entry, piece)
+            return
+        for start, length, where in _merged(runs):
+            if where < 0 or where + length > volume.size or start + length > entry.size:
+                raise FileSystemError(
+                    f"{what}: {display(node.path)} has data outside the volume (damaged)"
+                )
+            done = 0
+            while done < length:
+                n = min(piece, length - done)
+                buf = bytearray(n)
+                self.source.read_into(memoryview(buf), volume.offset + where + done)
+                yield start + done, bytes(buf)
+                done += n
+
+    def _data_through_worker(
+        self, volume: Volume, entry: Entry, piece: int
+    ) -> Iterator[tuple[int, bytes]]:
+        offset = 0
+        while offset < entry.size:
+            n = min(piece, entry.size - offset)
+            header = self._header("read", volume, inode=entry.inode, offset=offset, length=n)
+            _, data = self.worker.request(header, describe(volume))
+            if not data:
+                raise FileSystemError(
+                    f"{describe(volume)}: inode {entry.inode} ends at {offset} of {entry.size}"
+                )
+            yield offset, data
+            offset += len(data)
+
+
+def _merged(runs: list[list[int]]) -> list[tuple[int, int, int]]:
+    """Runs that continue each other both in the file and on the disk, as one."""
+    out: list[tuple[int, int, int]] = []
+    for start, length, where in runs:
+        if out and out[-1][0] + out[-1][1] == start and out[-1][2] + out[-1][1] == where:
+            out[-1] = (out[-1][0], out[-1][1] + length, out[-1][2])
+        else:
+            out.append((int(start), int(length), int(where)))
+    return out

@@ -1,0 +1,193 @@
+"""The filesystem worker: ``python -m drive.files.worker MEMORY_BYTES``, a child process that
+parses a guest's filesystems, so a hostile or corrupt one can take down only itself.
+
+It limits its own memory (RLIMIT_AS), may not write files (RLIMIT_FSIZE 0) or dump core, holds
+no key and no repository: every byte of the disk is asked of the parent over the pipe
+(``drive.files.wire``), through a cache of aligned blocks (some readers make 100k+ tiny reads
+per walk). Requests, answered one at a time:
+
+- ``open {volume: [offset, size]}`` → ``{root, block_size}``
+- ``list {volume, inode}`` → payload: an Arrow IPC stream of ``entries.SCHEMA`` rows
+- ``walk {volume, inode}`` → ``{batch}`` frames (IPC streams, ``parent`` set), then ``{ok}``
+- ``read {volume, inode, offset, length}`` → payload: the bytes
+- ``runs {volume, inode}`` → ``{runs: [[file offset, length, volume offset], ...] | null}``
+
+Any failure is answered ``{error: "one line"}`` and the worker carries on.
+
+Owns the worker's loop, its limits and its block cache. Must not: open a file of the host, hold
+a key, or send anything but frames on its protocol pipe.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import resource
+import sys
+from collections import OrderedDict
+from typing import Any, BinaryIO
+
+import pyarrow as pa
+
+from .entries import SCHEMA
+from .tsk import Row, TskFilesystem
+from .wire import WireError, receive, send
+
+BLOCK = 256 << 10
+CACHE_BLOCKS = 256  # 64 MiB
+BATCH_ROWS = 50_000
+MAX_READ = 16 << 20
+MAX_DEPTH = 4096
+
+
+class RemoteDisk:
+    """The disk, read from the parent in aligned blocks kept in an LRU cache."""
+
+    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+        self._inp, self._out = inp, out
+        self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self.fetched = 0
+
+    def read(self, offset: int, length: int) -> bytes:
+        first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        parts = []
+        index = first
+        while index <= last:
+            block = self._cache.get(index)
+            if block is None:
+                block = self._fetch(index, last)
+            else:
+                self._cache.move_to_end(index)
+            parts.append(block)
+            index += 1
+        data = b"".join(parts)
+        skip = offset - first * BLOCK
+        return data[skip : skip + length]
+
+    def _fetch(self, index: int, last: int) -> bytes:
+        """Blocks index.. (the missing run up to ``last``) in one request; returns block index."""
+        count = 1
+        while index + count <= last and index + count not in self._cache and count < 16:
+            count += 1
+        send(self._out, {"read": [index * BLOCK, count * BLOCK]})
+        header, data = receive(self._inp)
+        if "data" not in header:
+            raise OSError(header.get("error", "the parent sent no data"))
+        self.fetched += len(data)
+        for i in range(count):
+            self._cache[index + i] = data[i * BLOCK : (i + 1) * BLOCK]
+            while len(self._cache) > CACHE_BLOCKS:
+                self._cache.popitem(last=False)
+        return self._cache[index]
+
+
+def _table(rows: list[Row], parents: list[int] | None = None) -> bytes:
+    columns: list[Any] = list(zip(*rows, strict=True)) if rows else [[]] * (len(SCHEMA) - 1)
+    arrays = [pa.array(parents or [0] * len(rows), pa.uint64())]
+    arrays += [pa.array(col, SCHEMA.field(i + 1).type) for i, col in enumerate(columns)]
+    sink = io.BytesIO()
+    with pa.ipc.new_stream(sink, SCHEMA) as writer:
+        writer.write_batch(pa.record_batch(arrays, schema=SCHEMA))
+    return sink.getvalue()
+
+
+class Worker:
+    def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
+        self.inp, self.out = inp, out
+        self.disk = RemoteDisk(inp, out)
+        self.volumes: dict[tuple[int, int], TskFilesystem] = {}
+
+    def volume(self, header: dict[str, Any]) -> TskFilesystem:
+        offset, size = (int(v) for v in header["volume"])
+        fs = self.volumes.get((offset, size))
+        if fs is None:
+            fs = TskFilesystem(lambda o, n: self.disk.read(offset + o, n), size)
+            self.volumes[(offset, size)] = fs
+        return fs
+
+    def serve(self) -> None:
+        while True:
+            try:
+                header, _ = receive(self.inp)
+            except WireError:
+                return
+            try:
+                self.handle(header)
+            except WireError:
+                return
+            except MemoryError:
+                send(self.out, {"error": "the filesystem reader ran out of its memory limit"})
+            except RecursionError:
+                send(self.out, {"error": "the filesystem nests too deeply"})
+            except Exception as err:  # one line for anything the parser raises
+                text = " ".join(str(err).split()) or type(err).__name__
+                send(self.out, {"error": text[:300]})
+
+    def handle(self, header: dict[str, Any]) -> None:
+        op = header.get("op")
+        if op == "open":
+            fs = self.volume(header)
+            send(self.out, {"ok": {"root": fs.root, "block_size": fs.block_size}})
+        elif op == "list":
+            rows = self.volume(header).listdir(int(header["inode"]))
+            send(self.out, {"ok": {"rows": len(rows)}}, _table(rows))
+        elif op == "walk":
+            self.walk(self.volume(header), int(header["inode"]))
+        elif op == "read":
+            length = min(int(header["length"]), MAX_READ)
+            data = self.volume(header).read(int(header["inode"]), int(header["offset"]), length)
+            send(self.out, {"ok": {"length": len(data)}}, data)
+        elif op == "runs":
+            send(self.out, {"ok": {"runs": self.volume(header).runs(int(header["inode"]))}})
+        elif op == "stats":
+            send(self.out, {"ok": {"fetched": self.disk.fetched}})
+        else:
+            send(self.out, {"error": f"unknown request {op!r}"})
+
+    def walk(self, fs: TskFilesystem, top: int) -> None:
+        """Every entry under directory ``top``, depth first, each directory once (a directory
+        reached twice, as in a loop a damaged filesystem can hold, is listed once)."""
+        seen = {top}
+        stack = [(top, 0)]
+        rows: list[Row] = []
+        parents: list[int] = []
+        while stack:
+            inode, depth = stack.pop()
+            try:
+                listing = fs.listdir(inode)
+            except ValueError as err:
+                send(self.out, {"skipped": {"inode": inode, "error": str(err)[:300]}})
+                continue
+            for row in listing:
+                rows.append(row)
+                parents.append(inode)
+                if row[1] == "dir" and row[2] not in seen and depth < MAX_DEPTH:
+                    seen.add(row[2])
+                    stack.append((row[2], depth + 1))
+            if len(rows) >= BATCH_ROWS:
+                send(self.out, {"batch": len(rows)}, _table(rows, parents))
+                rows, parents = [], []
+        if rows:
+            send(self.out, {"batch": len(rows)}, _table(rows, parents))
+        send(self.out, {"ok": {}})
+
+
+def _limit(memory: int) -> None:
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    resource.setrlimit(resource.RLIMIT_FSIZE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+
+
+def main() -> None:
+    memory = int(sys.argv[1]) if len(sys.argv) > 1 else 2 << 30
+    inp = os.fdopen(os.dup(0), "rb")
+    out = os.fdopen(os.dup(1), "wb")
+    os.dup2(2, 1)  # a library's print goes to standard error, never into the protocol
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    _limit(memory)
+    Worker(inp, out).serve()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,163 @@
+"""Hostile and damaged guest filesystems (real ext4 images made with mkfs.ext4 -d, then damaged
+with debugfs or by patching a byte the way corruption would): comb's file view gives one line
+or skips the entry, never writes outside the target, never hangs; a filesystem reader that
+dies, stalls or runs out of memory costs one request, and the next one works."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from combtest import TEST_PASSWORD, CliRunner, api_backup, need_tool
+from drivetest import FileSource
+
+from catalog.errors import FileSystemError
+from catalog.repo import Repository
+from drive.files.extract import extract
+from drive.files.view import PointFiles
+
+
+def ext4(tmp_path: Path, *mkfs: str) -> Path:
+    """A small real ext4 image: /etc/fstab, /etc/sub/, /data/big (1 MiB), /data/Q7, /data/a_b."""
+    need_tool("mkfs.ext4")
+    tree = tmp_path / "tree"
+    (tree / "etc" / "sub").mkdir(parents=True)
+    (tree / "etc" / "fstab").write_text("/dev/sda1 / ext4 defaults 0 1\n")
+    (tree / "data").mkdir()
+    (tree / "data" / "big").write_bytes(os.urandom(1 << 20))
+    (tree / "data" / "Q7").write_text("q7\n")
+    (tree / "data" / "a_b").write_text("ab\n")
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(16 << 20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-b", "4096", *mkfs, "-d", tree, image],
+        check=True,
+        capture_output=True,
+    )
+    return image
+
+
+def debugfs(image: Path, request: str) -> None:
+    need_tool("debugfs")
+    subprocess.run(["debugfs", "-w", "-R", request, image], check=True, capture_output=True)
+
+
+def patch(image: Path, old: bytes, new: bytes) -> None:
+    data = bytearray(image.read_bytes())
+    at = data.find(old)
+    assert at >= 0 and data.find(old, at + 1) < 0, old
+    data[at : at + len(new)] = new
+    image.write_bytes(bytes(data))
+
+
+@pytest.fixture
+def files_of(tmp_path: Path) -> Iterator[object]:
+    opened: list[PointFiles] = []
+
+    def make(image: Path, **kwargs: object) -> PointFiles:
+        pf = PointFiles(FileSource(str(image)), **kwargs)  # type: ignore[arg-type]
+        opened.append(pf)
+        return pf
+
+    yield make
+    for pf in opened:
+        pf.close()
+
+
+def test_a_damaged_superblock_is_one_line_exit_13(cli: CliRunner, tmp_path: Path) -> None:
+    image = ext4(tmp_path)
+    with open(image, "r+b") as f:  # s_log_block_size: 2**(10+200) bytes per block
+        f.seek(1024 + 24)
+        f.write((200).to_bytes(4, "little"))
+    repo = tmp_path / "repo"
+    Repository.init(str(repo), password=TEST_PASSWORD)
+    point = api_backup(repo, image, name="bad").id
+    got = cli("-r", repo, "ls", point, "/disk")
+    assert got.code == 13, got
+    assert got.err.startswith("comb: error: volume disk (ext4 at offset 0): ")
+    assert len(got.err.strip().splitlines()) == 1
+    assert cli("-r", repo, "ls", point).code == 0  # the volume list still shows it
+
+
+def test_a_directory_loop_is_walked_once(files_of: object, tmp_path: Path) -> None:
+    image = ext4(tmp_path)
+    debugfs(image, "ln /etc /etc/sub/loop")  # /etc/sub/loop is /etc again
+    pf = files_of(image)  # type: ignore[operator]
+    paths = [n.path for n in pf.walk(pf.lookup("/disk"))]
+    assert b"/disk/etc/sub/loop" in paths
+    assert not [p for p in paths if p.startswith(b"/disk/etc/sub/loop/")]
+    out = tmp_path / "out"
+    done = extract(pf, pf.lookup("/disk/etc"), str(out))
+    assert (out / "etc" / "fstab").is_file() and not done.skipped
+
+
+def test_names_that_are_paths_are_left_out_and_nothing_leaves_the_target(
+    files_of: object, tmp_path: Path
+) -> None:
+    image = ext4(tmp_path, "-O", "^metadata_csum")
+    patch(image, b"\x02\x01Q7", b"\x02\x01..")  # a second ".." in /data, a regular file
+    patch(image, b"\x03\x01a_b", b"\x03\x01a/b")
+    pf = files_of(image)  # type: ignore[operator]
+    names = [n.entry.name for n in pf.listdir(pf.lookup("/disk/data"))]
+    assert sorted(names) == [b"big"]
+    # A second ".." reads as the directory's own ".." entry (dropped like it); "a/b" is said.
+    assert pf.skipped == ["/disk/data: left out an entry named 'a/b'"]
+    target = tmp_path / "inside" / "out"
+    done = extract(pf, pf.lookup("/disk/data"), str(target))
+    assert done.files == 1
+    assert sorted(os.listdir(tmp_path / "inside")) == ["out"]
+    assert sorted(os.listdir(target / "data")) == ["big"]
+
+
+def test_a_file_whose_data_lies_past_the_disk_is_skipped_with_one_line(
+    files_of: object, tmp_path: Path
+) -> None:
+    image = ext4(tmp_path, "-t", "ext3")  # block maps: a block number debugfs can set
+    debugfs(image, "sif /data/big block[0] 99999999")
+    pf = files_of(image)  # type: ignore[operator]
+    warned: list[str] = []
+    out = tmp_path / "out"
+    done = extract(pf, pf.lookup("/disk/data"), str(out), warn=warned.append)
+    assert [s.split(":")[0] for s in done.skipped] == ["data/big"]
+    assert len(warned) == 1 and "\n" not in warned[0]
+    assert sorted(os.listdir(out / "data")) == ["Q7", "a_b"]
+
+
+def test_a_stalled_reader_is_stopped_and_the_next_request_works(
+    files_of: object, tmp_path: Path
+) -> None:
+    pf = files_of(ext4(tmp_path), timeout=1.0)  # type: ignore[operator]
+    assert pf.lookup("/disk/etc").entry.is_dir  # the worker is up
+    proc = pf.worker._proc
+    assert proc is not None
+    os.kill(proc.pid, signal.SIGSTOP)  # a parser stuck in a loop, as far as comb can tell
+    with pytest.raises(FileSystemError, match="did not answer within 1 s"):
+        pf.listdir(pf.lookup("/disk/data"))
+    assert proc.poll() is not None  # killed, not left behind
+    assert [n.entry.name for n in pf.listdir(pf.lookup("/disk/etc"))] != []
+    assert sorted(n.entry.name for n in pf.listdir(pf.lookup("/disk/data"))) == [
+        b"Q7",
+        b"a_b",
+        b"big",
+    ]
+
+
+def test_a_reader_that_dies_is_one_line_and_is_restarted(files_of: object, tmp_path: Path) -> None:
+    image = ext4(tmp_path)
+    starved = files_of(image, memory=48 << 20)  # type: ignore[operator]
+    with pytest.raises(FileSystemError) as err:
+        starved.lookup("/disk/etc")
+    assert str(err.value).startswith("volume disk (ext4 at offset 0): ")  # TSK's own words
+    assert "\n" not in str(err.value)
+    pf = files_of(image)  # type: ignore[operator]
+    pf.lookup("/disk/etc")
+    proc = pf.worker._proc
+    assert proc is not None
+    proc.kill()
+    proc.wait()
+    assert pf.lookup("/disk/data/big").entry.size == 1 << 20  # a new worker answers
