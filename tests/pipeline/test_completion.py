@@ -1,5 +1,6 @@
-"""``comb completion bash``: a valid bash script, generated from the parser, that completes the
-commands, their actions, their options and the choices of options (run in a real bash)."""
+"""``comb completion bash|zsh``: a valid script, generated from the parser, that completes the
+commands, their actions, their options and the choices of options (run in a real bash and a
+real zsh)."""
 
 from __future__ import annotations
 
@@ -60,7 +61,34 @@ def test_bash_completes_commands_options_and_choices(script: Path) -> None:
     assert _complete(bash, script, "comb", "-r", "/repo", "export", "p", "--format", "q") == [
         "qcow2"
     ]
-    assert _complete(bash, script, "comb", "completion", "") == ["bash"]
+    assert _complete(bash, script, "comb", "completion", "") == ["bash", "zsh"]
+
+
+def test_zsh_script_loads_and_completes(cli: CliRunner, tmp_path: Path) -> None:
+    zsh = need_tool("zsh")
+    res = cli("completion", "zsh")
+    assert res.code == 0 and res.out.startswith("#compdef comb\n")
+    path = tmp_path / "_comb"
+    path.write_text(res.out)
+
+    def complete(*words: str) -> list[str]:
+        # zsh's completion system filters the candidates by the typed prefix; here the
+        # function is called directly, as bashcompinit's wrapper calls it (ksharrays on).
+        quoted = " ".join("'" + w + "'" for w in words)
+        program = (
+            f"source '{path}'\nsetopt ksharrays\n"
+            f"COMP_WORDS=({quoted}); COMP_CWORD={len(words) - 1}\n"
+            '_comb; print -rl -- "${COMPREPLY[@]}"\n'
+        )
+        done = subprocess.run(
+            [zsh, "-f", "-c", program], capture_output=True, text=True, check=True, timeout=60
+        )
+        assert done.stderr == ""
+        return [w for w in done.stdout.splitlines() if w.startswith(words[-1])]
+
+    assert complete("comb", "resto") == ["restore"]
+    assert complete("comb", "restore", "p", "--overwrite", "") == ["never", "if-newer", "always"]
+    assert "--recursive" in complete("comb", "ls", "--")
 
 
 def test_unknown_shell_is_a_usage_error(cli: CliRunner) -> None:
