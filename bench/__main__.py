@@ -15,6 +15,7 @@ commands:
   drive      export MB/s per disk image format, against restore
   vsphere    full and CBT incremental backups of a simulated VM, against a local file
   integrity  scrub, scrub --repair and prune on a repository of 100 points
+  files      walk, ls and cat of the files inside a point, against the kernel
 
 `python -m bench COMMAND --help` lists a command's options."""
 
@@ -40,6 +41,8 @@ def main(argv: list[str]) -> int:
         from .vsphere import main as run
     elif cmd == "integrity":
         from .integrity import main as run
+    elif cmd == "files":
+        from .files import main as run
     else:
         print(f"bench: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -15,6 +15,8 @@ from typing import Any
 
 import pytsk3
 
+from .backend import Row
+
 _KIND = {
     pytsk3.TSK_FS_META_TYPE_REG: "file",
     pytsk3.TSK_FS_META_TYPE_DIR: "dir",
@@ -37,8 +39,6 @@ _NTFS_SYSTEM_FILES = 27  # MFT records 0..26 are NTFS's own ($MFT, $Bitmap, $Ext
 # data kept in the MFT record, so reading it costs no disk read) of a magic and a UTF-16 target.
 _INTERIX = b"IntxLNK\x01"
 _INTERIX_MIN, _INTERIX_MAX = len(_INTERIX) + 2, 700
-
-Row = tuple[bytes, str, int, int, int, int, int, int, int, int, int, bytes | None]
 
 
 class _Window(pytsk3.Img_Info):  # type: ignore[misc]

@@ -107,7 +107,7 @@ class PointFiles:
         return self._roots[volume.name]
 
     def _header(self, op: str, volume: Volume, **more: int) -> dict[str, object]:
-        return {"op": op, "volume": [volume.offset, volume.size], **more}
+        return {"op": op, "volume": [volume.offset, volume.size], "fstype": volume.fstype, **more}
 
     def _readable(self, volume: Volume) -> None:
         if volume.fstype in READABLE:

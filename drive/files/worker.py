@@ -29,8 +29,9 @@ from typing import Any, BinaryIO
 
 import pyarrow as pa
 
+from .backend import Filesystem, Row
 from .entries import SCHEMA
-from .tsk import Row, TskFilesystem
+from .tsk import TskFilesystem
 from .wire import WireError, receive, send
 
 BLOCK = 256 << 10
@@ -95,13 +96,18 @@ class Worker:
     def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
         self.inp, self.out = inp, out
         self.disk = RemoteDisk(inp, out)
-        self.volumes: dict[tuple[int, int], TskFilesystem] = {}
+        self.volumes: dict[tuple[int, int], Filesystem] = {}
 
-    def volume(self, header: dict[str, Any]) -> TskFilesystem:
+    def volume(self, header: dict[str, Any]) -> Filesystem:
+        """The filesystem of ``header["volume"]``, opened by the backend for its type."""
         offset, size = (int(v) for v in header["volume"])
         fs = self.volumes.get((offset, size))
         if fs is None:
-            fs = TskFilesystem(lambda o, n: self.disk.read(offset + o, n), size)
+
+            def read(o: int, n: int) -> bytes:
+                return self.disk.read(offset + o, n)
+
+            fs = _backend(str(header.get("fstype") or ""))(read, size)
             self.volumes[(offset, size)] = fs
         return fs
 
@@ -144,7 +150,7 @@ class Worker:
         else:
             send(self.out, {"error": f"unknown request {op!r}"})
 
-    def walk(self, fs: TskFilesystem, top: int) -> None:
+    def walk(self, fs: Filesystem, top: int) -> None:
         """Every entry under directory ``top``, depth first, each directory once (a directory
         reached twice, as in a loop a damaged filesystem can hold, is listed once)."""
         seen = {top}
@@ -170,6 +176,11 @@ class Worker:
         if rows:
             send(self.out, {"batch": len(rows)}, _table(rows, parents))
         send(self.out, {"ok": {}})
+
+
+def _backend(fstype: str) -> type[Filesystem]:
+    """The backend that reads ``fstype``: The Sleuth Kit for ext, NTFS, FAT and exFAT."""
+    return TskFilesystem
 
 
 def _limit(memory: int) -> None:

@@ -1,0 +1,172 @@
+"""Files inside a recovery point: walk, ls and cat through comb, against the kernel in the same run.
+
+``python -m bench files --files 100000 --big-mib 1024`` builds (once, cached in the work
+directory) a tree of N small files in N/1000 folders plus one big random file, makes an ext4
+image of it with ``mkfs.ext4 -d``, backs it up (local engine, plain repository), then measures,
+median of ``--repeat`` rounds:
+
+- a full walk of the point's filesystem (every entry with its metadata: what a file catalog
+  reads), and the bytes it read from the repository;
+- ``ls`` of one folder in a cold point: open the repository, the point, start the filesystem
+  worker, list;
+- ``cat`` of the big file (MB/s), whose data comb reads straight from the point;
+- the kernel: ``find`` over a read-only loop mount of the same image and ``cat`` of the big file
+  from it (page cache warm: an upper bound), when run as root.
+
+Must not: judge targets (bench/README.md does).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import tempfile
+import time
+
+from catalog.repo import Repository
+from drive.files.view import PointFiles
+
+from .machine import DEFAULT_WORKDIR, describe, header_lines
+from .report import table
+from .runs import backup, fresh_repo
+
+
+class Counting:
+    """A block source that counts the bytes read through it."""
+
+    def __init__(self, inner: object) -> None:
+        self.inner = inner
+        self.read = 0
+
+    @property
+    def size(self) -> int:
+        return self.inner.size  # type: ignore[attr-defined, no-any-return]
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        self.read += len(buf)
+        self.inner.read_into(buf, offset)  # type: ignore[attr-defined]
+
+
+def build_image(workdir: str, files: int, big_mib: int) -> str:
+    image = os.path.join(workdir, f"files-{files}-{big_mib}.ext4")
+    if os.path.exists(image):
+        return image
+    tree = tempfile.mkdtemp(dir=workdir, prefix="files-tree-")
+    for i in range(files):
+        folder = os.path.join(tree, f"d{i // 1000:04d}")
+        if i % 1000 == 0:
+            os.mkdir(folder)
+        with open(os.path.join(folder, f"f{i:07d}.txt"), "w") as f:
+            f.write(f"file {i}\n" * 12)
+    with open(os.path.join(tree, "big.bin"), "wb") as f:
+        block = os.urandom(16 << 20)
+        for i in range(big_mib // 16):
+            f.write(block[i:] + block[:i])  # no two 16 MiB pieces alike: nothing dedups
+    size_mib = big_mib + 64 + files // 100
+    tmp = image + ".tmp"
+    with open(tmp, "wb") as f:
+        f.truncate(size_mib << 20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-N", str(files + 1024), "-d", tree, tmp],
+        check=True,
+        capture_output=True,
+    )
+    subprocess.run(["rm", "-rf", tree], check=True)
+    os.replace(tmp, image)
+    return image
+
+
+def comb_round(repo_path: str, point_id: str, folder: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    t0 = time.perf_counter()
+    r = Repository.open(repo_path)
+    source = Counting(r.reader(r.resolve(point_id)))
+    with PointFiles(source) as files:  # type: ignore[arg-type]
+        listed = files.listdir(files.lookup(f"/disk/{folder}"))
+        out["ls_cold_s"] = time.perf_counter() - t0
+        assert listed
+        t0, before = time.perf_counter(), source.read
+        out["entries"] = sum(1 for _ in files.walk(files.lookup("/disk")))
+        out["walk_s"] = time.perf_counter() - t0
+        out["walk_read_bytes"] = source.read - before
+        big = files.lookup("/disk/big.bin")
+        t0 = time.perf_counter()
+        got = sum(len(data) for _, data in files.data(big))
+        out["cat_s"] = time.perf_counter() - t0
+        out["cat_bytes"] = got
+    return out
+
+
+def kernel_round(image: str) -> dict[str, float] | None:
+    if os.geteuid() != 0:
+        return None
+    mnt = tempfile.mkdtemp(prefix="comb-bench-mnt-")
+    subprocess.run(["mount", "-o", "ro,loop", image, mnt], check=True)
+    try:
+        t0 = time.perf_counter()
+        found = subprocess.run(["find", mnt], capture_output=True, check=True).stdout.count(b"\n")
+        find_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        subprocess.run(["cat", os.path.join(mnt, "big.bin")], stdout=subprocess.DEVNULL, check=True)
+        return {"find_s": find_s, "find_entries": found, "cat_s": time.perf_counter() - t0}
+    finally:
+        subprocess.run(["umount", mnt], check=True)
+        os.rmdir(mnt)
+
+
+def main(argv: list[str]) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench files", description=__doc__.split("\n")[0])
+    p.add_argument("--files", type=int, default=100_000)
+    p.add_argument("--big-mib", type=int, default=1024)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--workdir", default=DEFAULT_WORKDIR)
+    args = p.parse_args(argv)
+    os.makedirs(args.workdir, exist_ok=True)
+    env = describe()
+    print("\n".join(header_lines(env)))
+    image = build_image(args.workdir, args.files, args.big_mib)
+    repo_path = os.path.join(args.workdir, "files-repo")
+    repo = fresh_repo(repo_path)
+    run = backup(repo, image, "local", "files", source_name="files")
+    ours = [comb_round(repo_path, run.point_id, "d0050") for _ in range(args.repeat)]
+    kernel = [k for k in (kernel_round(image) for _ in range(args.repeat)) if k]
+
+    def med(rows: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in rows)
+
+    walk_s, cat_s = med(ours, "walk_s"), med(ours, "cat_s")
+    cat_mb_s = ours[0]["cat_bytes"] / cat_s / 1e6
+    rows = [
+        ["entries walked", f"{int(ours[0]['entries'])}", "-"],
+        [
+            "full walk (every entry and its metadata)",
+            f"{walk_s:.2f} s",
+            f"{med(kernel, 'find_s'):.2f} s (find)" if kernel else "-",
+        ],
+        [
+            "bytes read from the repository by the walk",
+            f"{med(ours, 'walk_read_bytes') / 2**20:.1f} MiB",
+            "-",
+        ],
+        ["ls of one folder, cold point", f"{med(ours, 'ls_cold_s'):.2f} s", "-"],
+        [
+            f"cat of a {args.big_mib} MiB file",
+            f"{cat_mb_s:.0f} MB/s",
+            f"{ours[0]['cat_bytes'] / med(kernel, 'cat_s') / 1e6:.0f} MB/s" if kernel else "-",
+        ],
+        ["backup of the image (local engine)", f"{run.wall_s:.1f} s", "-"],
+    ]
+    print(table("files inside a point (median of rounds)", ["figure", "comb", "kernel"], rows))
+    figures = {
+        "env": env,
+        "files": args.files,
+        "comb": ours,
+        "kernel": kernel,
+        "walk_s": walk_s,
+        "cat_mb_s": cat_mb_s,
+    }
+    print(json.dumps(figures, default=str))
+    return 0

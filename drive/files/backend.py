@@ -1,0 +1,31 @@
+"""What the filesystem worker asks of a backend (``tsk.TskFilesystem``; more may follow):
+``Filesystem`` and the ``Row`` it lists a directory entry as.
+
+Owns the backend protocol. Must not: import a parsing library (backends do, inside the worker).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Protocol
+
+# One directory entry, in the order of ``entries.SCHEMA`` after ``parent``: name, kind, inode,
+# size, mode, uid, gid, mtime_ns, ctime_ns, atime_ns, nlink, target.
+Row = tuple[bytes, str, int, int, int, int, int, int, int, int, int, bytes | None]
+
+
+class Filesystem(Protocol):
+    """A volume's filesystem as the worker reads it: made from a ``read(offset, length)`` over
+    the volume and its size. Inodes are the backend's own numbers, stable within the volume;
+    any failure raises (the worker answers it as one line)."""
+
+    root: int
+    block_size: int
+
+    def __init__(self, read: Callable[[int, int], bytes], size: int) -> None: ...
+
+    def listdir(self, inode: int) -> list[Row]: ...
+
+    def read(self, inode: int, offset: int, length: int) -> bytes: ...
+
+    def runs(self, inode: int) -> list[tuple[int, int, int]] | None: ...
