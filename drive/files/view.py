@@ -27,7 +27,7 @@ from .entries import Entry, display, entries_from
 from .sandbox import DEFAULT_MEMORY, DEFAULT_TIMEOUT, Worker
 from .volumes import Volume, find_volumes
 
-READABLE = ("ext2", "ext3", "ext4", "ntfs", "fat12", "fat16", "fat32", "exfat")
+READABLE = ("ext2", "ext3", "ext4", "xfs", "ntfs", "fat12", "fat16", "fat32", "exfat")
 PIECE = 8 << 20
 LISTING_CACHE = 1024
 
@@ -95,7 +95,8 @@ class PointFiles:
         return Node(b"/", None, Entry(name=b"/", kind="dir", inode=0, nlink=2, mode=0o555))
 
     def _volume_node(self, volume: Volume) -> Node:
-        entry = Entry(name=volume.name.encode(), kind="dir", inode=0, size=0, mode=0o555)
+        name = volume.name.encode().rsplit(b"/", 1)[-1]  # "lvm/VG/LV": LV in /lvm/VG
+        entry = Entry(name=name, kind="dir", inode=0, size=0, mode=0o555)
         if volume.fstype in READABLE:
             entry = Entry(name=entry.name, kind="dir", inode=self._root_inode(volume), mode=0o555)
         return Node(b"/" + volume.name.encode(), volume, entry)
@@ -123,7 +124,7 @@ class PointFiles:
     def listdir(self, node: Node) -> list[Node]:
         """A directory's entries as nodes (``/``: the volumes)."""
         if node.volume is None:
-            return [self._volume_node(v) for v in self.volumes()]
+            return [self._node_in(node.path, k, v) for k, v in self._volume_dir(node.path).items()]
         if not node.entry.is_dir:
             raise PathNotFound(f"{display(node.path)}: not a directory")
         self._readable(node.volume)
@@ -133,6 +134,24 @@ class PointFiles:
             for e in self._list(node.volume, node.entry.inode)
             if self._fit(base, e)
         ]
+
+    def _volume_dir(self, path: bytes) -> dict[bytes, Volume | None]:
+        """What ``/`` or a directory of volume names (``/lvm``, ``/lvm/VG``) holds: name ->
+        its volume, or None for a directory of longer names ("lvm/VG/LV")."""
+        prefix = path.strip(b"/") + b"/" if path.strip(b"/") else b""
+        found: dict[bytes, Volume | None] = {}
+        for volume in self.volumes():
+            name = volume.name.encode()
+            head, more, _ = name.removeprefix(prefix).partition(b"/")
+            if name.startswith(prefix) and head not in found:
+                found[head] = None if more else volume
+        return found
+
+    def _node_in(self, path: bytes, name: bytes, volume: Volume | None) -> Node:
+        if volume is not None:
+            return self._volume_node(volume)
+        entry = Entry(name=name, kind="dir", inode=0, nlink=2, mode=0o555)
+        return Node(path.rstrip(b"/") + b"/" + name, None, entry)
 
     def _fit(self, base: bytes, entry: Entry) -> bool:
         """Can the name be a path component? A damaged or hostile filesystem can hold names
@@ -165,13 +184,12 @@ class PointFiles:
         node = self.root()
         for part in split(path):
             if node.volume is None:
-                found = [v for v in self.volumes() if v.name.encode() == part]
-                if not found:
+                here = self._volume_dir(node.path)
+                if part not in here:
                     names = ", ".join(v.name for v in self.volumes())
-                    raise PathNotFound(
-                        f"/{display(part)}: no such volume in this point (it has {names})"
-                    )
-                node = self._volume_node(found[0])
+                    where = display(node.path.rstrip(b"/") + b"/" + part)
+                    raise PathNotFound(f"{where}: no such volume in this point (it has {names})")
+                node = self._node_in(node.path, part, here[part])
                 continue
             if node.entry.kind == "symlink":
                 raise PathNotFound(f"{display(node.path)}: a symbolic link (comb does not follow)")
@@ -185,7 +203,10 @@ class PointFiles:
         """Every node under a directory (not the directory itself), parents before children."""
         if node.volume is None:
             for volume_node in self.listdir(node):
-                if volume_node.volume and volume_node.volume.fstype in READABLE:
+                if volume_node.volume is None:  # /lvm, /lvm/VG
+                    yield volume_node
+                    yield from self.walk(volume_node)
+                elif volume_node.volume.fstype in READABLE:
                     yield volume_node
                     yield from self.walk(volume_node)
             return

@@ -1,6 +1,7 @@
 """The volumes of a disk image: its partition table (MBR with its extended chain, or GPT) and
 what each volume holds, told by magic numbers (ext2/3/4, XFS, NTFS, FAT, exFAT, btrfs, and what
-is not a readable filesystem: LUKS, BitLocker, LVM2, swap).
+is not a readable filesystem: LUKS, BitLocker, LVM2, swap). An LVM2 physical volume is followed
+by its logical volumes (``drive.files.lvm``), named ``lvm/VG/LV``.
 
 Owns partition-table parsing and filesystem detection by signature. The bytes come from an
 untrusted guest: every field is checked against the disk, every walk is capped, nothing is
@@ -8,7 +9,7 @@ sized by an on-disk count, and a malformed table is a one-line ``FileSystemError
 reaching past the disk's end are clipped to it; partitions starting past it are left out.
 
 Must not: read more than the few sectors it needs, parse a filesystem beyond its superblock or
-boot sector, or import anything of comb but ``catalog``.
+boot sector, or import anything of comb but ``catalog`` (and ``lvm`` beside it).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import struct
 import uuid
 import zlib
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from catalog.errors import FileSystemError
 from catalog.read.source import BlockSource, read_bytes
@@ -59,6 +60,10 @@ Detected = tuple[str | None, str | None, str | None]
 def find_volumes(source: BlockSource) -> list[Volume]:
     """The volumes of ``source``: its partitions in number order (none if its table lists none
     within the disk), or the whole disk as "disk" when it has no partition table."""
+    return _with_lvs(source, _volumes(source))
+
+
+def _volumes(source: BlockSource) -> list[Volume]:
     head = _read(source, 0, SECTOR, source.size)
     if _sector0_filesystem(head) is None:
         table = _table(source, head)
@@ -67,6 +72,29 @@ def find_volumes(source: BlockSource) -> list[Volume]:
     fstype, label, note = detect(source, 0, source.size)
     note = "unknown" if note == "empty" else note  # nothing found on the whole disk
     return [Volume("disk", 0, source.size, fstype, label, note, None)]
+
+
+def _with_lvs(source: BlockSource, volumes: list[Volume]) -> list[Volume]:
+    """Each LVM2 PV followed by its logical volumes (``lvm/VG/LV``, drive.files.lvm); an LV
+    spanning PVs of this disk is listed once; the PV's note says why its LVs cannot be read."""
+    from .lvm import logical_volumes  # lvm reads volumes through detect: imported when needed
+
+    out: list[Volume] = []
+    names = {v.name for v in volumes}
+    for vol in volumes:
+        if vol.note != "LVM2 physical volume":
+            out.append(vol)
+            continue
+        lvs = logical_volumes(source, vol)
+        if isinstance(lvs, str):
+            out.append(replace(vol, note=f"LVM2 physical volume ({lvs})"))
+            continue
+        out.append(vol)
+        for lv in lvs:
+            if lv.name not in names:
+                names.add(lv.name)
+                out.append(lv)
+    return out
 
 
 def detect(source: BlockSource, offset: int, size: int) -> Detected:

@@ -179,7 +179,12 @@ class Worker:
 
 
 def _backend(fstype: str) -> type[Filesystem]:
-    """The backend that reads ``fstype``: The Sleuth Kit for ext, NTFS, FAT and exFAT."""
+    """The backend that reads ``fstype``: libfsxfs for XFS, The Sleuth Kit for ext, NTFS, FAT
+    and exFAT."""
+    if fstype == "xfs":
+        from .yal import XfsFilesystem
+
+        return XfsFilesystem
     return TskFilesystem
 
 
