@@ -10,7 +10,8 @@ Views (documented in ``SCHEMA`` and by ``comb catalog-schema``): the file views 
 - ``changes``: every change-table row with its point and the life of its content;
 - ``point_usage``: per point new, changed, stored and unique bytes, dedup and compression ratios;
 - ``extents``: per point the runs of data and of zeros over the whole disk (expands manifests:
-  for ad-hoc questions about a few points, not for a whole history).
+  for ad-hoc questions about a few points, not for a whole history);
+- ``files`` and ``file_changes``: the files inside the points (``file_views``).
 
 The history-derived views read change tables, so they are built on first use only. Only committed
 points are visible (everything starts from the committed point documents).
@@ -26,6 +27,7 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
+from catalog.analytics.file_views import FILE_CATALOG_VIEWS, add_file_catalog_views
 from catalog.analytics.history import History
 from catalog.analytics.views import (
     FILE_VIEWS,
@@ -91,6 +93,9 @@ class Catalog:
             add_file_views(self.con, self.storage, self.points, self.damaged)
             self.con.execute(EXTENTS_VIEW)
             self._built.add("files")
+        if words & set(FILE_CATALOG_VIEWS) and "file_catalog" not in self._built:
+            add_file_catalog_views(self.con, self.storage, self.points, self.damaged)
+            self._built.add("file_catalog")
         if words & {"sources", "stored_history"}:
             self._register_stored()
         if words & {"changes", "point_usage"}:

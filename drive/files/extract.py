@@ -139,7 +139,9 @@ class Extractor:
                 self.done.dirs += 1
             except FileExistsError:
                 self.dirs.fd(parts)  # an existing folder is entered, a link to one is not
-            if node.path.count(b"/") > 1:  # a volume's folder has no times of its own
+            volume = node.volume
+            if volume is not None and node.path != b"/" + volume.name.encode():
+                # (a volume's folder, and /lvm and /lvm/VG, have no times of their own)
                 self._times.append((parts, entry))
             return
         if not self._replace(parent, name, entry):

@@ -61,10 +61,6 @@ class _Window(pytsk3.Img_Info):  # type: ignore[misc]
         pass
 
 
-def _ns(sec: int, nsec: int) -> int:
-    return int(sec) * 1_000_000_000 + int(nsec or 0)
-
-
 class TskFilesystem:
     """A volume's filesystem as TSK reads it."""
 
@@ -122,9 +118,9 @@ class TskFilesystem:
             int(meta.mode) & 0o7777,
             int(meta.uid),
             int(meta.gid),
-            _ns(meta.mtime, meta.mtime_nano),
-            _ns(meta.ctime, meta.ctime_nano),
-            _ns(meta.atime, meta.atime_nano),
+            meta.mtime * 1_000_000_000 + (meta.mtime_nano or 0),
+            meta.ctime * 1_000_000_000 + (meta.ctime_nano or 0),
+            meta.atime * 1_000_000_000 + (meta.atime_nano or 0),
             int(meta.nlink),
             link or None,
         )

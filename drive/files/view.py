@@ -14,6 +14,7 @@ a filesystem in this process, or follow a symbolic link (the caller decides what
 from __future__ import annotations
 
 import io
+import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -72,9 +73,12 @@ class PointFiles:
     ) -> None:
         self.source = source
         self.worker = Worker(source, memory, timeout)
+        self._walker = Worker(source, memory, timeout)
+        self._walker_free = threading.Lock()
         self._volumes: list[Volume] | None = None
         self._roots: dict[str, int] = {}
         self.skipped: list[str] = []  # what walks could not list, one line each
+        self.walk_reads: list[tuple[int, int]] = []  # (offset, length) the walks' workers read
         self._listings: OrderedDict[tuple[str, int], list[Entry]] = OrderedDict()
 
     def __enter__(self) -> PointFiles:
@@ -85,6 +89,7 @@ class PointFiles:
 
     def close(self) -> None:
         self.worker.close()
+        self._walker.close()
 
     def volumes(self) -> list[Volume]:
         if self._volumes is None:
@@ -132,7 +137,7 @@ class PointFiles:
         return [
             Node(base + b"/" + e.name, node.volume, e)
             for e in self._list(node.volume, node.entry.inode)
-            if self._fit(base, e)
+            if self._fit(base, e.name)
         ]
 
     def _volume_dir(self, path: bytes) -> dict[bytes, Volume | None]:
@@ -153,10 +158,9 @@ class PointFiles:
         entry = Entry(name=name, kind="dir", inode=0, nlink=2, mode=0o555)
         return Node(path.rstrip(b"/") + b"/" + name, None, entry)
 
-    def _fit(self, base: bytes, entry: Entry) -> bool:
+    def _fit(self, base: bytes, name: bytes) -> bool:
         """Can the name be a path component? A damaged or hostile filesystem can hold names
         with ``/`` or NUL in them, or ``.`` and ``..`` as entries of their own: left out, said."""
-        name = entry.name
         if b"/" in name or b"\0" in name or name in (b".", b".."):
             self.skipped.append(f"{display(base)}: left out an entry named {display(name)!r}")
             return False
@@ -211,28 +215,70 @@ class PointFiles:
                     yield from self.walk(volume_node)
             return
         self._readable(node.volume)
+        for table, paths in self._walk_tables(node):
+            for path, entry in zip(paths, entries_from(table), strict=True):
+                yield Node(path, node.volume, entry)
+
+    def _walk_tables(self, node: Node) -> Iterator[tuple[pa.Table, list[bytes]]]:
+        """A walk's batches (``entries.SCHEMA``) and each kept row's full path; an entry whose
+        name cannot be a path component is left out (and said)."""
+        assert node.volume is not None
         paths = {node.entry.inode: node.path.rstrip(b"/")}
         header = self._header("walk", node.volume, inode=node.entry.inode)
-        walker = Worker(self.source, self.worker.memory, self.worker.timeout)
-        try:  # a worker of its own: the caller reads files while the walk goes on
-            yield from self._walked(walker.stream(header, describe(node.volume)), paths, node)
+        # A worker of its own (the caller reads files while the walk goes on), kept for the
+        # next walk; a walk inside a walk gets a new one.
+        mine = self._walker_free.acquire(blocking=False)
+        walker = (
+            self._walker if mine else Worker(self.source, self.worker.memory, self.worker.timeout)
+        )
+        try:
+            for table in walker.stream(header, describe(node.volume)):
+                cols = [table.column(c).to_pylist() for c in ("parent", "name", "kind", "inode")]
+                keep: list[int] = []
+                out: list[bytes] = []
+                for i, (parent, name, kind, inode) in enumerate(zip(*cols, strict=True)):
+                    base = paths.get(parent)
+                    if base is None or not self._fit(base, name):
+                        continue
+                    path = base + b"/" + name
+                    if kind == "dir":
+                        paths[inode] = path
+                    keep.append(i)
+                    out.append(path)
+                yield table.take(keep), out
         finally:
             self.skipped.extend(walker.skipped)
-            walker.close()
+            self.walk_reads.extend(walker.reads)
+            walker.skipped.clear()
+            walker.reads.clear()
+            if mine:
+                self._walker_free.release()
+            else:
+                walker.close()
 
-    def _walked(
-        self, tables: Iterator[pa.Table], paths: dict[int, bytes], node: Node
-    ) -> Iterator[Node]:
-        for table in tables:
-            parents = table.column("parent").to_pylist()
-            for parent, entry in zip(parents, entries_from(table), strict=True):
-                base = paths.get(parent)
-                if base is None or not self._fit(base, entry):
-                    continue
-                path = base + b"/" + entry.name
-                if entry.is_dir:
-                    paths[entry.inode] = path
-                yield Node(path, node.volume, entry)
+    def volume_listings(self) -> Iterator[tuple[Volume, pa.Table | None, str | None]]:
+        """Every volume with the listing of its filesystem: path (below the volume), path_text
+        (as shown), volume and the entry's metadata; None and the one-line error when it cannot
+        be read, None and None when it is not a filesystem comb reads."""
+        for volume in self.volumes():
+            if volume.fstype not in READABLE:
+                yield volume, None, None
+                continue
+            parts = []
+            try:
+                top = self._volume_node(volume)
+                for table, paths in self._walk_tables(top):
+                    rel = [p[len(top.path) :] for p in paths]
+                    parts.append(
+                        table.drop_columns(["parent", "name", "atime_ns"])
+                        .append_column("volume", pa.array([volume.name] * len(rel), pa.string()))
+                        .append_column("path", pa.array(rel, pa.binary()))
+                        .append_column("path_text", pa.array([display(r) for r in rel]))
+                    )
+            except FileSystemError as err:
+                yield volume, None, str(err)
+                continue
+            yield volume, pa.concat_tables(parts) if parts else None, None
 
     def data(self, node: Node, piece: int = PIECE) -> Iterator[tuple[int, bytes]]:
         """A regular file's data as (offset, bytes) pieces in order; the gaps between pieces

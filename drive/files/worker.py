@@ -34,8 +34,8 @@ from .entries import SCHEMA
 from .tsk import TskFilesystem
 from .wire import WireError, receive, send
 
-BLOCK = 256 << 10
-CACHE_BLOCKS = 256  # 64 MiB
+BLOCK = 16 << 10
+CACHE_BLOCKS = 4096  # 64 MiB
 BATCH_ROWS = 50_000
 MAX_READ = 16 << 20
 MAX_DEPTH = 4096
@@ -68,7 +68,7 @@ class RemoteDisk:
     def _fetch(self, index: int, last: int) -> bytes:
         """Blocks index.. (the missing run up to ``last``) in one request; returns block index."""
         count = 1
-        while index + count <= last and index + count not in self._cache and count < 16:
+        while index + count <= last and index + count not in self._cache and count < 64:
             count += 1
         send(self._out, {"read": [index * BLOCK, count * BLOCK]})
         header, data = receive(self._inp)

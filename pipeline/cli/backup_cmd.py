@@ -18,6 +18,7 @@ from ..jobs.runner import BackupOptions
 from ..jobs.vsphere import is_vsphere
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
 from . import Subparsers, command
+from .catalog_cmd import index_after_backup
 from .passwords import VSPHERE_PASSWORD_ENV, vsphere_password
 from .points_cmd import TAG_RULE, check_tag, point_summary
 from .progress import progress_bar
@@ -53,6 +54,11 @@ def add_parser(sub: Subparsers) -> None:
         help=f"label the new point (repeatable; {TAG_RULE}); `points --tag` finds it",
     )
     s.add_argument("--description", metavar="TEXT", help="a description of the new point")
+    s.add_argument(
+        "--no-files",
+        action="store_true",
+        help="skip the file catalog of the new point (`comb index` builds it later)",
+    )
     s.add_argument(
         "--changed-extents",
         metavar="FILE",
@@ -119,8 +125,13 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         else:
             points = [run_backup(r, args.source, engine, opts, bar)]
     seconds = time.perf_counter() - t0
-    for point in points:
-        _report(point, engine, seconds, args.json)
+    if not args.json:
+        for point in points:
+            _report(point, engine, seconds, False)
+    catalogs = {} if args.no_files else index_after_backup(r, points, args.json)
+    if args.json:
+        for point in points:
+            _report(point, engine, seconds, True, catalogs.get(point.id))
     return 0
 
 
@@ -154,10 +165,17 @@ def _vsphere_options(args: argparse.Namespace) -> VsphereOptions | None:
     )
 
 
-def _report(point: RecoveryPoint, engine: Engine, seconds: float, as_json: bool) -> None:
+def _report(
+    point: RecoveryPoint,
+    engine: Engine,
+    seconds: float,
+    as_json: bool,
+    catalog: dict[str, object] | None = None,
+) -> None:
     st = point.stats
     if as_json:  # one line per point (JSON Lines): a VM backup makes one point per disk
         doc = {**point_summary(point), "engine_startup_seconds": round(engine.startup_s, 3)}
+        doc["file_catalog"] = catalog
         if point.vsphere is not None:
             doc.update(change_id=point.change_id, cbt=point.vsphere.get("cbt"))
         print_json(doc)

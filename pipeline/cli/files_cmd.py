@@ -139,7 +139,7 @@ def _volumes(point: RecoveryPoint, files: PointFiles, args: argparse.Namespace) 
 def cmd_ls(repo: str, args: argparse.Namespace) -> int:
     with point_files(repo, args, "ls") as (point, files):
         node = files.lookup(args.path)
-        if node.volume is None and not args.recursive:
+        if node.path == b"/" and not args.recursive:
             _volumes(point, files, args)
             return 0
         if args.recursive:

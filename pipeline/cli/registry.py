@@ -14,6 +14,7 @@ from . import (
     analytics_cmd,
     backup_cmd,
     boot_cmd,
+    catalog_cmd,
     completion_cmd,
     demo_cmd,
     export_cmd,
@@ -53,6 +54,7 @@ COMMANDS: tuple[CommandModule, ...] = (
     points_cmd,
     stats_cmd,
     files_cmd,  # ls, cat
+    catalog_cmd,  # index, find, diff
     restore_cmd,
     export_cmd,
     serve_cmd,

@@ -1,0 +1,161 @@
+"""DuckDB views over the file catalogs (``catalog.store.filecat``): ``files`` (one row per entry
+per point) and ``file_changes`` (one row per entry added, modified or removed by a point).
+
+``file_changes`` is the catalogs' change rows as they are stored, forgotten points' included
+(``forgotten`` says so: a file a kept point still holds may have been added by one): questions
+about history ("every version of /etc/fstab", "what changed this week") read only them, in
+proportion to the change. ``files`` rebuilds each point's whole listing from the nearest full
+listing up its chain and the change rows after it (``_file_lineage`` says which file serves
+which point at which rank): a query about a few points or paths is cheap, one over every point
+of a long history reads points × entries rows.
+
+Owns these views. Must not: write, or read a filesystem.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+
+import duckdb
+import pyarrow as pa
+
+from catalog.analytics.views import sealed_dataset
+from catalog.errors import CombError
+from catalog.store import filecat
+from catalog.store.parquet_io import read_verified
+from catalog.store.points import RecoveryPoint, load_forgotten
+from catalog.store.storage import Storage
+
+FILE_CATALOG_VIEWS = ("files", "file_changes")
+_ENTRY = ", ".join(f'r."{f.name}"' for f in filecat.ENTRY_FIELDS)
+_TIME = "make_timestamp(r.mtime_ns // 1000) AS mtime"
+
+FILES_VIEW = f"""
+CREATE VIEW files AS
+SELECT * EXCLUDE (rank, change) FROM (
+    SELECT * FROM (
+        SELECT l.point_id, l.rank, {_ENTRY}, {_TIME}, NULL::VARCHAR AS change
+        FROM _file_lineage l JOIN _file_full r USING (pos)
+        UNION ALL
+        SELECT l.point_id, l.rank, {_ENTRY}, {_TIME}, r.change
+        FROM _file_lineage l JOIN _file_changes r USING (pos)
+    )
+    QUALIFY row_number() OVER (PARTITION BY point_id, volume, path ORDER BY rank) = 1
+) WHERE change IS DISTINCT FROM 'removed'
+"""
+FILE_CHANGES_VIEW = f"""
+CREATE VIEW file_changes AS
+SELECT m.point_id, m.source, m.time, m.forgotten, r.change, {_ENTRY}, {_TIME}
+FROM _file_changes r JOIN _file_change_points m USING (pos)
+"""
+
+
+class _Files:
+    """The catalog files to register, each with a position, and which point reads which."""
+
+    def __init__(self, storage: Storage, damaged: list[str]) -> None:
+        self.storage = storage
+        self.damaged = damaged
+        self.docs: dict[str, filecat.FilesDoc | None] = {}
+        self.paths: dict[str, list[tuple[int, str]]] = {"full": [], "changes": []}
+        self.pos: dict[str, int] = {}
+
+    def doc(self, point_id: str) -> filecat.FilesDoc | None:
+        if point_id not in self.docs:
+            try:
+                self.docs[point_id] = filecat.read_doc(self.storage, point_id)
+            except CombError as err:
+                self.damaged.append(err.message)
+                self.docs[point_id] = None
+        return self.docs[point_id]
+
+    def position(self, kind: str, file_id: str) -> int | None:
+        """The position of a data file, checked against its name (None: damaged, said)."""
+        if file_id not in self.pos:
+            name = filecat.data_name(file_id)
+            path = self.storage.local_path(name)
+            try:
+                if path is None:
+                    raise CombError("file catalogs are queried on a local repository only")
+                read_verified(self.storage, name)
+            except CombError as err:
+                self.damaged.append(err.message)
+                return None
+            self.pos[file_id] = len(self.pos)
+            self.paths[kind].append((self.pos[file_id], path))
+        return self.pos[file_id]
+
+    def lineage(self, point_id: str) -> list[tuple[int, int]] | None:
+        """(position, rank) of the files that make up a point's listing."""
+        out: list[tuple[int, int]] = []
+        doc = self.doc(point_id)
+        while doc is not None and len(out) <= filecat.FULL_EVERY + 1:
+            kind, file_id = ("full", doc.full) if doc.full else ("changes", doc.changes)
+            pos = self.position(kind, file_id)
+            if pos is None:
+                return None
+            out.append((pos, len(out)))
+            if doc.full:
+                return out
+            doc = self.doc(doc.base) if doc.base else None
+        self.damaged.append(f"{filecat.doc_name(point_id)}: its chain has no full listing")
+        return None
+
+
+def _dataset(paths: list[tuple[int, str]], schema: pa.Schema, storage: Storage) -> object:
+    if not paths:
+        return schema.empty_table().append_column("pos", pa.array([], pa.int64()))
+    return sealed_dataset(
+        storage.sealer, [p for _, p in paths], schema, False, [pos for pos, _ in paths]
+    )
+
+
+def add_file_catalog_views(
+    con: duckdb.DuckDBPyConnection,
+    storage: Storage,
+    points: list[RecoveryPoint],
+    damaged: list[str],
+) -> None:
+    files = _Files(storage, damaged)
+    have = filecat.cataloged(storage)
+    forgotten, _ = load_forgotten(storage, points)
+    lineage: dict[str, list] = {"point_id": [], "pos": [], "rank": []}
+    changed: dict[str, list] = {n: [] for n in _CHANGED.names}
+    for point in sorted([*points, *forgotten], key=lambda p: (p.time, p.id)):
+        doc = files.doc(point.id) if point.id in have else None
+        if doc is None:
+            continue
+        live = point not in forgotten
+        chain = files.lineage(point.id) if live else []
+        if chain is None:
+            continue
+        for at, rank in chain:
+            lineage["point_id"].append(point.id)
+            lineage["pos"].append(at)
+            lineage["rank"].append(rank)
+        pos = files.position("changes", doc.changes)
+        if pos is not None:
+            for name, value in zip(
+                _CHANGED.names,
+                (point.id, point.source, datetime.fromisoformat(point.time), not live, pos),
+                strict=True,
+            ):
+                changed[name].append(value)
+    con.register("_file_lineage", pa.table(lineage, schema=_LINEAGE))
+    con.register("_file_change_points", pa.table(changed, schema=_CHANGED))
+    con.register("_file_full", _dataset(files.paths["full"], filecat.LISTING_SCHEMA, storage))
+    con.register("_file_changes", _dataset(files.paths["changes"], filecat.CHANGES_SCHEMA, storage))
+    con.execute(FILES_VIEW)
+    con.execute(FILE_CHANGES_VIEW)
+
+
+_LINEAGE = pa.schema([("point_id", pa.string()), ("pos", pa.int64()), ("rank", pa.int64())])
+_CHANGED = pa.schema(
+    [
+        ("point_id", pa.string()),
+        ("source", pa.string()),
+        ("time", pa.timestamp("us", tz="UTC")),
+        ("forgotten", pa.bool_()),
+        ("pos", pa.int64()),
+    ]
+)

@@ -1,0 +1,228 @@
+"""File catalogs: the files inside each recovery point's filesystems, as Parquet (FORMAT.md 23).
+
+A point's catalog is a document ``files/<point id>.json`` (sealed like a point document) naming
+Parquet files of rows, one row per entry (volume, path, kind, size, mode, owner, times, inode,
+link count, link target). It is stored as a change: ``changes`` holds only the entries added,
+modified or removed since its ``base`` (the catalog of the point the backup read as parent),
+each row marked ``added``/``modified``/``removed``; a catalog without a base, and every
+``FULL_EVERY``-th one of a chain, also has ``full``: every entry. A point's whole listing is
+the nearest ``full`` up its chain plus the changes after it, so reading one costs at most
+``FULL_EVERY`` small files, whatever the history's length. ``touched`` lists the disk chunks
+(by offset) whose bytes the walk read: when none of them changed, the next point's listing is
+the same, and no walk is needed.
+
+Owns the catalog's files, their schema, the change computation and rebuilding a point's
+listing. Must not: read a filesystem (``drive.files`` does), or know about points' content.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from catalog.errors import CorruptionError
+from catalog.store.parquet_io import ParquetStreamWriter, read_parquet
+from catalog.store.storage import Storage
+
+FILES_PREFIX = "files"
+FILES_DOC_KIND = "files"  # associated data of a sealed catalog document
+FILES_FORMAT = "comb-files"
+FILES_VERSION = 1
+FULL_EVERY = 32
+
+ENTRY_FIELDS = [
+    pa.field("volume", pa.string(), nullable=False),
+    pa.field("path", pa.binary(), nullable=False),  # below the volume, from "/"; raw bytes
+    pa.field("path_text", pa.string(), nullable=False),  # as shown: non-UTF-8 bytes escaped
+    pa.field("kind", pa.string(), nullable=False),
+    pa.field("size", pa.int64(), nullable=False),
+    pa.field("mode", pa.int32(), nullable=False),
+    pa.field("uid", pa.int64(), nullable=False),
+    pa.field("gid", pa.int64(), nullable=False),
+    pa.field("mtime_ns", pa.int64(), nullable=False),
+    pa.field("ctime_ns", pa.int64(), nullable=False),
+    pa.field("inode", pa.uint64(), nullable=False),
+    pa.field("nlink", pa.int32(), nullable=False),
+    pa.field("target", pa.binary(), nullable=True),
+]
+LISTING_SCHEMA = pa.schema(ENTRY_FIELDS)
+CHANGES_SCHEMA = pa.schema([*ENTRY_FIELDS, pa.field("change", pa.string(), nullable=False)])
+KEY = ["volume", "path"]
+# What makes an entry "modified": any of these differs (content is judged by size and times).
+COMPARED = ["kind", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "inode", "target"]
+
+
+@dataclass
+class FilesDoc:
+    """One point's catalog document."""
+
+    point: str
+    base: str | None
+    depth: int  # catalogs since the last one with ``full`` (0: this one has it)
+    changes: str  # Parquet file id under files/
+    full: str | None
+    entries: int
+    added: int
+    modified: int
+    removed: int
+    chunk_size: int
+    touched: list[int] = field(default_factory=list)  # chunk offsets the walk read
+    volumes: list[dict[str, object]] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)  # what the walk could not read
+
+    def to_json(self) -> bytes:
+        doc = {"format": FILES_FORMAT, "version": FILES_VERSION, **asdict(self)}
+        return json.dumps(doc, sort_keys=True).encode()
+
+
+def doc_name(point_id: str) -> str:
+    return f"{FILES_PREFIX}/{point_id}.json"
+
+
+def data_name(file_id: str) -> str:
+    return f"{FILES_PREFIX}/{file_id}.parquet"
+
+
+def cataloged(storage: Storage) -> set[str]:
+    """The ids of the points that have a catalog."""
+    return {
+        n.rsplit("/", 1)[-1][: -len(".json")]
+        for n in storage.list(FILES_PREFIX)
+        if n.endswith(".json")
+    }
+
+
+def read_doc(storage: Storage, point_id: str) -> FilesDoc | None:
+    name = doc_name(point_id)
+    if not storage.exists(name):
+        return None
+    where = storage.local_path(name) or name
+    raw = storage.sealer.open_doc(storage.read(name), FILES_DOC_KIND, where)
+    try:
+        doc = json.loads(raw)
+        if doc.get("format") != FILES_FORMAT or doc.get("version") != FILES_VERSION:
+            raise ValueError("not a file catalog document of a known version")
+        del doc["format"], doc["version"]
+        return FilesDoc(**doc)
+    except (ValueError, TypeError, AttributeError) as err:
+        raise CorruptionError(f"{where}: {err}") from None
+
+
+def _write(storage: Storage, schema: pa.Schema, table: pa.Table) -> str:
+    writer = ParquetStreamWriter(storage, schema, row_group_rows=1 << 17)
+    try:
+        writer.write(table.select(schema.names).cast(schema))
+        file_id, _ = writer.commit(FILES_PREFIX)
+    except BaseException:
+        writer.abort()
+        raise
+    return file_id
+
+
+def sort_listing(table: pa.Table) -> pa.Table:
+    return (
+        table.select(LISTING_SCHEMA.names)
+        .cast(LISTING_SCHEMA)
+        .sort_by([("volume", "ascending"), ("path", "ascending")])
+    )
+
+
+def diff(old: pa.Table, new: pa.Table) -> pa.Table:
+    """The change rows that take listing ``old`` to listing ``new`` (both as LISTING_SCHEMA)."""
+    old_k = old.append_column("_old", pa.array([True] * old.num_rows, pa.bool_()))
+    joined = new.join(old_k, KEY, join_type="full outer", right_suffix="_was")
+    gone = pc.is_null(joined.column("kind"))
+    fresh = pc.is_null(joined.column("_old"))
+    changed = pc.fill_null(pa.array([False] * joined.num_rows, pa.bool_()), False)
+    for name in COMPARED:
+        a, b = joined.column(name), joined.column(f"{name}_was")
+        differs = pc.fill_null(pc.not_equal(a, b), False)
+        nulls = pc.xor(pc.is_null(a), pc.is_null(b))
+        changed = pc.or_(changed, pc.or_(differs, nulls))
+    kind = pc.if_else(gone, "removed", pc.if_else(fresh, "added", "modified"))
+    keep = pc.or_(pc.or_(gone, fresh), changed)
+    out = {}
+    for name in LISTING_SCHEMA.names:
+        if name in KEY:
+            out[name] = joined.column(name)
+        else:  # a removed entry keeps what it was
+            out[name] = pc.if_else(gone, joined.column(f"{name}_was"), joined.column(name))
+    result = pa.table(out).append_column("change", kind).filter(keep)
+    return result.sort_by([("volume", "ascending"), ("path", "ascending")])
+
+
+def apply(listing: pa.Table, changes: pa.Table) -> pa.Table:
+    """``listing`` with ``changes`` applied."""
+    if not changes.num_rows:
+        return listing
+    keys = changes.select(KEY).append_column(
+        "_touched", pa.array([True] * changes.num_rows, pa.bool_())
+    )
+    untouched = listing.join(keys, KEY, join_type="left anti")
+    present = changes.filter(pc.not_equal(changes.column("change"), "removed"))
+    parts = [t.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA) for t in (untouched, present)]
+    return sort_listing(pa.concat_tables(parts))
+
+
+def read_listing(storage: Storage, point_id: str) -> pa.Table | None:
+    """Every entry of a point's catalog (LISTING_SCHEMA, sorted); None without a catalog."""
+    chain: list[FilesDoc] = []
+    doc = read_doc(storage, point_id)
+    while doc is not None and doc.full is None:
+        chain.append(doc)
+        if doc.base is None or len(chain) > FULL_EVERY + 1:
+            raise CorruptionError(f"{doc_name(doc.point)}: its chain has no full listing")
+        doc = read_doc(storage, doc.base)
+        if doc is None:
+            raise CorruptionError(f"{doc_name(chain[-1].point)}: its base's catalog is missing")
+    if doc is None:
+        return None
+    assert doc.full is not None
+    listing = sort_listing(read_parquet(storage, data_name(doc.full)))
+    for step in reversed(chain):
+        listing = apply(listing, read_parquet(storage, data_name(step.changes)))
+    return listing
+
+
+def write_catalog(
+    storage: Storage,
+    point_id: str,
+    listing: pa.Table,
+    base: FilesDoc | None,
+    base_listing: pa.Table | None,
+    chunk_size: int,
+    touched: list[int],
+    volumes: list[dict[str, object]],
+    skipped: list[str],
+) -> FilesDoc:
+    """Commit a point's catalog: its changes against ``base`` (every entry "added" without
+    one), its full listing when the chain is due one, then the document (the commit)."""
+    listing = sort_listing(listing)
+    empty = LISTING_SCHEMA.empty_table()
+    changes = diff(base_listing if base_listing is not None else empty, listing)
+    depth = 0 if base is None else base.depth + 1
+    full = None
+    if base is None or depth >= FULL_EVERY:
+        depth = 0
+        full = _write(storage, LISTING_SCHEMA, listing)
+    counts = {k: 0 for k in ("added", "modified", "removed")}
+    for value, n in zip(*pc.value_counts(changes.column("change")).flatten(), strict=True):
+        counts[value.as_py()] = n.as_py()
+    doc = FilesDoc(
+        point=point_id,
+        base=base.point if base is not None else None,
+        depth=depth,
+        changes=_write(storage, CHANGES_SCHEMA, changes),
+        full=full,
+        entries=listing.num_rows,
+        chunk_size=chunk_size,
+        touched=sorted(touched),
+        volumes=volumes,
+        skipped=skipped,
+        **counts,
+    )
+    storage.write_atomic(doc_name(point_id), storage.sealer.seal_doc(doc.to_json(), FILES_DOC_KIND))
+    return doc

@@ -1,0 +1,186 @@
+"""File catalogs (``comb index``, ``find``, ``diff``, the ``files`` and ``file_changes`` views):
+a real ext4 image (mkfs.ext4 -d) backed up, changed with debugfs (files written, removed,
+rewritten), backed up again; the catalog is stored as changes, equals a fresh walk row for row,
+survives forgetting the point it was built on, and answers find and diff."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+from combtest import TEST_PASSWORD, CliRunner, assert_one_line_error, need_tool
+
+from catalog.repo import Repository
+from catalog.store import filecat
+from pipeline.jobs.index import walk_point
+
+CHUNK = 65536
+
+
+def make_image(tmp_path: Path) -> Path:
+    need_tool("mkfs.ext4")
+    tree = tmp_path / "tree"
+    for d in ("etc/nginx", "home/ann", "var/log"):
+        (tree / d).mkdir(parents=True)
+    (tree / "etc" / "fstab").write_text("/dev/sda1 / ext4 defaults 0 1\n")
+    (tree / "etc" / "nginx" / "nginx.conf").write_text("worker_processes 2;\n")
+    (tree / "home" / "ann" / "notes.txt").write_text("notes\n")
+    (tree / "var" / "log" / "syslog").write_bytes(os.urandom(300_000))
+    for i in range(200):
+        (tree / "home" / "ann" / f"f{i:03d}.txt").write_text(f"{i}\n")
+    image = tmp_path / "disk.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-b", "4096", "-d", tree, image], check=True, capture_output=True
+    )
+    return image
+
+
+def debugfs(image: Path, *requests: str) -> None:
+    need_tool("debugfs")
+    for request in requests:
+        subprocess.run(["debugfs", "-w", "-R", request, image], check=True, capture_output=True)
+
+
+def backup(cli: CliRunner, repo: Path, image: Path, *more: str) -> dict:
+    got = cli("-r", repo, "backup", image, "--source-name", "web", "--json", *more)
+    assert got.code == 0, got.err
+    return json.loads(got.out.splitlines()[-1])
+
+
+@pytest.fixture
+def history(cli: CliRunner, tmp_path: Path) -> tuple[Path, Path, list[dict]]:
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    image = make_image(tmp_path)
+    first = backup(cli, repo, image)
+    second = backup(cli, repo, image)  # nothing changed
+    new = tmp_path / "new.txt"
+    new.write_text("server { listen 80; }\n")
+    debugfs(
+        image,
+        f"write {new} /etc/nginx/site.conf",
+        "rm /home/ann/notes.txt",
+        "rm /etc/fstab",
+        f"write {new} /etc/fstab",
+    )
+    third = backup(cli, repo, image)
+    return repo, image, [first, second, third]
+
+
+def test_catalogs_are_stored_as_changes_and_equal_a_fresh_walk(
+    history: tuple[Path, Path, list[dict]],
+) -> None:
+    repo_path, _, points = history
+    first, second, third = (p["file_catalog"] for p in points)
+    assert first["walked"] and first["added"] == first["entries"] > 200
+    assert not second["walked"] and (second["added"], second["modified"]) == (0, 0)
+    assert third["walked"]
+    assert (third["added"], third["removed"]) == (1, 1)  # site.conf; notes.txt
+    assert third["modified"] == 1  # /etc/fstab rewritten (debugfs leaves folders' times alone)
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
+    for p in points:
+        point = repo.resolve(p["id"])
+        stored = filecat.read_listing(repo.storage, point.id)
+        fresh, _, _, skipped = walk_point(repo, point)
+        assert stored is not None and not skipped
+        assert stored.to_pylist() == filecat.sort_listing(fresh).to_pylist()
+    docs = [filecat.read_doc(repo.storage, p["id"]) for p in points]
+    assert docs[0] is not None and docs[0].full is not None and docs[0].base is None
+    assert docs[2] is not None and docs[2].full is None and docs[2].base == points[1]["id"]
+
+
+def test_find_shows_every_version_and_diff_shows_the_files(
+    cli: CliRunner, history: tuple[Path, Path, list[dict]]
+) -> None:
+    repo, _, points = history
+    got = cli("-r", repo, "find", "fstab", "--json")
+    assert got.code == 0, got.err
+    versions = json.loads(got.out)["versions"]
+    assert [(v["path"], v["first_point"], v["points"]) for v in versions] == [
+        ("/disk/etc/fstab", points[0]["id"], 2),
+        ("/disk/etc/fstab", points[2]["id"], 1),
+    ]
+    assert [v["size"] for v in versions] == [30, 22]
+    assert cli("-r", repo, "find", "*.CONF", "-i", "--json").out.count('"path"') == 2
+    assert "/disk/home/ann/f007.txt" in cli("-r", repo, "find", "/disk/home/ann/f00?.txt").out
+    diff = cli("-r", repo, "diff", points[0]["id"], points[2]["id"], "--files", "/disk/etc")
+    assert diff.code == 0, diff.err
+    assert diff.out.splitlines() == ["M /disk/etc/fstab", "+ /disk/etc/nginx/site.conf"]
+    whole = json.loads(
+        cli("-r", repo, "diff", points[0]["id"], points[2]["id"], "--files", "--json").out
+    )
+    assert {(c["path"], c["change"]) for c in whole["changes"] if c["kind"] == "file"} == {
+        ("/disk/etc/fstab", "modified"),
+        ("/disk/etc/nginx/site.conf", "added"),
+        ("/disk/home/ann/notes.txt", "removed"),
+    }
+
+
+def test_block_diff_names_exactly_the_chunks_that_differ(
+    cli: CliRunner, history: tuple[Path, Path, list[dict]], tmp_path: Path
+) -> None:
+    repo, image, points = history
+    old = tmp_path / "old.img"
+    assert cli("-r", repo, "restore", points[0]["id"], old).code == 0
+    a, b = old.read_bytes(), image.read_bytes()
+    expected = [o for o in range(0, len(b), CHUNK) if a[o : o + CHUNK] != b[o : o + CHUNK]]
+    got = json.loads(cli("-r", repo, "diff", points[0]["id"], points[2]["id"], "--json").out)
+    chunks = [o for start, n in got["extents"] for o in range(start, start + n, CHUNK)]
+    assert chunks == expected and got["changed_bytes"] == len(expected) * CHUNK
+    same = json.loads(cli("-r", repo, "diff", points[0]["id"], points[1]["id"], "--json").out)
+    assert same["extents"] == []
+
+
+def test_views_and_forgetting_the_base_point(
+    cli: CliRunner, history: tuple[Path, Path, list[dict]]
+) -> None:
+    repo, _, points = history
+    count = "SELECT point_id, count(*) AS n FROM files GROUP BY 1 ORDER BY 2"
+    before = json.loads(cli("-r", repo, "query", count, "--json").out)["rows"]
+    assert cli("-r", repo, "forget", points[0]["id"], "--prune").code == 0
+    after = json.loads(cli("-r", repo, "query", count, "--json").out)["rows"]
+    assert after == [r for r in before if r["point_id"] != points[0]["id"]]  # chains still read
+    versions = json.loads(cli("-r", repo, "find", "fstab", "--json").out)["versions"]
+    assert [(v["first_point"], v["points"]) for v in versions] == [
+        (points[0]["id"], 1),  # added by the forgotten point, still in the second
+        (points[2]["id"], 1),
+    ]
+    sql = "SELECT change, path_text FROM file_changes WHERE forgotten ORDER BY path_text LIMIT 2"
+    rows = json.loads(cli("-r", repo, "query", sql, "--json").out)["rows"]
+    assert rows and all(r["change"] == "added" for r in rows)
+
+
+def test_index_builds_what_no_files_skipped(cli: CliRunner, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init", "--encryption", "none").code == 0
+    image = make_image(tmp_path)
+    first = backup(cli, repo, image, "--no-files")
+    debugfs(image, "rm /var/log/syslog")
+    second = backup(cli, repo, image, "--no-files")
+    assert first["file_catalog"] is None and second["file_catalog"] is None
+    got = cli("-r", repo, "index", "--all", "--json")
+    assert got.code == 0, got.err
+    done = [json.loads(line) for line in got.out.splitlines()]
+    assert [d["point"] for d in done] == [first["id"], second["id"]]  # oldest first
+    assert done[1]["removed"] == 1 and done[1]["added"] == 0
+    again = json.loads(cli("-r", repo, "index", second["id"], "--json").out)
+    assert again["existed"]
+    assert_one_line_error(cli("-r", repo, "index"), "POINT or --all", code=2)
+    r = Repository.open(str(repo))
+    listing = filecat.read_listing(r.storage, second["id"])
+    assert isinstance(listing, pa.Table) and b"/var/log/syslog" not in listing["path"].to_pylist()
+
+
+def test_diff_files_without_a_catalog_says_how_to_build_it(cli: CliRunner, tmp_path: Path) -> None:
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    image = make_image(tmp_path)
+    p = backup(cli, repo, image, "--no-files")["id"]
+    assert_one_line_error(cli("-r", repo, "diff", p, p, "--files"), f"comb index {p}", code=2)
+    assert_one_line_error(cli("-r", repo, "diff", p, p, "/etc"), "needs --files", code=2)
