@@ -7,6 +7,8 @@ Layout (all generated on the fly, nothing is copied)::
                                                /disk.vhd     VHD, dynamic
                                                /disk.vhdx    VHDX, dynamic
                                                /disk.vmdk    VMDK, monolithicSparse
+                                               /files/part1/etc/fstab   the files inside
+                                                     (``drive.fuse_view``; read-only)
 
     MOUNTPOINT/%overlays/<overlay name>/disk.*                an overlay over its base point
 
@@ -41,7 +43,9 @@ import drive.overlays.overlay as overlays
 from catalog.errors import UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
+from drive.files.view import Node
 from drive.fuse_files import FILES, OPEN_POINTS, REFRESH_S, OpenPoint, OverlayCache, PointCache
+from drive.fuse_view import FILES_DIR, FileViews, st_mode
 
 # Overlays live under this directory: escaped source names never start with "%o" (a "%" is
 # always followed by two hex digits or "~"), so it cannot collide with a source.
@@ -78,6 +82,8 @@ class _Node:
     fmt: str = ""
     overlay: str = ""  # for an overlay's directory and files
     children: dict[bytes, int] = field(default_factory=dict)  # insertion order = listing order
+    view: Node | None = None  # a file-view entry (kinds "view" and "view entry")
+    listed: bool = False  # a file-view folder's children are in the tree
 
 
 def _time_ns(point: RecoveryPoint) -> int:
@@ -85,6 +91,20 @@ def _time_ns(point: RecoveryPoint) -> int:
         return int(datetime.fromisoformat(point.time).timestamp() * 1e9)
     except (TypeError, ValueError):
         return time.time_ns()
+
+
+def _view_attr(a: pyfuse3.EntryAttributes, node: _Node) -> pyfuse3.EntryAttributes:
+    """A file-view entry as the guest's filesystem describes it (owner, mode, times)."""
+    assert node.view is not None
+    e = node.view.entry
+    a.st_mode, a.st_nlink, a.st_size = st_mode(e), max(1, e.nlink), e.size
+    a.st_blocks = -(-e.size // 512)
+    a.st_uid, a.st_gid, a.st_blksize = e.uid, e.gid, _BLKSIZE_BYTES
+    a.st_mtime_ns = e.mtime_ns or node.time_ns
+    a.st_ctime_ns = e.ctime_ns or node.time_ns
+    a.st_atime_ns = e.atime_ns or node.time_ns
+    a.entry_timeout = a.attr_timeout = _FILE_TIMEOUT_S  # a point's files never change
+    return a
 
 
 def _fail(code: int) -> NoReturn:
@@ -108,9 +128,12 @@ class CombFS(pyfuse3.Operations):
         self._warn = warn
         self._cache = PointCache(repo, keep_points)
         self._overlays = OverlayCache(repo)
+        self.views = FileViews(repo)
         root = pyfuse3.ROOT_INODE
         self._nodes: dict[int, _Node] = {root: _Node(root, root, "root", time.time_ns())}
         self._handles: dict[int, tuple[OpenPoint, str]] = {}
+        self._view_handles: dict[int, _Node] = {}
+        self._links: dict[tuple[str, str, int], int] = {}  # a point's hard-linked file -> inode
         self._next_fh = 1
         self._refreshed_s = time.monotonic()
         self.add_points(repo.points())
@@ -127,6 +150,7 @@ class CombFS(pyfuse3.Operations):
             pdir = self._child(src, p.id.encode(), "point", _time_ns(p), p)
             for name, fmt in FILES.items():
                 self._child(pdir, name, "file", pdir.time_ns, p).fmt = fmt
+            self._child(pdir, FILES_DIR, "view", pdir.time_ns, p)
 
     def add_overlays(self, names: list[str]) -> None:
         """``%overlays/<name>/disk.*`` for overlays not in the tree yet (removed ones stay
@@ -179,6 +203,8 @@ class CombFS(pyfuse3.Operations):
     async def _attr(self, node: _Node) -> pyfuse3.EntryAttributes:
         a = pyfuse3.EntryAttributes()
         a.st_ino = node.inode
+        if node.view is not None:
+            return _view_attr(a, node)
         if node.kind == "file":
             if node.overlay:
                 size, backed = (await self._opened(node)).size(node.fmt)
@@ -220,6 +246,9 @@ class CombFS(pyfuse3.Operations):
         if child is None and node.kind in ("root", "source", "overlays"):
             await self._refresh()
             child = node.children.get(name)
+        if child is None and node.kind == "view":
+            await self._list_view(node)
+            child = node.children.get(name)
         return await self._attr(self._nodes[child]) if child else _fail(errno.ENOENT)
 
     async def opendir(self, inode: int, ctx: Any) -> int:
@@ -228,6 +257,8 @@ class CombFS(pyfuse3.Operations):
             _fail(errno.ENOTDIR)
         if node.kind in ("root", "source", "overlays"):
             await self._refresh()
+        if node.kind == "view":
+            await self._list_view(node)
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
@@ -239,12 +270,52 @@ class CombFS(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         return None
 
+    async def _list_view(self, node: _Node) -> None:
+        """A file-view folder's entries, listed once (the point never changes)."""
+        if node.listed:
+            return
+        assert node.point is not None
+        path = node.view.path if node.view is not None else b"/"
+        found = await self._blocking(
+            f"list {path.decode(errors='replace')} of {node.point.id}",
+            self.views.listdir,
+            node.point,
+            path,
+        )
+        for n in found:
+            if len(n.entry.name) > NAME_MAX_BYTES:
+                continue
+            # Hard links are one inode here too (tools that compare st_ino see them as such).
+            key = (node.point.id, n.volume.name if n.volume else "", n.entry.inode)
+            same = self._links.get(key) if n.entry.nlink > 1 and not n.entry.is_dir else None
+            if same is not None:
+                node.children.setdefault(n.entry.name, same)
+                continue
+            kind = "view" if n.entry.is_dir else "view entry"
+            child = self._child(node, n.entry.name, kind, node.time_ns, node.point)
+            child.view = n
+            if n.entry.nlink > 1 and not n.entry.is_dir:
+                self._links[key] = child.inode
+        node.listed = True
+
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        node = self._node(inode)
+        if node.view is None or node.view.entry.kind != "symlink":
+            _fail(errno.EINVAL)
+        return node.view.entry.target or b""
+
     async def open(self, inode: int, flags: int, ctx: Any) -> pyfuse3.FileInfo:
         node = self._node(inode)
-        if node.kind != "file":
-            _fail(errno.EISDIR)
         if flags & os.O_ACCMODE != os.O_RDONLY or flags & (os.O_TRUNC | os.O_APPEND):
             _fail(errno.EROFS)
+        if node.view is not None:
+            if node.view.entry.kind != "file":
+                _fail(errno.EISDIR if node.view.entry.is_dir else errno.EACCES)
+            fh, self._next_fh = self._next_fh, self._next_fh + 1
+            self._view_handles[fh] = node
+            return pyfuse3.FileInfo(fh=fh, keep_cache=True)
+        if node.kind != "file":
+            _fail(errno.EISDIR)
         opened = await self._opened(node)
         fh, self._next_fh = self._next_fh, self._next_fh + 1
         self._handles[fh] = (opened, node.fmt)
@@ -253,6 +324,11 @@ class CombFS(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh, direct_io=True)
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
+        view = self._view_handles.get(fh)
+        if view is not None:
+            assert view.point is not None and view.view is not None
+            where = f"read {view.view.path.decode(errors='replace')} at {off}"
+            return await self._blocking(where, self.views.read, view.point, view.view, off, size)
         handle = self._handles.get(fh)
         if handle is None:
             _fail(errno.EBADF)
@@ -261,6 +337,7 @@ class CombFS(pyfuse3.Operations):
 
     async def release(self, fh: int) -> None:
         self._handles.pop(fh, None)
+        self._view_handles.pop(fh, None)
 
     async def statfs(self, ctx: Any) -> pyfuse3.StatvfsData:
         s = pyfuse3.StatvfsData()

@@ -37,6 +37,7 @@ __all__ = [
     "partitioned",
     "lvm_disk",
     "kernel_listing",
+    "mounted",
     "fat_listing",
     "cached",
     "VERSION",
@@ -100,7 +101,7 @@ def _loop(image: Path, offset: int = 0, read_only: bool = False) -> Iterator[str
 
 
 @contextlib.contextmanager
-def _mounted(image: Path, fstype: str, offset: int = 0, read_only: bool = False) -> Iterator[Path]:
+def mounted(image: Path, fstype: str, offset: int = 0, read_only: bool = False) -> Iterator[Path]:
     """``image`` (from ``offset``) mounted on a fresh directory: the kernel, or FUSE for ntfs
     (ntfs-3g) and exfat (exfat-fuse; this machine's kernel has no exfat or vfat)."""
     with _loop(image, offset, read_only) as dev, tempfile.TemporaryDirectory() as mnt:
@@ -129,7 +130,7 @@ def xfs_image(tree: Path, dest: Path, size_mb: int | None = None) -> Path:
     need_tool("mkfs.xfs")
     _sparse_file(dest, size_mb or 300 + _tree_mb(tree) + _entries(tree) // 256)
     _run("mkfs.xfs", "-q", "-f", "-L", "comb-xfs", dest)
-    with _mounted(dest, "xfs") as mnt:
+    with mounted(dest, "xfs") as mnt:
         _run("cp", "-a", "--sparse=always", f"{tree}/.", mnt)
     return dest
 
@@ -169,7 +170,7 @@ def exfat_image(tree: Path, dest: Path, size_mb: int | None = None) -> Path:
     need_tool("mount.exfat-fuse")
     _sparse_file(dest, size_mb or 16 + 2 * _tree_mb(tree) + 64 + _entries(tree) // 16)
     _run("mkfs.exfat", "-L", "COMBEXFAT", dest)
-    with _mounted(dest, "exfat") as mnt:
+    with mounted(dest, "exfat") as mnt:
         _copy_kept(tree, mnt, "exfat")
     _dig_holes(dest)
     return dest
@@ -184,7 +185,7 @@ def ntfs_image(tree: Path, dest: Path, size_mb: int | None = None) -> Path:
     # sparse file of make_tree), a limit comb's file view inherits (README.md "Known limits").
     _sparse_file(dest, size_mb or max(128, 32 + _tree_mb(tree) + _entries(tree) // 64))
     _run("mkntfs", "-Q", "-F", "-L", "comb-ntfs", dest)
-    with _mounted(dest, "ntfs") as mnt:
+    with mounted(dest, "ntfs") as mnt:
         done = subprocess.run(
             ["cp", "-a", "--sparse=always", f"{tree}/.", mnt], capture_output=True, text=True
         )
@@ -309,7 +310,7 @@ def kernel_listing(image: Path, offset: int = 0, fstype: str | None = None) -> d
     fstype = fstype or _probe_type(image, offset)
     if fstype == "vfat" and fstype not in Path("/proc/filesystems").read_text():
         return fat_listing(image, offset)
-    with _mounted(image, fstype, offset, read_only=True) as mnt:
+    with mounted(image, fstype, offset, read_only=True) as mnt:
         return walk(mnt)
 
 

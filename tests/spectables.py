@@ -47,6 +47,7 @@ MARKERS = {
     "schema-changes",
     "schema-leaves",
     "schema-root",
+    "schema-files",
     "point",
     "constants",
     "times",

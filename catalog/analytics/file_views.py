@@ -27,7 +27,7 @@ from catalog.store.points import RecoveryPoint, load_forgotten
 from catalog.store.storage import Storage
 
 FILE_CATALOG_VIEWS = ("files", "file_changes")
-_ENTRY = ", ".join(f'r."{f.name}"' for f in filecat.ENTRY_FIELDS)
+_ENTRY = ", ".join(f'r."{f.name}"' for f in filecat.ENTRY_FIELDS if f.name != "deps")
 _TIME = "make_timestamp(r.mtime_ns // 1000) AS mtime"
 
 FILES_VIEW = f"""
@@ -47,6 +47,7 @@ FILE_CHANGES_VIEW = f"""
 CREATE VIEW file_changes AS
 SELECT m.point_id, m.source, m.time, m.forgotten, r.change, {_ENTRY}, {_TIME}
 FROM _file_changes r JOIN _file_change_points m USING (pos)
+WHERE r.change <> 'located'
 """
 
 

@@ -376,6 +376,16 @@ REPORTS: dict[str, Report] = {
 }
 
 
+def _file_reports() -> None:
+    """The reports over the file catalogs (``file_reports`` builds on this module's types)."""
+    from catalog.analytics.file_reports import FILE_REPORTS
+
+    REPORTS.update({r.name: r for r in FILE_REPORTS})
+
+
+_file_reports()
+
+
 def run_report(cat: Catalog, name: str, opts: ReportOptions) -> ReportResult:
     report = REPORTS.get(name)
     if report is None:

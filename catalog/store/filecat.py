@@ -7,9 +7,10 @@ modified or removed since its ``base`` (the catalog of the point the backup read
 each row marked ``added``/``modified``/``removed``; a catalog without a base, and every
 ``FULL_EVERY``-th one of a chain, also has ``full``: every entry. A point's whole listing is
 the nearest ``full`` up its chain plus the changes after it, so reading one costs at most
-``FULL_EVERY`` small files, whatever the history's length. ``touched`` lists the disk chunks
-(by offset) whose bytes the walk read: when none of them changed, the next point's listing is
-the same, and no walk is needed.
+``FULL_EVERY`` small files, whatever the history's length. Every folder's row says which disk
+chunks its listing came from (``deps``); ``touched`` is their union (empty: some are unknown).
+When none of them changed, the next point's listing is the same and nothing is walked;
+otherwise only the folders whose chunks changed are listed again.
 
 Owns the catalog's files, their schema, the change computation and rebuilding a point's
 listing. Must not: read a filesystem (``drive.files`` does), or know about points' content.
@@ -47,12 +48,18 @@ ENTRY_FIELDS = [
     pa.field("inode", pa.uint64(), nullable=False),
     pa.field("nlink", pa.int32(), nullable=False),
     pa.field("target", pa.binary(), nullable=True),
+    # A folder's: the disk chunks (offsets, int64 little-endian, ascending) its listing was
+    # read from; null: unknown (an incremental catalog lists it again).
+    pa.field("deps", pa.binary(), nullable=True),
 ]
 LISTING_SCHEMA = pa.schema(ENTRY_FIELDS)
 CHANGES_SCHEMA = pa.schema([*ENTRY_FIELDS, pa.field("change", pa.string(), nullable=False)])
 KEY = ["volume", "path"]
 # What makes an entry "modified": any of these differs (content is judged by size and times).
 COMPARED = ["kind", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "inode", "target"]
+# A row whose only difference is ``deps`` (the folder's listing comes from other chunks) is
+# stored as ``located``: the catalog needs it, a person would not call it a change.
+LOCATED = "located"
 
 
 @dataclass
@@ -69,7 +76,7 @@ class FilesDoc:
     modified: int
     removed: int
     chunk_size: int
-    touched: list[int] = field(default_factory=list)  # chunk offsets the walk read
+    touched: list[int] = field(default_factory=list)  # chunk offsets the listing came from
     volumes: list[dict[str, object]] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)  # what the walk could not read
 
@@ -136,14 +143,12 @@ def diff(old: pa.Table, new: pa.Table) -> pa.Table:
     joined = new.join(old_k, KEY, join_type="full outer", right_suffix="_was")
     gone = pc.is_null(joined.column("kind"))
     fresh = pc.is_null(joined.column("_old"))
-    changed = pc.fill_null(pa.array([False] * joined.num_rows, pa.bool_()), False)
-    for name in COMPARED:
-        a, b = joined.column(name), joined.column(f"{name}_was")
-        differs = pc.fill_null(pc.not_equal(a, b), False)
-        nulls = pc.xor(pc.is_null(a), pc.is_null(b))
-        changed = pc.or_(changed, pc.or_(differs, nulls))
-    kind = pc.if_else(gone, "removed", pc.if_else(fresh, "added", "modified"))
-    keep = pc.or_(pc.or_(gone, fresh), changed)
+    changed = _differ(joined, COMPARED)
+    located = _differ(joined, ["deps"])
+    kind = pc.if_else(
+        gone, "removed", pc.if_else(fresh, "added", pc.if_else(changed, "modified", LOCATED))
+    )
+    keep = pc.or_(pc.or_(gone, fresh), pc.or_(changed, located))
     out = {}
     for name in LISTING_SCHEMA.names:
         if name in KEY:
@@ -152,6 +157,16 @@ def diff(old: pa.Table, new: pa.Table) -> pa.Table:
             out[name] = pc.if_else(gone, joined.column(f"{name}_was"), joined.column(name))
     result = pa.table(out).append_column("change", kind).filter(keep)
     return result.sort_by([("volume", "ascending"), ("path", "ascending")])
+
+
+def _differ(joined: pa.Table, names: list[str]) -> pa.ChunkedArray:
+    """Rows where any of the columns differs from its ``_was`` twin (null against a value too)."""
+    out = pa.chunked_array([pa.array([False] * joined.num_rows, pa.bool_())])
+    for name in names:
+        a, b = joined.column(name), joined.column(f"{name}_was")
+        differs = pc.fill_null(pc.not_equal(a, b), False)
+        out = pc.or_(out, pc.or_(differs, pc.xor(pc.is_null(a), pc.is_null(b))))
+    return out
 
 
 def apply(listing: pa.Table, changes: pa.Table) -> pa.Table:
@@ -210,7 +225,8 @@ def write_catalog(
         full = _write(storage, LISTING_SCHEMA, listing)
     counts = {k: 0 for k in ("added", "modified", "removed")}
     for value, n in zip(*pc.value_counts(changes.column("change")).flatten(), strict=True):
-        counts[value.as_py()] = n.as_py()
+        if value.as_py() in counts:
+            counts[value.as_py()] = n.as_py()
     doc = FilesDoc(
         point=point_id,
         base=base.point if base is not None else None,

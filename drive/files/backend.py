@@ -29,3 +29,7 @@ class Filesystem(Protocol):
     def read(self, inode: int, offset: int, length: int) -> bytes: ...
 
     def runs(self, inode: int) -> list[tuple[int, int, int]] | None: ...
+
+    # Optional: ``deps(inode, rows) -> list[tuple[int, int]] | None``, the volume byte ranges a
+    # directory's listing comes from (tsk.TskFilesystem.deps). A backend without it has every
+    # directory re-listed by an incremental catalog.

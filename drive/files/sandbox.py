@@ -93,13 +93,14 @@ class Worker:
                     return reply["ok"], payload
             raise FileSystemError(f"{what}: the filesystem reader gave no answer")
 
-    def stream(self, header: dict[str, Any], what: str) -> Iterator[pa.Table]:
-        """A walk's batches, as Arrow tables."""
+    def stream(self, header: dict[str, Any], what: str) -> Iterator[tuple[pa.Table, list[Any]]]:
+        """A walk's batches, as Arrow tables, each with the ``deps`` of the directories listed
+        for it ([inode, [offset, length, ...] or None] each)."""
         with self._held():
             for reply, payload in self._exchange(header, what):
                 if "batch" in reply:
                     with pa.ipc.open_stream(io.BytesIO(payload)) as batches:
-                        yield batches.read_all()
+                        yield batches.read_all(), list(reply.get("deps") or [])
 
     @contextmanager
     def _held(self) -> Iterator[None]:

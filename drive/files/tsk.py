@@ -16,6 +16,7 @@ from typing import Any
 import pytsk3
 
 from .backend import Row
+from .records import ExtRecords, NtfsRecords
 
 _KIND = {
     pytsk3.TSK_FS_META_TYPE_REG: "file",
@@ -31,6 +32,7 @@ _HOLE = int(pytsk3.TSK_FS_ATTR_RUN_FLAG_FILLER) | int(pytsk3.TSK_FS_ATTR_RUN_FLA
 _NOT_PLAIN = (
     int(pytsk3.TSK_FS_ATTR_RES) | int(pytsk3.TSK_FS_ATTR_COMP) | int(pytsk3.TSK_FS_ATTR_ENC)
 )
+_NTFS_INDEX_ALLOCATION = int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_IDXALLOC)
 _DATA_TYPES = (int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT), int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA))
 _FAT_SPECIAL = (b"$ALLOC_BITMAP", b"$UPCASE_TABLE", b"$TEX_FAT")  # exFAT's own, as TSK lists
 _NTFS_SYSTEM_FILES = 27  # MFT records 0..26 are NTFS's own ($MFT, $Bitmap, $Extend, ...)
@@ -76,6 +78,10 @@ class TskFilesystem:
         self._ntfs = info.ftype == pytsk3.TSK_FS_TYPE_NTFS
         self._fat = bool(int(info.ftype) & int(pytsk3.TSK_FS_TYPE_FAT_DETECT))
         self._open: tuple[int, Any] | None = None
+        self._read = read
+        self._size = size
+        self._records: ExtRecords | NtfsRecords | None = None
+        self._ext = bool(int(info.ftype) & int(pytsk3.TSK_FS_TYPE_EXT_DETECT))
 
     def listdir(self, inode: int) -> list[Row]:
         try:
@@ -170,6 +176,49 @@ class TskFilesystem:
                     out.append((start, length, int(run.addr) * self.block_size))
             return out
         return [] if size == 0 else None
+
+    def deps(self, inode: int, rows: list[Row]) -> list[tuple[int, int]] | None:
+        """The volume byte ranges the listing of directory ``inode`` (``rows``) comes from:
+        the directory's blocks and, where entries keep records apart from it (ext's inodes,
+        NTFS's MFT records), the directory's and every entry's record. None: unknown."""
+        spans = self._dir_spans(inode)
+        if spans is None or self._fat:
+            return spans
+        records = self._record_map()
+        if records is None:
+            return None
+        for ino in (inode, *(row[2] for row in rows)):
+            at = records.offset(ino)
+            if at is None:
+                return None
+            spans.append((at, records.length))
+        return spans
+
+    def _record_map(self) -> ExtRecords | NtfsRecords | None:
+        if self._records is None:
+            if self._ext:
+                self._records = ExtRecords(self._read, self._size)
+            elif self._ntfs:
+                self._records = NtfsRecords(self._read, self._size, self.runs(0))
+        return self._records if self._records is not None and self._records.ok else None
+
+    def _dir_spans(self, inode: int) -> list[tuple[int, int]] | None:
+        """Where a directory's own blocks lie (NTFS: its index allocation; its index root is in
+        its MFT record)."""
+        if not self._ntfs:
+            runs = self.runs(inode)
+            return None if runs is None else [(where, n) for _, n, where in runs]
+        spans: list[tuple[int, int]] = []
+        for attr in self._file(inode):
+            if int(attr.info.type) != _NTFS_INDEX_ALLOCATION:
+                continue
+            if int(attr.info.flags) & _NOT_PLAIN:
+                return None
+            for run in attr:
+                if not int(run.flags) & _HOLE:
+                    n = int(run.len) * self.block_size
+                    spans.append((int(run.addr) * self.block_size, n))
+        return spans
 
 
 def _interix_link(entry: Any, size: int) -> bytes | None:

@@ -79,6 +79,7 @@ class PointFiles:
         self._roots: dict[str, int] = {}
         self.skipped: list[str] = []  # what walks could not list, one line each
         self.walk_reads: list[tuple[int, int]] = []  # (offset, length) the walks' workers read
+        self._runs: OrderedDict[tuple[str, int], list[tuple[int, int, int]] | None] = OrderedDict()
         self._listings: OrderedDict[tuple[str, int], list[Entry]] = OrderedDict()
 
     def __enter__(self) -> PointFiles:
@@ -99,7 +100,7 @@ class PointFiles:
     def root(self) -> Node:
         return Node(b"/", None, Entry(name=b"/", kind="dir", inode=0, nlink=2, mode=0o555))
 
-    def _volume_node(self, volume: Volume) -> Node:
+    def volume_node(self, volume: Volume) -> Node:
         name = volume.name.encode().rsplit(b"/", 1)[-1]  # "lvm/VG/LV": LV in /lvm/VG
         entry = Entry(name=name, kind="dir", inode=0, size=0, mode=0o555)
         if volume.fstype in READABLE:
@@ -154,7 +155,7 @@ class PointFiles:
 
     def _node_in(self, path: bytes, name: bytes, volume: Volume | None) -> Node:
         if volume is not None:
-            return self._volume_node(volume)
+            return self.volume_node(volume)
         entry = Entry(name=name, kind="dir", inode=0, nlink=2, mode=0o555)
         return Node(path.rstrip(b"/") + b"/" + name, None, entry)
 
@@ -165,6 +166,16 @@ class PointFiles:
             self.skipped.append(f"{display(base)}: left out an entry named {display(name)!r}")
             return False
         return True
+
+    def list_inode(self, volume: Volume, inode: int) -> tuple[list[Entry], list[int] | None]:
+        """A directory's entries by inode (names that cannot be path components left out),
+        and where its listing came from (worker ``deps``); never cached."""
+        ok, payload = self.worker.request(
+            self._header("list", volume, inode=inode), describe(volume)
+        )
+        with pa.ipc.open_stream(io.BytesIO(payload)) as reader:
+            entries = entries_from(reader.read_all())
+        return [e for e in entries if self._fit(b"", e.name)], ok.get("deps")
 
     def _list(self, volume: Volume, inode: int) -> list[Entry]:
         key = (volume.name, inode)
@@ -215,13 +226,16 @@ class PointFiles:
                     yield from self.walk(volume_node)
             return
         self._readable(node.volume)
-        for table, paths in self._walk_tables(node):
+        for table, paths, _ in self.walk_tables(node):
             for path, entry in zip(paths, entries_from(table), strict=True):
                 yield Node(path, node.volume, entry)
 
-    def _walk_tables(self, node: Node) -> Iterator[tuple[pa.Table, list[bytes]]]:
-        """A walk's batches (``entries.SCHEMA``) and each kept row's full path; an entry whose
-        name cannot be a path component is left out (and said)."""
+    def walk_tables(
+        self, node: Node
+    ) -> Iterator[tuple[pa.Table, list[bytes], dict[int, list[int] | None]]]:
+        """A walk's batches (``entries.SCHEMA``), each kept row's full path, and where each
+        directory's listing came from (worker ``deps``); an entry whose name cannot be a path
+        component is left out (and said)."""
         assert node.volume is not None
         paths = {node.entry.inode: node.path.rstrip(b"/")}
         header = self._header("walk", node.volume, inode=node.entry.inode)
@@ -232,7 +246,7 @@ class PointFiles:
             self._walker if mine else Worker(self.source, self.worker.memory, self.worker.timeout)
         )
         try:
-            for table in walker.stream(header, describe(node.volume)):
+            for table, deps in walker.stream(header, describe(node.volume)):
                 cols = [table.column(c).to_pylist() for c in ("parent", "name", "kind", "inode")]
                 keep: list[int] = []
                 out: list[bytes] = []
@@ -245,7 +259,7 @@ class PointFiles:
                         paths[inode] = path
                     keep.append(i)
                     out.append(path)
-                yield table.take(keep), out
+                yield table.take(keep), out, {int(d[0]): d[1] for d in deps}
         finally:
             self.skipped.extend(walker.skipped)
             self.walk_reads.extend(walker.reads)
@@ -256,61 +270,63 @@ class PointFiles:
             else:
                 walker.close()
 
-    def volume_listings(self) -> Iterator[tuple[Volume, pa.Table | None, str | None]]:
-        """Every volume with the listing of its filesystem: path (below the volume), path_text
-        (as shown), volume and the entry's metadata; None and the one-line error when it cannot
-        be read, None and None when it is not a filesystem comb reads."""
-        for volume in self.volumes():
-            if volume.fstype not in READABLE:
-                yield volume, None, None
-                continue
-            parts = []
-            try:
-                top = self._volume_node(volume)
-                for table, paths in self._walk_tables(top):
-                    rel = [p[len(top.path) :] for p in paths]
-                    parts.append(
-                        table.drop_columns(["parent", "name", "atime_ns"])
-                        .append_column("volume", pa.array([volume.name] * len(rel), pa.string()))
-                        .append_column("path", pa.array(rel, pa.binary()))
-                        .append_column("path_text", pa.array([display(r) for r in rel]))
-                    )
-            except FileSystemError as err:
-                yield volume, None, str(err)
-                continue
-            yield volume, pa.concat_tables(parts) if parts else None, None
-
-    def data(self, node: Node, piece: int = PIECE) -> Iterator[tuple[int, bytes]]:
-        """A regular file's data as (offset, bytes) pieces in order; the gaps between pieces
-        (holes) read as zeros."""
+    def data(
+        self, node: Node, piece: int = PIECE, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        """A regular file's data in [start, end) as (offset, bytes) pieces in order; the gaps
+        between pieces (holes) read as zeros."""
         volume, entry = node.volume, node.entry
         if volume is None or entry.kind != "file":
             raise PathNotFound(f"{display(node.path)}: not a regular file")
+        end = entry.size if end is None else min(end, entry.size)
+        runs = self._file_runs(node, volume, entry)
+        if runs is None:
+            yield from self._data_through_worker(volume, entry, piece, start, end)
+            return
+        for first, length, where in runs:
+            pos, stop = max(first, start), min(first + length, end)
+            while pos < stop:
+                n = min(piece, stop - pos)
+                buf = bytearray(n)
+                self.source.read_into(memoryview(buf), volume.offset + where + pos - first)
+                yield pos, bytes(buf)
+                pos += n
+
+    def read_at(self, node: Node, offset: int, length: int) -> bytes:
+        """Bytes [offset, offset + length) of a regular file, short past its end."""
+        end = min(offset + length, node.entry.size)
+        out = bytearray(max(0, end - offset))
+        for at, data in self.data(node, start=offset, end=end):
+            out[at - offset : at - offset + len(data)] = data
+        return bytes(out)
+
+    def _file_runs(
+        self, node: Node, volume: Volume, entry: Entry
+    ) -> list[tuple[int, int, int]] | None:
+        """Where a file's data lies on the volume (checked against it), kept for a few files."""
+        key = (volume.name, entry.inode)
+        if key in self._runs:
+            self._runs.move_to_end(key)
+            return self._runs[key]
         what = describe(volume)
         ok, _ = self.worker.request(self._header("runs", volume, inode=entry.inode), what)
-        runs = ok["runs"]
-        if runs is None:
-            yield from self._data_through_worker(volume, entry, piece)
-            return
-        for start, length, where in _merged(runs):
-            if where < 0 or where + length > volume.size or start + length > entry.size:
+        runs = None if ok["runs"] is None else _merged(ok["runs"])
+        for _, length, where in runs or []:
+            if where < 0 or where + length > volume.size:
                 raise FileSystemError(
                     f"{what}: {display(node.path)} has data outside the volume (damaged)"
                 )
-            done = 0
-            while done < length:
-                n = min(piece, length - done)
-                buf = bytearray(n)
-                self.source.read_into(memoryview(buf), volume.offset + where + done)
-                yield start + done, bytes(buf)
-                done += n
+        self._runs[key] = runs
+        while len(self._runs) > LISTING_CACHE:
+            self._runs.popitem(last=False)
+        return runs
 
     def _data_through_worker(
-        self, volume: Volume, entry: Entry, piece: int
+        self, volume: Volume, entry: Entry, piece: int, start: int, end: int
     ) -> Iterator[tuple[int, bytes]]:
-        offset = 0
-        while offset < entry.size:
-            n = min(piece, entry.size - offset)
+        offset = start
+        while offset < end:
+            n = min(piece, end - offset)
             header = self._header("read", volume, inode=entry.inode, offset=offset, length=n)
             _, data = self.worker.request(header, describe(volume))
             if not data:

@@ -7,8 +7,10 @@ no key and no repository: every byte of the disk is asked of the parent over the
 per walk). Requests, answered one at a time:
 
 - ``open {volume: [offset, size]}`` → ``{root, block_size}``
-- ``list {volume, inode}`` → payload: an Arrow IPC stream of ``entries.SCHEMA`` rows
-- ``walk {volume, inode}`` → ``{batch}`` frames (IPC streams, ``parent`` set), then ``{ok}``
+- ``list {volume, inode}`` → ``{rows, deps}``, payload: an Arrow IPC stream of ``entries.SCHEMA``
+  rows
+- ``walk {volume, inode}`` → ``{batch, deps}`` frames (IPC streams, ``parent`` set; ``deps``:
+  per directory listed, where its listing came from), then ``{ok}``
 - ``read {volume, inode, offset, length}`` → payload: the bytes
 - ``runs {volume, inode}`` → ``{runs: [[file offset, length, volume offset], ...] | null}``
 
@@ -23,6 +25,7 @@ from __future__ import annotations
 import io
 import os
 import resource
+import struct
 import sys
 from collections import OrderedDict
 from typing import Any, BinaryIO
@@ -135,8 +138,10 @@ class Worker:
             fs = self.volume(header)
             send(self.out, {"ok": {"root": fs.root, "block_size": fs.block_size}})
         elif op == "list":
-            rows = self.volume(header).listdir(int(header["inode"]))
-            send(self.out, {"ok": {"rows": len(rows)}}, _table(rows))
+            fs, inode = self.volume(header), int(header["inode"])
+            rows = fs.listdir(inode)
+            deps = _deps(fs, inode, rows)
+            send(self.out, {"ok": {"rows": len(rows), "deps": deps}}, _table(rows))
         elif op == "walk":
             self.walk(self.volume(header), int(header["inode"]))
         elif op == "read":
@@ -157,6 +162,7 @@ class Worker:
         stack = [(top, 0)]
         rows: list[Row] = []
         parents: list[int] = []
+        deps: list[Any] = []  # [directory inode, [offset, length, ...] or null]
         while stack:
             inode, depth = stack.pop()
             try:
@@ -164,6 +170,7 @@ class Worker:
             except ValueError as err:
                 send(self.out, {"skipped": {"inode": inode, "error": str(err)[:300]}})
                 continue
+            deps.append([inode, _deps(fs, inode, listing)])
             for row in listing:
                 rows.append(row)
                 parents.append(inode)
@@ -171,11 +178,21 @@ class Worker:
                     seen.add(row[2])
                     stack.append((row[2], depth + 1))
             if len(rows) >= BATCH_ROWS:
-                send(self.out, {"batch": len(rows)}, _table(rows, parents))
-                rows, parents = [], []
-        if rows:
-            send(self.out, {"batch": len(rows)}, _table(rows, parents))
+                send(self.out, {"batch": len(rows), "deps": deps}, _table(rows, parents))
+                rows, parents, deps = [], [], []
+        send(self.out, {"batch": len(rows), "deps": deps}, _table(rows, parents))
         send(self.out, {"ok": {}})
+
+
+def _deps(fs: Filesystem, inode: int, rows: list[Row]) -> list[int] | None:
+    """Where a directory's listing comes from (``Filesystem.deps``), as a flat list of volume
+    offsets and lengths; None where the backend cannot tell (the caller re-lists it always)."""
+    method = getattr(fs, "deps", None)
+    try:
+        spans = method(inode, rows) if method is not None else None
+    except (OSError, ValueError, struct.error):
+        return None
+    return None if spans is None else [v for span in spans for v in span]
 
 
 def _backend(fstype: str) -> type[Filesystem]:

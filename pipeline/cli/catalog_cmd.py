@@ -94,6 +94,7 @@ def _said(got: Indexed, point: RecoveryPoint, as_json: bool) -> None:
                 "modified": doc.modified,
                 "removed": doc.removed,
                 "walked": got.walked,
+                "folders_relisted": got.relisted,
                 "existed": got.existed,
                 "skipped": doc.skipped,
                 "seconds": round(got.seconds, 3),
@@ -103,7 +104,12 @@ def _said(got: Indexed, point: RecoveryPoint, as_json: bool) -> None:
     if got.existed:
         print(f"{point.id}: file catalog already there ({doc.entries} entries)")
         return
-    how = "walked" if got.walked else "unchanged metadata: parent's listing kept"
+    if not got.walked:
+        how = "no folder changed: the parent's listing kept"
+    elif doc.base is not None and got.relisted:
+        how = f"{got.relisted} changed folders listed again"
+    else:
+        how = "walked"
     print(
         f"{point.id}: file catalog of {doc.entries} entries (+{doc.added} ~{doc.modified} "
         f"-{doc.removed}; {how}) in {got.seconds:.1f} s"
@@ -145,6 +151,12 @@ def index_after_backup(
         except CombError as err:
             warn(f"no file catalog for {point.id}: {err} (`comb index {point.id}` retries)")
             continue
+        except (OSError, ValueError, ArithmeticError, pa.ArrowException) as err:
+            # A bug or an unforeseen guest filesystem must not turn a committed backup into a
+            # failure: said loudly, with what it was (`comb --debug index` shows the traceback).
+            what = f"{type(err).__name__}: {err}".splitlines()[0]
+            warn(f"no file catalog for {point.id}: {what} (please report it)", loud=True)
+            continue
         except KeyboardInterrupt:
             warn(f"file catalog of {point.id} interrupted (`comb index {point.id}` builds it)")
             break
@@ -157,6 +169,7 @@ def index_after_backup(
             "modified": doc.modified,
             "removed": doc.removed,
             "walked": got.walked,
+            "folders_relisted": got.relisted,
             "seconds": round(got.seconds, 3),
         }
         if not as_json:
@@ -242,6 +255,7 @@ _MARK = {"added": "+", "removed": "-", "modified": "M"}
 
 def _file_diff(r: Repository, a: RecoveryPoint, b: RecoveryPoint, args: argparse.Namespace) -> int:
     changes = filecat.diff(_listing(r, a), _listing(r, b))
+    changes = changes.filter(pc.not_equal(changes.column("change"), filecat.LOCATED))
     volume = changes.column("volume")
     full = pc.binary_join_element_wise(
         pa.scalar(b"/"), volume.cast(pa.binary()), changes.column("path"), pa.scalar(b"")

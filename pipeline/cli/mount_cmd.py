@@ -60,7 +60,10 @@ def cmd_mount(repo: str, args: argparse.Namespace) -> int:
     with reader_lock(r, "mount", long_lived=True):
         fs = fuse.CombFS(r, warn=warn)
         warn_damaged(r)
-        signum = fuse.serve(fs, mountpoint, mounted)
+        try:
+            signum = fuse.serve(fs, mountpoint, mounted)
+        finally:
+            fs.views.close()  # the file view's filesystem workers
     print(f"unmounted {mountpoint}", flush=True)
     return EXIT_INTERRUPTED if signum == signal.SIGINT else 0
 

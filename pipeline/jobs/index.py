@@ -1,10 +1,12 @@
 """The file catalog of a recovery point (``catalog.store.filecat``): after each backup, and
 for older points with ``comb index``.
 
-The catalog of a point whose parent has one is written as the change between the two: when
-none of the disk chunks the parent's walk read changed in this backup (its change table says
-which did), the listing is the same and nothing is walked; otherwise the point's filesystems
-are walked (metadata only) and only the entries added, modified or removed are stored.
+The catalog of a point whose parent (the point its backup read as parent) has one is built
+from the parent's: the backup's change table says which disk chunks changed, and only the
+folders whose listing came from a changed chunk are listed again (``drive.files.listing``);
+when none did, nothing is walked at all. The volumes must be the ones the parent's catalog
+found (same place, same filesystem), else that volume is walked whole. Only the entries
+added, modified or removed are stored.
 
 Owns when and how a catalog is built. Must not: parse a filesystem (``drive.files``), or know
 the catalog's file layout (``catalog.store.filecat``).
@@ -13,16 +15,22 @@ the catalog's file layout (``catalog.store.filecat``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
+from catalog.errors import CombError
 from catalog.repo import Repository
 from catalog.store import filecat
 from catalog.store.changes import read_changes
 from catalog.store.points import RecoveryPoint
-from drive.files.view import PointFiles
+from drive.files.listing import relist, subtree
+from drive.files.view import READABLE, PointFiles
+from drive.files.volumes import Volume
 
 
 @dataclass
@@ -30,60 +38,142 @@ class Indexed:
     """What building one point's catalog did."""
 
     doc: filecat.FilesDoc
-    walked: bool  # False: the parent's listing was reused (no metadata chunk changed)
+    walked: bool  # False: the parent's listing was reused (no folder's chunks changed)
     seconds: float
     existed: bool = False
+    relisted: int = 0  # folders listed again (an incremental catalog)
 
 
-def _unchanged(repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc) -> bool:
-    """Did this backup leave every chunk the base's walk read as it was?"""
-    if point.parent != base.point or point.changes is None:
-        return False
-    if base.chunk_size != repo.config.chunk_size or not base.touched:
-        return False
-    offsets = read_changes(repo.storage, point.changes, ["offset"]).column("offset")
-    changed = np.asarray(offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
-    return not np.isin(np.asarray(base.touched, dtype=np.int64), changed).any()
+def _summary(v: Volume) -> dict[str, object]:
+    return {"name": v.name, "fstype": v.fstype, "size": v.size, "offset": v.offset,
+            "label": v.label, "note": v.note}  # fmt: skip
 
 
-def _touched(reads: list[tuple[int, int]], chunk: int) -> list[int]:
-    out: set[int] = set()
-    for offset, length in reads:
-        first, last = offset // chunk, (offset + max(length, 1) - 1) // chunk
-        out.update(range(first * chunk, (last + 1) * chunk, chunk))
-    return sorted(out)
+class _Chunks:
+    """Folder deps between the walk's volume spans and the catalog's disk chunk offsets."""
+
+    def __init__(self, chunk: int, changed: np.ndarray | None = None) -> None:
+        self.chunk = chunk
+        self.changed = changed
+
+    def pack(self, spans: list[int] | None, volume: Volume) -> bytes | None:
+        if spans is None:
+            return None
+        out: set[int] = set()
+        for at, n in zip(spans[::2], spans[1::2], strict=True):
+            first = (volume.offset + at) // self.chunk
+            last = (volume.offset + at + max(n, 1) - 1) // self.chunk
+            out.update(range(first, last + 1))
+        return (np.array(sorted(out), "<i8") * self.chunk).tobytes()
+
+    def spans(self, deps: bytes | None, volume: Volume) -> list[int] | None:
+        if deps is None:
+            return None
+        offsets = np.frombuffer(deps, "<i8") - volume.offset
+        return [v for o in offsets.tolist() for v in (o, self.chunk)]
+
+    def stale(self, volume: Volume) -> Callable[[list[int] | None], bool]:
+        changed = self.changed if self.changed is not None else np.empty(0, np.int64)
+
+        def check(spans: list[int] | None) -> bool:
+            deps = self.pack(spans, volume)
+            return deps is None or bool(np.isin(np.frombuffer(deps, "<i8"), changed).any())
+
+        return check
 
 
-def walk_point(repo: Repository, point: RecoveryPoint) -> tuple[pa.Table, list[int], list, list]:
-    """Every entry of the point's readable filesystems (``filecat.LISTING_SCHEMA``), the chunk
-    offsets the walk read, the volumes, and what could not be read (one line each)."""
-    tables: list[pa.Table] = []
-    volumes: list[dict[str, object]] = []
-    skipped: list[str] = []
-    with PointFiles(repo.reader(point)) as files:
-        for volume, table, error in files.volume_listings():
-            volumes.append(
-                {
-                    "name": volume.name,
-                    "fstype": volume.fstype,
-                    "size": volume.size,
-                    "offset": volume.offset,
-                    "label": volume.label,
-                    "note": volume.note,
-                }
-            )
-            if error is not None:
-                skipped.append(error)
-            if table is not None:
-                tables.append(table)
-        skipped += files.skipped
-        touched = _touched(files.walk_reads, repo.config.chunk_size)
-    listing = (
-        pa.concat_tables([t.select(filecat.LISTING_SCHEMA.names) for t in tables])
-        if tables
-        else filecat.LISTING_SCHEMA.empty_table()
+def _stored(table: pa.Table, volume: Volume, chunks: _Chunks) -> pa.Table:
+    """A volume's listing from ``drive.files.listing`` in the catalog's columns."""
+    spans = table.column("deps_spans").to_pylist()
+    deps = pa.array([chunks.pack(s, volume) for s in spans], pa.binary())
+    table = table.append_column("deps", deps).select(filecat.LISTING_SCHEMA.names)
+    return table.cast(filecat.LISTING_SCHEMA)
+
+
+def _walkable(table: pa.Table, volume: Volume, chunks: _Chunks) -> pa.Table:
+    """A volume's rows of a stored listing, with ``deps_spans`` for ``relist``."""
+    spans = [chunks.spans(d, volume) for d in table.column("deps").to_pylist()]
+    return table.drop_columns(["deps"]).append_column(
+        "deps_spans", pa.array(spans, pa.list_(pa.int64()))
     )
-    return listing, touched, volumes, skipped
+
+
+def _touched(listing: pa.Table) -> list[int]:
+    """Every chunk some folder's listing came from; empty when one folder's are unknown."""
+    dirs = listing.filter(pc.equal(listing.column("kind"), "dir")).column("deps").to_pylist()
+    if not dirs or any(d is None for d in dirs):
+        return []
+    return sorted({int(v) for d in dirs for v in np.frombuffer(d, "<i8").tolist()})
+
+
+def build_listing(
+    repo: Repository,
+    point: RecoveryPoint,
+    base: filecat.FilesDoc | None = None,
+    base_listing: pa.Table | None = None,
+    changed: np.ndarray | None = None,
+) -> tuple[pa.Table, list[dict[str, object]], list[str], int]:
+    """The point's listing: walked whole, or (with a base and the changed chunks) the base's
+    listing with the folders that changed listed again. Also the volumes, what could not be
+    read, and how many folders were listed again (-1: walked whole)."""
+    chunks = _Chunks(repo.config.chunk_size, changed)
+    tables: list[pa.Table] = []
+    volumes: list[dict[str, Any]] = []
+    skipped: list[str] = []
+    relisted = -1 if base is None else 0
+    with PointFiles(repo.reader(point)) as files:
+        for volume in files.volumes():
+            volumes.append(_summary(volume))
+            if volume.fstype not in READABLE:
+                continue
+            before = None
+            if base is not None and base_listing is not None and _summary(volume) in base.volumes:
+                rows = base_listing.filter(pc.equal(base_listing.column("volume"), volume.name))
+                if b"/" in rows.column("path").to_pylist()[:1]:
+                    before = _walkable(rows, volume, chunks)
+            table = None
+            if before is not None:
+                stale = chunks.stale(volume)
+                try:
+                    table = relist(files, volume, before, stale)
+                    kinds = before.column("kind").to_pylist()
+                    spans = before.column("deps_spans").to_pylist()
+                    relisted += sum(
+                        1 for k, d in zip(kinds, spans, strict=True) if k == "dir" and stale(d)
+                    )
+                except CombError:
+                    table = None  # a folder that is not one any more: walked whole instead
+            try:
+                if table is None:
+                    table = subtree(files, files.volume_node(volume))
+            except CombError as err:  # one volume's failure is one line
+                skipped.append(str(err))
+                continue
+            tables.append(_stored(table, volume, chunks))
+        skipped += files.skipped
+    listing = pa.concat_tables(tables) if tables else filecat.LISTING_SCHEMA.empty_table()
+    return listing, volumes, skipped, relisted
+
+
+def walk_point(repo: Repository, point: RecoveryPoint) -> tuple[pa.Table, list, list, list]:
+    """A full walk: the listing, its touched chunks, the volumes, what could not be read."""
+    listing, volumes, skipped, _ = build_listing(repo, point)
+    return listing, _touched(listing), volumes, skipped
+
+
+def _changed(repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc) -> np.ndarray | None:
+    """The chunk offsets this backup changed against the base's point; None when unknown."""
+    if point.parent != base.point or point.changes is None:
+        return None
+    if base.chunk_size != repo.config.chunk_size:
+        return None
+    offsets = read_changes(repo.storage, point.changes, ["offset"]).column("offset")
+    return np.asarray(offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
+
+
+def _volumes(repo: Repository, point: RecoveryPoint) -> list[dict[str, object]]:
+    with PointFiles(repo.reader(point)) as files:
+        return [_summary(v) for v in files.volumes()]
 
 
 def index_point(repo: Repository, point: RecoveryPoint) -> Indexed:
@@ -93,32 +183,27 @@ def index_point(repo: Repository, point: RecoveryPoint) -> Indexed:
     if existing is not None:
         return Indexed(existing, False, 0.0, existed=True)
     base = filecat.read_doc(repo.storage, point.parent) if point.parent else None
-    if base is not None and _unchanged(repo, point, base):
-        base_listing = filecat.read_listing(repo.storage, base.point)
-        assert base_listing is not None
-        doc = filecat.write_catalog(
-            repo.storage,
-            point.id,
-            base_listing,
-            base,
-            base_listing,
-            repo.config.chunk_size,
-            base.touched,
-            base.volumes,
-            base.skipped,
-        )
-        return Indexed(doc, False, time.perf_counter() - t0)
-    listing, touched, volumes, skipped = walk_point(repo, point)
+    changed = _changed(repo, point, base) if base is not None else None
     base_listing = filecat.read_listing(repo.storage, base.point) if base is not None else None
-    doc = filecat.write_catalog(
-        repo.storage,
-        point.id,
-        listing,
-        base,
-        base_listing,
-        repo.config.chunk_size,
-        touched,
-        volumes,
-        skipped,
+    if (
+        base is not None
+        and base_listing is not None
+        and changed is not None
+        and base.touched
+        and not np.isin(np.asarray(base.touched, np.int64), changed).any()
+        and _volumes(repo, point) == base.volumes
+    ):
+        doc = filecat.write_catalog(
+            repo.storage, point.id, base_listing, base, base_listing,
+            repo.config.chunk_size, base.touched, base.volumes, base.skipped,
+        )  # fmt: skip
+        return Indexed(doc, False, time.perf_counter() - t0)
+    incremental = base if changed is not None else None
+    listing, volumes, skipped, relisted = build_listing(
+        repo, point, incremental, base_listing, changed
     )
-    return Indexed(doc, True, time.perf_counter() - t0)
+    doc = filecat.write_catalog(
+        repo.storage, point.id, listing, base, base_listing,
+        repo.config.chunk_size, _touched(listing), volumes, skipped,
+    )  # fmt: skip
+    return Indexed(doc, True, time.perf_counter() - t0, relisted=max(relisted, 0))

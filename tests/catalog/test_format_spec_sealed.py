@@ -9,13 +9,14 @@ import base64
 import json
 import re
 import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
 import blake3
 import pyarrow.parquet as pq
 import pytest
-from combtest import TEST_PASSWORD, Image, api_backup
+from combtest import TEST_PASSWORD, Image, api_backup, need_tool
 from cryptography.exceptions import InvalidTag
 from specparquet import spec_parquet
 from spectables import (
@@ -36,6 +37,7 @@ from catalog.errors import CorruptionError
 from catalog.repo import Repository
 from catalog.store import crypto
 from catalog.store.local import LocalStorage
+from pipeline.jobs.index import index_point
 
 CHUNK = 64 * 1024
 
@@ -64,6 +66,7 @@ def test_associated_data_table_names_every_sealed_object() -> None:
         "pack entry table",
         "point document",
         "block list",
+        "file catalog document",
         "overlay.json",
         "overlay data record payload",
         "Parquet file",
@@ -358,3 +361,36 @@ def test_header_struct_of_sealed_pack_is_the_plain_one() -> None:
     assert differ == ["flags"]
     _struct, rows = spec_struct("pack-entry")
     assert [r["Field"] for r in rows if r["Plain"] != r["Sealed"]] == ["flags"]
+
+
+def test_spec_alone_reads_a_sealed_file_catalog(tmp_path: Path) -> None:
+    """Section 23 in an encrypted repository: the document opens as kind `files`, its full
+    listing is encrypted Parquet with the columns of the spec, named by its stored bytes."""
+    need_tool("mkfs.ext4")
+    tree = tmp_path / "tree"
+    (tree / "etc").mkdir(parents=True)
+    (tree / "etc" / "hostname").write_text("web01\n")
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(8 << 20)
+    subprocess.run(["mkfs.ext4", "-q", "-F", "-d", tree, image], check=True, capture_output=True)
+    repo_dir = tmp_path / "repo"
+    Repository.init(str(repo_dir), password=TEST_PASSWORD)
+    point = api_backup(repo_dir, image, name="fs")
+    index_point(Repository.open(str(repo_dir), password=TEST_PASSWORD), point)
+    spec = SpecRepo(repo_dir, TEST_PASSWORD)
+    raw = (repo_dir / "files" / f"{point.id}.json").read_bytes()
+    assert json.loads(raw)["kind"] == "files"
+    doc = json.loads(spec.keys.open_envelope("file catalog document", raw, {}))
+    assert (doc["format"], doc["version"], doc["point"], doc["base"]) == (
+        "comb-files",
+        1,
+        point.id,
+        None,
+    )
+    stored = spec._named(repo_dir / "files" / f"{doc['full']}.parquet")
+    rows = spec_parquet(stored, spec.keys.keys["parquet"], _columns("schema-files")).to_pylist()
+    assert rows == sorted(rows, key=lambda r: (r["volume"], r["path"]))
+    hostname = next(r for r in rows if r["path"] == b"/etc/hostname")
+    assert (hostname["volume"], hostname["kind"], hostname["size"]) == ("disk", "file", 6)
+    assert len(rows) == doc["entries"] == doc["added"]

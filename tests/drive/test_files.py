@@ -204,8 +204,10 @@ def test_restore_path_overwrite_policies(
 class _Failing(PointFiles):
     """A restore killed inside a file: the second piece of file data never comes."""
 
-    def data(self, node: Node, piece: int = 4096) -> Iterator[tuple[int, bytes]]:
-        for got in super().data(node, piece):
+    def data(
+        self, node: Node, piece: int = 4096, start: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, bytes]]:
+        for got in super().data(node, piece, start, end):
             yield got
             raise KeyboardInterrupt
 

@@ -107,7 +107,7 @@ def test_odd_shapes_equal_what_the_kernel_reads(files_of: object, tmp_path: Path
     with open(image, "wb") as fh:
         fh.truncate(300 << 20)
     subprocess.run(["mkfs.xfs", "-q", "-f", image], check=True, capture_output=True)
-    with F._mounted(image, "xfs") as mnt:
+    with F.mounted(image, "xfs") as mnt:
         _odd_shapes(mnt)
     pf = files_of(image)  # type: ignore[operator]
     got = listing(pf, "/disk")

@@ -28,6 +28,7 @@ from combtest import (
 )
 from combtest import CliResult as Res
 from drivetest import qemu_compare
+from fusetest import Mount, in_mount_table, need_fuse
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -40,72 +41,11 @@ FILES = {"disk.img": "raw", "disk.qcow2": "qcow2", "disk.vhd": "vpc"}
 FILES |= {"disk.vhdx": "vhdx", "disk.vmdk": "vmdk"}
 
 
-def _need_fuse() -> None:
-    ci = os.environ.get("CI", "").lower() == "true"
-    if not os.path.exists("/dev/fuse"):
-        if ci:
-            pytest.fail("/dev/fuse is required in CI")
-        pytest.skip("/dev/fuse is missing")
-    try:
-        import pyfuse3  # noqa: F401
-    except ImportError:
-        if ci:
-            pytest.fail("pyfuse3 is required in CI")
-        pytest.skip("pyfuse3 is not installed")
-
-
-class Mount:
-    """``comb -r REPO mount MOUNTPOINT`` in the background."""
-
-    def __init__(self, repo: str, mountpoint: Path) -> None:
-        _need_fuse()
-        mountpoint.mkdir(exist_ok=True)
-        self.path = mountpoint
-        env = dict(os.environ, PYTHONPATH=str(ROOT))
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "pipeline.cli", "-r", repo, "mount", str(mountpoint)],
-            cwd=ROOT,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()  # printed once it listens for signals
-        assert line.startswith("mounted ") and str(mountpoint) in line, self._fail_text(line)
-        deadline = time.monotonic() + 20
-        while not os.path.ismount(mountpoint):
-            assert time.monotonic() < deadline and self.proc.poll() is None, self._fail_text(line)
-            time.sleep(0.05)
-
-    def _fail_text(self, line: str) -> str:
-        return f"not mounted: {line!r} {self.proc.poll()}"
-
-    def stop(self, signum: int = signal.SIGTERM) -> tuple[int, str, str]:
-        self.proc.send_signal(signum)
-        out, err = self.proc.communicate(timeout=20)
-        return self.proc.returncode, out, err
-
-    def cleanup(self) -> None:
-        """After a failure only: no process and no dead mount left behind (``ismount`` is
-        False on a dead FUSE mount, so the mount table is asked)."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait()
-        if _in_mount_table(self.path):
-            subprocess.run(["umount", "-l", str(self.path)], check=False)
-
-
 def _unescape(entry: bytes) -> str:
     """The source name of a directory entry (README: "%" is "", any other entry that is not
     shortened percent-decodes to the name)."""
     assert b"%~" not in entry, f"{entry!r} is a shortened name"
     return "" if entry == b"%" else unquote_to_bytes(entry).decode("utf-8", "surrogatepass")
-
-
-def _in_mount_table(path: Path) -> bool:
-    with open("/proc/self/mountinfo") as fh:
-        return any(line.split()[4] == str(path) for line in fh)
 
 
 @pytest.fixture(scope="module")
@@ -134,7 +74,7 @@ def mounted(
     try:
         yield m
         code, _, err = m.stop(signal.SIGTERM)
-        assert code == 0 and not _in_mount_table(m.path), err
+        assert code == 0 and not in_mount_table(m.path), err
     finally:
         m.cleanup()
 
@@ -264,7 +204,7 @@ def test_signal_unmounts(
             assert len(fh.read(MiB)) == MiB
         rc, out, err = m.stop(signum)
         assert (rc, out.strip(), err) == (code, f"unmounted {m.path}", "")
-        assert not _in_mount_table(m.path) and os.listdir(m.path) == []
+        assert not in_mount_table(m.path) and os.listdir(m.path) == []
     finally:
         m.cleanup()
 
@@ -324,7 +264,7 @@ def test_open_points_are_bounded(backed_up: tuple[str, Path, Path]) -> None:
 def test_a_failed_request_is_eio_and_one_warning(backed_up: tuple[str, Path, Path]) -> None:
     """A request that fails is EIO for that request, said once through the ``warn`` given
     (the command line passes ``pipeline.console.warn``)."""
-    _need_fuse()
+    need_fuse()
     import pyfuse3
     import trio
 

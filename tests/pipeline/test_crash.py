@@ -156,6 +156,10 @@ def _after_crash_checks(cli: CliRunner, s: Setup, committed_point: bool) -> None
 def test_commit_order_of_a_backup(cli: CliRunner, setup: Setup) -> None:
     proc, names = _crash(setup, "none", 0)
     assert proc.returncode == 0, proc.stderr
+    # The file catalog is committed after the point, on its own (its document last).
+    catalog = [n for n in names if n.startswith("files/")]
+    assert catalog and names[-len(catalog) :] == catalog and catalog[-1].endswith(".json")
+    names = names[: -len(catalog)]
     kinds = [_kind(name) for name in names]
     assert kinds == sorted(kinds, key=ORDER.index), names
     assert kinds[-1] == "points/" and kinds.count("points/") == 1
@@ -175,6 +179,19 @@ def test_crash_around_the_nth_commit(cli: CliRunner, setup: Setup, mode: str, n:
     assert [_kind(x) for x in names] == ORDER[:n]
     committed = names[-1].startswith("points/") and mode in ("after", "mid")
     _after_crash_checks(cli, setup, committed)
+
+
+@pytest.mark.parametrize("mode", ["before", "after"])
+def test_crash_while_the_file_catalog_is_written(cli: CliRunner, setup: Setup, mode: str) -> None:
+    """Killed around the commit of the catalog's change file (the 10th commit; its document
+    comes next): the point is committed, the catalog is not; everything reads, and the next
+    backup's catalog is built without it."""
+    proc, names = _crash(setup, mode, 10)
+    assert proc.returncode == -signal.SIGKILL, (proc.returncode, proc.stderr)
+    assert names[-1].startswith("files/") and names[8].startswith("points/")
+    _after_crash_checks(cli, setup, True)
+    got = cli("-r", setup.repo, "query", "SELECT count(*) AS n FROM file_changes", "--json")
+    assert got.code == 0, got.err
 
 
 def _largest_tmp_file(tmpdir: Path) -> int:

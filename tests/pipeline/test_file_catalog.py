@@ -184,3 +184,15 @@ def test_diff_files_without_a_catalog_says_how_to_build_it(cli: CliRunner, tmp_p
     p = backup(cli, repo, image, "--no-files")["id"]
     assert_one_line_error(cli("-r", repo, "diff", p, p, "--files"), f"comb index {p}", code=2)
     assert_one_line_error(cli("-r", repo, "diff", p, p, "/etc"), "needs --files", code=2)
+
+
+def test_file_reports(cli: CliRunner, history: tuple[Path, Path, list[dict]]) -> None:
+    repo, _, _ = history
+    churn = json.loads(cli("-r", repo, "report", "file-churn", "--json").out)["rows"]
+    assert [(r["path"], r["rewrites"], r["size"]) for r in churn] == [("/disk/etc/fstab", 1, 22)]
+    growth = json.loads(cli("-r", repo, "report", "file-growth", "--json").out)["rows"]
+    by_folder = {r["folder"]: (r["grown_bytes"], r["grown_files"]) for r in growth}
+    assert by_folder["/disk/etc/nginx"] == (22, 1)  # site.conf
+    assert by_folder["/disk/home/ann"] == (-6, -1)  # notes.txt
+    assert by_folder["/disk/etc"] == (22 - 30, 0)  # fstab rewritten shorter
+    assert growth[0]["folder"] == "/disk/etc/nginx"
