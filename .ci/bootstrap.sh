@@ -24,6 +24,8 @@ comb_bootstrap() {
     command -v python3 >/dev/null || missing+=(python3)
     python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     command -v cmp >/dev/null || missing+=(diffutils)
+    # The demo's file part makes an ext4 disk (mkfs.ext4 -d) and changes it (debugfs).
+    command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
     if [ "$extras" = test ]; then
         # The tests drive real tools: script (a terminal for the progress bar), losetup
         # (loop devices as block-device sources and targets), git (golden files are tracked).
