@@ -19,7 +19,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.errors import FileSystemError
 
@@ -49,6 +51,14 @@ def _rows(volume: Volume, entries: list[tuple[bytes, Entry, list[int] | None]]) 
         }
     )
     return table
+
+
+def _row(volume: Volume, path: bytes, entry: Entry, spans: list[int] | None) -> dict[str, Any]:
+    """One listing row as ``_rows`` makes it, as a dict (``relist`` works on dicts)."""
+    row: dict[str, Any] = {"volume": volume.name, "path": path, "path_text": display(path)}
+    row.update((name, getattr(entry, name)) for name in _METADATA)
+    row["deps_spans"] = spans if entry.is_dir else None
+    return row
 
 
 def subtree(files: PointFiles, top: Node) -> pa.Table:
@@ -88,65 +98,72 @@ def relist(
     before: pa.Table,
     stale: Callable[[list[int] | None], bool],
 ) -> pa.Table:
-    """The volume's listing now, from its listing ``before`` (rows of this volume, with
-    ``deps_spans``): each directory whose deps are ``stale`` (changed or unknown) is listed
-    again, parents first; what it gained as a subdirectory is walked whole, what it lost is
-    removed with everything under it. Everything else is kept as it was."""
-    tree = _Tree(before.to_pylist())
-    dirs = [p for p, r in tree.rows.items() if r["kind"] == "dir" and stale(r["deps_spans"])]
-    for path in sorted(dirs, key=lambda p: (p.count(b"/"), p)):
-        row = tree.rows.get(path)
-        if row is None or row["kind"] != "dir":
-            continue  # removed with its parent meanwhile
+    """The volume's listing now, from its listing ``before`` (rows of this volume sorted by
+    path, with ``deps_spans``): each directory whose deps are ``stale`` (changed or unknown) is
+    listed again, parents first; what it gained as a subdirectory is walked whole, what it lost
+    is removed with everything under it. Everything else is kept as it was: only the rows of
+    the folders listed again are handled one by one, the rest stays in Arrow."""
+    paths = before.column("path").to_pylist()
+    index = {p: i for i, p in enumerate(paths)}
+    dirs = pc.indices_nonzero(pc.equal(before.column("kind"), "dir")).to_pylist()
+    spans = before.column("deps_spans")
+    redo = sorted(
+        (paths[i] for i in dirs if stale(spans[i].as_py())), key=lambda p: (p.count(b"/"), p)
+    )
+    if not redo:
+        return before
+    wanted = set(redo)
+    kids: dict[bytes, list[int]] = {}
+    for i, p in enumerate(paths):
+        parent = p.rsplit(b"/", 1)[0] or b"/"
+        if parent in wanted and p != b"/":
+            kids.setdefault(parent, []).append(i)
+    sorted_paths = np.array(paths, dtype=object)
+    gone: set[bytes] = set()  # paths removed, with everything under them
+    rows: dict[bytes, dict[str, Any]] = {}  # rows replaced or added
+    extra: list[pa.Table] = []  # new subtrees
+    for path in redo:
+        if _under(path, gone) or (path not in rows and path not in index):
+            continue
+        row = rows.get(path) or before.slice(index[path], 1).to_pylist()[0]
         entries, deps = files.list_inode(volume, int(row["inode"]))
-        row["deps_spans"] = deps
+        rows[path] = {**row, "deps_spans": deps}
         prefix = b"/" if path == b"/" else path + b"/"
-        kept = set()
+        old = {paths[i][len(prefix) :]: i for i in kids.get(path, [])}
         for entry in entries:
             child = prefix + entry.name
-            kept.add(child)
-            was = tree.rows.get(child)
-            if was is not None and (was["kind"], was["inode"]) != (entry.kind, entry.inode):
-                tree.drop(child)
-                was = None
-            if was is None and entry.is_dir:
+            was = old.pop(entry.name, None)
+            if was is not None:
+                w = before.slice(was, 1).to_pylist()[0]
+                if (w["kind"], w["inode"]) == (entry.kind, entry.inode):
+                    rows[child] = _row(volume, child, entry, w["deps_spans"])
+                    continue
+                gone.add(child)  # replaced by another entry of the same name
+            if entry.is_dir:
                 node = Node(b"/" + volume.name.encode() + child, volume, entry)
-                for new in subtree(files, node).to_pylist():
-                    tree.add(new)
-                continue
-            spans = was["deps_spans"] if was is not None else None
-            tree.add(_rows(volume, [(child, entry, spans)]).to_pylist()[0])
-        for child in tree.children(path) - kept:
-            tree.drop(child)
-    return pa.Table.from_pylist(list(tree.rows.values()), schema=before.schema)
+                extra.append(subtree(files, node))
+            else:
+                rows[child] = _row(volume, child, entry, None)
+        gone.update(prefix + name for name in old)
+    keep = np.ones(len(paths), dtype=bool)
+    for path in gone:
+        keep[index[path]] = False
+        lo, hi = np.searchsorted(sorted_paths, [path + b"/", path + b"0"]).tolist()
+        keep[lo:hi] = False
+    for path in rows:
+        if path in index:
+            keep[index[path]] = False
+    kept = before.filter(pa.array(keep))
+    parts = [kept, pa.Table.from_pylist(list(rows.values()), schema=before.schema)]
+    parts += [t.select(before.schema.names).cast(before.schema) for t in extra]
+    result = pa.concat_tables(parts)
+    return result.sort_by([("path", "ascending")])
 
 
-class _Tree:
-    """Listing rows by path, with each directory's children."""
-
-    def __init__(self, rows: list[dict[str, Any]]) -> None:
-        self.rows: dict[bytes, dict[str, Any]] = {}
-        self.kids: dict[bytes, set[bytes]] = {}
-        for row in rows:
-            self.add(row)
-
-    @staticmethod
-    def parent(path: bytes) -> bytes:
-        return path.rsplit(b"/", 1)[0] or b"/"
-
-    def add(self, row: dict[str, Any]) -> None:
-        path = row["path"]
-        assert isinstance(path, bytes)
-        self.rows[path] = row
-        if path != b"/":
-            self.kids.setdefault(self.parent(path), set()).add(path)
-
-    def children(self, path: bytes) -> set[bytes]:
-        return set(self.kids.get(path, ()))
-
-    def drop(self, path: bytes) -> None:
-        """An entry and, for a directory, everything under it."""
-        for child in self.kids.pop(path, set()):
-            self.drop(child)
-        self.rows.pop(path, None)
-        self.kids.get(self.parent(path), set()).discard(path)
+def _under(path: bytes, gone: set[bytes]) -> bool:
+    """Is ``path`` (or a folder above it) among ``gone``?"""
+    while path not in (b"", b"/"):
+        if path in gone:
+            return True
+        path = path.rsplit(b"/", 1)[0]
+    return False

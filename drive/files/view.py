@@ -231,7 +231,7 @@ class PointFiles:
                 yield Node(path, node.volume, entry)
 
     def walk_tables(
-        self, node: Node
+        self, node: Node, batch_rows: int | None = None
     ) -> Iterator[tuple[pa.Table, list[bytes], dict[int, list[int] | None]]]:
         """A walk's batches (``entries.SCHEMA``), each kept row's full path, and where each
         directory's listing came from (worker ``deps``); an entry whose name cannot be a path
@@ -239,6 +239,8 @@ class PointFiles:
         assert node.volume is not None
         paths = {node.entry.inode: node.path.rstrip(b"/")}
         header = self._header("walk", node.volume, inode=node.entry.inode)
+        if batch_rows:
+            header["batch_rows"] = batch_rows  # (tests: many small batches)
         # A worker of its own (the caller reads files while the walk goes on), kept for the
         # next walk; a walk inside a walk gets a new one.
         mine = self._walker_free.acquire(blocking=False)
@@ -259,7 +261,8 @@ class PointFiles:
                         paths[inode] = path
                     keep.append(i)
                     out.append(path)
-                yield table.take(keep), out, {int(d[0]): d[1] for d in deps}
+                kept = table.take(pa.array(keep, pa.int64()))
+                yield kept, out, {int(d[0]): d[1] for d in deps}
         finally:
             self.skipped.extend(walker.skipped)
             self.walk_reads.extend(walker.reads)

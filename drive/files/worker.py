@@ -143,7 +143,8 @@ class Worker:
             deps = _deps(fs, inode, rows)
             send(self.out, {"ok": {"rows": len(rows), "deps": deps}}, _table(rows))
         elif op == "walk":
-            self.walk(self.volume(header), int(header["inode"]))
+            batch = min(max(int(header.get("batch_rows") or BATCH_ROWS), 1), BATCH_ROWS)
+            self.walk(self.volume(header), int(header["inode"]), batch)
         elif op == "read":
             length = min(int(header["length"]), MAX_READ)
             data = self.volume(header).read(int(header["inode"]), int(header["offset"]), length)
@@ -155,7 +156,7 @@ class Worker:
         else:
             send(self.out, {"error": f"unknown request {op!r}"})
 
-    def walk(self, fs: Filesystem, top: int) -> None:
+    def walk(self, fs: Filesystem, top: int, batch: int = BATCH_ROWS) -> None:
         """Every entry under directory ``top``, depth first, each directory once (a directory
         reached twice, as in a loop a damaged filesystem can hold, is listed once)."""
         seen = {top}
@@ -177,7 +178,7 @@ class Worker:
                 if row[1] == "dir" and row[2] not in seen and depth < MAX_DEPTH:
                     seen.add(row[2])
                     stack.append((row[2], depth + 1))
-            if len(rows) >= BATCH_ROWS:
+            if len(rows) >= batch:
                 send(self.out, {"batch": len(rows), "deps": deps}, _table(rows, parents))
                 rows, parents, deps = [], [], []
         send(self.out, {"batch": len(rows), "deps": deps}, _table(rows, parents))

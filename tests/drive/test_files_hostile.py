@@ -161,3 +161,23 @@ def test_a_reader_that_dies_is_one_line_and_is_restarted(files_of: object, tmp_p
     proc.kill()
     proc.wait()
     assert pf.lookup("/disk/data/big").entry.size == 1 << 20  # a new worker answers
+
+
+def test_a_walk_in_many_batches_is_the_walk_in_one(files_of: object, tmp_path: Path) -> None:
+    """Batches of one row each, the last one empty (it still carries the last folder's deps):
+    the same entries, folders' deps included."""
+    pf = files_of(ext4(tmp_path))  # type: ignore[operator]
+    top = pf.lookup("/disk")
+
+    def walked(batch_rows: int | None) -> tuple[list[bytes], dict[int, object]]:
+        paths: list[bytes] = []
+        deps: dict[int, object] = {}
+        for table, found, more in pf.walk_tables(top, batch_rows):
+            assert table.num_rows == len(found)
+            paths += found
+            deps.update(more)
+        return paths, deps
+
+    one, many = walked(None), walked(1)
+    assert sorted(one[0]) == sorted(many[0]) and len(one[0]) == 8
+    assert one[1] == many[1] and all(v for v in one[1].values())

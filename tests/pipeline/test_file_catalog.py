@@ -141,7 +141,7 @@ def test_views_and_forgetting_the_base_point(
     cli: CliRunner, history: tuple[Path, Path, list[dict]]
 ) -> None:
     repo, _, points = history
-    count = "SELECT point_id, count(*) AS n FROM files GROUP BY 1 ORDER BY 2"
+    count = "SELECT point_id, count(*) AS n FROM files GROUP BY 1 ORDER BY 2, 1"
     before = json.loads(cli("-r", repo, "query", count, "--json").out)["rows"]
     assert cli("-r", repo, "forget", points[0]["id"], "--prune").code == 0
     after = json.loads(cli("-r", repo, "query", count, "--json").out)["rows"]
