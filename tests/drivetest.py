@@ -17,6 +17,21 @@ from drive.formats.export import export_image
 from drive.formats.image import VirtualImage
 
 
+class BytesSource:
+    """Bytes in memory as a ``catalog.read.source.BlockSource`` (a damaged copy of an image)."""
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = bytes(data)
+
+    @property
+    def size(self) -> int:
+        return len(self.data)
+
+    def read_into(self, buf: memoryview, offset: int) -> None:
+        assert 0 <= offset and offset + len(buf) <= len(self.data)
+        buf[:] = self.data[offset : offset + len(buf)]
+
+
 class FileSource:
     """A raw image file as a ``catalog.read.source.MappedSource``: its extents are the file's data
     regions (SEEK_DATA / SEEK_HOLE), widened to ``granularity``."""

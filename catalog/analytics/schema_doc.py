@@ -3,6 +3,24 @@ README's view table. A test checks that it names exactly the views' columns."""
 
 from __future__ import annotations
 
+# The columns of an entry of the file catalogs (the files and file_changes views).
+_ENTRY_COLUMNS = {
+    "volume": "the volume inside the point: part1, disk, lvm/VG/LV",
+    "path": "the path below the volume, from /, as the bytes the guest stored",
+    "path_text": "the path as text (bytes that are not UTF-8 shown escaped, as ls does)",
+    "kind": "file, dir, symlink, fifo, chardev, blockdev, socket or other",
+    "size": "bytes (files and links)",
+    "mode": "permission bits",
+    "uid": "owner",
+    "gid": "group",
+    "mtime_ns": "modification time, ns since the epoch",
+    "ctime_ns": "status change time, ns since the epoch",
+    "inode": "inode or MFT number (hard links share it)",
+    "nlink": "link count",
+    "target": "a symbolic link's target (bytes)",
+    "mtime": "modification time",
+}
+
 VIEWS: dict[str, tuple[str, dict[str, str]]] = {
     "points": (
         "committed recovery points, one row per point document",
@@ -162,20 +180,7 @@ VIEWS: dict[str, tuple[str, dict[str, str]]] = {
         "point from its catalog's chain, so query a few points or paths",
         {
             "point_id": "point id",
-            "volume": "the volume inside the point: part1, disk, lvm/VG/LV",
-            "path": "the path below the volume, from /, as the bytes the guest stored",
-            "path_text": "the path as text (bytes that are not UTF-8 shown escaped, as ls does)",
-            "kind": "file, dir, symlink, fifo, chardev, blockdev, socket or other",
-            "size": "bytes (files and links)",
-            "mode": "permission bits",
-            "uid": "owner",
-            "gid": "group",
-            "mtime_ns": "modification time, ns since the epoch",
-            "ctime_ns": "status change time, ns since the epoch",
-            "inode": "inode or MFT number (hard links share it)",
-            "nlink": "link count",
-            "target": "a symbolic link's target (bytes)",
-            "mtime": "modification time",
+            **_ENTRY_COLUMNS,
         },
     ),
     "file_changes": (
@@ -186,20 +191,7 @@ VIEWS: dict[str, tuple[str, dict[str, str]]] = {
             "time": "the point's time",
             "forgotten": "the point was forgotten (its catalog is kept)",
             "change": "added, modified or removed (a removed entry shows what it was)",
-            "volume": "the volume inside the point: part1, disk, lvm/VG/LV",
-            "path": "the path below the volume, from /, as the bytes the guest stored",
-            "path_text": "the path as text (bytes that are not UTF-8 shown escaped, as ls does)",
-            "kind": "file, dir, symlink, fifo, chardev, blockdev, socket or other",
-            "size": "bytes (files and links)",
-            "mode": "permission bits",
-            "uid": "owner",
-            "gid": "group",
-            "mtime_ns": "modification time, ns since the epoch",
-            "ctime_ns": "status change time, ns since the epoch",
-            "inode": "inode or MFT number (hard links share it)",
-            "nlink": "link count",
-            "target": "a symbolic link's target (bytes)",
-            "mtime": "modification time",
+            **_ENTRY_COLUMNS,
         },
     ),
 }

@@ -83,23 +83,25 @@ def add_parser(sub: Subparsers) -> None:
     d.set_defaults(run=cmd_diff)
 
 
+def _figures(got: Indexed) -> dict[str, object]:
+    """What a catalog's building did, as the JSON outputs say it."""
+    doc = got.doc
+    return {
+        "entries": doc.entries,
+        "added": doc.added,
+        "modified": doc.modified,
+        "removed": doc.removed,
+        "walked": got.walked,
+        "folders_relisted": got.relisted,
+        "skipped": doc.skipped,
+        "seconds": round(got.seconds, 3),
+    }
+
+
 def _said(got: Indexed, point: RecoveryPoint, as_json: bool) -> None:
     doc = got.doc
     if as_json:
-        print_json(
-            {
-                "point": point.id,
-                "entries": doc.entries,
-                "added": doc.added,
-                "modified": doc.modified,
-                "removed": doc.removed,
-                "walked": got.walked,
-                "folders_relisted": got.relisted,
-                "existed": got.existed,
-                "skipped": doc.skipped,
-                "seconds": round(got.seconds, 3),
-            }
-        )
+        print_json({"point": point.id, **_figures(got), "existed": got.existed})
         return
     if got.existed:
         print(f"{point.id}: file catalog already there ({doc.entries} entries)")
@@ -162,16 +164,7 @@ def index_after_backup(
             break
         for line in got.doc.skipped:
             warn(f"file catalog of {point.id[:8]}: {line}")
-        doc = got.doc
-        out[point.id] = {
-            "entries": doc.entries,
-            "added": doc.added,
-            "modified": doc.modified,
-            "removed": doc.removed,
-            "walked": got.walked,
-            "folders_relisted": got.relisted,
-            "seconds": round(got.seconds, 3),
-        }
+        out[point.id] = _figures(got)
         if not as_json:
             _said(got, point, False)
     return out

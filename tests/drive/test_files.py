@@ -15,6 +15,7 @@ from pathlib import Path
 import fsimages as F
 import pytest
 from combtest import TEST_PASSWORD, CliRunner, api_backup
+from filestest import listing
 from fsimages_tree import MTIME_RESOLUTION_NS
 
 from catalog.repo import Repository
@@ -60,31 +61,6 @@ def files(point: tuple[Path, str]) -> Iterator[PointFiles]:
     r = Repository.open(str(point[0]), password=TEST_PASSWORD)
     with PointFiles(r.reader(r.resolve(point[1]))) as pf:
         yield pf
-
-
-def sha256(pf: PointFiles, node: Node) -> str:
-    digest, at = hashlib.sha256(), 0
-    for offset, data in pf.data(node):
-        digest.update(bytes(offset - at))
-        digest.update(data)
-        at = offset + len(data)
-    digest.update(bytes(node.entry.size - at))
-    return digest.hexdigest()
-
-
-def listing(pf: PointFiles, top: str) -> dict[bytes, F.Item]:
-    """What comb shows under ``top``, in the judges' terms."""
-    items: dict[bytes, F.Item] = {}
-    links: dict[int, list[bytes]] = {}
-    for node in pf.walk(pf.lookup(top)):
-        rel, e = node.path[len(top) :], node.entry
-        digest = sha256(pf, node) if e.kind == "file" else None
-        size = e.size if e.kind == "file" else 0
-        items[rel] = F.Item(e.kind, size, digest, e.target, e.mode, None, mtime_ns=e.mtime_ns)
-        if e.kind == "file" and e.nlink > 1:
-            links.setdefault(e.inode, []).append(rel)
-    items.pop(b"/lost+found", None)
-    return F.number_groups(items, links.values())
 
 
 @pytest.mark.parametrize("part", list(PARTS))

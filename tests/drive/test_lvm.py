@@ -16,7 +16,7 @@ from pathlib import Path
 import fsimages as F
 import pytest
 from combtest import MiB, need_tool
-from drivetest import FileSource
+from drivetest import BytesSource, FileSource
 
 from catalog.errors import FileSystemError
 from drive.files.lvm import logical_volumes, lvm_crc, parse
@@ -24,19 +24,6 @@ from drive.files.view import PointFiles
 from drive.files.volumes import Volume, find_volumes
 
 PV_NOTE = "LVM2 physical volume"
-
-
-class BytesSource:
-    def __init__(self, data: bytes | bytearray) -> None:
-        self.data = bytes(data)
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def read_into(self, buf: memoryview, offset: int) -> None:
-        assert 0 <= offset and offset + len(buf) <= len(self.data)
-        buf[:] = self.data[offset : offset + len(buf)]
 
 
 def _tree(root: Path, word: str) -> Path:

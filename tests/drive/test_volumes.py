@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 from combtest import MiB, need_tool
+from drivetest import BytesSource
 
 from catalog.errors import CombError, FileSystemError
 from drive.files.volumes import Volume, detect, find_volumes
@@ -45,19 +46,6 @@ class FileSource:
         assert len(data) == len(buf)
         buf[:] = data
         self.read_total += len(buf)
-
-
-class BytesSource:
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    @property
-    def size(self) -> int:
-        return len(self.data)
-
-    def read_into(self, buf: memoryview, offset: int) -> None:
-        assert 0 <= offset and offset + len(buf) <= len(self.data)
-        buf[:] = self.data[offset : offset + len(buf)]
 
 
 def sh(*args: str | Path) -> str:
