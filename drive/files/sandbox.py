@@ -167,8 +167,12 @@ class Worker:
         send(proc.stdin, {"data": True}, buf)  # type: ignore[arg-type]
 
     def _stop_after(self, what: str, err: Exception) -> None:
-        proc = self._proc
-        code = proc.wait(timeout=5) if proc is not None else None
+        proc, code = self._proc, None
+        if proc is not None:
+            try:
+                code = proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:  # alive but its pipe is broken: stopped below
+                code = None
         tail = self._stderr_tail()
         self._stop()
         if code is not None and code < 0:
