@@ -21,6 +21,7 @@ from catalog.read.compare import changed_runs
 from catalog.repo import Repository
 from catalog.store import filecat
 from catalog.store.points import RecoveryPoint
+from drive.files.view import READABLE
 
 from ..console import human_bytes, print_json, print_table, warn, warn_damaged
 from ..jobs.index import Indexed, index_point
@@ -105,6 +106,10 @@ def _said(got: Indexed, point: RecoveryPoint, as_json: bool) -> None:
         return
     if got.existed:
         print(f"{point.id}: file catalog already there ({doc.entries} entries)")
+        return
+    if not any(v.get("fstype") in READABLE for v in doc.volumes):
+        found = ", ".join(str(v.get("fstype") or v.get("note") or "unknown") for v in doc.volumes)
+        print(f"{point.id}: no filesystem comb reads on this disk ({found or 'no volume'})")
         return
     if not got.walked:
         how = "no folder changed: the parent's listing kept"
