@@ -47,7 +47,6 @@ class Worker:
         self.memory = memory
         self.timeout = timeout
         self.skipped: list[str] = []  # directories a walk could not list, one line each
-        self.reads: list[tuple[int, int]] = []  # (offset, length) of the disk the worker read
         self._proc: subprocess.Popen[bytes] | None = None
         self._stderr: Any = None
         self._lock = threading.Lock()  # one request at a time
@@ -160,7 +159,6 @@ class Worker:
             send(proc.stdin, {"error": "a read out of range"})  # type: ignore[arg-type]
             return
         length = max(0, min(length, self.source.size - offset))
-        self.reads.append((offset, length))
         buf = bytearray(length)
         if length:
             self.source.read_into(memoryview(buf), offset)

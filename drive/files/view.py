@@ -78,7 +78,6 @@ class PointFiles:
         self._volumes: list[Volume] | None = None
         self._roots: dict[str, int] = {}
         self.skipped: list[str] = []  # what walks could not list, one line each
-        self.walk_reads: list[tuple[int, int]] = []  # (offset, length) the walks' workers read
         self._runs: OrderedDict[tuple[str, int], list[tuple[int, int, int]] | None] = OrderedDict()
         self._listings: OrderedDict[tuple[str, int], list[Entry]] = OrderedDict()
 
@@ -170,12 +169,15 @@ class PointFiles:
     def list_inode(self, volume: Volume, inode: int) -> tuple[list[Entry], list[int] | None]:
         """A directory's entries by inode (names that cannot be path components left out),
         and where its listing came from (worker ``deps``); never cached."""
+        entries, deps = self._request_list(volume, inode)
+        return [e for e in entries if self._fit(b"", e.name)], deps
+
+    def _request_list(self, volume: Volume, inode: int) -> tuple[list[Entry], list[int] | None]:
         ok, payload = self.worker.request(
             self._header("list", volume, inode=inode), describe(volume)
         )
         with pa.ipc.open_stream(io.BytesIO(payload)) as reader:
-            entries = entries_from(reader.read_all())
-        return [e for e in entries if self._fit(b"", e.name)], ok.get("deps")
+            return entries_from(reader.read_all()), ok.get("deps")
 
     def _list(self, volume: Volume, inode: int) -> list[Entry]:
         key = (volume.name, inode)
@@ -183,11 +185,7 @@ class PointFiles:
         if cached is not None:
             self._listings.move_to_end(key)
             return cached
-        _, payload = self.worker.request(
-            self._header("list", volume, inode=inode), describe(volume)
-        )
-        with pa.ipc.open_stream(io.BytesIO(payload)) as reader:
-            entries = entries_from(reader.read_all())
+        entries, _ = self._request_list(volume, inode)
         self._listings[key] = entries
         while len(self._listings) > LISTING_CACHE:
             self._listings.popitem(last=False)
@@ -265,9 +263,7 @@ class PointFiles:
                 yield kept, out, {int(d[0]): d[1] for d in deps}
         finally:
             self.skipped.extend(walker.skipped)
-            self.walk_reads.extend(walker.reads)
             walker.skipped.clear()
-            walker.reads.clear()
             if mine:
                 self._walker_free.release()
             else:

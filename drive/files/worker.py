@@ -50,7 +50,6 @@ class RemoteDisk:
     def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
         self._inp, self._out = inp, out
         self._cache: OrderedDict[int, bytes] = OrderedDict()
-        self.fetched = 0
 
     def read(self, offset: int, length: int) -> bytes:
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
@@ -77,7 +76,6 @@ class RemoteDisk:
         header, data = receive(self._inp)
         if "data" not in header:
             raise OSError(header.get("error", "the parent sent no data"))
-        self.fetched += len(data)
         for i in range(count):
             self._cache[index + i] = data[i * BLOCK : (i + 1) * BLOCK]
             while len(self._cache) > CACHE_BLOCKS:
@@ -151,8 +149,6 @@ class Worker:
             send(self.out, {"ok": {"length": len(data)}}, data)
         elif op == "runs":
             send(self.out, {"ok": {"runs": self.volume(header).runs(int(header["inode"]))}})
-        elif op == "stats":
-            send(self.out, {"ok": {"fetched": self.disk.fetched}})
         else:
             send(self.out, {"error": f"unknown request {op!r}"})
 
