@@ -37,6 +37,9 @@ PROJECTION = pa.schema(
 HOT = pa.schema([("source", pa.string())] + [
     (c, pa.int64()) for c in ("disk_bytes", "bucket_offset", "bucket_bytes", "changes")
 ])  # fmt: skip
+DIR_GROWTH = pa.schema([("source", pa.string()), ("folder", pa.string())] + [
+    (c, pa.int64()) for c in ("grown_bytes", "bytes_before", "bytes_now", "grown_files")
+])  # fmt: skip
 HORIZONS_D = (30, 90, 365)
 
 
@@ -78,6 +81,12 @@ def dash_data(
         for b in range(buckets):
             if rng.random() < 0.5:
                 hot.append((name, disk, b * disk // buckets, disk // buckets, rng.randint(1, 40)))
+    folders = [f"/disk/srv/{HOSTILE}" if i == 2 else f"/disk/home/u{i}" for i in range(12)]
+    dirs = []
+    for name in names:
+        for folder in folders:  # a few shrank, and more grew than the chart draws
+            grown, before = rng.randint(-(4 << 20), 64 << 20), rng.randint(1 << 20, 1 << 30)
+            dirs.append((name, folder, grown, before, before + grown, rng.randint(-3, 40)))
     fit: dict[str, object] = {
         "slope_bytes_per_day": slope,
         "r2": 0.98765,
@@ -94,4 +103,5 @@ def dash_data(
         projection=dash_table(PROJECTION, dated),
         projection_fit=fit,
         hot_regions=dash_table(HOT, hot),
+        dir_growth=dash_table(DIR_GROWTH, dirs),
     )

@@ -12,6 +12,7 @@ from pathlib import Path
 from combtest import need_tool
 from dashtest import dash_data
 
+from catalog.analytics.dashboard.dirgrowth import DIR_GROWTH_TOP
 from catalog.analytics.dashboard.render import (
     FIT_COLOUR,
     HEAT_COLOURS,
@@ -88,7 +89,9 @@ def test_renders_in_chromium(tmp_path: Path) -> None:
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
     assert [line for line in result.stderr.splitlines() if ":CONSOLE" in line] == []
-    assert result.stdout.count("<svg") == 6 and "<script" not in result.stdout
+    # Six charts (ratios has two) and the directory-growth bars.
+    assert result.stdout.count("<svg") == 7 and "<script" not in result.stdout
+    assert result.stdout.count('class="bar"') == 3 * DIR_GROWTH_TOP
     width, height, pixels = _decode_png(shot.read_bytes())
     assert (width, height) == (1280, 2400)
     assert len(pixels) > 500  # charts, text and antialiasing, not a blank page

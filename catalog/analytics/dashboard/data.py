@@ -13,6 +13,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.analytics.catalog import Catalog
+from catalog.analytics.dashboard.dirgrowth import DIR_GROWTH_TOP
 from catalog.analytics.dashboard.render import DashboardData
 from catalog.analytics.growth_fit import fit_growth, fit_warning, linear_fit
 from catalog.analytics.reports import ReportOptions, default_bucket, hot_regions, rpo
@@ -24,6 +25,10 @@ GROWTH_CARD = "Growth per day"  # the fitted slope: it carries the projection's 
 
 
 def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> DashboardData:
+    # Imported here: file_reports imports reports, which registers file_reports' reports as it
+    # loads, so importing file_reports before reports is a cycle (this module's imports sort so).
+    from catalog.analytics.file_reports import folder_growth
+
     now = now or datetime.now(UTC)
     cat.need("stored_history")  # forgotten points' rows: what kept points still use of theirs
     growth = cat.con.sql(
@@ -57,6 +62,7 @@ def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> Das
         projection=projection,
         projection_fit=fit,
         hot_regions=_heat(cat),
+        dir_growth=folder_growth(cat, ReportOptions(limit=None), per_source=DIR_GROWTH_TOP),
         card_warnings={GROWTH_CARD: str(fit["warning"])} if fit["warning"] else {},
     )
 

@@ -2,11 +2,11 @@
 
 Owns the presentation only: summary cards, the charts' content (growth, change rate, ratios,
 projection; drawn by ``catalog.analytics.dashboard.svgchart``) and per-source heat strips, with the
-page's CSS. It must not read the repository or compute analytics: the caller builds the tables, this
-module formats them. It must not make the page depend on anything outside the file either: no
-scripts, fonts, stylesheets or images are referenced, and a Content-Security-Policy forbids every
-fetch, so the page opens offline and a hostile source name (every data string is HTML-escaped) can
-neither load nor run anything.
+page's CSS (the directory-growth section is ``dirgrowth``'s). It must not read the repository or
+compute analytics: the caller builds the tables, this module formats them. It must not make the
+page depend on anything outside the file either: no scripts, fonts, stylesheets or images are
+referenced, and a Content-Security-Policy forbids every fetch, so the page opens offline and a
+hostile source name (every data string is HTML-escaped) can neither load nor run anything.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from typing import Any
 
 import pyarrow as pa
 
+from catalog.analytics.dashboard.dirgrowth import DIR_GROWTH_SECTION, dir_growth
 from catalog.analytics.dashboard.svgchart import (
     CHART_WIDTH_PX,
     EMPTY,
@@ -79,6 +80,7 @@ class DashboardData:
     # source, disk_bytes, bucket_offset, bucket_bytes, changes: one row per bucket; a row with
     # 0 changes and the disk size gives a disk that never changed its (all grey) strip
     hot_regions: pa.Table
+    dir_growth: pa.Table  # folder_growth's top folders per source (``dirgrowth`` draws them)
     # a card's label -> a warning shown on that card (e.g. the fit's, on the growth card)
     card_warnings: Mapping[str, str] = field(default_factory=dict)
 
@@ -106,7 +108,7 @@ def _columns(table: pa.Table, *names: str) -> list[list[Any]]:
 def _source_colours(data: DashboardData) -> dict[str, str]:
     """One colour per source, the same in every chart (sources sorted by name)."""
     names: set[str] = set()
-    for table in (data.growth, data.change_rate, data.ratios, data.hot_regions):
+    for table in (data.growth, data.change_rate, data.ratios, data.hot_regions, data.dir_growth):
         if table.num_rows and "source" in table.column_names:
             names.update(str(v) for v in table.column("source").to_pylist() if v is not None)
     return {n: SOURCE_COLOURS[i % len(SOURCE_COLOURS)] for i, n in enumerate(sorted(names))}
@@ -359,6 +361,7 @@ _SECTIONS = (
      "one year past the last recovery point."),
     ("hot-regions", "Hot regions", "Where each disk changes: a bar spans the whole disk, and each "
      "bucket is coloured by how many chunk changes fell into it over the whole history."),
+    DIR_GROWTH_SECTION,
 )  # fmt: skip
 
 
@@ -381,6 +384,7 @@ def render_dashboard(data: DashboardData) -> str:
         _ratios(data.ratios, colours),
         _projection(data.projection, data.projection_fit),
         _heat_strips(data.hot_regions, colours),
+        dir_growth(data.dir_growth, colours),
     )
     sections = "".join(
         f'<section id="{key}"><h2>{heading}</h2><p class="note">{note}</p>{body}</section>\n'
