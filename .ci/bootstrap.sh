@@ -53,6 +53,7 @@ comb_bootstrap() {
         command -v pvcreate >/dev/null || missing+=(lvm2)
         command -v cryptsetup >/dev/null || missing+=(cryptsetup-bin)  # a LUKS volume is named
         command -v zsh >/dev/null || missing+=(zsh)  # comb completion zsh is checked by zsh
+        command -v setfacl >/dev/null || missing+=(acl)  # restore --xattrs: ACLs set and compared
         # pyfuse3 (comb mount) is built against libfuse3 when pip installs it.
         command -v gcc >/dev/null || missing+=(gcc)
         command -v pkg-config >/dev/null || missing+=(pkg-config)

@@ -274,3 +274,60 @@ def truth_for(fstype: str, items: dict[bytes, Item]) -> dict[bytes, Item]:
         else:
             out[rel] = item
     return {k: replace(v, mtime_ns=v.mtime_ns - v.mtime_ns % res) for k, v in out.items()}
+
+
+def make_xattr_tree(root: Path) -> None:
+    """A small tree whose entries carry extended attributes (os.setxattr) and POSIX ACLs
+    (setfacl; ``need_tool("setfacl")`` first): values in the inode and, too big for it, in ext's
+    xattr block; an empty and a binary value; access and default ACLs (and a file that inherits
+    one); a read-only file; trusted.* and security.* (as root only: on a file and on a link);
+    a hard link."""
+    import subprocess
+
+    root.mkdir(parents=True, exist_ok=True)
+    base = os.fsencode(root)
+
+    def file(rel: bytes, data: bytes, **attrs: bytes) -> bytes:
+        path = base + rel
+        with open(path, "wb") as fh:
+            fh.write(data)
+        for name, value in attrs.items():
+            os.setxattr(path, "user." + name, value)
+        return path
+
+    def acl(*args: str | bytes) -> None:
+        subprocess.run(["setfacl", *args], check=True, capture_output=True)
+
+    file(b"/plain", b"plain\n", color=b"blue", bin=b"\x00\xff\x01\n", empty=b"")
+    file(b"/big-value", b"big\n", big=random.Random(1).randbytes(700), small=b"1")
+    acl("-m", "u:1234:rw-,g:55:r--", file(b"/acl-file", b"acl\n"))
+    os.mkdir(base + b"/shared", 0o755)
+    acl("-m", "u:1234:rwx", base + b"/shared")
+    acl("-d", "-m", "u:1234:rwx,g:55:r-x", base + b"/shared")
+    file(b"/shared/inherits", b"inherits\n", inner=b"x")
+    os.chmod(file(b"/readonly", b"ro\n", ro=b"1"), 0o444)
+    os.link(base + b"/plain", base + b"/hard")
+    os.symlink(b"plain", base + b"/link")
+    if os.geteuid() == 0:
+        only = file(b"/root-only", b"root\n")
+        os.setxattr(only, b"trusted.comb", b"t")
+        os.setxattr(only, b"security.comb", b"s")
+        os.setxattr(base + b"/link", b"trusted.link", b"l", follow_symlinks=False)
+
+
+def xattrs_below(
+    top: Path, skip: tuple[bytes, ...] = (b"/lost+found",)
+) -> dict[bytes, dict[str, bytes]]:
+    """``{b"/rel": {name: value}}`` of every entry below ``top`` (links not followed), as the
+    kernel lists them (ACLs in the VFS format)."""
+    base = os.fsencode(top)
+    out: dict[bytes, dict[str, bytes]] = {}
+    for dirpath, dirnames, filenames in os.walk(base):
+        for name in dirnames + filenames:
+            path = os.path.join(dirpath, name)
+            rel = path[len(base) :]
+            if rel.startswith(skip):
+                continue
+            names = os.listxattr(path, follow_symlinks=False)
+            out[rel] = {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
+    return out

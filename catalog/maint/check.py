@@ -20,6 +20,7 @@ import pyarrow.compute as pc
 
 from catalog.errors import CombError, CorruptionError
 from catalog.maint.gc import dead_temporary
+from catalog.store import filecat
 from catalog.store.blocks import BlockHasher, block_list_name
 from catalog.store.changes import read_changes
 from catalog.store.chunks import decode_chunk
@@ -77,6 +78,7 @@ def check_repository(
     report.warnings.extend(f"forgotten point: {msg}" for msg in bad)
     for point in gone:
         _check_changes(storage, point, report, "forgotten point")
+    _check_catalogs(storage, report)
     pack_ids = sorted(set(index.column("pack").to_pylist())) if index.num_rows else []
     _check_packs(storage, index, pack_ids, read_data, report, progress)
     leftovers = dead_temporary(storage)  # (a live writer's are not left over)
@@ -168,6 +170,18 @@ def _check_changes(
         or int(offsets[-1]) >= max(point.size, 1)
     ):
         report.warnings.append(f"{what} {point.id}: change table rows are out of order or range")
+
+
+def _check_catalogs(storage: Storage, report: CheckReport) -> None:
+    """A damaged file catalog (FORMAT.md 23) loses browsing of a point's files by catalog, not
+    its content: a warning. Each document and each Parquet file it names is read once."""
+    docs, named, problems = filecat.survey(storage)
+    report.warnings.extend(f"file catalog: {line}" for line in problems)
+    for name in sorted(named):
+        try:
+            read_parquet(storage, name, ["path"])
+        except CombError as err:
+            report.warnings.append(f"file catalog: {err.message}")
 
 
 def _check_packs(

@@ -32,6 +32,7 @@ import pyarrow.compute as pc
 
 from catalog.maint.repack import Repacked, repack_candidates, repack_live
 from catalog.repo import Repository
+from catalog.store import filecat
 from catalog.store.blocks import BLOCKS_SUFFIX, block_list_name, parquet_of
 from catalog.store.changes import changes_name
 from catalog.store.index import (
@@ -182,6 +183,11 @@ def plan(
             if name.endswith(".parquet") and name not in marks.files:
                 out.files.append(name)
                 out.file_bytes += storage.size(name)
+    _, named, _ = filecat.survey(storage)  # catalog files no catalog names: an index's crash
+    for name in storage.list(filecat.FILES_PREFIX):
+        if name.endswith(".parquet") and name not in named:
+            out.files.append(name)
+            out.file_bytes += storage.size(name)
     for prefix in (LEAVES_PREFIX, INDEX_PREFIX):  # a block list whose file is gone (a crash)
         for name in storage.list(prefix):
             if name.endswith(BLOCKS_SUFFIX) and not storage.exists(parquet_of(name)):
@@ -268,7 +274,8 @@ def execute(repo: Repository, p: Plan) -> None:
         storage.remove(name)
     for name in _with_block_lists(p.files) + p.tmp:
         storage.remove(name)
-    for d in ("packs", PARITY_PREFIX, "index", LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
+    dirs = ("packs", PARITY_PREFIX, "index", LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR)
+    for d in (*dirs, filecat.FILES_PREFIX):
         storage.sync(d)
 
 

@@ -24,7 +24,7 @@ from dataclasses import asdict, dataclass, field
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.errors import CorruptionError
+from catalog.errors import CombError, CorruptionError
 from catalog.store.parquet_io import ParquetStreamWriter, read_parquet
 from catalog.store.storage import Storage
 
@@ -102,6 +102,27 @@ def cataloged(storage: Storage) -> set[str]:
     }
 
 
+def survey(storage: Storage) -> tuple[list[FilesDoc], set[str], list[str]]:
+    """Every catalog document that reads, the data files they name (storage names), and one
+    line for each document that does not read or whose base's catalog is missing."""
+    docs: list[FilesDoc] = []
+    problems: list[str] = []
+    for point_id in sorted(cataloged(storage)):
+        try:
+            doc = read_doc(storage, point_id)
+        except CombError as err:
+            problems.append(err.message)
+            continue
+        if doc is not None:
+            docs.append(doc)
+    ids = {d.point for d in docs}
+    for doc in docs:
+        if doc.base is not None and doc.base not in ids:
+            problems.append(f"{doc_name(doc.point)}: its base's catalog is missing")
+    named = {data_name(i) for d in docs for i in (d.changes, d.full) if i}
+    return docs, named, problems
+
+
 def read_doc(storage: Storage, point_id: str) -> FilesDoc | None:
     name = doc_name(point_id)
     if not storage.exists(name):
@@ -137,8 +158,23 @@ def sort_listing(table: pa.Table) -> pa.Table:
     )
 
 
-def diff(old: pa.Table, new: pa.Table) -> pa.Table:
-    """The change rows that take listing ``old`` to listing ``new`` (both as LISTING_SCHEMA)."""
+def keys_table(parts: list[pa.Table]) -> pa.Table:
+    """Entry keys (``volume``, ``path``), one row each, from tables of them."""
+    schema = pa.schema([ENTRY_FIELDS[0], ENTRY_FIELDS[1]])
+    table = pa.concat_tables([t.select(KEY).cast(schema) for t in parts] or [schema.empty_table()])
+    return table.group_by(KEY).aggregate([])
+
+
+def diff(old: pa.Table, new: pa.Table, keys: pa.Table | None = None) -> pa.Table:
+    """The change rows that take listing ``old`` to listing ``new`` (both as LISTING_SCHEMA);
+    with ``keys`` (``keys_table``), only those entries can differ: the others are not compared."""
+    if keys is not None:
+        old, new = (t.join(keys, KEY, join_type="left semi") for t in (old, new))
+    if not old.num_rows:  # a first catalog: every entry added
+        added = pa.array(["added"] * new.num_rows, pa.string())
+        return new.append_column("change", added).sort_by(
+            [("volume", "ascending"), ("path", "ascending")]
+        )
     old_k = old.append_column("_old", pa.array([True] * old.num_rows, pa.bool_()))
     joined = new.join(old_k, KEY, join_type="full outer", right_suffix="_was")
     gone = pc.is_null(joined.column("kind"))
@@ -212,12 +248,14 @@ def write_catalog(
     touched: list[int],
     volumes: list[dict[str, object]],
     skipped: list[str],
+    keys: pa.Table | None = None,
 ) -> FilesDoc:
     """Commit a point's catalog: its changes against ``base`` (every entry "added" without
-    one), its full listing when the chain is due one, then the document (the commit)."""
+    one; only the entries of ``keys`` compared when given, see ``diff``), its full listing when
+    the chain is due one, then the document (the commit)."""
     listing = sort_listing(listing)
     empty = LISTING_SCHEMA.empty_table()
-    changes = diff(base_listing if base_listing is not None else empty, listing)
+    changes = diff(base_listing if base_listing is not None else empty, listing, keys)
     depth = 0 if base is None else base.depth + 1
     full = None
     if base is None or depth >= FULL_EVERY:

@@ -33,3 +33,6 @@ class Filesystem(Protocol):
     # Optional: ``deps(inode, rows) -> list[tuple[int, int]] | None``, the volume byte ranges a
     # directory's listing comes from (tsk.TskFilesystem.deps). A backend without it has every
     # directory re-listed by an incremental catalog.
+    # Optional: ``xattrs(inode) -> tuple[list[tuple[bytes, bytes]], list[str]]``, the inode's
+    # extended attributes and ACLs as Linux names and values (``drive.files.xattrs``) and one
+    # line for each that could not be read. A backend without it has none.

@@ -6,7 +6,9 @@ target; names the host cannot hold (``.``, ``..``, ``/`` or NUL in them, too lon
 with a warning; symbolic links are made as links and never followed. A file is written under a
 temporary name and renamed into place, so a killed restore leaves no half file under the real
 name. Faithful: hard links stay hard links, holes stay holes, mode and times always, owner when
-run as root; FIFOs with ``special``.
+run as root; FIFOs with ``special``; extended attributes and POSIX ACLs with ``xattrs`` (ext and
+XFS; ``trusted.*`` and ``security.*`` only as root), each set through the path of the entry in
+its parent's descriptor, never following a link; one that cannot be set or read is skipped.
 
 Owns the host side of a file restore. Must not: read a filesystem itself (``view.PointFiles``
 does), or write anything outside the target.
@@ -41,6 +43,7 @@ class Extracted:
     links: int = 0
     bytes: int = 0
     existing: int = 0
+    xattrs: int = 0
     skipped: list[str] = field(default_factory=list)
 
 
@@ -79,8 +82,11 @@ class Extractor:
         overwrite: str = "never",
         special: bool = False,
         warn: Callable[[str], None] = lambda _: None,
+        xattrs: bool = False,
     ) -> None:
         self.files = files
+        self.xattrs = xattrs
+        self._xattr_off: set[bytes] = set()  # namespaces not set (not root; target refuses)
         self.overwrite = overwrite
         self.special = special
         self.warn = warn
@@ -89,7 +95,7 @@ class Extractor:
         os.makedirs(target, mode=0o700, exist_ok=True)
         self.dirs = _Dirs(target)
         self._links: dict[tuple[str, int], tuple[bytes, ...]] = {}
-        self._times: list[tuple[tuple[bytes, ...], Entry]] = []
+        self._times: list[tuple[tuple[bytes, ...], Node]] = []
 
     def run(self, top: Node) -> Extracted:
         """``top`` and everything under it, as ``TARGET/<top's name>``."""
@@ -100,8 +106,8 @@ class Extractor:
             if top.entry.is_dir:
                 for node in self.files.walk(top):
                     self._one(tuple(node.path.split(b"/")[depth:]), node)
-            for parts, entry in reversed(self._times):  # a folder's times after its contents
-                self._attributes(parts, entry, is_link=False)
+            for parts, node in reversed(self._times):  # a folder's times after its contents
+                self._attributes(parts, node, is_link=False)
         finally:
             self.dirs.close()
         return self.done
@@ -142,7 +148,7 @@ class Extractor:
             volume = node.volume
             if volume is not None and node.path != b"/" + volume.name.encode():
                 # (a volume's folder, and /lvm and /lvm/VG, have no times of their own)
-                self._times.append((parts, entry))
+                self._times.append((parts, node))
             return
         if not self._replace(parent, name, entry):
             self.done.existing += 1
@@ -165,7 +171,7 @@ class Extractor:
             return
         if entry.nlink > 1:
             self._links[(node.volume.name, entry.inode)] = parts
-        self._attributes(parts, entry, is_link=entry.kind == "symlink")
+        self._attributes(parts, node, is_link=entry.kind == "symlink")
 
     def _replace(self, parent: int, name: bytes, entry: Entry) -> bool:
         """May ``name`` be written? Not when it exists, unless --overwrite says so."""
@@ -218,14 +224,49 @@ class Extractor:
         finally:
             os.close(fd)
 
-    def _attributes(self, parts: tuple[bytes, ...], entry: Entry, is_link: bool) -> None:
+    def _attributes(self, parts: tuple[bytes, ...], node: Node, is_link: bool) -> None:
+        entry = node.entry
         parent, name = self.dirs.fd(parts[:-1]), parts[-1]
         if self.owner:
             os.chown(name, entry.uid, entry.gid, dir_fd=parent, follow_symlinks=False)
+        if self.xattrs:  # after chown (it drops capabilities), before chmod (the file writable)
+            self._set_xattrs(parts, node, b"/proc/self/fd/%d/%s" % (parent, name))
         if not is_link:
             os.chmod(name, entry.mode & 0o7777, dir_fd=parent)
         times = (entry.atime_ns, entry.mtime_ns)
         os.utime(name, ns=times, dir_fd=parent, follow_symlinks=False)
+
+    def _set_xattrs(self, parts: tuple[bytes, ...], node: Node, path: bytes) -> None:
+        """The entry's extended attributes and ACLs; one that cannot be read or set is skipped
+        (said), trusted.* and security.* are left out unless root (said once per kind)."""
+        try:
+            found, problems = self.files.xattrs(node)
+        except FileSystemError as err:
+            self._skip(parts, f"extended attributes: {err}")
+            return
+        for line in problems:
+            self._skip(parts, f"extended attributes: {line}")
+        for key, value in found:
+            kind = key.split(b".", 1)[0] + b"."
+            if kind in self._xattr_off:
+                continue
+            if kind in (b"trusted.", b"security.") and not self.owner:
+                self._xattr_off.add(kind)
+                self.warn(f"not restoring {kind.decode()}* extended attributes: only as root")
+                continue
+            try:
+                os.setxattr(path, key, value, follow_symlinks=False)
+                self.done.xattrs += 1
+            except OSError as err:
+                if err.errno in (errno.EROFS, errno.EIO):
+                    raise OutputError(
+                        f"cannot write {display(b'/'.join(parts))}: {describe_os_error(err)}"
+                    ) from None
+                why = describe_os_error(err)
+                if err.errno == errno.EOPNOTSUPP:
+                    self._xattr_off.add(kind)
+                    why = f"the target does not support {kind.decode()}* (none restored)"
+                self._skip(parts, f"extended attribute {display(key)}: {why}")
 
 
 def extract(
@@ -235,9 +276,10 @@ def extract(
     overwrite: str = "never",
     special: bool = False,
     warn: Callable[[str], None] = lambda _: None,
+    xattrs: bool = False,
 ) -> Extracted:
     try:
-        extractor = Extractor(files, target, overwrite, special, warn)
+        extractor = Extractor(files, target, overwrite, special, warn, xattrs)
     except OSError as err:
         raise OutputError(f"cannot use {target} as the target: {describe_os_error(err)}") from None
     return extractor.run(top)

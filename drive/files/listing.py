@@ -16,45 +16,55 @@ the catalog's format (``catalog.store.filecat``).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.errors import FileSystemError
-
-from .entries import Entry, display, entries_from
-from .view import READABLE, Node, PointFiles
+from .entries import SCHEMA, Entry, display
+from .view import Node, PointFiles
 from .volumes import Volume
 
 _METADATA = ["kind", "inode", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "nlink"]
 _METADATA += ["target"]
 
 
-def _rows(volume: Volume, entries: list[tuple[bytes, Entry, list[int] | None]]) -> pa.Table:
-    cols: dict[str, list[object]] = {name: [] for name in _METADATA}
-    paths, deps = [], []
-    for path, entry, spans in entries:
-        paths.append(path)
-        deps.append(spans if entry.is_dir else None)
-        for name in _METADATA:
-            cols[name].append(getattr(entry, name))
-    table = pa.table(
+# Paths shown as they are (printable ASCII, no backslash): every other path goes through
+# ``display`` one by one.
+_PLAIN = r"^[\x20-\x5b\x5d-\x7e]*$"
+
+
+def _texts(paths: pa.Array) -> pa.Array:
+    """``display`` of every path, in Arrow where the path needs no escape."""
+    plain = pc.match_substring_regex(paths, _PLAIN)
+    if pc.all(plain).as_py() is not False:
+        return paths.cast(pa.string())
+    texts = [display(p) for p in paths.to_pylist()]
+    return pa.array(texts, pa.string())
+
+
+def _columns(volume: Volume, entries: pa.Table, paths: pa.Array, deps: dict) -> pa.Table:
+    """Listing rows from walk rows (``entries.SCHEMA``) and their paths below the volume."""
+    dirs = pc.indices_nonzero(pc.equal(entries.column("kind"), "dir"))
+    spans: list[list[int] | None] = [None] * entries.num_rows
+    inodes = entries.column("inode").take(dirs).to_pylist()
+    for i, inode in zip(dirs.to_pylist(), inodes, strict=True):
+        spans[i] = deps.get(inode)
+    return pa.table(
         {
-            "volume": pa.array([volume.name] * len(paths), pa.string()),
-            "path": pa.array(paths, pa.binary()),
-            "path_text": pa.array([display(p) for p in paths], pa.string()),
-            **{k: pa.array(v) for k, v in cols.items()},
-            "deps_spans": pa.array(deps, pa.list_(pa.int64())),
+            "volume": pa.array([volume.name] * entries.num_rows, pa.string()),
+            "path": paths,
+            "path_text": _texts(paths),
+            **{name: entries.column(name) for name in _METADATA},
+            "deps_spans": pa.array(spans, pa.list_(pa.int64())),
         }
     )
-    return table
 
 
 def _row(volume: Volume, path: bytes, entry: Entry, spans: list[int] | None) -> dict[str, Any]:
-    """One listing row as ``_rows`` makes it, as a dict (``relist`` works on dicts)."""
+    """One listing row as ``_columns`` makes it, as a dict (``relist`` works on dicts)."""
     row: dict[str, Any] = {"volume": volume.name, "path": path, "path_text": display(path)}
     row.update((name, getattr(entry, name)) for name in _METADATA)
     row["deps_spans"] = spans if entry.is_dir else None
@@ -66,30 +76,25 @@ def subtree(files: PointFiles, top: Node) -> pa.Table:
     ``deps_spans``."""
     volume = top.volume
     assert volume is not None
-    base = len(b"/" + volume.name.encode())
-    found: list[tuple[bytes, Entry]] = [(top.path[base:] or b"/", top.entry)]
+    path = top.path[len(b"/" + volume.name.encode()) :] or b"/"
+    first = pa.Table.from_pylist([{"parent": 0, **top.entry._asdict()}], schema=SCHEMA)
+    tables, paths = [first], [pa.array([path], pa.binary())]
     deps: dict[int, list[int] | None] = {}
-    for table, paths, more in files.walk_tables(top):
+    for table, found, more in files.walk_tables(top, top=path):
         deps.update(more)  # a directory's deps may come in a later batch than its row
-        found += [(p[base:], e) for p, e in zip(paths, entries_from(table), strict=True)]
-    return _rows(volume, [(p, e, deps.get(e.inode)) for p, e in found])
+        tables.append(table)
+        paths.append(found)
+    entries = pa.concat_tables(tables)
+    return _columns(volume, entries, pa.concat_arrays(paths), deps)
 
 
-def volume_listings(
-    files: PointFiles,
-) -> Iterator[tuple[Volume, pa.Table | None, str | None]]:
-    """Every volume with its listing (``subtree`` of its root); None and a one-line error when
-    it cannot be read; None and None when it is not a filesystem comb reads."""
-    for volume in files.volumes():
-        if volume.fstype not in READABLE:
-            yield volume, None, None
-            continue
-        try:
-            table = subtree(files, files.volume_node(volume))
-        except FileSystemError as err:
-            yield volume, None, str(err)
-            continue
-        yield volume, table, None
+class Relisted(NamedTuple):
+    """A volume's listing made again from its parent's: the rows, and the paths whose rows
+    were removed, replaced or added."""
+
+    table: pa.Table
+    touched: pa.Array  # paths below the volume
+    folders: int  # listed again
 
 
 def relist(
@@ -97,46 +102,56 @@ def relist(
     volume: Volume,
     before: pa.Table,
     stale: Callable[[list[int] | None], bool],
-) -> pa.Table:
+) -> Relisted:
     """The volume's listing now, from its listing ``before`` (rows of this volume sorted by
     path, with ``deps_spans``): each directory whose deps are ``stale`` (changed or unknown) is
     listed again, parents first; what it gained as a subdirectory is walked whole, what it lost
-    is removed with everything under it. Everything else is kept as it was: only the rows of
-    the folders listed again are handled one by one, the rest stays in Arrow."""
-    paths = before.column("path").to_pylist()
-    index = {p: i for i, p in enumerate(paths)}
+    is removed with everything under it. Everything else is kept as it was: only the folders'
+    rows and the rows of the folders listed again are handled one by one; the rest is found by
+    binary search in the sorted paths and stays in Arrow."""
+    paths = before.column("path").to_numpy(zero_copy_only=False)  # sorted
     dirs = pc.indices_nonzero(pc.equal(before.column("kind"), "dir")).to_pylist()
-    spans = before.column("deps_spans")
+    spans = before.column("deps_spans").take(pa.array(dirs, pa.int64())).to_pylist()
     redo = sorted(
-        (paths[i] for i in dirs if stale(spans[i].as_py())), key=lambda p: (p.count(b"/"), p)
+        (paths[i] for i, d in zip(dirs, spans, strict=True) if stale(d)),
+        key=lambda p: (p.count(b"/"), p),
     )
     if not redo:
-        return before
-    wanted = set(redo)
-    kids: dict[bytes, list[int]] = {}
-    for i, p in enumerate(paths):
-        parent = p.rsplit(b"/", 1)[0] or b"/"
-        if parent in wanted and p != b"/":
-            kids.setdefault(parent, []).append(i)
-    sorted_paths = np.array(paths, dtype=object)
+        return Relisted(before, pa.array([], pa.binary()), 0)
+    depth = pc.count_substring(before.column("path"), "/").to_numpy()
+
+    def at(path: bytes) -> int | None:
+        i = int(np.searchsorted(paths, path))
+        return i if i < len(paths) and paths[i] == path else None
+
+    def below(path: bytes) -> tuple[int, int]:  # the rows under a folder
+        if path == b"/":
+            return 1, len(paths)
+        lo, hi = np.searchsorted(paths, [path + b"/", path + b"0"]).tolist()
+        return int(lo), int(hi)
+
     gone: set[bytes] = set()  # paths removed, with everything under them
     rows: dict[bytes, dict[str, Any]] = {}  # rows replaced or added
     extra: list[pa.Table] = []  # new subtrees
     for path in redo:
-        if _under(path, gone) or (path not in rows and path not in index):
+        i = at(path)
+        if _under(path, gone) or (path not in rows and i is None):
             continue
-        row = rows.get(path) or before.slice(index[path], 1).to_pylist()[0]
+        row = rows.get(path) or before.slice(i, 1).to_pylist()[0]
         entries, deps = files.list_inode(volume, int(row["inode"]))
         rows[path] = {**row, "deps_spans": deps}
         prefix = b"/" if path == b"/" else path + b"/"
-        old = {paths[i][len(prefix) :]: i for i in kids.get(path, [])}
+        lo, hi = below(path)
+        kids = lo + np.nonzero(depth[lo:hi] == (1 if path == b"/" else path.count(b"/") + 1))[0]
+        was_rows = before.select(["kind", "inode", "deps_spans"]).take(pa.array(kids, pa.int64()))
+        was = dict(zip((paths[k][len(prefix) :] for k in kids), zip(*(
+            c.to_pylist() for c in was_rows.columns), strict=True), strict=True))  # fmt: skip
         for entry in entries:
             child = prefix + entry.name
-            was = old.pop(entry.name, None)
-            if was is not None:
-                w = before.slice(was, 1).to_pylist()[0]
-                if (w["kind"], w["inode"]) == (entry.kind, entry.inode):
-                    rows[child] = _row(volume, child, entry, w["deps_spans"])
+            w = was.pop(entry.name, None)
+            if w is not None:
+                if (w[0], w[1]) == (entry.kind, entry.inode):
+                    rows[child] = _row(volume, child, entry, w[2])
                     continue
                 gone.add(child)  # replaced by another entry of the same name
             if entry.is_dir:
@@ -144,20 +159,25 @@ def relist(
                 extra.append(subtree(files, node))
             else:
                 rows[child] = _row(volume, child, entry, None)
-        gone.update(prefix + name for name in old)
+        gone.update(prefix + name for name in was)
     keep = np.ones(len(paths), dtype=bool)
     for path in gone:
-        keep[index[path]] = False
-        lo, hi = np.searchsorted(sorted_paths, [path + b"/", path + b"0"]).tolist()
+        i = at(path)
+        if i is not None:
+            keep[i] = False
+        lo, hi = below(path)
         keep[lo:hi] = False
     for path in rows:
-        if path in index:
-            keep[index[path]] = False
+        i = at(path)
+        if i is not None:
+            keep[i] = False
     kept = before.filter(pa.array(keep))
     parts = [kept, pa.Table.from_pylist(list(rows.values()), schema=before.schema)]
     parts += [t.select(before.schema.names).cast(before.schema) for t in extra]
-    result = pa.concat_tables(parts)
-    return result.sort_by([("path", "ascending")])
+    result = pa.concat_tables(parts).sort_by([("path", "ascending")])
+    touched = [pa.array(paths[~keep], pa.binary()), pa.array(list(rows), pa.binary())]
+    touched += [t.column("path").combine_chunks() for t in extra]
+    return Relisted(result, pa.concat_arrays(touched), len(redo))
 
 
 def _under(path: bytes, gone: set[bytes]) -> bool:

@@ -17,6 +17,7 @@ import pytsk3
 
 from .backend import Row
 from .records import ExtRecords, NtfsRecords
+from .xattrs import ext_xattrs
 
 _KIND = {
     pytsk3.TSK_FS_META_TYPE_REG: "file",
@@ -193,6 +194,26 @@ class TskFilesystem:
                 return None
             spans.append((at, records.length))
         return spans
+
+    def xattrs(self, inode: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+        """The inode's extended attributes and ACLs in Linux's terms (``drive.files.xattrs``),
+        and what could not be read of them. ext only: NTFS's security descriptors and EAs and
+        FAT's attributes are no POSIX xattrs (none)."""
+        if not self._ext:
+            return [], []
+        records = self._record_map()
+        at = None if records is None else records.offset(inode)
+        if records is None or at is None:
+            raise ValueError(f"inode {inode}: its record cannot be located for its xattrs")
+        raw = self._read(at, records.length)
+        if len(raw) != records.length:
+            raise ValueError(f"inode {inode}: its record is cut short")
+
+        def ea_inode(number: int, size: int) -> bytes:
+            return self.read(number, 0, size)
+
+        got = ext_xattrs(inode, raw, self._read, self.block_size, self._size, ea_inode)
+        return got.found, got.problems
 
     def _record_map(self) -> ExtRecords | NtfsRecords | None:
         if self._records is None:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.errors import FileSystemError, PathNotFound
 from catalog.read.source import BlockSource
@@ -225,17 +226,18 @@ class PointFiles:
             return
         self._readable(node.volume)
         for table, paths, _ in self.walk_tables(node):
-            for path, entry in zip(paths, entries_from(table), strict=True):
+            for path, entry in zip(paths.to_pylist(), entries_from(table), strict=True):
                 yield Node(path, node.volume, entry)
 
     def walk_tables(
-        self, node: Node, batch_rows: int | None = None
-    ) -> Iterator[tuple[pa.Table, list[bytes], dict[int, list[int] | None]]]:
-        """A walk's batches (``entries.SCHEMA``), each kept row's full path, and where each
-        directory's listing came from (worker ``deps``); an entry whose name cannot be a path
-        component is left out (and said)."""
+        self, node: Node, batch_rows: int | None = None, top: bytes | None = None
+    ) -> Iterator[tuple[pa.Table, pa.BinaryArray, dict[int, list[int] | None]]]:
+        """A walk's batches (``entries.SCHEMA``), each kept row's path (from ``top``, by default
+        the node's full path), and where each directory's listing came from (worker ``deps``);
+        an entry whose name cannot be a path component is left out (and said). Paths are made
+        in Arrow: only the folders are handled one by one."""
         assert node.volume is not None
-        paths = {node.entry.inode: node.path.rstrip(b"/")}
+        paths = {node.entry.inode: (node.path if top is None else top).rstrip(b"/")}
         header = self._header("walk", node.volume, inode=node.entry.inode)
         if batch_rows:
             header["batch_rows"] = batch_rows  # (tests: many small batches)
@@ -247,20 +249,8 @@ class PointFiles:
         )
         try:
             for table, deps in walker.stream(header, describe(node.volume)):
-                cols = [table.column(c).to_pylist() for c in ("parent", "name", "kind", "inode")]
-                keep: list[int] = []
-                out: list[bytes] = []
-                for i, (parent, name, kind, inode) in enumerate(zip(*cols, strict=True)):
-                    base = paths.get(parent)
-                    if base is None or not self._fit(base, name):
-                        continue
-                    path = base + b"/" + name
-                    if kind == "dir":
-                        paths[inode] = path
-                    keep.append(i)
-                    out.append(path)
-                kept = table.take(pa.array(keep, pa.int64()))
-                yield kept, out, {int(d[0]): d[1] for d in deps}
+                kept, found = self._paths(table, paths)
+                yield kept, found, {int(d[0]): d[1] for d in deps}
         finally:
             self.skipped.extend(walker.skipped)
             walker.skipped.clear()
@@ -268,6 +258,40 @@ class PointFiles:
                 self._walker_free.release()
             else:
                 walker.close()
+
+    def _paths(self, table: pa.Table, paths: dict[int, bytes]) -> tuple[pa.Table, pa.Array]:
+        """The rows of a walk batch whose folder is known and whose name fits, and their paths;
+        ``paths`` (folder inode → path) gains the batch's folders. A folder's row comes before
+        its entries', so the folders are done in order first, then every row at once."""
+        names, parents = table.column("name"), table.column("parent")
+        bad = pc.or_(pc.match_substring(names, "/"), pc.match_substring(names, "\0"))
+        bad = pc.or_(bad, pc.is_in(names, value_set=pa.array([b".", b".."], pa.binary())))
+        bad_rows = set(pc.indices_nonzero(bad).to_pylist())
+        pylist = parents.to_pylist() if bad_rows else []
+        for i in sorted(bad_rows):
+            base = paths.get(pylist[i])
+            if base is not None:
+                self._fit(base, names[i].as_py())  # says what was left out
+        dirs = pc.indices_nonzero(pc.equal(table.column("kind"), "dir")).to_pylist()
+        if dirs:
+            sub = table.take(pa.array(dirs, pa.int64()))
+            for i, parent, name, inode in zip(
+                dirs,
+                *(sub.column(c).to_pylist() for c in ("parent", "name", "inode")),
+                strict=True,
+            ):
+                base = paths.get(parent)
+                if base is not None and i not in bad_rows and inode not in paths:
+                    paths[inode] = base + b"/" + name  # the first name: the one walked
+        known = pc.unique(parents)
+        known_paths = [paths.get(v) for v in known.to_pylist()]
+        where = pc.index_in(parents, value_set=known)
+        parent_path = pa.array(known_paths, pa.binary()).take(where)
+        keep = pc.and_(pc.invert(bad), pc.is_valid(parent_path))
+        if not pc.all(keep).as_py():
+            table, parent_path, names = (x.filter(keep) for x in (table, parent_path, names))
+        joined = pc.binary_join_element_wise(parent_path, names, b"/")
+        return table, joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
 
     def data(
         self, node: Node, piece: int = PIECE, start: int = 0, end: int | None = None
@@ -298,6 +322,34 @@ class PointFiles:
         for at, data in self.data(node, start=offset, end=end):
             out[at - offset : at - offset + len(data)] = data
         return bytes(out)
+
+    def xattrs(self, node: Node) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+        """A node's extended attributes and POSIX ACLs as Linux names and values (ACLs in the
+        VFS format: ``drive.files.xattrs``), and one line for each the worker could not read;
+        none for NTFS, FAT and exFAT (their security descriptors and EAs are not POSIX xattrs)."""
+        volume = node.volume
+        if volume is None or node.entry.inode == 0:
+            return [], []
+        self._readable(volume)
+        what = describe(volume)
+        header = self._header("xattrs", volume, inode=node.entry.inode)
+        ok, payload = self.worker.request(header, what)
+        sizes, problems = ok.get("sizes"), ok.get("problems")
+        found: list[tuple[bytes, bytes]] = []
+        at = 0
+        for size in sizes if isinstance(sizes, list) and isinstance(problems, list) else [None]:
+            if not (
+                isinstance(size, list) and len(size) == 2 and all(type(v) is int for v in size)
+            ):
+                raise FileSystemError(f"{what}: the filesystem reader's xattrs are not valid")
+            name, value = payload[at : at + size[0]], payload[at + size[0] : at + sum(size)]
+            if not 0 < len(name) == size[0] <= 255 or b"\0" in name or len(value) != size[1]:
+                raise FileSystemError(f"{what}: the filesystem reader's xattrs are not valid")
+            found.append((name, value))
+            at += sum(size)
+        if at != len(payload):
+            raise FileSystemError(f"{what}: the filesystem reader's xattrs are not valid")
+        return found, [" ".join(str(p).split())[:300] for p in problems or []]
 
     def _file_runs(
         self, node: Node, volume: Volume, entry: Entry

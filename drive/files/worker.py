@@ -13,6 +13,8 @@ per walk). Requests, answered one at a time:
   per directory listed, where its listing came from), then ``{ok}``
 - ``read {volume, inode, offset, length}`` → payload: the bytes
 - ``runs {volume, inode}`` → ``{runs: [[file offset, length, volume offset], ...] | null}``
+- ``xattrs {volume, inode}`` → ``{sizes: [[name length, value length], ...], problems: [line,
+  ...]}``, payload: each name then its value (``drive.files.xattrs``)
 
 Any failure is answered ``{error: "one line"}`` and the worker carries on.
 
@@ -37,8 +39,9 @@ from .entries import SCHEMA
 from .tsk import TskFilesystem
 from .wire import WireError, receive, send
 
-BLOCK = 16 << 10
-CACHE_BLOCKS = 4096  # 64 MiB
+BLOCK = 64 << 10
+CACHE_BLOCKS = 1024  # 64 MiB
+READ_AHEAD = 16  # blocks: 1 MiB
 BATCH_ROWS = 50_000
 MAX_READ = 16 << 20
 MAX_DEPTH = 4096
@@ -50,6 +53,7 @@ class RemoteDisk:
     def __init__(self, inp: BinaryIO, out: BinaryIO) -> None:
         self._inp, self._out = inp, out
         self._cache: OrderedDict[int, bytes] = OrderedDict()
+        self._next_miss, self._ahead = -1, 1  # read-ahead: doubles while misses are in order
 
     def read(self, offset: int, length: int) -> bytes:
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
@@ -68,10 +72,15 @@ class RemoteDisk:
         return data[skip : skip + length]
 
     def _fetch(self, index: int, last: int) -> bytes:
-        """Blocks index.. (the missing run up to ``last``) in one request; returns block index."""
+        """Blocks index.. (the missing run up to ``last``, and more when the misses go in order,
+        as a table or a folder read through) in one request; returns block index."""
+        self._ahead = min(self._ahead * 2, READ_AHEAD) if index == self._next_miss else 1
         count = 1
-        while index + count <= last and index + count not in self._cache and count < 64:
+        while count < max(last - index + 1, self._ahead) and index + count not in self._cache:
             count += 1
+            if count == READ_AHEAD:
+                break
+        self._next_miss = index + count
         send(self._out, {"read": [index * BLOCK, count * BLOCK]})
         header, data = receive(self._inp)
         if "data" not in header:
@@ -149,6 +158,9 @@ class Worker:
             send(self.out, {"ok": {"length": len(data)}}, data)
         elif op == "runs":
             send(self.out, {"ok": {"runs": self.volume(header).runs(int(header["inode"]))}})
+        elif op == "xattrs":
+            answer, payload = _xattrs(self.volume(header), int(header["inode"]))
+            send(self.out, {"ok": answer}, payload)
         else:
             send(self.out, {"error": f"unknown request {op!r}"})
 
@@ -183,13 +195,32 @@ class Worker:
 
 def _deps(fs: Filesystem, inode: int, rows: list[Row]) -> list[int] | None:
     """Where a directory's listing comes from (``Filesystem.deps``), as a flat list of volume
-    offsets and lengths; None where the backend cannot tell (the caller re-lists it always)."""
+    offsets and lengths, ascending and merged; None where the backend cannot tell (the caller
+    re-lists it always)."""
     method = getattr(fs, "deps", None)
     try:
         spans = method(inode, rows) if method is not None else None
     except (OSError, ValueError, struct.error):
         return None
-    return None if spans is None else [v for span in spans for v in span]
+    if spans is None:
+        return None
+    merged: list[int] = []  # touching or overlapping ranges as one: a folder's inodes are
+    for at, n in sorted(spans):  # mostly neighbours in one table
+        if merged and at <= merged[-2] + merged[-1]:
+            merged[-1] = max(merged[-1], at + n - merged[-2])
+        else:
+            merged += [at, n]
+    return merged
+
+
+def _xattrs(fs: Filesystem, inode: int) -> tuple[dict[str, Any], bytes]:
+    """The inode's extended attributes (``Filesystem.xattrs``; none from a backend without it)
+    as the answer's sizes and problems and its payload."""
+    method = getattr(fs, "xattrs", None)
+    found, problems = method(inode) if method is not None else ([], [])
+    sizes = [[len(name), len(value)] for name, value in found]
+    lines = [" ".join(str(p).split())[:300] for p in problems[:100]]
+    return {"sizes": sizes, "problems": lines}, b"".join(n + v for n, v in found)
 
 
 def _backend(fstype: str) -> type[Filesystem]:

@@ -25,6 +25,7 @@ from typing import Any
 import pyfsxfs
 
 from .backend import Row
+from .xattrs import MAX_VALUE, Collected, xfs_acl, xfs_name
 
 _KIND = {
     stat.S_IFREG: "file",
@@ -217,6 +218,44 @@ class XfsFilesystem:
                 continue
             out.append((start, length, self._geo.volume_offset(address)))
         return out
+
+    def xattrs(self, inode: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
+        """The inode's extended attributes and ACLs in Linux's terms (``drive.files.xattrs``),
+        and what could not be read of them (that attribute left out)."""
+        entry = self._entry(inode)
+        out = Collected()
+        try:
+            count = int(entry.number_of_extended_attributes)
+        except OSError as err:
+            raise ValueError(_message(err, f"inode {inode}: its xattrs cannot be read")) from None
+        for i in range(count):
+            try:
+                attribute = entry.get_extended_attribute(i)
+                text = str(attribute.name)
+                size = int(attribute.size)
+            except (OSError, UnicodeError) as err:
+                why = " ".join(str(err).split()).split(". ")[0][:200]
+                out.problems.append(f"inode {inode}: xattr {i} cannot be read: {why}")
+                continue
+            name = xfs_name(text)
+            if name is None:
+                out.problems.append(f"inode {inode}: xattr {text[:80]!r} is not one Linux sets")
+                continue
+            if size > MAX_VALUE:
+                out.problems.append(f"inode {inode}: xattr {text[:80]!r} of {size} bytes")
+                continue
+            try:
+                value = bytes(attribute.read_buffer_at_offset(size, 0)) if size else b""
+                if len(value) != size:
+                    raise ValueError(f"its value is cut short ({len(value)} of {size} bytes)")
+                if name.startswith(b"system.posix_acl_"):
+                    value = xfs_acl(value)
+            except (OSError, ValueError) as err:
+                why = " ".join(str(err).split()).split(". ")[0][:200]
+                out.problems.append(f"inode {inode}: xattr {text[:80]!r}: {why}")
+                continue
+            out.add(name, value)
+        return out.found, out.problems
 
     def _extents(self, entry: Any) -> list[tuple[int, int, int, int]]:
         """libfsxfs's extents as (file offset, length, address, flags): they follow one another

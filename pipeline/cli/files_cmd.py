@@ -206,25 +206,26 @@ def restore_files(repo: str, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     with point_files(repo, args, "restore") as (point, files):
         node = files.lookup(args.path)
-        done = extract(files, node, args.target, args.overwrite, args.special, warn)
+        xattrs = bool(args.xattrs)
+        done = extract(files, node, args.target, args.overwrite, args.special, warn, xattrs)
     seconds = time.perf_counter() - t0
     if args.json:
-        print_json(
-            {
-                "point": point.id,
-                "path": display(node.path),
-                "target": args.target,
-                "files": done.files,
-                "dirs": done.dirs,
-                "hard_links": done.links,
-                "bytes_written": done.bytes,
-                "existing_kept": done.existing,
-                "skipped": done.skipped,
-                "seconds": round(seconds, 3),
-            }
-        )
+        doc = {
+            "point": point.id,
+            "path": display(node.path),
+            "target": args.target,
+            "files": done.files,
+            "dirs": done.dirs,
+            "hard_links": done.links,
+            "bytes_written": done.bytes,
+            "existing_kept": done.existing,
+            "skipped": done.skipped,
+            "seconds": round(seconds, 3),
+        }
+        print_json({**doc, "xattrs_set": done.xattrs} if xattrs else doc)
     else:
         kept = f", kept {done.existing} existing" if done.existing else ""
+        kept += f", {done.xattrs} xattrs set" if xattrs else ""
         skipped = f", skipped {len(done.skipped)}" if done.skipped else ""
         print(
             f"restored {display(node.path)} of {point.id} to {args.target}: {done.files} files, "

@@ -35,6 +35,7 @@ def add_parser(sub: Subparsers) -> None:
             "comb -r /backup/repo restore 3f2a91 /dev/vg0/restore --force",
             "comb -r /backup/repo restore web01@latest - | ssh host 'dd of=/dev/vdb bs=4M'",
             "comb -r /backup/repo restore web01@latest /tmp/web01.img --delta",
+            "comb -r /backup/repo restore web01@latest --path /part1/srv --target /tmp/r --xattrs",
         ],
         json="print the result as one JSON object (on stderr with -); status lines on stderr",
     )
@@ -68,6 +69,12 @@ def add_parser(sub: Subparsers) -> None:
     )
     files.add_argument(
         "--special", action="store_true", help="also restore FIFOs (left out by default)"
+    )
+    files.add_argument(
+        "--xattrs",
+        action="store_true",
+        help="also restore extended attributes and POSIX ACLs (ext2/3/4 and XFS; trusted.* and "
+        "security.* only as root; NTFS security descriptors and EAs are not restored)",
     )
     s.set_defaults(run=cmd_restore)
 
@@ -123,6 +130,8 @@ def cmd_restore(repo: str, args: argparse.Namespace) -> int:
         return restore_files(repo, args)
     if args.output is None:
         raise UsageError("restore needs an OUTPUT (or --path and --target for files)")
+    if args.xattrs:
+        raise UsageError("--xattrs restores the attributes of files: give --path and --target")
     to_stdout = args.output == STDOUT
     if args.delta:
         _check_delta(args)

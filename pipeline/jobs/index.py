@@ -17,7 +17,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -84,15 +84,23 @@ class _Chunks:
 
 def _stored(table: pa.Table, volume: Volume, chunks: _Chunks) -> pa.Table:
     """A volume's listing from ``drive.files.listing`` in the catalog's columns."""
-    spans = table.column("deps_spans").to_pylist()
-    deps = pa.array([chunks.pack(s, volume) for s in spans], pa.binary())
+    column = table.column("deps_spans")
+    packed: list[bytes | None] = [None] * table.num_rows
+    known = pc.indices_nonzero(pc.is_valid(column))  # folders' (a file's are null)
+    for i, spans in zip(known.to_pylist(), column.take(known).to_pylist(), strict=True):
+        packed[i] = chunks.pack(spans, volume)
+    deps = pa.array(packed, pa.binary())
     table = table.append_column("deps", deps).select(filecat.LISTING_SCHEMA.names)
     return table.cast(filecat.LISTING_SCHEMA)
 
 
 def _walkable(table: pa.Table, volume: Volume, chunks: _Chunks) -> pa.Table:
     """A volume's rows of a stored listing, with ``deps_spans`` for ``relist``."""
-    spans = [chunks.spans(d, volume) for d in table.column("deps").to_pylist()]
+    column = table.column("deps")
+    spans: list[list[int] | None] = [None] * table.num_rows
+    known = pc.indices_nonzero(pc.is_valid(column))  # folders' (a file's are null)
+    for i, deps in zip(known.to_pylist(), column.take(known).to_pylist(), strict=True):
+        spans[i] = chunks.spans(deps, volume)
     return table.drop_columns(["deps"]).append_column(
         "deps_spans", pa.array(spans, pa.list_(pa.int64()))
     )
@@ -106,21 +114,32 @@ def _touched(listing: pa.Table) -> list[int]:
     return sorted({int(v) for d in dirs for v in np.frombuffer(d, "<i8").tolist()})
 
 
+class Built(NamedTuple):
+    """A point's listing as ``build_listing`` made it."""
+
+    listing: pa.Table
+    volumes: list[dict[str, Any]]
+    skipped: list[str]
+    relisted: int  # folders listed again; -1: walked whole
+    touched: pa.Table | None  # the (volume, path) keys that may differ from the base's; None: any
+
+
 def build_listing(
     repo: Repository,
     point: RecoveryPoint,
     base: filecat.FilesDoc | None = None,
     base_listing: pa.Table | None = None,
     changed: np.ndarray | None = None,
-) -> tuple[pa.Table, list[dict[str, object]], list[str], int]:
+) -> Built:
     """The point's listing: walked whole, or (with a base and the changed chunks) the base's
     listing with the folders that changed listed again. Also the volumes, what could not be
-    read, and how many folders were listed again (-1: walked whole)."""
+    read, how many folders were listed again, and which entries may differ from the base's."""
     chunks = _Chunks(repo.config.chunk_size, changed)
     tables: list[pa.Table] = []
     volumes: list[dict[str, Any]] = []
     skipped: list[str] = []
     relisted = -1 if base is None else 0
+    keys: list[pa.Table] | None = [] if base_listing is not None else None
     with PointFiles(repo.reader(point)) as files:
         for volume in files.volumes():
             volumes.append(_summary(volume))
@@ -129,22 +148,21 @@ def build_listing(
             before = None
             if base is not None and base_listing is not None and _summary(volume) in base.volumes:
                 rows = base_listing.filter(pc.equal(base_listing.column("volume"), volume.name))
-                if b"/" in rows.column("path").to_pylist()[:1]:
+                if rows.num_rows and rows.column("path")[0].as_py() == b"/":
                     before = _walkable(rows, volume, chunks)
             table = None
             if before is not None:
-                stale = chunks.stale(volume)
                 try:
-                    table = relist(files, volume, before, stale)
-                    kinds = before.column("kind").to_pylist()
-                    spans = before.column("deps_spans").to_pylist()
-                    relisted += sum(
-                        1 for k, d in zip(kinds, spans, strict=True) if k == "dir" and stale(d)
-                    )
+                    again = relist(files, volume, before, chunks.stale(volume))
+                    table, relisted = again.table, relisted + again.folders
+                    if keys is not None:
+                        name = pa.array([volume.name] * len(again.touched), pa.string())
+                        keys.append(pa.table({"volume": name, "path": again.touched}))
                 except CombError:
                     table = None  # a folder that is not one any more: walked whole instead
             try:
                 if table is None:
+                    keys = None  # (a volume walked whole: compared whole)
                     table = subtree(files, files.volume_node(volume))
             except CombError as err:  # one volume's failure is one line
                 skipped.append(str(err))
@@ -152,13 +170,18 @@ def build_listing(
             tables.append(_stored(table, volume, chunks))
         skipped += files.skipped
     listing = pa.concat_tables(tables) if tables else filecat.LISTING_SCHEMA.empty_table()
-    return listing, volumes, skipped, relisted
+    if keys is not None and base_listing is not None:
+        names = {t.column("volume")[0].as_py() for t in tables if t.num_rows}
+        if set(pc.unique(base_listing.column("volume")).to_pylist()) != names:
+            keys = None  # a volume came or went: compared whole
+    touched = None if keys is None else filecat.keys_table(keys)
+    return Built(listing, volumes, skipped, relisted, touched)
 
 
 def walk_point(repo: Repository, point: RecoveryPoint) -> tuple[pa.Table, list, list, list]:
     """A full walk: the listing, its touched chunks, the volumes, what could not be read."""
-    listing, volumes, skipped, _ = build_listing(repo, point)
-    return listing, _touched(listing), volumes, skipped
+    built = build_listing(repo, point)
+    return built.listing, _touched(built.listing), built.volumes, built.skipped
 
 
 def _changed(repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc) -> np.ndarray | None:
@@ -196,14 +219,14 @@ def index_point(repo: Repository, point: RecoveryPoint) -> Indexed:
         doc = filecat.write_catalog(
             repo.storage, point.id, base_listing, base, base_listing,
             repo.config.chunk_size, base.touched, base.volumes, base.skipped,
+            filecat.keys_table([]),
         )  # fmt: skip
         return Indexed(doc, False, time.perf_counter() - t0)
     incremental = base if changed is not None else None
-    listing, volumes, skipped, relisted = build_listing(
-        repo, point, incremental, base_listing, changed
-    )
+    built = build_listing(repo, point, incremental, base_listing, changed)
     doc = filecat.write_catalog(
-        repo.storage, point.id, listing, base, base_listing,
-        repo.config.chunk_size, _touched(listing), volumes, skipped,
+        repo.storage, point.id, built.listing, base, base_listing,
+        repo.config.chunk_size, _touched(built.listing), built.volumes, built.skipped,
+        built.touched,
     )  # fmt: skip
-    return Indexed(doc, True, time.perf_counter() - t0, relisted=max(relisted, 0))
+    return Indexed(doc, True, time.perf_counter() - t0, relisted=max(built.relisted, 0))

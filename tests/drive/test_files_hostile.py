@@ -174,7 +174,7 @@ def test_a_walk_in_many_batches_is_the_walk_in_one(files_of: object, tmp_path: P
         deps: dict[int, object] = {}
         for table, found, more in pf.walk_tables(top, batch_rows):
             assert table.num_rows == len(found)
-            paths += found
+            paths += found.to_pylist()
             deps.update(more)
         return paths, deps
 

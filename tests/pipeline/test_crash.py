@@ -192,6 +192,17 @@ def test_crash_while_the_file_catalog_is_written(cli: CliRunner, setup: Setup, m
     _after_crash_checks(cli, setup, True)
     got = cli("-r", setup.repo, "query", "SELECT count(*) AS n FROM file_changes", "--json")
     assert got.code == 0, got.err
+    # Prune removes the change file no catalog names (killed after its commit), nothing else.
+    orphan = Path(setup.repo) / names[-1]
+    assert orphan.exists() == (mode == "after")
+    before = sorted(p.name for p in (Path(setup.repo) / "files").iterdir())
+    got = cli("-r", setup.repo, "prune")
+    assert got.code == 0, got.err
+    assert not orphan.exists()
+    after = sorted(p.name for p in (Path(setup.repo) / "files").iterdir())
+    assert after == [n for n in before if n != orphan.name]
+    assert cli("-r", setup.repo, "verify").code == 0
+    assert cli("-r", setup.repo, "query", "SELECT count(*) FROM files").code == 0
 
 
 def _largest_tmp_file(tmpdir: Path) -> int:

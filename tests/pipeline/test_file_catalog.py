@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow as pa
 import pytest
-from combtest import TEST_PASSWORD, CliRunner, assert_one_line_error, need_tool
+from combtest import TEST_PASSWORD, CliRunner, assert_one_line_error, flip_byte, need_tool
 
 from catalog.repo import Repository
 from catalog.store import filecat
@@ -196,3 +196,26 @@ def test_file_reports(cli: CliRunner, history: tuple[Path, Path, list[dict]]) ->
     assert by_folder["/disk/home/ann"] == (-6, -1)  # notes.txt
     assert by_folder["/disk/etc"] == (22 - 30, 0)  # fstab rewritten shorter
     assert growth[0]["folder"] == "/disk/etc/nginx"
+
+
+def test_verify_warns_of_a_damaged_catalog(
+    cli: CliRunner, history: tuple[Path, Path, list[dict]]
+) -> None:
+    """A catalog is derived data: its damage is a warning of verify naming the file, not an
+    error (every point still restores)."""
+    repo_path, _, points = history
+    assert cli("-r", repo_path, "verify").code == 0
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
+    doc = filecat.read_doc(repo.storage, points[2]["id"])
+    assert doc is not None
+    name = filecat.data_name(doc.changes)
+    flip_byte(Path(repo.storage.local_path(name)), 40)
+    got = cli("-r", repo_path, "verify")
+    assert got.code == 0, got.err
+    assert f"file catalog: {repo.storage.local_path(name)} does not match its name" in got.err
+    os.remove(repo.storage.local_path(filecat.doc_name(points[0]["id"])))
+    got = cli("-r", repo_path, "verify")
+    assert got.code == 0, got.err
+    assert (
+        f"{filecat.doc_name(points[1]['id'])}: its base's catalog is missing" in got.out + got.err
+    )

@@ -16,6 +16,7 @@ from combtest import TEST_PASSWORD, api_backup, need_tool
 
 from catalog.repo import Repository
 from catalog.store import filecat
+from catalog.store.parquet_io import read_parquet
 from pipeline.jobs.index import index_point, walk_point
 
 
@@ -97,6 +98,9 @@ def test_incremental_catalog_equals_a_fresh_walk(tmp_path: Path, fstype: str) ->
     fresh, _, _, skipped = walk_point(repo, second)
     assert stored is not None and not skipped
     assert stored.to_pylist() == filecat.sort_listing(fresh).to_pylist()
+    # Its change rows (only the relisted folders' entries compared) are the whole comparison's.
+    changes = read_parquet(repo.storage, filecat.data_name(got.doc.changes))
+    assert changes.to_pylist() == filecat.diff(listing, stored).to_pylist()
     paths = set(stored["path"].to_pylist())
     assert {b"/new/a.txt", b"/d07/added.txt"} <= paths and b"/d03/f01.txt" not in paths
     assert not [p for p in paths if p.startswith(b"/d09")]
