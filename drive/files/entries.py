@@ -4,12 +4,13 @@ travel in between the filesystem worker and comb (and that the file catalog buil
 Names and symlink targets are bytes, exactly as the guest filesystem stores them: a name that is
 not valid UTF-8 is kept, and only shown escaped (``display``).
 
-Owns the entry record, its kinds and its Arrow form. Must not: read a filesystem, start a
+Owns the entry record, its kinds and its Arrow and JSON forms. Must not: read a filesystem, start a
 process, or know a repository.
 """
 
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -60,6 +61,26 @@ def entries_from(table: pa.Table) -> list[Entry]:
     """The rows of an entry table (``SCHEMA``, any column order) as entries."""
     cols = [table.column(name).to_pylist() for name in Entry._fields]
     return [Entry(*row) for row in zip(*cols, strict=True)]
+
+
+def entries_from_json(payload: bytes) -> list[Entry]:
+    """Entries from their JSON form (the filesystem worker's ``list`` answer: a list of lists in
+    ``Entry``'s order, names and targets as Latin-1 text), every field checked: a malformed one
+    raises ValueError."""
+    try:
+        return [_entry(row) for row in json.loads(payload)]
+    except (TypeError, AttributeError, UnicodeError) as err:
+        raise ValueError(str(err)) from None
+
+
+def _entry(row: list[object]) -> Entry:
+    name, kind, *numbers, target = row
+    if not isinstance(name, str) or kind not in KINDS or len(numbers) != 9:
+        raise ValueError(f"a row {str(row)[:80]}")
+    if any(type(v) is not int for v in numbers) or not isinstance(target, str | None):
+        raise ValueError(f"a row {str(row)[:80]}")
+    raw = None if target is None else target.encode("latin-1")
+    return Entry(name.encode("latin-1"), str(kind), *numbers, raw)  # type: ignore[arg-type, call-arg]
 
 
 def display(raw: bytes) -> str:

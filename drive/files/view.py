@@ -13,7 +13,6 @@ a filesystem in this process, or follow a symbolic link (the caller decides what
 
 from __future__ import annotations
 
-import io
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pyarrow.compute as pc
 from catalog.errors import FileSystemError, PathNotFound
 from catalog.read.source import BlockSource
 
-from .entries import Entry, display, entries_from
+from .entries import Entry, display, entries_from, entries_from_json
 from .sandbox import DEFAULT_MEMORY, DEFAULT_TIMEOUT, Worker
 from .volumes import Volume, find_volumes
 
@@ -177,8 +176,11 @@ class PointFiles:
         ok, payload = self.worker.request(
             self._header("list", volume, inode=inode), describe(volume)
         )
-        with pa.ipc.open_stream(io.BytesIO(payload)) as reader:
-            return entries_from(reader.read_all()), ok.get("deps")
+        try:
+            return entries_from_json(payload), ok.get("deps")
+        except ValueError as err:
+            what = f"{describe(volume)}: the filesystem reader sent a bad listing ({err})"
+            raise FileSystemError(what) from None
 
     def _list(self, volume: Volume, inode: int) -> list[Entry]:
         key = (volume.name, inode)

@@ -7,10 +7,11 @@ no key and no repository: every byte of the disk is asked of the parent over the
 per walk). Requests, answered one at a time:
 
 - ``open {volume: [offset, size]}`` → ``{root, block_size}``
-- ``list {volume, inode}`` → ``{rows, deps}``, payload: an Arrow IPC stream of ``entries.SCHEMA``
-  rows
-- ``walk {volume, inode}`` → ``{batch, deps}`` frames (IPC streams, ``parent`` set; ``deps``:
-  per directory listed, where its listing came from), then ``{ok}``
+- ``list {volume, inode}`` → ``{rows, deps}``, payload: the rows as a JSON list of lists in
+  ``entries.Entry``'s order, names and targets as Latin-1 text (one character per byte): a
+  worker that only lists never loads pyarrow, which costs more than the listing
+- ``walk {volume, inode}`` → ``{batch, deps}`` frames (Arrow IPC streams of ``entries.SCHEMA``,
+  ``parent`` set; ``deps``: per directory listed, where its listing came from), then ``{ok}``
 - ``read {volume, inode, offset, length}`` → payload: the bytes
 - ``runs {volume, inode}`` → ``{runs: [[file offset, length, volume offset], ...] | null}``
 - ``xattrs {volume, inode}`` → ``{sizes: [[name length, value length], ...], problems: [line,
@@ -25,6 +26,7 @@ a key, or send anything but frames on its protocol pipe.
 from __future__ import annotations
 
 import io
+import json
 import os
 import resource
 import struct
@@ -32,10 +34,7 @@ import sys
 from collections import OrderedDict
 from typing import Any, BinaryIO
 
-import pyarrow as pa
-
 from .backend import Filesystem, Row
-from .entries import SCHEMA
 from .tsk import TskFilesystem
 from .wire import WireError, receive, send
 
@@ -92,7 +91,18 @@ class RemoteDisk:
         return self._cache[index]
 
 
+def _plain(rows: list[Row]) -> bytes:
+    """A listing's rows as the ``list`` answer's JSON."""
+    out = [[r[0].decode("latin-1"), *r[1:11], None if r[11] is None else r[11].decode("latin-1")]
+           for r in rows]  # fmt: skip
+    return json.dumps(out, separators=(",", ":")).encode()
+
+
 def _table(rows: list[Row], parents: list[int] | None = None) -> bytes:
+    import pyarrow as pa  # (here: only walks need it)
+
+    from .entries import SCHEMA
+
     columns: list[Any] = list(zip(*rows, strict=True)) if rows else [[]] * (len(SCHEMA) - 1)
     arrays = [pa.array(parents or [0] * len(rows), pa.uint64())]
     arrays += [pa.array(col, SCHEMA.field(i + 1).type) for i, col in enumerate(columns)]
@@ -148,7 +158,7 @@ class Worker:
             fs, inode = self.volume(header), int(header["inode"])
             rows = fs.listdir(inode)
             deps = _deps(fs, inode, rows)
-            send(self.out, {"ok": {"rows": len(rows), "deps": deps}}, _table(rows))
+            send(self.out, {"ok": {"rows": len(rows), "deps": deps}}, _plain(rows))
         elif op == "walk":
             batch = min(max(int(header.get("batch_rows") or BATCH_ROWS), 1), BATCH_ROWS)
             self.walk(self.volume(header), int(header["inode"]), batch)

@@ -17,6 +17,7 @@ from drivetest import FileSource
 
 from catalog.errors import FileSystemError
 from catalog.repo import Repository
+from drive.files.entries import entries_from_json
 from drive.files.extract import extract
 from drive.files.view import PointFiles
 
@@ -149,7 +150,7 @@ def test_a_stalled_reader_is_stopped_and_the_next_request_works(
 
 def test_a_reader_that_dies_is_one_line_and_is_restarted(files_of: object, tmp_path: Path) -> None:
     image = ext4(tmp_path)
-    starved = files_of(image, memory=48 << 20)  # type: ignore[operator]
+    starved = files_of(image, memory=24 << 20)  # type: ignore[operator]  # (Python, TSK, no room)
     with pytest.raises(FileSystemError) as err:
         starved.lookup("/disk/etc")
     assert str(err.value).startswith("volume disk (ext4 at offset 0): ")  # TSK's own words
@@ -181,3 +182,35 @@ def test_a_walk_in_many_batches_is_the_walk_in_one(files_of: object, tmp_path: P
     one, many = walked(None), walked(1)
     assert sorted(one[0]) == sorted(many[0]) and len(one[0]) == 8
     assert one[1] == many[1] and all(v for v in one[1].values())
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"{",
+        b'{"a": 1}',
+        b'[["n", "file", 1, 2, 3, 4, 5, 6, 7, 8, 9]]',  # a field short
+        b'[["n", "bomb", 1, 2, 3, 4, 5, 6, 7, 8, 9, null]]',
+        b'[["n", "file", "1", 2, 3, 4, 5, 6, 7, 8, 9, null]]',
+        b'[["n", "file", 1.5, 2, 3, 4, 5, 6, 7, 8, 9, null]]',
+        b'[[7, "file", 1, 2, 3, 4, 5, 6, 7, 8, 9, null]]',
+        b'[["\\u0100", "file", 1, 2, 3, 4, 5, 6, 7, 8, 9, null]]',  # not one byte
+        b'[["n", "symlink", 1, 2, 3, 4, 5, 6, 7, 8, 9, 5]]',
+        b"[5]",
+    ],
+)
+def test_a_lying_worker_listing_is_refused(payload: bytes) -> None:
+    """A listing from the worker is checked field by field (the worker is not trusted)."""
+    with pytest.raises(ValueError):
+        entries_from_json(payload)
+
+
+def test_listing_json_keeps_every_byte() -> None:
+    raw = b'[["a\\u00ff\\u0000", "symlink", 1, 2, 3, 4, 5, 6, 7, 8, 9, "/\\u00fe"]]'
+    (entry,) = entries_from_json(raw)
+    assert (entry.name, entry.kind, entry.nlink, entry.target) == (
+        b"a\xff\0",
+        "symlink",
+        9,
+        b"/\xfe",
+    )

@@ -209,11 +209,11 @@ def test_verify_warns_of_a_damaged_catalog(
     doc = filecat.read_doc(repo.storage, points[2]["id"])
     assert doc is not None
     name = filecat.data_name(doc.changes)
-    flip_byte(Path(repo.storage.local_path(name)), 40)
+    flip_byte(Path(str(repo.storage.local_path(name))), 40)
     got = cli("-r", repo_path, "verify")
     assert got.code == 0, got.err
     assert f"file catalog: {repo.storage.local_path(name)} does not match its name" in got.err
-    os.remove(repo.storage.local_path(filecat.doc_name(points[0]["id"])))
+    os.remove(str(repo.storage.local_path(filecat.doc_name(points[0]["id"]))))
     got = cli("-r", repo_path, "verify")
     assert got.code == 0, got.err
     assert (
