@@ -21,10 +21,12 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.errors import CombError, CorruptionError
+from catalog.store import sorted_rows
 from catalog.store.parquet_io import ParquetStreamWriter, read_parquet
 from catalog.store.storage import Storage
 
@@ -56,7 +58,8 @@ LISTING_SCHEMA = pa.schema(ENTRY_FIELDS)
 CHANGES_SCHEMA = pa.schema([*ENTRY_FIELDS, pa.field("change", pa.string(), nullable=False)])
 KEY = ["volume", "path"]
 # What makes an entry "modified": any of these differs (content is judged by size and times).
-COMPARED = ["kind", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "inode", "target"]
+COMPARED = ["kind", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "inode", "nlink"]
+COMPARED += ["target"]
 # A row whose only difference is ``deps`` (the folder's listing comes from other chunks) is
 # stored as ``located``: the catalog needs it, a person would not call it a change.
 LOCATED = "located"
@@ -151,11 +154,12 @@ def _write(storage: Storage, schema: pa.Schema, table: pa.Table) -> str:
 
 
 def sort_listing(table: pa.Table) -> pa.Table:
-    return (
-        table.select(LISTING_SCHEMA.names)
-        .cast(LISTING_SCHEMA)
-        .sort_by([("volume", "ascending"), ("path", "ascending")])
-    )
+    """``table`` in the listing's columns, sorted by volume and path (checked first: listings
+    are mostly made sorted, and a sort of a million paths costs more than the check)."""
+    table = table.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA)
+    if sorted_rows.is_sorted(table, KEY):
+        return table
+    return table.sort_by([("volume", "ascending"), ("path", "ascending")])
 
 
 def keys_table(parts: list[pa.Table]) -> pa.Table:
@@ -206,16 +210,31 @@ def _differ(joined: pa.Table, names: list[str]) -> pa.ChunkedArray:
 
 
 def apply(listing: pa.Table, changes: pa.Table) -> pa.Table:
-    """``listing`` with ``changes`` applied."""
+    """``listing`` (sorted) with ``changes`` (one row per entry at most) applied, in one pass."""
     if not changes.num_rows:
         return listing
-    keys = changes.select(KEY).append_column(
-        "_touched", pa.array([True] * changes.num_rows, pa.bool_())
-    )
-    untouched = listing.join(keys, KEY, join_type="left anti")
+    mine = sorted_rows.keys(listing, KEY)
+    gone = pc.is_in(mine, value_set=sorted_rows.keys(changes, KEY))
     present = changes.filter(pc.not_equal(changes.column("change"), "removed"))
-    parts = [t.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA) for t in (untouched, present)]
-    return sort_listing(pa.concat_tables(parts))
+    known = np.asarray(mine.to_numpy(zero_copy_only=False), dtype=object)
+    keep = np.logical_not(gone.to_numpy(zero_copy_only=False))
+    return sorted_rows.merge(listing, present, KEY, known, keep)
+
+
+def _last_changes(tables: list[pa.Table]) -> pa.Table:
+    """The change rows of consecutive catalogs (oldest first) as one: each entry's last."""
+    steps = [
+        t.append_column("_step", pa.array([i] * t.num_rows, pa.int32()))
+        for i, t in enumerate(tables)
+    ]
+    rows = pa.concat_tables(steps).sort_by(
+        [("volume", "ascending"), ("path", "ascending"), ("_step", "descending")]
+    )
+    k = sorted_rows.keys(rows, KEY)
+    first = pa.concat_arrays(
+        [pa.array([True] * min(len(k), 1), pa.bool_()), pc.not_equal(k[1:], k[:-1])]
+    )
+    return rows.filter(first).drop_columns(["_step"])
 
 
 def read_listing(storage: Storage, point_id: str) -> pa.Table | None:
@@ -233,9 +252,10 @@ def read_listing(storage: Storage, point_id: str) -> pa.Table | None:
         return None
     assert doc.full is not None
     listing = sort_listing(read_parquet(storage, data_name(doc.full)))
-    for step in reversed(chain):
-        listing = apply(listing, read_parquet(storage, data_name(step.changes)))
-    return listing
+    if not chain:
+        return listing
+    changes = [read_parquet(storage, data_name(step.changes)) for step in reversed(chain)]
+    return apply(listing, _last_changes(changes))
 
 
 def write_catalog(

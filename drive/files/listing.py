@@ -23,6 +23,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from catalog.store import sorted_rows
+
 from .entries import SCHEMA, Entry, display
 from .view import Node, PointFiles
 from .volumes import Volume
@@ -109,6 +111,7 @@ def relist(
     is removed with everything under it. Everything else is kept as it was: only the folders'
     rows and the rows of the folders listed again are handled one by one; the rest is found by
     binary search in the sorted paths and stays in Arrow."""
+    before = before.combine_chunks()  # (a take from many chunks joins them first, each time)
     paths = before.column("path").to_numpy(zero_copy_only=False)  # sorted
     dirs = pc.indices_nonzero(pc.equal(before.column("kind"), "dir")).to_pylist()
     spans = before.column("deps_spans").take(pa.array(dirs, pa.int64())).to_pylist()
@@ -171,10 +174,9 @@ def relist(
         i = at(path)
         if i is not None:
             keep[i] = False
-    kept = before.filter(pa.array(keep))
-    parts = [kept, pa.Table.from_pylist(list(rows.values()), schema=before.schema)]
+    parts = [pa.Table.from_pylist(list(rows.values()), schema=before.schema)]
     parts += [t.select(before.schema.names).cast(before.schema) for t in extra]
-    result = pa.concat_tables(parts).sort_by([("path", "ascending")])
+    result = sorted_rows.merge(before, pa.concat_tables(parts), ["path"], paths, keep)
     touched = [pa.array(paths[~keep], pa.binary()), pa.array(list(rows), pa.binary())]
     touched += [t.column("path").combine_chunks() for t in extra]
     return Relisted(result, pa.concat_arrays(touched), len(redo))

@@ -147,7 +147,9 @@ def build_listing(
                 continue
             before = None
             if base is not None and base_listing is not None and _summary(volume) in base.volumes:
-                rows = base_listing.filter(pc.equal(base_listing.column("volume"), volume.name))
+                mine = pc.indices_nonzero(pc.equal(base_listing.column("volume"), volume.name))
+                first, n = (mine[0].as_py(), len(mine)) if len(mine) else (0, 0)
+                rows = base_listing.slice(first, n)  # (sorted by volume: one run, no copy)
                 if rows.num_rows and rows.column("path")[0].as_py() == b"/":
                     before = _walkable(rows, volume, chunks)
             table = None

@@ -219,3 +219,41 @@ def test_verify_warns_of_a_damaged_catalog(
     assert (
         f"{filecat.doc_name(points[1]['id'])}: its base's catalog is missing" in got.out + got.err
     )
+
+
+def test_a_chain_that_changes_one_entry_again_and_again(cli: CliRunner, tmp_path: Path) -> None:
+    """A listing read through a chain of catalogs takes each entry's last change (an entry
+    modified, removed, added back, its folder replaced by a file): equal to a fresh walk at
+    every point."""
+    repo_path = tmp_path / "repo"
+    assert cli("-r", repo_path, "init").code == 0
+    image = make_image(tmp_path)
+    one, two = tmp_path / "one.txt", tmp_path / "two.txt"
+    one.write_text("one\n")
+    two.write_text("two, longer\n")
+    steps = [
+        (f"write {one} /etc/nginx/a.conf",),
+        ("rm /etc/nginx/a.conf", "rm /etc/fstab", f"write {two} /etc/fstab"),
+        ("rm /etc/fstab",),
+        (f"write {one} /etc/nginx/a.conf", f"write {two} /etc/fstab"),
+        ("rm /etc/nginx/nginx.conf", "rm /etc/nginx/a.conf", "rmdir /etc/nginx"),
+        (f"write {one} /etc/nginx",),
+    ]
+    ids = [backup(cli, repo_path, image)["id"]]
+    for requests in steps:
+        debugfs(image, *requests)
+        ids.append(backup(cli, repo_path, image)["id"])
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
+    kinds = []
+    for point_id in ids:
+        point = repo.resolve(point_id)
+        stored = filecat.read_listing(repo.storage, point.id)
+        fresh, _, _, skipped = walk_point(repo, point)
+        assert stored is not None and not skipped
+        assert stored.to_pylist() == filecat.sort_listing(fresh).to_pylist()
+        rows = {r["path"]: r["kind"] for r in stored.select(["path", "kind"]).to_pylist()}
+        kinds.append((rows.get(b"/etc/nginx"), rows.get(b"/etc/fstab")))
+    assert kinds[-1] == ("file", "file") and kinds[-3] == ("dir", "file")
+    assert (kinds[3][1], kinds[4][1]) == (None, "file")
+    docs = [filecat.read_doc(repo.storage, i) for i in ids]
+    assert [d.depth for d in docs if d is not None] == list(range(len(ids)))
