@@ -331,3 +331,57 @@ def xattrs_below(
             names = os.listxattr(path, follow_symlinks=False)
             out[rel] = {n: os.getxattr(path, n, follow_symlinks=False) for n in names}
     return out
+
+
+# (path, S_IFCHR or S_IFBLK, mode, major, minor): 1:3 and 7:200 in ext's old encoding,
+# 259:70000 and 4000:1048575 in its new one (XFS holds at most major 16383, minor 262143).
+DEVICES = [
+    (b"/null", stat.S_IFCHR, 0o666, 1, 3),
+    (b"/nodes/loop200", stat.S_IFBLK, 0o660, 7, 200),
+    (b"/nodes/nvme", stat.S_IFBLK, 0o640, 259, 70000),
+    (b"/nodes/wide", stat.S_IFCHR, 0o600, 4000, 1048575),
+]
+
+
+def make_device_tree(root: Path, xfs: bool = False, sock: bool = True) -> None:
+    """A tree of character and block device nodes (``DEVICES``: root only, os.mknod), a FIFO,
+    a socket (unless not ``sock``), a regular file and a hard link to a device, times fixed;
+    ``xfs``: without the number XFS cannot hold."""
+    import socket
+
+    base = os.fsencode(root)
+    os.makedirs(base + b"/nodes", exist_ok=True)
+    for i, (rel, kind, mode, major, minor) in enumerate(DEVICES):
+        if xfs and minor > 0x3FFFF:
+            continue
+        os.mknod(base + rel, kind | mode, os.makedev(major, minor))
+        os.chmod(base + rel, mode)
+        os.chown(base + rel, 1000 + i, 2000 + i)
+    os.link(base + b"/nodes/loop200", base + b"/nodes/loop200-again")
+    os.mkfifo(base + b"/fifo", 0o640)
+    with open(base + b"/plain", "wb") as fh:
+        fh.write(b"plain\n")
+    if sock:
+        with socket.socket(socket.AF_UNIX) as unix:
+            unix.bind(base + b"/sock")
+    for i, (dirpath, names, files) in enumerate(os.walk(base)):
+        for name in names + files:
+            at = MTIME_BASE_NS + i * MTIME_STEP_NS + len(name)
+            os.utime(os.path.join(dirpath, name), ns=(at, at), follow_symlinks=False)
+
+
+def special_below(top: Path) -> dict[bytes, tuple[int, int, int, int, int, int, int]]:
+    """``{b"/rel": (S_IFMT, mode, major, minor, uid, gid, mtime)}`` of every device node and
+    FIFO below ``top`` (majors and minors 0 for a FIFO; mtime in whole seconds: mkfs.ext4 -d
+    keeps no nanoseconds)."""
+    base = os.fsencode(top)
+    out = {}
+    for dirpath, _, files in os.walk(base):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            st = os.lstat(path)
+            if stat.S_ISCHR(st.st_mode) or stat.S_ISBLK(st.st_mode) or stat.S_ISFIFO(st.st_mode):
+                dev = (os.major(st.st_rdev), os.minor(st.st_rdev))
+                fmt, mode = stat.S_IFMT(st.st_mode), stat.S_IMODE(st.st_mode)
+                out[path[len(base) :]] = (fmt, mode, *dev, st.st_uid, st.st_gid, int(st.st_mtime))
+    return out

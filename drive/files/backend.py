@@ -36,3 +36,6 @@ class Filesystem(Protocol):
     # Optional: ``xattrs(inode) -> tuple[list[tuple[bytes, bytes]], list[str]]``, the inode's
     # extended attributes and ACLs as Linux names and values (``drive.files.xattrs``) and one
     # line for each that could not be read. A backend without it has none.
+    # Optional: ``device(inode) -> tuple[int, int]``, a character or block device's (major,
+    # minor) in the range Linux's mknod takes (``drive.files.devices``); raises ValueError (one
+    # line) when the record is damaged. A backend without it has none to restore.

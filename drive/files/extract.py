@@ -6,9 +6,12 @@ target; names the host cannot hold (``.``, ``..``, ``/`` or NUL in them, too lon
 with a warning; symbolic links are made as links and never followed. A file is written under a
 temporary name and renamed into place, so a killed restore leaves no half file under the real
 name. Faithful: hard links stay hard links, holes stay holes, mode and times always, owner when
-run as root; FIFOs with ``special``; extended attributes and POSIX ACLs with ``xattrs`` (ext and
-XFS; ``trusted.*`` and ``security.*`` only as root), each set through the path of the entry in
-its parent's descriptor, never following a link; one that cannot be set or read is skipped.
+run as root; with ``special`` FIFOs, and as root character and block devices (``os.mknod``,
+their numbers read by the worker: ``view.PointFiles.device``; not as root, one warning per
+kind); sockets never (one exists only while a program listens on it); extended attributes and
+POSIX ACLs with ``xattrs`` (ext and XFS; ``trusted.*`` and ``security.*`` only as root), each
+set through the path of the entry in its parent's descriptor, never following a link; one that
+cannot be set or read is skipped.
 
 Owns the host side of a file restore. Must not: read a filesystem itself (``view.PointFiles``
 does), or write anything outside the target.
@@ -19,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -32,6 +36,12 @@ OVERWRITE = ("never", "if-newer", "always")
 _OPEN_DIRS = 64
 _NOFOLLOW_DIR = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+_DEVICES = {"chardev": "character device", "blockdev": "block device"}
+_SPECIAL = "(restored only with --special: FIFOs, and devices as root)"
+_NOT_RESTORED = {
+    "socket": "a socket (not restored: a socket exists only while a program listens on it)",
+    "other": "an entry of a kind comb does not know (not restored)",
+}
 
 
 @dataclass
@@ -87,6 +97,7 @@ class Extractor:
         self.files = files
         self.xattrs = xattrs
         self._xattr_off: set[bytes] = set()  # namespaces not set (not root; target refuses)
+        self._devices_off: set[str] = set()  # device kinds not made (not root)
         self.overwrite = overwrite
         self.special = special
         self.warn = warn
@@ -166,12 +177,31 @@ class Extractor:
             self._place(parent, name, lambda tmp: os.symlink(target, tmp, dir_fd=parent))
         elif entry.kind == "fifo" and self.special:
             self._place(parent, name, lambda tmp: os.mkfifo(tmp, 0o600, dir_fd=parent))
+        elif entry.kind in _DEVICES and self.special:
+            if not self._device(parent, name, parts, node):
+                return
         else:
-            self._skip(parts, f"a {entry.kind} (restored only with --special: FIFOs)")
+            self._skip(parts, _NOT_RESTORED.get(entry.kind, f"a {entry.kind} {_SPECIAL}"))
             return
         if entry.nlink > 1:
             self._links[(node.volume.name, entry.inode)] = parts
         self._attributes(parts, node, is_link=entry.kind == "symlink")
+
+    def _device(self, parent: int, name: bytes, parts: tuple[bytes, ...], node: Node) -> bool:
+        """A character or block device made (True), or skipped when not root (one warning per
+        kind; each counted as skipped)."""
+        kind = _DEVICES[node.entry.kind]
+        if not self.owner:
+            self.done.skipped.append(f"{display(b'/'.join(parts))}: a {kind}: only as root")
+            if kind not in self._devices_off:
+                self._devices_off.add(kind)
+                self.warn(f"not restoring {kind}s: only as root")
+            return False
+        major, minor = self.files.device(node)
+        what = stat.S_IFCHR if node.entry.kind == "chardev" else stat.S_IFBLK
+        number = os.makedev(major, minor)
+        self._place(parent, name, lambda tmp: os.mknod(tmp, what | 0o600, number, dir_fd=parent))
+        return True
 
     def _replace(self, parent: int, name: bytes, entry: Entry) -> bool:
         """May ``name`` be written? Not when it exists, unless --overwrite says so."""

@@ -16,6 +16,7 @@ from typing import Any
 import pytsk3
 
 from .backend import Row
+from .devices import ext_device
 from .records import ExtRecords, NtfsRecords
 from .xattrs import ext_xattrs
 
@@ -39,9 +40,13 @@ _FAT_SPECIAL = (b"$ALLOC_BITMAP", b"$UPCASE_TABLE", b"$TEX_FAT")  # exFAT's own,
 _NTFS_SYSTEM_FILES = 27  # MFT records 0..26 are NTFS's own ($MFT, $Bitmap, $Extend, ...)
 
 # ntfs-3g (how Linux writes NTFS) stores a symbolic link as an Interix one: a small file (its
-# data kept in the MFT record, so reading it costs no disk read) of a magic and a UTF-16 target.
+# data kept in the MFT record, so reading it costs no disk read) of a magic and a UTF-16 target;
+# a character or block device likewise (listed as one, its number never restored).
 _INTERIX = b"IntxLNK\x01"
 _INTERIX_MIN, _INTERIX_MAX = len(_INTERIX) + 2, 700
+# A device: a magic, then its major and minor as 64-bit numbers.
+_INTERIX_DEVICES = {b"IntxCHR\x00": "chardev", b"IntxBLK\x00": "blockdev"}
+_INTERIX_DEVICE_SIZE = 24
 
 
 class _Window(pytsk3.Img_Info):  # type: ignore[misc]
@@ -115,8 +120,7 @@ class TskFilesystem:
         if isinstance(link, str):
             link = link.encode("utf-8", "surrogateescape")
         if self._ntfs and kind == "file" and _INTERIX_MIN <= int(meta.size) <= _INTERIX_MAX:
-            link = _interix_link(entry, int(meta.size))
-            kind = "symlink" if link is not None else kind
+            kind, link = _interix(entry, int(meta.size))
         return (
             bytes(name.name),
             kind,
@@ -201,19 +205,36 @@ class TskFilesystem:
         FAT's attributes are no POSIX xattrs (none)."""
         if not self._ext:
             return [], []
-        records = self._record_map()
-        at = None if records is None else records.offset(inode)
-        if records is None or at is None:
-            raise ValueError(f"inode {inode}: its record cannot be located for its xattrs")
-        raw = self._read(at, records.length)
-        if len(raw) != records.length:
-            raise ValueError(f"inode {inode}: its record is cut short")
+        raw = self._ext_record(inode, "its xattrs")
 
         def ea_inode(number: int, size: int) -> bytes:
             return self.read(number, 0, size)
 
         got = ext_xattrs(inode, raw, self._read, self.block_size, self._size, ea_inode)
         return got.found, got.problems
+
+    def device(self, inode: int) -> tuple[int, int]:
+        """A character or block device's number (major, minor), from ext's inode record
+        (TSK does not give it); NTFS, FAT and exFAT keep no device files."""
+        if self._ntfs:
+            raise ValueError(
+                f"inode {inode}: an Interix device of ntfs-3g (comb does not restore NTFS's "
+                "device files)"
+            )
+        if not self._ext:
+            raise ValueError(f"inode {inode}: FAT and exFAT keep no device files")
+        return ext_device(inode, self._ext_record(inode, "its device number"))
+
+    def _ext_record(self, inode: int, purpose: str) -> bytes:
+        """The raw record of ext inode ``inode`` (``records.ExtRecords``), whole."""
+        records = self._record_map()
+        at = None if records is None else records.offset(inode)
+        if records is None or at is None:
+            raise ValueError(f"inode {inode}: its record cannot be located for {purpose}")
+        raw = self._read(at, records.length)
+        if len(raw) != records.length:
+            raise ValueError(f"inode {inode}: its record is cut short")
+        return raw
 
     def _record_map(self) -> ExtRecords | NtfsRecords | None:
         if self._records is None:
@@ -242,17 +263,23 @@ class TskFilesystem:
         return spans
 
 
-def _interix_link(entry: Any, size: int) -> bytes | None:
+def _interix(entry: Any, size: int) -> tuple[str, bytes | None]:
+    """What a small NTFS file is in ntfs-3g's Interix forms: a symbolic link and its target, a
+    character or block device (its number is not read: comb does not restore NTFS's device
+    files), or else a plain file."""
     try:
         data = bytes(entry.read_random(0, size))
     except OSError:
-        return None
+        return "file", None
+    if size == _INTERIX_DEVICE_SIZE and data[: len(_INTERIX)] in _INTERIX_DEVICES:
+        return _INTERIX_DEVICES[data[: len(_INTERIX)]], None
     if not data.startswith(_INTERIX) or len(data) % 2:
-        return None
+        return "file", None
     try:
-        return data[len(_INTERIX) :].decode("utf-16-le").encode("utf-8", "surrogatepass")
+        target = data[len(_INTERIX) :].decode("utf-16-le").encode("utf-8", "surrogatepass")
     except UnicodeDecodeError:
-        return None
+        return "file", None
+    return "symlink", target
 
 
 def _tsk_message(err: OSError, fallback: str) -> str:

@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from catalog.errors import FileSystemError, PathNotFound
 from catalog.read.source import BlockSource
 
+from . import devices
 from .entries import Entry, display, entries_from, entries_from_json
 from .sandbox import DEFAULT_MEMORY, DEFAULT_TIMEOUT, Worker
 from .volumes import Volume, find_volumes
@@ -352,6 +353,15 @@ class PointFiles:
         if at != len(payload):
             raise FileSystemError(f"{what}: the filesystem reader's xattrs are not valid")
         return found, [" ".join(str(p).split())[:300] for p in problems or []]
+
+    def device(self, node: Node) -> tuple[int, int]:
+        """A character or block device's number (major, minor), read by the worker."""
+        volume, entry = node.volume, node.entry
+        if volume is None or entry.kind not in ("chardev", "blockdev"):
+            raise PathNotFound(f"{display(node.path)}: not a device file")
+        self._readable(volume)
+        header = self._header("device", volume, inode=entry.inode)
+        return devices.answer(self.worker.request(header, describe(volume))[0], describe(volume))
 
     def _file_runs(
         self, node: Node, volume: Volume, entry: Entry

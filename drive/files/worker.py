@@ -16,6 +16,8 @@ per walk). Requests, answered one at a time:
 - ``runs {volume, inode}`` → ``{runs: [[file offset, length, volume offset], ...] | null}``
 - ``xattrs {volume, inode}`` → ``{sizes: [[name length, value length], ...], problems: [line,
   ...]}``, payload: each name then its value (``drive.files.xattrs``)
+- ``device {volume, inode}`` → ``{major, minor}``: a character or block device's number
+  (``drive.files.devices``)
 
 Any failure is answered ``{error: "one line"}`` and the worker carries on.
 
@@ -168,6 +170,8 @@ class Worker:
             send(self.out, {"ok": {"length": len(data)}}, data)
         elif op == "runs":
             send(self.out, {"ok": {"runs": self.volume(header).runs(int(header["inode"]))}})
+        elif op == "device":
+            send(self.out, {"ok": _device(self.volume(header), int(header["inode"]))})
         elif op == "xattrs":
             answer, payload = _xattrs(self.volume(header), int(header["inode"]))
             send(self.out, {"ok": answer}, payload)
@@ -231,6 +235,15 @@ def _xattrs(fs: Filesystem, inode: int) -> tuple[dict[str, Any], bytes]:
     sizes = [[len(name), len(value)] for name, value in found]
     lines = [" ".join(str(p).split())[:300] for p in problems[:100]]
     return {"sizes": sizes, "problems": lines}, b"".join(n + v for n, v in found)
+
+
+def _device(fs: Filesystem, inode: int) -> dict[str, int]:
+    """The device number of ``inode`` (``Filesystem.device``), as the answer."""
+    method = getattr(fs, "device", None)
+    if method is None:
+        raise ValueError(f"inode {inode}: this filesystem keeps no device numbers")
+    major, minor = method(inode)
+    return {"major": int(major), "minor": int(minor)}
 
 
 def _backend(fstype: str) -> type[Filesystem]:

@@ -25,6 +25,7 @@ from typing import Any
 import pyfsxfs
 
 from .backend import Row
+from .devices import checked
 from .xattrs import MAX_VALUE, Collected, xfs_acl, xfs_name
 
 _KIND = {
@@ -218,6 +219,20 @@ class XfsFilesystem:
                 continue
             out.append((start, length, self._geo.volume_offset(address)))
         return out
+
+    def device(self, inode: int) -> tuple[int, int]:
+        """A character or block device's number (major, minor), as libfsxfs reads it."""
+        entry = self._entry(inode)
+        try:
+            mode = int(entry.file_mode)
+            number = entry.device_number
+        except OSError as err:
+            raise ValueError(_message(err, f"inode {inode}: no device number")) from None
+        if stat.S_IFMT(mode) not in (stat.S_IFCHR, stat.S_IFBLK):
+            raise ValueError(f"inode {inode} is not a device (mode {mode:o})")
+        if not (isinstance(number, tuple) and len(number) == 2):
+            raise ValueError(f"inode {inode}: libfsxfs gave no device number")
+        return checked(inode, int(number[0]), int(number[1]))
 
     def xattrs(self, inode: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         """The inode's extended attributes and ACLs in Linux's terms (``drive.files.xattrs``),

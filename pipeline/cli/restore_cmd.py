@@ -68,7 +68,10 @@ def add_parser(sub: Subparsers) -> None:
         "the point's copy is newer (if-newer), or replace it (always)",
     )
     files.add_argument(
-        "--special", action="store_true", help="also restore FIFOs (left out by default)"
+        "--special",
+        action="store_true",
+        help="also restore FIFOs, and as root character and block devices (left out by "
+        "default; sockets never)",
     )
     files.add_argument(
         "--xattrs",
