@@ -30,9 +30,13 @@ class Filesystem(Protocol):
 
     def runs(self, inode: int) -> list[tuple[int, int, int]] | None: ...
 
-    # Optional: ``deps(inode, rows) -> list[tuple[int, int]] | None``, the volume byte ranges a
-    # directory's listing comes from (tsk.TskFilesystem.deps). A backend without it has every
+    # Optional: ``deps(inode, entries) -> list[tuple[int, int]] | None``, the volume byte ranges
+    # a directory's listing comes from (tsk.TskFilesystem.deps). A backend without it has every
     # directory re-listed by an incremental catalog.
+    # Optional, with ``deps``: ``stale_entries(inode, entries, changed) -> list[int] | None``
+    # (which entries' own records lie in the changed ranges; None: list it again) and
+    # ``stat(inode) -> Row`` (an entry's row, name empty), so a directory whose names did not
+    # change has only its changed entries read again.
     # Optional: ``xattrs(inode) -> tuple[list[tuple[bytes, bytes]], list[str]]``, the inode's
     # extended attributes and ACLs as Linux names and values (``drive.files.xattrs``) and one
     # line for each that could not be read. A backend without it has none.

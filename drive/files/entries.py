@@ -4,8 +4,8 @@ travel in between the filesystem worker and comb (and that the file catalog buil
 Names and symlink targets are bytes, exactly as the guest filesystem stores them: a name that is
 not valid UTF-8 is kept, and only shown escaped (``display``).
 
-Owns the entry record, its kinds and its Arrow and JSON forms. Must not: read a filesystem, start a
-process, or know a repository.
+Owns the entry record, its kinds, its Arrow and JSON forms, and the paths of a walk's rows.
+Must not: read a filesystem, start a process, or know a repository.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import json
 from typing import NamedTuple
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 KINDS = ("file", "dir", "symlink", "fifo", "chardev", "blockdev", "socket", "other")
 
@@ -81,6 +82,40 @@ def _entry(row: list[object]) -> Entry:
         raise ValueError(f"a row {str(row)[:80]}")
     raw = None if target is None else target.encode("latin-1")
     return Entry(name.encode("latin-1"), str(kind), *numbers, raw)  # type: ignore[arg-type, call-arg]
+
+
+def walk_paths(
+    table: pa.Table, paths: dict[int, bytes]
+) -> tuple[pa.Table, pa.Array, list[tuple[bytes, bytes]]]:
+    """The rows of a walk batch (``SCHEMA``) whose folder is known and whose name can be a path
+    component, their paths, and (folder path, name) of each left out for its name (``/`` or NUL
+    in it, or ``.`` or ``..``); ``paths`` (folder inode → path) gains the batch's folders. A
+    folder's row comes before its entries', so the folders are done in order first (the first
+    name of a folder is the one walked), then every row at once, in Arrow."""
+    names, parents = table.column("name"), table.column("parent")
+    bad = pc.or_(pc.match_substring(names, "/"), pc.match_substring(names, "\0"))
+    bad = pc.or_(bad, pc.is_in(names, value_set=pa.array([b".", b".."], pa.binary())))
+    bad_rows = set(pc.indices_nonzero(bad).to_pylist())
+    parent_list = parents.to_pylist() if bad_rows else []
+    left_out = [(paths[parent_list[i]], names[i].as_py()) for i in sorted(bad_rows)
+                if parent_list[i] in paths]  # fmt: skip
+    dirs = pc.indices_nonzero(pc.equal(table.column("kind"), "dir")).to_pylist()
+    if dirs:
+        sub = table.take(pa.array(dirs, pa.int64()))
+        columns = (sub.column(c).to_pylist() for c in ("parent", "name", "inode"))
+        for i, parent, name, inode in zip(dirs, *columns, strict=True):
+            base = paths.get(parent)
+            if base is not None and i not in bad_rows and inode not in paths:
+                paths[inode] = base + b"/" + name
+    known = pc.unique(parents)
+    where = pc.index_in(parents, value_set=known)
+    parent_path = pa.array([paths.get(v) for v in known.to_pylist()], pa.binary()).take(where)
+    keep = pc.and_(pc.invert(bad), pc.is_valid(parent_path))
+    if not pc.all(keep).as_py():
+        table, parent_path, names = (x.filter(keep) for x in (table, parent_path, names))
+    joined = pc.binary_join_element_wise(parent_path, names, b"/")
+    joined = joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
+    return table, joined, left_out
 
 
 def display(raw: bytes) -> str:

@@ -103,22 +103,22 @@ def relist(
     files: PointFiles,
     volume: Volume,
     before: pa.Table,
-    stale: Callable[[list[int] | None], bool],
+    changed: Callable[[list[int] | None], list[int] | None],
 ) -> Relisted:
     """The volume's listing now, from its listing ``before`` (rows of this volume sorted by
-    path, with ``deps_spans``): each directory whose deps are ``stale`` (changed or unknown) is
-    listed again, parents first; what it gained as a subdirectory is walked whole, what it lost
-    is removed with everything under it. Everything else is kept as it was: only the folders'
-    rows and the rows of the folders listed again are handled one by one; the rest is found by
-    binary search in the sorted paths and stays in Arrow."""
+    path, with ``deps_spans``) and ``changed``: which of a folder's ``deps_spans`` changed
+    (volume offsets and lengths; None when its deps are unknown). Each folder with a change is
+    read again, parents first: when its own blocks did not change, only its entries whose
+    records did (the worker tells); else it is listed again, what it gained as a subdirectory
+    is walked whole and what it lost is removed with everything under it. Everything else is
+    kept as it was: only the folders' rows and the rows read again are handled one by one; the
+    rest is found by binary search in the sorted paths and stays in Arrow."""
     before = before.combine_chunks()  # (a take from many chunks joins them first, each time)
     paths = before.column("path").to_numpy(zero_copy_only=False)  # sorted
     dirs = pc.indices_nonzero(pc.equal(before.column("kind"), "dir")).to_pylist()
     spans = before.column("deps_spans").take(pa.array(dirs, pa.int64())).to_pylist()
-    redo = sorted(
-        (paths[i] for i, d in zip(dirs, spans, strict=True) if stale(d)),
-        key=lambda p: (p.count(b"/"), p),
-    )
+    hints = {paths[i]: c for i, d in zip(dirs, spans, strict=True) if (c := changed(d)) != []}
+    redo = sorted(hints, key=lambda p: (p.count(b"/"), p))
     if not redo:
         return Relisted(before, pa.array([], pa.binary()), 0)
     depth = pc.count_substring(before.column("path"), "/").to_numpy()
@@ -141,14 +141,21 @@ def relist(
         if _under(path, gone) or (path not in rows and i is None):
             continue
         row = rows.get(path) or before.slice(i, 1).to_pylist()[0]
-        entries, deps = files.list_inode(volume, int(row["inode"]))
-        rows[path] = {**row, "deps_spans": deps}
         prefix = b"/" if path == b"/" else path + b"/"
         lo, hi = below(path)
         kids = lo + np.nonzero(depth[lo:hi] == (1 if path == b"/" else path.count(b"/") + 1))[0]
         was_rows = before.select(["kind", "inode", "deps_spans"]).take(pa.array(kids, pa.int64()))
         was = dict(zip((paths[k][len(prefix) :] for k in kids), zip(*(
             c.to_pylist() for c in was_rows.columns), strict=True), strict=True))  # fmt: skip
+        hint = hints[path]  # (None: the folder's deps are unknown)
+        known = was_rows.column("inode").to_pylist() if hint else None
+        entries, deps, whole = files.list_inode(volume, int(row["inode"]), known or None, hint)
+        rows[path] = {**row, "deps_spans": deps}
+        if not whole and _restat(volume, prefix, was, entries, rows):
+            continue
+        if not whole:  # an entry changed kind under the same name and number: list it again
+            entries, deps, _ = files.list_inode(volume, int(row["inode"]))
+            rows[path] = {**row, "deps_spans": deps}
         for entry in entries:
             child = prefix + entry.name
             w = was.pop(entry.name, None)
@@ -180,6 +187,25 @@ def relist(
     touched = [pa.array(paths[~keep], pa.binary()), pa.array(list(rows), pa.binary())]
     touched += [t.column("path").combine_chunks() for t in extra]
     return Relisted(result, pa.concat_arrays(touched), len(redo))
+
+
+def _restat(
+    volume: Volume,
+    prefix: bytes,
+    was: dict[bytes, tuple[str, int, list[int] | None]],
+    fresh: list[Entry],
+    rows: dict[bytes, dict[str, Any]],
+) -> bool:
+    """The rows of a folder's entries read again by number (``fresh``, names empty) under their
+    names (``was``: name → kind, inode, deps as listed before); False, and nothing done, when
+    one changed kind."""
+    by_inode = {e.inode: e for e in fresh}
+    found = [(name, w, by_inode[w[1]]) for name, w in was.items() if w[1] in by_inode]
+    if any(e.kind != w[0] for _, w, e in found):
+        return False
+    for name, w, e in found:
+        rows[prefix + name] = _row(volume, prefix + name, e._replace(name=name), w[2])
+    return True
 
 
 def _under(path: bytes, gone: set[bytes]) -> bool:

@@ -10,6 +10,7 @@ silently (a bad entry is left out of a listing only when TSK itself cannot descr
 
 from __future__ import annotations
 
+import bisect
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +38,7 @@ _NOT_PLAIN = (
 _NTFS_INDEX_ALLOCATION = int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_IDXALLOC)
 _DATA_TYPES = (int(pytsk3.TSK_FS_ATTR_TYPE_DEFAULT), int(pytsk3.TSK_FS_ATTR_TYPE_NTFS_DATA))
 _FAT_SPECIAL = (b"$ALLOC_BITMAP", b"$UPCASE_TABLE", b"$TEX_FAT")  # exFAT's own, as TSK lists
+_EXT_INLINE_DATA = 0x10000000  # i_flags: the directory's entries are in the inode
 _NTFS_SYSTEM_FILES = 27  # MFT records 0..26 are NTFS's own ($MFT, $Bitmap, $Extend, ...)
 
 # ntfs-3g (how Linux writes NTFS) stores a symbolic link as an Interix one: a small file (its
@@ -112,9 +114,22 @@ class TskFilesystem:
         meta = entry.info.meta
         if meta is None or meta.type in _VIRTUAL:
             return None  # TSK's own additions ($OrphanFiles, $MBR, $FAT1)
-        addr = int(meta.addr)
-        if parent == self.root and self._special(name.name, addr, meta):
+        if parent == self.root and self._special(name.name, int(meta.addr), meta):
             return None
+        return self._fields(bytes(name.name), entry, meta)
+
+    def stat(self, inode: int) -> Row:
+        """What a listing says of entry ``inode``, but its name (empty)."""
+        try:
+            handle = self._fs.open_meta(inode=inode)
+        except OSError as err:
+            raise ValueError(_tsk_message(err, f"inode {inode} cannot be opened")) from None
+        if handle.info.meta is None:
+            raise ValueError(f"inode {inode} has no metadata")
+        return self._fields(b"", handle, handle.info.meta)
+
+    def _fields(self, name: bytes, entry: Any, meta: Any) -> Row:
+        addr = int(meta.addr)
         kind = _KIND.get(meta.type, "other")
         link = meta.link if kind == "symlink" else None
         if isinstance(link, str):
@@ -122,7 +137,7 @@ class TskFilesystem:
         if self._ntfs and kind == "file" and _INTERIX_MIN <= int(meta.size) <= _INTERIX_MAX:
             kind, link = _interix(entry, int(meta.size))
         return (
-            bytes(name.name),
+            name,
             kind,
             addr,
             int(meta.size) if kind in ("file", "symlink") else 0,
@@ -182,22 +197,55 @@ class TskFilesystem:
             return out
         return [] if size == 0 else None
 
-    def deps(self, inode: int, rows: list[Row]) -> list[tuple[int, int]] | None:
-        """The volume byte ranges the listing of directory ``inode`` (``rows``) comes from:
-        the directory's blocks and, where entries keep records apart from it (ext's inodes,
-        NTFS's MFT records), the directory's and every entry's record. None: unknown."""
+    def deps(self, inode: int, entries: list[int]) -> list[tuple[int, int]] | None:
+        """The volume byte ranges the listing of directory ``inode`` (its entries' inodes
+        ``entries``) comes from: the directory's blocks and, where entries keep records apart
+        from it (ext's inodes, NTFS's MFT records), the directory's and every entry's record.
+        None: unknown."""
         spans = self._dir_spans(inode)
         if spans is None or self._fat:
             return spans
         records = self._record_map()
         if records is None:
             return None
-        for ino in (inode, *(row[2] for row in rows)):
+        for ino in (inode, *entries):
             at = records.offset(ino)
             if at is None:
                 return None
             spans.append((at, records.length))
         return spans
+
+    def stale_entries(
+        self, inode: int, entries: list[int], changed: list[tuple[int, int]]
+    ) -> list[int] | None:
+        """Which of directory ``inode``'s entries (their inodes, as listed before) must be read
+        again after the volume ranges ``changed`` changed: those whose record lies in one. None:
+        the directory must be listed again (its blocks changed, or its own record where its
+        names may lie there, so its names may have; or where they lie is unknown)."""
+        own = None if self._fat else self._dir_spans(inode)
+        records = self._record_map()
+        at = None if records is None else records.offset(inode)
+        if own is None or records is None or at is None:
+            return None
+        starts = [a for a, _ in changed]
+        ends = [a + n for a, n in changed]
+
+        def hit(a: int, n: int) -> bool:  # (changed: sorted, not overlapping)
+            i = bisect.bisect_right(starts, a + n - 1) - 1
+            return i >= 0 and ends[i] > a
+
+        if self._ntfs or self._inline(inode):  # (its names may lie in its own record)
+            own.append((at, records.length))
+        if any(hit(a, n) for a, n in own):
+            return None
+        out = []
+        for ino in entries:
+            at = records.offset(ino)
+            if at is None:
+                return None
+            if hit(at, records.length):
+                out.append(ino)
+        return out
 
     def xattrs(self, inode: int) -> tuple[list[tuple[bytes, bytes]], list[str]]:
         """The inode's extended attributes and ACLs in Linux's terms (``drive.files.xattrs``),
@@ -224,6 +272,17 @@ class TskFilesystem:
         if not self._ext:
             raise ValueError(f"inode {inode}: FAT and exFAT keep no device files")
         return ext_device(inode, self._ext_record(inode, "its device number"))
+
+    def _inline(self, inode: int) -> bool:
+        """Does ext directory ``inode`` keep its entries in its own record (inline data)? Else
+        its record says only where its blocks lie, and those are read where they lie now: a
+        change of the record alone (its times, a neighbour's in the same chunk) changes no
+        name."""
+        try:
+            raw = self._ext_record(inode, "its flags")
+        except ValueError:
+            return True  # (unknown: as if it did)
+        return bool(int.from_bytes(raw[32:36], "little") & _EXT_INLINE_DATA)
 
     def _ext_record(self, inode: int, purpose: str) -> bytes:
         """The raw record of ext inode ``inode`` (``records.ExtRecords``), whole."""

@@ -19,13 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from catalog.errors import FileSystemError, PathNotFound
 from catalog.read.source import BlockSource
 
 from . import devices
-from .entries import Entry, display, entries_from, entries_from_json
+from .entries import Entry, display, entries_from, entries_from_json, walk_paths
 from .sandbox import DEFAULT_MEMORY, DEFAULT_TIMEOUT, Worker
 from .volumes import Volume, find_volumes
 
@@ -113,7 +112,7 @@ class PointFiles:
             self._roots[volume.name] = int(ok["root"])
         return self._roots[volume.name]
 
-    def _header(self, op: str, volume: Volume, **more: int) -> dict[str, object]:
+    def _header(self, op: str, volume: Volume, **more: object) -> dict[str, object]:
         return {"op": op, "volume": [volume.offset, volume.size], "fstype": volume.fstype, **more}
 
     def _readable(self, volume: Volume) -> None:
@@ -167,18 +166,28 @@ class PointFiles:
             return False
         return True
 
-    def list_inode(self, volume: Volume, inode: int) -> tuple[list[Entry], list[int] | None]:
+    def list_inode(
+        self,
+        volume: Volume,
+        inode: int,
+        known: list[int] | None = None,
+        changed: list[int] | None = None,
+    ) -> tuple[list[Entry], list[int] | None, bool]:
         """A directory's entries by inode (names that cannot be path components left out),
-        and where its listing came from (worker ``deps``); never cached."""
-        entries, deps = self._request_list(volume, inode)
-        return [e for e in entries if self._fit(b"", e.name)], deps
+        where its listing came from (worker ``deps``) and whether that is all of them; never
+        cached. With ``known`` (its entries' inodes as listed before) and ``changed`` (volume
+        ranges changed since), maybe only the entries whose records changed, names empty."""
+        more = {} if known is None else {"known": known, "changed": changed}
+        entries, ok = self._request_list(volume, inode, **more)
+        if ok.get("whole") is False:
+            return entries, ok.get("deps"), False
+        return [e for e in entries if self._fit(b"", e.name)], ok.get("deps"), True
 
-    def _request_list(self, volume: Volume, inode: int) -> tuple[list[Entry], list[int] | None]:
-        ok, payload = self.worker.request(
-            self._header("list", volume, inode=inode), describe(volume)
-        )
+    def _request_list(self, volume: Volume, inode: int, **more: object) -> tuple[list[Entry], dict]:
+        header = self._header("list", volume, inode=inode, **more)
+        ok, payload = self.worker.request(header, describe(volume))
         try:
-            return entries_from_json(payload), ok.get("deps")
+            return entries_from_json(payload), ok
         except ValueError as err:
             what = f"{describe(volume)}: the filesystem reader sent a bad listing ({err})"
             raise FileSystemError(what) from None
@@ -252,7 +261,9 @@ class PointFiles:
         )
         try:
             for table, deps in walker.stream(header, describe(node.volume)):
-                kept, found = self._paths(table, paths)
+                kept, found, bad = walk_paths(table, paths)
+                for base, name in bad:
+                    self._fit(base, name)  # says what was left out
                 yield kept, found, {int(d[0]): d[1] for d in deps}
         finally:
             self.skipped.extend(walker.skipped)
@@ -261,40 +272,6 @@ class PointFiles:
                 self._walker_free.release()
             else:
                 walker.close()
-
-    def _paths(self, table: pa.Table, paths: dict[int, bytes]) -> tuple[pa.Table, pa.Array]:
-        """The rows of a walk batch whose folder is known and whose name fits, and their paths;
-        ``paths`` (folder inode → path) gains the batch's folders. A folder's row comes before
-        its entries', so the folders are done in order first, then every row at once."""
-        names, parents = table.column("name"), table.column("parent")
-        bad = pc.or_(pc.match_substring(names, "/"), pc.match_substring(names, "\0"))
-        bad = pc.or_(bad, pc.is_in(names, value_set=pa.array([b".", b".."], pa.binary())))
-        bad_rows = set(pc.indices_nonzero(bad).to_pylist())
-        pylist = parents.to_pylist() if bad_rows else []
-        for i in sorted(bad_rows):
-            base = paths.get(pylist[i])
-            if base is not None:
-                self._fit(base, names[i].as_py())  # says what was left out
-        dirs = pc.indices_nonzero(pc.equal(table.column("kind"), "dir")).to_pylist()
-        if dirs:
-            sub = table.take(pa.array(dirs, pa.int64()))
-            for i, parent, name, inode in zip(
-                dirs,
-                *(sub.column(c).to_pylist() for c in ("parent", "name", "inode")),
-                strict=True,
-            ):
-                base = paths.get(parent)
-                if base is not None and i not in bad_rows and inode not in paths:
-                    paths[inode] = base + b"/" + name  # the first name: the one walked
-        known = pc.unique(parents)
-        known_paths = [paths.get(v) for v in known.to_pylist()]
-        where = pc.index_in(parents, value_set=known)
-        parent_path = pa.array(known_paths, pa.binary()).take(where)
-        keep = pc.and_(pc.invert(bad), pc.is_valid(parent_path))
-        if not pc.all(keep).as_py():
-            table, parent_path, names = (x.filter(keep) for x in (table, parent_path, names))
-        joined = pc.binary_join_element_wise(parent_path, names, b"/")
-        return table, joined.combine_chunks() if isinstance(joined, pa.ChunkedArray) else joined
 
     def data(
         self, node: Node, piece: int = PIECE, start: int = 0, end: int | None = None

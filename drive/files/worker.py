@@ -7,9 +7,10 @@ no key and no repository: every byte of the disk is asked of the parent over the
 per walk). Requests, answered one at a time:
 
 - ``open {volume: [offset, size]}`` → ``{root, block_size}``
-- ``list {volume, inode}`` → ``{rows, deps}``, payload: the rows as a JSON list of lists in
-  ``entries.Entry``'s order, names and targets as Latin-1 text (one character per byte): a
-  worker that only lists never loads pyarrow, which costs more than the listing
+- ``list {volume, inode[, known, changed]}`` → ``{rows, deps, whole}``, payload: the rows as a
+  JSON list of lists in ``entries.Entry``'s order, names and targets as Latin-1 text (one
+  character per byte: a worker that only lists never loads pyarrow, which costs more than the
+  listing); with ``known`` and ``changed``, maybe only the changed entries (``_list``)
 - ``walk {volume, inode}`` → ``{batch, deps}`` frames (Arrow IPC streams of ``entries.SCHEMA``,
   ``parent`` set; ``deps``: per directory listed, where its listing came from), then ``{ok}``
 - ``read {volume, inode, offset, length}`` → payload: the bytes
@@ -158,9 +159,9 @@ class Worker:
             send(self.out, {"ok": {"root": fs.root, "block_size": fs.block_size}})
         elif op == "list":
             fs, inode = self.volume(header), int(header["inode"])
-            rows = fs.listdir(inode)
-            deps = _deps(fs, inode, rows)
-            send(self.out, {"ok": {"rows": len(rows), "deps": deps}}, _plain(rows))
+            rows, whole, entries = _list(fs, inode, header)
+            deps = _deps(fs, inode, entries)
+            send(self.out, {"ok": {"rows": len(rows), "deps": deps, "whole": whole}}, _plain(rows))
         elif op == "walk":
             batch = min(max(int(header.get("batch_rows") or BATCH_ROWS), 1), BATCH_ROWS)
             self.walk(self.volume(header), int(header["inode"]), batch)
@@ -193,7 +194,7 @@ class Worker:
             except ValueError as err:
                 send(self.out, {"skipped": {"inode": inode, "error": str(err)[:300]}})
                 continue
-            deps.append([inode, _deps(fs, inode, listing)])
+            deps.append([inode, _deps(fs, inode, [row[2] for row in listing])])
             for row in listing:
                 rows.append(row)
                 parents.append(inode)
@@ -207,13 +208,30 @@ class Worker:
         send(self.out, {"ok": {}})
 
 
-def _deps(fs: Filesystem, inode: int, rows: list[Row]) -> list[int] | None:
+def _list(fs: Filesystem, inode: int, header: dict[str, Any]) -> tuple[list[Row], bool, list[int]]:
+    """A directory's rows (whole: True), or with ``known`` (its entries' inodes as listed
+    before) and ``changed`` (volume ranges changed since), when its names cannot have changed,
+    only the rows of the entries whose records changed (names empty; whole: False); and the
+    inodes of all its entries."""
+    known, changed = header.get("known"), header.get("changed")
+    plan = getattr(fs, "stale_entries", None)
+    if isinstance(known, list) and isinstance(changed, list) and plan is not None:
+        inodes = [int(v) for v in known]
+        spans = sorted((int(a), int(n)) for a, n in zip(changed[::2], changed[1::2], strict=True))
+        again = plan(inode, inodes, spans)
+        if again is not None:
+            return [fs.stat(v) for v in again], False, inodes  # type: ignore[attr-defined]
+    rows = fs.listdir(inode)
+    return rows, True, [row[2] for row in rows]
+
+
+def _deps(fs: Filesystem, inode: int, entries: list[int]) -> list[int] | None:
     """Where a directory's listing comes from (``Filesystem.deps``), as a flat list of volume
     offsets and lengths, ascending and merged; None where the backend cannot tell (the caller
     re-lists it always)."""
     method = getattr(fs, "deps", None)
     try:
-        spans = method(inode, rows) if method is not None else None
+        spans = method(inode, entries) if method is not None else None
     except (OSError, ValueError, struct.error):
         return None
     if spans is None:

@@ -72,12 +72,18 @@ class _Chunks:
         offsets = np.frombuffer(deps, "<i8") - volume.offset
         return [v for o in offsets.tolist() for v in (o, self.chunk)]
 
-    def stale(self, volume: Volume) -> Callable[[list[int] | None], bool]:
+    def changes(self, volume: Volume) -> Callable[[list[int] | None], list[int] | None]:
+        """Which of a folder's deps spans changed, as volume offsets and lengths of the changed
+        chunks among them (empty: none did); None when its deps are unknown."""
         changed = self.changed if self.changed is not None else np.empty(0, np.int64)
 
-        def check(spans: list[int] | None) -> bool:
+        def check(spans: list[int] | None) -> list[int] | None:
             deps = self.pack(spans, volume)
-            return deps is None or bool(np.isin(np.frombuffer(deps, "<i8"), changed).any())
+            if deps is None:
+                return None
+            chunks = np.frombuffer(deps, "<i8")
+            hit = chunks[np.isin(chunks, changed)].tolist()
+            return [v for c in hit for v in (c - volume.offset, self.chunk)]
 
         return check
 
@@ -155,7 +161,7 @@ def build_listing(
             table = None
             if before is not None:
                 try:
-                    again = relist(files, volume, before, chunks.stale(volume))
+                    again = relist(files, volume, before, chunks.changes(volume))
                     table, relisted = again.table, relisted + again.folders
                     if keys is not None:
                         name = pa.array([volume.name] * len(again.touched), pa.string())
