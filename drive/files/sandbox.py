@@ -27,7 +27,7 @@ import pyarrow as pa
 from catalog.errors import FileSystemError
 from catalog.read.source import BlockSource
 
-from .wire import WireError, receive, send
+from .wire import WireError, code_stamp, receive, send
 
 DEFAULT_MEMORY = 2 << 30
 DEFAULT_TIMEOUT = 60.0
@@ -61,7 +61,7 @@ class Worker:
             self._stop()
             self._stderr = tempfile.TemporaryFile()
             self._proc = subprocess.Popen(
-                [sys.executable, "-m", "drive.files.worker", str(self.memory)],
+                [sys.executable, "-m", "drive.files.worker", str(self.memory), code_stamp()],
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=self._stderr,

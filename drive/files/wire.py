@@ -4,13 +4,19 @@ A frame is a 4-byte big-endian header length, the header (a JSON object, UTF-8),
 payload length and the payload. Both sides use these two functions over a pipe; nothing else
 crosses it (no pickles: the worker parses untrusted data and is not trusted in return).
 
-Owns the framing. Must not: know what the headers mean.
+Both sides also compare ``code_stamp``: comb upgraded in place while a long command runs would
+start workers of the new code under a parent of the old one, and their frames may not agree.
+
+Owns the framing and the stamp. Must not: know what the headers mean.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import os
 import struct
+from functools import cache
 from typing import Any, BinaryIO
 
 MAX_HEADER = 1 << 20
@@ -55,3 +61,14 @@ def receive(inp: BinaryIO) -> tuple[dict[str, Any], bytes]:
     if plen > MAX_PAYLOAD:
         raise WireError(f"a frame payload of {plen} bytes")
     return header, _exactly(inp, plen) if plen else b""
+
+
+@cache
+def code_stamp() -> str:
+    """A digest of the code of this package (both sides of the pipe), as it is on disk now."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    digest = hashlib.sha256()
+    for name in sorted(n for n in os.listdir(here) if n.endswith(".py")):
+        with open(os.path.join(here, name), "rb") as f:
+            digest.update(name.encode() + b"\0" + f.read())
+    return digest.hexdigest()[:16]

@@ -1,5 +1,7 @@
-"""The filesystem worker: ``python -m drive.files.worker MEMORY_BYTES``, a child process that
-parses a guest's filesystems, so a hostile or corrupt one can take down only itself.
+"""The filesystem worker: ``python -m drive.files.worker MEMORY_BYTES [STAMP]``, a child process
+that parses a guest's filesystems, so a hostile or corrupt one can take down only itself. A
+``STAMP`` other than its own ``wire.code_stamp`` (comb's code changed on disk since the parent
+started) makes it answer every request with that one-line error.
 
 It limits its own memory (RLIMIT_AS), may not write files (RLIMIT_FSIZE 0) or dump core, holds
 no key and no repository: every byte of the disk is asked of the parent over the pipe
@@ -39,7 +41,7 @@ from typing import Any, BinaryIO
 
 from .backend import Filesystem, Row
 from .tsk import TskFilesystem
-from .wire import WireError, receive, send
+from .wire import WireError, code_stamp, receive, send
 
 BLOCK = 64 << 10
 CACHE_BLOCKS = 1024  # 64 MiB
@@ -120,6 +122,7 @@ class Worker:
         self.inp, self.out = inp, out
         self.disk = RemoteDisk(inp, out)
         self.volumes: dict[tuple[int, int], Filesystem] = {}
+        self.refuse = ""  # a reason to answer every request with (``main``)
 
     def volume(self, header: dict[str, Any]) -> Filesystem:
         """The filesystem of ``header["volume"]``, opened by the backend for its type."""
@@ -154,6 +157,9 @@ class Worker:
 
     def handle(self, header: dict[str, Any]) -> None:
         op = header.get("op")
+        if self.refuse:
+            send(self.out, {"error": self.refuse})
+            return
         if op == "open":
             fs = self.volume(header)
             send(self.out, {"ok": {"root": fs.root, "block_size": fs.block_size}})
@@ -287,8 +293,15 @@ def main() -> None:
     os.dup2(2, 1)  # a library's print goes to standard error, never into the protocol
     null = os.open(os.devnull, os.O_RDONLY)
     os.dup2(null, 0)
+    stamp = sys.argv[2] if len(sys.argv) > 2 else code_stamp()
     _limit(memory)
-    Worker(inp, out).serve()
+    worker = Worker(inp, out)
+    if stamp != code_stamp():
+        worker.refuse = (
+            "comb's code changed on disk since this command started (an upgrade while it ran?): "
+            "run it again"
+        )
+    worker.serve()
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ from drivetest import FileSource
 
 from catalog.errors import FileSystemError
 from catalog.repo import Repository
+from drive.files import sandbox
 from drive.files.entries import entries_from_json
 from drive.files.extract import extract
 from drive.files.view import PointFiles
@@ -214,3 +215,16 @@ def test_listing_json_keeps_every_byte() -> None:
         9,
         b"/\xfe",
     )
+
+
+def test_a_worker_of_other_code_refuses_in_one_line(
+    files_of: object, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """comb upgraded in place while a command runs: the worker it starts holds other code than
+    the command, says so and answers nothing else (their frames may not agree)."""
+    monkeypatch.setattr(sandbox, "code_stamp", lambda: "0" * 16)
+    pf = files_of(ext4(tmp_path))  # type: ignore[operator]
+    with pytest.raises(FileSystemError) as err:
+        pf.lookup("/disk/etc")
+    assert "comb's code changed on disk since this command started" in str(err.value)
+    assert "\n" not in str(err.value)
