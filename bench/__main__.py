@@ -16,6 +16,7 @@ commands:
   vsphere    full and CBT incremental backups of a simulated VM, against a local file
   integrity  scrub, scrub --repair and prune on a repository of 100 points
   files      walk, ls and cat of the files inside a point, against the kernel
+  files-history  find over 1,000 points' file catalogs; the catalog's cost on an OS disk backup
 
 `python -m bench COMMAND --help` lists a command's options."""
 
@@ -43,6 +44,8 @@ def main(argv: list[str]) -> int:
         from .integrity import main as run
     elif cmd == "files":
         from .files import main as run
+    elif cmd == "files-history":
+        from .files_history import main as run
     else:
         print(f"bench: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

@@ -106,6 +106,19 @@ def comb_round(repo_path: str, point_id: str, folder: str) -> dict[str, float]:
     return out
 
 
+def debugfs(image: str, commands: list[str], workdir: str) -> None:
+    """Run debugfs commands (one a line) on an ext4 image, writing to it."""
+    script = os.path.join(workdir, "files-debugfs.txt")
+    with open(script, "w") as f:
+        f.writelines(f"{c}\n" for c in commands)
+    subprocess.run(["debugfs", "-w", "-f", script, image], check=True, capture_output=True)
+
+
+def rewrite(names: list[str], payload: str) -> list[str]:
+    """debugfs commands that replace each file with ``payload`` (new inode, new size)."""
+    return [c for name in names for c in (f"rm {name}", f"write {payload} {name}")]
+
+
 def rewrite_one_percent(image: str, files: int, workdir: str) -> str:
     """A sparse copy of the image with 1 % of the small files rewritten (new inode, new size):
     every file of the first 1 % of the folders, as an application's changes cluster."""
@@ -114,12 +127,8 @@ def rewrite_one_percent(image: str, files: int, workdir: str) -> str:
     payload = os.path.join(workdir, "files-payload.txt")
     with open(payload, "w") as f:
         f.write("rewritten\n" * 20)
-    script = os.path.join(workdir, "files-debugfs.txt")
-    with open(script, "w") as f:
-        for i in range(files // 100):
-            name = f"/d{i // 1000:04d}/f{i:07d}.txt"
-            f.write(f"rm {name}\nwrite {payload} {name}\n")
-    subprocess.run(["debugfs", "-w", "-f", script, copy], check=True, capture_output=True)
+    names = [f"/d{i // 1000:04d}/f{i:07d}.txt" for i in range(files // 100)]
+    debugfs(copy, rewrite(names, payload), workdir)
     return copy
 
 

@@ -29,6 +29,7 @@ from .entries import SCHEMA, Entry, display
 from .view import Node, PointFiles
 from .volumes import Volume
 
+WALK_SHARE = 0.5
 _METADATA = ["kind", "inode", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "nlink"]
 _METADATA += ["target"]
 
@@ -104,101 +105,141 @@ def relist(
     volume: Volume,
     before: pa.Table,
     changed: Callable[[list[int] | None], list[int] | None],
-) -> Relisted:
+) -> Relisted | None:
     """The volume's listing now, from its listing ``before`` (rows of this volume sorted by
     path, with ``deps_spans``) and ``changed``: which of a folder's ``deps_spans`` changed
     (volume offsets and lengths; None when its deps are unknown). Each folder with a change is
-    read again, parents first: when its own blocks did not change, only its entries whose
-    records did (the worker tells); else it is listed again, what it gained as a subdirectory
-    is walked whole and what it lost is removed with everything under it. Everything else is
-    kept as it was: only the folders' rows and the rows read again are handled one by one; the
-    rest is found by binary search in the sorted paths and stays in Arrow."""
-    before = before.combine_chunks()  # (a take from many chunks joins them first, each time)
-    paths = before.column("path").to_numpy(zero_copy_only=False)  # sorted
-    dirs = pc.indices_nonzero(pc.equal(before.column("kind"), "dir")).to_pylist()
-    spans = before.column("deps_spans").take(pa.array(dirs, pa.int64())).to_pylist()
-    hints = {paths[i]: c for i, d in zip(dirs, spans, strict=True) if (c := changed(d)) != []}
-    redo = sorted(hints, key=lambda p: (p.count(b"/"), p))
-    if not redo:
-        return Relisted(before, pa.array([], pa.binary()), 0)
-    depth = pc.count_substring(before.column("path"), "/").to_numpy()
+    read again, parents first, a level of folders per batch of requests: when its own blocks
+    did not change, only its entries whose records did (the worker tells); else it is listed
+    again, what it gained as a subdirectory is walked whole and what it lost is removed with
+    everything under it. Everything else is kept as it was: only the folders' rows and the rows
+    read again are handled one by one; the rest is found by binary search in the sorted paths
+    and stays in Arrow. None when more than ``WALK_SHARE`` of the folders changed: walking
+    the volume whole (``subtree``) costs less then."""
+    return _Relist(files, volume, before.combine_chunks()).run(changed)
 
-    def at(path: bytes) -> int | None:
-        i = int(np.searchsorted(paths, path))
-        return i if i < len(paths) and paths[i] == path else None
 
-    def below(path: bytes) -> tuple[int, int]:  # the rows under a folder
+Was = dict[bytes, tuple[str, int, list[int] | None]]  # name → kind, inode, deps as listed before
+
+
+class _Relist:
+    def __init__(self, files: PointFiles, volume: Volume, before: pa.Table) -> None:
+        self.files, self.volume, self.before = files, volume, before
+        self.paths = before.column("path").to_numpy(zero_copy_only=False)  # sorted
+        self.gone: set[bytes] = set()  # paths removed, with everything under them
+        self.rows: dict[bytes, dict[str, Any]] = {}  # rows replaced or added
+        self.extra: list[pa.Table] = []  # new subtrees
+
+    def run(self, changed: Callable[[list[int] | None], list[int] | None]) -> Relisted | None:
+        before, paths = self.before, self.paths
+        dirs = pc.indices_nonzero(pc.equal(before.column("kind"), "dir")).to_pylist()
+        spans = before.column("deps_spans").take(pa.array(dirs, pa.int64())).to_pylist()
+        hints = {paths[i]: c for i, d in zip(dirs, spans, strict=True) if (c := changed(d)) != []}
+        if not hints:
+            return Relisted(before, pa.array([], pa.binary()), 0)
+        if len(hints) > WALK_SHARE * len(dirs):
+            return None  # most folders changed (or are unknown): a walk costs less
+        levels: dict[int, list[bytes]] = {}  # the root, then folders by depth: parents first
+        for p in hints:
+            levels.setdefault(0 if p == b"/" else p.count(b"/"), []).append(p)
+        self.depth = pc.count_substring(before.column("path"), "/").to_numpy()
+        for level in sorted(levels):
+            self.level(level, sorted(levels[level]), hints)
+        keep = np.ones(len(paths), dtype=bool)
+        for path in self.gone:
+            i = self.at(path)
+            if i is not None:
+                keep[i] = False
+            lo, hi = self.below(path)
+            keep[lo:hi] = False
+        for path in self.rows:
+            i = self.at(path)
+            if i is not None:
+                keep[i] = False
+        parts = [pa.Table.from_pylist(list(self.rows.values()), schema=before.schema)]
+        parts += [t.select(before.schema.names).cast(before.schema) for t in self.extra]
+        result = sorted_rows.merge(before, pa.concat_tables(parts), ["path"], paths, keep)
+        touched = [pa.array(paths[~keep], pa.binary()), pa.array(list(self.rows), pa.binary())]
+        touched += [t.column("path").combine_chunks() for t in self.extra]
+        return Relisted(result, pa.concat_arrays(touched), len(hints))
+
+    def at(self, path: bytes) -> int | None:
+        i = int(np.searchsorted(self.paths, path))
+        return i if i < len(self.paths) and self.paths[i] == path else None
+
+    def below(self, path: bytes) -> tuple[int, int]:
+        """The rows under a folder."""
         if path == b"/":
-            return 1, len(paths)
-        lo, hi = np.searchsorted(paths, [path + b"/", path + b"0"]).tolist()
+            return 1, len(self.paths)
+        lo, hi = np.searchsorted(self.paths, [path + b"/", path + b"0"]).tolist()
         return int(lo), int(hi)
 
-    gone: set[bytes] = set()  # paths removed, with everything under them
-    rows: dict[bytes, dict[str, Any]] = {}  # rows replaced or added
-    extra: list[pa.Table] = []  # new subtrees
-    for path in redo:
-        i = at(path)
-        if _under(path, gone) or (path not in rows and i is None):
-            continue
-        row = rows.get(path) or before.slice(i, 1).to_pylist()[0]
+    def level(self, level: int, folders: list[bytes], hints: dict[bytes, list[int] | None]) -> None:
+        """The folders of one depth (``level`` slashes; the root 0), read in one batch."""
+        todo: list[tuple[bytes, dict[str, Any], np.ndarray]] = []
+        for path in folders:
+            i = self.at(path)
+            if _under(path, self.gone) or (path not in self.rows and i is None):
+                continue
+            row = self.rows.get(path) or self.before.slice(i, 1).to_pylist()[0]
+            lo, hi = self.below(path)
+            todo.append((path, row, lo + np.nonzero(self.depth[lo:hi] == level + 1)[0]))
+        if not todo:
+            return
+        kids = pa.array(np.concatenate([t[2] for t in todo]), pa.int64())
+        taken = self.before.select(["kind", "inode", "deps_spans"]).take(kids)
+        kinds, inodes, kid_spans = (c.to_pylist() for c in taken.columns)
+        wases, asks, first = [], [], 0
+        for path, row, mine in todo:
+            prefix = b"/" if path == b"/" else path + b"/"
+            wases.append({self.paths[k][len(prefix) :]: (kinds[first + j], inodes[first + j],
+                          kid_spans[first + j]) for j, k in enumerate(mine)})  # fmt: skip
+            hint = hints[path]  # (None: the folder's deps are unknown)
+            known = inodes[first : first + len(mine)] if hint and len(mine) else None
+            asks.append((int(row["inode"]), known, hint if known else None))
+            first += len(mine)
+        answers = self.files.list_inodes(self.volume, asks)
+        for (path, row, _), was, ask, answer in zip(todo, wases, asks, answers, strict=True):
+            self.folder(path, row, was, ask[0], answer)
+
+    def folder(
+        self,
+        path: bytes,
+        row: dict[str, Any],
+        was: Was,
+        inode: int,
+        answer: tuple[list[Entry], list[int] | None, bool],
+    ) -> None:
+        """One folder read again: its row, and its entries' rows added, replaced or gone."""
+        entries, deps, whole = answer
         prefix = b"/" if path == b"/" else path + b"/"
-        lo, hi = below(path)
-        kids = lo + np.nonzero(depth[lo:hi] == (1 if path == b"/" else path.count(b"/") + 1))[0]
-        was_rows = before.select(["kind", "inode", "deps_spans"]).take(pa.array(kids, pa.int64()))
-        was = dict(zip((paths[k][len(prefix) :] for k in kids), zip(*(
-            c.to_pylist() for c in was_rows.columns), strict=True), strict=True))  # fmt: skip
-        hint = hints[path]  # (None: the folder's deps are unknown)
-        known = was_rows.column("inode").to_pylist() if hint else None
-        entries, deps, whole = files.list_inode(volume, int(row["inode"]), known or None, hint)
-        rows[path] = {**row, "deps_spans": deps}
-        if not whole and _restat(volume, prefix, was, entries, rows):
-            continue
+        self.rows[path] = {**row, "deps_spans": deps}
+        if not whole and _restat(self.volume, prefix, was, entries, self.rows):
+            return
         if not whole:  # an entry changed kind under the same name and number: list it again
-            entries, deps, _ = files.list_inode(volume, int(row["inode"]))
-            rows[path] = {**row, "deps_spans": deps}
+            ((entries, deps, _),) = self.files.list_inodes(self.volume, [(inode, None, None)])
+            self.rows[path] = {**row, "deps_spans": deps}
         for entry in entries:
             child = prefix + entry.name
             w = was.pop(entry.name, None)
             if w is not None:
                 if (w[0], w[1]) == (entry.kind, entry.inode):
-                    rows[child] = _row(volume, child, entry, w[2])
+                    self.rows[child] = _row(self.volume, child, entry, w[2])
                     continue
-                gone.add(child)  # replaced by another entry of the same name
+                self.gone.add(child)  # replaced by another entry of the same name
             if entry.is_dir:
-                node = Node(b"/" + volume.name.encode() + child, volume, entry)
-                extra.append(subtree(files, node))
+                node = Node(b"/" + self.volume.name.encode() + child, self.volume, entry)
+                self.extra.append(subtree(self.files, node))
             else:
-                rows[child] = _row(volume, child, entry, None)
-        gone.update(prefix + name for name in was)
-    keep = np.ones(len(paths), dtype=bool)
-    for path in gone:
-        i = at(path)
-        if i is not None:
-            keep[i] = False
-        lo, hi = below(path)
-        keep[lo:hi] = False
-    for path in rows:
-        i = at(path)
-        if i is not None:
-            keep[i] = False
-    parts = [pa.Table.from_pylist(list(rows.values()), schema=before.schema)]
-    parts += [t.select(before.schema.names).cast(before.schema) for t in extra]
-    result = sorted_rows.merge(before, pa.concat_tables(parts), ["path"], paths, keep)
-    touched = [pa.array(paths[~keep], pa.binary()), pa.array(list(rows), pa.binary())]
-    touched += [t.column("path").combine_chunks() for t in extra]
-    return Relisted(result, pa.concat_arrays(touched), len(redo))
+                self.rows[child] = _row(self.volume, child, entry, None)
+        self.gone.update(prefix + name for name in was)
 
 
 def _restat(
-    volume: Volume,
-    prefix: bytes,
-    was: dict[bytes, tuple[str, int, list[int] | None]],
-    fresh: list[Entry],
-    rows: dict[bytes, dict[str, Any]],
+    volume: Volume, prefix: bytes, was: Was, fresh: list[Entry], rows: dict[bytes, dict[str, Any]]
 ) -> bool:
     """The rows of a folder's entries read again by number (``fresh``, names empty) under their
-    names (``was``: name → kind, inode, deps as listed before); False, and nothing done, when
-    one changed kind."""
+    names (``was``); False, and nothing done, when one changed kind."""
     by_inode = {e.inode: e for e in fresh}
     found = [(name, w, by_inode[w[1]]) for name, w in was.items() if w[1] in by_inode]
     if any(e.kind != w[0] for _, w, e in found):

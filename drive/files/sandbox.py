@@ -83,11 +83,13 @@ class Worker:
             self._stderr.close()
             self._stderr = None
 
-    def request(self, header: dict[str, Any], what: str) -> tuple[dict[str, Any], bytes]:
-        """One request and its answer: ``({...ok...}, payload)``; an error raises
-        ``FileSystemError`` naming ``what`` (the volume)."""
+    def request(
+        self, header: dict[str, Any], what: str, body: bytes = b""
+    ) -> tuple[dict[str, Any], bytes]:
+        """One request (and its payload) and its answer: ``({...ok...}, payload)``; an error
+        raises ``FileSystemError`` naming ``what`` (the volume)."""
         with self._held():
-            for reply, payload in self._exchange(header, what):
+            for reply, payload in self._exchange(header, what, body):
                 if "ok" in reply:
                     return reply["ok"], payload
             raise FileSystemError(f"{what}: the filesystem reader gave no answer")
@@ -113,13 +115,13 @@ class Worker:
                 self._holder = None
 
     def _exchange(
-        self, header: dict[str, Any], what: str
+        self, header: dict[str, Any], what: str, body: bytes = b""
     ) -> Iterator[tuple[dict[str, Any], bytes]]:
         proc = self._start()
         assert proc.stdin is not None and proc.stdout is not None
         finished = False
         try:
-            send(proc.stdin, header)  # type: ignore[arg-type]
+            send(proc.stdin, header, body)  # type: ignore[arg-type]
             while True:
                 reply, payload = self._next(proc, what)
                 if "read" in reply:

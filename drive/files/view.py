@@ -13,6 +13,7 @@ a filesystem in this process, or follow a symbolic link (the caller decides what
 
 from __future__ import annotations
 
+import json
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator
@@ -24,13 +25,14 @@ from catalog.errors import FileSystemError, PathNotFound
 from catalog.read.source import BlockSource
 
 from . import devices
-from .entries import Entry, display, entries_from, entries_from_json, walk_paths
+from .entries import Entry, display, entries_from, entries_from_json, entries_from_rows, walk_paths
 from .sandbox import DEFAULT_MEMORY, DEFAULT_TIMEOUT, Worker
 from .volumes import Volume, find_volumes
 
 READABLE = ("ext2", "ext3", "ext4", "xfs", "ntfs", "fat12", "fat16", "fat32", "exfat")
 PIECE = 8 << 20
 LISTING_CACHE = 1024
+LIST_BATCH = 256  # directories per ``lists`` request
 
 
 @dataclass(frozen=True)
@@ -166,28 +168,39 @@ class PointFiles:
             return False
         return True
 
-    def list_inode(
-        self,
-        volume: Volume,
-        inode: int,
-        known: list[int] | None = None,
-        changed: list[int] | None = None,
-    ) -> tuple[list[Entry], list[int] | None, bool]:
-        """A directory's entries by inode (names that cannot be path components left out),
-        where its listing came from (worker ``deps``) and whether that is all of them; never
-        cached. With ``known`` (its entries' inodes as listed before) and ``changed`` (volume
-        ranges changed since), maybe only the entries whose records changed, names empty."""
-        more = {} if known is None else {"known": known, "changed": changed}
-        entries, ok = self._request_list(volume, inode, **more)
-        if ok.get("whole") is False:
-            return entries, ok.get("deps"), False
-        return [e for e in entries if self._fit(b"", e.name)], ok.get("deps"), True
+    def list_inodes(
+        self, volume: Volume, asks: list[tuple[int, list[int] | None, list[int] | None]]
+    ) -> list[tuple[list[Entry], list[int] | None, bool]]:
+        """Directories' entries by inode (names that cannot be path components left out),
+        where each listing came from (worker ``deps``) and whether that is all of them; never
+        cached; a batch per request. With the inodes of its entries as listed before and the
+        volume ranges changed since (else None, None), maybe only the entries whose records
+        changed, names empty."""
+        out: list[tuple[list[Entry], list[int] | None, bool]] = []
+        for at in range(0, len(asks), LIST_BATCH):
+            part = [list(a) for a in asks[at : at + LIST_BATCH]]
+            header = self._header("lists", volume)
+            _, payload = self.worker.request(header, describe(volume), json.dumps(part).encode())
+            try:
+                answers = json.loads(payload)
+                if not isinstance(answers, list) or len(answers) != len(part):
+                    raise ValueError("not one answer per directory")
+                for rows, deps, whole in answers:
+                    entries = entries_from_rows(rows)
+                    if whole is not False:
+                        entries = [e for e in entries if self._fit(b"", e.name)]
+                    out.append((entries, _spans(deps), whole is not False))
+            except (ValueError, TypeError) as err:
+                what = f"{describe(volume)}: the filesystem reader sent a bad listing ({err})"
+                raise FileSystemError(what) from None
+        return out
 
-    def _request_list(self, volume: Volume, inode: int, **more: object) -> tuple[list[Entry], dict]:
-        header = self._header("list", volume, inode=inode, **more)
-        ok, payload = self.worker.request(header, describe(volume))
+    def _request_list(self, volume: Volume, inode: int) -> list[Entry]:
+        _, payload = self.worker.request(
+            self._header("list", volume, inode=inode), describe(volume)
+        )
         try:
-            return entries_from_json(payload), ok
+            return entries_from_json(payload)
         except ValueError as err:
             what = f"{describe(volume)}: the filesystem reader sent a bad listing ({err})"
             raise FileSystemError(what) from None
@@ -198,7 +211,7 @@ class PointFiles:
         if cached is not None:
             self._listings.move_to_end(key)
             return cached
-        entries, _ = self._request_list(volume, inode)
+        entries = self._request_list(volume, inode)
         self._listings[key] = entries
         while len(self._listings) > LISTING_CACHE:
             self._listings.popitem(last=False)
@@ -386,3 +399,11 @@ def _merged(runs: list[list[int]]) -> list[tuple[int, int, int]]:
         else:
             out.append((int(start), int(length), int(where)))
     return out
+
+
+def _spans(deps: object) -> list[int] | None:
+    if deps is None:
+        return None
+    if not isinstance(deps, list) or any(type(v) is not int for v in deps):
+        raise ValueError("deps that are not numbers")
+    return deps

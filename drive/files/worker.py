@@ -9,10 +9,12 @@ no key and no repository: every byte of the disk is asked of the parent over the
 per walk). Requests, answered one at a time:
 
 - ``open {volume: [offset, size]}`` → ``{root, block_size}``
-- ``list {volume, inode[, known, changed]}`` → ``{rows, deps, whole}``, payload: the rows as a
-  JSON list of lists in ``entries.Entry``'s order, names and targets as Latin-1 text (one
-  character per byte: a worker that only lists never loads pyarrow, which costs more than the
-  listing); with ``known`` and ``changed``, maybe only the changed entries (``_list``)
+- ``list {volume, inode}`` → ``{rows, deps}``, payload: the rows as a JSON list of lists in
+  ``entries.Entry``'s order, names and targets as Latin-1 text (one character per byte: a
+  worker that only lists never loads pyarrow, which costs more than the listing)
+- ``lists {volume}``, payload: JSON ``[[inode, known, changed], ...]`` → ``{dirs}``, payload:
+  JSON ``[[rows, deps, whole], ...]``: many directories at once, each whole or, with ``known``
+  and ``changed``, maybe only its changed entries (``_list``)
 - ``walk {volume, inode}`` → ``{batch, deps}`` frames (Arrow IPC streams of ``entries.SCHEMA``,
   ``parent`` set; ``deps``: per directory listed, where its listing came from), then ``{ok}``
 - ``read {volume, inode, offset, length}`` → payload: the bytes
@@ -47,6 +49,7 @@ BLOCK = 64 << 10
 CACHE_BLOCKS = 1024  # 64 MiB
 READ_AHEAD = 16  # blocks: 1 MiB
 BATCH_ROWS = 50_000
+MAX_LISTS = 1024  # directories in one ``lists`` request
 MAX_READ = 16 << 20
 MAX_DEPTH = 4096
 
@@ -96,11 +99,14 @@ class RemoteDisk:
         return self._cache[index]
 
 
-def _plain(rows: list[Row]) -> bytes:
-    """A listing's rows as the ``list`` answer's JSON."""
-    out = [[r[0].decode("latin-1"), *r[1:11], None if r[11] is None else r[11].decode("latin-1")]
-           for r in rows]  # fmt: skip
-    return json.dumps(out, separators=(",", ":")).encode()
+def _plain(rows: list[Row]) -> list[list[Any]]:
+    """A listing's rows in JSON's terms (``list`` and ``lists``)."""
+    return [[r[0].decode("latin-1"), *r[1:11], None if r[11] is None else r[11].decode("latin-1")]
+            for r in rows]  # fmt: skip
+
+
+def _json(value: object) -> bytes:
+    return json.dumps(value, separators=(",", ":")).encode()
 
 
 def _table(rows: list[Row], parents: list[int] | None = None) -> bytes:
@@ -140,11 +146,11 @@ class Worker:
     def serve(self) -> None:
         while True:
             try:
-                header, _ = receive(self.inp)
+                header, body = receive(self.inp)
             except WireError:
                 return
             try:
-                self.handle(header)
+                self.handle(header, body)
             except WireError:
                 return
             except MemoryError:
@@ -155,7 +161,7 @@ class Worker:
                 text = " ".join(str(err).split()) or type(err).__name__
                 send(self.out, {"error": text[:300]})
 
-    def handle(self, header: dict[str, Any]) -> None:
+    def handle(self, header: dict[str, Any], body: bytes = b"") -> None:
         op = header.get("op")
         if self.refuse:
             send(self.out, {"error": self.refuse})
@@ -165,9 +171,15 @@ class Worker:
             send(self.out, {"ok": {"root": fs.root, "block_size": fs.block_size}})
         elif op == "list":
             fs, inode = self.volume(header), int(header["inode"])
-            rows, whole, entries = _list(fs, inode, header)
-            deps = _deps(fs, inode, entries)
-            send(self.out, {"ok": {"rows": len(rows), "deps": deps, "whole": whole}}, _plain(rows))
+            rows = fs.listdir(inode)
+            deps = _deps(fs, inode, [row[2] for row in rows])
+            send(self.out, {"ok": {"rows": len(rows), "deps": deps}}, _json(_plain(rows)))
+        elif op == "lists":
+            fs, out = self.volume(header), []
+            for inode, known, changed in json.loads(body)[:MAX_LISTS]:
+                rows, whole, entries = _list(fs, int(inode), known, changed)
+                out.append([_plain(rows), _deps(fs, int(inode), entries), whole])
+            send(self.out, {"ok": {"dirs": len(out)}}, _json(out))
         elif op == "walk":
             batch = min(max(int(header.get("batch_rows") or BATCH_ROWS), 1), BATCH_ROWS)
             self.walk(self.volume(header), int(header["inode"]), batch)
@@ -214,12 +226,13 @@ class Worker:
         send(self.out, {"ok": {}})
 
 
-def _list(fs: Filesystem, inode: int, header: dict[str, Any]) -> tuple[list[Row], bool, list[int]]:
+def _list(
+    fs: Filesystem, inode: int, known: object, changed: object
+) -> tuple[list[Row], bool, list[int]]:
     """A directory's rows (whole: True), or with ``known`` (its entries' inodes as listed
-    before) and ``changed`` (volume ranges changed since), when its names cannot have changed,
-    only the rows of the entries whose records changed (names empty; whole: False); and the
-    inodes of all its entries."""
-    known, changed = header.get("known"), header.get("changed")
+    before) and ``changed`` (volume offsets and lengths changed since), when its names cannot
+    have changed, only the rows of the entries whose records changed (names empty; whole:
+    False); and the inodes of all its entries."""
     plan = getattr(fs, "stale_entries", None)
     if isinstance(known, list) and isinstance(changed, list) and plan is not None:
         inodes = [int(v) for v in known]

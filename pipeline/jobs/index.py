@@ -75,15 +75,19 @@ class _Chunks:
     def changes(self, volume: Volume) -> Callable[[list[int] | None], list[int] | None]:
         """Which of a folder's deps spans changed, as volume offsets and lengths of the changed
         chunks among them (empty: none did); None when its deps are unknown."""
-        changed = self.changed if self.changed is not None else np.empty(0, np.int64)
+        changed = set(self.changed.tolist()) if self.changed is not None else set()
+        size = self.chunk
 
         def check(spans: list[int] | None) -> list[int] | None:
-            deps = self.pack(spans, volume)
-            if deps is None:
+            if spans is None:
                 return None
-            chunks = np.frombuffer(deps, "<i8")
-            hit = chunks[np.isin(chunks, changed)].tolist()
-            return [v for c in hit for v in (c - volume.offset, self.chunk)]
+            out: list[int] = []
+            for at, n in zip(spans[::2], spans[1::2], strict=True):
+                first = (volume.offset + at) // size
+                for chunk in range(first, (volume.offset + at + max(n, 1) - 1) // size + 1):
+                    if chunk * size in changed and chunk * size - volume.offset not in out[::2]:
+                        out += [chunk * size - volume.offset, size]
+            return out
 
         return check
 
@@ -160,14 +164,15 @@ def build_listing(
                     before = _walkable(rows, volume, chunks)
             table = None
             if before is not None:
-                try:
+                try:  # (None: most folders changed, a walk costs less)
                     again = relist(files, volume, before, chunks.changes(volume))
+                except CombError:
+                    again = None  # a folder that is not one any more: walked whole instead
+                if again is not None:
                     table, relisted = again.table, relisted + again.folders
                     if keys is not None:
                         name = pa.array([volume.name] * len(again.touched), pa.string())
                         keys.append(pa.table({"volume": name, "path": again.touched}))
-                except CombError:
-                    table = None  # a folder that is not one any more: walked whole instead
             try:
                 if table is None:
                     keys = None  # (a volume walked whole: compared whole)
