@@ -10,7 +10,6 @@ zero regions are the gaps), chunks (the index), packs.
 from __future__ import annotations
 
 import itertools
-from dataclasses import asdict
 
 import duckdb
 import pyarrow as pa
@@ -58,12 +57,12 @@ def points_table(points: list[RecoveryPoint]) -> pa.Table:
 
     cols: dict[str, list] = {name: [] for name, _ in POINT_COLUMNS}
     stats: dict[str, list] = {name: [] for name in [*STAT_COLUMNS, "seconds"]}
-    for p in points:
-        doc = asdict(p)
+    for p in points:  # (attributes, not ``asdict``: its deep copies cost 0.3 s per 1,000)
         for name, _ in POINT_COLUMNS:
-            cols[name].append(datetime.fromisoformat(doc[name]) if name == "time" else doc[name])
+            value = getattr(p, name)
+            cols[name].append(datetime.fromisoformat(value) if name == "time" else value)
         for name in stats:
-            stats[name].append(doc["stats"][name])
+            stats[name].append(getattr(p.stats, name))
     arrays = [pa.array(cols[n], t) for n, t in POINT_COLUMNS]
     arrays += [pa.array(stats[n], pa.int64()) for n in STAT_COLUMNS]
     arrays.append(pa.array(stats["seconds"], pa.float64()))
