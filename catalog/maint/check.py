@@ -175,9 +175,9 @@ def _check_changes(
 def _check_catalogs(storage: Storage, report: CheckReport) -> None:
     """A damaged file catalog (FORMAT.md 23) loses browsing of a point's files by catalog, not
     its content: a warning. Each document and each Parquet file it names is read once."""
-    docs, named, problems = filecat.survey(storage)
-    report.warnings.extend(f"file catalog: {line}" for line in problems)
-    for name in sorted(named):
+    catalogs = filecat.survey(storage)
+    report.warnings.extend(f"file catalog: {line}" for line in catalogs.problems)
+    for name in sorted(catalogs.named):
         try:
             read_parquet(storage, name, ["path"])
         except CombError as err:

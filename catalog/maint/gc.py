@@ -183,9 +183,11 @@ def plan(
             if name.endswith(".parquet") and name not in marks.files:
                 out.files.append(name)
                 out.file_bytes += storage.size(name)
-    _, named, _ = filecat.survey(storage)  # catalog files no catalog names: an index's crash
-    for name in storage.list(filecat.FILES_PREFIX):
-        if name.endswith(".parquet") and name not in named:
+    # Catalog files no catalog names (an index killed before its document), unless a document
+    # does not read: the files it names are not known then (verify says which).
+    catalogs = filecat.survey(storage)
+    for name in storage.list(filecat.FILES_PREFIX) if not catalogs.unread else []:
+        if name.endswith(".parquet") and name not in catalogs.named:
             out.files.append(name)
             out.file_bytes += storage.size(name)
     for prefix in (LEAVES_PREFIX, INDEX_PREFIX):  # a block list whose file is gone (a crash)

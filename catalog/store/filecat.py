@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -105,9 +106,17 @@ def cataloged(storage: Storage) -> set[str]:
     }
 
 
-def survey(storage: Storage) -> tuple[list[FilesDoc], set[str], list[str]]:
-    """Every catalog document that reads, the data files they name (storage names), and one
-    line for each document that does not read or whose base's catalog is missing."""
+class Survey(NamedTuple):
+    """The file catalogs of a repository as ``survey`` found them."""
+
+    docs: list[FilesDoc]  # every document that reads
+    named: set[str]  # the data files they name (storage names)
+    problems: list[str]  # a line for each document that does not read or lost its base
+    unread: int  # documents that do not read: the files they name are not known
+
+
+def survey(storage: Storage) -> Survey:
+    """Every catalog document, read."""
     docs: list[FilesDoc] = []
     problems: list[str] = []
     for point_id in sorted(cataloged(storage)):
@@ -118,12 +127,13 @@ def survey(storage: Storage) -> tuple[list[FilesDoc], set[str], list[str]]:
             continue
         if doc is not None:
             docs.append(doc)
+    unread = len(problems)
     ids = {d.point for d in docs}
     for doc in docs:
         if doc.base is not None and doc.base not in ids:
             problems.append(f"{doc_name(doc.point)}: its base's catalog is missing")
     named = {data_name(i) for d in docs for i in (d.changes, d.full) if i}
-    return docs, named, problems
+    return Survey(docs, named, problems, unread)
 
 
 def read_doc(storage: Storage, point_id: str) -> FilesDoc | None:

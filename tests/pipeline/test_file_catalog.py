@@ -257,3 +257,26 @@ def test_a_chain_that_changes_one_entry_again_and_again(cli: CliRunner, tmp_path
     assert (kinds[3][1], kinds[4][1]) == (None, "file")
     docs = [filecat.read_doc(repo.storage, i) for i in ids]
     assert [d.depth for d in docs if d is not None] == list(range(len(ids)))
+
+
+def test_prune_keeps_catalog_files_while_a_catalog_does_not_read(
+    cli: CliRunner, history: tuple[Path, Path, list[dict]]
+) -> None:
+    """Prune removes catalog files no catalog names (a killed index leaves them), but not while
+    a catalog document does not read: the files it names are not known then."""
+    repo_path, _, points = history
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
+    orphan = Path(str(repo.storage.local_path(filecat.data_name("ab" * 32))))
+    orphan.write_bytes(b"left by a killed index")
+    before = sorted(p.name for p in orphan.parent.iterdir())
+    doc = Path(str(repo.storage.local_path(filecat.doc_name(points[2]["id"]))))
+    good = doc.read_bytes()
+    flip_byte(doc, len(good) // 2)
+    assert cli("-r", repo_path, "prune").code == 0
+    assert sorted(p.name for p in orphan.parent.iterdir()) == before
+    doc.write_bytes(good)
+    assert cli("-r", repo_path, "prune").code == 0
+    assert sorted(p.name for p in orphan.parent.iterdir()) == [
+        n for n in before if n != orphan.name
+    ]
+    assert cli("-r", repo_path, "verify").code == 0
