@@ -71,6 +71,44 @@ def entries_from_json(payload: bytes) -> list[Entry]:
     return entries_from_rows(json.loads(payload))
 
 
+# A ``lists`` request of the filesystem worker for one directory: its inode, and its entries'
+# inodes as listed before, the volume ranges changed since and those its listing came from
+# (all three None: list it whole); and the answer: entries, deps, whole.
+Ask = tuple[int, list[int] | None, list[int] | None, list[int] | None]
+Answer = tuple[list["Entry"], list[int] | None, bool]
+MAX_SPANS = 1 << 20  # numbers in one directory's deps
+# Each field's range (``SCHEMA``): a number out of it is a lie of the worker.
+_I64, _I32 = (-(2**63), 2**63 - 1), (-(2**31), 2**31 - 1)
+_RANGES = [(0, 2**64 - 1), _I64, (0, 0o7777), _I64, _I64, _I64, _I64, _I64, _I32]
+
+
+def answers_from_json(payload: bytes, count: int, volume_size: int) -> list[Answer]:
+    """The answers of a ``lists`` request (``count`` directories), every field checked."""
+    answers = json.loads(payload)
+    if not isinstance(answers, list) or len(answers) != count:
+        raise ValueError("not one answer per directory")
+    out: list[Answer] = []
+    for answer in answers:
+        if not isinstance(answer, list) or len(answer) != 3 or type(answer[2]) is not bool:
+            raise ValueError(f"an answer {str(answer)[:80]}")
+        rows, deps, whole = answer
+        out.append((entries_from_rows(rows), checked_spans(deps, volume_size), whole))
+    return out
+
+
+def checked_spans(deps: object, volume_size: int) -> list[int] | None:
+    """A directory's deps from the worker (offsets and lengths in its volume, or None), checked:
+    pairs, inside the volume, not too many."""
+    if deps is None:
+        return None
+    if not isinstance(deps, list) or len(deps) % 2 or len(deps) > MAX_SPANS:
+        raise ValueError("deps that are not pairs of numbers")
+    for at, n in zip(deps[::2], deps[1::2], strict=True):
+        if type(at) is not int or type(n) is not int or at < 0 or n < 0 or at + n > volume_size:
+            raise ValueError(f"deps outside the volume ({at}, {n})")
+    return deps
+
+
 def entries_from_rows(rows: object) -> list[Entry]:
     """Entries from the parsed JSON form (``entries_from_json``), checked the same way."""
     try:
@@ -85,6 +123,8 @@ def _entry(row: list[object]) -> Entry:
         raise ValueError(f"a row {str(row)[:80]}")
     if any(type(v) is not int for v in numbers) or not isinstance(target, str | None):
         raise ValueError(f"a row {str(row)[:80]}")
+    if any(not lo <= v <= hi for v, (lo, hi) in zip(numbers, _RANGES, strict=True)):  # type: ignore[operator]
+        raise ValueError(f"a number out of range in {str(row)[:80]}")
     raw = None if target is None else target.encode("latin-1")
     return Entry(name.encode("latin-1"), str(kind), *numbers, raw)  # type: ignore[arg-type, call-arg]
 

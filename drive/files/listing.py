@@ -25,7 +25,7 @@ import pyarrow.compute as pc
 
 from catalog.store import sorted_rows
 
-from .entries import SCHEMA, Entry, display
+from .entries import SCHEMA, Ask, Entry, display
 from .view import Node, PointFiles
 from .volumes import Volume
 
@@ -158,6 +158,8 @@ class _Relist:
                 keep[i] = False
         parts = [pa.Table.from_pylist(list(self.rows.values()), schema=before.schema)]
         parts += [t.select(before.schema.names).cast(before.schema) for t in self.extra]
+        if _linked([before.select(["kind", "inode"]).filter(pa.array(keep)), *parts]):
+            return None  # a folder under two names (a hard link, a loop): as a walk sees it
         result = sorted_rows.merge(before, pa.concat_tables(parts), ["path"], paths, keep)
         touched = [pa.array(paths[~keep], pa.binary()), pa.array(list(self.rows), pa.binary())]
         touched += [t.column("path").combine_chunks() for t in self.extra]
@@ -189,14 +191,19 @@ class _Relist:
         kids = pa.array(np.concatenate([t[2] for t in todo]), pa.int64())
         taken = self.before.select(["kind", "inode", "deps_spans"]).take(kids)
         kinds, inodes, kid_spans = (c.to_pylist() for c in taken.columns)
-        wases, asks, first = [], [], 0
+        wases: list[Was] = []
+        asks: list[Ask] = []
+        first = 0
         for path, row, mine in todo:
             prefix = b"/" if path == b"/" else path + b"/"
             wases.append({self.paths[k][len(prefix) :]: (kinds[first + j], inodes[first + j],
                           kid_spans[first + j]) for j, k in enumerate(mine)})  # fmt: skip
             hint = hints[path]  # (None: the folder's deps are unknown)
             known = inodes[first : first + len(mine)] if hint and len(mine) else None
-            asks.append((int(row["inode"]), known, hint if known else None))
+            if known is None:
+                asks.append((int(row["inode"]), None, None, None))
+            else:
+                asks.append((int(row["inode"]), known, hint, row["deps_spans"]))
             first += len(mine)
         answers = self.files.list_inodes(self.volume, asks)
         for (path, row, _), was, ask, answer in zip(todo, wases, asks, answers, strict=True):
@@ -217,7 +224,7 @@ class _Relist:
         if not whole and _restat(self.volume, prefix, was, entries, self.rows):
             return
         if not whole:  # an entry changed kind under the same name and number: list it again
-            ((entries, deps, _),) = self.files.list_inodes(self.volume, [(inode, None, None)])
+            ((entries, deps, _),) = self.files.list_inodes(self.volume, [(inode, None, None, None)])
             self.rows[path] = {**row, "deps_spans": deps}
         for entry in entries:
             child = prefix + entry.name
@@ -233,6 +240,15 @@ class _Relist:
             else:
                 self.rows[child] = _row(self.volume, child, entry, None)
         self.gone.update(prefix + name for name in was)
+
+
+def _linked(tables: list[pa.Table]) -> bool:
+    """Does a folder's inode appear twice among the folders of ``tables`` (the listing made
+    again: a damaged or hostile filesystem's hard-linked folder or loop)? A walk lists such a
+    folder once, under its first name, which an incremental listing cannot tell."""
+    dirs = [t.filter(pc.equal(t.column("kind"), "dir")).column("inode") for t in tables]
+    inodes = pa.chunked_array([c for d in dirs for c in d.chunks], pa.uint64())
+    return len(pc.unique(inodes)) != len(inodes)
 
 
 def _restat(

@@ -216,16 +216,26 @@ class TskFilesystem:
         return spans
 
     def stale_entries(
-        self, inode: int, entries: list[int], changed: list[tuple[int, int]]
+        self,
+        inode: int,
+        entries: list[int],
+        changed: list[tuple[int, int]],
+        old: list[tuple[int, int]],
     ) -> list[int] | None:
         """Which of directory ``inode``'s entries (their inodes, as listed before) must be read
         again after the volume ranges ``changed`` changed: those whose record lies in one. None:
-        the directory must be listed again (its blocks changed, or its own record where its
-        names may lie there, so its names may have; or where they lie is unknown)."""
+        the directory must be listed again, as its names may have changed: one of its blocks
+        lies in a changed range or outside ``old`` (the ranges its listing came from before:
+        a block it gained), or, where its names may lie in its own record (NTFS, ext inline
+        data), that record changed; or where they lie is unknown."""
         own = None if self._fat else self._dir_spans(inode)
         records = self._record_map()
         at = None if records is None else records.offset(inode)
         if own is None or records is None or at is None:
+            return None
+        if self._ntfs or self._inline(inode):
+            own.append((at, records.length))
+        if not all(_within(a, n, old) for a, n in own if n):
             return None
         starts = [a for a, _ in changed]
         ends = [a + n for a, n in changed]
@@ -234,8 +244,6 @@ class TskFilesystem:
             i = bisect.bisect_right(starts, a + n - 1) - 1
             return i >= 0 and ends[i] > a
 
-        if self._ntfs or self._inline(inode):  # (its names may lie in its own record)
-            own.append((at, records.length))
         if any(hit(a, n) for a, n in own):
             return None
         out = []
@@ -320,6 +328,12 @@ class TskFilesystem:
                     n = int(run.len) * self.block_size
                     spans.append((int(run.addr) * self.block_size, n))
         return spans
+
+
+def _within(at: int, n: int, spans: list[tuple[int, int]]) -> bool:
+    """Is [at, at + n) inside the union of ``spans`` (sorted, touching ones merged)?"""
+    i = bisect.bisect_right([a for a, _ in spans], at) - 1
+    return i >= 0 and spans[i][0] + spans[i][1] >= at + n
 
 
 def _interix(entry: Any, size: int) -> tuple[str, bytes | None]:

@@ -25,14 +25,25 @@ from catalog.errors import FileSystemError, PathNotFound
 from catalog.read.source import BlockSource
 
 from . import devices
-from .entries import Entry, display, entries_from, entries_from_json, entries_from_rows, walk_paths
+from .entries import (
+    Answer,
+    Ask,
+    Entry,
+    answers_from_json,
+    checked_spans,
+    display,
+    entries_from,
+    entries_from_json,
+    walk_paths,
+)
 from .sandbox import DEFAULT_MEMORY, DEFAULT_TIMEOUT, Worker
 from .volumes import Volume, find_volumes
 
 READABLE = ("ext2", "ext3", "ext4", "xfs", "ntfs", "fat12", "fat16", "fat32", "exfat")
 PIECE = 8 << 20
 LISTING_CACHE = 1024
-LIST_BATCH = 256  # directories per ``lists`` request
+LIST_BATCH = 256  # directories per ``lists`` request, and at most
+LIST_ENTRIES = 100_000  # entries known of them (but one directory)
 
 
 @dataclass(frozen=True)
@@ -168,31 +179,30 @@ class PointFiles:
             return False
         return True
 
-    def list_inodes(
-        self, volume: Volume, asks: list[tuple[int, list[int] | None, list[int] | None]]
-    ) -> list[tuple[list[Entry], list[int] | None, bool]]:
+    def list_inodes(self, volume: Volume, asks: list[Ask]) -> list[Answer]:
         """Directories' entries by inode (names that cannot be path components left out),
         where each listing came from (worker ``deps``) and whether that is all of them; never
-        cached; a batch per request. With the inodes of its entries as listed before and the
-        volume ranges changed since (else None, None), maybe only the entries whose records
-        changed, names empty."""
-        out: list[tuple[list[Entry], list[int] | None, bool]] = []
-        for at in range(0, len(asks), LIST_BATCH):
-            part = [list(a) for a in asks[at : at + LIST_BATCH]]
+        cached; batches of requests. With the inodes of its entries as listed before, the
+        volume ranges changed since and those its listing came from (else None, None, None),
+        maybe only the entries whose records changed, names empty (``worker._list``)."""
+        out: list[Answer] = []
+        while len(out) < len(asks):
+            part: list[list[object]] = []
+            known = 0
+            for ask in asks[len(out) : len(out) + LIST_BATCH]:
+                if part and known + len(ask[1] or ()) > LIST_ENTRIES:
+                    break
+                part.append(list(ask))
+                known += len(ask[1] or ())
             header = self._header("lists", volume)
             _, payload = self.worker.request(header, describe(volume), json.dumps(part).encode())
             try:
-                answers = json.loads(payload)
-                if not isinstance(answers, list) or len(answers) != len(part):
-                    raise ValueError("not one answer per directory")
-                for rows, deps, whole in answers:
-                    entries = entries_from_rows(rows)
-                    if whole is not False:
+                for entries, deps, whole in answers_from_json(payload, len(part), volume.size):
+                    if whole:
                         entries = [e for e in entries if self._fit(b"", e.name)]
-                    out.append((entries, _spans(deps), whole is not False))
-            except (ValueError, TypeError) as err:
-                what = f"{describe(volume)}: the filesystem reader sent a bad listing ({err})"
-                raise FileSystemError(what) from None
+                    out.append((entries, deps, whole))
+            except ValueError as err:
+                raise _bad_listing(volume, err) from None
         return out
 
     def _request_list(self, volume: Volume, inode: int) -> list[Entry]:
@@ -202,8 +212,7 @@ class PointFiles:
         try:
             return entries_from_json(payload)
         except ValueError as err:
-            what = f"{describe(volume)}: the filesystem reader sent a bad listing ({err})"
-            raise FileSystemError(what) from None
+            raise _bad_listing(volume, err) from None
 
     def _list(self, volume: Volume, inode: int) -> list[Entry]:
         key = (volume.name, inode)
@@ -277,7 +286,11 @@ class PointFiles:
                 kept, found, bad = walk_paths(table, paths)
                 for base, name in bad:
                     self._fit(base, name)  # says what was left out
-                yield kept, found, {int(d[0]): d[1] for d in deps}
+                try:
+                    spans = {int(d[0]): checked_spans(d[1], node.volume.size) for d in deps}
+                except (ValueError, TypeError, IndexError) as err:
+                    raise _bad_listing(node.volume, err) from None
+                yield kept, found, spans
         finally:
             self.skipped.extend(walker.skipped)
             walker.skipped.clear()
@@ -401,9 +414,5 @@ def _merged(runs: list[list[int]]) -> list[tuple[int, int, int]]:
     return out
 
 
-def _spans(deps: object) -> list[int] | None:
-    if deps is None:
-        return None
-    if not isinstance(deps, list) or any(type(v) is not int for v in deps):
-        raise ValueError("deps that are not numbers")
-    return deps
+def _bad_listing(volume: Volume, err: Exception) -> FileSystemError:
+    return FileSystemError(f"{describe(volume)}: the filesystem reader sent a bad listing ({err})")

@@ -12,9 +12,9 @@ per walk). Requests, answered one at a time:
 - ``list {volume, inode}`` → ``{rows, deps}``, payload: the rows as a JSON list of lists in
   ``entries.Entry``'s order, names and targets as Latin-1 text (one character per byte: a
   worker that only lists never loads pyarrow, which costs more than the listing)
-- ``lists {volume}``, payload: JSON ``[[inode, known, changed], ...]`` → ``{dirs}``, payload:
-  JSON ``[[rows, deps, whole], ...]``: many directories at once, each whole or, with ``known``
-  and ``changed``, maybe only its changed entries (``_list``)
+- ``lists {volume}``, payload: JSON ``[[inode, known, changed, before], ...]`` → ``{dirs}``,
+  payload: JSON ``[[rows, deps, whole], ...]``: many directories at once, each whole or, with
+  ``known``, ``changed`` and ``before``, maybe only its changed entries (``_list``)
 - ``walk {volume, inode}`` → ``{batch, deps}`` frames (Arrow IPC streams of ``entries.SCHEMA``,
   ``parent`` set; ``deps``: per directory listed, where its listing came from), then ``{ok}``
 - ``read {volume, inode, offset, length}`` → payload: the bytes
@@ -176,8 +176,8 @@ class Worker:
             send(self.out, {"ok": {"rows": len(rows), "deps": deps}}, _json(_plain(rows)))
         elif op == "lists":
             fs, out = self.volume(header), []
-            for inode, known, changed in json.loads(body)[:MAX_LISTS]:
-                rows, whole, entries = _list(fs, int(inode), known, changed)
+            for inode, known, changed, before in json.loads(body)[:MAX_LISTS]:
+                rows, whole, entries = _list(fs, int(inode), known, changed, before)
                 out.append([_plain(rows), _deps(fs, int(inode), entries), whole])
             send(self.out, {"ok": {"dirs": len(out)}}, _json(out))
         elif op == "walk":
@@ -227,21 +227,38 @@ class Worker:
 
 
 def _list(
-    fs: Filesystem, inode: int, known: object, changed: object
+    fs: Filesystem, inode: int, known: object, changed: object, before: object
 ) -> tuple[list[Row], bool, list[int]]:
     """A directory's rows (whole: True), or with ``known`` (its entries' inodes as listed
-    before) and ``changed`` (volume offsets and lengths changed since), when its names cannot
-    have changed, only the rows of the entries whose records changed (names empty; whole:
-    False); and the inodes of all its entries."""
+    before), ``changed`` (volume offsets and lengths changed since) and ``before`` (those its
+    listing came from before), when its names cannot have changed, only the rows of the
+    entries whose records changed (names empty; whole: False); and the inodes of all its
+    entries."""
     plan = getattr(fs, "stale_entries", None)
-    if isinstance(known, list) and isinstance(changed, list) and plan is not None:
-        inodes = [int(v) for v in known]
-        spans = sorted((int(a), int(n)) for a, n in zip(changed[::2], changed[1::2], strict=True))
-        again = plan(inode, inodes, spans)
+    lists = (known, changed, before)
+    if all(isinstance(v, list) for v in lists) and plan is not None:
+        inodes = [int(v) for v in known]  # type: ignore[attr-defined]
+        spans = [_pairs(changed), _merge(_pairs(before))]  # type: ignore[arg-type]
+        again = plan(inode, inodes, *spans)
         if again is not None:
             return [fs.stat(v) for v in again], False, inodes  # type: ignore[attr-defined]
     rows = fs.listdir(inode)
     return rows, True, [row[2] for row in rows]
+
+
+def _pairs(flat: list[Any]) -> list[tuple[int, int]]:
+    return sorted((int(a), int(n)) for a, n in zip(flat[::2], flat[1::2], strict=True))
+
+
+def _merge(spans: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Sorted spans with touching or overlapping ones joined."""
+    out: list[tuple[int, int]] = []
+    for at, n in spans:
+        if out and at <= out[-1][0] + out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], at + n - out[-1][0]))
+        else:
+            out.append((at, n))
+    return out
 
 
 def _deps(fs: Filesystem, inode: int, entries: list[int]) -> list[int] | None:
@@ -255,13 +272,8 @@ def _deps(fs: Filesystem, inode: int, entries: list[int]) -> list[int] | None:
         return None
     if spans is None:
         return None
-    merged: list[int] = []  # touching or overlapping ranges as one: a folder's inodes are
-    for at, n in sorted(spans):  # mostly neighbours in one table
-        if merged and at <= merged[-2] + merged[-1]:
-            merged[-1] = max(merged[-1], at + n - merged[-2])
-        else:
-            merged += [at, n]
-    return merged
+    # (touching ranges as one: a folder's inodes are mostly neighbours in one table)
+    return [v for span in _merge(sorted(spans)) for v in span]
 
 
 def _xattrs(fs: Filesystem, inode: int) -> tuple[dict[str, Any], bytes]:

@@ -56,15 +56,19 @@ class _Chunks:
         self.chunk = chunk
         self.changed = changed
 
-    def pack(self, spans: list[int] | None, volume: Volume) -> bytes | None:
-        if spans is None:
-            return None
+    def offsets(self, spans: list[int], volume: Volume) -> list[int]:
+        """The disk offsets of the chunks volume spans (offset, length, ...) lie in, ascending."""
         out: set[int] = set()
         for at, n in zip(spans[::2], spans[1::2], strict=True):
             first = (volume.offset + at) // self.chunk
             last = (volume.offset + at + max(n, 1) - 1) // self.chunk
             out.update(range(first, last + 1))
-        return (np.array(sorted(out), "<i8") * self.chunk).tobytes()
+        return [c * self.chunk for c in sorted(out)]
+
+    def pack(self, spans: list[int] | None, volume: Volume) -> bytes | None:
+        if spans is None:
+            return None
+        return np.array(self.offsets(spans, volume), "<i8").tobytes()
 
     def spans(self, deps: bytes | None, volume: Volume) -> list[int] | None:
         if deps is None:
@@ -76,18 +80,12 @@ class _Chunks:
         """Which of a folder's deps spans changed, as volume offsets and lengths of the changed
         chunks among them (empty: none did); None when its deps are unknown."""
         changed = set(self.changed.tolist()) if self.changed is not None else set()
-        size = self.chunk
 
         def check(spans: list[int] | None) -> list[int] | None:
             if spans is None:
                 return None
-            out: list[int] = []
-            for at, n in zip(spans[::2], spans[1::2], strict=True):
-                first = (volume.offset + at) // size
-                for chunk in range(first, (volume.offset + at + max(n, 1) - 1) // size + 1):
-                    if chunk * size in changed and chunk * size - volume.offset not in out[::2]:
-                        out += [chunk * size - volume.offset, size]
-            return out
+            hit = [c for c in self.offsets(spans, volume) if c in changed]
+            return [v for c in hit for v in (c - volume.offset, self.chunk)]
 
         return check
 
@@ -164,10 +162,13 @@ def build_listing(
                     before = _walkable(rows, volume, chunks)
             table = None
             if before is not None:
+                said = len(files.skipped)
                 try:  # (None: most folders changed, a walk costs less)
                     again = relist(files, volume, before, chunks.changes(volume))
                 except CombError:
                     again = None  # a folder that is not one any more: walked whole instead
+                if again is None:
+                    del files.skipped[said:]  # (the walk says it again)
                 if again is not None:
                     table, relisted = again.table, relisted + again.folders
                     if keys is not None:

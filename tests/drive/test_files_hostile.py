@@ -18,7 +18,7 @@ from drivetest import FileSource
 from catalog.errors import FileSystemError
 from catalog.repo import Repository
 from drive.files import sandbox
-from drive.files.entries import entries_from_json
+from drive.files.entries import answers_from_json, entries_from_json
 from drive.files.extract import extract
 from drive.files.view import PointFiles
 
@@ -228,3 +228,24 @@ def test_a_worker_of_other_code_refuses_in_one_line(
         pf.lookup("/disk/etc")
     assert "comb's code changed on disk since this command started" in str(err.value)
     assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"[[[], [0, 4611686018427387904], true]]",  # deps far past the volume: a huge set
+        b"[[[], [0], true]]",  # not pairs
+        b"[[[], [-5, 10], true]]",
+        b'[[[], "all", true]]',
+        b"[[[], null, 1]]",  # whole is not a boolean
+        b"[[[], null, true], [[], null, true]]",  # two answers for one directory
+        b'[[[["n", "file", -1, 2, 3, 4, 5, 6, 7, 8, 9, null]], null, true]]',  # inode -1
+        b'[[[["n", "file", 1, 2, 3, 4, 5, 6, 7, 8, 1099511627776, null]], null, true]]',
+        b'[[[["n", "file", 1, 2, 65535, 4, 5, 6, 7, 8, 9, null]], null, true]]',  # mode
+    ],
+)
+def test_a_lying_worker_batch_is_refused(payload: bytes) -> None:
+    """Every answer of a ``lists`` request is checked: deps inside the volume, numbers in their
+    columns' ranges (a lie is one line, never a huge allocation or a traceback)."""
+    with pytest.raises(ValueError):
+        answers_from_json(payload, 1, 1 << 30)

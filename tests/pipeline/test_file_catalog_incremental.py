@@ -129,3 +129,57 @@ def test_incremental_catalog_equals_a_fresh_walk(
         return
     assert 0 < got.relisted <= share * folders, (got.relisted, folders)
     assert answers and not all(answers), answers
+
+
+def _linear_ext4(tmp_path: Path) -> Path:
+    """ext4 without hashed folders: /d holds 15 entries of 255-byte names (its first block
+    full), beside 1,000 empty folders."""
+    need_tool("mkfs.ext4")
+    tree = tmp_path / "tree"
+    (tree / "d").mkdir(parents=True)
+    for i in range(15):
+        (tree / "d" / f"{i:0255d}").write_text("x\n")
+    for i in range(1000):  # (so that few folders share the changed chunks: not walked whole)
+        (tree / f"o{i:03d}").mkdir()
+    image = tmp_path / "fs.img"
+    with open(image, "wb") as f:
+        f.truncate(64 << 20)
+    opts = ["-q", "-F", "-O", "^dir_index", "-b", "4096", "-d", str(tree)]
+    subprocess.run(["mkfs.ext4", *opts, str(image)], check=True, capture_output=True)
+    return image
+
+
+def _debugfs(image: Path, *requests: str) -> None:
+    for request in requests:
+        subprocess.run([need_tool("debugfs"), "-w", "-R", request, image], check=True)
+
+
+@pytest.mark.parametrize(
+    ("before", "change", "relisted"),
+    [
+        # /d grows a block in a chunk its listing never came from: its names are read again
+        ((), "write {payload} /d/" + f"{15:0255d}", True),
+        # /o001 is also /o002/loop (a hard-linked folder): walked whole, as a walk sees it
+        (("link /o001 /o002/loop",), "write {payload} /o001/x", False),
+    ],
+    ids=["a-folder-gains-a-block", "a-hard-linked-folder"],
+)
+def test_incremental_catalog_of_awkward_folders(
+    tmp_path: Path, before: tuple[str, ...], change: str, relisted: bool
+) -> None:
+    """Found in review: the first case lost the new name, the second gave the loop the
+    folder's entries (a walk lists a folder once, under its first name)."""
+    image = _linear_ext4(tmp_path)
+    _debugfs(image, *before)
+    payload = tmp_path / "payload.txt"
+    payload.write_text("new\n")
+    repo = Repository.init(str(tmp_path / "repo"), password=TEST_PASSWORD)
+    index_point(repo, repo.resolve(api_backup(repo.location, image, name="fs").id))
+    _debugfs(image, change.format(payload=payload))
+    second = repo.resolve(api_backup(repo.location, image, name="fs").id)
+    got = index_point(repo, second)
+    assert got.doc.added == 1 and (got.relisted > 0) == relisted  # (read again, or walked)
+    stored = filecat.read_listing(repo.storage, second.id)
+    fresh, _, _, skipped = walk_point(repo, second)
+    assert stored is not None and not skipped
+    assert stored.to_pylist() == filecat.sort_listing(fresh).to_pylist()
