@@ -75,7 +75,7 @@ def entries_from_json(payload: bytes) -> list[Entry]:
 # inodes as listed before, the volume ranges changed since and those its listing came from
 # (all three None: list it whole); and the answer: entries, deps, whole.
 Ask = tuple[int, list[int] | None, list[int] | None, list[int] | None]
-Answer = tuple[list["Entry"], list[int] | None, bool]
+Answer = tuple[list["Entry"], list[int] | None, bool | str]  # (whole, or why it is unreadable)
 MAX_SPANS = 1 << 20  # numbers in one directory's deps
 # Each field's range (``SCHEMA``): a number out of it is a lie of the worker.
 _I64, _I32 = (-(2**63), 2**63 - 1), (-(2**31), 2**31 - 1)
@@ -89,9 +89,12 @@ def answers_from_json(payload: bytes, count: int, volume_size: int) -> list[Answ
         raise ValueError("not one answer per directory")
     out: list[Answer] = []
     for answer in answers:
-        if not isinstance(answer, list) or len(answer) != 3 or type(answer[2]) is not bool:
+        if not isinstance(answer, list) or len(answer) != 3 or type(answer[2]) not in (bool, str):
             raise ValueError(f"an answer {str(answer)[:80]}")
         rows, deps, whole = answer
+        if isinstance(whole, str):  # a directory that cannot be read, and why
+            out.append(([], None, " ".join(whole.split())[:300] or "unreadable"))
+            continue
         out.append((entries_from_rows(rows), checked_spans(deps, volume_size), whole))
     return out
 

@@ -25,8 +25,8 @@ import pyarrow.compute as pc
 
 from catalog.store import sorted_rows
 
-from .entries import SCHEMA, Ask, Entry, display
-from .view import Node, PointFiles
+from .entries import SCHEMA, Answer, Ask, Entry, display
+from .view import Node, PointFiles, describe
 from .volumes import Volume
 
 WALK_SHARE = 0.5
@@ -215,12 +215,16 @@ class _Relist:
         row: dict[str, Any],
         was: Was,
         inode: int,
-        answer: tuple[list[Entry], list[int] | None, bool],
+        answer: Answer,
     ) -> None:
         """One folder read again: its row, and its entries' rows added, replaced or gone."""
         entries, deps, whole = answer
         prefix = b"/" if path == b"/" else path + b"/"
         self.rows[path] = {**row, "deps_spans": deps}
+        if isinstance(whole, str):  # unreadable now: no entries, as a walk leaves it
+            self.files.skipped.append(f"{describe(self.volume)}: {whole}")
+            self.gone.update(prefix + name for name in was)
+            return
         if not whole and _restat(self.volume, prefix, was, entries, self.rows):
             return
         if not whole:  # an entry changed kind under the same name and number: list it again

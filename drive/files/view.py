@@ -181,10 +181,8 @@ class PointFiles:
 
     def list_inodes(self, volume: Volume, asks: list[Ask]) -> list[Answer]:
         """Directories' entries by inode (names that cannot be path components left out),
-        where each listing came from (worker ``deps``) and whether that is all of them; never
-        cached; batches of requests. With the inodes of its entries as listed before, the
-        volume ranges changed since and those its listing came from (else None, None, None),
-        maybe only the entries whose records changed, names empty (``worker._list``)."""
+        their deps and whether that is all of them (or why a directory cannot be read), in
+        batches, never cached; maybe only the entries whose records changed (``Ask``)."""
         out: list[Answer] = []
         while len(out) < len(asks):
             part: list[list[object]] = []
@@ -198,7 +196,7 @@ class PointFiles:
             _, payload = self.worker.request(header, describe(volume), json.dumps(part).encode())
             try:
                 for entries, deps, whole in answers_from_json(payload, len(part), volume.size):
-                    if whole:
+                    if whole is True:
                         entries = [e for e in entries if self._fit(b"", e.name)]
                     out.append((entries, deps, whole))
             except ValueError as err:

@@ -14,7 +14,8 @@ per walk). Requests, answered one at a time:
   worker that only lists never loads pyarrow, which costs more than the listing)
 - ``lists {volume}``, payload: JSON ``[[inode, known, changed, before], ...]`` → ``{dirs}``,
   payload: JSON ``[[rows, deps, whole], ...]``: many directories at once, each whole or, with
-  ``known``, ``changed`` and ``before``, maybe only its changed entries (``_list``)
+  ``known``, ``changed`` and ``before``, maybe only its changed entries (``_list``); one that
+  cannot be read is ``[null, null, "why"]``
 - ``walk {volume, inode}`` → ``{batch, deps}`` frames (Arrow IPC streams of ``entries.SCHEMA``,
   ``parent`` set; ``deps``: per directory listed, where its listing came from), then ``{ok}``
 - ``read {volume, inode, offset, length}`` → payload: the bytes
@@ -175,9 +176,13 @@ class Worker:
             deps = _deps(fs, inode, [row[2] for row in rows])
             send(self.out, {"ok": {"rows": len(rows), "deps": deps}}, _json(_plain(rows)))
         elif op == "lists":
-            fs, out = self.volume(header), []
+            fs, out = self.volume(header), list[list[Any]]()
             for inode, known, changed, before in json.loads(body)[:MAX_LISTS]:
-                rows, whole, entries = _list(fs, int(inode), known, changed, before)
+                try:
+                    rows, whole, entries = _list(fs, int(inode), known, changed, before)
+                except ValueError as err:  # this directory cannot be read: as a walk says
+                    out.append([None, None, str(err)[:300]])
+                    continue
                 out.append([_plain(rows), _deps(fs, int(inode), entries), whole])
             send(self.out, {"ok": {"dirs": len(out)}}, _json(out))
         elif op == "walk":
