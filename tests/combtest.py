@@ -276,13 +276,18 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
+def need_root(why: str) -> None:
+    """Root, or a skip locally and a failure in CI (``why``: what needs it)."""
+    if os.geteuid() != 0:
+        _unavailable(f"root ({why})")
+
+
 @contextmanager
 def loop_device(backing: Path, size: int) -> Iterator[str]:
     """A loop device over ``backing``, made of ``size`` bytes of 0xA5 (so regions a restore
     should have zeroed show); needs root and losetup."""
     losetup = need_tool("losetup")
-    if os.geteuid() != 0:
-        _unavailable("loop devices need root")
+    need_root("loop devices")
     backing.write_bytes(b"\xa5" * size)
     made = subprocess.run(
         [losetup, "--find", "--show", str(backing)], capture_output=True, text=True

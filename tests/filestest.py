@@ -1,14 +1,32 @@
 """What comb shows of the files inside a point, in the judges' terms (importable as
 ``filestest``): ``listing`` walks a ``PointFiles`` tree into ``fsimages.Item``s, every file's
-data hashed as read through comb, so a test compares it with the truth of the tree it built."""
+data hashed as read through comb, so a test compares it with the truth of the tree it built;
+``backed_up`` and ``restore`` make a point of an image and restore its files through the CLI."""
 
 from __future__ import annotations
 
 import hashlib
+from pathlib import Path
 
 import fsimages as F
+from combtest import TEST_PASSWORD, CliRunner, api_backup
 
+from catalog.repo import Repository
 from drive.files.view import Node, PointFiles
+
+
+def backed_up(image: Path, tmp: Path, name: str) -> tuple[Path, str]:
+    """A new repository in ``tmp`` holding one point of ``image``: (repository, point id)."""
+    repo = tmp / "repo"
+    Repository.init(str(repo), password=TEST_PASSWORD)
+    return repo, api_backup(repo, image, name=name).id
+
+
+def restore(cli: CliRunner, point: tuple[Path, str], target: Path, *more: str) -> tuple[int, str]:
+    """``comb restore POINT --path /disk --target TARGET ...``: exit code and all it said."""
+    got = cli("-r", point[0], "restore", point[1], "--path", "/disk", "--target", target, *more)
+    assert "Traceback" not in got.err
+    return got.code, got.out + got.err
 
 
 def sha256(pf: PointFiles, node: Node) -> str:

@@ -20,21 +20,15 @@ from pathlib import Path
 
 import fsimages as F
 import pytest
-from combtest import TEST_PASSWORD, CliRunner, api_backup, need_tool
+from combtest import TEST_PASSWORD, CliRunner, need_root, need_tool
 from drivetest import FileSource
+from filestest import backed_up, restore
 from fsimages_tree import DEVICES, make_device_tree, special_below
 
 from catalog.errors import FileSystemError, PathNotFound
 from catalog.repo import Repository
 from drive.files.extract import extract
 from drive.files.view import PointFiles
-
-
-def need_root(why: str) -> None:
-    if os.geteuid() != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"required in CI: root ({why})")
-        pytest.skip(f"{why}: root only")
 
 
 @pytest.fixture(scope="module")
@@ -50,21 +44,9 @@ def image(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     return F.ext4_image(tree, tmp_path_factory.mktemp("ext4-devices") / "fs.img", size_mb=16)
 
 
-def backed_up(image: Path, tmp: Path) -> tuple[Path, str]:
-    repo = tmp / "repo"
-    Repository.init(str(repo), password=TEST_PASSWORD)
-    return repo, api_backup(repo, image, name="devices").id
-
-
 @pytest.fixture(scope="module")
 def ext4_point(image: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    return backed_up(image, tmp_path_factory.mktemp("ext4-devices-repo"))
-
-
-def restore(cli: CliRunner, point: tuple[Path, str], target: Path, *more: str) -> tuple[int, str]:
-    got = cli("-r", point[0], "restore", point[1], "--path", "/disk", "--target", target, *more)
-    assert "Traceback" not in got.err
-    return got.code, got.out + got.err
+    return backed_up(image, tmp_path_factory.mktemp("ext4-devices-repo"), "devices")
 
 
 def skipped_lines(out: str) -> list[str]:
@@ -150,7 +132,7 @@ def test_damaged_device_numbers_are_one_line_each(
     _debugfs(damaged, "sif /nodes/wide block[0] 0x0a0b")  # old encoding wins: 10:11
     _debugfs(damaged, "sif /nodes/loop200 block[0] 0")  # new encoding, all bits set
     _debugfs(damaged, "sif /nodes/loop200 block[1] 0xffffffff")
-    point = backed_up(damaged, tmp_path)
+    point = backed_up(damaged, tmp_path, "devices")
     code, out = restore(cli, point, tmp_path / "out", "--special")
     assert code == 15, out
     lines = [line for line in skipped_lines(out) if "/sock" not in line]
@@ -173,7 +155,7 @@ def test_xfs_devices_are_restored(cli: CliRunner, tmp_path: Path) -> None:
     tree = tmp_path / "tree"
     make_device_tree(tree, xfs=True)
     image = F.xfs_image(tree, tmp_path / "xfs.img")
-    point = backed_up(image, tmp_path)
+    point = backed_up(image, tmp_path, "devices")
     image.unlink()
     code, out = restore(cli, point, tmp_path / "out", "--special")
     assert code == 15 and len(skipped_lines(out)) == 1 and "/sock" in out, out  # the socket
@@ -189,7 +171,7 @@ def test_ntfs_interix_devices_are_skipped_with_a_warning(cli: CliRunner, tmp_pat
     tree = tmp_path / "tree"
     make_device_tree(tree, xfs=True, sock=False)
     image = F.ntfs_image(tree, tmp_path / "ntfs.img")
-    point = backed_up(image, tmp_path)
+    point = backed_up(image, tmp_path, "devices")
     got = cli("-r", point[0], "ls", point[1], "/disk/nodes", "--json")
     assert (
         got.code == 0 and [e["kind"] for e in json.loads(got.out)["entries"]] == ["blockdev"] * 3

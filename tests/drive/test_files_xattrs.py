@@ -20,7 +20,8 @@ from pathlib import Path
 
 import fsimages as F
 import pytest
-from combtest import TEST_PASSWORD, CliRunner, api_backup, need_tool
+from combtest import TEST_PASSWORD, CliRunner, need_root, need_tool
+from filestest import backed_up, restore
 from fsimages_tree import make_xattr_tree, xattrs_below
 
 from catalog.repo import Repository
@@ -37,12 +38,6 @@ def getfacl(top: Path, rels: list[bytes]) -> str:
     return done.stdout.decode()
 
 
-def backed_up(image: Path, tmp: Path) -> tuple[Path, str]:
-    repo = tmp / "repo"
-    Repository.init(str(repo), password=TEST_PASSWORD)
-    return repo, api_backup(repo, image, name="xattrs").id
-
-
 @pytest.fixture(scope="module")
 def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
     need_tool("setfacl")
@@ -54,13 +49,7 @@ def tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="module")
 def ext4_point(tree: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     tmp = tmp_path_factory.mktemp("ext4-xattrs")
-    return backed_up(F.ext4_image(tree, tmp / "fs.img"), tmp)
-
-
-def restore(cli: CliRunner, point: tuple[Path, str], target: Path, *more: str) -> tuple[int, str]:
-    got = cli("-r", point[0], "restore", point[1], "--path", "/disk", "--target", target, *more)
-    assert "Traceback" not in got.err
-    return got.code, got.out + got.err
+    return backed_up(F.ext4_image(tree, tmp / "fs.img"), tmp, "xattrs")
 
 
 def same_as_original(tree: Path, restored: Path) -> None:
@@ -101,8 +90,7 @@ def test_without_xattrs_none_is_set(
 def test_not_as_root_trusted_and_security_are_left_out_once_each(
     tree: Path, ext4_point: tuple[Path, str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    if os.geteuid() != 0:
-        pytest.skip("the tree's trusted.* and security.* attributes are made as root")
+    need_root("the tree's trusted.* and security.* attributes are made as root")
     r = Repository.open(str(ext4_point[0]), password=TEST_PASSWORD)
     warnings: list[str] = []
     with PointFiles(r.reader(r.resolve(ext4_point[1]))) as pf:
@@ -122,16 +110,13 @@ def test_not_as_root_trusted_and_security_are_left_out_once_each(
 
 def test_xfs_xattrs_and_acls_are_restored(cli: CliRunner, tree: Path, tmp_path: Path) -> None:
     need_tool("mkfs.xfs")
-    if os.geteuid() != 0:
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("required in CI: root (an XFS image is filled through a loop mount)")
-        pytest.skip("an XFS image is filled through a loop mount: root only")
+    need_root("an XFS image is filled through a loop mount")
     image = F.xfs_image(tree, tmp_path / "xfs.img")
     with F.mounted(image, "xfs", read_only=True) as mnt:  # cp -a kept them all (XFS shows root
         on_disk = xattrs_below(mnt)  # its ACLs' own attributes too: SGI_ACL_FILE, _DEFAULT)
     own = {rel: {k: v for k, v in a.items() if "SGI_ACL" not in k} for rel, a in on_disk.items()}
     assert own == xattrs_below(tree) and on_disk != own
-    point = backed_up(image, tmp_path)
+    point = backed_up(image, tmp_path, "xattrs")
     image.unlink()
     code, out = restore(cli, point, tmp_path / "out", "--xattrs")
     assert code == 0, out
@@ -192,7 +177,7 @@ def test_damaged_xattrs_are_one_line_each_and_the_rest_restored(
     _flip(image, acl, b"\x07")  # the ACL's version
     block = int(_debugfs(image, "stat /b").split("File ACL:")[1].split()[0])
     _flip(image, block * _block_size(image), b"\x00\x00\x00\x00")  # the xattr block's magic
-    point = backed_up(image, tmp_path)
+    point = backed_up(image, tmp_path, "xattrs")
     code, out = restore(cli, point, tmp_path / "out", "--xattrs")
     assert code == 15, out
     lines = [line for line in out.splitlines() if "skipped" in line and "extended" in line]
