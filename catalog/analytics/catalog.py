@@ -27,7 +27,8 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-from catalog.analytics.file_views import FILE_CATALOG_VIEWS, add_file_catalog_views
+from catalog.analytics import file_history
+from catalog.analytics.file_views import add_file_changes_view, add_files_view
 from catalog.analytics.history import History
 from catalog.analytics.views import (
     FILE_VIEWS,
@@ -93,9 +94,14 @@ class Catalog:
             add_file_views(self.con, self.storage, self.points, self.damaged)
             self.con.execute(EXTENTS_VIEW)
             self._built.add("files")
-        if words & set(FILE_CATALOG_VIEWS) and "file_catalog" not in self._built:
-            add_file_catalog_views(self.con, self.storage, self.points, self.damaged)
+        if "files" in words and "file_catalog" not in self._built:
+            add_files_view(self.con, self.storage, self.points, self.damaged)
             self._built.add("file_catalog")
+        if "file_changes" in words and "file_history" not in self._built:
+            got = file_history.load(self.storage)
+            self.damaged += got.problems
+            add_file_changes_view(self.con, got)
+            self._built.add("file_history")
         if words & {"sources", "stored_history"}:
             self._register_stored()
         if words & {"changes", "point_usage"}:

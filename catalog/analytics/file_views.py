@@ -2,31 +2,29 @@
 per point) and ``file_changes`` (one row per entry added, modified or removed by a point).
 
 ``file_changes`` is the catalogs' change rows as they are stored, forgotten points' included
-(``forgotten`` says so: a file a kept point still holds may have been added by one): questions
-about history ("every version of /etc/fstab", "what changed this week") read only them, in
-proportion to the change. ``files`` rebuilds each point's whole listing from the nearest full
-listing up its chain and the change rows after it (``_file_lineage`` says which file serves
-which point at which rank): a query about a few points or paths is cheap, one over every point
-of a long history reads points × entries rows.
+(``forgotten`` says so: a file a kept point still holds may have been added by one), from
+``catalog.analytics.file_history`` (one table, cached locally): questions about history ("every
+version of /etc/fstab", "what changed this week") read only them. ``files`` rebuilds each
+point's whole listing from the nearest full listing up its chain and the change rows after it
+(``_file_lineage`` says which file serves which point at which rank): a query about a few
+points or paths is cheap, one over every point of a long history reads points × entries rows.
 
 Owns these views. Must not: write, or read a filesystem.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
-
 import duckdb
 import pyarrow as pa
 
+from catalog.analytics.file_history import FileHistory
 from catalog.analytics.views import sealed_dataset
 from catalog.errors import CombError
 from catalog.store import filecat
 from catalog.store.parquet_io import read_verified
-from catalog.store.points import RecoveryPoint, load_forgotten
+from catalog.store.points import RecoveryPoint
 from catalog.store.storage import Storage
 
-FILE_CATALOG_VIEWS = ("files", "file_changes")
 _ENTRY = ", ".join(f'r."{f.name}"' for f in filecat.ENTRY_FIELDS if f.name != "deps")
 _TIME = "make_timestamp(r.mtime_ns // 1000) AS mtime"
 
@@ -46,8 +44,7 @@ SELECT * EXCLUDE (rank, change) FROM (
 FILE_CHANGES_VIEW = f"""
 CREATE VIEW file_changes AS
 SELECT m.point_id, m.source, m.time, m.forgotten, r.change, {_ENTRY}, {_TIME}
-FROM _file_changes r JOIN _file_change_points m USING (pos)
-WHERE r.change <> 'located'
+FROM _file_history r JOIN _file_history_points m USING (point_id)
 """
 
 
@@ -111,52 +108,34 @@ def _dataset(paths: list[tuple[int, str]], schema: pa.Schema, storage: Storage) 
     )
 
 
-def add_file_catalog_views(
+def add_files_view(
     con: duckdb.DuckDBPyConnection,
     storage: Storage,
     points: list[RecoveryPoint],
     damaged: list[str],
 ) -> None:
+    """The ``files`` view: each live point's listing, from its chain's files."""
     files = _Files(storage, damaged)
     have = filecat.cataloged(storage)
-    forgotten, _ = load_forgotten(storage, points)
     lineage: dict[str, list] = {"point_id": [], "pos": [], "rank": []}
-    changed: dict[str, list] = {n: [] for n in _CHANGED.names}
-    for point in sorted([*points, *forgotten], key=lambda p: (p.time, p.id)):
-        doc = files.doc(point.id) if point.id in have else None
-        if doc is None:
-            continue
-        live = point not in forgotten
-        chain = files.lineage(point.id) if live else []
-        if chain is None:
-            continue
-        for at, rank in chain:
+    for point in points:
+        chain = files.lineage(point.id) if point.id in have else None
+        for at, rank in chain or []:
             lineage["point_id"].append(point.id)
             lineage["pos"].append(at)
             lineage["rank"].append(rank)
-        pos = files.position("changes", doc.changes)
-        if pos is not None:
-            for name, value in zip(
-                _CHANGED.names,
-                (point.id, point.source, datetime.fromisoformat(point.time), not live, pos),
-                strict=True,
-            ):
-                changed[name].append(value)
     con.register("_file_lineage", pa.table(lineage, schema=_LINEAGE))
-    con.register("_file_change_points", pa.table(changed, schema=_CHANGED))
     con.register("_file_full", _dataset(files.paths["full"], filecat.LISTING_SCHEMA, storage))
     con.register("_file_changes", _dataset(files.paths["changes"], filecat.CHANGES_SCHEMA, storage))
     con.execute(FILES_VIEW)
+
+
+def add_file_changes_view(con: duckdb.DuckDBPyConnection, history: FileHistory) -> None:
+    """The ``file_changes`` view over a ``FileHistory`` (and ``_file_history_points``: every
+    live and forgotten point's id, source, time and ``forgotten``)."""
+    con.register("_file_history", history.rows)
+    con.register("_file_history_points", history.points)
     con.execute(FILE_CHANGES_VIEW)
 
 
 _LINEAGE = pa.schema([("point_id", pa.string()), ("pos", pa.int64()), ("rank", pa.int64())])
-_CHANGED = pa.schema(
-    [
-        ("point_id", pa.string()),
-        ("source", pa.string()),
-        ("time", pa.timestamp("us", tz="UTC")),
-        ("forgotten", pa.bool_()),
-        ("pos", pa.int64()),
-    ]
-)

@@ -14,8 +14,8 @@ import time
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.analytics.catalog import Catalog
-from catalog.analytics.views import run_query
+from catalog.analytics import file_history
+from catalog.analytics.file_versions import versions
 from catalog.errors import CombError, UsageError
 from catalog.read.compare import changed_runs
 from catalog.repo import Repository
@@ -175,48 +175,15 @@ def index_after_backup(
     return out
 
 
-_VERSIONS = """
-WITH v AS (
-    SELECT source, point_id, time, forgotten, change, volume, path, path_text, kind, size,
-        mtime, '/' || volume || path_text AS shown,
-        lead(time) OVER (PARTITION BY source, volume, path ORDER BY time, point_id) AS until
-    FROM file_changes
-)
-SELECT * FROM (
-    SELECT v.source, v.shown AS path, v.kind, v.size, v.mtime, v.point_id AS first_point,
-        v.time AS first_seen, v.change, v.until,
-        (SELECT count(*) FROM points p WHERE p.source = v.source AND p.time >= v.time
-            AND (v.until IS NULL OR p.time < v.until)) AS points
-    FROM v
-    WHERE v.change <> 'removed' AND {match} {more}
-) WHERE points > 0
-ORDER BY source, path, first_seen
-"""
-
-
 def cmd_find(repo: str, args: argparse.Namespace) -> int:
     r = Repository.open(repo, password=args.password)
-    points = r.points()
-    warn_damaged(r)
-    cat = Catalog.open(r.storage, points)
-    cat.need("file_changes")
-    for msg in cat.damaged:
+    history = file_history.load(r.storage)
+    for msg in history.point_problems:
+        warn(f"skipping {msg}")
+    for msg in history.problems:
         warn(f"left out: {msg}")
-    subject = "shown" if "/" in args.pattern else "regexp_extract(shown, '[^/]*$')"
-    pattern = args.pattern.replace("'", "''")
-    match = (
-        f"lower({subject}) GLOB lower('{pattern}')"
-        if args.ignore_case
-        else f"{subject} GLOB '{pattern}'"
-    )
-    more = ""
-    if args.source:
-        more += " AND v.source = '" + args.source.replace("'", "''") + "'"
-    if args.since:
-        since = parse_since(args.since).isoformat()
-        more += f" AND coalesce(v.until, TIMESTAMPTZ '9999-01-01') > TIMESTAMPTZ '{since}'"
-    table = run_query(cat.con, _VERSIONS.format(match=match, more=more))
-    rows = table.to_pylist()
+    since = parse_since(args.since) if args.since else None
+    rows = versions(history, args.pattern, args.ignore_case, args.source, since)
     if args.json:
         print_json({"pattern": args.pattern, "versions": rows})
         return 0

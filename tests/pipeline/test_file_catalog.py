@@ -10,10 +10,12 @@ import os
 import subprocess
 from pathlib import Path
 
+import duckdb
 import pyarrow as pa
 import pytest
 from combtest import TEST_PASSWORD, CliRunner, assert_one_line_error, flip_byte, need_tool
 
+from catalog.analytics import file_history, file_versions
 from catalog.repo import Repository
 from catalog.store import filecat
 from pipeline.jobs.index import walk_point
@@ -280,3 +282,68 @@ def test_prune_keeps_catalog_files_while_a_catalog_does_not_read(
         n for n in before if n != orphan.name
     ]
     assert cli("-r", repo_path, "verify").code == 0
+
+
+def test_find_reads_each_catalog_once_then_answers_from_its_cache(
+    cli: CliRunner, history: tuple[Path, Path, list[dict]], tmp_path: Path
+) -> None:
+    """``find`` keeps every catalog's change rows in a local cache (sealed: no file name in
+    the clear), reads only the catalogs it has not seen, and answers as it did without it; a
+    damaged cache or a catalog document that changed is read again from the repository."""
+    repo_path, image, points = history
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
+    first = file_history.load(repo.storage)
+    assert first.read == 3 and not first.problems
+    cached = file_history.load(repo.storage)
+    assert cached.read == 0
+    assert cached.rows.equals(first.rows) and cached.points.equals(first.points)
+    path = Path(file_history.cache_path(repo.config.id))
+    assert b"nginx" not in path.read_bytes() and b"fstab" not in path.read_bytes()
+    before = cli("-r", repo_path, "find", "*.conf", "--json").out
+    new = tmp_path / "more.conf"
+    new.write_text("more\n")
+    debugfs(image, f"write {new} /etc/nginx/more.conf")
+    fourth = backup(cli, repo_path, image)["id"]
+    grown = file_history.load(repo.storage)
+    assert grown.read == 1 and grown.rows.num_rows == first.rows.num_rows + 1
+    after = json.loads(cli("-r", repo_path, "find", "*.conf", "--json").out)["versions"]
+    assert [v for v in after if v["first_point"] != fourth] == [
+        {**v, "points": v["points"] + (v["until"] is None)} for v in json.loads(before)["versions"]
+    ]
+    flip_byte(path, path.stat().st_size // 2)
+    assert file_history.load(repo.storage).read == 4
+    os.utime(str(repo.storage.local_path(filecat.doc_name(points[1]["id"]))), ns=(1, 1))
+    again = file_history.load(repo.storage)
+    assert again.read == 4 and again.rows.sort_by("point_id").equals(grown.rows.sort_by("point_id"))
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    ["*.conf", "f00?.txt", "[fn]*", "[!f]*.txt", "*[]]*", "[a-c]?*", "*.CONF", "/disk/etc/*",
+     "/disk/*/f01[0-2].txt", "/*", "nginx.conf", "[", "*x*y*", ".*", "f0[!0-4]?.txt"],
+)  # fmt: skip
+def test_find_matches_names_as_duckdb_glob_does(pattern: str) -> None:
+    """The pattern of ``find`` is matched in Arrow (RE2); DuckDB's GLOB, which ``find`` used
+    before, is the judge: a pattern without "/" on the name, one with "/" on the whole path.
+    Where they part: a "[" that no "]" closes is itself, as in the shell (GLOB matches
+    nothing)."""
+    names = ["/etc/nginx/nginx.conf", "/etc/fstab", "/home/ann/f007.txt", "/home/ann/f012.txt",
+             "/home/ann/notes.txt", "/a]b/x.y", "/etc/A.CONF", "/etc/dir.conf/inner", "/f",
+             "/n/.hidden", "/b/a[b", "/odd\\\\name", "/new\nline.conf", "/ü/ñ.conf"]  # fmt: skip
+    rows = pa.table({"volume": ["disk"] * len(names), "path_text": names})
+    con = duckdb.connect()
+    con.register("r", rows)
+    subject = (
+        "'/' || volume || path_text" if "/" in pattern else "regexp_extract(path_text, '[^/]*$')"
+    )
+    for case in (False, True):
+        want = [
+            r[0] for r in con.execute(
+                f"SELECT path_text FROM r WHERE {'lower(' if case else '('}{subject}) GLOB "
+                f"{'lower(' if case else '('}?)", [pattern]
+            ).fetchall()
+        ]  # fmt: skip
+        got = file_versions.matching(rows, pattern, case).column("path_text").to_pylist()
+        assert sorted(got) == sorted(want), (pattern, case)
+    unclosed = file_versions.matching(rows, "a[b", False).column("path_text").to_pylist()
+    assert unclosed == ["/b/a[b"]
