@@ -102,6 +102,12 @@ class FileSystemError(CombError):
     exit_code = 13
 
 
+class ReaderChanged(FileSystemError):
+    """The filesystem reader refused to work: comb's code changed on disk since the command
+    started. Not the volume's fault: a file catalog is not committed without the volume (it is
+    built again later), and running the command again reads it."""
+
+
 class PathNotFound(CombError):
     """A path does not exist inside a recovery point (or is not what the command needs)."""
 

@@ -144,9 +144,6 @@ def walk_paths(
     bad = pc.or_(pc.match_substring(names, "/"), pc.match_substring(names, "\0"))
     bad = pc.or_(bad, pc.is_in(names, value_set=pa.array([b".", b".."], pa.binary())))
     bad_rows = set(pc.indices_nonzero(bad).to_pylist())
-    parent_list = parents.to_pylist() if bad_rows else []
-    left_out = [(paths[parent_list[i]], names[i].as_py()) for i in sorted(bad_rows)
-                if parent_list[i] in paths]  # fmt: skip
     dirs = pc.indices_nonzero(pc.equal(table.column("kind"), "dir")).to_pylist()
     if dirs:
         sub = table.take(pa.array(dirs, pa.int64()))
@@ -155,6 +152,9 @@ def walk_paths(
             base = paths.get(parent)
             if base is not None and i not in bad_rows and inode not in paths:
                 paths[inode] = base + b"/" + name
+    parent_list = parents.to_pylist() if bad_rows else []  # (folders of this batch known now)
+    left_out = [(paths[parent_list[i]], names[i].as_py()) for i in sorted(bad_rows)
+                if parent_list[i] in paths]  # fmt: skip
     known = pc.unique(parents)
     where = pc.index_in(parents, value_set=known)
     parent_path = pa.array([paths.get(v) for v in known.to_pylist()], pa.binary()).take(where)

@@ -17,6 +17,7 @@ the catalog's format (``catalog.store.filecat``).
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any, NamedTuple
 
 import numpy as np
@@ -26,12 +27,17 @@ import pyarrow.compute as pc
 from catalog.store import sorted_rows
 
 from .entries import SCHEMA, Answer, Ask, Entry, display
-from .view import Node, PointFiles, describe
+from .view import WALKERS, Node, PointFiles, describe
 from .volumes import Volume
 
 WALK_SHARE = 0.5
 _METADATA = ["kind", "inode", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "nlink"]
 _METADATA += ["target"]
+_LISTING = pa.schema(
+    [("volume", pa.string()), ("path", pa.binary()), ("path_text", pa.string())]
+    + [SCHEMA.field(name) for name in _METADATA]
+    + [("deps_spans", pa.list_(pa.int64()))]
+)
 
 
 # Paths shown as they are (printable ASCII, no backslash): every other path goes through
@@ -89,6 +95,49 @@ def subtree(files: PointFiles, top: Node) -> pa.Table:
         paths.append(found)
     entries = pa.concat_tables(tables)
     return _columns(volume, entries, pa.concat_arrays(paths), deps)
+
+
+def walk_whole(files: PointFiles, top: Node) -> pa.Table:
+    """``subtree(files, top)``, the subtrees below ``top``'s folders walked ``WALKERS`` at a
+    time: ``top`` and its folders are listed first (two levels, in batches), then each folder
+    below them is walked whole by the next free worker. The same rows as ``subtree`` (whose
+    single walk lists a folder reached twice once, under its first name: when a folder's inode
+    comes twice, the volume is walked that way instead); what could not be listed is said in
+    path order."""
+    volume = top.volume
+    assert volume is not None
+    said = len(files.skipped)
+    base = top.path[len(b"/" + volume.name.encode()) :] or b"/"
+    rows = {base: _row(volume, base, top.entry, None)}
+    level, units = [(base, top.entry)], []
+    for depth in (0, 1):
+        asks: list[Ask] = [(e.inode, None, None, None) for _, e in level]
+        answers = files.list_inodes(volume, asks, [path for path, _ in level])
+        below = []
+        for (path, _), (entries, deps, whole) in zip(level, answers, strict=True):
+            rows[path]["deps_spans"] = deps
+            if isinstance(whole, str):  # (as a walk says it)
+                files.skipped.append(f"{describe(volume)}: {whole}")
+                continue
+            prefix = b"/" if path == b"/" else path + b"/"
+            for entry in entries:
+                child = prefix + entry.name
+                if entry.is_dir and depth == 1:
+                    units.append(Node(b"/" + volume.name.encode() + child, volume, entry))
+                    continue
+                rows[child] = _row(volume, child, entry, None)
+                if entry.is_dir:
+                    below.append((child, entry))
+        level = below
+    with ThreadPoolExecutor(WALKERS) as pool:
+        tables = list(pool.map(lambda node: subtree(files, node), units))
+    first = pa.Table.from_pylist(list(rows.values()), schema=_LISTING)
+    if _linked([first, *tables]):
+        del files.skipped[said:]
+        return subtree(files, top)
+    files.skipped[said:] = sorted(files.skipped[said:])
+    table = pa.concat_tables([first, *(t.cast(_LISTING) for t in tables)])
+    return table.sort_by([("path", "ascending")])
 
 
 class Relisted(NamedTuple):

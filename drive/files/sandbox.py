@@ -24,7 +24,7 @@ from typing import Any
 
 import pyarrow as pa
 
-from catalog.errors import FileSystemError
+from catalog.errors import FileSystemError, ReaderChanged
 from catalog.read.source import BlockSource
 
 from .wire import WireError, code_stamp, receive, send
@@ -130,7 +130,8 @@ class Worker:
                     self.skipped.append(f"{what}: {reply['skipped'].get('error', '?')}")
                 elif "error" in reply:
                     finished = True
-                    raise FileSystemError(f"{what}: {reply['error']}")
+                    kind = ReaderChanged if reply.get("changed") is True else FileSystemError
+                    raise kind(f"{what}: {reply['error']}")
                 else:
                     finished = "ok" in reply
                     yield reply, payload

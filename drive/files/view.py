@@ -14,9 +14,9 @@ a filesystem in this process, or follow a symbolic link (the caller decides what
 from __future__ import annotations
 
 import json
-import threading
+import queue
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -44,6 +44,7 @@ PIECE = 8 << 20
 LISTING_CACHE = 1024
 LIST_BATCH = 256  # directories per ``lists`` request, and at most
 LIST_ENTRIES = 100_000  # entries known of them (but one directory)
+WALKERS = 2  # walk workers kept between walks (``listing.walk_whole`` runs this many at once)
 
 
 @dataclass(frozen=True)
@@ -86,8 +87,7 @@ class PointFiles:
     ) -> None:
         self.source = source
         self.worker = Worker(source, memory, timeout)
-        self._walker = Worker(source, memory, timeout)
-        self._walker_free = threading.Lock()
+        self._walkers: queue.SimpleQueue[Worker] = queue.SimpleQueue()  # idle, between walks
         self._volumes: list[Volume] | None = None
         self._roots: dict[str, int] = {}
         self.skipped: list[str] = []  # what walks could not list, one line each
@@ -102,7 +102,8 @@ class PointFiles:
 
     def close(self) -> None:
         self.worker.close()
-        self._walker.close()
+        while not self._walkers.empty():
+            self._walkers.get_nowait().close()
 
     def volumes(self) -> list[Volume]:
         if self._volumes is None:
@@ -179,10 +180,11 @@ class PointFiles:
             return False
         return True
 
-    def list_inodes(self, volume: Volume, asks: list[Ask]) -> list[Answer]:
-        """Directories' entries by inode (names that cannot be path components left out),
-        their deps and whether that is all of them (or why a directory cannot be read), in
-        batches, never cached; maybe only the entries whose records changed (``Ask``)."""
+    def list_inodes(self, volume: Volume, asks: list[Ask], paths: Sequence = ()) -> list[Answer]:
+        """Directories' entries by inode (names that cannot be path components left out, said
+        with the directory's path when given), their deps and whether that is all of them (or
+        why a directory cannot be read), in batches, never cached; maybe only the entries whose
+        records changed (``Ask``)."""
         out: list[Answer] = []
         while len(out) < len(asks):
             part: list[list[object]] = []
@@ -197,7 +199,8 @@ class PointFiles:
             try:
                 for entries, deps, whole in answers_from_json(payload, len(part), volume.size):
                     if whole is True:
-                        entries = [e for e in entries if self._fit(b"", e.name)]
+                        base = paths[len(out)] if paths else b""
+                        entries = [e for e in entries if self._fit(base, e.name)]
                     out.append((entries, deps, whole))
             except ValueError as err:
                 raise _bad_listing(volume, err) from None
@@ -273,12 +276,12 @@ class PointFiles:
         header = self._header("walk", node.volume, inode=node.entry.inode)
         if batch_rows:
             header["batch_rows"] = batch_rows  # (tests: many small batches)
-        # A worker of its own (the caller reads files while the walk goes on), kept for the
-        # next walk; a walk inside a walk gets a new one.
-        mine = self._walker_free.acquire(blocking=False)
-        walker = (
-            self._walker if mine else Worker(self.source, self.worker.memory, self.worker.timeout)
-        )
+        # A worker of its own (the caller reads files while the walk goes on; walks may run
+        # at once), kept for the next walk: at most WALKERS are kept.
+        try:
+            walker = self._walkers.get_nowait()
+        except queue.Empty:
+            walker = Worker(self.source, self.worker.memory, self.worker.timeout)
         try:
             for table, deps in walker.stream(header, describe(node.volume)):
                 kept, found, bad = walk_paths(table, paths)
@@ -292,8 +295,8 @@ class PointFiles:
         finally:
             self.skipped.extend(walker.skipped)
             walker.skipped.clear()
-            if mine:
-                self._walker_free.release()
+            if self._walkers.qsize() < WALKERS:
+                self._walkers.put(walker)
             else:
                 walker.close()
 

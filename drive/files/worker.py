@@ -25,7 +25,8 @@ per walk). Requests, answered one at a time:
 - ``device {volume, inode}`` → ``{major, minor}``: a character or block device's number
   (``drive.files.devices``)
 
-Any failure is answered ``{error: "one line"}`` and the worker carries on.
+Any failure is answered ``{error: "one line"}`` and the worker carries on; a worker that
+refuses (its ``STAMP``) adds ``changed: true`` (comb's fault, not the volume's).
 
 Owns the worker's loop, its limits and its block cache. Must not: open a file of the host, hold
 a key, or send anything but frames on its protocol pipe.
@@ -165,7 +166,7 @@ class Worker:
     def handle(self, header: dict[str, Any], body: bytes = b"") -> None:
         op = header.get("op")
         if self.refuse:
-            send(self.out, {"error": self.refuse})
+            send(self.out, {"error": self.refuse, "changed": True})
             return
         if op == "open":
             fs = self.volume(header)

@@ -23,12 +23,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.errors import CombError
+from catalog.errors import CombError, ReaderChanged
 from catalog.repo import Repository
 from catalog.store import filecat
 from catalog.store.changes import read_changes
 from catalog.store.points import RecoveryPoint
-from drive.files.listing import relist, subtree
+from drive.files.listing import relist, walk_whole
 from drive.files.view import READABLE, PointFiles
 from drive.files.volumes import Volume
 
@@ -165,6 +165,8 @@ def build_listing(
                 said = len(files.skipped)
                 try:  # (None: most folders changed, a walk costs less)
                     again = relist(files, volume, before, chunks.changes(volume))
+                except ReaderChanged:
+                    raise
                 except CombError:
                     again = None  # a folder that is not one any more: walked whole instead
                 if again is None:
@@ -177,7 +179,9 @@ def build_listing(
             try:
                 if table is None:
                     keys = None  # (a volume walked whole: compared whole)
-                    table = subtree(files, files.volume_node(volume))
+                    table = walk_whole(files, files.volume_node(volume))
+            except ReaderChanged:
+                raise  # (comb's, not the volume's: no catalog rather than one without it)
             except CombError as err:  # one volume's failure is one line
                 skipped.append(str(err))
                 continue

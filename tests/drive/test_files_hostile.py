@@ -17,7 +17,7 @@ from drivetest import FileSource
 
 from catalog.errors import FileSystemError
 from catalog.repo import Repository
-from drive.files import sandbox
+from drive.files import listing, sandbox
 from drive.files.entries import answers_from_json, entries_from_json
 from drive.files.extract import extract
 from drive.files.view import PointFiles
@@ -249,3 +249,29 @@ def test_a_lying_worker_batch_is_refused(payload: bytes) -> None:
     columns' ranges (a lie is one line, never a huge allocation or a traceback)."""
     with pytest.raises(ValueError):
         answers_from_json(payload, 1, 1 << 30)
+
+
+@pytest.mark.parametrize("hostile", ["", "ln /etc /etc/sub/loop", "names"])
+def test_a_walk_on_two_workers_is_the_walk_on_one(
+    files_of: object, tmp_path: Path, hostile: str
+) -> None:
+    """``walk_whole`` (folders below the first two levels walked on two workers at once) gives
+    the rows and the lines of one walk (``subtree``): with a folder reached twice (a loop: one
+    walk lists it once), and names that cannot be paths (said, in both)."""
+    image = ext4(tmp_path, "-O", "^metadata_csum")
+    for i in range(6):
+        debugfs(image, f"mkdir /etc/sub/d{i}")
+        debugfs(image, f"write {tmp_path / 'tree' / 'etc' / 'fstab'} /etc/sub/d{i}/f")
+    if hostile == "names":
+        patch(image, b"\x03\x01a_b", b"\x03\x01a/b")
+    elif hostile:
+        debugfs(image, hostile)
+    walks = []
+    for walk in (listing.subtree, listing.walk_whole):
+        pf = files_of(image)  # type: ignore[operator]
+        table = walk(pf, pf.volume_node(pf.volumes()[0]))
+        walks.append((table.sort_by([("path", "ascending")]).to_pylist(), pf.skipped))
+    assert walks[0] == walks[1]
+    assert len(walks[0][0]) == {"": 21, "names": 20}.get(hostile, 22)
+    # (a walk whose batch held the folder and its bad name left it out unsaid, before)
+    assert walks[0][1] == (["/data: left out an entry named 'a/b'"] if hostile == "names" else [])

@@ -18,6 +18,7 @@ from combtest import TEST_PASSWORD, CliRunner, assert_one_line_error, flip_byte,
 from catalog.analytics import file_history, file_versions
 from catalog.repo import Repository
 from catalog.store import filecat
+from drive.files import sandbox
 from pipeline.jobs.index import walk_point
 
 CHUNK = 65536
@@ -347,3 +348,27 @@ def test_find_matches_names_as_duckdb_glob_does(pattern: str) -> None:
         assert sorted(got) == sorted(want), (pattern, case)
     unclosed = file_versions.matching(rows, "a[b", False).column("path_text").to_pylist()
     assert unclosed == ["/b/a[b"]
+
+
+def test_no_catalog_rather_than_one_without_the_disk_when_comb_changed_under_it(
+    cli: CliRunner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """comb upgraded in place while a backup runs: its filesystem worker refuses (other code),
+    which is not the volume's fault; the backup commits its point and says the catalog is
+    missing, and `comb index` builds it later (before: a catalog listing no file was
+    committed, with the refusal as a skipped line, and `comb index` kept it)."""
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    image = make_image(tmp_path)
+    monkeypatch.setattr(sandbox, "code_stamp", lambda: "0" * 16)
+    got = cli("-r", repo, "backup", image, "--source-name", "web", "--json")
+    assert got.code == 0, got.err
+    point = json.loads(got.out.splitlines()[-1])
+    assert point["file_catalog"] is None
+    assert f"no file catalog for {point['id']}" in got.err and "comb index" in got.err
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
+    assert filecat.read_doc(r.storage, point["id"]) is None
+    monkeypatch.undo()
+    built = cli("-r", repo, "index", "--all", "--json")
+    assert built.code == 0, built.err
+    assert json.loads(built.out)["entries"] > 200

@@ -91,7 +91,8 @@ def test_incremental_catalog_equals_a_fresh_walk(
 
     def spy(self: PointFiles, *args: Any) -> list[Answer]:
         got = listed(self, *args)
-        answers.extend(whole for _, _, whole in got)
+        if len(args) == 2:  # (a walk's first levels come with their paths: not read again)
+            answers.extend(whole for _, _, whole in got)
         return got
 
     monkeypatch.setattr(PointFiles, "list_inodes", spy)
