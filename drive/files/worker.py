@@ -66,6 +66,14 @@ class RemoteDisk:
 
     def read(self, offset: int, length: int) -> bytes:
         first, last = offset // BLOCK, (offset + length - 1) // BLOCK
+        if first == last:  # (most reads: TSK reads in 64 KiB blocks; no copy of the block)
+            block = self._cache.get(first)
+            if block is None:
+                block = self._fetch(first, last)
+            else:
+                self._cache.move_to_end(first)
+            skip = offset - first * BLOCK
+            return block if skip == 0 and length >= len(block) else block[skip : skip + length]
         parts = []
         index = first
         while index <= last:
