@@ -34,6 +34,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 
 import blake3
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -65,6 +66,7 @@ POINT_SCHEMA = pa.schema(
     ]
 )
 _ROW_COLUMNS = [n for n in ROW_SCHEMA.names if n != "point_id"]
+_CHANGE_SCHEMA = pa.schema([ROW_SCHEMA.field(n) for n in _ROW_COLUMNS])
 
 
 @dataclass
@@ -108,8 +110,8 @@ def load(storage: Storage) -> FileHistory:
     if new_catalogs or new_points.num_rows:
         cached = _Cached(
             {**cached.catalogs, **new_catalogs},
-            pa.concat_tables([cached.rows, *new_rows]),
-            pa.concat_tables([cached.points, new_points]),
+            pa.concat_tables([cached.rows, *new_rows]).combine_chunks(),  # (one batch: each
+            pa.concat_tables([cached.points, new_points]).combine_chunks(),  # pass is one call)
         )
         _save(path, cached, storage)
     ids = cached.points.column("point_id")
@@ -150,6 +152,8 @@ def _new_catalogs(
     cached: dict[str, list[int]],
     problems: list[str],
 ) -> tuple[list[pa.Table], dict[str, list[int]]]:
+    """The change rows of the catalogs the cache does not hold (as one table), and their
+    stamps."""
     tables: list[pa.Table] = []
     done: dict[str, list[int]] = {}
     for pid in sorted(set(stamps) - set(cached)):
@@ -157,15 +161,29 @@ def _new_catalogs(
             doc = filecat.read_doc(storage, pid)
             if doc is None:
                 continue
-            rows = read_parquet(storage, filecat.data_name(doc.changes), _ROW_COLUMNS)
+            name = filecat.data_name(doc.changes)
+            rows = read_parquet(storage, name, _ROW_COLUMNS)
+            if not rows.schema.equals(_CHANGE_SCHEMA):
+                rows = rows.cast(_CHANGE_SCHEMA)
+        except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:
+            problems.append(f"{storage.local_path(name) or name}: {err}")
+            continue
         except CombError as err:
             problems.append(err.message)
             continue
-        rows = rows.filter(pc.not_equal(rows.column("change"), filecat.LOCATED))
-        ids = pa.array([pid] * rows.num_rows, pa.string())
-        tables.append(rows.append_column("point_id", ids).select(ROW_SCHEMA.names).cast(ROW_SCHEMA))
+        tables.append(rows)
         done[pid] = stamps[pid]
-    return tables, done
+    if not tables:
+        return [], done
+    rows = pa.concat_tables(tables)
+    counts = [t.num_rows for t in tables]
+    ids = pa.DictionaryArray.from_arrays(
+        pa.array(np.repeat(np.arange(len(done), dtype=np.int32), counts)),
+        pa.array(list(done), pa.string()),
+    ).cast(pa.string())
+    rows = rows.append_column("point_id", ids)
+    rows = rows.filter(pc.not_equal(rows.column("change"), filecat.LOCATED))
+    return [rows.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)], done
 
 
 def _new_points(storage: Storage, ids: set[str], live: set[str], problems: list[str]) -> pa.Table:

@@ -64,17 +64,35 @@ def _class_end(pattern: str, i: int) -> int:
 
 
 def matching(rows: pa.Table, pattern: str, ignore_case: bool) -> pa.Table:
-    """The rows whose path matches: a name pattern is tried on every path as a suffix after a
-    "/" (one pass), then exactly on the names of the few rows that passed."""
+    """The rows whose path matches. The pattern's literal head and tail (before its first and
+    after its last wildcard) pick the candidates first, by plain string tests; the expression
+    is tried on those only: on the whole path, or on each path as a suffix after a "/" (one
+    pass), then exactly on the names of the few rows that passed."""
+    cut = [pattern.find(c) for c in "*?[" if c in pattern]
+    head = pattern[: min(cut)] if cut else pattern
+    tail = pattern[max(pattern.rfind(c) for c in "*?]") + 1 :]
     if "/" in pattern:
+        rows = rows.append_column("_shown", _shown(rows))
+        rows = _keep(rows, "_shown", pc.starts_with, head, ignore_case)
+        rows = _keep(rows, "_shown", pc.ends_with, tail, ignore_case)
         regex = "(?s)^" + pattern_regex(pattern, True) + "$"
-        return rows.filter(pc.match_substring_regex(_shown(rows), regex, ignore_case=ignore_case))
+        hit = pc.match_substring_regex(rows.column("_shown"), regex, ignore_case=ignore_case)
+        return rows.filter(hit).drop_columns(["_shown"])
+    rows = _keep(rows, "path_text", pc.ends_with, tail, ignore_case)
+    rows = _keep(rows, "path_text", pc.match_substring, "/" + head, ignore_case)
     body = pattern_regex(pattern, False)
     rows = rows.filter(
         pc.match_substring_regex(rows.column("path_text"), f"(?s)/{body}$", ignore_case=ignore_case)
     )
     names = pc.replace_substring_regex(rows.column("path_text"), "(?s)^.*/", "")
     return rows.filter(pc.match_substring_regex(names, f"(?s)^{body}$", ignore_case=ignore_case))
+
+
+def _keep(rows: pa.Table, column: str, test: Any, literal: str, ignore_case: bool) -> pa.Table:
+    """The rows whose ``column`` passes a plain string ``test`` with ``literal`` (all: "")."""
+    if not literal or not rows.num_rows:
+        return rows
+    return rows.filter(test(rows.column(column), literal, ignore_case=ignore_case))
 
 
 def versions(

@@ -137,13 +137,12 @@ def read_verified(storage: Storage, name: str) -> bytes:
 def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) -> pa.Table:
     """Read a whole Parquet object, translating damage into a CorruptionError."""
     data = read_verified(storage, name)
-    try:
-        return pq.read_table(
+    try:  # (ParquetFile: half the cost of read_table on a small file, which goes by datasets)
+        return pq.ParquetFile(
             pa.BufferReader(data),
-            columns=columns,
             page_checksum_verification=True,
             decryption_properties=storage.sealer.parquet_decryption(),
-        )
+        ).read(columns=columns)
     except (pa.ArrowException, OSError) as err:
         raise unreadable(name, err, storage.sealer.encrypted) from None
 
