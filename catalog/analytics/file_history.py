@@ -8,9 +8,9 @@ rows themselves are a few MB. The cache holds those rows (``located`` ones left 
 reports them) and each point's source and time, and is extended by the catalogs and points it
 has not seen. Catalog documents and point documents are never rewritten (a point's id hashes its
 document; a catalog document is written once, after its files), so a cached one stays valid
-while its file is there with the size and time the cache saw; any other difference makes comb
-read every catalog again. Live and forgotten points are told apart from the names in
-``points/`` and ``forgotten/`` at every use, never from the cache.
+while its file is there with the size, time and inode number the cache saw; any other
+difference makes comb read every catalog again. Live and forgotten points are told apart from
+the names in ``points/`` and ``forgotten/`` at every use, never from the cache.
 
 The cache is ``$COMB_CACHE_DIR/<repository id>/file-changes.bin`` (beside the lives cache of
 ``catalog.analytics.lives.cache``): a magic, the BLAKE3 of the rest, a JSON header and two
@@ -82,7 +82,7 @@ class FileHistory:
 
 @dataclass
 class _Cached:
-    catalogs: dict[str, list[int]]  # point id -> the document's [size, mtime_ns]
+    catalogs: dict[str, list[int]]  # point id -> the document's [size, mtime_ns, inode]
     rows: pa.Table
     points: pa.Table
 
@@ -110,8 +110,8 @@ def load(storage: Storage) -> FileHistory:
     if new_catalogs or new_points.num_rows:
         cached = _Cached(
             {**cached.catalogs, **new_catalogs},
-            pa.concat_tables([cached.rows, *new_rows]).combine_chunks(),  # (one batch: each
-            pa.concat_tables([cached.points, new_points]).combine_chunks(),  # pass is one call)
+            _one_batch(pa.concat_tables([cached.rows, *new_rows])),
+            _one_batch(pa.concat_tables([cached.points, new_points])),
         )
         _save(path, cached, storage)
     ids = cached.points.column("point_id")
@@ -121,8 +121,17 @@ def load(storage: Storage) -> FileHistory:
     return FileHistory(cached.rows, points, problems, point_problems, len(new_catalogs))
 
 
+def _one_batch(table: pa.Table) -> pa.Table:
+    """``table`` as one batch (each pass over it is then one call, not one per catalog), or as
+    it is where one would pass 2 GiB of text in a column."""
+    try:
+        return table.combine_chunks()
+    except (pa.ArrowInvalid, pa.ArrowCapacityError):
+        return table
+
+
 def _stamps(storage: Storage) -> dict[str, list[int]]:
-    """Each catalog document's [size, mtime_ns] (mtime 0 where the storage cannot say)."""
+    """Each catalog document's [size, mtime_ns, inode] (0 where the storage cannot say)."""
     out: dict[str, list[int]] = {}
     base = storage.local_path(filecat.FILES_PREFIX)
     if base is not None:
@@ -131,12 +140,12 @@ def _stamps(storage: Storage) -> dict[str, list[int]]:
                 for e in entries:
                     if e.name.endswith(".json") and e.is_file():
                         st = e.stat()
-                        out[e.name[: -len(".json")]] = [st.st_size, st.st_mtime_ns]
+                        out[e.name[: -len(".json")]] = [st.st_size, st.st_mtime_ns, st.st_ino]
         except FileNotFoundError:
             pass
         return out
     for pid in filecat.cataloged(storage):
-        out[pid] = [storage.size(filecat.doc_name(pid)), 0]
+        out[pid] = [storage.size(filecat.doc_name(pid)), 0, 0]
     return out
 
 

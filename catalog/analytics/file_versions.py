@@ -9,8 +9,9 @@ point's time (``first_seen``) until the next change row of the same path in the 
 points of the source in that span; a version no live point holds is left out.
 
 Patterns are shell-style: ``*`` any run of characters, ``?`` one, ``[...]`` one of a set
-(``[!...]`` none of it). A pattern without ``/`` matches the name of a file (then ``*`` and
-``?`` never cross a ``/``), one with ``/`` the whole path from the volume (``/part1/etc/*``).
+(``[!...]`` none of it), ``\\`` makes the next character itself. A pattern without ``/``
+matches the name of a file (then ``*`` and ``?`` never cross a ``/``), one with ``/`` the whole
+path from the volume (``/part1/etc/*``). A set RE2 cannot take (``[z-a]``) is a usage error.
 
 Owns the matching and the versions. Must not: read the repository, or print.
 """
@@ -26,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.analytics.file_history import FileHistory
+from catalog.errors import UsageError
 
 VERSION_FIELDS = [
     "source", "path", "kind", "size", "mtime", "first_point", "first_seen", "change", "until",
@@ -42,7 +44,10 @@ def pattern_regex(pattern: str, whole_path: bool) -> str:
         c = pattern[i]
         i += 1
         end = _class_end(pattern, i) if c == "[" else -1
-        if c == "*":
+        if c == "\\" and i < len(pattern):  # an escaped character is itself
+            out.append(re.escape(pattern[i]))
+            i += 1
+        elif c == "*":
             out.append(some + "*")
         elif c == "?":
             out.append(some)
@@ -68,9 +73,9 @@ def matching(rows: pa.Table, pattern: str, ignore_case: bool) -> pa.Table:
     after its last wildcard) pick the candidates first, by plain string tests; the expression
     is tried on those only: on the whole path, or on each path as a suffix after a "/" (one
     pass), then exactly on the names of the few rows that passed."""
-    cut = [pattern.find(c) for c in "*?[" if c in pattern]
+    cut = [pattern.find(c) for c in "*?[\\" if c in pattern]
     head = pattern[: min(cut)] if cut else pattern
-    tail = pattern[max(pattern.rfind(c) for c in "*?]") + 1 :]
+    tail = pattern[max(pattern.rfind(c) for c in "*?]\\") + 1 :]
     if "/" in pattern:
         rows = rows.append_column("_shown", _shown(rows))
         rows = _keep(rows, "_shown", pc.starts_with, head, ignore_case)
@@ -104,7 +109,10 @@ def versions(
 ) -> list[dict[str, Any]]:
     """The versions of the matching files (VERSION_FIELDS), by source, path and first seen;
     with ``source``, of that source only; with ``since``, those held at or after it."""
-    rows = matching(history.rows, pattern, ignore_case)
+    try:
+        rows = matching(history.rows, pattern, ignore_case)
+    except pa.ArrowInvalid as err:  # (a set RE2 refuses, such as [z-a])
+        raise UsageError(f"bad pattern {pattern!r}: {str(err).splitlines()[0]}") from None
     points = history.points
     at = pc.index_in(rows.column("point_id"), value_set=points.column("point_id"))
     rows = rows.filter(pc.is_valid(at))
@@ -129,7 +137,8 @@ def versions(
         keep &= ~has_until | (until > cut)
     at = np.flatnonzero(keep)
     kept = rows.take(at)
-    mtime = kept.column("mtime_ns").to_numpy() // 1000  # (floored, as before 1970 too)
+    ns = kept.column("mtime_ns").to_numpy()
+    mtime = np.sign(ns) * (np.abs(ns) // 1000)  # (toward zero, as the views' SQL rounds)
     bounded = has_until[at]
     out = pa.table(
         {

@@ -138,11 +138,15 @@ def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) 
     """Read a whole Parquet object, translating damage into a CorruptionError."""
     data = read_verified(storage, name)
     try:  # (ParquetFile: half the cost of read_table on a small file, which goes by datasets)
-        return pq.ParquetFile(
+        file = pq.ParquetFile(
             pa.BufferReader(data),
             page_checksum_verification=True,
             decryption_properties=storage.sealer.parquet_decryption(),
-        ).read(columns=columns)
+        )
+        missing = [c for c in columns or () if c not in file.schema_arrow.names]
+        if missing:  # (ParquetFile.read would leave it out silently)
+            raise pa.ArrowInvalid(f"no column {missing[0]!r}")
+        return file.read(columns=columns)
     except (pa.ArrowException, OSError) as err:
         raise unreadable(name, err, storage.sealer.encrypted) from None
 

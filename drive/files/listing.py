@@ -254,7 +254,7 @@ class _Relist:
             else:
                 asks.append((int(row["inode"]), known, hint, row["deps_spans"]))
             first += len(mine)
-        answers = self.files.list_inodes(self.volume, asks)
+        answers = self.files.list_inodes(self.volume, asks, [t[0] for t in todo])
         for (path, row, _), was, ask, answer in zip(todo, wases, asks, answers, strict=True):
             self.folder(path, row, was, ask[0], answer)
 

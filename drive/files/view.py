@@ -176,15 +176,15 @@ class PointFiles:
         """Can the name be a path component? A damaged or hostile filesystem can hold names
         with ``/`` or NUL in them, or ``.`` and ``..`` as entries of their own: left out, said."""
         if b"/" in name or b"\0" in name or name in (b".", b".."):
-            self.skipped.append(f"{display(base)}: left out an entry named {display(name)!r}")
+            said = f"{display(base or b'/')}: left out an entry named {display(name)!r}"
+            self.skipped.append(said)
             return False
         return True
 
     def list_inodes(self, volume: Volume, asks: list[Ask], paths: Sequence = ()) -> list[Answer]:
-        """Directories' entries by inode (names that cannot be path components left out, said
-        with the directory's path when given), their deps and whether that is all of them (or
-        why a directory cannot be read), in batches, never cached; maybe only the entries whose
-        records changed (``Ask``)."""
+        """Directories' entries by inode (names that cannot be paths left out, said with their
+        directory's ``paths``), their deps and whether that is all of them (or why a directory
+        cannot be read), in batches, never cached; maybe only changed entries (``Ask``)."""
         out: list[Answer] = []
         while len(out) < len(asks):
             part: list[list[object]] = []

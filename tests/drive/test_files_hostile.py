@@ -251,7 +251,7 @@ def test_a_lying_worker_batch_is_refused(payload: bytes) -> None:
         answers_from_json(payload, 1, 1 << 30)
 
 
-@pytest.mark.parametrize("hostile", ["", "ln /etc /etc/sub/loop", "names"])
+@pytest.mark.parametrize("hostile", ["", "ln /etc /etc/sub/loop", "names", "root name"])
 def test_a_walk_on_two_workers_is_the_walk_on_one(
     files_of: object, tmp_path: Path, hostile: str
 ) -> None:
@@ -264,6 +264,8 @@ def test_a_walk_on_two_workers_is_the_walk_on_one(
         debugfs(image, f"write {tmp_path / 'tree' / 'etc' / 'fstab'} /etc/sub/d{i}/f")
     if hostile == "names":
         patch(image, b"\x03\x01a_b", b"\x03\x01a/b")
+    elif hostile == "root name":
+        patch(image, b"\x04\x02data", b"\x04\x02d/ta")  # (/data: a folder of the root)
     elif hostile:
         debugfs(image, hostile)
     walks = []
@@ -272,6 +274,8 @@ def test_a_walk_on_two_workers_is_the_walk_on_one(
         table = walk(pf, pf.volume_node(pf.volumes()[0]))
         walks.append((table.sort_by([("path", "ascending")]).to_pylist(), pf.skipped))
     assert walks[0] == walks[1]
-    assert len(walks[0][0]) == {"": 21, "names": 20}.get(hostile, 22)
+    assert len(walks[0][0]) == {"": 21, "names": 20, "root name": 17}.get(hostile, 22)
     # (a walk whose batch held the folder and its bad name left it out unsaid, before)
-    assert walks[0][1] == (["/data: left out an entry named 'a/b'"] if hostile == "names" else [])
+    said = {"names": "/data: left out an entry named 'a/b'"}
+    said["root name"] = "/: left out an entry named 'd/ta'"
+    assert walks[0][1] == ([said[hostile]] if hostile in said else [])

@@ -16,8 +16,10 @@ import pytest
 from combtest import TEST_PASSWORD, CliRunner, assert_one_line_error, flip_byte, need_tool
 
 from catalog.analytics import file_history, file_versions
+from catalog.errors import CorruptionError
 from catalog.repo import Repository
 from catalog.store import filecat
+from catalog.store.parquet_io import read_parquet
 from drive.files import sandbox
 from pipeline.jobs.index import walk_point
 
@@ -321,7 +323,8 @@ def test_find_reads_each_catalog_once_then_answers_from_its_cache(
 @pytest.mark.parametrize(
     "pattern",
     ["*.conf", "f00?.txt", "[fn]*", "[!f]*.txt", "*[]]*", "[a-c]?*", "*.CONF", "/disk/etc/*",
-     "/disk/*/f01[0-2].txt", "/*", "nginx.conf", "[", "*x*y*", ".*", "f0[!0-4]?.txt"],
+     "/disk/*/f01[0-2].txt", "/*", "nginx.conf", "[", "*x*y*", ".*", "f0[!0-4]?.txt",
+     "a\\*b", "*\\?*", "a\\[b", "/disk/etc/a\\*b", "*\\\\*"],
 )  # fmt: skip
 def test_find_matches_names_as_duckdb_glob_does(pattern: str) -> None:
     """The pattern of ``find`` is matched in Arrow (RE2); DuckDB's GLOB, which ``find`` used
@@ -330,7 +333,8 @@ def test_find_matches_names_as_duckdb_glob_does(pattern: str) -> None:
     nothing)."""
     names = ["/etc/nginx/nginx.conf", "/etc/fstab", "/home/ann/f007.txt", "/home/ann/f012.txt",
              "/home/ann/notes.txt", "/a]b/x.y", "/etc/A.CONF", "/etc/dir.conf/inner", "/f",
-             "/n/.hidden", "/b/a[b", "/odd\\\\name", "/new\nline.conf", "/ü/ñ.conf"]  # fmt: skip
+             "/n/.hidden", "/b/a[b", "/odd\\\\name", "/new\nline.conf", "/ü/ñ.conf",
+             "/etc/a*b", "/etc/axb", "/q/what?"]  # fmt: skip
     rows = pa.table({"volume": ["disk"] * len(names), "path_text": names})
     con = duckdb.connect()
     con.register("r", rows)
@@ -348,6 +352,29 @@ def test_find_matches_names_as_duckdb_glob_does(pattern: str) -> None:
         assert sorted(got) == sorted(want), (pattern, case)
     unclosed = file_versions.matching(rows, "a[b", False).column("path_text").to_pylist()
     assert unclosed == ["/b/a[b"]
+
+
+def test_find_says_a_bad_pattern_in_one_line(
+    cli: CliRunner, history: tuple[Path, Path, list[dict]]
+) -> None:
+    """A set RE2 refuses (a reversed range) is a usage error, not an internal one."""
+    repo, _, _ = history
+    assert_one_line_error(cli("-r", repo, "find", "f[z-a].txt"), "bad pattern", code=2)
+
+
+def test_a_catalog_file_without_a_column_is_damage(
+    history: tuple[Path, Path, list[dict]],
+) -> None:
+    """Reading columns a Parquet file does not have is damage, not an empty table (pyarrow's
+    ParquetFile.read leaves a missing column out silently)."""
+    repo_path, _, points = history
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
+    doc = filecat.read_doc(repo.storage, points[0]["id"])
+    assert doc is not None
+    name = filecat.data_name(doc.changes)
+    assert read_parquet(repo.storage, name, ["path"]).num_rows == doc.entries
+    with pytest.raises(CorruptionError):
+        read_parquet(repo.storage, name, ["path", "no_such_column"])
 
 
 def test_no_catalog_rather_than_one_without_the_disk_when_comb_changed_under_it(

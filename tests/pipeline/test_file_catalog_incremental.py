@@ -18,8 +18,7 @@ from combtest import TEST_PASSWORD, api_backup, need_tool
 from catalog.repo import Repository
 from catalog.store import filecat
 from catalog.store.parquet_io import read_parquet
-from drive.files.entries import Answer
-from drive.files.view import PointFiles
+from drive.files import listing as relisting
 from pipeline.jobs.index import index_point, walk_point
 
 
@@ -87,15 +86,13 @@ def test_incremental_catalog_equals_a_fresh_walk(
     tmp_path: Path, fstype: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     answers: list[bool | str] = []  # each folder read again: whole, or only changed entries
-    listed = PointFiles.list_inodes
+    read_again = relisting._Relist.folder
 
-    def spy(self: PointFiles, *args: Any) -> list[Answer]:
-        got = listed(self, *args)
-        if len(args) == 2:  # (a walk's first levels come with their paths: not read again)
-            answers.extend(whole for _, _, whole in got)
-        return got
+    def spy(self: relisting._Relist, *args: Any) -> None:
+        answers.append(args[-1][2])
+        read_again(self, *args)
 
-    monkeypatch.setattr(PointFiles, "list_inodes", spy)
+    monkeypatch.setattr(relisting._Relist, "folder", spy)
     make, change = CASES[fstype]
     folders_made, files_made, share = SIZES[fstype]
     image = make(tree(tmp_path / "tree", folders_made, files_made), tmp_path / "fs.img")
