@@ -31,6 +31,8 @@ from .view import WALKERS, Node, PointFiles, describe
 from .volumes import Volume
 
 WALK_SHARE = 0.5
+WALK_UNITS = 16  # folders to share out among walkers: fewer, and the next level is listed
+WALK_LEVELS = 2  # (at most: the levels listed first are tabled one row at a time)
 _METADATA = ["kind", "inode", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "nlink"]
 _METADATA += ["target"]
 _LISTING = pa.schema(
@@ -98,19 +100,20 @@ def subtree(files: PointFiles, top: Node) -> pa.Table:
 
 
 def walk_whole(files: PointFiles, top: Node) -> pa.Table:
-    """``subtree(files, top)``, the subtrees below ``top``'s folders walked ``WALKERS`` at a
-    time: ``top`` and its folders are listed first (two levels, in batches), then each folder
-    below them is walked whole by the next free worker. The same rows as ``subtree`` (whose
-    single walk lists a folder reached twice once, under its first name: when a folder's inode
-    comes twice, the volume is walked that way instead); what could not be listed is said in
-    path order."""
+    """``subtree(files, top)``, the subtrees below ``top`` walked ``WALKERS`` at a time:
+    ``top`` is listed first, and its folders too while they are fewer than ``WALK_UNITS``
+    (a root of a few folders, one of them holding most of the tree: a whole disk's /usr),
+    then each folder below is walked whole by the next free worker. The same rows as
+    ``subtree`` (whose single walk lists a folder reached twice once, under its first name:
+    when a folder's inode comes twice, the volume is walked that way instead); what could not
+    be listed is said in path order."""
     volume = top.volume
     assert volume is not None
     said = len(files.skipped)
     base = top.path[len(b"/" + volume.name.encode()) :] or b"/"
     rows = {base: _row(volume, base, top.entry, None)}
-    level, units = [(base, top.entry)], []
-    for depth in (0, 1):
+    level: list[tuple[bytes, Entry]] = [(base, top.entry)]
+    for depth in range(WALK_LEVELS):
         asks: list[Ask] = [(e.inode, None, None, None) for _, e in level]
         answers = files.list_inodes(volume, asks, [path for path, _ in level])
         below = []
@@ -121,14 +124,15 @@ def walk_whole(files: PointFiles, top: Node) -> pa.Table:
                 continue
             prefix = b"/" if path == b"/" else path + b"/"
             for entry in entries:
-                child = prefix + entry.name
-                if entry.is_dir and depth == 1:
-                    units.append(Node(b"/" + volume.name.encode() + child, volume, entry))
-                    continue
-                rows[child] = _row(volume, child, entry, None)
                 if entry.is_dir:
-                    below.append((child, entry))
+                    below.append((prefix + entry.name, entry))
+                else:
+                    rows[prefix + entry.name] = _row(volume, prefix + entry.name, entry, None)
         level = below
+        if len(below) >= WALK_UNITS or depth == WALK_LEVELS - 1:
+            break
+        rows.update((path, _row(volume, path, entry, None)) for path, entry in below)
+    units = [Node(b"/" + volume.name.encode() + path, volume, entry) for path, entry in level]
     with ThreadPoolExecutor(WALKERS) as pool:
         tables = list(pool.map(lambda node: subtree(files, node), units))
     first = pa.Table.from_pylist(list(rows.values()), schema=_LISTING)

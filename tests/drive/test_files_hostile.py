@@ -251,19 +251,23 @@ def test_a_lying_worker_batch_is_refused(payload: bytes) -> None:
         answers_from_json(payload, 1, 1 << 30)
 
 
-@pytest.mark.parametrize("hostile", ["", "ln /etc /etc/sub/loop", "names", "root name"])
+@pytest.mark.parametrize("hostile", ["", "ln /etc /etc/sub/loop", "names", "root name", "wide"])
 def test_a_walk_on_two_workers_is_the_walk_on_one(
     files_of: object, tmp_path: Path, hostile: str
 ) -> None:
-    """``walk_whole`` (folders below the first two levels walked on two workers at once) gives
-    the rows and the lines of one walk (``subtree``): with a folder reached twice (a loop: one
-    walk lists it once), and names that cannot be paths (said, in both)."""
+    """``walk_whole`` (the folders below the root, or below its folders when it has few, walked
+    on two workers at once) gives the rows and the lines of one walk (``subtree``): with a
+    folder reached twice (a loop: one walk lists it once), and names that cannot be paths
+    (said, in both)."""
     image = ext4(tmp_path, "-O", "^metadata_csum")
     for i in range(6):
         debugfs(image, f"mkdir /etc/sub/d{i}")
         debugfs(image, f"write {tmp_path / 'tree' / 'etc' / 'fstab'} /etc/sub/d{i}/f")
     if hostile == "names":
         patch(image, b"\x03\x01a_b", b"\x03\x01a/b")
+    elif hostile == "wide":  # (as many folders in the root as are shared out at once)
+        for i in range(listing.WALK_UNITS):
+            debugfs(image, f"mkdir /w{i:02d}")
     elif hostile == "root name":
         patch(image, b"\x04\x02data", b"\x04\x02d/ta")  # (/data: a folder of the root)
     elif hostile:
@@ -274,7 +278,8 @@ def test_a_walk_on_two_workers_is_the_walk_on_one(
         table = walk(pf, pf.volume_node(pf.volumes()[0]))
         walks.append((table.sort_by([("path", "ascending")]).to_pylist(), pf.skipped))
     assert walks[0] == walks[1]
-    assert len(walks[0][0]) == {"": 21, "names": 20, "root name": 17}.get(hostile, 22)
+    counts = {"": 21, "names": 20, "root name": 17, "wide": 21 + listing.WALK_UNITS}
+    assert len(walks[0][0]) == counts.get(hostile, 22)
     # (a walk whose batch held the folder and its bad name left it out unsaid, before)
     said = {"names": "/data: left out an entry named 'a/b'"}
     said["root name"] = "/: left out an entry named 'd/ta'"
