@@ -44,7 +44,7 @@ from catalog.store import filecat
 from catalog.store.format import CONFIG_NAME, parse_config
 from catalog.store.parquet_io import read_parquet
 from catalog.store.points import FORGOTTEN_PREFIX, POINTS_PREFIX, parse_point
-from catalog.store.storage import Storage
+from catalog.store.storage import Storage, json_ids
 
 CACHE_NAME = "file-changes.bin"
 CACHE_KIND = b"file-changes-cache"  # associated data of a sealed cache
@@ -95,8 +95,8 @@ def load(storage: Storage) -> FileHistory:
     """The history, from the cache where it is current, the rest from the repository (and the
     cache then extended). A damaged catalog or point document is a problem line, left out."""
     stamps = _stamps(storage)
-    live = _ids(storage, POINTS_PREFIX)
-    forgotten = _ids(storage, FORGOTTEN_PREFIX) - live
+    live = json_ids(storage, POINTS_PREFIX)
+    forgotten = json_ids(storage, FORGOTTEN_PREFIX) - live
     repo_id = parse_config(storage.read(CONFIG_NAME), CONFIG_NAME).id
     path = cache_path(repo_id)
     cached = _read(path, storage)
@@ -110,7 +110,7 @@ def load(storage: Storage) -> FileHistory:
     if new_catalogs or new_points.num_rows:
         cached = _Cached(
             {**cached.catalogs, **new_catalogs},
-            _one_batch(pa.concat_tables([cached.rows, *new_rows])),
+            _one_batch(pa.concat_tables([t for t in (cached.rows, new_rows) if t is not None])),
             _one_batch(pa.concat_tables([cached.points, new_points])),
         )
         _save(path, cached, storage)
@@ -149,20 +149,14 @@ def _stamps(storage: Storage) -> dict[str, list[int]]:
     return out
 
 
-def _ids(storage: Storage, prefix: str) -> set[str]:
-    return {
-        n.rsplit("/", 1)[-1][: -len(".json")] for n in storage.list(prefix) if n.endswith(".json")
-    }
-
-
 def _new_catalogs(
     storage: Storage,
     stamps: dict[str, list[int]],
     cached: dict[str, list[int]],
     problems: list[str],
-) -> tuple[list[pa.Table], dict[str, list[int]]]:
-    """The change rows of the catalogs the cache does not hold (as one table), and their
-    stamps."""
+) -> tuple[pa.Table | None, dict[str, list[int]]]:
+    """The change rows of the catalogs the cache does not hold (as one table; None: none),
+    and their stamps."""
     tables: list[pa.Table] = []
     done: dict[str, list[int]] = {}
     for pid in sorted(set(stamps) - set(cached)):
@@ -183,7 +177,7 @@ def _new_catalogs(
         tables.append(rows)
         done[pid] = stamps[pid]
     if not tables:
-        return [], done
+        return None, done
     rows = pa.concat_tables(tables)
     counts = [t.num_rows for t in tables]
     ids = pa.DictionaryArray.from_arrays(
@@ -192,7 +186,7 @@ def _new_catalogs(
     ).cast(pa.string())
     rows = rows.append_column("point_id", ids)
     rows = rows.filter(pc.not_equal(rows.column("change"), filecat.LOCATED))
-    return [rows.select(ROW_SCHEMA.names).cast(ROW_SCHEMA)], done
+    return rows.select(ROW_SCHEMA.names).cast(ROW_SCHEMA), done
 
 
 def _new_points(storage: Storage, ids: set[str], live: set[str], problems: list[str]) -> pa.Table:

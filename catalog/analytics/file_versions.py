@@ -29,11 +29,6 @@ import pyarrow.compute as pc
 from catalog.analytics.file_history import FileHistory
 from catalog.errors import UsageError
 
-VERSION_FIELDS = [
-    "source", "path", "kind", "size", "mtime", "first_point", "first_seen", "change", "until",
-    "points",
-]  # fmt: skip
-
 
 def pattern_regex(pattern: str, whole_path: bool) -> str:
     """The body of an RE2 expression (not anchored) that matches what the shell-style
@@ -107,8 +102,10 @@ def versions(
     source: str | None = None,
     since: datetime | None = None,
 ) -> list[dict[str, Any]]:
-    """The versions of the matching files (VERSION_FIELDS), by source, path and first seen;
-    with ``source``, of that source only; with ``since``, those held at or after it."""
+    """The versions of the matching files (``source``, ``path``, ``kind``, ``size``, ``mtime``,
+    ``first_point``, ``first_seen``, ``change``, ``until``, ``points``), by source, path and
+    first seen; with ``source``, of that source only; with ``since``, those held at or after
+    it."""
     try:
         rows = matching(history.rows, pattern, ignore_case)
     except pa.ArrowInvalid as err:  # (a set RE2 refuses, such as [z-a])
@@ -127,19 +124,18 @@ def versions(
     )
     same = _same_as_next(rows, ["source", "volume", "path"])
     times = rows.column("time").cast(pa.int64()).to_numpy()
-    until = np.where(same, np.append(times[1:], 0), 0)
-    has_until = same
+    until = np.where(same, np.append(times[1:], 0), 0)  # (same: the version has an end)
     live_points = points.filter(pc.invert(points.column("forgotten")))
-    held = _held(rows, times, until, has_until, live_points)
+    held = _held(rows, times, until, same, live_points)
     keep = (held > 0) & (rows.column("change").to_numpy(zero_copy_only=False) != "removed")
     if since is not None:
         cut = int(since.timestamp() * 1_000_000)
-        keep &= ~has_until | (until > cut)
+        keep &= ~same | (until > cut)
     at = np.flatnonzero(keep)
     kept = rows.take(at)
     ns = kept.column("mtime_ns").to_numpy()
     mtime = np.sign(ns) * (np.abs(ns) // 1000)  # (toward zero, as the views' SQL rounds)
-    bounded = has_until[at]
+    bounded = same[at]
     out = pa.table(
         {
             "source": kept.column("source"),

@@ -37,7 +37,7 @@ from cryptography.hazmat.primitives.kdf.argon2 import Argon2id
 
 from catalog.errors import CorruptionError, PasswordError, RepositoryError, UsageError
 from catalog.store.sealing import ChunkHasher
-from catalog.store.storage import Storage
+from catalog.store.storage import Storage, json_ids
 
 ALGORITHM = "aes-256-gcm"
 KDF_NAME = "argon2id"
@@ -255,11 +255,7 @@ def add_key(storage: Storage, repo_id: str, master: bytes, password: str) -> str
 
 
 def key_ids(storage: Storage) -> list[str]:
-    return sorted(
-        n.rsplit("/", 1)[-1][: -len(".json")]
-        for n in storage.list(KEYS_PREFIX)
-        if n.endswith(".json")
-    )
+    return sorted(json_ids(storage, KEYS_PREFIX))
 
 
 def read_key_doc(storage: Storage, key_id: str) -> dict[str, Any]:

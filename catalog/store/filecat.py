@@ -29,7 +29,7 @@ import pyarrow.compute as pc
 from catalog.errors import CombError, CorruptionError
 from catalog.store import sorted_rows
 from catalog.store.parquet_io import ParquetStreamWriter, read_parquet
-from catalog.store.storage import Storage
+from catalog.store.storage import Storage, json_ids
 
 FILES_PREFIX = "files"
 FILES_DOC_KIND = "files"  # associated data of a sealed catalog document
@@ -99,11 +99,7 @@ def data_name(file_id: str) -> str:
 
 def cataloged(storage: Storage) -> set[str]:
     """The ids of the points that have a catalog."""
-    return {
-        n.rsplit("/", 1)[-1][: -len(".json")]
-        for n in storage.list(FILES_PREFIX)
-        if n.endswith(".json")
-    }
+    return json_ids(storage, FILES_PREFIX)
 
 
 class Survey(NamedTuple):

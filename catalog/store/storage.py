@@ -62,3 +62,11 @@ class Storage(InPlaceFiles, Protocol):
     def remove_dir(self, prefix: str) -> None:
         """Remove ``prefix`` once nothing is under it (an error while something is; a missing
         one is fine); durable with ``sync`` of its parent."""
+
+
+def json_ids(storage: Storage, prefix: str) -> set[str]:
+    """The ids of the JSON documents under ``prefix`` (``<prefix>/<id>.json``): points, keys,
+    file catalogs."""
+    return {
+        n.rsplit("/", 1)[-1][: -len(".json")] for n in storage.list(prefix) if n.endswith(".json")
+    }

@@ -181,7 +181,9 @@ class PointFiles:
             return False
         return True
 
-    def list_inodes(self, volume: Volume, asks: list[Ask], paths: Sequence = ()) -> list[Answer]:
+    def list_inodes(
+        self, volume: Volume, asks: list[Ask], paths: Sequence[bytes] = ()
+    ) -> list[Answer]:
         """Directories' entries by inode (names that cannot be paths left out, said with their
         directory's ``paths``), their deps and whether that is all of them (or why a directory
         cannot be read), in batches, never cached; maybe only changed entries (``Ask``)."""
@@ -276,8 +278,7 @@ class PointFiles:
         header = self._header("walk", node.volume, inode=node.entry.inode)
         if batch_rows:
             header["batch_rows"] = batch_rows  # (tests: many small batches)
-        # A worker of its own (the caller reads files while the walk goes on; walks may run
-        # at once), kept for the next walk: at most WALKERS are kept.
+        # A worker of its own (walks may run at once, and files be read meanwhile), kept after.
         try:
             walker = self._walkers.get_nowait()
         except queue.Empty:
