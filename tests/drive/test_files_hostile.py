@@ -11,6 +11,7 @@ import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
+import pyarrow as pa
 import pytest
 from combtest import TEST_PASSWORD, CliRunner, api_backup, need_tool
 from drivetest import FileSource
@@ -20,7 +21,7 @@ from catalog.repo import Repository
 from drive.files import listing, sandbox
 from drive.files.entries import answers_from_json, entries_from_json
 from drive.files.extract import extract
-from drive.files.view import PointFiles
+from drive.files.view import Node, PointFiles
 
 
 def ext4(tmp_path: Path, *mkfs: str) -> Path:
@@ -253,16 +254,16 @@ def test_a_lying_worker_batch_is_refused(payload: bytes) -> None:
 
 @pytest.mark.parametrize("hostile", ["", "ln /etc /etc/sub/loop", "names", "root name", "wide"])
 def test_a_walk_on_two_workers_is_the_walk_on_one(
-    files_of: object, tmp_path: Path, hostile: str
+    files_of: object, tmp_path: Path, hostile: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """``walk_whole`` (the folders below the root, or below its folders when it has few, walked
     on two workers at once) gives the rows and the lines of one walk (``subtree``): with a
     folder reached twice (a loop: one walk lists it once), and names that cannot be paths
     (said, in both)."""
     image = ext4(tmp_path, "-O", "^metadata_csum")
-    for i in range(6):
-        debugfs(image, f"mkdir /etc/sub/d{i}")
-        debugfs(image, f"write {tmp_path / 'tree' / 'etc' / 'fstab'} /etc/sub/d{i}/f")
+    for i in range(6):  # (folders at the level shared out among the workers)
+        debugfs(image, f"mkdir /etc/d{i}")
+        debugfs(image, f"write {tmp_path / 'tree' / 'etc' / 'fstab'} /etc/d{i}/f")
     if hostile == "names":
         patch(image, b"\x03\x01a_b", b"\x03\x01a/b")
     elif hostile == "wide":  # (as many folders in the root as are shared out at once)
@@ -272,12 +273,22 @@ def test_a_walk_on_two_workers_is_the_walk_on_one(
         patch(image, b"\x04\x02data", b"\x04\x02d/ta")  # (/data: a folder of the root)
     elif hostile:
         debugfs(image, hostile)
-    walks = []
-    for walk in (listing.subtree, listing.walk_whole):
+    walks, walked = [], []
+    one_walk = listing.subtree
+
+    def spy(files: PointFiles, node: Node) -> pa.Table:
+        walked.append(node.path)
+        return one_walk(files, node)
+
+    for walk in (one_walk, listing.walk_whole):
         pf = files_of(image)  # type: ignore[operator]
         table = walk(pf, pf.volume_node(pf.volumes()[0]))
         walks.append((table.sort_by([("path", "ascending")]).to_pylist(), pf.skipped))
+        monkeypatch.setattr(listing, "subtree", spy)
     assert walks[0] == walks[1]
+    # Shared out (several subtrees, never the volume itself) but where a folder came twice.
+    looped = hostile.startswith("ln ")
+    assert (b"/disk" in walked) == looped and len(set(walked) - {b"/disk"}) >= 3
     counts = {"": 21, "names": 20, "root name": 17, "wide": 21 + listing.WALK_UNITS}
     assert len(walks[0][0]) == counts.get(hostile, 22)
     # (a walk whose batch held the folder and its bad name left it out unsaid, before)
