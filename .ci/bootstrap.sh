@@ -18,11 +18,32 @@ comb_apt_install() {
     fi
 }
 
+comb_python() {
+    # The interpreter for a new venv: python3, unless it is older than 3.13 and a Python 3.13 or
+    # later is on PATH or installed by pyenv (3.13 brought ssl's PSK callbacks: serve --tls-psk).
+    local p candidates=(python3 python3.14 python3.13)
+    if command -v pyenv >/dev/null; then
+        for p in $(pyenv versions --bare 2>/dev/null | sort -r -V); do
+            candidates+=("$(pyenv root)/versions/$p/bin/python3")
+        done
+    fi
+    for p in "${candidates[@]}"; do
+        if command -v "$p" >/dev/null \
+            && "$p" -c 'import sys; sys.exit(not (3, 13) <= sys.version_info < (3, 15))' \
+            2>/dev/null; then
+            echo "$p"
+            return
+        fi
+    done
+    echo python3
+}
+
 comb_bootstrap() {
     # $1: pip extras to install ("" or "test")
-    local extras="$1" missing=()
-    command -v python3 >/dev/null || missing+=(python3)
-    python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    local extras="$1" missing=() python
+    python="$(comb_python)"
+    command -v "$python" >/dev/null || missing+=(python3)
+    "$python" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
     command -v cmp >/dev/null || missing+=(diffutils)
     # The demo's file part makes an ext4 disk (mkfs.ext4 -d) and changes it (debugfs).
     command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
@@ -58,12 +79,12 @@ comb_bootstrap() {
         command -v gcc >/dev/null || missing+=(gcc)
         command -v pkg-config >/dev/null || missing+=(pkg-config)
         pkg-config --exists fuse3 2>/dev/null || missing+=(libfuse3-dev)
-        python3 -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
+        "$python" -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
             2>/dev/null || missing+=(python3-dev)
     fi
     comb_apt_install "${missing[@]}"
     if [ ! -x "$comb_venv/bin/python" ]; then
-        python3 -m venv "$comb_venv"
+        "$python" -m venv "$comb_venv"
     fi
     local spec="." stamp
     [ -n "$extras" ] && spec=".[$extras]"

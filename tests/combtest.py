@@ -276,6 +276,14 @@ def _unavailable(why: str) -> None:
     pytest.skip(why)
 
 
+def need_tls_psk() -> None:
+    """ssl's PSK callbacks (Python 3.13+), or a skip locally and a failure in CI."""
+    import ssl
+
+    if not hasattr(ssl.SSLContext, "set_psk_server_callback"):
+        _unavailable(f"ssl's PSK callbacks (Python 3.13+; this is {sys.version.split()[0]})")
+
+
 def need_root(why: str) -> None:
     """Root, or a skip locally and a failure in CI (``why``: what needs it)."""
     if os.geteuid() != 0:

@@ -81,7 +81,7 @@ def hot_regions_table(
     hit_region = np.concatenate([c[1] for c in parts]).astype(np.int64)
     n = np.concatenate([c[2] for c in parts]).astype(np.int64)
     lost = np.concatenate([c[3] for c in parts])
-    n_regions = int(hit_region.max()) + 1 if len(hit_region) else 1
+    n_regions = int(np.max(hit_region)) + 1 if len(hit_region) else 1
     nbytes = n * chunk[hit_pos] - lost.astype(np.int64)
     # Per (source, region size, region): regions of one source all have one size.
     src = np.asarray(h.source_of, np.int64)[hit_pos]

@@ -22,7 +22,7 @@ from catalog.store.points import RecoveryPoint
 from drive.nbd.exports import ServedPoint
 from drive.nbd.overlay import ServedOverlay
 from drive.nbd.server import DEFAULT_HOST, DEFAULT_PORT, NbdServer
-from drive.nbd.tls import is_loopback, server_context
+from drive.nbd.tls import is_loopback, psk_context, server_context
 
 from ..console import warn, warn_damaged
 from ..locking import reader_lock
@@ -62,6 +62,7 @@ def add_parser(sub: Subparsers) -> None:
         ("--tls-cert", "x509 server certificate (PEM): clients must start TLS (NBD_OPT_STARTTLS)"),
         ("--tls-key", "the private key of --tls-cert (PEM)"),
         ("--tls-ca", "CA certificate(s) (PEM): require client certificates it signed"),
+        ("--tls-psk", "pre-shared keys, IDENTITY:HEXKEY lines (psktool): TLS-PSK instead of x509"),
     ):
         s.add_argument(flag, metavar="FILE", help=text)
     s.add_argument(
@@ -92,27 +93,35 @@ def parse_listen(text: str) -> tuple[str, int]:
 
 
 def tls_options(args: argparse.Namespace, host: str, port: int) -> ssl.SSLContext | None:
-    """The TLS context of ``--tls-cert``/``--tls-key``/``--tls-ca``, or None. Without TLS, a
-    non-loopback address is refused unless ``--insecure`` (which warns)."""
+    """The TLS context of ``--tls-cert``/``--tls-key``/``--tls-ca`` or of ``--tls-psk``, or None.
+    Without TLS, a non-loopback address is refused unless ``--insecure`` (which warns)."""
     cert, key = getattr(args, "tls_cert", None), getattr(args, "tls_key", None)
     ca, insecure = getattr(args, "tls_ca", None), getattr(args, "insecure", False)
-    if cert is None or key is None:
-        if cert is not None or key is not None:
-            raise UsageError("--tls-cert and --tls-key go together")
-        if ca is not None:
-            raise UsageError("--tls-ca needs --tls-cert and --tls-key")
-        where = f"{_uri_host(host)}:{port}"
-        if insecure:
-            warn(f"--insecure: serving without TLS or authentication on {where}", loud=True)
-        elif not is_loopback(host):
-            raise UsageError(
-                f"--listen {where} is not a loopback address: give --tls-cert and --tls-key "
-                "(and --tls-ca to authenticate clients), or --insecure to serve without TLS"
-            )
-        return None
+    psk = getattr(args, "tls_psk", None)
+    if (cert is None) != (key is None):
+        raise UsageError("--tls-cert and --tls-key go together")
+    if ca is not None and cert is None:
+        raise UsageError("--tls-ca needs --tls-cert and --tls-key")
+    if psk is not None and cert is not None:
+        raise UsageError("--tls-psk and --tls-cert exclude each other (one kind of TLS)")
+    if insecure and (psk is not None or cert is not None):
+        raise UsageError(
+            f"--insecure and {'--tls-psk' if psk else '--tls-cert'} exclude each other"
+        )
+    if psk is not None:
+        return psk_context(psk)
+    if cert is not None and key is not None:
+        return server_context(cert, key, ca)
+    where = f"{_uri_host(host)}:{port}"
     if insecure:
-        raise UsageError("--insecure and --tls-cert exclude each other")
-    return server_context(cert, key, ca)
+        warn(f"--insecure: serving without TLS or authentication on {where}", loud=True)
+    elif not is_loopback(host):
+        raise UsageError(
+            f"--listen {where} is not a loopback address: give --tls-cert and --tls-key "
+            "(and --tls-ca to authenticate clients) or --tls-psk, or --insecure to serve "
+            "without TLS"
+        )
+    return None
 
 
 def _uri_host(host: str) -> str:
@@ -195,7 +204,8 @@ def cmd_serve(repo: str, args: argparse.Namespace) -> int:
     # The shared lock is held from before the points are listed until the server has stopped:
     # prune waits for it, so no file a served point needs goes (they are opened lazily).
     with reader_lock(r, "serve", long_lived=True):
-        return _serve(r, host, port, wanted, cache_mib, tls)
+        psk = getattr(args, "tls_psk", None) is not None
+        return _serve(r, host, port, wanted, cache_mib, tls, psk)
 
 
 def _serve(
@@ -205,6 +215,7 @@ def _serve(
     wanted: dict[str, str],
     cache_mib: int,
     tls: ssl.SSLContext | None,
+    psk: bool = False,
 ) -> int:
     chunks = max(1, (cache_mib << 20) // r.config.chunk_size)
     server = NbdServer(r, host, port, cache_chunks=chunks, tls=tls)
@@ -224,7 +235,11 @@ def _serve(
     if tls is not None:
         scheme = "nbds"
         how = ", TLS required" + (
-            " with client certificates" if tls.verify_mode == ssl.CERT_REQUIRED else ""
+            " with client certificates"
+            if tls.verify_mode == ssl.CERT_REQUIRED
+            else " with pre-shared keys"
+            if psk
+            else ""
         )
     got: list[int] = []
 
