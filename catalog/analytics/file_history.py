@@ -55,7 +55,7 @@ ROW_SCHEMA = pa.schema(
     [
         pa.field("point_id", pa.string(), nullable=False),
         pa.field("change", pa.string(), nullable=False),
-        *[f for f in filecat.ENTRY_FIELDS if f.name != "deps"],
+        *[f for f in filecat.ENTRY_FIELDS if f.name not in filecat.WHERE_FROM],
     ]
 )
 POINT_SCHEMA = pa.schema(

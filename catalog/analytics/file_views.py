@@ -25,7 +25,9 @@ from catalog.store.parquet_io import read_verified
 from catalog.store.points import RecoveryPoint
 from catalog.store.storage import Storage
 
-_ENTRY = ", ".join(f'r."{f.name}"' for f in filecat.ENTRY_FIELDS if f.name != "deps")
+_ENTRY = ", ".join(
+    f'r."{f.name}"' for f in filecat.ENTRY_FIELDS if f.name not in filecat.WHERE_FROM
+)
 _TIME = "make_timestamp(r.mtime_ns // 1000) AS mtime"
 
 FILES_VIEW = f"""

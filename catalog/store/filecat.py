@@ -8,9 +8,10 @@ each row marked ``added``/``modified``/``removed``; a catalog without a base, an
 ``FULL_EVERY``-th one of a chain, also has ``full``: every entry. A point's whole listing is
 the nearest ``full`` up its chain plus the changes after it, so reading one costs at most
 ``FULL_EVERY`` small files, whatever the history's length. Every folder's row says which disk
-chunks its listing came from (``deps``); ``touched`` is their union (empty: some are unknown).
-When none of them changed, the next point's listing is the same and nothing is walked;
-otherwise only the folders whose chunks changed are listed again.
+chunks its listing came from (``deps``) and the byte ranges in them (``spans``); ``touched``
+is the chunks' union (empty: some are unknown). When none of them changed, the next point's
+listing is the same and nothing is walked; otherwise only the folders whose bytes changed are
+listed again.
 
 Owns the catalog's files, their schema, the change computation and rebuilding a point's
 listing. Must not: read a filesystem (``drive.files`` does), or know about points' content.
@@ -54,15 +55,21 @@ ENTRY_FIELDS = [
     # A folder's: the disk chunks (offsets, int64 little-endian, ascending) its listing was
     # read from; null: unknown (an incremental catalog lists it again).
     pa.field("deps", pa.binary(), nullable=True),
+    # A folder's: the disk byte ranges themselves (offset, length pairs, int64 little-endian,
+    # ascending); null: unknown, or a catalog from before they were kept (``deps`` only).
+    pa.field("spans", pa.binary(), nullable=True),
 ]
+# Columns kept for the next incremental catalog, not facts about an entry.
+WHERE_FROM = ("deps", "spans")
 LISTING_SCHEMA = pa.schema(ENTRY_FIELDS)
 CHANGES_SCHEMA = pa.schema([*ENTRY_FIELDS, pa.field("change", pa.string(), nullable=False)])
 KEY = ["volume", "path"]
 # What makes an entry "modified": any of these differs (content is judged by size and times).
 COMPARED = ["kind", "size", "mode", "uid", "gid", "mtime_ns", "ctime_ns", "inode", "nlink"]
 COMPARED += ["target"]
-# A row whose only difference is ``deps`` (the folder's listing comes from other chunks) is
-# stored as ``located``: the catalog needs it, a person would not call it a change.
+# A row whose only difference is where it came from (``WHERE_FROM``: the folder's listing
+# comes from other bytes) is stored as ``located``: the catalog needs it, a person would not
+# call it a change.
 LOCATED = "located"
 
 
@@ -162,10 +169,19 @@ def _write(storage: Storage, schema: pa.Schema, table: pa.Table) -> str:
 def sort_listing(table: pa.Table) -> pa.Table:
     """``table`` in the listing's columns, sorted by volume and path (checked first: listings
     are mostly made sorted, and a sort of a million paths costs more than the check)."""
-    table = table.select(LISTING_SCHEMA.names).cast(LISTING_SCHEMA)
+    table = conform(table, LISTING_SCHEMA)
     if sorted_rows.is_sorted(table, KEY):
         return table
     return table.sort_by([("volume", "ascending"), ("path", "ascending")])
+
+
+def conform(table: pa.Table, schema: pa.Schema) -> pa.Table:
+    """``table`` in ``schema``'s columns; a nullable column it lacks (``spans``, which older
+    catalogs do not have) is all nulls."""
+    for f in schema:
+        if f.name not in table.column_names and f.nullable:
+            table = table.append_column(f, pa.nulls(table.num_rows, f.type))
+    return table.select(schema.names).cast(schema)
 
 
 def keys_table(parts: list[pa.Table]) -> pa.Table:
@@ -190,7 +206,7 @@ def diff(old: pa.Table, new: pa.Table, keys: pa.Table | None = None) -> pa.Table
     gone = pc.is_null(joined.column("kind"))
     fresh = pc.is_null(joined.column("_old"))
     changed = _differ(joined, COMPARED)
-    located = _differ(joined, ["deps"])
+    located = _differ(joined, list(WHERE_FROM))
     kind = pc.if_else(
         gone, "removed", pc.if_else(fresh, "added", pc.if_else(changed, "modified", LOCATED))
     )
@@ -260,7 +276,10 @@ def read_listing(storage: Storage, point_id: str) -> pa.Table | None:
     listing = sort_listing(read_parquet(storage, data_name(doc.full)))
     if not chain:
         return listing
-    changes = [read_parquet(storage, data_name(step.changes)) for step in reversed(chain)]
+    changes = [
+        conform(read_parquet(storage, data_name(step.changes)), CHANGES_SCHEMA)
+        for step in reversed(chain)
+    ]
     return apply(listing, _last_changes(changes))
 
 

@@ -201,9 +201,13 @@ class TskFilesystem:
         """The volume byte ranges the listing of directory ``inode`` (its entries' inodes
         ``entries``) comes from: the directory's blocks and, where entries keep records apart
         from it (ext's inodes, NTFS's MFT records), the directory's and every entry's record.
-        None: unknown."""
+        None: unknown, and always on FAT and exFAT: a folder's listing also depends on its
+        cluster chain in the FAT (a full folder grows into a new cluster without a byte of its
+        old ones changing) and, on exFAT, on its length in its parent's entry."""
+        if self._fat:
+            return None
         spans = self._dir_spans(inode)
-        if spans is None or self._fat:
+        if spans is None:
             return spans
         records = self._record_map()
         if records is None:

@@ -49,11 +49,10 @@ PSK_TLS12_SUITES = ":".join(
         "DHE-PSK-AES256-GCM-SHA384",
         "DHE-PSK-AES128-GCM-SHA256",
         "DHE-PSK-CHACHA20-POLY1305",
-        "PSK-AES256-GCM-SHA384",
-        "PSK-AES128-GCM-SHA256",
-        "PSK-CHACHA20-POLY1305",
     )
 )
+PSK_MIN, PSK_MAX = 16, 512  # key bytes: below, guessable offline; above, OpenSSL refuses it
+PSK_FILE_MAX = 1 << 20
 
 
 def psk_context(path: str) -> ssl.SSLContext:
@@ -62,7 +61,7 @@ def psk_context(path: str) -> ssl.SSLContext:
     file, or a Python without PSK support, is a one-line UsageError."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     set_callback = getattr(ctx, "set_psk_server_callback", None)
-    if set_callback is None:
+    if set_callback is None or not getattr(ssl, "HAS_PSK", False):
         raise UsageError(
             f"--tls-psk needs Python 3.13 or later (this is {sys.version.split()[0]}); "
             "use --tls-cert/--tls-key"
@@ -70,8 +69,11 @@ def psk_context(path: str) -> ssl.SSLContext:
     keys = read_psk_file(path)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     # TLS 1.3 has its own suites and a PSK-with-(EC)DHE handshake; TLS 1.2 offers PSK only
-    # through PSK suites: these, AEAD only, ephemeral key exchange first.
-    ctx.set_ciphers(PSK_TLS12_SUITES)
+    # through PSK suites: these, AEAD with an ephemeral key exchange (forward secrecy) only.
+    try:
+        ctx.set_ciphers(PSK_TLS12_SUITES)
+    except ssl.SSLError as err:
+        raise UsageError(f"--tls-psk: this OpenSSL offers no PSK cipher suites ({err})") from None
     set_callback(lambda identity: keys.get(identity or "", b""))
     return ctx
 
@@ -81,9 +83,11 @@ def read_psk_file(path: str) -> dict[str, bytes]:
     twice is refused (which key a client gets would otherwise depend on the reader)."""
     try:
         with open(path, "rb") as f:
-            raw = f.read(1 << 20)
+            raw = f.read(PSK_FILE_MAX + 1)
     except OSError as err:
         raise UsageError(f"--tls-psk {path}: {describe_os_error(err)}") from None
+    if len(raw) > PSK_FILE_MAX:
+        raise UsageError(f"--tls-psk {path}: larger than 1 MiB, not a key file")
     keys: dict[str, bytes] = {}
     for number, line in enumerate(raw.splitlines(), 1):
         if not line.strip():
@@ -93,9 +97,14 @@ def read_psk_file(path: str) -> dict[str, bytes]:
             name, key = identity.decode("utf-8"), bytes.fromhex(hexkey.decode("ascii"))
         except (UnicodeDecodeError, ValueError):
             name, key = "", b""
-        if not sep or not name or not key:
+        if not sep or not name or not key or not hexkey.isalnum():
             raise UsageError(
                 f"--tls-psk {path}: line {number} is not IDENTITY:HEXKEY (psktool's format)"
+            )
+        if not PSK_MIN <= len(key) <= PSK_MAX:
+            raise UsageError(
+                f"--tls-psk {path}: line {number}: a key of {len(key)} bytes "
+                f"(give {PSK_MIN} to {PSK_MAX}; psktool makes 32)"
             )
         if name in keys:
             raise UsageError(f"--tls-psk {path}: line {number} repeats identity {name!r}")

@@ -2,11 +2,12 @@
 for older points with ``comb index``.
 
 The catalog of a point whose parent (the point its backup read as parent) has one is built
-from the parent's: the backup's change table says which disk chunks changed, and only the
-folders whose listing came from a changed chunk are listed again (``drive.files.listing``);
-when none did, nothing is walked at all. The volumes must be the ones the parent's catalog
-found (same place, same filesystem), else that volume is walked whole. Only the entries
-added, modified or removed are stored.
+from the parent's: the backup's change table says which disk chunks changed, those some
+folder's listing came from are compared with the parent point's bytes
+(``compare_chunks``), and only the folders whose listing came from bytes that changed are
+listed again (``drive.files.listing``); when none did, nothing is walked at all. The
+volumes must be the ones the parent's catalog found (same place, same filesystem), else that
+volume is walked whole. Only the entries added, modified or removed are stored.
 
 Owns when and how a catalog is built. Must not: parse a filesystem (``drive.files``), or know
 the catalog's file layout (``catalog.store.filecat``).
@@ -14,8 +15,10 @@ the catalog's file layout (``catalog.store.filecat``).
 
 from __future__ import annotations
 
+import bisect
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -27,7 +30,7 @@ from catalog.errors import CombError, ReaderChanged
 from catalog.repo import Repository
 from catalog.store import filecat
 from catalog.store.changes import read_changes
-from catalog.store.points import RecoveryPoint
+from catalog.store.points import RecoveryPoint, parse_point, point_name
 from drive.files.listing import relist, walk_whole
 from drive.files.view import READABLE, PointFiles
 from drive.files.volumes import Volume
@@ -49,12 +52,24 @@ def _summary(v: Volume) -> dict[str, object]:
             "label": v.label, "note": v.note}  # fmt: skip
 
 
-class _Chunks:
-    """Folder deps between the walk's volume spans and the catalog's disk chunk offsets."""
+COMPARE_SHARE = 0.5  # compare changed chunks with the base's when at most this share of touched
+GRAIN = 16  # bytes: the unit of a compared chunk's changed ranges
 
-    def __init__(self, chunk: int, changed: np.ndarray | None = None) -> None:
+
+class _Chunks:
+    """Folder deps between the walk's volume spans and the catalog's disk chunk offsets, and
+    which bytes of them changed: ``changed`` chunks, narrowed to the byte ranges of ``exact``
+    (disk offset, length pairs by chunk offset) for the chunks that were compared."""
+
+    def __init__(
+        self,
+        chunk: int,
+        changed: np.ndarray | None = None,
+        exact: dict[int, list[tuple[int, int]]] | None = None,
+    ) -> None:
         self.chunk = chunk
         self.changed = changed
+        self.exact = exact or {}
 
     def offsets(self, spans: list[int], volume: Volume) -> list[int]:
         """The disk offsets of the chunks volume spans (offset, length, ...) lie in, ascending."""
@@ -70,22 +85,39 @@ class _Chunks:
             return None
         return np.array(self.offsets(spans, volume), "<i8").tobytes()
 
-    def spans(self, deps: bytes | None, volume: Volume) -> list[int] | None:
+    def spans(self, deps: bytes | None, exact: bytes | None, volume: Volume) -> list[int] | None:
+        """A stored folder's volume spans: its exact ones (``spans``), else its whole chunks."""
+        if exact is not None:
+            pairs = np.frombuffer(exact, "<i8").reshape(-1, 2) - [volume.offset, 0]
+            return [int(v) for v in pairs.ravel()]
         if deps is None:
             return None
         offsets = np.frombuffer(deps, "<i8") - volume.offset
         return [v for o in offsets.tolist() for v in (o, self.chunk)]
 
     def changes(self, volume: Volume) -> Callable[[list[int] | None], list[int] | None]:
-        """Which of a folder's deps spans changed, as volume offsets and lengths of the changed
-        chunks among them (empty: none did); None when its deps are unknown."""
-        changed = set(self.changed.tolist()) if self.changed is not None else set()
+        """Which bytes of a folder's deps spans changed, as volume offsets and lengths (empty:
+        none did); None when its deps are unknown."""
+        starts: list[int] = []
+        ends: list[int] = []
+        for c in sorted(self.changed.tolist()) if self.changed is not None else []:
+            for at, n in self.exact.get(c, [(c, self.chunk)]):
+                starts.append(at)
+                ends.append(at + n)
 
         def check(spans: list[int] | None) -> list[int] | None:
             if spans is None:
                 return None
-            hit = [c for c in self.offsets(spans, volume) if c in changed]
-            return [v for c in hit for v in (c - volume.offset, self.chunk)]
+            out: list[int] = []
+            for at, n in zip(spans[::2], spans[1::2], strict=True):
+                a = volume.offset + at
+                b = a + max(n, 1)
+                j = bisect.bisect_right(ends, a)  # the first changed range ending after a
+                while j < len(starts) and starts[j] < b:
+                    lo, hi = max(a, starts[j]), min(b, ends[j])
+                    out += [lo - volume.offset, hi - lo]
+                    j += 1
+            return out
 
         return check
 
@@ -94,22 +126,27 @@ def _stored(table: pa.Table, volume: Volume, chunks: _Chunks) -> pa.Table:
     """A volume's listing from ``drive.files.listing`` in the catalog's columns."""
     column = table.column("deps_spans")
     packed: list[bytes | None] = [None] * table.num_rows
+    exact: list[bytes | None] = [None] * table.num_rows
     known = pc.indices_nonzero(pc.is_valid(column))  # folders' (a file's are null)
     for i, spans in zip(known.to_pylist(), column.take(known).to_pylist(), strict=True):
         packed[i] = chunks.pack(spans, volume)
-    deps = pa.array(packed, pa.binary())
-    table = table.append_column("deps", deps).select(filecat.LISTING_SCHEMA.names)
-    return table.cast(filecat.LISTING_SCHEMA)
+        pairs = np.array(spans, "<i8").reshape(-1, 2) + [volume.offset, 0]
+        exact[i] = pairs.astype("<i8").tobytes()
+    table = table.drop_columns(["deps_spans"])
+    table = table.append_column("deps", pa.array(packed, pa.binary()))
+    table = table.append_column("spans", pa.array(exact, pa.binary()))
+    return table.select(filecat.LISTING_SCHEMA.names).cast(filecat.LISTING_SCHEMA)
 
 
 def _walkable(table: pa.Table, volume: Volume, chunks: _Chunks) -> pa.Table:
     """A volume's rows of a stored listing, with ``deps_spans`` for ``relist``."""
-    column = table.column("deps")
+    column, exact = table.column("deps"), table.column("spans")
     spans: list[list[int] | None] = [None] * table.num_rows
-    known = pc.indices_nonzero(pc.is_valid(column))  # folders' (a file's are null)
-    for i, deps in zip(known.to_pylist(), column.take(known).to_pylist(), strict=True):
-        spans[i] = chunks.spans(deps, volume)
-    return table.drop_columns(["deps"]).append_column(
+    known = pc.indices_nonzero(pc.or_(pc.is_valid(column), pc.is_valid(exact)))  # folders'
+    pairs = zip(column.take(known).to_pylist(), exact.take(known).to_pylist(), strict=True)
+    for i, (deps, mine) in zip(known.to_pylist(), pairs, strict=True):
+        spans[i] = chunks.spans(deps, mine, volume)
+    return table.drop_columns(list(filecat.WHERE_FROM)).append_column(
         "deps_spans", pa.array(spans, pa.list_(pa.int64()))
     )
 
@@ -138,11 +175,12 @@ def build_listing(
     base: filecat.FilesDoc | None = None,
     base_listing: pa.Table | None = None,
     changed: np.ndarray | None = None,
+    exact: dict[int, list[tuple[int, int]]] | None = None,
 ) -> Built:
     """The point's listing: walked whole, or (with a base and the changed chunks) the base's
     listing with the folders that changed listed again. Also the volumes, what could not be
     read, how many folders were listed again, and which entries may differ from the base's."""
-    chunks = _Chunks(repo.config.chunk_size, changed)
+    chunks = _Chunks(repo.config.chunk_size, changed, exact)
     tables: list[pa.Table] = []
     volumes: list[dict[str, Any]] = []
     skipped: list[str] = []
@@ -212,6 +250,41 @@ def _changed(repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc) -> 
     return np.asarray(offsets.to_numpy(zero_copy_only=False), dtype=np.int64)
 
 
+def compare_chunks(
+    repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc, changed: np.ndarray
+) -> dict[int, list[tuple[int, int]]]:
+    """The byte ranges (disk offset, length) that really differ between the base's point and
+    this one in each changed chunk some folder's listing came from (the base's ``touched``):
+    a chunk of inode records changes when one inode in it does, and the folders whose records
+    lie in the others need not be read again. Compared in ``GRAIN``-byte pieces. Empty (every
+    changed chunk counts whole) when most of them changed, or the base's point cannot be read."""
+    todo = np.intersect1d(changed, np.asarray(base.touched, np.int64))
+    if not len(todo) or len(todo) > COMPARE_SHARE * len(base.touched):
+        return {}
+    size, chunk = point.size, repo.config.chunk_size
+    try:
+        raw = repo.storage.read(point_name(base.point))
+        parent = parse_point(raw, point_name(base.point), base.point, repo.storage.sealer)
+        if parent.size != size:
+            return {}
+        old, new = repo.reader(parent), repo.reader(point)
+
+        def diff(c: int) -> list[tuple[int, int]]:
+            n = min(chunk, size - c)
+            a = np.frombuffer(old.read(c, n), np.uint8)
+            b = np.frombuffer(new.read(c, n), np.uint8)
+            pad = -n % GRAIN
+            differs = np.concatenate([a != b, np.zeros(pad, bool)]).reshape(-1, GRAIN).any(1)
+            edges = np.flatnonzero(np.diff(np.concatenate([[0], differs.view(np.int8), [0]])))
+            runs = zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True)
+            return [(c + lo * GRAIN, min(hi * GRAIN, n) - lo * GRAIN) for lo, hi in runs]
+
+        with ThreadPoolExecutor(2) as pool:
+            return dict(zip(todo.tolist(), pool.map(diff, todo.tolist()), strict=True))
+    except (CombError, OSError):
+        return {}
+
+
 def _volumes(repo: Repository, point: RecoveryPoint) -> list[dict[str, object]]:
     with PointFiles(repo.reader(point)) as files:
         return [_summary(v) for v in files.volumes()]
@@ -241,7 +314,10 @@ def index_point(repo: Repository, point: RecoveryPoint) -> Indexed:
         )  # fmt: skip
         return Indexed(doc, False, time.perf_counter() - t0)
     incremental = base if changed is not None else None
-    built = build_listing(repo, point, incremental, base_listing, changed)
+    exact = None
+    if base is not None and changed is not None:
+        exact = compare_chunks(repo, point, base, changed)
+    built = build_listing(repo, point, incremental, base_listing, changed, exact)
     doc = filecat.write_catalog(
         repo.storage, point.id, built.listing, base, base_listing,
         repo.config.chunk_size, _touched(built.listing), built.volumes, built.skipped,

@@ -9,6 +9,7 @@ import base64
 import json
 import re
 import shutil
+import struct
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -394,3 +395,14 @@ def test_spec_alone_reads_a_sealed_file_catalog(tmp_path: Path) -> None:
     hostname = next(r for r in rows if r["path"] == b"/etc/hostname")
     assert (hostname["volume"], hostname["kind"], hostname["size"]) == ("disk", "file", 6)
     assert len(rows) == doc["entries"] == doc["added"]
+    root = rows[0]  # "/": its spans lie in its deps' chunks, and its deps in `touched`
+    assert (root["path"], root["kind"]) == (b"/", "dir")
+    deps = struct.unpack(f"<{len(root['deps']) // 8}q", root["deps"])
+    spans = struct.unpack(f"<{len(root['spans']) // 8}q", root["spans"])
+    chunk = doc["chunk_size"]
+    assert spans and set(deps) <= set(doc["touched"])
+    for at, n in zip(spans[::2], spans[1::2], strict=True):
+        assert n > 0 and {c * chunk for c in range(at // chunk, (at + n - 1) // chunk + 1)} <= set(
+            deps
+        )
+    assert list(spans[::2]) == sorted(spans[::2])

@@ -121,15 +121,20 @@ def test_tls12_psk_suites_and_tls13_both_serve(served: Served) -> None:
 
 def test_psk_files_are_read_strictly(tmp_path: Path) -> None:
     f = tmp_path / "k.psk"
-    f.write_bytes(b"alice:00ff\r\n\nbob:" + KEY.hex().encode() + b"\n")
-    assert read_psk_file(str(f)) == {"alice": b"\0\xff", "bob": KEY}
+    f.write_bytes(b"alice:" + b"00ff" * 8 + b"\r\n\nbob:" + KEY.hex().encode() + b"\n")
+    assert read_psk_file(str(f)) == {"alice": b"\0\xff" * 8, "bob": KEY}
+    k = KEY.hex().encode()
     for text, want in (
         (b"", "no keys"),
         (b"alice\n", "line 1 is not IDENTITY:HEXKEY"),
         (b"\nalice:zz\n", "line 2 is not IDENTITY:HEXKEY"),
-        (b":00ff\n", "line 1 is not IDENTITY:HEXKEY"),
+        (b":" + k + b"\n", "line 1 is not IDENTITY:HEXKEY"),
         (b"alice:\n", "line 1 is not IDENTITY:HEXKEY"),
-        (b"alice:00\nalice:01\n", "line 2 repeats identity 'alice'"),
+        (b"alice:" + k[:32] + b" " + k[32:] + b"\n", "line 1 is not IDENTITY:HEXKEY"),
+        (b"alice:00ff\n", "line 1: a key of 2 bytes"),  # guessable offline
+        (b"alice:" + b"00" * 513 + b"\n", "a key of 513 bytes"),  # more than OpenSSL takes
+        (b"alice:" + k + b"\nalice:" + k + b"\n", "line 2 repeats identity 'alice'"),
+        (b"alice:" + k + b"\n" + b"#" * (1 << 20), "larger than 1 MiB"),
     ):
         f.write_bytes(text)
         with pytest.raises(UsageError, match=want):
