@@ -27,6 +27,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from catalog.errors import CombError, ReaderChanged
+from catalog.read.point import DEFAULT_CACHE_CHUNKS, PointSource
 from catalog.repo import Repository
 from catalog.store import filecat
 from catalog.store.changes import read_changes
@@ -53,7 +54,8 @@ def _summary(v: Volume) -> dict[str, object]:
 
 
 COMPARE_SHARE = 0.5  # compare changed chunks with the base's when at most this share of touched
-GRAIN = 16  # bytes: the unit of a compared chunk's changed ranges
+GRAIN = 16  # bytes: the unit of a compared chunk's changed ranges (two 8-byte words)
+COMPARE_CACHE = 2048  # compared chunks kept decoded for the listing (128 MiB of 64 KiB ones)
 
 
 class _Chunks:
@@ -176,6 +178,7 @@ def build_listing(
     base_listing: pa.Table | None = None,
     changed: np.ndarray | None = None,
     exact: dict[int, list[tuple[int, int]]] | None = None,
+    source: PointSource | None = None,
 ) -> Built:
     """The point's listing: walked whole, or (with a base and the changed chunks) the base's
     listing with the folders that changed listed again. Also the volumes, what could not be
@@ -186,7 +189,7 @@ def build_listing(
     skipped: list[str] = []
     relisted = -1 if base is None else 0
     keys: list[pa.Table] | None = [] if base_listing is not None else None
-    with PointFiles(repo.reader(point)) as files:
+    with PointFiles(source or repo.reader(point)) as files:
         for volume in files.volumes():
             volumes.append(_summary(volume))
             if volume.fstype not in READABLE:
@@ -251,7 +254,11 @@ def _changed(repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc) -> 
 
 
 def compare_chunks(
-    repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc, changed: np.ndarray
+    repo: Repository,
+    point: RecoveryPoint,
+    base: filecat.FilesDoc,
+    changed: np.ndarray,
+    source: PointSource | None = None,
 ) -> dict[int, list[tuple[int, int]]]:
     """The byte ranges (disk offset, length) that really differ between the base's point and
     this one in each changed chunk some folder's listing came from (the base's ``touched``):
@@ -267,14 +274,15 @@ def compare_chunks(
         parent = parse_point(raw, point_name(base.point), base.point, repo.storage.sealer)
         if parent.size != size:
             return {}
-        old, new = repo.reader(parent), repo.reader(point)
+        old, new = repo.reader(parent), source or repo.reader(point)
 
         def diff(c: int) -> list[tuple[int, int]]:
             n = min(chunk, size - c)
-            a = np.frombuffer(old.read(c, n), np.uint8)
-            b = np.frombuffer(new.read(c, n), np.uint8)
-            pad = -n % GRAIN
-            differs = np.concatenate([a != b, np.zeros(pad, bool)]).reshape(-1, GRAIN).any(1)
+            pad = bytes(-n % GRAIN)
+            a = np.frombuffer(old.read(c, n) + pad, "<u8")  # (GRAIN bytes: two words)
+            b = np.frombuffer(new.read(c, n) + pad, "<u8")
+            words = a != b
+            differs = words[0::2] | words[1::2]
             edges = np.flatnonzero(np.diff(np.concatenate([[0], differs.view(np.int8), [0]])))
             runs = zip(edges[::2].tolist(), edges[1::2].tolist(), strict=True)
             return [(c + lo * GRAIN, min(hi * GRAIN, n) - lo * GRAIN) for lo, hi in runs]
@@ -314,10 +322,14 @@ def index_point(repo: Repository, point: RecoveryPoint) -> Indexed:
         )  # fmt: skip
         return Indexed(doc, False, time.perf_counter() - t0)
     incremental = base if changed is not None else None
-    exact = None
+    exact, source = None, None
     if base is not None and changed is not None:
-        exact = compare_chunks(repo, point, base, changed)
-    built = build_listing(repo, point, incremental, base_listing, changed, exact)
+        # (the chunks compared are mostly those the folders read again are listed from: they
+        # stay decoded in the reader the listing uses)
+        n = min(len(changed), COMPARE_CACHE)
+        source = repo.reader(point, cache_chunks=DEFAULT_CACHE_CHUNKS + n)
+        exact = compare_chunks(repo, point, base, changed, source)
+    built = build_listing(repo, point, incremental, base_listing, changed, exact, source)
     doc = filecat.write_catalog(
         repo.storage, point.id, built.listing, base, base_listing,
         repo.config.chunk_size, _touched(built.listing), built.volumes, built.skipped,
