@@ -125,32 +125,69 @@ class _Chunks:
 
 
 def _stored(table: pa.Table, volume: Volume, chunks: _Chunks) -> pa.Table:
-    """A volume's listing from ``drive.files.listing`` in the catalog's columns."""
-    column = table.column("deps_spans")
-    packed: list[bytes | None] = [None] * table.num_rows
-    exact: list[bytes | None] = [None] * table.num_rows
-    known = pc.indices_nonzero(pc.is_valid(column))  # folders' (a file's are null)
-    for i, spans in zip(known.to_pylist(), column.take(known).to_pylist(), strict=True):
-        packed[i] = chunks.pack(spans, volume)
-        pairs = np.array(spans, "<i8").reshape(-1, 2) + [volume.offset, 0]
-        exact[i] = pairs.astype("<i8").tobytes()
+    """A volume's listing from ``drive.files.listing`` in the catalog's columns: each folder's
+    ``deps_spans`` (volume offset, length pairs, ascending) as its ``spans`` (disk offsets) and
+    its ``deps`` (the chunks they lie in), worked out for all rows at once."""
+    lists = table.column("deps_spans").combine_chunks()
+    n = len(lists)
+    bounds = lists.offsets.to_numpy()
+    flat = lists.values.to_numpy()[bounds[0] : bounds[-1]].astype(np.int64)
+    bounds = bounds - bounds[0]
+    valid = lists.is_valid()
+    validity = valid.buffers()[1] if lists.null_count else None
+    at, length = flat[0::2] + volume.offset, flat[1::2]
+    spans = np.empty_like(flat)
+    spans[0::2], spans[1::2] = at, length
+    rows = np.repeat(np.arange(n), np.diff(bounds) // 2)  # each pair's row
+    first = at // chunks.chunk
+    last = (at + np.maximum(length, 1) - 1) // chunks.chunk
+    counts = last - first + 1
+    starts = np.cumsum(counts) - counts
+    index = np.repeat(first, counts) + np.arange(int(counts.sum())) - np.repeat(starts, counts)
+    owner = np.repeat(rows, counts)
+    keep = np.ones(len(index), bool)  # (a row's pairs ascend: repeats are neighbours)
+    keep[1:] = (index[1:] != index[:-1]) | (owner[1:] != owner[:-1])
+    index, owner = index[keep], owner[keep]
+    if len(index) > 1 and ((np.diff(index) < 0) & (owner[1:] == owner[:-1])).any():
+        raise ValueError("a folder's deps spans are not in ascending order")
+    per_row = np.bincount(owner, minlength=n)
+    deps_bounds = np.concatenate([[0], np.cumsum(per_row) * 8]).astype(np.int32)
+
+    def binary(offsets: np.ndarray, data: np.ndarray) -> pa.Array:
+        buffers = [validity, pa.py_buffer(offsets.astype(np.int32)), pa.py_buffer(data)]
+        return pa.Array.from_buffers(pa.binary(), n, buffers, null_count=lists.null_count)
+
     table = table.drop_columns(["deps_spans"])
-    table = table.append_column("deps", pa.array(packed, pa.binary()))
-    table = table.append_column("spans", pa.array(exact, pa.binary()))
+    table = table.append_column("deps", binary(deps_bounds, (index * chunks.chunk).astype("<i8")))
+    table = table.append_column("spans", binary(bounds * 8, spans.astype("<i8")))
     return table.select(filecat.LISTING_SCHEMA.names).cast(filecat.LISTING_SCHEMA)
 
 
 def _walkable(table: pa.Table, volume: Volume, chunks: _Chunks) -> pa.Table:
-    """A volume's rows of a stored listing, with ``deps_spans`` for ``relist``."""
-    column, exact = table.column("deps"), table.column("spans")
-    spans: list[list[int] | None] = [None] * table.num_rows
-    known = pc.indices_nonzero(pc.or_(pc.is_valid(column), pc.is_valid(exact)))  # folders'
-    pairs = zip(column.take(known).to_pylist(), exact.take(known).to_pylist(), strict=True)
-    for i, (deps, mine) in zip(known.to_pylist(), pairs, strict=True):
-        spans[i] = chunks.spans(deps, mine, volume)
-    return table.drop_columns(list(filecat.WHERE_FROM)).append_column(
-        "deps_spans", pa.array(spans, pa.list_(pa.int64()))
-    )
+    """A volume's rows of a stored listing, with ``deps_spans`` for ``relist``: each folder's
+    ``spans`` in volume offsets (all rows at once), or where a folder has none (a catalog from
+    before they were kept), its whole ``deps`` chunks."""
+    column, exact = table.column("deps"), table.column("spans").combine_chunks()
+    old = pc.and_(pc.is_valid(column), pc.is_null(exact))
+    if pc.any(old).as_py():  # (rare: row by row)
+        spans: list[list[int] | None] = [None] * table.num_rows
+        known = pc.indices_nonzero(pc.or_(pc.is_valid(column), pc.is_valid(exact)))
+        pairs = zip(column.take(known).to_pylist(), exact.take(known).to_pylist(), strict=True)
+        for i, (deps, mine) in zip(known.to_pylist(), pairs, strict=True):
+            spans[i] = chunks.spans(deps, mine, volume)
+        lists = pa.array(spans, pa.list_(pa.int64()))
+    else:
+        _, offsets_buffer, data = exact.buffers()
+        bounds = np.frombuffer(offsets_buffer, np.int32, len(exact) + 1, exact.offset * 4)
+        flat = np.frombuffer(data, "<i8", (bounds[-1] - bounds[0]) // 8, bounds[0]).copy()
+        flat[0::2] -= volume.offset
+        validity = exact.is_valid().buffers()[1] if exact.null_count else None
+        offsets = pa.py_buffer(((bounds - bounds[0]) // 8).astype(np.int32))
+        lists = pa.ListArray.from_buffers(
+            pa.list_(pa.int64()), len(exact), [validity, offsets], exact.null_count,
+            children=[pa.array(flat, pa.int64())],
+        )  # fmt: skip
+    return table.drop_columns(list(filecat.WHERE_FROM)).append_column("deps_spans", lists)
 
 
 def _touched(listing: pa.Table) -> list[int]:
