@@ -40,10 +40,12 @@ comb_python() {
 
 comb_bootstrap() {
     # $1: pip extras to install ("" or "test")
-    local extras="$1" missing=() python
+    local extras="$1" missing=() python pkg=python3
     python="$(comb_python)"
+    # (Debian names a versioned interpreter's venv and headers after it: python3.13-venv)
+    case "$(basename "$python")" in python3.[0-9]*) pkg="$(basename "$python")" ;; esac
     command -v "$python" >/dev/null || missing+=(python3)
-    "$python" -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+    "$python" -c 'import venv, ensurepip' 2>/dev/null || missing+=("$pkg-venv")
     command -v cmp >/dev/null || missing+=(diffutils)
     # The demo's file part makes an ext4 disk (mkfs.ext4 -d) and changes it (debugfs).
     command -v mkfs.ext4 >/dev/null || missing+=(e2fsprogs)
@@ -80,7 +82,7 @@ comb_bootstrap() {
         command -v pkg-config >/dev/null || missing+=(pkg-config)
         pkg-config --exists fuse3 2>/dev/null || missing+=(libfuse3-dev)
         "$python" -c 'import os, sysconfig; os.stat(sysconfig.get_paths()["include"] + "/Python.h")' \
-            2>/dev/null || missing+=(python3-dev)
+            2>/dev/null || missing+=("$pkg-dev")
     fi
     comb_apt_install "${missing[@]}"
     if [ ! -x "$comb_venv/bin/python" ]; then
