@@ -3,9 +3,12 @@ repository, and a raw-socket client that sends what real clients never would."""
 
 from __future__ import annotations
 
+import os
 import socket
 import ssl
 import struct
+import subprocess
+import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,6 +19,7 @@ from combtest import TEST_PASSWORD, Image, MiB, api_backup
 from catalog.repo import Repository
 from drive.nbd.server import NbdServer
 
+ROOT = Path(__file__).resolve().parents[1]
 CHUNK = 64 * 1024
 SIZE = 6 * MiB + 1536  # the last chunk is partial (and 512-aligned: qemu rounds sizes up to 512)
 ODD_SIZE = 3 * MiB + 777  # not even 512-aligned
@@ -176,3 +180,20 @@ class RawClient:
 
 
 # -- hostile and protocol-level requests -------------------------------------------------------
+
+
+# -- processes ---------------------------------------------------------------------------------
+
+
+def serve_process(repo: str, *args: str) -> subprocess.Popen[str]:
+    """``comb -r REPO serve ARGS`` as its own process, stdout and stderr piped."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "pipeline.cli", "-r", repo, "serve", *args]
+    return subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
+    )
+
+
+def run_tool(*cmd: str) -> subprocess.CompletedProcess[str]:
+    """A client tool (qemu-img, nbdinfo, ...), its output captured; a minute at most."""
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)

@@ -59,9 +59,9 @@ COMPARE_CACHE = 2048  # compared chunks kept decoded for the listing (128 MiB of
 
 
 class _Chunks:
-    """Folder deps between the walk's volume spans and the catalog's disk chunk offsets, and
-    which bytes of them changed: ``changed`` chunks, narrowed to the byte ranges of ``exact``
-    (disk offset, length pairs by chunk offset) for the chunks that were compared."""
+    """Stored folder deps as the walk's volume spans, and which bytes of them changed:
+    ``changed`` chunks, narrowed to the byte ranges of ``exact`` (disk offset, length pairs by
+    chunk offset) for the chunks that were compared."""
 
     def __init__(
         self,
@@ -72,20 +72,6 @@ class _Chunks:
         self.chunk = chunk
         self.changed = changed
         self.exact = exact or {}
-
-    def offsets(self, spans: list[int], volume: Volume) -> list[int]:
-        """The disk offsets of the chunks volume spans (offset, length, ...) lie in, ascending."""
-        out: set[int] = set()
-        for at, n in zip(spans[::2], spans[1::2], strict=True):
-            first = (volume.offset + at) // self.chunk
-            last = (volume.offset + at + max(n, 1) - 1) // self.chunk
-            out.update(range(first, last + 1))
-        return [c * self.chunk for c in sorted(out)]
-
-    def pack(self, spans: list[int] | None, volume: Volume) -> bytes | None:
-        if spans is None:
-            return None
-        return np.array(self.offsets(spans, volume), "<i8").tobytes()
 
     def spans(self, deps: bytes | None, exact: bytes | None, volume: Volume) -> list[int] | None:
         """A stored folder's volume spans: its exact ones (``spans``), else its whole chunks."""
@@ -291,27 +277,26 @@ def _changed(repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc) -> 
 
 
 def compare_chunks(
-    repo: Repository,
-    point: RecoveryPoint,
-    base: filecat.FilesDoc,
-    changed: np.ndarray,
-    source: PointSource | None = None,
-) -> dict[int, list[tuple[int, int]]]:
+    repo: Repository, point: RecoveryPoint, base: filecat.FilesDoc, changed: np.ndarray
+) -> tuple[dict[int, list[tuple[int, int]]], PointSource | None]:
     """The byte ranges (disk offset, length) that really differ between the base's point and
     this one in each changed chunk some folder's listing came from (the base's ``touched``):
     a chunk of inode records changes when one inode in it does, and the folders whose records
-    lie in the others need not be read again. Compared in ``GRAIN``-byte pieces. Empty (every
-    changed chunk counts whole) when most of them changed, or the base's point cannot be read."""
+    lie in the others need not be read again. Compared in ``GRAIN``-byte pieces. Also the
+    point's reader that read them, which keeps them decoded: they are mostly what the folders
+    read again are listed from. Nothing (every changed chunk counts whole) when most of them
+    changed, or the base's point cannot be read."""
     todo = np.intersect1d(changed, np.asarray(base.touched, np.int64))
     if not len(todo) or len(todo) > COMPARE_SHARE * len(base.touched):
-        return {}
+        return {}, None
     size, chunk = point.size, repo.config.chunk_size
+    new = repo.reader(point, cache_chunks=DEFAULT_CACHE_CHUNKS + min(len(todo), COMPARE_CACHE))
     try:
         raw = repo.storage.read(point_name(base.point))
         parent = parse_point(raw, point_name(base.point), base.point, repo.storage.sealer)
         if parent.size != size:
-            return {}
-        old, new = repo.reader(parent), source or repo.reader(point)
+            return {}, None
+        old = repo.reader(parent)
 
         def diff(c: int) -> list[tuple[int, int]]:
             n = min(chunk, size - c)
@@ -325,9 +310,9 @@ def compare_chunks(
             return [(c + lo * GRAIN, min(hi * GRAIN, n) - lo * GRAIN) for lo, hi in runs]
 
         with ThreadPoolExecutor(2) as pool:
-            return dict(zip(todo.tolist(), pool.map(diff, todo.tolist()), strict=True))
+            return dict(zip(todo.tolist(), pool.map(diff, todo.tolist()), strict=True)), new
     except (CombError, OSError):
-        return {}
+        return {}, None
 
 
 def _volumes(repo: Repository, point: RecoveryPoint) -> list[dict[str, object]]:
@@ -359,13 +344,10 @@ def index_point(repo: Repository, point: RecoveryPoint) -> Indexed:
         )  # fmt: skip
         return Indexed(doc, False, time.perf_counter() - t0)
     incremental = base if changed is not None else None
-    exact, source = None, None
+    exact: dict[int, list[tuple[int, int]]] = {}
+    source: PointSource | None = None
     if base is not None and changed is not None:
-        # (the chunks compared are mostly those the folders read again are listed from: they
-        # stay decoded in the reader the listing uses)
-        n = min(len(changed), COMPARE_CACHE)
-        source = repo.reader(point, cache_chunks=DEFAULT_CACHE_CHUNKS + n)
-        exact = compare_chunks(repo, point, base, changed, source)
+        exact, source = compare_chunks(repo, point, base, changed)
     built = build_listing(repo, point, incremental, base_listing, changed, exact, source)
     doc = filecat.write_catalog(
         repo.storage, point.id, built.listing, base, base_listing,

@@ -32,17 +32,18 @@ from nbdtest import (
     REP_ERR_INVALID,
     REP_ERR_POLICY,
     REP_ERR_TLS_REQD,
+    ROOT,
     RawClient,
     Served,
     name_data,
+    run_tool,
+    serve_process,
     serving,
     start,
 )
 
 from drive.nbd.server import NbdServer
 from drive.nbd.tls import server_context
-
-ROOT = Path(__file__).resolve().parents[2]
 
 
 def _cert(
@@ -127,14 +128,10 @@ def served(tmp_path_factory: pytest.TempPathFactory, certs: Path) -> Iterator[Se
     yield from serving(tmp_path_factory, tls=context)
 
 
-def run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
-
-
 def test_qemu_img_reads_a_point_over_tls(served: Served, certs: Path, tmp_path: Path) -> None:
     out = tmp_path / "out.img"
     nbd = f"driver=nbd,host=127.0.0.1,port={served.port},export={served.export},tls-creds=tls0"
-    res = run(
+    res = run_tool(
         need_tool("qemu-img"),
         "convert",
         "--object",
@@ -151,12 +148,12 @@ def test_qemu_img_reads_a_point_over_tls(served: Served, certs: Path, tmp_path: 
 
 def test_libnbd_reads_over_tls(served: Served, certs: Path, tmp_path: Path) -> None:
     uri = f"nbds://127.0.0.1:{served.port}/{served.export}?tls-certificates={certs}"
-    res = run(need_tool("nbdinfo"), "--json", uri)
+    res = run_tool(need_tool("nbdinfo"), "--json", uri)
     assert res.returncode == 0 and '"TLS": true' in res.stdout, res.stdout + res.stderr
-    res = run(need_tool("nbdcopy"), uri, str(tmp_path / "out.img"))
+    res = run_tool(need_tool("nbdcopy"), uri, str(tmp_path / "out.img"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out.img").read_bytes() == served.image.read_bytes()
-    res = run(need_tool("nbdinfo"), uri.replace("nbds://", "nbd://"))  # no TLS: refused
+    res = run_tool(need_tool("nbdinfo"), uri.replace("nbds://", "nbd://"))  # no TLS: refused
     assert res.returncode != 0
 
 
@@ -189,14 +186,6 @@ def test_clients_without_tls_or_a_certificate_are_refused(served: Served, certs:
         thread.join(10)
 
 
-def serve(repo: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.cli", "-r", repo, "serve", *args]
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
-    )
-
-
 def test_serve_command_tls_and_its_refusals(served: Served, certs: Path) -> None:
     repo = served.server.repo.location
     cert, key = str(certs / "server-cert.pem"), str(certs / "server-key.pem")
@@ -206,11 +195,13 @@ def test_serve_command_tls_and_its_refusals(served: Served, certs: Path) -> None
         (["--tls-cert", cert, "--tls-key", cert], "not a usable PEM"),  # a cert is no key
         (["--tls-cert", cert], "--tls-cert and --tls-key go together"),
     ]:
-        with serve(repo, *args) as proc:
+        with serve_process(repo, *args) as proc:
             out, err = proc.communicate(timeout=60)
         assert proc.returncode == 2 and out == "", (args, out, err)
         assert err.count("\n") == 1 and want in err, (args, err)
-    with serve(repo, "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key) as proc:
+    with serve_process(
+        repo, "--listen", "127.0.0.1:0", "--tls-cert", cert, "--tls-key", key
+    ) as proc:
         assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()
         assert "on nbds://127.0.0.1:" in line and "TLS required" in line, line
@@ -224,7 +215,7 @@ def test_serve_command_tls_and_its_refusals(served: Served, certs: Path) -> None
             with pytest.raises(ssl.SSLError):  # the open connection was closed (an alert)
                 c.s.recv(1)
         assert proc.stderr.read() == ""
-    with serve(repo, "--listen", "0.0.0.0:0", "--insecure") as proc:
+    with serve_process(repo, "--listen", "0.0.0.0:0", "--insecure") as proc:
         assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()
         assert "on nbd://0.0.0.0:" in line, line + proc.stderr.read()

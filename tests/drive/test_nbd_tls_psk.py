@@ -8,22 +8,27 @@ from __future__ import annotations
 import os
 import signal
 import ssl
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from combtest import need_tls_psk, need_tool
-from nbdtest import OPT_GO, REP_ERR_TLS_REQD, RawClient, Served, name_data, serving
+from nbdtest import (
+    OPT_GO,
+    REP_ERR_TLS_REQD,
+    RawClient,
+    Served,
+    name_data,
+    run_tool,
+    serve_process,
+    serving,
+)
 
 from catalog.errors import UsageError
 from drive.nbd.tls import psk_context, read_psk_file
 
-ROOT = Path(__file__).resolve().parents[2]
 KEY = bytes(range(32))
-HAS_PSK = hasattr(ssl.SSLContext, "set_psk_server_callback")
 
 
 @pytest.fixture(scope="module")
@@ -39,21 +44,15 @@ def keys(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def served(tmp_path_factory: pytest.TempPathFactory, keys: Path) -> Iterator[Served]:
-    if not HAS_PSK:
-        yield None  # type: ignore[misc]  # each test reports the missing Python first
-        return
+    need_tls_psk()
     yield from serving(tmp_path_factory, tls=psk_context(str(keys / "keys.psk")))
-
-
-def run(*cmd: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=60)
 
 
 def test_qemu_img_reads_a_point_over_tls_psk(served: Served, keys: Path, tmp_path: Path) -> None:
     need_tls_psk()
     out = tmp_path / "out.img"
     nbd = f"driver=nbd,host=127.0.0.1,port={served.port},export={served.export},tls-creds=tls0"
-    res = run(
+    res = run_tool(
         need_tool("qemu-img"),
         "convert",
         "--object",
@@ -74,19 +73,19 @@ def test_libnbd_reads_with_the_key_and_is_refused_without_it(
     need_tls_psk()
     host = f"127.0.0.1:{served.port}/{served.export}"
     uri = f"nbds://alice@{host}?tls-psk-file={keys / 'keys.psk'}"
-    res = run(need_tool("nbdinfo"), "--json", uri)
+    res = run_tool(need_tool("nbdinfo"), "--json", uri)
     assert res.returncode == 0 and '"TLS": true' in res.stdout, res.stdout + res.stderr
-    res = run(need_tool("nbdcopy"), uri, str(tmp_path / "out.img"))
+    res = run_tool(need_tool("nbdcopy"), uri, str(tmp_path / "out.img"))
     assert res.returncode == 0, res.stderr
     assert (tmp_path / "out.img").read_bytes() == served.image.read_bytes()
-    bob = run("nbdinfo", f"nbds://bob@{host}?tls-psk-file={keys / 'keys.psk'}")
+    bob = run_tool("nbdinfo", f"nbds://bob@{host}?tls-psk-file={keys / 'keys.psk'}")
     assert bob.returncode == 0, bob.stderr  # the second identity has its own key
     for refused in (
         f"nbds://alice@{host}?tls-psk-file={keys / 'wrong.psk'}",  # a wrong key
         f"nbds://eve@{host}?tls-psk-file={keys / 'eve.psk'}",  # an identity the server lacks
         f"nbd://{host}",  # no TLS
     ):
-        res = run("nbdinfo", refused)
+        res = run_tool("nbdinfo", refused)
         assert res.returncode != 0, refused
 
 
@@ -143,14 +142,6 @@ def test_psk_files_are_read_strictly(tmp_path: Path) -> None:
         read_psk_file(str(tmp_path / "nope.psk"))
 
 
-def serve(repo: str, *args: str) -> subprocess.Popen[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "pipeline.cli", "-r", repo, "serve", *args]
-    return subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=env
-    )
-
-
 def test_serve_command_tls_psk_and_its_refusals(served: Served, keys: Path) -> None:
     need_tls_psk()
     repo, psk = served.server.repo.location, str(keys / "keys.psk")
@@ -160,11 +151,13 @@ def test_serve_command_tls_psk_and_its_refusals(served: Served, keys: Path) -> N
         (["--tls-psk", psk, "--tls-cert", psk, "--tls-key", psk], "exclude each other"),
         (["--tls-psk", psk, "--insecure"], "--insecure and --tls-psk exclude each other"),
     ]:
-        with serve(repo, *args) as proc:
+        with serve_process(repo, *args) as proc:
             out, err = proc.communicate(timeout=60)
         assert proc.returncode == 2 and out == "", (args, out, err)
         assert err.count("\n") == 1 and want in err, (args, err)
-    with serve(repo, "--listen", "0.0.0.0:0", "--tls-psk", psk) as proc:  # PSK is TLS enough
+    with serve_process(
+        repo, "--listen", "0.0.0.0:0", "--tls-psk", psk
+    ) as proc:  # PSK is TLS enough
         assert proc.stdout is not None and proc.stderr is not None
         line = proc.stdout.readline()
         assert "on nbds://0.0.0.0:" in line and "TLS required with pre-shared keys" in line, (
