@@ -16,9 +16,11 @@ import os
 import shutil
 
 from catalog.repo import Repository
+from catalog.store.crypto import ALGORITHM
+from catalog.store.format import DEFAULT_ZSTD_LEVEL
 
 from . import peers as peer_mod
-from .backup_report import SPARSE, Results, print_report, to_json
+from .backup_report import LIKE_PEERS, SPARSE, Results, print_report, to_json
 from .image import (
     ChangeSet,
     change_block_rewrites,
@@ -37,6 +39,7 @@ from .machine import (
     header_lines,
 )
 from .memory import idle_ray
+from .peers import PEER_ZSTD_LEVEL
 from .runs import BENCH_PASSWORD, BackupRun, backup, fresh_repo, index_per_chunk, restore
 from .sampler import load_average
 
@@ -53,6 +56,13 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     )
     ap.add_argument("--keep", action="store_true", help="keep repositories and work images")
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument(
+        "--repo",
+        choices=("default", "plain"),
+        default="default",
+        help="comb's repositories: as `comb init` makes them (encrypted, parity; the default) "
+        "or plain (`--encryption none`, parity kept)",
+    )
     return ap.parse_args(argv)
 
 
@@ -66,9 +76,14 @@ class Bench:
         self.image = os.path.join(self.workdir, "work.img")
         self.r = Results(parse_size(args.size))
         self.peers: list[peer_mod.Peer] = []
+        self.encryption = ALGORITHM if args.repo == "default" else "none"
+        self.r.extra["repository"] = "encrypted, parity" if args.repo == "default" else "plain"
 
     def path(self, name: str) -> str:
         return os.path.join(self.workdir, name)
+
+    def fresh(self, name: str, zstd_level: int | None = None) -> Repository:
+        return fresh_repo(self.path(name), encryption=self.encryption, zstd_level=zstd_level)
 
     # -- steps ---------------------------------------------------------------------------
 
@@ -84,7 +99,7 @@ class Bench:
             names = peer_mod.ensure_tools()
             self.peers = peer_mod.make_peers(names, self.workdir)
             self.r.extra["peer_versions"] = {
-                p.name: peer_mod.tool_version(p.name) for p in self.peers
+                p.name: peer_mod.tool_version(p.tool) for p in self.peers
             }
 
     def full_backups(self) -> None:
@@ -94,14 +109,18 @@ class Bench:
         best: dict[str, BackupRun] = {}
         best_peer: dict[str, peer_mod.PeerRun] = {}
         for i in range(max(1, self.args.repeat)):
-            runs = [backup(fresh_repo(self.path("repo-L")), self.image, "local", "comb local")]
+            runs = [("local", backup(self.fresh("repo-L"), self.image, "local", "comb local"))]
+            if DEFAULT_ZSTD_LEVEL != PEER_ZSTD_LEVEL:  # like for like with the peers' level
+                label = f"comb local, zstd-{PEER_ZSTD_LEVEL}"
+                repo_z = self.fresh("repo-Z", zstd_level=PEER_ZSTD_LEVEL)
+                runs.append((LIKE_PEERS, backup(repo_z, self.image, "local", label)))
             if "ray" in self.engines:
-                runs.append(backup(fresh_repo(self.path("repo-R")), self.image, "ray", "comb ray"))
+                runs.append(("ray", backup(self.fresh("repo-R"), self.image, "ray", "comb ray")))
             else:  # repo R still needs the same content for the no-list incrementals
-                backup(fresh_repo(self.path("repo-R")), self.image, "local", "comb local (R)")
-            for run in runs:
-                if run.engine not in best or run.wall_s < best[run.engine].wall_s:
-                    best[run.engine] = run
+                backup(self.fresh("repo-R"), self.image, "local", "comb local (R)")
+            for key, run in runs:
+                if key not in best or run.wall_s < best[key].wall_s:
+                    best[key] = run
                 fc = run.usage.foreign_cores
                 print(f"  round {i + 1}: {run.label} {run.wall_s:.2f} s (foreign {fc:.2f} cores)")
             for p in self.peers:
@@ -136,7 +155,8 @@ class Bench:
         )
         runs: dict[str, BackupRun | peer_mod.PeerRun] = {"list": with_list, "nolist": no_list}
         for p in self.peers:
-            runs[p.name] = p.backup(self.image, change.name)
+            if not p.full_only:
+                runs[p.name] = p.backup(self.image, change.name)
         self.r.incr[change.name] = runs
         print(f"  incrementals after {change.name}: done")
 
@@ -147,7 +167,8 @@ class Bench:
         os.unlink(self.path("restore.img"))
         self.r.restores.append(run)
         for p in self.peers:
-            self.r.peer_runs.append(p.restore(self.image))
+            if not p.full_only:
+                self.r.peer_runs.append(p.restore(self.image))
 
     def sparse_64g(self) -> None:
         spec = sparse_spec()
@@ -156,7 +177,7 @@ class Bench:
         print(info.summary())
         work = self.path("sparse-work.img")
         sparse_copy(base, work)
-        repo = fresh_repo(self.path("repo-S"))
+        repo = self.fresh("repo-S")
         full = backup(repo, work, "local", "64 GiB sparse full")
         change = change_scattered_writes(work, seed=21)
         incr = backup(
@@ -171,7 +192,7 @@ class Bench:
     def cleanup(self) -> None:
         if self.args.keep:
             return
-        for name in ("repo-L", "repo-R"):
+        for name in ("repo-L", "repo-R", "repo-Z"):
             if os.path.exists(self.path(name)):
                 shutil.rmtree(self.path(name))
         for p in self.peers:

@@ -9,6 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from . import profile
 from .image import GIB, ChangeSet
 from .memory import IdleRay
 from .peers import PeerRun
@@ -17,6 +18,7 @@ from .runs import BackupRun, RestoreRun
 from .sampler import Usage, load_average
 
 SPARSE = "sparse-64g"
+LIKE_PEERS = "local-like-peers"  # comb local at the peers' zstd level (when ours differs)
 
 
 @dataclass
@@ -88,16 +90,30 @@ def targets(r: Results) -> list[Target]:
     restic, borg = _mbps(r.peer("restic", "full")), _mbps(r.peer("borg", "full"))
     b_name = next((k for k in r.incr if k.endswith("pct-64k")), "")
     cpu = {k: _cpu_note(r, k) for k in ("borg", "restic")}
+    repo = r.extra.get("repository", "plain")
+    peer_full = r.peer("borg", "full")
+    borg_cpu = peer_full.usage.cpu_s / (r.size / 1e9) if peer_full is not None else None
     specs: list[tuple[str, float | None, str, float, str, str]] = [
-        ("full local / borg fixed-4M (MB/s)", ratio(local.mbps, borg), ">=", 2.0, "x", cpu["borg"]),
+        (f"full local ({repo}) / borg fixed-4M -e none (MB/s)", ratio(local.mbps, borg), ">=",
+         2.0, "x", cpu["borg"]),
+        ("full local CPU-s/GB / borg's", ratio(local.cpu_s_per_gb, borg_cpu), "<=", 1.0, "x", ""),
+        ("full local / borg repokey-blake2 (MB/s)",
+         ratio(local.mbps, _mbps(r.peer("borg-repokey", "full"))), ">=", 2.0, "x", ""),
         ("full local / restic (MB/s)", ratio(local.mbps, restic), ">=", 3.5, "x", cpu["restic"]),
-    ]
+        ("pipeline efficiency (local, measured / floor)", profile.efficiency(local), ">=", 0.85,
+         "", ""),
+    ]  # fmt: skip
+    like = r.full.get(LIKE_PEERS)
+    if like is not None:
+        note = "informative: comb at borg's zstd level"
+        specs.append((f"{like.label} / borg fixed-4M -e none (MB/s)", ratio(like.mbps, borg), ">=",
+                      2.0, "x", note))  # fmt: skip
     if ray is not None:
         incl = f"incl. start-up {ray.mbps / local.mbps:.2f}x"
         specs += [
             ("full ray excl. start-up / borg", ratio(ray.mbps_work, borg), ">=", 2.0, "x", ""),
             ("full ray excl. start-up / restic", ratio(ray.mbps_work, restic), ">=", 3.5, "x", ""),
-            ("ray / local, excl. Ray start-up", ratio(ray.mbps_work, local.mbps), ">=", 0.8, "x",
+            ("ray / local, excl. Ray start-up", ratio(ray.mbps_work, local.mbps), ">=", 0.9, "x",
              incl),
         ]  # fmt: skip
     a_list = r.comb_incr("1000x4k", "list")
@@ -151,16 +167,18 @@ def _full_table(r: Results) -> str:
         excl = f"{run.mbps_work:.0f}" if run.startup_s > 0.05 else ""
         rows.append([run.label, f"{run.wall_s:.2f}", f"{run.mbps:.0f}", excl,
                      f"{run.startup_s:.2f}", f"{run.cpu_s_per_gb:.2f}", f"{u.cores():.2f}",
-                     mib(u.peak_pss), f"{u.foreign_cores:.2f}"])  # fmt: skip
+                     mib(u.peak_pss), mib(run.stats["bytes_stored"]),
+                     f"{u.foreign_cores:.2f}"])  # fmt: skip
     for p in r.peer_runs:
         if p.step == "full":
             u = p.usage
             rows.append([p.tool, f"{p.wall_s:.2f}", f"{p.mbps:.0f}", "", "",
                          f"{u.cpu_s / (size / 1e9):.2f}", f"{u.cores():.2f}", mib(u.peak_pss),
-                         f"{u.foreign_cores:.2f}"])  # fmt: skip
+                         mib(p.repo_growth), f"{u.foreign_cores:.2f}"])  # fmt: skip
     header = ["run", "wall s", "MB/s", "MB/s excl. start-up", "start-up s", "CPU-s/GB", "cores",
-              "peak PSS MiB", "foreign cores"]  # fmt: skip
-    title = f"full backup, {size / GIB:g} GiB image (MB/s = logical bytes / wall)"
+              "peak PSS MiB", "stored MiB", "foreign cores"]  # fmt: skip
+    repo = r.extra.get("repository", "plain")
+    title = f"full backup, {size / GIB:g} GiB image, comb {repo} (MB/s = logical bytes / wall)"
     return table(title, header, rows)
 
 
@@ -260,6 +278,7 @@ def other_rows(r: Results) -> list[list[str]]:
 
 def print_report(r: Results) -> list[Target]:
     print(_full_table(r))
+    print(profile.profile_table([run for k, run in r.full.items() if k != SPARSE]))
     print(_incr_table(r))
     print(_restore_table(r))
     if r.peer_runs:
@@ -276,6 +295,7 @@ def to_json(r: Results, found: list[Target], env: dict[str, Any]) -> dict[str, A
         "env": env,
         "size": r.size,
         "full": {k: v.to_json() for k, v in r.full.items()},
+        "profile": {k: profile.to_json(v) for k, v in r.full.items() if v.cpu_by_stage},
         "incremental": {n: {k: v.to_json() for k, v in runs.items()} for n, runs in r.incr.items()},
         "changes": {k: asdict(v) for k, v in r.changes.items()},
         "restore": [x.to_json() for x in r.restores],

@@ -21,6 +21,7 @@ from .runs import files_identical, repo_bytes
 from .sampler import TreeSampler, Usage
 
 PEER_PACKAGES = {"restic": "restic", "borg": "borgbackup"}
+PEER_ZSTD_LEVEL = 3  # borg's -C zstd,N
 
 
 @dataclass
@@ -83,6 +84,8 @@ class Peer:
     """A backup tool with one repository; subclasses give the command lines."""
 
     name = "peer"
+    tool = "peer"  # the program (tool_version, ensure_tools)
+    full_only = False  # only in the full-backup rounds (a second configuration of a tool)
 
     def __init__(self, workdir: str) -> None:
         self.workdir = os.path.abspath(workdir)
@@ -92,7 +95,7 @@ class Peer:
 
     def _run(self, args: list[str], cwd: str | None = None) -> None:
         proc = subprocess.run(args, env=self.env, cwd=cwd, capture_output=True, text=True)
-        ok = (0, 1) if self.name == "borg" else (0,)  # borg: 1 is a warning
+        ok = (0, 1) if self.tool == "borg" else (0,)  # borg: 1 is a warning
         if proc.returncode not in ok:
             tail = (proc.stderr or proc.stdout).strip().splitlines()[-3:]
             raise RuntimeError(f"{' '.join(args[:3])} failed ({proc.returncode}): {tail}")
@@ -151,7 +154,7 @@ class Peer:
 
 
 class Restic(Peer):
-    name = "restic"
+    name = tool = "restic"
 
     def __init__(self, workdir: str) -> None:
         super().__init__(workdir)
@@ -172,11 +175,15 @@ class Restic(Peer):
 
 
 class Borg(Peer):
-    name = "borg"
+    """borg, fixed 4 MiB chunks, no encryption: the fastest borg."""
+
+    name = tool = "borg"
+    encryption = "none"
 
     def __init__(self, workdir: str) -> None:
         super().__init__(workdir)
-        self.env["BORG_BASE_DIR"] = os.path.join(self.workdir, "borg-base")
+        self.env["BORG_BASE_DIR"] = os.path.join(self.workdir, f"{self.name}-base")
+        self.env["BORG_PASSPHRASE"] = "comb-bench"
         self.env["BORG_UNKNOWN_UNENCRYPTED_REPO_ACCESS_IS_OK"] = "yes"
         self.env["BORG_RELOCATED_REPO_ACCESS_IS_OK"] = "yes"
 
@@ -184,7 +191,7 @@ class Borg(Peer):
         return [self.env["BORG_BASE_DIR"]]
 
     def init_args(self) -> list[str]:
-        return ["borg", "init", "-e", "none", self.repo]
+        return ["borg", "init", "-e", self.encryption, self.repo]
 
     def backup_args(self, image: str) -> list[str]:
         return [
@@ -193,7 +200,7 @@ class Borg(Peer):
             "--chunker-params",
             "fixed,4194304",
             "-C",
-            "zstd,3",
+            f"zstd,{PEER_ZSTD_LEVEL}",
             f"{self.repo}::a{self.archives}",
             image,
         ]
@@ -202,6 +209,16 @@ class Borg(Peer):
         return ["borg", "extract", "--sparse", f"{self.repo}::a{self.archives - 1}"]
 
 
+class BorgRepokey(Borg):
+    """borg's default encryption (repokey-blake2: AES-256-CTR + keyed BLAKE2b ids), fixed 4 MiB
+    chunks: the row to hold comb's default (encrypted) repository against; full backups only."""
+
+    name = "borg-repokey"
+    encryption = "repokey-blake2"
+    full_only = True
+
+
 def make_peers(names: list[str], workdir: str) -> list[Peer]:
-    classes: dict[str, type[Peer]] = {"restic": Restic, "borg": Borg}
-    return [classes[n](workdir) for n in names]
+    """The peers of the tools found: restic; borg unencrypted and encrypted."""
+    classes: dict[str, list[type[Peer]]] = {"restic": [Restic], "borg": [Borg, BorgRepokey]}
+    return [cls(workdir) for n in names for cls in classes[n]]

@@ -83,7 +83,7 @@ def _num(x: float) -> str:
 
 def targets_table(targets: Sequence[Target]) -> str:
     return table(
-        "targets (issue 2)",
+        "targets",
         ["target", "value", "limit", "status", "note"],
         [t.row() for t in targets],
     )

@@ -38,6 +38,7 @@ class BackupRun:
     stats: dict[str, Any]
     usage: Usage
     point_id: str = ""
+    cpu_by_stage: dict[str, float] = field(default_factory=dict)  # the pipeline's own profile
 
     @property
     def work_s(self) -> float:
@@ -109,7 +110,12 @@ class RestoreRun:
 BENCH_PASSWORD = "comb bench password"
 
 
-def fresh_repo(path: str, chunk_size: int | None = None, encryption: str = "none") -> Repository:
+def fresh_repo(
+    path: str,
+    chunk_size: int | None = None,
+    encryption: str = "none",
+    zstd_level: int | None = None,
+) -> Repository:
     """An empty repository at ``path`` (whatever was there is removed). Plain unless asked:
     the figures of every other benchmark stay comparable with earlier runs; ``python -m bench
     integrity`` measures what encryption costs."""
@@ -118,6 +124,7 @@ def fresh_repo(path: str, chunk_size: int | None = None, encryption: str = "none
     return Repository.init(
         path,
         chunk_size=chunk_size or DEFAULT_CHUNK_SIZE_BYTES,
+        zstd_level=zstd_level,
         encryption=encryption,
         password=BENCH_PASSWORD if encryption != "none" else None,
     )
@@ -150,6 +157,7 @@ def backup(
         stats=asdict(point.stats),
         usage=sampler.usage,
         point_id=point.id,
+        cpu_by_stage=dict(eng.cpu_by_stage),
     )
 
 

@@ -16,6 +16,7 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     chunks      one stored chunk: encode, decode, the id check every read passes
     packs       immutable files of chunks, their entry tables
     parity      erasure-coded parity of one pack (FORMAT.md 20)
+    parity_codec  its encoder: ISA-L when installed, else zfec (the same bytes)
     parquet_io  content-named Parquet files, written and read back checked
     blocks      block lists: checking parts of a large metadata file (FORMAT.md 7.1)
     index       the chunk index: id -> pack, offset, lengths

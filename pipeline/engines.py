@@ -7,13 +7,15 @@ a process boundary. The driver keeps at most ``window`` work items in flight (ba
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import queue
 import signal
+import socket
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any, Protocol
@@ -34,16 +36,28 @@ RAY_CALL_TIMEOUT_S = 300.0
 RAY_PING_TIMEOUT_S = 60.0
 # The embedded Ray's object store: only small tables travel, so a small store suffices.
 RAY_OBJECT_STORE_BYTES = 256 * 1024 * 1024
+# How long the probe for a running local Ray waits for its GCS port to answer.
+RAY_PROBE_TIMEOUT_S = 0.5
 # After ray.shutdown(), how long the embedded Ray's processes get to exit before being killed.
 RAY_SHUTDOWN_GRACE_S = 5.0
 
 MakeStage = Callable[[IndexClient], Stage]
+
+# glibc's malloc, in a process that runs workers: blocks up to 32 MiB (its ceiling) come from
+# the heap, and freed memory is kept for the next batch instead of going back to the kernel.
+# Otherwise each batch's buffers (MiBs: joined blobs, sealed chunks) are mapped or trimmed
+# anew and every page faults again: 0.7 CPU-s of 9 on a 2 GiB full backup, all system time
+# (bench/README.md "Where the time goes"). Peak memory is what the batches need either way.
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 1 << 30
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 class Engine(Protocol):
     name: str
     workers: int
     startup_s: float
+    cpu_by_stage: dict[str, float]  # after finish: CPU seconds per stage (``Fused.cpu_by_stage``)
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None: ...
 
@@ -66,6 +80,7 @@ class LocalEngine:
         # (+8-18 % MB/s for +45 MiB, bench/README.md "Where the time goes").
         self.workers = workers or (os.cpu_count() or 2) + 1
         self.startup_s = 0.0
+        self.cpu_by_stage: dict[str, float] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._free: queue.Queue[Fused] = queue.Queue()
         self._stages: list[Fused] = []
@@ -73,6 +88,7 @@ class LocalEngine:
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
         t0 = time.perf_counter()
+        keep_freed_memory()
         self.index = DedupIndex.load(LocalStorage(repo_path, sealer=sealer))
         for _ in range(self.workers):
             made = make_stage(self.index)
@@ -98,7 +114,9 @@ class LocalEngine:
         return handle.result()
 
     def finish(self) -> list[Ports]:
-        return [s.flush() for s in self._stages]
+        out = [s.flush() for s in self._stages]
+        self.cpu_by_stage = _summed(s.cpu_by_stage() for s in self._stages)
+        return out
 
     def close(self, failed: bool) -> None:
         if self._pool is not None:
@@ -107,6 +125,18 @@ class LocalEngine:
         for s in self._stages:
             s.teardown()
         self._stages = []
+
+
+def keep_freed_memory() -> bool:
+    """Tune glibc's malloc for a worker process (above); False where there is no glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
+    return bool(ok and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def _ray():  # type: ignore[no-untyped-def]
@@ -119,6 +149,7 @@ class _StageHost:
     """The one generic actor: hosts any stage (here the fused worker stage)."""
 
     def __init__(self, stage: Stage) -> None:
+        keep_freed_memory()
         self.stage = stage
         self.stage.setup()
 
@@ -134,18 +165,30 @@ class _StageHost:
     def teardown(self) -> None:
         self.stage.teardown()
 
+    def cpu_by_stage(self) -> dict[str, float]:
+        method = getattr(self.stage, "cpu_by_stage", None)
+        return method() if method is not None else {}
+
 
 class _IndexHost:
     """The dedup index actor: only chunk ids reach it."""
 
     def __init__(self, repo_path: str, sealer: Sealer) -> None:
         self.index = DedupIndex.load(LocalStorage(repo_path, sealer=sealer))
+        self.cpu_s = 0.0
 
     def ping(self) -> int:
         return len(self.index)
 
     def claim(self, ids: np.ndarray) -> np.ndarray:
-        return self.index.claim(ids)
+        t0 = time.thread_time()
+        try:
+            return self.index.claim(ids)
+        finally:
+            self.cpu_s += time.thread_time() - t0
+
+    def claim_cpu_s(self) -> float:
+        return self.cpu_s
 
 
 class RayIndexClient:
@@ -157,6 +200,23 @@ class RayIndexClient:
     def claim(self, ids: np.ndarray) -> np.ndarray:
         ray = _ray()
         return ray.get(self.handle.claim.remote(ids), timeout=RAY_CALL_TIMEOUT_S)  # type: ignore[no-any-return]
+
+
+def running_local_ray() -> str | None:
+    """The address of the Ray that ``ray start`` left running on this machine, when its GCS
+    answers: the file ``ray start`` writes (``$RAY_TMPDIR``, else ``$TMPDIR``, else ``/tmp``,
+    then ``ray/ray_current_cluster``, as Ray looks for it), and a TCP connect to the address
+    in it (``ray stop`` leaves the file behind). An embedded Ray (another comb's) writes no
+    such file, so it is never borrowed."""
+    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    try:
+        with open(os.path.join(base, "ray", "ray_current_cluster"), encoding="utf-8") as f:
+            address = f.read().strip()
+        host, _, port = address.rpartition(":")
+        with socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S):
+            return address
+    except (OSError, ValueError):
+        return None
 
 
 def ray_init_kwargs(address: str | None) -> dict[str, Any]:
@@ -206,10 +266,15 @@ class RayEngine:
     name = "ray"
 
     def __init__(self, address: str | None = None, workers: int | None = None) -> None:
+        # None: a Ray that `ray start` runs on this machine, else an embedded one; "local":
+        # always an embedded one.
         self.address = address or os.environ.get("RAY_ADDRESS") or None
+        self.attached: str | None = None  # the running local Ray used (none was named)
         self.workers = workers or 0
         self.startup_s = 0.0
-        self._started_ray = False
+        self.cpu_by_stage: dict[str, float] = {}
+        self._started_ray = False  # ray.init was ours: so is ray.shutdown
+        self._embedded = False  # ... and the Ray it started is ours too (not a cluster's)
         self._actors: list[Any] = []
         self._index: Any = None
         self._next = 0
@@ -222,16 +287,22 @@ class RayEngine:
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             # Children this process had before Ray: never Ray's to clean up (see close).
             self._other_children = _child_keys()
+            address = self.address
+            if address is None:
+                address = self.attached = running_local_ray()
+            elif address == "local":
+                address = None
             try:
                 with _sigint_ignored():
-                    ray.init(**ray_init_kwargs(self.address))
+                    ray.init(**ray_init_kwargs(address))
             except Exception as err:  # noqa: BLE001 - any start failure is one line
                 raise StageError(f"cannot start or reach Ray: {str(err).splitlines()[0]}") from None
             self._started_ray = True
+            self._embedded = address is None
         if not self.workers:
             cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
             # As on threads: one worker more than cores on the embedded single-node Ray.
-            self.workers = cpus + 1 if self._started_ray else cpus
+            self.workers = cpus + 1 if self._embedded or self.attached else cpus
         try:
             index_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_IndexHost)
             host_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_StageHost)
@@ -259,9 +330,16 @@ class RayEngine:
     def finish(self) -> list[Ports]:
         ray = _ray()
         try:
-            return ray.get([a.flush.remote() for a in self._actors], timeout=RAY_CALL_TIMEOUT_S)  # type: ignore[no-any-return]
+            out = ray.get([a.flush.remote() for a in self._actors], timeout=RAY_CALL_TIMEOUT_S)
+            profiles = [a.cpu_by_stage.remote() for a in self._actors]
+            claims = self._index.claim_cpu_s.remote()
+            self.cpu_by_stage = _summed(ray.get(profiles, timeout=RAY_CALL_TIMEOUT_S))
+            # The index's own CPU, beside what asking it cost the workers.
+            index_s = float(ray.get(claims, timeout=RAY_CALL_TIMEOUT_S))
+            self.cpu_by_stage["index actor"] = index_s
         except Exception as err:  # noqa: BLE001
             raise translate_ray_error(err) from None
+        return out  # type: ignore[no-any-return]
 
     def close(self, failed: bool) -> None:
         ray = _ray()
@@ -282,20 +360,29 @@ class RayEngine:
         if self._started_ray:
             # Every process of the embedded Ray descends from this one; a worker that was still
             # registering when the raylet stopped can outlive ray.shutdown() (seen: an orphaned
-            # ray::_StageHost), so whatever is left a few seconds later is killed.
+            # ray::_StageHost), so whatever is left a few seconds later is killed. A cluster's
+            # or a running local Ray's processes are not this one's children.
             ours = [
                 p
                 for p in psutil.Process().children(recursive=True)
                 if _key(p) not in self._other_children
             ]
             ray.shutdown()
-            self._started_ray = False
+            self._started_ray = self._embedded = False
             _, alive = psutil.wait_procs(ours, timeout=RAY_SHUTDOWN_GRACE_S)
             for proc in alive:
                 try:
                     proc.kill()
                 except psutil.Error:
                     pass
+
+
+def _summed(profiles: Iterable[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for profile in profiles:
+        for name, secs in profile.items():
+            out[name] = out.get(name, 0.0) + secs
+    return out
 
 
 @contextmanager

@@ -9,6 +9,8 @@ one-line ``StageError`` naming the stage and the extent.
 
 from __future__ import annotations
 
+import time
+from collections import defaultdict
 from typing import ClassVar
 
 import pyarrow as pa
@@ -39,6 +41,11 @@ class Stage:
 
     def teardown(self) -> None:
         """Release resources; after a failure, discard unfinished output."""
+
+    def cpu_parts(self) -> dict[str, float]:
+        """CPU seconds of named parts of this stage's work (``Fused.cpu_by_stage``: whatever
+        is not in a part counts under the stage's own name); none unless a stage splits."""
+        return {}
 
 
 def _extent(batch: pa.Table | None) -> str:
@@ -83,6 +90,19 @@ class Fused(Stage):
         for s in stages:
             sides.update(s.side_schemas)
         self.side_schemas = sides  # type: ignore[misc]
+        self._cpu: defaultdict[int, float] = defaultdict(float)
+
+    def cpu_by_stage(self) -> dict[str, float]:
+        """CPU seconds of this worker's thread per stage, and per part of the stages that split
+        their work (``Stage.cpu_parts``): the pipeline's own profile (bench/README.md)."""
+        out: dict[str, float] = {}
+        for i, s in enumerate(self.stages):
+            parts = s.cpu_parts()
+            for name, secs in parts.items():
+                out[name] = out.get(name, 0.0) + secs
+            rest = self._cpu[i] - sum(parts.values())
+            out[s.name] = out.get(s.name, 0.0) + max(0.0, rest)
+        return out
 
     def setup(self) -> None:
         for s in self.stages:
@@ -92,10 +112,13 @@ class Fused(Stage):
         return self._run(0, batch, {})
 
     def _run(self, start: int, batch: pa.Table | None, sides: dict[str, list[pa.Table]]) -> Ports:
-        for s in self.stages[start:]:
+        for i in range(start, len(self.stages)):
+            s = self.stages[i]
             if batch is None:
                 break
+            t0 = time.thread_time()
             out = self._guard(s, batch, lambda s=s, b=batch: s.process(b))
+            self._cpu[i] += time.thread_time() - t0
             batch = out.pop(MAIN_PORT, None)
             for port, table in out.items():
                 sides.setdefault(port, []).append(table)
@@ -108,7 +131,9 @@ class Fused(Stage):
         sides: dict[str, list[pa.Table]] = {}
         mains: list[pa.Table] = []
         for i, s in enumerate(self.stages):
+            t0 = time.thread_time()
             out = self._guard(s, None, s.flush)
+            self._cpu[i] += time.thread_time() - t0
             main = out.pop(MAIN_PORT, None)
             for port, table in out.items():
                 sides.setdefault(port, []).append(table)

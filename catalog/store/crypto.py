@@ -114,7 +114,7 @@ class AesGcmSealer:
     # -- sealing ------------------------------------------------------------------------------
     def _seal(self, key: bytes, data: bytes | memoryview, aad: bytes) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
-        return nonce + _aead(key).encrypt(nonce, bytes(data), aad)
+        return nonce + _aead(key).encrypt(nonce, data, aad)
 
     def _open(self, key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:
         if len(sealed) < SEAL_OVERHEAD_BYTES:

@@ -2,7 +2,8 @@
 
 A pack is cut into stripes of ``data_shards`` shards of ``shard_bytes`` (the last stripe of a
 pack into ``data_shards`` equal, shorter shards); every stripe gets ``parity_shards`` parity
-shards, Reed-Solomon over GF(2^8) as zfec computes them. The parity file holds the parity
+shards, Reed-Solomon over GF(2^8) as zfec computes them (encoded by ``parity_codec``: ISA-L
+or zfec, the same bytes). The parity file holds the parity
 shards, then a 128-bit BLAKE3 of every data and parity shard (so damage is located to the shard,
 which turns it into erasures: any ``parity_shards`` damaged shards of a stripe are rebuilt), then
 a trailer naming the pack. Footer last, like packs, so the writer streams it.
@@ -21,6 +22,7 @@ import blake3
 import zfec
 
 from catalog.errors import CorruptionError, UsageError
+from catalog.store.parity_codec import Encoder
 from catalog.store.storage import NewFile, Storage
 
 PARITY_MAGIC = b"COMBPRTY"
@@ -36,7 +38,7 @@ PARITY_TRAILER_BYTES = PARITY_TRAILER.size
 PARITY_SHARD_HASH_BYTES = 16
 PARITY_PREFIX = "parity"
 # Default geometry: 16 data + 2 parity shards of 256 KiB (4 MiB stripes, 12.5 % overhead).
-# zfec encodes 16+2 at ~1 GB/s per core with 64 KiB-1 MiB shards (bench/README.md "parity");
+# ISA-L encodes 16+2 at ~8 GB/s per core here, zfec at ~0.8 GB/s (bench/README.md "parity");
 # 256 KiB shards make any damaged range of up to 256 KiB per stripe healable.
 DEFAULT_PARITY_DATA_SHARDS = 16
 DEFAULT_PARITY_SHARDS = 2
@@ -122,8 +124,7 @@ class ParityWriter:
         self._fill = 0
         self._total = 0
         self._hashes: list[bytes] = []
-        self._enc = zfec.Encoder(g.data_shards, g.data_shards + g.parity_shards)
-        self._want = tuple(range(g.data_shards, g.data_shards + g.parity_shards))
+        self._enc = Encoder(g.data_shards, g.parity_shards)
 
     def update(self, data: bytes | memoryview) -> None:
         view = memoryview(data).cast("B")
@@ -142,7 +143,7 @@ class ParityWriter:
         if self._fill < k * shard:
             mv[self._fill : k * shard] = bytes(k * shard - self._fill)
         blocks = tuple(mv[i * shard : (i + 1) * shard] for i in range(k))
-        parity = self._enc.encode(blocks, self._want)
+        parity = self._enc.encode(blocks)
         self._hashes += [_h(b) for b in blocks] + [_h(p) for p in parity]
         self._file.write_many(list(parity))
         self._fill = 0

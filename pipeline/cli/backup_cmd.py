@@ -11,7 +11,7 @@ from catalog.errors import UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
-from ..console import human_bytes, human_rate, print_json
+from ..console import human_bytes, human_rate, note, print_json
 from ..engines import Engine, make_engine
 from ..jobs.backup import run_backup
 from ..jobs.runner import BackupOptions
@@ -71,7 +71,12 @@ def add_parser(sub: Subparsers) -> None:
         help="Ray actors (default; else COMB_ENGINE, or `engine` in the config file) or "
         "threads in this process",
     )
-    s.add_argument("--ray-address", default=None, help="existing Ray cluster (or RAY_ADDRESS)")
+    s.add_argument(
+        "--ray-address",
+        default=None,
+        help="existing Ray cluster (or RAY_ADDRESS); default: the Ray `ray start` runs on this "
+        "machine if any, else comb's own; `local`: always comb's own",
+    )
     s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
     s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
     v = s.add_argument_group(
@@ -125,6 +130,9 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         else:
             points = [run_backup(r, args.source, engine, opts, bar)]
     seconds = time.perf_counter() - t0
+    attached = getattr(engine, "attached", None)
+    if attached:
+        note(f"used the Ray running here at {attached} (`--ray-address local`: comb's own)")
     if not args.json:
         for point in points:
             _report(point, engine, seconds, False)
@@ -175,6 +183,10 @@ def _report(
     st = point.stats
     if as_json:  # one line per point (JSON Lines): a VM backup makes one point per disk
         doc = {**point_summary(point), "engine_startup_seconds": round(engine.startup_s, 3)}
+        # The engine run's own profile (every disk of the run): CPU seconds per stage and part.
+        doc["stage_cpu_seconds"] = {
+            k.replace(" ", "_"): round(v, 6) for k, v in engine.cpu_by_stage.items()
+        }
         doc["file_catalog"] = catalog
         if point.vsphere is not None:
             doc.update(change_id=point.change_id, cbt=point.vsphere.get("cbt"))

@@ -19,7 +19,7 @@ def add_parser(sub: Subparsers) -> None:
         "create a repository (encrypted, with parity, unless told otherwise)",
         [
             "comb -r /backup/repo init",
-            "COMB_PASSWORD_FILE=/root/.comb-pass comb -r /backup/repo init --zstd-level 1",
+            "COMB_PASSWORD_FILE=/root/.comb-pass comb -r /backup/repo init --zstd-level 3",
             "comb init -r /backup/plain --encryption none --parity-overhead 0",
         ],
         json="print the new repository's settings as one JSON object",
@@ -28,7 +28,10 @@ def add_parser(sub: Subparsers) -> None:
         "--chunk-size", type=int, default=None, help="chunk size in bytes (default 65536)"
     )
     s.add_argument(
-        "--zstd-level", type=int, default=None, help="compression level of new chunks (default 3)"
+        "--zstd-level",
+        type=int,
+        default=None,
+        help="compression level of new chunks, 1 to 19 (default 1)",
     )
     s.add_argument(
         "--parity-overhead",

@@ -68,3 +68,31 @@ def test_threads_encode_and_decode_independently() -> None:
 
     with ThreadPoolExecutor(4) as pool:
         assert all(pool.map(work, datas))
+
+
+def test_encode_chunks_is_encode_chunk_for_each_slice() -> None:
+    """Many chunks of one buffer in one zstd call: the same codec and bytes as one call each,
+    raw where compressing does not help (a view of the input, not a copy)."""
+    import os
+
+    import numpy as np
+
+    from catalog.store.chunks import encode_chunks
+
+    parts = [b"a" * 65536, os.urandom(65536), b"log line 17\n" * 3000, os.urandom(1), b"z"]
+    data = b"".join(parts)
+    lengths = np.array([len(p) for p in parts], np.int64)
+    starts = np.concatenate([[0], np.cumsum(lengths)[:-1]])
+    codecs, blobs = encode_chunks(memoryview(data), starts, lengths, 1)
+    assert [(c, bytes(b)) for c, b in zip(codecs, blobs, strict=True)] == [
+        encode_chunk(p, 1) for p in parts
+    ]
+    assert codecs == [CODEC_ZSTD, CODEC_RAW, CODEC_ZSTD, CODEC_RAW, CODEC_RAW]
+    assert blobs[1].obj is not None and bytes(blobs[1]) == parts[1]
+    # a subset of the chunks (the new ones), read-only input
+    codecs2, blobs2 = encode_chunks(data, starts[[2, 0]], lengths[[2, 0]], 3)
+    assert [bytes(b) for b in blobs2] == [
+        encode_chunk(parts[2], 3)[1],
+        encode_chunk(parts[0], 3)[1],
+    ]
+    assert encode_chunks(data, starts[:0], lengths[:0], 1) == ([], [])

@@ -102,7 +102,7 @@ def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
         [
             ray_bin, "start", "--head", "--block", f"--port={address.split(':')[1]}",
             "--num-cpus=2", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
-            f"--temp-dir={temp}", "--object-store-memory=100000000", "--disable-usage-stats",
+            f"--temp-dir={temp}/ray", "--object-store-memory=100000000", "--disable-usage-stats",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
     )  # fmt: skip
@@ -111,10 +111,17 @@ def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
         repo, img = tmp_path / "repo", tmp_path / "disk.img"
         _image(img, 7)
         assert _comb("-r", str(repo), "init").returncode == 0
+        # No address given: comb finds the Ray `ray start` runs on this machine (the address
+        # file it wrote under RAY_TMPDIR, and its GCS answering) and says it used it.
+        found = {**env, "RAY_TMPDIR": temp}
+        r = _comb("-r", str(repo), "backup", str(img), "--engine", "ray", "--json", env=found)
+        assert r.returncode == 0, r.stderr
+        assert f"used the Ray running here at {address}" in r.stderr
+        _image(img, 8)
         env["RAY_ADDRESS"] = address
         r = _comb("-r", str(repo), "backup", str(img), "--engine", "ray", "--json", env=env)
         assert r.returncode == 0, r.stderr
-        assert '"engine": "ray"' in r.stdout
+        assert '"engine": "ray"' in r.stdout and "used the Ray running here" not in r.stderr
         out = tmp_path / "out.img"
         assert _comb("-r", str(repo), "restore", f"{img}@latest", str(out)).returncode == 0
         assert out.read_bytes() == img.read_bytes()

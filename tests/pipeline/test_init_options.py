@@ -41,3 +41,17 @@ def test_bad_init_options_are_one_line_errors(cli: CliRunner, tmp_path: Path) ->
 def test_init_twice_is_refused(cli: CliRunner, repo_path: Path) -> None:
     assert_one_line_error(cli("-r", repo_path, "init"), "already", code=RepositoryError.exit_code)
     assert os.path.exists(repo_path / "config.json")
+
+
+def test_new_repositories_use_zstd_1_and_a_config_without_a_level_reads_as_3(
+    cli: CliRunner, tmp_path: Path
+) -> None:
+    from catalog.repo import Repository
+
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init", "--encryption", "none").code == 0
+    config = json.loads((repo / "config.json").read_text())
+    assert config["zstd_level"] == 1  # the default since bench/README.md "Compression level"
+    del config["zstd_level"]  # FORMAT.md: a missing zstd_level reads as 3
+    (repo / "config.json").write_text(json.dumps(config))
+    assert Repository.open(str(repo)).config.zstd_level == 3

@@ -128,7 +128,18 @@ def test_a_backup_prints_the_point_as_points_lists_it(
     backed = json.loads(line)
     (listed,) = _doc(cli("-r", repo_path, "points", "--json"))["points"]
     assert {k: backed[k] for k in listed} == listed
-    assert set(backed) - set(listed) == {"engine_startup_seconds", "file_catalog"}
+    assert set(backed) - set(listed) == {
+        "engine_startup_seconds",
+        "stage_cpu_seconds",
+        "file_catalog",
+    }
+    # the pipeline's own profile: CPU seconds of every stage, and of the parts they split
+    profile = backed["stage_cpu_seconds"]
+    assert set(profile) == {
+        "reader", "chunker", "zero_check", "hash", "deduplicator", "compressor", "compress",
+        "seal", "writer", "parity",
+    }  # fmt: skip
+    assert all(v >= 0 for v in profile.values()) and sum(profile.values()) > 0
 
 
 def test_query_sums_are_numbers(cli: CliRunner, backed: tuple[Path, str]) -> None:

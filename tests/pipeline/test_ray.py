@@ -76,6 +76,10 @@ def test_ray_full_incremental_restore_round_trip(
     assert res.code == 0, res.err
     full = json.loads(res.out)
     assert full["engine"] == "ray" and full["mode"] == "full"
+    # the actors' profile reaches the driver, with the index actor's own CPU
+    profile = full["stage_cpu_seconds"]
+    assert {"reader", "hash", "compress", "seal", "parity", "writer", "index_actor"} <= set(profile)
+    assert profile["compress"] > 0 and profile["index_actor"] >= 0
     s0 = img.snapshot(tmp_path / "s0")
     img.take_changes()
     img.random(100 * KiB, 10, seed=4)
@@ -126,3 +130,26 @@ def test_ray_worker_failure_is_one_line_and_leaves_no_process(
     assert "cannot commit" in line
     assert list((repo / "points").iterdir()) == []
     _no_ray_processes_left(ray_tmp)
+
+
+def test_a_running_local_ray_is_found_only_when_it_answers(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The address file `ray start` writes, checked by connecting: `ray stop` leaves a stale
+    file behind, and an embedded Ray (another comb's) writes none."""
+    import socket
+
+    from pipeline.engines import running_local_ray
+
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    assert running_local_ray() is None  # no file
+    (tmp_path / "ray").mkdir()
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        address = f"127.0.0.1:{server.getsockname()[1]}"
+        (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
+        assert running_local_ray() == address
+    assert running_local_ray() is None  # stale: nothing listens there any more
+    (tmp_path / "ray" / "ray_current_cluster").write_text("not an address")
+    assert running_local_ray() is None

@@ -160,3 +160,43 @@ def test_stage_errors_pickle() -> None:
     err = StageError("stage reader failed on extent 0+1: boom")
     back = pickle.loads(pickle.dumps(err))
     assert isinstance(back, StageError) and str(back) == str(err) and back.exit_code == 8
+
+
+class Spin(Stage):
+    """Burns CPU in a named part of its work, and some outside it."""
+
+    name = "spin"
+    input_schema = EXTENTS
+    output_schema = EXTENTS
+
+    def __init__(self) -> None:
+        self.part = 0.0
+
+    def cpu_parts(self) -> dict[str, float]:
+        return {"spin part": self.part}
+
+    def process(self, batch: pa.Table) -> Ports:
+        import time
+
+        t0 = time.thread_time()
+        while time.thread_time() - t0 < 0.03:
+            pass
+        self.part += time.thread_time() - t0
+        while time.thread_time() - t0 < 0.05:
+            pass
+        return {MAIN_PORT: batch}
+
+
+def test_fused_counts_cpu_per_stage_and_part() -> None:
+    spin = Spin()
+    fused = Fused([Double(), spin])
+    batch = pa.table({"offset": [0], "length": [1]}, schema=EXTENTS)
+    for _ in range(3):
+        fused.process(batch)
+    fused.flush()
+    prof = fused.cpu_by_stage()
+    assert set(prof) == {"double", "spin", "spin part"}
+    assert prof["spin part"] == pytest.approx(spin.part)
+    assert 0.085 <= prof["spin part"] <= 0.2  # 3 x 30 ms in the part
+    assert 0.055 <= prof["spin"] <= 0.2  # 3 x 20 ms outside it, under the stage's name
+    assert prof["double"] < 0.05
