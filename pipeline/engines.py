@@ -7,7 +7,6 @@ a process boundary. The driver keeps at most ``window`` work items in flight (ba
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import queue
@@ -31,6 +30,8 @@ from catalog.store.sealing import PLAIN, Sealer
 from stages.backup import IndexClient
 from stages.base import Fused, Ports, Stage
 
+from .malloc import keep_freed_memory
+
 # Every ray.get waits at most this long: a hung actor must fail the job, not hang it.
 RAY_CALL_TIMEOUT_S = 300.0
 RAY_PING_TIMEOUT_S = 60.0
@@ -42,15 +43,6 @@ RAY_PROBE_TIMEOUT_S = 0.5
 RAY_SHUTDOWN_GRACE_S = 5.0
 
 MakeStage = Callable[[IndexClient], Stage]
-
-# glibc's malloc, in a process that runs workers: blocks up to 32 MiB (its ceiling) come from
-# the heap, and freed memory is kept for the next batch instead of going back to the kernel.
-# Otherwise each batch's buffers (MiBs: joined blobs, sealed chunks) are mapped or trimmed
-# anew and every page faults again: 0.7 CPU-s of 9 on a 2 GiB full backup, all system time
-# (bench/README.md "Where the time goes"). Peak memory is what the batches need either way.
-MALLOC_MMAP_THRESHOLD = 32 << 20
-MALLOC_TRIM_THRESHOLD = 1 << 30
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # mallopt parameters (malloc.h)
 
 
 class Engine(Protocol):
@@ -125,18 +117,6 @@ class LocalEngine:
         for s in self._stages:
             s.teardown()
         self._stages = []
-
-
-def keep_freed_memory() -> bool:
-    """Tune glibc's malloc for a worker process (above); False where there is no glibc."""
-    try:
-        libc = ctypes.CDLL(None)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = mallopt(_M_MMAP_THRESHOLD, MALLOC_MMAP_THRESHOLD)
-    return bool(ok and mallopt(_M_TRIM_THRESHOLD, MALLOC_TRIM_THRESHOLD))
 
 
 def _ray():  # type: ignore[no-untyped-def]
@@ -219,6 +199,26 @@ def running_local_ray() -> str | None:
         return None
 
 
+def _token_auth_as_ray_start() -> None:
+    """A client of a Ray that `ray start` started: token authentication when RAY_AUTH_MODE is
+    unset and a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), as
+    `ray start` decided for the cluster; a client that does not ask for it is refused. Ray's
+    own function (its configuration is read at import, so the variable alone is too late)."""
+    try:
+        from ray._private.authentication import authentication_token_setup as auth
+    except ImportError:  # another Ray version: RAY_AUTH_MODE as the user set it
+        return
+    quiet = logging.getLogger(auth.__name__)
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
+    try:
+        auth.maybe_enable_token_auth_if_token_available(warn_if_disabled=False)
+    except Exception:  # noqa: BLE001 - then ray.init says what is wrong, in one line
+        pass
+    finally:
+        quiet.setLevel(level)
+
+
 def ray_init_kwargs(address: str | None) -> dict[str, Any]:
     """Settings of the embedded local Ray (a small machine) or of a connection to a cluster."""
     if address:
@@ -290,13 +290,21 @@ class RayEngine:
             address = self.address
             if address is None:
                 address = self.attached = running_local_ray()
+                if address is not None:
+                    _token_auth_as_ray_start()
             elif address == "local":
                 address = None
             try:
                 with _sigint_ignored():
                     ray.init(**ray_init_kwargs(address))
             except Exception as err:  # noqa: BLE001 - any start failure is one line
-                raise StageError(f"cannot start or reach Ray: {str(err).splitlines()[0]}") from None
+                why = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+                if self.attached:
+                    raise StageError(
+                        f"cannot use the Ray running here at {self.attached}: {why} "
+                        "(RAY_AUTH_MODE as for its `ray start`; `--ray-address local`: comb's own)"
+                    ) from None
+                raise StageError(f"cannot start or reach Ray: {why}") from None
             self._started_ray = True
             self._embedded = address is None
         if not self.workers:

@@ -261,3 +261,10 @@ def test_change_list_for_a_name_last_read_from_elsewhere(
     assert capsys.readouterr().err == ""
     api_restore(repo_path, q.id, tmp_path / "out2")
     cmp_files(b.path, tmp_path / "out2")
+
+
+def test_worker_processes_keep_freed_memory() -> None:
+    """glibc accepts both settings (mallopt refuses an mmap threshold above its ceiling)."""
+    from pipeline.malloc import keep_freed_memory
+
+    assert keep_freed_memory()
