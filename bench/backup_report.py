@@ -167,7 +167,7 @@ def _full_table(r: Results) -> str:
         excl = f"{run.mbps_work:.0f}" if run.startup_s > 0.05 else ""
         rows.append([run.label, f"{run.wall_s:.2f}", f"{run.mbps:.0f}", excl,
                      f"{run.startup_s:.2f}", f"{run.cpu_s_per_gb:.2f}", f"{u.cores():.2f}",
-                     mib(u.peak_pss), mib(run.stats["bytes_stored"]),
+                     mib(u.peak_pss), mib(run.repo_growth),
                      f"{u.foreign_cores:.2f}"])  # fmt: skip
     for p in r.peer_runs:
         if p.step == "full":
@@ -176,7 +176,7 @@ def _full_table(r: Results) -> str:
                          f"{u.cpu_s / (size / 1e9):.2f}", f"{u.cores():.2f}", mib(u.peak_pss),
                          mib(p.repo_growth), f"{u.foreign_cores:.2f}"])  # fmt: skip
     header = ["run", "wall s", "MB/s", "MB/s excl. start-up", "start-up s", "CPU-s/GB", "cores",
-              "peak PSS MiB", "stored MiB", "foreign cores"]  # fmt: skip
+              "peak PSS MiB", "repo growth MiB", "foreign cores"]  # fmt: skip
     repo = r.extra.get("repository", "plain")
     title = f"full backup, {size / GIB:g} GiB image, comb {repo} (MB/s = logical bytes / wall)"
     return table(title, header, rows)

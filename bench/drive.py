@@ -25,6 +25,7 @@ from catalog.read.lookup import SegmentCache, segment_name
 from catalog.read.point import PointSource
 from catalog.read.spans import MapOptions
 from catalog.repo import Repository
+from catalog.store.crypto import ALGORITHM
 from catalog.store.leaves import leaves_name
 from catalog.store.points import RecoveryPoint
 from drive.formats.export import export_image
@@ -36,6 +37,7 @@ from .drive_serve import (
     first_read_seconds,
     fuse_seconds,
     nbdcopy_seconds,
+    nbdkit_iops,
     random_iops,
     start_server,
 )
@@ -46,7 +48,7 @@ from .runs import BENCH_PASSWORD, backup, files_identical, fresh_repo, restore
 
 
 def _served(
-    repo: str, workdir: str, point_id: str, source: PointSource
+    repo: str, workdir: str, point_id: str, source: PointSource, restored: str
 ) -> tuple[list[list[str]], dict[str, object]]:
     """NBD: time to a ready export, nbdcopy MB/s, random 4 KiB IOPS at QD 1 and 16; FUSE MB/s."""
     export = f"bench-disk@{point_id}"
@@ -65,6 +67,10 @@ def _served(
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+    ceiling = nbdkit_iops(restored, source.extents(), 5000)
+    if ceiling is not None:
+        rows.append(["ceiling: nbdkit file (the restored image), QD 1", f"{ceiling:.0f} IOPS"])
+        figures["nbdkit_iops_qd1"] = ceiling
     boot = boot_ready_seconds(repo, export)
     if boot is not None:
         rows.append(["comb boot: command to NBD export ready", f"{boot:.2f} s"])
@@ -200,13 +206,21 @@ def main(argv: list[str]) -> int:
         default="1G,16G",
         help="disk sizes of the first-read points (comma-separated; empty: skip)",
     )
+    ap.add_argument(
+        "--repo",
+        choices=("default", "plain"),
+        default="default",
+        help="the repository: as `comb init` makes it (encrypted, parity) or plain",
+    )
     args = ap.parse_args(argv)
+    os.environ.setdefault("COMB_PASSWORD", BENCH_PASSWORD)  # comb serve, mount, boot
     size = parse_size(args.size)
     os.makedirs(args.workdir, exist_ok=True)
     image = mixed_path(args.workdir, size)
     generate_image(mixed_spec(size), image)
     warm(image)
-    repo = fresh_repo(os.path.join(args.workdir, "drive-repo"))
+    encryption = ALGORITHM if args.repo == "default" else "none"
+    repo = fresh_repo(os.path.join(args.workdir, "drive-repo"), encryption=encryption)
     run = backup(repo, image, "local", "full", source_name="bench-disk")
     repo = Repository.open(repo.location, password=BENCH_PASSWORD)
     point = repo.resolve(run.point_id)
@@ -218,7 +232,6 @@ def main(argv: list[str]) -> int:
     figures["restore"] = {"seconds": base.wall_s}
     rows.append(_delta(repo, point, out + ".restore", image))
     figures["restore_delta"] = {"seconds": float(rows[-1][3])}
-    os.unlink(out + ".restore")
     for name in FORMATS:
         path = f"{out}.{name}"
         if os.path.exists(path):
@@ -231,8 +244,10 @@ def main(argv: list[str]) -> int:
             [name, f"{size / wall / 1e6:.0f}", f"{written / wall / 1e6:.0f}", f"{wall:.2f}"]
         )
         os.unlink(path)
-    serve_rows, serve_figures = _served(repo.location, args.workdir, point.id, repo.reader(point))
+    served = _served(repo.location, args.workdir, point.id, repo.reader(point), out + ".restore")
+    serve_rows, serve_figures = served
     figures.update(serve_figures)
+    os.unlink(out + ".restore")
     sizes = [parse_size(t) for t in args.first_read_sizes.split(",") if t.strip()]
     first_rows, figures["first_read"] = _first_reads(args.workdir, sizes) if sizes else ([], {})
     print("\n".join(header_lines(describe())))

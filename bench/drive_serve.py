@@ -121,6 +121,37 @@ def random_iops(port: int, export: str, extents: list[tuple[int, int]], qd: int,
     return n / wall
 
 
+def nbdkit_iops(image: str, extents: list[tuple[int, int]], n: int) -> float | None:
+    """The ceiling beside comb's QD 1 figure: ``nbdkit file`` serving the restored raw image
+    over the same loopback, read by the same client at the same offsets; None without
+    nbdkit."""
+    tool = shutil.which("nbdkit")
+    if tool is None:
+        return None
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    proc = subprocess.Popen(
+        [tool, "-f", "-r", "--exit-with-parent", "-i", "127.0.0.1", "-p", str(port), "file",
+         image],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.time() + 30
+        while True:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                break
+            except OSError:
+                if time.time() > deadline or proc.poll() is not None:
+                    return None
+                time.sleep(0.05)
+        return random_iops(port, "", extents, 1, n)
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def nbdcopy_seconds(port: int, export: str) -> float | None:
     tool = shutil.which("nbdcopy")
     if tool is None:

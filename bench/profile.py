@@ -60,7 +60,7 @@ def efficiency(run: BackupRun) -> float | None:
 
 def profile_table(runs: list[BackupRun]) -> str:
     """One column per run: each stage's CPU-s per GB, their sum, the floor and the efficiency."""
-    runs = [r for r in runs if r.cpu_by_stage]
+    runs = [r for r in runs if sum(r.cpu_by_stage.values()) > 0]
     names: list[str] = []
     for run in runs:
         names += [n for n, _ in stage_rows(run) if n not in names]

@@ -39,6 +39,7 @@ class BackupRun:
     usage: Usage
     point_id: str = ""
     cpu_by_stage: dict[str, float] = field(default_factory=dict)  # the pipeline's own profile
+    repo_growth: int = 0  # the repository directory's growth (packs, parity, metadata)
 
     @property
     def work_s(self) -> float:
@@ -76,6 +77,8 @@ class BackupRun:
             "load_avg": round(self.usage.load_avg, 2),
             "sampler_cpu_s": round(self.usage.sampler_cpu_s, 3),
             "stats": self.stats,
+            "repo_growth": self.repo_growth,
+            "cpu_by_stage": self.cpu_by_stage,
             "per_process_cpu_s": self.usage.per_process_cpu_s,
         }
 
@@ -140,9 +143,11 @@ def backup(
     source_name: str | None = None,
 ) -> BackupRun:
     """One measured comb backup (the sampler covers Ray's processes when Ray starts inside)."""
-    eng = make_engine(engine, workers=workers)
+    # "local": the bench measures comb's own Ray, never one `ray start` left running here
+    eng = make_engine(engine, ray_address="local" if engine == "ray" else None, workers=workers)
     opts = BackupOptions(changed_extents=changed_extents, source_name=source_name)
     size = os.path.getsize(image)
+    before = repo_bytes(repo.location)
     with TreeSampler() as sampler:
         t0 = time.perf_counter()
         point: RecoveryPoint = run_backup(repo, image, eng, opts)
@@ -158,6 +163,7 @@ def backup(
         usage=sampler.usage,
         point_id=point.id,
         cpu_by_stage=dict(eng.cpu_by_stage),
+        repo_growth=repo_bytes(repo.location) - before,
     )
 
 

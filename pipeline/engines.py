@@ -1,4 +1,5 @@
-"""The two executors of one stage graph: threads in this process, or Ray actors.
+"""The two executors of one stage graph: threads in this process (``engine_local``), or Ray
+actors (here), and the choice between them (``make_engine``).
 
 Both host the same fused worker stage (read -> chunk -> hash -> dedup -> compress -> write) and
 the same dedup index. Only extents go in and small result tables come out; bulk bytes never cross
@@ -9,13 +10,10 @@ from __future__ import annotations
 
 import logging
 import os
-import queue
 import signal
-import socket
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any, Protocol
 
@@ -28,21 +26,24 @@ from catalog.store.index import DedupIndex
 from catalog.store.local import LocalStorage
 from catalog.store.sealing import PLAIN, Sealer
 from stages.backup import IndexClient
-from stages.base import Fused, Ports, Stage
+from stages.base import Ports, Stage
 
+from .engine_local import LocalEngine as LocalEngine  # (re-exported: make_engine makes it)
+from .engine_local import summed
 from .malloc import keep_freed_memory
+from .ray_local import running_local_ray
 
 # Every ray.get waits at most this long: a hung actor must fail the job, not hang it.
 RAY_CALL_TIMEOUT_S = 300.0
 RAY_PING_TIMEOUT_S = 60.0
 # The embedded Ray's object store: only small tables travel, so a small store suffices.
 RAY_OBJECT_STORE_BYTES = 256 * 1024 * 1024
-# How long the probe for a running local Ray waits for its GCS port to answer.
-RAY_PROBE_TIMEOUT_S = 0.5
 # After ray.shutdown(), how long the embedded Ray's processes get to exit before being killed.
 RAY_SHUTDOWN_GRACE_S = 5.0
 
 MakeStage = Callable[[IndexClient], Stage]
+# Variables the workers read themselves (README "Tuning and environment").
+WORKER_ENV = ("COMB_DIRECT_IO", "COMB_PARITY_ENCODER")
 
 
 class Engine(Protocol):
@@ -60,63 +61,6 @@ class Engine(Protocol):
     def finish(self) -> list[Ports]: ...
 
     def close(self, failed: bool) -> None: ...
-
-
-class LocalEngine:
-    """The same stages on threads in one process (the baseline, and small machines)."""
-
-    name = "local"
-
-    def __init__(self, workers: int | None = None) -> None:
-        # One worker more than cores covers the GIL hand-offs and fsync stalls of the others
-        # (+8-18 % MB/s for +45 MiB, bench/README.md "Where the time goes").
-        self.workers = workers or (os.cpu_count() or 2) + 1
-        self.startup_s = 0.0
-        self.cpu_by_stage: dict[str, float] = {}
-        self._pool: ThreadPoolExecutor | None = None
-        self._free: queue.Queue[Fused] = queue.Queue()
-        self._stages: list[Fused] = []
-        self.index: DedupIndex | None = None
-
-    def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
-        t0 = time.perf_counter()
-        keep_freed_memory()
-        self.index = DedupIndex.load(LocalStorage(repo_path, sealer=sealer))
-        for _ in range(self.workers):
-            made = make_stage(self.index)
-            stage = made if isinstance(made, Fused) else Fused([made])
-            stage.setup()
-            self._stages.append(stage)
-            self._free.put(stage)
-        self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="comb-worker")
-        self.startup_s = time.perf_counter() - t0
-
-    def _run(self, item: pa.Table) -> Ports:
-        stage = self._free.get()
-        try:
-            return stage.process(item)
-        finally:
-            self._free.put(stage)
-
-    def submit(self, item: pa.Table) -> Future[Ports]:
-        assert self._pool is not None
-        return self._pool.submit(self._run, item)
-
-    def result(self, handle: Future[Ports]) -> Ports:
-        return handle.result()
-
-    def finish(self) -> list[Ports]:
-        out = [s.flush() for s in self._stages]
-        self.cpu_by_stage = _summed(s.cpu_by_stage() for s in self._stages)
-        return out
-
-    def close(self, failed: bool) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=True, cancel_futures=True)
-            self._pool = None
-        for s in self._stages:
-            s.teardown()
-        self._stages = []
 
 
 def _ray():  # type: ignore[no-untyped-def]
@@ -182,23 +126,6 @@ class RayIndexClient:
         return ray.get(self.handle.claim.remote(ids), timeout=RAY_CALL_TIMEOUT_S)  # type: ignore[no-any-return]
 
 
-def running_local_ray() -> str | None:
-    """The address of the Ray that ``ray start`` left running on this machine, when its GCS
-    answers: the file ``ray start`` writes (``$RAY_TMPDIR``, else ``$TMPDIR``, else ``/tmp``,
-    then ``ray/ray_current_cluster``, as Ray looks for it), and a TCP connect to the address
-    in it (``ray stop`` leaves the file behind). An embedded Ray (another comb's) writes no
-    such file, so it is never borrowed."""
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
-    try:
-        with open(os.path.join(base, "ray", "ray_current_cluster"), encoding="utf-8") as f:
-            address = f.read().strip()
-        host, _, port = address.rpartition(":")
-        with socket.create_connection((host, int(port)), timeout=RAY_PROBE_TIMEOUT_S):
-            return address
-    except (OSError, ValueError):
-        return None
-
-
 def _token_auth_as_ray_start() -> None:
     """A client of a Ray that `ray start` started: token authentication when RAY_AUTH_MODE is
     unset and a token exists (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token), as
@@ -220,9 +147,13 @@ def _token_auth_as_ray_start() -> None:
 
 
 def ray_init_kwargs(address: str | None) -> dict[str, Any]:
-    """Settings of the embedded local Ray (a small machine) or of a connection to a cluster."""
+    """Settings of the embedded local Ray (a small machine) or of a connection to a cluster
+    (whose workers get comb's settings that workers read: they do not inherit this process's
+    environment)."""
     if address:
-        return {"address": address, "logging_level": logging.ERROR, "log_to_driver": False}
+        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+        extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
+        return {"address": address, "logging_level": logging.ERROR, "log_to_driver": False, **extra}
     return {
         "address": "local",
         "num_cpus": os.cpu_count() or 2,
@@ -270,6 +201,7 @@ class RayEngine:
         # always an embedded one.
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.attached: str | None = None  # the running local Ray used (none was named)
+        self.attach_failed = ""  # why the running local Ray found could not be used
         self.workers = workers or 0
         self.startup_s = 0.0
         self.cpu_by_stage: dict[str, float] = {}
@@ -287,33 +219,18 @@ class RayEngine:
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             # Children this process had before Ray: never Ray's to clean up (see close).
             self._other_children = _child_keys()
-            address = self.address
-            if address is None:
-                address = self.attached = running_local_ray()
-                if address is not None:
-                    _token_auth_as_ray_start()
-            elif address == "local":
-                address = None
-            try:
-                with _sigint_ignored():
-                    ray.init(**ray_init_kwargs(address))
-            except Exception as err:  # noqa: BLE001 - any start failure is one line
-                why = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
-                if self.attached:
-                    raise StageError(
-                        f"cannot use the Ray running here at {self.attached}: {why} "
-                        "(RAY_AUTH_MODE as for its `ray start`; `--ray-address local`: comb's own)"
-                    ) from None
-                raise StageError(f"cannot start or reach Ray: {why}") from None
-            self._started_ray = True
-            self._embedded = address is None
+            self._connect(ray)
+        # A running local Ray may have other nodes: comb's actors stay on this one.
+        pin = _this_node(ray) if self.attached else {}
         if not self.workers:
-            cpus = max(1, int(ray.cluster_resources().get("CPU", 1)))
-            # As on threads: one worker more than cores on the embedded single-node Ray.
+            cpus = max(1, int(pin.pop("_cpus", 0) or ray.cluster_resources().get("CPU", 1)))
+            # As on threads: one worker more than cores on a single-node Ray of this machine.
             self.workers = cpus + 1 if self._embedded or self.attached else cpus
+        pin.pop("_cpus", None)
         try:
-            index_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_IndexHost)
-            host_cls = ray.remote(num_cpus=0, max_restarts=0, max_task_retries=0)(_StageHost)
+            opts = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **pin}
+            index_cls = ray.remote(**opts)(_IndexHost)
+            host_cls = ray.remote(**opts)(_StageHost)
             self._index = index_cls.remote(repo_path, sealer)
             ray.get(self._index.ping.remote(), timeout=RAY_PING_TIMEOUT_S)
             client = RayIndexClient(self._index)
@@ -322,6 +239,37 @@ class RayEngine:
         except Exception as err:  # noqa: BLE001
             raise translate_ray_error(err) from None
         self.startup_s = time.perf_counter() - t0
+
+    def _connect(self, ray: Any) -> None:
+        """ray.init: the named cluster, else this user's running local Ray (falling back to an
+        embedded one when it cannot be used: ``attach_failed`` says why), else embedded."""
+        address = self.address
+        if address is None:
+            address = self.attached = running_local_ray()
+            if address is not None:
+                _token_auth_as_ray_start()
+        elif address == "local":
+            address = None
+        try:
+            with _sigint_ignored():
+                ray.init(**ray_init_kwargs(address))
+        except Exception as err:  # noqa: BLE001 - any start failure is one line
+            why = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+            if not self.attached:
+                raise StageError(f"cannot start or reach Ray: {why}") from None
+            self.attach_failed, self.attached, address = why, None, None
+            ray.shutdown()
+            self._connect_embedded(ray)
+        self._started_ray = True
+        self._embedded = address is None
+
+    @staticmethod
+    def _connect_embedded(ray: Any) -> None:
+        try:
+            with _sigint_ignored():
+                ray.init(**ray_init_kwargs(None))
+        except Exception as err:  # noqa: BLE001
+            raise StageError(f"cannot start Ray: {str(err).splitlines()[0]}") from None
 
     def submit(self, item: pa.Table) -> Any:
         actor = self._actors[self._next % len(self._actors)]
@@ -341,7 +289,7 @@ class RayEngine:
             out = ray.get([a.flush.remote() for a in self._actors], timeout=RAY_CALL_TIMEOUT_S)
             profiles = [a.cpu_by_stage.remote() for a in self._actors]
             claims = self._index.claim_cpu_s.remote()
-            self.cpu_by_stage = _summed(ray.get(profiles, timeout=RAY_CALL_TIMEOUT_S))
+            self.cpu_by_stage = summed(ray.get(profiles, timeout=RAY_CALL_TIMEOUT_S))
             # The index's own CPU, beside what asking it cost the workers.
             index_s = float(ray.get(claims, timeout=RAY_CALL_TIMEOUT_S))
             self.cpu_by_stage["index actor"] = index_s
@@ -385,12 +333,14 @@ class RayEngine:
                     pass
 
 
-def _summed(profiles: Iterable[dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for profile in profiles:
-        for name, secs in profile.items():
-            out[name] = out.get(name, 0.0) + secs
-    return out
+def _this_node(ray: Any) -> dict[str, Any]:
+    """Actor options that keep actors on the driver's node, and its CPUs (``_cpus``)."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    node = ray.get_runtime_context().get_node_id()
+    cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
+    strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
+    return {"scheduling_strategy": strategy, "_cpus": cpus}
 
 
 @contextmanager

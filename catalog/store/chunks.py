@@ -55,10 +55,14 @@ def encode_chunks(
     chunks, and the other threads run while it compresses."""
     if len(starts) == 0:
         return [], []
+    view = memoryview(data).cast("B")
+    cctx = _compressor(level)
+    if not hasattr(cctx, "multi_compress_to_buffer"):  # zstandard's CFFI backend (PyPy)
+        done = [encode_chunk(view[a : a + n], level) for a, n in zip(starts, lengths, strict=True)]
+        return [c for c, _ in done], [memoryview(b) for _, b in done]
     segments = np.empty((len(starts), 2), "<u8")
     segments[:, 0], segments[:, 1] = starts, lengths
-    view = memoryview(data).cast("B")
-    frames = _compressor(level).multi_compress_to_buffer(
+    frames = cctx.multi_compress_to_buffer(
         zstandard.BufferWithSegments(view, segments.tobytes()), threads=0
     )
     codecs: list[int] = []

@@ -114,7 +114,8 @@ class AesGcmSealer:
     # -- sealing ------------------------------------------------------------------------------
     def _seal(self, key: bytes, data: bytes | memoryview, aad: bytes) -> bytes:
         nonce = secrets.token_bytes(NONCE_BYTES)
-        return nonce + _aead(key).encrypt(nonce, data, aad)
+        view = data if isinstance(data, bytes) else memoryview(data).cast("B")
+        return nonce + _aead(key).encrypt(nonce, view, aad)
 
     def _open(self, key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:
         if len(sealed) < SEAL_OVERHEAD_BYTES:

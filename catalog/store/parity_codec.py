@@ -1,4 +1,4 @@
-"""The parity encoder: Reed-Solomon parity shards of one stripe, as FORMAT.md 15 specifies them
+"""The parity encoder: Reed-Solomon parity shards of one stripe, as FORMAT.md 20 specifies them
 (GF(2^8) with the polynomial 0x11d, zfec's systematic Vandermonde matrix).
 
 Two implementations give the same bytes: Intel's ISA-L (``libisal.so.2``, Debian ``libisal2``,
@@ -63,7 +63,8 @@ def coefficients(k: int, m: int) -> bytes:
 
 
 class Encoder:
-    """The ``m`` parity shards of ``k`` equal data shards (one stripe)."""
+    """The ``m`` parity shards of ``k`` equal data shards (one stripe). Not for two threads at
+    once: it reuses its buffers (each ParityWriter has its own)."""
 
     def __init__(self, k: int, m: int) -> None:
         self.k, self.m = k, m
@@ -81,17 +82,20 @@ class Encoder:
     def encode(self, shards: Sequence[memoryview]) -> list[memoryview]:
         """Parity of ``shards`` (``k`` writable or read-only views of one size). The returned
         views are valid until the next call (the encoder reuses its output buffers)."""
+        if len(shards) != self.k:
+            raise ValueError(f"a stripe has {self.k} data shards, not {len(shards)}")
+        shards = [memoryview(s).cast("B") for s in shards]
+        size = len(shards[0])
+        if size == 0 or any(len(s) != size for s in shards):
+            raise ValueError("parity shards of one stripe must have one size, above zero")
         if self._lib is None:
             return [memoryview(p) for p in self._zfec.encode(tuple(shards), self._want)]
-        size = len(shards[0])
         if not self._out or len(self._out[0]) < size:
             self._out = [bytearray(size) for _ in range(self.m)]
             for j, buf in enumerate(self._out):
                 self._out_ptrs[j] = ctypes.addressof(ctypes.c_char.from_buffer(buf))
         keep = []  # the ctypes views pin the shards' buffers until the call returns
         for i, shard in enumerate(shards):
-            if len(shard) != size:
-                raise ValueError("parity shards of one stripe must have one size")
             if shard.readonly:
                 shard = memoryview(bytearray(shard))
             view = ctypes.c_char.from_buffer(shard)

@@ -25,7 +25,12 @@ from collections.abc import Sequence
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
-from catalog.errors import CombError, UsageError
+# numpy's OpenBLAS starts a thread per core that spins after use: 2 % of a restore's CPU for
+# nothing (comb's numpy work is element-wise). Set before numpy is imported (its workers,
+# Ray's included, inherit it).
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+
+from catalog.errors import CombError, UsageError  # noqa: E402
 
 from .. import signals
 

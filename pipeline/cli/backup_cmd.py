@@ -130,9 +130,11 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         else:
             points = [run_backup(r, args.source, engine, opts, bar)]
     seconds = time.perf_counter() - t0
-    attached = getattr(engine, "attached", None)
+    attached, failed = getattr(engine, "attached", None), getattr(engine, "attach_failed", "")
     if attached:
         note(f"used the Ray running here at {attached} (`--ray-address local`: comb's own)")
+    elif failed:
+        note(f"could not use the Ray running here ({failed}): started comb's own")
     if not args.json:
         for point in points:
             _report(point, engine, seconds, False)

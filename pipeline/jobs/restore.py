@@ -25,6 +25,8 @@ from drive.formats.export import adopt_attributes, real_output
 from stages.restore import execute_read, leaves_to_table, plan_reads
 from stages.target import RestoreTarget
 
+from ..malloc import keep_freed_memory
+
 # Leaves per planning window: 256 x 1 MiB of disk; bounds memory and keeps reads sequential.
 WINDOW_LEAVES = 256
 # Threads overlap pack reads, decompression (GIL released) and writes.
@@ -65,6 +67,7 @@ def restore_point(
     verify_only: bool = False,
 ) -> int:
     """Restore ``point`` into ``output`` (or only read and check it); returns data bytes."""
+    keep_freed_memory()  # its threads decode batch after batch, as a backup's workers do
     windows = point_windows(repo.manifest(point), point)
     ids = [id_keys(ids_to_array(rows.column("chunk_id"))) for _, rows in windows]
     needed = np.unique(np.concatenate(ids)) if ids else np.empty(0, "S32")

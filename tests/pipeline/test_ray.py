@@ -132,24 +132,25 @@ def test_ray_worker_failure_is_one_line_and_leaves_no_process(
     _no_ray_processes_left(ray_tmp)
 
 
-def test_a_running_local_ray_is_found_only_when_it_answers(
+def test_a_running_local_ray_is_used_only_when_it_is_this_users_own(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """The address file `ray start` writes, checked by connecting: `ray stop` leaves a stale
-    file behind, and an embedded Ray (another comb's) writes none."""
-    import socket
-
-    from pipeline.engines import running_local_ray
+    """The address file `ray start` writes is trusted only when it is this user's, not
+    writable by others, names this machine, and a raylet of this user and this Python serves
+    it (the positive case, with a real `ray start`: test_cluster_and_concurrency)."""
+    from pipeline.ray_local import address_file, running_local_ray
 
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))
+    path = Path(address_file())
+    assert path == tmp_path / "ray" / "ray_current_cluster"
     assert running_local_ray() is None  # no file
-    (tmp_path / "ray").mkdir()
-    with socket.socket() as server:
-        server.bind(("127.0.0.1", 0))
-        server.listen()
-        address = f"127.0.0.1:{server.getsockname()[1]}"
-        (tmp_path / "ray" / "ray_current_cluster").write_text(address + "\n")
-        assert running_local_ray() == address
-    assert running_local_ray() is None  # stale: nothing listens there any more
-    (tmp_path / "ray" / "ray_current_cluster").write_text("not an address")
-    assert running_local_ray() is None
+    path.parent.mkdir()
+    path.write_text("127.0.0.1:6379\n")
+    path.chmod(0o644)
+    assert running_local_ray() is None  # no raylet serves it (a stale file)
+    path.chmod(0o666)
+    assert running_local_ray() is None  # anyone could have written it
+    path.chmod(0o644)
+    for text in ("203.0.113.9:6379", "head.example:6379", "not an address", ""):
+        path.write_text(text)  # another machine's head (a worker node's file), or junk
+        assert running_local_ray() is None
