@@ -148,6 +148,11 @@ class ManifestAssembler:
         stored = np.zeros(self.leaf_chunks, np.int32)
         if not parts:
             return EMPTY_LEAF, new, stored
+        if len(parts) == 1:  # the usual case: one result table covered the leaf, in disk order
+            slots, ids, here, nbytes = parts[0]
+            new[slots], stored[slots] = here, nbytes
+            if len(slots) < 2 or bool((slots[1:] > slots[:-1]).all()):
+                return Leaf(slots, ids), new, stored
         slots = np.concatenate([p[0] for p in parts])
         ids = np.concatenate([p[1] for p in parts])
         new[slots] = np.concatenate([p[2] for p in parts])
@@ -174,6 +179,11 @@ class ManifestAssembler:
         """Change rows for the slots of ``leaf`` whose content differs from ``old``."""
         assert self.changes is not None
         n = self.leaf_chunks
+        if len(old.slots) == len(content.slots) and np.array_equal(old.slots, content.slots):
+            # Same slots (the usual leaf of a full re-read): compare the ids in place.
+            hit = np.flatnonzero((old.ids != content.ids).any(axis=1))
+            self._add_changes(leaf, content.slots[hit], content.ids[hit], new, stored)
+            return
         old_has = np.zeros(n, bool)
         old_has[old.slots] = True
         now_has = np.zeros(n, bool)
@@ -196,6 +206,33 @@ class ManifestAssembler:
             ~now_has[slots],
             new[slots] & now_has[slots],
             np.where(now_has[slots], stored[slots], 0),
+            lengths,
+        )
+
+    def _add_changes(
+        self,
+        leaf: int,
+        slots: np.ndarray,
+        ids: np.ndarray,
+        new: np.ndarray,
+        stored: np.ndarray,
+    ) -> None:
+        """Change rows of ``slots`` of ``leaf``, which hold data now (``ids``) and held other
+        data in the parent."""
+        if not len(slots):
+            return
+        assert self.changes is not None
+        slots = slots.astype(np.int64)
+        offsets = (leaf * self.leaf_chunks + slots) * self.chunk
+        lengths = np.minimum(self.chunk, np.maximum(self.size - offsets, 0))
+        old = np.minimum(self.chunk, np.maximum(self.parent_size - offsets, 0))
+        self.data_delta += int(lengths.sum() - old.sum())
+        self.changes.add(
+            offsets,
+            chunk_keys(ids),
+            np.zeros(len(slots), bool),
+            new[slots],
+            stored[slots],
             lengths,
         )
 
