@@ -193,15 +193,15 @@ def _incr_table(r: Results) -> str:
             if isinstance(run, BackupRun):
                 s = run.stats
                 rows.append([name, run.label, f"{run.wall_s:.2f}", mib(s["bytes_read"]),
-                             mib(s["bytes_stored"]), f"{s['metadata_bytes'] / 1024:.0f}",
-                             cpu, fc])  # fmt: skip
+                             mib(s["bytes_stored"]), mib(run.repo_growth),
+                             f"{s['metadata_bytes'] / 1024:.0f}", cpu, fc])  # fmt: skip
             else:
-                rows.append([name, key, f"{run.wall_s:.2f}", "", mib(run.repo_growth), "", cpu,
-                             fc])  # fmt: skip
+                rows.append([name, key, f"{run.wall_s:.2f}", "", "", mib(run.repo_growth), "",
+                             cpu, fc])  # fmt: skip
         rows.append([name, "(changed data; zstd-3 per 64 KiB block)", "", mib(ch.bytes_written),
-                     mib(ch.compressed_bytes), "", "", ""])  # fmt: skip
-    header = ["change", "run", "wall s", "read MiB", "stored MiB", "metadata KiB", "CPU s",
-              "foreign cores"]  # fmt: skip
+                     mib(ch.compressed_bytes), "", "", "", ""])  # fmt: skip
+    header = ["change", "run", "wall s", "read MiB", "stored MiB", "repo growth MiB",
+              "metadata KiB", "CPU s", "foreign cores"]  # fmt: skip
     return table("incrementals (peers: repository growth)", header, rows, left=2)
 
 
@@ -231,9 +231,9 @@ def _ratio_table(r: Results) -> str:
             if isinstance(peer, PeerRun) and mine is not None:
                 rows.append([tool, f"{change} incr wall (peer / comb, change list)",
                              _x(peer.wall_s / mine.wall_s)])  # fmt: skip
-                stored = max(1, mine.stats["bytes_stored"])
-                rows.append([tool, f"{change} incr stored (peer growth / comb stored)",
-                             _x(peer.repo_growth / stored)])  # fmt: skip
+                grown = max(1, mine.repo_growth)  # (packs, parity and metadata alike)
+                rows.append([tool, f"{change} incr repo growth (peer / comb)",
+                             _x(peer.repo_growth / grown)])  # fmt: skip
         rest = r.peer(tool, "restore")
         if rest is not None and r.restores:
             rows.append([tool, "restore MB/s (comb / peer)", _x(r.restores[0].mbps / rest.mbps)])

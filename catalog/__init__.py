@@ -13,7 +13,8 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     format      format constants and the config file
     sealing     the ``Sealer`` every object passes through, held by the storage; the plain one
     crypto      keys, key files and the AES-256-GCM sealer (FORMAT.md 21)
-    chunks      one stored chunk: encode, decode, the id check every read passes
+    chunks      stored chunks: encode (one, or a batch in one zstd call), decode, the id check
+                every read passes
     packs       immutable files of chunks, their entry tables
     parity      erasure-coded parity of one pack (FORMAT.md 20)
     parity_codec  its encoder: ISA-L when installed, else zfec (the same bytes)

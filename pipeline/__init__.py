@@ -1,7 +1,9 @@
 """How it runs: the only package that imports Ray.
 
-``engines``   the two executors of the stage graph (threads in this process, or Ray actors):
-              bounded in-flight backpressure, error propagation, the run's CPU profile
+``engines``   the stage graph on Ray actors, and the choice of engine: bounded in-flight
+              backpressure, error propagation, the run's CPU profile
+``engine_local``  the same on threads in this process (the baseline)
+``ray_local`` this user's own ``ray start`` Ray on this machine, to use instead of starting one
 ``malloc``    glibc's malloc tuned for a process that runs workers
 ``jobs/``     backup (images, devices, overlays, vSphere VMs), restore, and their planning
 ``cli/``      the command line: one module per command (``cli.registry`` lists them)

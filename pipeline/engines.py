@@ -42,7 +42,7 @@ RAY_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 RAY_SHUTDOWN_GRACE_S = 5.0
 
 MakeStage = Callable[[IndexClient], Stage]
-# Variables the workers read themselves (README "Tuning and environment").
+# Variables the workers read themselves (README "Tuning and environment"), handed to actors.
 WORKER_ENV = ("COMB_DIRECT_IO", "COMB_PARITY_ENCODER")
 
 
@@ -72,7 +72,10 @@ def _ray():  # type: ignore[no-untyped-def]
 class _StageHost:
     """The one generic actor: hosts any stage (here the fused worker stage)."""
 
-    def __init__(self, stage: Stage) -> None:
+    def __init__(self, stage: Stage, env: dict[str, str] | None = None) -> None:
+        # comb's settings its workers read (a cluster's or a running Ray's workers do not
+        # inherit the driver's environment; a job-wide runtime_env would cost new workers)
+        os.environ.update(env or {})
         keep_freed_memory()
         self.stage = stage
         self.stage.setup()
@@ -147,13 +150,9 @@ def _token_auth_as_ray_start() -> None:
 
 
 def ray_init_kwargs(address: str | None) -> dict[str, Any]:
-    """Settings of the embedded local Ray (a small machine) or of a connection to a cluster
-    (whose workers get comb's settings that workers read: they do not inherit this process's
-    environment)."""
+    """Settings of the embedded local Ray (a small machine) or of a connection to a cluster."""
     if address:
-        env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
-        extra: dict[str, Any] = {"runtime_env": {"env_vars": env}} if env else {}
-        return {"address": address, "logging_level": logging.ERROR, "log_to_driver": False, **extra}
+        return {"address": address, "logging_level": logging.ERROR, "log_to_driver": False}
     return {
         "address": "local",
         "num_cpus": os.cpu_count() or 2,
@@ -234,7 +233,8 @@ class RayEngine:
             self._index = index_cls.remote(repo_path, sealer)
             ray.get(self._index.ping.remote(), timeout=RAY_PING_TIMEOUT_S)
             client = RayIndexClient(self._index)
-            self._actors = [host_cls.remote(make_stage(client)) for _ in range(self.workers)]
+            env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
+            self._actors = [host_cls.remote(make_stage(client), env) for _ in range(self.workers)]
             ray.get([a.ping.remote() for a in self._actors], timeout=RAY_PING_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001
             raise translate_ray_error(err) from None
@@ -254,7 +254,7 @@ class RayEngine:
             with _sigint_ignored():
                 ray.init(**ray_init_kwargs(address))
         except Exception as err:  # noqa: BLE001 - any start failure is one line
-            why = str(err).splitlines()[0] if str(err).strip() else type(err).__name__
+            why = _first_line(err)
             if not self.attached:
                 raise StageError(f"cannot start or reach Ray: {why}") from None
             self.attach_failed, self.attached, address = why, None, None
@@ -263,13 +263,15 @@ class RayEngine:
         self._started_ray = True
         self._embedded = address is None
 
-    @staticmethod
-    def _connect_embedded(ray: Any) -> None:
+    def _connect_embedded(self, ray: Any) -> None:
         try:
             with _sigint_ignored():
                 ray.init(**ray_init_kwargs(None))
         except Exception as err:  # noqa: BLE001
-            raise StageError(f"cannot start Ray: {str(err).splitlines()[0]}") from None
+            raise StageError(
+                f"cannot start Ray: {_first_line(err)} (after the Ray running here could not be "
+                f"used: {self.attach_failed})"
+            ) from None
 
     def submit(self, item: pa.Table) -> Any:
         actor = self._actors[self._next % len(self._actors)]
@@ -331,6 +333,11 @@ class RayEngine:
                     proc.kill()
                 except psutil.Error:
                     pass
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
 
 
 def _this_node(ray: Any) -> dict[str, Any]:

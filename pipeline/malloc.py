@@ -1,4 +1,5 @@
-"""glibc's malloc in a process that runs backup workers (the local engine's, a Ray actor's).
+"""glibc's malloc in a process that runs backup or restore workers (the local engine's, a Ray
+actor's, a restore's).
 
 Blocks up to 32 MiB (glibc's ceiling for this setting) come from the heap, and freed memory is
 kept for the next batch instead of going back to the kernel. Otherwise each batch's buffers
@@ -6,7 +7,8 @@ kept for the next batch instead of going back to the kernel. Otherwise each batc
 0.7 CPU-s of 9 on a 2 GiB full backup, all of it system time (bench/README.md "The default
 repository at the machine's limit"). Peak memory is what the batches need either way.
 
-Owns the two ``mallopt`` settings. Must not: allocate, or be called outside a worker process.
+Owns the two ``mallopt`` settings. Must not: allocate, or be called by a process that does
+not run such workers (the settings are process-wide and stay).
 """
 
 from __future__ import annotations

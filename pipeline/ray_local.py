@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shlex
 import stat
 import sys
 
@@ -25,7 +26,10 @@ ADDRESS_FILE_MAX = 4096
 
 
 def address_file() -> str:
-    base = os.environ.get("RAY_TMPDIR") or os.environ.get("TMPDIR") or "/tmp"
+    if "RAY_TMPDIR" in os.environ:  # (as Ray reads them: a set but empty RAY_TMPDIR counts)
+        base = os.environ["RAY_TMPDIR"]
+    else:
+        base = os.environ.get("TMPDIR") or "/tmp"
     return os.path.join(base, "ray", "ray_current_cluster")
 
 
@@ -42,7 +46,8 @@ def running_local_ray() -> str | None:
 
 def _own_address_file() -> str | None:
     try:
-        fd = os.open(address_file(), os.O_RDONLY | os.O_NOFOLLOW)
+        # O_NONBLOCK: a FIFO put there by anyone (the directory is everyone's) must not hang
+        fd = os.open(address_file(), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return None
     try:
@@ -73,21 +78,23 @@ def _is_this_machine(host: str) -> bool:
 
 
 def _own_raylet_for(address: str) -> bool:
-    """A raylet of this user, for this GCS, whose Python workers run from this ``bin``."""
-    ours = os.path.dirname(os.path.abspath(sys.executable))
+    """A head raylet of this user, for this GCS, whose Python workers run from this ``bin``."""
+    ours = os.path.realpath(os.path.dirname(os.path.abspath(sys.executable)))
     flag, python_flag = f"--gcs-address={address}", "--python_worker_command="
-    for proc in psutil.process_iter(["name", "cmdline", "uids"]):
+    for proc in psutil.process_iter(["name", "uids"]):
         try:
-            info = proc.info
-            if info["name"] != "raylet" or info["uids"].real != os.getuid():
+            if proc.info["name"] != "raylet" or proc.info["uids"].real != os.getuid():
                 continue
-            cmd = info["cmdline"] or []
+            cmd = proc.cmdline()
         except (psutil.Error, AttributeError):
             continue
-        if flag not in cmd:
+        if flag not in cmd or "--head" not in cmd:
             continue
         worker = next((a[len(python_flag) :] for a in cmd if a.startswith(python_flag)), "")
-        python = worker.split(" ", 1)[0].strip('"')
-        if python and os.path.dirname(os.path.abspath(python)) == ours:
+        try:
+            python = shlex.split(worker)[0] if worker else ""
+        except (ValueError, IndexError):
+            continue
+        if python and os.path.realpath(os.path.dirname(os.path.abspath(python))) == ours:
             return True
     return False

@@ -52,7 +52,8 @@ def _comb_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPath
     for var in ("COMB_PASSWORD_FILE", "COMB_NEW_PASSWORD", "COMB_NEW_PASSWORD_FILE"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.delenv("COMB_REPO", raising=False)
-    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    # comb's own Ray, never one a developer's `ray start` runs (tests that want one say so)
+    monkeypatch.setenv("RAY_ADDRESS", "local")
 
 
 @pytest.fixture

@@ -26,8 +26,8 @@ from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
 # numpy's OpenBLAS starts a thread per core that spins after use: 2 % of a restore's CPU for
-# nothing (comb's numpy work is element-wise). Set before numpy is imported (its workers,
-# Ray's included, inherit it).
+# nothing (comb's numpy work is element-wise). Set before numpy is imported (the workers of
+# comb's own Ray inherit it; a cluster's do not).
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
 
 from catalog.errors import CombError, UsageError  # noqa: E402

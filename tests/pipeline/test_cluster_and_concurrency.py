@@ -97,6 +97,7 @@ def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     # A test cluster without token authentication (Ray 2.60 enables it by default; a real
     # cluster's token reaches comb through RAY_AUTH_TOKEN like any other Ray client).
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
+    env.pop("RAY_ADDRESS", None)  # (the tests' default, "local", would keep comb off it)
     # --block keeps the cluster's processes in this process group, so the test stops exactly
     # its own cluster (``ray stop`` would stop every cluster on the machine).
     head = subprocess.Popen(

@@ -154,3 +154,6 @@ def test_a_running_local_ray_is_used_only_when_it_is_this_users_own(
     for text in ("203.0.113.9:6379", "head.example:6379", "not an address", ""):
         path.write_text(text)  # another machine's head (a worker node's file), or junk
         assert running_local_ray() is None
+    path.unlink()
+    os.mkfifo(path)  # anyone can put a FIFO there (/tmp/ray is everyone's): no hang
+    assert running_local_ray() is None
