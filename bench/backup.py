@@ -189,7 +189,7 @@ class Bench:
         print(info.summary())
         work = self.path("sparse-work.img")
         sparse_copy(base, work)
-        repo = self.fresh("repo-S")
+        repo = fresh_repo(self.path("repo-S"), encryption=self.encryption)  # (its own image)
         full = backup(repo, work, "local", "64 GiB sparse full")
         change = change_scattered_writes(work, seed=21)
         incr = backup(

@@ -186,8 +186,7 @@ def translate_ray_error(err: BaseException) -> CombError:
         return StageError(f"a worker did not answer within {RAY_CALL_TIMEOUT_S:.0f} s")
     if isinstance(err, ray.exceptions.RayActorError):
         return StageError("a worker actor died (killed or out of memory)")
-    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-    return StageError(f"ray: {first}")
+    return StageError(f"ray: {_first_line(err)}")
 
 
 class RayEngine:
@@ -220,12 +219,11 @@ class RayEngine:
             self._other_children = _child_keys()
             self._connect(ray)
         # A running local Ray may have other nodes: comb's actors stay on this one.
-        pin = _this_node(ray) if self.attached else {}
+        pin, node_cpus = _this_node(ray) if self.attached else ({}, 0)
         if not self.workers:
-            cpus = max(1, int(pin.pop("_cpus", 0) or ray.cluster_resources().get("CPU", 1)))
+            cpus = max(1, int(node_cpus or ray.cluster_resources().get("CPU", 1)))
             # As on threads: one worker more than cores on a single-node Ray of this machine.
             self.workers = cpus + 1 if self._embedded or self.attached else cpus
-        pin.pop("_cpus", None)
         try:
             opts = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **pin}
             index_cls = ray.remote(**opts)(_IndexHost)
@@ -340,14 +338,14 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0] if text else type(err).__name__
 
 
-def _this_node(ray: Any) -> dict[str, Any]:
-    """Actor options that keep actors on the driver's node, and its CPUs (``_cpus``)."""
+def _this_node(ray: Any) -> tuple[dict[str, Any], float]:
+    """Actor options that keep actors on the driver's node, and that node's CPUs."""
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     node = ray.get_runtime_context().get_node_id()
     cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
     strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
-    return {"scheduling_strategy": strategy, "_cpus": cpus}
+    return {"scheduling_strategy": strategy}, cpus
 
 
 @contextmanager

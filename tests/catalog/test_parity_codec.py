@@ -53,7 +53,7 @@ def test_isal_gives_zfecs_bytes(isal: None, k: int, m: int, sizes: list[int]) ->
             assert [bytes(p) for p in enc.encode([memoryview(s) for s in shards])] == got
 
 
-def test_unequal_shards_are_refused(isal: None) -> None:
+def test_unequal_shards_are_refused() -> None:
     enc = parity_codec.Encoder(2, 1)
     with pytest.raises(ValueError):
         enc.encode([memoryview(bytearray(8)), memoryview(bytearray(7))])
