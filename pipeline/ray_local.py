@@ -3,11 +3,13 @@
 
 It is used only when everything says it is this user's own head node: the address file
 ``ray start`` writes (``$RAY_TMPDIR``, else ``$TMPDIR``, else ``/tmp``, then
-``ray/ray_current_cluster``) is owned by this user and writable by no one else (``/tmp/ray``
-is writable by everyone); the address in it is one of this machine's; and a raylet of this
-user runs for that address with this Python's ``bin`` directory (its workers must import comb
-and the same libraries). An embedded Ray (another comb's) writes no such file; a worker node's
-file names a remote head. Anything else: None, and comb starts its own.
+``ray/ray_current_cluster``) is a regular file owned by this user; the address in it is one of
+this machine's; and a head raylet of this user runs for that address with this Python's ``bin``
+directory (its workers must import comb and the same libraries). The raylet is the proof: no
+one else can run a process as this user, so a file rewritten by others (``/tmp/ray`` is
+everyone's, and under ``umask 0`` Ray writes the file writable by all) can at most name
+another of this user's own heads. An embedded Ray (another comb's) writes no such file; a
+worker node's file names a remote head. Anything else: None, and comb starts its own.
 
 Owns the discovery. Must not: import Ray (``pipeline.engines`` does), or connect to anything.
 """
@@ -52,8 +54,7 @@ def _own_address_file() -> str | None:
         return None
     try:
         st = os.fstat(fd)
-        mine = st.st_uid == os.geteuid() and not st.st_mode & (stat.S_IWGRP | stat.S_IWOTH)
-        if not mine or not stat.S_ISREG(st.st_mode):
+        if st.st_uid != os.geteuid() or not stat.S_ISREG(st.st_mode):
             return None
         text = os.read(fd, ADDRESS_FILE_MAX).decode("ascii", "replace").strip()
     except OSError:

@@ -73,14 +73,18 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _wait_for_cluster(
-    ray_bin: str, address: str, proc: subprocess.Popen[bytes], env: dict[str, str]
-) -> None:
+# Ray's command line run by this interpreter: a venv's ``ray`` script runs the Python its
+# shebang names, which is another venv's when the venv was copied, and comb only attaches to a
+# Ray whose workers run this Python.
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
+
+
+def _wait_for_cluster(address: str, proc: subprocess.Popen[bytes], env: dict[str, str]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         assert proc.poll() is None, "ray start --head exited early"
         status = subprocess.run(
-            [ray_bin, "status", f"--address={address}"], capture_output=True, timeout=60, env=env
+            [*RAY_CLI, "status", f"--address={address}"], capture_output=True, timeout=60, env=env
         )
         if status.returncode == 0:
             return
@@ -90,8 +94,6 @@ def _wait_for_cluster(
 
 @pytest.mark.ray
 def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
-    ray_bin = shutil.which("ray", path=os.path.dirname(sys.executable))
-    assert ray_bin, "the ray command is part of the ray package"
     address = f"127.0.0.1:{_free_port()}"
     temp = tempfile.mkdtemp(prefix="combray", dir="/tmp")  # AF_UNIX paths are short
     # A test cluster without token authentication (Ray 2.60 enables it by default; a real
@@ -102,14 +104,15 @@ def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
     # its own cluster (``ray stop`` would stop every cluster on the machine).
     head = subprocess.Popen(
         [
-            ray_bin, "start", "--head", "--block", f"--port={address.split(':')[1]}",
+            *RAY_CLI, "start", "--head", "--block", f"--port={address.split(':')[1]}",
             "--num-cpus=2", "--include-dashboard=false", "--node-ip-address=127.0.0.1",
             f"--temp-dir={temp}/ray", "--object-store-memory=100000000", "--disable-usage-stats",
         ],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+        umask=0,  # as on machines whose umask is 0: Ray's address file is then writable by all
     )  # fmt: skip
     try:
-        _wait_for_cluster(ray_bin, address, head, env)
+        _wait_for_cluster(address, head, env)
         repo, img = tmp_path / "repo", tmp_path / "disk.img"
         _image(img, 7)
         assert _comb("-r", str(repo), "init").returncode == 0
@@ -131,7 +134,7 @@ def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert out.read_bytes() == img.read_bytes()
         # comb must not have shut down the user's cluster.
         status = subprocess.run(
-            [ray_bin, "status", f"--address={address}"], capture_output=True, timeout=60, env=env
+            [*RAY_CLI, "status", f"--address={address}"], capture_output=True, timeout=60, env=env
         )
         assert status.returncode == 0
     finally:
