@@ -62,6 +62,9 @@ _CONTEXT = "comb 2026-11 repository {}"
 PURPOSES = ("chunk id", "blob", "pack table", "document", "parquet", "overlay record")
 
 
+_ENCRYPT_INTO = hasattr(AESGCM, "encrypt_into")
+
+
 @lru_cache(maxsize=64)
 def _aead(key: bytes) -> AESGCM:
     return AESGCM(key)
@@ -121,8 +124,8 @@ class AesGcmSealer:
         if len(sealed) < SEAL_OVERHEAD_BYTES:
             raise CorruptionError(f"{what} is too short to be sealed (damaged or tampered)")
         view = memoryview(sealed)
-        try:
-            return _aead(key).decrypt(bytes(view[:NONCE_BYTES]), bytes(view[NONCE_BYTES:]), aad)
+        try:  # (views, not copies: a copy holds the GIL that decrypt releases)
+            return _aead(key).decrypt(view[:NONCE_BYTES], view[NONCE_BYTES:], aad)
         except InvalidTag:
             raise CorruptionError(
                 f"{what} fails authentication (tampered with or damaged)"
@@ -130,6 +133,15 @@ class AesGcmSealer:
 
     def seal_blob(self, blob: bytes | memoryview, cid: bytes) -> bytes:
         return self._seal(self.blob_key, blob, cid)
+
+    def seal_blob_into(self, blob: bytes | memoryview, cid: bytes, out: memoryview) -> None:
+        nonce = secrets.token_bytes(NONCE_BYTES)
+        out[:NONCE_BYTES] = nonce
+        aead = _aead(self.blob_key)
+        if _ENCRYPT_INTO:  # (cryptography 46 and later: no copy of the sealed blob)
+            aead.encrypt_into(nonce, blob, cid, out[NONCE_BYTES:])
+        else:
+            out[NONCE_BYTES:] = aead.encrypt(nonce, blob, cid)
 
     def open_blob(self, sealed: bytes | memoryview, cid: bytes, where: str) -> bytes:
         return self._open(self.blob_key, sealed, cid, f"{where}: chunk {cid.hex()[:16]}")

@@ -43,6 +43,10 @@ class Sealer(Protocol):
         ...
 
     def seal_blob(self, blob: bytes, cid: bytes) -> bytes: ...
+    def seal_blob_into(self, blob: bytes | memoryview, cid: bytes, out: memoryview) -> None:
+        """``seal_blob`` written into ``out``, which is exactly ``len(blob) + overhead``."""
+        ...
+
     def open_blob(
         self, sealed: bytes | memoryview, cid: bytes, where: str
     ) -> bytes | memoryview: ...
@@ -83,6 +87,9 @@ class PlainSealer:
 
     def seal_blob(self, blob: bytes, cid: bytes) -> bytes:
         return blob
+
+    def seal_blob_into(self, blob: bytes | memoryview, cid: bytes, out: memoryview) -> None:
+        out[:] = blob
 
     def open_blob(self, sealed: bytes | memoryview, cid: bytes, where: str) -> bytes | memoryview:
         return sealed

@@ -349,3 +349,28 @@ def test_overlay_backup_on_ray_with_a_password_file(
     latest = Repository.open(str(repo), password=TEST_PASSWORD).points()[-1].id
     assert cli("--password-file", pw, "-r", repo, "restore", latest, out).code == 0
     assert out.read_bytes()[:17] == b"guest wrote this "
+
+
+@pytest.mark.parametrize("into", [True, False])
+def test_a_blob_sealed_into_its_place_opens_like_a_sealed_one(
+    monkeypatch: pytest.MonkeyPatch, into: bool
+) -> None:
+    """The compressor seals each blob straight into the batch's column (``seal_blob_into``,
+    with or without cryptography's ``encrypt_into``): the same envelope ``open_blob`` opens,
+    bound to its chunk id, with a fresh nonce; a buffer of the wrong size is refused."""
+    import numpy as np
+
+    monkeypatch.setattr(crypto, "_ENCRYPT_INTO", into and crypto._ENCRYPT_INTO)
+    sealer = crypto.AesGcmSealer.from_master(bytes(range(64)))
+    blob, cid = MARKER * 100, blake3.blake3(b"id").digest()
+    out = np.zeros(len(blob) + sealer.overhead, np.uint8)
+    sealer.seal_blob_into(blob, cid, memoryview(out))
+    assert bytes(sealer.open_blob(out.tobytes(), cid, "t")) == blob
+    assert MARKER not in out.tobytes()
+    other = np.zeros_like(out)
+    sealer.seal_blob_into(memoryview(blob), cid, memoryview(other))
+    assert other[: crypto.NONCE_BYTES].tobytes() != out[: crypto.NONCE_BYTES].tobytes()
+    with pytest.raises(Exception, match="authentication"):
+        sealer.open_blob(out.tobytes(), blake3.blake3(b"another").digest(), "t")
+    with pytest.raises((ValueError, TypeError)):
+        sealer.seal_blob_into(blob, cid, memoryview(np.zeros(len(blob), np.uint8)))
