@@ -5,11 +5,13 @@ It is used only when everything says it is this user's own head node: the addres
 ``ray start`` writes (``$RAY_TMPDIR``, else ``$TMPDIR``, else ``/tmp``, then
 ``ray/ray_current_cluster``) is a regular file owned by this user; the address in it is one of
 this machine's; and a head raylet of this user runs for that address with this Python's ``bin``
-directory (its workers must import comb and the same libraries). The raylet is the proof: no
-one else can run a process as this user, so a file rewritten by others (``/tmp/ray`` is
-everyone's, and under ``umask 0`` Ray writes the file writable by all) can at most name
-another of this user's own heads. An embedded Ray (another comb's) writes no such file; a
-worker node's file names a remote head. Anything else: None, and comb starts its own.
+directory (its workers must import comb and the same libraries). The raylet proves whose Ray
+it is: no one else can run a process as this user, so a file rewritten by others (``/tmp/ray``
+is everyone's, and under ``umask 0`` Ray writes the file writable by all) can at most name
+another of this user's own heads. Who may connect to it is Ray's access control (token
+authentication), as for the Ray comb starts itself. An embedded Ray (another comb's) writes no
+such file; a worker node's file names a remote head. Anything else: None, and comb starts its
+own.
 
 Owns the discovery. Must not: import Ray (``pipeline.engines`` does), or connect to anything.
 """
@@ -84,7 +86,7 @@ def _own_raylet_for(address: str) -> bool:
     flag, python_flag = f"--gcs-address={address}", "--python_worker_command="
     for proc in psutil.process_iter(["name", "uids"]):
         try:
-            if proc.info["name"] != "raylet" or proc.info["uids"].real != os.getuid():
+            if proc.info["name"] != "raylet" or proc.info["uids"].real != os.geteuid():
                 continue
             cmd = proc.cmdline()
         except (psutil.Error, AttributeError):

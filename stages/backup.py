@@ -283,8 +283,10 @@ def _blob_column(
         out = np.empty(int(offsets[-1]), np.uint8)
         view = memoryview(out)
         seal_into = sealer.seal_blob_into
-        for i in np.flatnonzero(valid).tolist():
-            seal_into(blobs[i], cids[i].tobytes(), view[offsets[i] : offsets[i + 1]])  # type: ignore[arg-type]
+        at = offsets.tolist()
+        for i, blob in enumerate(blobs):
+            if blob is not None:
+                seal_into(blob, cids[i].tobytes(), view[at[i] : at[i + 1]])
         data = pa.py_buffer(out)
         if cpu is not None:
             cpu["seal"] += time.thread_time() - t0

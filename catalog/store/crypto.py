@@ -123,7 +123,7 @@ class AesGcmSealer:
     def _open(self, key: bytes, sealed: bytes | memoryview, aad: bytes, what: str) -> bytes:
         if len(sealed) < SEAL_OVERHEAD_BYTES:
             raise CorruptionError(f"{what} is too short to be sealed (damaged or tampered)")
-        view = memoryview(sealed)
+        view = memoryview(sealed).cast("B")
         try:  # (views, not copies: a copy holds the GIL that decrypt releases)
             return _aead(key).decrypt(view[:NONCE_BYTES], view[NONCE_BYTES:], aad)
         except InvalidTag:
@@ -138,10 +138,11 @@ class AesGcmSealer:
         nonce = secrets.token_bytes(NONCE_BYTES)
         out[:NONCE_BYTES] = nonce
         aead = _aead(self.blob_key)
-        if _ENCRYPT_INTO:  # (cryptography 46 and later: no copy of the sealed blob)
-            aead.encrypt_into(nonce, blob, cid, out[NONCE_BYTES:])
+        data = blob if isinstance(blob, bytes) else memoryview(blob).cast("B")
+        if _ENCRYPT_INTO:  # (recent cryptography: no copy of the sealed blob)
+            aead.encrypt_into(nonce, data, cid, out[NONCE_BYTES:])
         else:
-            out[NONCE_BYTES:] = aead.encrypt(nonce, blob, cid)
+            out[NONCE_BYTES:] = aead.encrypt(nonce, data, cid)
 
     def open_blob(self, sealed: bytes | memoryview, cid: bytes, where: str) -> bytes:
         return self._open(self.blob_key, sealed, cid, f"{where}: chunk {cid.hex()[:16]}")

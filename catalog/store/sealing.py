@@ -89,7 +89,7 @@ class PlainSealer:
         return blob
 
     def seal_blob_into(self, blob: bytes | memoryview, cid: bytes, out: memoryview) -> None:
-        out[:] = blob
+        out[:] = memoryview(blob).cast("B")
 
     def open_blob(self, sealed: bytes | memoryview, cid: bytes, where: str) -> bytes | memoryview:
         return sealed

@@ -118,6 +118,13 @@ def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
         assert _comb("-r", str(repo), "init").returncode == 0
         # No address given: comb finds the Ray `ray start` runs on this machine (the address
         # file it wrote under RAY_TMPDIR, and its GCS answering) and says it used it.
+        # `ray start` writes its address file once the node is up (after `ray status` answers);
+        # under umask 0 it is writable by all, and comb uses it all the same.
+        address_file = Path(temp, "ray", "ray_current_cluster")
+        deadline = time.monotonic() + 60
+        while not address_file.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert address_file.stat().st_mode & 0o002
         found = {**env, "RAY_TMPDIR": temp}
         r = _comb("-r", str(repo), "backup", str(img), "--engine", "ray", "--json", env=found)
         assert r.returncode == 0, r.stderr

@@ -155,3 +155,29 @@ def test_every_file_a_point_names_is_durable_before_its_commit(tmp_path: Path) -
         new = _files(root) - before
         assert new == names and len([n for n in new if n.endswith(".pack")]) >= 3
         _assert_durable_before_commit(calls, root, point.id, names)
+
+
+def test_repository_files_stay_private_under_umask_0(
+    cli: Any, tmp_path: Path, make_image: Any
+) -> None:
+    """Whatever the umask (the CI machine's is 0), every file and directory a repository
+    holds after init, two backups and a forget with prune is its owner's alone: keys, packs,
+    parity, Parquet metadata, point documents."""
+    repo = tmp_path / "repo"
+    img = make_image(2 * MiB)
+    img.random(0, MiB, seed=1)
+    old = os.umask(0)
+    try:
+        assert cli("-r", repo, "init").code == 0
+        assert cli("-r", repo, "backup", img.path).code == 0
+        img.random(MiB, MiB, seed=2)
+        assert cli("-r", repo, "backup", img.path).code == 0
+        assert cli("-r", repo, "forget", "--keep-last", "1", "--prune").code == 0
+    finally:
+        os.umask(old)
+    loose = [
+        (str(p.relative_to(repo)), oct(p.stat().st_mode & 0o777))
+        for p in [repo, *repo.rglob("*")]
+        if p.stat().st_mode & 0o077
+    ]
+    assert not loose, loose

@@ -153,3 +153,36 @@ def test_a_running_local_ray_is_used_only_when_it_is_this_users_own(
     path.unlink()
     os.mkfifo(path)  # anyone can put a FIFO there (/tmp/ray is everyone's): no hang
     assert running_local_ray() is None
+
+
+def test_only_a_head_raylet_of_this_user_and_python_for_that_address_counts(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The raylet is what proves a local Ray is this user's: another user's, a worker node's
+    (no ``--head``), another Python's or another GCS address's raylet does not count."""
+    import sys
+    from types import SimpleNamespace
+
+    from pipeline import ray_local
+
+    address = "127.0.0.1:6379"
+    python = f"--python_worker_command={sys.executable} -u worker.py"
+
+    def raylet(uid: int, *args: str) -> SimpleNamespace:
+        info = {"name": "raylet", "uids": SimpleNamespace(real=uid)}
+        return SimpleNamespace(info=info, cmdline=lambda: ["raylet", *args])
+
+    me = os.geteuid()
+    cases = {
+        "own head": (raylet(me, f"--gcs-address={address}", "--head", python), True),
+        "another user's": (raylet(me + 1, f"--gcs-address={address}", "--head", python), False),
+        "a worker node's": (raylet(me, f"--gcs-address={address}", python), False),
+        "another Python's": (
+            raylet(me, f"--gcs-address={address}", "--head", "--python_worker_command=/x/py"),
+            False,
+        ),
+        "another address's": (raylet(me, "--gcs-address=127.0.0.1:1", "--head", python), False),
+    }
+    for what, (proc, expected) in cases.items():
+        monkeypatch.setattr(psutil, "process_iter", lambda attrs, p=proc: [p])
+        assert ray_local._own_raylet_for(address) is expected, what

@@ -249,3 +249,29 @@ def test_fused_backup_stages_store_every_nonzero_chunk_once(
     (pack,) = storage.list("packs")
     assert len(parse_pack(storage.read(pack), pack)) == len(nonzero)
     assert np.all(np.array([r["stored_len"] for r in rows if r["new"]]) > 0)
+
+
+def test_blob_column_seals_each_blob_into_its_place() -> None:
+    """In an encrypted repository the compressor's column holds each new blob sealed in place
+    (nonce, ciphertext, tag: 28 bytes more), rows without a blob stay null and empty, and every
+    value opens with its own chunk id only."""
+    from catalog.store.crypto import SEAL_OVERHEAD_BYTES, AesGcmSealer
+    from stages.backup import _blob_column
+
+    sealer = AesGcmSealer.from_master(bytes(range(64)))
+    blobs: list[bytes | memoryview | None] = [b"a" * 100, None, memoryview(b"b" * 7), None, b"c"]
+    ids = [blake3.blake3(bytes([i])).digest() for i in range(len(blobs))]
+    col = _blob_column(blobs, sealer, pa.chunked_array([pa.array(ids, pa.binary(32))]))
+    assert col.null_count == 2 and col.type == pa.large_binary()
+    values = col.to_pylist()
+    for blob, cid, value in zip(blobs, ids, values, strict=True):
+        if blob is None:
+            assert value is None
+            continue
+        assert len(value) == len(blob) + SEAL_OVERHEAD_BYTES
+        assert bytes(sealer.open_blob(value, cid, "t")) == bytes(blob)
+        with pytest.raises(Exception, match="authentication"):
+            sealer.open_blob(value, ids[1], "t")
+    assert _blob_column(blobs).to_pylist() == [
+        None if b is None else bytes(b) for b in blobs
+    ]  # plain: the blobs as they are
