@@ -18,7 +18,7 @@ import pyarrow as pa
 from catalog.store.changes import ChangeTableWriter, chunk_keys
 from catalog.store.index import ids_to_array
 from catalog.store.leaves import EMPTY_LEAF, Leaf
-from catalog.store.manifest import LeafRef, ManifestReader, ManifestWriter
+from catalog.store.manifest import LeafRef, ManifestReader, ManifestWriter, concat_ranges
 
 Range = tuple[int, int]  # (start, end) of the disk, end exclusive
 
@@ -110,12 +110,20 @@ class ManifestAssembler:
         """Emit every leaf that ends at or before ``watermark`` (bytes)."""
         last_leaf = watermark // self.leaf_bytes - 1  # leaves [0, last_leaf] are complete
         if self.changed_slots is None:
+            ready: list[tuple[int, list[_Part]]] = []
             while self.pending:
                 leaf = next(iter(self.pending))
                 if leaf > last_leaf:
                     break
+                ready.append((leaf, self.pending.pop(leaf)))
+            unchanged = self._unchanged(ready)
+            for (leaf, parts), same in zip(ready, unchanged.tolist(), strict=True):
                 self._zeroed_before(leaf, emitting=True)
-                self._emit_full(leaf, self.pending.pop(leaf))
+                ref = self._parent_ref(leaf) if same else None
+                if ref is not None:
+                    self.writer.add_ref(ref)  # what _emit does for a leaf equal to the parent's
+                else:
+                    self._emit_full(leaf, parts)
             self._zeroed_before(last_leaf + 1)
         else:
             while self._cand_pos < len(self._candidates):
@@ -129,6 +137,39 @@ class ManifestAssembler:
                         self._ref_pos += 1  # replaced (or re-shared) by _emit_changed
                 self._emit_changed(leaf, self.pending.pop(leaf, []))
             self._share_parent_below(last_leaf + 1)
+
+    def _unchanged(self, ready: list[tuple[int, list[_Part]]]) -> np.ndarray:
+        """Per ready leaf (full mode): True where it holds exactly the parent's chunks. One
+        numpy pass over all of them against the parent's rows of their range, instead of a
+        leaf-by-leaf load and compare (a full re-read finds most leaves unchanged)."""
+        out = np.zeros(len(ready), bool)
+        if self.parent is None or not ready:
+            return out
+        lc = self.leaf_chunks
+        leaves = np.array([leaf for leaf, _ in ready], np.int64)
+        parts = [(leaf, p) for leaf, ps in ready for p in ps]
+        if not parts:
+            return out
+        new_nums = np.concatenate([leaf * lc + p[0].astype(np.int64) for leaf, p in parts])
+        new_ids = np.concatenate([p[1] for _, p in parts])
+        order = np.argsort(new_nums, kind="stable")
+        new_nums, new_ids = new_nums[order], new_ids[order]
+        old_nums, old_ids, _ = self.parent.chunks(int(leaves[0]), int(leaves[-1]) + 1, lc)
+        new_at = np.searchsorted(new_nums // lc, leaves, "left")
+        new_end = np.searchsorted(new_nums // lc, leaves, "right")
+        old_at = np.searchsorted(old_nums // lc, leaves, "left")
+        old_end = np.searchsorted(old_nums // lc, leaves, "right")
+        counts = new_end - new_at
+        # (an empty leaf is never "unchanged": the parent has no leaf there, or lost its data)
+        cand = np.flatnonzero((counts == old_end - old_at) & (counts > 0))
+        if not len(cand):
+            return out
+        a = concat_ranges(new_at[cand], new_end[cand])
+        b = concat_ranges(old_at[cand], old_end[cand])
+        bad = (new_nums[a] != old_nums[b]) | (new_ids[a] != old_ids[b]).any(axis=1)
+        starts = np.concatenate([[0], np.cumsum(counts[cand])[:-1]])
+        out[cand] = np.add.reduceat(bad.astype(np.int64), starts) == 0
+        return out
 
     def _share_parent_below(self, limit: int) -> None:
         """Share, unchanged, the parent's leaves numbered below ``limit`` not yet handled."""

@@ -191,7 +191,7 @@ class ManifestWriter:
         self._root.abort()
 
 
-def _concat_ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
+def concat_ranges(start: np.ndarray, end: np.ndarray) -> np.ndarray:
     """The indices of every range [start[i], end[i]), concatenated in order."""
     counts = end - start
     return np.repeat(start - (np.cumsum(counts) - counts), counts) + np.arange(int(counts.sum()))
@@ -302,7 +302,7 @@ class ManifestReader:
             if np.any(start == end):
                 gone = int(ords[np.flatnonzero(start == end)[0]])
                 raise CorruptionError(f"{leaves_name(file_id)}: leaf {gone} is missing")
-            take = _concat_ranges(start, end)
+            take = concat_ranges(start, end)
             leaf_no = np.repeat(self.leaf_nos[sel].astype(np.int64), end - start)
             numbers.append(leaf_no * leaf_chunks + slots[take])
             ids.append(rows[take])
