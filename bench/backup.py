@@ -41,7 +41,15 @@ from .machine import (
 )
 from .memory import idle_ray
 from .peers import PEER_ZSTD_LEVEL
-from .runs import BENCH_PASSWORD, BackupRun, backup, fresh_repo, index_per_chunk, restore
+from .runs import (
+    BENCH_PASSWORD,
+    BackupRun,
+    backup,
+    command_backup,
+    fresh_repo,
+    index_per_chunk,
+    restore,
+)
 from .sampler import load_average
 
 
@@ -84,9 +92,7 @@ class Bench:
         return os.path.join(self.workdir, name)
 
     def fresh(self, name: str, zstd_level: int | None = None) -> Repository:
-        """A new repository, and the source read through again: the previous tools' writes
-        can push part of it out of the page cache (seen: the first comb run of a round read
-        0.87 CPU-s/GB against 0.09 for the next), and every tool is measured warm."""
+        """A new repository, and the source read through again (``warm``)."""
         repo = fresh_repo(self.path(name), encryption=self.encryption, zstd_level=zstd_level)
         warm(self.image)
         return repo
@@ -144,9 +150,15 @@ class Bench:
         )
         self.r.extra["index"] = {"resident_bytes": resident, "chunks": chunks}
         self.r.extra["full_rounds"] = max(1, self.args.repeat)
+        cmd = command_backup(self.fresh("repo-M"), self.image, BENCH_PASSWORD)
+        shutil.rmtree(self.path("repo-M"), ignore_errors=True)
+        print(f"  comb backup (command, local engine): {cmd.wall_s:.2f} s, peak RSS "
+              f"{cmd.peak_rss / 2**20:.0f} MiB")  # fmt: skip
+        self.r.command = cmd if cmd.returncode == 0 else None
 
     def incremental(self, change: ChangeSet) -> None:
         self.r.changes[change.name] = change
+        warm(self.image)
         with_list = backup(
             Repository.open(self.path("repo-L"), password=BENCH_PASSWORD),
             self.image,
@@ -154,6 +166,7 @@ class Bench:
             "comb, change list",
             changed_extents=change.extents_path,
         )
+        warm(self.image)
         no_list = backup(
             Repository.open(self.path("repo-R"), password=BENCH_PASSWORD),
             self.image,
@@ -163,6 +176,7 @@ class Bench:
         runs: dict[str, BackupRun | peer_mod.PeerRun] = {"list": with_list, "nolist": no_list}
         for p in self.peers:
             if not p.full_only:
+                warm(self.image)
                 runs[p.name] = p.backup(self.image, change.name)
         self.r.incr[change.name] = runs
         print(f"  incrementals after {change.name}: done")

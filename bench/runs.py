@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -194,6 +197,36 @@ def files_identical(a: str, b: str, block: int = 16 * 1024 * 1024) -> bool:
                 return False
             if not x:
                 return True
+
+
+@dataclass(frozen=True)
+class CommandRun:
+    """``comb backup --engine local`` run as a user runs it: its own process."""
+
+    wall_s: float
+    peak_rss: int  # the process's peak resident set (bytes; an upper bound of its PSS)
+    returncode: int
+
+
+def command_backup(repo: Repository, image: str, password: str) -> CommandRun:
+    """One local-engine backup through the command line, in a child process whose peak memory
+    the kernel reports (``wait4``): the bench's own process carries what earlier runs left
+    (Ray's driver, freed arenas), which a user's ``comb backup`` never has."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, COMB_PASSWORD=password)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
+    args = [sys.executable, "-m", "pipeline.cli", "backup", "-r", repo.location]
+    args += ["--engine", "local", "--no-files", image]
+    with tempfile.TemporaryFile() as err:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=err)
+        _pid, status, usage = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        proc.returncode = rc = os.waitstatus_to_exitcode(status)
+        if rc != 0:
+            err.seek(0)
+            print(f"bench: comb backup failed ({rc}): {err.read().decode(errors='replace')}")
+    return CommandRun(wall, usage.ru_maxrss * 1024, rc)
 
 
 def index_per_chunk(repo: Repository) -> tuple[int, int]:
