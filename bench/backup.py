@@ -153,7 +153,8 @@ class Bench:
         cmd = command_backup(self.fresh("repo-M"), self.image, BENCH_PASSWORD)
         shutil.rmtree(self.path("repo-M"), ignore_errors=True)
         print(f"  comb backup (command, local engine): {cmd.wall_s:.2f} s, peak RSS "
-              f"{cmd.peak_rss / 2**20:.0f} MiB")  # fmt: skip
+              f"{cmd.peak_rss / 2**20:.0f} MiB (anonymous {cmd.peak_anon / 2**20:.0f}, "
+              f"files {cmd.peak_file / 2**20:.0f})")  # fmt: skip
         self.r.command = cmd if cmd.returncode == 0 else None
 
     def incremental(self, change: ChangeSet) -> None:

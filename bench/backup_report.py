@@ -257,8 +257,9 @@ def other_rows(r: Results) -> list[list[str]]:
         c = r.command
         rows.append(
             [
-                "comb backup --engine local: wall / peak RSS",
-                f"{c.wall_s:.2f} s / {mib(c.peak_rss)} MiB",
+                "comb backup --engine local: wall / peak RSS (anonymous, files)",
+                f"{c.wall_s:.2f} s / {mib(c.peak_rss)} MiB "
+                f"({mib(c.peak_anon)}, {mib(c.peak_file)})",
             ]
         )
     ray = r.full.get("ray")
