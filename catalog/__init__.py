@@ -10,6 +10,8 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     storage     the storage interface: all repository I/O goes through it
     inplace     its handles of files written in place (overlay logs, their locks)
     local       ``LocalStorage``: the interface on a local directory (the one system-call site)
+    s3          ``S3Storage``: the interface on S3 or an S3-compatible server (every request)
+    locations   a repository's location (a directory or ``s3://BUCKET/PREFIX``) -> its storage
     format      format constants and the config file
     sealing     the ``Sealer`` every object passes through, held by the storage; the plain one
     crypto      keys, key files and the AES-256-GCM sealer (FORMAT.md 21)

@@ -7,7 +7,6 @@ know a file layout itself (``catalog.store`` does), or print anything.
 
 from __future__ import annotations
 
-import os
 import secrets
 from collections.abc import Callable
 
@@ -21,7 +20,7 @@ from catalog.store.format import (
     RepoConfig,
     parse_config,
 )
-from catalog.store.local import LocalStorage
+from catalog.store.locations import canonical, existing_storage, new_storage
 from catalog.store.manifest import ManifestReader
 from catalog.store.parity import ParityGeometry
 from catalog.store.points import POINTS_PREFIX, RecoveryPoint, load_points_tolerant, resolve
@@ -86,8 +85,8 @@ class Repository:
             parity,
             encrypted=encrypted,
         )
-        path = os.path.abspath(location)
-        storage = LocalStorage.new(path, CONFIG_NAME)  # refuses a repository or other files
+        path = canonical(location)
+        storage = new_storage(path, CONFIG_NAME)  # refuses a repository or other files
         secret = _password(location, password, confirm=True) if encrypted else None
         storage.make_root(REPO_DIRS + ((crypto.KEYS_PREFIX,) if encrypted else ()))
         key_id = None
@@ -108,11 +107,11 @@ class Repository:
         """``password``: a string, or a source asked only when the repository is encrypted;
         ``sealer``: one already unwrapped (a worker of a job whose driver opened the repository:
         no password, no second Argon2id derivation)."""
-        path = os.path.abspath(location)
-        storage = LocalStorage.existing(location)
+        path = canonical(location)
+        storage = existing_storage(location)
         if not storage.exists(CONFIG_NAME):
             raise RepositoryError(f"{path} is not a comb repository (no {CONFIG_NAME})")
-        config = parse_config(storage.read(CONFIG_NAME), os.path.join(path, CONFIG_NAME))
+        config = parse_config(storage.read(CONFIG_NAME), f"{path}/{CONFIG_NAME}")
         key_id = None
         if config.encrypted and sealer is not None and sealer.encrypted:
             storage.sealer = sealer

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import pyarrow as pa
 
 from catalog.store.index import DedupIndex
-from catalog.store.local import LocalStorage
+from catalog.store.locations import storage_at
 from catalog.store.sealing import PLAIN, Sealer
 from stages.base import Fused, Ports
 
@@ -46,7 +46,7 @@ class LocalEngine:
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
         t0 = time.perf_counter()
         keep_freed_memory()
-        self.index = DedupIndex.load(LocalStorage(repo_path, sealer=sealer))
+        self.index = DedupIndex.load(storage_at(repo_path, sealer))
         for _ in range(self.workers):
             made = make_stage(self.index)
             stage = made if isinstance(made, Fused) else Fused([made])

@@ -23,7 +23,7 @@ import pyarrow as pa
 
 from catalog.errors import CombError, StageError
 from catalog.store.index import DedupIndex
-from catalog.store.local import LocalStorage
+from catalog.store.locations import storage_at
 from catalog.store.sealing import PLAIN, Sealer
 from stages.backup import IndexClient
 from stages.base import Ports, Stage
@@ -101,7 +101,7 @@ class _IndexHost:
     """The dedup index actor: only chunk ids reach it."""
 
     def __init__(self, repo_path: str, sealer: Sealer) -> None:
-        self.index = DedupIndex.load(LocalStorage(repo_path, sealer=sealer))
+        self.index = DedupIndex.load(storage_at(repo_path, sealer))
         self.cpu_s = 0.0
 
     def ping(self) -> int:

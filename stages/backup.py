@@ -15,7 +15,7 @@ import pyarrow as pa
 
 from catalog.store.chunks import encode_chunks
 from catalog.store.index import ids_to_array, sealed_to_table
-from catalog.store.local import LocalStorage
+from catalog.store.locations import storage_at
 from catalog.store.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
 from catalog.store.parity import ParityGeometry
 from catalog.store.sealing import PLAIN, Sealer
@@ -324,7 +324,7 @@ class Writer(Stage):
         self._packs: PackWriter | None = None
 
     def setup(self) -> None:
-        storage = LocalStorage(self.target.repo_path, sealer=self.target.sealer)
+        storage = storage_at(self.target.repo_path, self.target.sealer)
         self._packs = PackWriter(storage, self.target.pack_target_bytes, self.target.parity)
 
     def process(self, batch: pa.Table) -> Ports:

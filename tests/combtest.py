@@ -175,7 +175,7 @@ def flip_byte(path: Path, pos: int, mask: int = 0x01) -> None:
         fh.write(bytes([old[0] ^ mask]))
 
 
-def points_json(cli: CliRunner, repo: Path) -> list[dict[str, object]]:
+def points_json(cli: CliRunner, repo: Path | str) -> list[dict[str, object]]:
     res = cli("-r", repo, "points", "--json")
     assert res.code == 0, res.err
     doc = json.loads(res.out)
@@ -184,7 +184,7 @@ def points_json(cli: CliRunner, repo: Path) -> list[dict[str, object]]:
     return points
 
 
-def point_ids(cli: CliRunner, repo: Path) -> list[str]:
+def point_ids(cli: CliRunner, repo: Path | str) -> list[str]:
     return [str(p["id"]) for p in points_json(cli, repo)]
 
 

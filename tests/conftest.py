@@ -1,4 +1,5 @@
-"""Fixtures: a repository, an image factory, the CLI run in-process, and the vSphere simulator."""
+"""Fixtures: a repository, an image factory, the CLI run in-process, the vSphere simulator and
+an S3 server."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from combtest import (  # noqa: E402
     ImageFactory,
 )
 from pyVmomi import vim  # noqa: E402
+from s3server import S3Server, moto_server  # noqa: E402
 from vcsimtest import (  # noqa: E402
     CBT_PAGE_BYTES,
     Simulator,
@@ -101,6 +103,22 @@ def history(tmp_path: Path) -> tuple[object, ...]:
 
 
 # -- the vSphere simulator (tests/vcsim, tests/vsphere) ---------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_server() -> Iterator[S3Server]:
+    """moto's S3 server, one process for the session (tests/s3server.py)."""
+    with moto_server() as server:
+        yield server
+
+
+@pytest.fixture
+def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
+    """The AWS variables of the session's S3 server set for this test (comb reads them)."""
+    for key, value in s3_server.env().items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.delenv("AWS_PROFILE", raising=False)
+    return s3_server
 
 
 @pytest.fixture(scope="session")

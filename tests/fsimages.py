@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 # Bump whenever make_tree or a builder changes what an image holds: cached images are keyed by it.
-VERSION = 2
+VERSION = 3  # 3: a tree's folders keep their modes under any umask
 MiB = 1024 * 1024
 FUSE_TYPES = {"ntfs": "ntfs-3g", "exfat": "mount.exfat-fuse"}
 LVM_CONFIG = "devices { use_devicesfile=0 } backup { backup=0 archive=0 }"

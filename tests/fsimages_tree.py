@@ -69,6 +69,7 @@ class _Builder:
             sub = b"/" + b"/".join(parts[:i])
             if sub not in self.items:
                 os.mkdir(self.root + sub)
+                os.chmod(self.root + sub, 0o755)  # whatever the umask (CI runs under 0)
                 self._add(sub, Item("dir", 0, None, None, 0o755, None))
         os.chmod(self.root + rel, mode)
         self.items[rel] = replace(self.items[rel], mode=mode)

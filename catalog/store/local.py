@@ -306,7 +306,8 @@ class LocalStorage:
         out: list[str] = []
         for dirpath, _dirs, files in _walk(base):
             rel = os.path.relpath(dirpath, self.root).replace(os.sep, "/")
-            out.extend(f"{rel}/{f}" for f in files if not f.endswith(".tmp"))
+            lead = "" if rel == "." else f"{rel}/"  # (the repository's own top level)
+            out.extend(f"{lead}{f}" for f in files if not f.endswith(".tmp"))
         return sorted(out)
 
     def create(self, bulk: bool = False) -> NewFile:

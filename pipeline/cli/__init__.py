@@ -72,7 +72,8 @@ def add_global_options(p: argparse.ArgumentParser, json_help: str | None, top: b
         "-r",
         "--repo",
         metavar="REPO",
-        help="repository path (or COMB_REPO, or `repository` in the config file)",
+        help="repository path or s3://BUCKET/PREFIX (or COMB_REPO, or `repository` in the "
+        "config file)",
         **({"default": os.environ.get("COMB_REPO")} if top else unset),
     )
     g.add_argument(

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from catalog.errors import UsageError
+from catalog.store.s3 import is_s3
 
 CONFIG_ENV = "COMB_CONFIG"
 ENGINES = ("ray", "local")
@@ -82,7 +83,9 @@ def parse_config(data: dict[str, Any], path: Path) -> Config:
 
     def location(key: str) -> str | None:
         value = text(key)
-        return None if value is None else str(path.parent / Path(value).expanduser())
+        if value is None or (key == "repository" and is_s3(value)):
+            return value
+        return str(path.parent / Path(value).expanduser())
 
     engine = text("engine")
     if engine is not None and engine not in ENGINES:

@@ -1,0 +1,408 @@
+"""Object storage (``catalog.store.storage.Storage``): a repository under ``s3://BUCKET/PREFIX``
+on Amazon S3 or an S3-compatible server.
+
+Every repository file is one object, ``PREFIX/<name>``. A new file is spooled (in memory up to
+``SPOOL_BYTES``, then in a temporary file) and uploaded by one PUT at ``commit``: an object
+appears whole or not at all, so the commit needs no rename. There are no directories: ``sync``
+and ``remove_dir`` have nothing to do, and nothing is ever in ``tmp/``.
+
+The endpoint, region and credentials come the way the AWS tools take them (``AWS_ENDPOINT_URL``,
+``AWS_REGION``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``...); with an endpoint set (an
+S3-compatible server) requests use path-style addresses. Before its first write a storage probes
+the server (``probe``): a create-if-absent that must be refused the second time, and the bytes
+read back. A server that ignores the precondition is refused: several S3 clones silently
+overwrite instead, which would corrupt a repository that more than one process writes.
+
+Owns every request to the object store. Must not: know what a file holds (the other
+``catalog.store`` modules do). Files written in place (an overlay's log and lock) are not held
+on object storage yet.
+"""
+
+from __future__ import annotations
+
+import builtins
+import os
+import re
+import secrets
+import tempfile
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+from catalog.errors import RepositoryError
+from catalog.store.inplace import FileLock, LogFile
+from catalog.store.sealing import PLAIN, Sealer
+from catalog.store.storage import NewFile
+
+SCHEME = "s3://"
+SPOOL_BYTES = 16 << 20  # a new file's bytes kept in memory before they go to a temporary file
+MAX_PUT_BYTES = 5 << 30  # S3's limit for one PUT
+MAX_ATTEMPTS = 5  # per request, the first included (a wrong endpoint fails within ~15 s)
+PROBE_PREFIX = "probe"  # where the capability probe writes (and removes) its object
+_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
+
+
+def is_s3(location: str) -> bool:
+    return location.startswith(SCHEME)
+
+
+def parse_location(location: str) -> tuple[str, str]:
+    """``s3://BUCKET[/PREFIX]`` -> (bucket, prefix without slashes at its ends)."""
+    rest = location[len(SCHEME) :]
+    bucket, _, prefix = rest.partition("/")
+    prefix = prefix.strip("/")
+    if not _BUCKET.fullmatch(bucket):
+        raise RepositoryError(f"{location}: not a valid S3 bucket name {bucket!r}")
+    parts = prefix.split("/") if prefix else []
+    if any(p in ("", ".", "..") for p in parts):
+        raise RepositoryError(f"{location}: the prefix must not hold empty, '.' or '..' parts")
+    return bucket, prefix
+
+
+def _client() -> Any:
+    """A thread-safe S3 client configured from the environment."""
+    try:
+        import boto3
+        from botocore.config import Config
+    except ImportError:  # pragma: no cover - a dependency
+        raise RepositoryError("S3 repositories need boto3 (pip install boto3)") from None
+    custom = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
+    retries: dict[str, Any] = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
+    if not os.environ.get("AWS_MAX_ATTEMPTS"):
+        retries["max_attempts"] = MAX_ATTEMPTS
+    config = Config(
+        # Retries with backoff and jitter on 5xx, throttling (503 SlowDown) and dropped
+        # connections: botocore's standard mode (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE override).
+        retries=retries,
+        connect_timeout=10,
+        read_timeout=120,
+        max_pool_connections=32,
+        s3={"addressing_style": "path"} if custom else None,
+        # The bytes are checked by comb itself (every object is named by or holds BLAKE3
+        # hashes); streaming checksums (aws-chunked) are what several S3 clones store corrupted.
+        request_checksum_calculation="when_required",
+        response_checksum_validation="when_required",
+    )
+    return boto3.session.Session().client("s3", config=config)
+
+
+def _code(err: BaseException) -> str:
+    response = getattr(err, "response", None) or {}
+    error = response.get("Error", {})
+    return str(error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
+
+
+def _reason(err: BaseException) -> str:
+    """One line for a failed request."""
+    name = type(err).__name__
+    if name == "NoCredentialsError":
+        return "no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
+    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
+        return f"cannot reach the S3 endpoint ({err})"
+    code = _code(err)
+    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        return f"access denied ({code})"
+    if code in ("NoSuchBucket",):
+        return "the bucket does not exist"
+    message = (getattr(err, "response", None) or {}).get("Error", {}).get("Message")
+    return f"{code}: {message}" if message else str(err).splitlines()[0]
+
+
+def _missing(err: BaseException) -> bool:
+    return _code(err) in ("404", "NoSuchKey", "NotFound")
+
+
+class _S3NewFile:
+    """A new object: spooled, then uploaded whole by ``commit``."""
+
+    def __init__(self, storage: S3Storage) -> None:
+        self._storage = storage
+        self._spool: Any = tempfile.SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115
+        self._pos = 0
+
+    def write(self, data: bytes | memoryview) -> int:
+        if self._spool is None:
+            raise RepositoryError("write to a file already committed or aborted")
+        try:
+            self._spool.write(data)
+        except OSError as err:
+            self.abort()
+            raise RepositoryError(f"cannot spool a new object: {err.strerror or err}") from None
+        self._pos += len(data)
+        return len(data)
+
+    def write_many(self, parts: list[bytes | memoryview]) -> int:
+        return sum(self.write(p) for p in parts)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def commit(self, name: str, durable: bool = True) -> None:
+        """Upload it as ``name`` (an existing object of that name is replaced, as a rename
+        replaces a file; an S3 PUT is durable when it returns)."""
+        spool, self._spool = self._spool, None
+        if spool is None:
+            raise RepositoryError(f"cannot commit {name}: already committed or aborted")
+        try:
+            if self._pos > MAX_PUT_BYTES:
+                raise RepositoryError(f"cannot commit {name}: {self._pos} bytes is over 5 GiB")
+            spool.seek(0)
+            self._storage.put(name, spool, self._pos)
+        finally:
+            spool.close()
+
+    def abort(self) -> None:
+        spool, self._spool = self._spool, None
+        if spool is not None:
+            spool.close()
+
+
+class S3Storage:
+    """A repository under one prefix of one bucket."""
+
+    def __init__(self, bucket: str, prefix: str, sealer: Sealer = PLAIN) -> None:
+        self.bucket = bucket
+        self.prefix = prefix
+        self.sealer = sealer
+        self.client = _client()
+        self._probed = False
+        self._probe_lock = threading.Lock()
+
+    @classmethod
+    def at(cls, location: str, sealer: Sealer = PLAIN) -> S3Storage:
+        bucket, prefix = parse_location(location)
+        return cls(bucket, prefix, sealer)
+
+    @classmethod
+    def new(cls, location: str, marker: str) -> S3Storage:
+        """For a repository to create at ``location``: an existing bucket, and nothing under
+        the prefix (``marker`` there: a repository already)."""
+        storage = cls.at(location)
+        storage._check_bucket()
+        if storage.exists(marker):
+            raise RepositoryError(f"{storage.location} already holds a comb repository")
+        with storage._failing("list", storage.location):
+            found = storage.client.list_objects_v2(
+                Bucket=storage.bucket, Prefix=storage._dir_key(""), MaxKeys=1
+            )
+        if found.get("KeyCount", 0):
+            raise RepositoryError(f"{storage.location} is not empty")
+        storage.probe()
+        return storage
+
+    @classmethod
+    def existing(cls, location: str) -> S3Storage:
+        """For the repository at ``location`` (its config is not read here)."""
+        storage = cls.at(location)
+        storage._check_bucket()
+        return storage
+
+    def _check_bucket(self) -> None:
+        with self._failing("reach", self.location):
+            try:
+                self.client.head_bucket(Bucket=self.bucket)
+            except Exception as err:
+                if _missing(err) or _code(err) == "NoSuchBucket":
+                    raise RepositoryError(
+                        f"cannot reach {self.location}: the bucket does not exist"
+                    ) from None
+                raise
+
+    def make_root(self, prefixes: object) -> None:
+        """Nothing to make: an object store has no directories."""
+
+    @property
+    def location(self) -> str:
+        return f"{SCHEME}{self.bucket}/{self.prefix}" if self.prefix else f"{SCHEME}{self.bucket}"
+
+    def key(self, name: str) -> str:
+        if not name or name.startswith("/") or any(p in ("", "..") for p in name.split("/")):
+            raise RepositoryError(f"invalid repository object name {name!r}")
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def _dir_key(self, prefix: str) -> str:
+        """The key prefix of everything under the repository prefix ``prefix``."""
+        if prefix:
+            return self.key(prefix.strip("/")) + "/"
+        return f"{self.prefix}/" if self.prefix else ""
+
+    def where(self, name: str) -> str:
+        return f"{SCHEME}{self.bucket}/{self.key(name)}"
+
+    @contextmanager
+    def _failing(self, verb: str, what: str) -> Iterator[None]:
+        """A failed request becomes RepositoryError("cannot VERB WHAT: reason")."""
+        try:
+            yield
+        except RepositoryError:
+            raise
+        except Exception as err:  # botocore's errors share no useful base class
+            if type(err).__module__.split(".")[0] not in ("botocore", "boto3", "urllib3"):
+                raise
+            raise RepositoryError(f"cannot {verb} {what}: {_reason(err)}") from None
+
+    # -- reading ---------------------------------------------------------------------------
+
+    def _head(self, name: str) -> dict[str, Any] | None:
+        with self._failing("stat", self.where(name)):
+            try:
+                head: dict[str, Any] = self.client.head_object(
+                    Bucket=self.bucket, Key=self.key(name)
+                )
+            except Exception as err:
+                if _missing(err):
+                    return None
+                raise
+        return head
+
+    def exists(self, name: str) -> bool:
+        return self._head(name) is not None
+
+    def size(self, name: str) -> int:
+        head = self._head(name)
+        if head is None:
+            raise RepositoryError(f"cannot stat {self.where(name)}: no such object")
+        return int(head["ContentLength"])
+
+    def mtime(self, name: str) -> float | None:
+        head = self._head(name)
+        return None if head is None else float(head["LastModified"].timestamp())
+
+    def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
+        if length == 0:
+            return b""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name)}
+        if length > 0:
+            args["Range"] = f"bytes={offset}-{offset + length - 1}"
+        elif offset:
+            args["Range"] = f"bytes={offset}-"
+        with self._failing("read", self.where(name)):
+            try:
+                response = self.client.get_object(**args)
+            except Exception as err:
+                if _code(err) in ("InvalidRange", "416"):
+                    return b""  # from or past its end, as a pread there
+                if _missing(err):
+                    raise RepositoryError(
+                        f"cannot read {self.where(name)}: no such object"
+                    ) from None
+                raise
+            data: bytes = response["Body"].read()
+        return data
+
+    def read_into(self, name: str, offset: int, buf: memoryview) -> int:
+        """Fill ``buf`` from ``offset``; returns the bytes read (fewer only at its end)."""
+        data = self.read(name, offset, len(buf))
+        buf[: len(data)] = data
+        return len(data)
+
+    def list(self, prefix: str) -> builtins.list[str]:  # noqa: A003
+        """Every name under ``prefix`` (all of the repository for ""), sorted."""
+        start = self._dir_key(prefix)
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        out: builtins.list[str] = []
+        with self._failing("list", self.location + (f"/{prefix}" if prefix else "")):
+            pages = self.client.get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=start):
+                out.extend(obj["Key"][cut:] for obj in page.get("Contents", ()))
+        return sorted(out)
+
+    def list_dirs(self, prefix: str) -> builtins.list[str]:
+        start = self._dir_key(prefix)
+        cut = len(self.prefix) + 1 if self.prefix else 0
+        out: builtins.list[str] = []
+        with self._failing("list", self.location + (f"/{prefix}" if prefix else "")):
+            pages = self.client.get_paginator("list_objects_v2")
+            for page in pages.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/"):
+                out.extend(p["Prefix"][cut:].rstrip("/") for p in page.get("CommonPrefixes", ()))
+        return sorted(out)
+
+    def local_path(self, name: str) -> str | None:
+        return None
+
+    def tmp_files(self) -> builtins.list[str]:
+        return []  # an upload not completed is no object
+
+    # -- writing ---------------------------------------------------------------------------
+
+    def create(self, bulk: bool = False) -> NewFile:
+        self.probe()
+        return _S3NewFile(self)
+
+    def write_atomic(self, name: str, data: bytes) -> None:
+        self.probe()
+        self.put(name, data, len(data))
+
+    def put(self, name: str, body: Any, size: int, if_absent: bool = False) -> bool:
+        """One PUT; ``if_absent``: only when no object has that name (False: one had)."""
+        args: dict[str, Any] = {
+            "Bucket": self.bucket,
+            "Key": self.key(name),
+            "Body": body,
+            "ContentLength": size,
+        }
+        if if_absent:
+            args["IfNoneMatch"] = "*"
+        with self._failing("write", self.where(name)):
+            try:
+                self.client.put_object(**args)
+            except Exception as err:
+                if if_absent and _code(err) in ("PreconditionFailed", "412"):
+                    return False
+                raise
+        return True
+
+    def remove(self, name: str) -> None:
+        with self._failing("remove", self.where(name)):
+            self.client.delete_object(Bucket=self.bucket, Key=self.key(name))
+
+    def sync(self, prefix: str) -> None:
+        """Nothing to do: a PUT or DELETE is durable when it returns."""
+
+    def remove_dir(self, prefix: str) -> None:
+        """Nothing to do: an object store has no directories."""
+
+    def probe(self) -> None:
+        """Refuse a server that ignores create-if-absent or does not return the bytes it was
+        given (once per storage, before its first write)."""
+        if self._probed:
+            return
+        with self._probe_lock:
+            if self._probed:
+                return
+            name = f"{PROBE_PREFIX}/{secrets.token_hex(8)}"
+            payload = secrets.token_bytes(64) + bytes(range(256))
+            try:
+                if not self.put(name, payload, len(payload), if_absent=True):
+                    raise RepositoryError(f"{self.where(name)}: a new random name already taken")
+                if self.put(name, b"x", 1, if_absent=True):
+                    raise RepositoryError(
+                        f"{self.location}: the S3 server ignores If-None-Match (a conditional "
+                        "create overwrote an object); comb refuses it: concurrent writers "
+                        "would overwrite each other's commits"
+                    )
+                if self.read(name) != payload:
+                    raise RepositoryError(
+                        f"{self.location}: the S3 server returned other bytes than it was given"
+                    )
+            finally:
+                self.remove(name)
+            self._probed = True
+
+    # -- files written in place ------------------------------------------------------------
+
+    def _in_place(self, name: str) -> RepositoryError:
+        return RepositoryError(
+            f"{self.where(name)}: overlays (files written in place) need a repository in a "
+            "local directory; object storage does not hold them yet"
+        )
+
+    def open_log(self, name: str, writable: bool = False) -> LogFile:
+        raise self._in_place(name)
+
+    def create_log(self, name: str) -> LogFile:
+        raise self._in_place(name)
+
+    def file_lock(self, name: str) -> FileLock:
+        raise self._in_place(name)

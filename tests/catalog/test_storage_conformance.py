@@ -1,0 +1,117 @@
+"""One conformance suite for the storage interface (``catalog.store.storage.Storage``), run on
+a local directory and on a real S3 server (moto, its own process): what every call promises,
+whichever storage a repository is on."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from s3server import S3Server
+
+from catalog.errors import RepositoryError
+from catalog.store.local import LocalStorage
+from catalog.store.s3 import S3Storage
+from catalog.store.storage import TMP_DIR, Storage
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    if request.param == "local":
+        (tmp_path / TMP_DIR).mkdir()
+        yield LocalStorage(str(tmp_path))
+        return
+    server: S3Server = request.getfixturevalue("s3_env")
+    yield S3Storage.existing(f"s3://{server.bucket()}/some/prefix")
+
+
+def test_a_new_file_appears_only_when_committed(storage: Storage) -> None:
+    new = storage.create()
+    assert new.write(b"hello ") == 6
+    assert new.write_many([memoryview(b"wor"), b"ld"]) == 5
+    assert new.tell() == 11
+    assert not storage.exists("a/b/c.bin")
+    assert storage.list("a") == []
+    new.commit("a/b/c.bin")
+    assert storage.exists("a/b/c.bin")
+    assert storage.read("a/b/c.bin") == b"hello world"
+    assert storage.size("a/b/c.bin") == 11
+    assert storage.list("a") == ["a/b/c.bin"]
+
+
+def test_an_aborted_file_leaves_nothing(storage: Storage) -> None:
+    new = storage.create(bulk=True)
+    new.write(b"x" * 100)
+    new.abort()
+    assert storage.list("") == []
+    assert storage.tmp_files() == []
+
+
+def test_a_large_file_round_trips(storage: Storage) -> None:
+    data = bytes(range(256)) * (20 * 4096 + 7)  # over 16 MiB: spooled to disk on S3
+    new = storage.create(bulk=True)
+    for i in range(0, len(data), 1 << 20):
+        new.write(memoryview(data)[i : i + (1 << 20)])
+    new.commit("packs/ab/big.pack")
+    assert storage.size("packs/ab/big.pack") == len(data)
+    assert storage.read("packs/ab/big.pack", 12_345_678, 100) == data[12_345_678:12_345_778]
+
+
+def test_reads_of_ranges_and_past_the_end(storage: Storage) -> None:
+    storage.write_atomic("f", bytes(range(256)))
+    assert storage.read("f") == bytes(range(256))
+    assert storage.read("f", 10, 5) == bytes(range(10, 15))
+    assert storage.read("f", 250) == bytes(range(250, 256))
+    assert storage.read("f", 250, 100) == bytes(range(250, 256))  # short at its end
+    assert storage.read("f", 256, 10) == b""
+    assert storage.read("f", 0, 0) == b""
+    buf = bytearray(20)
+    assert storage.read_into("f", 246, memoryview(buf)) == 10
+    assert bytes(buf[:10]) == bytes(range(246, 256))
+
+
+def test_a_missing_file_is_a_repository_error(storage: Storage) -> None:
+    assert not storage.exists("nope")
+    assert storage.mtime("nope") is None
+    with pytest.raises(RepositoryError, match="nope"):
+        storage.read("nope")
+    with pytest.raises(RepositoryError, match="nope"):
+        storage.size("nope")
+    storage.remove("nope")  # removing what is gone is fine
+
+
+def test_write_atomic_replaces_and_remove_removes(storage: Storage) -> None:
+    before = time.time()
+    storage.write_atomic("points/p.json", b"one")
+    storage.write_atomic("points/p.json", b"two")
+    assert storage.read("points/p.json") == b"two"
+    mtime = storage.mtime("points/p.json")
+    assert mtime is not None and mtime >= before - 2
+    storage.remove("points/p.json")
+    assert not storage.exists("points/p.json")
+    assert storage.list("points") == []
+
+
+def test_list_is_sorted_and_stays_inside_its_prefix(storage: Storage) -> None:
+    for name in ("packs/b/2.pack", "packs/a/1.pack", "packs2/x", "packsx", "index/s.parquet"):
+        storage.write_atomic(name, b"x")
+    assert storage.list("packs") == ["packs/a/1.pack", "packs/b/2.pack"]
+    assert storage.list("packs/a") == ["packs/a/1.pack"]
+    assert storage.list("missing") == []
+    assert storage.list("") == sorted(
+        ["packs/b/2.pack", "packs/a/1.pack", "packs2/x", "packsx", "index/s.parquet"]
+    )
+    assert storage.list_dirs("packs") == ["packs/a", "packs/b"]
+    assert storage.list_dirs("missing") == []
+    storage.sync("packs")
+    storage.remove_dir("missing")
+
+
+@pytest.mark.parametrize("name", ["/abs", "../up", "a/../../b"])
+def test_names_outside_the_repository_are_refused(storage: Storage, name: str) -> None:
+    with pytest.raises(RepositoryError, match="invalid repository object name"):
+        storage.write_atomic(name, b"x")
+    with pytest.raises(RepositoryError, match="invalid repository object name"):
+        storage.read(name)

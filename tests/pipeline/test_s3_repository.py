@@ -1,0 +1,157 @@
+"""A repository on S3 (a real server process: moto, tests/s3server.py), through the command
+line: every byte of it goes through ``catalog.store.s3``; backups, restores and maintenance
+behave as on a local directory, and a place or server comb cannot use is refused in one line."""
+
+from __future__ import annotations
+
+import filecmp
+from pathlib import Path
+
+import pytest
+from combtest import TEST_PASSWORD, CliRunner, ImageFactory, MiB, need_tool, point_ids
+from nbdtest import run_tool, start
+from s3server import S3Server, free_port, header_stripper
+
+from catalog.repo import Repository
+from drive.nbd.server import NbdServer
+
+
+def _image(make_image: ImageFactory):  # type: ignore[no-untyped-def]
+    img = make_image(8 * MiB)
+    img.random(0, 2 * MiB, seed=1)
+    img.compressible(3 * MiB, 2 * MiB, seed=2)
+    img.zeros(6 * MiB, MiB)
+    img.take_changes()
+    return img
+
+
+def test_backup_restore_verify_and_prune_on_s3(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    repo = f"s3://{s3_env.bucket()}/backups/vm"
+    assert cli("-r", repo, "init").code == 0
+    img = _image(make_image)
+    first_copy = img.snapshot(tmp_path / "first.img")
+    res = cli("-r", repo, "backup", img.path, "--source-name", "vm")
+    assert res.code == 0, res.err
+    img.random(MiB, 64 * 1024, seed=3)  # an incremental from the change list
+    changes = img.changes_file(tmp_path / "changes.json", img.take_changes())
+    res = cli("-r", repo, "backup", img.path, "--source-name", "vm", "--changed-extents", changes)
+    assert res.code == 0, res.err
+    first, second = point_ids(cli, repo)
+    for point, expected in ((first, first_copy), (second, img.path)):
+        out = tmp_path / f"{point}.img"
+        res = cli("-r", repo, "restore", point, out)
+        assert res.code == 0, res.err
+        assert filecmp.cmp(out, expected, shallow=False)
+    res = cli("-r", repo, "verify")
+    assert res.code == 0 and "clean" in res.out, res.out + res.err
+    server = NbdServer(Repository.open(repo, password=TEST_PASSWORD), port=0)
+    thread = start(server)
+    try:  # the virtual drive reads the bucket: libnbd's nbdcopy copies the point
+        got = tmp_path / "nbd.img"
+        uri = f"nbd://127.0.0.1:{server.address[1]}/vm@{second}"
+        done = run_tool(need_tool("nbdcopy"), uri, str(got))
+        assert done.returncode == 0, done.stderr
+        assert filecmp.cmp(got, img.path, shallow=False)
+    finally:
+        server.shutdown()
+        thread.join(10)
+    res = cli("-r", repo, "scrub")
+    assert res.code == 0 and "clean" in res.out, res.out + res.err
+    res = cli("-r", repo, "forget", first, "--prune")
+    assert res.code == 0, res.err
+    assert point_ids(cli, repo) == [second]
+    out = tmp_path / "again.img"
+    assert cli("-r", repo, "restore", "vm@latest", out).code == 0
+    assert filecmp.cmp(out, img.path, shallow=False)
+    assert cli("-r", repo, "verify").code == 0
+
+
+def test_two_repositories_share_a_bucket_without_seeing_each_other(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory
+) -> None:
+    bucket = s3_env.bucket()
+    img = _image(make_image)
+    for name in ("a", "ab"):  # one prefix starting the other
+        assert cli("-r", f"s3://{bucket}/{name}", "init").code == 0
+        assert cli("-r", f"s3://{bucket}/{name}", "backup", img.path).code == 0
+    assert len(point_ids(cli, f"s3://{bucket}/a")) == 1
+    assert len(point_ids(cli, f"s3://{bucket}/ab")) == 1
+    res = cli("-r", f"s3://{bucket}/a", "prune")
+    assert res.code == 0 and "removed 0 pack(s)" in res.out, res.out + res.err
+    assert cli("-r", f"s3://{bucket}/ab", "verify").code == 0
+
+
+def test_places_comb_cannot_use_are_refused_in_one_line(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_env.bucket()
+    cases = [
+        ("s3://comb-no-such-bucket/r", "init", "the bucket does not exist"),
+        ("s3://No_Such/r", "init", "not a valid S3 bucket name"),
+        ("s3://comb-no-such-bucket/r", "points", "the bucket does not exist"),
+    ]
+    s3_env.client().put_object(Bucket=bucket, Key="taken/file", Body=b"x")
+    cases.append((f"s3://{bucket}/taken", "init", "is not empty"))
+    assert cli("-r", f"s3://{bucket}/repo", "init").code == 0
+    cases.append((f"s3://{bucket}/repo", "init", "already holds a comb repository"))
+    cases.append((f"s3://{bucket}/empty", "points", "is not a comb repository"))
+    for repo, command, message in cases:
+        res = cli("-r", repo, command)
+        assert res.code == 3, (repo, command, res.out, res.err)
+        assert message in res.err and res.err.count("\n") == 1, res.err
+    img = _image(make_image)
+    assert cli("-r", f"s3://{bucket}/repo", "backup", img.path, "--source-name", "vm").code == 0
+    assert cli("-r", f"s3://{bucket}/repo", "overlays", "create", "ov", "vm@latest").code == 0
+    res = cli("-r", f"s3://{bucket}/repo", "backup", "overlay:ov")  # its log is not on S3
+    assert res.code == 3 and "need a repository in a local directory" in res.err, res.err
+    assert res.err.count("\n") == 1
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    res = cli("-r", f"s3://{bucket}/repo", "points")
+    assert res.code == 3 and "cannot reach the S3 endpoint" in res.err, res.err
+    assert res.err.count("\n") == 1
+
+
+def test_a_server_that_ignores_conditional_creates_is_refused(
+    cli: CliRunner, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_env.bucket()
+    with header_stripper(s3_env.endpoint, "If-None-Match") as lying:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", lying)
+        res = cli("-r", f"s3://{bucket}/repo", "init")
+    assert res.code == 3, res.out + res.err
+    assert "ignores If-None-Match" in res.err and res.err.count("\n") == 1, res.err
+    # nothing of a repository was left behind
+    assert s3_env.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+@pytest.mark.ray
+def test_ray_workers_write_their_packs_to_the_bucket(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """No shared filesystem: each Ray worker uploads its own packs (the embedded Ray's workers
+    inherit the AWS variables, as a cluster's nodes would need them)."""
+    repo = f"s3://{s3_env.bucket()}/r"
+    assert cli("-r", repo, "init").code == 0
+    img = _image(make_image)
+    res = cli("-r", repo, "backup", img.path, "--engine", "ray", "--source-name", "vm")
+    assert res.code == 0, res.err
+    out = tmp_path / "out.img"
+    assert cli("-r", repo, "restore", "vm@latest", out).code == 0
+    assert filecmp.cmp(out, img.path, shallow=False)
+    assert cli("-r", repo, "verify").code == 0
+
+
+def test_the_configuration_file_names_an_s3_repository(
+    cli: CliRunner, s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An s3:// location in the file is taken as it is (a path would be relative to it)."""
+    repo = f"s3://{s3_env.bucket()}/from-config"
+    assert cli("-r", repo, "init").code == 0
+    path = tmp_path / "comb.toml"
+    path.write_text(f'repository = "{repo}"\n')
+    monkeypatch.setenv("COMB_CONFIG", str(path))
+    res = cli("points", "--json")
+    assert res.code == 0, res.err
