@@ -17,6 +17,7 @@ commands:
   integrity  scrub, scrub --repair and prune on a repository of 100 points
   files      walk, ls and cat of the files inside a point, against the kernel
   files-history  find over 1,000 points' file catalogs; the catalog's cost on an OS disk backup
+  s3         a repository on S3 (a local file-backed server) against its ceiling and a local one
 
 `python -m bench COMMAND --help` lists a command's options."""
 
@@ -46,6 +47,8 @@ def main(argv: list[str]) -> int:
         from .files import main as run
     elif cmd == "files-history":
         from .files_history import main as run
+    elif cmd == "s3":
+        from .s3 import main as run
     else:
         print(f"bench: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2

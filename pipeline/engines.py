@@ -42,8 +42,18 @@ RAY_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 RAY_SHUTDOWN_GRACE_S = 5.0
 
 MakeStage = Callable[[IndexClient], Stage]
-# Variables the workers read themselves (README "Tuning and environment"), handed to actors.
+# Variables the workers read themselves (README "Tuning and environment"), handed to actors,
+# and every AWS_* variable: an S3 repository's endpoint, region and credentials.
 WORKER_ENV = ("COMB_DIRECT_IO", "COMB_PARITY_ENCODER")
+WORKER_ENV_PREFIXES = ("AWS_",)
+
+
+def worker_env() -> dict[str, str]:
+    """What the driver's environment hands to every actor (a cluster's or a running Ray's
+    workers do not inherit it)."""
+    return {
+        k: v for k, v in os.environ.items() if k in WORKER_ENV or k.startswith(WORKER_ENV_PREFIXES)
+    }
 
 
 class Engine(Protocol):
@@ -100,7 +110,8 @@ class _StageHost:
 class _IndexHost:
     """The dedup index actor: only chunk ids reach it."""
 
-    def __init__(self, repo_path: str, sealer: Sealer) -> None:
+    def __init__(self, repo_path: str, sealer: Sealer, env: dict[str, str] | None = None) -> None:
+        os.environ.update(env or {})  # (as _StageHost: an S3 repository's settings)
         self.index = DedupIndex.load(storage_at(repo_path, sealer))
         self.cpu_s = 0.0
 
@@ -228,10 +239,10 @@ class RayEngine:
             opts = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **pin}
             index_cls = ray.remote(**opts)(_IndexHost)
             host_cls = ray.remote(**opts)(_StageHost)
-            self._index = index_cls.remote(repo_path, sealer)
+            env = worker_env()
+            self._index = index_cls.remote(repo_path, sealer, env)
             ray.get(self._index.ping.remote(), timeout=RAY_PING_TIMEOUT_S)
             client = RayIndexClient(self._index)
-            env = {k: os.environ[k] for k in WORKER_ENV if k in os.environ}
             self._actors = [host_cls.remote(make_stage(client), env) for _ in range(self.workers)]
             ray.get([a.ping.remote() for a in self._actors], timeout=RAY_PING_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001

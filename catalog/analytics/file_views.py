@@ -19,7 +19,7 @@ import pyarrow as pa
 
 from catalog.analytics.file_history import FileHistory
 from catalog.analytics.views import sealed_dataset
-from catalog.errors import CombError
+from catalog.errors import CombError, QueryError
 from catalog.store import filecat
 from catalog.store.parquet_io import read_verified
 from catalog.store.points import RecoveryPoint
@@ -74,9 +74,9 @@ class _Files:
         if file_id not in self.pos:
             name = filecat.data_name(file_id)
             path = self.storage.local_path(name)
+            if path is None:  # (not a damaged file: a whole repository the views cannot read)
+                raise QueryError("queries need a repository on a local filesystem for now")
             try:
-                if path is None:
-                    raise CombError("file catalogs are queried on a local repository only")
                 read_verified(self.storage, name)
             except CombError as err:
                 self.damaged.append(err.message)

@@ -10,8 +10,10 @@ The endpoint, region and credentials come the way the AWS tools take them (``AWS
 ``AWS_REGION``, ``AWS_PROFILE``, ``AWS_ACCESS_KEY_ID``...); with an endpoint set (an
 S3-compatible server) requests use path-style addresses. Before its first write a storage probes
 the server (``probe``): a create-if-absent that must be refused the second time, and the bytes
-read back. A server that ignores the precondition is refused: several S3 clones silently
-overwrite instead, which would corrupt a repository that more than one process writes.
+read back whole and by range. A server that fails is refused: several S3 clones silently
+overwrite instead (the lock-free commits planned for object storage need the precondition), and
+some ignore ranges (every chunk read is one). A body cut off while it streams is fetched again
+(botocore retries requests, not bodies).
 
 Owns every request to the object store. Must not: know what a file holds (the other
 ``catalog.store`` modules do). Files written in place (an overlay's log and lock) are not held
@@ -22,10 +24,12 @@ from __future__ import annotations
 
 import builtins
 import os
+import random
 import re
 import secrets
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -39,12 +43,25 @@ SCHEME = "s3://"
 SPOOL_BYTES = 16 << 20  # a new file's bytes kept in memory before they go to a temporary file
 MAX_PUT_BYTES = 5 << 30  # S3's limit for one PUT
 MAX_ATTEMPTS = 5  # per request, the first included (a wrong endpoint fails within ~15 s)
+BODY_ATTEMPTS = 4  # per GET whose body is cut off while it streams
+# botocore and urllib3 errors of a body that stopped streaming (by class name: each library
+# names its own)
+_STREAM_ERRORS = frozenset(
+    (
+        "IncompleteReadError",
+        "ResponseStreamingError",
+        "ReadTimeoutError",
+        "ProtocolError",
+        "ConnectionClosedError",
+    )
+)
+LIST_PAGE = 1000  # keys per LIST request (S3's most)
 PROBE_PREFIX = "probe"  # where the capability probe writes (and removes) its object
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 
 
 def is_s3(location: str) -> bool:
-    return location.startswith(SCHEME)
+    return location[: len(SCHEME)].lower() == SCHEME
 
 
 def parse_location(location: str) -> tuple[str, str]:
@@ -60,7 +77,34 @@ def parse_location(location: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-def _client() -> Any:
+class RequestCount:
+    """The S3 API calls this process made, by operation (``python -m bench s3`` reads them)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.by_operation: dict[str, int] = {}
+
+    def __call__(self, model: Any = None, params: Any = None, **_kwargs: Any) -> None:
+        name = getattr(model, "name", "?")
+        if name == "ListObjectsV2" and isinstance(params, dict):  # which folder it lists
+            parts = [p for p in str(params.get("Prefix", "")).split("/") if p]
+            name = f"{name} {parts[-1] if parts else '/'}"
+        with self._lock:
+            self.by_operation[name] = self.by_operation.get(name, 0) + 1
+
+    def snapshot(self) -> dict[str, int]:
+        with self._lock:
+            return dict(self.by_operation)
+
+
+REQUESTS = RequestCount()
+# (endpoint, bucket, prefix) already probed by this process: a backup's workers share a process
+# with their driver on the local engine, and each probe costs five requests.
+_PROBED: set[tuple[str, str, str]] = set()
+_PROBED_LOCK = threading.Lock()
+
+
+def client_from_env() -> Any:
     """A thread-safe S3 client configured from the environment."""
     try:
         import boto3
@@ -84,7 +128,23 @@ def _client() -> Any:
         request_checksum_calculation="when_required",
         response_checksum_validation="when_required",
     )
-    return boto3.session.Session().client("s3", config=config)
+    client = boto3.session.Session().client("s3", config=config)
+    client.meta.events.register("before-parameter-build.s3", REQUESTS)
+    return client
+
+
+_CLIENTS: dict[tuple[tuple[str, str], ...], Any] = {}
+_CLIENTS_LOCK = threading.Lock()
+
+
+def _shared_client() -> Any:
+    """One client per process and AWS settings: making one costs 70-200 ms (botocore loads
+    its service model), and a backup opens a storage per worker."""
+    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    with _CLIENTS_LOCK:
+        if key not in _CLIENTS:
+            _CLIENTS[key] = client_from_env()
+        return _CLIENTS[key]
 
 
 def _code(err: BaseException) -> str:
@@ -165,7 +225,8 @@ class S3Storage:
         self.bucket = bucket
         self.prefix = prefix
         self.sealer = sealer
-        self.client = _client()
+        with self._failing("reach", self.location):
+            self.client = _shared_client()
         self._probed = False
         self._probe_lock = threading.Lock()
 
@@ -184,9 +245,10 @@ class S3Storage:
             raise RepositoryError(f"{storage.location} already holds a comb repository")
         with storage._failing("list", storage.location):
             found = storage.client.list_objects_v2(
-                Bucket=storage.bucket, Prefix=storage._dir_key(""), MaxKeys=1
+                Bucket=storage.bucket, Prefix=storage._dir_key(""), MaxKeys=100
             )
-        if found.get("KeyCount", 0):
+        probes = storage._dir_key(PROBE_PREFIX)  # (a probe killed before its cleanup)
+        if any(not o["Key"].startswith(probes) for o in found.get("Contents", ())):
             raise RepositoryError(f"{storage.location} is not empty")
         storage.probe()
         return storage
@@ -207,6 +269,8 @@ class S3Storage:
                     raise RepositoryError(
                         f"cannot reach {self.location}: the bucket does not exist"
                     ) from None
+                if _code(err) in ("403", "AccessDenied"):
+                    return  # credentials for a prefix only: its own requests will tell
                 raise
 
     def make_root(self, prefixes: object) -> None:
@@ -277,19 +341,34 @@ class S3Storage:
             args["Range"] = f"bytes={offset}-{offset + length - 1}"
         elif offset:
             args["Range"] = f"bytes={offset}-"
-        with self._failing("read", self.where(name)):
-            try:
-                response = self.client.get_object(**args)
-            except Exception as err:
-                if _code(err) in ("InvalidRange", "416"):
-                    return b""  # from or past its end, as a pread there
-                if _missing(err):
-                    raise RepositoryError(
-                        f"cannot read {self.where(name)}: no such object"
-                    ) from None
-                raise
-            data: bytes = response["Body"].read()
-        return data
+        for attempt in range(1, BODY_ATTEMPTS + 1):
+            with self._failing("read", self.where(name)):
+                try:
+                    response = self.client.get_object(**args)
+                    data: bytes = response["Body"].read()
+                except Exception as err:
+                    if _code(err) in ("InvalidRange", "416"):
+                        return b""  # from or past its end, as a pread there
+                    if _missing(err):
+                        raise RepositoryError(
+                            f"cannot read {self.where(name)}: no such object"
+                        ) from None
+                    # (botocore retries a request, not a body cut off while it streams)
+                    if attempt < BODY_ATTEMPTS and type(err).__name__ in _STREAM_ERRORS:
+                        time.sleep(random.uniform(0, 0.2 * 2**attempt))
+                        continue
+                    raise
+            if "Range" in args and "ContentRange" not in response:
+                raise RepositoryError(
+                    f"cannot read {self.where(name)}: the S3 server ignored the byte range "
+                    "asked for (comb needs ranged reads)"
+                )
+            if length > 0 and len(data) > length:
+                raise RepositoryError(
+                    f"cannot read {self.where(name)}: {len(data)} bytes for a range of {length}"
+                )
+            return data
+        raise AssertionError("unreachable")  # pragma: no cover
 
     def read_into(self, name: str, offset: int, buf: memoryview) -> int:
         """Fill ``buf`` from ``offset``; returns the bytes read (fewer only at its end)."""
@@ -304,7 +383,8 @@ class S3Storage:
         out: builtins.list[str] = []
         with self._failing("list", self.location + (f"/{prefix}" if prefix else "")):
             pages = self.client.get_paginator("list_objects_v2")
-            for page in pages.paginate(Bucket=self.bucket, Prefix=start):
+            config = {"PageSize": LIST_PAGE}
+            for page in pages.paginate(Bucket=self.bucket, Prefix=start, PaginationConfig=config):
                 out.extend(obj["Key"][cut:] for obj in page.get("Contents", ()))
         return sorted(out)
 
@@ -314,7 +394,10 @@ class S3Storage:
         out: builtins.list[str] = []
         with self._failing("list", self.location + (f"/{prefix}" if prefix else "")):
             pages = self.client.get_paginator("list_objects_v2")
-            for page in pages.paginate(Bucket=self.bucket, Prefix=start, Delimiter="/"):
+            config = {"PageSize": LIST_PAGE}
+            for page in pages.paginate(
+                Bucket=self.bucket, Prefix=start, Delimiter="/", PaginationConfig=config
+            ):
                 out.extend(p["Prefix"][cut:].rstrip("/") for p in page.get("CommonPrefixes", ()))
         return sorted(out)
 
@@ -366,10 +449,11 @@ class S3Storage:
     def probe(self) -> None:
         """Refuse a server that ignores create-if-absent or does not return the bytes it was
         given (once per storage, before its first write)."""
-        if self._probed:
+        where = (str(self.client.meta.endpoint_url), self.bucket, self.prefix)
+        if self._probed or where in _PROBED:
             return
         with self._probe_lock:
-            if self._probed:
+            if self._probed or where in _PROBED:
                 return
             name = f"{PROBE_PREFIX}/{secrets.token_hex(8)}"
             payload = secrets.token_bytes(64) + bytes(range(256))
@@ -382,13 +466,15 @@ class S3Storage:
                         "create overwrote an object); comb refuses it: concurrent writers "
                         "would overwrite each other's commits"
                     )
-                if self.read(name) != payload:
+                if self.read(name) != payload or self.read(name, 100, 50) != payload[100:150]:
                     raise RepositoryError(
                         f"{self.location}: the S3 server returned other bytes than it was given"
                     )
             finally:
                 self.remove(name)
             self._probed = True
+            with _PROBED_LOCK:
+                _PROBED.add(where)
 
     # -- files written in place ------------------------------------------------------------
 

@@ -12,6 +12,7 @@ import pytest
 from s3server import S3Server
 
 from catalog.errors import RepositoryError
+from catalog.store import s3
 from catalog.store.local import LocalStorage
 from catalog.store.s3 import S3Storage
 from catalog.store.storage import TMP_DIR, Storage
@@ -94,7 +95,10 @@ def test_write_atomic_replaces_and_remove_removes(storage: Storage) -> None:
     assert storage.list("points") == []
 
 
-def test_list_is_sorted_and_stays_inside_its_prefix(storage: Storage) -> None:
+def test_list_is_sorted_and_stays_inside_its_prefix(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3, "LIST_PAGE", 2)  # S3: several pages of a listing
     for name in ("packs/b/2.pack", "packs/a/1.pack", "packs2/x", "packsx", "index/s.parquet"):
         storage.write_atomic(name, b"x")
     assert storage.list("packs") == ["packs/a/1.pack", "packs/b/2.pack"]

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from s3server import S3Server
 
 COMB = [sys.executable, "-m", "pipeline.cli"]
 ROOT = Path(__file__).resolve().parents[2]
@@ -93,7 +94,7 @@ def _wait_for_cluster(address: str, proc: subprocess.Popen[bytes], env: dict[str
 
 
 @pytest.mark.ray
-def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
+def test_backup_on_an_existing_ray_cluster(tmp_path: Path, s3_server: S3Server) -> None:
     address = f"127.0.0.1:{_free_port()}"
     temp = tempfile.mkdtemp(prefix="combray", dir="/tmp")  # AF_UNIX paths are short
     # A test cluster without token authentication (Ray 2.60 enables it by default; a real
@@ -132,12 +133,16 @@ def test_backup_on_an_existing_ray_cluster(tmp_path: Path) -> None:
         port = address.split(":")[1]
         assert re.search(rf"used the Ray running here at [0-9.]+:{port} ", r.stderr), r.stderr
         _image(img, 8)
-        env["RAY_ADDRESS"] = address
-        r = _comb("-r", str(repo), "backup", str(img), "--engine", "ray", "--json", env=env)
+        # Named by address, into a repository on S3: the cluster's workers were started
+        # without the AWS variables; comb hands them to its actors.
+        s3 = {**env, **s3_server.env(), "RAY_ADDRESS": address}
+        bucket = f"s3://{s3_server.bucket()}/on-cluster"
+        assert _comb("-r", bucket, "init", env=s3).returncode == 0
+        r = _comb("-r", bucket, "backup", str(img), "--engine", "ray", "--json", env=s3)
         assert r.returncode == 0, r.stderr
         assert '"engine": "ray"' in r.stdout and "used the Ray running here" not in r.stderr
         out = tmp_path / "out.img"
-        assert _comb("-r", str(repo), "restore", f"{img}@latest", str(out)).returncode == 0
+        assert _comb("-r", bucket, "restore", f"{img}@latest", str(out), env=s3).returncode == 0
         assert out.read_bytes() == img.read_bytes()
         # comb must not have shut down the user's cluster.
         status = subprocess.run(
