@@ -21,9 +21,9 @@ import tempfile
 import time
 from dataclasses import asdict, replace
 
-from catalog.analytics.lives.cache import CACHE_ENV
 from catalog.analytics.reports import REPORTS
 from catalog.repo import Repository
+from catalog.store.cachedir import CACHE_ENV
 
 from .catalog_gen import GIB, Spec, generate, scaled
 from .image import parse_size
@@ -37,7 +37,7 @@ _TIMED = """
 import sys, time
 t0 = time.perf_counter()
 from catalog.analytics.catalog import Catalog
-from catalog.analytics.lives.cache import CACHE_ENV
+from catalog.store.cachedir import CACHE_ENV
 from catalog.repo import Repository
 from pipeline.cli.analytics_cmd import report_options as _options
 from pipeline.cli import build_parser

@@ -26,7 +26,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from catalog.repo import Repository
-from catalog.store import s3 as s3_store
+from catalog.store import s3_client
 from catalog.store.crypto import ALGORITHM
 
 from .image import (
@@ -113,7 +113,7 @@ def _comb(location: str, image: str, workdir: str) -> dict[str, Any]:
     work = os.path.join(workdir, "s3-work.img")
     sparse_copy(image, work)
     for step in ("full", "incremental", "restore"):
-        before = s3_store.REQUESTS.snapshot()
+        before = s3_client.REQUESTS.snapshot()
         warm(work)
         if step == "full":
             run = backup(repo, work, "local", step, source_name="bench")
@@ -140,7 +140,7 @@ def _comb(location: str, image: str, workdir: str) -> dict[str, Any]:
                 raise SystemExit(f"bench s3: the restore from {location} differs from its source")
             seconds, data = got.wall_s, got.data_bytes
             os.unlink(target)
-        after = s3_store.REQUESTS.snapshot()
+        after = s3_client.REQUESTS.snapshot()
         calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
         out[step] = {
             "seconds": seconds,
@@ -262,7 +262,7 @@ def main(argv: list[str]) -> int:
             AWS_SECRET_ACCESS_KEY="bench-secret",
             AWS_REGION="us-east-1",
         )
-        client = s3_store.client_from_env()
+        client = s3_client.client_from_env()
         client.create_bucket(Bucket="bench")
         ceiling = _ceiling(client, "bench")
         runs = {

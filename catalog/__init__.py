@@ -11,6 +11,9 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     inplace     its handles of files written in place (overlay logs, their locks)
     local       ``LocalStorage``: the interface on a local directory (the one system-call site)
     s3          ``S3Storage``: the interface on S3 or an S3-compatible server (every request)
+    s3_client   its boto3 client (configuration, retries, API calls counted, errors in one line)
+    s3_copies   local copies of its files for readers that take a path, bounded
+    cachedir    where local caches live (outside every repository)
     locations   a repository's location (a directory or ``s3://BUCKET/PREFIX``) -> its storage
     format      format constants and the config file
     sealing     the ``Sealer`` every object passes through, held by the storage; the plain one

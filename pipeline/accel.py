@@ -25,7 +25,7 @@ import textwrap
 import time
 from dataclasses import dataclass
 
-from catalog.analytics.lives.cache import cache_dir
+from catalog.store.cachedir import cache_dir
 
 PROBE_TIMEOUT_S = 3.0
 KVM_START_S = 0.5

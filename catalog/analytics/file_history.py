@@ -38,9 +38,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.analytics.lives.cache import cache_dir
 from catalog.errors import CombError, CorruptionError
 from catalog.store import filecat
+from catalog.store.cachedir import cache_dir
 from catalog.store.format import CONFIG_NAME, parse_config
 from catalog.store.parquet_io import read_parquet
 from catalog.store.points import FORGOTTEN_PREFIX, POINTS_PREFIX, parse_point

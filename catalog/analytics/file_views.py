@@ -19,9 +19,9 @@ import pyarrow as pa
 
 from catalog.analytics.file_history import FileHistory
 from catalog.analytics.views import sealed_dataset
-from catalog.errors import CombError, QueryError
+from catalog.errors import CombError
 from catalog.store import filecat
-from catalog.store.parquet_io import read_verified
+from catalog.store.parquet_io import verified_path
 from catalog.store.points import RecoveryPoint
 from catalog.store.storage import Storage
 
@@ -73,11 +73,8 @@ class _Files:
         """The position of a data file, checked against its name (None: damaged, said)."""
         if file_id not in self.pos:
             name = filecat.data_name(file_id)
-            path = self.storage.local_path(name)
-            if path is None:  # (not a damaged file: a whole repository the views cannot read)
-                raise QueryError("queries need a repository on a local filesystem for now")
             try:
-                read_verified(self.storage, name)
+                path = verified_path(self.storage, name)  # (object storage: a local copy)
             except CombError as err:
                 self.damaged.append(err.message)
                 return None

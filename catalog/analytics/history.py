@@ -38,7 +38,7 @@ from catalog.analytics.lives.build import build
 from catalog.errors import CombError, QueryError
 from catalog.store.changes import changes_name, read_changes
 from catalog.store.format import CONFIG_NAME, parse_config
-from catalog.store.parquet_io import read_verified, unreadable
+from catalog.store.parquet_io import read_verified, unreadable, verified_path
 from catalog.store.points import RecoveryPoint
 from catalog.store.storage import Storage
 
@@ -144,11 +144,10 @@ class History:
                 if p.changes is None:
                     continue
                 name = changes_name(p.changes)
-                path = self.storage.local_path(name)
-                if path is None:
-                    raise QueryError("analytics need a repository on a local filesystem for now")
                 try:
-                    data = read_verified(self.storage, name)
+                    path = verified_path(self.storage, name)  # (object storage: a local copy)
+                    with open(path, "rb") as fh:
+                        data = fh.read()
                     rows = _row_count(data, path, self.storage.sealer.parquet_decryption())
                     files.append((i, path, rows))
                 except CombError as err:

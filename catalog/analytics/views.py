@@ -20,7 +20,7 @@ from catalog.errors import CombError, QueryError
 from catalog.store.index import INDEX_SCHEMA, segment_names
 from catalog.store.leaves import LEAVES_PREFIX
 from catalog.store.manifest import LEAF_SCHEMA, ROOT_SCHEMA, roots_name
-from catalog.store.parquet_io import read_verified
+from catalog.store.parquet_io import verified_path
 from catalog.store.points import RecoveryPoint
 from catalog.store.sealing import Sealer
 from catalog.store.storage import Storage
@@ -76,15 +76,10 @@ def _files(storage: Storage, names: list[str], damaged: list[str]) -> list[str]:
     files are left out of the views and reported instead."""
     out = []
     for name in names:
-        path = storage.local_path(name)
-        if path is None:
-            raise QueryError("queries need a repository on a local filesystem for now")
         try:
-            read_verified(storage, name)
+            out.append(verified_path(storage, name))  # (object storage: a local copy)
         except CombError as err:
             damaged.append(err.message)
-            continue
-        out.append(path)
     return out
 
 
@@ -238,9 +233,8 @@ def add_file_views(
 def _lock_down(con: duckdb.DuckDBPyConnection, storage: Storage) -> None:
     """Queries are read-only and see only the repository: no other file, no extension
     downloads, and no way to change these settings back."""
-    root = storage.local_path("")
-    if root is not None:
-        con.execute("SET allowed_directories = [?]", [root.rstrip("/") + "/"])
+    root = storage.local_copies()
+    con.execute("SET allowed_directories = [?]", [root.rstrip("/") + "/"])
     for setting in (
         # Periods (date_trunc) and printed times are UTC, whatever the machine's zone.
         "TimeZone = 'UTC'",

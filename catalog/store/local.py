@@ -264,6 +264,12 @@ class LocalStorage:
     def local_path(self, name: str) -> str | None:
         return self.path(name)
 
+    def local_copy(self, name: str) -> str:
+        return self.path(name)
+
+    def local_copies(self) -> str:
+        return self.root
+
     def exists(self, name: str) -> bool:
         return os.path.exists(self.path(name))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 from typing import Any
 
 import blake3
@@ -132,6 +133,28 @@ def read_verified(storage: Storage, name: str) -> bytes:
         where = storage.local_path(name) or name
         raise CorruptionError(f"{where} does not match its name (damaged)")
     return data
+
+
+def verified_path(storage: Storage, name: str) -> str:
+    """A local file of a content-named metadata file (``Storage.local_copy``), checked against
+    its name, for readers that take a path. A damaged copy of an object-storage file is
+    dropped, so the next use fetches it again."""
+    path = storage.local_copy(name)  # (object storage: fetched now unless cached)
+    if not os.path.exists(path):
+        raise RepositoryError(f"missing repository file {storage.local_path(name) or name}")
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    if len(stem) == 64:
+        hasher = blake3.blake3()
+        try:
+            hasher.update_mmap(path)
+        except OSError as err:
+            raise RepositoryError(f"cannot read {path}: {err.strerror or err}") from None
+        digest = hasher.hexdigest()
+        if digest != stem:
+            if storage.local_path(name) is None:
+                os.unlink(path)
+            raise CorruptionError(f"{storage.local_path(name) or name} does not match its name")
+    return path
 
 
 def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) -> pa.Table:

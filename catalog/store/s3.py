@@ -35,26 +35,22 @@ from contextlib import contextmanager
 from typing import Any
 
 from catalog.errors import RepositoryError
+from catalog.store import s3_copies
 from catalog.store.inplace import FileLock, LogFile
+from catalog.store.s3_client import (
+    BODY_ATTEMPTS,
+    STREAM_ERRORS,
+    error_code,
+    missing,
+    reason,
+    shared_client,
+)
 from catalog.store.sealing import PLAIN, Sealer
 from catalog.store.storage import NewFile
 
 SCHEME = "s3://"
 SPOOL_BYTES = 16 << 20  # a new file's bytes kept in memory before they go to a temporary file
 MAX_PUT_BYTES = 5 << 30  # S3's limit for one PUT
-MAX_ATTEMPTS = 5  # per request, the first included (a wrong endpoint fails within ~15 s)
-BODY_ATTEMPTS = 4  # per GET whose body is cut off while it streams
-# botocore and urllib3 errors of a body that stopped streaming (by class name: each library
-# names its own)
-_STREAM_ERRORS = frozenset(
-    (
-        "IncompleteReadError",
-        "ResponseStreamingError",
-        "ReadTimeoutError",
-        "ProtocolError",
-        "ConnectionClosedError",
-    )
-)
 LIST_PAGE = 1000  # keys per LIST request (S3's most)
 PROBE_PREFIX = "probe"  # where the capability probe writes (and removes) its object
 _BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
@@ -77,100 +73,10 @@ def parse_location(location: str) -> tuple[str, str]:
     return bucket, prefix
 
 
-class RequestCount:
-    """The S3 API calls this process made, by operation (``python -m bench s3`` reads them)."""
-
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
-        self.by_operation: dict[str, int] = {}
-
-    def __call__(self, model: Any = None, params: Any = None, **_kwargs: Any) -> None:
-        name = getattr(model, "name", "?")
-        if name == "ListObjectsV2" and isinstance(params, dict):  # which folder it lists
-            parts = [p for p in str(params.get("Prefix", "")).split("/") if p]
-            name = f"{name} {parts[-1] if parts else '/'}"
-        with self._lock:
-            self.by_operation[name] = self.by_operation.get(name, 0) + 1
-
-    def snapshot(self) -> dict[str, int]:
-        with self._lock:
-            return dict(self.by_operation)
-
-
-REQUESTS = RequestCount()
 # (endpoint, bucket, prefix) already probed by this process: a backup's workers share a process
 # with their driver on the local engine, and each probe costs five requests.
 _PROBED: set[tuple[str, str, str]] = set()
 _PROBED_LOCK = threading.Lock()
-
-
-def client_from_env() -> Any:
-    """A thread-safe S3 client configured from the environment."""
-    try:
-        import boto3
-        from botocore.config import Config
-    except ImportError:  # pragma: no cover - a dependency
-        raise RepositoryError("S3 repositories need boto3 (pip install boto3)") from None
-    custom = bool(os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"))
-    retries: dict[str, Any] = {"mode": os.environ.get("AWS_RETRY_MODE", "standard")}
-    if not os.environ.get("AWS_MAX_ATTEMPTS"):
-        retries["max_attempts"] = MAX_ATTEMPTS
-    config = Config(
-        # Retries with backoff and jitter on 5xx, throttling (503 SlowDown) and dropped
-        # connections: botocore's standard mode (AWS_MAX_ATTEMPTS, AWS_RETRY_MODE override).
-        retries=retries,
-        connect_timeout=10,
-        read_timeout=120,
-        max_pool_connections=32,
-        s3={"addressing_style": "path"} if custom else None,
-        # The bytes are checked by comb itself (every object is named by or holds BLAKE3
-        # hashes); streaming checksums (aws-chunked) are what several S3 clones store corrupted.
-        request_checksum_calculation="when_required",
-        response_checksum_validation="when_required",
-    )
-    client = boto3.session.Session().client("s3", config=config)
-    client.meta.events.register("before-parameter-build.s3", REQUESTS)
-    return client
-
-
-_CLIENTS: dict[tuple[tuple[str, str], ...], Any] = {}
-_CLIENTS_LOCK = threading.Lock()
-
-
-def _shared_client() -> Any:
-    """One client per process and AWS settings: making one costs 70-200 ms (botocore loads
-    its service model), and a backup opens a storage per worker."""
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
-    with _CLIENTS_LOCK:
-        if key not in _CLIENTS:
-            _CLIENTS[key] = client_from_env()
-        return _CLIENTS[key]
-
-
-def _code(err: BaseException) -> str:
-    response = getattr(err, "response", None) or {}
-    error = response.get("Error", {})
-    return str(error.get("Code") or response.get("ResponseMetadata", {}).get("HTTPStatusCode"))
-
-
-def _reason(err: BaseException) -> str:
-    """One line for a failed request."""
-    name = type(err).__name__
-    if name == "NoCredentialsError":
-        return "no S3 credentials (set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or AWS_PROFILE)"
-    if name in ("EndpointConnectionError", "ConnectTimeoutError", "ConnectionClosedError"):
-        return f"cannot reach the S3 endpoint ({err})"
-    code = _code(err)
-    if code in ("AccessDenied", "403", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
-        return f"access denied ({code})"
-    if code in ("NoSuchBucket",):
-        return "the bucket does not exist"
-    message = (getattr(err, "response", None) or {}).get("Error", {}).get("Message")
-    return f"{code}: {message}" if message else str(err).splitlines()[0]
-
-
-def _missing(err: BaseException) -> bool:
-    return _code(err) in ("404", "NoSuchKey", "NotFound")
 
 
 class _S3NewFile:
@@ -226,7 +132,7 @@ class S3Storage:
         self.prefix = prefix
         self.sealer = sealer
         with self._failing("reach", self.location):
-            self.client = _shared_client()
+            self.client = shared_client()
         self._probed = False
         self._probe_lock = threading.Lock()
 
@@ -265,11 +171,11 @@ class S3Storage:
             try:
                 self.client.head_bucket(Bucket=self.bucket)
             except Exception as err:
-                if _missing(err) or _code(err) == "NoSuchBucket":
+                if missing(err) or error_code(err) == "NoSuchBucket":
                     raise RepositoryError(
                         f"cannot reach {self.location}: the bucket does not exist"
                     ) from None
-                if _code(err) in ("403", "AccessDenied"):
+                if error_code(err) in ("403", "AccessDenied"):
                     return  # credentials for a prefix only: its own requests will tell
                 raise
 
@@ -304,7 +210,7 @@ class S3Storage:
         except Exception as err:  # botocore's errors share no useful base class
             if type(err).__module__.split(".")[0] not in ("botocore", "boto3", "urllib3"):
                 raise
-            raise RepositoryError(f"cannot {verb} {what}: {_reason(err)}") from None
+            raise RepositoryError(f"cannot {verb} {what}: {reason(err)}") from None
 
     # -- reading ---------------------------------------------------------------------------
 
@@ -315,7 +221,7 @@ class S3Storage:
                     Bucket=self.bucket, Key=self.key(name)
                 )
             except Exception as err:
-                if _missing(err):
+                if missing(err):
                     return None
                 raise
         return head
@@ -347,14 +253,14 @@ class S3Storage:
                     response = self.client.get_object(**args)
                     data: bytes = response["Body"].read()
                 except Exception as err:
-                    if _code(err) in ("InvalidRange", "416"):
+                    if error_code(err) in ("InvalidRange", "416"):
                         return b""  # from or past its end, as a pread there
-                    if _missing(err):
+                    if missing(err):
                         raise RepositoryError(
                             f"cannot read {self.where(name)}: no such object"
                         ) from None
                     # (botocore retries a request, not a body cut off while it streams)
-                    if attempt < BODY_ATTEMPTS and type(err).__name__ in _STREAM_ERRORS:
+                    if attempt < BODY_ATTEMPTS and type(err).__name__ in STREAM_ERRORS:
                         time.sleep(random.uniform(0, 0.2 * 2**attempt))
                         continue
                     raise
@@ -404,6 +310,20 @@ class S3Storage:
     def local_path(self, name: str) -> str | None:
         return None
 
+    def local_copies(self) -> str:
+        """This repository's local copies (``catalog.store.s3_copies``)."""
+        return s3_copies.copies_dir(self.location)
+
+    def local_copy(self, name: str) -> str:
+        """A download of ``name`` kept among the local copies (fetched unless kept already)."""
+        path = os.path.join(self.local_copies(), *self.key(name).split("/"))
+        if not s3_copies.fresh(path):
+            data = self.read(name)
+            if not data and not self.exists(name):
+                raise RepositoryError(f"cannot read {self.where(name)}: no such object")
+            s3_copies.keep(path, data, self.where(name))
+        return path
+
     def tmp_files(self) -> builtins.list[str]:
         return []  # an upload not completed is no object
 
@@ -431,7 +351,7 @@ class S3Storage:
             try:
                 self.client.put_object(**args)
             except Exception as err:
-                if if_absent and _code(err) in ("PreconditionFailed", "412"):
+                if if_absent and error_code(err) in ("PreconditionFailed", "412"):
                     return False
                 raise
         return True

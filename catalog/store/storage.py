@@ -47,6 +47,14 @@ class Storage(InPlaceFiles, Protocol):
     def remove(self, name: str) -> None: ...
     def local_path(self, name: str) -> str | None: ...
 
+    def local_copy(self, name: str) -> str:
+        """A local file holding ``name``'s bytes, for readers that take a path (DuckDB, pyarrow
+        datasets): the file itself in a local directory; on object storage a download kept in
+        a local cache. Not checked here (``parquet_io.verified_path`` checks it)."""
+
+    def local_copies(self) -> str:
+        """The directory every ``local_copy`` lies under (queries may read there only)."""
+
     def tmp_files(self) -> builtins.list[str]:
         """Names in ``tmp/``: files being written or left by interrupted writes, sorted."""
 

@@ -22,6 +22,7 @@ from catalog.analytics.lives import build as lives_build
 from catalog.analytics.lives import cache as lives_cache
 from catalog.analytics.lives import model as lives
 from catalog.repo import Repository
+from catalog.store.cachedir import CACHE_ENV
 from catalog.store.points import commit_point, load_forgotten, point_name, retire_point
 
 C = 64 * 1024
@@ -32,7 +33,7 @@ MASKS = 6
 def cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every history is cached (no size threshold), in a directory of the test's own."""
     where = tmp_path / "cache"
-    monkeypatch.setenv(lives_cache.CACHE_ENV, str(where))
+    monkeypatch.setenv(CACHE_ENV, str(where))
     monkeypatch.setattr(lives_cache, "CACHE_MIN_ROWS", 0)
     return where
 
@@ -210,7 +211,7 @@ def test_any_history_cached_then_extended_equals_the_walk(
 ) -> None:
     """Lives cached for the first ``cut`` points, then extended (or rebuilt) to all ten."""
     root = tmp_path_factory.mktemp("h")
-    monkeypatch.setenv(lives_cache.CACHE_ENV, str(root / "cache"))
+    monkeypatch.setenv(CACHE_ENV, str(root / "cache"))
     monkeypatch.setattr(lives_cache, "CACHE_MIN_ROWS", 0)
     repo = _synthetic(root, 10, seed)
     h = History.of(repo.storage, repo.points())

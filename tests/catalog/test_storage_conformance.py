@@ -4,6 +4,7 @@ whichever storage a repository is on."""
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -119,3 +120,24 @@ def test_names_outside_the_repository_are_refused(storage: Storage, name: str) -
         storage.write_atomic(name, b"x")
     with pytest.raises(RepositoryError, match="invalid repository object name"):
         storage.read(name)
+
+
+def test_local_copies_of_s3_files_are_bounded(
+    s3_env: S3Server, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Readers that need a path get a local copy (``local_copy``); the copies stay under
+    COMB_S3_CACHE_MIB, the least recently used going first."""
+    monkeypatch.setenv("COMB_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("COMB_S3_CACHE_MIB", "1")
+    storage = S3Storage.existing(f"s3://{s3_env.bucket()}/p")
+    blobs = {f"index/{i}.parquet": bytes([i]) * 400_000 for i in range(3)}
+    paths = {}
+    for n, (name, data) in enumerate(blobs.items()):
+        storage.write_atomic(name, data)
+        paths[name] = Path(storage.local_copy(name))
+        assert paths[name].read_bytes() == data
+        assert str(paths[name]).startswith(storage.local_copies())
+        os.utime(paths[name], (1000 + n, 1000 + n))  # their order of use
+    first, *rest = blobs
+    assert not paths[first].exists() and all(paths[n].exists() for n in rest)
+    assert Path(storage.local_copy(first)).read_bytes() == blobs[first]  # fetched again

@@ -14,21 +14,13 @@ import blake3
 import numpy as np
 
 from catalog.analytics.lives.model import Lives, _Held
+from catalog.store.cachedir import cache_dir
 
 CACHE_FORMAT = "comb-lives"
 CACHE_VERSION = 1
-CACHE_ENV = "COMB_CACHE_DIR"
 # Histories with fewer change rows are computed afresh (well under 0.1 s); only larger ones are
 # worth a file (bench: ``python -m bench catalog``, 23 million rows).
 CACHE_MIN_ROWS = 1 << 20
-
-
-def cache_dir() -> str:
-    """``$COMB_CACHE_DIR``, else ``$XDG_CACHE_HOME/comb``, else ``~/.cache/comb``."""
-    if os.environ.get(CACHE_ENV):
-        return os.environ[CACHE_ENV]
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(base, "comb")
 
 
 def cache_path(repo_id: str) -> str:
