@@ -84,7 +84,8 @@ def describe_os_error(err: OSError) -> str:
 
 
 class LockedError(CombError):
-    """Another process holds a conflicting repository lock (and waiting for it timed out)."""
+    """Another process holds a conflicting repository lock (and waiting for it timed out), or
+    a holder lost its own (``catalog.store.locks.Lock.held``)."""
 
     exit_code = 11
 

@@ -318,10 +318,11 @@ def prune(
         p = plan(repo, marks, frozenset(cands), assume_copied=True)
         return PruneResult(p, len(marks.points), 0.0, True, Repacked(frozenset(cands)))
     done = repack(repo, marks)
-    with locked(repo.storage, "prune", wait_s, "prune", on_wait):
+    with locked(repo.storage, "prune", wait_s, "prune", on_wait) as lock:
         t0 = time.perf_counter()
         mark(repo, repo.points(), marks)
         mark_forgotten(repo, marks)
         p = plan(repo, marks, done.retired)
+        lock.held()  # (lost, a backup may have started: nothing is removed then)
         execute(repo, p)
         return PruneResult(p, len(marks.points), time.perf_counter() - t0, False, done)

@@ -149,6 +149,15 @@ def _conflicts(mine: LockInfo, other: LockInfo) -> bool:
     return mine.exclusive or other.exclusive
 
 
+def _clock() -> float:
+    """Seconds that go on while the machine sleeps (a suspended holder's heartbeat stops, and
+    others judge it by wall time)."""
+    try:
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
+    except (AttributeError, OSError):  # pragma: no cover - not Linux
+        return time.time()
+
+
 class Lock:
     """A held lock; ``release()`` (or the context manager) removes its file."""
 
@@ -157,9 +166,30 @@ class Lock:
         self.info = info
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="comb-lock", daemon=True)
+        self._written = _clock()
 
     def _write(self) -> None:
         self.storage.write_atomic(self.info.name, json.dumps(asdict(self.info)).encode())
+        self._written = _clock()
+
+    def held(self) -> None:
+        """Raise ``LockedError`` unless the lock is surely still ours: its file is there and
+        its heartbeat was written less than half of ``STALE_S`` ago. Others take a lock whose
+        heartbeat is older than ``STALE_S`` for stale (a holder cut off from the storage, or
+        suspended, keeps running but cannot refresh it), so a prune may have run meanwhile:
+        a backup must not commit then, nor a prune remove anything."""
+        quiet = _clock() - self._written
+        if quiet > STALE_S / 2:
+            raise LockedError(
+                f"lost the repository's {self.info.kind} lock: it could not be refreshed for "
+                f"{quiet:.0f} s, and others take it for stale after {STALE_S:.0f} s; stopped "
+                "before changing anything"
+            )
+        if not self.storage.exists(self.info.name):
+            raise LockedError(
+                f"lost the repository's {self.info.kind} lock: its file {self.info.name} was "
+                "removed (`comb unlock --stale` elsewhere?); stopped before changing anything"
+            )
 
     def _beat(self) -> None:
         """Refresh the heartbeat until released (for days, for a server). A failed write (a

@@ -89,18 +89,18 @@ def run_backup(
     t0 = time.perf_counter()
     repo.require_writable()
     name = overlay_name(source_path)
-    with writer_lock(repo, "backup"):  # prune removes nothing while a backup runs
+    with writer_lock(repo, "backup") as lock:  # prune removes nothing while a backup runs
         if name is None:
             plan = plan_backup(repo, source_path, opts)
             path = os.path.abspath(source_path)
             job = DiskJob(plan, ImageSource(path), path)
-            return run_jobs(repo, [job], engine, opts, progress, t0)[0]
+            return run_jobs(repo, [job], engine, opts, progress, t0, lock)[0]
         # The overlay's lock (the one a server holds) for the whole backup: its writes stay put.
         ov = Overlay(repo, name)
         try:
             plan = plan_overlay_backup(repo, ov, opts)
             source = OverlaySource(repo.location, name, repo.sealer.for_workers())
             job = DiskJob(plan, source, source_path)
-            return run_jobs(repo, [job], engine, opts, progress, t0)[0]
+            return run_jobs(repo, [job], engine, opts, progress, t0, lock)[0]
         finally:
             ov.close()

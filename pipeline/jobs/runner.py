@@ -28,6 +28,7 @@ from catalog.store.assemble import ManifestAssembler
 from catalog.store.changes import ChangeTableWriter
 from catalog.store.format import RepoConfig
 from catalog.store.index import IndexSegmentWriter, ids_to_array
+from catalog.store.locks import Lock
 from catalog.store.manifest import ManifestReader, ManifestWriter, manifest_data_bytes
 from catalog.store.packs import DEFAULT_PACK_TARGET_BYTES
 from catalog.store.points import PointStats, RecoveryPoint, commit_point
@@ -240,9 +241,11 @@ def run_jobs(
     opts: BackupOptions,
     progress: Progress | None = None,
     t0: float | None = None,
+    lock: Lock | None = None,
 ) -> list[RecoveryPoint]:
     """Back up one or more disks in one engine run; one recovery point per disk, each
-    committed on its own (in ``jobs`` order) once every disk's data is in."""
+    committed on its own (in ``jobs`` order) once every disk's data is in, and only while
+    ``lock`` (the backup's shared lock) is surely still held (``Lock.held``)."""
     t0 = time.perf_counter() if t0 is None else t0
     cfg = repo.config
     storage = repo.storage
@@ -282,6 +285,8 @@ def run_jobs(
     try:
         engine.start(repo.location, make_stage, sealer)
         _drive(engine, disks, index_seg, progress)
+        if lock is not None:
+            lock.held()  # (a prune may have run if it was lost: nothing is committed then)
         # Once the commit begins, a signal waits for it, the engine's shutdown and the report:
         # the points are committed and reported, never committed and reported as interrupted.
         signals.hold()

@@ -249,7 +249,7 @@ def run_vsphere_backup(
     if not 0 <= vopts.cbt_audit <= 100:
         raise UsageError("--cbt-audit must be a percentage between 0 and 100")
     url = parse_url(source)
-    with writer_lock(repo, "backup"), session(url, vopts.password, vopts.verify) as vs:
+    with writer_lock(repo, "backup") as lock, session(url, vopts.password, vopts.verify) as vs:
         vm = vs.find_vm()
         name = str(vm.name)
         if vs.ensure_cbt(vm, name):
@@ -297,7 +297,7 @@ def run_vsphere_backup(
                 _plan_disk(repo, vs, vm, snap, d, name, vopts, cookie, make_fields) for d in disks
             ]
             with vs.keepalive():
-                points = run_jobs(repo, [p.job for p in plans], engine, opts, progress)
+                points = run_jobs(repo, [p.job for p in plans], engine, opts, progress, lock=lock)
             ok = True
         finally:
             try:
