@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import threading
 import time
@@ -21,6 +22,7 @@ import numpy as np
 import psutil
 import pyarrow as pa
 
+from catalog import errors
 from catalog.errors import CombError, StageError
 from catalog.store.index import DedupIndex
 from catalog.store.locations import storage_at
@@ -196,8 +198,28 @@ def translate_ray_error(err: BaseException) -> CombError:
     if isinstance(err, ray.exceptions.GetTimeoutError):
         return StageError(f"a worker did not answer within {RAY_CALL_TIMEOUT_S:.0f} s")
     if isinstance(err, ray.exceptions.RayActorError):
+        if getattr(err, "actor_init_failed", False):  # its __init__ raised: say what
+            return _creation_error(str(err))
         return StageError("a worker actor died (killed or out of memory)")
     return StageError(f"ray: {_first_line(err)}")
+
+
+_RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+): (.+)$")
+
+
+def _creation_error(text: str) -> CombError:
+    """An actor's failed ``__init__`` (Ray keeps only its traceback's text): comb's own error
+    from its last line (a repository a worker cannot reach, say), else that line."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for line in reversed(lines):
+        found = _RAISED.match(line)
+        if found is None:
+            continue
+        cls = getattr(errors, found.group(1), None)
+        if isinstance(cls, type) and issubclass(cls, CombError):
+            return cls(found.group(2))
+        return StageError(f"a worker could not start: {line}")
+    return StageError("a worker could not start")
 
 
 class RayEngine:

@@ -16,6 +16,7 @@ from s3server import S3Server, free_port, header_stripper
 
 from catalog.repo import Repository
 from drive.nbd.server import NbdServer
+from pipeline import engines
 
 
 def _image(make_image: ImageFactory):  # type: ignore[no-untyped-def]
@@ -244,3 +245,20 @@ def test_analytics_read_local_copies_of_the_catalog(
     assert res.code == 0 and "does not match its name" in res.err, res.err
     res = cli("-r", on_s3, "query", sql, "--format", "csv")  # fetched again
     assert res.code == 0 and res.err == "" and res.out == answers[on_s3][0], res.err
+
+
+@pytest.mark.ray
+def test_a_worker_that_cannot_reach_the_bucket_says_why(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An actor whose ``__init__`` fails (here: handed an endpoint that does not answer) is
+    reported with its own error, not as a worker "killed or out of memory"."""
+    repo = f"s3://{s3_env.bucket()}/r"
+    assert cli("-r", repo, "init").code == 0
+    img = _image(make_image)
+    assert cli("-r", repo, "backup", img.path).code == 0  # (an index for the actor to load)
+    bad = {**engines.worker_env(), "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}
+    monkeypatch.setattr(engines, "worker_env", lambda: {**bad, "AWS_MAX_ATTEMPTS": "1"})
+    res = cli("-r", repo, "backup", img.path, "--engine", "ray")
+    assert res.code == 3, res.err
+    assert "cannot reach the S3 endpoint" in res.err and res.err.count("\n") == 1, res.err
