@@ -83,6 +83,12 @@ def add_global_options(p: argparse.ArgumentParser, json_help: str | None, top: b
         "`password-file` in the config file, or a prompt)",
         **unset,
     )
+    g.add_argument(
+        "--s3-endpoint",
+        metavar="URL",
+        help="the S3-compatible server of an s3:// repository (else AWS_ENDPOINT_URL, else AWS)",
+        **unset,
+    )
     g.add_argument("--debug", action="store_true", help="show a traceback on errors", **unset)
     if json_help is not None:
         g.add_argument("--json", action="store_true", help=json_help, **unset)
@@ -177,6 +183,12 @@ def dispatch(args: argparse.Namespace) -> int:
                 "no repository given (use -r REPO, set COMB_REPO or `repository` in the "
                 "config file)"
             )
+    endpoint = getattr(args, "s3_endpoint", None)
+    if endpoint:
+        if not endpoint.startswith(("http://", "https://")):
+            raise UsageError(f"--s3-endpoint {endpoint}: give an http:// or https:// URL")
+        # (the way every S3 client of this process, and the Ray actors it starts, read it)
+        os.environ["AWS_ENDPOINT_URL"] = endpoint
     password_file = args.password_file
     if not (password_file or os.environ.get(PASSWORD_FILE_ENV) or PASSWORD_ENV in os.environ):
         password_file = config.password_file

@@ -262,3 +262,15 @@ def test_a_worker_that_cannot_reach_the_bucket_says_why(
     res = cli("-r", repo, "backup", img.path, "--engine", "ray")
     assert res.code == 3, res.err
     assert "cannot reach the S3 endpoint" in res.err and res.err.count("\n") == 1, res.err
+
+
+def test_the_endpoint_can_be_given_as_an_option(
+    cli: CliRunner, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = f"s3://{s3_env.bucket()}/r"
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")  # (wrong)
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    assert cli("-r", repo, "init", "--s3-endpoint", s3_env.endpoint).code == 0
+    assert cli("--s3-endpoint", s3_env.endpoint, "-r", repo, "points").code == 0
+    res = cli("-r", repo, "points", "--s3-endpoint", "127.0.0.1:9000")
+    assert res.code == 2 and "http:// or https://" in res.err, res.err
