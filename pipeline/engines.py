@@ -46,7 +46,7 @@ RAY_SHUTDOWN_GRACE_S = 5.0
 MakeStage = Callable[[IndexClient], Stage]
 # Variables the workers read themselves (README "Tuning and environment"), handed to actors,
 # and every AWS_* variable: an S3 repository's endpoint, region and credentials.
-WORKER_ENV = ("COMB_DIRECT_IO", "COMB_PARITY_ENCODER")
+WORKER_ENV = ("COMB_DIRECT_IO", "COMB_PARITY_ENCODER", "COMB_S3_MAX_REQUESTS_PER_S")
 WORKER_ENV_PREFIXES = ("AWS_",)
 
 

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from typing import Any
 
-from catalog.errors import RepositoryError
+from catalog.errors import RepositoryError, UsageError
 
 MAX_ATTEMPTS = 5  # per request, the first included (a wrong endpoint fails within ~15 s)
 BODY_ATTEMPTS = 4  # per GET whose body is cut off while it streams
@@ -50,6 +51,41 @@ class RequestCount:
 
 
 REQUESTS = RequestCount()
+RATE_ENV = "COMB_S3_MAX_REQUESTS_PER_S"  # a budget for providers that throttle (per process)
+
+
+class RequestBudget:
+    """At most ``rate`` HTTP requests a second from this process (retries included): each
+    request waits for its turn (evenly spaced, a burst of one second's worth allowed)."""
+
+    def __init__(self, rate: float) -> None:
+        self.rate = rate
+        self._lock = threading.Lock()
+        self._tokens = rate
+        self._at = time.monotonic()
+
+    def __call__(self, **_kwargs: Any) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._tokens = min(self.rate, self._tokens + (now - self._at) * self.rate)
+            self._at = now
+            self._tokens -= 1
+            wait = -self._tokens / self.rate if self._tokens < 0 else 0.0
+        if wait:
+            time.sleep(wait)
+
+
+def _budget() -> RequestBudget | None:
+    text = os.environ.get(RATE_ENV)
+    if not text:
+        return None
+    try:
+        rate = float(text)
+    except ValueError:
+        rate = 0.0
+    if not rate > 0:
+        raise UsageError(f"{RATE_ENV}={text}: give a number of requests a second above 0")
+    return RequestBudget(rate)
 
 
 def client_from_env() -> Any:
@@ -78,6 +114,9 @@ def client_from_env() -> Any:
     )
     client = boto3.session.Session().client("s3", config=config)
     client.meta.events.register("before-parameter-build.s3", REQUESTS)
+    budget = _budget()
+    if budget is not None:
+        client.meta.events.register("before-send.s3", budget)
     return client
 
 
@@ -88,7 +127,9 @@ _CLIENTS_LOCK = threading.Lock()
 def shared_client() -> Any:
     """One client per process and AWS settings: making one costs 70-200 ms (botocore loads
     its service model), and a backup opens a storage per worker."""
-    key = tuple(sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_")))
+    key = tuple(
+        sorted((k, v) for k, v in os.environ.items() if k.startswith("AWS_") or k == RATE_ENV)
+    )
     with _CLIENTS_LOCK:
         if key not in _CLIENTS:
             _CLIENTS[key] = client_from_env()

@@ -89,6 +89,13 @@ def add_global_options(p: argparse.ArgumentParser, json_help: str | None, top: b
         help="the S3-compatible server of an s3:// repository (else AWS_ENDPOINT_URL, else AWS)",
         **unset,
     )
+    g.add_argument(
+        "--s3-max-requests-per-s",
+        metavar="N",
+        help="at most N requests a second to S3 from each comb process (for providers that "
+        "throttle; else COMB_S3_MAX_REQUESTS_PER_S, else no limit)",
+        **unset,
+    )
     g.add_argument("--debug", action="store_true", help="show a traceback on errors", **unset)
     if json_help is not None:
         g.add_argument("--json", action="store_true", help=json_help, **unset)
@@ -189,6 +196,9 @@ def dispatch(args: argparse.Namespace) -> int:
             raise UsageError(f"--s3-endpoint {endpoint}: give an http:// or https:// URL")
         # (the way every S3 client of this process, and the Ray actors it starts, read it)
         os.environ["AWS_ENDPOINT_URL"] = endpoint
+    budget = getattr(args, "s3_max_requests_per_s", None)
+    if budget:  # (checked where the S3 client is made: a one-line usage error)
+        os.environ["COMB_S3_MAX_REQUESTS_PER_S"] = budget
     password_file = args.password_file
     if not (password_file or os.environ.get(PASSWORD_FILE_ENV) or PASSWORD_ENV in os.environ):
         password_file = config.password_file

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -15,6 +16,7 @@ from nbdtest import run_tool, start
 from s3server import S3Server, free_port, header_stripper
 
 from catalog.repo import Repository
+from catalog.store.s3 import S3Storage
 from drive.nbd.server import NbdServer
 from pipeline import engines
 
@@ -274,3 +276,26 @@ def test_the_endpoint_can_be_given_as_an_option(
     assert cli("--s3-endpoint", s3_env.endpoint, "-r", repo, "points").code == 0
     res = cli("-r", repo, "points", "--s3-endpoint", "127.0.0.1:9000")
     assert res.code == 2 and "http:// or https://" in res.err, res.err
+
+
+def test_a_request_budget_spaces_the_requests(
+    cli: CliRunner, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--s3-max-requests-per-s (COMB_S3_MAX_REQUESTS_PER_S): a burst of one second's worth,
+    then one request every 1/N s; a value that is not a positive number is a usage error."""
+    repo = f"s3://{s3_env.bucket()}/r"
+    assert cli("-r", repo, "init").code == 0
+    monkeypatch.setenv("COMB_S3_MAX_REQUESTS_PER_S", "1000")  # (restored after the test)
+    res = cli("-r", repo, "points", "--s3-max-requests-per-s", "0")
+    assert res.code == 2 and "above 0" in res.err and res.err.count("\n") == 1, res.err
+    for rate, ceiling in (("1000", 0.25), ("20", None)):
+        monkeypatch.setenv("COMB_S3_MAX_REQUESTS_PER_S", rate)
+        storage = S3Storage.existing(repo)  # (a client of these settings)
+        t0 = time.monotonic()
+        for _ in range(40):
+            storage.exists("config.json")
+        took = time.monotonic() - t0
+        if ceiling is not None:
+            assert took < ceiling
+        else:  # 20 at once, then 20 more at 20 a second
+            assert took >= 0.9, took
