@@ -209,17 +209,13 @@ _RAISED = re.compile(r"^(?:[\w.]+\.)?(\w+): (.+)$")
 
 def _creation_error(text: str) -> CombError:
     """An actor's failed ``__init__`` (Ray keeps only its traceback's text): comb's own error
-    from its last line (a repository a worker cannot reach, say), else that line."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for line in reversed(lines):
-        found = _RAISED.match(line)
-        if found is None:
-            continue
-        cls = getattr(errors, found.group(1), None)
-        if isinstance(cls, type) and issubclass(cls, CombError):
-            return cls(found.group(2))
-        return StageError(f"a worker could not start: {line}")
-    return StageError("a worker could not start")
+    from its last line, the exception (a repository a worker cannot reach, say)."""
+    last = next((ln.strip() for ln in reversed(text.splitlines()) if ln.strip()), "")
+    found = _RAISED.match(last)
+    cls = getattr(errors, found.group(1), None) if found else None
+    if found and isinstance(cls, type) and issubclass(cls, CombError):
+        return cls(found.group(2))
+    return StageError(f"a worker could not start: {last or 'no reason given'}")
 
 
 class RayEngine:

@@ -35,7 +35,7 @@ from catalog.analytics.lanes import Lane, lane_columns, lanes_of
 from catalog.analytics.lives import cache as lives_cache
 from catalog.analytics.lives import model as lv_
 from catalog.analytics.lives.build import build
-from catalog.errors import CombError, QueryError
+from catalog.errors import CombError, QueryError, RepositoryError
 from catalog.store.changes import changes_name, read_changes
 from catalog.store.format import CONFIG_NAME, parse_config
 from catalog.store.parquet_io import read_verified, unreadable, verified_path
@@ -146,8 +146,11 @@ class History:
                 name = changes_name(p.changes)
                 try:
                     path = verified_path(self.storage, name)  # (object storage: a local copy)
-                    with open(path, "rb") as fh:
-                        data = fh.read()
+                    try:
+                        with open(path, "rb") as fh:
+                            data = fh.read()
+                    except OSError as err:
+                        raise RepositoryError(f"cannot read {path}: {err.strerror}") from None
                     rows = _row_count(data, path, self.storage.sealer.parquet_decryption())
                     files.append((i, path, rows))
                 except CombError as err:

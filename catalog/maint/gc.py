@@ -257,9 +257,23 @@ def repack(repo: Repository, marks: Marks) -> Repacked:
     return repack_live(repo, marks.live_ids())
 
 
-def execute(repo: Repository, p: Plan) -> None:
-    """Remove in the crash-safe order (module docstring)."""
+CHECK_EVERY = 64  # removals between two looks at the prune lock (``execute``'s ``check``)
+
+
+def execute(repo: Repository, p: Plan, check: Callable[[], None] = lambda: None) -> None:
+    """Remove in the crash-safe order (module docstring); ``check()`` (the lock still held)
+    before the first removal and every ``CHECK_EVERY`` removals (on object storage each one
+    is a request: a long prune must not go on once its lock is lost)."""
     storage = repo.storage
+    done = 0
+
+    def remove(name: str) -> None:
+        nonlocal done
+        if done % CHECK_EVERY == 0:
+            check()
+        storage.remove(name)
+        done += 1
+
     if p.kept_rows is not None and p.kept_rows.num_rows:
         seg = IndexSegmentWriter(storage)
         seg.add(p.kept_rows)
@@ -267,15 +281,15 @@ def execute(repo: Repository, p: Plan) -> None:
     # Segments before packs: a crash in between leaves packs no segment lists (a warning for
     # verify, orphans for the next prune), never a segment naming a missing pack (an error).
     for name in _with_block_lists(p.segments_removed + p.segments_rewritten):
-        storage.remove(name)
+        remove(name)
     for name in p.packs:
-        storage.remove(name)
+        remove(name)
     # Parity after its pack: a crash in between leaves parity without a pack (removed by the
     # next prune), never a pack whose parity is gone.
     for name in [parity_name(_pack_id(n)) for n in p.packs] + p.parity:
-        storage.remove(name)
+        remove(name)
     for name in _with_block_lists(p.files) + p.tmp:
-        storage.remove(name)
+        remove(name)
     dirs = ("packs", PARITY_PREFIX, "index", LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR)
     for d in (*dirs, filecat.FILES_PREFIX):
         storage.sync(d)
@@ -323,6 +337,5 @@ def prune(
         mark(repo, repo.points(), marks)
         mark_forgotten(repo, marks)
         p = plan(repo, marks, done.retired)
-        lock.held()  # (lost, a backup may have started: nothing is removed then)
-        execute(repo, p)
+        execute(repo, p, lock.held)  # (lost, a backup may have started: nothing more goes)
         return PruneResult(p, len(marks.points), time.perf_counter() - t0, False, done)

@@ -166,11 +166,13 @@ class Lock:
         self.info = info
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._beat, name="comb-lock", daemon=True)
-        self._written = _clock()
+        self._written = _clock()  # when the last heartbeat that got written was taken
+        self._lost = ""  # why the lock was lost at some point (a later beat does not undo it)
 
     def _write(self) -> None:
+        taken = _clock()  # (before the write: a write retried for minutes is that old)
         self.storage.write_atomic(self.info.name, json.dumps(asdict(self.info)).encode())
-        self._written = _clock()
+        self._written = taken
 
     def held(self) -> None:
         """Raise ``LockedError`` unless the lock is surely still ours: its file is there and
@@ -178,18 +180,23 @@ class Lock:
         heartbeat is older than ``STALE_S`` for stale (a holder cut off from the storage, or
         suspended, keeps running but cannot refresh it), so a prune may have run meanwhile:
         a backup must not commit then, nor a prune remove anything."""
+        self._check()
+        if self._lost:
+            raise LockedError(
+                f"lost the repository's {self.info.kind} lock: {self._lost}; stopped before "
+                "changing anything"
+            )
+
+    def _check(self) -> None:
+        """Note the lock as lost when it could have been taken for stale, or was removed."""
         quiet = _clock() - self._written
-        if quiet > STALE_S / 2:
-            raise LockedError(
-                f"lost the repository's {self.info.kind} lock: it could not be refreshed for "
-                f"{quiet:.0f} s, and others take it for stale after {STALE_S:.0f} s; stopped "
-                "before changing anything"
+        if quiet > STALE_S / 2 and not self._lost:
+            self._lost = (
+                f"it could not be refreshed for {quiet:.0f} s, and others take it for stale "
+                f"after {STALE_S:.0f} s"
             )
-        if not self.storage.exists(self.info.name):
-            raise LockedError(
-                f"lost the repository's {self.info.kind} lock: its file {self.info.name} was "
-                "removed (`comb unlock --stale` elsewhere?); stopped before changing anything"
-            )
+        if not self._lost and not self.storage.exists(self.info.name):
+            self._lost = f"its file {self.info.name} was removed (`comb unlock --stale` elsewhere?)"
 
     def _beat(self) -> None:
         """Refresh the heartbeat until released (for days, for a server). A failed write (a
@@ -198,6 +205,9 @@ class Lock:
         while not self._stop.wait(HEARTBEAT_S):
             self.info = replace(self.info, heartbeat=_now())
             try:
+                # A gap or a missing file is remembered (``held``) before the file is written
+                # again: a reader's lock goes on (nothing of it is committed), a writer's not.
+                self._check()
                 self._write()
             except (OSError, CombError):
                 pass  # the next beat tries again; staleness needs ten misses

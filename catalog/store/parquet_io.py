@@ -137,24 +137,30 @@ def read_verified(storage: Storage, name: str) -> bytes:
 
 def verified_path(storage: Storage, name: str) -> str:
     """A local file of a content-named metadata file (``Storage.local_copy``), checked against
-    its name, for readers that take a path. A damaged copy of an object-storage file is
-    dropped, so the next use fetches it again."""
+    its name, for readers that take a path. A damaged local copy of an object-storage file is
+    fetched again; only a fetched file that does not match is damage."""
     path = storage.local_copy(name)  # (object storage: fetched now unless cached)
     if not os.path.exists(path):
         raise RepositoryError(f"missing repository file {storage.local_path(name) or name}")
     stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
-    if len(stem) == 64:
-        hasher = blake3.blake3()
-        try:
-            hasher.update_mmap(path)
-        except OSError as err:
-            raise RepositoryError(f"cannot read {path}: {err.strerror or err}") from None
-        digest = hasher.hexdigest()
-        if digest != stem:
-            if storage.local_path(name) is None:
-                os.unlink(path)
-            raise CorruptionError(f"{storage.local_path(name) or name} does not match its name")
-    return path
+    if len(stem) != 64 or _digest(path) == stem:
+        return path
+    if storage.local_path(name) is None:  # a local copy went bad: fetched again, once
+        os.unlink(path)
+        path = storage.local_copy(name)
+        if _digest(path) == stem:
+            return path
+        os.unlink(path)
+    raise CorruptionError(f"{storage.local_path(name) or name} does not match its name")
+
+
+def _digest(path: str) -> str:
+    hasher = blake3.blake3()
+    try:
+        hasher.update_mmap(path)
+    except OSError as err:
+        raise RepositoryError(f"cannot read {path}: {err.strerror or err}") from None
+    return str(hasher.hexdigest())
 
 
 def read_parquet(storage: Storage, name: str, columns: list[str] | None = None) -> pa.Table:

@@ -13,15 +13,17 @@ import hashlib
 import os
 import secrets
 import threading
+import time
 from contextlib import suppress
 
-from catalog.errors import RepositoryError
+from catalog.errors import RepositoryError, UsageError
 from catalog.store.cachedir import cache_dir
 
 COPIES_MIB = 2048  # the bound, unless COMB_S3_CACHE_MIB says otherwise
 COPIES_MIB_ENV = "COMB_S3_CACHE_MIB"
 _added = 0  # bytes this process added since it last looked at the bound
 _lock = threading.Lock()
+_STARTED = time.time()  # copies used since this process started are never trimmed by it
 
 
 def copies_root() -> str:
@@ -60,11 +62,20 @@ def keep(path: str, data: bytes, what: str) -> None:
     _trim(len(data))
 
 
+def bound() -> int:
+    """The bound in bytes (``COMB_S3_CACHE_MIB``, a whole number of MiB)."""
+    text = os.environ.get(COPIES_MIB_ENV) or str(COPIES_MIB)
+    if not text.isdigit():
+        raise UsageError(f"{COPIES_MIB_ENV}={text}: give a whole number of MiB")
+    return int(text) << 20
+
+
 def _trim(added: int) -> None:
     """Remove the least recently used copies of every repository once they exceed the bound
-    (looked at after every tenth of it added by this process), down to 80 % of it."""
+    (looked at after every tenth of it added by this process), down to 80 % of it; never one
+    this process used (a query's own files stay while it runs, whatever the bound)."""
     global _added
-    limit = int(os.environ.get(COPIES_MIB_ENV) or COPIES_MIB) << 20
+    limit = bound()
     with _lock:
         _added += added
         if _added < limit // 10:
@@ -77,8 +88,8 @@ def _trim(added: int) -> None:
                 st = os.stat(os.path.join(dirpath, n))
                 files.append((st.st_mtime, st.st_size, os.path.join(dirpath, n)))
     total = sum(f[1] for f in files)
-    for _mtime, size, path in sorted(files):
-        if total <= limit * 8 // 10:
+    for mtime, size, path in sorted(files):
+        if total <= limit * 8 // 10 or mtime >= _STARTED:
             break
         with suppress(OSError):
             os.unlink(path)

@@ -21,7 +21,8 @@ import argparse
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
@@ -92,6 +93,7 @@ def add_global_options(p: argparse.ArgumentParser, json_help: str | None, top: b
     g.add_argument(
         "--s3-max-requests-per-s",
         metavar="N",
+        type=float,
         help="at most N requests a second to S3 from each comb process (for providers that "
         "throttle; else COMB_S3_MAX_REQUESTS_PER_S, else no limit)",
         **unset,
@@ -190,21 +192,40 @@ def dispatch(args: argparse.Namespace) -> int:
                 "no repository given (use -r REPO, set COMB_REPO or `repository` in the "
                 "config file)"
             )
-    endpoint = getattr(args, "s3_endpoint", None)
-    if endpoint:
-        if not endpoint.startswith(("http://", "https://")):
-            raise UsageError(f"--s3-endpoint {endpoint}: give an http:// or https:// URL")
-        # (the way every S3 client of this process, and the Ray actors it starts, read it)
-        os.environ["AWS_ENDPOINT_URL"] = endpoint
-    budget = getattr(args, "s3_max_requests_per_s", None)
-    if budget:  # (checked where the S3 client is made: a one-line usage error)
-        os.environ["COMB_S3_MAX_REQUESTS_PER_S"] = budget
     password_file = args.password_file
     if not (password_file or os.environ.get(PASSWORD_FILE_ENV) or PASSWORD_ENV in os.environ):
         password_file = config.password_file
     # The repository never looks a password up: each command passes this source on.
     args.password = password_source(password_file)
-    return int(args.run(repo, args) or 0)
+    with _s3_settings(args):
+        return int(args.run(repo, args) or 0)
+
+
+@contextmanager
+def _s3_settings(args: argparse.Namespace) -> Iterator[None]:
+    """--s3-endpoint and --s3-max-requests-per-s, for the command's run: set as the variables
+    every S3 client of this process (and the Ray actors it starts) reads, then put back."""
+    settings: dict[str, str] = {}
+    endpoint = getattr(args, "s3_endpoint", None)
+    if endpoint:
+        if not endpoint.startswith(("http://", "https://")):
+            raise UsageError(f"--s3-endpoint {endpoint}: give an http:// or https:// URL")
+        settings["AWS_ENDPOINT_URL"] = settings["AWS_ENDPOINT_URL_S3"] = endpoint
+    budget = getattr(args, "s3_max_requests_per_s", None)
+    if budget is not None:
+        if not budget > 0:
+            raise UsageError(f"--s3-max-requests-per-s {budget:g}: give a number above 0")
+        settings["COMB_S3_MAX_REQUESTS_PER_S"] = f"{budget:g}"
+    before = {k: os.environ.get(k) for k in settings}
+    os.environ.update(settings)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:

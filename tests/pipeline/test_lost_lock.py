@@ -14,8 +14,10 @@ from typing import Any
 import pytest
 from combtest import CliRunner, ImageFactory, MiB, point_ids
 
+from catalog.errors import LockedError
 from catalog.maint import gc
 from catalog.store import locks
+from catalog.store.local import LocalStorage
 from pipeline.jobs import runner
 
 
@@ -89,3 +91,32 @@ def test_a_prune_that_lost_its_lock_removes_nothing(
     monkeypatch.undo()
     res = cli("-r", repo_path, "prune", "--json")
     assert res.code == 0 and _packs(repo_path) < packs, res.err
+
+
+def test_a_heartbeat_after_the_gap_does_not_win_the_lock_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Back from a suspend or an outage, the next heartbeat gets written (a reader's lock goes
+    on), but a writer's lock stays lost: a prune may have run in the gap."""
+    storage = LocalStorage(str(tmp_path))
+    jump = _suspend(monkeypatch)
+    lock = locks.acquire(storage, "backup")
+    try:
+        lock.held()
+        jump()
+        lock._check()  # what a heartbeat does before it writes
+        lock._write()
+        assert (tmp_path / lock.info.name).exists()
+        with pytest.raises(LockedError, match="could not be refreshed for 900 s"):
+            lock.held()
+    finally:
+        lock.release()
+    lock = locks.acquire(storage, "backup")
+    try:
+        (tmp_path / lock.info.name).unlink()  # `comb unlock --stale` on another host
+        lock._check()
+        lock._write()  # (written again by the next heartbeat)
+        with pytest.raises(LockedError, match="was removed"):
+            lock.held()
+    finally:
+        lock.release()

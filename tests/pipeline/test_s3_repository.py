@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 import time
 from pathlib import Path
 
@@ -208,7 +209,7 @@ def test_analytics_read_local_copies_of_the_catalog(
 ) -> None:
     """Queries, reports, stats and the files view read the catalog's Parquet files from local
     copies (downloaded once, checked against their names at each use): the same answers as
-    on a local directory, and a damaged copy is left out, said, and fetched again."""
+    on a local directory, and a damaged copy is fetched again."""
     monkeypatch.setenv("COMB_CACHE_DIR", str(tmp_path / "cache"))
     tree = tmp_path / "tree"
     tree.mkdir()
@@ -243,9 +244,7 @@ def test_analytics_read_local_copies_of_the_catalog(
     for copy in copies:
         copy.write_bytes(b"damaged" + copy.read_bytes()[7:])
     sql = "SELECT count(*) FROM chunks"
-    res = cli("-r", on_s3, "query", sql, "--format", "csv")
-    assert res.code == 0 and "does not match its name" in res.err, res.err
-    res = cli("-r", on_s3, "query", sql, "--format", "csv")  # fetched again
+    res = cli("-r", on_s3, "query", sql, "--format", "csv")  # (each copy fetched again)
     assert res.code == 0 and res.err == "" and res.out == answers[on_s3][0], res.err
 
 
@@ -274,6 +273,7 @@ def test_the_endpoint_can_be_given_as_an_option(
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     assert cli("-r", repo, "init", "--s3-endpoint", s3_env.endpoint).code == 0
     assert cli("--s3-endpoint", s3_env.endpoint, "-r", repo, "points").code == 0
+    assert os.environ["AWS_ENDPOINT_URL"] != s3_env.endpoint  # (put back after the command)
     res = cli("-r", repo, "points", "--s3-endpoint", "127.0.0.1:9000")
     assert res.code == 2 and "http:// or https://" in res.err, res.err
 
