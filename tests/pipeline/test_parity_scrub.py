@@ -268,7 +268,7 @@ def test_prune_removes_parity_and_repack_writes_it(tmp_path: Path, make_image: A
     copy = tmp_path / "c.img"
     copy.write_bytes(img.path.read_bytes())
     orphan = repo_path / parity_name("ee" * 32)  # as left by a crash before its pack's commit
-    orphan.parent.mkdir(parents=True)
+    orphan.parent.mkdir(parents=True, exist_ok=True)  # (a real pack may start ee too)
     shutil.copyfile(repo_path / parity_name(_packs(repo_path)[0]), orphan)
     repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     repo.storage.remove(point_name(first.id))
