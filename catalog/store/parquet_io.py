@@ -124,11 +124,24 @@ class ParquetStreamWriter:
 def read_verified(storage: Storage, name: str) -> bytes:
     """The bytes of a content-named metadata file, checked against its name before any parser
     sees them: a damaged Parquet footer can abort pyarrow's C++ reader (seen: ``terminate
-    called after throwing parquet::ParquetException``), so damage must be caught first."""
+    called after throwing parquet::ParquetException``), so damage must be caught first. On
+    object storage through its local copies (``verified_path``): an immutable, content-named
+    file is fetched once, not at every command (a backup reads every index segment)."""
+    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    if len(stem) == 64 and storage.local_path(name) is None:
+        for attempt in (1, 2):  # (another process may trim the copy between the two steps)
+            path = verified_path(storage, name)
+            try:
+                with open(path, "rb") as fh:
+                    return fh.read()
+            except FileNotFoundError:
+                if attempt == 2:
+                    raise RepositoryError(f"cannot read {path}: it went away twice") from None
+            except OSError as err:
+                raise RepositoryError(f"cannot read {path}: {err.strerror or err}") from None
     if not storage.exists(name):
         raise RepositoryError(f"missing repository file {storage.local_path(name) or name}")
     data = storage.read(name)
-    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
     if len(stem) == 64 and blake3.blake3(data).hexdigest() != stem:
         where = storage.local_path(name) or name
         raise CorruptionError(f"{where} does not match its name (damaged)")

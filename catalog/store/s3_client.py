@@ -30,6 +30,13 @@ STREAM_ERRORS = frozenset(
 )
 
 
+# The repository's top folders (FORMAT.md 3), by which the API calls are counted.
+_FOLDERS = frozenset(
+    ("packs", "parity", "index", "manifests", "points", "forgotten", "locks", "keys", "files")
+    + ("probe", "config.json")
+)
+
+
 class RequestCount:
     """The S3 API calls this process made, by operation (``python -m bench s3`` reads them)."""
 
@@ -39,9 +46,11 @@ class RequestCount:
 
     def __call__(self, model: Any = None, params: Any = None, **_kwargs: Any) -> None:
         name = getattr(model, "name", "?")
-        if name == "ListObjectsV2" and isinstance(params, dict):  # which folder it lists
-            parts = [p for p in str(params.get("Prefix", "")).split("/") if p]
-            name = f"{name} {parts[-1] if parts else '/'}"
+        if isinstance(params, dict):  # and the repository folder it is about
+            where = str(params.get("Prefix") or params.get("Key") or "")
+            folder = next((p for p in where.split("/") if p in _FOLDERS), "")
+            if folder:
+                name = f"{name} {folder}"
         with self._lock:
             self.by_operation[name] = self.by_operation.get(name, 0) + 1
 

@@ -18,6 +18,7 @@ from s3server import S3Server, free_port, header_stripper
 
 from catalog.repo import Repository
 from catalog.store.s3 import S3Storage
+from catalog.store.s3_client import REQUESTS
 from drive.nbd.server import NbdServer
 from pipeline import engines
 
@@ -299,3 +300,31 @@ def test_a_request_budget_spaces_the_requests(
             assert took < ceiling
         else:  # 20 at once, then 20 more at 20 a second
             assert took >= 0.9, took
+
+
+def test_metadata_is_fetched_once_not_at_every_backup(
+    cli: CliRunner,
+    s3_env: S3Server,
+    make_image: ImageFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A backup reads every index segment (one per earlier backup): through the local copies
+    each is fetched once, so a backup's GETs of segments do not grow with the history. (Its
+    GETs of point documents and file catalog documents still do: one per earlier point.)"""
+    monkeypatch.setenv("COMB_CACHE_DIR", str(tmp_path / "cache"))
+    repo = f"s3://{s3_env.bucket()}/r"
+    assert cli("-r", repo, "init").code == 0
+    img = make_image(2 * MiB)
+    gets = []
+    for seed in range(6):
+        img.random(0, 64 * 1024, seed=seed)  # a new chunk each time: a new segment each time
+        before = REQUESTS.snapshot()
+        assert cli("-r", repo, "backup", img.path).code == 0
+        after = REQUESTS.snapshot()
+        gets.append({k: after[k] - before.get(k, 0) for k in after if k.startswith("GetObject")})
+    index = [g.get("GetObject index", 0) for g in gets]
+    assert index[-1] <= index[1], gets  # (uncached: one more GET per earlier backup)
+    out = tmp_path / "out.img"
+    assert cli("-r", repo, "restore", f"{img.path}@latest", out).code == 0
+    assert filecmp.cmp(out, img.path, shallow=False)
