@@ -127,18 +127,14 @@ def read_verified(storage: Storage, name: str) -> bytes:
     called after throwing parquet::ParquetException``), so damage must be caught first. On
     object storage through its local copies (``verified_path``): an immutable, content-named
     file is fetched once, not at every command (a backup reads every index segment)."""
-    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    stem = _stem(name)
     if len(stem) == 64 and storage.local_path(name) is None:
-        for attempt in (1, 2):  # (another process may trim the copy between the two steps)
-            path = verified_path(storage, name)
-            try:
-                with open(path, "rb") as fh:
-                    return fh.read()
-            except FileNotFoundError:
-                if attempt == 2:
-                    raise RepositoryError(f"cannot read {path}: it went away twice") from None
-            except OSError as err:
-                raise RepositoryError(f"cannot read {path}: {err.strerror or err}") from None
+        data = _read_copy(storage.local_copy(name))
+        if data is None or blake3.blake3(data).hexdigest() != stem:  # trimmed meanwhile, or bad
+            data = _read_copy(verified_path(storage, name))  # (fetched again, checked)
+        if data is None:
+            raise RepositoryError(f"cannot read the local copy of {name}: it went away")
+        return data
     if not storage.exists(name):
         raise RepositoryError(f"missing repository file {storage.local_path(name) or name}")
     data = storage.read(name)
@@ -155,7 +151,7 @@ def verified_path(storage: Storage, name: str) -> str:
     path = storage.local_copy(name)  # (object storage: fetched now unless cached)
     if not os.path.exists(path):
         raise RepositoryError(f"missing repository file {storage.local_path(name) or name}")
-    stem = name.rsplit("/", 1)[-1].split(".", 1)[0]
+    stem = _stem(name)
     if len(stem) != 64 or _digest(path) == stem:
         return path
     if storage.local_path(name) is None:  # a local copy went bad: fetched again, once
@@ -164,7 +160,23 @@ def verified_path(storage: Storage, name: str) -> str:
         if _digest(path) == stem:
             return path
         os.unlink(path)
-    raise CorruptionError(f"{storage.local_path(name) or name} does not match its name")
+    raise CorruptionError(f"{storage.local_path(name) or name} does not match its name (damaged)")
+
+
+def _stem(name: str) -> str:
+    """What a content-named file's name says its BLAKE3 is (64 hex digits where it is one)."""
+    return name.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def _read_copy(path: str) -> bytes | None:
+    """A local copy's bytes; None when it is gone (another process trimmed the copies)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except FileNotFoundError:
+        return None
+    except OSError as err:
+        raise RepositoryError(f"cannot read {path}: {err.strerror or err}") from None
 
 
 def _digest(path: str) -> str:

@@ -133,8 +133,6 @@ class S3Storage:
         self.sealer = sealer
         with self._failing("reach", self.location):
             self.client = shared_client()
-        self._probed = False
-        self._probe_lock = threading.Lock()
 
     @classmethod
     def at(cls, location: str, sealer: Sealer = PLAIN) -> S3Storage:
@@ -284,27 +282,25 @@ class S3Storage:
 
     def list(self, prefix: str) -> builtins.list[str]:  # noqa: A003
         """Every name under ``prefix`` (all of the repository for ""), sorted."""
-        start = self._dir_key(prefix)
-        cut = len(self.prefix) + 1 if self.prefix else 0
-        out: builtins.list[str] = []
-        with self._failing("list", self.location + (f"/{prefix}" if prefix else "")):
-            pages = self.client.get_paginator("list_objects_v2")
-            config = {"PageSize": LIST_PAGE}
-            for page in pages.paginate(Bucket=self.bucket, Prefix=start, PaginationConfig=config):
-                out.extend(obj["Key"][cut:] for obj in page.get("Contents", ()))
-        return sorted(out)
+        return self._listing(prefix, "Contents", "Key")
 
     def list_dirs(self, prefix: str) -> builtins.list[str]:
-        start = self._dir_key(prefix)
+        return self._listing(prefix, "CommonPrefixes", "Prefix", Delimiter="/")
+
+    def _listing(self, prefix: str, part: str, field: str, **extra: str) -> builtins.list[str]:
+        """The ``field`` of every ``part`` entry of the paged LIST under ``prefix``, as
+        repository names (without the repository's own prefix or a final slash), sorted."""
         cut = len(self.prefix) + 1 if self.prefix else 0
         out: builtins.list[str] = []
         with self._failing("list", self.location + (f"/{prefix}" if prefix else "")):
-            pages = self.client.get_paginator("list_objects_v2")
-            config = {"PageSize": LIST_PAGE}
-            for page in pages.paginate(
-                Bucket=self.bucket, Prefix=start, Delimiter="/", PaginationConfig=config
-            ):
-                out.extend(p["Prefix"][cut:].rstrip("/") for p in page.get("CommonPrefixes", ()))
+            pages = self.client.get_paginator("list_objects_v2").paginate(
+                Bucket=self.bucket,
+                Prefix=self._dir_key(prefix),
+                PaginationConfig={"PageSize": LIST_PAGE},
+                **extra,
+            )
+            for page in pages:
+                out.extend(e[field][cut:].rstrip("/") for e in page.get(part, ()))
         return sorted(out)
 
     def local_path(self, name: str) -> str | None:
@@ -317,11 +313,8 @@ class S3Storage:
     def local_copy(self, name: str) -> str:
         """A download of ``name`` kept among the local copies (fetched unless kept already)."""
         path = os.path.join(self.local_copies(), *self.key(name).split("/"))
-        if not s3_copies.fresh(path):
-            data = self.read(name)
-            if not data and not self.exists(name):
-                raise RepositoryError(f"cannot read {self.where(name)}: no such object")
-            s3_copies.keep(path, data, self.where(name))
+        if not s3_copies.fresh(path):  # (a missing object: ``read`` says so)
+            s3_copies.keep(path, self.read(name), self.where(name))
         return path
 
     def tmp_files(self) -> builtins.list[str]:
@@ -368,12 +361,12 @@ class S3Storage:
 
     def probe(self) -> None:
         """Refuse a server that ignores create-if-absent or does not return the bytes it was
-        given (once per storage, before its first write)."""
+        given (once per process and location, before its first write)."""
         where = (str(self.client.meta.endpoint_url), self.bucket, self.prefix)
-        if self._probed or where in _PROBED:
+        if where in _PROBED:
             return
-        with self._probe_lock:
-            if self._probed or where in _PROBED:
+        with _PROBED_LOCK:  # (one probe at a time in a process: probes are rare)
+            if where in _PROBED:
                 return
             name = f"{PROBE_PREFIX}/{secrets.token_hex(8)}"
             payload = secrets.token_bytes(64) + bytes(range(256))
@@ -392,9 +385,7 @@ class S3Storage:
                     )
             finally:
                 self.remove(name)
-            self._probed = True
-            with _PROBED_LOCK:
-                _PROBED.add(where)
+            _PROBED.add(where)
 
     # -- files written in place ------------------------------------------------------------
 
