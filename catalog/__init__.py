@@ -32,6 +32,8 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     changes     change tables: what each point changed relative to its parent
     points      point documents: the one atomic commit, forgetting, finding points
     locks       repository locks (FORMAT.md 13)
+    condemned   a running prune's condemnation record (what backups must not deduplicate
+                against)
 ``read/``   reads of a point
     source      the block-source protocol (size, read_into; extents for formats), read_bytes
     point       a point as a block source (``PointSource``): reads, chunk cache, large reads
@@ -63,19 +65,24 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     dashboard/  ``data`` (the tables), ``render`` (the page), ``svgchart``
 
 Garbage collection (``maint.gc``, FORMAT.md 13): mark what every live point needs without a
-lock, repack sparse packs, then under the exclusive lock mark again what backups committed
-meanwhile and remove the rest: superseded index segments before their packs, then packs,
-parity files, metadata files no point names, old temporary files. A crash at any step leaves a
-superset of what the points need.
+lock, repack sparse packs; under the prune lock (other prunes and repairs only) plan the
+garbage and condemn it (a record in ``gc/``: backups that start now leave condemned packs out
+of their dedup index), wait out the sessions running then, mark again what they committed and
+remove what is condemned, still garbage and older than the record: superseded index segments
+before their packs, then packs, parity files, metadata files no point names, old temporary
+files. A crash at any step leaves a superset of what the points need.
 
 Locking (FORMAT.md 13, ``store.locks``): write the own lock file, then look at the others.
 
     kind                                   mode       waits for / blocks
-    backup, forget                         shared     prune, repair
-    restore, verify, scrub, export         shared     prune, repair (once the repository
+    backup, forget                         shared     repair (and prune, without ``condemn``)
+    restore, verify, scrub, export         shared     the same (once the repository
                                                       has the ``locks`` feature)
-    serve, mount, boot                     shared     prune, repair (always: they run for days)
-    prune, repair, scrub --repair          exclusive  every other lock but ``key``
+    serve, mount, boot                     shared     the same (always: they run for days)
+    prune                                  exclusive  prune, repair (with ``condemn``; it then
+                                                      waits out the shared locks it condemned
+                                                      under)
+    repair, scrub --repair                 exclusive  every other lock but ``key``
     key add, key remove                    exclusive  other key changes only
     an overlay (its own lock file)         exclusive  the overlay's other writers
 """

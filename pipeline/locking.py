@@ -20,8 +20,8 @@ def command_line() -> str:
 
 @contextmanager
 def writer_lock(repo: Repository, kind: str) -> Iterator[locks.Lock]:
-    """The shared lock of a backup: waits while a prune or repair removes data."""
-    with locks.writer_lock(repo.storage, kind, command_line(), waiting) as lock:
+    """The shared lock (session) of a backup (``catalog.store.locks.writer_lock``)."""
+    with locks.writer_lock(repo.storage, repo.config, kind, command_line(), waiting) as lock:
         yield lock
 
 

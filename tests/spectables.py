@@ -33,6 +33,7 @@ GOLDEN_EXPECTED = ROOT / "tests" / "data" / "golden-v1.json"
 
 MARKERS = {
     "names",
+    "condemned",
     "purposes",
     "config",
     "codecs",

@@ -1,20 +1,25 @@
 """Garbage collection (``comb prune``): remove what no recovery point needs (FORMAT.md 13).
 
-Protocol, safe while backups run:
+Protocol, safe while backups and readers run, and waiting for none of them to start:
 
 1. **Mark, unlocked.** Read every committed point's root and the leaves it references, and
-   collect the live metadata files and the ids of every live chunk. This is the long part and
-   runs alongside backups.
-2. **Exclusive phase.** Take the exclusive ``prune`` lock: it waits until no backup holds its
-   shared lock, and new backups wait until it is released. Points committed since step 1 are
-   marked too (only they are read). Nothing is in flight now, so a file no point references is
-   garbage: packs none of whose chunks is live (and packs no index segment lists: orphans of
-   killed backups), leaves, roots and change tables no point names, index segments that list
-   only removed packs, and temporary files of dead writers (``dead_temporary``). A segment
-   that lists removed and kept packs is rewritten with the kept rows (the new segment is
-   durable before the old one goes). Order: new segment, old segments, packs, manifests,
-   temporary files. A crash at any step leaves a superset of what the points need; the next
-   prune finishes.
+   collect the live metadata files and the ids of every live chunk. This is the long part.
+2. **Repack, unlocked** (``catalog.maint.repack``): copies of the live chunks of mostly-garbage
+   packs, indexed; those packs are retired.
+3. **Condemn.** Take the ``prune`` lock (it excludes other prunes, repairs and key changes
+   only), mark the points committed since (1) and plan: packs none of whose chunks is live
+   (and packs no index segment lists: orphans of killed backups), leaves, roots and change
+   tables no point names, parity of no pack, temporary files of dead writers. The planned
+   names go into a condemnation record (``catalog.store.condemned``); a backup that starts
+   from now on leaves condemned packs out of its dedup index.
+4. **Wait out the sessions** live after the record is written (backups, forgets, readers that
+   started before it and may use condemned files): ``locks.wait_for_sessions``.
+5. **Re-check and remove.** Mark the points committed meanwhile; remove what is condemned, is
+   still garbage and was written before the record (a backup that started later may have
+   written a file of the same content name again). A segment that lists removed and kept packs
+   is rewritten with the kept rows (the new segment is durable before the old one goes).
+   Order: new segment, old segments, packs, parity, manifests, temporary files, the record. A
+   crash at any step leaves a superset of what the points need; the next prune finishes.
 
 Overlays need their base points, which ``forget`` never removes (so prune keeps them too).
 """
@@ -32,7 +37,7 @@ import pyarrow.compute as pc
 
 from catalog.maint.repack import Repacked, repack_candidates, repack_live
 from catalog.repo import Repository
-from catalog.store import filecat
+from catalog.store import condemned, filecat
 from catalog.store.blocks import BLOCKS_SUFFIX, block_list_name, parquet_of
 from catalog.store.changes import changes_name
 from catalog.store.index import (
@@ -45,7 +50,7 @@ from catalog.store.index import (
     segment_names,
 )
 from catalog.store.leaves import LEAVES_PREFIX, leaves_name
-from catalog.store.locks import locked, process_gone, read_locks
+from catalog.store.locks import locked, process_gone, read_locks, wait_for_sessions
 from catalog.store.manifest import ROOTS_PREFIX, roots_name
 from catalog.store.parity import PARITY_PREFIX, parity_name
 from catalog.store.parquet_io import read_parquet
@@ -112,7 +117,7 @@ class Plan:
 
     packs: list[str] = field(default_factory=list)  # storage names
     pack_bytes: int = 0
-    orphan_packs: int = 0
+    orphans: set[str] = field(default_factory=set)  # packs no segment lists
     segments_removed: list[str] = field(default_factory=list)
     segments_rewritten: list[str] = field(default_factory=list)
     kept_rows: pa.Table | None = None  # the rows the rewritten segments keep
@@ -124,9 +129,23 @@ class Plan:
     # prune); the parity of every removed pack goes with it (``execute``).
     parity: list[str] = field(default_factory=list)
 
+    sizes: dict[str, int] = field(default_factory=dict)  # of every pack and file removed
+
     @property
     def bytes(self) -> int:
         return self.pack_bytes + self.file_bytes
+
+    @property
+    def orphan_packs(self) -> int:
+        return len(self.orphans)
+
+    def add(self, into: list[str], name: str, size: int) -> None:
+        into.append(name)
+        self.sizes[name] = size
+        if into is self.packs:
+            self.pack_bytes += size
+        else:
+            self.file_bytes += size
 
 
 def _pack_id(name: str) -> str:
@@ -170,9 +189,9 @@ def plan(
     live_packs = set(packs[hit & usable].tolist()) | set(packs[stranded].tolist())
     for pid, name in sorted(present.items()):
         if pid not in live_packs:
-            out.packs.append(name)
-            out.pack_bytes += storage.size(name)
-            out.orphan_packs += pid not in indexed
+            out.add(out.packs, name, storage.size(name))
+            if pid not in indexed:
+                out.orphans.add(name)
     out.live_packs = len(live_packs & set(present))
     for name in storage.list(PARITY_PREFIX):
         if name.endswith(".parity") and name.rsplit("/", 1)[-1][:-7] not in present:
@@ -181,20 +200,17 @@ def plan(
     for prefix in (LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
         for name in storage.list(prefix):
             if name.endswith(".parquet") and name not in marks.files:
-                out.files.append(name)
-                out.file_bytes += storage.size(name)
+                out.add(out.files, name, storage.size(name))
     # Catalog files no catalog names (an index killed before its document), unless a document
     # does not read: the files it names are not known then (verify says which).
     catalogs = filecat.survey(storage)
     for name in storage.list(filecat.FILES_PREFIX) if not catalogs.unread else []:
         if name.endswith(".parquet") and name not in catalogs.named:
-            out.files.append(name)
-            out.file_bytes += storage.size(name)
+            out.add(out.files, name, storage.size(name))
     for prefix in (LEAVES_PREFIX, INDEX_PREFIX):  # a block list whose file is gone (a crash)
         for name in storage.list(prefix):
             if name.endswith(BLOCKS_SUFFIX) and not storage.exists(parquet_of(name)):
-                out.files.append(name)
-                out.file_bytes += storage.size(name)
+                out.add(out.files, name, storage.size(name))
     out.tmp = dead_temporary(storage)
     return out
 
@@ -315,13 +331,44 @@ class PruneResult:
     repacked: Repacked = field(default_factory=Repacked)
 
 
+def condemnable(p: Plan) -> list[str]:
+    """The names of a plan that a condemnation record lists (temporary files are judged by
+    their writer, segments by the packs they list)."""
+    return p.files + p.parity
+
+
+def restrict(repo: Repository, p: Plan, condemned: Plan, since: float) -> Plan:
+    """What of ``p`` (planned after the sessions ended) may go: condemned in ``condemned``
+    and written before ``since`` (the record's time on the storage's clock: a file of the same
+    content name written again by a backup that started later is newer)."""
+    storage = repo.storage
+    allowed = set(condemned.packs) | set(condemnable(condemned))
+
+    def old(name: str) -> bool:
+        written = storage.mtime(name)
+        return name in allowed and written is not None and written < since
+
+    out = Plan(tmp=p.tmp, live_packs=p.live_packs)
+    for name in p.packs:
+        if old(name):
+            out.add(out.packs, name, p.sizes[name])
+            if name in p.orphans:
+                out.orphans.add(name)
+    out.parity = [n for n in p.parity if old(n)]
+    for name in p.files:
+        if old(name):
+            out.add(out.files, name, p.sizes[name])
+    drop_segments(repo, {_pack_id(n) for n in out.packs}, out)
+    return out
+
+
 def prune(
     repo: Repository,
     dry_run: bool = False,
     wait_s: float | None = None,
     on_wait: Callable[[object], None] | None = None,
 ) -> PruneResult:
-    """Mark without locks, then plan and remove inside the exclusive phase."""
+    """Mark and repack without locks, then condemn, wait out the sessions, and remove."""
     repo.require_writable()
     marks = Marks()
     mark(repo, repo.points(), marks)
@@ -332,10 +379,23 @@ def prune(
         p = plan(repo, marks, frozenset(cands), assume_copied=True)
         return PruneResult(p, len(marks.points), 0.0, True, Repacked(frozenset(cands)))
     done = repack(repo, marks)
-    with locked(repo.storage, "prune", wait_s, "prune", on_wait) as lock:
+    storage = repo.storage
+    with locked(storage, "prune", wait_s, "prune", on_wait, condemning=True) as lock:
         t0 = time.perf_counter()
+        condemned.remove_all_but(storage, lock.info.id)  # left by killed prunes
         mark(repo, repo.points(), marks)
         mark_forgotten(repo, marks)
-        p = plan(repo, marks, done.retired)
-        execute(repo, p, lock.held)  # (lost, a backup may have started: nothing more goes)
+        first = plan(repo, marks, done.retired)
+        packs = [_pack_id(n) for n in first.packs]
+        since = condemned.write(storage, lock.info.id, packs, condemnable(first))
+        try:
+            wait_for_sessions(storage, lock, wait_s, on_wait)
+            seen = len(marks.points)
+            mark(repo, repo.points(), marks)
+            mark_forgotten(repo, marks)
+            again = plan(repo, marks, done.retired) if len(marks.points) != seen else first
+            p = restrict(repo, again, first, since)
+            execute(repo, p, lock.held)  # (lost, a backup may have started: nothing more goes)
+        finally:
+            storage.remove(condemned.record_name(lock.info.id))
         return PruneResult(p, len(marks.points), time.perf_counter() - t0, False, done)

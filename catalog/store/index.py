@@ -24,6 +24,7 @@ import pyarrow.compute as pc
 from catalog.errors import CorruptionError, RepositoryError
 from catalog.store import blocks
 from catalog.store.blocks import NO_POSITION, RangeBuilder
+from catalog.store.condemned import condemned_packs
 from catalog.store.packs import SealedPack
 from catalog.store.parquet_io import ParquetStreamWriter, read_parquet
 from catalog.store.storage import Storage
@@ -206,8 +207,14 @@ class DedupIndex:
     @staticmethod
     def load(storage: Storage) -> DedupIndex:
         """The stored chunks whose pack exists: a chunk whose pack was lost is stored again by
-        the next backup that sees it, instead of new points referring to missing data."""
+        the next backup that sees it, instead of new points referring to missing data. Packs a
+        running prune condemned count as lost (``catalog.store.condemned``): the caller's
+        session must exist before this is called (FORMAT.md 13)."""
         table = present_rows(storage, load_index(storage, ["chunk_id", "pack"]))
+        doomed = condemned_packs(storage)
+        if doomed and table.num_rows:
+            value_set = pa.array(sorted(doomed), pa.string())
+            table = table.filter(pc.invert(pc.is_in(table.column("pack"), value_set=value_set)))
         arr = ids_to_array(table.column("chunk_id"))
         return DedupIndex(np.unique(_keys(arr)) if len(arr) else None)
 

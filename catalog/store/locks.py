@@ -1,21 +1,16 @@
-"""Repository locks (FORMAT.md 13): shared for writers that add data, exclusive for prune's
-deletion phase.
+"""Repository locks (FORMAT.md 13): shared ones are the sessions of backups, forgets and
+readers; exclusive ones are held by prune, repair and key changes.
 
 A lock is a small JSON file ``locks/<id>.json`` naming its kind, host, pid, start time and a
 heartbeat that a thread refreshes every ``HEARTBEAT_S``. Taking a lock is *write, then look*:
 the lock file is written (atomically, durably) first, then the other locks are listed. Two
 parties that conflict therefore always see at least one of the other's files; whoever sees a
 live conflicting lock removes its own file and waits (or fails), so they never both proceed.
-
+Where prunes condemn (``CONDEMN_FEATURE``), a prune and a session do not conflict: the prune
+waits out the sessions after condemning (``wait_for_sessions``), and nobody waits for it.
 A lock is **stale** when its process is known dead (same host, pid gone) or its heartbeat is
-older than ``STALE_S``. Stale locks are ignored by everyone and removed only by
-``comb unlock --stale`` (never a live one).
-
-Which commands lock, and how (FORMAT.md 13): a backup or forget takes the shared
-``writer_lock``; a reader (restore, verify, scrub, export, serve, mount, boot) the shared
-``reader_lock``, whose policy depends on the ``locks`` feature (``ensure_locking``); prune,
-repair and key changes take exclusive locks through ``locked``. Callers pass the callbacks that
-say something (this module prints nothing).
+older than ``STALE_S``; stale locks are ignored, and removed only by ``comb unlock --stale``.
+Callers pass the callbacks that say something (this module prints nothing).
 """
 
 from __future__ import annotations
@@ -55,6 +50,9 @@ def default_wait() -> float:
 EXCLUSIVE_KINDS = frozenset({"prune", "repair", "key"})
 # The ``ro_compat`` feature of a repository whose writers take locks (FORMAT.md 13).
 LOCKING_FEATURE = "locks"
+# The ``ro_compat`` feature of a repository whose prunes condemn before they remove (FORMAT.md
+# 13): backups and readers no longer wait for a prune, nor a prune's lock for them.
+CONDEMN_FEATURE = "condemn"
 
 
 def _now() -> str:
@@ -136,9 +134,11 @@ def read_locks(storage: Storage) -> list[LockInfo]:
     return sorted(out, key=lambda lk: lk.started)
 
 
-def _conflicts(mine: LockInfo, other: LockInfo) -> bool:
+def _conflicts(mine: LockInfo, other: LockInfo, condemning: bool = False) -> bool:
     """A process never conflicts with itself (scrub --repair: shared to read, exclusive to
-    isolate damage)."""
+    isolate damage). With ``condemning`` (the repository has ``CONDEMN_FEATURE``) a prune's
+    lock excludes other exclusive locks only: shared holders are sessions that the prune waits
+    out after condemning (``wait_for_sessions``), never before it starts."""
     ours = other.host == mine.host and other.pid == mine.pid
     if other.id == mine.id or ours:
         return False
@@ -146,6 +146,8 @@ def _conflicts(mine: LockInfo, other: LockInfo) -> bool:
         # Key changes touch keys/ alone, which nothing else writes or removes: they exclude
         # each other only, so a server holding its shared lock for days never blocks them.
         return mine.kind == other.kind
+    if condemning and "prune" in (mine.kind, other.kind):
+        return mine.exclusive and other.exclusive
     return mine.exclusive or other.exclusive
 
 
@@ -228,9 +230,11 @@ def acquire(
     wait_s: float | None = None,
     command: str = "",
     on_wait: object = None,
+    condemning: bool = False,
 ) -> Lock:
     """Take a lock of ``kind`` (exclusive for prune, shared otherwise), waiting up to
-    ``wait_s`` for conflicting live locks to go; ``on_wait(blocker)`` is called once."""
+    ``wait_s`` for conflicting live locks to go; ``on_wait(blocker)`` is called once.
+    ``condemning``: see ``_conflicts``."""
     exclusive = kind in EXCLUSIVE_KINDS
     deadline = time.monotonic() + (default_wait() if wait_s is None else wait_s)
     told = False
@@ -255,7 +259,7 @@ def acquire(
             blockers = [
                 other
                 for other in read_locks(storage)
-                if _conflicts(info, other) and other.stale() is None
+                if _conflicts(info, other, condemning) and other.stale() is None
             ]
         except BaseException:  # an unreadable lock, Ctrl-C: leave no file of ours behind
             lock.release()
@@ -265,13 +269,53 @@ def acquire(
             return lock
         lock.release()
         if time.monotonic() >= deadline:
-            raise LockedError(
-                f"repository is locked: {blockers[0].describe()}"
-                + (f" ({len(blockers) - 1} more)" if len(blockers) > 1 else "")
-                + "; `comb locks` lists locks, `comb unlock --stale` clears dead ones"
-            )
+            raise _locked_error(blockers)
         if not told and callable(on_wait):
             on_wait(blockers[0])
+            told = True
+        time.sleep(WAIT_POLL_S * (0.5 + secrets.randbelow(1000) / 1000))
+
+
+def _locked_error(blockers: list[LockInfo], more: str = "") -> LockedError:
+    return LockedError(
+        f"repository is locked: {blockers[0].describe()}"
+        + (f" ({len(blockers) - 1} more)" if len(blockers) > 1 else "")
+        + more
+        + "; `comb locks` lists locks, `comb unlock --stale` clears dead ones"
+    )
+
+
+def sessions(storage: Storage, mine: LockInfo) -> list[LockInfo]:
+    """The live shared locks of other processes (backups, forgets, readers), but ``key``'s."""
+    return [
+        other
+        for other in read_locks(storage)
+        if not other.exclusive
+        and other.kind != "key"
+        and other.id != mine.id
+        and (other.host, other.pid) != (mine.host, mine.pid)
+        and other.stale() is None
+    ]
+
+
+def wait_for_sessions(
+    storage: Storage, lock: Lock, wait_s: float | None = None, on_wait: object = None
+) -> None:
+    """Wait (up to ``wait_s``) until every session live now has ended: called by a prune once
+    its condemnation is written, so that a backup or reader which may use condemned files is
+    over (a later one sees the condemnation). ``on_wait(session)`` is called once."""
+    waiting = {s.id for s in sessions(storage, lock.info)}
+    deadline = time.monotonic() + (default_wait() if wait_s is None else wait_s)
+    told = False
+    while waiting:
+        live = [s for s in sessions(storage, lock.info) if s.id in waiting]
+        waiting = {s.id for s in live}
+        if not live:
+            return
+        if time.monotonic() >= deadline:
+            raise _locked_error(live, ", started before this prune; it removed nothing")
+        if not told and callable(on_wait):
+            on_wait(live[0])
             told = True
         time.sleep(WAIT_POLL_S * (0.5 + secrets.randbelow(1000) / 1000))
 
@@ -283,8 +327,9 @@ def locked(
     wait_s: float | None = None,
     command: str = "",
     on_wait: object = None,
+    condemning: bool = False,
 ) -> Iterator[Lock]:
-    lock = acquire(storage, kind, wait_s, command, on_wait)
+    lock = acquire(storage, kind, wait_s, command, on_wait, condemning)
     try:
         yield lock
     finally:
@@ -306,27 +351,34 @@ def remove_stale(storage: Storage) -> list[tuple[LockInfo, str]]:
 
 
 def ensure_locking(storage: Storage, config: RepoConfig) -> RepoConfig:
-    """Mark the repository as one whose writers take locks (``ro_compat``: a comb that does not
-    know locking may still read it, but no longer write to it); returns the config now in
-    force. Set before anything is removed."""
+    """Mark the repository as one whose writers take locks and whose prunes condemn before
+    they remove (``ro_compat``: a comb that knows neither may still read it, but no longer
+    write to it); returns the config now in force. Set before anything is removed."""
     feats = config.features
-    if LOCKING_FEATURE in feats.ro_compat:
+    wanted = {LOCKING_FEATURE, CONDEMN_FEATURE}
+    if wanted <= set(feats.ro_compat):
         return config
-    new = replace(feats, ro_compat=tuple(sorted({*feats.ro_compat, LOCKING_FEATURE})))
+    new = replace(feats, ro_compat=tuple(sorted({*feats.ro_compat, *wanted})))
     config = replace(config, features=new)
     storage.write_atomic(CONFIG_NAME, config.to_json())
     return config
 
 
+def condemning(config: RepoConfig) -> bool:
+    """Whether prunes of this repository condemn before they remove (``CONDEMN_FEATURE``)."""
+    return CONDEMN_FEATURE in config.features.ro_compat
+
+
 @contextmanager
 def writer_lock(
-    storage: Storage, kind: str, command: str = "", on_wait: object = None
+    storage: Storage, config: RepoConfig, kind: str, command: str = "", on_wait: object = None
 ) -> Iterator[Lock]:
-    """The shared lock of a backup (or forget): waits while a prune or repair removes data.
-    Lock files are plain: in an encrypted repository one names its kind, not ``command`` (a
-    command line names the source)."""
+    """The shared lock (session) of a backup (or forget): waits while a repair removes data,
+    and while a prune does only where prunes do not condemn (``condemning``). Lock files are
+    plain: in an encrypted repository one names its kind, not ``command`` (a command line
+    names the source)."""
     shown = kind if storage.sealer.encrypted else command
-    with locked(storage, kind, command=shown, on_wait=on_wait) as lock:
+    with locked(storage, kind, None, shown, on_wait, condemning(config)) as lock:
         yield lock
 
 
@@ -354,7 +406,7 @@ def reader_lock(
         yield
         return
     try:
-        lock = acquire(storage, kind, command=kind, on_wait=on_wait)
+        lock = acquire(storage, kind, None, kind, on_wait, condemning(config))
     except RepositoryError as err:
         if long_lived and on_unlocked is not None:
             on_unlocked(err.message)

@@ -25,7 +25,7 @@ from spectables import (
 import drive.overlays.overlay as overlay
 from catalog.errors import CorruptionError, RepositoryError
 from catalog.repo import Repository
-from catalog.store import crypto, locks, points
+from catalog.store import condemned, crypto, locks, points
 from catalog.store import format as fmt
 from catalog.store.format import Features, RepoConfig, parse_config
 from catalog.store.local import LocalStorage
@@ -323,6 +323,22 @@ def test_lock_fields_match_code(tmp_path: Path) -> None:
     assert list(doc) == [r["Field"] for r in rows]
     assert lock.info.name == f"{locks.LOCKS_PREFIX}/{doc['id']}.json"
     assert re.fullmatch(r"[0-9a-f]{16}", doc["id"])
+
+
+def test_condemnation_record_fields_match_code(tmp_path: Path) -> None:
+    repo = Repository.init(str(tmp_path / "repo"), encryption="none")
+    pack = "ab" * 32
+    when = condemned.write(repo.storage, "0123456789abcdef", [pack], ["roots/x.parquet"])
+    name = condemned.record_name("0123456789abcdef")
+    assert name == "gc/0123456789abcdef.json" and when == repo.storage.mtime(name)
+    doc = json.loads(repo.storage.read(name))
+    json_types = {str: "string", int: "integer", list: "array of strings"}
+    assert {r["Field"]: r["JSON type"] for r in spec_table("condemned")} == {
+        k: json_types[type(v)] for k, v in doc.items()
+    }
+    assert doc["format"] == "comb-condemned" and doc["version"] == 1
+    assert doc["packs"] == [pack] and doc["files"] == ["roots/x.parquet"]
+    assert condemned.condemned_packs(repo.storage) == {pack}
 
 
 def test_overlay_fields_match_code(tmp_path: Path) -> None:

@@ -235,14 +235,21 @@ def test_locks_conflict_wait_and_stale(
         listed = cli("-r", repo_path, "locks")
         assert "backup (shared)" in listed.out and "alive" in listed.out
     img: Image = make_image(MiB, "x.img")
+    # The prune set the `condemn` feature: a backup or a reader does not wait for a prune (the
+    # prune waits them out once it has condemned, FORMAT.md 13), while a repair still excludes.
+    assert (
+        "condemn"
+        in Repository.open(str(repo_path), password=TEST_PASSWORD).config.features.ro_compat
+    )
     with ForeignLock(repo, "prune"):
-        res = cli("-r", repo_path, "backup", img.path)  # waits while prune removes data
-        assert_one_line_error(res, "repository is locked", "prune (exclusive)", code=11)
-    assert cli("-r", repo_path, "backup", img.path).code == 0
-    # Once the repository uses locks, readers hold shared locks too (prune set the feature).
-    with ForeignLock(repo, "prune"):
+        assert cli("-r", repo_path, "backup", img.path).code == 0
         res = cli("-r", repo_path, "restore", f"{img.path}@latest", img.path.with_suffix(".out"))
-        assert_one_line_error(res, "prune (exclusive)", code=11)
+        assert res.code == 0, res.err
+    with ForeignLock(repo, "repair"):
+        res = cli("-r", repo_path, "backup", img.path)  # waits while repair rewrites the index
+        assert_one_line_error(res, "repository is locked", "repair (exclusive)", code=11)
+        res = cli("-r", repo_path, "restore", f"{img.path}@latest", img.path.with_suffix(".out"))
+        assert_one_line_error(res, "repair (exclusive)", code=11)
     # One process never blocks itself (scrub --repair: shared to read, exclusive to repair).
     mine = locks.acquire(repo.storage, "backup")
     try:
@@ -266,6 +273,21 @@ def test_locks_conflict_wait_and_stale(
     finally:
         live.release()
     assert_one_line_error(cli("-r", repo_path, "unlock"), "--stale", code=2)
+
+
+def test_backups_wait_for_a_prune_that_does_not_condemn(
+    cli: CliRunner, repo_path: Path, make_image: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """In a repository no condemning prune ran on (no `condemn` feature), a prune lock may be
+    an older comb's, which removes without condemning: backups wait for it as before."""
+    repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
+    assert "condemn" not in repo.config.features.ro_compat
+    monkeypatch.setenv(locks.WAIT_ENV, "0.3")
+    img: Image = make_image(MiB, "x.img")
+    with ForeignLock(repo, "prune"):
+        res = cli("-r", repo_path, "backup", img.path)
+        assert_one_line_error(res, "repository is locked", "prune (exclusive)", code=11)
+    assert cli("-r", repo_path, "backup", img.path).code == 0
 
 
 def test_heartbeat_age_makes_a_lock_stale(repo_path: Path) -> None:

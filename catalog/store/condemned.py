@@ -1,0 +1,80 @@
+"""Condemnation records (FORMAT.md 13): what a running prune is about to remove.
+
+A prune that condemns (``locks.CONDEMN_FEATURE``) writes ``gc/<lock id>.json`` before it waits
+out the sessions that were running, then removes only condemned files no point needs by then
+and written before the record, and removes the record last. A backup loads the dedup index
+after its own session exists and leaves out every row of a condemned pack (``DedupIndex.load``),
+so a backup that starts while a prune runs never depends on what that prune removes. A record
+left by a killed prune is removed by the next prune (it only makes backups store a chunk again).
+
+Owns the records' format and reading. Must not: decide what is garbage (``catalog.maint.gc``).
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+
+from catalog.errors import CombError, CorruptionError
+from catalog.store.storage import Storage
+
+GC_PREFIX = "gc"
+FORMAT_NAME = "comb-condemned"
+FORMAT_VERSION = 1
+
+
+def record_name(lock_id: str) -> str:
+    return f"{GC_PREFIX}/{lock_id}.json"
+
+
+def write(storage: Storage, lock_id: str, packs: list[str], files: list[str]) -> float:
+    """Write the record of prune ``lock_id`` (``packs``: pack ids; ``files``: other names);
+    returns its time on the storage's clock, which the files a prune removes must predate."""
+    doc = {
+        "format": FORMAT_NAME,
+        "version": FORMAT_VERSION,
+        "lock": lock_id,
+        "time": datetime.now(UTC).isoformat(timespec="microseconds"),
+        "packs": sorted(packs),
+        "files": sorted(files),
+    }
+    name = record_name(lock_id)
+    storage.write_atomic(name, (json.dumps(doc, indent=1) + "\n").encode())
+    written = storage.mtime(name)
+    if written is None:
+        raise CorruptionError(f"{name} is gone right after it was written")
+    return written
+
+
+def names(storage: Storage) -> list[str]:
+    return [n for n in storage.list(GC_PREFIX) if n.endswith(".json")]
+
+
+def condemned_packs(storage: Storage) -> set[str]:
+    """The ids of every pack a record condemns. A record that exists but does not read stops
+    the caller (a backup must not deduplicate against a pack a prune may remove)."""
+    out: set[str] = set()
+    for name in names(storage):
+        try:
+            raw = storage.read(name)
+        except CombError:
+            if not storage.exists(name):
+                continue  # the prune finished between the listing and the read
+            raise
+        try:
+            doc = json.loads(raw)
+            if doc.get("format") != FORMAT_NAME or not isinstance(doc.get("packs"), list):
+                raise ValueError("not a condemnation record")
+        except (ValueError, AttributeError) as err:
+            raise CorruptionError(f"{name} is not a readable condemnation record ({err})") from None
+        out.update(str(p) for p in doc["packs"])
+    return out
+
+
+def remove_all_but(storage: Storage, lock_id: str | None) -> int:
+    """Remove every record but ``lock_id``'s (a prune holding the lock: the others' prunes are
+    dead); how many."""
+    others = [n for n in names(storage) if n != record_name(lock_id or "")]
+    for name in others:
+        storage.remove(name)
+    return len(others)
