@@ -13,7 +13,7 @@ Protocol, safe while backups and readers run, and waiting for none of them to st
    names go into a condemnation record (``catalog.store.condemned``); a backup that starts
    from now on leaves condemned packs out of its dedup index.
 4. **Wait out the sessions** live after the record is written (backups, forgets, readers that
-   started before it and may use condemned files): ``locks.wait_for_sessions``.
+   started before it and may use condemned files): ``condemned.wait_for_sessions``.
 5. **Re-check and remove.** Mark the points committed meanwhile; remove what is condemned, is
    still garbage and was written before the record (a backup that started later may have
    written a file of the same content name again). A segment that lists removed and kept packs
@@ -50,7 +50,7 @@ from catalog.store.index import (
     segment_names,
 )
 from catalog.store.leaves import LEAVES_PREFIX, leaves_name
-from catalog.store.locks import locked, process_gone, read_locks, wait_for_sessions
+from catalog.store.locks import locked, process_gone, read_locks
 from catalog.store.manifest import ROOTS_PREFIX, roots_name
 from catalog.store.parity import PARITY_PREFIX, parity_name
 from catalog.store.parquet_io import read_parquet
@@ -389,7 +389,7 @@ def prune(
         packs = [_pack_id(n) for n in first.packs]
         since = condemned.write(storage, lock.info.id, packs, condemnable(first))
         try:
-            wait_for_sessions(storage, lock, wait_s, on_wait)
+            condemned.wait_for_sessions(storage, lock, wait_s, on_wait)
             seen = len(marks.points)
             mark(repo, repo.points(), marks)
             mark_forgotten(repo, marks)

@@ -7,15 +7,26 @@ after its own session exists and leaves out every row of a condemned pack (``Ded
 so a backup that starts while a prune runs never depends on what that prune removes. A record
 left by a killed prune is removed by the next prune (it only makes backups store a chunk again).
 
-Owns the records' format and reading. Must not: decide what is garbage (``catalog.maint.gc``).
+Owns the records' format and reading, and waiting out the sessions (``wait_for_sessions``).
+Must not: decide what is garbage (``catalog.maint.gc``).
 """
 
 from __future__ import annotations
 
 import json
+import secrets
+import time
 from datetime import UTC, datetime
 
 from catalog.errors import CombError, CorruptionError
+from catalog.store.locks import (
+    WAIT_POLL_S,
+    Lock,
+    LockInfo,
+    default_wait,
+    locked_error,
+    read_locks,
+)
 from catalog.store.storage import Storage
 
 GC_PREFIX = "gc"
@@ -78,3 +89,38 @@ def remove_all_but(storage: Storage, lock_id: str | None) -> int:
     for name in others:
         storage.remove(name)
     return len(others)
+
+
+def sessions(storage: Storage, mine: LockInfo) -> list[LockInfo]:
+    """The live shared locks of other processes (backups, forgets, readers), but ``key``'s."""
+    return [
+        other
+        for other in read_locks(storage)
+        if not other.exclusive
+        and other.kind != "key"
+        and other.id != mine.id
+        and (other.host, other.pid) != (mine.host, mine.pid)
+        and other.stale() is None
+    ]
+
+
+def wait_for_sessions(
+    storage: Storage, lock: Lock, wait_s: float | None = None, on_wait: object = None
+) -> None:
+    """Wait (up to ``wait_s``) until every session live now has ended: called by a prune once
+    its condemnation is written, so that a backup or reader which may use condemned files is
+    over (a later one sees the condemnation). ``on_wait(session)`` is called once."""
+    waiting = {s.id for s in sessions(storage, lock.info)}
+    deadline = time.monotonic() + (default_wait() if wait_s is None else wait_s)
+    told = False
+    while waiting:
+        live = [s for s in sessions(storage, lock.info) if s.id in waiting]
+        waiting = {s.id for s in live}
+        if not live:
+            return
+        if time.monotonic() >= deadline:
+            raise locked_error(live, ", started before this prune; it removed nothing")
+        if not told and callable(on_wait):
+            on_wait(live[0])
+            told = True
+        time.sleep(WAIT_POLL_S * (0.5 + secrets.randbelow(1000) / 1000))

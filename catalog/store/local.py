@@ -1,8 +1,7 @@
 """The local-filesystem storage (``catalog.store.storage.Storage``): a repository in a directory.
 
-Reached by ``LocalStorage.new`` + ``make_root`` (a new repository) or ``LocalStorage.existing``.
-New files are written in ``tmp/`` (with O_DIRECT for bulk pack data when the filesystem takes
-it), then fsynced, renamed into place and their directory fsynced.
+Reached by ``LocalStorage.new`` + ``make_root`` or ``LocalStorage.existing``. New files are
+written in ``tmp/`` (O_DIRECT for bulk pack data where it works), fsynced, renamed, dir fsynced.
 
 Owns every system call on repository files. Must not: know what a file holds (the other
 ``catalog.store`` modules do).
@@ -16,6 +15,7 @@ import fcntl
 import mmap
 import os
 import secrets
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
 
@@ -274,12 +274,8 @@ class LocalStorage:
         return os.path.exists(self.path(name))
 
     def size(self, name: str) -> int:
-        try:
+        with _failing("stat", self.path(name)):
             return os.stat(self.path(name)).st_size
-        except OSError as err:
-            raise RepositoryError(
-                f"cannot stat {self.path(name)}: {describe_os_error(err)}"
-            ) from None
 
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
         path = self.path(name)
@@ -364,6 +360,10 @@ class LocalStorage:
         with _failing("stat", self.path(name)), suppress(FileNotFoundError):
             return os.stat(self.path(name)).st_mtime
         return None
+
+    def age(self, name: str) -> float | None:
+        written = self.mtime(name)
+        return None if written is None else time.time() - written
 
     def list_dirs(self, prefix: str) -> builtins.list[str]:
         base, found = self.path(prefix), []

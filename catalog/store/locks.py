@@ -7,7 +7,7 @@ the lock file is written (atomically, durably) first, then the other locks are l
 parties that conflict therefore always see at least one of the other's files; whoever sees a
 live conflicting lock removes its own file and waits (or fails), so they never both proceed.
 Where prunes condemn (``CONDEMN_FEATURE``), a prune and a session do not conflict: the prune
-waits out the sessions after condemning (``wait_for_sessions``), and nobody waits for it.
+waits out the sessions after condemning (``condemned.wait_for_sessions``); nobody waits for it.
 A lock is **stale** when its process is known dead (same host, pid gone) or its heartbeat is
 older than ``STALE_S``; stale locks are ignored, and removed only by ``comb unlock --stale``.
 Callers pass the callbacks that say something (this module prints nothing).
@@ -23,7 +23,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 
 import psutil
@@ -69,10 +69,15 @@ class LockInfo:
     started: str
     heartbeat: str
     command: str = ""
+    # Not in the file: seconds since it was last written, by the storage's clock (read_locks).
+    age: float | None = field(default=None, compare=False)
 
     @property
     def name(self) -> str:
         return f"{LOCKS_PREFIX}/{self.id}.json"
+
+    def to_json(self) -> bytes:
+        return json.dumps({k: v for k, v in asdict(self).items() if k != "age"}).encode()
 
     def stale(self, now: float | None = None) -> str | None:
         """Why this lock is stale, or None when its holder may be alive."""
@@ -84,7 +89,10 @@ class LockInfo:
             gone = process_gone(self.pid, started)
             if gone:
                 return gone
-        age = (now or time.time()) - datetime.fromisoformat(self.heartbeat).timestamp()
+        if self.age is not None and now is None:  # the storage's clock: no clock skew counts
+            age = self.age
+        else:
+            age = (now or time.time()) - datetime.fromisoformat(self.heartbeat).timestamp()
         if age > STALE_S:
             return f"no heartbeat for {age:.0f} s"
         return None
@@ -125,12 +133,13 @@ def read_locks(storage: Storage) -> list[LockInfo]:
             raise  # a lock that exists but cannot be read must not be ignored
         try:
             doc = json.loads(raw)
-            info = LockInfo(**{k: doc[k] for k in LockInfo.__dataclass_fields__})
+            info = LockInfo(**{k: doc[k] for k in LockInfo.__dataclass_fields__ if k != "age"})
             datetime.fromisoformat(info.heartbeat)
         except (OSError, ValueError, KeyError, TypeError):
             continue
-        if info.name == name:
-            out.append(info)
+        age = storage.age(name)
+        if info.name == name and age is not None:  # (None: released since the read)
+            out.append(replace(info, age=age))
     return sorted(out, key=lambda lk: lk.started)
 
 
@@ -173,7 +182,7 @@ class Lock:
 
     def _write(self) -> None:
         taken = _clock()  # (before the write: a write retried for minutes is that old)
-        self.storage.write_atomic(self.info.name, json.dumps(asdict(self.info)).encode())
+        self.storage.write_atomic(self.info.name, self.info.to_json())
         self._written = taken
 
     def held(self) -> None:
@@ -269,55 +278,20 @@ def acquire(
             return lock
         lock.release()
         if time.monotonic() >= deadline:
-            raise _locked_error(blockers)
+            raise locked_error(blockers)
         if not told and callable(on_wait):
             on_wait(blockers[0])
             told = True
         time.sleep(WAIT_POLL_S * (0.5 + secrets.randbelow(1000) / 1000))
 
 
-def _locked_error(blockers: list[LockInfo], more: str = "") -> LockedError:
+def locked_error(blockers: list[LockInfo], more: str = "") -> LockedError:
     return LockedError(
         f"repository is locked: {blockers[0].describe()}"
         + (f" ({len(blockers) - 1} more)" if len(blockers) > 1 else "")
         + more
         + "; `comb locks` lists locks, `comb unlock --stale` clears dead ones"
     )
-
-
-def sessions(storage: Storage, mine: LockInfo) -> list[LockInfo]:
-    """The live shared locks of other processes (backups, forgets, readers), but ``key``'s."""
-    return [
-        other
-        for other in read_locks(storage)
-        if not other.exclusive
-        and other.kind != "key"
-        and other.id != mine.id
-        and (other.host, other.pid) != (mine.host, mine.pid)
-        and other.stale() is None
-    ]
-
-
-def wait_for_sessions(
-    storage: Storage, lock: Lock, wait_s: float | None = None, on_wait: object = None
-) -> None:
-    """Wait (up to ``wait_s``) until every session live now has ended: called by a prune once
-    its condemnation is written, so that a backup or reader which may use condemned files is
-    over (a later one sees the condemnation). ``on_wait(session)`` is called once."""
-    waiting = {s.id for s in sessions(storage, lock.info)}
-    deadline = time.monotonic() + (default_wait() if wait_s is None else wait_s)
-    told = False
-    while waiting:
-        live = [s for s in sessions(storage, lock.info) if s.id in waiting]
-        waiting = {s.id for s in live}
-        if not live:
-            return
-        if time.monotonic() >= deadline:
-            raise _locked_error(live, ", started before this prune; it removed nothing")
-        if not told and callable(on_wait):
-            on_wait(live[0])
-            told = True
-        time.sleep(WAIT_POLL_S * (0.5 + secrets.randbelow(1000) / 1000))
 
 
 @contextmanager

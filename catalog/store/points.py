@@ -211,10 +211,26 @@ def load_points_tolerant(
         pid = name.rsplit("/", 1)[-1][: -len(".json")]
         try:
             where = storage.local_path(name) or name
-            points.append(parse_point(storage.read(name), where, pid, storage.sealer))
+            points.append(parse_point(_document(storage, name, pid), where, pid, storage.sealer))
         except CorruptionError as err:
             bad.append(err.message)
     return sorted(points, key=lambda p: (p.time, p.id)), bad
+
+
+def _document(storage: Storage, name: str, point_id: str) -> bytes:
+    """A point document's bytes; on object storage from its local copy (fetched once per
+    machine, not at every backup: a document never changes, its name is its hash), which must
+    match its name, or else the object itself."""
+    if storage.local_path(name) is not None:
+        return storage.read(name)
+    try:
+        with open(storage.local_copy(name), "rb") as fh:
+            raw = fh.read()
+        if point_id_of(raw) == point_id:
+            return raw
+    except OSError:
+        pass  # trimmed meanwhile
+    return storage.read(name)
 
 
 def load_forgotten(

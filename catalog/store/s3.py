@@ -32,6 +32,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from email.utils import parsedate_to_datetime
 from typing import Any
 
 from catalog.errors import RepositoryError
@@ -236,6 +237,16 @@ class S3Storage:
     def mtime(self, name: str) -> float | None:
         head = self._head(name)
         return None if head is None else float(head["LastModified"].timestamp())
+
+    def age(self, name: str) -> float | None:
+        """By the server's clock: the ``Date`` of the HEAD's response minus ``Last-Modified``."""
+        head = self._head(name)
+        if head is None:
+            return None
+        date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+        if not date:
+            raise RepositoryError(f"{self.where(name)}: the server sends no Date header")
+        return parsedate_to_datetime(date).timestamp() - head["LastModified"].timestamp()
 
     def read(self, name: str, offset: int = 0, length: int = -1) -> bytes:
         if length == 0:

@@ -61,6 +61,10 @@ class Storage(InPlaceFiles, Protocol):
     def mtime(self, name: str) -> float | None:
         """When ``name`` was last written (seconds since the epoch); None: it does not exist."""
 
+    def age(self, name: str) -> float | None:
+        """Seconds since ``name`` was last written, both instants by the storage's own clock
+        (an object store's, not this machine's); None: it does not exist."""
+
     def list_dirs(self, prefix: str) -> builtins.list[str]:
         """The prefixes directly under ``prefix`` (``packs/ab``), sorted; a missing one has none."""
 

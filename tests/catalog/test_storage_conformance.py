@@ -7,13 +7,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Iterator
+from email.utils import formatdate
 from pathlib import Path
 
 import pytest
 from s3server import S3Server
 
 from catalog.errors import RepositoryError
-from catalog.store import s3
+from catalog.store import locks, s3
 from catalog.store.local import LocalStorage
 from catalog.store.s3 import S3Storage
 from catalog.store.storage import TMP_DIR, Storage
@@ -112,6 +113,40 @@ def test_list_is_sorted_and_stays_inside_its_prefix(
     assert storage.list_dirs("missing") == []
     storage.sync("packs")
     storage.remove_dir("missing")
+
+
+def test_a_locks_age_is_judged_on_the_storages_clock(
+    storage: Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lock of another host whose own clock is an hour behind (its heartbeat says so) is
+    alive while its file is fresh; judged by the heartbeat it was taken for dead (a prune
+    would have removed what that backup uses)."""
+    skewed = time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime(time.time() - 3600))
+    info = locks.LockInfo("0123456789abcdef", "backup", False, "elsewhere", 1, skewed, skewed)
+    storage.write_atomic(info.name, info.to_json())
+    assert storage.age("nothing") is None
+    (seen,) = locks.read_locks(storage)
+    assert seen == info and seen.age is not None and -5 < seen.age < 60
+    assert seen.stale() is None
+    # Ten minutes later by the storage's clock (this machine's, for a local directory; on S3
+    # only the server's clock counts, so the test moves the server's answer instead).
+    if isinstance(storage, LocalStorage):
+        then = time.time() - locks.STALE_S - 5
+        os.utime(storage.path(info.name), (then, then))
+    else:
+        real = storage._head
+
+        def late(name: str) -> dict[str, object] | None:
+            head = real(name)
+            if head is not None:
+                date = time.time() + locks.STALE_S + 5
+                head["ResponseMetadata"]["HTTPHeaders"]["date"] = formatdate(date, usegmt=True)
+            return head
+
+        monkeypatch.setattr(storage, "_head", late)
+    (seen,) = locks.read_locks(storage)
+    assert (seen.stale() or "").startswith("no heartbeat for 60"), seen.stale()
+    assert locks.remove_stale(storage) == [(seen, seen.stale())]
 
 
 @pytest.mark.parametrize("name", ["/abs", "../up", "a/../../b"])
