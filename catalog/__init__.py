@@ -65,24 +65,25 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     dashboard/  ``data`` (the tables), ``render`` (the page), ``svgchart``
 
 Garbage collection (``maint.gc``, FORMAT.md 13): mark what every live point needs without a
-lock, repack sparse packs; under the prune lock (other prunes and repairs only) plan the
-garbage and condemn it (a record in ``gc/``: backups that start now leave condemned packs out
-of their dedup index), wait out the sessions running then, mark again what they committed and
-remove what is condemned, still garbage and older than the record: superseded index segments
-before their packs, then packs, parity files, metadata files no point names, old temporary
-files. A crash at any step leaves a superset of what the points need.
+lock, repack sparse packs; under the ``condemn`` lock plan the garbage and condemn it (a record
+in ``gc/``: backups that start now leave condemned packs out of their dedup index), wait out
+the writers running then, and under the ``remove`` lock (no reader runs) mark again what they
+committed (and points forgotten since) and remove what is condemned, still garbage and older
+than the record: superseded index segments before their packs, then packs, parity files,
+metadata files no point names, old temporary files. A crash at any step leaves a superset of
+what the points need.
 
 Locking (FORMAT.md 13, ``store.locks``): write the own lock file, then look at the others.
 
     kind                                   mode       waits for / blocks
-    backup, forget                         shared     repair (and prune, without ``condemn``)
-    restore, verify, scrub, export         shared     the same (once the repository
-                                                      has the ``locks`` feature)
+    backup, forget                         shared     repair, an old comb's prune
+    index, commit (a backup's commit       shared     remove, repair, an old comb's prune
+      while a record exists), overlay,
+      restore, verify, scrub, export       (once the repository has the ``locks`` feature)
     serve, mount, boot                     shared     the same (always: they run for days)
-    prune                                  exclusive  prune, repair (with ``condemn``; it then
-                                                      waits out the shared locks it condemned
-                                                      under)
-    repair, scrub --repair                 exclusive  every other lock but ``key``
+    condemn (a prune, throughout)          exclusive  condemn, remove, an old comb's prune
+    remove (a prune, while it removes)     exclusive  every lock but backup, forget, key
+    repair, scrub --repair                 exclusive  every other lock but key, condemn
     key add, key remove                    exclusive  other key changes only
     an overlay (its own lock file)         exclusive  the overlay's other writers
 """

@@ -21,7 +21,7 @@ def command_line() -> str:
 @contextmanager
 def writer_lock(repo: Repository, kind: str) -> Iterator[locks.Lock]:
     """The shared lock (session) of a backup (``catalog.store.locks.writer_lock``)."""
-    with locks.writer_lock(repo.storage, repo.config, kind, command_line(), waiting) as lock:
+    with locks.writer_lock(repo.storage, kind, command_line(), waiting) as lock:
         yield lock
 
 

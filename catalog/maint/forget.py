@@ -44,7 +44,7 @@ def forget(
     ``named`` ones (point specs), except the bases of overlays; ``dry_run`` changes nothing.
     ``command`` and ``on_wait`` are the lock's (``store.locks.writer_lock``)."""
     repo.require_writable()
-    with writer_lock(repo.storage, repo.config, "forget", command, on_wait):
+    with writer_lock(repo.storage, "forget", command, on_wait):
         points = repo.points()
         if repo.damaged:
             raise RepositoryError(

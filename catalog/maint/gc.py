@@ -1,25 +1,27 @@
 """Garbage collection (``comb prune``): remove what no recovery point needs (FORMAT.md 13).
 
-Protocol, safe while backups and readers run, and waiting for none of them to start:
+Protocol, safe while backups and readers run; no backup ever waits for it:
 
 1. **Mark, unlocked.** Read every committed point's root and the leaves it references, and
    collect the live metadata files and the ids of every live chunk. This is the long part.
 2. **Repack, unlocked** (``catalog.maint.repack``): copies of the live chunks of mostly-garbage
    packs, indexed; those packs are retired.
-3. **Condemn.** Take the ``prune`` lock (it excludes other prunes, repairs and key changes
-   only), mark the points committed since (1) and plan: packs none of whose chunks is live
-   (and packs no index segment lists: orphans of killed backups), leaves, roots and change
-   tables no point names, parity of no pack, temporary files of dead writers. The planned
-   names go into a condemnation record (``catalog.store.condemned``); a backup that starts
-   from now on leaves condemned packs out of its dedup index.
-4. **Wait out the sessions** live after the record is written (backups, forgets, readers that
-   started before it and may use condemned files): ``condemned.wait_for_sessions``.
-5. **Re-check and remove.** Mark the points committed meanwhile; remove what is condemned, is
-   still garbage and was written before the record (a backup that started later may have
-   written a file of the same content name again). A segment that lists removed and kept packs
-   is rewritten with the kept rows (the new segment is durable before the old one goes).
-   Order: new segment, old segments, packs, parity, manifests, temporary files, the record. A
-   crash at any step leaves a superset of what the points need; the next prune finishes.
+3. **Condemn.** Take the ``condemn`` lock (it excludes other prunes only), mark the points
+   committed since (1) and plan: packs none of whose chunks is live (and packs no index
+   segment lists: orphans of killed backups), leaves, roots and change tables no point names,
+   parity of no pack, temporary files of dead writers. The planned names go into a
+   condemnation record (``catalog.store.condemned``); a backup that starts from now on leaves
+   condemned packs out of its dedup index.
+4. **Wait out the writers** (backups, forgets, indexes) live once the record is written: they
+   may depend on condemned files (``condemned.wait_for_sessions``).
+5. **Re-check and remove**, under the ``remove`` lock (readers and repairs wait for it, and it
+   for them; backups do not): mark the points committed meanwhile and those forgotten since
+   (3) (a later backup may build on one), plan again, and remove what is in both plans,
+   condemned and written before the record (a later backup may have written a file of the
+   same content name again). A segment that lists removed and kept packs is rewritten with
+   the kept rows (the new segment is durable before the old one goes). Order: new segment,
+   old segments, packs, parity, manifests, temporary files, the record. A crash at any step
+   leaves a superset of what the points need; the next prune finishes.
 
 Overlays need their base points, which ``forget`` never removes (so prune keeps them too).
 """
@@ -380,22 +382,31 @@ def prune(
         return PruneResult(p, len(marks.points), 0.0, True, Repacked(frozenset(cands)))
     done = repack(repo, marks)
     storage = repo.storage
-    with locked(storage, "prune", wait_s, "prune", on_wait, condemning=True) as lock:
+    with locked(storage, "condemn", wait_s, "prune", on_wait) as lease:
         t0 = time.perf_counter()
-        condemned.remove_all_but(storage, lock.info.id)  # left by killed prunes
+        condemned.remove_all_but(storage, lease.info.id)  # left by killed prunes
         mark(repo, repo.points(), marks)
         mark_forgotten(repo, marks)
+        forgotten = {p.id for p in load_forgotten(storage, [])[0]}
         first = plan(repo, marks, done.retired)
         packs = [_pack_id(n) for n in first.packs]
-        since = condemned.write(storage, lock.info.id, packs, condemnable(first))
+        since = condemned.write(storage, lease.info.id, packs, condemnable(first))
         try:
-            condemned.wait_for_sessions(storage, lock, wait_s, on_wait)
-            seen = len(marks.points)
-            mark(repo, repo.points(), marks)
-            mark_forgotten(repo, marks)
-            again = plan(repo, marks, done.retired) if len(marks.points) != seen else first
-            p = restrict(repo, again, first, since)
-            execute(repo, p, lock.held)  # (lost, a backup may have started: nothing more goes)
+            condemned.wait_for_sessions(storage, lease, wait_s, on_wait)
+            with locked(storage, "remove", wait_s, "prune", on_wait) as removing:
+                # Points committed meanwhile, and points forgotten since the plan (a backup
+                # that started after the record may build on one: its leaves, as parent).
+                mark(repo, repo.points(), marks)
+                later = [p for p in load_forgotten(storage, [])[0] if p.id not in forgotten]
+                mark(repo, later, marks)
+                mark_forgotten(repo, marks)
+                p = restrict(repo, plan(repo, marks, done.retired), first, since)
+
+                def held() -> None:  # (lost, a backup may have started: nothing more goes)
+                    lease.held()
+                    removing.held()
+
+                execute(repo, p, held)
         finally:
-            storage.remove(condemned.record_name(lock.info.id))
+            storage.remove(condemned.record_name(lease.info.id))
         return PruneResult(p, len(marks.points), time.perf_counter() - t0, False, done)

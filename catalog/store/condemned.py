@@ -1,11 +1,12 @@
 """Condemnation records (FORMAT.md 13): what a running prune is about to remove.
 
-A prune that condemns (``locks.CONDEMN_FEATURE``) writes ``gc/<lock id>.json`` before it waits
-out the sessions that were running, then removes only condemned files no point needs by then
-and written before the record, and removes the record last. A backup loads the dedup index
-after its own session exists and leaves out every row of a condemned pack (``DedupIndex.load``),
-so a backup that starts while a prune runs never depends on what that prune removes. A record
-left by a killed prune is removed by the next prune (it only makes backups store a chunk again).
+A prune (holding its ``condemn`` lock) writes ``gc/<lock id>.json``, then waits out the writer
+sessions that were running (``wait_for_sessions``), then, under its ``remove`` lock, removes
+only condemned files no point needs by then and written before the record, and removes the
+record last. A backup reads the records after its own session exists, before the index, and
+leaves out every row of a condemned pack (``DedupIndex.load``), so a backup that starts while a
+prune runs never depends on what that prune removes. A record left by a killed prune is removed
+by the next prune (meanwhile it only makes backups store a chunk again).
 
 Owns the records' format and reading, and waiting out the sessions (``wait_for_sessions``).
 Must not: decide what is garbage (``catalog.maint.gc``).
@@ -16,17 +17,23 @@ from __future__ import annotations
 import json
 import secrets
 import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, datetime
 
-from catalog.errors import CombError, CorruptionError
+from catalog.errors import CombError, CorruptionError, LockedError
 from catalog.store.locks import (
     WAIT_POLL_S,
+    WRITER_KINDS,
     Lock,
     LockInfo,
     default_wait,
+    locked,
     locked_error,
     read_locks,
 )
+from catalog.store.packs import pack_name
+from catalog.store.parity import parity_name
 from catalog.store.storage import Storage
 
 GC_PREFIX = "gc"
@@ -92,12 +99,12 @@ def remove_all_but(storage: Storage, lock_id: str | None) -> int:
 
 
 def sessions(storage: Storage, mine: LockInfo) -> list[LockInfo]:
-    """The live shared locks of other processes (backups, forgets, readers), but ``key``'s."""
+    """The live writer sessions (backups, forgets, indexes: ``WRITER_KINDS``) of other
+    processes. Readers are not waited out here: the ``remove`` lock excludes them."""
     return [
         other
         for other in read_locks(storage)
-        if not other.exclusive
-        and other.kind != "key"
+        if other.kind in WRITER_KINDS
         and other.id != mine.id
         and (other.host, other.pid) != (mine.host, mine.pid)
         and other.stale() is None
@@ -107,9 +114,10 @@ def sessions(storage: Storage, mine: LockInfo) -> list[LockInfo]:
 def wait_for_sessions(
     storage: Storage, lock: Lock, wait_s: float | None = None, on_wait: object = None
 ) -> None:
-    """Wait (up to ``wait_s``) until every session live now has ended: called by a prune once
-    its condemnation is written, so that a backup or reader which may use condemned files is
-    over (a later one sees the condemnation). ``on_wait(session)`` is called once."""
+    """Wait (up to ``wait_s``) until every writer session live now has ended: called by a
+    prune once its condemnation is written, so that a backup which may depend on condemned
+    files has committed or died (a later one sees the condemnation). ``on_wait(session)`` is
+    called once."""
     waiting = {s.id for s in sessions(storage, lock.info)}
     deadline = time.monotonic() + (default_wait() if wait_s is None else wait_s)
     told = False
@@ -124,3 +132,33 @@ def wait_for_sessions(
             on_wait(live[0])
             told = True
         time.sleep(WAIT_POLL_S * (0.5 + secrets.randbelow(1000) / 1000))
+
+
+@contextmanager
+def commit_guard(
+    storage: Storage,
+    needed: bool,
+    packs: Callable[[], Iterable[str]],
+    parity: bool,
+    on_wait: object = None,
+) -> Iterator[None]:
+    """Where a backup commits, when records were there as it began (``needed``): a prune that
+    did not wait for it may be removing, and a pack it wrote may have the very name (the same
+    bytes, in a plain repository) of one that prune condemned. Under a shared ``commit`` lock
+    (no prune's ``remove`` runs or starts while it is held) every pack of ``packs()`` and, with
+    ``parity``, its parity file must exist, or the backup stops before committing anything; a
+    prune that removes later plans again and sees the point. Without records a prune that
+    condemns meanwhile waits for the backup's session, so nothing is needed."""
+    if not needed:
+        yield
+        return
+    with locked(storage, "commit", None, "commit", on_wait):
+        for pack in sorted(packs()):
+            for name in (pack_name(pack), parity_name(pack))[: 2 if parity else 1]:
+                if not storage.exists(name):
+                    raise LockedError(
+                        f"a prune removed {name}, which this backup had just written (the same "
+                        "content as a file it condemned); nothing was committed: run the "
+                        "backup again"
+                    )
+        yield

@@ -48,7 +48,7 @@ MISSING_ZSTD_LEVEL = 3
 # opens one with an unknown "ro_compat" feature read-only, and ignores unknown "compat" ones.
 KNOWN_INCOMPAT: frozenset[str] = frozenset({"encryption"})  # FORMAT.md 21
 # "locks": writers take locks (FORMAT.md 13); "parity": every pack has a parity file (15).
-KNOWN_RO_COMPAT: frozenset[str] = frozenset({"condemn", "locks", "parity"})
+KNOWN_RO_COMPAT: frozenset[str] = frozenset({"locks", "parity"})
 PARITY_FEATURE = "parity"
 KNOWN_COMPAT: frozenset[str] = frozenset()
 

@@ -86,6 +86,7 @@ class IndexSegmentWriter:
             block_list=True,
         )
         self._ranges = RangeBuilder()
+        self.packs: set[str] = set()  # the packs the rows name
         # Chunks this backup read and will store, not yet in a row: their disk offsets, until
         # their pack is sealed (so at most the chunks of the packs being filled).
         self._pending_keys = np.empty(0, np.uint64)
@@ -104,6 +105,7 @@ class IndexSegmentWriter:
         self._writer.write(table)
         if not table.num_rows:
             return
+        self.packs.update(pc.unique(table.column("pack")).to_pylist())
         ids = ids_to_array(table.column("chunk_id"))
         at = np.full(len(ids), NO_POSITION, np.int64)
         if len(self._pending_keys):
@@ -143,6 +145,31 @@ def segment_names(storage: Storage) -> list[str]:
     return [n for n in storage.list(INDEX_PREFIX) if n.endswith(".parquet")]
 
 
+def read_segments(storage: Storage, columns: list[str]) -> Iterator[tuple[str, pa.Table]]:
+    """Every index segment (name, table), read. A segment a prune removed between the listing
+    and the read is passed over and the listing taken again: a segment it rewrote was
+    committed before the old one went, so the new listing holds its kept rows."""
+    done: set[str] = set()
+    for _ in range(8):
+        vanished = False
+        for name in segment_names(storage):
+            if name in done:
+                continue
+            with repair_hint():
+                try:
+                    table = read_parquet(storage, name, columns)
+                except RepositoryError:
+                    if storage.exists(name):
+                        raise
+                    vanished = True
+                    continue
+            done.add(name)
+            yield name, table
+        if not vanished:
+            return
+    raise RepositoryError("the index segments keep changing while they are read; try again")
+
+
 @contextmanager
 def repair_hint() -> Iterator[None]:
     """A damaged or missing index segment names the way out (it stops every backup and every
@@ -159,8 +186,7 @@ def load_index(storage: Storage, columns: list[str] | None = None) -> pa.Table:
     """All index rows of all segments (one row per stored copy)."""
     # Only the known columns: a later compat feature may add columns old readers ignore.
     wanted = columns if columns is not None else INDEX_SCHEMA.names
-    with repair_hint():
-        tables = [read_parquet(storage, name, wanted) for name in segment_names(storage)]
+    tables = [t for _name, t in read_segments(storage, wanted)]
     if not tables:
         schema = (
             INDEX_SCHEMA if columns is None else pa.schema([INDEX_SCHEMA.field(c) for c in columns])
@@ -210,8 +236,8 @@ class DedupIndex:
         the next backup that sees it, instead of new points referring to missing data. Packs a
         running prune condemned count as lost (``catalog.store.condemned``): the caller's
         session must exist before this is called (FORMAT.md 13)."""
+        doomed = condemned_packs(storage)  # first: a record goes only after its packs
         table = present_rows(storage, load_index(storage, ["chunk_id", "pack"]))
-        doomed = condemned_packs(storage)
         if doomed and table.num_rows:
             value_set = pa.array(sorted(doomed), pa.string())
             table = table.filter(pc.invert(pc.is_in(table.column("pack"), value_set=value_set)))
@@ -308,9 +334,7 @@ def load_locations(storage: Storage, needed: np.ndarray | None = None) -> pa.Tab
     stream by, so memory follows what is read, not the repository's size.
     """
     parts = []
-    for name in segment_names(storage):
-        with repair_hint():
-            seg = read_parquet(storage, name, INDEX_SCHEMA.names)
+    for _name, seg in read_segments(storage, INDEX_SCHEMA.names):
         if needed is not None:
             keep = contains(needed, id_keys(ids_to_array(seg.column("chunk_id"))))
             seg = seg.filter(pa.array(keep))

@@ -6,8 +6,9 @@ heartbeat that a thread refreshes every ``HEARTBEAT_S``. Taking a lock is *write
 the lock file is written (atomically, durably) first, then the other locks are listed. Two
 parties that conflict therefore always see at least one of the other's files; whoever sees a
 live conflicting lock removes its own file and waits (or fails), so they never both proceed.
-Where prunes condemn (``CONDEMN_FEATURE``), a prune and a session do not conflict: the prune
-waits out the sessions after condemning (``condemned.wait_for_sessions``); nobody waits for it.
+A prune holds ``condemn`` (its lease: other prunes only) and, to remove, ``remove`` (readers
+and repairs, not backups): it waits out the backups after condemning
+(``condemned.wait_for_sessions``), and no backup waits for it.
 A lock is **stale** when its process is known dead (same host, pid gone) or its heartbeat is
 older than ``STALE_S``; stale locks are ignored, and removed only by ``comb unlock --stale``.
 Callers pass the callbacks that say something (this module prints nothing).
@@ -47,12 +48,17 @@ def default_wait() -> float:
         return DEFAULT_WAIT_S
 
 
-EXCLUSIVE_KINDS = frozenset({"prune", "repair", "key"})
+# "prune" is the one lock of a comb whose prunes do not condemn (conflicts with every lock but
+# "key"); a condemning prune holds "condemn" throughout and "remove" while it removes.
+EXCLUSIVE_KINDS = frozenset({"prune", "repair", "key", "condemn", "remove"})
+# Sessions that write (a prune waits out those running when it condemned; they never wait
+# for a prune). Every other shared lock is a reader's, which ``remove`` excludes.
+WRITER_KINDS = frozenset({"backup", "forget", "index"})
+# Shared locks that ``remove`` does not exclude: backups and forgets read nothing condemned.
+REMOVE_FREE_KINDS = frozenset({"backup", "forget"})
+_PRUNE_KINDS = {"condemn": "prune", "remove": "prune"}  # what a message calls them
 # The ``ro_compat`` feature of a repository whose writers take locks (FORMAT.md 13).
 LOCKING_FEATURE = "locks"
-# The ``ro_compat`` feature of a repository whose prunes condemn before they remove (FORMAT.md
-# 13): backups and readers no longer wait for a prune, nor a prune's lock for them.
-CONDEMN_FEATURE = "condemn"
 
 
 def _now() -> str:
@@ -143,20 +149,21 @@ def read_locks(storage: Storage) -> list[LockInfo]:
     return sorted(out, key=lambda lk: lk.started)
 
 
-def _conflicts(mine: LockInfo, other: LockInfo, condemning: bool = False) -> bool:
-    """A process never conflicts with itself (scrub --repair: shared to read, exclusive to
-    isolate damage). With ``condemning`` (the repository has ``CONDEMN_FEATURE``) a prune's
-    lock excludes other exclusive locks only: shared holders are sessions that the prune waits
-    out after condemning (``wait_for_sessions``), never before it starts."""
+def _conflicts(mine: LockInfo, other: LockInfo) -> bool:
+    """Whether two locks exclude each other (FORMAT.md 13). A process never conflicts with
+    itself (scrub --repair: shared to read, exclusive to isolate damage)."""
     ours = other.host == mine.host and other.pid == mine.pid
     if other.id == mine.id or ours:
         return False
-    if "key" in (mine.kind, other.kind):
+    kinds = {mine.kind, other.kind}
+    if "key" in kinds:
         # Key changes touch keys/ alone, which nothing else writes or removes: they exclude
         # each other only, so a server holding its shared lock for days never blocks them.
-        return mine.kind == other.kind
-    if condemning and "prune" in (mine.kind, other.kind):
-        return mine.exclusive and other.exclusive
+        return kinds == {"key"}
+    if "condemn" in kinds:  # a prune's lease: other prunes only (a repair may run meanwhile)
+        return kinds <= {"condemn", "prune", "remove"}
+    if "remove" in kinds and kinds & REMOVE_FREE_KINDS:
+        return False
     return mine.exclusive or other.exclusive
 
 
@@ -194,7 +201,8 @@ class Lock:
         self._check()
         if self._lost:
             raise LockedError(
-                f"lost the repository's {self.info.kind} lock: {self._lost}; stopped before "
+                f"lost the repository's {_PRUNE_KINDS.get(self.info.kind, self.info.kind)} lock: "
+                f"{self._lost}; stopped before "
                 "changing anything"
             )
 
@@ -239,11 +247,9 @@ def acquire(
     wait_s: float | None = None,
     command: str = "",
     on_wait: object = None,
-    condemning: bool = False,
 ) -> Lock:
-    """Take a lock of ``kind`` (exclusive for prune, shared otherwise), waiting up to
-    ``wait_s`` for conflicting live locks to go; ``on_wait(blocker)`` is called once.
-    ``condemning``: see ``_conflicts``."""
+    """Take a lock of ``kind`` (exclusive for ``EXCLUSIVE_KINDS``, shared otherwise), waiting
+    up to ``wait_s`` for conflicting live locks to go; ``on_wait(blocker)`` is called once."""
     exclusive = kind in EXCLUSIVE_KINDS
     deadline = time.monotonic() + (default_wait() if wait_s is None else wait_s)
     told = False
@@ -268,7 +274,7 @@ def acquire(
             blockers = [
                 other
                 for other in read_locks(storage)
-                if _conflicts(info, other, condemning) and other.stale() is None
+                if _conflicts(info, other) and other.stale() is None
             ]
         except BaseException:  # an unreadable lock, Ctrl-C: leave no file of ours behind
             lock.release()
@@ -301,9 +307,8 @@ def locked(
     wait_s: float | None = None,
     command: str = "",
     on_wait: object = None,
-    condemning: bool = False,
 ) -> Iterator[Lock]:
-    lock = acquire(storage, kind, wait_s, command, on_wait, condemning)
+    lock = acquire(storage, kind, wait_s, command, on_wait)
     try:
         yield lock
     finally:
@@ -325,34 +330,27 @@ def remove_stale(storage: Storage) -> list[tuple[LockInfo, str]]:
 
 
 def ensure_locking(storage: Storage, config: RepoConfig) -> RepoConfig:
-    """Mark the repository as one whose writers take locks and whose prunes condemn before
-    they remove (``ro_compat``: a comb that knows neither may still read it, but no longer
-    write to it); returns the config now in force. Set before anything is removed."""
+    """Mark the repository as one whose writers take locks (``ro_compat``: a comb that does not
+    know locking may still read it, but no longer write to it); returns the config now in
+    force. Set before anything is removed."""
     feats = config.features
-    wanted = {LOCKING_FEATURE, CONDEMN_FEATURE}
-    if wanted <= set(feats.ro_compat):
+    if LOCKING_FEATURE in feats.ro_compat:
         return config
-    new = replace(feats, ro_compat=tuple(sorted({*feats.ro_compat, *wanted})))
+    new = replace(feats, ro_compat=tuple(sorted({*feats.ro_compat, LOCKING_FEATURE})))
     config = replace(config, features=new)
     storage.write_atomic(CONFIG_NAME, config.to_json())
     return config
 
 
-def condemning(config: RepoConfig) -> bool:
-    """Whether prunes of this repository condemn before they remove (``CONDEMN_FEATURE``)."""
-    return CONDEMN_FEATURE in config.features.ro_compat
-
-
 @contextmanager
 def writer_lock(
-    storage: Storage, config: RepoConfig, kind: str, command: str = "", on_wait: object = None
+    storage: Storage, kind: str, command: str = "", on_wait: object = None
 ) -> Iterator[Lock]:
-    """The shared lock (session) of a backup (or forget): waits while a repair removes data,
-    and while a prune does only where prunes do not condemn (``condemning``). Lock files are
-    plain: in an encrypted repository one names its kind, not ``command`` (a command line
-    names the source)."""
+    """The shared lock (session) of a backup, forget or index: waits while a repair changes
+    the index, never for a condemning prune. Lock files are plain: in an encrypted repository
+    one names its kind, not ``command`` (a command line names the source)."""
     shown = kind if storage.sealer.encrypted else command
-    with locked(storage, kind, None, shown, on_wait, condemning(config)) as lock:
+    with locked(storage, kind, None, shown, on_wait) as lock:
         yield lock
 
 
@@ -380,7 +378,7 @@ def reader_lock(
         yield
         return
     try:
-        lock = acquire(storage, kind, None, kind, on_wait, condemning(config))
+        lock = acquire(storage, kind, command=kind, on_wait=on_wait)
     except RepositoryError as err:
         if long_lived and on_unlocked is not None:
             on_unlocked(err.message)

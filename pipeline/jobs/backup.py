@@ -19,7 +19,7 @@ from stages.sources.image import ImageSource
 
 from ..console import note, warn_damaged
 from ..engines import Engine
-from ..locking import writer_lock
+from ..locking import reader_lock, writer_lock
 from .overlay_source import OverlaySource, overlay_name
 from .plan import Range, align, intersect, parse_changed_extents
 from .runner import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
@@ -89,18 +89,20 @@ def run_backup(
     t0 = time.perf_counter()
     repo.require_writable()
     name = overlay_name(source_path)
-    with writer_lock(repo, "backup") as lock:  # prune removes nothing while a backup runs
+    with writer_lock(repo, "backup") as lock:  # (FORMAT.md 13: what a prune does meanwhile)
         if name is None:
             plan = plan_backup(repo, source_path, opts)
             path = os.path.abspath(source_path)
             job = DiskJob(plan, ImageSource(path), path)
             return run_jobs(repo, [job], engine, opts, progress, t0, lock)[0]
         # The overlay's lock (the one a server holds) for the whole backup: its writes stay put.
+        # It reads its base point like a reader: a prune's removal waits for it (``overlay``).
         ov = Overlay(repo, name)
         try:
-            plan = plan_overlay_backup(repo, ov, opts)
-            source = OverlaySource(repo.location, name, repo.sealer.for_workers())
-            job = DiskJob(plan, source, source_path)
-            return run_jobs(repo, [job], engine, opts, progress, t0, lock)[0]
+            with reader_lock(repo, "overlay", long_lived=True):
+                plan = plan_overlay_backup(repo, ov, opts)
+                source = OverlaySource(repo.location, name, repo.sealer.for_workers())
+                job = DiskJob(plan, source, source_path)
+                return run_jobs(repo, [job], engine, opts, progress, t0, lock)[0]
         finally:
             ov.close()

@@ -24,6 +24,7 @@ import pyarrow as pa
 
 from catalog.maint.gc import remove_dead_temporary
 from catalog.repo import Repository
+from catalog.store import condemned
 from catalog.store.assemble import ManifestAssembler
 from catalog.store.changes import ChangeTableWriter
 from catalog.store.format import RepoConfig
@@ -39,6 +40,7 @@ from stages.schemas import INDEX_PORT, MAIN_PORT
 from stages.sources.image import Source, SourceHandle
 
 from .. import signals
+from ..console import waiting
 from ..engines import Engine
 from .plan import Range, WorkItem, work_items
 
@@ -283,6 +285,9 @@ def run_jobs(
     index_seg = IndexSegmentWriter(storage)
     failed = True
     try:
+        # Before the dedup index is loaded (engine.start): a prune condemning later waits for
+        # this backup; one whose record is here already may be removing (``commit_guard``).
+        guarded = bool(condemned.names(storage))
         engine.start(repo.location, make_stage, sealer)
         _drive(engine, disks, index_seg, progress)
         if lock is not None:
@@ -290,22 +295,24 @@ def run_jobs(
         # Once the commit begins, a signal waits for it, the engine's shutdown and the report:
         # the points are committed and reported, never committed and reported as interrupted.
         signals.hold()
-        segment_id, index_bytes = index_seg.commit()
-        committed = []
-        for disk in disks:
-            committed.append(
-                _commit_disk(
-                    disk,
-                    engine.name,
-                    (segment_id, index_seg.blocks_id),
-                    index_bytes,
-                    t0,
-                    cfg,
-                    storage,
-                    opts,
+        parity = cfg.parity is not None
+        with condemned.commit_guard(storage, guarded, lambda: index_seg.packs, parity, waiting):
+            segment_id, index_bytes = index_seg.commit()
+            committed = []
+            for disk in disks:
+                committed.append(
+                    _commit_disk(
+                        disk,
+                        engine.name,
+                        (segment_id, index_seg.blocks_id),
+                        index_bytes,
+                        t0,
+                        cfg,
+                        storage,
+                        opts,
+                    )
                 )
-            )
-            index_bytes = 0  # one segment for the run: counted with the first disk
+                index_bytes = 0  # one segment for the run: counted with the first disk
         failed = False
         engine.close(False)
         return committed

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterator
 from email.utils import formatdate
 from pathlib import Path
+from typing import Any
 
 import pytest
 from s3server import S3Server
@@ -134,9 +135,10 @@ def test_a_locks_age_is_judged_on_the_storages_clock(
         then = time.time() - locks.STALE_S - 5
         os.utime(storage.path(info.name), (then, then))
     else:
+        assert isinstance(storage, S3Storage)
         real = storage._head
 
-        def late(name: str) -> dict[str, object] | None:
+        def late(name: str) -> dict[str, Any] | None:
             head = real(name)
             if head is not None:
                 date = time.time() + locks.STALE_S + 5

@@ -7,7 +7,8 @@ commit or removal), tells the test by a marker file and waits to be SIGKILLed; t
 be held at a moment of their own too and resumed, which forces the order that makes prune hard
 (see ``_choreograph``): no timing is guessed, every kill lands in its window. A prune waits out
 a frozen backup's session (its lock) once it has condemned, and goes on once the dead one is
-reaped (its lock is then stale); backups never wait for a prune, even one frozen mid-removal.
+reaped (its lock is then stale); a backup waits only at its commit, for a prune frozen
+mid-removal.
 Afterwards: ``comb unlock --stale`` removes exactly the dead process's lock, ``verify
 --read-data`` finds no error, every point committed before and every point the survivors
 committed restores byte-identically, the killed backup's point is there
@@ -272,14 +273,14 @@ def _choreograph(run: Run, case: str, victim: str) -> None:
     must see the survivor's point and keep the retired pack."""
     a, b, p = (run.children[k] for k in "ABP")
     if case == "prune-in-exclusive-phase":
-        # The prune has condemned and removed one file; both backups run to their end anyway,
-        # without the condemned packs in their dedup index.
+        # The prune has condemned and removed one file: both backups run (without the
+        # condemned packs in their dedup index) up to their commit, which waits for the
+        # removal to end (a pack they wrote might have the name of one it removes).
         p.release()
         run.frozen("P")
         a.release()
         b.release()
-        for c in (a, b):
-            assert c.finish() == 0, c.stderr()
+        run.waiting("A", "B")
         p.kill()
     elif victim == "P":
         # All three at once; the prune dies after writing its first copy, backups mid-way.
@@ -352,11 +353,12 @@ def test_two_backups_and_a_prune_one_killed(
     dead = run.children[victim]
     frozen_at = dead.marker.read_text()
 
-    # The dead process's lock (a backup always holds one; a prune from its exclusive phase on).
-    holds_lock = victim != "P" or case == "prune-in-exclusive-phase"
+    # The dead process's locks: a backup always holds one; a prune from its condemnation on
+    # holds `condemn`, and `remove` while it removes.
+    held = {"A": 1, "B": 1, "P": 2 if case == "prune-in-exclusive-phase" else 0}[victim]
     res = cli("-r", repo, "unlock", "--stale")
     assert res.code == 0, res.err
-    assert f"removed {int(holds_lock)} stale lock(s); 0 live lock(s) left" in res.out, res.out
+    assert f"removed {held} stale lock(s); 0 live lock(s) left" in res.out, res.out
 
     res = cli("-r", repo, "verify", "--read-data", "--json")
     report = json.loads(res.out)

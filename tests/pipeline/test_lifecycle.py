@@ -235,21 +235,24 @@ def test_locks_conflict_wait_and_stale(
         listed = cli("-r", repo_path, "locks")
         assert "backup (shared)" in listed.out and "alive" in listed.out
     img: Image = make_image(MiB, "x.img")
-    # The prune set the `condemn` feature: a backup or a reader does not wait for a prune (the
-    # prune waits them out once it has condemned, FORMAT.md 13), while a repair still excludes.
-    assert (
-        "condemn"
-        in Repository.open(str(repo_path), password=TEST_PASSWORD).config.features.ro_compat
-    )
-    with ForeignLock(repo, "prune"):
+    # A prune holds `condemn` while it plans and waits, `remove` while it removes (FORMAT.md
+    # 13): a backup waits for neither, a reader for `remove` only, and a repair excludes both.
+    out = img.path.with_suffix(".out")
+    with ForeignLock(repo, "condemn"):
         assert cli("-r", repo_path, "backup", img.path).code == 0
-        res = cli("-r", repo_path, "restore", f"{img.path}@latest", img.path.with_suffix(".out"))
+        res = cli("-r", repo_path, "restore", f"{img.path}@latest", out)
         assert res.code == 0, res.err
+    with ForeignLock(repo, "remove"):
+        assert cli("-r", repo_path, "backup", img.path).code == 0
+        res = cli("-r", repo_path, "restore", f"{img.path}@latest", out)
+        assert_one_line_error(res, "repository is locked", "remove (exclusive)", code=11)
     with ForeignLock(repo, "repair"):
         res = cli("-r", repo_path, "backup", img.path)  # waits while repair rewrites the index
         assert_one_line_error(res, "repository is locked", "repair (exclusive)", code=11)
-        res = cli("-r", repo_path, "restore", f"{img.path}@latest", img.path.with_suffix(".out"))
+        res = cli("-r", repo_path, "restore", f"{img.path}@latest", out)
         assert_one_line_error(res, "repair (exclusive)", code=11)
+    with ForeignLock(repo, "condemn"):  # prunes exclude each other
+        assert_one_line_error(cli("-r", repo_path, "prune"), "condemn (exclusive)", code=11)
     # One process never blocks itself (scrub --repair: shared to read, exclusive to repair).
     mine = locks.acquire(repo.storage, "backup")
     try:
@@ -278,10 +281,9 @@ def test_locks_conflict_wait_and_stale(
 def test_backups_wait_for_a_prune_that_does_not_condemn(
     cli: CliRunner, repo_path: Path, make_image: Any, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """In a repository no condemning prune ran on (no `condemn` feature), a prune lock may be
-    an older comb's, which removes without condemning: backups wait for it as before."""
+    """A `prune` lock is a comb's whose prune removes without condemning (FORMAT.md 13):
+    backups wait for it as they always did."""
     repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
-    assert "condemn" not in repo.config.features.ro_compat
     monkeypatch.setenv(locks.WAIT_ENV, "0.3")
     img: Image = make_image(MiB, "x.img")
     with ForeignLock(repo, "prune"):
