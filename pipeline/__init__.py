@@ -5,7 +5,7 @@
 ``engine_local``  the same on threads in this process (the baseline)
 ``ray_local`` this user's own ``ray start`` Ray on this machine, to use instead of starting one
 ``malloc``    glibc's malloc tuned for a process that runs workers
-``jobs/``     backup (images, devices, overlays, vSphere VMs), restore, and their planning
+``jobs/``     backup (images, devices, overlays, vSphere VMs), copy, restore, and their planning
 ``cli/``      the command line: one module per command (``cli.registry`` lists them)
 ``console``   warnings, notes, byte sizes, tables and JSON on the terminal
 ``locking``   the repository's locks as jobs and commands take them

@@ -70,6 +70,9 @@ class RecoveryPoint:
     # document without them is byte for byte what comb wrote before them.
     tags: tuple[str, ...] = ()
     description: str | None = None
+    # For a point ``comb copy`` wrote: the id of the point it copies (in the repository it came
+    # from). Written only for copies.
+    copy_of: str | None = None
     stats: PointStats = field(default_factory=PointStats)
     id: str = ""
     format: str = POINT_FORMAT_NAME
@@ -79,7 +82,7 @@ class RecoveryPoint:
         """The document's fields (everything but the id, which names the file)."""
         doc = asdict(self)
         doc.pop("id")
-        for name, unset in (("tags", ()), ("description", None)):
+        for name, unset in (("tags", ()), ("description", None), ("copy_of", None)):
             if doc[name] == unset:
                 del doc[name]
         return doc

@@ -64,21 +64,7 @@ def add_parser(sub: Subparsers) -> None:
         metavar="FILE",
         help="JSON list of {offset, length} changed since the parent: read only those",
     )
-    s.add_argument(
-        "--engine",
-        choices=["ray", "local"],
-        default=None,
-        help="Ray actors (default; else COMB_ENGINE, or `engine` in the config file) or "
-        "threads in this process",
-    )
-    s.add_argument(
-        "--ray-address",
-        default=None,
-        help="existing Ray cluster (or RAY_ADDRESS); default: the Ray `ray start` runs on this "
-        "machine if any, else comb's own; `local`: always comb's own",
-    )
-    s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
-    s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
+    add_engine_options(s)
     v = s.add_argument_group(
         f"vSphere (vsphere:// sources; password from {VSPHERE_PASSWORD_ENV} or a terminal)"
     )
@@ -99,14 +85,50 @@ def add_parser(sub: Subparsers) -> None:
     s.set_defaults(run=cmd_backup)
 
 
-def cmd_backup(repo: str, args: argparse.Namespace) -> int:
-    r = Repository.open(repo, password=args.password)
+def add_engine_options(s: argparse.ArgumentParser) -> None:
+    """--engine, --ray-address, --workers and --batch-mib (backup, copy)."""
+    s.add_argument(
+        "--engine",
+        choices=["ray", "local"],
+        default=None,
+        help="Ray actors (default; else COMB_ENGINE, or `engine` in the config file) or "
+        "threads in this process",
+    )
+    s.add_argument(
+        "--ray-address",
+        default=None,
+        help="existing Ray cluster (or RAY_ADDRESS); default: the Ray `ray start` runs on this "
+        "machine if any, else comb's own; `local`: always comb's own",
+    )
+    s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
+    s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
+
+
+def engine_for(args: argparse.Namespace) -> Engine:
+    """The engine the options, COMB_ENGINE or the config file name (checked options first)."""
     if not 1 <= args.batch_mib <= MAX_BATCH_MIB:
         raise UsageError(f"--batch-mib must be between 1 and {MAX_BATCH_MIB}")
-    if args.source_name is not None and not args.source_name.strip():
-        raise UsageError("--source-name must not be empty")
     if args.workers is not None and args.workers < 1:
         raise UsageError("--workers must be at least 1")
+    config = getattr(args, "config", None)
+    configured = config.engine if config is not None else None
+    name = args.engine or os.environ.get("COMB_ENGINE") or configured or "ray"
+    return make_engine(name, args.ray_address, args.workers)
+
+
+def say_engine(engine: Engine) -> None:
+    """A note when the engine attached to a Ray running here, or could not."""
+    attached, failed = getattr(engine, "attached", None), getattr(engine, "attach_failed", "")
+    if attached:
+        note(f"used the Ray running here at {attached} (`--ray-address local`: comb's own)")
+    elif failed:
+        note(f"could not use the Ray running here ({failed}): started comb's own")
+
+
+def cmd_backup(repo: str, args: argparse.Namespace) -> int:
+    r = Repository.open(repo, password=args.password)
+    if args.source_name is not None and not args.source_name.strip():
+        raise UsageError("--source-name must not be empty")
     if args.description is not None and not args.description.strip():
         raise UsageError("--description must not be empty")
     opts = BackupOptions(
@@ -117,10 +139,7 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         batch_bytes=args.batch_mib * 1024 * 1024,
     )
     vopts = _vsphere_options(args)
-    config = getattr(args, "config", None)
-    configured = config.engine if config is not None else None
-    name = args.engine or os.environ.get("COMB_ENGINE") or configured or "ray"
-    engine = make_engine(name, args.ray_address, args.workers)
+    engine = engine_for(args)
     t0 = time.perf_counter()
     label = f"backup {os.path.basename(args.source)}"
     starting = "starting Ray ..." if engine.name == "ray" else "preparing ..."
@@ -130,11 +149,7 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         else:
             points = [run_backup(r, args.source, engine, opts, bar)]
     seconds = time.perf_counter() - t0
-    attached, failed = getattr(engine, "attached", None), getattr(engine, "attach_failed", "")
-    if attached:
-        note(f"used the Ray running here at {attached} (`--ray-address local`: comb's own)")
-    elif failed:
-        note(f"could not use the Ray running here ({failed}): started comb's own")
+    say_engine(engine)
     if not args.json:
         for point in points:
             _report(point, engine, seconds, False)

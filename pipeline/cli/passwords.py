@@ -63,6 +63,27 @@ def read_password(
     return password
 
 
+def other_password_source(
+    path: str | None, env: str, file_env: str, fallback: PasswordSource
+) -> PasswordSource:
+    """The password of a second repository (``copy --to``): from ``path``, ``file_env`` or
+    ``env``, else the first repository's source (``fallback``: one password for both)."""
+
+    def source(location: str, confirm: bool) -> str:
+        given = path or os.environ.get(file_env)
+        if given:
+            password = _from_file(given)
+        elif env in os.environ:
+            password = os.environ[env]
+        else:
+            return fallback(location, confirm)
+        if not password:
+            raise UsageError("an empty password is not allowed")
+        return password
+
+    return source
+
+
 def _from_file(path: str) -> str:
     try:
         with open(path, encoding="utf-8") as f:

@@ -16,6 +16,7 @@ from . import (
     boot_cmd,
     catalog_cmd,
     completion_cmd,
+    copy_cmd,
     demo_cmd,
     export_cmd,
     files_cmd,
@@ -56,6 +57,7 @@ COMMANDS: tuple[CommandModule, ...] = (
     files_cmd,  # ls, cat
     catalog_cmd,  # index, find, diff
     restore_cmd,
+    copy_cmd,
     export_cmd,
     serve_cmd,
     overlays_cmd,

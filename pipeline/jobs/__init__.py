@@ -11,6 +11,7 @@ and benchmarks call them directly.
 ``plan``            byte ranges to read and work items (pure functions)
 ``assemble``        a point's manifest, leaf by leaf, as results stream in
 ``overlay_source``  an overlay as a backup source on the workers
+``copy``            points of one repository into another (a backup whose source is a point)
 ``restore``         a point written to a file or block device, on threads
 
 The engines they run on are ``pipeline.engines``.

@@ -340,8 +340,7 @@ def _commit_disk(
     segment_id, segment_blocks = segment
     leaves_id, root_id, manifest_bytes = manifest.commit()
     changes_id, changes_bytes = changes.commit()
-    extra = disk.job.fields(changes) if disk.job.fields is not None else {}
-    point = RecoveryPoint(
+    fields: dict[str, Any] = dict(
         source=plan.source_name,
         source_path=disk.job.source_path,
         time=datetime.now(UTC).isoformat(timespec="microseconds"),
@@ -375,6 +374,7 @@ def _commit_disk(
         ),
         tags=opts.tags,
         description=opts.description,
-        **extra,
     )
-    return commit_point(storage, point)
+    if disk.job.fields is not None:  # the caller's own fields win (a copy keeps its time)
+        fields.update(disk.job.fields(changes))
+    return commit_point(storage, RecoveryPoint(**fields))
