@@ -165,6 +165,7 @@ _AFTER_GOLDEN_V1 = {
     "blocks",
     "tags",
     "description",
+    "copy_of",
 }
 
 
@@ -191,6 +192,7 @@ def _made_point() -> RecoveryPoint:
         mode="full",
         tags=("nightly", "é"),
         description="a point ☃",
+        copy_of="0123456789abcdef",
         stats=PointStats(seconds=1e-05),
     )
 
