@@ -31,7 +31,7 @@ from typing import Any
 
 import zfec
 
-from catalog.maint import gc
+from catalog.maint import prune as pruning
 from catalog.maint.check import check_repository
 from catalog.maint.heal import heal_pack
 from catalog.maint.retention import KeepPolicy, kept_by_policy
@@ -73,7 +73,7 @@ def _forget(repo: Repository, keep: int) -> int:
 def _prune(repo: Repository, label: str, rows: list[list[str]], figures: dict[str, Any]) -> None:
     before = repo_bytes(repo.location)
     t0 = time.perf_counter()
-    res = gc.prune(_open(repo.location))
+    res = pruning.prune(_open(repo.location))
     wall = time.perf_counter() - t0
     freed = before - repo_bytes(repo.location)
     rows.append(

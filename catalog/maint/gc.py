@@ -1,29 +1,18 @@
-"""Garbage collection (``comb prune``): remove what no recovery point needs (FORMAT.md 13).
+"""Garbage collection: what no recovery point needs (FORMAT.md 13), as marks, a plan and its
+removal in a crash-safe order. ``catalog.maint.prune`` runs them under the prune protocol.
 
-Protocol, safe while backups and readers run; no backup ever waits for it:
+``mark`` reads every given point's root and the leaves it references: the live metadata files
+and the ids of every live chunk. ``plan`` lists what no marked point needs: packs none of whose
+chunks is live (and packs no index segment lists: orphans of killed backups), leaves, roots and
+change tables no point names, file catalog files no catalog names, parity of no pack,
+temporary files of dead writers. ``execute`` removes a plan: a segment that lists removed and
+kept packs is rewritten with the kept rows (the new segment is durable before the old one
+goes); then old segments, packs, parity, manifests, temporary files. A crash at any step
+leaves a superset of what the points need; the next prune finishes.
 
-1. **Mark, unlocked.** Read every committed point's root and the leaves it references, and
-   collect the live metadata files and the ids of every live chunk. This is the long part.
-2. **Repack, unlocked** (``catalog.maint.repack``): copies of the live chunks of mostly-garbage
-   packs, indexed; those packs are retired.
-3. **Condemn.** Take the ``condemn`` lock (it excludes other prunes only), mark the points
-   committed since (1) and plan: packs none of whose chunks is live (and packs no index
-   segment lists: orphans of killed backups), leaves, roots and change tables no point names,
-   parity of no pack, temporary files of dead writers. The planned names go into a
-   condemnation record (``catalog.store.condemned``); a backup that starts from now on leaves
-   condemned packs out of its dedup index.
-4. **Wait out the writers** (backups, forgets, indexes) live once the record is written: they
-   may depend on condemned files (``condemned.wait_for_sessions``).
-5. **Re-check and remove**, under the ``remove`` lock (readers and repairs wait for it, and it
-   for them; backups do not): mark the points committed meanwhile and those forgotten since
-   (3) (a later backup may build on one), plan again, and remove what is in both plans,
-   condemned and written before the record (a later backup may have written a file of the
-   same content name again). A segment that lists removed and kept packs is rewritten with
-   the kept rows (the new segment is durable before the old one goes). Order: new segment,
-   old segments, packs, parity, manifests, temporary files, the record. A crash at any step
-   leaves a superset of what the points need; the next prune finishes.
-
-Overlays need their base points, which ``forget`` never removes (so prune keeps them too).
+Owns marking, planning and removing. Must not: take locks or decide when removing is safe
+(``catalog.maint.prune``). Overlays need their base points, which ``forget`` never removes (so
+a plan keeps them too).
 """
 
 from __future__ import annotations
@@ -37,9 +26,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.maint.repack import Repacked, repack_candidates, repack_live
+from catalog.maint.repack import Repacked, repack_live
 from catalog.repo import Repository
-from catalog.store import condemned, filecat
+from catalog.store import filecat
 from catalog.store.blocks import BLOCKS_SUFFIX, block_list_name, parquet_of
 from catalog.store.changes import changes_name
 from catalog.store.index import (
@@ -52,7 +41,7 @@ from catalog.store.index import (
     segment_names,
 )
 from catalog.store.leaves import LEAVES_PREFIX, leaves_name
-from catalog.store.locks import locked, process_gone, read_locks
+from catalog.store.locks import process_gone, read_locks
 from catalog.store.manifest import ROOTS_PREFIX, roots_name
 from catalog.store.parity import PARITY_PREFIX, parity_name
 from catalog.store.parquet_io import read_parquet
@@ -150,7 +139,7 @@ class Plan:
             self.file_bytes += size
 
 
-def _pack_id(name: str) -> str:
+def pack_id(name: str) -> str:
     return name.rsplit("/", 1)[-1][: -len(".pack")]
 
 
@@ -160,7 +149,7 @@ def plan(
     retired: frozenset[str] = frozenset(),
     assume_copied: bool = False,
 ) -> Plan:
-    """Everything no marked point needs (valid only while no backup runs: exclusive phase).
+    """Everything no marked point needs (what of it may go now: ``catalog.maint.prune``).
 
     ``retired`` packs (repacked: their live chunks have copies elsewhere) go too, unless one
     holds a live chunk with no copy outside them (e.g. one a backup deduplicated against
@@ -168,7 +157,7 @@ def plan(
     storage = repo.storage
     out = Plan()
     live = marks.live_ids()
-    present = {_pack_id(n): n for n in storage.list("packs") if n.endswith(".pack")}
+    present = {pack_id(n): n for n in storage.list("packs") if n.endswith(".pack")}
     segments = segment_names(storage)
     tables = {s: read_parquet(storage, s, ["chunk_id", "pack"]) for s in segments}
     cols = [
@@ -198,7 +187,7 @@ def plan(
     for name in storage.list(PARITY_PREFIX):
         if name.endswith(".parity") and name.rsplit("/", 1)[-1][:-7] not in present:
             out.parity.append(name)
-    drop_segments(repo, {_pack_id(n) for n in out.packs}, out, tables)
+    drop_segments(repo, {pack_id(n) for n in out.packs}, out, tables)
     for prefix in (LEAVES_PREFIX, ROOTS_PREFIX, CHANGES_DIR):
         for name in storage.list(prefix):
             if name.endswith(".parquet") and name not in marks.files:
@@ -275,20 +264,19 @@ def repack(repo: Repository, marks: Marks) -> Repacked:
     return repack_live(repo, marks.live_ids())
 
 
-CHECK_EVERY = 64  # removals between two looks at the prune lock (``execute``'s ``check``)
+CHECK_EVERY = 64  # removals between two looks at the prune lock's file (``execute``)
 
 
-def execute(repo: Repository, p: Plan, check: Callable[[], None] = lambda: None) -> None:
-    """Remove in the crash-safe order (module docstring); ``check()`` (the lock still held)
-    before the first removal and every ``CHECK_EVERY`` removals (on object storage each one
-    is a request: a long prune must not go on once its lock is lost)."""
+def execute(repo: Repository, p: Plan, check: Callable[[bool], None] = lambda _look: None) -> None:
+    """Remove in the crash-safe order (module docstring); ``check(look)`` (the lock still
+    held) before every removal, looking at the lock's file (a request on object storage) before
+    the first and every ``CHECK_EVERY`` removals: a prune must not go on once its lock is lost."""
     storage = repo.storage
     done = 0
 
     def remove(name: str) -> None:
         nonlocal done
-        if done % CHECK_EVERY == 0:
-            check()
+        check(done % CHECK_EVERY == 0)
         storage.remove(name)
         done += 1
 
@@ -304,7 +292,7 @@ def execute(repo: Repository, p: Plan, check: Callable[[], None] = lambda: None)
         remove(name)
     # Parity after its pack: a crash in between leaves parity without a pack (removed by the
     # next prune), never a pack whose parity is gone.
-    for name in [parity_name(_pack_id(n)) for n in p.packs] + p.parity:
+    for name in [parity_name(pack_id(n)) for n in p.packs] + p.parity:
         remove(name)
     for name in _with_block_lists(p.files) + p.tmp:
         remove(name)
@@ -322,91 +310,3 @@ def _with_block_lists(names: list[str]) -> list[str]:
         if name.endswith(".parquet") and name.startswith((LEAVES_PREFIX, INDEX_PREFIX)):
             out.append(block_list_name(name))
     return out
-
-
-@dataclass
-class PruneResult:
-    plan: Plan
-    points: int
-    exclusive_s: float
-    dry_run: bool
-    repacked: Repacked = field(default_factory=Repacked)
-
-
-def condemnable(p: Plan) -> list[str]:
-    """The names of a plan that a condemnation record lists (temporary files are judged by
-    their writer, segments by the packs they list)."""
-    return p.files + p.parity
-
-
-def restrict(repo: Repository, p: Plan, condemned: Plan, since: float) -> Plan:
-    """What of ``p`` (planned after the sessions ended) may go: condemned in ``condemned``
-    and written before ``since`` (the record's time on the storage's clock: a file of the same
-    content name written again by a backup that started later is newer)."""
-    storage = repo.storage
-    allowed = set(condemned.packs) | set(condemnable(condemned))
-
-    def old(name: str) -> bool:
-        written = storage.mtime(name)
-        return name in allowed and written is not None and written < since
-
-    out = Plan(tmp=p.tmp, live_packs=p.live_packs)
-    for name in p.packs:
-        if old(name):
-            out.add(out.packs, name, p.sizes[name])
-            if name in p.orphans:
-                out.orphans.add(name)
-    out.parity = [n for n in p.parity if old(n)]
-    for name in p.files:
-        if old(name):
-            out.add(out.files, name, p.sizes[name])
-    drop_segments(repo, {_pack_id(n) for n in out.packs}, out)
-    return out
-
-
-def prune(
-    repo: Repository,
-    dry_run: bool = False,
-    wait_s: float | None = None,
-    on_wait: Callable[[object], None] | None = None,
-) -> PruneResult:
-    """Mark and repack without locks, then condemn, wait out the sessions, and remove."""
-    repo.require_writable()
-    marks = Marks()
-    mark(repo, repo.points(), marks)
-    mark_forgotten(repo, marks)
-    if dry_run:
-        # Nothing is written or removed; files of backups running now may show as garbage.
-        _, _, cands = repack_candidates(repo, marks.live_ids())
-        p = plan(repo, marks, frozenset(cands), assume_copied=True)
-        return PruneResult(p, len(marks.points), 0.0, True, Repacked(frozenset(cands)))
-    done = repack(repo, marks)
-    storage = repo.storage
-    with locked(storage, "condemn", wait_s, "prune", on_wait) as lease:
-        t0 = time.perf_counter()
-        condemned.remove_all_but(storage, lease.info.id)  # left by killed prunes
-        mark(repo, repo.points(), marks)
-        mark_forgotten(repo, marks)
-        forgotten = {p.id for p in load_forgotten(storage, [])[0]}
-        first = plan(repo, marks, done.retired)
-        packs = [_pack_id(n) for n in first.packs]
-        since = condemned.write(storage, lease.info.id, packs, condemnable(first))
-        try:
-            condemned.wait_for_sessions(storage, lease, wait_s, on_wait)
-            with locked(storage, "remove", wait_s, "prune", on_wait) as removing:
-                # Points committed meanwhile, and points forgotten since the plan (a backup
-                # that started after the record may build on one: its leaves, as parent).
-                mark(repo, repo.points(), marks)
-                later = [p for p in load_forgotten(storage, [])[0] if p.id not in forgotten]
-                mark(repo, later, marks)
-                mark_forgotten(repo, marks)
-                p = restrict(repo, plan(repo, marks, done.retired), first, since)
-
-                def held() -> None:  # (lost, a backup may have started: nothing more goes)
-                    lease.held()
-                    removing.held()
-
-                execute(repo, p, held)
-        finally:
-            storage.remove(condemned.record_name(lease.info.id))
-        return PruneResult(p, len(marks.points), time.perf_counter() - t0, False, done)

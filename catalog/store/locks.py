@@ -61,6 +61,10 @@ _PRUNE_KINDS = {"condemn": "prune", "remove": "prune"}  # what a message calls t
 LOCKING_FEATURE = "locks"
 
 
+class LockUnwritable(RepositoryError):
+    """The own lock file could not be written (read-only media: a reader goes on without)."""
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
 
@@ -192,13 +196,14 @@ class Lock:
         self.storage.write_atomic(self.info.name, self.info.to_json())
         self._written = taken
 
-    def held(self) -> None:
+    def held(self, look: bool = True) -> None:
         """Raise ``LockedError`` unless the lock is surely still ours: its file is there and
         its heartbeat was written less than half of ``STALE_S`` ago. Others take a lock whose
         heartbeat is older than ``STALE_S`` for stale (a holder cut off from the storage, or
         suspended, keeps running but cannot refresh it), so a prune may have run meanwhile:
-        a backup must not commit then, nor a prune remove anything."""
-        self._check()
+        a backup must not commit then, nor a prune remove anything. ``look=False``: the clock
+        only, no request (a prune checks it before every removal, the file now and then)."""
+        self._check(look)
         if self._lost:
             raise LockedError(
                 f"lost the repository's {_PRUNE_KINDS.get(self.info.kind, self.info.kind)} lock: "
@@ -206,7 +211,7 @@ class Lock:
                 "changing anything"
             )
 
-    def _check(self) -> None:
+    def _check(self, look: bool = True) -> None:
         """Note the lock as lost when it could have been taken for stale, or was removed."""
         quiet = _clock() - self._written
         if quiet > STALE_S / 2 and not self._lost:
@@ -214,7 +219,7 @@ class Lock:
                 f"it could not be refreshed for {quiet:.0f} s, and others take it for stale "
                 f"after {STALE_S:.0f} s"
             )
-        if not self._lost and not self.storage.exists(self.info.name):
+        if look and not self._lost and not self.storage.exists(self.info.name):
             self._lost = f"its file {self.info.name} was removed (`comb unlock --stale` elsewhere?)"
 
     def _beat(self) -> None:
@@ -268,8 +273,9 @@ def acquire(
         lock = Lock(storage, info)
         try:
             lock._write()
-        except OSError as err:
-            raise RepositoryError(f"cannot write lock {info.name}: {err}") from None
+        except (OSError, RepositoryError) as err:
+            why = err.message if isinstance(err, RepositoryError) else str(err)
+            raise LockUnwritable(f"cannot write lock {info.name}: {why}") from None
         try:
             blockers = [
                 other
@@ -379,7 +385,7 @@ def reader_lock(
         return
     try:
         lock = acquire(storage, kind, command=kind, on_wait=on_wait)
-    except RepositoryError as err:
+    except LockUnwritable as err:  # (any other error stops the reader: it must not go unlocked)
         if long_lived and on_unlocked is not None:
             on_unlocked(err.message)
         yield

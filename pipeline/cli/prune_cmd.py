@@ -6,7 +6,7 @@ import argparse
 from typing import Any
 
 from catalog.errors import RepositoryError
-from catalog.maint.gc import PruneResult, prune
+from catalog.maint.prune import PruneResult, prune
 from catalog.repo import Repository
 
 from ..console import human_bytes, print_json, waiting, warn
@@ -66,6 +66,7 @@ def prune_doc(res: PruneResult) -> dict[str, Any]:
         "segments_rewritten": len(p.segments_rewritten),
         "tmp_files_removed": len(p.tmp),
         "exclusive_seconds": round(res.exclusive_s, 3),
+        "removing_seconds": round(res.removing_s, 3),
         "packs_repacked": len(res.repacked.retired),
         "chunks_copied": res.repacked.chunks,
         "bytes_copied": res.repacked.bytes,
@@ -96,5 +97,9 @@ def print_prune(res: PruneResult) -> None:
             if p.segments_removed or p.segments_rewritten
             else ""
         )
-        + ("" if res.dry_run else f"; exclusive phase {res.exclusive_s:.2f} s")
+        + (
+            ""
+            if res.dry_run
+            else f"; under the prune lock {res.exclusive_s:.2f} s (removing {res.removing_s:.2f} s)"
+        )
     )

@@ -290,13 +290,15 @@ def run_jobs(
         guarded = bool(condemned.names(storage))
         engine.start(repo.location, make_stage, sealer)
         _drive(engine, disks, index_seg, progress)
-        if lock is not None:
-            lock.held()  # (a prune may have run if it was lost: nothing is committed then)
-        # Once the commit begins, a signal waits for it, the engine's shutdown and the report:
-        # the points are committed and reported, never committed and reported as interrupted.
-        signals.hold()
+        held = lock.held if lock is not None else lambda: None
+        held()  # (a prune may have run if it was lost: nothing is committed then)
         parity = cfg.parity is not None
-        with condemned.commit_guard(storage, guarded, lambda: index_seg.packs, parity, waiting):
+        packs = lambda: index_seg.packs  # noqa: E731
+        with condemned.commit_guard(storage, guarded, packs, parity, held, waiting):
+            # Once the commit begins, a signal waits for it, the engine's shutdown and the
+            # report: the points are committed and reported, never committed and reported as
+            # interrupted.
+            signals.hold()
             segment_id, index_bytes = index_seg.commit()
             committed = []
             for disk in disks:

@@ -24,6 +24,7 @@ from nbdtest import RawClient
 from catalog.errors import LockedError, RepositoryError, UsageError
 from catalog.repo import Repository
 from catalog.store import locks
+from catalog.store.local import LocalStorage
 from catalog.store.points import RecoveryPoint
 from drive.formats import export as formats_export
 from pipeline.cli import export_cmd as drive_cmds
@@ -330,3 +331,23 @@ def _lock_of(pid: int, r: Repository, kind: str) -> locks.Lock:
         return locks.acquire(r.storage, kind, wait_s=0)
     finally:
         os.getpid = real
+
+
+def test_a_reader_that_cannot_read_the_locks_stops(
+    tmp_path: Path, cli: CliRunner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Only a lock file that cannot be written lets a reader go on without its lock (read-only
+    media); locks that cannot be read (here: a GET of one fails) stop it, or a prune could
+    remove what it reads. (Before: any error taking the lock was taken for read-only media.)"""
+    h = _history(tmp_path, cli)
+    real = LocalStorage.read
+
+    def read(self: LocalStorage, name: str, offset: int = 0, length: int = -1) -> bytes:
+        if name.startswith("locks/"):
+            raise RepositoryError(f"cannot read {name}: the server hung up")
+        return real(self, name, offset, length)
+
+    monkeypatch.setattr(LocalStorage, "read", read)
+    res = cli("-r", h.repo, "restore", h.new.id, tmp_path / "out.img")
+    assert_one_line_error(res, "the server hung up")
+    assert not (tmp_path / "out.img").exists()

@@ -33,7 +33,7 @@ from combtest import PYTHON, TEST_PASSWORD, CliRunner, ImageFactory, MiB, api_ba
 from s3server import S3Server
 
 from catalog.errors import LockedError
-from catalog.maint import gc
+from catalog.maint import prune as pruning
 from catalog.repo import Repository
 from catalog.store import condemned, locks
 from catalog.store.points import RecoveryPoint
@@ -121,7 +121,7 @@ def race(cli: CliRunner, location: str, make_image: ImageFactory, tmp_path: Path
 def _pruning(race: Race) -> None:
     """Start the prune; return once it has condemned a's pack and waits for the session."""
     waiting = threading.Event()
-    race.run("prune", lambda: gc.prune(race.repo, wait_s=60, on_wait=lambda _s: waiting.set()))
+    race.run("prune", lambda: pruning.prune(race.repo, wait_s=60, on_wait=lambda _s: waiting.set()))
     assert waiting.wait(60), race.results
     assert condemned.condemned_packs(race.repo.storage)
 
@@ -146,11 +146,13 @@ def test_a_pack_written_again_before_the_prune_plans_stays(
     at_commit, go_on = threading.Event(), threading.Event()
     real_held = locks.Lock.held
 
-    def held(self: locks.Lock) -> None:  # the backup's last look before its commit
+    def held(
+        self: locks.Lock, look: bool = True
+    ) -> None:  # the backup's last look before its commit
         if threading.current_thread().name == "backup":
             at_commit.set()
             go_on.wait(60)
-        real_held(self)
+        real_held(self, look)
 
     monkeypatch.setattr(locks.Lock, "held", held)
     _pruning(race)
@@ -164,7 +166,7 @@ def test_a_pack_written_again_before_the_prune_plans_stays(
         go_on.set()
     race.join()
     pruned, point = race.results["prune"], race.results["backup"]
-    assert isinstance(pruned, gc.PruneResult), pruned
+    assert isinstance(pruned, pruning.PruneResult), pruned
     assert isinstance(point, RecoveryPoint), point
     assert point.stats.bytes_new == 2 * MiB  # stored again, not deduplicated
     # Written again after the record: the pack stays, and so do the leaves and roots of the
@@ -190,12 +192,12 @@ def test_a_point_forgotten_while_the_prune_waits_keeps_what_a_later_backup_build
     go_on = {"q": threading.Event(), "next": threading.Event()}
     real_held = locks.Lock.held
 
-    def held(self: locks.Lock) -> None:
+    def held(self: locks.Lock, look: bool = True) -> None:
         name = threading.current_thread().name
         if name in paused:
             paused[name].set()
             go_on[name].wait(60)
-        real_held(self)
+        real_held(self, look)
 
     monkeypatch.setattr(locks.Lock, "held", held)
     img = make_image(4 * MiB, "q.img")
@@ -220,7 +222,7 @@ def test_a_point_forgotten_while_the_prune_waits_keeps_what_a_later_backup_build
         for event in go_on.values():
             event.set()
     race.join()
-    assert isinstance(race.results["prune"], gc.PruneResult), race.results["prune"]
+    assert isinstance(race.results["prune"], pruning.PruneResult), race.results["prune"]
     point = race.results["next"]
     assert isinstance(point, RecoveryPoint) and point.parent == q.id, point
     assert point.stats.bytes_new == 64 * 1024
@@ -237,6 +239,7 @@ ROOT = Path(__file__).resolve().parents[2]
 PRUNE = r"""
 import os, sys, time
 from catalog.maint import gc
+from catalog.maint import prune as pruning
 from pipeline.cli import main
 
 marker, resume = sys.argv[1:3]

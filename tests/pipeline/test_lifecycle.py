@@ -28,6 +28,7 @@ from combtest import (
 )
 
 from catalog.maint import gc
+from catalog.maint import prune as pruning
 from catalog.repo import Repository
 from catalog.store import locks
 from catalog.store.index import load_index
@@ -178,7 +179,7 @@ def test_prune_killed_at_any_removal_loses_nothing(
 
     monkeypatch.setattr(type(repo.storage), "remove", dying_remove)
     try:
-        gc.prune(repo, wait_s=5)
+        pruning.prune(repo, wait_s=5)
         died = False
     except KeyboardInterrupt:
         died = True
@@ -188,7 +189,7 @@ def test_prune_killed_at_any_removal_loses_nothing(
     assert_restores(repo_path, _kept(ids[2:], copies), tmp_path)
     assert_verified(repo_path, clean=False)  # garbage may be left, never an error
     # The next prune finishes the job.
-    gc.prune(Repository.open(str(repo_path), password=TEST_PASSWORD), wait_s=5)
+    pruning.prune(Repository.open(str(repo_path), password=TEST_PASSWORD), wait_s=5)
     assert_intact(repo_path, _kept(ids[2:], copies), tmp_path)
     if not died:
         assert fail_at >= calls["n"]
@@ -226,6 +227,10 @@ def test_locks_conflict_wait_and_stale(
 ) -> None:
     repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     monkeypatch.setenv(locks.WAIT_ENV, "0.3")
+    garbage: Image = make_image(MiB, "garbage.img")
+    garbage.random(0, MiB, seed=9)
+    assert cli("-r", repo_path, "backup", garbage.path).code == 0
+    assert cli("-r", repo_path, "forget", f"{garbage.path}@latest").code == 0
     with ForeignLock(repo, "backup"):
         res = cli("-r", repo_path, "prune")  # waits for the running backup, then gives up
         assert_one_line_error(res, "repository is locked", "backup (shared)", code=11)

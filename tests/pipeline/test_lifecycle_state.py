@@ -38,7 +38,7 @@ from hypothesis.stateful import (
 )
 
 from catalog.errors import CombError
-from catalog.maint import gc
+from catalog.maint import prune as pruning
 from catalog.maint.check import check_repository
 from catalog.maint.retention import KeepPolicy, kept_by_policy
 from catalog.maint.scrub import scrub
@@ -264,7 +264,7 @@ class Lifecycle(RuleBasedStateMachine):
     def prune(self, crash_at: int | None, kind: str) -> None:
         self._run(
             crash_at,
-            lambda: gc.prune(
+            lambda: pruning.prune(
                 Repository.open(str(self.repo_path), password=TEST_PASSWORD), wait_s=5
             ),
             kind,

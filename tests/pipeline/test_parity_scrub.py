@@ -25,7 +25,7 @@ from combtest import (
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from catalog.maint import gc
+from catalog.maint import prune as pruning
 from catalog.maint.scrub import scrub
 from catalog.repo import Repository
 from catalog.store.packs import pack_name, parse_pack
@@ -272,7 +272,7 @@ def test_prune_removes_parity_and_repack_writes_it(tmp_path: Path, make_image: A
     shutil.copyfile(repo_path / parity_name(_packs(repo_path)[0]), orphan)
     repo = Repository.open(str(repo_path), password=TEST_PASSWORD)
     repo.storage.remove(point_name(first.id))
-    res = gc.prune(repo)
+    res = pruning.prune(repo)
     assert res.repacked.new_packs == 1 and len(res.plan.packs) == 1
     parities = sorted(p.name[: -len(".parity")] for p in (repo_path / "parity").rglob("*.parity"))
     assert parities == _packs(repo_path)
