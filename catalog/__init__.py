@@ -49,7 +49,8 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     scrub       ``scrub``: every pack read, damage located and reported
     heal        parity checks and healing a pack (``scrub --repair``)
     repair      ``repair index``: the index rebuilt from the packs
-    gc          ``prune``: remove what no point needs
+    gc          what no point needs: marks, a plan, its removal in a crash-safe order
+    prune       ``comb prune``: gc under the protocol backups never wait for (condemn, remove)
     repack      copy the live chunks out of mostly-garbage packs (prune, scrub --repair)
     retention   keep policies (``--keep-*``)
     forget      which points a forget removes (overlay bases held) and retiring them
@@ -64,7 +65,7 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
                 projection, and what each column means
     dashboard/  ``data`` (the tables), ``render`` (the page), ``svgchart``
 
-Garbage collection (``maint.gc``, FORMAT.md 13): mark what every live point needs without a
+Garbage collection (``maint.gc`` run by ``maint.prune``, FORMAT.md 13): mark what every live point needs without a
 lock, repack sparse packs; under the ``condemn`` lock plan the garbage and condemn it (a record
 in ``gc/``: backups that start now leave condemned packs out of their dedup index), wait out
 the writers running then, and under the ``remove`` lock (no reader runs) mark again what they
