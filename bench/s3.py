@@ -28,6 +28,8 @@ from typing import Any
 from catalog.repo import Repository
 from catalog.store import s3_client
 from catalog.store.crypto import ALGORITHM
+from pipeline.engines import make_engine
+from pipeline.jobs.copy import copy_points
 
 from .image import (
     GIB,
@@ -151,6 +153,30 @@ def _comb(location: str, image: str, workdir: str) -> dict[str, Any]:
     return out
 
 
+def _copy(src: str, dst: str) -> dict[str, Any]:
+    """``comb copy`` of the local repository's two points (full, then incremental) to S3."""
+    Repository.init(dst, password=BENCH_PASSWORD, encryption=ALGORITHM)
+    source = Repository.open(src, password=BENCH_PASSWORD)
+    target = Repository.open(dst, password=BENCH_PASSWORD)
+    out: dict[str, Any] = {}
+    points = sorted(source.points(), key=lambda p: (p.time, p.id))
+    for step, point in zip(("full", "incremental"), points, strict=True):
+        before = s3_client.REQUESTS.snapshot()
+        t0 = time.perf_counter()
+        ((_, copy),) = list(copy_points(source, target, [point], lambda: make_engine("local")))
+        seconds = time.perf_counter() - t0
+        after = s3_client.REQUESTS.snapshot()
+        if copy is None:
+            raise SystemExit("bench s3: the copy found the point copied already")
+        calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+        out[step] = {
+            "seconds": seconds,
+            "data_bytes": copy.stats.bytes_read,
+            "requests": {k: v for k, v in sorted(calls.items()) if v},
+        }
+    return out
+
+
 def _report(size: int, ceiling: dict[str, float], runs: dict[str, dict[str, Any]]) -> str:
     lines = [
         table(
@@ -191,6 +217,12 @@ def _report(size: int, ceiling: dict[str, float], runs: dict[str, dict[str, Any]
         per = f"{total / gib:.0f}" if step != "incremental" and gib else ""
         detail = ", ".join(f"{k} {v}" for k, v in calls.items())
         req_rows.append([step, total, per, detail])
+    for step in ("full", "incremental"):
+        calls = runs["copy"][step]["requests"]
+        seconds, data = runs["copy"][step]["seconds"], runs["copy"][step]["data_bytes"]
+        detail = ", ".join(f"{k} {v}" for k, v in calls.items())
+        req_rows.append([f"copy {step} ({seconds:.2f} s, {data / seconds / 1e6:.0f} MB/s)",
+                         sum(calls.values()), "", detail])  # fmt: skip
     lines.append(
         table("S3 API calls", ["step", "calls", "per GiB of data", "by operation"], req_rows)
     )
@@ -269,6 +301,7 @@ def main(argv: list[str]) -> int:
             "s3": _comb("s3://bench/repo", image, args.workdir),
             "local": _comb(local, image, args.workdir),
         }
+        runs["copy"] = _copy(local, "s3://bench/copy")
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -65,14 +65,14 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
                 projection, and what each column means
     dashboard/  ``data`` (the tables), ``render`` (the page), ``svgchart``
 
-Garbage collection (``maint.gc`` run by ``maint.prune``, FORMAT.md 13): mark what every live point needs without a
-lock, repack sparse packs; under the ``condemn`` lock plan the garbage and condemn it (a record
-in ``gc/``: backups that start now leave condemned packs out of their dedup index), wait out
-the writers running then, and under the ``remove`` lock (no reader runs) mark again what they
-committed (and points forgotten since) and remove what is condemned, still garbage and older
-than the record: superseded index segments before their packs, then packs, parity files,
-metadata files no point names, old temporary files. A crash at any step leaves a superset of
-what the points need.
+Garbage collection (``maint.gc``, run by ``maint.prune``, FORMAT.md 13): mark what every live
+point needs without a lock, repack sparse packs; under the ``condemn`` lock plan the garbage
+and condemn it (a record in ``gc/``: backups that start now leave condemned packs out of their
+dedup index), wait out the writers running then, and under the ``remove`` lock (no reader
+runs) mark again what they committed (and points forgotten since) and remove what is
+condemned, still garbage and older than the record: superseded index segments before their
+packs, then packs, parity files, metadata files no point names, old temporary files. A crash
+at any step leaves a superset of what the points need.
 
 Locking (FORMAT.md 13, ``store.locks``): write the own lock file, then look at the others.
 

@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import Callable
+from dataclasses import replace
 
 from catalog.errors import CorruptionError, PointNotFound, RepositoryError, UsageError
 from catalog.read import point as read_point
-from catalog.store import crypto
+from catalog.store import crypto, s3_lock
 from catalog.store.format import (
     CONFIG_NAME,
     DEFAULT_CHUNK_SIZE_BYTES,
     DEFAULT_ZSTD_LEVEL,
+    OBJECT_LOCK_FEATURE,
     RepoConfig,
     parse_config,
 )
@@ -24,6 +26,7 @@ from catalog.store.locations import canonical, existing_storage, new_storage
 from catalog.store.manifest import ManifestReader
 from catalog.store.parity import ParityGeometry
 from catalog.store.points import POINTS_PREFIX, RecoveryPoint, load_points_tolerant, resolve
+from catalog.store.s3 import is_s3
 from catalog.store.sealing import Sealer
 from catalog.store.storage import TMP_DIR, Storage
 
@@ -72,10 +75,12 @@ class Repository:
         parity: ParityGeometry | None = ParityGeometry(),
         encryption: str = crypto.ALGORITHM,
         password: str | PasswordSource | None = None,
+        object_lock: tuple[int, str] | None = None,
     ) -> Repository:
         """A new repository; ``parity`` None: no parity files (FORMAT.md 20); encrypted unless
         ``encryption="none"``, with ``password`` (a string, or a source asked with
-        confirm=True; an encrypted repository needs one)."""
+        confirm=True; an encrypted repository needs one); ``object_lock`` (days, mode): S3
+        Object Lock on what cannot be rebuilt (``catalog.store.s3_lock``)."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r} (use {' or '.join(ENCRYPTIONS)})")
         encrypted = encryption != "none"
@@ -85,8 +90,24 @@ class Repository:
             parity,
             encrypted=encrypted,
         )
+        if object_lock is not None:
+            days, mode = object_lock
+            if days < 1 or mode not in s3_lock.MODES:
+                raise UsageError(f"Object Lock needs DAYS >= 1 and a mode of {s3_lock.MODES}")
+            if not is_s3(location):
+                raise UsageError(f"{location}: Object Lock needs an s3:// repository")
+            feats = config.features
+            config = replace(
+                config,
+                object_lock={"days": days, "mode": mode},
+                features=replace(
+                    feats, ro_compat=tuple(sorted({*feats.ro_compat, OBJECT_LOCK_FEATURE}))
+                ),
+            )
         path = canonical(location)
         storage = new_storage(path, CONFIG_NAME)  # refuses a repository or other files
+        if object_lock is not None:
+            s3_lock.check_bucket(storage)
         secret = _password(location, password, confirm=True) if encrypted else None
         storage.make_root(REPO_DIRS + ((crypto.KEYS_PREFIX,) if encrypted else ()))
         key_id = None

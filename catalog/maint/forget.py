@@ -1,24 +1,26 @@
-"""``forget``: which recovery points go, which stay because an overlay is over them, and
-retiring the rest.
+"""``forget``: which recovery points go, which stay because an overlay is over them or S3
+Object Lock still retains their document, and retiring the rest.
 
 Under the shared ``forget`` lock (FORMAT.md 13): the points are read (a damaged document stops
 it: keep rules decide per source and must not guess around one), the keep policy and the named
 points (``store.points.resolve``) say which go, a point that is the base of an overlay stays
-(``held``), and the others are retired (``store.points.retire_point``: their documents move to
-``forgotten/``). What they referenced is left to ``prune``. Prints nothing; the overlays are the
-caller's to list (they live in ``drive``).
+(``held``), and so does one whose document Object Lock still retains (``locked``); the others
+are retired (``store.points.retire_point``: their documents move to ``forgotten/``). What they
+referenced is left to ``prune``. Prints nothing; the overlays are the caller's to list (they
+live in ``drive``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from catalog.errors import RepositoryError, UsageError
 from catalog.maint.retention import KeepPolicy, forget_mask
 from catalog.repo import Repository
+from catalog.store import s3_lock
 from catalog.store.locks import ensure_locking, writer_lock
-from catalog.store.points import POINTS_PREFIX, RecoveryPoint, retire_point
+from catalog.store.points import POINTS_PREFIX, RecoveryPoint, point_name, retire_point
 
 OverlayBases = Mapping[str, Sequence[str]]  # point id -> names of the overlays over it
 
@@ -28,6 +30,8 @@ class Forgotten:
     gone: list[RecoveryPoint]  # forgotten (or, in a dry run, to be)
     held: list[tuple[RecoveryPoint, list[str]]]  # would go, but overlays (named) are over it
     kept: int  # points left
+    locked: list[tuple[RecoveryPoint, float]] = field(default_factory=list)  # Object Lock:
+    # would go, but the document's retention has that many seconds left
 
 
 def forget(
@@ -57,9 +61,13 @@ def forget(
         bases = overlay_bases()
         gone: list[RecoveryPoint] = []
         held: list[tuple[RecoveryPoint, list[str]]] = []
+        locked: list[tuple[RecoveryPoint, float]] = []
         for p, drop in zip(points, mask.tolist(), strict=True):
+            left = s3_lock.remaining(repo.storage, point_name(p.id)) if drop else None
             if drop and p.id in bases:
                 held.append((p, list(bases[p.id])))
+            elif left is not None and left > 0:
+                locked.append((p, left))
             elif drop:
                 gone.append(p)
         if not dry_run and gone:
@@ -67,4 +75,4 @@ def forget(
             for p in gone:
                 retire_point(repo.storage, p.id)
             repo.storage.sync(POINTS_PREFIX)  # the removals from points/ are durable
-    return Forgotten(gone, held, len(points) - len(gone))
+    return Forgotten(gone, held, len(points) - len(gone), locked)

@@ -115,7 +115,9 @@ class Plan:
     files: list[str] = field(default_factory=list)  # manifests and change tables
     file_bytes: int = 0
     tmp: list[str] = field(default_factory=list)
+    held: list[str] = field(default_factory=list)  # garbage Object Lock keeps for now
     live_packs: int = 0
+    live: list[str] = field(default_factory=list)  # the packs kept (storage names)
     # Parity files of no present pack (a crash between parity and pack commit, or during a
     # prune); the parity of every removed pack goes with it (``execute``).
     parity: list[str] = field(default_factory=list)
@@ -183,7 +185,8 @@ def plan(
             out.add(out.packs, name, storage.size(name))
             if pid not in indexed:
                 out.orphans.add(name)
-    out.live_packs = len(live_packs & set(present))
+    out.live = sorted(present[pid] for pid in live_packs & set(present))
+    out.live_packs = len(out.live)
     for name in storage.list(PARITY_PREFIX):
         if name.endswith(".parity") and name.rsplit("/", 1)[-1][:-7] not in present:
             out.parity.append(name)

@@ -29,8 +29,9 @@ from catalog.maint import gc
 from catalog.maint.gc import Marks, Plan, mark, mark_forgotten
 from catalog.maint.repack import Repacked, repack_candidates
 from catalog.repo import Repository
-from catalog.store import condemned
+from catalog.store import condemned, s3_lock
 from catalog.store.locks import locked
+from catalog.store.parity import parity_name
 from catalog.store.points import RecoveryPoint, load_forgotten
 
 
@@ -42,6 +43,7 @@ class PruneResult:
     dry_run: bool
     repacked: Repacked = field(default_factory=Repacked)
     removing_s: float = 0.0  # under the remove lock (readers wait meanwhile)
+    extended: int = 0  # Object Lock: live objects whose retention was extended
 
 
 def condemnable(p: Plan) -> list[str]:
@@ -62,9 +64,15 @@ def restrict(repo: Repository, p: Plan, first: Plan, since: float) -> Plan:
         return written is not None and written < since
 
     def old(name: str) -> bool:
-        return name in allowed and old_enough(name)
+        if name not in allowed or not old_enough(name):
+            return False
+        left = s3_lock.remaining(storage, name)  # (Object Lock: kept until its date)
+        if left is not None and left > 0:
+            out.held.append(name)
+            return False
+        return True
 
-    out = Plan(tmp=[n for n in p.tmp if old_enough(n)], live_packs=p.live_packs)
+    out = Plan(tmp=[n for n in p.tmp if old_enough(n)], live_packs=p.live_packs, live=p.live)
     for name in p.packs:
         if old(name):
             out.add(out.packs, name, p.sizes[name])
@@ -104,7 +112,9 @@ def prune(
         forgotten = {p.id for p in load_forgotten(storage, [])[0]}
         first = gc.plan(repo, marks, done.retired)
         if not (first.packs or condemnable(first) or first.tmp):
-            return PruneResult(first, len(marks.points), time.perf_counter() - t0, False, done)
+            extended = _extend(repo, first, marks)
+            seconds = time.perf_counter() - t0
+            return PruneResult(first, len(marks.points), seconds, False, done, 0.0, extended)
         try:
             packs = [gc.pack_id(n) for n in first.packs]
             since = condemned.write(storage, lease.info.id, packs, condemnable(first))
@@ -127,8 +137,17 @@ def prune(
                 removing_s = time.perf_counter() - t1
         finally:
             storage.remove(condemned.record_name(lease.info.id))
+        extended = _extend(repo, p, marks)
         seconds = time.perf_counter() - t0
-        return PruneResult(p, len(marks.points), seconds, False, done, removing_s)
+        return PruneResult(p, len(marks.points), seconds, False, done, removing_s, extended)
+
+
+def _extend(repo: Repository, p: Plan, marks: Marks) -> int:
+    """Object Lock: the retention of what the live points use, extended where it ends soon."""
+    if repo.config.object_lock is None:
+        return 0
+    names = p.live + [parity_name(gc.pack_id(n)) for n in p.live] + sorted(marks.files)
+    return s3_lock.extend(repo.storage, names)
 
 
 def _points(repo: Repository) -> list[RecoveryPoint]:

@@ -10,6 +10,7 @@ import json
 import secrets
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from typing import Any
 
 from catalog.errors import CorruptionError, RepositoryError, UsageError
 from catalog.store.parity import ParityGeometry
@@ -48,8 +49,11 @@ MISSING_ZSTD_LEVEL = 3
 # opens one with an unknown "ro_compat" feature read-only, and ignores unknown "compat" ones.
 KNOWN_INCOMPAT: frozenset[str] = frozenset({"encryption"})  # FORMAT.md 21
 # "locks": writers take locks (FORMAT.md 13); "parity": every pack has a parity file (15).
-KNOWN_RO_COMPAT: frozenset[str] = frozenset({"locks", "parity"})
+KNOWN_RO_COMPAT: frozenset[str] = frozenset({"locks", "object-lock", "parity"})
 PARITY_FEATURE = "parity"
+# S3 Object Lock: locked objects get a retention date; a comb unaware of it would neither
+# give one nor respect it when removing (FORMAT.md 4).
+OBJECT_LOCK_FEATURE = "object-lock"
 KNOWN_COMPAT: frozenset[str] = frozenset()
 
 
@@ -74,6 +78,8 @@ class RepoConfig:
     parity: ParityGeometry | None = None
     # None, or {"algorithm": "aes-256-gcm", "kdf": "argon2id"} (FORMAT.md 21).
     encryption: dict[str, str] | None = None
+    # None, or {"days": N, "mode": "GOVERNANCE" | "COMPLIANCE"}: S3 Object Lock (FORMAT.md 4).
+    object_lock: dict[str, Any] | None = None
     format: str = REPO_FORMAT_NAME
     version: int = REPO_FORMAT_VERSION
 
@@ -108,8 +114,9 @@ class RepoConfig:
 
     def to_json(self) -> bytes:
         doc = asdict(self)
-        if doc["encryption"] is None:
-            del doc["encryption"]  # plain repositories keep the version-1 config bytes
+        for name in ("encryption", "object_lock"):
+            if doc[name] is None:
+                del doc[name]  # repositories without them keep the version-1 config bytes
         return (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
 
     @property
@@ -125,6 +132,16 @@ class RepoConfig:
         """True when the repository has a ro_compat feature this comb does not know: it may
         read the repository but must not write to it."""
         return bool(set(self.features.ro_compat) - KNOWN_RO_COMPAT)
+
+
+def _object_lock(raw: object, where: str) -> dict[str, Any] | None:
+    if raw is None:
+        return None
+    days = raw.get("days") if isinstance(raw, dict) else None
+    mode = raw.get("mode") if isinstance(raw, dict) else None
+    if not isinstance(days, int) or days < 1 or mode not in ("GOVERNANCE", "COMPLIANCE"):
+        raise RepositoryError(f"{where}: object_lock must be {{days >= 1, mode}}, not {raw!r}")
+    return {"days": days, "mode": mode}
 
 
 def parse_config(raw: bytes, where: str) -> RepoConfig:
@@ -163,6 +180,7 @@ def parse_config(raw: bytes, where: str) -> RepoConfig:
                 incompat=tuple(feats.get("incompat", ())),
             ),
             encryption=_encryption(doc.get("encryption"), feats, where),
+            object_lock=_object_lock(doc.get("object_lock"), where),
         )
         raw_parity = doc.get("parity")
         if raw_parity is not None:

@@ -36,7 +36,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from catalog.errors import RepositoryError
-from catalog.store import s3_copies
+from catalog.store import s3_copies, s3_lock
 from catalog.store.inplace import FileLock, LogFile
 from catalog.store.s3_client import (
     BODY_ATTEMPTS,
@@ -351,6 +351,7 @@ class S3Storage:
         }
         if if_absent:
             args["IfNoneMatch"] = "*"
+        args.update(s3_lock.put_args(self, name))  # (Object Lock: a retention date)
         with self._failing("write", self.where(name)):
             try:
                 self.client.put_object(**args)

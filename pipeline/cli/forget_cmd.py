@@ -114,6 +114,7 @@ def cmd_forget(repo: str, args: argparse.Namespace) -> int:
         "forgotten": [p.id for p in res.gone],
         "kept": res.kept,
         "held_by_overlays": {p.id: names for p, names in res.held},
+        "held_by_object_lock": {p.id: round(left) for p, left in res.locked},
     }
     if not args.prune:
         if args.json:
@@ -139,6 +140,8 @@ def _print_forget(res: Forgotten, dry_run: bool, hint: bool) -> None:
         print(f"{verb} {p.id}  {p.time}  {p.source}")
     for p, names in res.held:
         print(f"kept {p.id}  {p.time}  {p.source}  (base of overlay {', '.join(names)})")
+    for p, left in res.locked:
+        print(f"kept {p.id}  {p.time}  {p.source}  (Object Lock for {left / 86400:.1f} more days)")
     print(
         f"{verb} {len(res.gone)} recovery point(s), kept {res.kept}"
         + ("; run `comb prune` to free their data" if hint and res.gone and not dry_run else "")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from catalog.errors import UsageError
 from catalog.repo import Repository
 from catalog.store.format import DEFAULT_CHUNK_SIZE_BYTES
 from catalog.store.parity import ParityGeometry
@@ -46,10 +47,31 @@ def add_parser(sub: Subparsers) -> None:
         default="aes-256-gcm",
         help="encrypt everything stored (default) or nothing",
     )
+    s.add_argument(
+        "--object-lock",
+        type=int,
+        metavar="DAYS",
+        help="S3 only, in a bucket made with Object Lock: packs, parity, manifests and point "
+        "documents cannot be deleted for DAYS after they are written (live ones are extended)",
+    )
+    s.add_argument(
+        "--object-lock-mode",
+        choices=["governance", "compliance"],
+        default=None,
+        help="governance (default: an account allowed to bypass it may shorten it) or "
+        "compliance (nobody can, not even the root account)",
+    )
     s.set_defaults(run=cmd_init)
 
 
 def cmd_init(repo: str, args: argparse.Namespace) -> int:
+    if args.object_lock_mode is not None and args.object_lock is None:
+        raise UsageError("--object-lock-mode needs --object-lock DAYS")
+    lock = None
+    if args.object_lock is not None:
+        if args.object_lock < 1:
+            raise UsageError("--object-lock DAYS must be at least 1")
+        lock = (args.object_lock, (args.object_lock_mode or "governance").upper())
     parity = (
         ParityGeometry()
         if args.parity_overhead is None
@@ -62,6 +84,7 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
         parity,
         encryption=args.encryption,
         password=args.password,
+        object_lock=lock,
     )
     g = r.config.parity
     if args.json:
@@ -72,6 +95,7 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
                 "chunk_size": r.config.chunk_size,
                 "zstd_level": r.config.zstd_level,
                 "encryption": (r.config.encryption or {}).get("algorithm"),
+                "object_lock": r.config.object_lock,
                 "parity": None
                 if g is None
                 else {
@@ -92,6 +116,12 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
             f"{g.overhead * 100:g} %)"
             if g
             else "no parity)"
+        )
+        + (
+            f"; Object Lock {r.config.object_lock['mode'].lower()}, "
+            f"{r.config.object_lock['days']} day(s)"
+            if r.config.object_lock
+            else ""
         )
     )
     return 0

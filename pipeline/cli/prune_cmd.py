@@ -67,6 +67,8 @@ def prune_doc(res: PruneResult) -> dict[str, Any]:
         "tmp_files_removed": len(p.tmp),
         "exclusive_seconds": round(res.exclusive_s, 3),
         "removing_seconds": round(res.removing_s, 3),
+        "held_by_object_lock": len(p.held),
+        "retention_extended": res.extended,
         "packs_repacked": len(res.repacked.retired),
         "chunks_copied": res.repacked.chunks,
         "bytes_copied": res.repacked.bytes,
@@ -103,3 +105,8 @@ def print_prune(res: PruneResult) -> None:
             else f"; under the prune lock {res.exclusive_s:.2f} s (removing {res.removing_s:.2f} s)"
         )
     )
+    if p.held or res.extended:
+        print(
+            f"Object Lock: kept {len(p.held)} unused file(s) until their retention ends; "
+            f"extended the retention of {res.extended} file(s) live points use"
+        )

@@ -84,10 +84,13 @@ def test_config_fields_match_code() -> None:
 def test_config_json_has_the_spec_fields() -> None:
     spec = {r["Field"] for r in spec_table("config")}
     new = json.loads(RepoConfig.new().to_json())
-    optional = {"encryption"}  # only in encrypted repositories' configs
+    # only in encrypted repositories' configs, and in those with Object Lock
+    optional = {"encryption", "object_lock"}
     assert _keys_of(new) == spec - optional
     sealed = _keys_of(json.loads(RepoConfig.new(encrypted=True).to_json()))
-    assert {k for k in sealed if not k.startswith("encryption.")} == spec
+    assert {k for k in sealed if not k.startswith("encryption.")} == spec - {"object_lock"}
+    locked = dataclasses.replace(RepoConfig.new(), object_lock={"days": 7, "mode": "GOVERNANCE"})
+    assert parse_config(locked.to_json(), "config.json") == locked
     # golden-v1 predates parity (FORMAT.md 4: a missing parity field reads as null)
     golden = _keys_of(json.loads((GOLDEN / fmt.CONFIG_NAME).read_bytes()))
     assert golden == {k for k in spec - optional if k.split(".")[0] != "parity"}

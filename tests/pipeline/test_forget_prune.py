@@ -43,6 +43,7 @@ def test_forget_prune_json_dry_run_then_real(
         "forgotten": [first],
         "kept": 1,
         "held_by_overlays": {},
+        "held_by_object_lock": {},
     }
     assert doc["prune"]["points_kept"] == 1 and doc["prune"]["packs_removed"] >= 1
     assert doc["prune"]["pack_bytes_removed"] > 0

@@ -1,0 +1,127 @@
+"""S3 Object Lock for a repository (``init --object-lock DAYS``, FORMAT.md 4 and 13): which
+objects get a retention date when written, how long they have left, and extending it.
+
+Locked are the objects no tool can rebuild: packs, their parity, manifests (leaves, roots,
+change tables) and point documents (``LOCKED``). Index segments and file catalogs are not:
+``repair index`` and ``comb index`` rebuild them, and a prune rewrites segments. Locks, the
+config and condemnation records never are (comb must replace or remove them). Every writing
+process learns the setting from the repository's config (read once per process and place), so
+Ray workers lock what they write without being told.
+
+Owns the retention of objects. Must not: decide what may be removed (``catalog.maint.prune``).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import UTC, datetime, timedelta
+from email.utils import parsedate_to_datetime
+from typing import TYPE_CHECKING, Any
+
+from catalog.errors import RepositoryError
+from catalog.store.format import CONFIG_NAME, parse_config
+from catalog.store.s3_client import error_code, reason
+from catalog.store.storage import Storage
+
+if TYPE_CHECKING:
+    from catalog.store.s3 import S3Storage
+
+LOCKED = ("packs", "parity", "manifests", "points", "forgotten")
+MODES = ("GOVERNANCE", "COMPLIANCE")
+_SETTINGS: dict[tuple[str, str], dict[str, Any] | None] = {}  # (bucket, prefix): the config's
+_SETTINGS_LOCK = threading.Lock()
+
+
+def _s3(storage: Storage) -> S3Storage | None:
+    from catalog.store.s3 import S3Storage  # (s3 imports this module)
+
+    return storage if isinstance(storage, S3Storage) else None
+
+
+def settings(storage: S3Storage) -> dict[str, Any] | None:
+    """The repository's ``object_lock`` ({"days", "mode"}) or None, from its config (read once
+    per process and place; a place without one is no repository, and nothing is locked)."""
+    where = (storage.bucket, storage.prefix)
+    with _SETTINGS_LOCK:
+        if where not in _SETTINGS:
+            if not storage.exists(CONFIG_NAME):  # not a repository (yet): nothing to lock
+                return None
+            _SETTINGS[where] = parse_config(storage.read(CONFIG_NAME), CONFIG_NAME).object_lock
+        return _SETTINGS[where]
+
+
+def put_args(storage: S3Storage, name: str) -> dict[str, Any]:
+    """The Object Lock arguments of a PUT of ``name`` (none for what is not locked)."""
+    if name.split("/", 1)[0] not in LOCKED:
+        return {}
+    lock = settings(storage)
+    if lock is None:
+        return {}
+    until = datetime.now(UTC) + timedelta(days=int(lock["days"]))
+    # S3 wants a checksum of a PUT with a retention date (Content-MD5 or a flexible one).
+    return {
+        "ObjectLockMode": lock["mode"],
+        "ObjectLockRetainUntilDate": until,
+        "ChecksumAlgorithm": "CRC32",
+    }
+
+
+def check_bucket(storage: Storage) -> None:
+    """Refuse a bucket without Object Lock (it cannot be turned on for objects one by one)."""
+    s3 = _s3(storage)
+    if s3 is None:
+        raise RepositoryError("Object Lock needs an s3:// repository")
+    try:
+        got = s3.client.get_object_lock_configuration(Bucket=s3.bucket)
+        enabled = got.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+    except Exception as err:
+        if error_code(err) not in ("ObjectLockConfigurationNotFoundError", "404"):
+            raise RepositoryError(
+                f"cannot read the Object Lock of {s3.bucket}: {reason(err)}"
+            ) from None
+        enabled = False
+    if not enabled:
+        raise RepositoryError(
+            f"bucket {s3.bucket} has no Object Lock: create the bucket with Object Lock enabled "
+            "(it cannot be enabled for a repository in a bucket without it)"
+        )
+
+
+def remaining(storage: Storage, name: str) -> float | None:
+    """Seconds until ``name``'s retention ends, by the server's clock (0 or less: ended); None
+    when it has none (or the storage is not S3, or the object is gone)."""
+    s3 = _s3(storage)
+    if s3 is None or name.split("/", 1)[0] not in LOCKED:
+        return None
+    head = s3._head(name)
+    if head is None or head.get("ObjectLockRetainUntilDate") is None:
+        return None
+    date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
+    now = parsedate_to_datetime(date).timestamp() if date else time.time()
+    return float(head["ObjectLockRetainUntilDate"].timestamp()) - now
+
+
+def extend(storage: Storage, names: list[str]) -> int:
+    """Give every locked object of ``names`` whose retention ends within half the repository's
+    period a full period again (what live points use stays protected); how many."""
+    s3 = _s3(storage)
+    lock = settings(s3) if s3 is not None else None
+    if s3 is None or lock is None:
+        return 0
+    period = int(lock["days"]) * 86400.0
+    done = 0
+    for name in names:
+        left = remaining(s3, name)
+        if left is None or left >= period / 2:
+            continue
+        until = datetime.now(UTC) + timedelta(seconds=period)
+        retention = {"Mode": lock["mode"], "RetainUntilDate": until}
+        try:
+            s3.client.put_object_retention(Bucket=s3.bucket, Key=s3.key(name), Retention=retention)
+        except Exception as err:
+            raise RepositoryError(
+                f"cannot extend the retention of {s3.where(name)}: {reason(err)}"
+            ) from None
+        done += 1
+    return done

@@ -1,0 +1,124 @@
+"""S3 Object Lock (``init --object-lock DAYS``) on a real S3 server process (moto, which enforces
+retention): packs, parity, manifests and point documents are written with a retention date, a
+direct delete of a locked version is refused, ``forget`` keeps a point whose document is still
+retained, ``prune`` keeps unused files until their retention ends and extends the retention of
+what live points use. Time passing is played by shortening retention (governance mode lets the
+test's account bypass it), as an administrator would."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error, point_ids
+from s3server import S3Server
+
+PREFIX = "locked"
+
+
+def _lock_bucket(server: S3Server) -> str:
+    name = f"comb-lock-{int(time.time() * 1e6) % 10**9}"
+    server.client().create_bucket(Bucket=name, ObjectLockEnabledForBucket=True)
+    return name
+
+
+def _keys(client: Any, bucket: str, folder: str) -> list[str]:
+    got = client.list_objects_v2(Bucket=bucket, Prefix=f"{PREFIX}/{folder}/")
+    return [o["Key"] for o in got.get("Contents", [])]
+
+
+def _retain_until(client: Any, bucket: str, key: str) -> datetime | None:
+    until: datetime | None = client.head_object(Bucket=bucket, Key=key).get(
+        "ObjectLockRetainUntilDate"
+    )
+    return until
+
+
+def _shorten(client: Any, bucket: str, keys: list[str]) -> None:
+    """Let a second pass (the retention of ``keys`` ends a second from now)."""
+    soon = datetime.now(UTC) + timedelta(seconds=1)
+    for key in keys:
+        client.put_object_retention(
+            Bucket=bucket,
+            Key=key,
+            Retention={"Mode": "GOVERNANCE", "RetainUntilDate": soon},
+            BypassGovernanceRetention=True,
+        )
+    time.sleep(1.5)
+
+
+def test_object_lock_needs_a_bucket_with_it(
+    cli: CliRunner, s3_env: S3Server, tmp_path: Path
+) -> None:
+    plain = s3_env.bucket()
+    res = cli("-r", f"s3://{plain}/r", "init", "--object-lock", "7")
+    assert_one_line_error(res, f"bucket {plain} has no Object Lock")
+    res = cli("-r", tmp_path / "r", "init", "--object-lock", "7")
+    assert_one_line_error(res, "needs an s3:// repository", code=2)
+    res = cli("-r", f"s3://{plain}/r", "init", "--object-lock-mode", "compliance")
+    assert_one_line_error(res, "needs --object-lock DAYS", code=2)
+
+
+def test_locked_points_survive_forget_and_prune_until_their_date(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    client = s3_env.client()
+    bucket = _lock_bucket(s3_env)
+    repo = f"s3://{bucket}/{PREFIX}"
+    res = cli("-r", repo, "init", "--object-lock", "1", "--json")
+    assert res.code == 0, res.err
+    assert json.loads(res.out)["object_lock"] == {"days": 1, "mode": "GOVERNANCE"}
+    img = make_image(4 * MiB)
+    img.random(0, 2 * MiB, seed=1)
+    assert cli("-r", repo, "backup", img.path, "--engine", "local", "--no-files").code == 0
+    img.random(0, 2 * MiB, seed=2)  # nothing in common with the first point
+    assert cli("-r", repo, "backup", img.path, "--engine", "local", "--no-files").code == 0
+    first, second = point_ids(cli, repo)
+
+    # What cannot be rebuilt is locked for a day; the index is not (repair index rebuilds it).
+    pack = _keys(client, bucket, "packs")[0]
+    until = _retain_until(client, bucket, pack)
+    assert until is not None
+    assert abs((until - datetime.now(UTC)).total_seconds() - 86400) < 600
+    for folder in ("parity", "manifests", "points"):
+        assert all(_retain_until(client, bucket, k) for k in _keys(client, bucket, folder))
+    assert not any(_retain_until(client, bucket, k) for k in _keys(client, bucket, "index"))
+    version = client.head_object(Bucket=bucket, Key=pack)["VersionId"]
+    with pytest.raises(Exception, match="AccessDenied"):
+        client.delete_object(Bucket=bucket, Key=pack, VersionId=version)
+
+    # forget keeps a point whose document is retained; once it is not, prune keeps its data.
+    res = cli("-r", repo, "forget", first, "--json")
+    assert res.code == 0 and first in json.loads(res.out)["held_by_object_lock"], res.out
+    assert point_ids(cli, repo) == [first, second]
+    _shorten(client, bucket, [f"{PREFIX}/points/{first}.json"])
+    assert cli("-r", repo, "forget", first).code == 0
+    packs = set(_keys(client, bucket, "packs"))
+    res = cli("-r", repo, "prune", "--json")
+    doc = json.loads(res.out)
+    assert res.code == 0 and doc["held_by_object_lock"] >= 1 and doc["packs_removed"] == 0, doc
+    assert set(_keys(client, bucket, "packs")) == packs
+
+    # Every retention ends: prune frees the first point's data and gives the second's a day.
+    everything = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
+    _shorten(client, bucket, [k for k in everything if _retain_until(client, bucket, k)])
+    res = cli("-r", repo, "prune", "--json")
+    doc = json.loads(res.out)
+    assert res.code == 0 and doc["packs_removed"] >= 1 and doc["held_by_object_lock"] == 0, doc
+    assert doc["retention_extended"] >= 3, doc  # the second point's pack, manifests, document
+    kept = _keys(client, bucket, "packs")
+    assert kept and all(
+        (_retain_until(client, bucket, k) or datetime.now(UTC))
+        > datetime.now(UTC) + timedelta(hours=23)
+        for k in kept
+    )
+    out = tmp_path / "second.img"
+    assert cli("-r", repo, "restore", second, out).code == 0
+    assert filecmp.cmp(out, img.path, shallow=False)
+    res = cli("-r", repo, "verify", "--read-data")
+    assert res.code == 0 and "clean" in res.out, res.out + res.err
