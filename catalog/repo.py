@@ -117,6 +117,8 @@ class Repository:
             key_id = crypto.add_key(storage, config.id, master, secret)
             storage.sealer = crypto.AesGcmSealer.from_master(master)
         storage.write_atomic(CONFIG_NAME, config.to_json())
+        if object_lock is not None:  # (written before the config said so: locked now)
+            s3_lock.extend(storage, [CONFIG_NAME, *storage.list(crypto.KEYS_PREFIX)])
         return Repository(storage, config, path, key_id)
 
     @staticmethod

@@ -1,10 +1,10 @@
-"""``forget``: which recovery points go, which stay because an overlay is over them or S3
-Object Lock still retains their document, and retiring the rest.
+"""``forget``: which recovery points go, which stay because an overlay is over them or they
+are younger than their S3 Object Lock period, and retiring the rest.
 
 Under the shared ``forget`` lock (FORMAT.md 13): the points are read (a damaged document stops
 it: keep rules decide per source and must not guess around one), the keep policy and the named
 points (``store.points.resolve``) say which go, a point that is the base of an overlay stays
-(``held``), and so does one whose document Object Lock still retains (``locked``); the others
+(``held``), and so does one younger than its Object Lock period (``locked``); the others
 are retired (``store.points.retire_point``: their documents move to ``forgotten/``). What they
 referenced is left to ``prune``. Prints nothing; the overlays are the caller's to list (they
 live in ``drive``).
@@ -31,7 +31,7 @@ class Forgotten:
     held: list[tuple[RecoveryPoint, list[str]]]  # would go, but overlays (named) are over it
     kept: int  # points left
     locked: list[tuple[RecoveryPoint, float]] = field(default_factory=list)  # Object Lock:
-    # would go, but the document's retention has that many seconds left
+    # would go, but is younger than the period by that many seconds
 
 
 def forget(
@@ -63,7 +63,7 @@ def forget(
         held: list[tuple[RecoveryPoint, list[str]]] = []
         locked: list[tuple[RecoveryPoint, float]] = []
         for p, drop in zip(points, mask.tolist(), strict=True):
-            left = s3_lock.remaining(repo.storage, point_name(p.id)) if drop else None
+            left = s3_lock.first_period_left(repo.storage, point_name(p.id)) if drop else None
             if drop and p.id in bases:
                 held.append((p, list(bases[p.id])))
             elif left is not None and left > 0:

@@ -30,6 +30,10 @@ from catalog.maint.gc import Marks, Plan, mark, mark_forgotten
 from catalog.maint.repack import Repacked, repack_candidates
 from catalog.repo import Repository
 from catalog.store import condemned, s3_lock
+from catalog.store.blocks import block_list_name
+from catalog.store.crypto import KEYS_PREFIX
+from catalog.store.format import CONFIG_NAME
+from catalog.store.leaves import LEAVES_PREFIX
 from catalog.store.locks import locked
 from catalog.store.parity import parity_name
 from catalog.store.points import RecoveryPoint, load_forgotten
@@ -111,6 +115,8 @@ def prune(
         mark_forgotten(repo, marks)
         forgotten = {p.id for p in load_forgotten(storage, [])[0]}
         first = gc.plan(repo, marks, done.retired)
+        if repo.config.object_lock is not None:  # what its retention keeps is not condemned
+            first = restrict(repo, first, first, float("inf"))
         if not (first.packs or condemnable(first) or first.tmp):
             extended = _extend(repo, first, marks)
             seconds = time.perf_counter() - t0
@@ -128,6 +134,7 @@ def prune(
                 mark(repo, later, marks)
                 mark_forgotten(repo, marks)
                 p = restrict(repo, gc.plan(repo, marks, done.retired), first, since)
+                p.held = first.held + p.held
 
                 def held(look: bool) -> None:  # (lost: a backup may have begun, nothing goes)
                     lease.held(look)
@@ -143,11 +150,17 @@ def prune(
 
 
 def _extend(repo: Repository, p: Plan, marks: Marks) -> int:
-    """Object Lock: the retention of what the live points use, extended where it ends soon."""
+    """Object Lock: the retention of what the live points use (their packs and parity, every
+    manifest and its block list, the documents, the keys and the config), extended where it
+    ends soon. (Forgotten points' documents and change tables stay for analytics, FORMAT 9.1.)"""
     if repo.config.object_lock is None:
         return 0
-    names = p.live + [parity_name(gc.pack_id(n)) for n in p.live] + sorted(marks.files)
-    return s3_lock.extend(repo.storage, names)
+    storage = repo.storage
+    parity = [parity_name(gc.pack_id(n)) for n in p.live] if repo.config.parity else []
+    files = sorted(marks.files)
+    lists = [block_list_name(n) for n in files if n.startswith(LEAVES_PREFIX)]
+    keys = [CONFIG_NAME, *storage.list(KEYS_PREFIX)]
+    return s3_lock.extend(storage, p.live + parity + files + lists + keys)
 
 
 def _points(repo: Repository) -> list[RecoveryPoint]:

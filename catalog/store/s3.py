@@ -351,7 +351,7 @@ class S3Storage:
         }
         if if_absent:
             args["IfNoneMatch"] = "*"
-        args.update(s3_lock.put_args(self, name))  # (Object Lock: a retention date)
+        args.update(s3_lock.put_args(self, name, body))  # (Object Lock: a retention date)
         with self._failing("write", self.where(name)):
             try:
                 self.client.put_object(**args)

@@ -2,9 +2,11 @@
 objects get a retention date when written, how long they have left, and extending it.
 
 Locked are the objects no tool can rebuild: packs, their parity, manifests (leaves, roots,
-change tables) and point documents (``LOCKED``). Index segments and file catalogs are not:
-``repair index`` and ``comb index`` rebuild them, and a prune rewrites segments. Locks, the
-config and condemnation records never are (comb must replace or remove them). Every writing
+change tables), point documents, key files and the config (``locked``); without the keys and
+the config an encrypted repository's packs could not be read. Index segments and file catalogs
+are not: ``repair index`` and ``comb index`` rebuild them, and a prune rewrites segments. Locks
+and condemnation records never are (comb removes them). A replaced config is a new version; a
+removed key stays, hidden, until its date. Every writing
 process learns the setting from the repository's config (read once per process and place), so
 Ray workers lock what they write without being told.
 
@@ -13,8 +15,9 @@ Owns the retention of objects. Must not: decide what may be removed (``catalog.m
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import threading
-import time
 from datetime import UTC, datetime, timedelta
 from email.utils import parsedate_to_datetime
 from typing import TYPE_CHECKING, Any
@@ -27,7 +30,7 @@ from catalog.store.storage import Storage
 if TYPE_CHECKING:
     from catalog.store.s3 import S3Storage
 
-LOCKED = ("packs", "parity", "manifests", "points", "forgotten")
+LOCKED = ("packs", "parity", "manifests", "points", "forgotten", "keys", CONFIG_NAME)
 MODES = ("GOVERNANCE", "COMPLIANCE")
 _SETTINGS: dict[tuple[str, str], dict[str, Any] | None] = {}  # (bucket, prefix): the config's
 _SETTINGS_LOCK = threading.Lock()
@@ -51,19 +54,32 @@ def settings(storage: S3Storage) -> dict[str, Any] | None:
         return _SETTINGS[where]
 
 
-def put_args(storage: S3Storage, name: str) -> dict[str, Any]:
-    """The Object Lock arguments of a PUT of ``name`` (none for what is not locked)."""
-    if name.split("/", 1)[0] not in LOCKED:
+def locked(name: str) -> bool:
+    return name.split("/", 1)[0] in LOCKED
+
+
+def put_args(storage: S3Storage, name: str, body: Any) -> dict[str, Any]:
+    """The Object Lock arguments of a PUT of ``name`` (none for what is not locked). S3 wants
+    a checksum with a retention date: Content-MD5, computed here over ``body`` (bytes, or a
+    file read once and rewound), since a checksum botocore adds to a streamed body would be
+    sent as a trailer, which several S3 servers store wrongly (``s3_client``)."""
+    if not locked(name):
         return {}
     lock = settings(storage)
     if lock is None:
         return {}
-    until = datetime.now(UTC) + timedelta(days=int(lock["days"]))
-    # S3 wants a checksum of a PUT with a retention date (Content-MD5 or a flexible one).
+    digest = hashlib.md5(usedforsecurity=False)
+    if isinstance(body, bytes | bytearray | memoryview):
+        digest.update(body)
+    else:
+        start = body.tell()
+        while block := body.read(1 << 20):
+            digest.update(block)
+        body.seek(start)
     return {
         "ObjectLockMode": lock["mode"],
-        "ObjectLockRetainUntilDate": until,
-        "ChecksumAlgorithm": "CRC32",
+        "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=int(lock["days"])),
+        "ContentMD5": base64.b64encode(digest.digest()).decode(),
     }
 
 
@@ -74,7 +90,15 @@ def check_bucket(storage: Storage) -> None:
         raise RepositoryError("Object Lock needs an s3:// repository")
     try:
         got = s3.client.get_object_lock_configuration(Bucket=s3.bucket)
-        enabled = got.get("ObjectLockConfiguration", {}).get("ObjectLockEnabled") == "Enabled"
+        config = got.get("ObjectLockConfiguration", {})
+        enabled = config.get("ObjectLockEnabled") == "Enabled"
+        if enabled and config.get("Rule", {}).get("DefaultRetention"):
+            raise RepositoryError(
+                f"bucket {s3.bucket} has a default retention: it would lock what comb must "
+                "replace or remove (locks, records); remove the rule (comb sets its own dates)"
+            )
+    except RepositoryError:
+        raise
     except Exception as err:
         if error_code(err) not in ("ObjectLockConfigurationNotFoundError", "404"):
             raise RepositoryError(
@@ -89,17 +113,35 @@ def check_bucket(storage: Storage) -> None:
 
 
 def remaining(storage: Storage, name: str) -> float | None:
-    """Seconds until ``name``'s retention ends, by the server's clock (0 or less: ended); None
-    when it has none (or the storage is not S3, or the object is gone)."""
+    """Seconds until ``name``'s retention ends, by the server's clock (0 or less: ended; minus
+    infinity: a locked kind of object written without one); None when it is not a locked
+    kind, the storage is not S3, or the object is gone."""
     s3 = _s3(storage)
-    if s3 is None or name.split("/", 1)[0] not in LOCKED:
+    if s3 is None or not locked(name):
         return None
     head = s3._head(name)
-    if head is None or head.get("ObjectLockRetainUntilDate") is None:
+    if head is None:
         return None
+    if head.get("ObjectLockRetainUntilDate") is None:
+        return float("-inf")
     date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
-    now = parsedate_to_datetime(date).timestamp() if date else time.time()
+    if not date:
+        raise RepositoryError(f"{s3.where(name)}: the server sends no Date header")
+    now = parsedate_to_datetime(date).timestamp()
     return float(head["ObjectLockRetainUntilDate"].timestamp()) - now
+
+
+def first_period_left(storage: Storage, name: str) -> float | None:
+    """Seconds until ``name`` is ``days`` old (server clock), if it is younger: a point may be
+    forgotten only then, whatever later extensions keep its version protected for; None
+    without Object Lock."""
+    s3 = _s3(storage)
+    lock = settings(s3) if s3 is not None else None
+    age = storage.age(name) if lock is not None else None
+    if lock is None or age is None:
+        return None
+    left = int(lock["days"]) * 86400.0 - age
+    return left if left > 0 else None
 
 
 def extend(storage: Storage, names: list[str]) -> int:

@@ -64,6 +64,8 @@ def cmd_copy(repo: str, args: argparse.Namespace) -> int:
         args.to_password_file, TO_PASSWORD_ENV, TO_PASSWORD_FILE_ENV, args.password
     )
     dst = Repository.open(args.to_repo, password=to_password)
+    if dst.config.id == src.config.id:
+        raise UsageError(f"{args.to_repo} is the repository copied from")
     points = [src.resolve(spec) for spec in args.points] if args.points else src.points()
     if args.source is not None:
         points = [p for p in points if p.source == args.source]

@@ -7,9 +7,11 @@ pipeline chunks, deduplicates, compresses and seals it with the target's own key
 local directory or S3 alike, on either engine. The new point keeps the original's time, source,
 tags and description and names it in ``copy_of`` (FORMAT.md 9). Points are copied oldest first;
 one copied already (a target point names it) is skipped, so a second copy sends nothing and a
-killed copy resumes with the point it was copying. A point whose source has a copied earlier
-point in the target becomes that point's child and reads only the byte runs where the two
-originals differ (``catalog.read.compare``, from their manifests): the cost follows the change.
+killed copy resumes with the point it was copying; so is one the target forgot, and one that
+is itself a copy of a point the target has (copying back does not double it). A point whose
+source has a copied earlier point in the target becomes that point's child and reads only the
+byte runs where the two originals differ (``catalog.read.compare``, from their manifests): the
+cost follows the change.
 
 Owns choosing, planning and running copies. Must not: print (``pipeline.cli.copy_cmd``).
 """
@@ -22,7 +24,7 @@ from typing import Any
 
 from catalog.read.compare import changed_runs
 from catalog.repo import Repository
-from catalog.store.points import RecoveryPoint
+from catalog.store.points import RecoveryPoint, load_forgotten
 from catalog.store.sealing import PLAIN, Sealer
 
 from ..engines import Engine
@@ -100,7 +102,16 @@ def _kept(point: RecoveryPoint) -> Callable[[object], dict[str, Any]]:
 
 
 def _copies(dst: Repository) -> dict[str, RecoveryPoint]:
+    """The target's live copies by original id (a later copy's parent is one of them)."""
     return {p.copy_of: p for p in dst.points() if p.copy_of is not None}
+
+
+def _had(dst: Repository) -> set[str]:
+    """Ids a copy skips: of every point the target has or had (a forgotten copy is not sent
+    again), and of the originals its points copy (a point copied back is not doubled)."""
+    gone, _bad = load_forgotten(dst.storage, [])
+    every = dst.points() + gone
+    return {p.id for p in every} | {p.copy_of for p in every if p.copy_of is not None}
 
 
 def copy_points(
@@ -120,10 +131,11 @@ def copy_points(
     sealer = src.sealer.for_workers()
     with reader_lock(src, "copy", long_lived=True), writer_lock(dst, "backup") as lock:
         for point in sorted(points, key=lambda p: (p.time, p.id)):
-            copies = _copies(dst)
-            if point.id in copies:
+            had = _had(dst)
+            if point.id in had or (point.copy_of is not None and point.copy_of in had):
                 yield point, None
                 continue
+            copies = _copies(dst)
             plan = plan_copy(src, dst, point, copies)
             source = PointAsSource(src.location, point.id, sealer)
             job = DiskJob(plan, source, point.source_path, fields=_kept(point))

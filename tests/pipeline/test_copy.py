@@ -89,12 +89,19 @@ def test_copy_to_s3_and_back(
     _same_points(cli, local, offsite, images, tmp_path)
     again = _copy(cli, "-r", local, "--to", offsite)
     assert again["copied"] == [] and len(again["skipped"]) == 3  # type: ignore[arg-type]
+    # Copying back doubles nothing; a copy the target forgot is not sent again.
+    back_again = _copy(cli, "--from", offsite, "--to", local)
+    assert back_again["copied"] == [] and len(back_again["skipped"]) == 3  # type: ignore[arg-type]
+    first_copy = point_ids(cli, offsite)[0]
+    assert cli("-r", offsite, "forget", first_copy).code == 0
+    again = _copy(cli, "-r", local, "--to", offsite)
+    assert again["copied"] == [] and len(again["skipped"]) == 3  # type: ignore[arg-type]
     # Into a repository with other keys (plain): chunk ids differ, the points are the same.
     back = tmp_path / "back"
     assert cli("-r", back, "init", "--encryption", "none").code == 0
     doc = _copy(cli, "--from", offsite, "--to", back, "--source", "vm")
-    assert len(doc["copied"]) == 2  # type: ignore[arg-type]
-    assert [p.source for p in Repository.open(str(back)).points()] == ["vm", "vm"]
+    assert len(doc["copied"]) == 1  # type: ignore[arg-type]  # (the first was forgotten)
+    assert [p.source for p in Repository.open(str(back)).points()] == ["vm"]
     res = cli("-r", back, "verify", "--read-data")
     assert res.code == 0 and "clean" in res.out, res.out + res.err
     # Another password for the target: COMB_TO_PASSWORD.
@@ -106,6 +113,10 @@ def test_copy_to_s3_and_back(
     doc = _copy(cli, "-r", local, "--to", other, "vm@latest")
     assert len(doc["copied"]) == 1  # type: ignore[arg-type]
     assert_one_line_error(cli("copy", "-r", local, "--to", local), "--to names", code=2)
+    monkeypatch.delenv("COMB_TO_PASSWORD")
+    (tmp_path / "link").symlink_to(local)
+    res = cli("copy", "-r", local, "--to", tmp_path / "link")
+    assert_one_line_error(res, "is the repository copied from", code=2)
     assert_one_line_error(cli("copy", "--to", offsite), "--from REPO", code=2)
 
 

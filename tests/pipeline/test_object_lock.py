@@ -18,6 +18,8 @@ import pytest
 from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error, point_ids
 from s3server import S3Server
 
+from catalog.store.s3 import S3Storage
+
 PREFIX = "locked"
 
 
@@ -65,7 +67,11 @@ def test_object_lock_needs_a_bucket_with_it(
 
 
 def test_locked_points_survive_forget_and_prune_until_their_date(
-    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, tmp_path: Path
+    cli: CliRunner,
+    s3_env: S3Server,
+    make_image: ImageFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     client = s3_env.client()
     bucket = _lock_bucket(s3_env)
@@ -85,19 +91,24 @@ def test_locked_points_survive_forget_and_prune_until_their_date(
     until = _retain_until(client, bucket, pack)
     assert until is not None
     assert abs((until - datetime.now(UTC)).total_seconds() - 86400) < 600
-    for folder in ("parity", "manifests", "points"):
+    for folder in ("parity", "manifests", "points", "keys"):
         assert all(_retain_until(client, bucket, k) for k in _keys(client, bucket, folder))
+    assert _retain_until(client, bucket, f"{PREFIX}/config.json")
     assert not any(_retain_until(client, bucket, k) for k in _keys(client, bucket, "index"))
     version = client.head_object(Bucket=bucket, Key=pack)["VersionId"]
     with pytest.raises(Exception, match="AccessDenied"):
         client.delete_object(Bucket=bucket, Key=pack, VersionId=version)
 
-    # forget keeps a point whose document is retained; once it is not, prune keeps its data.
+    # forget keeps a point younger than the period; once older, prune keeps its data while
+    # its retention lasts (two days pass for the documents' ages: the server's clock is not
+    # the test's to move).
     res = cli("-r", repo, "forget", first, "--json")
     assert res.code == 0 and first in json.loads(res.out)["held_by_object_lock"], res.out
     assert point_ids(cli, repo) == [first, second]
-    _shorten(client, bucket, [f"{PREFIX}/points/{first}.json"])
-    assert cli("-r", repo, "forget", first).code == 0
+    real_age = S3Storage.age
+    with monkeypatch.context() as later:
+        later.setattr(S3Storage, "age", lambda self, n: (real_age(self, n) or 0) + 2 * 86400)
+        assert cli("-r", repo, "forget", first).code == 0
     packs = set(_keys(client, bucket, "packs"))
     res = cli("-r", repo, "prune", "--json")
     doc = json.loads(res.out)
