@@ -42,7 +42,8 @@ def _retain_until(client: Any, bucket: str, key: str) -> datetime | None:
 
 
 def _shorten(client: Any, bucket: str, keys: list[str]) -> None:
-    """Let a second pass (the retention of ``keys`` ends a second from now)."""
+    """The retention of ``keys`` ends a second from now; then it has passed even by the
+    server's ``Date``, which has whole seconds (so 2.5 s)."""
     soon = datetime.now(UTC) + timedelta(seconds=1)
     for key in keys:
         client.put_object_retention(
@@ -51,7 +52,7 @@ def _shorten(client: Any, bucket: str, keys: list[str]) -> None:
             Retention={"Mode": "GOVERNANCE", "RetainUntilDate": soon},
             BypassGovernanceRetention=True,
         )
-    time.sleep(1.5)
+    time.sleep(2.5)
 
 
 def test_object_lock_needs_a_bucket_with_it(
