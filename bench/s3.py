@@ -28,7 +28,9 @@ from typing import Any
 from catalog.repo import Repository
 from catalog.store import s3_client
 from catalog.store.crypto import ALGORITHM
+from catalog.store.s3 import is_s3
 from pipeline.engines import make_engine
+from pipeline.jobs import restore as restore_job
 from pipeline.jobs.copy import copy_points
 
 from .image import (
@@ -114,7 +116,8 @@ def _comb(location: str, image: str, workdir: str) -> dict[str, Any]:
     repo = Repository.init(location, password=BENCH_PASSWORD, encryption=ALGORITHM)
     work = os.path.join(workdir, "s3-work.img")
     sparse_copy(image, work)
-    for step in ("full", "incremental", "restore"):
+    steps = ["full", "incremental", "restore"] + (["restore_1"] if is_s3(location) else [])
+    for step in steps:
         before = s3_client.REQUESTS.snapshot()
         warm(work)
         if step == "full":
@@ -137,7 +140,17 @@ def _comb(location: str, image: str, workdir: str) -> dict[str, Any]:
             repo = Repository.open(location, password=BENCH_PASSWORD)
             latest = max(repo.points(), key=lambda p: p.time)
             target = os.path.join(workdir, "s3-restored.img")
-            got = restore(repo, latest.id, target, "restore", reference=work)
+            # restore_1: one read in flight, one thread (what a restore that fetches chunk
+            # after chunk does: the kopia case), against the default many.
+            one = {"RESTORE_THREADS": 1, "INFLIGHT_READS": 1} if step == "restore_1" else {}
+            saved = {k: getattr(restore_job, k) for k in one}
+            for k, v in one.items():
+                setattr(restore_job, k, v)
+            try:
+                got = restore(repo, latest.id, target, "restore", reference=work)
+            finally:
+                for k, v in saved.items():
+                    setattr(restore_job, k, v)
             if not got.identical:
                 raise SystemExit(f"bench s3: the restore from {location} differs from its source")
             seconds, data = got.wall_s, got.data_bytes
@@ -225,6 +238,18 @@ def _report(size: int, ceiling: dict[str, float], runs: dict[str, dict[str, Any]
                          sum(calls.values()), "", detail])  # fmt: skip
     lines.append(
         table("S3 API calls", ["step", "calls", "per GiB of data", "by operation"], req_rows)
+    )
+    one, many = runs["s3"]["restore_1"], runs["s3"]["restore"]
+    in_flight = f"{restore_job.INFLIGHT_READS} ({restore_job.RESTORE_THREADS} threads)"
+    lines.append(
+        table(
+            "restore from S3: reads in flight",
+            ["reads in flight", "s", "MB/s"],
+            [
+                [label, f"{r['seconds']:.2f}", f"{r['data_bytes'] / r['seconds'] / 1e6:.0f}"]
+                for label, r in (("1 (one thread)", one), (in_flight, many))
+            ],
+        )
     )
     full, rest = runs["s3"]["full"], runs["s3"]["restore"]
     incr_calls = runs["s3"]["incremental"]["requests"]
