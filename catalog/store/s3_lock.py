@@ -1,5 +1,6 @@
 """S3 Object Lock for a repository (``init --object-lock DAYS``, FORMAT.md 4 and 13): which
-objects get a retention date when written, how long they have left, and extending it.
+objects get a retention date when written, how long they have left, and extending it; and
+whether the bucket keeps old versions of what comb removes (``versions_kept``).
 
 Locked are the objects no tool can rebuild: packs, their parity, manifests (leaves, roots,
 change tables), point documents, key files and the config (``locked``); without the keys and
@@ -167,3 +168,33 @@ def extend(storage: Storage, names: list[str]) -> int:
             ) from None
         done += 1
     return done
+
+
+def versions_kept(storage: Storage) -> str | None:
+    """Why what a prune removes would stay stored, or None: the bucket keeps old versions
+    (versioning on, as Object Lock requires) and no lifecycle rule expires noncurrent ones."""
+    s3 = _s3(storage)
+    if s3 is None:
+        return None
+    try:
+        if s3.client.get_bucket_versioning(Bucket=s3.bucket).get("Status") != "Enabled":
+            return None
+        try:
+            rules = s3.client.get_bucket_lifecycle_configuration(Bucket=s3.bucket)["Rules"]
+        except Exception as err:
+            if error_code(err) != "NoSuchLifecycleConfiguration":
+                raise
+            rules = []
+    except Exception as err:  # (no permission to look: say nothing rather than guess)
+        if error_code(err) in ("AccessDenied", "403"):
+            return None
+        raise RepositoryError(
+            f"cannot read the settings of bucket {s3.bucket}: {reason(err)}"
+        ) from None
+    for rule in rules:
+        if rule.get("Status") == "Enabled" and rule.get("NoncurrentVersionExpiration"):
+            return None
+    return (
+        f"bucket {s3.bucket} keeps every version of what prune removes (versioning is on and "
+        "no lifecycle rule expires noncurrent versions): add one, or prune frees no storage"
+    )

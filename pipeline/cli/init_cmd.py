@@ -6,10 +6,11 @@ import argparse
 
 from catalog.errors import UsageError
 from catalog.repo import Repository
+from catalog.store import s3_lock
 from catalog.store.format import DEFAULT_CHUNK_SIZE_BYTES
 from catalog.store.parity import ParityGeometry
 
-from ..console import print_json
+from ..console import note, print_json
 from . import Subparsers, command
 
 
@@ -87,6 +88,9 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
         object_lock=lock,
     )
     g = r.config.parity
+    kept = s3_lock.versions_kept(r.storage)
+    if kept:
+        note(kept)
     if args.json:
         print_json(
             {

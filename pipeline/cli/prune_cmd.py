@@ -8,8 +8,9 @@ from typing import Any
 from catalog.errors import RepositoryError
 from catalog.maint.prune import PruneResult, prune
 from catalog.repo import Repository
+from catalog.store import s3_lock
 
-from ..console import human_bytes, print_json, waiting, warn
+from ..console import human_bytes, note, print_json, waiting, warn
 from ..locking import ensure_locking
 from . import Subparsers, command
 
@@ -47,7 +48,11 @@ def run_prune(r: Repository, dry_run: bool) -> PruneResult:
         )
     if not dry_run:
         ensure_locking(r)
-    return prune(r, dry_run=dry_run, on_wait=waiting)
+    result = prune(r, dry_run=dry_run, on_wait=waiting)
+    kept = s3_lock.versions_kept(r.storage) if result.plan.bytes else None
+    if kept:
+        note(kept)
+    return result
 
 
 def prune_doc(res: PruneResult) -> dict[str, Any]:

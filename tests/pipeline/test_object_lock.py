@@ -80,6 +80,8 @@ def test_locked_points_survive_forget_and_prune_until_their_date(
     res = cli("-r", repo, "init", "--object-lock", "1", "--json")
     assert res.code == 0, res.err
     assert json.loads(res.out)["object_lock"] == {"days": 1, "mode": "GOVERNANCE"}
+    # Object Lock means versioning: without a rule expiring old versions, prune frees nothing.
+    assert res.err.count("\n") == 1 and "keeps every version" in res.err, res.err
     img = make_image(4 * MiB)
     img.random(0, 2 * MiB, seed=1)
     assert cli("-r", repo, "backup", img.path, "--engine", "local", "--no-files").code == 0
@@ -116,12 +118,19 @@ def test_locked_points_survive_forget_and_prune_until_their_date(
     assert res.code == 0 and doc["held_by_object_lock"] >= 1 and doc["packs_removed"] == 0, doc
     assert set(_keys(client, bucket, "packs")) == packs
 
-    # Every retention ends: prune frees the first point's data and gives the second's a day.
+    # Every retention ends: prune frees the first point's data and gives the second's a day
+    # (and says nothing of versions: a lifecycle rule expires the old ones now).
+    rule = {"ID": "old", "Status": "Enabled", "Filter": {"Prefix": ""},
+            "NoncurrentVersionExpiration": {"NoncurrentDays": 1}}  # fmt: skip
+    client.put_bucket_lifecycle_configuration(
+        Bucket=bucket, LifecycleConfiguration={"Rules": [rule]}
+    )
     everything = [o["Key"] for o in client.list_objects_v2(Bucket=bucket)["Contents"]]
     _shorten(client, bucket, [k for k in everything if _retain_until(client, bucket, k)])
     res = cli("-r", repo, "prune", "--json")
     doc = json.loads(res.out)
     assert res.code == 0 and doc["packs_removed"] >= 1 and doc["held_by_object_lock"] == 0, doc
+    assert "keeps every version" not in res.err, res.err
     assert doc["retention_extended"] >= 3, doc  # the second point's pack, manifests, document
     kept = _keys(client, bucket, "packs")
     assert kept and all(
