@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import pytest
-from combtest import CliRunner, ImageFactory, MiB, point_ids
+from combtest import TEST_PASSWORD, CliRunner, ImageFactory, MiB, point_ids
 from s3server import S3Server
+
+from catalog.repo import Repository
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -90,3 +92,56 @@ def test_killed_backup_and_prune_on_s3_lose_nothing(
     assert res.code == 0, res.err
     assert packs() == before
     assert cli("-r", repo, "verify").code == 0
+
+
+def test_two_backups_and_a_prune_at_once_on_s3(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """Two `comb backup` processes (different sources) and a `comb prune` started together
+    against one bucket, twice: the backups store blocks that only a forgotten point had (the
+    prune's garbage) while it condemns and removes them. Every process ends well, every
+    committed point restores byte for byte, and the repository verifies clean.
+    (tests/pipeline/test_condemn.py forces the hard orders one by one.)"""
+    repo = f"s3://{s3_env.bucket()}/race"
+    assert cli("-r", repo, "init").code == 0
+    expect: dict[str, Path] = {}  # point id -> its image
+
+    def restores() -> None:
+        for point, image in expect.items():
+            out = tmp_path / "out.img"
+            assert cli("-r", repo, "restore", point, out).code == 0
+            assert filecmp.cmp(out, image, shallow=False), point
+            out.unlink()
+
+    for round_ in range(2):
+        old = make_image(8 * MiB, f"old{round_}.img")
+        for i in range(4):
+            old.random(i * 2 * MiB, MiB, seed=100 * round_ + i)
+        assert cli("-r", repo, "backup", old.path, "--source-name", f"old{round_}").code == 0
+        assert cli("-r", repo, "forget", f"old{round_}@latest").code == 0
+        images = {}
+        for who in "ab":
+            img = make_image(8 * MiB, f"{who}{round_}.img")
+            for i in range(4):  # two of the forgotten point's blocks, two new ones
+                forgotten = (i + (who == "b")) % 2 == 1
+                img.random(i * 2 * MiB, MiB, seed=100 * round_ + i if forgotten else 7000 + i)
+            images[who] = img.path
+        procs = {
+            who: _start("-r", repo, "backup", images[who], "--source-name", who,
+                        "--engine", "local", "--no-files")
+            for who in "ab"
+        }  # fmt: skip
+        procs["prune"] = _start("-r", repo, "prune")
+        for name, proc in procs.items():
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, f"{name}: {err.decode(errors='replace')}"
+        r = Repository.open(repo, password=TEST_PASSWORD)
+        for who in "ab":
+            expect[r.resolve(f"{who}@latest").id] = images[who].rename(
+                tmp_path / f"{who}{round_}-kept.img"
+            )
+        restores()
+    res = cli("-r", repo, "verify", "--read-data")
+    assert res.code == 0 and "clean" in res.out, res.out + res.err
+    assert cli("-r", repo, "prune").code == 0
+    restores()
