@@ -13,6 +13,8 @@ checks this in ``./test.sh`` (contracts in pyproject.toml).
     s3          ``S3Storage``: the interface on S3 or an S3-compatible server (every request)
     s3_client   its boto3 client (configuration, retries, API calls counted, errors in one line)
     s3_copies   local copies of its files for readers that take a path, bounded
+    s3_lock     S3 Object Lock: retention dates of what cannot be rebuilt, extending them; old
+                versions a bucket keeps
     cachedir    where local caches live (outside every repository)
     locations   a repository's location (a directory or ``s3://BUCKET/PREFIX``) -> its storage
     format      format constants and the config file
