@@ -67,10 +67,12 @@ def restrict(repo: Repository, p: Plan, first: Plan, since: float) -> Plan:
         written = storage.mtime(name)
         return written is not None and written < since
 
+    locking = repo.config.object_lock is not None
+
     def old(name: str) -> bool:
         if name not in allowed or not old_enough(name):
             return False
-        left = s3_lock.remaining(storage, name)  # (Object Lock: kept until its date)
+        left = s3_lock.remaining(storage, name) if locking else None  # (kept until its date)
         if left is not None and left > 0:
             out.held.append(name)
             return False

@@ -189,10 +189,15 @@ def test_prune_removes_the_objects_of_forgotten_data(
         return {o["Key"] for o in found.get("Contents", ())}
 
     packs, parity = objects("packs"), objects("parity")
+    before = REQUESTS.snapshot()
     res = cli("-r", repo, "forget", first, "--prune", "--json")
     assert res.code == 0, res.err
     removed = json.loads(res.out)["prune"]["packs_removed"]
     assert removed >= 1
+    # Three HEADs per pack removed (its size in each of the prune's two plans, its age against
+    # the record): none for a retention date in a repository without Object Lock.
+    heads = REQUESTS.snapshot().get("HeadObject packs", 0) - before.get("HeadObject packs", 0)
+    assert heads <= 3 * removed, (heads, removed)
     assert objects("packs") < packs and len(objects("packs")) == len(packs) - removed
     assert len(objects("parity")) == len(parity) - removed
     out = tmp_path / "out.img"
