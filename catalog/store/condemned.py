@@ -138,7 +138,7 @@ def wait_for_sessions(
 def commit_guard(
     storage: Storage,
     needed: bool,
-    packs: Callable[[], Iterable[str]],
+    packs: Iterable[str],
     parity: bool,
     held: Callable[[], None],
     on_wait: object = None,
@@ -146,7 +146,7 @@ def commit_guard(
     """Where a backup commits, when records were there as it began (``needed``): a prune that
     did not wait for it may be removing, and a pack it wrote may have the very name (the same
     bytes, in a plain repository) of one that prune condemned. Under a shared ``commit`` lock
-    (no prune's ``remove`` runs or starts while it is held) every pack of ``packs()`` and, with
+    (no prune's ``remove`` runs or starts while it is held) every pack of ``packs`` and, with
     ``parity``, its parity file must exist, or the backup stops before committing anything; a
     prune that removes later plans again and sees the point; ``held()`` (the backup's own lock
     still held) is checked once the ``commit`` lock is taken. Without records a prune that
@@ -156,7 +156,7 @@ def commit_guard(
         return
     with locked(storage, "commit", None, "commit", on_wait):
         held()  # the wait may have been long: a prune may have taken the backup for dead
-        for pack in sorted(packs()):
+        for pack in sorted(packs):
             for name in (pack_name(pack), parity_name(pack))[: 2 if parity else 1]:
                 if not storage.exists(name):
                     raise LockedError(

@@ -39,11 +39,9 @@ def read_password(
         (NEW_PASSWORD_ENV, NEW_PASSWORD_FILE_ENV) if new else (PASSWORD_ENV, PASSWORD_FILE_ENV)
     )
     confirm = confirm or new
-    path = password_file or os.environ.get(file_env)
-    if path:
-        password = _from_file(path)
-    elif env in os.environ:
-        password = os.environ[env]
+    given = _given(password_file, env, file_env)
+    if given is not None:
+        password = given
     elif sys.stdin.isatty():
         what = "new password" if new else "password"
         try:
@@ -70,18 +68,23 @@ def other_password_source(
     ``env``, else the first repository's source (``fallback``: one password for both)."""
 
     def source(location: str, confirm: bool) -> str:
-        given = path or os.environ.get(file_env)
-        if given:
-            password = _from_file(given)
-        elif env in os.environ:
-            password = os.environ[env]
-        else:
+        password = _given(path, env, file_env)
+        if password is None:
             return fallback(location, confirm)
         if not password:
             raise UsageError("an empty password is not allowed")
         return password
 
     return source
+
+
+def _given(path: str | None, env: str, file_env: str) -> str | None:
+    """A password given without a prompt: from ``path``, the file ``file_env`` names, or
+    ``env``; None when none is."""
+    path = path or os.environ.get(file_env)
+    if path:
+        return _from_file(path)
+    return os.environ.get(env)
 
 
 def _from_file(path: str) -> str:

@@ -29,7 +29,7 @@ from catalog.store.sealing import PLAIN, Sealer
 
 from ..engines import Engine
 from ..locking import reader_lock, writer_lock
-from .plan import align, intersect
+from .plan import align, clip, intersect
 from .runner import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
 
 
@@ -60,12 +60,7 @@ class OpenPoint:
         self._reader.read_into(buf, offset)
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
-        out = []
-        for o, n in self._reader.extents():
-            lo, hi = max(o, start), min(o + n, end)
-            if lo < hi:
-                out.append((lo, hi - lo))
-        return out
+        return clip(self._reader.extents(), start, end)
 
     def close(self) -> None:
         """Nothing to release: the reader holds no file open between reads."""
@@ -101,17 +96,14 @@ def _kept(point: RecoveryPoint) -> Callable[[object], dict[str, Any]]:
     return lambda _changes: dict(kept)
 
 
-def _copies(dst: Repository) -> dict[str, RecoveryPoint]:
-    """The target's live copies by original id (a later copy's parent is one of them)."""
-    return {p.copy_of: p for p in dst.points() if p.copy_of is not None}
-
-
-def _had(dst: Repository) -> set[str]:
-    """Ids a copy skips: of every point the target has or had (a forgotten copy is not sent
-    again), and of the originals its points copy (a point copied back is not doubled)."""
-    gone, _bad = load_forgotten(dst.storage, [])
-    every = dst.points() + gone
-    return {p.id for p in every} | {p.copy_of for p in every if p.copy_of is not None}
+def _target(dst: Repository) -> tuple[dict[str, RecoveryPoint], set[str]]:
+    """The target's live copies by original id (a later copy's parent is one of them), and the
+    ids a copy skips: of every point the target has or had (a forgotten copy is not sent
+    again) and of the originals its points copy (a point copied back is not doubled)."""
+    live = dst.points()
+    every = live + load_forgotten(dst.storage, live)[0]
+    copies = {p.copy_of: p for p in live if p.copy_of is not None}
+    return copies, {p.id for p in every} | {p.copy_of for p in every if p.copy_of is not None}
 
 
 def copy_points(
@@ -131,11 +123,10 @@ def copy_points(
     sealer = src.sealer.for_workers()
     with reader_lock(src, "copy", long_lived=True), writer_lock(dst, "backup") as lock:
         for point in sorted(points, key=lambda p: (p.time, p.id)):
-            had = _had(dst)
+            copies, had = _target(dst)
             if point.id in had or (point.copy_of is not None and point.copy_of in had):
                 yield point, None
                 continue
-            copies = _copies(dst)
             plan = plan_copy(src, dst, point, copies)
             source = PointAsSource(src.location, point.id, sealer)
             job = DiskJob(plan, source, point.source_path, fields=_kept(point))

@@ -15,6 +15,8 @@ from catalog.repo import Repository
 from catalog.store.sealing import PLAIN, Sealer
 from drive.overlays.reader import OverlayReader
 
+from .plan import clip
+
 PREFIX = "overlay:"
 
 
@@ -45,9 +47,4 @@ class OpenOverlay(OverlayReader):
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
         """The base point's data runs and every written run (data or zeros), merged."""
-        out = []
-        for o, n in self.extents():
-            lo, hi = max(o, start), min(o + n, end)
-            if lo < hi:
-                out.append((lo, hi - lo))
-        return out
+        return clip(self.extents(), start, end)

@@ -32,6 +32,16 @@ def align(ranges: list[Range], chunk: int, size: int) -> list[Range]:
     return out
 
 
+def clip(runs: list[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    """(offset, length) runs cut to [start, end) (a source's ``data_extents``)."""
+    out = []
+    for o, n in runs:
+        lo, hi = max(o, start), min(o + n, end)
+        if lo < hi:
+            out.append((lo, hi - lo))
+    return out
+
+
 def intersect(a: list[Range], b: list[Range]) -> list[Range]:
     """Intersection of two sorted, merged range lists."""
     out: list[Range] = []

@@ -293,8 +293,7 @@ def run_jobs(
         held = lock.held if lock is not None else lambda: None
         held()  # (a prune may have run if it was lost: nothing is committed then)
         parity = cfg.parity is not None
-        packs = lambda: index_seg.packs  # noqa: E731
-        with condemned.commit_guard(storage, guarded, packs, parity, held, waiting):
+        with condemned.commit_guard(storage, guarded, index_seg.packs, parity, held, waiting):
             # Once the commit begins, a signal waits for it, the engine's shutdown and the
             # report: the points are committed and reported, never committed and reported as
             # interrupted.
