@@ -3,11 +3,12 @@ objects (FORMAT.md 13 note 4, 19). An overlay's log files are appended to, their
 cut, and its ``lock`` is held by one process at a time.
 
 Owns the two handle interfaces a storage hands out for them (``Storage.open_log``,
-``create_log``, ``file_lock``) and their local implementation: a file descriptor each. An object
-store implements them differently (a log as a sequence of appended objects, the lock as a lease
-object), so what each call promises is written here. Handles raise ``OSError`` with its errno
-(a full disk stays ENOSPC for an NBD client), not ``RepositoryError``: their callers word the
-message. Must not: know record formats or overlay names (``drive.overlays``).
+``create_log``, ``file_lock``) and their local implementation: a file descriptor each. Object
+storage implements them differently (``catalog.store.s3_inplace``: a log as a run of part
+objects, the lock as a lease), so what each call promises is written here. Handles raise
+``OSError`` with its errno (a full disk stays ENOSPC for an NBD client), not
+``RepositoryError``: their callers word the message. Must not: know record formats or overlay
+names (``drive.overlays``).
 """
 
 from __future__ import annotations
@@ -25,6 +26,9 @@ class LogFile(Protocol):
 
     def size(self) -> int:
         """Its length in bytes now."""
+
+    def modified(self) -> float:
+        """When it was last written to storage (seconds since the epoch)."""
 
     def pread(self, n: int, at: int) -> bytes:
         """Up to ``n`` bytes from offset ``at`` (fewer only at its end)."""
@@ -56,6 +60,8 @@ class FileLock(Protocol):
 class InPlaceFiles(Protocol):
     """What a storage offers for files written in place (part of ``storage.Storage``)."""
 
+    logs_reopen: bool  # a log written by an earlier opener takes more writes (else: a new log)
+
     def open_log(self, name: str, writable: bool = False) -> LogFile:
         """The existing log file ``name``, read-only unless ``writable``."""
 
@@ -75,6 +81,9 @@ class LocalLog:
 
     def size(self) -> int:
         return os.fstat(self.fd).st_size
+
+    def modified(self) -> float:
+        return os.fstat(self.fd).st_mtime
 
     def pread(self, n: int, at: int) -> bytes:
         return os.pread(self.fd, n, at)

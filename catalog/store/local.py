@@ -219,6 +219,8 @@ def pwrite_all(fd: int, data: memoryview, offset: int) -> None:
 class LocalStorage:
     """A repository in a local directory."""
 
+    logs_reopen = True  # (``inplace.InPlaceFiles``)
+
     def __init__(self, root: str, direct_io: bool = True, sealer: Sealer = PLAIN) -> None:
         self.root = os.path.abspath(root)
         self.sealer = sealer  # plain, or the unwrapped keys of an encrypted repository
@@ -393,11 +395,9 @@ class LocalStorage:
 
 def _private_dir(path: str) -> None:
     """``path`` as a directory of mode 0700 (an existing one keeps its mode)."""
-    try:
+    with suppress(FileExistsError):
         os.mkdir(path, DIR_MODE)
-    except FileExistsError:
-        return
-    os.chmod(path, DIR_MODE)
+        os.chmod(path, DIR_MODE)
 
 
 @contextmanager

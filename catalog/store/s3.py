@@ -16,8 +16,8 @@ some ignore ranges (every chunk read is one). A body cut off while it streams is
 (botocore retries requests, not bodies).
 
 Owns every request to the object store. Must not: know what a file holds (the other
-``catalog.store`` modules do). Files written in place (an overlay's log and lock) are not held
-on object storage yet.
+``catalog.store`` modules do). Files written in place (an overlay's log and lock) are
+``catalog.store.s3_inplace``'s.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from catalog.errors import RepositoryError
-from catalog.store import s3_copies, s3_lock
+from catalog.store import s3_copies, s3_inplace, s3_lock
 from catalog.store.inplace import FileLock, LogFile
 from catalog.store.s3_client import (
     BODY_ATTEMPTS,
@@ -44,6 +44,7 @@ from catalog.store.s3_client import (
     error_code,
     missing,
     reason,
+    refused,
     shared_client,
 )
 from catalog.store.sealing import PLAIN, Sealer
@@ -239,10 +240,11 @@ class S3Storage:
         return None if head is None else float(head["LastModified"].timestamp())
 
     def age(self, name: str) -> float | None:
-        """By the server's clock: the ``Date`` of the HEAD's response minus ``Last-Modified``."""
         head = self._head(name)
-        if head is None:
-            return None
+        return None if head is None else self.head_age(head, name)
+
+    def head_age(self, head: dict[str, Any], name: str) -> float:
+        """By the server's clock: the ``Date`` of the HEAD's response minus ``Last-Modified``."""
         date = head.get("ResponseMetadata", {}).get("HTTPHeaders", {}).get("date")
         if not date:
             raise RepositoryError(f"{self.where(name)}: the server sends no Date header")
@@ -341,25 +343,25 @@ class S3Storage:
         self.probe()
         self.put(name, data, len(data))
 
-    def put(self, name: str, body: Any, size: int, if_absent: bool = False) -> bool:
-        """One PUT; ``if_absent``: only when no object has that name (False: one had)."""
-        args: dict[str, Any] = {
-            "Bucket": self.bucket,
-            "Key": self.key(name),
-            "Body": body,
-            "ContentLength": size,
-        }
+    def put(
+        self, name: str, body: Any, size: int, if_absent: bool = False, if_match: str = ""
+    ) -> str | None:
+        """One PUT, its ETag; ``if_absent``: only when no object has that name, ``if_match``:
+        only over the object of that ETag (compare-and-swap). None: the condition failed."""
+        args: dict[str, Any] = {"Bucket": self.bucket, "Key": self.key(name), "Body": body}
+        args["ContentLength"] = size
         if if_absent:
             args["IfNoneMatch"] = "*"
+        if if_match:
+            args["IfMatch"] = if_match
         args.update(s3_lock.put_args(self, name, body))  # (Object Lock: a retention date)
         with self._failing("write", self.where(name)):
             try:
-                self.client.put_object(**args)
+                return str(self.client.put_object(**args).get("ETag", ""))
             except Exception as err:
-                if if_absent and error_code(err) in ("PreconditionFailed", "412"):
-                    return False
+                if (if_absent or if_match) and refused(err):
+                    return None
                 raise
-        return True
 
     def remove(self, name: str) -> None:
         with self._failing("remove", self.where(name)):
@@ -383,9 +385,9 @@ class S3Storage:
             name = f"{PROBE_PREFIX}/{secrets.token_hex(8)}"
             payload = secrets.token_bytes(64) + bytes(range(256))
             try:
-                if not self.put(name, payload, len(payload), if_absent=True):
+                if self.put(name, payload, len(payload), if_absent=True) is None:
                     raise RepositoryError(f"{self.where(name)}: a new random name already taken")
-                if self.put(name, b"x", 1, if_absent=True):
+                if self.put(name, b"x", 1, if_absent=True) is not None:
                     raise RepositoryError(
                         f"{self.location}: the S3 server ignores If-None-Match (a conditional "
                         "create overwrote an object); comb refuses it: concurrent writers "
@@ -399,19 +401,15 @@ class S3Storage:
                 self.remove(name)
             _PROBED.add(where)
 
-    # -- files written in place ------------------------------------------------------------
+    # -- files written in place (``catalog.store.s3_inplace``) --------------------------------
 
-    def _in_place(self, name: str) -> RepositoryError:
-        return RepositoryError(
-            f"{self.where(name)}: overlays (files written in place) need a repository in a "
-            "local directory; object storage does not hold them yet"
-        )
+    logs_reopen = False  # every open for writing starts a new log
 
     def open_log(self, name: str, writable: bool = False) -> LogFile:
-        raise self._in_place(name)
+        return s3_inplace.open_log(self, name, writable)
 
     def create_log(self, name: str) -> LogFile:
-        raise self._in_place(name)
+        return s3_inplace.create_log(self, name)
 
     def file_lock(self, name: str) -> FileLock:
-        raise self._in_place(name)
+        return s3_inplace.Lease(self, name)

@@ -169,3 +169,14 @@ def reason(err: BaseException) -> str:
 
 def missing(err: BaseException) -> bool:
     return error_code(err) in ("404", "NoSuchKey", "NotFound")
+
+
+def refused(err: BaseException) -> bool:
+    """A conditional request's condition did not hold (412), lost a race with another
+    conditional write (409), or named an object that is gone (404, for If-Match)."""
+    return missing(err) or error_code(err) in (
+        "PreconditionFailed",
+        "412",
+        "409",
+        "ConditionalRequestConflict",
+    )

@@ -164,12 +164,16 @@ def info(repo: Repository, name: str) -> OverlayInfo:
     for k, n in enumerate(logs):
         file = shown(repo, log_path(name, n))
         try:
-            found = replay_log(repo, name, n, k == len(logs) - 1, size, None)
+            log = repo.storage.open_log(log_path(name, n))
+            try:
+                found = L.replay(log, file, n, k == len(logs) - 1, size, None)
+                mtime = max(mtime, log.modified())
+            finally:
+                log.close()
         except OSError as err:
             raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
         written += found.written_bytes
         log_bytes += found.file_bytes
-        mtime = max(mtime, repo.storage.mtime(log_path(name, n)) or 0.0)
     last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)) if logs else None
     return OverlayInfo(
         name, str(doc["base"]), str(doc.get("source", "")), size, str(doc.get("created", "")),
@@ -233,10 +237,11 @@ def remove(repo: Repository, name: str) -> None:
     prefix, storage = overlay_prefix(name), repo.storage
     lock = _lock(repo, name)
     try:
-        logs = log_numbers(repo, name)
+        files = storage.list(prefix)  # its logs (and their parts on object storage)
         storage.remove(f"{prefix}/overlay.json")  # from here on it is no overlay
-        for n in logs:
-            storage.remove(log_path(name, n))
+        for f in files:
+            if f not in (f"{prefix}/overlay.json", f"{prefix}/lock"):
+                storage.remove(f)
         storage.remove(f"{prefix}/lock")
         storage.remove_dir(prefix)
         storage.sync(OVERLAYS_DIR)
@@ -287,6 +292,8 @@ class Overlay:
                 log.truncate(found.good_bytes)
                 log.sync()
         self._current = logs[-1] if logs else -1
+        # A storage whose logs take no writes from a later opener: a new log at the first write.
+        self._fresh = bool(logs) and not self._repo.storage.logs_reopen
         if self._current < 0:
             self._new_log()
         self._end = self._logs[self._current].size()
@@ -295,7 +302,7 @@ class Overlay:
         n = self._current + 1
         # The new file's entry is durable before anything written to it is acknowledged.
         self._logs[n] = self._repo.storage.create_log(log_path(self.name, n))
-        self._current, self._end = n, 0
+        self._current, self._end, self._fresh = n, 0, False
 
     def close(self) -> None:
         for log in self._logs.values():
@@ -319,7 +326,7 @@ class Overlay:
         sealed = self._sealer.encrypted and kind == L.KIND_DATA
         need = L.HEADER_BYTES + L.stored_length(kind, L.FLAG_SEALED if sealed else 0, length)
         with self._mutex:
-            if self._end + need > LOG_MAX_BYTES and self._end:
+            if self._fresh or (self._end + need > LOG_MAX_BYTES and self._end):
                 self._sync()
                 self._new_log()
             log, at = self._logs[self._current], self._end

@@ -23,6 +23,7 @@ from combtest import (
     assert_one_line_error,
     need_tool,
 )
+from s3server import S3Server
 
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
@@ -157,7 +158,7 @@ def bootable(tmp_path: Path) -> tuple[Path, RecoveryPoint]:
     return tmp_path / "repo", api_backup(repo.location, img.path, name="bootdisk")
 
 
-def comb(repo: Path, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+def comb(repo: Path | str, *args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, "-m", "pipeline.cli", "-r", str(repo), *args]
     return subprocess.run(
@@ -166,7 +167,7 @@ def comb(repo: Path, *args: str, timeout: float = 30) -> subprocess.CompletedPro
     )  # fmt: skip
 
 
-def sector_of_overlay(repo: Path, name: str, point: RecoveryPoint) -> bytes:
+def sector_of_overlay(repo: Path | str, name: str, point: RecoveryPoint) -> bytes:
     r = Repository.open(str(repo), password=TEST_PASSWORD)
     opened = Overlay(r, name)
     try:
@@ -176,15 +177,31 @@ def sector_of_overlay(repo: Path, name: str, point: RecoveryPoint) -> bytes:
         opened.close()
 
 
-def sector_of_point(repo: Path, point: RecoveryPoint) -> bytes:
+def sector_of_point(repo: Path | str, point: RecoveryPoint) -> bytes:
     return (
         Repository.open(str(repo), password=TEST_PASSWORD).reader(point).read(LBA * SECTOR, SECTOR)
     )
 
 
 def test_boot_writes_to_overlay_only_and_persists(bootable: tuple[Path, RecoveryPoint]) -> None:
+    boots_twice(*bootable)
+
+
+def test_boot_from_an_s3_repository(tmp_path: Path, s3_env: S3Server) -> None:
+    """The overlay's log and lock are objects in the bucket (``catalog.store.s3_inplace``)."""
+    img = Image(tmp_path / "disk.img", 4 * MiB)
+    img.write(0, boot_sector())
+    url = f"s3://{s3_env.bucket()}/repo"
+    repo = Repository.init(url, 64 * 1024, 3, password=TEST_PASSWORD)
+    boots_twice(url, api_backup(repo.location, img.path, name="bootdisk"))
+    keys = s3_env.client().list_objects_v2(Bucket=url.split("/")[2], Prefix="repo/overlays/t1/")
+    names = {o["Key"].split("/", 3)[3] for o in keys["Contents"]}
+    assert {"overlay.json", "log-0.dat", "log-1.dat"} <= names, names  # a new log per open
+    assert "lock" not in names  # released
+
+
+def boots_twice(repo: Path | str, point: RecoveryPoint) -> None:
     need_tool("qemu-system-x86_64")
-    repo, point = bootable
     started = time.monotonic()
     first = comb(repo, "boot", point.id, "--name", "t1")
     took = time.monotonic() - started

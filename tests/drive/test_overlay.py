@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from combtest import (
     need_tool,
 )
 from drivetest import OVERLAY_CHUNK, OVERLAY_SIZE, OVERLAY_SOURCE, overlay_disk
+from s3server import S3Server
 
 import drive.overlays.overlay as overlay
 from catalog.errors import UsageError
@@ -40,7 +42,7 @@ def disk(tmp_path: Path) -> tuple[Path, Image, str]:
 class Server:
     """``comb serve`` as a subprocess (``python -m pipeline.cli``), so it can be killed."""
 
-    def __init__(self, repo: Path, *args: str) -> None:
+    def __init__(self, repo: Path | str, *args: str) -> None:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         cmd = [sys.executable, "-m", "pipeline.cli", "-r", str(repo), "serve"]
         self.proc = subprocess.Popen(
@@ -86,7 +88,7 @@ def servers() -> Iterator[list[Server]]:
             s.kill()
 
 
-def serve(servers: list[Server], repo: Path, *args: str) -> Server:
+def serve(servers: list[Server], repo: Path | str, *args: str) -> Server:
     s = Server(repo, *args)
     servers.append(s)
     assert s.port, s.line + (s.proc.stderr.read() if s.proc.poll() is not None else "")  # type: ignore[union-attr]
@@ -275,3 +277,49 @@ def test_bad_base_point_is_one_line(disk: tuple[Path, Image, str], cli: CliRunne
 
 
 # -- the log -----------------------------------------------------------------------------------
+
+
+# -- on object storage -------------------------------------------------------------------------
+
+
+def test_an_overlay_in_an_s3_repository(
+    tmp_path: Path,
+    servers: list[Server],
+    cli: CliRunner,
+    s3_env: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Its log and lock are objects in the bucket: flushed writes survive kill -9 of the
+    server, the next server waits out the dead one's lease (server's clock), every open writes
+    a new log, the overlay backs up as a point, and ``overlays rm`` leaves no object behind."""
+    monkeypatch.setenv("COMB_S3_LEASE_SECONDS", "2")
+    _, img, _ = overlay_disk(tmp_path)
+    bucket = s3_env.bucket()
+    repo = f"s3://{bucket}/repo"
+    assert cli("-r", repo, "init", "--chunk-size", str(CHUNK)).code == 0
+    assert cli("-r", repo, "backup", img.path, "--source-name", SOURCE).code == 0
+    s = serve(servers, repo, "--overlay", f"crash={SOURCE}@latest")
+    qemu_io(s.uri("overlay/crash"), "write -P 0x5a 1M 200k")  # qemu-io flushes before it exits
+    qemu_io(s.uri("overlay/crash"), "write -P 0x11 0 512")
+    s.kill()
+    assert_one_line_error(cli("-r", repo, "serve", "--overlay", "crash=x"), "in use")
+    time.sleep(3)  # the dead server's lease expires
+    s = serve(servers, repo)
+    want = [(MiB, b"\x5a" * 200 * 1024), (0, b"\x11" * 512)]
+    assert copy(s.uri("overlay/crash"), tmp_path / "o.img") == expected(img, want)
+    qemu_io(s.uri("overlay/crash"), "write -P 0x22 3M 4k")
+    assert s.stop() == ""
+    want.append((3 * MiB, b"\x22" * 4096))
+    res = cli("-r", repo, "overlays", "--json")
+    (doc,) = json.loads(res.out)["overlays"]
+    assert doc["bytes_written"] == 200 * 1024 + 512 + 4096 and doc["last_write"], res.out
+    assert cli("-r", repo, "backup", "overlay:crash").code == 0
+    assert cli("-r", repo, "restore", f"{SOURCE}@latest", tmp_path / "r.img").code == 0
+    assert (tmp_path / "r.img").read_bytes() == expected(img, want)
+    assert cli("-r", repo, "verify").code == 0
+    listed = s3_env.client().list_objects_v2(Bucket=bucket, Prefix="repo/overlays/crash/")
+    logs = {o["Key"].split("/")[3] for o in listed["Contents"]}
+    assert {"log-0.dat", "log-1.dat", "log-0.dat.parts", "log-1.dat.parts"} <= logs, logs
+    assert cli("-r", repo, "overlays", "rm", "crash").code == 0
+    listed = s3_env.client().list_objects_v2(Bucket=bucket, Prefix="repo/overlays/")
+    assert listed.get("KeyCount", 0) == 0, listed.get("Contents")

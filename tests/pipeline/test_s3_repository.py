@@ -111,12 +111,6 @@ def test_places_comb_cannot_use_are_refused_in_one_line(
         res = cli("-r", repo, command)
         assert res.code == 3, (repo, command, res.out, res.err)
         assert message in res.err and res.err.count("\n") == 1, res.err
-    img = _image(make_image)
-    assert cli("-r", f"s3://{bucket}/repo", "backup", img.path, "--source-name", "vm").code == 0
-    assert cli("-r", f"s3://{bucket}/repo", "overlays", "create", "ov", "vm@latest").code == 0
-    res = cli("-r", f"s3://{bucket}/repo", "backup", "overlay:ov")  # its log is not on S3
-    assert res.code == 3 and "need a repository in a local directory" in res.err, res.err
-    assert res.err.count("\n") == 1
     monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     res = cli("-r", f"s3://{bucket}/repo", "points")

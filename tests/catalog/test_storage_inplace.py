@@ -1,0 +1,211 @@
+"""Files written in place (``catalog.store.inplace``: an overlay's logs and lock) on a local
+directory and on a real S3 server (moto, its own process): one conformance suite for both, then
+what only object storage needs: parts that bound memory, a lease that a dead holder loses on the
+server's clock, a holder that stops writing once its lease is gone, and a server that ignores
+If-Match refused."""
+
+from __future__ import annotations
+
+import errno
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from s3server import S3Server, header_stripper
+
+from catalog.errors import RepositoryError
+from catalog.store import s3_inplace
+from catalog.store.local import LocalStorage
+from catalog.store.s3 import S3Storage
+from catalog.store.storage import TMP_DIR, Storage
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(params=["local", "s3"])
+def storage(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Storage]:
+    if request.param == "local":
+        (tmp_path / TMP_DIR).mkdir()
+        (tmp_path / "ov").mkdir()
+        yield LocalStorage(str(tmp_path))
+        return
+    server: S3Server = request.getfixturevalue("s3_env")
+    yield S3Storage.existing(f"s3://{server.bucket()}/repo")
+
+
+def test_a_log_round_trips_through_sync_close_and_open(storage: Storage) -> None:
+    lock = storage.file_lock("ov/lock")
+    assert lock.try_acquire()
+    log = storage.create_log("ov/log-0.dat")
+    assert log.size() == 0
+    log.pwrite([b"head", memoryview(b"-body"), b""], 0)
+    log.sync()
+    log.pwrite((b"more",), 9)  # not synced yet: read back from where it waits
+    assert log.size() == 13 and log.pread(100, 4) == b"-bodymore"
+    log.sync()
+    log.pwrite((b"++",), 13)
+    log.truncate(13)  # the unsynced tail cut away
+    log.sync()
+    log.close()
+    with pytest.raises(FileExistsError):
+        storage.create_log("ov/log-0.dat")  # never over an existing log
+    reader = storage.open_log("ov/log-0.dat")
+    assert reader.size() == 13 and reader.pread(100, 0) == b"head-bodymore"
+    assert reader.pread(6, 2) == b"ad-bod"  # across what two syncs wrote
+    assert abs(reader.modified() - time.time()) < 120
+    with pytest.raises(OSError):
+        reader.pwrite([b"x"], 13)  # read-only
+    reader.close()
+    with pytest.raises(FileNotFoundError):
+        storage.open_log("ov/log-1.dat")
+    lock.release()
+
+
+def test_a_truncate_below_what_was_synced(storage: Storage) -> None:
+    lock = storage.file_lock("ov/lock")
+    assert lock.try_acquire()
+    log = storage.create_log("ov/log-0.dat")
+    for i, piece in enumerate((b"aaaa", b"bbbb", b"cccc")):
+        log.pwrite([piece], 4 * i)
+        log.sync()
+    log.close()
+    again = storage.open_log("ov/log-0.dat", writable=True)
+    again.truncate(6)  # a damaged tail cut at open: inside the second sync's bytes
+    again.sync()
+    again.close()
+    assert storage.open_log("ov/log-0.dat").pread(100, 0) == b"aaaabb"
+    lock.release()
+
+
+def test_a_lock_has_one_holder_and_is_never_waited_for(storage: Storage) -> None:
+    first = storage.file_lock("ov/lock")
+    assert first.try_acquire()
+    second = storage.file_lock("ov/lock")
+    assert not second.try_acquire()
+    first.release()
+    assert second.try_acquire()
+    second.release()
+
+
+# -- object storage only -----------------------------------------------------------------------
+
+
+@pytest.fixture
+def bucket_storage(s3_env: S3Server) -> S3Storage:
+    return S3Storage.existing(f"s3://{s3_env.bucket()}/repo")
+
+
+def test_unsynced_writes_are_uploaded_in_bounded_parts(
+    bucket_storage: S3Storage, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_inplace, "PART_BYTES", 1000)
+    lock = bucket_storage.file_lock("ov/lock")
+    assert lock.try_acquire()
+    log = bucket_storage.create_log("ov/log-0.dat")
+    data = os.urandom(600)
+    for i in range(10):  # 6,000 bytes and no sync: memory holds at most one part and a write
+        log.pwrite([data], 600 * i)
+    keys = s3_env.client().list_objects_v2(
+        Bucket=bucket_storage.bucket, Prefix="repo/ov/log-0.dat.parts/"
+    )
+    parts = [o["Size"] for o in keys.get("Contents", [])]
+    assert len(parts) == 4 and all(1000 <= p <= 1600 for p in parts), parts
+    log.sync()
+    assert bucket_storage.open_log("ov/log-0.dat").pread(6000, 0) == data * 10
+    log.close()
+    lock.release()
+    assert not bucket_storage.exists("ov/lock")  # a released lease is removed
+
+
+def _holder(s3_env: S3Server, location: str) -> subprocess.Popen[str]:
+    """Another process that takes the lease and then only sleeps (killed by the test)."""
+    code = (
+        "import sys, time\n"
+        "from catalog.store.s3 import S3Storage\n"
+        f"lock = S3Storage.existing({location!r}).file_lock('ov/lock')\n"
+        "print(lock.try_acquire(), flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    env = {**os.environ, **s3_env.env(), "PYTHONPATH": str(ROOT), "COMB_S3_LEASE_SECONDS": "2"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
+    )
+    assert proc.stdout is not None and proc.stdout.readline().strip() == "True"
+    return proc
+
+
+def test_a_dead_holders_lease_expires_on_the_servers_clock(
+    bucket_storage: S3Storage, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMB_S3_LEASE_SECONDS", "2")
+    proc = _holder(s3_env, bucket_storage.location)
+    try:
+        time.sleep(2.5)  # its heartbeat keeps the lease while it lives
+        assert not bucket_storage.file_lock("ov/lock").try_acquire()
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        taken, deadline = False, time.monotonic() + 10
+        while not taken and time.monotonic() < deadline:
+            lock = bucket_storage.file_lock("ov/lock")
+            taken = lock.try_acquire()
+            time.sleep(0 if taken else 0.5)
+        assert taken
+        lock.release()
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+def test_a_holder_whose_lease_was_taken_stops_writing(
+    bucket_storage: S3Storage, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMB_S3_LEASE_SECONDS", "2")
+    proc = _holder(s3_env, bucket_storage.location)
+    try:
+        proc.send_signal(signal.SIGSTOP)  # suspended: no heartbeat, and it does not know it
+        time.sleep(3.5)
+        mine = bucket_storage.file_lock("ov/lock")
+        assert mine.try_acquire()  # taken over by compare-and-swap
+        proc.send_signal(signal.SIGCONT)
+        time.sleep(1.5)  # its next heartbeat fails its compare-and-swap
+    finally:
+        proc.kill()
+        proc.wait(10)
+    body = bucket_storage.read("ov/lock")
+    assert str(os.getpid()).encode() in body  # still ours: the old holder's beat was refused
+    mine.release()
+    # Here, in this process: a holder cut off from the server stops writing by itself.
+    lock = bucket_storage.file_lock("ov/lock")
+    assert lock.try_acquire()
+    log = bucket_storage.create_log("ov/log-0.dat")
+    log.pwrite([b"x"], 0)
+    with monkeypatch.context() as later:  # a minute on, no heartbeat got through meanwhile
+        later.setattr(time, "monotonic", lambda real=time.monotonic: real() + 60)
+        with pytest.raises(OSError, match="lease was lost") as err:
+            log.pwrite([b"y"], 1)
+        assert err.value.errno == errno.ENOLCK
+        with pytest.raises(OSError, match="lease was lost"):
+            log.sync()
+    lock.release()
+
+
+def test_a_server_that_ignores_if_match_is_refused(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    bucket = s3_env.bucket()
+    with header_stripper(s3_env.endpoint, "If-Match") as lying:
+        monkeypatch.setenv("AWS_ENDPOINT_URL", lying)
+        storage = S3Storage.existing(f"s3://{bucket}/repo")
+        with pytest.raises(RepositoryError, match="ignores If-Match"):
+            storage.file_lock("ov/lock").try_acquire()
+    assert s3_env.client().list_objects_v2(Bucket=bucket).get("KeyCount", 0) == 0
+
+
+def test_a_log_is_written_only_under_its_folders_lock(bucket_storage: S3Storage) -> None:
+    with pytest.raises(OSError, match="without its folder's lock"):
+        bucket_storage.create_log("ov/log-0.dat")
