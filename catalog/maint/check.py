@@ -213,7 +213,8 @@ def _check_packs(
         report.packs += 1
         if pid not in on_disk:
             report.errors.append(
-                f"pack {where} is missing ({rows.num_rows} chunk(s) indexed in it)"
+                f"pack {where} is missing ({rows.num_rows} chunk(s) indexed in it; "
+                "`comb repair index` forgets them, so a backup that reads them stores them again)"
             )
             continue
         try:

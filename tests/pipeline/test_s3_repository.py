@@ -316,16 +316,48 @@ def test_metadata_is_fetched_once_not_at_every_backup(
     repo = f"s3://{s3_env.bucket()}/r"
     assert cli("-r", repo, "init").code == 0
     img = make_image(2 * MiB)
-    gets = []
+    gets, lists = [], []
     for seed in range(6):
         img.random(0, 64 * 1024, seed=seed)  # a new chunk each time: a new segment each time
         before = REQUESTS.snapshot()
         assert cli("-r", repo, "backup", img.path).code == 0
         after = REQUESTS.snapshot()
         gets.append({k: after[k] - before.get(k, 0) for k in after if k.startswith("GetObject")})
+        lists.append({k for k in after if k.startswith("List") and after[k] > before.get(k, 0)})
     for folder in ("index", "points"):
         counts = [g.get(f"GetObject {folder}", 0) for g in gets]
         assert counts[-1] <= counts[1], gets  # (uncached: one more GET per earlier backup)
+    before = REQUESTS.snapshot()
     out = tmp_path / "out.img"
     assert cli("-r", repo, "restore", f"{img.path}@latest", out).code == 0
     assert filecmp.cmp(out, img.path, shallow=False)
+    after = REQUESTS.snapshot()
+    lists.append({k for k in after if k.startswith("List") and after[k] > before.get(k, 0)})
+    assert not any("ListObjectsV2 packs" in listed for listed in lists), lists  # no LIST of packs
+
+
+def test_a_lost_pack_on_s3_is_reported_and_mended_by_repair_index(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """A backup on S3 does not list ``packs/`` to learn which packs exist: a pack lost to
+    damage is found by verify, ``repair index`` forgets its chunks, and a backup that reads
+    them stores them again, so the earlier point is whole again."""
+    bucket = s3_env.bucket()
+    repo = f"s3://{bucket}/r"
+    assert cli("-r", repo, "init").code == 0
+    img = _image(make_image)
+    assert cli("-r", repo, "backup", img.path, "--source-name", "vm").code == 0
+    client = s3_env.client()
+    packs = client.list_objects_v2(Bucket=bucket, Prefix="r/packs/")["Contents"]
+    for obj in packs:
+        client.delete_object(Bucket=bucket, Key=obj["Key"])
+    res = cli("-r", repo, "verify")
+    assert res.code != 0 and "is missing" in res.out + res.err, res.out + res.err
+    assert "comb repair index" in res.out + res.err
+    assert cli("-r", repo, "repair", "index").code == 0
+    assert cli("-r", repo, "backup", img.path, "--source-name", "again").code == 0
+    for name in ("vm", "again"):
+        out = tmp_path / f"{name}.img"
+        assert cli("-r", repo, "restore", f"{name}@latest", out).code == 0
+        assert filecmp.cmp(out, img.path, shallow=False)
+    assert cli("-r", repo, "verify").code == 0
