@@ -7,8 +7,9 @@ client and server do without comb, never with real S3's latency. The ceiling: th
 client configuration as comb's (``catalog.store.s3``) putting and getting 64 MiB objects with 1
 and 4 requests in flight, and 64 KiB ranged GETs one at a time. Then, on S3 and on a local
 directory: a full backup of the mixed image, an incremental after 1,000 scattered 4 KiB writes
-(with the change list), and a restore of the latest point; for S3 also the API calls each made,
-by operation. Must not: judge anything but the targets it prints.
+(with the change list), a restore of the latest point, and the first 4 KiB read of it through
+``comb serve`` from start (with and without the local copies kept); for S3 also the API calls
+each made, by operation. Must not: judge anything but the targets it prints.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import random
 import shutil
 import socket
+import statistics
 import subprocess
 import sys
 import time
@@ -33,6 +35,7 @@ from pipeline.engines import make_engine
 from pipeline.jobs import restore as restore_job
 from pipeline.jobs.copy import copy_points
 
+from .drive_serve import first_read_seconds
 from .image import (
     GIB,
     MIB,
@@ -163,7 +166,34 @@ def _comb(location: str, image: str, workdir: str) -> dict[str, Any]:
             "requests": {k: v for k, v in sorted(calls.items()) if v},
         }
     os.unlink(work)
+    out["first_read"] = _first_reads(location, workdir)
     return out
+
+
+def _first_reads(location: str, workdir: str) -> dict[str, float]:
+    """Seconds from starting ``comb serve`` to the first 4 KiB read of the latest point (in the
+    middle of the disk) returning: with an empty cache of local copies (cold: the metadata the
+    server needs is fetched), then again with what the first run kept (warm), median of 3."""
+    repo = Repository.open(location, password=BENCH_PASSWORD)
+    latest = max(repo.points(), key=lambda p: p.time)
+    cache = os.path.join(workdir, "s3-first-read-cache")
+    saved = {k: os.environ.get(k) for k in ("COMB_CACHE_DIR", "COMB_PASSWORD")}
+    os.environ["COMB_PASSWORD"] = BENCH_PASSWORD
+    os.environ["COMB_CACHE_DIR"] = cache
+    cold, hot = [], []
+    try:
+        for _ in range(3):
+            shutil.rmtree(cache, ignore_errors=True)
+            for runs in (cold, hot):
+                runs.append(first_read_seconds(location, f"bench@{latest.id}", latest.size // 2))
+    finally:
+        shutil.rmtree(cache, ignore_errors=True)
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+    return {"cold": statistics.median(cold), "warm": statistics.median(hot)}
 
 
 def _copy(src: str, dst: str) -> dict[str, Any]:
@@ -251,6 +281,17 @@ def _report(size: int, ceiling: dict[str, float], runs: dict[str, dict[str, Any]
             ],
         )
     )
+    lines.append(
+        table(
+            "comb serve: start to the first 4 KiB read of the latest point (s, median of 3)",
+            ["repository", "empty cache of local copies", "copies kept"],
+            [
+                [where, f"{runs[key]['first_read']['cold']:.2f}",
+                 f"{runs[key]['first_read']['warm']:.2f}"]
+                for where, key in (("S3", "s3"), ("local directory", "local"))
+            ],
+        )
+    )  # fmt: skip
     full, rest = runs["s3"]["full"], runs["s3"]["restore"]
     incr_calls = runs["s3"]["incremental"]["requests"]
     targets = [
