@@ -64,10 +64,8 @@ def put_args(storage: S3Storage, name: str, body: Any) -> dict[str, Any]:
     a checksum with a retention date: Content-MD5, computed here over ``body`` (bytes, or a
     file read once and rewound), since a checksum botocore adds to a streamed body would be
     sent as a trailer, which several S3 servers store wrongly (``s3_client``)."""
-    if not locked(name):
-        return {}
-    lock = settings(storage)
-    if lock is None:
+    retention = retention_args(storage, name)
+    if not retention:
         return {}
     digest = hashlib.md5(usedforsecurity=False)
     if isinstance(body, bytes | bytearray | memoryview):
@@ -77,10 +75,17 @@ def put_args(storage: S3Storage, name: str, body: Any) -> dict[str, Any]:
         while block := body.read(1 << 20):
             digest.update(block)
         body.seek(start)
+    return {**retention, "ContentMD5": base64.b64encode(digest.digest()).decode()}
+
+
+def retention_args(storage: S3Storage, name: str) -> dict[str, Any]:
+    """The retention a new object ``name`` gets (none for what is not locked)."""
+    lock = settings(storage) if locked(name) else None
+    if lock is None:
+        return {}
     return {
         "ObjectLockMode": lock["mode"],
         "ObjectLockRetainUntilDate": datetime.now(UTC) + timedelta(days=int(lock["days"])),
-        "ContentMD5": base64.b64encode(digest.digest()).decode(),
     }
 
 

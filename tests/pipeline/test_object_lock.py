@@ -143,3 +143,53 @@ def test_locked_points_survive_forget_and_prune_until_their_date(
     assert filecmp.cmp(out, img.path, shallow=False)
     res = cli("-r", repo, "verify", "--read-data")
     assert res.code == 0 and "clean" in res.out, res.out + res.err
+
+
+def test_undelete_brings_back_what_was_deleted_or_replaced_since(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    """Someone holding the credentials deletes every object of the repository (S3 keeps the
+    locked versions under delete markers) and overwrites a point document; ``repair undelete``
+    brings the repository back as it was, and what was made after ``--since`` stays deleted."""
+    client = s3_env.client()
+    bucket = _lock_bucket(s3_env)
+    repo = f"s3://{bucket}/{PREFIX}"
+    assert cli("-r", repo, "init", "--object-lock", "1").code == 0
+    img = make_image(4 * MiB)
+    img.random(0, 2 * MiB, seed=1)
+    assert cli("-r", repo, "backup", img.path, "--source-name", "vm", "--no-files").code == 0
+    time.sleep(1.1)  # (S3 times objects to the second)
+    since = datetime.now(UTC).isoformat()
+    time.sleep(1.1)
+    before = img.snapshot(tmp_path / "before.img")
+    img.random(2 * MiB, MiB, seed=2)
+    assert cli("-r", repo, "backup", img.path, "--source-name", "later", "--no-files").code == 0
+    (point_doc,) = [k for k in _keys(client, bucket, "points") if k.endswith(".json")][:1]
+    client.put_object(Bucket=bucket, Key=point_doc, Body=b"{}")  # replaced
+    for folder in ("", "packs", "parity", "manifests", "index", "points", "keys", "locks"):
+        for key in _keys(client, bucket, folder) if folder else [f"{PREFIX}/config.json"]:
+            client.delete_object(Bucket=bucket, Key=key)  # a delete marker on each
+    assert cli("-r", repo, "points").code == 3  # no repository there any more
+
+    res = cli("-r", repo, "repair", "undelete", "--since", since, "--dry-run", "--json")
+    assert res.code == 0, res.err
+    dry = json.loads(res.out)
+    assert dry["dry_run"] and dry["undeleted"] and dry["left"], dry
+    assert cli("-r", repo, "points").code == 3  # a dry run changes nothing
+    res = cli("-r", repo, "repair", "undelete", "--since", since)
+    assert res.code == 0 and "brought back" in res.out, res.err
+
+    res = cli("-r", repo, "points", "--json")
+    assert res.code == 0, res.err
+    assert {p["source"] for p in json.loads(res.out)["points"]} == {"vm"}
+    assert cli("-r", repo, "verify").code == 0
+    out = tmp_path / "out.img"
+    assert cli("-r", repo, "restore", "vm@latest", out).code == 0
+    assert filecmp.cmp(out, before, shallow=False)
+    for key in _keys(client, bucket, "points"):  # what came back keeps its retention
+        assert _retain_until(client, bucket, key) is not None
+
+    assert_one_line_error(cli("-r", repo, "repair", "undelete"), "--since", code=2)
+    assert_one_line_error(
+        cli("-r", tmp_path / "local", "repair", "undelete", "--since", since), "s3://", code=2
+    )
