@@ -180,7 +180,8 @@ def _first_reads(location: str, workdir: str) -> dict[str, float]:
     saved = {k: os.environ.get(k) for k in ("COMB_CACHE_DIR", "COMB_PASSWORD")}
     os.environ["COMB_PASSWORD"] = BENCH_PASSWORD
     os.environ["COMB_CACHE_DIR"] = cache
-    cold, hot = [], []
+    cold: list[float] = []
+    hot: list[float] = []
     try:
         for _ in range(3):
             shutil.rmtree(cache, ignore_errors=True)

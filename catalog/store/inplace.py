@@ -47,8 +47,9 @@ class LogFile(Protocol):
 
 
 class FileLock(Protocol):
-    """An exclusive lock held by one process, never waited for. The holder's death releases it
-    (no stale lock is left behind)."""
+    """An exclusive lock held by one process, never waited for. The holder's death releases it:
+    at once on a local disk (no stale lock is left behind), when its lease runs out on object
+    storage."""
 
     def try_acquire(self) -> bool:
         """Take it: True when held now, False when another holder has it."""

@@ -36,7 +36,7 @@ from email.utils import parsedate_to_datetime
 from typing import Any
 
 from catalog.errors import RepositoryError
-from catalog.store import s3_copies, s3_inplace, s3_lock
+from catalog.store import s3_copies, s3_inplace, s3_lease, s3_lock
 from catalog.store.inplace import FileLock, LogFile
 from catalog.store.s3_client import (
     BODY_ATTEMPTS,
@@ -344,7 +344,7 @@ class S3Storage:
         self.put(name, data, len(data))
 
     def put(
-        self, name: str, body: Any, size: int, if_absent: bool = False, if_match: str = ""
+        self, name: str, body: Any, size: int, if_absent: bool = False, if_match: str | None = None
     ) -> str | None:
         """One PUT, its ETag; ``if_absent``: only when no object has that name, ``if_match``:
         only over the object of that ETag (compare-and-swap). None: the condition failed."""
@@ -352,16 +352,19 @@ class S3Storage:
         args["ContentLength"] = size
         if if_absent:
             args["IfNoneMatch"] = "*"
-        if if_match:
+        if if_match is not None:
             args["IfMatch"] = if_match
         args.update(s3_lock.put_args(self, name, body))  # (Object Lock: a retention date)
         with self._failing("write", self.where(name)):
             try:
-                return str(self.client.put_object(**args).get("ETag", ""))
+                etag = self.client.put_object(**args).get("ETag")
             except Exception as err:
-                if (if_absent or if_match) and refused(err):
+                if (if_absent or if_match is not None) and refused(err):
                     return None
                 raise
+        if not etag and (if_absent or if_match is not None):
+            raise RepositoryError(f"{self.where(name)}: the S3 server returned no ETag")
+        return str(etag or "")
 
     def remove(self, name: str) -> None:
         with self._failing("remove", self.where(name)):
@@ -412,4 +415,4 @@ class S3Storage:
         return s3_inplace.create_log(self, name)
 
     def file_lock(self, name: str) -> FileLock:
-        return s3_inplace.Lease(self, name)
+        return s3_lease.Lease(self, name)

@@ -288,7 +288,9 @@ class Overlay:
                 self._repo, self.name, n, last, self.size, self.map, self._sealed, encrypted
             )
             log = self._logs[n] = self._repo.storage.open_log(log_path(self.name, n), writable=True)
-            if found.torn:  # a crash mid-write: the record was never acknowledged
+            # A crash mid-write (the record was never acknowledged) is cut away; on object
+            # storage the last log is sealed where it was replayed (``catalog.store.s3_inplace``).
+            if found.torn or (last and not self._repo.storage.logs_reopen):
                 log.truncate(found.good_bytes)
                 log.sync()
         self._current = logs[-1] if logs else -1
@@ -299,16 +301,29 @@ class Overlay:
         self._end = self._logs[self._current].size()
 
     def _new_log(self) -> None:
-        n = self._current + 1
+        n, storage = self._current + 1, self._repo.storage
         # The new file's entry is durable before anything written to it is acknowledged.
-        self._logs[n] = self._repo.storage.create_log(log_path(self.name, n))
+        while True:
+            try:
+                self._logs[n] = storage.create_log(log_path(self.name, n))
+                break
+            except FileExistsError:
+                if storage.logs_reopen or n > self._current + 3:
+                    raise
+            # On object storage: a log made after this overlay was opened (a request of a
+            # former holder that arrived late). This opener never replayed it: sealed empty.
+            late = storage.open_log(log_path(self.name, n), writable=True)
+            late.truncate(0)
+            late.close()
+            n += 1
         self._current, self._end, self._fresh = n, 0, False
 
     def close(self) -> None:
-        for log in self._logs.values():
-            log.close()
-        self._logs.clear()
-        self._lock.release()
+        with self._mutex:
+            for log in self._logs.values():
+                log.close()
+            self._logs.clear()
+            self._lock.release()
 
     # -- writing ------------------------------------------------------------------------------
 

@@ -16,7 +16,8 @@ import ssl
 from types import FrameType
 
 import drive.overlays.overlay as overlay
-from catalog.errors import CombError, UsageError
+from catalog.errors import CombError, RepositoryError, UsageError
+from catalog.errors import describe_os_error as _os
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 from drive.nbd.exports import ServedPoint
@@ -186,11 +187,18 @@ def parse_overlay_specs(specs: list[str]) -> dict[str, str]:
 
 
 def close_overlays(served: dict[str, ServedOverlay]) -> None:
-    for s in served.values():
+    """Flush and close each overlay; one that cannot be flushed is named, the others still
+    closed (its writes since the last flush may be lost)."""
+    failed: list[str] = []
+    for name, s in served.items():
         try:
             s.flush()
+        except (OSError, CombError) as err:
+            failed.append(f"{name}: {err.message if isinstance(err, CombError) else _os(err)}")
         finally:
             s.overlay.close()
+    if failed:
+        raise RepositoryError(f"cannot flush overlay {'; '.join(failed)}")
 
 
 def cmd_serve(repo: str, args: argparse.Namespace) -> int:

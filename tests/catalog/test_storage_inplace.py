@@ -7,6 +7,7 @@ If-Match refused."""
 from __future__ import annotations
 
 import errno
+import json
 import os
 import signal
 import subprocess
@@ -19,7 +20,7 @@ import pytest
 from s3server import S3Server, header_stripper
 
 from catalog.errors import RepositoryError
-from catalog.store import s3_inplace
+from catalog.store import s3_inplace, s3_lease
 from catalog.store.local import LocalStorage
 from catalog.store.s3 import S3Storage
 from catalog.store.storage import TMP_DIR, Storage
@@ -119,10 +120,71 @@ def test_unsynced_writes_are_uploaded_in_bounded_parts(
     assert bucket_storage.open_log("ov/log-0.dat").pread(6000, 0) == data * 10
     log.close()
     lock.release()
-    assert not bucket_storage.exists("ov/lock")  # a released lease is removed
+    assert json.loads(bucket_storage.read("ov/lock"))["released"]  # taken at once by the next
 
 
-def _holder(s3_env: S3Server, location: str) -> subprocess.Popen[str]:
+def test_parts_are_read_in_windows(
+    bucket_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(s3_inplace, "WINDOW", 1000)
+    lock = bucket_storage.file_lock("ov/lock")
+    assert lock.try_acquire()
+    log = bucket_storage.create_log("ov/log-0.dat")
+    data = os.urandom(5500)
+    log.pwrite([data[:4200]], 0)
+    log.sync()  # one part of 4,200 bytes: five windows
+    log.pwrite([data[4200:]], 4200)
+    log.sync()
+    reader = bucket_storage.open_log("ov/log-0.dat")
+    for at, n in ((0, 5500), (990, 30), (3999, 1202), (4199, 2), (5400, 500)):
+        assert reader.pread(n, at) == data[at : at + n], (at, n)
+    lock.release()
+
+
+def test_a_sealed_log_ignores_a_late_part_and_a_missing_part_is_found(
+    bucket_storage: S3Storage, s3_env: S3Server
+) -> None:
+    """The next opener seals the log it replayed: a part that a former holder's late PUT adds
+    afterwards is never read. A part gone from the middle of a log is an error."""
+    lock = bucket_storage.file_lock("ov/lock")
+    assert lock.try_acquire()
+    log = bucket_storage.create_log("ov/log-0.dat")
+    log.pwrite([b"aaaa"], 0)
+    log.sync()
+    bucket_storage.open_log("ov/log-0.dat", writable=True).truncate(4)  # the next opener
+    log.pwrite([b"bbbb"], 4)  # the former holder's late part
+    log.sync()
+    assert bucket_storage.exists("ov/log-0.dat.parts/0000000000000004")
+    reader = bucket_storage.open_log("ov/log-0.dat")
+    assert reader.size() == 4 and reader.pread(100, 0) == b"aaaa"
+    log = bucket_storage.create_log("ov/log-1.dat")
+    for i in range(3):
+        log.pwrite([b"c" * 10], 10 * i)
+        log.sync()
+    bucket_storage.remove("ov/log-1.dat.parts/000000000000000a")
+    with pytest.raises(OSError, match="no part holds bytes 10-20") as err:
+        bucket_storage.open_log("ov/log-1.dat")
+    assert err.value.errno == errno.EIO
+    lock.release()
+
+
+def test_a_retried_conditional_write_is_taken_for_its_own_success(
+    bucket_storage: S3Storage,
+) -> None:
+    """botocore retries a request whose answer was lost; when the first attempt had been
+    applied, the retry is refused by its own precondition. The lease knows its own token."""
+    lock = bucket_storage.file_lock("ov/lock")
+    assert isinstance(lock, s3_lease.Lease) and lock.try_acquire()
+    old = lock._etag
+    body = lock._body()
+    applied = bucket_storage.put("ov/lock", body, len(body), if_match=old)  # the first attempt
+    assert applied is not None
+    assert lock._put(body, if_match=old) == applied  # its retry: refused, yet ours
+    assert lock._put(lock._body(), if_match=old) is None  # a later beat on a stale ETag: lost
+    lock.release()
+
+
+def _holder(s3_env: S3Server, location: str, seconds: int = 2) -> subprocess.Popen[str]:
     """Another process that takes the lease and then only sleeps (killed by the test)."""
     code = (
         "import sys, time\n"
@@ -131,7 +193,8 @@ def _holder(s3_env: S3Server, location: str) -> subprocess.Popen[str]:
         "print(lock.try_acquire(), flush=True)\n"
         "time.sleep(600)\n"
     )
-    env = {**os.environ, **s3_env.env(), "PYTHONPATH": str(ROOT), "COMB_S3_LEASE_SECONDS": "2"}
+    env = {**os.environ, **s3_env.env(), "PYTHONPATH": str(ROOT)}
+    env["COMB_S3_LEASE_SECONDS"] = str(seconds)
     proc = subprocess.Popen(
         [sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, env=env, cwd=ROOT
     )
@@ -142,19 +205,21 @@ def _holder(s3_env: S3Server, location: str) -> subprocess.Popen[str]:
 def test_a_dead_holders_lease_expires_on_the_servers_clock(
     bucket_storage: S3Storage, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The holder's own lease time counts when it is longer than the taker's."""
     monkeypatch.setenv("COMB_S3_LEASE_SECONDS", "2")
-    proc = _holder(s3_env, bucket_storage.location)
+    proc = _holder(s3_env, bucket_storage.location, seconds=5)
     try:
-        time.sleep(2.5)  # its heartbeat keeps the lease while it lives
+        time.sleep(3)  # its heartbeat keeps the lease while it lives
         assert not bucket_storage.file_lock("ov/lock").try_acquire()
         proc.send_signal(signal.SIGKILL)
         proc.wait(10)
-        taken, deadline = False, time.monotonic() + 10
+        killed = time.monotonic()
+        taken, deadline = False, killed + 15
         while not taken and time.monotonic() < deadline:
             lock = bucket_storage.file_lock("ov/lock")
             taken = lock.try_acquire()
             time.sleep(0 if taken else 0.5)
-        assert taken
+        assert taken and time.monotonic() - killed > 2.5  # not after our 2 s: its 5 s
         lock.release()
     finally:
         proc.kill()
@@ -176,21 +241,25 @@ def test_a_holder_whose_lease_was_taken_stops_writing(
     finally:
         proc.kill()
         proc.wait(10)
-    body = bucket_storage.read("ov/lock")
-    assert str(os.getpid()).encode() in body  # still ours: the old holder's beat was refused
+    assert isinstance(mine, s3_lease.Lease)
+    body = json.loads(bucket_storage.read("ov/lock"))
+    assert body["token"] == mine._token  # still ours: the old holder's beat was refused
     mine.release()
     # Here, in this process: a holder cut off from the server stops writing by itself.
     lock = bucket_storage.file_lock("ov/lock")
-    assert lock.try_acquire()
+    assert isinstance(lock, s3_lease.Lease) and lock.try_acquire()
     log = bucket_storage.create_log("ov/log-0.dat")
     log.pwrite([b"x"], 0)
-    with monkeypatch.context() as later:  # a minute on, no heartbeat got through meanwhile
-        later.setattr(time, "monotonic", lambda real=time.monotonic: real() + 60)
-        with pytest.raises(OSError, match="lease was lost") as err:
-            log.pwrite([b"y"], 1)
-        assert err.value.errno == errno.ENOLCK
-        with pytest.raises(OSError, match="lease was lost"):
-            log.sync()
+    lock._stop.set()  # no heartbeat gets through from now on ...
+    assert lock._thread is not None
+    lock._thread.join()
+    lock._ok_at -= 60  # ... and a minute has passed
+    log.pwrite([b"y"], 1)  # (only kept in memory)
+    with pytest.raises(OSError, match="lease is lost") as err:
+        log.sync()
+    assert err.value.errno == errno.ENOLCK
+    with pytest.raises(OSError, match="lease is lost"):
+        bucket_storage.create_log("ov/log-1.dat")
     lock.release()
 
 

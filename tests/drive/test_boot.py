@@ -5,6 +5,7 @@ QEMU command and a libvirt domain; errors are one line."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -197,7 +198,8 @@ def test_boot_from_an_s3_repository(tmp_path: Path, s3_env: S3Server) -> None:
     keys = s3_env.client().list_objects_v2(Bucket=url.split("/")[2], Prefix="repo/overlays/t1/")
     names = {o["Key"].split("/", 3)[3] for o in keys["Contents"]}
     assert {"overlay.json", "log-0.dat", "log-1.dat"} <= names, names  # a new log per open
-    assert "lock" not in names  # released
+    lock = s3_env.client().get_object(Bucket=url.split("/")[2], Key="repo/overlays/t1/lock")
+    assert json.loads(lock["Body"].read())["released"]
 
 
 def boots_twice(repo: Path | str, point: RecoveryPoint) -> None:

@@ -292,7 +292,7 @@ def test_an_overlay_in_an_s3_repository(
     """Its log and lock are objects in the bucket: flushed writes survive kill -9 of the
     server, the next server waits out the dead one's lease (server's clock), every open writes
     a new log, the overlay backs up as a point, and ``overlays rm`` leaves no object behind."""
-    monkeypatch.setenv("COMB_S3_LEASE_SECONDS", "2")
+    monkeypatch.setenv("COMB_S3_LEASE_SECONDS", "5")
     _, img, _ = overlay_disk(tmp_path)
     bucket = s3_env.bucket()
     repo = f"s3://{bucket}/repo"
@@ -303,7 +303,7 @@ def test_an_overlay_in_an_s3_repository(
     qemu_io(s.uri("overlay/crash"), "write -P 0x11 0 512")
     s.kill()
     assert_one_line_error(cli("-r", repo, "serve", "--overlay", "crash=x"), "in use")
-    time.sleep(3)  # the dead server's lease expires
+    time.sleep(6)  # the dead server's lease expires
     s = serve(servers, repo)
     want = [(MiB, b"\x5a" * 200 * 1024), (0, b"\x11" * 512)]
     assert copy(s.uri("overlay/crash"), tmp_path / "o.img") == expected(img, want)
