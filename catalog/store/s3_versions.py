@@ -5,10 +5,10 @@ overwrote its objects, which Object Lock keeps as older versions (FORMAT.md 3.1)
 For every object of the repository changed since the time (by the server's ``LastModified``):
 one whose every change since is a delete marker gets those markers removed, so the version it
 had then is current again; one replaced since gets that version copied back on top (a new
-version; the replacing one stays, noncurrent), with the retention a repository with Object Lock
-gives it. What did not exist then, or was already deleted then, is left as it is. Locks, prune
-records, probes and overlay leases are never touched (comb rewrites and removes them). The
-config goes first, so what is copied back gets the config's retention.
+version; the replacing one stays, noncurrent), then given the retention a repository with
+Object Lock gives what it writes. What did not exist then, or was already deleted then, is left
+as it is. Locks, prune records, probes and overlay leases are never touched (comb rewrites and
+removes them). The config goes first, so what is copied back gets the config's retention.
 
 Owns reading a bucket's versions. Must not: judge what a file holds (``verify`` does that next).
 """
@@ -107,14 +107,25 @@ def undo_since(s3: S3Storage, since: datetime, dry_run: bool = False) -> Undone:
             done.reverted.append(name)
             if not dry_run:
                 source = {"Bucket": s3.bucket, "Key": s3.key(name), "VersionId": then.version}
-                args = s3_lock.retention_args(s3, name)
-                _call(s3, "copy back", name, copy=True, CopySource=source, **args)
+                _call(s3, "copy back", name, copy=True, CopySource=source)
+                lock = s3_lock.retention_args(s3, name)  # (a copy cannot carry it: no body)
+                if lock:
+                    retention = {
+                        "Mode": lock["ObjectLockMode"],
+                        "RetainUntilDate": lock["ObjectLockRetainUntilDate"],
+                    }
+                    _call(s3, "lock", name, retention=True, Retention=retention)
     return done
 
 
-def _call(s3: S3Storage, verb: str, name: str, copy: bool = False, **args: object) -> None:
+def _call(
+    s3: S3Storage, verb: str, name: str, copy: bool = False, retention: bool = False, **args: object
+) -> None:
+    where = {"Bucket": s3.bucket, "Key": s3.key(name)}
     with s3._failing(verb, s3.where(name)):
         if copy:
-            s3.client.copy_object(Bucket=s3.bucket, Key=s3.key(name), **args)
+            s3.client.copy_object(**where, **args)
+        elif retention:
+            s3.client.put_object_retention(**where, **args)
         else:
-            s3.client.delete_object(Bucket=s3.bucket, Key=s3.key(name), **args)
+            s3.client.delete_object(**where, **args)

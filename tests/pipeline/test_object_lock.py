@@ -158,13 +158,14 @@ def test_undelete_brings_back_what_was_deleted_or_replaced_since(
     img = make_image(4 * MiB)
     img.random(0, 2 * MiB, seed=1)
     assert cli("-r", repo, "backup", img.path, "--source-name", "vm", "--no-files").code == 0
+    (vm_point,) = point_ids(cli, repo)
     time.sleep(1.1)  # (S3 times objects to the second)
     since = datetime.now(UTC).isoformat()
     time.sleep(1.1)
     before = img.snapshot(tmp_path / "before.img")
     img.random(2 * MiB, MiB, seed=2)
     assert cli("-r", repo, "backup", img.path, "--source-name", "later", "--no-files").code == 0
-    (point_doc,) = [k for k in _keys(client, bucket, "points") if k.endswith(".json")][:1]
+    point_doc = f"{PREFIX}/points/{vm_point}.json"
     client.put_object(Bucket=bucket, Key=point_doc, Body=b"{}")  # replaced
     for folder in ("", "packs", "parity", "manifests", "index", "points", "keys", "locks"):
         for key in _keys(client, bucket, folder) if folder else [f"{PREFIX}/config.json"]:
@@ -175,6 +176,7 @@ def test_undelete_brings_back_what_was_deleted_or_replaced_since(
     assert res.code == 0, res.err
     dry = json.loads(res.out)
     assert dry["dry_run"] and dry["undeleted"] and dry["left"], dry
+    assert dry["reverted"] == [f"points/{vm_point}.json"], dry
     assert cli("-r", repo, "points").code == 3  # a dry run changes nothing
     res = cli("-r", repo, "repair", "undelete", "--since", since)
     assert res.code == 0 and "brought back" in res.out, res.err
@@ -193,3 +195,31 @@ def test_undelete_brings_back_what_was_deleted_or_replaced_since(
     assert_one_line_error(
         cli("-r", tmp_path / "local", "repair", "undelete", "--since", since), "s3://", code=2
     )
+
+
+def test_compliance_mode_holds_even_against_the_account_itself(
+    cli: CliRunner, s3_env: S3Server, make_image: ImageFactory
+) -> None:
+    """Compliance mode: a delete of a locked version is refused even with the governance
+    bypass. (moto does not refuse shortening a compliance retention, which S3 does: that is
+    not tested here.)"""
+    client = s3_env.client()
+    bucket = _lock_bucket(s3_env)
+    repo = f"s3://{bucket}/{PREFIX}"
+    res = cli(
+        "-r", repo, "init", "--object-lock", "1", "--object-lock-mode", "compliance", "--json"
+    )
+    assert res.code == 0 and json.loads(res.out)["object_lock"]["mode"] == "COMPLIANCE", res.out
+    img = make_image(2 * MiB)
+    img.random(0, MiB, seed=1)
+    assert cli("-r", repo, "backup", img.path, "--no-files").code == 0
+    (point,) = point_ids(cli, repo)
+    for key in (*_keys(client, bucket, "packs"), f"{PREFIX}/points/{point}.json"):
+        head = client.head_object(Bucket=bucket, Key=key)
+        assert head["ObjectLockMode"] == "COMPLIANCE", key
+        with pytest.raises(Exception, match="AccessDenied"):
+            client.delete_object(
+                Bucket=bucket, Key=key, VersionId=head["VersionId"], BypassGovernanceRetention=True
+            )
+    res = cli("-r", repo, "forget", point, "--json")
+    assert res.code == 0 and point in json.loads(res.out)["held_by_object_lock"], res.out
