@@ -97,7 +97,7 @@ def repack_candidates(
 ) -> tuple[pa.Table, np.ndarray, list[str]]:
     """(index rows, live flag per row, packs whose live stored bytes are under REPACK_BELOW
     of their stored bytes but not zero)."""
-    rows = present_rows(repo.storage, load_index(repo.storage))
+    rows = present_rows(repo.storage, load_index(repo.storage), listed=True)
     if rows.num_rows == 0:
         return rows, np.zeros(0, bool), []
     hit = contains(live_ids, id_keys(ids_to_array(rows.column("chunk_id"))))

@@ -232,11 +232,11 @@ class DedupIndex:
 
     @staticmethod
     def load(storage: Storage) -> DedupIndex:
-        """The stored chunks whose pack exists (``present_rows``): a chunk whose pack was lost
-        is stored again by the next backup that sees it, instead of new points referring to
-        missing data. Packs a running prune condemned count as lost
-        (``catalog.store.condemned``): the caller's session must exist before this is called
-        (FORMAT.md 13)."""
+        """The stored chunks whose pack exists (``present_rows``: in a local directory; on
+        object storage every row): a chunk whose pack was lost is stored again by the next
+        backup that sees it, instead of new points referring to missing data. Packs a
+        running prune condemned count as lost (``catalog.store.condemned``): the caller's
+        session must exist before this is called (FORMAT.md 13)."""
         doomed = condemned_packs(storage)  # first: a record goes only after its packs
         table = present_rows(storage, load_index(storage, ["chunk_id", "pack"]))
         if doomed and table.num_rows:
@@ -295,13 +295,14 @@ def packs_present(storage: Storage) -> set[str]:
     }
 
 
-def present_rows(storage: Storage, table: pa.Table) -> pa.Table:
+def present_rows(storage: Storage, table: pa.Table, listed: bool = False) -> pa.Table:
     """Only the index rows whose pack file exists, in a local directory. On object storage
     every row: listing ``packs/`` there costs a request per 1,000 packs at every backup, and
     no pack goes missing but by a prune, whose condemnation records and segments (rewritten
     before it removes a pack) already leave it out, or by damage, which ``verify`` and
-    ``scrub`` report and ``repair index`` mends (its chunks are then stored again)."""
-    if table.num_rows == 0 or storage.local_path("packs") is None:
+    ``scrub`` report and ``repair index`` mends (its chunks are then stored again).
+    ``listed``: list them on every storage (a prune, which lists them anyway)."""
+    if table.num_rows == 0 or (storage.local_path("packs") is None and not listed):
         return table
     present = pa.array(sorted(packs_present(storage)), pa.string())
     return table.filter(pc.is_in(table.column("pack"), value_set=present))

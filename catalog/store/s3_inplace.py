@@ -42,7 +42,7 @@ PART_BYTES = 8 << 20  # a log's buffer is uploaded before it grows past this
 WINDOW = 4 << 20  # parts are read in windows of this size, kept for the next reads
 WINDOWS_KEPT = 16  # per process
 _PART = re.compile(r"[0-9a-f]{16}")
-_WINDOWS: OrderedDict[tuple[str, str, int, int], bytes] = OrderedDict()
+_WINDOWS: OrderedDict[tuple[str, str, int, int, int], bytes] = OrderedDict()
 _WINDOWS_LOCK = threading.Lock()
 
 
@@ -62,7 +62,7 @@ def create_log(s3: S3Storage, name: str) -> S3Log:
         raise _io(err) from None
     if made is None:
         raise FileExistsError(errno.EEXIST, f"{s3.where(name)} exists")
-    return S3Log(s3, name, lease, [], time.time(), None, created=True)
+    return S3Log(s3, name, lease, [], (time.time(), made), None, created=True)
 
 
 def open_log(s3: S3Storage, name: str, writable: bool) -> S3Log:
@@ -80,9 +80,15 @@ def open_log(s3: S3Storage, name: str, writable: bool) -> S3Log:
         parts = _parts(s3, name)
     except RepositoryError as err:
         raise _io(err) from None
-    sealed = json.loads(raw).get("length") if raw else None
+    try:
+        sealed = json.loads(raw)["length"] if raw else None
+        if sealed is not None and (not isinstance(sealed, int) or sealed < 0):
+            raise ValueError(sealed)
+    except (ValueError, TypeError, KeyError):
+        raise OSError(errno.EIO, f"{s3.where(name)}: not a log's marker") from None
     lease = held(s3, name) if writable else None
-    return S3Log(s3, name, lease, parts, got["LastModified"].timestamp(), sealed)
+    made = (got["LastModified"].timestamp(), str(got["ETag"]))
+    return S3Log(s3, name, lease, parts, made, sealed)
 
 
 def _parts(s3: S3Storage, name: str) -> list[tuple[int, int, float]]:
@@ -109,16 +115,18 @@ class S3Log:
         name: str,
         lease: Lease | None,
         parts: Sequence[tuple[int, int, float]],
-        made: float,
+        marker: tuple[float, str],
         sealed: int | None,
         created: bool = False,
     ) -> None:
+        """``marker``: the marker's time and ETag (a seal replaces only that one)."""
         self._s3, self._name, self._lease, self._created = s3, name, lease, created
         self._starts: list[int] = []
         self._ends: list[int] = []
-        self._modified = made
+        self._modified, self._marker = (max(p[2] for p in parts) if parts else marker[0]), marker[1]
+        self._pending: bytes | None = None  # a part whose PUT failed: sent again as it was
         end = 0
-        for offset, size, modified in parts:
+        for offset, size, _ in parts:
             if sealed is not None and offset >= sealed:
                 break  # added after the log was sealed: never read
             if offset != end:
@@ -126,7 +134,6 @@ class S3Log:
             end = offset + size if sealed is None else min(offset + size, sealed)
             self._starts.append(offset)
             self._ends.append(end)
-            self._modified = max(self._modified, modified)
         if sealed is not None and end < sealed:
             raise OSError(errno.EIO, f"{s3.where(name)}: no part holds bytes {end}-{sealed}")
         self._synced = end
@@ -155,13 +162,15 @@ class S3Log:
             window = self._window(start, self._ends[i], w)
             take = min(end, self._ends[i], start + (w + 1) * WINDOW) - pos
             lo = pos - start - w * WINDOW
+            if len(window) < lo + take:
+                raise OSError(errno.EIO, f"{self._s3.where(self._name)}: a part is too short")
             out += window[lo : lo + take]
             pos += take
         return bytes(out + tail)
 
     def _window(self, start: int, end: int, w: int) -> bytes:
         """Window ``w`` of the part at ``start`` (fetched once, kept for the next reads)."""
-        key = (self._s3.location, self._name, start, w)
+        key = (self._s3.location, self._name, start, end - start, w)
         with _WINDOWS_LOCK:
             data = _WINDOWS.get(key)
             if data is not None:
@@ -200,13 +209,17 @@ class S3Log:
             self._buf += data
 
     def sync(self) -> None:
-        if self._buf:
+        while self._buf:
             self._upload()
 
     def _upload(self) -> None:
+        """The buffer as the next part. After a failed PUT the same bytes go again under the
+        same name, so a part, once stored, never changes (a late first attempt included)."""
         lease = self._writer()
         with self._mutex:
-            data, at = bytes(self._buf), self._synced
+            if self._pending is None:
+                self._pending = bytes(self._buf)
+            data, at = self._pending, self._synced
         try:
             self._s3.put(_part_name(self._name, at), data, len(data))
         except RepositoryError as err:
@@ -216,6 +229,7 @@ class S3Log:
             self._ends.append(at + len(data))
             self._synced += len(data)
             del self._buf[: len(data)]
+            self._pending = None
             self._modified = time.time()
         if not lease.valid():  # the PUT ended too late to be sure no one took over meanwhile
             raise lost(self._s3.where(self._name))
@@ -225,16 +239,24 @@ class S3Log:
         writable (an earlier opener's): seal it at ``n`` (see the module)."""
         if self._created:
             with self._mutex:
-                if n < self._synced:
+                if n < self._synced + len(self._pending or b""):
                     raise OSError(errno.EINVAL, f"{self._s3.where(self._name)}: cut below a part")
                 del self._buf[n - self._synced :]
             return
-        self._writer()
+        lease = self._writer()
         seal = json.dumps({"length": n}).encode()
-        try:
-            self._s3.put(self._name, seal, len(seal))
+        try:  # only over the marker this handle read: never over another opener's seal
+            if self._s3.put(self._name, seal, len(seal), if_match=self._marker) is None:
+                if self._s3.read(self._name) != seal:  # (not our own request, retried)
+                    raise OSError(
+                        errno.ENOLCK,
+                        f"{self._s3.where(self._name)}: sealed by another opener since it was "
+                        "read; open the overlay again",
+                    )
         except RepositoryError as err:
             raise _io(err) from None
+        if not lease.valid():
+            raise lost(self._s3.where(self._name))
         with self._mutex:
             while self._starts and self._starts[-1] >= n:
                 self._starts.pop()

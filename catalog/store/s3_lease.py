@@ -125,8 +125,7 @@ class Lease:
         if etag is None:
             now = _get(self._s3, self._name)
             if now is not None and now[0].get("token") == self._token:
-                if now[0].get("beat") == json.loads(body)["beat"]:
-                    return now[1]
+                return now[1]  # ours (whichever beat): nobody took it over
         return etag
 
     def try_acquire(self) -> bool:
@@ -140,7 +139,7 @@ class Lease:
                     continue
                 held, tag, age = now
                 wait = max(self._seconds, float(held.get("seconds") or 0))
-                if not held.get("released") and age <= wait:
+                if not held.get("released") and age - 1 <= wait:  # (whole seconds: age + 1)
                     return False
                 sent = clock()
                 etag = self._put(body, if_match=tag)

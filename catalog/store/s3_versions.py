@@ -10,6 +10,11 @@ Object Lock gives what it writes. What did not exist then, or was already delete
 as it is. Locks, prune records, probes and overlay leases are never touched (comb rewrites and
 removes them). The config goes first, so what is copied back gets the config's retention.
 
+S3 lists a key's versions newest first, and its delete markers newest first in a list of
+their own, all timed to the whole second: two versions of one second are ordered by the
+listing, but a version and a marker of the same second before TIME cannot be (the newer is
+taken to be the version). A second run finds nothing more to do.
+
 Owns reading a bucket's versions. Must not: judge what a file holds (``verify`` does that next).
 """
 
@@ -36,6 +41,8 @@ class Entry(NamedTuple):
     version: str
     marker: bool  # a delete marker, not a version
     latest: bool
+    etag: str  # ("" for a marker)
+    order: int  # S3 lists a key's versions (and its markers) newest first: ties of a second
 
 
 @dataclass
@@ -50,6 +57,10 @@ def _skipped(name: str) -> bool:
     return top in _NEVER or (top == "overlays" and name.endswith("/lock"))
 
 
+def _newest_first(e: Entry) -> tuple[datetime, int]:
+    return (e.time, -e.order)
+
+
 def _entries(s3: S3Storage) -> dict[str, list[Entry]]:
     """Every version and delete marker under the repository's prefix, by repository name."""
     cut = len(s3.prefix) + 1 if s3.prefix else 0
@@ -61,8 +72,13 @@ def _entries(s3: S3Storage) -> dict[str, list[Entry]]:
         for page in pages:
             for kind, marker in (("Versions", False), ("DeleteMarkers", True)):
                 for e in page.get(kind, ()):
-                    entry = Entry(e["LastModified"], e["VersionId"], marker, bool(e["IsLatest"]))
-                    out[e["Key"][cut:]].append(entry)
+                    name = e["Key"][cut:]
+                    order = sum(1 for x in out[name] if x.marker == marker)
+                    latest = bool(e["IsLatest"])
+                    entry = Entry(
+                        e["LastModified"], e["VersionId"], marker, latest, e.get("ETag", ""), order
+                    )
+                    out[name].append(entry)
     return out
 
 
@@ -84,12 +100,13 @@ def undo_since(s3: S3Storage, since: datetime, dry_run: bool = False) -> Undone:
             "or replaced there is gone"
         )
     done = Undone()
+    since = since.replace(microsecond=0)  # (S3 times objects to the second)
     found = _entries(s3)
     order = sorted(found, key=lambda n: (n != CONFIG_NAME, n))  # the config first
     for name in order:
         if _skipped(name):
             continue
-        entries = sorted(found[name], key=lambda e: e.time)
+        entries = sorted(found[name], key=_newest_first)  # (oldest first)
         later = [e for e in entries if e.time >= since]
         before = [e for e in entries if e.time < since]
         if not later:
@@ -98,11 +115,16 @@ def undo_since(s3: S3Storage, since: datetime, dry_run: bool = False) -> Undone:
             done.left.append(name)  # made since, or already deleted then
             continue
         then = before[-1]
+        current = next(e for e in entries if e.latest)
+        if not current.marker and current.etag == then.etag:
+            continue  # the same bytes as then (brought back already, or rewritten unchanged)
         if all(e.marker for e in later):
             done.undeleted.append(name)
             if not dry_run:
                 for e in later:
                     _call(s3, "remove a delete marker of", name, VersionId=e.version)
+        elif name.startswith("overlays/"):
+            done.left.append(name)  # a log's seal is never undone (FORMAT.md 19.5)
         else:
             done.reverted.append(name)
             if not dry_run:

@@ -10,6 +10,7 @@ files and lock through ``catalog.store.inplace``'s handles).
 
 from __future__ import annotations
 
+import errno
 import json
 import re
 import secrets
@@ -313,8 +314,12 @@ class Overlay:
             # On object storage: a log made after this overlay was opened (a request of a
             # former holder that arrived late). This opener never replayed it: sealed empty.
             late = storage.open_log(log_path(self.name, n), writable=True)
-            late.truncate(0)
-            late.close()
+            try:
+                if late.size():  # written: not a late request, another writer
+                    raise OSError(errno.ENOLCK, f"{log_path(self.name, n)} is being written")
+                late.truncate(0)
+            finally:
+                late.close()
             n += 1
         self._current, self._end, self._fresh = n, 0, False
 

@@ -285,11 +285,14 @@ def _boot(r: Repository, point: RecoveryPoint, name: str, args: argparse.Namespa
             file=sys.stderr,
             flush=True,
         )
-        return _run_qemu(cmd)
+        code = _run_qemu(cmd)
     finally:
         server.shutdown()
         thread.join()
-        close_overlays({name: export})
+        failed = close_overlays({name: export})
+    if failed is not None:
+        raise failed
+    return code
 
 
 def cmd_boot(repo: str, args: argparse.Namespace) -> int:

@@ -186,9 +186,10 @@ def parse_overlay_specs(specs: list[str]) -> dict[str, str]:
     return out
 
 
-def close_overlays(served: dict[str, ServedOverlay]) -> None:
-    """Flush and close each overlay; one that cannot be flushed is named, the others still
-    closed (its writes since the last flush may be lost)."""
+def close_overlays(served: dict[str, ServedOverlay]) -> RepositoryError | None:
+    """Flush and close each overlay, even when one cannot be flushed: the error naming those
+    (their writes since the last flush may be lost) is returned, for the caller to raise once
+    no other error is on its way."""
     failed: list[str] = []
     for name, s in served.items():
         try:
@@ -197,8 +198,7 @@ def close_overlays(served: dict[str, ServedOverlay]) -> None:
             failed.append(f"{name}: {err.message if isinstance(err, CombError) else _os(err)}")
         finally:
             s.overlay.close()
-    if failed:
-        raise RepositoryError(f"cannot flush overlay {'; '.join(failed)}")
+    return RepositoryError(f"cannot flush overlay {'; '.join(failed)}") if failed else None
 
 
 def cmd_serve(repo: str, args: argparse.Namespace) -> int:
@@ -268,5 +268,7 @@ def _serve(
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        close_overlays(overlays)
+        failed = close_overlays(overlays)
+    if failed is not None:
+        raise failed
     return EXIT_INTERRUPTED if got[:1] == [signal.SIGINT] else 0

@@ -151,7 +151,10 @@ def test_a_sealed_log_ignores_a_late_part_and_a_missing_part_is_found(
     log = bucket_storage.create_log("ov/log-0.dat")
     log.pwrite([b"aaaa"], 0)
     log.sync()
+    stale = bucket_storage.open_log("ov/log-0.dat", writable=True)
     bucket_storage.open_log("ov/log-0.dat", writable=True).truncate(4)  # the next opener
+    with pytest.raises(OSError, match="sealed by another opener"):
+        stale.truncate(2)  # a seal goes only over the marker its handle read
     log.pwrite([b"bbbb"], 4)  # the former holder's late part
     log.sync()
     assert bucket_storage.exists("ov/log-0.dat.parts/0000000000000004")
@@ -180,7 +183,38 @@ def test_a_retried_conditional_write_is_taken_for_its_own_success(
     applied = bucket_storage.put("ov/lock", body, len(body), if_match=old)  # the first attempt
     assert applied is not None
     assert lock._put(body, if_match=old) == applied  # its retry: refused, yet ours
-    assert lock._put(lock._body(), if_match=old) is None  # a later beat on a stale ETag: lost
+    other = b'{"token": "someone else"}'
+    assert bucket_storage.put("ov/lock", other, len(other), if_match=applied) is not None
+    assert lock._put(lock._body(), if_match=applied) is None  # taken over: lost
+    lock.release()
+
+
+def test_a_part_whose_upload_failed_is_sent_again_unchanged(
+    bucket_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A PUT that failed may still land later: the retry must store the very same bytes under
+    that name, so a part never changes once stored."""
+    lock = bucket_storage.file_lock("ov/lock")
+    assert lock.try_acquire()
+    log = bucket_storage.create_log("ov/log-0.dat")
+    log.pwrite([b"first"], 0)
+    real = S3Storage.put
+    failing = [True]
+
+    def put(self: S3Storage, name: str, *args: object, **kw: object) -> str | None:
+        if ".parts/" in name and failing[0]:
+            failing[0] = False
+            raise RepositoryError(f"cannot write {name}: connection reset")
+        return real(self, name, *args, **kw)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(S3Storage, "put", put)
+    with pytest.raises(OSError, match="connection reset"):
+        log.sync()
+    log.pwrite([b"-second"], 5)
+    log.sync()
+    assert bucket_storage.read("ov/log-0.dat.parts/0000000000000000") == b"first"
+    assert bucket_storage.read("ov/log-0.dat.parts/0000000000000005") == b"-second"
+    assert bucket_storage.open_log("ov/log-0.dat").pread(100, 0) == b"first-second"
     lock.release()
 
 
@@ -233,7 +267,7 @@ def test_a_holder_whose_lease_was_taken_stops_writing(
     proc = _holder(s3_env, bucket_storage.location)
     try:
         proc.send_signal(signal.SIGSTOP)  # suspended: no heartbeat, and it does not know it
-        time.sleep(3.5)
+        time.sleep(5)  # (its age, in whole seconds, must pass 2 by more than a second)
         mine = bucket_storage.file_lock("ov/lock")
         assert mine.try_acquire()  # taken over by compare-and-swap
         proc.send_signal(signal.SIGCONT)

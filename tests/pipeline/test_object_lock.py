@@ -180,6 +180,9 @@ def test_undelete_brings_back_what_was_deleted_or_replaced_since(
     assert cli("-r", repo, "points").code == 3  # a dry run changes nothing
     res = cli("-r", repo, "repair", "undelete", "--since", since)
     assert res.code == 0 and "brought back" in res.out, res.err
+    res = cli("-r", repo, "repair", "undelete", "--since", since, "--json")
+    again = json.loads(res.out)
+    assert res.code == 0 and not again["undeleted"] and not again["reverted"], again  # done
 
     res = cli("-r", repo, "points", "--json")
     assert res.code == 0, res.err
