@@ -137,7 +137,16 @@ def create(repo: Repository, name: str, point: RecoveryPoint) -> None:
     }
     data = (json.dumps(doc, indent=2, sort_keys=True) + "\n").encode()
     data = repo.sealer.seal_doc(data, f"overlay {name}")
-    repo.storage.write_atomic(f"{OVERLAYS_DIR}/{name}/overlay.json", data)
+    prefix = overlay_prefix(name)
+    leftovers = [f for f in repo.storage.list(prefix) if f != f"{prefix}/lock"]
+    if leftovers:  # logs an interrupted ``rm`` left belong to no overlay: not replayed into this
+        lock = _lock(repo, name)
+        try:
+            for left in leftovers:
+                repo.storage.remove(left)
+        finally:
+            lock.release()
+    repo.storage.write_atomic(f"{prefix}/overlay.json", data)
 
 
 def log_numbers(repo: Repository, name: str) -> list[int]:

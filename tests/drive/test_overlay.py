@@ -229,6 +229,23 @@ def test_second_server_and_rm_are_refused_while_served(
     assert overlay.names(Repository.open(str(repo), password=TEST_PASSWORD)) == []
 
 
+def test_an_overlay_made_again_after_an_interrupted_rm_starts_empty(
+    disk: tuple[Path, Image, str],
+) -> None:
+    repo, _, point_id = disk
+    r = Repository.open(str(repo), password=TEST_PASSWORD)
+    overlay.create(r, "again", r.resolve(point_id))
+    o = Overlay(r, "again")
+    o.write(4096, b"old" * 100)
+    o.flush()
+    o.close()
+    (repo / "overlays" / "again" / "overlay.json").unlink()  # an rm killed after its first step
+    overlay.create(r, "again", r.resolve(point_id))
+    o = Overlay(r, "again")
+    assert len(o.map) == 0 and not o.pieces(0, SIZE)  # the old log is not replayed into it
+    o.close()
+
+
 def test_overlays_command(disk: tuple[Path, Image, str], cli: CliRunner) -> None:
     repo, _, point_id = disk
     res = cli("-r", repo, "overlays")
