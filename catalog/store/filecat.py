@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.errors import CombError, CorruptionError
+from catalog.errors import CombError, CorruptionError, RepositoryError
 from catalog.store import sorted_rows
 from catalog.store.parquet_io import ParquetStreamWriter, read_parquet
 from catalog.store.storage import Storage, json_ids
@@ -140,11 +140,16 @@ def survey(storage: Storage) -> Survey:
 
 
 def read_doc(storage: Storage, point_id: str) -> FilesDoc | None:
+    """A point's catalog document, None without one (one request on object storage)."""
     name = doc_name(point_id)
-    if not storage.exists(name):
-        return None
+    try:
+        stored = storage.read(name)
+    except RepositoryError:  # "cannot read ...": unless there is no such document
+        if not storage.exists(name):
+            return None
+        raise
     where = storage.local_path(name) or name
-    raw = storage.sealer.open_doc(storage.read(name), FILES_DOC_KIND, where)
+    raw = storage.sealer.open_doc(stored, FILES_DOC_KIND, where)
     try:
         doc = json.loads(raw)
         if doc.get("format") != FILES_FORMAT or doc.get("version") != FILES_VERSION:
@@ -259,10 +264,11 @@ def _last_changes(tables: list[pa.Table]) -> pa.Table:
     return rows.filter(first).drop_columns(["_step"])
 
 
-def read_listing(storage: Storage, point_id: str) -> pa.Table | None:
-    """Every entry of a point's catalog (LISTING_SCHEMA, sorted); None without a catalog."""
+def read_listing(storage: Storage, point_id: str, doc: FilesDoc | None = None) -> pa.Table | None:
+    """Every entry of a point's catalog (LISTING_SCHEMA, sorted); None without a catalog.
+    ``doc``: its document, when the caller has read it already."""
     chain: list[FilesDoc] = []
-    doc = read_doc(storage, point_id)
+    doc = doc if doc is not None else read_doc(storage, point_id)
     while doc is not None and doc.full is None:
         chain.append(doc)
         if doc.base is None or len(chain) > FULL_EVERY + 1:

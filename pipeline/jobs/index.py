@@ -328,7 +328,7 @@ def index_point(repo: Repository, point: RecoveryPoint) -> Indexed:
         return Indexed(existing, False, 0.0, existed=True)
     base = filecat.read_doc(repo.storage, point.parent) if point.parent else None
     changed = _changed(repo, point, base) if base is not None else None
-    base_listing = filecat.read_listing(repo.storage, base.point) if base is not None else None
+    base_listing = filecat.read_listing(repo.storage, base.point, base) if base else None
     if (
         base is not None
         and base_listing is not None
