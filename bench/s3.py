@@ -26,6 +26,7 @@ import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
+from unittest import mock
 
 from catalog.repo import Repository
 from catalog.store import s3_client
@@ -177,23 +178,18 @@ def _first_reads(location: str, workdir: str) -> dict[str, float]:
     repo = Repository.open(location, password=BENCH_PASSWORD)
     latest = max(repo.points(), key=lambda p: p.time)
     cache = os.path.join(workdir, "s3-first-read-cache")
-    saved = {k: os.environ.get(k) for k in ("COMB_CACHE_DIR", "COMB_PASSWORD")}
-    os.environ["COMB_PASSWORD"] = BENCH_PASSWORD
-    os.environ["COMB_CACHE_DIR"] = cache
     cold: list[float] = []
     hot: list[float] = []
+    env = {"COMB_PASSWORD": BENCH_PASSWORD, "COMB_CACHE_DIR": cache}
     try:
-        for _ in range(3):
-            shutil.rmtree(cache, ignore_errors=True)
-            for runs in (cold, hot):
-                runs.append(first_read_seconds(location, f"bench@{latest.id}", latest.size // 2))
+        with mock.patch.dict(os.environ, env):  # (what the servers started here inherit)
+            for _ in range(3):
+                shutil.rmtree(cache, ignore_errors=True)
+                for runs in (cold, hot):
+                    export = f"bench@{latest.id}"
+                    runs.append(first_read_seconds(location, export, latest.size // 2))
     finally:
         shutil.rmtree(cache, ignore_errors=True)
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
     return {"cold": statistics.median(cold), "warm": statistics.median(hot)}
 
 

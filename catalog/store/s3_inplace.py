@@ -32,8 +32,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from catalog.errors import RepositoryError
-from catalog.store.s3_client import missing
-from catalog.store.s3_lease import Lease, held, lost
+from catalog.store.s3_lease import Lease, fetch, held, lost
 
 if TYPE_CHECKING:
     from catalog.store.s3 import S3Storage
@@ -67,16 +66,10 @@ def create_log(s3: S3Storage, name: str) -> S3Log:
 
 def open_log(s3: S3Storage, name: str, writable: bool) -> S3Log:
     try:
-        with s3._failing("read", s3.where(name)):
-            try:
-                got = s3.client.get_object(Bucket=s3.bucket, Key=s3.key(name))
-            except Exception as err:
-                if missing(err):
-                    raise FileNotFoundError(
-                        errno.ENOENT, f"{s3.where(name)}: no such log"
-                    ) from None
-                raise
-            raw = got["Body"].read()
+        found = fetch(s3, name)
+        if found is None:
+            raise FileNotFoundError(errno.ENOENT, f"{s3.where(name)}: no such log")
+        raw, got = found
         parts = _parts(s3, name)
     except RepositoryError as err:
         raise _io(err) from None

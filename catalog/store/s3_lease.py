@@ -81,8 +81,9 @@ def probe_cas(s3: S3Storage) -> None:
     _CAS_PROBED.add(where)
 
 
-def _get(s3: S3Storage, name: str) -> tuple[dict[str, Any], str, float] | None:
-    """(body as JSON, ETag, age on the server's clock) of a lease; None when it is gone."""
+def fetch(s3: S3Storage, name: str) -> tuple[bytes, dict[str, Any]] | None:
+    """A small object's bytes with the response's metadata (ETag, Last-Modified, Date), in one
+    GET; None when there is none."""
     with s3._failing("read", s3.where(name)):
         try:
             got = s3.client.get_object(Bucket=s3.bucket, Key=s3.key(name))
@@ -90,7 +91,15 @@ def _get(s3: S3Storage, name: str) -> tuple[dict[str, Any], str, float] | None:
             if missing(err):
                 return None
             raise
-        raw = got["Body"].read()
+        return got["Body"].read(), got
+
+
+def _get(s3: S3Storage, name: str) -> tuple[dict[str, Any], str, float] | None:
+    """(body as JSON, ETag, age on the server's clock) of a lease; None when it is gone."""
+    found = fetch(s3, name)
+    if found is None:
+        return None
+    raw, got = found
     try:
         body = json.loads(raw)
     except ValueError:

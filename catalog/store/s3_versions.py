@@ -20,7 +20,7 @@ Owns reading a bucket's versions. Must not: judge what a file holds (``verify`` 
 
 from __future__ import annotations
 
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, NamedTuple
@@ -62,9 +62,11 @@ def _newest_first(e: Entry) -> tuple[datetime, int]:
 
 
 def _entries(s3: S3Storage) -> dict[str, list[Entry]]:
-    """Every version and delete marker under the repository's prefix, by repository name."""
+    """Every version and delete marker under the repository's prefix, by repository name
+    (those ``_skipped`` left out: a lease has a version per heartbeat)."""
     cut = len(s3.prefix) + 1 if s3.prefix else 0
     out: dict[str, list[Entry]] = defaultdict(list)
+    seen: Counter[tuple[str, bool]] = Counter()  # (name, marker) -> entries listed so far
     with s3._failing("list the versions of", s3.location):
         pages = s3.client.get_paginator("list_object_versions").paginate(
             Bucket=s3.bucket, Prefix=s3._dir_key("")
@@ -73,11 +75,14 @@ def _entries(s3: S3Storage) -> dict[str, list[Entry]]:
             for kind, marker in (("Versions", False), ("DeleteMarkers", True)):
                 for e in page.get(kind, ()):
                     name = e["Key"][cut:]
-                    order = sum(1 for x in out[name] if x.marker == marker)
-                    latest = bool(e["IsLatest"])
+                    if _skipped(name):
+                        continue
+                    order = seen[(name, marker)]
+                    seen[(name, marker)] += 1
                     entry = Entry(
-                        e["LastModified"], e["VersionId"], marker, latest, e.get("ETag", ""), order
-                    )
+                        e["LastModified"], e["VersionId"], marker, bool(e["IsLatest"]),
+                        e.get("ETag", ""), order,
+                    )  # fmt: skip
                     out[name].append(entry)
     return out
 
@@ -104,8 +109,6 @@ def undo_since(s3: S3Storage, since: datetime, dry_run: bool = False) -> Undone:
     found = _entries(s3)
     order = sorted(found, key=lambda n: (n != CONFIG_NAME, n))  # the config first
     for name in order:
-        if _skipped(name):
-            continue
         entries = sorted(found[name], key=_newest_first)  # (oldest first)
         later = [e for e in entries if e.time >= since]
         before = [e for e in entries if e.time < since]
@@ -122,32 +125,27 @@ def undo_since(s3: S3Storage, since: datetime, dry_run: bool = False) -> Undone:
             done.undeleted.append(name)
             if not dry_run:
                 for e in later:
-                    _call(s3, "remove a delete marker of", name, VersionId=e.version)
+                    _call(
+                        s3, "remove a delete marker of", name, "delete_object", VersionId=e.version
+                    )
         elif name.startswith("overlays/"):
             done.left.append(name)  # a log's seal is never undone (FORMAT.md 19.5)
         else:
             done.reverted.append(name)
             if not dry_run:
                 source = {"Bucket": s3.bucket, "Key": s3.key(name), "VersionId": then.version}
-                _call(s3, "copy back", name, copy=True, CopySource=source)
+                _call(s3, "copy back", name, "copy_object", CopySource=source)
                 lock = s3_lock.retention_args(s3, name)  # (a copy cannot carry it: no body)
                 if lock:
                     retention = {
                         "Mode": lock["ObjectLockMode"],
                         "RetainUntilDate": lock["ObjectLockRetainUntilDate"],
                     }
-                    _call(s3, "lock", name, retention=True, Retention=retention)
+                    _call(s3, "lock", name, "put_object_retention", Retention=retention)
     return done
 
 
-def _call(
-    s3: S3Storage, verb: str, name: str, copy: bool = False, retention: bool = False, **args: object
-) -> None:
-    where = {"Bucket": s3.bucket, "Key": s3.key(name)}
+def _call(s3: S3Storage, verb: str, name: str, method: str, **args: object) -> None:
+    """One request about ``name``: the client's ``method``."""
     with s3._failing(verb, s3.where(name)):
-        if copy:
-            s3.client.copy_object(**where, **args)
-        elif retention:
-            s3.client.put_object_retention(**where, **args)
-        else:
-            s3.client.delete_object(**where, **args)
+        getattr(s3.client, method)(Bucket=s3.bucket, Key=s3.key(name), **args)

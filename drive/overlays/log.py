@@ -183,6 +183,7 @@ class Replayed:
     torn: bool
     written_bytes: int
     file_bytes: int  # its length as replayed (with a torn tail)
+    modified: float  # when it was last written (``LogFile.modified``)
 
 
 def replay(
@@ -227,13 +228,13 @@ def replay(
                     sealed.add(log, at)
         if bad is not None:
             if last and (bad.startswith("the record runs") or _tail(file, at, total, head)):
-                return Replayed(at, True, written, total)
+                return Replayed(at, True, written, total, file.modified())
             raise CorruptionError(f"overlay log {path} at offset {at}: {bad}")
         if into is not None:
             into.add(offset, offset + length, log, at + HEADER_BYTES if body else -1)
         written += length
         at = end
-    return Replayed(at, False, written, total)
+    return Replayed(at, False, written, total, file.modified())
 
 
 def _sealing_wrong(flags: int, sealed: Sealed | None, encrypted: bool | None) -> bool:

@@ -174,16 +174,12 @@ def info(repo: Repository, name: str) -> OverlayInfo:
     for k, n in enumerate(logs):
         file = shown(repo, log_path(name, n))
         try:
-            log = repo.storage.open_log(log_path(name, n))
-            try:
-                found = L.replay(log, file, n, k == len(logs) - 1, size, None)
-                mtime = max(mtime, log.modified())
-            finally:
-                log.close()
+            found = replay_log(repo, name, n, k == len(logs) - 1, size, None)
         except OSError as err:
             raise RepositoryError(f"cannot read {file}: {_os(err)}") from None
         written += found.written_bytes
         log_bytes += found.file_bytes
+        mtime = max(mtime, found.modified)
     last = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(mtime)) if logs else None
     return OverlayInfo(
         name, str(doc["base"]), str(doc.get("source", "")), size, str(doc.get("created", "")),

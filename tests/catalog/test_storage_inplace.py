@@ -21,6 +21,7 @@ from s3server import S3Server, header_stripper
 
 from catalog.errors import RepositoryError
 from catalog.store import s3_inplace, s3_lease
+from catalog.store.inplace import FileLock, LogFile
 from catalog.store.local import LocalStorage
 from catalog.store.s3 import S3Storage
 from catalog.store.storage import TMP_DIR, Storage
@@ -101,13 +102,18 @@ def bucket_storage(s3_env: S3Server) -> S3Storage:
     return S3Storage.existing(f"s3://{s3_env.bucket()}/repo")
 
 
+def _new_log(storage: Storage) -> tuple[FileLock, LogFile]:
+    """The folder's lock, taken, and a new log in it."""
+    lock = storage.file_lock("ov/lock")
+    assert lock.try_acquire()
+    return lock, storage.create_log("ov/log-0.dat")
+
+
 def test_unsynced_writes_are_uploaded_in_bounded_parts(
     bucket_storage: S3Storage, s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(s3_inplace, "PART_BYTES", 1000)
-    lock = bucket_storage.file_lock("ov/lock")
-    assert lock.try_acquire()
-    log = bucket_storage.create_log("ov/log-0.dat")
+    lock, log = _new_log(bucket_storage)
     data = os.urandom(600)
     for i in range(10):  # 6,000 bytes and no sync: memory holds at most one part and a write
         log.pwrite([data], 600 * i)
@@ -127,9 +133,7 @@ def test_parts_are_read_in_windows(
     bucket_storage: S3Storage, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(s3_inplace, "WINDOW", 1000)
-    lock = bucket_storage.file_lock("ov/lock")
-    assert lock.try_acquire()
-    log = bucket_storage.create_log("ov/log-0.dat")
+    lock, log = _new_log(bucket_storage)
     data = os.urandom(5500)
     log.pwrite([data[:4200]], 0)
     log.sync()  # one part of 4,200 bytes: five windows
@@ -146,9 +150,7 @@ def test_a_sealed_log_ignores_a_late_part_and_a_missing_part_is_found(
 ) -> None:
     """The next opener seals the log it replayed: a part that a former holder's late PUT adds
     afterwards is never read. A part gone from the middle of a log is an error."""
-    lock = bucket_storage.file_lock("ov/lock")
-    assert lock.try_acquire()
-    log = bucket_storage.create_log("ov/log-0.dat")
+    lock, log = _new_log(bucket_storage)
     log.pwrite([b"aaaa"], 0)
     log.sync()
     stale = bucket_storage.open_log("ov/log-0.dat", writable=True)
@@ -194,9 +196,7 @@ def test_a_part_whose_upload_failed_is_sent_again_unchanged(
 ) -> None:
     """A PUT that failed may still land later: the retry must store the very same bytes under
     that name, so a part never changes once stored."""
-    lock = bucket_storage.file_lock("ov/lock")
-    assert lock.try_acquire()
-    log = bucket_storage.create_log("ov/log-0.dat")
+    lock, log = _new_log(bucket_storage)
     log.pwrite([b"first"], 0)
     real = S3Storage.put
     failing = [True]
