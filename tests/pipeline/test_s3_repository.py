@@ -288,17 +288,18 @@ def test_a_request_budget_spaces_the_requests(
     monkeypatch.setenv("COMB_S3_MAX_REQUESTS_PER_S", "1000")  # (restored after the test)
     res = cli("-r", repo, "points", "--s3-max-requests-per-s", "0")
     assert res.code == 2 and "above 0" in res.err and res.err.count("\n") == 1, res.err
-    for rate, ceiling in (("1000", 0.25), ("20", None)):
+    took = {}
+    for rate in ("1000", "20"):
         monkeypatch.setenv("COMB_S3_MAX_REQUESTS_PER_S", rate)
         storage = S3Storage.existing(repo)  # (a client of these settings)
         t0 = time.monotonic()
         for _ in range(40):
             storage.exists("config.json")
-        took = time.monotonic() - t0
-        if ceiling is not None:
-            assert took < ceiling
-        else:  # 20 at once, then 20 more at 20 a second
-            assert took >= 0.9, took
+        took[rate] = time.monotonic() - t0
+    # 20 a second: 20 at once, then 20 more at 20 a second, so at least 0.95 s. 1000 a
+    # second never waits (40 is within the burst): only the server's time, well below that
+    # on a loaded machine too (it was 0.28 s on a CI run with 2 busy cores).
+    assert took["20"] >= 0.9 and took["1000"] < 0.9, took
 
 
 READS = ("GetObject", "HeadObject")
