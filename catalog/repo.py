@@ -19,6 +19,7 @@ from catalog.store.format import (
     DEFAULT_CHUNK_SIZE_BYTES,
     DEFAULT_ZSTD_LEVEL,
     OBJECT_LOCK_FEATURE,
+    SHARED_IDS_FEATURE,
     RepoConfig,
     parse_config,
 )
@@ -76,14 +77,19 @@ class Repository:
         encryption: str = crypto.ALGORITHM,
         password: str | PasswordSource | None = None,
         object_lock: tuple[int, str] | None = None,
+        ids_from: Repository | None = None,
     ) -> Repository:
         """A new repository; ``parity`` None: no parity files (FORMAT.md 20); encrypted unless
         ``encryption="none"``, with ``password`` (a string, or a source asked with
         confirm=True; an encrypted repository needs one); ``object_lock`` (days, mode): S3
-        Object Lock on what cannot be rebuilt (``catalog.store.s3_lock``)."""
+        Object Lock on what cannot be rebuilt (``catalog.store.s3_lock``); ``ids_from``: a
+        repository whose chunk ids the new one shares (its chunk size and chunk-id key,
+        ``init --copy-keys-from``: the same data then has the same id in both)."""
         if encryption not in ENCRYPTIONS:
             raise UsageError(f"unknown encryption {encryption!r} (use {' or '.join(ENCRYPTIONS)})")
         encrypted = encryption != "none"
+        if ids_from is not None:
+            _check_ids_from(ids_from, chunk_size, encrypted)
         config = RepoConfig.new(
             chunk_size,
             DEFAULT_ZSTD_LEVEL if zstd_level is None else zstd_level,
@@ -116,6 +122,9 @@ class Repository:
             # The key file first: a config that says "encrypted" always has a key.
             key_id = crypto.add_key(storage, config.id, master, secret)
             storage.sealer = crypto.AesGcmSealer.from_master(master)
+            if ids_from is not None:
+                config = _sharing_ids(config, master, ids_from)
+                storage.sealer = _shared_sealer(storage.sealer, config)
         storage.write_atomic(CONFIG_NAME, config.to_json())
         if object_lock is not None:  # (written before the config said so: locked now)
             s3_lock.extend(storage, [CONFIG_NAME, *storage.list(crypto.KEYS_PREFIX)])
@@ -140,7 +149,8 @@ class Repository:
             storage.sealer = sealer
         elif config.encrypted:
             secret = _password(location, password, confirm=False)
-            storage.sealer, key_id = crypto.unlock(storage, config.id, secret, path)
+            own, key_id = crypto.unlock(storage, config.id, secret, path)
+            storage.sealer = _shared_sealer(own, config)
         else:
             trace = _sealed_trace(storage)
             if trace:
@@ -181,6 +191,17 @@ class Repository:
                     ) from None
             raise
 
+    def shares_chunk_ids(self, other: Repository) -> bool:
+        """Whether the same data has the same chunk id here and in ``other``: one chunk size
+        and one chunk-id key (both plain, or one made with ``init --copy-keys-from`` the
+        other)."""
+        if self.config.chunk_size != other.config.chunk_size:
+            return False
+        if not self.sealer.encrypted and not other.sealer.encrypted:
+            return True
+        mine, theirs = _id_key(self.sealer), _id_key(other.sealer)
+        return mine is not None and theirs is not None and secrets.compare_digest(mine, theirs)
+
     def manifest(self, point: RecoveryPoint) -> ManifestReader:
         return ManifestReader(self.storage, point.root, point.leaves)
 
@@ -190,6 +211,44 @@ class Repository:
         """``point`` as a block source (size, extents, reads; ``catalog.read.source``): opening
         reads only its root; ``cache_chunks``: decoded chunks kept for neighbouring reads."""
         return read_point.PointSource(self.storage, point, cache_chunks)
+
+
+def _id_key(sealer: Sealer) -> bytes | None:
+    return sealer.id_key if isinstance(sealer, crypto.AesGcmSealer) else None
+
+
+def _check_ids_from(src: Repository, chunk_size: int, encrypted: bool) -> None:
+    """Refuse what cannot share ``src``'s chunk ids, before anything is written."""
+    if chunk_size != src.config.chunk_size:
+        raise UsageError(
+            f"chunk size {chunk_size} differs from {src.location}'s "
+            f"({src.config.chunk_size}): chunk ids are shared only with one chunk size"
+        )
+    if encrypted != src.sealer.encrypted:
+        has = "is encrypted" if src.sealer.encrypted else "is not encrypted"
+        raise UsageError(
+            f"{src.location} {has}: a repository shares chunk ids only with one encrypted "
+            "alike (two plain repositories of one chunk size share them already)"
+        )
+
+
+def _sharing_ids(config: RepoConfig, master: bytes, src: Repository) -> RepoConfig:
+    """The new config holding ``src``'s chunk-id key, sealed (FORMAT.md 21.1)."""
+    key = _id_key(src.sealer)
+    assert key is not None and config.encryption is not None
+    sealed = crypto.seal_shared_id_key(master, key, config.id)
+    feats = config.features
+    return replace(
+        config,
+        encryption={**config.encryption, "id_key": sealed},
+        features=replace(feats, incompat=tuple(sorted({*feats.incompat, SHARED_IDS_FEATURE}))),
+    )
+
+
+def _shared_sealer(sealer: crypto.AesGcmSealer, config: RepoConfig) -> crypto.AesGcmSealer:
+    """``sealer`` with the chunk-id key config.json shares, if it holds one."""
+    sealed = (config.encryption or {}).get("id_key")
+    return sealer if sealed is None else crypto.with_shared_id_key(sealer, sealed, config.id)
 
 
 def _password(location: str, password: str | PasswordSource | None, confirm: bool) -> str:

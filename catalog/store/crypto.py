@@ -60,6 +60,9 @@ MAX_KDF_MEMORY_KIB = 1024 * 1024
 WRAPPED_BYTES = NONCE_BYTES + MASTER_BYTES + TAG_BYTES
 _CONTEXT = "comb 2026-11 repository {}"
 PURPOSES = ("chunk id", "blob", "pack table", "document", "parquet", "overlay record")
+# The key that seals another repository's chunk-id key in config.json (``init --copy-keys-from``,
+# FORMAT.md 21.1); not one of the sealer's own keys.
+SHARED_ID_PURPOSE = "shared chunk id"
 
 
 _ENCRYPT_INTO = hasattr(AESGCM, "encrypt_into")
@@ -192,6 +195,30 @@ class AesGcmSealer:
 
 def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
+
+
+def _shared_id_aad(repo_id: str) -> bytes:
+    return f"comb shared chunk id key of repository {repo_id}".encode()
+
+
+def seal_shared_id_key(master: bytes, id_key: bytes, repo_id: str) -> str:
+    """Another repository's chunk-id key, sealed with this one's master for config.json
+    (``encryption.id_key``): the two then give the same data the same chunk ids."""
+    nonce = secrets.token_bytes(NONCE_BYTES)
+    key = _derive(master, SHARED_ID_PURPOSE)
+    return _b64(nonce + _aead(key).encrypt(nonce, id_key, _shared_id_aad(repo_id)))
+
+
+def with_shared_id_key(sealer: AesGcmSealer, sealed: str, repo_id: str) -> AesGcmSealer:
+    """``sealer`` with the chunk-id key that config.json holds sealed (``seal_shared_id_key``)
+    in place of the one derived from its master."""
+    where = f"config.json's shared chunk-id key of repository {repo_id}"
+    raw = base64.b64decode(sealed, validate=True)
+    opener = _derive(sealer.master, SHARED_ID_PURPOSE)
+    key = sealer._open(opener, raw, _shared_id_aad(repo_id), where)
+    if len(key) != 32:
+        raise CorruptionError(f"{where} is not 32 bytes")
+    return replace(sealer, id_key=key)
 
 
 # -- key files --------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ checks the two agree.
 
 from __future__ import annotations
 
+import base64
 import json
 import secrets
 from dataclasses import asdict, dataclass, field, replace
@@ -47,7 +48,10 @@ MISSING_ZSTD_LEVEL = 3
 
 # Feature flags (ext4 style). A reader refuses a repository with an unknown "incompat" feature,
 # opens one with an unknown "ro_compat" feature read-only, and ignores unknown "compat" ones.
-KNOWN_INCOMPAT: frozenset[str] = frozenset({"encryption"})  # FORMAT.md 21
+KNOWN_INCOMPAT: frozenset[str] = frozenset({"encryption", "shared-ids"})  # FORMAT.md 21
+# "shared-ids": the chunk-id key is another repository's, sealed in ``encryption.id_key``
+# (``init --copy-keys-from``); a comb unaware of it would derive other ids (FORMAT.md 21.1).
+SHARED_IDS_FEATURE = "shared-ids"
 # "locks": writers take locks (FORMAT.md 13); "parity": every pack has a parity file (15).
 KNOWN_RO_COMPAT: frozenset[str] = frozenset({"locks", "object-lock", "parity"})
 PARITY_FEATURE = "parity"
@@ -214,9 +218,11 @@ def parse_config(raw: bytes, where: str) -> RepoConfig:
 
 
 def _encryption(value: object, feats: dict, where: str) -> dict[str, str] | None:  # type: ignore[type-arg]
-    """The config's encryption object, consistent with the ``encryption`` feature flag."""
+    """The config's encryption object, consistent with the ``encryption`` and ``shared-ids``
+    feature flags."""
     flagged = "encryption" in feats.get("incompat", ())
-    if value is None and not flagged:
+    shared = SHARED_IDS_FEATURE in feats.get("incompat", ())
+    if value is None and not flagged and not shared:
         return None
     if not flagged or not isinstance(value, dict):
         raise RepositoryError(
@@ -224,4 +230,18 @@ def _encryption(value: object, feats: dict, where: str) -> dict[str, str] | None
         )
     if value.get("algorithm") != "aes-256-gcm" or value.get("kdf") != "argon2id":
         raise RepositoryError(f"{where}: unknown encryption {value!r}")
-    return {"algorithm": "aes-256-gcm", "kdf": "argon2id"}
+    out = {"algorithm": "aes-256-gcm", "kdf": "argon2id"}
+    id_key = value.get("id_key")
+    if shared != (id_key is not None):
+        raise RepositoryError(
+            f"{where}: the encryption's id_key and the shared-ids feature flag disagree"
+        )
+    if id_key is not None:
+        try:
+            ok = len(base64.b64decode(str(id_key), validate=True)) == 32 + 28
+        except ValueError:
+            ok = False
+        if not ok:
+            raise RepositoryError(f"{where}: encryption.id_key is not a sealed 32-byte key")
+        out["id_key"] = str(id_key)
+    return out

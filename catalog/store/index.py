@@ -261,6 +261,13 @@ class DedupIndex:
             known |= level[pos] == keys
         return known
 
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """For an (n, 32) uint8 array of ids: True where the chunk is stored (claims none)."""
+        if len(ids) == 0:
+            return np.zeros(0, bool)
+        with self._lock:
+            return self._known(_keys(np.ascontiguousarray(ids)))
+
     def claim(self, ids: np.ndarray) -> np.ndarray:
         """For an (n, 32) uint8 array of ids: a bool array, True where the caller must store."""
         if len(ids) == 0:

@@ -12,6 +12,10 @@ from catalog.store.parity import ParityGeometry
 
 from ..console import note, print_json
 from . import Subparsers, command
+from .passwords import other_password_source
+
+FROM_PASSWORD_ENV = "COMB_FROM_PASSWORD"
+FROM_PASSWORD_FILE_ENV = "COMB_FROM_PASSWORD_FILE"
 
 
 def add_parser(sub: Subparsers) -> None:
@@ -23,6 +27,7 @@ def add_parser(sub: Subparsers) -> None:
             "comb -r /backup/repo init",
             "COMB_PASSWORD_FILE=/root/.comb-pass comb -r /backup/repo init --zstd-level 3",
             "comb init -r /backup/plain --encryption none --parity-overhead 0",
+            "comb -r s3://bucket/offsite init --copy-keys-from /backup/repo",
         ],
         json="print the new repository's settings as one JSON object",
     )
@@ -62,6 +67,18 @@ def add_parser(sub: Subparsers) -> None:
         help="governance (default: an account allowed to bypass it may shorten it) or "
         "compliance (nobody can, not even the root account)",
     )
+    s.add_argument(
+        "--copy-keys-from",
+        metavar="REPO",
+        help="share REPO's chunk ids (its chunk size and chunk-id key): `comb copy` between the "
+        "two then skips reading what the target holds (the other keys stay the new one's own)",
+    )
+    s.add_argument(
+        "--from-password-file",
+        metavar="FILE",
+        help=f"the password of --copy-keys-from REPO (else {FROM_PASSWORD_FILE_ENV}, "
+        f"{FROM_PASSWORD_ENV}, or the new repository's password)",
+    )
     s.set_defaults(run=cmd_init)
 
 
@@ -73,6 +90,16 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
         if args.object_lock < 1:
             raise UsageError("--object-lock DAYS must be at least 1")
         lock = (args.object_lock, (args.object_lock_mode or "governance").upper())
+    ids_from = None
+    if args.copy_keys_from is not None:
+        password = other_password_source(
+            args.from_password_file, FROM_PASSWORD_ENV, FROM_PASSWORD_FILE_ENV, args.password
+        )
+        ids_from = Repository.open(args.copy_keys_from, password=password)
+        if args.chunk_size is None:
+            args.chunk_size = ids_from.config.chunk_size
+    elif args.from_password_file is not None:
+        raise UsageError("--from-password-file goes with --copy-keys-from")
     parity = (
         ParityGeometry()
         if args.parity_overhead is None
@@ -86,6 +113,7 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
         encryption=args.encryption,
         password=args.password,
         object_lock=lock,
+        ids_from=ids_from,
     )
     g = r.config.parity
     kept = s3_lock.versions_kept(r.storage)
@@ -100,6 +128,7 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
                 "zstd_level": r.config.zstd_level,
                 "encryption": (r.config.encryption or {}).get("algorithm"),
                 "object_lock": r.config.object_lock,
+                "shares_chunk_ids_with": ids_from.location if ids_from is not None else None,
                 "parity": None
                 if g is None
                 else {
@@ -127,5 +156,6 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
             if r.config.object_lock
             else ""
         )
+        + (f"; chunk ids shared with {ids_from.location}" if ids_from is not None else "")
     )
     return 0

@@ -11,7 +11,8 @@ killed copy resumes with the point it was copying; so is one the target forgot, 
 is itself a copy of a point the target has (copying back does not double it). A point whose
 source has a copied earlier point in the target becomes that point's child and reads only the
 byte runs where the two originals differ (``catalog.read.compare``, from their manifests): the
-cost follows the change.
+cost follows the change. Between repositories that share chunk ids (``init --copy-keys-from``),
+the chunks the target holds already are not read at all (``pipeline.jobs.copy_known``).
 
 Owns choosing, planning and running copies. Must not: print (``pipeline.cli.copy_cmd``).
 """
@@ -19,16 +20,18 @@ Owns choosing, planning and running copies. Must not: print (``pipeline.cli.copy
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from catalog.read.compare import changed_runs
 from catalog.repo import Repository
+from catalog.store.index import DedupIndex
 from catalog.store.points import RecoveryPoint, load_forgotten
 from catalog.store.sealing import PLAIN, Sealer
 
 from ..engines import Engine
 from ..locking import reader_lock, writer_lock
+from .copy_known import KnownChunks, split_known
 from .plan import align, clip, intersect
 from .runner import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
 
@@ -122,6 +125,10 @@ def copy_points(
     dst.require_writable()
     sealer = src.sealer.for_workers()
     with reader_lock(src, "copy", long_lived=True), writer_lock(dst, "backup") as lock:
+        # (Read in the session: packs a prune condemned already are left out, a later one
+        # waits for this copy. Chunks stored by this copy's earlier points are not in it:
+        # they are read again, and the engine's own index finds them.)
+        held = DedupIndex.load(dst.storage) if src.shares_chunk_ids(dst) else None
         for point in sorted(points, key=lambda p: (p.time, p.id)):
             copies, had = _target(dst)
             if point.id in had or (point.copy_of is not None and point.copy_of in had):
@@ -130,6 +137,14 @@ def copy_points(
             plan = plan_copy(src, dst, point, copies)
             source = PointAsSource(src.location, point.id, sealer)
             job = DiskJob(plan, source, point.source_path, fields=_kept(point))
+            if held is not None:
+                manifest = src.manifest(point)
+                read, known = split_known(point, manifest, plan.read, held)
+                job = replace(
+                    job,
+                    plan=replace(plan, read=read),
+                    known=KnownChunks(point, manifest, known).rows,
+                )
             opts = BackupOptions(
                 source_name=point.source,
                 tags=point.tags,

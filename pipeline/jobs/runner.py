@@ -36,7 +36,7 @@ from catalog.store.points import PointStats, RecoveryPoint, commit_point
 from catalog.store.storage import Storage
 from stages.backup import IndexClient, PackTarget, backup_stages
 from stages.base import Fused
-from stages.schemas import INDEX_PORT, MAIN_PORT
+from stages.schemas import INDEX_PORT, MAIN_PORT, WRITTEN
 from stages.sources.image import Source, SourceHandle
 
 from .. import signals
@@ -111,6 +111,9 @@ class DiskJob:
     source_path: str
     make_changes: Callable[[Storage], ChangeTableWriter] = ChangeTableWriter
     fields: Callable[[ChangeTableWriter], dict[str, Any]] | None = None
+    # Rows of chunks stored already that the plan does not read, by disk range [start, end),
+    # asked for in disk order (a copy between repositories sharing chunk ids).
+    known: Callable[[int, int], pa.Table] | None = None
 
 
 # Several disks in one run share the engine: disk i's offsets travel as ``i << DISK_SHIFT | o``
@@ -158,6 +161,17 @@ class _Disk:
     assembler: ManifestAssembler
     parent_manifest: ManifestReader | None
     tally: _Tally = field(default_factory=_Tally)
+    fed: int = 0  # where the known rows given to the assembler end (``DiskJob.known``)
+
+    def with_known(self, written: pa.Table, upto: int) -> pa.Table:
+        """``written`` with the known rows before ``upto`` not given yet, in disk order."""
+        if self.job.known is None or upto <= self.fed:
+            return written
+        extra = self.job.known(self.fed, upto)
+        self.fed = upto
+        if not extra.num_rows:
+            return written
+        return pa.concat_tables([written, extra]).sort_by("offset").combine_chunks()
 
 
 def _interleave(disks: list[_Disk]) -> list[tuple[_Disk, WorkItem]]:
@@ -203,7 +217,10 @@ def _drive(
             pos += 1
         disk, item, handle = window.popleft()
         ports = engine.result(handle)
-        written = _unshifted(ports[MAIN_PORT], disk.base)
+        items = disk.items
+        nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else None
+        upto = disk.job.plan.size if nxt is None else nxt
+        written = disk.with_known(_unshifted(ports[MAIN_PORT], disk.base), upto)
         stored = written.filter(written.column("new"))
         if stored.num_rows:  # where the chunks its rows will name were read (catalog.store.blocks)
             index_seg.read_at(
@@ -213,9 +230,7 @@ def _drive(
             index_seg.add(ports[INDEX_PORT])
         disk.tally.add(item.bytes, written)
         disk.assembler.feed(written)
-        items = disk.items
-        nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else None
-        disk.assembler.advance(disk.job.plan.size if nxt is None else nxt)
+        disk.assembler.advance(upto)
         done += item.bytes
         if progress is not None:
             progress(done, to_read)
@@ -223,6 +238,11 @@ def _drive(
         if INDEX_PORT in ports:
             index_seg.add(ports[INDEX_PORT])
     for disk in disks:
+        if disk.job.known is not None and not disk.items:  # nothing read: all known
+            known = disk.with_known(WRITTEN.empty_table(), disk.job.plan.size)
+            disk.tally.add(0, known)
+            disk.assembler.feed(known)
+            disk.assembler.advance(disk.job.plan.size)
         disk.assembler.finish()
 
 
