@@ -9,7 +9,10 @@ and 4 requests in flight, and 64 KiB ranged GETs one at a time. Then, on S3 and 
 directory: a full backup of the mixed image, an incremental after 1,000 scattered 4 KiB writes
 (with the change list), a restore of the latest point, and the first 4 KiB read of it through
 ``comb serve`` from start (with and without the local copies kept); for S3 also the API calls
-each made, by operation. Must not: judge anything but the targets it prints.
+each made, by operation. Last, ``comb copy`` of the full point into S3 repositories that hold
+the same data already (backed up there on their own), one with keys of its own and one made
+with ``init --copy-keys-from`` (shared chunk ids: nothing to read). Must not: judge anything
+but the targets it prints.
 """
 
 from __future__ import annotations
@@ -217,6 +220,38 @@ def _copy(src: str, dst: str) -> dict[str, Any]:
     return out
 
 
+def _seeded(src: str, image: str, workdir: str) -> dict[str, Any]:
+    """``comb copy`` of the first point into S3 repositories seeded with the same image by a
+    backup of their own: with keys of their own ("separate"), and sharing the source's chunk
+    ids ("shared", ``init --copy-keys-from``)."""
+    source = Repository.open(src, password=BENCH_PASSWORD)
+    first = min(source.points(), key=lambda p: (p.time, p.id))
+    work = os.path.join(workdir, "s3-seed.img")
+    sparse_copy(image, work)
+    out: dict[str, Any] = {}
+    try:
+        for name, ids_from in (("separate", None), ("shared", source)):
+            dst = f"s3://bench/seeded-{name}"
+            Repository.init(dst, password=BENCH_PASSWORD, encryption=ALGORITHM, ids_from=ids_from)
+            target = Repository.open(dst, password=BENCH_PASSWORD)
+            backup(target, work, "local", "seed", source_name="seed")
+            before = s3_client.REQUESTS.snapshot()
+            t0 = time.perf_counter()
+            ((_, copy),) = list(copy_points(source, target, [first], lambda: make_engine("local")))
+            seconds = time.perf_counter() - t0
+            after = s3_client.REQUESTS.snapshot()
+            assert copy is not None
+            calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+            out[name] = {
+                "seconds": seconds,
+                "data_bytes": copy.stats.bytes_read,
+                "requests": {k: v for k, v in sorted(calls.items()) if v},
+            }
+    finally:
+        os.unlink(work)
+    return out
+
+
 def _report(size: int, ceiling: dict[str, float], runs: dict[str, dict[str, Any]]) -> str:
     lines = [
         table(
@@ -262,6 +297,13 @@ def _report(size: int, ceiling: dict[str, float], runs: dict[str, dict[str, Any]
         seconds, data = runs["copy"][step]["seconds"], runs["copy"][step]["data_bytes"]
         detail = ", ".join(f"{k} {v}" for k, v in calls.items())
         req_rows.append([f"copy {step} ({seconds:.2f} s, {data / seconds / 1e6:.0f} MB/s)",
+                         sum(calls.values()), "", detail])  # fmt: skip
+    for name, label in (("separate", "keys of its own"), ("shared", "shared chunk ids")):
+        seeded = runs["seeded"][name]
+        calls = seeded["requests"]
+        detail = ", ".join(f"{k} {v}" for k, v in calls.items())
+        req_rows.append([f"copy full into a seeded target, {label} ({seeded['seconds']:.2f} s, "
+                         f"{seeded['data_bytes'] / MIB:.0f} MiB read)",
                          sum(calls.values()), "", detail])  # fmt: skip
     lines.append(
         table("S3 API calls", ["step", "calls", "per GiB of data", "by operation"], req_rows)
@@ -365,6 +407,7 @@ def main(argv: list[str]) -> int:
             "local": _comb(local, image, args.workdir),
         }
         runs["copy"] = _copy(local, "s3://bench/copy")
+        runs["seeded"] = _seeded(local, image, args.workdir)
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -398,6 +398,18 @@ class SpecKeys:
             for r in spec_table("purposes")
         }
 
+    def share_ids(self, config: dict[str, Any]) -> None:
+        """Section 21.1, "Shared chunk-id key": the chunk-id key config.json holds sealed."""
+        template = _context_template()
+        purpose = "shared chunk id"
+        self.keys[purpose] = blake3.blake3(
+            self.master, derive_key_context=template.replace("<purpose>", purpose)
+        ).digest()
+        sealed = base64.b64decode(config["encryption"]["id_key"], validate=True)
+        key = self.open("shared chunk-id key in config.json", sealed, {"config id": config["id"]})
+        assert len(key) == 32
+        self.keys["chunk id"] = key
+
     def open(self, obj: str, sealed: bytes, values: dict[str, bytes | str | int]) -> bytes:
         """Open a sealed ``obj`` (a row of section 2.1's table) with its key and data."""
         return spec_open(self.keys[spec_key_of(obj)], sealed, spec_aad(obj, values))

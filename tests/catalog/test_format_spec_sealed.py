@@ -63,6 +63,7 @@ def test_associated_data_table_names_every_sealed_object() -> None:
     rows = spec_table("associated-data")
     assert [r["Sealed object"] for r in rows] == [
         "master secret in a key file",
+        "shared chunk-id key in config.json",
         "blob",
         "pack entry table",
         "point document",
@@ -73,7 +74,7 @@ def test_associated_data_table_names_every_sealed_object() -> None:
         "Parquet file",
     ]
     purposes = {r["Purpose"] for r in spec_table("purposes")}
-    assert {r["Key"] for r in rows} == (purposes - {"chunk id"}) | {"KEK"}
+    assert {r["Key"] for r in rows} == (purposes - {"chunk id"}) | {"KEK", "shared chunk id"}
     for r in rows:
         section(r["Section"])
 
@@ -187,11 +188,16 @@ class SpecRepo:
     def __init__(self, root: Path, password: str) -> None:
         self.root = root
         config = json.loads((root / "config.json").read_bytes())
-        assert config["features"]["incompat"] == ["encryption"]
-        assert config["encryption"] == {"algorithm": "aes-256-gcm", "kdf": "argon2id"}
+        shared = config["features"]["incompat"] == ["encryption", "shared-ids"]
+        assert shared or config["features"]["incompat"] == ["encryption"]
+        plain_fields = {k: v for k, v in config["encryption"].items() if k != "id_key"}
+        assert plain_fields == {"algorithm": "aes-256-gcm", "kdf": "argon2id"}
+        assert shared == ("id_key" in config["encryption"])
         (key_file,) = sorted((root / "keys").glob("*.json"))
         assert re.fullmatch(r"[0-9a-f]{16}\.json", key_file.name)
         self.keys = SpecKeys(key_file.read_bytes(), password, config["id"])
+        if shared:
+            self.keys.share_ids(config)
         self.index: dict[bytes, dict[str, Any]] = {}
         for path in sorted((root / "index").glob("*.parquet")):
             stored = self._named(path)
@@ -353,6 +359,25 @@ def test_keyed_chunk_ids_differ_between_repositories(tmp_path: Path) -> None:
     assert ids[2] == blake3.blake3(img.path.read_bytes()).digest()
     assert len(set(ids)) == 3
     shutil.rmtree(tmp_path / "a")
+
+
+def test_spec_alone_reads_a_repository_sharing_chunk_ids(tmp_path: Path) -> None:
+    """Section 21.1, "Shared chunk-id key": a repository made with ``ids_from`` (``init
+    --copy-keys-from``) read with FORMAT.md alone; its ids are the first repository's."""
+    img = Image(tmp_path / "disk.img", 4 * CHUNK + 100)
+    img.random(0, 4 * CHUNK + 100, seed=11)
+    first, second = tmp_path / "first", tmp_path / "second"
+    a = Repository.init(str(first), password=TEST_PASSWORD)
+    Repository.init(str(second), password=TEST_PASSWORD, ids_from=a)
+    expected = {}
+    for repo_dir in (first, second):
+        point = api_backup(repo_dir, img.path, name="disk")
+        spec = SpecRepo(repo_dir, TEST_PASSWORD)
+        (doc,) = spec.points().values()
+        assert spec.image(doc) == img.path.read_bytes()
+        expected[repo_dir.name] = (set(spec.index), spec.keys.keys["blob"], point.id)
+    assert expected["first"][0] == expected["second"][0]  # the same ids
+    assert expected["first"][1] != expected["second"][1]  # other keys of their own
 
 
 def test_header_struct_of_sealed_pack_is_the_plain_one() -> None:
