@@ -34,6 +34,7 @@ from unittest import mock
 from catalog.repo import Repository
 from catalog.store import s3_client
 from catalog.store.crypto import ALGORITHM
+from catalog.store.points import RecoveryPoint
 from catalog.store.s3 import is_s3
 from pipeline.engines import make_engine
 from pipeline.jobs import restore as restore_job
@@ -196,28 +197,31 @@ def _first_reads(location: str, workdir: str) -> dict[str, float]:
     return {"cold": statistics.median(cold), "warm": statistics.median(hot)}
 
 
+def _measured_copy(source: Repository, target: Repository, point: RecoveryPoint) -> dict[str, Any]:
+    """``comb copy`` of one point: seconds, data bytes read and the API calls it made."""
+    before = s3_client.REQUESTS.snapshot()
+    t0 = time.perf_counter()
+    ((_, copy),) = list(copy_points(source, target, [point], lambda: make_engine("local")))
+    seconds = time.perf_counter() - t0
+    after = s3_client.REQUESTS.snapshot()
+    if copy is None:
+        raise SystemExit("bench s3: the copy found the point copied already")
+    calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
+    return {
+        "seconds": seconds,
+        "data_bytes": copy.stats.bytes_read,
+        "requests": {k: v for k, v in sorted(calls.items()) if v},
+    }
+
+
 def _copy(src: str, dst: str) -> dict[str, Any]:
     """``comb copy`` of the local repository's two points (full, then incremental) to S3."""
     Repository.init(dst, password=BENCH_PASSWORD, encryption=ALGORITHM)
     source = Repository.open(src, password=BENCH_PASSWORD)
     target = Repository.open(dst, password=BENCH_PASSWORD)
-    out: dict[str, Any] = {}
     points = sorted(source.points(), key=lambda p: (p.time, p.id))
-    for step, point in zip(("full", "incremental"), points, strict=True):
-        before = s3_client.REQUESTS.snapshot()
-        t0 = time.perf_counter()
-        ((_, copy),) = list(copy_points(source, target, [point], lambda: make_engine("local")))
-        seconds = time.perf_counter() - t0
-        after = s3_client.REQUESTS.snapshot()
-        if copy is None:
-            raise SystemExit("bench s3: the copy found the point copied already")
-        calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-        out[step] = {
-            "seconds": seconds,
-            "data_bytes": copy.stats.bytes_read,
-            "requests": {k: v for k, v in sorted(calls.items()) if v},
-        }
-    return out
+    steps = zip(("full", "incremental"), points, strict=True)
+    return {step: _measured_copy(source, target, point) for step, point in steps}
 
 
 def _seeded(src: str, image: str, workdir: str) -> dict[str, Any]:
@@ -235,18 +239,7 @@ def _seeded(src: str, image: str, workdir: str) -> dict[str, Any]:
             Repository.init(dst, password=BENCH_PASSWORD, encryption=ALGORITHM, ids_from=ids_from)
             target = Repository.open(dst, password=BENCH_PASSWORD)
             backup(target, work, "local", "seed", source_name="seed")
-            before = s3_client.REQUESTS.snapshot()
-            t0 = time.perf_counter()
-            ((_, copy),) = list(copy_points(source, target, [first], lambda: make_engine("local")))
-            seconds = time.perf_counter() - t0
-            after = s3_client.REQUESTS.snapshot()
-            assert copy is not None
-            calls = {k: after.get(k, 0) - before.get(k, 0) for k in after}
-            out[name] = {
-                "seconds": seconds,
-                "data_bytes": copy.stats.bytes_read,
-                "requests": {k: v for k, v in sorted(calls.items()) if v},
-            }
+            out[name] = _measured_copy(source, target, first)
     finally:
         os.unlink(work)
     return out

@@ -90,7 +90,12 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
         if args.object_lock < 1:
             raise UsageError("--object-lock DAYS must be at least 1")
         lock = (args.object_lock, (args.object_lock_mode or "governance").upper())
-    ids_from = None
+    parity = (
+        ParityGeometry()
+        if args.parity_overhead is None
+        else ParityGeometry.from_overhead(args.parity_overhead)
+    )
+    ids_from = None  # (opened once the other options are known to be good)
     if args.copy_keys_from is not None:
         password = other_password_source(
             args.from_password_file, FROM_PASSWORD_ENV, FROM_PASSWORD_FILE_ENV, args.password
@@ -100,11 +105,6 @@ def cmd_init(repo: str, args: argparse.Namespace) -> int:
             args.chunk_size = ids_from.config.chunk_size
     elif args.from_password_file is not None:
         raise UsageError("--from-password-file goes with --copy-keys-from")
-    parity = (
-        ParityGeometry()
-        if args.parity_overhead is None
-        else ParityGeometry.from_overhead(args.parity_overhead)
-    )
     r = Repository.init(
         repo,
         args.chunk_size or DEFAULT_CHUNK_SIZE_BYTES,

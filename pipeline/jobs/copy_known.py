@@ -15,6 +15,8 @@ copied or run the engine (``pipeline.jobs.copy``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pyarrow as pa
 
@@ -112,26 +114,30 @@ class KnownChunks:
         self._known = known
         self._next = 0  # the first known range not yet given out (calls go up the disk)
 
-    def rows(self, start: int, end: int) -> pa.Table:
-        """WRITTEN rows (stored here already: not new) of the known chunks in [start, end)."""
-        chunk, leaf_chunks = self._point.chunk_size, self._point.leaf_chunks
+    def rows(self, start: int, end: int) -> Iterator[tuple[pa.Table, int]]:
+        """WRITTEN rows (stored here already: not new) of the known chunks in [start, end),
+        a window of leaves at a time (bounded memory), each with the offset it completes."""
         ranges: list[Range] = []
         while self._next < len(self._known) and self._known[self._next][0] < end:
             s, e = self._known[self._next]
             if e <= end:
                 self._next += 1
-            else:  # (an item's end is chunk-aligned: the rest is given on the next call)
+            else:  # (``end`` is chunk-aligned: the rest is given on the next call)
                 self._known[self._next] = (end, e)
                 e = end
             if e > start:
                 ranges.append((max(s, start), e))
-        parts = []
+        return self._windows(ranges, end)
+
+    def _windows(self, ranges: list[Range], end: int) -> Iterator[tuple[pa.Table, int]]:
+        chunk, leaf_chunks = self._point.chunk_size, self._point.leaf_chunks
         for lo, hi in _windows(ranges, chunk * leaf_chunks):
             nums, ids, _files = self._manifest.chunks(lo, hi, leaf_chunks)
             sel = _inside(nums, ranges, chunk) if len(nums) else np.zeros(0, bool)
-            parts.append((nums[sel], ids[sel]))
-        nums = np.concatenate([n for n, _ in parts]) if parts else np.empty(0, np.int64)
-        ids = np.concatenate([i for _, i in parts]) if parts else np.empty((0, 32), np.uint8)
+            yield self._table(nums[sel], ids[sel]), min(end, hi * chunk * leaf_chunks)
+
+    def _table(self, nums: np.ndarray, ids: np.ndarray) -> pa.Table:
+        chunk = self._point.chunk_size
         offs = nums * chunk
         lengths = np.minimum(chunk, self._point.size - offs).astype(np.int32)
         n = len(nums)

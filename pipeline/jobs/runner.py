@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -36,12 +36,14 @@ from catalog.store.points import PointStats, RecoveryPoint, commit_point
 from catalog.store.storage import Storage
 from stages.backup import IndexClient, PackTarget, backup_stages
 from stages.base import Fused
-from stages.schemas import INDEX_PORT, MAIN_PORT, WRITTEN
-from stages.sources.image import Source, SourceHandle
+from stages.schemas import INDEX_PORT, MAIN_PORT
+from stages.sources.image import Source
+from stages.sources.multi import DISK_SHIFT, MultiSource
 
 from .. import signals
 from ..console import waiting
 from ..engines import Engine
+from .checkpoint import Checkpoints, checkpoint_seconds
 from .plan import Range, WorkItem, work_items
 
 # 16 MiB work items: large enough that per-call and per-batch Python costs vanish (~256 chunks),
@@ -112,43 +114,9 @@ class DiskJob:
     make_changes: Callable[[Storage], ChangeTableWriter] = ChangeTableWriter
     fields: Callable[[ChangeTableWriter], dict[str, Any]] | None = None
     # Rows of chunks stored already that the plan does not read, by disk range [start, end),
-    # asked for in disk order (a copy between repositories sharing chunk ids).
-    known: Callable[[int, int], pa.Table] | None = None
-
-
-# Several disks in one run share the engine: disk i's offsets travel as ``i << DISK_SHIFT | o``
-# (256 TiB per disk), so one dedup index and one set of workers serve them all, and work items
-# of the disks interleave (the disks are read in parallel).
-DISK_SHIFT = 48
-
-
-@dataclass(frozen=True)
-class MultiSource:
-    """The sources of several disks as one address space (see ``DISK_SHIFT``)."""
-
-    sources: tuple[Source, ...]
-
-    def open(self) -> _OpenMulti:
-        return _OpenMulti([s.open() for s in self.sources])
-
-    def describe(self) -> str:
-        return ", ".join(s.describe() for s in self.sources)
-
-
-class _OpenMulti:
-    def __init__(self, handles: list[SourceHandle]) -> None:
-        self.handles = handles
-        self.size = len(handles) << DISK_SHIFT
-
-    def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
-        return [(start, end - start)] if end > start else []
-
-    def read_into(self, buf: memoryview, offset: int) -> None:
-        self.handles[offset >> DISK_SHIFT].read_into(buf, offset & ((1 << DISK_SHIFT) - 1))
-
-    def close(self) -> None:
-        for h in self.handles:
-            h.close()
+    # asked for in disk order, a window at a time with the offset each completes (a copy
+    # between repositories sharing chunk ids, ``pipeline.jobs.copy_known``).
+    known: Callable[[int, int], Iterator[tuple[pa.Table, int]]] | None = None
 
 
 @dataclass
@@ -163,15 +131,26 @@ class _Disk:
     tally: _Tally = field(default_factory=_Tally)
     fed: int = 0  # where the known rows given to the assembler end (``DiskJob.known``)
 
-    def with_known(self, written: pa.Table, upto: int) -> pa.Table:
-        """``written`` with the known rows before ``upto`` not given yet, in disk order."""
+    def feed_known(self, upto: int) -> None:
+        """Give the assembler the known rows before ``upto`` not given yet, a window at a time,
+        each followed by its watermark (so memory holds a window, not the disk)."""
         if self.job.known is None or upto <= self.fed:
-            return written
-        extra = self.job.known(self.fed, upto)
+            return
+        for rows, done in self.job.known(self.fed, upto):
+            self.tally.add(0, rows)
+            self.assembler.feed(rows)
+            self.assembler.advance(done)
         self.fed = upto
-        if not extra.num_rows:
+
+    def with_known(self, written: pa.Table, end: int) -> pa.Table:
+        """A work item's rows (``written``, up to ``end``) with the known rows among them."""
+        if self.job.known is None or end <= self.fed:
             return written
-        return pa.concat_tables([written, extra]).sort_by("offset").combine_chunks()
+        extra = [rows for rows, _done in self.job.known(self.fed, end) if rows.num_rows]
+        self.fed = end
+        if not extra:
+            return written
+        return pa.concat_tables([written, *extra]).sort_by("offset").combine_chunks()
 
 
 def _interleave(disks: list[_Disk]) -> list[tuple[_Disk, WorkItem]]:
@@ -200,6 +179,7 @@ def _drive(
     disks: list[_Disk],
     index_seg: IndexSegmentWriter,
     progress: Progress | None,
+    checkpoints: Checkpoints,
 ) -> None:
     """Keep at most ``INFLIGHT_PER_WORKER`` items per worker in flight (backpressure); take the
     results in submission order, so each disk's manifest streams out leaf by leaf."""
@@ -220,7 +200,8 @@ def _drive(
         items = disk.items
         nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else None
         upto = disk.job.plan.size if nxt is None else nxt
-        written = disk.with_known(_unshifted(ports[MAIN_PORT], disk.base), upto)
+        disk.feed_known(item.ranges[0][0])  # (known chunks before a disk's first item)
+        written = disk.with_known(_unshifted(ports[MAIN_PORT], disk.base), item.end)
         stored = written.filter(written.column("new"))
         if stored.num_rows:  # where the chunks its rows will name were read (catalog.store.blocks)
             index_seg.read_at(
@@ -228,8 +209,10 @@ def _drive(
             )
         if INDEX_PORT in ports:
             index_seg.add(ports[INDEX_PORT])
+            checkpoints.add(ports[INDEX_PORT])
         disk.tally.add(item.bytes, written)
         disk.assembler.feed(written)
+        disk.feed_known(upto)
         disk.assembler.advance(upto)
         done += item.bytes
         if progress is not None:
@@ -237,12 +220,9 @@ def _drive(
     for ports in engine.finish():
         if INDEX_PORT in ports:
             index_seg.add(ports[INDEX_PORT])
+            checkpoints.add(ports[INDEX_PORT])
     for disk in disks:
-        if disk.job.known is not None and not disk.items:  # nothing read: all known
-            known = disk.with_known(WRITTEN.empty_table(), disk.job.plan.size)
-            disk.tally.add(0, known)
-            disk.assembler.feed(known)
-            disk.assembler.advance(disk.job.plan.size)
+        disk.feed_known(disk.job.plan.size)  # (all of it when nothing was read)
         disk.assembler.finish()
 
 
@@ -303,13 +283,14 @@ def run_jobs(
         base = i << DISK_SHIFT if len(jobs) > 1 else 0
         disks.append(_Disk(job, base, items, manifest, changes, assembler, parent_manifest))
     index_seg = IndexSegmentWriter(storage)
+    checkpoints = Checkpoints(storage, checkpoint_seconds())
     failed = True
     try:
         # Before the dedup index is loaded (engine.start): a prune condemning later waits for
         # this backup; one whose record is here already may be removing (``commit_guard``).
         guarded = bool(condemned.names(storage))
         engine.start(repo.location, make_stage, sealer)
-        _drive(engine, disks, index_seg, progress)
+        _drive(engine, disks, index_seg, progress, checkpoints)
         held = lock.held if lock is not None else lambda: None
         held()  # (a prune may have run if it was lost: nothing is committed then)
         parity = cfg.parity is not None
@@ -335,6 +316,7 @@ def run_jobs(
                 )
                 index_bytes = 0  # one segment for the run: counted with the first disk
         failed = False
+        checkpoints.discard(segment_id)
         engine.close(False)
         return committed
     finally:
@@ -344,6 +326,7 @@ def run_jobs(
                     disk.manifest.abort()
                     disk.changes.abort()
                 index_seg.abort()
+                checkpoints.abort()
                 engine.close(True)
 
 

@@ -109,19 +109,22 @@ def test_what_cannot_share_ids_is_refused_in_one_line(
 
 
 def _history(cli: CliRunner, repo: Path, make_image: ImageFactory, tmp: Path) -> list[Path]:
-    """Source vm twice (the second changed in 64 KiB), and source clone: vm's first image with
-    1 MiB of its own."""
-    img = make_image(8 * MiB)
+    """Source vm three times (the second changed in 64 KiB, the third back as the first), and
+    source clone: vm's first image with 1 MiB of its own. The images end inside a chunk."""
+    img = make_image(8 * MiB + 100)
     img.random(0, 6 * MiB, seed=1)
+    img.random(8 * MiB, 100, seed=4)
     first = img.snapshot(tmp / "first.img")
     assert cli("-r", repo, "backup", img.path, "--source-name", "vm").code == 0
     img.random(MiB, 64 * 1024, seed=2)
+    second = img.snapshot(tmp / "second.img")
+    assert cli("-r", repo, "backup", img.path, "--source-name", "vm").code == 0
+    img.write(MiB, first.read_bytes()[MiB : MiB + 64 * 1024])  # back as it was
     assert cli("-r", repo, "backup", img.path, "--source-name", "vm").code == 0
     clone = img.clone(tmp / "clone.img")
-    clone.write(0, first.read_bytes())
     clone.random(7 * MiB, MiB, seed=3)
     assert cli("-r", repo, "backup", clone.path, "--source-name", "clone").code == 0
-    return [first, img.path, clone.path]
+    return [first, second, img.path, clone.path]
 
 
 def test_a_copy_between_repositories_sharing_ids_reads_only_what_the_target_lacks(
@@ -143,9 +146,10 @@ def test_a_copy_between_repositories_sharing_ids_reads_only_what_the_target_lack
     assert [(c["source"], c["mode"], c["bytes_read"]) for c in copied] == [
         ("vm", "full", 0),  # all of it in the target: nothing read
         ("vm", "changed-extents", 64 * 1024),  # the change only
+        ("vm", "changed-extents", 0),  # changed back: the target has that
         ("clone", "full", MiB),  # its own MiB only
     ]
-    assert [c["bytes_new"] for c in copied] == [0, 64 * 1024, MiB]
+    assert [c["bytes_new"] for c in copied] == [0, 64 * 1024, 0, MiB]
     target = Repository.open(offsite, password=TEST_PASSWORD)
     copies = {p.copy_of: p for p in target.points() if p.copy_of}
     originals = sorted(Repository.open(str(local), password=TEST_PASSWORD).points(),
@@ -161,9 +165,9 @@ def test_a_copy_between_repositories_sharing_ids_reads_only_what_the_target_lack
     back = tmp_path / "back"
     assert cli("-r", back, "init", "--copy-keys-from", offsite).code == 0
     copied = _copy(cli, "--from", offsite, "--to", back, "--source", "clone")
-    assert [c["bytes_read"] for c in copied] == [7 * MiB]  # (its zeros are not read)
+    assert [c["bytes_read"] for c in copied] == [7 * MiB + 100]  # (its zeros are not read)
     copied = _copy(cli, "--from", offsite, "--to", back, "--source", "vm")
-    assert [c["bytes_read"] for c in copied] == [0, 64 * 1024]
+    assert [c["bytes_read"] for c in copied] == [0, 64 * 1024, 0]
     for point in Repository.open(str(back), password=TEST_PASSWORD).points():
         original = next(p for p in originals if (p.source, p.time) == (point.source, point.time))
         out = tmp_path / "out.img"

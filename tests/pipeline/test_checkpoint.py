@@ -1,0 +1,103 @@
+"""Checkpoints (``pipeline.jobs.checkpoint``): a copy to S3 killed (SIGKILL, its own process)
+half-way through a point resumes, sending only what its checkpoints do not hold; the point
+restores identical and verifies; a run that ends well removes its own checkpoints; a bad
+``COMB_CHECKPOINT_SECONDS`` is a one-line error."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+import signal
+import subprocess
+from pathlib import Path
+
+import pytest
+from combtest import PYTHON, TEST_PASSWORD, CliRunner, ImageFactory, MiB, assert_one_line_error
+from s3server import S3Server
+
+from catalog.repo import Repository
+from catalog.store.index import segment_names
+
+ROOT = Path(__file__).resolve().parents[2]
+
+# The copy as its own process: work items and packs of 1 MiB, killed once two checkpoints are
+# committed.
+KILLED = r"""
+import dataclasses, os, signal, sys
+from pipeline.jobs import checkpoint, runner
+from pipeline.cli import main
+
+real_target, real_items = runner.PackTarget, runner.work_items
+runner.PackTarget = lambda *a, **k: dataclasses.replace(
+    real_target(*a, **k), pack_target_bytes=1 << 20
+)
+runner.work_items = lambda ranges, _batch, chunk: real_items(ranges, 1 << 20, chunk)
+real_add = checkpoint.Checkpoints.add
+
+def add(self, rows):
+    real_add(self, rows)
+    if len(self.committed) == 2:
+        os.kill(os.getpid(), signal.SIGKILL)
+
+checkpoint.Checkpoints.add = add
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def _segments(location: str) -> set[str]:
+    return set(segment_names(Repository.open(location, password=TEST_PASSWORD).storage))
+
+
+def test_a_copy_killed_inside_a_point_resumes_from_its_checkpoints(
+    cli: CliRunner,
+    make_image: ImageFactory,
+    tmp_path: Path,
+    s3_env: S3Server,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    local = tmp_path / "local"
+    assert cli("-r", local, "init", "--parity-overhead", "0").code == 0
+    img = make_image(8 * MiB)
+    img.random(0, 8 * MiB, seed=5)
+    assert cli("-r", local, "backup", img.path, "--engine", "local").code == 0
+    target = f"s3://{s3_env.bucket()}/resumed"
+    assert cli("-r", target, "init").code == 0
+    args = ["copy", "--from", str(local), "--to", target, "--engine", "local"]
+    monkeypatch.setenv("COMB_CHECKPOINT_SECONDS", "0")  # after every sealed pack
+    killed = subprocess.run([PYTHON, "-c", KILLED, *args], cwd=ROOT, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    assert Repository.open(target, password=TEST_PASSWORD).points() == []
+    left = _segments(target)
+    assert len(left) == 2  # the killed copy's two checkpoints
+    res = cli(*args, "--json")
+    assert res.code == 0, res.err
+    (copied,) = json.loads(res.out)["copied"]
+    assert copied["bytes_read"] == 8 * MiB
+    assert copied["bytes_new"] <= 6 * MiB  # what the checkpoints hold is not sent again
+    out = tmp_path / "out.img"
+    assert cli("-r", target, "restore", copied["copy"], out).code == 0
+    assert filecmp.cmp(out, img.path, shallow=False)
+    res = cli("-r", target, "verify", "--read-data")
+    assert res.code == 0 and "clean" in res.out, res.out + res.err
+    # The run that ended well removed its own checkpoints: its segment and the killed run's.
+    point = Repository.open(target, password=TEST_PASSWORD).points()[0]
+    assert _segments(target) == left | {f"index/{point.index_segment}.parquet"}
+    # A prune keeps what the point uses, and the repository stays whole.
+    assert cli("-r", target, "prune").code == 0
+    res = cli("-r", target, "verify", "--read-data")
+    assert res.code == 0 and "clean" in res.out, res.out + res.err
+
+
+def test_a_bad_checkpoint_interval_is_a_one_line_error(
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    img = make_image(MiB)
+    img.random(0, MiB, seed=1)
+    for bad in ("soon", "-1", "inf"):
+        monkeypatch.setenv("COMB_CHECKPOINT_SECONDS", bad)
+        res = cli("-r", repo, "backup", img.path, "--engine", "local")
+        assert_one_line_error(res, "COMB_CHECKPOINT_SECONDS", code=2)
+    monkeypatch.setenv("COMB_CHECKPOINT_SECONDS", "off")
+    assert cli("-r", repo, "backup", img.path, "--engine", "local").code == 0
