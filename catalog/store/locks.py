@@ -10,7 +10,8 @@ A prune holds ``condemn`` (its lease: other prunes only) and, to remove, ``remov
 and repairs, not backups): it waits out the backups after condemning
 (``condemned.wait_for_sessions``), and no backup waits for it.
 A lock is **stale** when its process is known dead (same host, pid gone) or its heartbeat is
-older than ``STALE_S``; stale locks are ignored, and removed only by ``comb unlock --stale``.
+older than ``STALE_S`` (the storage's clock); stale locks are ignored, and removed only by
+``comb unlock --stale``. On S3 each beat is a compare-and-swap (lost if removed or replaced).
 Callers pass the callbacks that say something (this module prints nothing).
 """
 
@@ -26,12 +27,17 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
 import psutil
 
 from catalog.errors import CombError, LockedError, RepositoryError
+from catalog.store import s3_lease
 from catalog.store.format import CONFIG_NAME, RepoConfig
 from catalog.store.storage import Storage
+
+if TYPE_CHECKING:
+    from catalog.store.s3 import S3Storage
 
 LOCKS_PREFIX = "locks"
 HEARTBEAT_S = 60.0
@@ -112,6 +118,12 @@ class LockInfo:
         return f"{self.kind} ({mode}) by {self.host} pid {self.pid} since {self.started}"
 
 
+def _s3(storage: Storage) -> S3Storage | None:
+    from catalog.store.s3 import S3Storage  # (only object storage has compare-and-swap)
+
+    return storage if isinstance(storage, S3Storage) else None
+
+
 def process_gone(pid: int, started: float | None) -> str | None:
     """Why process ``pid`` of this host cannot be the one that took a lock at ``started``:
     it does not exist, it has exited and waits to be reaped (a killed comb whose parent has not
@@ -190,10 +202,22 @@ class Lock:
         self._thread = threading.Thread(target=self._beat, name="comb-lock", daemon=True)
         self._written = _clock()  # when the last heartbeat that got written was taken
         self._lost = ""  # why the lock was lost at some point (a later beat does not undo it)
+        self._etag: str | None = None  # object storage: the ETag of the last beat
 
     def _write(self) -> None:
         taken = _clock()  # (before the write: a write retried for minutes is that old)
-        self.storage.write_atomic(self.info.name, self.info.to_json())
+        s3 = _s3(self.storage)
+        if s3 is None:
+            self.storage.write_atomic(self.info.name, self.info.to_json())
+        else:
+            etag = s3_lease.swap(s3, self.info.name, self.info.to_json(), self._etag)
+            if etag is None:
+                self._lost = self._lost or (
+                    f"its lock object {self.info.name} was removed or replaced (compare-and-swap "
+                    "refused: `comb unlock --stale` elsewhere?)"
+                )
+                raise RepositoryError(self._lost)
+            self._etag = etag
         self._written = taken
 
     def held(self, look: bool = True) -> None:

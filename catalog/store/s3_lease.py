@@ -94,6 +94,21 @@ def fetch(s3: S3Storage, name: str) -> tuple[bytes, dict[str, Any]] | None:
         return got["Body"].read(), got
 
 
+def swap(s3: S3Storage, name: str, body: bytes, etag: str | None) -> str | None:
+    """Write a small object by compare-and-swap: created only if absent (``etag`` None), else
+    only over the version of ``etag``; its new ETag, or None when the object was changed or
+    removed meanwhile. A refusal of botocore's retry of a write that had succeeded is known by
+    the bytes stored being ours (they hold a fresh time). A server that ignores the condition
+    writes anyway (repository locks are safe without it: FORMAT.md 13)."""
+    cond: dict[str, Any] = {"if_absent": True} if etag is None else {"if_match": etag}
+    new = s3.put(name, body, len(body), **cond)
+    if new is None:
+        now = fetch(s3, name)
+        if now is not None and now[0] == body:
+            return str(now[1]["ETag"])
+    return new
+
+
 def _get(s3: S3Storage, name: str) -> tuple[dict[str, Any], str, float] | None:
     """(body as JSON, ETag, age on the server's clock) of a lease; None when it is gone."""
     found = fetch(s3, name)
