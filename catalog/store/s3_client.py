@@ -33,7 +33,7 @@ STREAM_ERRORS = frozenset(
 # The repository's top folders (FORMAT.md 3), by which the API calls are counted.
 _FOLDERS = frozenset(
     ("packs", "parity", "index", "manifests", "points", "forgotten", "locks", "keys", "files")
-    + ("gc", "overlays", "probe", "config.json")
+    + ("gc", "overlays", "probe", "resume", "config.json")
 )
 
 

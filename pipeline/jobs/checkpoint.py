@@ -1,16 +1,18 @@
-"""Checkpoints of a running backup or copy, so that one killed half-way resumes.
+"""Checkpoints of a running backup or copy, so that one killed half-way resumes (FORMAT.md 7.2).
 
-Every ``COMB_CHECKPOINT_SECONDS`` (default 300) the index rows of the packs sealed since the
-last checkpoint are committed as an index segment of their own (FORMAT.md 11: a pack is durable
-before any row names it). A backup killed later leaves its sealed packs indexed, so the next
-backup or copy of the same data deduplicates against them and sends only the rest. Such a
-segment is an ordinary one: a prune treats it by the packs it lists (they are garbage until a
-point uses them, and a running backup's session protects them, FORMAT.md 13). The backup's own
-segment still lists every row it wrote, so once its points are committed it removes its
-checkpoints (a crash in between leaves rows listed twice, which readers allow).
+Every ``COMB_CHECKPOINT_SECONDS`` (default 300) a run commits the index rows of the packs it has
+sealed since its last checkpoint as ``resume/<lock id>/<file id>.parquet`` (the format of an
+index segment, named by its content, under the run's lock id). They are not index segments:
+no reader, verify or prune looks at them. A later backup or copy *adopts* the checkpoints of runs
+whose lock is gone or stale (dead runs, never a live one's): under its own session and before
+its dedup index loads, it commits the rows whose pack exists and no prune condemned as an
+ordinary index segment, then removes the files. The packs a killed run sealed are thus reused,
+and the next run of the same data sends only the rest. A run that commits its points removes
+its own checkpoints (its segment lists their rows). A pack a prune removed, or condemned, in
+between is left out (the checks a dedup index makes; FORMAT.md 13).
 
-Owns when checkpoints are written and their removal. Must not: decide what a backup stores or
-commit points (``pipeline.jobs.runner``).
+Owns checkpoint files, their adoption and their removal. Must not: decide what a backup stores
+or commit points (``pipeline.jobs.runner``).
 """
 
 from __future__ import annotations
@@ -19,19 +21,24 @@ import os
 import time
 
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from catalog.errors import CombError, UsageError
-from catalog.store.blocks import block_list_name
-from catalog.store.index import INDEX_PREFIX, IndexSegmentWriter
+from catalog.store.condemned import condemned_packs
+from catalog.store.index import INDEX_SCHEMA, IndexSegmentWriter
+from catalog.store.locks import read_locks
+from catalog.store.packs import pack_name
+from catalog.store.parquet_io import ParquetStreamWriter, read_parquet
 from catalog.store.storage import Storage
 
 CHECKPOINT_ENV = "COMB_CHECKPOINT_SECONDS"
 DEFAULT_CHECKPOINT_S = 300.0
+RESUME_PREFIX = "resume"
 
 
 def checkpoint_seconds() -> float | None:
-    """Seconds between checkpoints (``COMB_CHECKPOINT_SECONDS``; 0: after every sealed pack;
-    ``off``: none)."""
+    """Seconds between checkpoints (``COMB_CHECKPOINT_SECONDS``; 0: whenever packs were
+    sealed; ``off``: none)."""
     raw = os.environ.get(CHECKPOINT_ENV, "").strip()
     if not raw:
         return DEFAULT_CHECKPOINT_S
@@ -47,28 +54,28 @@ def checkpoint_seconds() -> float | None:
 
 
 class Checkpoints:
-    """The checkpoint segments of one engine run."""
+    """The checkpoint files of one run (``run_id``: its lock's id; None: none are written)."""
 
-    def __init__(self, storage: Storage, every_s: float | None) -> None:
+    def __init__(self, storage: Storage, every_s: float | None, run_id: str | None) -> None:
         self._storage = storage
-        self._every = every_s
-        self._open: IndexSegmentWriter | None = None
+        self._every = every_s if run_id is not None else None
+        self._folder = f"{RESUME_PREFIX}/{run_id}"
+        self._open: ParquetStreamWriter | None = None
         self._since = time.monotonic()
-        self.committed: list[str] = []  # segment ids
+        self.committed: list[str] = []  # names
 
     def add(self, rows: pa.Table) -> None:
-        """Index rows of packs just sealed; commits a checkpoint when one is due."""
+        """Index rows of packs just sealed (durable); commits a checkpoint when one is due."""
         if self._every is None or not rows.num_rows:
             return
         if self._open is None:
-            self._open = IndexSegmentWriter(self._storage)
-        self._open.add(rows)
+            self._open = ParquetStreamWriter(self._storage, INDEX_SCHEMA)
+        self._open.write(rows.cast(INDEX_SCHEMA))
         if time.monotonic() - self._since >= self._every:
-            segment_id, _bytes = self._open.commit()
+            file_id, _bytes = self._open.commit(self._folder)
             self._open = None
             self._since = time.monotonic()
-            if segment_id is not None:
-                self.committed.append(segment_id)
+            self.committed.append(f"{self._folder}/{file_id}.parquet")
 
     def abort(self) -> None:
         """A failed run: the open checkpoint goes, the committed ones stay (to resume from)."""
@@ -76,17 +83,51 @@ class Checkpoints:
             self._open.abort()
             self._open = None
 
-    def discard(self, final: str | None) -> None:
-        """The run's points are committed, its own segment (``final``) lists every row: its
-        checkpoints go (a failed removal leaves rows listed twice; never an error)."""
+    def discard(self) -> None:
+        """The run's points are committed and its segment lists every row: its checkpoints go
+        (one left by a failed removal is adopted later, its rows listed twice: harmless)."""
         self.abort()
-        for segment_id in self.committed:
-            if segment_id == final:  # (the same rows, hence the same name: it is the final)
-                continue
-            name = f"{INDEX_PREFIX}/{segment_id}.parquet"
-            for each in (name, block_list_name(name)):
-                try:
-                    self._storage.remove(each)
-                except (OSError, CombError):
-                    pass
+        _remove(self._storage, self.committed, {self._folder})
         self.committed = []
+
+
+def adopt(storage: Storage) -> int:
+    """Commit the usable rows of dead runs' checkpoints as an index segment, then remove those
+    files; the rows adopted. Call it in the caller's own session, before its index loads."""
+    names = [n for n in storage.list(RESUME_PREFIX) if n.endswith(".parquet")]
+    if not names:
+        return 0
+    live = {lk.id for lk in read_locks(storage) if lk.stale() is None}
+    dead = [n for n in names if n.split("/")[1] not in live]
+    if not dead:
+        return 0
+    doomed = condemned_packs(storage)  # (first: a record goes only after its packs)
+    tables = []
+    for name in dead:
+        try:
+            tables.append(read_parquet(storage, name, INDEX_SCHEMA.names).cast(INDEX_SCHEMA))
+        except CombError:  # damaged or gone meanwhile: nothing of it is used
+            continue
+    rows = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
+    packs = set(pc.unique(rows.column("pack")).to_pylist()) - doomed
+    usable = sorted(p for p in packs if storage.exists(pack_name(p)))
+    rows = rows.filter(pc.is_in(rows.column("pack"), value_set=pa.array(usable, pa.string())))
+    if rows.num_rows:
+        segment = IndexSegmentWriter(storage)
+        segment.add(rows)
+        segment.commit()  # (durable before the files it replaces go)
+    _remove(storage, dead, {n.rsplit("/", 1)[0] for n in dead})
+    return rows.num_rows
+
+
+def _remove(storage: Storage, names: list[str], folders: set[str]) -> None:
+    for name in names:
+        try:
+            storage.remove(name)
+        except (OSError, CombError):
+            pass
+    for folder in folders:
+        try:
+            storage.remove_dir(folder)
+        except (OSError, CombError):
+            pass

@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 
 from catalog.maint.gc import remove_dead_temporary
@@ -43,7 +44,7 @@ from stages.sources.multi import DISK_SHIFT, MultiSource
 from .. import signals
 from ..console import waiting
 from ..engines import Engine
-from .checkpoint import Checkpoints, checkpoint_seconds
+from .checkpoint import Checkpoints, adopt, checkpoint_seconds
 from .plan import Range, WorkItem, work_items
 
 # 16 MiB work items: large enough that per-call and per-batch Python costs vanish (~256 chunks),
@@ -142,15 +143,18 @@ class _Disk:
             self.assembler.advance(done)
         self.fed = upto
 
-    def with_known(self, written: pa.Table, end: int) -> pa.Table:
-        """A work item's rows (``written``, up to ``end``) with the known rows among them."""
-        if self.job.known is None or end <= self.fed:
-            return written
-        extra = [rows for rows, _done in self.job.known(self.fed, end) if rows.num_rows]
-        self.fed = end
-        if not extra:
-            return written
-        return pa.concat_tables([written, *extra]).sort_by("offset").combine_chunks()
+    def feed_read(self, item: WorkItem, written: pa.Table) -> None:
+        """An item's rows, range by range, each after the known rows before it (no known
+        chunk lies inside a range read: ``pipeline.jobs.copy_known``)."""
+        if self.job.known is None:
+            self.assembler.feed(written)
+            return
+        offs = written.column("offset").to_numpy()
+        for start, end in item.ranges:
+            self.feed_known(start)
+            lo, hi = np.searchsorted(offs, [start, end]).tolist()
+            self.assembler.feed(written.slice(lo, hi - lo))
+            self.fed = max(self.fed, end)
 
 
 def _interleave(disks: list[_Disk]) -> list[tuple[_Disk, WorkItem]]:
@@ -200,8 +204,7 @@ def _drive(
         items = disk.items
         nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else None
         upto = disk.job.plan.size if nxt is None else nxt
-        disk.feed_known(item.ranges[0][0])  # (known chunks before a disk's first item)
-        written = disk.with_known(_unshifted(ports[MAIN_PORT], disk.base), item.end)
+        written = _unshifted(ports[MAIN_PORT], disk.base)
         stored = written.filter(written.column("new"))
         if stored.num_rows:  # where the chunks its rows will name were read (catalog.store.blocks)
             index_seg.read_at(
@@ -211,7 +214,7 @@ def _drive(
             index_seg.add(ports[INDEX_PORT])
             checkpoints.add(ports[INDEX_PORT])
         disk.tally.add(item.bytes, written)
-        disk.assembler.feed(written)
+        disk.feed_read(item, written)
         disk.feed_known(upto)
         disk.assembler.advance(upto)
         done += item.bytes
@@ -251,6 +254,7 @@ def run_jobs(
     t0 = time.perf_counter() if t0 is None else t0
     cfg = repo.config
     storage = repo.storage
+    every = checkpoint_seconds()  # (a bad setting stops the backup before it writes)
     remove_dead_temporary(storage)  # what killed writers left (their pid is gone)
     sealer = repo.sealer.for_workers()
     target = PackTarget(repo.location, opts.pack_target_bytes, sealer=sealer, parity=cfg.parity)
@@ -283,12 +287,14 @@ def run_jobs(
         base = i << DISK_SHIFT if len(jobs) > 1 else 0
         disks.append(_Disk(job, base, items, manifest, changes, assembler, parent_manifest))
     index_seg = IndexSegmentWriter(storage)
-    checkpoints = Checkpoints(storage, checkpoint_seconds())
+    checkpoints = Checkpoints(storage, every, lock.info.id if lock is not None else None)
     failed = True
     try:
         # Before the dedup index is loaded (engine.start): a prune condemning later waits for
         # this backup; one whose record is here already may be removing (``commit_guard``).
         guarded = bool(condemned.names(storage))
+        if lock is not None:  # (in the session: what dead runs' checkpoints hold, reused)
+            adopt(storage)
         engine.start(repo.location, make_stage, sealer)
         _drive(engine, disks, index_seg, progress, checkpoints)
         held = lock.held if lock is not None else lambda: None
@@ -316,7 +322,7 @@ def run_jobs(
                 )
                 index_bytes = 0  # one segment for the run: counted with the first disk
         failed = False
-        checkpoints.discard(segment_id)
+        checkpoints.discard()
         engine.close(False)
         return committed
     finally:

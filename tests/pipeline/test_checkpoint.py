@@ -1,6 +1,7 @@
 """Checkpoints (``pipeline.jobs.checkpoint``): a copy to S3 killed (SIGKILL, its own process)
-half-way through a point resumes, sending only what its checkpoints do not hold; the point
-restores identical and verifies; a run that ends well removes its own checkpoints; a bad
+half-way through a point resumes, sending only what its checkpoints hold not; the point restores
+identical and verifies; a run that ends well leaves no checkpoint; a checkpoint naming a pack
+that is gone is adopted without it; a live run's checkpoints are not adopted; a bad
 ``COMB_CHECKPOINT_SECONDS`` is a one-line error."""
 
 from __future__ import annotations
@@ -17,6 +18,10 @@ from s3server import S3Server
 
 from catalog.repo import Repository
 from catalog.store.index import segment_names
+from catalog.store.locks import acquire
+from catalog.store.packs import pack_name
+from catalog.store.parquet_io import read_parquet
+from pipeline.jobs.checkpoint import RESUME_PREFIX, adopt
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -48,6 +53,23 @@ def _segments(location: str) -> set[str]:
     return set(segment_names(Repository.open(location, password=TEST_PASSWORD).storage))
 
 
+def _killed_copy(
+    cli: CliRunner, make_image: ImageFactory, tmp: Path, target: str
+) -> tuple[list[str], Path]:
+    """A local point of 8 MiB of random data, and a copy of it to ``target`` killed after two
+    checkpoints; the copy's arguments and the image."""
+    local = tmp / "local"
+    assert cli("-r", local, "init", "--parity-overhead", "0").code == 0
+    img = make_image(8 * MiB)
+    img.random(0, 8 * MiB, seed=5)
+    assert cli("-r", local, "backup", img.path, "--engine", "local").code == 0
+    assert cli("-r", target, "init").code == 0
+    args = ["copy", "--from", str(local), "--to", target, "--engine", "local"]
+    killed = subprocess.run([PYTHON, "-c", KILLED, *args], cwd=ROOT, capture_output=True)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    return args, img.path
+
+
 def test_a_copy_killed_inside_a_point_resumes_from_its_checkpoints(
     cli: CliRunner,
     make_image: ImageFactory,
@@ -55,37 +77,56 @@ def test_a_copy_killed_inside_a_point_resumes_from_its_checkpoints(
     s3_env: S3Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    local = tmp_path / "local"
-    assert cli("-r", local, "init", "--parity-overhead", "0").code == 0
-    img = make_image(8 * MiB)
-    img.random(0, 8 * MiB, seed=5)
-    assert cli("-r", local, "backup", img.path, "--engine", "local").code == 0
+    monkeypatch.setenv("COMB_CHECKPOINT_SECONDS", "0")  # whenever packs were sealed
     target = f"s3://{s3_env.bucket()}/resumed"
-    assert cli("-r", target, "init").code == 0
-    args = ["copy", "--from", str(local), "--to", target, "--engine", "local"]
-    monkeypatch.setenv("COMB_CHECKPOINT_SECONDS", "0")  # after every sealed pack
-    killed = subprocess.run([PYTHON, "-c", KILLED, *args], cwd=ROOT, capture_output=True)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr
+    args, image = _killed_copy(cli, make_image, tmp_path, target)
+    storage = Repository.open(target, password=TEST_PASSWORD).storage
     assert Repository.open(target, password=TEST_PASSWORD).points() == []
-    left = _segments(target)
-    assert len(left) == 2  # the killed copy's two checkpoints
+    assert _segments(target) == set()  # checkpoints are no index segments
+    left = storage.list(RESUME_PREFIX)
+    assert len(left) == 2
     res = cli(*args, "--json")
     assert res.code == 0, res.err
     (copied,) = json.loads(res.out)["copied"]
     assert copied["bytes_read"] == 8 * MiB
     assert copied["bytes_new"] <= 6 * MiB  # what the checkpoints hold is not sent again
+    assert storage.list(RESUME_PREFIX) == []  # adopted, and the run's own removed
     out = tmp_path / "out.img"
     assert cli("-r", target, "restore", copied["copy"], out).code == 0
-    assert filecmp.cmp(out, img.path, shallow=False)
+    assert filecmp.cmp(out, image, shallow=False)
     res = cli("-r", target, "verify", "--read-data")
     assert res.code == 0 and "clean" in res.out, res.out + res.err
-    # The run that ended well removed its own checkpoints: its segment and the killed run's.
     point = Repository.open(target, password=TEST_PASSWORD).points()[0]
-    assert _segments(target) == left | {f"index/{point.index_segment}.parquet"}
-    # A prune keeps what the point uses, and the repository stays whole.
+    assert len(_segments(target) - {f"index/{point.index_segment}.parquet"}) == 1  # adopted
     assert cli("-r", target, "prune").code == 0
     res = cli("-r", target, "verify", "--read-data")
     assert res.code == 0 and "clean" in res.out, res.out + res.err
+
+
+def test_adoption_leaves_out_gone_packs_and_live_runs(
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("COMB_CHECKPOINT_SECONDS", "0")
+    target = str(tmp_path / "target")
+    _killed_copy(cli, make_image, tmp_path, target)
+    repo = Repository.open(target, password=TEST_PASSWORD)
+    storage = repo.storage
+    first, second = storage.list(RESUME_PREFIX)
+    gone = read_parquet(storage, first, ["pack"]).column("pack")[0].as_py()
+    storage.remove(pack_name(gone))  # (as a prune of the dead run's orphans would)
+    # A live run (this process's lock) keeps its checkpoints.
+    with_lock = acquire(storage, "backup", wait_s=0)
+    try:
+        live = f"{RESUME_PREFIX}/{with_lock.info.id}/{second.rsplit('/', 1)[1]}"
+        storage.write_atomic(live, storage.read(second))
+        adopted = adopt(storage)
+    finally:
+        with_lock.release()
+    assert storage.list(RESUME_PREFIX) == [live]
+    (segment,) = segment_names(storage)
+    packs = set(read_parquet(storage, segment, ["pack"]).column("pack").to_pylist())
+    assert gone not in packs and len(packs) >= 1 and adopted > 0
+    assert adopt(storage) > 0 and storage.list(RESUME_PREFIX) == []  # (its lock is gone now)
 
 
 def test_a_bad_checkpoint_interval_is_a_one_line_error(
