@@ -27,7 +27,6 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
-from typing import TYPE_CHECKING
 
 import psutil
 
@@ -35,9 +34,6 @@ from catalog.errors import CombError, LockedError, RepositoryError
 from catalog.store import s3_lease
 from catalog.store.format import CONFIG_NAME, RepoConfig
 from catalog.store.storage import Storage
-
-if TYPE_CHECKING:
-    from catalog.store.s3 import S3Storage
 
 LOCKS_PREFIX = "locks"
 HEARTBEAT_S = 60.0
@@ -116,12 +112,6 @@ class LockInfo:
     def describe(self) -> str:
         mode = "exclusive" if self.exclusive else "shared"
         return f"{self.kind} ({mode}) by {self.host} pid {self.pid} since {self.started}"
-
-
-def _s3(storage: Storage) -> S3Storage | None:
-    from catalog.store.s3 import S3Storage  # (only object storage has compare-and-swap)
-
-    return storage if isinstance(storage, S3Storage) else None
 
 
 def process_gone(pid: int, started: float | None) -> str | None:
@@ -206,19 +196,24 @@ class Lock:
 
     def _write(self) -> None:
         taken = _clock()  # (before the write: a write retried for minutes is that old)
-        s3 = _s3(self.storage)
-        if s3 is None:
-            self.storage.write_atomic(self.info.name, self.info.to_json())
-        else:
-            etag = s3_lease.swap(s3, self.info.name, self.info.to_json(), self._etag)
-            if etag is None:
-                self._lost = self._lost or (
-                    f"its lock object {self.info.name} was removed or replaced (compare-and-swap "
-                    "refused: `comb unlock --stale` elsewhere?)"
-                )
-                raise RepositoryError(self._lost)
-            self._etag = etag
-        self._written = taken
+        body = self.info.to_json()
+        etag = s3_lease.beat(self.storage, self.info.name, body, self._etag, self._ours)
+        if etag is None:
+            self._lost = self._lost or (
+                f"its lock object {self.info.name} was removed or replaced (compare-and-swap "
+                "refused: `comb unlock --stale` elsewhere?)"
+            )
+            raise RepositoryError(self._lost)
+        self._etag, self._written = etag or None, taken
+
+    def _ours(self, raw: bytes) -> bool:
+        """Whether stored lock bytes are this lock's (an earlier beat of it)."""
+        try:
+            doc = json.loads(raw)
+        except ValueError:
+            return False
+        keys = ("id", "host", "pid", "started")
+        return isinstance(doc, dict) and all(doc.get(k) == getattr(self.info, k) for k in keys)
 
     def held(self, look: bool = True) -> None:
         """Raise ``LockedError`` unless the lock is surely still ours: its file is there and

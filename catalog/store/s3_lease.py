@@ -24,6 +24,7 @@ import secrets
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 from catalog.errors import RepositoryError, UsageError
@@ -31,6 +32,7 @@ from catalog.store.s3_client import missing
 
 if TYPE_CHECKING:
     from catalog.store.s3 import S3Storage
+    from catalog.store.storage import Storage
 
 LEASE_SECONDS = 60.0  # default; COMB_S3_LEASE_SECONDS sets another
 _LEASES: dict[tuple[str, str], Lease] = {}  # (location, folder) -> the lease held there
@@ -94,19 +96,47 @@ def fetch(s3: S3Storage, name: str) -> tuple[bytes, dict[str, Any]] | None:
         return got["Body"].read(), got
 
 
-def swap(s3: S3Storage, name: str, body: bytes, etag: str | None) -> str | None:
+def swap(
+    s3: S3Storage,
+    name: str,
+    body: bytes,
+    etag: str | None,
+    mine: Callable[[bytes], bool] | None = None,
+) -> str | None:
     """Write a small object by compare-and-swap: created only if absent (``etag`` None), else
-    only over the version of ``etag``; its new ETag, or None when the object was changed or
-    removed meanwhile. A refusal of botocore's retry of a write that had succeeded is known by
-    the bytes stored being ours (they hold a fresh time). A server that ignores the condition
-    writes anyway (repository locks are safe without it: FORMAT.md 13)."""
+    only over the version of ``etag``; its new ETag, or None when someone else changed or
+    removed it. A refusal is ours when the stored bytes are ``body`` (botocore retried a write
+    that had succeeded) or ``mine`` says so (an earlier write that landed unseen): then it is
+    taken, or written again over what is stored. A conditional write that fails otherwise (a
+    server that rejects If-Match, a dropped request) is sent once more plain: repository locks
+    are safe without compare-and-swap (FORMAT.md 13)."""
     cond: dict[str, Any] = {"if_absent": True} if etag is None else {"if_match": etag}
-    new = s3.put(name, body, len(body), **cond)
+    try:
+        new = s3.put(name, body, len(body), **cond)
+    except RepositoryError:
+        if etag is None:
+            raise
+        return s3.put(name, body, len(body)) or None
     if new is None:
         now = fetch(s3, name)
         if now is not None and now[0] == body:
             return str(now[1]["ETag"])
+        if now is not None and mine is not None and mine(now[0]):
+            return s3.put(name, body, len(body), if_match=str(now[1]["ETag"]))
     return new
+
+
+def beat(
+    storage: Storage, name: str, body: bytes, etag: str | None, mine: Callable[[bytes], bool]
+) -> str | None:
+    """A repository lock's write (``catalog.store.locks``): by ``swap`` on object storage, an
+    atomic write elsewhere. Its ETag ("" off S3), or None: someone else changed or removed it."""
+    from catalog.store.s3 import S3Storage  # (s3 imports this module)
+
+    if not isinstance(storage, S3Storage):
+        storage.write_atomic(name, body)
+        return ""
+    return swap(storage, name, body, etag, mine)
 
 
 def _get(s3: S3Storage, name: str) -> tuple[dict[str, Any], str, float] | None:

@@ -19,11 +19,12 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from catalog.errors import CombError, UsageError
+from catalog.errors import CombError, CorruptionError, RepositoryError, UsageError
 from catalog.store.condemned import condemned_packs
 from catalog.store.index import INDEX_SCHEMA, IndexSegmentWriter
 from catalog.store.locks import read_locks
@@ -91,9 +92,10 @@ class Checkpoints:
         self.committed = []
 
 
-def adopt(storage: Storage) -> int:
-    """Commit the usable rows of dead runs' checkpoints as an index segment, then remove those
-    files; the rows adopted. Call it in the caller's own session, before its index loads."""
+def adopt(storage: Storage, held: Callable[[], None]) -> int:
+    """Commit the usable rows of dead runs' checkpoints as an index segment, then remove the
+    files read; the rows adopted. Call it in the caller's own session, before its index loads;
+    ``held`` (``Lock.held``) raises when that session was lost (then nothing is committed)."""
     names = [n for n in storage.list(RESUME_PREFIX) if n.endswith(".parquet")]
     if not names:
         return 0
@@ -102,22 +104,30 @@ def adopt(storage: Storage) -> int:
     if not dead:
         return 0
     doomed = condemned_packs(storage)  # (first: a record goes only after its packs)
-    tables = []
-    for name in dead:
-        try:
-            tables.append(read_parquet(storage, name, INDEX_SCHEMA.names).cast(INDEX_SCHEMA))
-        except CombError:  # damaged or gone meanwhile: nothing of it is used
-            continue
-    rows = pa.concat_tables(tables) if tables else INDEX_SCHEMA.empty_table()
-    packs = set(pc.unique(rows.column("pack")).to_pylist()) - doomed
-    usable = sorted(p for p in packs if storage.exists(pack_name(p)))
-    rows = rows.filter(pc.is_in(rows.column("pack"), value_set=pa.array(usable, pa.string())))
-    if rows.num_rows:
-        segment = IndexSegmentWriter(storage)
-        segment.add(rows)
-        segment.commit()  # (durable before the files it replaces go)
-    _remove(storage, dead, {n.rsplit("/", 1)[0] for n in dead})
-    return rows.num_rows
+    present: dict[str, bool] = {}
+    segment = IndexSegmentWriter(storage)
+    done = []
+    try:
+        for name in dead:  # (one file at a time: memory holds one checkpoint's rows)
+            try:
+                rows = read_parquet(storage, name, INDEX_SCHEMA.names).cast(INDEX_SCHEMA)
+            except CorruptionError:
+                done.append(name)  # damaged: of no use, ever
+                continue
+            except RepositoryError:
+                continue  # gone meanwhile, or unreadable now: left for a later run
+            for pack in set(pc.unique(rows.column("pack")).to_pylist()) - present.keys():
+                present[pack] = pack not in doomed and storage.exists(pack_name(pack))
+            usable = [p for p, ok in present.items() if ok]
+            segment.add(rows.filter(pc.is_in(rows.column("pack"), pa.array(usable, pa.string()))))
+            done.append(name)
+        held()
+        segment.commit()  # (durable before the files it replaces go; none when no rows)
+    except BaseException:
+        segment.abort()
+        raise
+    _remove(storage, done, {n.rsplit("/", 1)[0] for n in done})
+    return segment.rows
 
 
 def _remove(storage: Storage, names: list[str], folders: set[str]) -> None:

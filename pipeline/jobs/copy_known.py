@@ -27,12 +27,14 @@ from stages.schemas import WRITTEN
 
 from .plan import Range
 
-# Leaves of the original's manifest looked at per step (bounded memory: their rows only).
-WINDOW_LEAVES = 4096
+# Chunks of the original's manifest looked at per step (bounded memory: their rows only).
+WINDOW_CHUNKS = 65536
 
 
-def _windows(ranges: list[Range], leaf_bytes: int) -> list[tuple[int, int]]:
-    """The leaf numbers [lo, hi) that ``ranges`` touch, merged and cut into steps."""
+def _windows(ranges: list[Range], chunk: int, leaf_chunks: int) -> list[tuple[int, int]]:
+    """The leaf numbers [lo, hi) that ``ranges`` touch, merged and cut into steps of at most
+    ``WINDOW_CHUNKS`` chunks."""
+    leaf_bytes = chunk * leaf_chunks
     out: list[tuple[int, int]] = []
     for start, end in ranges:
         lo, hi = start // leaf_bytes, -(-end // leaf_bytes)
@@ -40,7 +42,8 @@ def _windows(ranges: list[Range], leaf_bytes: int) -> list[tuple[int, int]]:
             out[-1] = (out[-1][0], max(out[-1][1], hi))
         else:
             out.append((lo, hi))
-    return [(a, min(hi, a + WINDOW_LEAVES)) for lo, hi in out for a in range(lo, hi, WINDOW_LEAVES)]
+    step = max(1, WINDOW_CHUNKS // leaf_chunks)
+    return [(a, min(hi, a + step)) for lo, hi in out for a in range(lo, hi, step)]
 
 
 def _inside(nums: np.ndarray, ranges: list[Range], chunk: int) -> np.ndarray:
@@ -93,7 +96,7 @@ def split_known(
     ``point``, judged by the ids in its manifest."""
     chunk, leaf_chunks = point.chunk_size, point.leaf_chunks
     known: list[Range] = []
-    for lo, hi in _windows(read, chunk * leaf_chunks):
+    for lo, hi in _windows(read, chunk, leaf_chunks):
         nums, ids, _files = manifest.chunks(lo, hi, leaf_chunks)
         sel = _inside(nums, read, chunk) if len(nums) else np.zeros(0, bool)
         nums, ids = nums[sel], ids[sel]
@@ -131,7 +134,7 @@ class KnownChunks:
 
     def _windows(self, ranges: list[Range], end: int) -> Iterator[tuple[pa.Table, int]]:
         chunk, leaf_chunks = self._point.chunk_size, self._point.leaf_chunks
-        for lo, hi in _windows(ranges, chunk * leaf_chunks):
+        for lo, hi in _windows(ranges, chunk, leaf_chunks):
             nums, ids, _files = self._manifest.chunks(lo, hi, leaf_chunks)
             sel = _inside(nums, ranges, chunk) if len(nums) else np.zeros(0, bool)
             yield self._table(nums[sel], ids[sel]), min(end, hi * chunk * leaf_chunks)

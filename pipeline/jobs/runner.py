@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
+from catalog.errors import CorruptionError, RepositoryError
 from catalog.maint.gc import remove_dead_temporary
 from catalog.repo import Repository
 from catalog.store import condemned
@@ -42,7 +43,7 @@ from stages.sources.image import Source
 from stages.sources.multi import DISK_SHIFT, MultiSource
 
 from .. import signals
-from ..console import waiting
+from ..console import waiting, warn
 from ..engines import Engine
 from .checkpoint import Checkpoints, adopt, checkpoint_seconds
 from .plan import Range, WorkItem, work_items
@@ -294,7 +295,10 @@ def run_jobs(
         # this backup; one whose record is here already may be removing (``commit_guard``).
         guarded = bool(condemned.names(storage))
         if lock is not None:  # (in the session: what dead runs' checkpoints hold, reused)
-            adopt(storage)
+            try:
+                adopt(storage, lock.held)
+            except (OSError, RepositoryError, CorruptionError) as err:
+                warn(f"the checkpoints of killed runs were not reused: {err}")
         engine.start(repo.location, make_stage, sealer)
         _drive(engine, disks, index_seg, progress, checkpoints)
         held = lock.held if lock is not None else lambda: None

@@ -6,12 +6,13 @@ removing anything); botocore's retry of a write that had succeeded is taken as t
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import pytest
 from combtest import TEST_PASSWORD
 from s3server import S3Server
 
-from catalog.errors import LockedError
+from catalog.errors import LockedError, RepositoryError
 from catalog.repo import Repository
 from catalog.store import locks, s3_lease
 from catalog.store.s3 import S3Storage
@@ -74,3 +75,35 @@ def test_a_retried_write_that_had_succeeded_is_taken_as_ours(
     # Someone else's bytes are not ours: refused.
     monkeypatch.setattr(S3Storage, "put", lambda *a, **k: None)
     assert s3_lease.swap(storage, "locks/x.json", b"four", again) is None
+
+
+def test_a_beat_that_landed_unseen_does_not_lose_the_lock(
+    s3_env: S3Server, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A heartbeat stored although its request failed (every attempt of it): the next beat's
+    If-Match names an older version, and the stored one is recognised as the holder's own."""
+    repo = _repo(s3_env, "unseen")
+    lock = locks.acquire(repo.storage, "prune", wait_s=0)  # (no beat thread runs within 60 s)
+    try:
+        real = S3Storage.put
+
+        def lands_then_fails(self, name, body, size, **cond):  # type: ignore[no-untyped-def]
+            real(self, name, body, size)
+            raise RepositoryError(f"{name}: the connection dropped")
+
+        with monkeypatch.context() as m:
+            m.setattr(S3Storage, "put", lands_then_fails)
+            lock.info = replace(lock.info, heartbeat="2026-12-07T00:00:01.000000+00:00")
+            with pytest.raises(RepositoryError):
+                lock._write()
+        lock.info = replace(lock.info, heartbeat="2026-12-07T00:00:02.000000+00:00")
+        lock._write()  # refused on the stale ETag, then taken as ours and written
+        lock.held()
+        assert b"00:00:02" in repo.storage.read(lock.info.name)
+        # Someone else's lock bytes under our name are not ours.
+        other = lock.info.to_json().replace(b'"pid": ', b'"pid": 1')
+        repo.storage.write_atomic(lock.info.name, other)
+        with pytest.raises(RepositoryError, match="compare-and-swap refused"):
+            lock._write()
+    finally:
+        lock.release()

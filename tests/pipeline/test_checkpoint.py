@@ -16,11 +16,13 @@ import pytest
 from combtest import PYTHON, TEST_PASSWORD, CliRunner, ImageFactory, MiB, assert_one_line_error
 from s3server import S3Server
 
+from catalog.errors import LockedError, RepositoryError
 from catalog.repo import Repository
 from catalog.store.index import segment_names
 from catalog.store.locks import acquire
 from catalog.store.packs import pack_name
 from catalog.store.parquet_io import read_parquet
+from pipeline.jobs import checkpoint
 from pipeline.jobs.checkpoint import RESUME_PREFIX, adopt
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -119,14 +121,34 @@ def test_adoption_leaves_out_gone_packs_and_live_runs(
     try:
         live = f"{RESUME_PREFIX}/{with_lock.info.id}/{second.rsplit('/', 1)[1]}"
         storage.write_atomic(live, storage.read(second))
-        adopted = adopt(storage)
+        adopted = adopt(storage, with_lock.held)
     finally:
         with_lock.release()
     assert storage.list(RESUME_PREFIX) == [live]
     (segment,) = segment_names(storage)
     packs = set(read_parquet(storage, segment, ["pack"]).column("pack").to_pylist())
     assert gone not in packs and len(packs) >= 1 and adopted > 0
-    assert adopt(storage) > 0 and storage.list(RESUME_PREFIX) == []  # (its lock is gone now)
+    # A session lost meanwhile commits nothing and removes nothing.
+    with pytest.raises(LockedError):
+        adopt(storage, _lost)
+    assert storage.list(RESUME_PREFIX) == [live] and len(segment_names(storage)) == 1
+    # A backup whose adoption fails on the storage goes on without it, with a warning.
+    with monkeypatch.context() as m:
+        m.setattr(checkpoint, "condemned_packs", _unreadable)
+        img = tmp_path / "other.img"
+        img.write_bytes(b"x" * 65536)
+        res = cli("-r", target, "backup", img, "--engine", "local")
+    assert res.code == 0 and "checkpoints of killed runs were not reused" in res.err, res.err
+    assert adopt(storage, lambda: None) > 0  # (its lock is gone now)
+    assert storage.list(RESUME_PREFIX) == []
+
+
+def _lost() -> None:
+    raise LockedError("lost the repository's backup lock")
+
+
+def _unreadable(_storage: object) -> set[str]:
+    raise RepositoryError("gc/: the connection dropped")
 
 
 def test_a_bad_checkpoint_interval_is_a_one_line_error(

@@ -134,7 +134,7 @@ def test_a_copy_between_repositories_sharing_ids_reads_only_what_the_target_lack
     s3_env: S3Server,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(copy_known, "WINDOW_LEAVES", 3)  # many steps, runs across them
+    monkeypatch.setattr(copy_known, "WINDOW_CHUNKS", 48)  # steps of 3 leaves, runs across them
     local = tmp_path / "local"
     assert cli("-r", local, "init").code == 0
     images = _history(cli, local, make_image, tmp_path)
