@@ -1,5 +1,6 @@
-"""``comb backup SOURCE``: an image file, block device, overlay or vSphere VM as a new recovery
-point (the jobs are ``pipeline.jobs.backup`` and ``pipeline.jobs.vsphere_backup``)."""
+"""``comb backup SOURCE [SOURCE ...]``: an image file, block device, overlay or vSphere VM as a
+new recovery point, or several image files and devices in one engine run, a point each (the
+jobs are ``pipeline.jobs.backup`` and ``pipeline.jobs.vsphere_backup``)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,14 @@ import argparse
 import os
 import time
 
-from catalog.errors import UsageError
+from catalog.errors import ChangeListError, SourceError, UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
-from ..console import human_bytes, human_rate, note, print_json
+from ..console import human_bytes, human_rate, note, print_json, warn
 from ..engines import Engine, make_engine
-from ..jobs.backup import run_backup
+from ..jobs.backup import run_backup, run_backups
+from ..jobs.overlay_source import overlay_name
 from ..jobs.runner import BackupOptions
 from ..jobs.vsphere import is_vsphere
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
@@ -38,12 +40,15 @@ def add_parser(sub: Subparsers) -> None:
             "comb backup overlay:try1 -r /backup/repo --engine local --json",
             "comb -r /backup/repo backup vsphere://backup@vc.example/DC0/vm/db01 --all-disks",
             "comb -r /backup/repo backup web01.img --tag nightly --description 'before upgrade'",
+            "comb -r /backup/repo backup /var/lib/images/*.img /dev/vg0/db",
         ],
         json="print each new point as one JSON line (a VM: one per disk); status lines on stderr",
     )
     s.add_argument(
         "source",
-        help="image file, block device, overlay:NAME, or vsphere://USER@HOST/DC/vm/NAME",
+        nargs="+",
+        help="image file, block device, overlay:NAME, or vsphere://USER@HOST/DC/vm/NAME; several "
+        "image files and devices: one engine run, a point each",
     )
     s.add_argument("--source-name", help="name of the source (default: its absolute path)")
     s.add_argument(
@@ -138,14 +143,22 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         changed_extents=args.changed_extents,
         batch_bytes=args.batch_mib * 1024 * 1024,
     )
+    sources: list[str] = args.source
+    many = len(sources) > 1
+    if many:
+        _check_many(sources, args)
+    args.source = sources[0]
     vopts = _vsphere_options(args)
     engine = engine_for(args)
     t0 = time.perf_counter()
-    label = f"backup {os.path.basename(args.source)}"
+    label = f"backup {len(sources)} sources" if many else f"backup {os.path.basename(sources[0])}"
     starting = "starting Ray ..." if engine.name == "ray" else "preparing ..."
+    failed: list[tuple[str, SourceError | ChangeListError]] = []
     with progress_bar(label, args.json, starting=starting) as bar:
         if vopts is not None:
             points = run_vsphere_backup(r, args.source, engine, opts, vopts, bar)
+        elif many:
+            points, failed = run_backups(r, sources, engine, opts, bar)
         else:
             points = [run_backup(r, args.source, engine, opts, bar)]
     seconds = time.perf_counter() - t0
@@ -157,7 +170,29 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
     if args.json:
         for point in points:
             _report(point, engine, seconds, True, catalogs.get(point.id))
+    for source, err in failed:
+        warn(f"source {source} failed: {err.message}")
+        if args.json:
+            print_json({"source": source, "failed": err.message, "exit_code": err.exit_code})
+    if failed:
+        raise SourceError(
+            f"{len(failed)} of {len(sources)} sources failed (named above); "
+            f"{len(points)} recovery point(s) committed"
+        )
     return 0
+
+
+def _check_many(sources: list[str], args: argparse.Namespace) -> None:
+    """Several sources in one run: image files and block devices only, named by their path."""
+    for source in sources:
+        if is_vsphere(source) or overlay_name(source) is not None:
+            raise UsageError(f"{source}: a vSphere VM or an overlay is backed up on its own")
+    for flag, value in (
+        ("--source-name", args.source_name),
+        ("--changed-extents", args.changed_extents),
+    ):
+        if value is not None:
+            raise UsageError(f"{flag} applies to a single source")
 
 
 def _vsphere_options(args: argparse.Namespace) -> VsphereOptions | None:

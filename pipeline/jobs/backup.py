@@ -1,5 +1,8 @@
 """The backup of an image file, a block device or an overlay: plan what to read, then run it
-(``pipeline.jobs.runner``) under the repository's shared ``backup`` lock.
+(``pipeline.jobs.runner``) under the repository's shared ``backup`` lock. Several image files
+or devices go in one engine run (``run_backups``: one dedup index, the workers shared), one
+point each; a source that cannot be planned (missing, unreadable, shorter than its parent)
+fails alone.
 
 The parent is the last point read from the same path (FORMAT.md 8.4); an overlay's parent is
 its base point. What is read: data extents (holes never), or, with a change list valid against
@@ -11,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from catalog.errors import SourceError, UsageError
+from catalog.errors import ChangeListError, SourceError, UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint, backup_parent
 from drive.overlays.overlay import Overlay
@@ -106,3 +109,30 @@ def run_backup(
                 return run_jobs(repo, [job], engine, opts, progress, t0, lock)[0]
         finally:
             ov.close()
+
+
+def run_backups(
+    repo: Repository,
+    source_paths: list[str],
+    engine: Engine,
+    opts: BackupOptions = BackupOptions(),
+    progress: Progress | None = None,
+) -> tuple[list[RecoveryPoint], list[tuple[str, SourceError | ChangeListError]]]:
+    """Image files and block devices in one engine run, one point each (in the order given);
+    also the sources that failed before the run, each with its error."""
+    t0 = time.perf_counter()
+    repo.require_writable()
+    paths = [os.path.abspath(p) for p in source_paths]
+    if len(set(paths)) < len(paths):
+        raise UsageError("a source is named twice")
+    with writer_lock(repo, "backup") as lock:
+        jobs, failed = [], []
+        for given, path in zip(source_paths, paths, strict=True):
+            try:
+                plan = plan_backup(repo, given, opts)
+            except (SourceError, ChangeListError) as err:
+                failed.append((given, err))
+                continue
+            jobs.append(DiskJob(plan, ImageSource(path), path))
+        points = run_jobs(repo, jobs, engine, opts, progress, t0, lock) if jobs else []
+    return points, failed

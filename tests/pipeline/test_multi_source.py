@@ -1,0 +1,72 @@
+"""``comb backup SRC [SRC ...]``: several image files in one engine run (one dedup index: the
+same data in two sources is stored once), a point each, restored identical; sources that cannot
+be read fail alone (the others commit; exit 5, each named, and in ``--json``); wrong mixes are
+one-line usage errors."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error
+
+
+def test_several_sources_share_one_run_and_fail_alone(
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    a = make_image(4 * MiB, "a.img")
+    a.random(0, 4 * MiB, seed=1)
+    twin = a.clone(tmp_path / "twin.img")  # the same data: stored once
+    b = make_image(2 * MiB + 100, "b.img")
+    b.random(0, 2 * MiB + 100, seed=2)
+    (tmp_path / "folder").mkdir()
+    sources = [a.path, tmp_path / "missing.img", twin.path, tmp_path / "folder", b.path]
+    res = cli("-r", repo, "backup", *sources, "--engine", "local", "--json")
+    assert res.code == 5, res.err
+    assert "2 of 5 sources failed (named above); 3 recovery point(s) committed" in res.err
+    assert "missing.img failed: cannot open source" in res.err
+    assert "folder failed: source" in res.err and "is a directory" in res.err
+    lines = [json.loads(line) for line in res.out.splitlines()]
+    points = [d for d in lines if "id" in d]
+    failed = [d for d in lines if "failed" in d]
+    assert [p["source"] for p in points] == [str(a.path), str(twin.path), str(b.path)]
+    assert [f["source"] for f in failed] == [str(sources[1]), str(sources[3])]
+    assert {f["exit_code"] for f in failed} == {5}
+    assert sum(p["bytes_new"] for p in points) == 6 * MiB + 100  # the twin added nothing
+    for point, image in zip(points, (a.path, twin.path, b.path), strict=True):
+        out = tmp_path / f"{point['id']}.img"
+        assert cli("-r", repo, "restore", point["id"], out).code == 0
+        assert filecmp.cmp(out, image, shallow=False)
+    # Each source's next backup finds its own parent.
+    res = cli("-r", repo, "backup", a.path, b.path, "--engine", "local", "--json")
+    assert res.code == 0, res.err
+    again = [json.loads(line) for line in res.out.splitlines()]
+    assert [d["parent"] for d in again] == [points[0]["id"], points[2]["id"]]
+    assert all(d["bytes_new"] == 0 for d in again)
+    res = cli("-r", repo, "verify")
+    assert res.code == 0 and "clean" in res.out, res.out + res.err
+
+
+def test_what_several_sources_cannot_be_is_a_usage_error(
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    a = make_image(MiB, "a.img")
+    b = make_image(MiB, "b.img")
+    cases = [
+        (("--source-name", "x"), "--source-name applies to a single source"),
+        (("--changed-extents", str(tmp_path / "c.json")), "--changed-extents applies to a"),
+    ]
+    for extra, needle in cases:
+        res = cli("-r", repo, "backup", a.path, b.path, *extra, "--engine", "local")
+        assert_one_line_error(res, needle, code=2)
+    for other in ("overlay:try", "vsphere://u@vc/DC/vm/x"):
+        res = cli("-r", repo, "backup", a.path, other, "--engine", "local")
+        assert_one_line_error(res, "is backed up on its own", code=2)
+    res = cli("-r", repo, "backup", a.path, str(a.path), "--engine", "local")
+    assert_one_line_error(res, "a source is named twice", code=2)
+    assert json.loads(cli("-r", repo, "points", "--json").out) == {"points": []}
