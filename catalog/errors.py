@@ -66,6 +66,11 @@ class StageError(CombError):
     exit_code = 8
 
 
+class SourceReadError(StageError):
+    """A stage failed because its source could not be read (the source's fault: of several
+    sources in one run, that one fails alone)."""
+
+
 class QueryError(CombError):
     """Bad SQL, or a statement that would write."""
 

@@ -15,7 +15,7 @@ from typing import ClassVar
 
 import pyarrow as pa
 
-from catalog.errors import CombError, StageError, describe_os_error
+from catalog.errors import CombError, SourceError, SourceReadError, StageError, describe_os_error
 from stages.schemas import MAIN_PORT
 
 Ports = dict[str, pa.Table]
@@ -161,6 +161,5 @@ class Fused(Stage):
         except StageError:
             raise
         except Exception as err:  # noqa: BLE001 - every failure becomes one named line
-            raise StageError(
-                f"stage {stage.name} failed {_extent(batch)}: {_describe(err)}"
-            ) from err
+            kind = SourceReadError if isinstance(err, SourceError) else StageError
+            raise kind(f"stage {stage.name} failed {_extent(batch)}: {_describe(err)}") from err

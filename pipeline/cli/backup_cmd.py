@@ -8,7 +8,7 @@ import argparse
 import os
 import time
 
-from catalog.errors import ChangeListError, SourceError, UsageError
+from catalog.errors import CombError, SourceError, UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
@@ -153,7 +153,7 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     label = f"backup {len(sources)} sources" if many else f"backup {os.path.basename(sources[0])}"
     starting = "starting Ray ..." if engine.name == "ray" else "preparing ..."
-    failed: list[tuple[str, SourceError | ChangeListError]] = []
+    failed: list[tuple[str, CombError]] = []
     with progress_bar(label, args.json, starting=starting) as bar:
         if vopts is not None:
             points = run_vsphere_backup(r, args.source, engine, opts, vopts, bar)

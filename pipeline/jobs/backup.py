@@ -2,7 +2,7 @@
 (``pipeline.jobs.runner``) under the repository's shared ``backup`` lock. Several image files
 or devices go in one engine run (``run_backups``: one dedup index, the workers shared), one
 point each; a source that cannot be planned (missing, unreadable, shorter than its parent)
-fails alone.
+fails alone, and so does one that cannot be read during the run.
 
 The parent is the last point read from the same path (FORMAT.md 8.4); an overlay's parent is
 its base point. What is read: data extents (holes never), or, with a change list valid against
@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import time
 
-from catalog.errors import ChangeListError, SourceError, UsageError
+from catalog.errors import ChangeListError, CombError, SourceError, SourceReadError, UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint, backup_parent
 from drive.overlays.overlay import Overlay
@@ -117,16 +117,18 @@ def run_backups(
     engine: Engine,
     opts: BackupOptions = BackupOptions(),
     progress: Progress | None = None,
-) -> tuple[list[RecoveryPoint], list[tuple[str, SourceError | ChangeListError]]]:
+) -> tuple[list[RecoveryPoint], list[tuple[str, CombError]]]:
     """Image files and block devices in one engine run, one point each (in the order given);
-    also the sources that failed before the run, each with its error."""
+    also the sources that failed, before or during the run, each with its error."""
     t0 = time.perf_counter()
     repo.require_writable()
     paths = [os.path.abspath(p) for p in source_paths]
     if len(set(paths)) < len(paths):
         raise UsageError("a source is named twice")
     with writer_lock(repo, "backup") as lock:
-        jobs, failed = [], []
+        jobs: list[DiskJob] = []
+        failed: list[tuple[str, CombError]] = []
+        unread: list[tuple[str, SourceReadError]] = []
         for given, path in zip(source_paths, paths, strict=True):
             try:
                 plan = plan_backup(repo, given, opts)
@@ -134,5 +136,5 @@ def run_backups(
                 failed.append((given, err))
                 continue
             jobs.append(DiskJob(plan, ImageSource(path), path))
-        points = run_jobs(repo, jobs, engine, opts, progress, t0, lock) if jobs else []
-    return points, failed
+        points = run_jobs(repo, jobs, engine, opts, progress, t0, lock, unread) if jobs else []
+    return points, [*failed, *unread]

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from catalog.errors import CorruptionError, RepositoryError
+from catalog.errors import CorruptionError, RepositoryError, SourceReadError
 from catalog.maint.gc import remove_dead_temporary
 from catalog.repo import Repository
 from catalog.store import condemned
@@ -132,6 +132,7 @@ class _Disk:
     parent_manifest: ManifestReader | None
     tally: _Tally = field(default_factory=_Tally)
     fed: int = 0  # where the known rows given to the assembler end (``DiskJob.known``)
+    failed: SourceReadError | None = None  # its source could not be read (then no point)
 
     def feed_known(self, upto: int) -> None:
         """Give the assembler the known rows before ``upto`` not given yet, a window at a time,
@@ -185,9 +186,11 @@ def _drive(
     index_seg: IndexSegmentWriter,
     progress: Progress | None,
     checkpoints: Checkpoints,
+    alone: bool = False,
 ) -> None:
     """Keep at most ``INFLIGHT_PER_WORKER`` items per worker in flight (backpressure); take the
-    results in submission order, so each disk's manifest streams out leaf by leaf."""
+    results in submission order, so each disk's manifest streams out leaf by leaf. ``alone``:
+    a disk whose source cannot be read fails alone (``_Disk.failed``), the others go on."""
     order = _interleave(disks)
     to_read = sum(item.bytes for _, item in order)
     done = 0
@@ -198,10 +201,19 @@ def _drive(
     while pos < len(order) or window:
         while pos < len(order) and len(window) < engine.workers * INFLIGHT_PER_WORKER:
             disk, item = order[pos]
-            window.append((disk, item, engine.submit(_shifted(item, disk.base))))
             pos += 1
+            if disk.failed is None:
+                window.append((disk, item, engine.submit(_shifted(item, disk.base))))
+        if not window:
+            continue
         disk, item, handle = window.popleft()
-        ports = engine.result(handle)
+        try:
+            ports = engine.result(handle)
+        except SourceReadError as err:
+            if not alone:
+                raise
+            disk.failed = disk.failed or err  # (no row of that item was stored)
+            continue
         items = disk.items
         nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else None
         upto = disk.job.plan.size if nxt is None else nxt
@@ -214,6 +226,8 @@ def _drive(
         if INDEX_PORT in ports:
             index_seg.add(ports[INDEX_PORT])
             checkpoints.add(ports[INDEX_PORT])
+        if disk.failed is not None:
+            continue
         disk.tally.add(item.bytes, written)
         disk.feed_read(item, written)
         disk.feed_known(upto)
@@ -226,8 +240,9 @@ def _drive(
             index_seg.add(ports[INDEX_PORT])
             checkpoints.add(ports[INDEX_PORT])
     for disk in disks:
-        disk.feed_known(disk.job.plan.size)  # (all of it when nothing was read)
-        disk.assembler.finish()
+        if disk.failed is None:
+            disk.feed_known(disk.job.plan.size)  # (all of it when nothing was read)
+            disk.assembler.finish()
 
 
 def _parent_data(parent: RecoveryPoint | None, manifest: ManifestReader | None) -> int:
@@ -248,10 +263,12 @@ def run_jobs(
     progress: Progress | None = None,
     t0: float | None = None,
     lock: Lock | None = None,
+    failures: list[tuple[str, SourceReadError]] | None = None,
 ) -> list[RecoveryPoint]:
     """Back up one or more disks in one engine run; one recovery point per disk, each
     committed on its own (in ``jobs`` order) once every disk's data is in, and only while
-    ``lock`` (the backup's shared lock) is surely still held (``Lock.held``)."""
+    ``lock`` (the backup's shared lock) is surely still held (``Lock.held``). With
+    ``failures``, a disk whose source cannot be read gets no point and is added there."""
     t0 = time.perf_counter() if t0 is None else t0
     cfg = repo.config
     storage = repo.storage
@@ -300,7 +317,12 @@ def run_jobs(
             except (OSError, RepositoryError, CorruptionError) as err:
                 warn(f"the checkpoints of killed runs were not reused: {err}")
         engine.start(repo.location, make_stage, sealer)
-        _drive(engine, disks, index_seg, progress, checkpoints)
+        _drive(engine, disks, index_seg, progress, checkpoints, failures is not None)
+        for disk in disks:
+            if disk.failed is not None and failures is not None:
+                failures.append((disk.job.source_path, disk.failed))
+                disk.manifest.abort()
+                disk.changes.abort()
         held = lock.held if lock is not None else lambda: None
         held()  # (a prune may have run if it was lost: nothing is committed then)
         parity = cfg.parity is not None
@@ -311,7 +333,7 @@ def run_jobs(
             signals.hold()
             segment_id, index_bytes = index_seg.commit()
             committed = []
-            for disk in disks:
+            for disk in (d for d in disks if d.failed is None):
                 committed.append(
                     _commit_disk(
                         disk,

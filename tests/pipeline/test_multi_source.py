@@ -7,9 +7,13 @@ from __future__ import annotations
 
 import filecmp
 import json
+import os
 from pathlib import Path
 
+import pytest
 from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error
+
+from pipeline.jobs import backup as backup_job
 
 
 def test_several_sources_share_one_run_and_fail_alone(
@@ -70,3 +74,44 @@ def test_what_several_sources_cannot_be_is_a_usage_error(
     res = cli("-r", repo, "backup", a.path, str(a.path), "--engine", "local")
     assert_one_line_error(res, "a source is named twice", code=2)
     assert json.loads(cli("-r", repo, "points", "--json").out) == {"points": []}
+
+
+@pytest.mark.parametrize("engine", ["local", pytest.param("ray", marks=pytest.mark.ray)])
+def test_a_source_that_fails_during_the_run_fails_alone(
+    cli: CliRunner,
+    make_image: ImageFactory,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    engine: str,
+) -> None:
+    """A source cut short after it was planned: its reads fail in the workers (threads, or Ray
+    actors that stay up), it gets no point, the others commit."""
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    a = make_image(3 * MiB, "a.img")
+    a.random(0, 3 * MiB, seed=1)
+    b = make_image(40 * MiB, "b.img")
+    b.random(0, 40 * MiB, seed=2)
+    real = backup_job.plan_backup
+
+    def plan_then_cut(repo_, path, opts):  # type: ignore[no-untyped-def]
+        plan = real(repo_, path, opts)
+        if path == str(b.path):
+            os.truncate(path, 20 * MiB)  # (read in 16 MiB items: the second one fails)
+        return plan
+
+    monkeypatch.setattr(backup_job, "plan_backup", plan_then_cut)
+    res = cli("-r", repo, "backup", b.path, a.path, "--engine", engine, "--json")
+    assert res.code == 5, res.err
+    assert "1 of 2 sources failed (named above); 1 recovery point(s) committed" in res.err
+    assert f"source {b.path} failed: stage reader failed" in res.err and "ended at" in res.err
+    lines = [json.loads(line) for line in res.out.splitlines()]
+    (point,) = [d for d in lines if "id" in d]
+    assert point["source"] == str(a.path)
+    out = tmp_path / "a.out"
+    assert cli("-r", repo, "restore", point["id"], out).code == 0
+    assert filecmp.cmp(out, a.path, shallow=False)
+    res = cli("-r", repo, "verify")
+    assert res.code == 0, res.out + res.err
+    res = cli("-r", repo, "backup", b.path, "--engine", "local")  # (20 MiB now: read whole)
+    assert res.code == 0, res.err

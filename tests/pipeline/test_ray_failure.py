@@ -58,7 +58,7 @@ def test_stage_failure_in_an_actor(tmp_path: Path) -> None:
     )  # fmt: skip
     assert run.returncode == 0, run.stderr
     result = json.loads(run.stdout.strip().splitlines()[-1])
-    assert result["type"] == "StageError"
+    assert result["type"] == "SourceReadError"  # (a StageError: exit 8; the source at fault)
     assert "stage reader failed on extent" in result["error"]
     assert str(image) in result["error"] and "\n" not in result["error"]
     assert repo.points() == []
