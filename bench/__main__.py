@@ -18,6 +18,7 @@ commands:
   files      walk, ls and cat of the files inside a point, against the kernel
   files-history  find over 1,000 points' file catalogs; the catalog's cost on an OS disk backup
   s3         a repository on S3 (a local file-backed server) against its ceiling and a local one
+  jobs       N sources as one job (one engine run) against N separate backup commands
 
 `python -m bench COMMAND --help` lists a command's options."""
 
@@ -49,6 +50,8 @@ def main(argv: list[str]) -> int:
         from .files_history import main as run
     elif cmd == "s3":
         from .s3 import main as run
+    elif cmd == "jobs":
+        from .jobs import main as run
     else:
         print(f"bench: unknown command {cmd!r}\n\n{USAGE}", file=sys.stderr)
         return 2
