@@ -12,6 +12,7 @@ the parent, only the changed chunks; of an overlay, only the chunks it wrote.
 from __future__ import annotations
 
 import os
+import stat
 import time
 
 from catalog.errors import ChangeListError, CombError, SourceError, SourceReadError, UsageError
@@ -111,6 +112,21 @@ def run_backup(
             ov.close()
 
 
+def _same_source(paths: list[str]) -> tuple[str, str] | None:
+    """Two of ``paths`` that are one file or one device (a link, a second name), if any."""
+    seen: dict[tuple[int, int], str] = {}
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue  # (its planning fails and says why)
+        key = (0, st.st_rdev) if stat.S_ISBLK(st.st_mode) else (st.st_dev, st.st_ino)
+        if key in seen:
+            return seen[key], path
+        seen[key] = path
+    return None
+
+
 def run_backups(
     repo: Repository,
     source_paths: list[str],
@@ -119,22 +135,27 @@ def run_backups(
     progress: Progress | None = None,
 ) -> tuple[list[RecoveryPoint], list[tuple[str, CombError]]]:
     """Image files and block devices in one engine run, one point each (in the order given);
-    also the sources that failed, before or during the run, each with its error."""
+    also the sources that failed, before or during the run, each as given with its error, in
+    the order given."""
     t0 = time.perf_counter()
     repo.require_writable()
-    paths = [os.path.abspath(p) for p in source_paths]
-    if len(set(paths)) < len(paths):
+    given = {os.path.abspath(p): p for p in source_paths}
+    if len(given) < len(source_paths):
         raise UsageError("a source is named twice")
+    same = _same_source(source_paths)
+    if same is not None:
+        raise UsageError(f"{same[0]} and {same[1]} are one source")
     with writer_lock(repo, "backup") as lock:
         jobs: list[DiskJob] = []
         failed: list[tuple[str, CombError]] = []
         unread: list[tuple[str, SourceReadError]] = []
-        for given, path in zip(source_paths, paths, strict=True):
+        for path, name in given.items():
             try:
-                plan = plan_backup(repo, given, opts)
+                plan = plan_backup(repo, name, opts)
             except (SourceError, ChangeListError) as err:
-                failed.append((given, err))
+                failed.append((name, err))
                 continue
             jobs.append(DiskJob(plan, ImageSource(path), path))
         points = run_jobs(repo, jobs, engine, opts, progress, t0, lock, unread) if jobs else []
-    return points, [*failed, *unread]
+    failed += [(given[path], err) for path, err in unread]
+    return points, sorted(failed, key=lambda f: source_paths.index(f[0]))

@@ -212,7 +212,9 @@ def _drive(
         except SourceReadError as err:
             if not alone:
                 raise
-            disk.failed = disk.failed or err  # (no row of that item was stored)
+            if disk.failed is None:  # (no row of that item was stored; the rest go unread)
+                disk.failed = err
+                to_read -= sum(i.bytes for i in disk.items[item.seq :])
             continue
         items = disk.items
         nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else None

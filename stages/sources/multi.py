@@ -7,11 +7,17 @@ Owns that address space. Must not: plan what is read, or know the repository.
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from dataclasses import dataclass
 
 from stages.sources.image import Source, SourceHandle
 
 DISK_SHIFT = 48
+
+
+# Sources a worker keeps open at once (the least recently read is closed first): a job of
+# hundreds of sources must not hold workers x sources file descriptors.
+MAX_OPEN = 16
 
 
 @dataclass(frozen=True)
@@ -21,23 +27,36 @@ class MultiSource:
     sources: tuple[Source, ...]
 
     def open(self) -> _OpenMulti:
-        return _OpenMulti([s.open() for s in self.sources])
+        return _OpenMulti(self.sources)
 
     def describe(self) -> str:
         return ", ".join(s.describe() for s in self.sources)
 
 
 class _OpenMulti:
-    def __init__(self, handles: list[SourceHandle]) -> None:
-        self.handles = handles
-        self.size = len(handles) << DISK_SHIFT
+    """Each source is opened at its first read (so one that cannot be opened fails its own
+    reads, not the worker's start), and at most ``MAX_OPEN`` stay open."""
+
+    def __init__(self, sources: tuple[Source, ...]) -> None:
+        self.sources = sources
+        self.handles: OrderedDict[int, SourceHandle] = OrderedDict()
+        self.size = len(sources) << DISK_SHIFT
 
     def data_extents(self, start: int, end: int) -> list[tuple[int, int]]:
         return [(start, end - start)] if end > start else []
 
     def read_into(self, buf: memoryview, offset: int) -> None:
-        self.handles[offset >> DISK_SHIFT].read_into(buf, offset & ((1 << DISK_SHIFT) - 1))
+        disk = offset >> DISK_SHIFT
+        handle = self.handles.get(disk)
+        if handle is None:
+            handle = self.sources[disk].open()
+            self.handles[disk] = handle
+            if len(self.handles) > MAX_OPEN:
+                self.handles.popitem(last=False)[1].close()
+        self.handles.move_to_end(disk)
+        handle.read_into(buf, offset & ((1 << DISK_SHIFT) - 1))
 
     def close(self) -> None:
-        for h in self.handles:
+        for h in self.handles.values():
             h.close()
+        self.handles.clear()

@@ -8,12 +8,15 @@ from __future__ import annotations
 import filecmp
 import json
 import os
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error
 
 from pipeline.jobs import backup as backup_job
+from pipeline.jobs import runner
+from stages.backup import PackTarget
 
 
 def test_several_sources_share_one_run_and_fail_alone(
@@ -73,6 +76,9 @@ def test_what_several_sources_cannot_be_is_a_usage_error(
         assert_one_line_error(res, "is backed up on its own", code=2)
     res = cli("-r", repo, "backup", a.path, str(a.path), "--engine", "local")
     assert_one_line_error(res, "a source is named twice", code=2)
+    (tmp_path / "link.img").symlink_to(a.path)
+    res = cli("-r", repo, "backup", a.path, tmp_path / "link.img", "--engine", "local")
+    assert_one_line_error(res, "are one source", code=2)
     assert json.loads(cli("-r", repo, "points", "--json").out) == {"points": []}
 
 
@@ -92,26 +98,39 @@ def test_a_source_that_fails_during_the_run_fails_alone(
     a.random(0, 3 * MiB, seed=1)
     b = make_image(40 * MiB, "b.img")
     b.random(0, 40 * MiB, seed=2)
+    b.write(0, a.path.read_bytes())  # (a's chunks may be stored by b's first item)
+    # Packs of 1 MiB: sealed, and indexed, item by item.
+    monkeypatch.setattr(
+        runner, "PackTarget", lambda *x, **k: replace(PackTarget(*x, **k), pack_target_bytes=MiB)
+    )
     real = backup_job.plan_backup
 
     def plan_then_cut(repo_, path, opts):  # type: ignore[no-untyped-def]
         plan = real(repo_, path, opts)
         if path == str(b.path):
             os.truncate(path, 20 * MiB)  # (read in 16 MiB items: the second one fails)
+        if path == str(cut):
+            os.unlink(path)  # (gone before the workers open it: its first read fails)
         return plan
 
     monkeypatch.setattr(backup_job, "plan_backup", plan_then_cut)
-    res = cli("-r", repo, "backup", b.path, a.path, "--engine", engine, "--json")
+    cut = make_image(MiB, "gone.img").path
+    cut.write_bytes(os.urandom(MiB))
+    res = cli("-r", repo, "backup", b.path, cut, a.path, "--engine", engine, "--json")
     assert res.code == 5, res.err
-    assert "1 of 2 sources failed (named above); 1 recovery point(s) committed" in res.err
+    assert "2 of 3 sources failed (named above); 1 recovery point(s) committed" in res.err
     assert f"source {b.path} failed: stage reader failed" in res.err and "ended at" in res.err
     lines = [json.loads(line) for line in res.out.splitlines()]
     (point,) = [d for d in lines if "id" in d]
+    failures = [(d["source"], d["exit_code"]) for d in lines if "failed" in d]
+    assert failures == [(str(b.path), 8), (str(cut), 8)]  # (in the order given; in the run)
     assert point["source"] == str(a.path)
     out = tmp_path / "a.out"
     assert cli("-r", repo, "restore", point["id"], out).code == 0
     assert filecmp.cmp(out, a.path, shallow=False)
     res = cli("-r", repo, "verify")
     assert res.code == 0, res.out + res.err
-    res = cli("-r", repo, "backup", b.path, "--engine", "local")  # (20 MiB now: read whole)
+    # b's first item was stored and indexed before its second failed: not stored again.
+    res = cli("-r", repo, "backup", b.path, "--engine", "local", "--json")
     assert res.code == 0, res.err
+    assert json.loads(res.out)["bytes_new"] <= 4 * MiB  # (20 MiB now; 16 MiB were stored)
