@@ -14,6 +14,7 @@ from __future__ import annotations
 import os
 import stat
 import time
+from dataclasses import replace
 
 from catalog.errors import ChangeListError, CombError, SourceError, SourceReadError, UsageError
 from catalog.repo import Repository
@@ -133,10 +134,11 @@ def run_backups(
     engine: Engine,
     opts: BackupOptions = BackupOptions(),
     progress: Progress | None = None,
+    names: list[str] | None = None,
 ) -> tuple[list[RecoveryPoint], list[tuple[str, CombError]]]:
-    """Image files and block devices in one engine run, one point each (in the order given);
-    also the sources that failed, before or during the run, each as given with its error, in
-    the order given."""
+    """Image files and block devices in one engine run, one point each (in the order given;
+    ``names``: their source names, else their paths); also the sources that failed, before or
+    during the run, each as given with its error, in the order given."""
     t0 = time.perf_counter()
     repo.require_writable()
     given = {os.path.abspath(p): p for p in source_paths}
@@ -149,9 +151,10 @@ def run_backups(
         jobs: list[DiskJob] = []
         failed: list[tuple[str, CombError]] = []
         unread: list[tuple[str, SourceReadError]] = []
-        for path, name in given.items():
+        for i, (path, name) in enumerate(given.items()):
+            mine = opts if names is None else replace(opts, source_name=names[i])
             try:
-                plan = plan_backup(repo, name, opts)
+                plan = plan_backup(repo, name, mine)
             except (SourceError, ChangeListError) as err:
                 failed.append((name, err))
                 continue

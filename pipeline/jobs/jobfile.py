@@ -1,0 +1,145 @@
+"""Job files (README "Jobs"): the sources a bulk job backs up, how often, and what it keeps.
+
+A TOML file: ``[defaults]`` (``every``, ``keep``) and one ``[[source]]`` table per source
+(``path``, required; ``name``, default its absolute path as ``backup`` names it; ``every`` and
+``keep``, default the defaults'). ``every`` is a duration (``"30m"``, ``"2s"``, ``"1h"``,
+``"1d"``, ``"1w"``); ``keep`` holds ``forget``'s rules. Relative paths are relative to the
+file's folder. Anything else (an unknown key, a wrong type, a duplicate source) is a one-line
+usage error naming the file, the key and its line.
+
+Owns reading and checking job files, and when a source is due. Must not: back anything up
+(``pipeline.cli.job_cmd``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from catalog.errors import UsageError
+from catalog.maint.retention import KeepPolicy
+from catalog.store.points import RecoveryPoint
+
+KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+_SOURCE_KEYS = ("path", "name", "every", "keep")
+_DEFAULT_KEYS = ("every", "keep")
+
+
+@dataclass(frozen=True)
+class JobSource:
+    path: str  # absolute
+    name: str
+    every_s: float | None  # None: whenever the job runs
+    keep: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def policy(self) -> KeepPolicy:
+        return KeepPolicy(**self.keep)
+
+    def due(self, last: RecoveryPoint | None, now: datetime) -> bool:
+        """Whether a backup is due: none yet, or the latest is ``every`` old (a second early
+        counts: a job run on the minute must not slip a round)."""
+        return last is None or self.every_s is None or self.age(last, now) >= self.every_s - 1
+
+    @staticmethod
+    def age(last: RecoveryPoint, now: datetime) -> float:
+        return (now - datetime.fromisoformat(last.time)).total_seconds()
+
+
+def load_job(path: str) -> list[JobSource]:
+    try:
+        raw = Path(path).read_text()
+        data = tomllib.loads(raw)
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"job file {path}: not valid TOML: {' '.join(str(err).split())}") from None
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read job file {path}: {' '.join(str(err).split())}") from None
+    return parse_job(data, raw, path)
+
+
+def parse_job(data: dict[str, Any], raw: str, path: str) -> list[JobSource]:
+    lines = raw.splitlines()
+
+    def bad(key: str, what: str, block: int | None = None) -> UsageError:
+        line = _line_of(lines, key.rsplit(".", 1)[-1], block)
+        where = f", line {line}" if line else ""
+        return UsageError(f"job file {path}{where}: `{key}` {what}")
+
+    for key in data:
+        if key not in ("defaults", "source"):
+            raise bad(key, "is not a known key (known: [defaults], [[source]])")
+    defaults = data.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise bad("defaults", "must be a table")
+    for key in defaults:
+        if key not in _DEFAULT_KEYS:
+            raise bad(f"defaults.{key}", f"is not a known key (known: {', '.join(_DEFAULT_KEYS)})")
+    every = _every(defaults.get("every"), lambda w: bad("defaults.every", w))
+    keep = _keep(defaults.get("keep", {}), "defaults.keep", bad)
+    sources = data.get("source", [])
+    if not isinstance(sources, list) or not sources:
+        raise bad("source", "must be one or more [[source]] tables")
+    out: list[JobSource] = []
+    base = Path(path).parent
+    for i, src in enumerate(sources):
+        for key in src:
+            if key not in _SOURCE_KEYS:
+                known = ", ".join(_SOURCE_KEYS)
+                raise bad(f"source.{key}", f"is not a known key (known: {known})", i)
+        given = src.get("path")
+        if not isinstance(given, str) or not given:
+            raise bad("source.path", "must be a non-empty string (every source has one)", i)
+        full = os.path.abspath(base / Path(given).expanduser())
+        name = src.get("name", full)
+        if not isinstance(name, str) or not name.strip():
+            raise bad("source.name", "must be a non-empty string", i)
+        own_every = _every(src.get("every"), lambda w, i=i: bad("source.every", w, i))
+        own_keep = _keep(src.get("keep"), "source.keep", lambda k, w, i=i: bad(k, w, i))
+        job = JobSource(full, name, own_every or every, own_keep if "keep" in src else keep)
+        if any(o.name == job.name or o.path == job.path for o in out):
+            raise bad("source.path", f"names {given} ({name}) a second time", i)
+        out.append(job)
+    return out
+
+
+def _every(value: object, bad: Any) -> float | None:
+    if value is None:
+        return None
+    m = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", value) if isinstance(value, str) else None
+    if m is None or int(m.group(1)) == 0:
+        raise bad('must be a duration such as "30m" (units s, m, h, d, w)')
+    return float(int(m.group(1)) * _UNITS[m.group(2)])
+
+
+def _keep(value: object, key: str, bad: Any) -> dict[str, int]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise bad(key, f"must be a table of rules ({', '.join(KEEP_RULES)})")
+    for rule, n in value.items():
+        if rule not in KEEP_RULES:
+            raise bad(f"{key}.{rule}", f"is not a known rule (known: {', '.join(KEEP_RULES)})")
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise bad(f"{key}.{rule}", "must be an integer, 0 or more")
+    return dict(value)
+
+
+def _line_of(lines: list[str], key: str, block: int | None) -> int | None:
+    """The line (1-based) of ``key`` in the ``block``-th [[source]] (or anywhere)."""
+    start, end = 0, len(lines)
+    if block is not None:
+        heads = [n for n, line in enumerate(lines) if line.strip().startswith("[[source]]")]
+        if block < len(heads):
+            start = heads[block]
+            end = heads[block + 1] if block + 1 < len(heads) else len(lines)
+    pattern = re.compile(rf"^\s*(\[+)?\s*{re.escape(key)}\b")
+    for n in range(start, end):
+        if pattern.search(lines[n]) or re.search(rf"[{{,]\s*{re.escape(key)}\s*=", lines[n]):
+            return n + 1
+    return start + 1 if block is not None else None

@@ -1,0 +1,92 @@
+"""``comb job run FILE`` and ``comb job status FILE`` (``pipeline.jobs.jobfile``): the due
+sources of a job file in one engine run, a point each under its name; a broken source fails
+alone (exit 5); a source not due is left; keep rules forget per source after the round; status
+tells each source's RPO; a bad job file is a one-line usage error naming the key and line."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error
+
+JOB = """\
+[defaults]
+every = "30m"
+
+[[source]]
+path = "a.img"
+
+[[source]]
+name = "db"
+path = "b.img"
+every = "1s"
+keep = { last = 1 }
+
+[[source]]
+path = "missing.img"
+"""
+
+
+def _run(cli: CliRunner, repo: Path, job: Path) -> tuple[int, dict[str, object]]:
+    res = cli("-r", repo, "job", "run", job, "--engine", "local", "--json")
+    return res.code, json.loads(res.out)
+
+
+def test_a_job_backs_up_what_is_due_and_keeps_what_it_says(
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path
+) -> None:
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    make_image(2 * MiB, "a.img").random(0, 2 * MiB, seed=1)
+    make_image(MiB, "b.img").random(0, MiB, seed=2)
+    job = tmp_path / "jobs.toml"
+    job.write_text(JOB)
+    code, doc = _run(cli, repo, job)
+    assert code == 5
+    status = {s["source"]: s for s in doc["sources"]}  # type: ignore[attr-defined]
+    a, missing = str(tmp_path / "a.img"), str(tmp_path / "missing.img")
+    assert [status[n]["status"] for n in (a, "db", missing)] == ["backed up", "backed up", "failed"]
+    assert "cannot open source" in status[missing]["error"]
+    first_db = status["db"]["point"]
+    # Again at once: a is not due (30 min), db is (every second) and keeps its last point only.
+    code, doc = _run(cli, repo, job)
+    status = {s["source"]: s for s in doc["sources"]}  # type: ignore[attr-defined]
+    assert status[a]["status"] == "not due" and status["db"]["status"] == "backed up"
+    assert status["db"]["forgotten"] == [first_db] and doc["forgotten"] == [first_db]
+    points = json.loads(cli("-r", repo, "points", "--json").out)["points"]
+    assert sorted(p["source"] for p in points) == sorted([a, "db"])
+    res = cli("-r", repo, "job", "status", job, "--json")
+    assert res.code == 0, res.err
+    rows = {s["source"]: s for s in json.loads(res.out)["sources"]}
+    assert rows[a]["rpo"] == "kept" and rows[a]["every_seconds"] == 1800
+    assert rows[missing]["rpo"] == "missed" and rows[missing]["last_point"] is None
+    assert rows["db"]["last_point"] == status["db"]["point"]
+
+
+@pytest.mark.parametrize(
+    ("text", "needle"),
+    [
+        ('[[source]]\npath = "a"\nevery = "soon"\n', "line 3: `source.every` must be a duration"),
+        ('[[source]]\npath = "a"\n\n[[source]]\npth = "b"\n', "line 5: `source.pth` is not"),
+        ('[defaults]\nkeep = { lots = 3 }\n[[source]]\npath = "a"\n', "`defaults.keep.lots` is"),
+        ('[[source]]\nname = "x"\n', "`source.path` must be a non-empty string"),
+        (
+            '[[source]]\npath = "a"\n[[source]]\npath = "./a"\n',
+            "names ./a (",
+        ),
+        ("[defaults]\nevery = \n", "not valid TOML"),
+        ("[defaults]\n", "`source` must be one or more"),
+    ],
+)
+def test_a_bad_job_file_is_a_one_line_error(
+    cli: CliRunner, tmp_path: Path, text: str, needle: str
+) -> None:
+    repo = tmp_path / "repo"
+    assert cli("-r", repo, "init").code == 0
+    job = tmp_path / "jobs.toml"
+    job.write_text(text)
+    for action in ("run", "status"):
+        assert_one_line_error(cli("-r", repo, "job", action, job), needle, code=2)
+    assert_one_line_error(cli("-r", repo, "job"), "give an action", code=2)
