@@ -18,11 +18,11 @@ from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
 from ..console import print_json, print_table, waiting, warn
-from ..jobs.backup import run_backups
+from ..jobs.backup import run_backups, same_source
 from ..jobs.jobfile import JobSource, load_job
 from ..jobs.runner import BackupOptions
 from ..locking import command_line
-from . import Subparsers, actions, command
+from . import Parser, Subparsers, command
 from .backup_cmd import add_engine_options, engine_for, say_engine
 from .catalog_cmd import index_after_backup
 from .forget_cmd import overlay_bases
@@ -37,7 +37,9 @@ def add_parser(sub: Subparsers) -> None:
         ["comb -r /backup/repo job run jobs.toml", "comb -r /backup/repo job status jobs.toml"],
         json="print the result as one JSON object",
     )
-    acts = actions(s, "status")
+    acts = s.add_subparsers(
+        dest="action", metavar="ACTION", parser_class=Parser, help="run or status"
+    )
     run = command(
         acts,
         "run",
@@ -67,8 +69,11 @@ def _status(src: JobSource, last: RecoveryPoint | None, now: datetime) -> dict[s
     age = None if last is None else round(src.age(last, now), 1)
     every = src.every_s
     due_at = None
-    if last is not None and every is not None:
-        due_at = datetime.fromisoformat(last.time) + timedelta(seconds=every)
+    if last is not None and every is not None and age is not None and age >= 0:
+        due_at = max(now, now + timedelta(seconds=every - age))  # (overdue: now)
+    rpo = None
+    if every is not None:
+        rpo = "missed" if age is None or age > every else "unknown" if age < 0 else "kept"
     return {
         "source": src.name,
         "path": src.path,
@@ -76,7 +81,7 @@ def _status(src: JobSource, last: RecoveryPoint | None, now: datetime) -> dict[s
         "last_point": None if last is None else last.id,
         "last_time": None if last is None else last.time,
         "age_seconds": age,
-        "rpo": None if every is None else "kept" if age is not None and age <= every else "missed",
+        "rpo": rpo,
         "next_due": None if due_at is None else due_at.isoformat(timespec="seconds"),
     }
 
@@ -85,23 +90,16 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
     if args.action is None:
         raise UsageError("give an action: `comb job run FILE` or `comb job status FILE`")
     sources = load_job(args.file)
+    same = same_source([src.path for src in sources])
+    if same is not None:
+        raise UsageError(f"job file {args.file}: {same[0]} and {same[1]} are one source")
     engine = engine_for(args) if args.action == "run" else None  # (options checked first)
     r = Repository.open(repo, password=args.password)
     now = datetime.now(UTC)
     points = r.points()
-    if args.action == "status":
-        rows = [_status(src, _latest(points, src.name), now) for src in sources]
-        if args.json:
-            print_json({"sources": rows})
-        else:
-            print_table(
-                ["SOURCE", "LAST", "AGE", "EVERY", "RPO", "NEXT DUE"],
-                [[str(d["source"]), str(d["last_point"] or "-"), _secs(d["age_seconds"]),
-                  _secs(d["every_seconds"]), str(d["rpo"] or "-"), str(d["next_due"] or "now")]
-                 for d in rows],
-            )  # fmt: skip
+    if engine is None:
+        _print_status([_status(src, _latest(points, src.name), now) for src in sources], args)
         return 0
-    assert engine is not None
     due = [src for src in sources if src.due(_latest(points, src.name), now)]
     t0 = time.perf_counter()
     made: list[RecoveryPoint] = []
@@ -117,6 +115,7 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
     errors = dict(failed)
     out: list[dict[str, object]] = []
     forgotten: list[str] = []
+    unkept: list[CombError] = []
     for src in sources:
         point = by_path.get(src.path)
         doc: dict[str, object] = {"source": src.name, "path": src.path}
@@ -127,13 +126,18 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
                        bytes_new=point.stats.bytes_new,
                        file_catalog=catalogs.get(point.id))  # fmt: skip
         else:
-            err = errors.get(src.path)
-            doc.update(status="failed", error=err.message if err else "not backed up")
+            why = errors.get(src.path)
+            doc.update(status="failed", error=why.message if why else "not backed up")
         if point is not None and src.policy.any():
-            res = forget(r, src.policy, (), src.name, False, lambda: overlay_bases(r),
-                         command_line(), waiting)  # fmt: skip
-            forgotten += [p.id for p in res.gone]
-            doc["forgotten"] = [p.id for p in res.gone]
+            try:
+                res = forget(r, src.policy, (), src.name, False, lambda: overlay_bases(r),
+                             command_line(), waiting)  # fmt: skip
+            except CombError as lost:  # (the others' rounds are reported all the same)
+                doc["forget_error"] = lost.message
+                unkept.append(lost)
+            else:
+                forgotten += [p.id for p in res.gone]
+                doc["forgotten"] = [p.id for p in res.gone]
         out.append(doc)
     seconds = round(time.perf_counter() - t0, 3)
     if args.json:
@@ -144,9 +148,25 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
             print(f"{doc['source']}: {doc['status']}" + (f" {what}" if what else ""))
     for path, err in failed:
         warn(f"source {path} failed: {err.message}")
+    for error in unkept:
+        warn(f"keep rules not applied: {error.message}")
     if failed:
         raise SourceError(f"{len(failed)} of {len(due)} due sources failed (named above)")
+    if unkept:
+        raise unkept[0]
     return 0
+
+
+def _print_status(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+    if args.json:
+        print_json({"sources": rows})
+        return
+    print_table(
+        ["SOURCE", "LAST", "AGE", "EVERY", "RPO", "NEXT DUE"],
+        [[str(d["source"]), str(d["last_point"] or "-"), _secs(d["age_seconds"]),
+          _secs(d["every_seconds"]), str(d["rpo"] or "-"), str(d["next_due"] or "now")]
+         for d in rows],
+    )  # fmt: skip
 
 
 def _secs(value: object) -> str:

@@ -113,7 +113,7 @@ def run_backup(
             ov.close()
 
 
-def _same_source(paths: list[str]) -> tuple[str, str] | None:
+def same_source(paths: list[str]) -> tuple[str, str] | None:
     """Two of ``paths`` that are one file or one device (a link, a second name), if any."""
     seen: dict[tuple[int, int], str] = {}
     for path in paths:
@@ -144,7 +144,7 @@ def run_backups(
     given = {os.path.abspath(p): p for p in source_paths}
     if len(given) < len(source_paths):
         raise UsageError("a source is named twice")
-    same = _same_source(source_paths)
+    same = same_source(source_paths)
     if same is not None:
         raise UsageError(f"{same[0]} and {same[1]} are one source")
     with writer_lock(repo, "backup") as lock:

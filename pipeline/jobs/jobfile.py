@@ -29,6 +29,7 @@ KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 _SOURCE_KEYS = ("path", "name", "every", "keep")
 _DEFAULT_KEYS = ("every", "keep")
+MAX_EVERY_S = 10 * 366 * 86400  # ten years
 
 
 @dataclass(frozen=True)
@@ -43,13 +44,20 @@ class JobSource:
         return KeepPolicy(**self.keep)
 
     def due(self, last: RecoveryPoint | None, now: datetime) -> bool:
-        """Whether a backup is due: none yet, or the latest is ``every`` old (a second early
-        counts: a job run on the minute must not slip a round)."""
-        return last is None or self.every_s is None or self.age(last, now) >= self.every_s - 1
+        """Whether a backup is due: none yet, or the latest began ``every`` ago. A little early
+        counts (2 % of ``every``, at most a minute: a job run by a timer must not slip a round),
+        and so does a latest point dated in the future (a clock set back)."""
+        if last is None or self.every_s is None:
+            return True
+        age = self.age(last, now)
+        return age < 0 or age >= self.every_s - min(60.0, max(1.0, self.every_s * 0.02))
 
     @staticmethod
     def age(last: RecoveryPoint, now: datetime) -> float:
-        return (now - datetime.fromisoformat(last.time)).total_seconds()
+        """Seconds since the point's backup began (its commit time less its duration: the
+        data is that old)."""
+        began = datetime.fromisoformat(last.time).timestamp() - last.stats.seconds
+        return now.timestamp() - began
 
 
 def load_job(path: str) -> list[JobSource]:
@@ -67,13 +75,19 @@ def parse_job(data: dict[str, Any], raw: str, path: str) -> list[JobSource]:
     lines = raw.splitlines()
 
     def bad(key: str, what: str, block: int | None = None) -> UsageError:
-        line = _line_of(lines, key.rsplit(".", 1)[-1], block)
+        line = _line_of(lines, key, block)
         where = f", line {line}" if line else ""
         return UsageError(f"job file {path}{where}: `{key}` {what}")
 
     for key in data:
         if key not in ("defaults", "source"):
             raise bad(key, "is not a known key (known: [defaults], [[source]])")
+    sources = data.get("source", [])
+    if not isinstance(sources, list) or not sources:
+        raise bad("source", "must be one or more [[source]] tables")
+    for i, src in enumerate(sources):
+        if not isinstance(src, dict):
+            raise bad("source", "must be one or more [[source]] tables", i)
     defaults = data.get("defaults", {})
     if not isinstance(defaults, dict):
         raise bad("defaults", "must be a table")
@@ -82,9 +96,6 @@ def parse_job(data: dict[str, Any], raw: str, path: str) -> list[JobSource]:
             raise bad(f"defaults.{key}", f"is not a known key (known: {', '.join(_DEFAULT_KEYS)})")
     every = _every(defaults.get("every"), lambda w: bad("defaults.every", w))
     keep = _keep(defaults.get("keep", {}), "defaults.keep", bad)
-    sources = data.get("source", [])
-    if not isinstance(sources, list) or not sources:
-        raise bad("source", "must be one or more [[source]] tables")
     out: list[JobSource] = []
     base = Path(path).parent
     for i, src in enumerate(sources):
@@ -102,8 +113,10 @@ def parse_job(data: dict[str, Any], raw: str, path: str) -> list[JobSource]:
         own_every = _every(src.get("every"), lambda w, i=i: bad("source.every", w, i))
         own_keep = _keep(src.get("keep"), "source.keep", lambda k, w, i=i: bad(k, w, i))
         job = JobSource(full, name, own_every or every, own_keep if "keep" in src else keep)
-        if any(o.name == job.name or o.path == job.path for o in out):
-            raise bad("source.path", f"names {given} ({name}) a second time", i)
+        if any(o.path == job.path for o in out):
+            raise bad("source.path", f"{given} is a second source's path", i)
+        if any(o.name == job.name for o in out):
+            raise bad("source.name", f"{name!r} names a second source", i)
         out.append(job)
     return out
 
@@ -112,9 +125,10 @@ def _every(value: object, bad: Any) -> float | None:
     if value is None:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*([smhdw])\s*", value) if isinstance(value, str) else None
-    if m is None or int(m.group(1)) == 0:
-        raise bad('must be a duration such as "30m" (units s, m, h, d, w)')
-    return float(int(m.group(1)) * _UNITS[m.group(2)])
+    seconds = int(m.group(1)) * _UNITS[m.group(2)] if m is not None else 0
+    if not 0 < seconds <= MAX_EVERY_S:
+        raise bad('must be a duration such as "30m" (units s, m, h, d, w; at most ten years)')
+    return float(seconds)
 
 
 def _keep(value: object, key: str, bad: Any) -> dict[str, int]:
@@ -131,15 +145,26 @@ def _keep(value: object, key: str, bad: Any) -> dict[str, int]:
 
 
 def _line_of(lines: list[str], key: str, block: int | None) -> int | None:
-    """The line (1-based) of ``key`` in the ``block``-th [[source]] (or anywhere)."""
-    start, end = 0, len(lines)
-    if block is not None:
-        heads = [n for n, line in enumerate(lines) if line.strip().startswith("[[source]]")]
-        if block < len(heads):
-            start = heads[block]
-            end = heads[block + 1] if block + 1 < len(heads) else len(lines)
-    pattern = re.compile(rf"^\s*(\[+)?\s*{re.escape(key)}\b")
+    """The line (1-based) of ``key``'s first part below its table (``keep`` for
+    ``source.keep.last``): in the ``block``-th [[source]], in [defaults], or at the top."""
+    parts = key.split(".")
+    table, name = (parts[0], parts[1]) if len(parts) > 1 else ("", parts[0])
+    heads = [
+        (n, "source" if re.match(r"\s*\[\[\s*source\s*\]\]", ln) else "defaults")
+        for n, ln in enumerate(lines)
+        if re.match(r"\s*\[\[\s*source\s*\]\]|\s*\[\s*defaults\s*\]", ln)
+    ]
+    spans = [(n, heads[j + 1][0] if j + 1 < len(heads) else len(lines), kind)
+             for j, (n, kind) in enumerate(heads)]  # fmt: skip
+    if table == "source" and block is not None:
+        mine = [(a, b) for a, b, kind in spans if kind == "source"]
+        start, end = mine[block] if block < len(mine) else (0, len(lines))
+    elif table == "defaults":
+        start, end = next(((a, b) for a, b, kind in spans if kind == "defaults"), (0, len(lines)))
+    else:
+        start, end = 0, heads[0][0] if heads else len(lines)
+    pattern = re.compile(rf"^\s*{re.escape(name)}\s*[.=]")
     for n in range(start, end):
-        if pattern.search(lines[n]) or re.search(rf"[{{,]\s*{re.escape(key)}\s*=", lines[n]):
+        if pattern.match(lines[n]):
             return n + 1
-    return start + 1 if block is not None else None
+    return start + 1 if table else None

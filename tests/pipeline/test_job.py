@@ -6,10 +6,15 @@ tells each source's RPO; a bad job file is a one-line usage error naming the key
 from __future__ import annotations
 
 import json
+from dataclasses import replace
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error
+
+from catalog.store.points import PointStats, RecoveryPoint
+from pipeline.jobs.jobfile import JobSource
 
 JOB = """\
 [defaults]
@@ -70,12 +75,17 @@ def test_a_job_backs_up_what_is_due_and_keeps_what_it_says(
     [
         ('[[source]]\npath = "a"\nevery = "soon"\n', "line 3: `source.every` must be a duration"),
         ('[[source]]\npath = "a"\n\n[[source]]\npth = "b"\n', "line 5: `source.pth` is not"),
-        ('[defaults]\nkeep = { lots = 3 }\n[[source]]\npath = "a"\n', "`defaults.keep.lots` is"),
+        ('[defaults]\nkeep = { lots = 3 }\n[[source]]\npath = "a"\n', "line 2: `defaults.keep"),
         ('[[source]]\nname = "x"\n', "`source.path` must be a non-empty string"),
+        ('[[source]]\npath = "a"\n[[source]]\npath = "./a"\n', "./a is a second source's path"),
         (
-            '[[source]]\npath = "a"\n[[source]]\npath = "./a"\n',
-            "names ./a (",
+            '[[source]]\npath = "a"\nname = "x"\n[[source]]\npath = "b"\nname = "x"\n',
+            "line 6: `source.name` 'x' names a second source",
         ),
+        ('[[source]]\npath = "a"\nkeep = { path = 1 }\n', "line 3: `source.keep.path` is not"),
+        ('[[ source ]]\npath = "a"\n[defaults]\nevery = "0m"\n', "line 4: `defaults.every`"),
+        ('[[source]]\npath = "a"\nevery = "99999999999w"\n', "at most ten years"),
+        ("source = [1, 2]\n", "`source` must be one or more [[source]] tables"),
         ("[defaults]\nevery = \n", "not valid TOML"),
         ("[defaults]\n", "`source` must be one or more"),
     ],
@@ -90,3 +100,22 @@ def test_a_bad_job_file_is_a_one_line_error(
     for action in ("run", "status"):
         assert_one_line_error(cli("-r", repo, "job", action, job), needle, code=2)
     assert_one_line_error(cli("-r", repo, "job"), "give an action", code=2)
+
+
+def _point(time: datetime, seconds: float) -> RecoveryPoint:
+    fields: dict[str, object] = dict.fromkeys(RecoveryPoint.__dataclass_fields__)
+    fields.update(time=time.isoformat(), stats=PointStats(seconds=seconds))
+    return RecoveryPoint(**fields)  # type: ignore[arg-type]
+
+
+def test_a_source_is_due_every_period_from_when_its_backup_began() -> None:
+    """A timer every 30 min: a backup that began at :00 and took 5 min is due again at :30
+    (and a little before), not at :35; a point dated in the future is due at once."""
+    src = JobSource("/x", "x", 1800.0)
+    began = datetime(2026, 12, 7, 12, 0, tzinfo=UTC)
+    last = _point(began + timedelta(minutes=5), 300.0)
+    assert src.due(last, began + timedelta(minutes=30))
+    assert src.due(last, began + timedelta(minutes=29, seconds=30))  # (a timer's slack)
+    assert not src.due(last, began + timedelta(minutes=25))
+    assert src.due(last, began - timedelta(minutes=1))  # (begun after now: a clock set back)
+    assert src.due(None, began) and replace(src, every_s=None).due(last, began)
