@@ -1,13 +1,11 @@
-"""One engine run of a backup: one or more disks read by the same workers, one recovery point
-per disk.
+"""One engine run of a backup: one or more disks read by the same workers, a point per disk.
 
 Commit order (FORMAT.md "Commit protocol"): packs (sealed and fsynced by the workers) -> index
 segment -> leaves -> root -> point document by atomic rename. A failure anywhere before the
-rename leaves only unreferenced files; no recovery point appears.
-
-Several disks share the engine through one address space (``DISK_SHIFT``): one dedup index and
-one set of workers serve them all, and their work items interleave (the disks are read in
-parallel). What to read is each job's plan (``BackupPlan``: ``pipeline.jobs.backup`` for images,
+rename leaves only unreferenced files; no recovery point appears. Several disks share the
+engine through one address space (``DISK_SHIFT``): one dedup index and one set of workers
+serve them all, their work items interleave, and one whose source cannot be read can fail
+alone. What to read is each job's plan (``BackupPlan``: ``pipeline.jobs.backup`` for images,
 devices and overlays, ``pipeline.jobs.vsphere_backup`` for a VM's disks).
 """
 
@@ -63,15 +61,13 @@ class BackupOptions:
     changed_extents: str | None = None
     batch_bytes: int = DEFAULT_BATCH_BYTES
     pack_target_bytes: int = DEFAULT_PACK_TARGET_BYTES
-    # Labels of the new points (``backup --tag/--description``, FORMAT.md 9).
-    tags: tuple[str, ...] = ()
+    tags: tuple[str, ...] = ()  # labels of the new points (FORMAT.md 9)
     description: str | None = None
 
 
 @dataclass(frozen=True)
 class BackupPlan:
-    """What one disk's backup reads (``read``), its parent and, with a change list, the
-    aligned changed ranges (every other leaf is the parent's)."""
+    """What one disk's backup reads, its parent, and any aligned changed ranges."""
 
     source_name: str
     size: int
@@ -106,18 +102,16 @@ class _Tally:
 
 @dataclass
 class DiskJob:
-    """One disk of a backup run: its plan, how its worker-side reader opens it, and the extra
-    point-document fields its caller adds once the data is in (``fields`` sees the job's change
-    table writer, e.g. to report which audited chunks changed)."""
+    """One disk of a run: its plan, its source, and the point fields its caller adds once the
+    data is in (``fields`` sees the change table writer: which audited chunks changed)."""
 
     plan: BackupPlan
     source: Source
     source_path: str
     make_changes: Callable[[Storage], ChangeTableWriter] = ChangeTableWriter
     fields: Callable[[ChangeTableWriter], dict[str, Any]] | None = None
-    # Rows of chunks stored already that the plan does not read, by disk range [start, end),
-    # asked for in disk order, a window at a time with the offset each completes (a copy
-    # between repositories sharing chunk ids, ``pipeline.jobs.copy_known``).
+    # Rows of stored chunks the plan does not read, by range [start, end) in disk order, a
+    # window at a time with the offset each completes (``pipeline.jobs.copy_known``).
     known: Callable[[int, int], Iterator[tuple[pa.Table, int]]] | None = None
 
 
@@ -133,6 +127,13 @@ class _Disk:
     tally: _Tally = field(default_factory=_Tally)
     fed: int = 0  # where the known rows given to the assembler end (``DiskJob.known``)
     failed: SourceReadError | None = None  # its source could not be read (then no point)
+
+    def fail(self, err: SourceReadError, item: WorkItem) -> int:
+        """Note the source as unreadable (its first error); the bytes it now leaves unread."""
+        if self.failed is not None:
+            return 0
+        self.failed = err
+        return sum(i.bytes for i in self.items[item.seq :])
 
     def feed_known(self, upto: int) -> None:
         """Give the assembler the known rows before ``upto`` not given yet, a window at a time,
@@ -212,9 +213,9 @@ def _drive(
         except SourceReadError as err:
             if not alone:
                 raise
-            if disk.failed is None:  # (no row of that item was stored; the rest go unread)
-                disk.failed = err
-                to_read -= sum(i.bytes for i in disk.items[item.seq :])
+            to_read -= disk.fail(err, item)  # (no row of that item was stored)
+            if progress is not None:
+                progress(done, to_read)
             continue
         items = disk.items
         nxt = items[item.seq + 1].ranges[0][0] if item.seq + 1 < len(items) else None

@@ -134,3 +134,34 @@ def test_a_source_that_fails_during_the_run_fails_alone(
     res = cli("-r", repo, "backup", b.path, "--engine", "local", "--json")
     assert res.code == 0, res.err
     assert json.loads(res.out)["bytes_new"] <= 4 * MiB  # (20 MiB now; 16 MiB were stored)
+
+
+def test_the_progress_ends_at_its_total_when_a_source_fails(
+    make_image: ImageFactory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A source that fails during the run leaves its unread bytes out of the total, so the
+    bar ends full (it stalled below 100 % before)."""
+    from catalog.repo import Repository
+    from pipeline.engine_local import LocalEngine
+
+    repo = Repository.init(str(tmp_path / "repo"), encryption="none")
+    a = make_image(2 * MiB, "a.img")
+    a.random(0, 2 * MiB, seed=1)
+    b = make_image(40 * MiB, "b.img")
+    b.random(0, 40 * MiB, seed=2)
+    real = backup_job.plan_backup
+
+    def plan_then_cut(repo_, path, opts):  # type: ignore[no-untyped-def]
+        plan = real(repo_, path, opts)
+        if path == str(b.path):
+            os.truncate(path, 20 * MiB)
+        return plan
+
+    monkeypatch.setattr(backup_job, "plan_backup", plan_then_cut)
+    seen: list[tuple[int, int]] = []
+    points, failed = backup_job.run_backups(
+        repo, [str(b.path), str(a.path)], LocalEngine(2), progress=lambda d, t: seen.append((d, t))
+    )
+    assert [p.source for p in points] == [str(a.path)] and [f[0] for f in failed] == [str(b.path)]
+    done, total = seen[-1]
+    assert done == total == 2 * MiB + 16 * MiB  # a, and b's first item, the one read
