@@ -14,7 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from catalog.store.chunks import encode_chunks
-from catalog.store.index import ids_to_array, sealed_to_table
+from catalog.store.index import array_to_ids, ids_to_array, sealed_to_table
 from catalog.store.locations import storage_at
 from catalog.store.packs import DEFAULT_PACK_TARGET_BYTES, PackWriter
 from catalog.store.parity import ParityGeometry
@@ -53,11 +53,6 @@ def _large_binary(n: int, offsets: np.ndarray, data: pa.Buffer) -> pa.Array:
     return pa.Array.from_buffers(
         pa.large_binary(), n, [None, pa.py_buffer(offsets.astype(np.int64)), data]
     )
-
-
-def _fixed32(ids: np.ndarray) -> pa.Array:
-    ids = np.ascontiguousarray(ids, np.uint8)
-    return pa.Array.from_buffers(pa.binary(32), len(ids), [None, pa.py_buffer(ids)])
 
 
 class Reader(Stage):
@@ -169,7 +164,7 @@ class Chunker(Stage):
             [
                 pa.array(of, pa.int64()),
                 pa.array(ln.astype(np.int32), pa.int32()),
-                _fixed32(ids),
+                array_to_ids(ids),
                 pa.array(zero, pa.bool_()),
                 _large_binary(len(st), ends, bufs[2]),
             ],

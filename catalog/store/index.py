@@ -212,6 +212,13 @@ def ids_to_array(ids: pa.Array | pa.ChunkedArray) -> np.ndarray:
     return np.frombuffer(buf, np.uint8, n * 32, start).reshape(n, 32)
 
 
+def array_to_ids(ids: np.ndarray) -> pa.Array:
+    """An (n, 32) uint8 numpy array as a fixed_size_binary(32) Arrow array (``ids_to_array``
+    the other way)."""
+    ids = np.ascontiguousarray(ids, np.uint8)
+    return pa.Array.from_buffers(pa.binary(32), len(ids), [None, pa.py_buffer(ids)])
+
+
 class DedupIndex:
     """Which chunks are stored already: sorted arrays of 16-byte id prefixes (16 B/chunk).
 

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 import numpy as np
 import pyarrow as pa
 
-from catalog.store.index import DedupIndex
+from catalog.store.index import DedupIndex, array_to_ids
 from catalog.store.manifest import ManifestReader
 from catalog.store.points import RecoveryPoint
 from stages.schemas import WRITTEN
 
-from .plan import Range
+from .plan import Range, subtract
 
 # Chunks of the original's manifest looked at per step (bounded memory: their rows only).
 WINDOW_CHUNKS = 65536
@@ -68,25 +68,6 @@ def _runs(nums: np.ndarray, chunk: int, size: int) -> list[Range]:
         (int(nums[a]) * chunk, min(size, (int(nums[b]) + 1) * chunk))
         for a, b in zip(firsts.tolist(), lasts.tolist(), strict=True)
     ]
-
-
-def subtract(a: list[Range], b: list[Range]) -> list[Range]:
-    """The parts of sorted, merged ``a`` outside sorted, merged ``b``."""
-    out: list[Range] = []
-    j = 0
-    for start, end in a:
-        pos = start
-        while j < len(b) and b[j][1] <= pos:
-            j += 1
-        k = j
-        while k < len(b) and b[k][0] < end:
-            if b[k][0] > pos:
-                out.append((pos, b[k][0]))
-            pos = max(pos, b[k][1])
-            k += 1
-        if pos < end:
-            out.append((pos, end))
-    return out
 
 
 def split_known(
@@ -144,12 +125,11 @@ class KnownChunks:
         offs = nums * chunk
         lengths = np.minimum(chunk, self._point.size - offs).astype(np.int32)
         n = len(nums)
-        flat = pa.py_buffer(np.ascontiguousarray(ids, np.uint8))
         return pa.table(
             [
                 pa.array(offs, pa.int64()),
                 pa.array(lengths, pa.int32()),
-                pa.Array.from_buffers(pa.binary(32), n, [None, flat]),
+                array_to_ids(ids),
                 pa.array(np.zeros(n, bool), pa.bool_()),
                 pa.array(np.zeros(n, bool), pa.bool_()),
                 pa.array(np.zeros(n, np.int32), pa.int32()),

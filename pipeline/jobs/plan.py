@@ -57,6 +57,25 @@ def intersect(a: list[Range], b: list[Range]) -> list[Range]:
     return out
 
 
+def subtract(a: list[Range], b: list[Range]) -> list[Range]:
+    """Ranges of ``a`` not in ``b`` (both sorted and merged)."""
+    out: list[Range] = []
+    j = 0
+    for start, end in a:
+        pos = start
+        while j < len(b) and b[j][1] <= pos:
+            j += 1
+        k = j
+        while pos < end and k < len(b) and b[k][0] < end:
+            if b[k][0] > pos:
+                out.append((pos, b[k][0]))
+            pos = max(pos, b[k][1])
+            k += 1
+        if pos < end:
+            out.append((pos, end))
+    return out
+
+
 def total(ranges: list[Range]) -> int:
     return sum(e - s for s, e in ranges)
 

@@ -30,7 +30,7 @@ from catalog.store.storage import Storage
 from ..console import note, warn
 from ..engines import Engine
 from ..locking import writer_lock
-from .plan import Range, align, total
+from .plan import Range, align, subtract, total
 from .runner import BackupOptions, BackupPlan, DiskJob, Progress, run_jobs
 from .vsphere import CbtRefused, Vsphere, parse_url, session
 from .vsphere_vm import DiskInfo, snapshot_disks, vm_config
@@ -51,25 +51,6 @@ class VsphereOptions:
     cbt_audit: float = DEFAULT_AUDIT_PERCENT
     verify: bool | str = True
     password: str = field(default="", repr=False)  # the vCenter/ESXi user's
-
-
-def subtract(a: list[Range], b: list[Range]) -> list[Range]:
-    """Ranges of ``a`` not in ``b`` (both sorted and merged)."""
-    out: list[Range] = []
-    j = 0
-    for start, end in a:
-        pos = start
-        while j < len(b) and b[j][1] <= pos:
-            j += 1
-        k = j
-        while pos < end and k < len(b) and b[k][0] < end:
-            if b[k][0] > pos:
-                out.append((pos, b[k][0]))
-            pos = max(pos, b[k][1])
-            k += 1
-        if pos < end:
-            out.append((pos, end))
-    return out
 
 
 def audit_sample(size: int, unit: int, percent: float, rng: np.random.Generator) -> list[Range]:

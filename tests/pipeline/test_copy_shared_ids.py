@@ -16,7 +16,6 @@ from s3server import S3Server
 from catalog.repo import Repository
 from catalog.store.index import load_index
 from pipeline.jobs import copy_known
-from pipeline.jobs.copy_known import subtract
 
 
 def _ids(location: object) -> set[bytes]:
@@ -174,10 +173,3 @@ def test_a_copy_between_repositories_sharing_ids_reads_only_what_the_target_lack
         assert cli("-r", back, "restore", point.id, out).code == 0
         assert filecmp.cmp(out, images[originals.index(original)], shallow=False)
         out.unlink()
-
-
-def test_subtract_leaves_what_is_outside() -> None:
-    assert subtract([(0, 10), (20, 30)], [(2, 4), (6, 22), (29, 40)]) == [(0, 2), (4, 6), (22, 29)]
-    assert subtract([(0, 10)], []) == [(0, 10)]
-    assert subtract([], [(0, 10)]) == []
-    assert subtract([(0, 10)], [(0, 10)]) == []

@@ -12,9 +12,10 @@ from combtest import TEST_PASSWORD, Image, MiB, api_restore, cmp_files
 from catalog.repo import Repository
 from pipeline.engines import LocalEngine
 from pipeline.jobs.backup import plan_backup
+from pipeline.jobs.plan import subtract
 from pipeline.jobs.runner import BackupOptions, DiskJob, run_jobs
 from pipeline.jobs.vsphere import parse_url
-from pipeline.jobs.vsphere_backup import audit_sample, subtract
+from pipeline.jobs.vsphere_backup import audit_sample
 from pipeline.jobs.vsphere_vm import DiskInfo
 from stages.sources.image import ImageSource
 
