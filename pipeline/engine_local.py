@@ -37,6 +37,7 @@ class LocalEngine:
         # (+8-18 % MB/s for +45 MiB, bench/README.md "Where the time goes").
         self.workers = workers or (os.cpu_count() or 2) + 1
         self.startup_s = 0.0
+        self.keep_warm = False  # (threads: nothing to keep between runs)
         self.cpu_by_stage: dict[str, float] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._free: queue.Queue[Fused] = queue.Queue()
@@ -82,6 +83,10 @@ class LocalEngine:
         for s in self._stages:
             s.teardown()
         self._stages = []
+        self._free = queue.Queue()  # (a next run starts its own stages)
+
+    def shutdown(self) -> None:
+        """Nothing outlives ``close``."""
 
 
 def summed(profiles: Iterable[dict[str, float]]) -> dict[str, float]:

@@ -11,15 +11,12 @@ from __future__ import annotations
 import logging
 import os
 import re
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import suppress
 from typing import Any, Protocol
 
 import numpy as np
-import psutil
 import pyarrow as pa
 
 from catalog import errors
@@ -30,6 +27,7 @@ from catalog.store.sealing import PLAIN, Sealer
 from stages.backup import IndexClient
 from stages.base import Ports, Stage
 
+from . import ray_processes
 from .engine_local import LocalEngine as LocalEngine  # (re-exported: make_engine makes it)
 from .engine_local import summed
 from .malloc import keep_freed_memory
@@ -62,6 +60,7 @@ class Engine(Protocol):
     name: str
     workers: int
     startup_s: float
+    keep_warm: bool  # close() keeps what start() started for the next run (``job serve``)
     cpu_by_stage: dict[str, float]  # after finish: CPU seconds per stage (``Fused.cpu_by_stage``)
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None: ...
@@ -74,8 +73,12 @@ class Engine(Protocol):
 
     def close(self, failed: bool) -> None: ...
 
+    def shutdown(self) -> None: ...
+
 
 def _ray():  # type: ignore[no-untyped-def]
+    # Ray's crash-dump handler would take SIGTERM from comb's (read when Ray is imported).
+    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
     import ray  # imported lazily: `--engine local` never pays Ray's import
 
     return ray
@@ -231,13 +234,14 @@ class RayEngine:
         self.attach_failed = ""  # why the running local Ray found could not be used
         self.workers = workers or 0
         self.startup_s = 0.0
+        self.keep_warm = False
         self.cpu_by_stage: dict[str, float] = {}
         self._started_ray = False  # ray.init was ours: so is ray.shutdown
         self._embedded = False  # ... and the Ray it started is ours too (not a cluster's)
         self._actors: list[Any] = []
         self._index: Any = None
         self._next = 0
-        self._other_children: set[tuple[int, float]] = set()
+        self._other_children: set[ray_processes.Key] = set()
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
         ray = _ray()
@@ -245,7 +249,7 @@ class RayEngine:
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             # Children this process had before Ray: never Ray's to clean up (see close).
-            self._other_children = _child_keys()
+            self._other_children = ray_processes.children()
             self._connect(ray)
         # A running local Ray may have other nodes: comb's actors stay on this one.
         pin, node_cpus = _this_node(ray) if self.attached else ({}, 0)
@@ -277,8 +281,9 @@ class RayEngine:
                 _token_auth_as_ray_start()
         elif address == "local":
             address = None
+        self._started_ray = True  # (from now on: a start cut short is cleaned up too)
         try:
-            with _sigint_ignored():
+            with ray_processes.ray_starting():
                 ray.init(**ray_init_kwargs(address))
         except Exception as err:  # noqa: BLE001 - any start failure is one line
             why = _first_line(err)
@@ -287,12 +292,11 @@ class RayEngine:
             self.attach_failed, self.attached, address = why, None, None
             ray.shutdown()
             self._connect_embedded(ray)
-        self._started_ray = True
         self._embedded = address is None
 
     def _connect_embedded(self, ray: Any) -> None:
         try:
-            with _sigint_ignored():
+            with ray_processes.ray_starting():
                 ray.init(**ray_init_kwargs(None))
         except Exception as err:  # noqa: BLE001
             raise StageError(
@@ -328,38 +332,27 @@ class RayEngine:
 
     def close(self, failed: bool) -> None:
         ray = _ray()
-        if not ray.is_initialized():
-            return
-        try:
-            ray.get([a.teardown.remote() for a in self._actors], timeout=30)
-        except Exception:  # noqa: BLE001 - the actors are killed next anyway
-            pass
-        for a in [*self._actors, self._index]:
-            if a is not None:
-                try:
-                    ray.kill(a)
-                except Exception:  # noqa: BLE001
-                    pass
+        if ray.is_initialized():
+            with suppress(Exception):  # (the actors are killed next anyway)
+                ray.get([a.teardown.remote() for a in self._actors], timeout=30)
+            for a in [*self._actors, self._index]:
+                with suppress(Exception):  # (gone already)
+                    if a is not None:
+                        ray.kill(a)
         self._actors = []
         self._index = None
+        if not self.keep_warm or failed:  # (after a failure the next run starts afresh)
+            self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop the Ray this engine started, a start cut short included (its processes are
+        this one's children; a cluster's or a running local Ray's are not, and are left)."""
         if self._started_ray:
-            # Every process of the embedded Ray descends from this one; a worker that was still
-            # registering when the raylet stopped can outlive ray.shutdown() (seen: an orphaned
-            # ray::_StageHost), so whatever is left a few seconds later is killed. A cluster's
-            # or a running local Ray's processes are not this one's children.
-            ours = [
-                p
-                for p in psutil.Process().children(recursive=True)
-                if _key(p) not in self._other_children
-            ]
-            ray.shutdown()
-            self._started_ray = self._embedded = False
-            _, alive = psutil.wait_procs(ours, timeout=RAY_SHUTDOWN_GRACE_S)
-            for proc in alive:
-                try:
-                    proc.kill()
-                except psutil.Error:
-                    pass
+            ours = ray_processes.descendants_since(self._other_children)
+            with suppress(Exception):  # (a start cut short: what it started is reaped)
+                _ray().shutdown()
+            ray_processes.reap(ours, RAY_SHUTDOWN_GRACE_S)
+        self._started_ray = self._embedded = False
 
 
 def _first_line(err: BaseException) -> str:
@@ -375,32 +368,6 @@ def _this_node(ray: Any) -> tuple[dict[str, Any], float]:
     cpus = next((n["Resources"].get("CPU", 0) for n in ray.nodes() if n["NodeID"] == node), 0)
     strategy = NodeAffinitySchedulingStrategy(node_id=node, soft=False)
     return {"scheduling_strategy": strategy}, cpus
-
-
-@contextmanager
-def _sigint_ignored() -> Iterator[None]:
-    """SIGINT ignored while Ray starts its processes, which inherit that: the terminal's Ctrl-C
-    reaches the whole process group, and Ray's processes killed under a running driver left
-    orphans and crashed its shutdown. The driver alone stops on Ctrl-C and shuts Ray down."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-
-
-def _key(proc: psutil.Process) -> tuple[int, float]:
-    try:
-        return proc.pid, proc.create_time()
-    except psutil.Error:
-        return proc.pid, 0.0
-
-
-def _child_keys() -> set[tuple[int, float]]:
-    return {_key(p) for p in psutil.Process().children(recursive=True)}
 
 
 def make_engine(name: str, ray_address: str | None = None, workers: int | None = None) -> Engine:

@@ -8,6 +8,8 @@ After ``hold()`` (a backup's commit begins; the command returned) and inside ``d
 cut in the middle (a second signal there crashed the raylet client), and the command reports
 what it committed instead of "interrupted". ``pending()`` says a signal arrived meanwhile. A
 third signal while held interrupts anyway (someone insists). ``restore`` ends it all.
+A long-running command (``job serve``) ends a hold with ``release`` after each round, and asks
+for SIGHUP with ``watch_hangup``: it is only noted (``hangup``) and wakes ``nap``.
 
 Owns the signal handlers. Must not: print, or know what a command does.
 """
@@ -34,6 +36,7 @@ class Interrupted(KeyboardInterrupt):
 
 _depth = 0
 _noted: list[int] = []
+_hup = threading.Event()
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -60,6 +63,7 @@ def restore(previous: dict[int, object]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)  # type: ignore[arg-type]
     _depth = 0
+    _hup.clear()
 
 
 @contextmanager
@@ -84,3 +88,34 @@ def hold() -> None:
 def pending() -> int | None:
     """The first signal noted inside ``deferred()`` or after ``hold()``, if any."""
     return _noted[0] if _noted else None
+
+
+def release() -> int | None:
+    """End a ``hold`` (the round it guarded is reported): signals interrupt again. Returns the
+    signal noted meanwhile, if any (the caller stops: someone asked it to)."""
+    global _depth
+    late = pending()
+    _depth = 0
+    _noted.clear()
+    return late
+
+
+def watch_hangup() -> dict[int, object]:
+    """SIGHUP is noted for ``hangup`` and wakes ``nap`` (main thread only). Returns the previous
+    handler for ``restore``."""
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+    _hup.clear()
+    return {signal.SIGHUP: signal.signal(signal.SIGHUP, lambda signum, frame: _hup.set())}
+
+
+def hangup() -> bool:
+    """Whether SIGHUP arrived since the last call."""
+    came = _hup.is_set()
+    _hup.clear()
+    return came
+
+
+def nap(seconds: float) -> None:
+    """Sleep up to ``seconds``; SIGHUP ends it early, SIGINT and SIGTERM interrupt it."""
+    _hup.wait(max(0.0, seconds))

@@ -20,6 +20,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import NamedTuple
 
+import psutil
+
 from catalog.maint.check import check_repository
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
@@ -307,3 +309,16 @@ def loop_device(backing: Path, size: int) -> Iterator[str]:
         yield dev
     finally:
         subprocess.run([losetup, "--detach", dev], capture_output=True)
+
+
+def session_processes(sid: int) -> list[psutil.Process]:
+    """The live processes of session ``sid`` (a zombie has exited: only its parent, or the
+    init that adopted it, has not reaped it yet)."""
+
+    def of_session(p: psutil.Process) -> bool:
+        try:
+            return os.getsid(p.pid) == sid and p.status() != psutil.STATUS_ZOMBIE
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            return False
+
+    return [p for p in psutil.process_iter() if of_session(p)]

@@ -45,6 +45,8 @@ def _comb_env(monkeypatch: pytest.MonkeyPatch, tmp_path_factory: pytest.TempPath
     """Local engine unless a test says otherwise; no repository, cluster or configuration file
     from outside (a developer's own ~/.config/comb/config.toml included)."""
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.getbasetemp() / "no-config"))
+    # Job state (``job run``, ``job serve``) in the test's own folder, never ~/.local/state.
+    monkeypatch.setenv("COMB_STATE_DIR", str(tmp_path_factory.mktemp("state")))
     monkeypatch.delenv("COMB_CONFIG", raising=False)
     monkeypatch.setenv("COMB_ENGINE", "local")
     # Repositories are encrypted by default: every test runs with the same password unless

@@ -1,16 +1,20 @@
-"""``comb job run FILE`` and ``comb job status FILE``: a job file's sources (``pipeline.jobs.
-jobfile``) backed up in one engine run when due, then each source's keep rules applied; and
-each source's last backup against its RPO (``every``).
+"""``comb job run FILE``, ``job serve FILE`` and ``job status FILE``: a job file's sources
+(``pipeline.jobs.jobfile``) backed up in one engine run when due, then each source's keep rules
+applied (a round; ``job serve``, in ``job_serve``, runs rounds on the schedule); and each
+source's last backup against its RPO (``every``), its last run and the server's state.
 
-Owns the command's side: which sources are due, the report and the JSON. Must not: parse job
-files or run backups itself (``pipeline.jobs``).
+Owns the command's side: which sources are due, a round, the report and the JSON. Must not:
+parse job files, keep their state or run backups itself (``pipeline.jobs``).
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from catalog.errors import CombError, SourceError, UsageError
 from catalog.maint.forget import forget
@@ -18,8 +22,10 @@ from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
 from ..console import print_json, print_table, waiting, warn
+from ..engines import Engine
 from ..jobs.backup import run_backups, same_source
 from ..jobs.jobfile import JobSource, load_job
+from ..jobs.jobstate import job_lock, read_state, server_alive, state_path, write_state
 from ..jobs.runner import BackupOptions
 from ..locking import command_line
 from . import Parser, Subparsers, command
@@ -38,7 +44,7 @@ def add_parser(sub: Subparsers) -> None:
         json="print the result as one JSON object",
     )
     acts = s.add_subparsers(
-        dest="action", metavar="ACTION", parser_class=Parser, help="run or status"
+        dest="action", metavar="ACTION", parser_class=Parser, help="run, serve or status"
     )
     run = command(
         acts,
@@ -47,16 +53,31 @@ def add_parser(sub: Subparsers) -> None:
         ["comb -r /backup/repo job run jobs.toml --engine local --json"],
         json='print {"sources": [...]}',
     )
-    run.add_argument("file", metavar="FILE", help="the job file (TOML)")
-    add_engine_options(run)
+    serve = command(
+        acts,
+        "serve",
+        "stay up: back up each source when it is due, on a warm engine, until SIGTERM",
+        ["comb -r /backup/repo job serve /etc/comb/jobs.toml"],
+        json="print each round as one JSON line",
+    )
     st = command(
         acts,
         "status",
-        "each source's last backup, its age against `every` (RPO kept or missed) and next run",
+        "each source's last backup, its age against `every` (RPO kept or missed), next run",
         ["comb -r /backup/repo job status jobs.toml --json"],
-        json='print {"sources": [...]}',
+        json='print {"sources": [...], "serve": {...}}',
     )
-    st.add_argument("file", metavar="FILE", help="the job file (TOML)")
+    for p in (run, serve, st):
+        p.add_argument("file", metavar="FILE", help="the job file (TOML)")
+        p.add_argument(
+            "--state",
+            metavar="PATH",
+            default=None,
+            help="the job's state file (default: one per job file and repository under "
+            "$COMB_STATE_DIR, else ~/.local/state/comb)",
+        )
+    add_engine_options(run)
+    add_engine_options(serve)
     s.set_defaults(run=cmd_job)
 
 
@@ -65,7 +86,9 @@ def _latest(points: list[RecoveryPoint], name: str) -> RecoveryPoint | None:
     return max(mine, key=lambda p: (p.time, p.id)) if mine else None
 
 
-def _status(src: JobSource, last: RecoveryPoint | None, now: datetime) -> dict[str, object]:
+def _status(
+    src: JobSource, last: RecoveryPoint | None, now: datetime, state: dict[str, Any]
+) -> dict[str, object]:
     age = None if last is None else round(src.age(last, now), 1)
     every = src.every_s
     due_at = None
@@ -74,6 +97,7 @@ def _status(src: JobSource, last: RecoveryPoint | None, now: datetime) -> dict[s
     rpo = None
     if every is not None:
         rpo = "missed" if age is None or age > every else "unknown" if age < 0 else "kept"
+    run = state.get("sources", {}).get(src.name) or {}
     return {
         "source": src.name,
         "path": src.path,
@@ -83,39 +107,42 @@ def _status(src: JobSource, last: RecoveryPoint | None, now: datetime) -> dict[s
         "age_seconds": age,
         "rpo": rpo,
         "next_due": None if due_at is None else due_at.isoformat(timespec="seconds"),
+        "last_run": run.get("began"),
+        "last_run_status": run.get("status"),
+        "last_error": run.get("error"),
     }
 
 
-def cmd_job(repo: str, args: argparse.Namespace) -> int:
-    if args.action is None:
-        raise UsageError("give an action: `comb job run FILE` or `comb job status FILE`")
-    sources = load_job(args.file)
-    same = same_source([src.path for src in sources])
-    if same is not None:
-        raise UsageError(f"job file {args.file}: {same[0]} and {same[1]} are one source")
-    engine = engine_for(args) if args.action == "run" else None  # (options checked first)
-    r = Repository.open(repo, password=args.password)
-    now = datetime.now(UTC)
-    points = r.points()
-    if engine is None:
-        _print_status([_status(src, _latest(points, src.name), now) for src in sources], args)
-        return 0
-    due = [src for src in sources if src.due(_latest(points, src.name), now)]
-    t0 = time.perf_counter()
+@dataclass
+class Round:
+    """One round of a job: every source's line, and what went wrong."""
+
+    docs: list[dict[str, object]] = field(default_factory=list)
+    forgotten: list[str] = field(default_factory=list)
+    failed: list[tuple[str, CombError]] = field(default_factory=list)
+    unkept: list[CombError] = field(default_factory=list)
+    due: int = 0
+    startup_s: float = 0.0
+
+
+def run_round(
+    r: Repository, sources: list[JobSource], due: list[JobSource], engine: Engine,
+    args: argparse.Namespace,
+) -> Round:  # fmt: skip
+    """Back up ``due`` in one engine run, index their files, apply their keep rules."""
     made: list[RecoveryPoint] = []
-    failed: list[tuple[str, CombError]] = []
+    rnd = Round(due=len(due))
     if due:
+        opts = BackupOptions(batch_bytes=args.batch_mib * 1024 * 1024)
         with progress_bar(f"job {len(due)} sources", args.json, starting="starting ...") as bar:
-            made, failed = run_backups(
-                r, [s.path for s in due], engine, BackupOptions(), bar, [s.name for s in due]
+            made, rnd.failed = run_backups(
+                r, [s.path for s in due], engine, opts, bar, [s.name for s in due]
             )
+        rnd.startup_s = engine.startup_s
         say_engine(engine)
     catalogs = index_after_backup(r, made, args.json)
     by_path = {p.source_path: p for p in made}
-    errors = dict(failed)
-    out: list[dict[str, object]] = []
-    forgotten: list[str] = []
-    unkept: list[CombError] = []
+    errors = dict(rnd.failed)
     for src in sources:
         point = by_path.get(src.path)
         doc: dict[str, object] = {"source": src.name, "path": src.path}
@@ -123,7 +150,8 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
             doc["status"] = "not due"
         elif point is not None:
             doc.update(status="backed up", point=point.id, mode=point.mode,
-                       bytes_new=point.stats.bytes_new,
+                       bytes_read=point.stats.bytes_read, bytes_new=point.stats.bytes_new,
+                       seconds=point.stats.seconds,
                        file_catalog=catalogs.get(point.id))  # fmt: skip
         else:
             why = errors.get(src.path)
@@ -134,39 +162,113 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
                              command_line(), waiting)  # fmt: skip
             except CombError as lost:  # (the others' rounds are reported all the same)
                 doc["forget_error"] = lost.message
-                unkept.append(lost)
+                rnd.unkept.append(lost)
             else:
-                forgotten += [p.id for p in res.gone]
+                rnd.forgotten += [p.id for p in res.gone]
                 doc["forgotten"] = [p.id for p in res.gone]
-        out.append(doc)
-    seconds = round(time.perf_counter() - t0, 3)
-    if args.json:
-        print_json({"sources": out, "forgotten": forgotten, "seconds": seconds})
+        rnd.docs.append(doc)
+    return rnd
+
+
+def record_round(state: dict[str, Any], rnd: Round, began: str) -> None:
+    """Each backed-up or failed source's last run, into the job's state."""
+    runs = state.setdefault("sources", {})
+    for doc in rnd.docs:
+        if doc["status"] != "not due":
+            keys = ("status", "point", "error", "seconds", "bytes_read", "bytes_new")
+            runs[str(doc["source"])] = {"began": began, **{k: doc.get(k) for k in keys}}
+
+
+def report_round(rnd: Round, as_json: bool, extra: dict[str, object]) -> None:
+    if as_json:
+        print_json({"sources": rnd.docs, "forgotten": rnd.forgotten, **extra})
     else:
-        for doc in out:
+        for doc in rnd.docs:
             what = doc.get("point") or doc.get("error") or ""
-            print(f"{doc['source']}: {doc['status']}" + (f" {what}" if what else ""))
-    for path, err in failed:
+            print(f"{doc['source']}: {doc['status']}" + (f" {what}" if what else ""), flush=True)
+    for path, err in rnd.failed:
         warn(f"source {path} failed: {err.message}")
-    for error in unkept:
+    for error in rnd.unkept:
         warn(f"keep rules not applied: {error.message}")
-    if failed:
-        raise SourceError(f"{len(failed)} of {len(due)} due sources failed (named above)")
-    if unkept:
-        raise unkept[0]
+
+
+def cmd_job(repo: str, args: argparse.Namespace) -> int:
+    if args.action is None:
+        raise UsageError("give an action: `job run FILE`, `job serve FILE` or `job status FILE`")
+    sources = load_job(args.file)
+    same = same_source([src.path for src in sources])
+    if same is not None:
+        raise UsageError(f"job file {args.file}: {same[0]} and {same[1]} are one source")
+    if args.action == "serve":
+        from .job_serve import serve
+
+        return serve(repo, args, sources)
+    engine = engine_for(args) if args.action == "run" else None  # (options checked first)
+    r = Repository.open(repo, password=args.password)
+    path = state_path(args.file, r.location, args.state)
+    now = datetime.now(UTC)
+    if engine is None:
+        state = read_state(path)
+        rows = [_status(s, _latest(r.points(), s.name), now, state) for s in sources]
+        _print_status(rows, serving(state), args)
+        return 0
+    with job_lock(path, args.file, "comb job run"):
+        points = r.points()
+        due = [src for src in sources if src.due(_latest(points, src.name), now)]
+        t0 = time.perf_counter()
+        rnd = run_round(r, sources, due, engine, args)
+        state = read_state(path)
+        record_round(state, rnd, now.isoformat(timespec="seconds"))
+        write_state(path, {**state, "job_file": os.path.abspath(args.file)})
+    report_round(rnd, args.json, {"seconds": round(time.perf_counter() - t0, 3)})
+    return round_exit(rnd)
+
+
+def round_exit(rnd: Round) -> int:
+    if rnd.failed:
+        raise SourceError(f"{len(rnd.failed)} of {rnd.due} due sources failed (named above)")
+    if rnd.unkept:
+        raise rnd.unkept[0]
     return 0
 
 
-def _print_status(rows: list[dict[str, object]], args: argparse.Namespace) -> None:
+def serving(state: dict[str, Any]) -> dict[str, object] | None:
+    """The ``job serve`` the state names, and whether it runs (None: none ever did)."""
+    server = state.get("server")
+    if not isinstance(server, dict):
+        return None
+    return {**server, "running": server_alive(state)}
+
+
+def _print_status(
+    rows: list[dict[str, object]], server: dict[str, object] | None, args: argparse.Namespace
+) -> None:
     if args.json:
-        print_json({"sources": rows})
+        print_json({"sources": rows, "serve": server})
         return
+    if server is not None:
+        what = f"{server.get('state')}, round {server.get('round')}"
+        what += f", last seen {server.get('heartbeat')}"
+        who = f"pid {server.get('pid')} on {server.get('host')} since {server.get('since')}"
+        if server["running"]:
+            print(f"served by {who} ({what})")
+        else:
+            print(f"not served (the last server: {who}, {what})")
     print_table(
-        ["SOURCE", "LAST", "AGE", "EVERY", "RPO", "NEXT DUE"],
+        ["SOURCE", "LAST", "AGE", "EVERY", "RPO", "NEXT DUE", "LAST RUN"],
         [[str(d["source"]), str(d["last_point"] or "-"), _secs(d["age_seconds"]),
-          _secs(d["every_seconds"]), str(d["rpo"] or "-"), str(d["next_due"] or "now")]
+          _secs(d["every_seconds"]), str(d["rpo"] or "-"), str(d["next_due"] or "now"),
+          _last_run(d)]
          for d in rows],
     )  # fmt: skip
+
+
+def _last_run(row: dict[str, object]) -> str:
+    if row["last_run_status"] is None:
+        return "-"
+    if row["last_run_status"] == "failed":
+        return f"failed {row['last_run']}: {row['last_error']}"
+    return f"{row['last_run_status']} {row['last_run']}"
 
 
 def _secs(value: object) -> str:

@@ -13,6 +13,8 @@ and benchmarks call them directly.
 ``overlay_source``  an overlay as a backup source on the workers
 ``copy``            points of one repository into another (a backup whose source is a point)
 ``restore``         a point written to a file or block device, on threads
+``jobfile``         job files: sources, schedules, keep rules; when a source is due
+``jobstate``        a job file's state on this machine (last runs, the server) and its lock
 
 The engines they run on are ``pipeline.engines``.
 """

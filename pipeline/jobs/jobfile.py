@@ -47,10 +47,19 @@ class JobSource:
         """Whether a backup is due: none yet, or the latest began ``every`` ago. A little early
         counts (2 % of ``every``, at most a minute: a job run by a timer must not slip a round),
         and so does a latest point dated in the future (a clock set back)."""
+        return self.due_in(last, now) <= 0
+
+    def due_in(self, last: RecoveryPoint | None, now: datetime) -> float:
+        """Seconds until a backup is due (``due``); 0 when it is due now."""
         if last is None or self.every_s is None:
-            return True
+            return 0.0
         age = self.age(last, now)
-        return age < 0 or age >= self.every_s - min(60.0, max(1.0, self.every_s * 0.02))
+        return 0.0 if age < 0 else max(0.0, self.every_s - self.slack - age)
+
+    @property
+    def slack(self) -> float:
+        """How early a backup may start (2 % of ``every``, at least 1 s, at most a minute)."""
+        return min(60.0, max(1.0, (self.every_s or 0.0) * 0.02))
 
     @staticmethod
     def age(last: RecoveryPoint, now: datetime) -> float:
