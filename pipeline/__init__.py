@@ -5,6 +5,7 @@
 ``engine_local``  the same on threads in this process (the baseline)
 ``ray_local`` this user's own ``ray start`` Ray on this machine, to use instead of starting one
 ``ray_processes``  comb's signal handlers around ``ray.init``; reaping an embedded Ray's leftovers
+``profile``   a run's seconds per stage summed over the workers, and its timeline file
 ``signals``   SIGINT, SIGTERM (interrupt, or wait for a commit) and SIGHUP (``job serve``)
 ``malloc``    glibc's malloc tuned for a process that runs workers
 ``jobs/``     backup (images, devices, overlays, vSphere VMs), copy, restore, and their planning

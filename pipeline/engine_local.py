@@ -10,7 +10,6 @@ from __future__ import annotations
 import os
 import queue
 import time
-from collections.abc import Iterable
 from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
@@ -22,6 +21,7 @@ from catalog.store.sealing import PLAIN, Sealer
 from stages.base import Fused, Ports
 
 from .malloc import keep_freed_memory
+from .profile import summed, trace_events
 
 if TYPE_CHECKING:
     from .engines import MakeStage
@@ -39,6 +39,9 @@ class LocalEngine:
         self.startup_s = 0.0
         self.keep_warm = False  # (threads: nothing to keep between runs)
         self.cpu_by_stage: dict[str, float] = {}
+        self.wall_by_stage: dict[str, float] = {}
+        self.trace = False  # keep each stage's spans for ``timeline``
+        self.timeline: list[dict[str, object]] = []
         self._pool: ThreadPoolExecutor | None = None
         self._free: queue.Queue[Fused] = queue.Queue()
         self._stages: list[Fused] = []
@@ -51,6 +54,7 @@ class LocalEngine:
         for _ in range(self.workers):
             made = make_stage(self.index)
             stage = made if isinstance(made, Fused) else Fused([made])
+            stage.tracing = self.trace
             stage.setup()
             self._stages.append(stage)
             self._free.put(stage)
@@ -74,6 +78,10 @@ class LocalEngine:
     def finish(self) -> list[Ports]:
         out = [s.flush() for s in self._stages]
         self.cpu_by_stage = summed(s.cpu_by_stage() for s in self._stages)
+        self.wall_by_stage = summed(s.wall_by_stage() for s in self._stages)
+        self.timeline = [
+            e for i, s in enumerate(self._stages) for e in trace_events(f"thread {i}", s.spans())
+        ]
         return out
 
     def close(self, failed: bool) -> None:
@@ -87,11 +95,3 @@ class LocalEngine:
 
     def shutdown(self) -> None:
         """Nothing outlives ``close``."""
-
-
-def summed(profiles: Iterable[dict[str, float]]) -> dict[str, float]:
-    out: dict[str, float] = {}
-    for profile in profiles:
-        for name, secs in profile.items():
-            out[name] = out.get(name, 0.0) + secs
-    return out

@@ -25,12 +25,12 @@ from catalog.store.index import DedupIndex
 from catalog.store.locations import storage_at
 from catalog.store.sealing import PLAIN, Sealer
 from stages.backup import IndexClient
-from stages.base import Ports, Stage
+from stages.base import Fused, Ports, Stage
 
 from . import ray_processes
 from .engine_local import LocalEngine as LocalEngine  # (re-exported: make_engine makes it)
-from .engine_local import summed
 from .malloc import keep_freed_memory
+from .profile import summed, trace_events
 from .ray_local import running_local_ray
 
 # Every ray.get waits at most this long: a hung actor must fail the job, not hang it.
@@ -40,6 +40,7 @@ RAY_PING_TIMEOUT_S = 60.0
 RAY_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 # After ray.shutdown(), how long the embedded Ray's processes get to exit before being killed.
 RAY_SHUTDOWN_GRACE_S = 5.0
+RAY_TASK_EVENTS_S = 1.0  # with --timeline: how often Ray's workers report their task events
 
 MakeStage = Callable[[IndexClient], Stage]
 # Variables the workers read themselves (README "Tuning and environment"), handed to actors,
@@ -62,6 +63,9 @@ class Engine(Protocol):
     startup_s: float
     keep_warm: bool  # close() keeps what start() started for the next run (``job serve``)
     cpu_by_stage: dict[str, float]  # after finish: CPU seconds per stage (``Fused.cpu_by_stage``)
+    wall_by_stage: dict[str, float]  # ... and wall seconds (``pipeline.profile``)
+    trace: bool  # set before start: ``timeline`` holds the run's events after finish
+    timeline: list[dict[str, Any]]
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None: ...
 
@@ -107,9 +111,13 @@ class _StageHost:
     def teardown(self) -> None:
         self.stage.teardown()
 
-    def cpu_by_stage(self) -> dict[str, float]:
-        method = getattr(self.stage, "cpu_by_stage", None)
-        return method() if method is not None else {}
+    def profile(self) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
+        """CPU and wall seconds per stage, and the stage spans as timeline events."""
+        stage = self.stage
+        if not isinstance(stage, Fused):
+            return {}, {}, []
+        worker = f"worker {os.getpid()} on {_ray().util.get_node_ip_address()}"
+        return stage.cpu_by_stage(), stage.wall_by_stage(), trace_events(worker, stage.spans())
 
 
 class _IndexHost:
@@ -165,8 +173,9 @@ def _token_auth_as_ray_start() -> None:
         quiet.setLevel(level)
 
 
-def ray_init_kwargs(address: str | None) -> dict[str, Any]:
-    """Settings of the embedded local Ray (a small machine) or of a connection to a cluster."""
+def ray_init_kwargs(address: str | None, trace: bool = False) -> dict[str, Any]:
+    """Settings of the embedded local Ray (a small machine) or of a connection to a cluster;
+    ``trace``: with the task events ``ray.timeline`` reads."""
     if address:
         return {"address": address, "logging_level": logging.ERROR, "log_to_driver": False}
     return {
@@ -180,7 +189,7 @@ def ray_init_kwargs(address: str | None) -> dict[str, Any]:
         "_system_config": {
             "enable_metrics_collection": False,
             "metrics_report_interval_ms": 0,
-            "task_events_report_interval_ms": 0,
+            "task_events_report_interval_ms": int(RAY_TASK_EVENTS_S * 1000) if trace else 0,
         },
     }
 
@@ -236,6 +245,10 @@ class RayEngine:
         self.startup_s = 0.0
         self.keep_warm = False
         self.cpu_by_stage: dict[str, float] = {}
+        self.wall_by_stage: dict[str, float] = {}
+        self.trace = False
+        self.timeline: list[dict[str, Any]] = []
+        self._began = 0.0
         self._started_ray = False  # ray.init was ours: so is ray.shutdown
         self._embedded = False  # ... and the Ray it started is ours too (not a cluster's)
         self._actors: list[Any] = []
@@ -245,7 +258,10 @@ class RayEngine:
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
         ray = _ray()
-        t0 = time.perf_counter()
+        t0, self._began = (
+            time.perf_counter(),
+            time.time(),
+        )  # (a warm Ray's earlier events: not ours)
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             # Children this process had before Ray: never Ray's to clean up (see close).
@@ -265,11 +281,17 @@ class RayEngine:
             self._index = index_cls.remote(repo_path, sealer, env)
             ray.get(self._index.ping.remote(), timeout=RAY_PING_TIMEOUT_S)
             client = RayIndexClient(self._index)
-            self._actors = [host_cls.remote(make_stage(client), env) for _ in range(self.workers)]
+            self._actors = [host_cls.remote(self._traced(make_stage(client)), env)
+                            for _ in range(self.workers)]  # fmt: skip
             ray.get([a.ping.remote() for a in self._actors], timeout=RAY_PING_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001
             raise translate_ray_error(err) from None
         self.startup_s = time.perf_counter() - t0
+
+    def _traced(self, stage: Stage) -> Stage:
+        if isinstance(stage, Fused):
+            stage.tracing = self.trace
+        return stage
 
     def _connect(self, ray: Any) -> None:
         """ray.init: the named cluster, else this user's running local Ray (falling back to an
@@ -284,7 +306,7 @@ class RayEngine:
         self._started_ray = True  # (from now on: a start cut short is cleaned up too)
         try:
             with ray_processes.ray_starting():
-                ray.init(**ray_init_kwargs(address))
+                ray.init(**ray_init_kwargs(address, self.trace))
         except Exception as err:  # noqa: BLE001 - any start failure is one line
             why = _first_line(err)
             if not self.attached:
@@ -297,7 +319,7 @@ class RayEngine:
     def _connect_embedded(self, ray: Any) -> None:
         try:
             with ray_processes.ray_starting():
-                ray.init(**ray_init_kwargs(None))
+                ray.init(**ray_init_kwargs(None, self.trace))
         except Exception as err:  # noqa: BLE001
             raise StageError(
                 f"cannot start Ray: {_first_line(err)} (after the Ray running here could not be "
@@ -320,9 +342,14 @@ class RayEngine:
         ray = _ray()
         try:
             out = ray.get([a.flush.remote() for a in self._actors], timeout=RAY_CALL_TIMEOUT_S)
-            profiles = [a.cpu_by_stage.remote() for a in self._actors]
+            got = ray.get([a.profile.remote() for a in self._actors], timeout=RAY_CALL_TIMEOUT_S)
             claims = self._index.claim_cpu_s.remote()
-            self.cpu_by_stage = summed(ray.get(profiles, timeout=RAY_CALL_TIMEOUT_S))
+            self.cpu_by_stage = summed(cpu for cpu, _, _ in got)
+            self.wall_by_stage = summed(wall for _, wall, _ in got)
+            if self.trace:  # Ray's own events (reported each second), then the stages'
+                time.sleep(RAY_TASK_EVENTS_S + 0.2)
+                mine = [e for e in ray.timeline() if e.get("ts", 0) >= self._began * 1e6]
+                self.timeline = [*mine, *(e for _, _, events in got for e in events)]
             # The index's own CPU, beside what asking it cost the workers.
             index_s = float(ray.get(claims, timeout=RAY_CALL_TIMEOUT_S))
             self.cpu_by_stage["index actor"] = index_s

@@ -4,7 +4,9 @@ A stage has plain picklable configuration, declared input and output schemas, an
 ``setup / process / flush / teardown``. ``process`` and ``flush`` return ports: the main port
 ``"out"`` feeds the next stage; other ports (``"index"``) are side outputs collected for the
 driver. ``Fused`` refuses to connect stages whose schemas differ and wraps any failure into a
-one-line ``StageError`` naming the stage and the extent.
+one-line ``StageError`` naming the stage and the extent. It also keeps its own profile: CPU and
+wall seconds per stage, and (``tracing``) each stage's span per batch for a timeline, at most
+``MAX_SPANS`` of them.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ from catalog.errors import CombError, SourceError, SourceReadError, StageError, 
 from stages.schemas import MAIN_PORT
 
 Ports = dict[str, pa.Table]
+Span = tuple[str, float, float]  # (stage, start in seconds since the epoch, seconds)
+MAX_SPANS = 200_000  # per worker: about 20 MB; a longer run's timeline shows its beginning
 
 
 class Stage:
@@ -91,6 +95,32 @@ class Fused(Stage):
             sides.update(s.side_schemas)
         self.side_schemas = sides  # type: ignore[misc]
         self._cpu: defaultdict[int, float] = defaultdict(float)
+        self._wall: defaultdict[int, float] = defaultdict(float)
+        self.tracing = False  # (set before the worker starts: its spans are kept)
+        self._spans: list[Span] = []
+
+    def wall_by_stage(self) -> dict[str, float]:
+        """Wall seconds of this worker per stage (waits included: reading, the index's answer,
+        writing)."""
+        out: dict[str, float] = {}
+        for i, s in enumerate(self.stages):
+            out[s.name] = out.get(s.name, 0.0) + self._wall[i]
+        return out
+
+    def spans(self) -> list[Span]:
+        """Each stage's span per batch, when ``tracing``."""
+        return list(self._spans)
+
+    def _timed(self, i: int, fn):  # type: ignore[no-untyped-def]
+        t0, w0 = time.thread_time(), time.perf_counter()
+        try:
+            return fn()
+        finally:
+            wall = time.perf_counter() - w0
+            self._cpu[i] += time.thread_time() - t0
+            self._wall[i] += wall
+            if self.tracing and len(self._spans) < MAX_SPANS:
+                self._spans.append((self.stages[i].name, time.time() - wall, wall))
 
     def cpu_by_stage(self) -> dict[str, float]:
         """CPU seconds of this worker's thread per stage, and per part of the stages that split
@@ -116,9 +146,7 @@ class Fused(Stage):
             s = self.stages[i]
             if batch is None:
                 break
-            t0 = time.thread_time()
-            out = self._guard(s, batch, lambda s=s, b=batch: s.process(b))
-            self._cpu[i] += time.thread_time() - t0
+            out = self._timed(i, lambda s=s, b=batch: self._guard(s, b, lambda: s.process(b)))
             batch = out.pop(MAIN_PORT, None)
             for port, table in out.items():
                 sides.setdefault(port, []).append(table)
@@ -131,9 +159,7 @@ class Fused(Stage):
         sides: dict[str, list[pa.Table]] = {}
         mains: list[pa.Table] = []
         for i, s in enumerate(self.stages):
-            t0 = time.thread_time()
-            out = self._guard(s, None, s.flush)
-            self._cpu[i] += time.thread_time() - t0
+            out = self._timed(i, lambda s=s: self._guard(s, None, s.flush))
             main = out.pop(MAIN_PORT, None)
             for port, table in out.items():
                 sides.setdefault(port, []).append(table)

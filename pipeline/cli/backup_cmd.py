@@ -19,6 +19,7 @@ from ..jobs.overlay_source import overlay_name
 from ..jobs.runner import BackupOptions
 from ..jobs.vsphere import is_vsphere
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
+from ..profile import stage_seconds, write_timeline
 from . import Subparsers, command
 from .catalog_cmd import index_after_backup
 from .passwords import VSPHERE_PASSWORD_ENV, vsphere_password
@@ -70,6 +71,7 @@ def add_parser(sub: Subparsers) -> None:
         help="JSON list of {offset, length} changed since the parent: read only those",
     )
     add_engine_options(s)
+    add_timeline_option(s)
     v = s.add_argument_group(
         f"vSphere (vsphere:// sources; password from {VSPHERE_PASSWORD_ENV} or a terminal)"
     )
@@ -109,6 +111,22 @@ def add_engine_options(s: argparse.ArgumentParser) -> None:
     s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
 
 
+def add_timeline_option(s: argparse.ArgumentParser) -> None:
+    s.add_argument(
+        "--timeline",
+        metavar="FILE",
+        default=None,
+        help="write the run's timeline there (chrome://tracing JSON: each stage's span per "
+        "batch and worker, and Ray's own events)",
+    )
+
+
+def save_timeline(engine: Engine, args: argparse.Namespace) -> None:
+    """The run's timeline into ``--timeline`` (after the report: the points are committed)."""
+    if getattr(args, "timeline", None):
+        write_timeline(args.timeline, engine.timeline)
+
+
 def engine_for(args: argparse.Namespace) -> Engine:
     """The engine the options, COMB_ENGINE or the config file name (checked options first)."""
     if not 1 <= args.batch_mib <= MAX_BATCH_MIB:
@@ -118,7 +136,14 @@ def engine_for(args: argparse.Namespace) -> Engine:
     config = getattr(args, "config", None)
     configured = config.engine if config is not None else None
     name = args.engine or os.environ.get("COMB_ENGINE") or configured or "ray"
-    return make_engine(name, args.ray_address, args.workers)
+    engine = make_engine(name, args.ray_address, args.workers)
+    timeline = getattr(args, "timeline", None)
+    if timeline:
+        folder = os.path.dirname(os.path.abspath(timeline))
+        if not os.path.isdir(folder):
+            raise UsageError(f"--timeline {timeline}: no folder {folder}")
+        engine.trace = True
+    return engine
 
 
 def say_engine(engine: Engine) -> None:
@@ -174,6 +199,7 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         warn(f"source {source} failed: {err.message}")
         if args.json:
             print_json({"source": source, "failed": err.message, "exit_code": err.exit_code})
+    save_timeline(engine, args)
     if failed:
         raise SourceError(
             f"{len(failed)} of {len(sources)} sources failed (named above); "
@@ -239,6 +265,7 @@ def _report(
         doc["stage_cpu_seconds"] = {
             k.replace(" ", "_"): round(v, 6) for k, v in engine.cpu_by_stage.items()
         }
+        doc["stage_seconds"] = stage_seconds(engine.cpu_by_stage, engine.wall_by_stage)
         doc["file_catalog"] = catalog
         if point.vsphere is not None:
             doc.update(change_id=point.change_id, cbt=point.vsphere.get("cbt"))

@@ -28,8 +28,15 @@ from ..jobs.jobfile import JobSource, load_job
 from ..jobs.jobstate import job_lock, read_state, server_alive, state_path, write_state
 from ..jobs.runner import BackupOptions
 from ..locking import command_line
+from ..profile import stage_seconds
 from . import Parser, Subparsers, command
-from .backup_cmd import add_engine_options, engine_for, say_engine
+from .backup_cmd import (
+    add_engine_options,
+    add_timeline_option,
+    engine_for,
+    save_timeline,
+    say_engine,
+)
 from .catalog_cmd import index_after_backup
 from .forget_cmd import overlay_bases
 from .progress import progress_bar
@@ -77,6 +84,7 @@ def add_parser(sub: Subparsers) -> None:
             "$COMB_STATE_DIR, else ~/.local/state/comb)",
         )
     add_engine_options(run)
+    add_timeline_option(run)
     add_engine_options(serve)
     s.set_defaults(run=cmd_job)
 
@@ -123,6 +131,7 @@ class Round:
     unkept: list[CombError] = field(default_factory=list)
     due: int = 0
     startup_s: float = 0.0
+    stage_seconds: dict[str, float] | None = None  # the engine run's (``pipeline.profile``)
 
 
 def run_round(
@@ -139,6 +148,7 @@ def run_round(
                 r, [s.path for s in due], engine, opts, bar, [s.name for s in due]
             )
         rnd.startup_s = engine.startup_s
+        rnd.stage_seconds = stage_seconds(engine.cpu_by_stage, engine.wall_by_stage)
         say_engine(engine)
     catalogs = index_after_backup(r, made, args.json)
     by_path = {p.source_path: p for p in made}
@@ -220,7 +230,10 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
         state = read_state(path)
         record_round(state, rnd, now.isoformat(timespec="seconds"))
         write_state(path, {**state, "job_file": os.path.abspath(args.file)})
-    report_round(rnd, args.json, {"seconds": round(time.perf_counter() - t0, 3)})
+    seconds = round(time.perf_counter() - t0, 3)
+    report_round(rnd, args.json, {"seconds": seconds, "stage_seconds": rnd.stage_seconds})
+    if due:
+        save_timeline(engine, args)
     return round_exit(rnd)
 
 

@@ -158,7 +158,8 @@ def _loop(
 
 def _say_round(rnd: Round, args: argparse.Namespace, n: int, began: str, seconds: float) -> None:
     extra = {"round": n, "began": began, "seconds": seconds,
-             "engine_startup_seconds": round(rnd.startup_s, 3)}  # fmt: skip
+             "engine_startup_seconds": round(rnd.startup_s, 3),
+             "stage_seconds": rnd.stage_seconds}  # fmt: skip
     if not args.json:
         ok = sum(d["status"] == "backed up" for d in rnd.docs)
         print(f"{began} round {n}: {ok} of {rnd.due} backed up in {seconds:.1f} s "

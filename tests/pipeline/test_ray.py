@@ -72,7 +72,8 @@ def test_ray_full_incremental_restore_round_trip(
     img.random(0, 512 * KiB, seed=1)
     img.compressible(2 * MiB, MiB, seed=2)
     img.random(6 * MiB, 999, seed=3)
-    res = cli("-r", repo, "backup", img.path, "--engine", "ray", "--json")
+    timeline = tmp_path / "timeline.json"
+    res = cli("-r", repo, "backup", img.path, "--engine", "ray", "--json", "--timeline", timeline)
     assert res.code == 0, res.err
     full = json.loads(res.out)
     assert full["engine"] == "ray" and full["mode"] == "full"
@@ -80,6 +81,13 @@ def test_ray_full_incremental_restore_round_trip(
     profile = full["stage_cpu_seconds"]
     assert {"reader", "hash", "compress", "seal", "parity", "writer", "index_actor"} <= set(profile)
     assert profile["compress"] > 0 and profile["index_actor"] >= 0
+    assert full["stage_seconds"]["read"] > 0 and full["stage_seconds"]["index_wait"] > 0
+    # Ray's own events (the actors' calls) and each stage's span on each worker
+    events = json.loads(timeline.read_text())
+    names = {e["name"] for e in events}
+    assert {"reader", "chunker", "deduplicator", "compressor", "writer"} <= names
+    assert any(e["cat"] == "task::_StageHost.process" for e in events)
+    assert all(e["pid"].startswith("worker ") for e in events if e["cat"] == "comb stage")
     s0 = img.snapshot(tmp_path / "s0")
     img.take_changes()
     img.random(100 * KiB, 10, seed=4)

@@ -1,0 +1,74 @@
+"""A run's profile (``backup --json``, ``--timeline``, ``python -m bench``): CPU and wall seconds
+per stage summed over the workers, the breakdown an engineer reads, and the timeline file.
+
+``stage_seconds`` names where a run's worker-seconds went: ``read`` (the reader: the source's
+I/O), ``hash`` (the chunker: zero checks and BLAKE3), ``index_wait`` (the deduplicator: asking
+the index, the index actor's round trip on Ray), ``compress`` and ``seal`` (the compressor:
+zstd, then encryption), ``parity`` (the writer's parity encoding) and ``write`` (the rest of the
+writer: packing and writing). Wall seconds, summed over the workers: with W workers, a run of S
+seconds has at most W × S of them; CPU-bound parts (seal, parity) are taken from their CPU
+seconds. The timeline is chrome://tracing's JSON (also Perfetto's): one complete event per
+stage and batch on each worker, plus, on Ray, Ray's own events (``ray.timeline``).
+
+Owns the sums, the breakdown and the timeline's format. Must not: import Ray or time anything
+(``stages.base.Fused`` times, the engines collect).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterable
+from typing import Any
+
+from catalog.errors import OutputError
+
+STAGE_SECONDS = ("read", "hash", "index_wait", "compress", "seal", "parity", "write")
+
+
+def summed(profiles: Iterable[dict[str, float]]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for profile in profiles:
+        for name, secs in profile.items():
+            out[name] = out.get(name, 0.0) + secs
+    return out
+
+
+def stage_seconds(cpu: dict[str, float], wall: dict[str, float]) -> dict[str, float]:
+    """The breakdown above from a run's CPU seconds per stage and part, and wall seconds per
+    stage (both summed over the workers)."""
+    seal, parity = cpu.get("seal", 0.0), cpu.get("parity", 0.0)
+    out = {
+        "read": wall.get("reader", 0.0),
+        "hash": wall.get("chunker", 0.0),
+        "index_wait": wall.get("deduplicator", 0.0),
+        "compress": max(0.0, wall.get("compressor", 0.0) - seal),
+        "seal": seal,
+        "parity": parity,
+        "write": max(0.0, wall.get("writer", 0.0) - parity),
+    }
+    return {k: round(v, 6) for k, v in out.items()}
+
+
+def trace_events(worker: str, spans: Iterable[tuple[str, float, float]]) -> list[dict[str, Any]]:
+    """A worker's stage spans as complete events (``ph: X``; times in microseconds)."""
+    return [
+        {"name": stage, "cat": "comb stage", "ph": "X", "pid": worker, "tid": stage,
+         "ts": round(start * 1e6, 1), "dur": round(secs * 1e6, 1)}
+        for stage, start, secs in spans
+    ]  # fmt: skip
+
+
+def write_timeline(path: str, events: list[dict[str, Any]]) -> None:
+    """The events as a JSON array, written aside and renamed (never half a file)."""
+    tmp = f"{path}.{os.getpid()}.tmp"
+    try:
+        with open(tmp, "w") as fh:
+            json.dump(sorted(events, key=lambda e: e.get("ts", 0)), fh)
+        os.replace(tmp, path)
+    except OSError as err:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise OutputError(f"cannot write the timeline {path}: {err.strerror or err}") from None
