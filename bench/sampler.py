@@ -32,7 +32,7 @@ _RAY_GENERIC_NAMES = ("python", "ray::IDLE", "ray::CoreWorker")
 
 
 def _name(p: psutil.Process) -> str:
-    """A short process name; Ray workers by their title (ray::_StageHost, ray::IDLE)."""
+    """A short process name; Ray workers by their title (ray::StageHost, ray::IDLE)."""
     try:
         cmd = p.cmdline()
         if cmd and cmd[0].startswith("ray::"):

@@ -16,30 +16,31 @@ from collections.abc import Callable
 from contextlib import suppress
 from typing import Any, Protocol
 
-import numpy as np
 import pyarrow as pa
 
 from catalog import errors
 from catalog.errors import CombError, StageError
-from catalog.store.index import DedupIndex
-from catalog.store.locations import storage_at
 from catalog.store.sealing import PLAIN, Sealer
 from stages.backup import IndexClient
 from stages.base import Fused, Ports, Stage
 
 from . import ray_processes
 from .engine_local import LocalEngine as LocalEngine  # (re-exported: make_engine makes it)
-from .malloc import keep_freed_memory
-from .profile import summed, trace_events
+from .profile import summed
+from .ray_actors import RAY_CALL_TIMEOUT_S, IndexHost, RayIndexClient, StageHost
+from .ray_actors import ray_module as _ray
 from .ray_local import running_local_ray
 
-# Every ray.get waits at most this long: a hung actor must fail the job, not hang it.
-RAY_CALL_TIMEOUT_S = 300.0
 RAY_PING_TIMEOUT_S = 60.0
 # The embedded Ray's object store: only small tables travel, so a small store suffices.
 RAY_OBJECT_STORE_BYTES = 256 * 1024 * 1024
 # After ray.shutdown(), how long the embedded Ray's processes get to exit before being killed.
 RAY_SHUTDOWN_GRACE_S = 5.0
+# Index shards when none is asked for: one per this many workers, at most MAX_AUTO_SHARDS
+# (one shard answers ~100k ids a second on one core: bench/README.md "Bulk jobs").
+WORKERS_PER_SHARD = 8
+MAX_AUTO_SHARDS = 16
+MAX_INDEX_SHARDS = 256  # (--index-shards)
 RAY_TASK_EVENTS_S = 1.0  # with --timeline: how often Ray's workers report their task events
 
 MakeStage = Callable[[IndexClient], Stage]
@@ -78,79 +79,6 @@ class Engine(Protocol):
     def close(self, failed: bool) -> None: ...
 
     def shutdown(self) -> None: ...
-
-
-def _ray():  # type: ignore[no-untyped-def]
-    # Ray's crash-dump handler would take SIGTERM from comb's (read when Ray is imported).
-    os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
-    import ray  # imported lazily: `--engine local` never pays Ray's import
-
-    return ray
-
-
-class _StageHost:
-    """The one generic actor: hosts any stage (here the fused worker stage)."""
-
-    def __init__(self, stage: Stage, env: dict[str, str] | None = None) -> None:
-        # comb's settings its workers read (a cluster's or a running Ray's workers do not
-        # inherit the driver's environment; a job-wide runtime_env would cost new workers)
-        os.environ.update(env or {})
-        keep_freed_memory()
-        self.stage = stage
-        self.stage.setup()
-
-    def ping(self) -> int:
-        return os.getpid()
-
-    def process(self, batch: pa.Table) -> Ports:
-        return self.stage.process(batch)
-
-    def flush(self) -> Ports:
-        return self.stage.flush()
-
-    def teardown(self) -> None:
-        self.stage.teardown()
-
-    def profile(self) -> tuple[dict[str, float], dict[str, float], list[dict[str, Any]]]:
-        """CPU and wall seconds per stage, and the stage spans as timeline events."""
-        stage = self.stage
-        if not isinstance(stage, Fused):
-            return {}, {}, []
-        worker = f"worker {os.getpid()} on {_ray().util.get_node_ip_address()}"
-        return stage.cpu_by_stage(), stage.wall_by_stage(), trace_events(worker, stage.spans())
-
-
-class _IndexHost:
-    """The dedup index actor: only chunk ids reach it."""
-
-    def __init__(self, repo_path: str, sealer: Sealer, env: dict[str, str] | None = None) -> None:
-        os.environ.update(env or {})  # (as _StageHost: an S3 repository's settings)
-        self.index = DedupIndex.load(storage_at(repo_path, sealer))
-        self.cpu_s = 0.0
-
-    def ping(self) -> int:
-        return len(self.index)
-
-    def claim(self, ids: np.ndarray) -> np.ndarray:
-        t0 = time.thread_time()
-        try:
-            return self.index.claim(ids)
-        finally:
-            self.cpu_s += time.thread_time() - t0
-
-    def claim_cpu_s(self) -> float:
-        return self.cpu_s
-
-
-class RayIndexClient:
-    """An IndexClient that asks the index actor (picklable: it holds only the handle)."""
-
-    def __init__(self, handle: Any) -> None:
-        self.handle = handle
-
-    def claim(self, ids: np.ndarray) -> np.ndarray:
-        ray = _ray()
-        return ray.get(self.handle.claim.remote(ids), timeout=RAY_CALL_TIMEOUT_S)  # type: ignore[no-any-return]
 
 
 def _token_auth_as_ray_start() -> None:
@@ -231,17 +159,21 @@ def _creation_error(text: str) -> CombError:
 
 
 class RayEngine:
-    """Fused worker actors plus one dedup-index actor on a local Ray or a cluster."""
+    """Fused worker actors plus the dedup index's shard actors on a local Ray or a cluster."""
 
     name = "ray"
 
-    def __init__(self, address: str | None = None, workers: int | None = None) -> None:
+    def __init__(
+        self, address: str | None = None, workers: int | None = None, index_shards: int = 0
+    ) -> None:
         # None: a Ray that `ray start` runs on this machine, else an embedded one; "local":
         # always an embedded one.
         self.address = address or os.environ.get("RAY_ADDRESS") or None
         self.attached: str | None = None  # the running local Ray used (none was named)
         self.attach_failed = ""  # why the running local Ray found could not be used
         self.workers = workers or 0
+        self.index_shards = index_shards  # 0: one per WORKERS_PER_SHARD workers
+        self.index_stats: list[tuple[float, int]] = []  # per shard: CPU seconds, ids asked
         self.startup_s = 0.0
         self.keep_warm = False
         self.cpu_by_stage: dict[str, float] = {}
@@ -252,16 +184,14 @@ class RayEngine:
         self._started_ray = False  # ray.init was ours: so is ray.shutdown
         self._embedded = False  # ... and the Ray it started is ours too (not a cluster's)
         self._actors: list[Any] = []
-        self._index: Any = None
+        self._index: list[Any] = []
         self._next = 0
         self._other_children: set[ray_processes.Key] = set()
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
         ray = _ray()
-        t0, self._began = (
-            time.perf_counter(),
-            time.time(),
-        )  # (a warm Ray's earlier events: not ours)
+        t0 = time.perf_counter()
+        self._began = time.time()  # (a warm Ray's earlier events are not this run's)
         if not ray.is_initialized():
             os.environ.setdefault("RAY_DEDUP_LOGS", "0")
             # Children this process had before Ray: never Ray's to clean up (see close).
@@ -275,11 +205,12 @@ class RayEngine:
             self.workers = cpus + 1 if self._embedded or self.attached else cpus
         try:
             opts = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **pin}
-            index_cls = ray.remote(**opts)(_IndexHost)
-            host_cls = ray.remote(**opts)(_StageHost)
+            index_cls = ray.remote(**opts)(IndexHost)
+            host_cls = ray.remote(**opts)(StageHost)
             env = worker_env()
-            self._index = index_cls.remote(repo_path, sealer, env)
-            ray.get(self._index.ping.remote(), timeout=RAY_PING_TIMEOUT_S)
+            n = self.index_shards or max(1, min(MAX_AUTO_SHARDS, self.workers // WORKERS_PER_SHARD))
+            self._index = [index_cls.remote(repo_path, sealer, env, i, n) for i in range(n)]
+            ray.get([i.ping.remote() for i in self._index], timeout=RAY_PING_TIMEOUT_S)
             client = RayIndexClient(self._index)
             self._actors = [host_cls.remote(self._traced(make_stage(client)), env)
                             for _ in range(self.workers)]  # fmt: skip
@@ -343,7 +274,7 @@ class RayEngine:
         try:
             out = ray.get([a.flush.remote() for a in self._actors], timeout=RAY_CALL_TIMEOUT_S)
             got = ray.get([a.profile.remote() for a in self._actors], timeout=RAY_CALL_TIMEOUT_S)
-            claims = self._index.claim_cpu_s.remote()
+            claims = [i.claim_stats.remote() for i in self._index]
             self.cpu_by_stage = summed(cpu for cpu, _, _ in got)
             self.wall_by_stage = summed(wall for _, wall, _ in got)
             if self.trace:  # Ray's own events (reported each second), then the stages'
@@ -351,8 +282,8 @@ class RayEngine:
                 mine = [e for e in ray.timeline() if e.get("ts", 0) >= self._began * 1e6]
                 self.timeline = [*mine, *(e for _, _, events in got for e in events)]
             # The index's own CPU, beside what asking it cost the workers.
-            index_s = float(ray.get(claims, timeout=RAY_CALL_TIMEOUT_S))
-            self.cpu_by_stage["index actor"] = index_s
+            self.index_stats = ray.get(claims, timeout=RAY_CALL_TIMEOUT_S)
+            self.cpu_by_stage["index actor"] = sum(cpu for cpu, _ in self.index_stats)
         except Exception as err:  # noqa: BLE001
             raise translate_ray_error(err) from None
         return out  # type: ignore[no-any-return]
@@ -362,12 +293,11 @@ class RayEngine:
         if ray.is_initialized():
             with suppress(Exception):  # (the actors are killed next anyway)
                 ray.get([a.teardown.remote() for a in self._actors], timeout=30)
-            for a in [*self._actors, self._index]:
+            for a in [*self._actors, *self._index]:
                 with suppress(Exception):  # (gone already)
-                    if a is not None:
-                        ray.kill(a)
+                    ray.kill(a)
         self._actors = []
-        self._index = None
+        self._index = []
         if not self.keep_warm or failed:  # (after a failure the next run starts afresh)
             self.shutdown()
 
@@ -397,9 +327,11 @@ def _this_node(ray: Any) -> tuple[dict[str, Any], float]:
     return {"scheduling_strategy": strategy}, cpus
 
 
-def make_engine(name: str, ray_address: str | None = None, workers: int | None = None) -> Engine:
+def make_engine(
+    name: str, ray_address: str | None = None, workers: int | None = None, index_shards: int = 0
+) -> Engine:
     if name == "local":
         return LocalEngine(workers)
     if name == "ray":
-        return RayEngine(ray_address, workers)
+        return RayEngine(ray_address, workers, index_shards)
     raise CombError(f"unknown engine {name!r} (use ray or local)")

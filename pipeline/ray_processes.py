@@ -7,7 +7,7 @@ shutdown), so the driver alone stops and shuts Ray down. ``ray.init`` puts in a 
 of its own that exits at once; its exit is turned into comb's ``Interrupted`` (the caller
 cleans up) and comb's handler is put back afterwards. Every process of the embedded Ray
 descends from comb's; a worker still registering when the raylet stopped can outlive
-``ray.shutdown()`` (seen: an orphaned ``ray::_StageHost``), so ``reap`` kills what is left a few
+``ray.shutdown()`` (seen: an orphaned ``ray::StageHost``), so ``reap`` kills what is left a few
 seconds later, sparing the children comb had before.
 
 Owns those handlers and the reaping. Must not: import Ray.

@@ -219,6 +219,12 @@ def array_to_ids(ids: np.ndarray) -> pa.Array:
     return pa.Array.from_buffers(pa.binary(32), len(ids), [None, pa.py_buffer(ids)])
 
 
+def shard_of(ids: np.ndarray, shards: int) -> np.ndarray:
+    """Each id's index shard, of ``shards``: its first two bytes, big-endian, modulo ``shards``
+    (ids are keyed hashes: the shards hold about as many chunks each)."""
+    return (ids[:, 0].astype(np.int64) << 8 | ids[:, 1]) % shards
+
+
 class DedupIndex:
     """Which chunks are stored already: sorted arrays of 16-byte id prefixes (16 B/chunk).
 
@@ -238,18 +244,21 @@ class DedupIndex:
         self._lock = threading.Lock()
 
     @staticmethod
-    def load(storage: Storage) -> DedupIndex:
+    def load(storage: Storage, shard: int = 0, shards: int = 1) -> DedupIndex:
         """The stored chunks whose pack exists (``present_rows``: in a local directory; on
         object storage every row): a chunk whose pack was lost is stored again by the next
         backup that sees it, instead of new points referring to missing data. Packs a
         running prune condemned count as lost (``catalog.store.condemned``): the caller's
-        session must exist before this is called (FORMAT.md 13)."""
+        session must exist before this is called (FORMAT.md 13). With ``shards`` > 1, only
+        the chunks of shard ``shard`` (``shard_of``)."""
         doomed = condemned_packs(storage)  # first: a record goes only after its packs
         table = present_rows(storage, load_index(storage, ["chunk_id", "pack"]))
         if doomed and table.num_rows:
             value_set = pa.array(sorted(doomed), pa.string())
             table = table.filter(pc.invert(pc.is_in(table.column("pack"), value_set=value_set)))
         arr = ids_to_array(table.column("chunk_id"))
+        if shards > 1 and len(arr):
+            arr = arr[shard_of(arr, shards) == shard]
         return DedupIndex(np.unique(_keys(arr)) if len(arr) else None)
 
     def __len__(self) -> int:

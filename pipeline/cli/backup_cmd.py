@@ -13,7 +13,7 @@ from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
 from ..console import human_bytes, human_rate, note, print_json, warn
-from ..engines import Engine, make_engine
+from ..engines import MAX_INDEX_SHARDS, Engine, make_engine
 from ..jobs.backup import run_backup, run_backups
 from ..jobs.overlay_source import overlay_name
 from ..jobs.runner import BackupOptions
@@ -108,6 +108,13 @@ def add_engine_options(s: argparse.ArgumentParser) -> None:
         "machine if any, else comb's own; `local`: always comb's own",
     )
     s.add_argument("--workers", type=int, default=None, help="worker count (default: CPUs)")
+    s.add_argument(
+        "--index-shards",
+        type=int,
+        default=None,
+        help="Ray: dedup index actors, each holding its share of the chunk ids (default: one "
+        "per 8 workers, at most 16)",
+    )
     s.add_argument("--batch-mib", type=int, default=16, help="work item size in MiB")
 
 
@@ -136,7 +143,12 @@ def engine_for(args: argparse.Namespace) -> Engine:
     config = getattr(args, "config", None)
     configured = config.engine if config is not None else None
     name = args.engine or os.environ.get("COMB_ENGINE") or configured or "ray"
-    engine = make_engine(name, args.ray_address, args.workers)
+    shards = getattr(args, "index_shards", None)
+    if shards is not None and not 1 <= shards <= MAX_INDEX_SHARDS:
+        raise UsageError(f"--index-shards must be between 1 and {MAX_INDEX_SHARDS}")
+    if shards is not None and name != "ray":
+        raise UsageError("--index-shards applies to the ray engine (threads share one index)")
+    engine = make_engine(name, args.ray_address, args.workers, shards or 0)
     timeline = getattr(args, "timeline", None)
     if timeline:
         folder = os.path.dirname(os.path.abspath(timeline))

@@ -19,6 +19,7 @@ from catalog.store.index import (
     load_locations,
     sealed_to_table,
     segment_names,
+    shard_of,
 )
 from catalog.store.local import LocalStorage
 from catalog.store.packs import SealedPack, pack_name
@@ -213,3 +214,20 @@ def test_load_locations_only_what_is_needed(storage: LocalStorage) -> None:
     )
     assert locs.column_names == INDEX_SCHEMA.names
     assert load_locations(storage, np.empty(0, "S32")).num_rows == 0
+
+
+def test_shards_split_the_stored_chunks_by_prefix(storage: LocalStorage) -> None:
+    """Each shard loads the chunks whose first two bytes name it: together all, none twice,
+    about evenly; a shard knows its own chunks only."""
+    stored = _ids(4000, 6)
+    _segment(storage, _sealed("p" * 64, stored))
+    storage.write_atomic(pack_name("p" * 64), b"pack bytes")
+    shards = [DedupIndex.load(storage, i, 4) for i in range(4)]
+    assert sum(len(s) for s in shards) == 4000
+    assert all(800 < len(s) < 1200 for s in shards)
+    which = shard_of(stored, 4)
+    assert set(which.tolist()) == {0, 1, 2, 3}
+    assert (which == ((stored[:, 0].astype(int) * 256 + stored[:, 1]) % 4)).all()
+    for i, shard in enumerate(shards):
+        assert shard.holds(stored[which == i]).all()
+        assert not shard.holds(stored[which != i]).any()

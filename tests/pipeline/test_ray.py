@@ -86,7 +86,7 @@ def test_ray_full_incremental_restore_round_trip(
     events = json.loads(timeline.read_text())
     names = {e["name"] for e in events}
     assert {"reader", "chunker", "deduplicator", "compressor", "writer"} <= names
-    assert any(e["cat"] == "task::_StageHost.process" for e in events)
+    assert any(e["cat"] == "task::StageHost.process" for e in events)
     assert all(e["pid"].startswith("worker ") for e in events if e["cat"] == "comb stage")
     s0 = img.snapshot(tmp_path / "s0")
     img.take_changes()
