@@ -92,6 +92,7 @@ class LocalEngine:
             s.teardown()
         self._stages = []
         self._free = queue.Queue()  # (a next run starts its own stages)
+        self.index = None  # (a server between rounds holds no index)
 
     def shutdown(self) -> None:
         """Nothing outlives ``close``."""

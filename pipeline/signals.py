@@ -9,7 +9,9 @@ cut in the middle (a second signal there crashed the raylet client), and the com
 what it committed instead of "interrupted". ``pending()`` says a signal arrived meanwhile. A
 third signal while held interrupts anyway (someone insists). ``restore`` ends it all.
 A long-running command (``job serve``) ends a hold with ``release`` after each round, and asks
-for SIGHUP with ``watch_hangup``: it is only noted (``hangup``) and wakes ``nap``.
+for SIGHUP with ``watch_hangup``: it is only noted (``hangup``) and ends ``nap`` early. (The
+handler sets a flag and nothing else: a lock taken in a handler can be the one the interrupted
+code holds.)
 
 Owns the signal handlers. Must not: print, or know what a command does.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
@@ -36,7 +39,8 @@ class Interrupted(KeyboardInterrupt):
 
 _depth = 0
 _noted: list[int] = []
-_hup = threading.Event()
+_hup = [0, 0]  # SIGHUPs arrived, and seen by ``hangup``
+NAP_SLICE_S = 0.2  # how soon ``nap`` sees a SIGHUP
 
 
 def _handler(signum: int, frame: FrameType | None) -> None:
@@ -63,7 +67,7 @@ def restore(previous: dict[int, object]) -> None:
     for sig, handler in previous.items():
         signal.signal(sig, handler)  # type: ignore[arg-type]
     _depth = 0
-    _hup.clear()
+    _hup[1] = _hup[0]
 
 
 @contextmanager
@@ -101,21 +105,28 @@ def release() -> int | None:
 
 
 def watch_hangup() -> dict[int, object]:
-    """SIGHUP is noted for ``hangup`` and wakes ``nap`` (main thread only). Returns the previous
+    """SIGHUP is noted for ``hangup`` and ends ``nap`` (main thread only). Returns the previous
     handler for ``restore``."""
     if threading.current_thread() is not threading.main_thread():
         return {}
-    _hup.clear()
-    return {signal.SIGHUP: signal.signal(signal.SIGHUP, lambda signum, frame: _hup.set())}
+    _hup[1] = _hup[0]
+    return {signal.SIGHUP: signal.signal(signal.SIGHUP, _hangup)}
+
+
+def _hangup(signum: int, frame: FrameType | None) -> None:
+    _hup[0] += 1
 
 
 def hangup() -> bool:
-    """Whether SIGHUP arrived since the last call."""
-    came = _hup.is_set()
-    _hup.clear()
+    """Whether SIGHUP arrived since the last call (one arriving meanwhile counts next time)."""
+    arrived = _hup[0]
+    came = arrived != _hup[1]
+    _hup[1] = arrived
     return came
 
 
 def nap(seconds: float) -> None:
     """Sleep up to ``seconds``; SIGHUP ends it early, SIGINT and SIGTERM interrupt it."""
-    _hup.wait(max(0.0, seconds))
+    end = time.monotonic() + seconds
+    while _hup[0] == _hup[1] and (left := end - time.monotonic()) > 0:
+        time.sleep(min(left, NAP_SLICE_S))

@@ -14,7 +14,6 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 from catalog.errors import CombError, SourceError, UsageError
 from catalog.maint.forget import forget
@@ -25,7 +24,7 @@ from ..console import print_json, print_table, waiting, warn
 from ..engines import Engine
 from ..jobs.backup import run_backups, same_source
 from ..jobs.jobfile import JobSource, load_job
-from ..jobs.jobstate import job_lock, read_state, server_alive, state_path, write_state
+from ..jobs.jobstate import JobState, job_lock, lock_holder, lock_path, state_path
 from ..jobs.runner import BackupOptions
 from ..locking import command_line
 from ..profile import stage_seconds
@@ -89,13 +88,8 @@ def add_parser(sub: Subparsers) -> None:
     s.set_defaults(run=cmd_job)
 
 
-def _latest(points: list[RecoveryPoint], name: str) -> RecoveryPoint | None:
-    mine = [p for p in points if p.source == name]
-    return max(mine, key=lambda p: (p.time, p.id)) if mine else None
-
-
 def _status(
-    src: JobSource, last: RecoveryPoint | None, now: datetime, state: dict[str, Any]
+    src: JobSource, last: RecoveryPoint | None, now: datetime, state: JobState
 ) -> dict[str, object]:
     age = None if last is None else round(src.age(last, now), 1)
     every = src.every_s
@@ -105,7 +99,7 @@ def _status(
     rpo = None
     if every is not None:
         rpo = "missed" if age is None or age > every else "unknown" if age < 0 else "kept"
-    run = state.get("sources", {}).get(src.name) or {}
+    run = state.last_run(src.name)
     return {
         "source": src.name,
         "path": src.path,
@@ -180,15 +174,6 @@ def run_round(
     return rnd
 
 
-def record_round(state: dict[str, Any], rnd: Round, began: str) -> None:
-    """Each backed-up or failed source's last run, into the job's state."""
-    runs = state.setdefault("sources", {})
-    for doc in rnd.docs:
-        if doc["status"] != "not due":
-            keys = ("status", "point", "error", "seconds", "bytes_read", "bytes_new")
-            runs[str(doc["source"])] = {"began": began, **{k: doc.get(k) for k in keys}}
-
-
 def report_round(rnd: Round, as_json: bool, extra: dict[str, object]) -> None:
     if as_json:
         print_json({"sources": rnd.docs, "forgotten": rnd.forgotten, **extra})
@@ -216,25 +201,37 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
     engine = engine_for(args) if args.action == "run" else None  # (options checked first)
     r = Repository.open(repo, password=args.password)
     path = state_path(args.file, r.location, args.state)
+    lock = lock_path(args.file, r.location)
     now = datetime.now(UTC)
     if engine is None:
-        state = read_state(path)
-        rows = [_status(s, _latest(r.points(), s.name), now, state) for s in sources]
-        _print_status(rows, serving(state), args)
+        state = JobState(path)
+        latest = latest_points(r.points())
+        rows = [_status(s, latest.get(s.name), now, state) for s in sources]
+        _print_status(rows, serving(state, lock), args)
         return 0
-    with job_lock(path, args.file, "comb job run"):
-        points = r.points()
-        due = [src for src in sources if src.due(_latest(points, src.name), now)]
+    with job_lock(lock, args.file, "comb job run"):
+        latest = latest_points(r.points())
+        due = [src for src in sources if src.due(latest.get(src.name), now)]
         t0 = time.perf_counter()
         rnd = run_round(r, sources, due, engine, args)
-        state = read_state(path)
-        record_round(state, rnd, now.isoformat(timespec="seconds"))
-        write_state(path, {**state, "job_file": os.path.abspath(args.file)})
-    seconds = round(time.perf_counter() - t0, 3)
-    report_round(rnd, args.json, {"seconds": seconds, "stage_seconds": rnd.stage_seconds})
+        seconds = round(time.perf_counter() - t0, 3)
+        report_round(rnd, args.json, {"seconds": seconds, "stage_seconds": rnd.stage_seconds})
+        state = JobState(path)
+        state.record(rnd.docs, now.isoformat(timespec="seconds"))
+        state.doc["job_file"] = os.path.abspath(args.file)
+        state.save()
     if due:
         save_timeline(engine, args)
     return round_exit(rnd)
+
+
+def latest_points(points: list[RecoveryPoint]) -> dict[str, RecoveryPoint]:
+    """Each source's latest point."""
+    out: dict[str, RecoveryPoint] = {}
+    for p in points:
+        if p.source not in out or (p.time, p.id) > (out[p.source].time, out[p.source].id):
+            out[p.source] = p
+    return out
 
 
 def round_exit(rnd: Round) -> int:
@@ -245,12 +242,14 @@ def round_exit(rnd: Round) -> int:
     return 0
 
 
-def serving(state: dict[str, Any]) -> dict[str, object] | None:
-    """The ``job serve`` the state names, and whether it runs (None: none ever did)."""
-    server = state.get("server")
-    if not isinstance(server, dict):
+def serving(state: JobState, lock: str) -> dict[str, object] | None:
+    """The ``job serve`` the state names, and whether it runs now (``alive``: it holds the job
+    lock; None: no server ever ran the file)."""
+    server = state.doc.get("server")
+    if server is None:
         return None
-    return {**server, "running": server_alive(state)}
+    holder = lock_holder(lock) or ""
+    return {**server, "alive": f"pid {server.get('pid')} (comb job serve)" in holder}
 
 
 def _print_status(
@@ -263,7 +262,7 @@ def _print_status(
         what = f"{server.get('state')}, round {server.get('round')}"
         what += f", last seen {server.get('heartbeat')}"
         who = f"pid {server.get('pid')} on {server.get('host')} since {server.get('since')}"
-        if server["running"]:
+        if server["alive"]:
             print(f"served by {who} ({what})")
         else:
             print(f"not served (the last server: {who}, {what})")

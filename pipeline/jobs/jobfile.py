@@ -49,12 +49,14 @@ class JobSource:
         and so does a latest point dated in the future (a clock set back)."""
         return self.due_in(last, now) <= 0
 
-    def due_in(self, last: RecoveryPoint | None, now: datetime) -> float:
-        """Seconds until a backup is due (``due``); 0 when it is due now."""
+    def due_in(self, last: RecoveryPoint | None, now: datetime, exact: bool = False) -> float:
+        """Seconds until a backup is due (``due``); 0 when it is due now. ``exact``: no slack
+        (a server keeps its own time: the slack would make each period a little shorter)."""
         if last is None or self.every_s is None:
             return 0.0
         age = self.age(last, now)
-        return 0.0 if age < 0 else max(0.0, self.every_s - self.slack - age)
+        early = 0.0 if exact else self.slack
+        return 0.0 if age < 0 else max(0.0, self.every_s - early - age)
 
     @property
     def slack(self) -> float:

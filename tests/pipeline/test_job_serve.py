@@ -13,6 +13,8 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from datetime import datetime
+from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
@@ -112,16 +114,23 @@ def test_serve_keeps_the_schedule_reloads_and_stops(
         assert doc["server"]["pid"] == proc.pid and doc["server"]["engine"] == "local"
         assert doc["sources"]["b"]["status"] == "backed up"
         assert doc["sources"][str(tmp_path / "missing.img")]["status"] == "failed"
-        # The job lock: no `job run` of the same file meanwhile.
-        res = cli("-r", repo, "job", "run", job)
-        assert res.code == 11 and f"is being run by pid {proc.pid} (comb job serve)" in res.err
+        # The job lock: no `job run` of the same file meanwhile, by any name or --state.
+        (tmp_path / "link.toml").symlink_to(job)
+        for name, extra in ((job, ()), (tmp_path / "link.toml", ("--state", tmp_path / "x"))):
+            res = cli("-r", repo, "job", "run", name, *extra)
+            assert res.code == 11 and f"is being run by pid {proc.pid} (comb job serve)" in res.err
         st = json.loads(
             cli("-r", repo, "job", "status", job, "--json", "--state", _state_file(state)).out
         )
-        assert st["serve"]["running"] is True and st["serve"]["pid"] == proc.pid
+        assert st["serve"]["alive"] is True and st["serve"]["pid"] == proc.pid
         rows = {r["source"]: r for r in st["sources"]}
         assert rows["b"]["rpo"] == "kept" and rows["b"]["last_run_status"] == "backed up"
         assert "cannot open source" in rows[str(tmp_path / "missing.img")]["last_error"]
+        # SIGHUP storms do not hang it (a handler once waited for a lock its code held).
+        for _ in range(300):
+            os.kill(proc.pid, signal.SIGHUP)
+        rounds = _state(state)["server"]["round"]
+        _until(lambda: _state(state)["server"]["round"] >= rounds + 2)
         # A bad file on SIGHUP is reported and the old one kept; a good one is taken.
         job.write_text(JOB + "[[source]]\npath = 42\n")
         os.kill(proc.pid, signal.SIGHUP)
@@ -129,6 +138,13 @@ def test_serve_keeps_the_schedule_reloads_and_stops(
         job.write_text(JOB.replace('path = "missing.img"', 'path = "c.img"'))
         os.kill(proc.pid, signal.SIGHUP)
         _until(lambda: any(p.source == str(tmp_path / "c.img") for p in _points(repo)))
+        # The repository out of reach for a while: the server waits, then goes on.
+        (tmp_path / "repo").rename(tmp_path / "away")
+        time.sleep(3)
+        assert proc.poll() is None
+        (tmp_path / "away").rename(tmp_path / "repo")
+        rounds = _state(state)["server"]["round"]
+        _until(lambda: _state(state)["server"]["round"] >= rounds + 1 and _idle(state))
     finally:
         proc.send_signal(signal.SIGTERM)
         out, err = proc.communicate(timeout=120)
@@ -141,10 +157,14 @@ def test_serve_keeps_the_schedule_reloads_and_stops(
     tries = [r["began"] for r in rounds for s in r["sources"] if s["path"].endswith("missing.img")]
     assert len(tries) >= 2 and len(tries) < len(rounds)
     assert all(s["status"] != "not due" for r in rounds for s in r["sources"])
+    # Each source every 2 s exactly, not earlier (no timer's slack in a server).
+    b_runs = [datetime.fromisoformat(r["began"]) for r in rounds for s in r["sources"]
+              if s["source"] == "b" and s["status"] == "backed up"]  # fmt: skip
+    assert min((y - x).total_seconds() for x, y in pairwise(b_runs)) >= 1.99
     assert _state(state)["server"]["state"] == "stopped"
     points = _points(repo)
-    for name in ("b", str(tmp_path / "a.img")):
-        assert len([p for p in points if p.source == name]) == 2  # keep = { last = 2 }
+    for source in ("b", str(tmp_path / "a.img")):
+        assert len([p for p in points if p.source == source]) == 2  # keep = { last = 2 }
     assert cli("-r", repo, "verify").code == 0
     assert not os.listdir(repo / "tmp")
     st = cli("-r", repo, "job", "status", job)
