@@ -2,6 +2,8 @@
 
 ``engines``   the stage graph on Ray actors, and the choice of engine: bounded in-flight
               backpressure, error propagation, the run's CPU profile
+``ray_actors``  the Ray actors (a fused worker, a dedup-index shard) and the index client
+``ray_placement``  the cluster nodes a job file's ``node`` names
 ``engine_local``  the same on threads in this process (the baseline)
 ``ray_local`` this user's own ``ray start`` Ray on this machine, to use instead of starting one
 ``ray_processes``  comb's signal handlers around ``ray.init``; reaping an embedded Ray's leftovers

@@ -42,6 +42,8 @@ class LocalEngine:
         self.wall_by_stage: dict[str, float] = {}
         self.trace = False  # keep each stage's spans for ``timeline``
         self.timeline: list[dict[str, object]] = []
+        self.placements: tuple[str | None, ...] = ()
+        self.unplaced: dict[str, str] = {}
         self._pool: ThreadPoolExecutor | None = None
         self._free: queue.Queue[Fused] = queue.Queue()
         self._stages: list[Fused] = []
@@ -68,9 +70,17 @@ class LocalEngine:
         finally:
             self._free.put(stage)
 
-    def submit(self, item: pa.Table) -> Future[Ports]:
+    @property
+    def width(self) -> int:
+        return self.workers
+
+    def submit(self, item: pa.Table, node: str | None = None) -> Future[Ports]:
+        """``node``: threads have no placement (job files' ``node`` needs Ray)."""
         assert self._pool is not None
         return self._pool.submit(self._run, item)
+
+    def node_of(self, handle: Future[Ports]) -> tuple[str, str] | None:
+        return None
 
     def result(self, handle: Future[Ports]) -> Ports:
         return handle.result()

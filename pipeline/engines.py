@@ -30,6 +30,7 @@ from .profile import summed
 from .ray_actors import RAY_CALL_TIMEOUT_S, IndexHost, RayIndexClient, StageHost
 from .ray_actors import ray_module as _ray
 from .ray_local import running_local_ray
+from .ray_placement import matching_nodes, unplaced_reason
 
 RAY_PING_TIMEOUT_S = 60.0
 # The embedded Ray's object store: only small tables travel, so a small store suffices.
@@ -67,10 +68,17 @@ class Engine(Protocol):
     wall_by_stage: dict[str, float]  # ... and wall seconds (``pipeline.profile``)
     trace: bool  # set before start: ``timeline`` holds the run's events after finish
     timeline: list[dict[str, Any]]
+    placements: tuple[str | None, ...]  # set before start: each disk's node (None: anywhere)
+    unplaced: dict[str, str]  # after start: the placements that name no node, and why
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None: ...
 
-    def submit(self, item: pa.Table) -> Any: ...
+    @property
+    def width(self) -> int: ...
+
+    def submit(self, item: pa.Table, node: str | None = None) -> Any: ...
+
+    def node_of(self, handle: Any) -> tuple[str, str] | None: ...
 
     def result(self, handle: Any) -> Ports: ...
 
@@ -186,6 +194,11 @@ class RayEngine:
         self._actors: list[Any] = []
         self._index: list[Any] = []
         self._next = 0
+        self.placements: tuple[str | None, ...] = ()  # set before start: each disk's ``node``
+        self.unplaced: dict[str, str] = {}  # after start: placements naming no node, and why
+        self._pools: dict[str | None, list[int]] = {}
+        self._nodes: list[tuple[str, str]] = []  # each worker's node id and address
+        self._ran: dict[Any, int] = {}
         self._other_children: set[ray_processes.Key] = set()
 
     def start(self, repo_path: str, make_stage: MakeStage, sealer: Sealer = PLAIN) -> None:
@@ -204,20 +217,48 @@ class RayEngine:
             # As on threads: one worker more than cores on a single-node Ray of this machine.
             self.workers = cpus + 1 if self._embedded or self.attached else cpus
         try:
-            opts = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0, **pin}
-            index_cls = ray.remote(**opts)(IndexHost)
+            opts = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
+            index_cls = ray.remote(**opts, **pin)(IndexHost)
             host_cls = ray.remote(**opts)(StageHost)
             env = worker_env()
             n = self.index_shards or max(1, min(MAX_AUTO_SHARDS, self.workers // WORKERS_PER_SHARD))
             self._index = [index_cls.remote(repo_path, sealer, env, i, n) for i in range(n)]
             ray.get([i.ping.remote() for i in self._index], timeout=RAY_PING_TIMEOUT_S)
             client = RayIndexClient(self._index)
-            self._actors = [host_cls.remote(self._traced(make_stage(client)), env)
-                            for _ in range(self.workers)]  # fmt: skip
-            ray.get([a.ping.remote() for a in self._actors], timeout=RAY_PING_TIMEOUT_S)
+            where = self._placed(ray, pin)
+            self._actors = [host_cls.options(**o).remote(self._traced(make_stage(client)), env)
+                            for _, o in where]  # fmt: skip
+            pinged = ray.get([a.ping.remote() for a in self._actors], timeout=RAY_PING_TIMEOUT_S)
         except Exception as err:  # noqa: BLE001
             raise translate_ray_error(err) from None
+        self._nodes = [(node, address) for _, node, address in pinged]
+        self._pools = {}
+        for i, (placement, _) in enumerate(where):
+            self._pools.setdefault(placement, []).append(i)
         self.startup_s = time.perf_counter() - t0
+
+    def _placed(self, ray: Any, pin: dict[str, Any]) -> list[tuple[str | None, dict[str, Any]]]:
+        """Each worker's placement and actor options: ``workers`` anywhere (spread over a
+        cluster's nodes; on the driver's node of a running local Ray), and for each placement
+        one worker per CPU of every node it names (``unplaced``: those naming none)."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as OnNode
+
+        wanted = list(dict.fromkeys(self.placements or (None,)))
+        nodes = ray.nodes() if any(wanted) else []
+        self.unplaced = {}
+        out: list[tuple[str | None, dict[str, Any]]] = []
+        for placement in wanted:
+            if placement is None:
+                anywhere = pin or ({} if self._embedded else {"scheduling_strategy": "SPREAD"})
+                out += [(None, anywhere)] * self.workers
+                continue
+            found = matching_nodes(nodes, placement)
+            if not found:
+                self.unplaced[placement] = unplaced_reason(nodes, placement)
+            for node in found:
+                on = {"scheduling_strategy": OnNode(node_id=node["NodeID"], soft=False)}
+                out += [(placement, on)] * max(1, int(node["Resources"].get("CPU", 1)))
+        return out
 
     def _traced(self, stage: Stage) -> Stage:
         if isinstance(stage, Fused):
@@ -257,10 +298,23 @@ class RayEngine:
                 f"used: {self.attach_failed})"
             ) from None
 
-    def submit(self, item: pa.Table) -> Any:
-        actor = self._actors[self._next % len(self._actors)]
+    @property
+    def width(self) -> int:
+        """Workers running (those of every placement): items in flight scale with it."""
+        return len(self._actors) or self.workers
+
+    def submit(self, item: pa.Table, node: str | None = None) -> Any:
+        pool = self._pools[node]
+        i = pool[self._next % len(pool)]
         self._next += 1
-        return actor.process.remote(item)
+        ref = self._actors[i].process.remote(item)
+        self._ran[ref] = i
+        return ref
+
+    def node_of(self, handle: Any) -> tuple[str, str] | None:
+        """The node id and address of the worker that ran ``handle`` (asked once)."""
+        i = self._ran.pop(handle, None)
+        return None if i is None else self._nodes[i]
 
     def result(self, handle: Any) -> Ports:
         ray = _ray()
@@ -296,8 +350,7 @@ class RayEngine:
             for a in [*self._actors, *self._index]:
                 with suppress(Exception):  # (gone already)
                     ray.kill(a)
-        self._actors = []
-        self._index = []
+        self._actors, self._index, self._ran = [], [], {}
         if not self.keep_warm or failed:  # (after a failure the next run starts afresh)
             self.shutdown()
 

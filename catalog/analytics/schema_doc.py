@@ -37,6 +37,8 @@ VIEWS: dict[str, tuple[str, dict[str, str]]] = {
             "engine": "local or ray",
             "root": "id of the manifest root file",
             "leaves": "id of the leaves file this backup wrote",
+            "read_on": "the Ray nodes whose workers read the source: a list of {node_id, "
+            "address} (empty for the local engine)",
             "bytes_read": "bytes read from the source",
             "bytes_new": "plain bytes of the chunks this backup stored",
             "bytes_stored": "blob bytes this backup wrote to packs",

@@ -73,6 +73,9 @@ class RecoveryPoint:
     # For a point ``comb copy`` wrote: the id of the point it copies (in the repository it came
     # from). Written only for copies.
     copy_of: str | None = None
+    # The Ray nodes whose workers read the source (``[{"node_id", "address"}]``, by node id).
+    # Written only by the Ray engine.
+    read_on: tuple[dict[str, str], ...] = ()
     stats: PointStats = field(default_factory=PointStats)
     id: str = ""
     format: str = POINT_FORMAT_NAME
@@ -82,7 +85,8 @@ class RecoveryPoint:
         """The document's fields (everything but the id, which names the file)."""
         doc = asdict(self)
         doc.pop("id")
-        for name, unset in (("tags", ()), ("description", None), ("copy_of", None)):
+        unset_fields = (("tags", ()), ("description", None), ("copy_of", None), ("read_on", ()))
+        for name, unset in unset_fields:
             if doc[name] == unset:
                 del doc[name]
         return doc
@@ -150,8 +154,9 @@ def parse_point(
         if not isinstance(stats, dict):
             raise ValueError("stats is not an object")
         known = {k: v for k, v in doc.items() if k in _FIELDS and k != "stats"}
-        if isinstance(known.get("tags"), list):
-            known["tags"] = tuple(known["tags"])
+        for name in ("tags", "read_on"):
+            if isinstance(known.get(name), list):
+                known[name] = tuple(known[name])
         point = RecoveryPoint(
             **known,
             stats=PointStats(**{k: v for k, v in stats.items() if k in _STAT_FIELDS}),

@@ -139,8 +139,9 @@ def run_round(
         opts = BackupOptions(batch_bytes=args.batch_mib * 1024 * 1024)
         with progress_bar(f"job {len(due)} sources", args.json, starting="starting ...") as bar:
             made, rnd.failed = run_backups(
-                r, [s.path for s in due], engine, opts, bar, [s.name for s in due]
-            )
+                r, [s.path for s in due], engine, opts, bar, [s.name for s in due],
+                [s.node for s in due],
+            )  # fmt: skip
         rnd.startup_s = engine.startup_s
         rnd.stage_seconds = stage_seconds(engine.cpu_by_stage, engine.wall_by_stage)
         say_engine(engine)
@@ -199,6 +200,8 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
 
         return serve(repo, args, sources)
     engine = engine_for(args) if args.action == "run" else None  # (options checked first)
+    if engine is not None:
+        placed(sources, engine, args.file)
     r = Repository.open(repo, password=args.password)
     path = state_path(args.file, r.location, args.state)
     lock = lock_path(args.file, r.location)
@@ -223,6 +226,16 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
     if due:
         save_timeline(engine, args)
     return round_exit(rnd)
+
+
+def placed(sources: list[JobSource], engine: Engine, file: str) -> None:
+    """A source with a ``node`` needs Ray: threads run on this machine only."""
+    pinned = next((s for s in sources if s.node is not None), None)
+    if pinned is not None and engine.name != "ray":
+        raise UsageError(
+            f"job file {file}: source {pinned.name!r} is placed on node {pinned.node!r}; "
+            "placement needs the ray engine"
+        )
 
 
 def latest_points(points: list[RecoveryPoint]) -> dict[str, RecoveryPoint]:

@@ -36,7 +36,7 @@ from ..jobs.backup import same_source
 from ..jobs.jobfile import JobSource, load_job
 from ..jobs.jobstate import JobState, job_lock, lock_path, now_iso, state_path
 from .backup_cmd import engine_for
-from .job_cmd import Round, latest_points, report_round, run_round
+from .job_cmd import Round, latest_points, placed, report_round, run_round
 
 JOB_RETRY_S = 300.0  # a failed source is tried again after min(every, this)
 IDLE_CHECK_S = 10.0  # while idle, the schedule is checked at least this often
@@ -72,6 +72,7 @@ def _wait(src: JobSource, last: RecoveryPoint | None, state: JobState, now: date
 def serve(repo: str, args: argparse.Namespace, sources: list[JobSource]) -> int:
     sources = _checked(sources, args.file)
     engine = engine_for(args)
+    placed(sources, engine, args.file)
     engine.keep_warm = True
     r = Repository.open(repo, password=args.password)
     state = JobState(state_path(args.file, r.location, args.state))
@@ -115,7 +116,7 @@ def _loop(
     fresh = False  # ``latest`` was read since the last round
     while True:
         if signals.hangup():
-            sources = _reload(args.file, sources, state)
+            sources = _reload(args.file, sources, state, engine)
         now = datetime.now(UTC)
         wait = min(_wait(s, latest.get(s.name), state, now) for s in sources)
         if wait > 0 and fresh:
@@ -166,11 +167,14 @@ def _round(
         raise signals.Interrupted(late)
 
 
-def _reload(file: str, sources: list[JobSource], state: JobState) -> list[JobSource]:
+def _reload(
+    file: str, sources: list[JobSource], state: JobState, engine: Engine
+) -> list[JobSource]:
     """The job file read again (SIGHUP); a bad one is reported (also in the state's
     ``reload_error``) and the old one kept."""
     try:
         new = _checked(load_job(file), file)
+        placed(new, engine, file)
     except CombError as err:
         warn(f"job file not reloaded (the old one stays): {err.message}")
         _save(state, reloaded=now_iso(), reload_error=err.message)

@@ -65,6 +65,7 @@ def point_summary(p: RecoveryPoint) -> dict[str, Any]:
         "engine": p.engine,
         "tags": list(p.tags),
         "description": p.description,
+        "read_on": list(p.read_on),
         **asdict(p.stats),
     }
 

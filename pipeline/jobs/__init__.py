@@ -6,8 +6,10 @@ and benchmarks call them directly.
                     its run under the shared ``backup`` lock
 ``vsphere_backup``  a VMware VM, one point per disk, through one snapshot
 ``vsphere``         the vSphere control plane (pyvmomi): VM, snapshot, disks, CBT
-``runner``          one engine run of one or more disks (their shared address space), the
-                    result tally, the commit of one point per disk
+``runner``          one engine run of one or more disks: its set-up and the commit of one
+                    point per disk
+``run_loop``        the run's loop: items in flight, results into each disk's manifest, the
+                    disks' shared address space, tallies and Ray nodes
 ``plan``            byte ranges to read and work items (pure functions)
 ``assemble``        a point's manifest, leaf by leaf, as results stream in
 ``overlay_source``  an overlay as a backup source on the workers

@@ -135,10 +135,12 @@ def run_backups(
     opts: BackupOptions = BackupOptions(),
     progress: Progress | None = None,
     names: list[str] | None = None,
+    nodes: list[str | None] | None = None,
 ) -> tuple[list[RecoveryPoint], list[tuple[str, CombError]]]:
     """Image files and block devices in one engine run, one point each (in the order given;
-    ``names``: their source names, else their paths); also the sources that failed, before or
-    during the run, each as given with its error, in the order given."""
+    ``names``: their source names, else their paths; ``nodes``: the Ray nodes each is read on,
+    else any); also the sources that failed, before or during the run, each as given with its
+    error, in the order given."""
     t0 = time.perf_counter()
     repo.require_writable()
     given = {os.path.abspath(p): p for p in source_paths}
@@ -158,7 +160,8 @@ def run_backups(
             except (SourceError, ChangeListError) as err:
                 failed.append((name, err))
                 continue
-            jobs.append(DiskJob(plan, ImageSource(path), path))
+            node = None if nodes is None else nodes[i]
+            jobs.append(DiskJob(plan, ImageSource(path), path, node=node))
         points = run_jobs(repo, jobs, engine, opts, progress, t0, lock, unread) if jobs else []
     failed += [(given[path], err) for path, err in unread]
     return points, sorted(failed, key=lambda f: source_paths.index(f[0]))

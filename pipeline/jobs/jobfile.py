@@ -2,7 +2,8 @@
 
 A TOML file: ``[defaults]`` (``every``, ``keep``) and one ``[[source]]`` table per source
 (``path``, required; ``name``, default its absolute path as ``backup`` names it; ``every`` and
-``keep``, default the defaults'). ``every`` is a duration (``"30m"``, ``"2s"``, ``"1h"``,
+``keep``, default the defaults'; ``node``, the Ray nodes that may read it, default any:
+``pipeline.ray_placement``). ``every`` is a duration (``"30m"``, ``"2s"``, ``"1h"``,
 ``"1d"``, ``"1w"``); ``keep`` holds ``forget``'s rules. Relative paths are relative to the
 file's folder. Anything else (an unknown key, a wrong type, a duplicate source) is a one-line
 usage error naming the file, the key and its line.
@@ -27,7 +28,7 @@ from catalog.store.points import RecoveryPoint
 
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SOURCE_KEYS = ("path", "name", "every", "keep")
+_SOURCE_KEYS = ("path", "name", "every", "keep", "node")
 _DEFAULT_KEYS = ("every", "keep")
 MAX_EVERY_S = 10 * 366 * 86400  # ten years
 
@@ -38,6 +39,7 @@ class JobSource:
     name: str
     every_s: float | None  # None: whenever the job runs
     keep: dict[str, int] = field(default_factory=dict)
+    node: str | None = None  # read only on the Ray nodes this names
 
     @property
     def policy(self) -> KeepPolicy:
@@ -110,26 +112,37 @@ def parse_job(data: dict[str, Any], raw: str, path: str) -> list[JobSource]:
     out: list[JobSource] = []
     base = Path(path).parent
     for i, src in enumerate(sources):
-        for key in src:
-            if key not in _SOURCE_KEYS:
-                known = ", ".join(_SOURCE_KEYS)
-                raise bad(f"source.{key}", f"is not a known key (known: {known})", i)
-        given = src.get("path")
-        if not isinstance(given, str) or not given:
-            raise bad("source.path", "must be a non-empty string (every source has one)", i)
-        full = os.path.abspath(base / Path(given).expanduser())
-        name = src.get("name", full)
-        if not isinstance(name, str) or not name.strip():
-            raise bad("source.name", "must be a non-empty string", i)
-        own_every = _every(src.get("every"), lambda w, i=i: bad("source.every", w, i))
-        own_keep = _keep(src.get("keep"), "source.keep", lambda k, w, i=i: bad(k, w, i))
-        job = JobSource(full, name, own_every or every, own_keep if "keep" in src else keep)
+        job = _source(src, base, every, keep, lambda k, w, i=i: bad(k, w, i))
+        given = src["path"]
         if any(o.path == job.path for o in out):
             raise bad("source.path", f"{given} is a second source's path", i)
         if any(o.name == job.name for o in out):
-            raise bad("source.name", f"{name!r} names a second source", i)
+            raise bad("source.name", f"{job.name!r} names a second source", i)
         out.append(job)
     return out
+
+
+def _source(
+    src: dict[str, Any], base: Path, every: float | None, keep: dict[str, int], bad: Any
+) -> JobSource:
+    """One [[source]] table (``bad(key, what)``: the error naming its line)."""
+    for key in src:
+        if key not in _SOURCE_KEYS:
+            raise bad(f"source.{key}", f"is not a known key (known: {', '.join(_SOURCE_KEYS)})")
+    given = src.get("path")
+    if not isinstance(given, str) or not given:
+        raise bad("source.path", "must be a non-empty string (every source has one)")
+    full = os.path.abspath(base / Path(given).expanduser())
+    name = src.get("name", full)
+    if not isinstance(name, str) or not name.strip():
+        raise bad("source.name", "must be a non-empty string")
+    own_every = _every(src.get("every"), lambda w: bad("source.every", w))
+    own_keep = _keep(src.get("keep"), "source.keep", bad)
+    node = src.get("node")
+    if node is not None and (not isinstance(node, str) or not node.strip()):
+        raise bad("source.node", "must be a non-empty string (a Ray node's id, address, name, "
+                  "resource or key=value label)")  # fmt: skip
+    return JobSource(full, name, own_every or every, own_keep if "keep" in src else keep, node)
 
 
 def _every(value: object, bad: Any) -> float | None:

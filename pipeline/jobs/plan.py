@@ -163,3 +163,19 @@ def work_items(ranges: list[Range], batch_bytes: int, chunk: int) -> Iterator[Wo
                 cur, cur_bytes = [], 0
     if cur:
         yield WorkItem(seq, cur, cur[-1][1])
+
+
+def shifted(item: WorkItem, base: int) -> pa.Table:
+    """An item's table with its ranges moved by ``base`` (a disk's place in a run's address
+    space, ``stages.sources.multi``)."""
+    if not base:
+        return item.table()
+    return WorkItem(item.seq, [(s + base, e + base) for s, e in item.ranges], item.end).table()
+
+
+def unshifted(written: pa.Table, base: int) -> pa.Table:
+    """Result rows moved back to their disk's own offsets."""
+    if not base:
+        return written
+    offs = written.column("offset").to_numpy() - base
+    return written.set_column(0, "offset", pa.array(offs, pa.int64()))

@@ -50,6 +50,8 @@ def _json_type(hint: Any) -> str:
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin is tuple and args == (str, ...):
         return "array of strings"
+    if origin is tuple and len(args) == 2 and args[1] is ... and typing.get_origin(args[0]) is dict:
+        return "array of objects"
     if origin in (types.UnionType, typing.Union) and type(None) in args:
         (inner,) = [a for a in args if a is not type(None)]
         return f"{_json_type(inner)} or null"
@@ -159,7 +161,8 @@ def test_point_fields_match_code() -> None:
 # Fields added after golden-v1 was written (comb 0.2: change tables, section 8.5).
 # (comb 0.3: vSphere sources, section 8.6).
 # (comb 0.4: block lists, section 7.1).
-# (comb 0.5: tags and description, section 9; written only when given).
+# (comb 0.5: tags and description, section 9; written only when given; then copy_of, and
+# read_on: the Ray nodes that read the source).
 _AFTER_GOLDEN_V1 = {
     "changes",
     "stats.bytes_changed",
@@ -169,6 +172,7 @@ _AFTER_GOLDEN_V1 = {
     "tags",
     "description",
     "copy_of",
+    "read_on",
 }
 
 
@@ -196,6 +200,7 @@ def _made_point() -> RecoveryPoint:
         tags=("nightly", "é"),
         description="a point ☃",
         copy_of="0123456789abcdef",
+        read_on=({"node_id": "ab" * 28, "address": "10.0.0.1"},),
         stats=PointStats(seconds=1e-05),
     )
 

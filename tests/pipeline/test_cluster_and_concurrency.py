@@ -5,8 +5,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -14,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from raycluster import RAY_CLI, free_port, stop_group
 from s3server import S3Server
 
 COMB = [sys.executable, "-m", "pipeline.cli"]
@@ -68,18 +67,6 @@ def test_two_sources_back_up_at_the_same_time(tmp_path: Path) -> None:
     assert "2 point(s)" in v.stdout
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-# Ray's command line run by this interpreter: a venv's ``ray`` script runs the Python its
-# shebang names, which is another venv's when the venv was copied, and comb only attaches to a
-# Ray whose workers run this Python.
-RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
-
-
 def _wait_for_cluster(address: str, proc: subprocess.Popen[bytes], env: dict[str, str]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
@@ -95,7 +82,7 @@ def _wait_for_cluster(address: str, proc: subprocess.Popen[bytes], env: dict[str
 
 @pytest.mark.ray
 def test_backup_on_an_existing_ray_cluster(tmp_path: Path, s3_server: S3Server) -> None:
-    address = f"127.0.0.1:{_free_port()}"
+    address = f"127.0.0.1:{free_port()}"
     temp = tempfile.mkdtemp(prefix="combray", dir="/tmp")  # AF_UNIX paths are short
     # A test cluster without token authentication (Ray 2.60 enables it by default; a real
     # cluster's token reaches comb through RAY_AUTH_TOKEN like any other Ray client).
@@ -150,11 +137,5 @@ def test_backup_on_an_existing_ray_cluster(tmp_path: Path, s3_server: S3Server) 
         )
         assert status.returncode == 0
     finally:
-        for sig, wait_s in ((signal.SIGTERM, 30), (signal.SIGKILL, 30)):
-            try:
-                os.killpg(head.pid, sig)
-                head.wait(timeout=wait_s)
-                break
-            except (ProcessLookupError, subprocess.TimeoutExpired):
-                continue
+        stop_group(head)
         shutil.rmtree(temp, ignore_errors=True)

@@ -25,7 +25,7 @@ from combtest import TEST_PASSWORD, CliRunner, ImageFactory, MiB, api_restore, s
 from catalog.repo import Repository
 from pipeline import engines
 from pipeline.engines import LocalEngine
-from pipeline.jobs import runner
+from pipeline.jobs import run_loop
 from pipeline.jobs.backup import run_backup
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -196,13 +196,13 @@ def test_sigterm_mid_backup_commits_all_or_nothing(
     job = tmp_path / "jobs.toml"
     job.write_text('[defaults]\nevery = "1h"\n[[source]]\npath = "a.img"\n')
     if at == "before the commit":
-        real_drive = runner._drive
+        real_drive = run_loop.drive
 
         def drive(*args: Any) -> None:
             real_drive(*args)
             _signal_self(signal.SIGTERM)  # every chunk stored, nothing committed
 
-        monkeypatch.setattr(runner, "_drive", drive)
+        monkeypatch.setattr(run_loop, "drive", drive)
     else:
         real_close = engines.LocalEngine.close
 

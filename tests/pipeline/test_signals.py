@@ -18,7 +18,7 @@ from combtest import TEST_PASSWORD, CliRunner, ImageFactory, MiB, session_proces
 
 from catalog.repo import Repository
 from pipeline import engines
-from pipeline.jobs import runner
+from pipeline.jobs import run_loop
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -71,13 +71,13 @@ def test_a_signal_before_the_commit_stops_the_backup(
     word: str,
 ) -> None:
     img = make_image(2 * MiB, "d.img")
-    real_drive = runner._drive
+    real_drive = run_loop.drive
 
     def drive(*args: Any) -> None:
         real_drive(*args)
         _signal_self(signum)  # every chunk is stored; nothing is committed yet
 
-    monkeypatch.setattr(runner, "_drive", drive)
+    monkeypatch.setattr(run_loop, "drive", drive)
     res = cli("-r", repo_path, "backup", img.path, "--engine", "local")
     assert (res.code, res.out, res.err) == (code, "", f"comb: error: {word}\n")
     assert _points(repo_path) == []
