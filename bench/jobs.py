@@ -21,7 +21,10 @@ import sys
 import time
 from typing import Any
 
+from pipeline.profile import STAGE_SECONDS
+
 from .image import GIB, generate_image, mixed_path, mixed_spec, parse_size, warm
+from .jobs_scale import BATCH_IDS, claims_per_second, projection, scale_figures
 from .machine import DEFAULT_WORKDIR, describe, header_lines
 from .report import Target, table, targets_table
 from .runs import BENCH_PASSWORD
@@ -64,9 +67,25 @@ def _ways(images: list[str], engine: str, workdir: str) -> dict[str, Any]:
                         "best_mb_s": best}  # fmt: skip
         else:
             wall, docs = _comb(repo, "backup", *images, "--engine", engine, "--json", "--no-files")
-            out[way] = {"seconds": wall, "data_bytes": sum(d["bytes_read"] for d in docs)}
+            out[way] = {"seconds": wall, "data_bytes": sum(d["bytes_read"] for d in docs),
+                        "startup_seconds": docs[0]["engine_startup_seconds"],
+                        "stage_seconds": docs[0]["stage_seconds"],
+                        "driver_cpu_seconds": docs[0]["driver_cpu_seconds"]}  # fmt: skip
+            if engine == "ray":  # the index shards over this job's index, 1 and 4 of them
+                out["claims_per_s"] = {n: claims_per_second(repo, BENCH_PASSWORD, n)
+                                       for n in (1, 4)}  # fmt: skip
     shutil.rmtree(repo, ignore_errors=True)
     return out
+
+
+def _stage_rows(runs: dict[str, Any]) -> list[list[str]]:
+    rows = []
+    for engine, r in runs.items():
+        stages = r["job"]["stage_seconds"]
+        total = sum(stages.values()) or 1.0
+        rows.append([engine, *(f"{stages[k]:.1f} ({stages[k] / total:.0%})" for k in STAGE_SECONDS),
+                     f"{r['job']['driver_cpu_seconds']:.1f}"])  # fmt: skip
+    return rows
 
 
 def main(argv: list[str]) -> int:
@@ -109,7 +128,31 @@ def main(argv: list[str]) -> int:
         )
     )  # fmt: skip
     print(targets_table(targets))
+    print(table("where the job's worker-seconds went (stage_seconds), and the driver's CPU s",
+                ["engine", *STAGE_SECONDS, "driver CPU s"], _stage_rows(runs)))  # fmt: skip
     doc = {"bench": "jobs", "sources": args.sources, "size": size, "runs": runs}
+    if "ray" in runs:
+        claims = runs["ray"]["claims_per_s"]
+        print(table("dedup index claims per second (IndexHost actors over the job's index, "
+                    f"{BATCH_IDS}-id batches from 4 callers)",
+                    ["shards", "ids/s in all", "ids/s per shard", "MB/s of data it can feed"],
+                    [[str(n), f"{c:,.0f}", f"{c / n:,.0f}", f"{c * 65536 / 1e6:,.0f}"]
+                     for n, c in claims.items()]))  # fmt: skip
+        scale = scale_figures(runs["ray"]["job"], claims)
+        print(table(
+            f"projection: nodes like this one ({scale['cores']} cores, "
+            f"{scale['node_mb_s']:.0f} MB/s without start-up); a shard claims "
+            f"{scale['claims_per_s_per_shard']:,.0f} ids/s; the driver spends "
+            f"{scale['driver_cpu_s_per_gb']:.2f} CPU-s per GB",
+            ["nodes", "workers", "MB/s", "ids/s to claim", "shards needed", "driver cores"],
+            projection(scale["node_mb_s"], scale["claims_per_s_per_shard"],
+                       scale["driver_cpu_s_per_gb"], scale["cores"]),
+        ))  # fmt: skip
+        print(
+            f"one driver feeds at most {scale['driver_limit_mb_s']:,.0f} MB/s; one index shard "
+            f"{scale['shard_limit_mb_s']:,.0f} MB/s of new data"
+        )
+        doc["scale"] = scale
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(doc, fh, indent=2)

@@ -26,7 +26,7 @@ from stages.base import Fused, Ports, Stage
 
 from . import ray_processes
 from .engine_local import LocalEngine as LocalEngine  # (re-exported: make_engine makes it)
-from .profile import summed
+from .profile import ray_events_of, summed
 from .ray_actors import RAY_CALL_TIMEOUT_S, IndexHost, RayIndexClient, StageHost
 from .ray_actors import ray_module as _ray
 from .ray_local import running_local_ray
@@ -193,7 +193,7 @@ class RayEngine:
         self._embedded = False  # ... and the Ray it started is ours too (not a cluster's)
         self._actors: list[Any] = []
         self._index: list[Any] = []
-        self._next = 0
+        self._turns: dict[str | None, int] = {}
         self.placements: tuple[str | None, ...] = ()  # set before start: each disk's ``node``
         self.unplaced: dict[str, str] = {}  # after start: placements naming no node, and why
         self._pools: dict[str | None, list[int]] = {}
@@ -218,7 +218,8 @@ class RayEngine:
             self.workers = cpus + 1 if self._embedded or self.attached else cpus
         try:
             opts = {"num_cpus": 0, "max_restarts": 0, "max_task_retries": 0}
-            index_cls = ray.remote(**opts, **pin)(IndexHost)
+            spread = {} if pin or self._embedded else {"scheduling_strategy": "SPREAD"}
+            index_cls = ray.remote(**opts, **(pin or spread))(IndexHost)
             host_cls = ray.remote(**opts)(StageHost)
             env = worker_env()
             n = self.index_shards or max(1, min(MAX_AUTO_SHARDS, self.workers // WORKERS_PER_SHARD))
@@ -244,13 +245,17 @@ class RayEngine:
         from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy as OnNode
 
         wanted = list(dict.fromkeys(self.placements or (None,)))
-        nodes = ray.nodes() if any(wanted) else []
+        cluster = not (pin or self._embedded)
+        nodes = ray.nodes() if any(wanted) or cluster else []
         self.unplaced = {}
         out: list[tuple[str | None, dict[str, Any]]] = []
         for placement in wanted:
-            if placement is None:
-                anywhere = pin or ({} if self._embedded else {"scheduling_strategy": "SPREAD"})
-                out += [(None, anywhere)] * self.workers
+            if placement is None:  # (a cluster's nodes by their CPUs: 0-CPU actors ignore them)
+                spread = [{"scheduling_strategy": OnNode(node_id=n, soft=False)}
+                          for n in _by_cpus(nodes)] if cluster else []  # fmt: skip
+                out += [
+                    (None, spread[i % len(spread)] if spread else pin) for i in range(self.workers)
+                ]
                 continue
             found = matching_nodes(nodes, placement)
             if not found:
@@ -305,8 +310,9 @@ class RayEngine:
 
     def submit(self, item: pa.Table, node: str | None = None) -> Any:
         pool = self._pools[node]
-        i = pool[self._next % len(pool)]
-        self._next += 1
+        turn = self._turns.get(node, 0)  # (each pool its own turns: all its workers busy)
+        self._turns[node] = turn + 1
+        i = pool[turn % len(pool)]
         ref = self._actors[i].process.remote(item)
         self._ran[ref] = i
         return ref
@@ -333,7 +339,8 @@ class RayEngine:
             self.wall_by_stage = summed(wall for _, wall, _ in got)
             if self.trace:  # Ray's own events (reported each second), then the stages'
                 time.sleep(RAY_TASK_EVENTS_S + 0.2)
-                mine = [e for e in ray.timeline() if e.get("ts", 0) >= self._began * 1e6]
+                job = ray.get_runtime_context().get_job_id()
+                mine = ray_events_of(ray.timeline(), job, self._began)
                 self.timeline = [*mine, *(e for _, _, events in got for e in events)]
             # The index's own CPU, beside what asking it cost the workers.
             self.index_stats = ray.get(claims, timeout=RAY_CALL_TIMEOUT_S)
@@ -363,6 +370,13 @@ class RayEngine:
                 _ray().shutdown()
             ray_processes.reap(ours, RAY_SHUTDOWN_GRACE_S)
         self._started_ray = self._embedded = False
+
+
+def _by_cpus(nodes: list[dict[str, Any]]) -> list[str]:
+    """Alive nodes' ids, each as many times as it has CPUs, interleaved (A B A B B B for 2 and
+    4 CPUs): workers taken in this order go to the nodes in proportion to their CPUs."""
+    cpus = {n["NodeID"]: int(n["Resources"].get("CPU", 0)) for n in nodes if n.get("Alive")}
+    return [node for r in range(max(cpus.values(), default=0)) for node, c in cpus.items() if c > r]
 
 
 def _first_line(err: BaseException) -> str:

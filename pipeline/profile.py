@@ -59,6 +59,23 @@ def trace_events(worker: str, spans: Iterable[tuple[str, float, float]]) -> list
     ]  # fmt: skip
 
 
+def ray_events_of(
+    events: list[dict[str, Any]], job_id: str, since_s: float
+) -> list[dict[str, Any]]:
+    """Of ``ray.timeline()``'s events (a whole cluster's, since it started), this run's: from
+    ``since_s`` on, and of Ray job ``job_id`` (a task id ends with its job's id; a driver's
+    worker id begins with it)."""
+
+    def ours(e: dict[str, Any]) -> bool:
+        task = str((e.get("args") or {}).get("task_id", ""))
+        tid = str(e.get("tid", ""))
+        if task:
+            return task.endswith(job_id)
+        return not tid.startswith("driver:") or tid.removeprefix("driver:").startswith(job_id)
+
+    return [e for e in events if e.get("ts", 0) >= since_s * 1e6 and ours(e)]
+
+
 def write_timeline(path: str, events: list[dict[str, Any]]) -> None:
     """The events as a JSON array, written aside and renamed (never half a file)."""
     tmp = f"{path}.{os.getpid()}.tmp"

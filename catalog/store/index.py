@@ -252,13 +252,19 @@ class DedupIndex:
         session must exist before this is called (FORMAT.md 13). With ``shards`` > 1, only
         the chunks of shard ``shard`` (``shard_of``)."""
         doomed = condemned_packs(storage)  # first: a record goes only after its packs
-        table = present_rows(storage, load_index(storage, ["chunk_id", "pack"]))
+        if shards > 1:  # each segment's share only: a shard never holds the whole table
+            mine = [
+                t.filter(pa.array(shard_of(ids_to_array(t.column("chunk_id")), shards) == shard))
+                for _, t in read_segments(storage, ["chunk_id", "pack"])
+            ]
+            empty = pa.schema([INDEX_SCHEMA.field(c) for c in ("chunk_id", "pack")]).empty_table()
+            table = present_rows(storage, pa.concat_tables(mine) if mine else empty)
+        else:
+            table = present_rows(storage, load_index(storage, ["chunk_id", "pack"]))
         if doomed and table.num_rows:
             value_set = pa.array(sorted(doomed), pa.string())
             table = table.filter(pc.invert(pc.is_in(table.column("pack"), value_set=value_set)))
         arr = ids_to_array(table.column("chunk_id"))
-        if shards > 1 and len(arr):
-            arr = arr[shard_of(arr, shards) == shard]
         return DedupIndex(np.unique(_keys(arr)) if len(arr) else None)
 
     def __len__(self) -> int:

@@ -195,6 +195,10 @@ def _type_ok(value: object, annotation: str) -> bool:
         return isinstance(value, dict)
     if annotation.startswith("tuple[str"):
         return isinstance(value, tuple) and all(isinstance(v, str) for v in value)
+    if annotation.startswith("tuple[dict[str, str]"):  # (read_on: objects of strings)
+        return isinstance(value, tuple) and all(
+            isinstance(v, dict) and all(isinstance(x, str) for x in v.values()) for v in value
+        )
     return True
 
 

@@ -8,7 +8,7 @@ import argparse
 import os
 import time
 
-from catalog.errors import CombError, SourceError, UsageError
+from catalog.errors import CombError, OutputError, SourceError, UsageError
 from catalog.repo import Repository
 from catalog.store.points import RecoveryPoint
 
@@ -154,6 +154,8 @@ def engine_for(args: argparse.Namespace) -> Engine:
         folder = os.path.dirname(os.path.abspath(timeline))
         if not os.path.isdir(folder):
             raise UsageError(f"--timeline {timeline}: no folder {folder}")
+        if os.path.isdir(timeline):
+            raise UsageError(f"--timeline {timeline} is a folder (give a file's name)")
         engine.trace = True
     return engine
 
@@ -187,7 +189,7 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
     args.source = sources[0]
     vopts = _vsphere_options(args)
     engine = engine_for(args)
-    t0 = time.perf_counter()
+    t0, cpu0 = time.perf_counter(), time.process_time()
     label = f"backup {len(sources)} sources" if many else f"backup {os.path.basename(sources[0])}"
     starting = "starting Ray ..." if engine.name == "ray" else "preparing ..."
     failed: list[tuple[str, CombError]] = []
@@ -199,6 +201,7 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
         else:
             points = [run_backup(r, args.source, engine, opts, bar)]
     seconds = time.perf_counter() - t0
+    driver_cpu = time.process_time() - cpu0  # (the threads' too on the local engine)
     say_engine(engine)
     if not args.json:
         for point in points:
@@ -206,17 +209,21 @@ def cmd_backup(repo: str, args: argparse.Namespace) -> int:
     catalogs = {} if args.no_files else index_after_backup(r, points, args.json)
     if args.json:
         for point in points:
-            _report(point, engine, seconds, True, catalogs.get(point.id))
+            _report(point, engine, seconds, True, catalogs.get(point.id), driver_cpu)
     for source, err in failed:
         warn(f"source {source} failed: {err.message}")
         if args.json:
             print_json({"source": source, "failed": err.message, "exit_code": err.exit_code})
-    save_timeline(engine, args)
     if failed:
+        try:
+            save_timeline(engine, args)
+        except OutputError as err:  # (the sources that failed say more: their exit code wins)
+            warn(err.message)
         raise SourceError(
             f"{len(failed)} of {len(sources)} sources failed (named above); "
             f"{len(points)} recovery point(s) committed"
         )
+    save_timeline(engine, args)
     return 0
 
 
@@ -269,6 +276,7 @@ def _report(
     seconds: float,
     as_json: bool,
     catalog: dict[str, object] | None = None,
+    driver_cpu: float = 0.0,
 ) -> None:
     st = point.stats
     if as_json:  # one line per point (JSON Lines): a VM backup makes one point per disk
@@ -278,6 +286,7 @@ def _report(
             k.replace(" ", "_"): round(v, 6) for k, v in engine.cpu_by_stage.items()
         }
         doc["stage_seconds"] = stage_seconds(engine.cpu_by_stage, engine.wall_by_stage)
+        doc["driver_cpu_seconds"] = round(driver_cpu, 3)
         doc["file_catalog"] = catalog
         if point.vsphere is not None:
             doc.update(change_id=point.change_id, cbt=point.vsphere.get("cbt"))

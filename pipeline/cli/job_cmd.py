@@ -137,13 +137,17 @@ def run_round(
     rnd = Round(due=len(due))
     if due:
         opts = BackupOptions(batch_bytes=args.batch_mib * 1024 * 1024)
+        # (a warm engine's last run must not count when no source gets as far as the engine)
+        engine.cpu_by_stage, engine.wall_by_stage, engine.timeline = {}, {}, []
+        engine.startup_s = 0.0
         with progress_bar(f"job {len(due)} sources", args.json, starting="starting ...") as bar:
             made, rnd.failed = run_backups(
                 r, [s.path for s in due], engine, opts, bar, [s.name for s in due],
                 [s.node for s in due],
             )  # fmt: skip
         rnd.startup_s = engine.startup_s
-        rnd.stage_seconds = stage_seconds(engine.cpu_by_stage, engine.wall_by_stage)
+        if engine.wall_by_stage:  # (null: the engine did not run)
+            rnd.stage_seconds = stage_seconds(engine.cpu_by_stage, engine.wall_by_stage)
         say_engine(engine)
     catalogs = index_after_backup(r, made, args.json)
     by_path = {p.source_path: p for p in made}
@@ -223,7 +227,7 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
         state.record(rnd.docs, now.isoformat(timespec="seconds"))
         state.doc["job_file"] = os.path.abspath(args.file)
         state.save()
-    if due:
+    if engine.wall_by_stage:
         save_timeline(engine, args)
     return round_exit(rnd)
 

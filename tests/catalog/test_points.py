@@ -155,7 +155,11 @@ def test_a_missing_field_is_a_corruption_error(storage: LocalStorage, key: str) 
         parse_point(raw, "W")
 
 
-@pytest.mark.parametrize(("key", "value"), [("root", 5), ("size", "big"), ("stats", [1])])
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("root", 5), ("size", "big"), ("stats", [1]), ("read_on", "x"), ("read_on", 5),
+     ("read_on", [5]), ("read_on", [{"node_id": 5}])],
+)  # fmt: skip
 def test_a_field_of_the_wrong_type_is_a_corruption_error(
     storage: LocalStorage, key: str, value: object
 ) -> None:

@@ -7,18 +7,21 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 from combtest import CliRunner, ImageFactory, MiB
 from raycluster import ray_cluster
 
+ROOT = Path(__file__).resolve().parents[2]
+
 
 @pytest.mark.ray
 def test_sources_placed_on_nodes_are_read_there(
-    cli: CliRunner, make_image: ImageFactory, tmp_path: Path, repo_path: Path,
-    monkeypatch: pytest.MonkeyPatch,
-) -> None:  # fmt: skip
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path, repo_path: Path
+) -> None:
     for i, name in enumerate(("one.img", "two.img", "any1.img", "any2.img")):
         make_image(8 * MiB, name).random(0, 8 * MiB, seed=i)
     job = tmp_path / "jobs.toml"
@@ -34,11 +37,15 @@ def test_sources_placed_on_nodes_are_read_there(
             if n["Resources"].get(res)
         }  # fmt: skip
         address = {n["NodeID"]: n["NodeManagerAddress"] for n in nodes}
-        monkeypatch.setenv("RAY_ADDRESS", cluster.address)
-        monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-        res = cli("-r", repo_path, "job", "run", job, "--engine", "ray", "--batch-mib", "1",
-                  "--json")  # fmt: skip
-        assert res.code == 0, res.err
+        # A comb process of its own, as a user runs it (this one may hold another Ray's state)
+        env = {**cluster.env, "RAY_ADDRESS": cluster.address, "PYTHONPATH": str(ROOT),
+               "COMB_STATE_DIR": str(tmp_path / "state")}  # fmt: skip
+        run = subprocess.run(
+            [sys.executable, "-m", "pipeline.cli", "-r", str(repo_path), "job", "run", str(job),
+             "--engine", "ray", "--batch-mib", "1", "--json"],
+            capture_output=True, text=True, env=env, timeout=600,
+        )  # fmt: skip
+        assert run.returncode == 0, run.stderr
     points = {
         os.path.basename(p["source"]): p
         for p in json.loads(cli("-r", repo_path, "points", "--json").out)["points"]

@@ -132,6 +132,7 @@ def test_a_backup_prints_the_point_as_points_lists_it(
         "engine_startup_seconds",
         "stage_cpu_seconds",
         "stage_seconds",
+        "driver_cpu_seconds",
         "file_catalog",
     }
     # the pipeline's own profile: CPU seconds of every stage, and of the parts they split

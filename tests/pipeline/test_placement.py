@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from combtest import CliRunner, ImageFactory, MiB
 
+from pipeline.engines import _by_cpus
 from pipeline.ray_actors import ray_module
 from pipeline.ray_placement import matching_nodes
 
@@ -33,6 +34,12 @@ NODES = [
 )  # fmt: skip
 def test_a_placement_names_alive_nodes(placement: str, ids: list[str]) -> None:
     assert [n["NodeID"] for n in matching_nodes(NODES, placement)] == ids
+
+
+def test_workers_anywhere_go_to_the_nodes_by_their_cpus() -> None:
+    """0-CPU actors ignore CPUs: the engine hands them out itself, each node as many as it has
+    CPUs, interleaved (a dead node none)."""
+    assert _by_cpus(NODES) == ["aa", "bb", "aa", "bb", "bb", "bb"]
 
 
 def test_placement_needs_ray_and_a_name(cli: CliRunner, repo_path: Path, tmp_path: Path) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from combtest import CliRunner, ImageFactory, MiB
 
-from pipeline.profile import STAGE_SECONDS, stage_seconds
+from pipeline.profile import STAGE_SECONDS, ray_events_of, stage_seconds
 
 STAGES = ("reader", "chunker", "deduplicator", "compressor", "writer")
 
@@ -85,3 +85,35 @@ def test_a_job_round_says_where_its_time_went(
     assert set(doc["stage_seconds"]) == set(STAGE_SECONDS) and doc["stage_seconds"]["read"] > 0
     readers = [e for e in json.loads(timeline.read_text()) if e["name"] == "reader"]
     assert len(readers) >= 2  # both sources' batches
+
+
+def test_a_timeline_into_a_folder_is_refused(
+    cli: CliRunner, repo_path: Path, tmp_path: Path
+) -> None:
+    res = cli("-r", repo_path, "backup", tmp_path / "x.img", "--timeline", tmp_path)
+    assert (res.code, res.err) == (
+        2, f"comb: error: --timeline {tmp_path} is a folder (give a file's name)\n"
+    )  # fmt: skip
+
+
+def test_a_round_where_no_source_reached_the_engine_has_no_stage_seconds(
+    cli: CliRunner, repo_path: Path, tmp_path: Path
+) -> None:
+    job = tmp_path / "jobs.toml"
+    job.write_text('[[source]]\npath = "missing.img"\n')
+    timeline = tmp_path / "t.json"
+    res = cli("-r", repo_path, "job", "run", job, "--json", "--timeline", timeline)
+    assert res.code == 5
+    assert json.loads(res.out)["stage_seconds"] is None and not timeline.exists()
+
+
+def test_only_this_runs_ray_events_are_kept() -> None:
+    job = "02000000"
+    events = [
+        {"ts": 5e6, "tid": "driver:02000000ffff", "args": {}},  # this run's driver
+        {"ts": 5e6, "tid": "driver:01000000ffff", "args": {}},  # another driver
+        {"ts": 5e6, "tid": "worker:aa", "args": {"task_id": "ffee02000000"}},
+        {"ts": 5e6, "tid": "worker:bb", "args": {"task_id": "ffee01000000"}},
+        {"ts": 1e6, "tid": "worker:aa", "args": {"task_id": "ffee02000000"}},  # before the run
+    ]
+    assert ray_events_of(events, job, 2.0) == [events[0], events[2]]
