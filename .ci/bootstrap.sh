@@ -61,6 +61,8 @@ comb_bootstrap() {
         command -v chromium >/dev/null || missing+=(chromium)  # dashboard page, rendered headless
         command -v qemu-img >/dev/null || missing+=(qemu-utils)  # independent reader of exports
         command -v nbdinfo >/dev/null || missing+=(libnbd-bin)  # NBD clients: nbdinfo, nbdcopy
+        # A source whose reads fail (nbdkit's error filter, seen as a file through nbdfuse).
+        command -v nbdkit >/dev/null || missing+=(nbdkit)
         # vSphere tests: vcsim is built from Debian's govmomi source (tests/vcsim/build.sh).
         command -v go >/dev/null || missing+=(golang-go)
         [ -f /usr/share/gocode/src/github.com/vmware/govmomi/simulator/simulator.go ] \

@@ -36,6 +36,8 @@ class ReportOptions:
     forget: tuple[str, ...] = ()
     held: frozenset[str] = frozenset()  # points a forget keeps whatever the policy (overlay bases)
     now: datetime | None = None
+    # rpo: each source's objective in seconds (a job file's `every`), by source name
+    targets: tuple[tuple[str, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -336,11 +338,12 @@ def throughput(cat: Catalog, opts: ReportOptions) -> ReportResult:
 
 
 def rpo(cat: Catalog, opts: ReportOptions) -> ReportResult:
-    """The recovery point objective achieved: the largest gap between points per source."""
+    """The recovery point objective achieved: the largest gap between points per source; with
+    targets (``report rpo --job FILE``), each target in hours and whether the latest point is
+    within it (``kept``) or not (``missed``: a source of the job with no point too)."""
     where, params = _filter(opts)
     now = opts.now or datetime.now(UTC)
-    table = _sql(
-        cat,
+    sql = (
         "WITH g AS (SELECT source, time, lag(time) OVER (PARTITION BY source ORDER BY pos) "
         "AS prev FROM point_history) "
         "SELECT source, count(*) AS points, min(time) AS first_time, max(time) AS last_time, "
@@ -348,7 +351,23 @@ def rpo(cat: Catalog, opts: ReportOptions) -> ReportResult:
         "arg_max(prev, time - prev) AS gap_from, arg_max(time, time - prev) AS gap_to, "
         "median(epoch(time - prev)) / 3600.0 AS median_gap_hours, "
         "epoch(?::TIMESTAMPTZ - max(time)) / 3600.0 AS hours_since_last "
-        f"FROM g WHERE {where} GROUP BY source ORDER BY source",
+        f"FROM g WHERE {where} GROUP BY source"
+    )
+    if not opts.targets:
+        return ReportResult(_sql(cat, f"{sql} ORDER BY source", [now, *params]))
+    wanted = [(s, e) for s, e in opts.targets if opts.source is None or s == opts.source]
+    cat.con.register("_rpo_targets", pa.table({
+        "source": pa.array([s for s, _ in wanted], pa.string()),
+        "every_s": pa.array([e for _, e in wanted], pa.float64()),
+    }))  # fmt: skip
+    table = _sql(
+        cat,
+        f"WITH r AS ({sql}) SELECT coalesce(r.source, t.source) AS source, "
+        "coalesce(r.points, 0) AS points, first_time, last_time, largest_gap_hours, gap_from, "
+        "gap_to, median_gap_hours, hours_since_last, t.every_s / 3600.0 AS every_hours, "
+        "CASE WHEN t.every_s IS NULL THEN NULL WHEN hours_since_last * 3600 <= t.every_s "
+        "THEN 'kept' ELSE 'missed' END AS rpo "
+        "FROM r FULL OUTER JOIN _rpo_targets t ON r.source = t.source ORDER BY 1",
         [now, *params],
     )
     return ReportResult(table)

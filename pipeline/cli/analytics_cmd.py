@@ -21,6 +21,7 @@ from catalog.maint.retention import KeepPolicy
 from catalog.repo import Repository
 
 from ..console import note, print_json, warn, warn_damaged
+from ..jobs.jobfile import load_job
 from . import Subparsers, command
 from .forget_cmd import overlay_bases
 from .output import add_output_options, open_output, output_format, write_result
@@ -84,6 +85,7 @@ def add_parser(sub: Subparsers) -> None:
         )
     forget = "retention: forget this point too (repeatable)"
     s.add_argument("--forget", action="append", default=[], metavar="POINT", help=forget)
+    s.add_argument("--job", metavar="FILE", help=JOB_HELP + " (rpo)")
     add_output_options(s, with_parquet=False)
     s.set_defaults(run=cmd_report)
 
@@ -95,6 +97,7 @@ def add_parser(sub: Subparsers) -> None:
         json="print the file written as one JSON object",
     )
     s.add_argument("output", help="HTML file to write")
+    s.add_argument("--job", metavar="FILE", help=JOB_HELP)
     s.set_defaults(run=cmd_dashboard)
 
     s = command(
@@ -144,6 +147,16 @@ def parse_since(text: str) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+JOB_HELP = "a job file: each source's `every` is its recovery point objective, kept or missed"
+
+
+def job_targets(args: argparse.Namespace) -> tuple[tuple[str, float], ...]:
+    """Each source of ``--job`` with an ``every``: (name, seconds)."""
+    if not getattr(args, "job", None):
+        return ()
+    return tuple((s.name, s.every_s) for s in load_job(args.job) if s.every_s is not None)
+
+
 def report_options(args: argparse.Namespace) -> ReportOptions:
     try:
         horizons = tuple(int(h) for h in args.horizons.split(",") if h.strip())
@@ -163,6 +176,7 @@ def report_options(args: argparse.Namespace) -> ReportOptions:
         horizons=horizons,
         policy=KeepPolicy(**keep),
         forget=tuple(args.forget),
+        targets=job_targets(args),
     )
 
 
@@ -196,8 +210,9 @@ def cmd_dashboard(repo: str, args: argparse.Namespace) -> int:
     from catalog.analytics.dashboard.data import dashboard_data
     from catalog.analytics.dashboard.render import render_dashboard
 
+    targets = job_targets(args)
     cat = _open(Repository.open(repo, password=args.password))
-    page = render_dashboard(dashboard_data(cat, os.path.abspath(repo)))
+    page = render_dashboard(dashboard_data(cat, os.path.abspath(repo), targets=targets))
     _warn_left_out(cat)
     with open_output(args.output, binary=False) as out:
         out.write(page)

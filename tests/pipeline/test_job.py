@@ -6,12 +6,15 @@ tells each source's RPO; a bad job file is a one-line usage error naming the key
 from __future__ import annotations
 
 import json
+import subprocess
+import time
+from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error
+from combtest import CliRunner, ImageFactory, MiB, assert_one_line_error, need_tool
 
 from catalog.store.points import PointStats, RecoveryPoint
 from pipeline.jobs.jobfile import JobSource
@@ -68,6 +71,18 @@ def test_a_job_backs_up_what_is_due_and_keeps_what_it_says(
     assert rows[a]["rpo"] == "kept" and rows[a]["every_seconds"] == 1800
     assert rows[missing]["rpo"] == "missed" and rows[missing]["last_point"] is None
     assert rows["db"]["last_point"] == status["db"]["point"]
+    # The report and the dashboard judge each source against its `every` too.
+    res = cli("-r", repo, "report", "rpo", "--job", job, "--json")
+    assert res.code == 0, res.err
+    report = {r["source"]: r for r in json.loads(res.out)["rows"]}
+    assert report[a]["rpo"] == "kept" and report[a]["every_hours"] == 0.5
+    assert report[missing]["rpo"] == "missed" and report[missing]["points"] == 0
+    assert "rpo" not in json.loads(cli("-r", repo, "report", "rpo", "--json").out)["rows"][0]
+    page = tmp_path / "dash.html"
+    assert cli("-r", repo, "dashboard", page, "--job", job).code == 0
+    html = page.read_text()
+    assert "RPO kept" in html and " of 3 sources" in html  # (db's 1 s may have passed)
+    assert "missed: " in html and missing in html
 
 
 @pytest.mark.parametrize(
@@ -119,3 +134,49 @@ def test_a_source_is_due_every_period_from_when_its_backup_began() -> None:
     assert not src.due(last, began + timedelta(minutes=25))
     assert src.due(last, began - timedelta(minutes=1))  # (begun after now: a clock set back)
     assert src.due(None, began) and replace(src, every_s=None).due(last, began)
+
+
+@pytest.fixture
+def unreadable(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB source whose every read fails with EIO: nbdkit's error filter over its memory
+    plugin, seen as a file through nbdfuse (FUSE)."""
+    nbdfuse, nbdkit = need_tool("nbdfuse"), need_tool("nbdkit")
+    mount = tmp_path / "nbd"
+    mount.mkdir()
+    proc = subprocess.Popen(
+        [nbdfuse, str(mount / "bad.img"), "--command", nbdkit, "-s", "memory", "4M",
+         "--filter=error", "error-rate=100%", "error=EIO"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 30
+        while not (mount / "bad.img").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert (mount / "bad.img").exists(), "nbdfuse did not come up"
+        yield mount / "bad.img"
+    finally:
+        subprocess.run(["fusermount3", "-u", str(mount)], capture_output=True)
+        proc.wait(timeout=30)
+
+
+def test_a_job_of_twelve_sources_two_broken_commits_ten(
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path, repo_path: Path,
+    unreadable: Path,
+) -> None:  # fmt: skip
+    for i in range(10):
+        make_image(MiB, f"s{i}.img").random(0, MiB, seed=i)
+    paths = [f"s{i}.img" for i in range(10)] + ["missing.img", str(unreadable)]
+    job = tmp_path / "jobs.toml"
+    job.write_text("".join(f'[[source]]\npath = "{p}"\n' for p in paths))
+    res = cli("-r", repo_path, "job", "run", job, "--json")
+    assert res.code == 5
+    assert res.err.endswith("comb: error: 2 of 12 due sources failed (named above)\n")
+    doc = json.loads(res.out)
+    failed = {Path(d["path"]).name: d["error"] for d in doc["sources"] if d["status"] == "failed"}
+    assert set(failed) == {"missing.img", "bad.img"}
+    assert "cannot open source" in failed["missing.img"]
+    assert "Input/output error" in failed["bad.img"]
+    assert f"source {unreadable} failed:" in res.err
+    points = json.loads(cli("-r", repo_path, "points", "--json").out)["points"]
+    assert sorted(Path(p["source"]).name for p in points) == sorted(paths[:10])
+    assert cli("-r", repo_path, "verify", "--read-data").code == 0

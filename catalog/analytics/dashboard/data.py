@@ -24,7 +24,14 @@ HORIZONS_DAYS = (30, 90, 365)
 GROWTH_CARD = "Growth per day"  # the fitted slope: it carries the projection's warning
 
 
-def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> DashboardData:
+RPO_CARD = "RPO kept"  # with a job file's targets: how many sources are within theirs
+
+
+def dashboard_data(
+    cat: Catalog, title: str, now: datetime | None = None,
+    targets: tuple[tuple[str, float], ...] = (),
+) -> DashboardData:  # fmt: skip
+    """The page's data; ``targets``: each source's objective in seconds (a job file's)."""
     # Imported here: file_reports imports reports, which registers file_reports' reports as it
     # loads, so importing file_reports before reports is a cycle (this module's imports sort so).
     from catalog.analytics.file_reports import folder_growth
@@ -50,10 +57,18 @@ def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> Das
         "UNBOUNDED PRECEDING) ORDER BY ord"
     ).to_arrow_table()
     projection, fit = _projection(cat)
+    summary, warnings = _summary(cat, fit, now), {}
+    if fit["warning"]:
+        warnings[GROWTH_CARD] = str(fit["warning"])
+    if targets:
+        kept, missed = _rpo_kept(cat, now, targets)
+        summary.append((RPO_CARD, f"{len(kept)} of {len(kept) + len(missed)} sources"))
+        if missed:
+            warnings[RPO_CARD] = "missed: " + ", ".join(missed)
     return DashboardData(
         title=title,
         generated=now.isoformat(timespec="seconds"),
-        summary=_summary(cat, fit, now),
+        summary=summary,
         growth=growth,
         change_rate=rate.set_column(
             3, "bytes_per_hour", rate.column("bytes_per_hour").cast(pa.float64())
@@ -63,8 +78,18 @@ def dashboard_data(cat: Catalog, title: str, now: datetime | None = None) -> Das
         projection_fit=fit,
         hot_regions=_heat(cat),
         dir_growth=folder_growth(cat, ReportOptions(limit=None), per_source=DIR_GROWTH_TOP),
-        card_warnings={GROWTH_CARD: str(fit["warning"])} if fit["warning"] else {},
+        card_warnings=warnings,
     )
+
+
+def _rpo_kept(
+    cat: Catalog, now: datetime, targets: tuple[tuple[str, float], ...]
+) -> tuple[list[str], list[str]]:
+    """The sources within their objective, and those not (``report rpo --job``)."""
+    table = rpo(cat, ReportOptions(now=now, targets=targets)).table.to_pylist()
+    wanted = {s for s, _ in targets}
+    kept = [r["source"] for r in table if r["source"] in wanted and r["rpo"] == "kept"]
+    return kept, [r["source"] for r in table if r["source"] in wanted and r["rpo"] != "kept"]
 
 
 def _projection(cat: Catalog) -> tuple[pa.Table, dict[str, object]]:
