@@ -23,7 +23,7 @@ from catalog.store.points import RecoveryPoint
 from ..console import print_json, print_table, waiting, warn
 from ..engines import Engine
 from ..jobs.backup import run_backups, same_source
-from ..jobs.jobfile import JobSource, load_job
+from ..jobs.jobfile import JobSource, expand, load_job
 from ..jobs.jobstate import JobState, job_lock, lock_holder, lock_path, state_path
 from ..jobs.runner import BackupOptions
 from ..locking import command_line
@@ -135,16 +135,19 @@ def run_round(
     """Back up ``due`` in one engine run, index their files, apply their keep rules."""
     made: list[RecoveryPoint] = []
     rnd = Round(due=len(due))
-    if due:
+    rnd.failed = [(s.path, SourceError(f"no file matches {s.path}")) for s in due if s.pattern]
+    found = [s for s in due if not s.pattern]
+    if found:
         opts = BackupOptions(batch_bytes=args.batch_mib * 1024 * 1024)
         # (a warm engine's last run must not count when no source gets as far as the engine)
         engine.cpu_by_stage, engine.wall_by_stage, engine.timeline = {}, {}, []
         engine.startup_s = 0.0
-        with progress_bar(f"job {len(due)} sources", args.json, starting="starting ...") as bar:
-            made, rnd.failed = run_backups(
-                r, [s.path for s in due], engine, opts, bar, [s.name for s in due],
-                [s.node for s in due],
+        with progress_bar(f"job {len(found)} sources", args.json, starting="starting ...") as bar:
+            made, failed = run_backups(
+                r, [s.path for s in found], engine, opts, bar, [s.name for s in found],
+                [s.node for s in found],
             )  # fmt: skip
+        rnd.failed += failed
         rnd.startup_s = engine.startup_s
         if engine.wall_by_stage:  # (null: the engine did not run)
             rnd.stage_seconds = stage_seconds(engine.cpu_by_stage, engine.wall_by_stage)
@@ -195,14 +198,15 @@ def report_round(rnd: Round, as_json: bool, extra: dict[str, object]) -> None:
 def cmd_job(repo: str, args: argparse.Namespace) -> int:
     if args.action is None:
         raise UsageError("give an action: `job run FILE`, `job serve FILE` or `job status FILE`")
-    sources = load_job(args.file)
-    same = same_source([src.path for src in sources])
-    if same is not None:
-        raise UsageError(f"job file {args.file}: {same[0]} and {same[1]} are one source")
+    spec = load_job(args.file)
     if args.action == "serve":
         from .job_serve import serve
 
-        return serve(repo, args, sources)
+        return serve(repo, args, spec)
+    sources = expand(spec)
+    same = same_source([src.path for src in sources if not src.pattern])
+    if same is not None:
+        raise UsageError(f"job file {args.file}: {same[0]} and {same[1]} are one source")
     engine = engine_for(args) if args.action == "run" else None  # (options checked first)
     if engine is not None:
         placed(sources, engine, args.file)

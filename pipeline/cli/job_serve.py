@@ -33,7 +33,7 @@ from .. import signals
 from ..console import note, warn
 from ..engines import Engine
 from ..jobs.backup import same_source
-from ..jobs.jobfile import JobSource, load_job
+from ..jobs.jobfile import JobSource, expand, load_job
 from ..jobs.jobstate import JobState, job_lock, lock_path, now_iso, state_path
 from .backup_cmd import engine_for
 from .job_cmd import Round, latest_points, placed, report_round, run_round
@@ -49,7 +49,7 @@ def _checked(sources: list[JobSource], file: str) -> list[JobSource]:
                 f"job file {file}: source {src.name!r} has no `every` (job serve needs one for "
                 "every source: set it in [defaults] or the source)"
             )
-    same = same_source([src.path for src in sources])
+    same = same_source([src.path for src in sources if not src.pattern])
     if same is not None:
         raise UsageError(f"job file {file}: {same[0]} and {same[1]} are one source")
     return sources
@@ -109,14 +109,15 @@ def _save(job: JobState, /, **server: object) -> None:
 
 
 def _loop(
-    r: Repository, args: argparse.Namespace, sources: list[JobSource], engine: Engine,
+    r: Repository, args: argparse.Namespace, spec: list[JobSource], engine: Engine,
     state: JobState,
 ) -> None:  # fmt: skip
     latest: dict[str, RecoveryPoint] = {}
     fresh = False  # ``latest`` was read since the last round
     while True:
         if signals.hangup():
-            sources = _reload(args.file, sources, state, engine)
+            spec = _reload(args.file, spec, state, engine)
+        sources = _expanded(spec)  # (globs again: files that appeared are sources now)
         now = datetime.now(UTC)
         wait = min(_wait(s, latest.get(s.name), state, now) for s in sources)
         if wait > 0 and fresh:
@@ -132,6 +133,15 @@ def _loop(
         if due:
             _round(r, args, sources, due, engine, state, now)
             fresh = False
+
+
+def _expanded(spec: list[JobSource]) -> list[JobSource]:
+    """The job's sources, globs expanded; a match that is another source's file or device
+    under a second name is left out."""
+    sources = expand(spec)
+    while (same := same_source([s.path for s in sources if not s.pattern])) is not None:
+        sources = [s for s in sources if s.path != same[1]]
+    return sources
 
 
 def _round(

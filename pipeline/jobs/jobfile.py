@@ -1,7 +1,8 @@
 """Job files (README "Jobs"): the sources a bulk job backs up, how often, and what it keeps.
 
 A TOML file: ``[defaults]`` (``every``, ``keep``) and one ``[[source]]`` table per source
-(``path``, required; ``name``, default its absolute path as ``backup`` names it; ``every`` and
+(``path``, required, a glob makes a source of each file it matches; ``name``, default its
+absolute path as ``backup`` names it, not for a glob; ``every`` and
 ``keep``, default the defaults'; ``node``, the Ray nodes that may read it, default any:
 ``pipeline.ray_placement``). ``every`` is a duration (``"30m"``, ``"2s"``, ``"1h"``,
 ``"1d"``, ``"1w"``); ``keep`` holds ``forget``'s rules. Relative paths are relative to the
@@ -14,10 +15,11 @@ Owns reading and checking job files, and when a source is due. Must not: back an
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -40,6 +42,7 @@ class JobSource:
     every_s: float | None  # None: whenever the job runs
     keep: dict[str, int] = field(default_factory=dict)
     node: str | None = None  # read only on the Ray nodes this names
+    pattern: bool = False  # ``path`` is a glob: ``expand`` makes a source of each match
 
     @property
     def policy(self) -> KeepPolicy:
@@ -133,6 +136,8 @@ def _source(
     if not isinstance(given, str) or not given:
         raise bad("source.path", "must be a non-empty string (every source has one)")
     full = os.path.abspath(base / Path(given).expanduser())
+    if glob.has_magic(given) and "name" in src:
+        raise bad("source.name", "cannot name a glob's sources (each is named by its path)")
     name = src.get("name", full)
     if not isinstance(name, str) or not name.strip():
         raise bad("source.name", "must be a non-empty string")
@@ -142,7 +147,25 @@ def _source(
     if node is not None and (not isinstance(node, str) or not node.strip()):
         raise bad("source.node", "must be a non-empty string (a Ray node's id, address, name, "
                   "resource or key=value label)")  # fmt: skip
-    return JobSource(full, name, own_every or every, own_keep if "keep" in src else keep, node)
+    return JobSource(full, name, own_every or every, own_keep if "keep" in src else keep, node,
+                     glob.has_magic(given))  # fmt: skip
+
+
+def expand(sources: list[JobSource]) -> list[JobSource]:
+    """The job's sources with each glob replaced by a source per match (sorted; a file a source
+    names already, or an earlier glob found, is not taken twice); a glob that matches nothing
+    stays (a source whose backup fails, saying so). Called at every run: files that appear are
+    backed up from then on."""
+    out = [s for s in sources if not s.pattern]
+    seen = {s.path for s in out} | {s.name for s in out}
+    for src in (s for s in sources if s.pattern):
+        matches = sorted(glob.glob(src.path))
+        if not matches:
+            out.append(src)
+        for path in (p for p in matches if p not in seen):
+            out.append(replace(src, path=path, name=path, pattern=False))
+            seen.add(path)
+    return out
 
 
 def _every(value: object, bad: Any) -> float | None:

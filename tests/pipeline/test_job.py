@@ -180,3 +180,35 @@ def test_a_job_of_twelve_sources_two_broken_commits_ten(
     points = json.loads(cli("-r", repo_path, "points", "--json").out)["points"]
     assert sorted(Path(p["source"]).name for p in points) == sorted(paths[:10])
     assert cli("-r", repo_path, "verify", "--read-data").code == 0
+
+
+def test_a_glob_makes_a_source_of_each_file_it_matches(
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path, repo_path: Path
+) -> None:
+    (tmp_path / "vms").mkdir()
+    for i in range(3):
+        make_image(MiB, f"vms/vm{i}.img").random(0, MiB, seed=i)
+    make_image(MiB, "db.img").random(0, MiB, seed=9)
+    job = tmp_path / "jobs.toml"
+    job.write_text(
+        '[[source]]\npath = "vms/vm0.img"\nname = "first"\n'  # (named: the glob skips it)
+        '[[source]]\npath = "vms/*.img"\n'
+        '[[source]]\npath = "none/*.img"\n'
+    )
+    res = cli("-r", repo_path, "job", "run", job, "--json")
+    assert res.code == 5
+    rows = {d["source"]: d for d in json.loads(res.out)["sources"]}
+    vms = [str(tmp_path / "vms" / f"vm{i}.img") for i in (1, 2)]
+    assert [rows[n]["status"] for n in ("first", *vms)] == ["backed up"] * 3
+    pattern = str(tmp_path / "none" / "*.img")
+    assert rows[pattern]["status"] == "failed"
+    assert rows[pattern]["error"] == f"no file matches {pattern}"
+    assert res.err.endswith("comb: error: 1 of 4 due sources failed (named above)\n")
+    # A file that appears is a source at the next run.
+    make_image(MiB, "vms/vm3.img").random(0, MiB, seed=3)
+    rows = {d["source"]: d for d in json.loads(cli("-r", repo_path, "job", "run", job,
+                                                     "--json").out)["sources"]}  # fmt: skip
+    assert rows[str(tmp_path / "vms" / "vm3.img")]["status"] == "backed up"
+    job.write_text('[[source]]\npath = "vms/*.img"\nname = "x"\n')
+    res = cli("-r", repo_path, "job", "status", job)
+    assert res.code == 2 and "line 3: `source.name` cannot name a glob's sources" in res.err
