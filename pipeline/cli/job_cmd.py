@@ -14,6 +14,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import cache
 
 from catalog.errors import CombError, SourceError, UsageError
 from catalog.maint.forget import forget
@@ -26,8 +27,9 @@ from ..jobs.backup import run_backups, same_source
 from ..jobs.jobfile import JobSource, expand, load_job
 from ..jobs.jobstate import JobState, job_lock, lock_holder, lock_path, state_path
 from ..jobs.runner import BackupOptions
+from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
 from ..locking import command_line
-from ..profile import stage_seconds
+from ..profile import stage_seconds, summed
 from . import Parser, Subparsers, command
 from .backup_cmd import (
     add_engine_options,
@@ -38,6 +40,7 @@ from .backup_cmd import (
 )
 from .catalog_cmd import index_after_backup
 from .forget_cmd import overlay_bases
+from .passwords import vsphere_password
 from .progress import progress_bar
 
 
@@ -136,50 +139,96 @@ def run_round(
     made: list[RecoveryPoint] = []
     rnd = Round(due=len(due))
     rnd.failed = [(s.path, SourceError(f"no file matches {s.path}")) for s in due if s.pattern]
-    found = [s for s in due if not s.pattern]
-    if found:
+    files = [s for s in due if not s.pattern and s.vsphere is None]
+    vms = [s for s in due if s.vsphere is not None]
+    by_vm: dict[str, list[RecoveryPoint]] = {}
+    if files or vms:
         opts = BackupOptions(batch_bytes=args.batch_mib * 1024 * 1024)
         # (a warm engine's last run must not count when no source gets as far as the engine)
         engine.cpu_by_stage, engine.wall_by_stage, engine.timeline = {}, {}, []
         engine.startup_s = 0.0
-        with progress_bar(f"job {len(found)} sources", args.json, starting="starting ...") as bar:
-            made, failed = run_backups(
-                r, [s.path for s in found], engine, opts, bar, [s.name for s in found],
-                [s.node for s in found],
-            )  # fmt: skip
-        rnd.failed += failed
+        cpu, wall = [], []
+        with progress_bar(f"job {len(due)} sources", args.json, starting="starting ...") as bar:
+            if files:
+                made, failed = run_backups(
+                    r, [s.path for s in files], engine, opts, bar, [s.name for s in files],
+                    [s.node for s in files],
+                )  # fmt: skip
+                rnd.failed += failed
+                cpu.append(engine.cpu_by_stage)
+                wall.append(engine.wall_by_stage)
+            for vm in vms:  # (one engine run each: a VM's disks come from one snapshot)
+                try:
+                    by_vm[vm.path] = run_vsphere_backup(r, vm.path, engine, opts, _vm_opts(vm), bar)
+                except CombError as err:
+                    rnd.failed.append((vm.path, err))
+                    continue
+                made += by_vm[vm.path]
+                cpu.append(engine.cpu_by_stage)
+                wall.append(engine.wall_by_stage)
         rnd.startup_s = engine.startup_s
-        if engine.wall_by_stage:  # (null: the engine did not run)
-            rnd.stage_seconds = stage_seconds(engine.cpu_by_stage, engine.wall_by_stage)
+        if any(wall):  # (null: the engine did not run)
+            rnd.stage_seconds = stage_seconds(summed(cpu), summed(wall))
         say_engine(engine)
     catalogs = index_after_backup(r, made, args.json)
     by_path = {p.source_path: p for p in made}
     errors = dict(rnd.failed)
     for src in sources:
-        point = by_path.get(src.path)
+        points = by_vm.get(src.path) or [p for p in [by_path.get(src.path)] if p is not None]
         doc: dict[str, object] = {"source": src.name, "path": src.path}
         if src not in due:
             doc["status"] = "not due"
-        elif point is not None:
-            doc.update(status="backed up", point=point.id, mode=point.mode,
-                       bytes_read=point.stats.bytes_read, bytes_new=point.stats.bytes_new,
-                       seconds=point.stats.seconds,
-                       file_catalog=catalogs.get(point.id))  # fmt: skip
+        elif points:
+            doc.update(status="backed up", point=points[0].id, mode=points[0].mode,
+                       bytes_read=sum(p.stats.bytes_read for p in points),
+                       bytes_new=sum(p.stats.bytes_new for p in points),
+                       seconds=max(p.stats.seconds for p in points),
+                       file_catalog=catalogs.get(points[0].id))  # fmt: skip
+            if src.vsphere is not None:
+                doc["points"] = [p.id for p in points]  # (one per disk)
         else:
             why = errors.get(src.path)
             doc.update(status="failed", error=why.message if why else "not backed up")
-        if point is not None and src.policy.any():
-            try:
-                res = forget(r, src.policy, (), src.name, False, lambda: overlay_bases(r),
-                             command_line(), waiting)  # fmt: skip
-            except CombError as lost:  # (the others' rounds are reported all the same)
-                doc["forget_error"] = lost.message
-                rnd.unkept.append(lost)
-            else:
-                rnd.forgotten += [p.id for p in res.gone]
-                doc["forgotten"] = [p.id for p in res.gone]
+        if points and src.policy.any():
+            _keep_rules(r, src, sorted({p.source for p in points}), doc, rnd)
         rnd.docs.append(doc)
     return rnd
+
+
+def _keep_rules(
+    r: Repository, src: JobSource, names: list[str], doc: dict[str, object], rnd: Round
+) -> None:
+    """``forget`` with the source's rules, for each source name its points have (a VM: one per
+    disk); a failure is reported with the others' results."""
+    gone: list[str] = []
+    for name in names:
+        try:
+            res = forget(r, src.policy, (), name, False, lambda: overlay_bases(r),
+                         command_line(), waiting)  # fmt: skip
+        except CombError as lost:
+            doc["forget_error"] = lost.message
+            rnd.unkept.append(lost)
+            return
+        gone += [p.id for p in res.gone]
+    rnd.forgotten += gone
+    doc["forgotten"] = gone
+
+
+@cache
+def _vsphere_password() -> str:
+    """Asked once a process (a server's rounds reuse it)."""
+    return vsphere_password()
+
+
+def _vm_opts(vm: JobSource) -> VsphereOptions:
+    o = vm.vsphere or {}
+    return VsphereOptions(
+        quiesce=o.get("quiesce", False), disks=tuple(o.get("disks", ())),
+        all_disks=o.get("all_disks", False),
+        cbt_audit=float(o.get("cbt_audit", DEFAULT_AUDIT_PERCENT)),
+        verify=False if o.get("insecure") else o.get("ca_file", True),
+        password=_vsphere_password(),
+    )  # fmt: skip
 
 
 def report_round(rnd: Round, as_json: bool, extra: dict[str, object]) -> None:
@@ -217,12 +266,12 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
     if engine is None:
         state = JobState(path)
         latest = latest_points(r.points())
-        rows = [_status(s, latest.get(s.name), now, state) for s in sources]
+        rows = [_status(s, s.latest(latest), now, state) for s in sources]
         _print_status(rows, serving(state, lock), args)
         return 0
     with job_lock(lock, args.file, "comb job run"):
         latest = latest_points(r.points())
-        due = [src for src in sources if src.due(latest.get(src.name), now)]
+        due = [src for src in sources if src.due(src.latest(latest), now)]
         t0 = time.perf_counter()
         rnd = run_round(r, sources, due, engine, args)
         seconds = round(time.perf_counter() - t0, 3)

@@ -119,7 +119,7 @@ def _loop(
             spec = _reload(args.file, spec, state, engine)
         sources = _expanded(spec)  # (globs again: files that appeared are sources now)
         now = datetime.now(UTC)
-        wait = min(_wait(s, latest.get(s.name), state, now) for s in sources)
+        wait = min(_wait(s, s.latest(latest), state, now) for s in sources)
         if wait > 0 and fresh:
             signals.nap(min(wait, IDLE_CHECK_S))
             continue
@@ -129,7 +129,7 @@ def _loop(
             warn(f"cannot read the recovery points: {err.message}")
             signals.nap(min(JOB_RETRY_S, *(s.every_s or JOB_RETRY_S for s in sources)))
             continue
-        due = [s for s in sources if _wait(s, latest.get(s.name), state, now) <= 0]
+        due = [s for s in sources if _wait(s, s.latest(latest), state, now) <= 0]
         if due:
             _round(r, args, sources, due, engine, state, now)
             fresh = False

@@ -28,9 +28,13 @@ from catalog.errors import UsageError
 from catalog.maint.retention import KeepPolicy
 from catalog.store.points import RecoveryPoint
 
+from .vsphere import is_vsphere, parse_url
+
 KEEP_RULES = ("last", "hourly", "daily", "weekly", "monthly", "yearly")
+# A vsphere:// source's own keys (``backup``'s options of the same names), with their types.
+VSPHERE_KEYS = ("disks", "all_disks", "quiesce", "cbt_audit", "insecure", "ca_file")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
-_SOURCE_KEYS = ("path", "name", "every", "keep", "node")
+_SOURCE_KEYS = ("path", "name", "every", "keep", "node", *VSPHERE_KEYS)
 _DEFAULT_KEYS = ("every", "keep")
 MAX_EVERY_S = 10 * 366 * 86400  # ten years
 
@@ -43,6 +47,15 @@ class JobSource:
     keep: dict[str, int] = field(default_factory=dict)
     node: str | None = None  # read only on the Ray nodes this names
     pattern: bool = False  # ``path`` is a glob: ``expand`` makes a source of each match
+    vsphere: dict[str, Any] | None = None  # a vsphere:// VM's options (``VSPHERE_KEYS``)
+
+    def latest(self, latest: dict[str, RecoveryPoint]) -> RecoveryPoint | None:
+        """This source's latest point, of each source's latest (``latest``); a VM's: its
+        stalest disk's (the VM is due when one of its disks is)."""
+        if self.vsphere is None:
+            return latest.get(self.name)
+        disks = [p for s, p in latest.items() if s.startswith(f"{self.name}/disk-")]
+        return min(disks, key=lambda p: (p.time, p.id)) if disks else None
 
     @property
     def policy(self) -> KeepPolicy:
@@ -135,6 +148,11 @@ def _source(
     given = src.get("path")
     if not isinstance(given, str) or not given:
         raise bad("source.path", "must be a non-empty string (every source has one)")
+    if is_vsphere(given):
+        return _vm_source(src, given, base, every, keep, bad)
+    for key in VSPHERE_KEYS:
+        if key in src:
+            raise bad(f"source.{key}", "applies to vsphere:// sources only")
     full = os.path.abspath(base / Path(given).expanduser())
     if glob.has_magic(given) and "name" in src:
         raise bad("source.name", "cannot name a glob's sources (each is named by its path)")
@@ -149,6 +167,42 @@ def _source(
                   "resource or key=value label)")  # fmt: skip
     return JobSource(full, name, own_every or every, own_keep if "keep" in src else keep, node,
                      glob.has_magic(given))  # fmt: skip
+
+
+def _vm_source(
+    src: dict[str, Any], given: str, base: Path, every: float | None, keep: dict[str, int],
+    bad: Any,
+) -> JobSource:  # fmt: skip
+    """A vsphere:// VM: named as its disks' points are (``vsphere://HOST[:PORT]/PATH``, each
+    disk's ``/disk-KEY`` below), read from any node."""
+    for key, why in (("name", "each disk's points are named by the VM and the disk's key"),
+                     ("node", "a VM is read over the network, from any node")):  # fmt: skip
+        if key in src:
+            raise bad(f"source.{key}", f"does not apply to a vsphere:// source ({why})")
+    if glob.has_magic(given):
+        raise bad("source.path", "is a glob of VMs: not supported yet (name each VM)")
+    try:
+        url = parse_url(given)
+    except UsageError as err:
+        raise bad("source.path", f"is not a VM's address: {err.message}") from None
+    opts: dict[str, Any] = {}
+    for key, kind in (("all_disks", bool), ("quiesce", bool), ("insecure", bool),
+                      ("ca_file", str), ("cbt_audit", (int, float)), ("disks", list)):  # fmt: skip
+        value = src.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is not bool and isinstance(value, bool)):
+            raise bad(f"source.{key}", "has the wrong type (as `backup`'s option of that name)")
+        opts[key] = value
+    if not all(isinstance(k, int) and not isinstance(k, bool) for k in opts.get("disks", [])):
+        raise bad("source.disks", "must be a list of disk keys (integers)")
+    if "ca_file" in opts:
+        opts["ca_file"] = os.path.abspath(base / Path(opts["ca_file"]).expanduser())
+    own_every = _every(src.get("every"), lambda w: bad("source.every", w))
+    own_keep = _keep(src.get("keep"), "source.keep", bad)
+    name = f"vsphere://{url.server}/{url.path}"
+    return JobSource(given, name, own_every or every, own_keep if "keep" in src else keep,
+                     vsphere=opts)  # fmt: skip
 
 
 def expand(sources: list[JobSource]) -> list[JobSource]:
