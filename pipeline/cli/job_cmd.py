@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from functools import cache
 
@@ -27,6 +27,7 @@ from ..jobs.backup import run_backups, same_source
 from ..jobs.jobfile import JobSource, expand, load_job
 from ..jobs.jobstate import JobState, job_lock, lock_holder, lock_path, state_path
 from ..jobs.runner import BackupOptions
+from ..jobs.vsphere import parse_url, vm_matches
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
 from ..locking import command_line
 from ..profile import stage_seconds, summed
@@ -140,7 +141,12 @@ def run_round(
     rnd = Round(due=len(due))
     rnd.failed = [(s.path, SourceError(f"no file matches {s.path}")) for s in due if s.pattern]
     files = [s for s in due if not s.pattern and s.vsphere is None]
-    vms = [s for s in due if s.vsphere is not None]
+    vms = [s for s in due if s.vsphere is not None and not s.pattern]
+    found_vms = _found_vms([s for s in due if s.vsphere is not None and s.pattern], rnd)
+    vms += found_vms
+    expanded = {f.pattern_of for f in found_vms}  # (their VMs stand in for them below)
+    sources = [s for s in sources if not (s.pattern and s.path in expanded)] + found_vms
+    due = [*due, *found_vms]
     by_vm: dict[str, list[RecoveryPoint]] = {}
     if files or vms:
         opts = BackupOptions(batch_bytes=args.batch_mib * 1024 * 1024)
@@ -212,6 +218,25 @@ def _keep_rules(
         gone += [p.id for p in res.gone]
     rnd.forgotten += gone
     doc["forgotten"] = gone
+
+
+def _found_vms(globs: list[JobSource], rnd: Round) -> list[JobSource]:
+    """The VMs each glob of VMs matches now (asked of vSphere), each a source of its own; a glob
+    that matches none, or cannot be listed, fails as a source."""
+    out: list[JobSource] = []
+    for src in globs:
+        try:
+            urls = vm_matches(src.path, _vsphere_password(), _vm_opts(src).verify)
+        except CombError as err:
+            rnd.failed.append((src.path, err))
+            continue
+        if not urls:
+            rnd.failed.append((src.path, SourceError(f"no VM matches {src.path}")))
+        for url in urls:
+            vm = parse_url(url)
+            out.append(replace(src, path=url, name=f"vsphere://{vm.server}/{vm.path}",
+                               pattern=False, pattern_of=src.path))  # fmt: skip
+    return out
 
 
 @cache

@@ -15,6 +15,7 @@ Owns reading and checking job files, and when a source is due. Must not: back an
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import re
@@ -48,13 +49,16 @@ class JobSource:
     node: str | None = None  # read only on the Ray nodes this names
     pattern: bool = False  # ``path`` is a glob: ``expand`` makes a source of each match
     vsphere: dict[str, Any] | None = None  # a vsphere:// VM's options (``VSPHERE_KEYS``)
+    pattern_of: str | None = None  # the glob of VMs this VM was found by
 
     def latest(self, latest: dict[str, RecoveryPoint]) -> RecoveryPoint | None:
         """This source's latest point, of each source's latest (``latest``); a VM's: its
-        stalest disk's (the VM is due when one of its disks is)."""
+        stalest disk's (the VM is due when one of its disks is); a glob of VMs': the stalest of
+        the VMs it found so far (those with points here)."""
         if self.vsphere is None:
             return latest.get(self.name)
-        disks = [p for s, p in latest.items() if s.startswith(f"{self.name}/disk-")]
+        disks = [p for s, p in latest.items()
+                 if fnmatch.fnmatchcase(s.rsplit("/disk-", 1)[0], self.name)]  # fmt: skip
         return min(disks, key=lambda p: (p.time, p.id)) if disks else None
 
     @property
@@ -179,8 +183,8 @@ def _vm_source(
                      ("node", "a VM is read over the network, from any node")):  # fmt: skip
         if key in src:
             raise bad(f"source.{key}", f"does not apply to a vsphere:// source ({why})")
-    if glob.has_magic(given):
-        raise bad("source.path", "is a glob of VMs: not supported yet (name each VM)")
+    if glob.has_magic(given.rsplit("/", 1)[0]):
+        raise bad("source.path", "has a glob before the VM's name (only the name may have one)")
     try:
         url = parse_url(given)
     except UsageError as err:
@@ -202,17 +206,17 @@ def _vm_source(
     own_keep = _keep(src.get("keep"), "source.keep", bad)
     name = f"vsphere://{url.server}/{url.path}"
     return JobSource(given, name, own_every or every, own_keep if "keep" in src else keep,
-                     vsphere=opts)  # fmt: skip
+                     pattern=glob.has_magic(given), vsphere=opts)  # fmt: skip
 
 
 def expand(sources: list[JobSource]) -> list[JobSource]:
-    """The job's sources with each glob replaced by a source per match (sorted; a file a source
-    names already, or an earlier glob found, is not taken twice); a glob that matches nothing
-    stays (a source whose backup fails, saying so). Called at every run: files that appear are
-    backed up from then on."""
-    out = [s for s in sources if not s.pattern]
+    """The job's sources with each file glob replaced by a source per match (sorted; a file a
+    source names already, or an earlier glob found, is not taken twice); a glob that matches
+    nothing stays (a source whose backup fails, saying so). Called at every run: files that
+    appear are backed up from then on. A glob of VMs stays: ``vm_matches`` asks vSphere."""
+    out = [s for s in sources if not s.pattern or s.vsphere is not None]
     seen = {s.path for s in out} | {s.name for s in out}
-    for src in (s for s in sources if s.pattern):
+    for src in (s for s in sources if s.pattern and s.vsphere is None):
         matches = sorted(glob.glob(src.path))
         if not matches:
             out.append(src)

@@ -10,6 +10,7 @@ source does, ``stages.sources.datastore``) or touch the repository.
 
 from __future__ import annotations
 
+import fnmatch
 import http.client
 import os
 import re
@@ -168,6 +169,19 @@ class Vsphere:
             raise SourceError(f"{self.url.path} on {self.url.server} is not a virtual machine")
         return vm
 
+    def vm_names(self, folder: str, pattern: str) -> list[str]:
+        """The names of the VMs right in inventory folder ``folder`` that match ``pattern``
+        (fnmatch), sorted."""
+        vim = vim_types()
+        try:
+            found = self.content.searchIndex.FindByInventoryPath(folder)
+        except Exception as err:  # noqa: BLE001
+            raise SourceError(f"cannot look up {folder}: {_fault(err)}") from None
+        if found is None or not isinstance(found, vim.Folder):
+            raise SourceError(f"no VM folder at {folder} on {self.url.server}")
+        names = [str(c.name) for c in found.childEntity if isinstance(c, vim.VirtualMachine)]
+        return sorted(n for n in names if fnmatch.fnmatchcase(n, pattern))
+
     def datacenter_path(self, vm: Any) -> str:
         """The inventory path of the VM's datacenter (the /folder URL's dcPath)."""
         vim = vim_types()
@@ -314,3 +328,14 @@ def session(url: VsphereUrl, password: str, verify: bool | str) -> Iterator[Vsph
         yield vs
     finally:
         vs.close()
+
+
+def vm_matches(pattern: str, password: str, verify: bool | str) -> list[str]:
+    """The addresses of the VMs a glob of VMs (``vsphere://USER@HOST/DC/vm/[FOLDER/]web*``:
+    only the name may have one) matches in its folder, sorted by name."""
+    url = parse_url(pattern)
+    folder, name = url.path.rsplit("/", 1)
+    with session(url, password, verify) as vs:
+        names = vs.vm_names(folder, name)
+    base = pattern[: len(pattern) - len(pattern.rsplit("/", 1)[1])]
+    return [base + quote(n, safe="") for n in names]

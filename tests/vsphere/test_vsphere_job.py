@@ -6,6 +6,7 @@ when one of its disks is; its keep rules forget per disk; its own options (``all
 from __future__ import annotations
 
 import json
+import os
 import random
 from pathlib import Path
 
@@ -79,3 +80,28 @@ def test_a_vm_sources_options_are_checked(
     job.write_text('[[source]]\npath = "a.img"\nquiesce = true\n')
     res = cli("-r", repo_path, "job", "status", job)
     assert res.code == 2 and "`source.quiesce` applies to vsphere:// sources only" in res.err
+
+
+def test_a_glob_of_vms_backs_up_each_vm_it_finds(
+    cli: CliRunner, repo_path: Path, vcsim: Simulator, make_vm: VmFactory, tmp_path: Path
+) -> None:
+    vms = [make_vm([MiB]) for _ in range(2)]
+    for vm in vms:
+        vm.disks[0].write(0, random.Random(vm.name).randbytes(5000))
+    folder, _ = vms[0].inventory_path.rsplit("/", 1)
+    prefix = os.path.commonprefix([vm.name for vm in vms])
+    host = f"{vcsim.username}@{vcsim.host}:{vcsim.port}"
+    job = tmp_path / "jobs.toml"
+    job.write_text(
+        f'[[source]]\npath = "vsphere://{host}/{folder}/{prefix}*"\nca_file = "{vcsim.cafile}"\n'
+        f'[[source]]\npath = "vsphere://{host}/{folder}/none-such-*"\nca_file = "{vcsim.cafile}"\n'
+    )
+    res = cli("-r", repo_path, "job", "run", job, "--json")
+    assert res.code == 5
+    rows = {d["source"]: d for d in json.loads(res.out)["sources"]}
+    server = f"vsphere://{vcsim.host}:{vcsim.port}"
+    for vm in vms:
+        assert rows[f"{server}/{vm.inventory_path}"]["status"] == "backed up"
+    missing = rows[f"{server}/{folder}/none-such-*"]
+    assert missing["status"] == "failed" and missing["error"].startswith("no VM matches")
+    assert all(snapshots(vcsim.connect(), vm) == [] for vm in vms)
