@@ -21,9 +21,9 @@ from catalog.maint.retention import KeepPolicy
 from catalog.repo import Repository
 
 from ..console import note, print_json, warn, warn_damaged
-from ..jobs.jobfile import load_job
 from . import Subparsers, command
 from .forget_cmd import overlay_bases
+from .job_sources import job_targets
 from .output import add_output_options, open_output, output_format, write_result
 
 MAX_SIZE_BYTES = 1 << 50
@@ -150,13 +150,6 @@ def parse_since(text: str) -> datetime:
 JOB_HELP = "a job file: each source's `every` is its recovery point objective, kept or missed"
 
 
-def job_targets(args: argparse.Namespace) -> tuple[tuple[str, float], ...]:
-    """Each source of ``--job`` with an ``every``: (name, seconds)."""
-    if not getattr(args, "job", None):
-        return ()
-    return tuple((s.name, s.every_s) for s in load_job(args.job) if s.every_s is not None)
-
-
 def report_options(args: argparse.Namespace) -> ReportOptions:
     try:
         horizons = tuple(int(h) for h in args.horizons.split(",") if h.strip())
@@ -176,7 +169,6 @@ def report_options(args: argparse.Namespace) -> ReportOptions:
         horizons=horizons,
         policy=KeepPolicy(**keep),
         forget=tuple(args.forget),
-        targets=job_targets(args),
     )
 
 
@@ -191,6 +183,8 @@ def cmd_report(repo: str, args: argparse.Namespace) -> int:
     fmt = output_format(args)
     opts = report_options(args)
     r = Repository.open(repo, password=args.password)
+    if getattr(args, "job", None):
+        opts = replace(opts, targets=job_targets(args.job, r.points()))
     if args.name == "retention":  # as `forget` does: the base of an overlay is kept
         opts = replace(opts, held=frozenset(overlay_bases(r)))
     cat = _open(r)
@@ -210,8 +204,9 @@ def cmd_dashboard(repo: str, args: argparse.Namespace) -> int:
     from catalog.analytics.dashboard.data import dashboard_data
     from catalog.analytics.dashboard.render import render_dashboard
 
-    targets = job_targets(args)
-    cat = _open(Repository.open(repo, password=args.password))
+    r = Repository.open(repo, password=args.password)
+    targets = job_targets(args.job, r.points())
+    cat = _open(r)
     page = render_dashboard(dashboard_data(cat, os.path.abspath(repo), targets=targets))
     _warn_left_out(cat)
     with open_output(args.output, binary=False) as out:

@@ -12,9 +12,8 @@ from __future__ import annotations
 import argparse
 import os
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from functools import cache
 
 from catalog.errors import CombError, SourceError, UsageError
 from catalog.maint.forget import forget
@@ -27,8 +26,7 @@ from ..jobs.backup import run_backups, same_source
 from ..jobs.jobfile import JobSource, expand, load_job
 from ..jobs.jobstate import JobState, job_lock, lock_holder, lock_path, state_path
 from ..jobs.runner import BackupOptions
-from ..jobs.vsphere import parse_url, vm_matches
-from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
+from ..jobs.vsphere_backup import run_vsphere_backup
 from ..locking import command_line
 from ..profile import stage_seconds, summed
 from . import Parser, Subparsers, command
@@ -41,7 +39,7 @@ from .backup_cmd import (
 )
 from .catalog_cmd import index_after_backup
 from .forget_cmd import overlay_bases
-from .passwords import vsphere_password
+from .job_sources import list_vms, vm_opts, vms_with_points, vsphere_password_once
 from .progress import progress_bar
 
 
@@ -134,19 +132,18 @@ class Round:
 
 def run_round(
     r: Repository, sources: list[JobSource], due: list[JobSource], engine: Engine,
-    args: argparse.Namespace,
+    args: argparse.Namespace, why: dict[str, str] | None = None,
 ) -> Round:  # fmt: skip
-    """Back up ``due`` in one engine run, index their files, apply their keep rules."""
+    """Back up ``due`` in one engine run (a VM: one each), index their files, apply their keep
+    rules; a glob in ``due`` fails (``why``: the reason ``expand`` gave)."""
+    why = why or {}
     made: list[RecoveryPoint] = []
     rnd = Round(due=len(due))
-    rnd.failed = [(s.path, SourceError(f"no file matches {s.path}")) for s in due if s.pattern]
+    # (a glob left is one that matched nothing: ``expand`` says why)
+    rnd.failed = [(s.path, SourceError(why.get(s.path, "matches nothing"))) for s in due
+                  if s.pattern]  # fmt: skip
     files = [s for s in due if not s.pattern and s.vsphere is None]
     vms = [s for s in due if s.vsphere is not None and not s.pattern]
-    found_vms = _found_vms([s for s in due if s.vsphere is not None and s.pattern], rnd)
-    vms += found_vms
-    expanded = {f.pattern_of for f in found_vms}  # (their VMs stand in for them below)
-    sources = [s for s in sources if not (s.pattern and s.path in expanded)] + found_vms
-    due = [*due, *found_vms]
     by_vm: dict[str, list[RecoveryPoint]] = {}
     if files or vms:
         opts = BackupOptions(batch_bytes=args.batch_mib * 1024 * 1024)
@@ -165,9 +162,13 @@ def run_round(
                 wall.append(engine.wall_by_stage)
             for vm in vms:  # (one engine run each: a VM's disks come from one snapshot)
                 try:
-                    by_vm[vm.path] = run_vsphere_backup(r, vm.path, engine, opts, _vm_opts(vm), bar)
+                    by_vm[vm.path] = run_vsphere_backup(r, vm.path, engine, opts, vm_opts(vm), bar)
                 except CombError as err:
                     rnd.failed.append((vm.path, err))
+                    continue
+                except Exception as err:  # noqa: BLE001 - one VM's bug must not take the others
+                    warn(f"VM {vm.name}: {type(err).__name__}: {err}", loud=True)
+                    rnd.failed.append((vm.path, SourceError(f"{type(err).__name__}: {err}")))
                     continue
                 made += by_vm[vm.path]
                 cpu.append(engine.cpu_by_stage)
@@ -193,8 +194,8 @@ def run_round(
             if src.vsphere is not None:
                 doc["points"] = [p.id for p in points]  # (one per disk)
         else:
-            why = errors.get(src.path)
-            doc.update(status="failed", error=why.message if why else "not backed up")
+            error = errors.get(src.path)
+            doc.update(status="failed", error=error.message if error else "not backed up")
         if points and src.policy.any():
             _keep_rules(r, src, sorted({p.source for p in points}), doc, rnd)
         rnd.docs.append(doc)
@@ -211,49 +212,13 @@ def _keep_rules(
         try:
             res = forget(r, src.policy, (), name, False, lambda: overlay_bases(r),
                          command_line(), waiting)  # fmt: skip
-        except CombError as lost:
+        except CombError as lost:  # (the other disks' rules are applied all the same)
             doc["forget_error"] = lost.message
             rnd.unkept.append(lost)
-            return
+            continue
         gone += [p.id for p in res.gone]
     rnd.forgotten += gone
     doc["forgotten"] = gone
-
-
-def _found_vms(globs: list[JobSource], rnd: Round) -> list[JobSource]:
-    """The VMs each glob of VMs matches now (asked of vSphere), each a source of its own; a glob
-    that matches none, or cannot be listed, fails as a source."""
-    out: list[JobSource] = []
-    for src in globs:
-        try:
-            urls = vm_matches(src.path, _vsphere_password(), _vm_opts(src).verify)
-        except CombError as err:
-            rnd.failed.append((src.path, err))
-            continue
-        if not urls:
-            rnd.failed.append((src.path, SourceError(f"no VM matches {src.path}")))
-        for url in urls:
-            vm = parse_url(url)
-            out.append(replace(src, path=url, name=f"vsphere://{vm.server}/{vm.path}",
-                               pattern=False, pattern_of=src.path))  # fmt: skip
-    return out
-
-
-@cache
-def _vsphere_password() -> str:
-    """Asked once a process (a server's rounds reuse it)."""
-    return vsphere_password()
-
-
-def _vm_opts(vm: JobSource) -> VsphereOptions:
-    o = vm.vsphere or {}
-    return VsphereOptions(
-        quiesce=o.get("quiesce", False), disks=tuple(o.get("disks", ())),
-        all_disks=o.get("all_disks", False),
-        cbt_audit=float(o.get("cbt_audit", DEFAULT_AUDIT_PERCENT)),
-        verify=False if o.get("insecure") else o.get("ca_file", True),
-        password=_vsphere_password(),
-    )  # fmt: skip
 
 
 def report_round(rnd: Round, as_json: bool, extra: dict[str, object]) -> None:
@@ -273,32 +238,36 @@ def cmd_job(repo: str, args: argparse.Namespace) -> int:
     if args.action is None:
         raise UsageError("give an action: `job run FILE`, `job serve FILE` or `job status FILE`")
     spec = load_job(args.file)
+    same = same_source([src.path for src in spec if not src.pattern and src.vsphere is None])
+    if same is not None:
+        raise UsageError(f"job file {args.file}: {same[0]} and {same[1]} are one source")
     if args.action == "serve":
         from .job_serve import serve
 
         return serve(repo, args, spec)
-    sources = expand(spec)
-    same = same_source([src.path for src in sources if not src.pattern])
-    if same is not None:
-        raise UsageError(f"job file {args.file}: {same[0]} and {same[1]} are one source")
     engine = engine_for(args) if args.action == "run" else None  # (options checked first)
     if engine is not None:
-        placed(sources, engine, args.file)
+        placed(spec, engine, args.file)
+        if any(s.vsphere is not None for s in spec):
+            vsphere_password_once()  # (asked now, not in the middle of a round)
     r = Repository.open(repo, password=args.password)
     path = state_path(args.file, r.location, args.state)
     lock = lock_path(args.file, r.location)
     now = datetime.now(UTC)
     if engine is None:
         state = JobState(path)
-        latest = latest_points(r.points())
+        points = r.points()
+        latest = latest_points(points)
+        sources, _ = expand(spec, vms_with_points(points))
         rows = [_status(s, s.latest(latest), now, state) for s in sources]
         _print_status(rows, serving(state, lock), args)
         return 0
     with job_lock(lock, args.file, "comb job run"):
+        sources, why = expand(spec, list_vms)
         latest = latest_points(r.points())
         due = [src for src in sources if src.due(src.latest(latest), now)]
         t0 = time.perf_counter()
-        rnd = run_round(r, sources, due, engine, args)
+        rnd = run_round(r, sources, due, engine, args, why)
         seconds = round(time.perf_counter() - t0, 3)
         report_round(rnd, args.json, {"seconds": seconds, "stage_seconds": rnd.stage_seconds})
         state = JobState(path)

@@ -37,9 +37,11 @@ from ..jobs.jobfile import JobSource, expand, load_job
 from ..jobs.jobstate import JobState, job_lock, lock_path, now_iso, state_path
 from .backup_cmd import engine_for
 from .job_cmd import Round, latest_points, placed, report_round, run_round
+from .job_sources import list_vms, vsphere_password_once
 
 JOB_RETRY_S = 300.0  # a failed source is tried again after min(every, this)
 IDLE_CHECK_S = 10.0  # while idle, the schedule is checked at least this often
+VM_LIST_S = 300.0  # a glob of VMs is listed again (vSphere asked) at most this often
 
 
 def _checked(sources: list[JobSource], file: str) -> list[JobSource]:
@@ -73,6 +75,8 @@ def serve(repo: str, args: argparse.Namespace, sources: list[JobSource]) -> int:
     sources = _checked(sources, args.file)
     engine = engine_for(args)
     placed(sources, engine, args.file)
+    if any(s.vsphere is not None for s in sources):
+        vsphere_password_once()  # (asked now, not in the middle of a round)
     engine.keep_warm = True
     r = Repository.open(repo, password=args.password)
     state = JobState(state_path(args.file, r.location, args.state))
@@ -114,10 +118,11 @@ def _loop(
 ) -> None:  # fmt: skip
     latest: dict[str, RecoveryPoint] = {}
     fresh = False  # ``latest`` was read since the last round
+    vms = _VmLists()
     while True:
         if signals.hangup():
             spec = _reload(args.file, spec, state, engine)
-        sources = _expanded(spec)  # (globs again: files that appeared are sources now)
+        sources, why = expand(spec, vms)  # (globs again: what appeared is a source now)
         now = datetime.now(UTC)
         wait = min(_wait(s, s.latest(latest), state, now) for s in sources)
         if wait > 0 and fresh:
@@ -131,34 +136,45 @@ def _loop(
             continue
         due = [s for s in sources if _wait(s, s.latest(latest), state, now) <= 0]
         if due:
-            _round(r, args, sources, due, engine, state, now)
+            _round(r, args, sources, due, engine, state, now, why)
             fresh = False
 
 
-def _expanded(spec: list[JobSource]) -> list[JobSource]:
-    """The job's sources, globs expanded; a match that is another source's file or device
-    under a second name is left out."""
-    sources = expand(spec)
-    while (same := same_source([s.path for s in sources if not s.pattern])) is not None:
-        sources = [s for s in sources if s.path != same[1]]
-    return sources
+class _VmLists:
+    """What each glob of VMs matched, asked of vSphere at most every ``VM_LIST_S`` (the
+    schedule is checked every few seconds; new VMs need not be seen that soon)."""
+
+    def __init__(self) -> None:
+        self._got: dict[str, tuple[float, list[tuple[str, str]] | CombError]] = {}
+
+    def __call__(self, src: JobSource) -> list[tuple[str, str]]:
+        when, got = self._got.get(src.path, (-VM_LIST_S, []))
+        if time.monotonic() - when >= VM_LIST_S:
+            try:
+                got = list_vms(src)
+            except CombError as err:
+                got = err
+            self._got[src.path] = (time.monotonic(), got)
+        if isinstance(got, CombError):
+            raise got
+        return got
 
 
 def _round(
     r: Repository, args: argparse.Namespace, sources: list[JobSource], due: list[JobSource],
-    engine: Engine, state: JobState, now: datetime,
+    engine: Engine, state: JobState, now: datetime, why: dict[str, str],
 ) -> None:  # fmt: skip
     n = state.server["round"] + 1
     _save(state, state="running", round=n, running=[s.name for s in due])
     began, t0 = now.isoformat(timespec="milliseconds"), time.perf_counter()
     try:
-        rnd = run_round(r, sources, due, engine, args)
+        rnd = run_round(r, sources, due, engine, args, why)
     except (CombError, Exception) as err:  # noqa: BLE001 - a round's failure is not the server's
-        why = err.message if isinstance(err, CombError) else f"{type(err).__name__}: {err}"
-        warn(f"round {n} failed: {why}", loud=not isinstance(err, CombError))
+        text = err.message if isinstance(err, CombError) else f"{type(err).__name__}: {err}"
+        warn(f"round {n} failed: {text}", loud=not isinstance(err, CombError))
         engine.close(True)  # (a round cut short by a bug: the next starts afresh)
         rnd = Round(due=len(due), docs=[
-            {"source": s.name, "path": s.path, "status": "failed", "error": why} for s in due
+            {"source": s.name, "path": s.path, "status": "failed", "error": text} for s in due
         ])  # fmt: skip
     state.record(rnd.docs, began)
     _save(state, state="idle", running=[], last_round=began)

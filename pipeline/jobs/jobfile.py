@@ -15,17 +15,18 @@ Owns reading and checking job files, and when a source is due. Must not: back an
 
 from __future__ import annotations
 
-import fnmatch
 import glob
 import os
 import re
+import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from catalog.errors import UsageError
+from catalog.errors import CombError, UsageError
 from catalog.maint.retention import KeepPolicy
 from catalog.store.points import RecoveryPoint
 
@@ -49,16 +50,13 @@ class JobSource:
     node: str | None = None  # read only on the Ray nodes this names
     pattern: bool = False  # ``path`` is a glob: ``expand`` makes a source of each match
     vsphere: dict[str, Any] | None = None  # a vsphere:// VM's options (``VSPHERE_KEYS``)
-    pattern_of: str | None = None  # the glob of VMs this VM was found by
 
     def latest(self, latest: dict[str, RecoveryPoint]) -> RecoveryPoint | None:
         """This source's latest point, of each source's latest (``latest``); a VM's: its
-        stalest disk's (the VM is due when one of its disks is); a glob of VMs': the stalest of
-        the VMs it found so far (those with points here)."""
+        stalest disk's (the VM is due when one of its disks is)."""
         if self.vsphere is None:
             return latest.get(self.name)
-        disks = [p for s, p in latest.items()
-                 if fnmatch.fnmatchcase(s.rsplit("/disk-", 1)[0], self.name)]  # fmt: skip
+        disks = [p for s, p in latest.items() if s.startswith(f"{self.name}/disk-")]
         return min(disks, key=lambda p: (p.time, p.id)) if disks else None
 
     @property
@@ -183,12 +181,13 @@ def _vm_source(
                      ("node", "a VM is read over the network, from any node")):  # fmt: skip
         if key in src:
             raise bad(f"source.{key}", f"does not apply to a vsphere:// source ({why})")
-    if glob.has_magic(given.rsplit("/", 1)[0]):
-        raise bad("source.path", "has a glob before the VM's name (only the name may have one)")
     try:
         url = parse_url(given)
     except UsageError as err:
         raise bad("source.path", f"is not a VM's address: {err.message}") from None
+    folder, vm_name = url.path.rsplit("/", 1)
+    if glob.has_magic(folder):
+        raise bad("source.path", "has a glob before the VM's name (only the name may have one)")
     opts: dict[str, Any] = {}
     for key, kind in (("all_disks", bool), ("quiesce", bool), ("insecure", bool),
                       ("ca_file", str), ("cbt_audit", (int, float)), ("disks", list)):  # fmt: skip
@@ -206,24 +205,59 @@ def _vm_source(
     own_keep = _keep(src.get("keep"), "source.keep", bad)
     name = f"vsphere://{url.server}/{url.path}"
     return JobSource(given, name, own_every or every, own_keep if "keep" in src else keep,
-                     pattern=glob.has_magic(given), vsphere=opts)  # fmt: skip
+                     pattern=glob.has_magic(vm_name), vsphere=opts)  # fmt: skip
 
 
-def expand(sources: list[JobSource]) -> list[JobSource]:
-    """The job's sources with each file glob replaced by a source per match (sorted; a file a
-    source names already, or an earlier glob found, is not taken twice); a glob that matches
-    nothing stays (a source whose backup fails, saying so). Called at every run: files that
-    appear are backed up from then on. A glob of VMs stays: ``vm_matches`` asks vSphere."""
-    out = [s for s in sources if not s.pattern or s.vsphere is not None]
-    seen = {s.path for s in out} | {s.name for s in out}
-    for src in (s for s in sources if s.pattern and s.vsphere is None):
-        matches = sorted(glob.glob(src.path))
-        if not matches:
+VmLister = Callable[[JobSource], list[tuple[str, str]]]  # a glob of VMs -> (address, name)
+
+
+def expand(
+    sources: list[JobSource], list_vms: VmLister | None = None
+) -> tuple[list[JobSource], dict[str, str]]:
+    """The job's sources with each glob replaced by a source per match, and why each glob left
+    (by its path) matches nothing. A file glob takes regular files and block devices, sorted;
+    a glob of VMs the VMs ``list_vms`` finds (without it, globs of VMs stay as they are). A file
+    or VM a source names already, under any name, or an earlier glob found, is not taken twice.
+    Called at every run: what appears is backed up from then on."""
+    out = [s for s in sources if not s.pattern]
+    seen = {s.name for s in out} | {k for s in out if (k := _file_key(s)) is not None}
+    why: dict[str, str] = {}
+    for src in (s for s in sources if s.pattern):
+        found: list[tuple[str, str, object]]
+        if src.vsphere is not None:
+            if list_vms is None:
+                out.append(src)
+                continue
+            try:
+                found = [(url, name, name) for url, name in list_vms(src)]
+            except CombError as err:
+                found, why[src.path] = [], err.message
+        else:
+            found = [(p, p, k) for p in sorted(glob.glob(src.path))
+                     if (k := _file_key(replace(src, path=p))) is not None]  # fmt: skip
+        for path, name, key in found:
+            if key not in seen:
+                out.append(replace(src, path=path, name=name, pattern=False))
+                seen.add(key)
+        if not found:
             out.append(src)
-        for path in (p for p in matches if p not in seen):
-            out.append(replace(src, path=path, name=path, pattern=False))
-            seen.add(path)
-    return out
+            kind = "VM" if src.vsphere is not None else "file"
+            why.setdefault(src.path, f"no {kind} matches {src.path}")
+    return out, why
+
+
+def _file_key(src: JobSource) -> object | None:
+    """What makes two names one source: a device's number, a file's inode; None for what is
+    neither a regular file nor a block device (a folder a glob matched) or is gone."""
+    if src.vsphere is not None:
+        return src.name
+    try:
+        st = os.stat(src.path)
+    except OSError:
+        return src.path  # (its backup fails and says why)
+    if stat.S_ISBLK(st.st_mode):
+        return ("dev", st.st_rdev)
+    return ("file", st.st_dev, st.st_ino) if stat.S_ISREG(st.st_mode) else None
 
 
 def _every(value: object, bad: Any) -> float | None:

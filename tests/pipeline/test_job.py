@@ -212,3 +212,22 @@ def test_a_glob_makes_a_source_of_each_file_it_matches(
     job.write_text('[[source]]\npath = "vms/*.img"\nname = "x"\n')
     res = cli("-r", repo_path, "job", "status", job)
     assert res.code == 2 and "line 3: `source.name` cannot name a glob's sources" in res.err
+
+
+def test_a_glob_takes_files_once_by_any_name_and_no_folders(
+    cli: CliRunner, make_image: ImageFactory, tmp_path: Path, repo_path: Path
+) -> None:
+    (tmp_path / "img").mkdir()
+    make_image(MiB, "img/a1.img").random(0, MiB, seed=1)
+    (tmp_path / "img" / "a2.img").symlink_to(tmp_path / "img" / "a1.img")  # a second name
+    (tmp_path / "img" / "a3.img").mkdir()  # a folder the glob matches
+    job = tmp_path / "jobs.toml"
+    job.write_text('[defaults]\nevery = "1d"\n[[source]]\npath = "img/a*"\n')
+    res = cli("-r", repo_path, "job", "run", job, "--json")
+    assert res.code == 0, res.err
+    (row,) = json.loads(res.out)["sources"]
+    assert row["source"] == str(tmp_path / "img" / "a1.img") and row["status"] == "backed up"
+    # report rpo --job: the files the glob matched, each against the glob's `every`
+    res = cli("-r", repo_path, "report", "rpo", "--job", job, "--json")
+    (rep,) = json.loads(res.out)["rows"]
+    assert (rep["source"], rep["rpo"], rep["every_hours"]) == (row["source"], "kept", 24)

@@ -105,3 +105,15 @@ def test_a_glob_of_vms_backs_up_each_vm_it_finds(
     missing = rows[f"{server}/{folder}/none-such-*"]
     assert missing["status"] == "failed" and missing["error"].startswith("no VM matches")
     assert all(snapshots(vcsim.connect(), vm) == [] for vm in vms)
+    # Only the glob that matches, with an `every`: each VM is scheduled on its own.
+    job.write_text(
+        f'[defaults]\nevery = "1h"\n[[source]]\npath = "vsphere://{host}/{folder}/{prefix}*"\n'
+        f'ca_file = "{vcsim.cafile}"\n'
+    )
+    res = cli("-r", repo_path, "job", "run", job, "--json")
+    assert res.code == 0, res.err
+    assert {d["status"] for d in json.loads(res.out)["sources"]} == {"not due"}
+    res = cli("-r", repo_path, "report", "rpo", "--job", job, "--json")
+    report = {r["source"]: r["rpo"] for r in json.loads(res.out)["rows"]}
+    for vm in vms:  # (by each disk, as the points name them)
+        assert report[f"{server}/{vm.inventory_path}/disk-{vm.disks[0].key}"] == "kept"
