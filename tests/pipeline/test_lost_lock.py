@@ -18,7 +18,7 @@ from catalog.errors import LockedError
 from catalog.maint import gc
 from catalog.store import locks
 from catalog.store.local import LocalStorage
-from pipeline.jobs import runner
+from pipeline.jobs import run_loop
 
 
 def _after(monkeypatch: pytest.MonkeyPatch, module: Any, name: str, then: Any) -> None:
@@ -64,7 +64,7 @@ def test_a_backup_that_lost_its_lock_commits_nothing(
             for f in (repo_path / "locks").glob("*.json"):
                 f.unlink()
 
-    _after(monkeypatch, runner, "_drive", then)  # (every chunk read and stored by then)
+    _after(monkeypatch, run_loop, "drive", then)  # (every chunk read and stored by then)
     res = cli("-r", repo_path, "backup", img.path)
     assert res.code == 11 and "lost the repository's backup lock" in res.err, res.err
     assert res.err.count("\n") == 1
