@@ -11,7 +11,8 @@ a bug) is reported and the server goes on; so does a state file it cannot write.
 reloads the job file (a bad one is reported and the old one kept). SIGTERM or SIGINT stops it:
 a backup not yet committing leaves nothing committed, one committing finishes and is reported;
 the exit code is 0. The state (``pipeline.jobs.jobstate``) says what each source last did and
-what the server is doing, with a heartbeat, during rounds too.
+what the server is doing, with a heartbeat, during rounds too. Globs are expanded at every turn
+(``jobfile.expand``), globs of VMs listed through vSphere at most every ``VM_LIST_S``.
 
 Owns the schedule loop, reloading and stopping. Must not: back up (``job_cmd.run_round``) or
 know the state file's format (``pipeline.jobs.jobstate``).
