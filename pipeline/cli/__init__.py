@@ -275,5 +275,12 @@ def main(argv: Sequence[str] | None = None, exiting: bool = False) -> int:
 
 
 def run() -> None:
-    """The ``comb`` program."""
-    sys.exit(main(exiting=True))
+    """The ``comb`` program. Interrupted after Ray was started in this process, it leaves at
+    once (its cleanup is done and said): Python's own finalization then ran into Ray's
+    half-stopped threads and crashed (SIGSEGV) after the one-line error."""
+    code = main(exiting=True)
+    if code in (EXIT_INTERRUPTED, EXIT_TERMINATED) and "ray" in sys.modules:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
