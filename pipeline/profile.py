@@ -16,12 +16,8 @@ Owns the sums, the breakdown and the timeline's format. Must not: import Ray or 
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Iterable
 from typing import Any
-
-from catalog.errors import OutputError
 
 STAGE_SECONDS = ("read", "hash", "index_wait", "compress", "seal", "parity", "write")
 
@@ -76,16 +72,7 @@ def ray_events_of(
     return [e for e in events if e.get("ts", 0) >= since_s * 1e6 and ours(e)]
 
 
-def write_timeline(path: str, events: list[dict[str, Any]]) -> None:
-    """The events as a JSON array, written aside and renamed (never half a file)."""
-    tmp = f"{path}.{os.getpid()}.tmp"
-    try:
-        with open(tmp, "w") as fh:
-            json.dump(sorted(events, key=lambda e: e.get("ts", 0)), fh)
-        os.replace(tmp, path)
-    except OSError as err:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise OutputError(f"cannot write the timeline {path}: {err.strerror or err}") from None
+def timeline_events(events: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The events as the timeline file holds them: in time order (``--timeline`` writes them:
+    ``pipeline.cli.backup_cmd``)."""
+    return sorted(events, key=lambda e: e.get("ts", 0))

@@ -5,6 +5,7 @@ jobs are ``pipeline.jobs.backup`` and ``pipeline.jobs.vsphere_backup``)."""
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import time
 
@@ -19,9 +20,10 @@ from ..jobs.overlay_source import overlay_name
 from ..jobs.runner import BackupOptions
 from ..jobs.vsphere import is_vsphere
 from ..jobs.vsphere_backup import DEFAULT_AUDIT_PERCENT, VsphereOptions, run_vsphere_backup
-from ..profile import stage_seconds, write_timeline
+from ..profile import stage_seconds, timeline_events
 from . import Subparsers, command
 from .catalog_cmd import index_after_backup
+from .output import open_output
 from .passwords import VSPHERE_PASSWORD_ENV, vsphere_password
 from .points_cmd import TAG_RULE, check_tag, point_summary
 from .progress import progress_bar
@@ -131,7 +133,8 @@ def add_timeline_option(s: argparse.ArgumentParser) -> None:
 def save_timeline(engine: Engine, args: argparse.Namespace) -> None:
     """The run's timeline into ``--timeline`` (after the report: the points are committed)."""
     if getattr(args, "timeline", None):
-        write_timeline(args.timeline, engine.timeline)
+        with open_output(args.timeline, binary=False) as fh:  # (aside, then renamed)
+            json.dump(timeline_events(engine.timeline), fh)
 
 
 def engine_for(args: argparse.Namespace) -> Engine:
